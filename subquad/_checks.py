@@ -1,0 +1,41 @@
+"""Argument checks shared by the public ops: each failure is a ValueError naming the argument and what
+was expected."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: bool = False) -> None:
+    """q (B, N_q, H_q, D), k (B, N_kv, H_kv, D), v (B, N_kv, H_kv, D_v); H_q a multiple of H_kv."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    b, nq, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"k, v: expected batch {b} (from q), got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k: expected head_dim {d} (from q), got shape {tuple(k.shape)}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v: expected shape ({b}, {k.shape[1]}, {k.shape[2]}, head_dim_v) to match k, got "
+                         f"{tuple(v.shape)}")
+    if same_v_dim and v.shape[3] != d:
+        raise ValueError(f"v: expected head_dim {d} (from q), got {v.shape[3]}")
+    if k.shape[2] == 0 or hq % k.shape[2] != 0:
+        raise ValueError(f"k: expected H_kv dividing H_q={hq} (GQA/MQA), got H_kv={k.shape[2]}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if min(nq, k.shape[1], d) == 0:
+        raise ValueError(f"q, k: expected non-empty sequences and head_dim, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+
+
+def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")

@@ -1,0 +1,90 @@
+"""Attention patterns and their block summaries.
+
+A pattern is a small predicate on (batch, head, query position, key position) that compiles into a
+``BlockMask``; patterns compose with ``|`` and ``&``::
+
+    from subquad import masks
+    m = masks.longformer(window=512, global_tokens=[0]) & masks.document(seq_ids)
+    bm = m.block_mask(seq_q=4096)          # BlockMask: full / partial key blocks per query block
+    bm.density(), bm.plot("mask.png")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
+from .patterns import (
+    Band,
+    BuildContext,
+    Pattern,
+    bigbird,
+    block_sparse,
+    causal,
+    dilated,
+    document,
+    fixed,
+    from_predicate,
+    from_tensor,
+    full,
+    longformer,
+    prefix_lm,
+    sliding_window,
+    strided,
+)
+
+__all__ = [
+    "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
+    "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
+    "document", "prefix_lm", "from_tensor", "from_predicate", "resolve",
+]
+
+
+def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: int, device,
+            block_q: int = 128, block_kv: int = 128) -> BlockMask | None:
+    """Turn ``attention``'s ``causal``/``mask`` arguments into a BlockMask (None for full attention).
+
+    Patterns cache their BlockMask per call signature, so building one costs once per shape.
+    """
+    if mask is None and not causal:
+        return None
+    if isinstance(mask, BlockMask):
+        if not mask.matches(batch, heads, seq_q, seq_kv):
+            raise ValueError(f"mask: expected a BlockMask for seq_q={seq_q}, seq_kv={seq_kv}, batch in "
+                             f"(1, {batch}), heads in (1, {heads}); got seq_q={mask.seq_q}, seq_kv={mask.seq_kv}, "
+                             f"kind {tuple(mask.kind.shape)}")
+        if causal:
+            raise ValueError("causal: pass causal=False with a prebuilt BlockMask (build it from "
+                             "pattern & masks.causal instead)")
+        return mask.to(device)
+    if mask is None:
+        pattern: Pattern = globals()["causal"]
+    elif isinstance(mask, Pattern):
+        pattern = mask
+    elif isinstance(mask, torch.Tensor):
+        pattern = from_tensor(mask)
+    elif callable(mask):
+        pattern = from_predicate(mask)
+    else:
+        raise ValueError(f"mask: expected a subquad.masks pattern, a BlockMask, a bool tensor or a predicate, "
+                         f"got {type(mask).__name__}")
+    if causal and mask is not None:
+        pattern = pattern & globals()["causal"]
+        cache_owner = mask if isinstance(mask, Pattern) else None
+        key_tag = "causal"
+    else:
+        cache_owner, key_tag = pattern, ""
+    key = (key_tag, batch, heads, seq_q, seq_kv, block_q, block_kv, str(torch.device(device)))
+    cache = getattr(cache_owner, "_block_masks", None) if cache_owner is not None else None
+    if cache is not None and key in cache:
+        return cache[key]
+    bm = BlockMask.build(pattern, batch=batch, heads=heads, seq_q=seq_q, seq_kv=seq_kv,
+                         block_q=block_q, block_kv=block_kv, device=device)
+    if cache_owner is not None:
+        if cache is None:
+            cache = {}
+            object.__setattr__(cache_owner, "_block_masks", cache)
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = bm
+    return bm

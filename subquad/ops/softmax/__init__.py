@@ -1,0 +1,91 @@
+"""Exact softmax attention: one public function over every pattern, dispatched by device and ``backend``."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ... import masks as _masks
+from ..._checks import check_backend, check_qkv
+from .reference import attention_reference
+
+log = logging.getLogger("subquad")
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _check_options(q, scale, softcap, alibi_slopes):
+    hq = q.shape[2]
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2) \
+                or alibi_slopes.shape[-1] != hq or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, q.shape[0])):
+            shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
+            raise ValueError(f"alibi_slopes: expected a tensor of shape ({hq},) or ({q.shape[0]}, {hq}), got {shape}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes: expected device {q.device}, got {alibi_slopes.device}")
+
+
+def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    if backend != "auto":
+        return backend
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from . import flash  # noqa: F401
+        except ImportError:
+            return "reference"
+        return "triton"
+    return "reference"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
+              scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+              return_lse: bool = False, backend: str = "auto"):
+    """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
+
+    Args:
+        q: ``(batch, seq_q, heads_q, head_dim)``.
+        k, v: ``(batch, seq_kv, heads_kv, head_dim[_v])``; ``heads_q`` a multiple of ``heads_kv`` (GQA/MQA:
+            K/V are never repeated in memory).
+        causal: causal masking, queries aligned to the end of the keys (FlashAttention's convention).
+        mask: a ``subquad.masks`` pattern, a prebuilt ``BlockMask``, a bool tensor ``(seq_q, seq_kv)``
+            (optionally with leading heads / batch), or a predicate ``fn(b, h, q_pos, k_pos)``. Combined with
+            ``causal`` by intersection.
+        scale: defaults to ``head_dim ** -0.5``.
+        softcap: Gemma-2 style ``softcap * tanh(s / softcap)`` on the scaled scores.
+        alibi_slopes: ``(heads_q,)`` or ``(batch, heads_q)``; adds ``-slope * |q_pos - k_pos|``.
+        return_lse: also return the log-sum-exp of the scores, ``(batch, heads_q, seq_q)`` fp32
+            (``-inf`` for a query that sees no key; its output is 0).
+        backend: ``"auto"`` (Triton kernels on CUDA for fp16/bf16, the reference otherwise), ``"triton"``
+            or ``"reference"``. fp32 inputs on CUDA run the reference under ``"auto"``.
+    """
+    check_backend(backend, BACKENDS)
+    check_qkv(q, k, v)
+    _check_options(q, scale, softcap, alibi_slopes)
+    bsz, seq_q, hq, d = q.shape
+    seq_kv = k.shape[1]
+    if seq_q > seq_kv and (causal or mask is not None):
+        raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask (queries are aligned to the end of "
+                         f"the keys), got seq_q={seq_q}")
+    scale = d ** -0.5 if scale is None else float(scale)
+    chosen = _pick_backend(backend, q)
+    log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
+              q.dtype, "causal" if mask is None and causal else mask)
+    if chosen == "triton":
+        from .flash import flash_attention
+
+        out, lse = flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
+                                   alibi_slopes=alibi_slopes)
+    else:
+        block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv,
+                                    device=q.device)
+        out, lse = attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "attention_reference", "BACKENDS"]
