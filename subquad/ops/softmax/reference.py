@@ -38,21 +38,23 @@ def _block_keys(bm: BlockMask | None, b: int, h: int, qb: int, n_kb: int, block_
     return pos, (partial if bool(partial.any()) else None)
 
 
-def _attend(q, k, v, kpos, partial, qpos, pattern, b_index, h_index, scale, softcap, alibi):
+def _attend(q, k, v, kidx, partial, qpos, kv_pos, pattern, b_index, h_index, scale, softcap, alibi):
     """One query block against its gathered keys, online softmax over KV_CHUNK-sized chunks.
 
-    q: (b, nq, hkv, g, d) fp32; k, v: (b, nk_all, hkv, d*) in their dtype; kpos: (nk,) positions; returns
-    o (b, nq, hkv, g, dv) fp32 and lse (b, hkv, g, nq) fp32.
+    q: (b, nq, hkv, g, d) fp32; k, v: (b, nk_all, hkv, d*) in their dtype; kidx: (nk,) key indices; qpos and
+    ``kv_pos[kidx]`` are the positions that the mask and ALiBi see; returns o (b, nq, hkv, g, dv) fp32 and
+    lse (b, hkv, g, nq) fp32.
     """
     bsz, nq, hkv, g, _ = q.shape
     dv = v.shape[-1]
     m = torch.full((bsz, hkv, g, nq), float("-inf"), device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(bsz, hkv, g, nq, dv, device=q.device)
-    for start in range(0, kpos.numel(), KV_CHUNK):
-        kp = kpos[start:start + KV_CHUNK]
-        kc = k[:, kp].float()
-        vc = v[:, kp].float()
+    for start in range(0, kidx.numel(), KV_CHUNK):
+        ki = kidx[start:start + KV_CHUNK]
+        kc = k[:, ki].float()
+        vc = v[:, ki].float()
+        kp = ki if kv_pos is None else kv_pos[ki]
         s = torch.einsum("bqhgd,bkhd->bhgqk", q, kc) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
@@ -83,9 +85,13 @@ def _attend(q, k, v, kpos, partial, qpos, pattern, b_index, h_index, scale, soft
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                         scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                        q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
                         block_q: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``(batch, seq, heads, dim)`` tensors; returns ``(out, lse)`` with lse ``(B, H_q, N_q)``.
 
+    ``q_pos`` (seq_q,) and ``kv_pos`` (seq_kv,) are the positions the mask predicate and ALiBi see, for
+    sequences that were permuted or gathered (LSH buckets, gathered columns); by default query ``i`` sits at
+    ``i + seq_kv - seq_q`` and key ``j`` at ``j``. The BlockMask must have been built for those positions.
     Arguments are assumed checked (``subquad.attention`` checks them).
     """
     bsz, seq_q, hq, d = q.shape
@@ -127,11 +133,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
             row_o, row_l = [], []
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
-                kpos, partial = _block_keys(block_mask, b, h, qb, n_kb, block_kv, seq_kv, device)
-                qpos = torch.arange(q0, q1, device=device) + q_offset
+                kidx, partial = _block_keys(block_mask, b, h, qb, n_kb, block_kv, seq_kv, device)
+                qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
                 qt = qh[:, q0:q1].float().reshape(qh.shape[0], q1 - q0, heads_kv, groups, d)
                 pattern = block_mask.pattern if block_mask is not None else None
-                args = (qt, kh, vh, kpos, partial, qpos, pattern, b_index, h_index, scale, softcap, al)
+                args = (qt, kh, vh, kidx, partial, qpos, kv_pos, pattern, b_index, h_index, scale, softcap, al)
                 if need_grad:
                     o_blk, l_blk = checkpoint(_attend, *args, use_reentrant=False)
                 else:
