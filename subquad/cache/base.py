@@ -1,0 +1,74 @@
+"""The shared part of every KV cache: per-sequence lengths, argument checks, memory accounting."""
+
+from __future__ import annotations
+
+import torch
+
+from .view import KVView
+
+
+class KVCache:
+    """Base class: subclasses allocate storage in ``__init__`` and implement ``_write`` and ``view``."""
+
+    batch: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+
+    def _init_lengths(self, batch: int, device) -> None:
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        # A host copy of the lengths, so that checks and bookkeeping never wait on the device.
+        self._lengths = [0] * batch
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self._lengths = list(lengths)
+        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+
+    def reset(self) -> None:
+        """Forget every sequence (storage is kept; lengths go back to 0)."""
+        self._set_lengths([0] * self.batch)
+
+    def buffers(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the cache holds (storage plus bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers()) + \
+            self.seqlens.numel() * self.seqlens.element_size()
+
+    def _check_update(self, k: torch.Tensor, v: torch.Tensor, positions, device) -> list[int]:
+        """Validate ``update``'s arguments; return the start position of each sequence's new tokens."""
+        b = self.batch
+        for name, t, dim in (("k", k, self.head_dim), ("v", v, self.head_dim_v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or t.shape[2] != self.heads_kv \
+                    or t.shape[3] != dim:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape ({b}, new_tokens, {self.heads_kv}, {dim}), got {shape}")
+        if k.shape[1] != v.shape[1] or k.shape[1] == 0:
+            raise ValueError(f"k, v: expected the same non-zero number of new tokens, got {k.shape[1]} and {v.shape[1]}")
+        if k.device != device or v.device != device:
+            raise ValueError(f"k, v: expected device {device}, got {k.device} and {v.device}")
+        return self._start_positions(positions)
+
+    def _start_positions(self, positions) -> list[int]:
+        if positions is None:
+            return list(self._lengths)
+        if isinstance(positions, int):
+            starts = [positions] * self.batch
+        elif isinstance(positions, torch.Tensor) and positions.shape == (self.batch,) \
+                and not positions.dtype.is_floating_point:
+            starts = [int(p) for p in positions.tolist()]
+        else:
+            shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ValueError(f"positions: expected an int or an integer tensor of shape ({self.batch},), got {shape}")
+        if any(p < 0 or p > n for p, n in zip(starts, self._lengths)):
+            raise ValueError("positions: expected 0 <= positions <= seqlens (append, or rewrite the tail after "
+                             f"rejected draft tokens), got {starts} with seqlens {self._lengths}")
+        return starts
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
+        raise NotImplementedError
+
+    def view(self) -> KVView:
+        raise NotImplementedError

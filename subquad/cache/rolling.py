@@ -1,0 +1,85 @@
+"""Rolling-window KV cache (Mistral): a ring of slots, so memory stays O(window) however long the stream.
+
+Slot ``s`` holds the token at absolute position ``p`` with ``p % slots == s``: for a sequence of length
+``L``, slot ``s`` holds position ``L - 1 - ((L - 1 - s) mod slots)`` when that is ``>= max(0, L - slots)``.
+With ``slots = window + max_step - 1``, every one of ``T <= max_step`` new queries (positions
+``L - T .. L - 1``) finds its ``window`` most recent keys still in the ring, so sliding-window attention over
+the ring is exact; the decode kernel reads the ring in place and derives positions as above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KVCache
+from .view import KVView
+
+
+class RollingKVCache(KVCache):
+    """Ring buffer for sliding-window attention over ``window`` keys.
+
+    Args:
+        window: the attention window (keys a query sees, itself included).
+        max_step: the most new tokens one decode step appends (1; up to 16 for speculative decoding).
+            Larger updates (prefill) are accepted too: they return a dense view of the kept tail plus the
+            new tokens, and the ring keeps the last ``slots`` of them.
+    """
+
+    def __init__(self, batch: int, window: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16, device=None,
+                 max_step: int = 1, head_dim_v: int | None = None):
+        for name, val in (("batch", batch), ("window", window), ("heads_kv", heads_kv), ("head_dim", head_dim),
+                          ("max_step", max_step)):
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        self.batch, self.window, self.heads_kv, self.head_dim = batch, window, heads_kv, head_dim
+        self.max_step = max_step
+        self.slots = window + max_step - 1
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.k = torch.zeros(batch, self.slots, heads_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, self.slots, heads_kv, self.head_dim_v, dtype=dtype, device=device)
+        self._init_lengths(batch, self.k.device)
+
+    def buffers(self):
+        return [self.k, self.v]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
+        starts = self._check_update(k, v, positions, self.k.device)
+        t = k.shape[1]
+        for s, n in zip(starts, self._lengths):
+            if n - s > self.max_step - 1:
+                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} can "
+                                 f"rewind at most {self.max_step - 1} tokens, got {n - s}")
+        dense = None
+        if t > self.max_step:
+            dense = self._prefill_view(k, v, starts)
+        # Only the last `slots` new tokens survive in the ring; earlier ones would be overwritten anyway.
+        keep = min(t, self.slots)
+        dev = self.k.device
+        pos = torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(t - keep, t, device=dev)
+        bidx = torch.arange(self.batch, device=dev).view(-1, 1).expand_as(pos)
+        self.k[bidx, pos % self.slots] = k[:, t - keep:].to(self.k.dtype)
+        self.v[bidx, pos % self.slots] = v[:, t - keep:].to(self.v.dtype)
+        self._set_lengths([s + t for s in starts])
+        return dense if dense is not None else self.view()
+
+    def _prefill_view(self, k, v, starts) -> KVView:
+        """Dense view for more new tokens than the ring serves: the ``window - 1`` most recent kept tokens,
+        then the new ones (positions are relative to the view's first token; only differences matter)."""
+        self._set_lengths(starts)  # the ring as it was before this update
+        old_k, old_v, old_n = self.view().dense()
+        tail = [min(s, self.window - 1) for s in starts]
+        t = k.shape[1]
+        n = max(tail) + t
+        out_k = k.new_zeros(self.batch, n, self.heads_kv, self.head_dim, dtype=self.k.dtype)
+        out_v = v.new_zeros(self.batch, n, self.heads_kv, self.head_dim_v, dtype=self.v.dtype)
+        old = [int(x) for x in old_n.tolist()]
+        for b, keep in enumerate(tail):
+            out_k[b, :keep] = old_k[b, old[b] - keep:old[b]]
+            out_v[b, :keep] = old_v[b, old[b] - keep:old[b]]
+            out_k[b, keep:keep + t] = k[b]
+            out_v[b, keep:keep + t] = v[b]
+        lengths = torch.tensor([keep + t for keep in tail], dtype=torch.int32, device=self.k.device)
+        return KVView(out_k, out_v, lengths, "dense", window=self.window)
+
+    def view(self) -> KVView:
+        return KVView(self.k, self.v, self.seqlens, "ring", window=self.window)

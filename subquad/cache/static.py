@@ -1,0 +1,57 @@
+"""Static KV cache: K/V preallocated for ``max_len`` tokens per sequence, each sequence with its own length."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KVCache
+from .view import KVView
+
+
+def _write_rows(buf: torch.Tensor, rows: torch.Tensor, starts: list[int], new: torch.Tensor) -> None:
+    """``buf[b, rows[b, t]] = new[b, t]``; a plain slice when every sequence starts at the same row."""
+    if len(set(starts)) == 1 and rows is None:
+        buf[:, starts[0]:starts[0] + new.shape[1]] = new
+        return
+    bidx = torch.arange(buf.shape[0], device=buf.device).view(-1, 1).expand_as(rows)
+    buf[bidx, rows] = new
+
+
+class StaticKVCache(KVCache):
+    """``(batch, max_len, heads_kv, head_dim)`` K and V; ``update`` appends at each sequence's own length.
+
+    Memory is O(batch * max_len) whatever is used. The view is the storage itself (dense layout): token ``j``
+    of sequence ``b`` at index ``j``.
+    """
+
+    def __init__(self, batch: int, max_len: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
+                 device=None, head_dim_v: int | None = None):
+        for name, val in (("batch", batch), ("max_len", max_len), ("heads_kv", heads_kv), ("head_dim", head_dim)):
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        self.batch, self.max_len, self.heads_kv, self.head_dim = batch, max_len, heads_kv, head_dim
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.k = torch.zeros(batch, max_len, heads_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, max_len, heads_kv, self.head_dim_v, dtype=dtype, device=device)
+        self._init_lengths(batch, self.k.device)
+
+    def buffers(self):
+        return [self.k, self.v]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
+        """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``
+        (default: append); return the view of everything stored."""
+        starts = self._check_update(k, v, positions, self.k.device)
+        t = k.shape[1]
+        if max(starts) + t > self.max_len:
+            raise ValueError(f"k: {t} new tokens after {max(starts)} overflow max_len={self.max_len}")
+        rows = None
+        if len(set(starts)) > 1:
+            rows = torch.tensor(starts, device=self.k.device).view(-1, 1) + torch.arange(t, device=self.k.device)
+        _write_rows(self.k, rows, starts, k.to(self.k.dtype))
+        _write_rows(self.v, rows, starts, v.to(self.v.dtype))
+        self._set_lengths([s + t for s in starts])
+        return self.view()
+
+    def view(self) -> KVView:
+        return KVView(self.k, self.v, self.seqlens, "dense")
