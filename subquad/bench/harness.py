@@ -1,0 +1,320 @@
+"""The benchmark harness: cases, suites, timing, memory, error, one JSON row per (case, implementation).
+
+A *case* is one (mechanism, shape, dtype, pass); its *impls* are every implementation of the same math
+that can run here (subquad's backends and the peers). A *suite* is a generator of cases, registered with
+``@suite``; ``subquad bench`` runs suites and writes a table, ``bench.json`` and plots.
+
+Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
+gradients reset between calls; on CPU the median of a few wall-clock runs after one warm-up. Peak memory is
+the allocator's peak above the inputs on CUDA, and the peak resident set above the start of the call on CPU
+(sampled every millisecond: large tensors live far longer than that).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+MODES = ("fwd", "fwdbwd", "decode", "step")
+
+
+@dataclass
+class Case:
+    """One benchmarked call. ``impls`` maps an implementation name to ``fn(inputs) -> output``."""
+
+    case: str
+    mode: str
+    batch: int
+    seqlen: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device], dict]
+    impls: dict[str, Callable[[dict], object]]
+    flops: float | None = None
+    bytes: float | None = None
+    reference: str | Callable[[dict], torch.Tensor] | None = None
+    #: compare outputs only at these query rows (dim 1): the reference then returns just those rows
+    error_rows: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    device: str
+    default: bool
+    cases: Callable[[bool], Iterable[Case]]
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def suite(name: str, device: str = "cuda", default: bool = False):
+    """Register a generator ``fn(quick: bool) -> Iterable[Case]`` as a suite. ``default=True`` CPU suites
+    make up ``subquad bench`` with no arguments."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+
+    def register(fn):
+        SUITES[name] = Suite(name, device, default, fn)
+        return fn
+
+    return register
+
+
+def load_suites() -> dict[str, Suite]:
+    """Import every module of ``subquad.bench.suites`` so that their ``@suite`` decorators run."""
+    import importlib
+    import pkgutil
+
+    from . import suites as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return SUITES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Facts about the run
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("subquad", "triton", "flash-attn", "flash-attn-4", "fla-core", "flash-linear-attention",
+                 "xformers", "mamba-ssm", "transformers"):
+        try:
+            out[dist] = _md.version(dist)
+        except _md.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def attention_flops(batch: int, heads: int, kept_pairs: float, head_dim: int, mode: str,
+                    head_dim_v: int | None = None) -> float:
+    """FlashAttention's convention: forward = 2 matmuls of 2*D flops per kept (query, key) pair per head;
+    forward+backward = 3.5 x forward. ``kept_pairs`` counts one (batch, head) slice."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    fwd = 2.0 * batch * heads * kept_pairs * (head_dim + dv)
+    return fwd * 3.5 if mode == "fwdbwd" else fwd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring one (case, impl)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"an impl must return a tensor or a tuple starting with one, got {type(out).__name__}")
+
+
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _make_call(case: Case, fn, inputs: dict, device: torch.device):
+    if case.mode != "fwdbwd":
+        return lambda: fn(inputs)
+    out = _first_tensor(fn(inputs))
+    gen = torch.Generator(device=device).manual_seed(0)
+    grad = torch.randn(out.shape, generator=gen, device=device, dtype=out.dtype)
+
+    def call():
+        _first_tensor(fn(inputs)).backward(grad)
+
+    return call
+
+
+class _RssSampler:
+    """Peak resident set size (bytes) above its value when the sampler started."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss() - self.base)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc serve large allocations with mmap at a fixed threshold, so that freed tensors leave the
+    resident set at once and the RSS peak of a call measures that call (glibc otherwise raises the
+    threshold after the first large free and keeps later large blocks on its heap)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+    except (OSError, AttributeError):
+        pass
+
+
+def _time_cuda(call, leaves) -> float:
+    import triton.testing
+
+    call()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(call, warmup=25, rep=100, grad_to_none=leaves or None,
+                                         return_mode="median"))
+
+
+def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 2000.0) -> float:
+    """Median of up to ``reps`` timed calls after the first (which warmed up); slow calls get fewer."""
+    times = []
+    while len(times) < reps and (not times or sum(times) + first_ms < budget_ms):
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _cuda_peak_mb(call, device: torch.device, leaves) -> float:
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: torch.Tensor | None,
+            cpu_reps: int = 3) -> dict:
+    """Run one implementation of a case; returns the JSON row (with ``error`` instead of numbers if it
+    could not run). On CPU the first call gives the output, the memory peak and the warm-up at once."""
+    row = {
+        "case": case.case, "impl": impl, "mode": case.mode, "batch": case.batch, "seqlen": case.seqlen,
+        "heads_q": case.heads_q, "heads_kv": case.heads_kv, "head_dim": case.head_dim,
+        "dtype": str(case.dtype).replace("torch.", ""), **case.extra,
+    }
+    fn = case.impls[impl]
+    leaves = _leaves(inputs)
+    try:
+        with torch.no_grad() if case.mode != "fwdbwd" else torch.enable_grad():
+            if device.type == "cuda":
+                out = _first_tensor(fn(inputs))
+            else:
+                with _RssSampler() as sampler:
+                    t0 = time.perf_counter()
+                    out = _first_tensor(fn(inputs))
+                    if case.mode == "fwdbwd":
+                        out.backward(torch.randn_like(out))
+                    first_ms = (time.perf_counter() - t0) * 1e3
+                mem = sampler.peak / 2**20
+            err = None
+            if ref_out is not None:
+                got = out.detach() if case.error_rows is None else out.detach()[:, case.error_rows.to(out.device)]
+                err = float((got.double() - ref_out.double()).abs().max())
+            del out
+            call = _make_call(case, fn, inputs, device)
+            if device.type == "cuda":
+                mem = _cuda_peak_mb(call, device, leaves)
+                ms = _time_cuda(call, leaves)
+            else:
+                ms = _time_cpu(call, leaves, first_ms, cpu_reps)
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a row, not a crash
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        return row
+    finally:
+        for t in leaves:
+            t.grad = None
+    row["ms"] = _sig(ms)
+    row["tflops"] = _sig(case.flops / (ms * 1e-3) / 1e12) if case.flops else None
+    row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
+    row["peak_mem_mb"] = round(mem, 1)
+    row["max_err"] = err
+    return row
+
+
+def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
+    if case.reference is None:
+        return None
+    with torch.no_grad():
+        if callable(case.reference):
+            return _first_tensor(case.reference(inputs)).detach()
+        return _first_tensor(case.impls[case.reference](inputs)).detach()
+
+
+def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Callable[[str], bool] | None = None,
+              progress: Callable[[str], None] | None = None, cpu_reps: int = 3) -> list[dict]:
+    """Measure every (case, impl); rows carry the device, versions and date."""
+    if device.type == "cpu":
+        _return_freed_memory_to_the_os()
+    stamp = {"device": device_name(device), "versions": versions(),
+             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    rows = []
+    for case in cases:
+        inputs = case.make_inputs(device)
+        try:
+            ref = reference_output(case, inputs)
+        except Exception as exc:  # noqa: BLE001
+            ref = None
+            rows.append({"case": case.case, "impl": "reference", "mode": case.mode, "seqlen": case.seqlen,
+                         "error": f"{type(exc).__name__}: {exc}"[:300], **stamp})
+        for impl in case.impls:
+            if impl_filter is not None and not impl_filter(impl):
+                continue
+            if progress is not None:
+                progress(f"{case.case} N={case.seqlen} {case.mode} {impl}")
+            row = measure(case, impl, device, inputs, ref, cpu_reps=cpu_reps)
+            row.update(stamp)
+            rows.append(row)
+        del inputs, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,1 @@
+"""Benchmark suites: every module here registers its cases with ``@subquad.bench.suite``."""

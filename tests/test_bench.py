@@ -1,0 +1,71 @@
+"""The benchmark harness and the `subquad bench` command (a quick run; speed is measured, not tested)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from subquad import masks
+from subquad.bench import Case, attention_flops, run_cases
+from subquad.bench.attention_cases import attention_case, exact_rows, sample_rows
+from subquad.cli import app
+
+REQUIRED = {"case", "impl", "mode", "batch", "seqlen", "heads_q", "heads_kv", "head_dim", "dtype", "ms", "tflops",
+            "gbps", "peak_mem_mb", "max_err", "device", "versions", "date"}
+
+
+def test_bench_command_writes_table_json_and_plots(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--quick", "--suite", "cpu-patterns", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["case"] for r in rows} >= {"causal", "window256", "strided256"}
+    for r in rows:
+        assert "error" not in r, r
+        assert REQUIRED <= r.keys()
+        assert r["ms"] > 0 and r["tflops"] > 0
+        assert r["max_err"] < 1e-4  # fp32 reference vs fp64 exact rows
+    assert (tmp_path / "bench-fwd.png").stat().st_size > 10_000
+    assert "window256" in result.output
+
+
+def test_unknown_suite_is_an_error(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--suite", "nope", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "unknown suite" in result.output
+
+
+def test_failing_impl_is_a_row_not_a_crash():
+    def broken(inputs):
+        raise RuntimeError("not installed here")
+
+    case = attention_case("causal", masks.causal, "fwdbwd", batch=1, seqlen=64, heads_q=2, heads_kv=1, head_dim=16,
+                          dtype=torch.float32,
+                          impls={"ok": lambda x: torch.nn.functional.scaled_dot_product_attention(
+                              x["q"].transpose(1, 2), x["k"].repeat_interleave(2, 2).transpose(1, 2),
+                              x["v"].repeat_interleave(2, 2).transpose(1, 2), is_causal=True).transpose(1, 2),
+                                 "broken": broken})
+    rows = run_cases([case], torch.device("cpu"))
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["broken"]["error"].startswith("RuntimeError: not installed")
+    assert by_impl["ok"]["max_err"] < 1e-5
+    assert by_impl["ok"]["tflops"] == pytest.approx(attention_flops(1, 2, 64 * 65 / 2, 16, "fwdbwd")
+                                                    / (by_impl["ok"]["ms"] * 1e-3) / 1e12, rel=1e-3)
+
+
+def test_exact_rows_matches_dense_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 50, 2, 8) for _ in range(3))
+    rows = sample_rows(50, 7)
+    ref = exact_rows(masks.sliding_window(5), rows)({"q": q, "k": k, "v": v})
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 8 ** -0.5
+    keep = masks.sliding_window(5).to_dense(50)[0, 0]
+    p = s.masked_fill(~keep, float("-inf")).softmax(-1)
+    dense = torch.einsum("bhqk,bkhd->bqhd", p, v.double())
+    torch.testing.assert_close(ref, dense[:, rows])
+
+
+def test_case_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        Case(case="x", mode="sideways", batch=1, seqlen=1, heads_q=1, heads_kv=1, head_dim=1, dtype=torch.float32,
+             make_inputs=dict, impls={})
