@@ -1,0 +1,115 @@
+"""Argument checks shared by the linear and delta-rule ops (ValueError naming the argument and the shape)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_qkv_same_heads(q, k, v) -> None:
+    """q, k (B, T, H, K); v (B, T, H, V)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    b, t, h, dk = q.shape
+    if tuple(k.shape) != (b, t, h, dk):
+        raise ValueError(f"k: expected shape {(b, t, h, dk)} (from q), got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (b, t, h):
+        raise ValueError(f"v: expected shape ({b}, {t}, {h}, head_dim_v) (from q), got {tuple(v.shape)}")
+    if min(b, h, dk, v.shape[3]) == 0:
+        raise ValueError(f"q, v: expected non-empty batch, heads and head dims, got {tuple(q.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def expand_log_decay(log_decay, q: torch.Tensor, *, allow_vector: bool = True) -> torch.Tensor | None:
+    """None | (H,) | (B, T, H) | (B, T, H, K) -> None | (B, T, H, 1) | (B, T, H, K), fp32."""
+    if log_decay is None:
+        return None
+    b, t, h, dk = q.shape
+    shapes = [(h,), (b, t, h)] + ([(b, t, h, dk)] if allow_vector else [])
+    if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) not in shapes:
+        got = tuple(log_decay.shape) if isinstance(log_decay, torch.Tensor) else type(log_decay).__name__
+        raise ValueError(f"log_decay: expected None or a tensor of shape {' or '.join(map(str, shapes))}, got {got}")
+    if not log_decay.dtype.is_floating_point:
+        raise ValueError(f"log_decay: expected a floating-point tensor, got {log_decay.dtype}")
+    if log_decay.device != q.device:
+        raise ValueError(f"log_decay: expected device {q.device}, got {log_decay.device}")
+    g = log_decay.to(torch.promote_types(log_decay.dtype, torch.float32))
+    if g.dim() == 1:
+        return g.view(1, 1, h, 1).expand(b, t, h, 1)
+    return g.unsqueeze(-1) if g.dim() == 3 else g
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_chunk_size(chunk_size) -> int:
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of two in [16, 128], got {chunk_size!r}")
+    return chunk_size
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> int:
+    """Returns the number of sequences (the batch size without cu_seqlens)."""
+    if cu_seqlens is None:
+        return q.shape[0]
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens: expected a 1-D int32/int64 tensor (num_seqs + 1,) of cumulative lengths, got "
+                         f"{cu_seqlens!r}")
+    if q.shape[0] != 1:
+        raise ValueError(f"q: expected batch 1 with cu_seqlens (sequences packed along seq), got {tuple(q.shape)}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing values from 0 to seq={q.shape[1]}, got {bounds}")
+    return len(bounds) - 1
+
+
+def check_state(state, name: str, n: int, h: int, dk: int, dv: int, device) -> None:
+    if state is None:
+        return
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != (n, h, dk, dv):
+        got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(f"{name}: expected shape ({n}, {h}, {dk}, {dv}) (sequences, heads, d_k, d_v), got {got}")
+    if state.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {state.device}")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), got {backend!r}")
+
+
+def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
+    """auto: the Triton kernels on CUDA (when they import), the reference otherwise."""
+    if backend != "auto":
+        if backend == "triton" and not q.is_cuda and not _interpreting():
+            raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
+                             f"{q.device}")
+        return backend
+    if q.is_cuda:
+        try:
+            __import__(kernel_module)
+        except ImportError:
+            return "reference"
+        return "triton"
+    return "reference"
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,110 @@
+"""Naive fp64 oracles: each mechanism written the slowest, most obvious way (dense scores with the mask
+materialised, recurrences as Python loops). References are tested against these. One section per mechanism."""
+
+from __future__ import annotations
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear attention, decayed recurrences and the delta rule (issue 6): token-by-token recurrences in fp64.
+# ---------------------------------------------------------------------------------------------------------------
+
+def gla_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None):
+    """S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t; o_t = scale q_t S_t. q, k (B, T, H, K), v (B, T, H, V),
+    log_decay None | (B, T, H, 1) | (B, T, H, K). Returns o (B, T, H, V) and the final state, fp64."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, t, h, dk = q.shape
+    state = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float64) if initial_state is None \
+        else initial_state.double().clone()
+    out = torch.zeros(b, t, h, v.shape[-1], dtype=torch.float64)
+    for i in range(t):
+        if log_decay is not None:
+            state = log_decay[:, i].double().exp().unsqueeze(-1) * state
+        state = state + k[:, i].unsqueeze(-1) * v[:, i].unsqueeze(-2)
+        out[:, i] = scale * torch.einsum("bhk,bhkv->bhv", q[:, i], state)
+    return out, state
+
+
+def delta_rule_recurrence(q, k, v, beta, log_decay=None, scale=1.0, initial_state=None):
+    """S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T; o_t = scale q_t S_t, written with the
+    explicit (K, K) transition matrix. log_decay None | (B, T, H). Returns o and the final state, fp64."""
+    q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
+    b, t, h, dk = q.shape
+    state = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float64) if initial_state is None \
+        else initial_state.double().clone()
+    eye = torch.eye(dk, dtype=torch.float64)
+    out = torch.zeros(b, t, h, v.shape[-1], dtype=torch.float64)
+    for i in range(t):
+        kt, bt = k[:, i], beta[:, i][..., None, None]
+        transition = eye - bt * kt.unsqueeze(-1) * kt.unsqueeze(-2)
+        if log_decay is not None:
+            transition = log_decay[:, i].double().exp()[..., None, None] * transition
+        state = transition @ state + bt * kt.unsqueeze(-1) * v[:, i].unsqueeze(-2)
+        out[:, i] = scale * torch.einsum("bhk,bhkv->bhv", q[:, i], state)
+    return out, state
+
+
+def linear_attention_quadratic(fq, fk, v, weight=None, causal=True, normalize=True, eps=1e-6):
+    """Dense form of feature-map attention: scores fq_i . fk_j (times weight[i, j] if given, e.g. cosFormer's
+    cos((i - j) pi / 2M)), causal mask, optional normalisation by the row sum. fp64."""
+    scores = torch.einsum("bihd,bjhd->bhij", fq.double(), fk.double())
+    if weight is not None:
+        scores = scores * weight.double()
+    if causal:
+        n = scores.shape[-1]
+        scores = scores * torch.ones(n, n, dtype=torch.float64).tril()
+    o = torch.einsum("bhij,bjhd->bihd", scores, v.double())
+    if normalize:
+        o = o / (scores.sum(-1).transpose(1, 2).unsqueeze(-1) + eps)
+    return o
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact softmax attention (issue 3): dense fp64 scores, the mask materialised from the pattern's predicate.
+# ---------------------------------------------------------------------------------------------------------------
+
+def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
+                      q_pos=None, kv_pos=None):
+    """Dense attention in fp64, differentiable. q (B, Nq, Hq, D), k/v (B, Nkv, Hkv, D*); K/V repeated for
+    GQA/MQA. ``mask``: a pattern (materialised with ``pattern.to_dense``) or a bool tensor broadcastable to
+    (B, Hq, Nq, Nkv); ``causal`` keeps k_pos <= q_pos. Query i sits at i + Nkv - Nq unless ``q_pos`` /
+    ``kv_pos`` say otherwise (then the mask must be a bool tensor over those positions, or a pattern whose
+    predicate is evaluated on them). ALiBi adds -slope * |q_pos - k_pos|. Returns (out (B, Nq, Hq, Dv),
+    lse (B, Hq, Nq)) with out 0 and lse -inf on rows with no kept key."""
+    b, nq, hq, d = q.shape
+    nkv, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    qd, kd, vd = q.double(), k.double(), v.double()
+    kd = kd.repeat_interleave(hq // hkv, dim=2)
+    vd = vd.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    qp = torch.arange(nq) + nkv - nq if q_pos is None else q_pos.cpu().long()
+    kp = torch.arange(nkv) if kv_pos is None else kv_pos.cpu().long()
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double().cpu().reshape(-1, hq)  # (1 or B, Hq)
+        s = s - slopes[:, :, None, None] * (qp.view(-1, 1) - kp.view(1, -1)).abs().double()
+    keep = torch.ones(b, hq, nq, nkv, dtype=torch.bool)
+    if causal:
+        keep = keep & (kp.view(1, -1) <= qp.view(-1, 1))
+    if mask is not None:
+        if isinstance(mask, torch.Tensor):
+            keep = keep & mask.cpu()
+        elif q_pos is None and kv_pos is None:
+            keep = keep & mask.to_dense(nq, nkv, batch=b, heads=hq)
+        else:
+            from subquad.masks import BuildContext
+
+            pattern = mask.prepare(BuildContext(b, hq, nq, nkv, torch.device("cpu")))
+            bi = torch.arange(b).view(-1, 1, 1, 1)
+            hi = torch.arange(hq).view(1, -1, 1, 1)
+            keep = keep & pattern.predicate(bi, hi, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = ~keep.any(-1)
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vd)
+    lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse

@@ -1,0 +1,98 @@
+"""Feature maps: FAVOR+ estimates the softmax kernel, cosFormer's linear form equals its quadratic form, the
+Hedgehog map trains."""
+
+import math
+
+import pytest
+import torch
+
+import subquad
+from subquad.ops.linear import CosFormer, Favor, Hedgehog
+from oracles import linear_attention_quadratic
+
+
+def test_favor_approximates_softmax_kernel():
+    gen = torch.Generator().manual_seed(0)
+    d = 16
+    x = torch.randn(1, 32, 1, d, generator=gen) * 0.5
+    y = torch.randn(1, 32, 1, d, generator=gen) * 0.5
+    exact = torch.exp(torch.einsum("bihd,bjhd->bij", x, y) / math.sqrt(d))
+    errs = []
+    for m in (16, 1024):
+        phi = Favor(d, num_features=m, seed=1)
+        approx = torch.einsum("bihd,bjhd->bij", phi(x), phi(y))
+        errs.append(((approx - exact).abs() / exact).mean().item())
+    assert errs[1] < 0.1, errs
+    assert errs[1] < errs[0] / 3, errs             # error shrinks like 1/sqrt(m)
+
+
+def test_favor_features_are_orthogonal_and_redraw_is_seeded():
+    phi = Favor(8, num_features=8, seed=3)
+    w = phi.projection
+    gram = w @ w.T
+    off = gram - torch.diag(torch.diagonal(gram))
+    assert off.abs().max() < 1e-4                  # orthogonal rows within a block
+    before = w.clone()
+    phi.redraw(4)
+    assert not torch.equal(before, phi.projection)
+    phi.redraw(3)
+    torch.testing.assert_close(before, phi.projection)
+
+
+def test_favor_normalised_attention_approximates_softmax_attention():
+    gen = torch.Generator().manual_seed(1)
+    d = 16
+    q, k, v = (torch.randn(1, 24, 1, d, generator=gen) * 0.5 for _ in range(3))
+    phi = Favor(d, num_features=2048, seed=0)
+    o = subquad.linear_attention(q, k, v, phi, causal=True, backend="reference")
+    exact = subquad.attention(q, k, v, causal=True, backend="reference")
+    assert (o - exact).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cosformer_linear_form_equals_quadratic_form(causal):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 20, 2, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    m = 32
+    o = subquad.linear_attention(q, k, v, CosFormer(m), causal=causal, scale=1.0, backend="reference")
+    i = torch.arange(20, dtype=torch.float64)
+    weight = torch.cos(math.pi / 2 * (i[:, None] - i[None, :]) / m)
+    ref = linear_attention_quadratic(q.relu(), k.relu(), v, weight, causal=causal)
+    torch.testing.assert_close(o, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_cosformer_offset_continues_positions():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 12, 1, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    phi = CosFormer(16)
+    full = subquad.linear_attention(q, k, v, phi, backend="reference")
+    o1, st = subquad.linear_attention(q[:, :5], k[:, :5], v[:, :5], phi, output_state=True, backend="reference")
+    o2 = subquad.linear_attention(q[:, 5:], k[:, 5:], v[:, 5:], phi, offset=5, initial_state=st, backend="reference")
+    torch.testing.assert_close(torch.cat([o1, o2], 1), full)
+    with pytest.raises(ValueError, match="max_len"):
+        phi(q, offset=10)
+
+
+def test_hedgehog_map_is_trainable():
+    torch.manual_seed(0)
+    heads, d = 2, 8
+    phi = Hedgehog(heads, d)
+    q, k, v = (torch.randn(2, 16, heads, d) for _ in range(3))
+    target = subquad.attention(q, k, v, causal=True, backend="reference")
+    opt = torch.optim.Adam(phi.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        o = subquad.linear_attention(q, k, v, phi, backend="reference")
+        loss = (o - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert phi.weight.grad is not None and phi.weight.grad.abs().sum() > 0
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_feature_map_bad_name():
+    x = torch.randn(1, 4, 1, 4)
+    with pytest.raises(ValueError, match="feature_map"):
+        subquad.linear_attention(x, x, x, "softmax")

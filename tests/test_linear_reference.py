@@ -1,0 +1,171 @@
+"""The chunked reference of the decayed linear-attention engine against the fp64 token-by-token oracle, and the
+public wrappers (linear_attention, retention, ssd, steps) against their definitions."""
+
+import pytest
+import torch
+
+import subquad
+from subquad.ops.linear import retnet_gammas
+from subquad.ops.linear.checks import expand_log_decay
+from oracles import gla_recurrence, linear_attention_quadratic
+
+B, T, H, DK, DV = 2, 45, 2, 8, 6
+
+
+def _inputs(kind, seed=0, t=T, low=-0.5):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, t, H, DK, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, t, H, DV, generator=gen, dtype=torch.float64)
+    shape = {"none": None, "head": (H,), "scalar": (B, t, H), "vector": (B, t, H, DK)}[kind]
+    g = None if shape is None else torch.rand(*shape, generator=gen, dtype=torch.float64) * low
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("kind", ["none", "head", "scalar", "vector"])
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_gla_reference_matches_recurrence(kind, chunk):
+    q, k, v, g = _inputs(kind)
+    s0 = torch.randn(B, H, DK, DV, dtype=torch.float64)
+    o, s = subquad.gla(q.float(), k.float(), v.float(), None if g is None else g.float(), scale=0.7,
+                       initial_state=s0.float(), output_state=True, chunk_size=chunk, backend="reference")
+    o_ref, s_ref = gla_recurrence(q, k, v, expand_log_decay(g, q), 0.7, s0)
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("low", [-60.0, -1e-6])
+def test_gla_reference_decay_near_zero_and_one(low):
+    q, k, v, g = _inputs("vector", low=low)
+    o, s = subquad.gla(q.float(), k.float(), v.float(), g.float(), output_state=True, chunk_size=16,
+                       backend="reference")
+    o_ref, s_ref = gla_recurrence(q, k, v, g, DK ** -0.5)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gla_reference_gradients_match_recurrence():
+    q, k, v, g = _inputs("vector", t=20)
+    s0 = torch.randn(B, H, DK, DV, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+    o, s = subquad.gla(*leaves[:4], initial_state=leaves[4], output_state=True, chunk_size=16,
+                       backend="reference")
+    (o.square().sum() + s.sum()).backward()
+    got = [t.grad for t in leaves]
+    leaves2 = [t.clone().requires_grad_() for t in (q, k, v, g, s0)]
+    o2, s2 = gla_recurrence(*leaves2[:4], DK ** -0.5, leaves2[4])
+    (o2.square().sum() + s2.sum()).backward()
+    for a, b in zip(got, leaves2):
+        torch.testing.assert_close(a, b.grad, atol=1e-8, rtol=1e-8)
+
+
+def test_gla_state_handoff_equals_one_call():
+    q, k, v, g = _inputs("scalar")
+    o_all, s_all = subquad.gla(q, k, v, g, output_state=True, chunk_size=16, backend="reference")
+    o1, s1 = subquad.gla(q[:, :20], k[:, :20], v[:, :20], g[:, :20], output_state=True, chunk_size=16,
+                         backend="reference")
+    o2, s2 = subquad.gla(q[:, 20:], k[:, 20:], v[:, 20:], g[:, 20:], initial_state=s1, output_state=True,
+                         chunk_size=16, backend="reference")
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all)
+    torch.testing.assert_close(s2, s_all.double() if s2.dtype == torch.float64 else s_all)
+
+
+def test_gla_varlen_equals_separate_calls():
+    q, k, v, g = _inputs("vector")
+    lens = [7, 0, 30, 8]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    s0 = torch.randn(len(lens), H, DK, DV, dtype=torch.float64)
+    o, s = subquad.gla(q[:1], k[:1], v[:1], g[:1], initial_state=s0, output_state=True, cu_seqlens=cu,
+                       chunk_size=16, backend="reference")
+    for i in range(len(lens)):
+        a, b = cu[i].item(), cu[i + 1].item()
+        o_i, s_i = gla_recurrence(q[:1, a:b], k[:1, a:b], v[:1, a:b], g[:1, a:b], DK ** -0.5, s0[i:i + 1])
+        torch.testing.assert_close(o[:, a:b].double(), o_i, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s[i:i + 1].double(), s_i, atol=1e-5, rtol=1e-5)
+
+
+def test_retention_is_gla_with_constant_decay():
+    q, k, v, _ = _inputs("none")
+    gamma = retnet_gammas(H).double()
+    o = subquad.retention(q, k, v, gamma, backend="reference")
+    o_ref, _ = gla_recurrence(q, k, v, gamma.log().view(1, 1, H, 1).expand(B, T, H, 1), DK ** -0.5)
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ssd_matches_mamba2_recurrence():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, T, 4, 5, generator=gen, dtype=torch.float64)
+    dt = torch.rand(B, T, 4, generator=gen, dtype=torch.float64)
+    a = -torch.rand(4, generator=gen, dtype=torch.float64) * 2
+    bm, cm = (torch.randn(B, T, 2, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    y, s = subquad.ssd(x, dt, a, bm, cm, output_state=True, backend="reference")
+    h = torch.zeros(B, 4, 3, 5, dtype=torch.float64)   # (B, H, N, P)
+    for t in range(T):
+        bt, ct = bm[:, t].repeat_interleave(2, 1), cm[:, t].repeat_interleave(2, 1)
+        h = (dt[:, t] * a).exp()[..., None, None] * h + bt.unsqueeze(-1) * (dt[:, t, :, None] * x[:, t]).unsqueeze(-2)
+        torch.testing.assert_close(y[:, t], torch.einsum("bhn,bhnp->bhp", ct, h))
+    torch.testing.assert_close(s, h)
+    y1, s1 = subquad.ssd_step(x[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], None, backend="reference")
+    torch.testing.assert_close(y1, y[:, 0])
+
+
+@pytest.mark.parametrize("fmap", ["elu1", "relu"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_attention_matches_quadratic_form(fmap, normalize):
+    q, k, v, _ = _inputs("none")
+    phi = torch.nn.functional.relu if fmap == "relu" else (lambda x: torch.nn.functional.elu(x) + 1)
+    for causal in (True, False):
+        o = subquad.linear_attention(q, k, v, fmap, causal=causal, normalize=normalize, scale=0.5,
+                                     backend="reference")
+        ref = linear_attention_quadratic(phi(q) * (1 if normalize else 0.5), phi(k), v, causal=causal,
+                                         normalize=normalize, eps=1e-6 / 0.5)
+        torch.testing.assert_close(o, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_linear_attention_state_handoff_and_steps():
+    q, k, v, _ = _inputs("none")
+    o_all = subquad.linear_attention(q, k, v, backend="reference")
+    o1, st = subquad.linear_attention(q[:, :30], k[:, :30], v[:, :30], output_state=True, backend="reference")
+    o2, st = subquad.linear_attention(q[:, 30:], k[:, 30:], v[:, 30:], initial_state=st, output_state=True,
+                                      backend="reference")
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_all)
+    state, outs = None, []
+    for t in range(T):
+        o_t, state = subquad.linear_attention_step(q[:, t], k[:, t], v[:, t], state, backend="reference")
+        outs.append(o_t)
+    torch.testing.assert_close(torch.stack(outs, 1), o_all)
+
+
+def test_gla_step_matches_chunked():
+    q, k, v, g = _inputs("vector")
+    o, s = subquad.gla(q, k, v, g, output_state=True, backend="reference")
+    o_steps, state = [], None
+    for t in range(T):
+        o_t, state = subquad.gla_step(q[:, t], k[:, t], v[:, t], state, g[:, t], backend="reference")
+        o_steps.append(o_t)
+    torch.testing.assert_close(torch.stack(o_steps, 1), o)
+    torch.testing.assert_close(state, s)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=torch.randn(B, T, H, DK + 1)), "k: expected shape"),
+    (dict(v=torch.randn(B, T + 1, H, DV)), "v: expected shape"),
+    (dict(log_decay=torch.randn(B, T)), "log_decay: expected"),
+    (dict(initial_state=torch.randn(B, H, DV, DK)), "initial_state: expected shape"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(backend="cuda"), "backend"),
+    (dict(cu_seqlens=torch.tensor([0, 5, T])), "q: expected batch 1"),
+])
+def test_gla_bad_inputs(bad, match):
+    args = dict(q=torch.randn(B, T, H, DK), k=torch.randn(B, T, H, DK), v=torch.randn(B, T, H, DV))
+    args.update(bad)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    log_decay = args.pop("log_decay", None)
+    with pytest.raises(ValueError, match=match):
+        subquad.gla(q, k, v, log_decay, **args)
+
+
+def test_cu_seqlens_must_cover_sequence():
+    q = torch.randn(1, T, H, DK)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        subquad.gla(q, q, q, cu_seqlens=torch.tensor([0, 5, T - 1]))
