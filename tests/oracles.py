@@ -108,3 +108,27 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd)
     lse = lse.masked_fill(empty, float("-inf"))
     return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding over KV caches (issue 5): every token ever written, attended densely in fp64.
+# ---------------------------------------------------------------------------------------------------------------
+
+def decode_attention(q, k_stream, v_stream, seqlens, *, window=None, scale=None, softcap=None, alibi_slopes=None):
+    """The T new queries of each sequence (at positions seqlens[b] - T .. seqlens[b] - 1) against the whole
+    stream of keys written so far, k_stream/v_stream (B, >= max(seqlens), Hkv, D*) in position order: causal,
+    optional sliding window (keep 0 <= q_pos - k_pos < window), softcap, ALiBi. Returns out (B, T, Hq, Dv) fp64."""
+    outs = []
+    t = q.shape[1]
+    for b, n in enumerate([int(x) for x in seqlens]):
+        mask = None
+        if window is not None:
+            qp = torch.arange(n - t, n).view(-1, 1)
+            kp = torch.arange(n).view(1, -1)
+            mask = (qp - kp) < window
+        slopes = None if alibi_slopes is None else alibi_slopes.reshape(-1, q.shape[2])[
+            b if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0]
+        o, _ = softmax_attention(q[b:b + 1], k_stream[b:b + 1, :n], v_stream[b:b + 1, :n], mask=mask, causal=True,
+                                 scale=scale, softcap=softcap, alibi_slopes=slopes)
+        outs.append(o)
+    return torch.cat(outs)

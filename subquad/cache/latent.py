@@ -59,4 +59,5 @@ class LatentKVCache(KVCache):
         return self.view()
 
     def view(self) -> KVView:
-        return KVView(self.latent, self.latent[..., :self.kv_lora_rank], self.seqlens, "dense")
+        return KVView(self.latent, self.latent[..., :self.kv_lora_rank], self.seqlens, "dense",
+                      max_seqlen=max(self._lengths))

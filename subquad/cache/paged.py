@@ -88,4 +88,5 @@ class PagedKVCache(KVCache):
         return self.view()
 
     def view(self) -> KVView:
-        return KVView(self.k, self.v, self.seqlens, "paged", block_table=self.block_table)
+        return KVView(self.k, self.v, self.seqlens, "paged", block_table=self.block_table,
+                      max_seqlen=max(self._lengths))

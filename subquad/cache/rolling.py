@@ -79,7 +79,7 @@ class RollingKVCache(KVCache):
             out_k[b, keep:keep + t] = k[b]
             out_v[b, keep:keep + t] = v[b]
         lengths = torch.tensor([keep + t for keep in tail], dtype=torch.int32, device=self.k.device)
-        return KVView(out_k, out_v, lengths, "dense", window=self.window)
+        return KVView(out_k, out_v, lengths, "dense", window=self.window, max_seqlen=n)
 
     def view(self) -> KVView:
-        return KVView(self.k, self.v, self.seqlens, "ring", window=self.window)
+        return KVView(self.k, self.v, self.seqlens, "ring", window=self.window, max_seqlen=max(self._lengths))

@@ -54,4 +54,4 @@ class StaticKVCache(KVCache):
         return self.view()
 
     def view(self) -> KVView:
-        return KVView(self.k, self.v, self.seqlens, "dense")
+        return KVView(self.k, self.v, self.seqlens, "dense", max_seqlen=max(self._lengths))

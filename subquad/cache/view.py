@@ -28,6 +28,8 @@ class KVView:
         layout: one of ``"dense" | "ring" | "paged"``.
         block_table: ``(B, max_pages)`` int32 for ``paged``.
         window: the sliding window the cache was built for (ring caches keep only what it needs), or None.
+        max_seqlen: ``max(seqlens)`` known on the host (caches track it), so that launching the decode
+            kernel never waits on the device; None: read from ``seqlens`` when needed.
     """
 
     k: torch.Tensor
@@ -36,6 +38,7 @@ class KVView:
     layout: str = "dense"
     block_table: torch.Tensor | None = None
     window: int | None = None
+    max_seqlen: int | None = None
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,264 @@
+"""Split-KV ("flash-decoding") Triton kernels: a few new query tokens against a long KV cache.
+
+Decoding reads the whole cache to produce a few rows of output: a memory-bandwidth problem. So:
+
+* the KV length of each sequence is split across ``num_splits`` programs (enough programs to fill the
+  GPU even at batch 1); each computes a partial softmax over its chunk and writes ``(o, lse)`` in fp32;
+  a second small kernel merges the partials by their LSE;
+* the query heads that share one KV head (GQA), times the ``T`` new tokens, are packed as the rows of one
+  tile, so each K/V tile is read from memory once for the whole group (rows ``r = t * G + g``);
+* storage is read in place, whatever the layout: dense ``(B, S, H, D)``, a ring of slots (rolling window;
+  positions derived from the slot index and the length), or pages through a block table;
+* MLA's latent layout (K = ``[c_kv, k_rope]``, V = ``c_kv``, one row of storage) is the same kernel with
+  the score split into a main and a rope part (``D_ROPE``) and V taken from the K tile already loaded.
+
+Scores follow ``subquad.attention``: ``scale * q.k``, softcap, ALiBi ``-slope * |q_pos - k_pos|``, causal
+among the new tokens, optional sliding window; base-2 exponentials inside.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DENSE, RING, PAGED = 0, 1, 2
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q, K, V, O_part, LSE_part, SEQLENS, BLOCK_TABLE, SLOPES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_bt, stride_sl,
+    scale, softcap, window, slots,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DR: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
+    # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
+    pid_mv = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    m_blk = pid_mv // N_DV_BLOCKS
+    dv_blk = pid_mv % N_DV_BLOCKS
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    seqlen = tl.load(SEQLENS + b)
+
+    # rows of the tile: new token t, query head hkv * G + g
+    rows = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t = rows // G
+    head = hkv * G + rows % G
+    q_pos = seqlen - T + t
+
+    # the stretch of storage this sequence needs, cut into NUM_SPLITS chunks of whole blocks
+    lo = 0
+    hi = seqlen
+    if LAYOUT == RING:
+        hi = tl.minimum(seqlen, slots)
+    elif HAS_WINDOW:
+        lo = tl.maximum(seqlen - T + 1 - window, 0)
+    n_blocks = tl.cdiv(hi - lo, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    start = lo + split * per_split * BLOCK_N
+    end = tl.minimum(hi, start + per_split * BLOCK_N)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = dv_blk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if D_ROPE > 0:
+        offs_dr = tl.arange(0, BLOCK_DR)
+        q_rope = tl.load(q_ptrs + D + offs_dr[None, :], mask=row_ok[:, None] & (offs_dr[None, :] < D_ROPE),
+                         other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_sl + head, mask=row_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        in_range = idx < end
+        if LAYOUT == PAGED:
+            page = tl.load(BLOCK_TABLE + b * stride_bt + idx // PAGE_SIZE, mask=in_range, other=0)
+            k_row = K + page.to(tl.int64) * stride_kb + (idx % PAGE_SIZE) * stride_kn + hkv * stride_kh
+            v_row = V + page.to(tl.int64) * stride_vb + (idx % PAGE_SIZE) * stride_vn + hkv * stride_vh
+        else:
+            k_row = K + b.to(tl.int64) * stride_kb + idx.to(tl.int64) * stride_kn + hkv * stride_kh
+            v_row = V + b.to(tl.int64) * stride_vb + idx.to(tl.int64) * stride_vn + hkv * stride_vh
+        if LAYOUT == RING:
+            # slot idx holds the latest position p < seqlen with p % slots == idx
+            k_pos = seqlen - 1 - (seqlen - 1 - idx) % slots
+        else:
+            k_pos = idx
+        k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        if D_ROPE > 0:
+            k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
+                             mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
+            s += tl.dot(q_rope, tl.trans(k_rope))
+        if V_IS_K:
+            v = k
+        else:
+            v = tl.load(v_row[:, None] + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV),
+                        other=0.0)
+        s = s * scale
+        if HAS_SOFTCAP:
+            # softcap * tanh(s / softcap), tanh through exp (stable: e in (0, 1])
+            e = tl.exp(-2.0 * tl.abs(s) / softcap)
+            th = (1.0 - e) / (1.0 + e)
+            s = softcap * tl.where(s < 0, -th, th)
+        dist = q_pos[:, None] - k_pos[None, :]
+        if HAS_ALIBI:
+            s = s - slope[:, None] * tl.abs(dist).to(tl.float32)
+        keep = in_range[None, :] & (dist >= 0)
+        if HAS_WINDOW:
+            keep = keep & (dist < window)
+        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    # partials: (B * HKV, NUM_SPLITS, T * G, DV) and (B * HKV, NUM_SPLITS, T * G), base-2 LSE
+    part = (pid_bh * NUM_SPLITS + split).to(tl.int64) * (T * G)
+    tl.store(O_part + (part + rows[:, None]) * DV + offs_dv[None, :], o,
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    if dv_blk == 0:
+        tl.store(LSE_part + part + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    O_part, LSE_part, OUT, LSE,
+    stride_ob, stride_ot, stride_oh,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # one program per (sequence, KV head, packed row) and block of V columns
+    pid = tl.program_id(0)
+    dv_blk = tl.program_id(1)
+    row = pid % (T * G)
+    pid_bh = pid // (T * G)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    t = row // G
+    head = hkv * G + row % G
+    splits = tl.arange(0, SPLITS_P2)
+    ok = splits < NUM_SPLITS
+    base = (pid_bh * NUM_SPLITS + splits).to(tl.int64) * (T * G) + row
+    lse = tl.load(LSE_part + base, mask=ok, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse - lse_use)
+    total = tl.sum(w, 0)
+    offs_dv = dv_blk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    o = tl.load(O_part + base[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(OUT + b * stride_ob + t * stride_ot + head * stride_oh + offs_dv, out.to(OUT.dtype.element_ty),
+             mask=offs_dv < DV)
+    if dv_blk == 0:
+        # natural-log LSE, (B, H_q, T)
+        lse_out = tl.where(total == 0.0, float("-inf"), (lse_use + tl.log2(tl.where(total == 0.0, 1.0, total)))
+                           * 0.6931471805599453)
+        tl.store(LSE + (b * (HKV * G) + head) * T + t, lse_out)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
+                   alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
+                   block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two kernels on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
+
+    The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
+    flight to keep every SM loading); they are arguments so that the benchmark can sweep them.
+    """
+    k, v = view.k, view.v
+    bsz, t, hq, dq = q.shape
+    hkv, dv = k.shape[2], v.shape[3]
+    g = hq // hkv
+    layout = {"dense": DENSE, "ring": RING, "paged": PAGED}[view.layout]
+    # MLA's latent layout: V is the first dv columns of K's own storage. Score = main part + rope part,
+    # and V is the K tile already in registers (when one program covers all of V's columns).
+    latent = v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and dv < dq
+    d_main, d_rope = (dv, dq - dv) if latent else (dq, 0)
+    rows = t * g
+    if block_m is None:
+        block_m = min(_pow2(rows), 64 if dv > 256 else 128)
+    if block_dv is None:
+        block_dv = _pow2(dv) if block_m * _pow2(dv) <= 64 * 512 else 256
+    n_dv_blocks = triton.cdiv(dv, block_dv)
+    v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
+    if block_n is None:
+        block_n = 32 if dq > 256 else 64
+    m_blocks = triton.cdiv(rows, block_m)
+
+    max_len = view.max_seqlen if view.max_seqlen is not None else int(view.seqlens.max())
+    if layout == RING:
+        max_len = min(max_len, k.shape[1])
+    if window is not None:
+        max_len = min(max_len, window + t - 1)
+    if num_splits is None:
+        per_split = bsz * hkv * m_blocks * n_dv_blocks
+        num_splits = max(1, min(triton.cdiv(4 * _num_sms(q.device), per_split), triton.cdiv(max_len, 4 * block_n)))
+    if num_warps is None:
+        num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
+    if num_stages is None:
+        num_stages = 2 if dq > 256 else 3
+
+    o_part = torch.empty(bsz * hkv, num_splits, rows, dv, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(bsz * hkv, num_splits, rows, dtype=torch.float32, device=q.device)
+    out = torch.empty(bsz, t, hq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device)
+    seqlens = view.seqlens.to(torch.int32)
+    table = view.block_table if layout == PAGED else seqlens
+    slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else q
+    stride_sl = (hq if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0
+
+    grid = (m_blocks * n_dv_blocks, num_splits, bsz * hkv)
+    _decode_partial_kernel[grid](
+        q, k, v, o_part, lse_part, seqlens, table, slopes,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        table.stride(0) if layout == PAGED else 0, stride_sl,
+        scale, softcap if softcap is not None else 1.0, window if window is not None else 0, k.shape[1],
+        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits,
+        D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
+        DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if layout == PAGED else 1,
+        LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    merge_dv = min(128, _pow2(dv))
+    _decode_merge_kernel[(bsz * hkv * rows, triton.cdiv(dv, merge_dv))](
+        o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2), DV=dv, BLOCK_DV=merge_dv,
+        num_warps=4,
+    )
+    return out, lse

@@ -1,0 +1,189 @@
+"""subquad.decode: the split-KV kernel (under the interpreter on CPU) against the per-layout reference, the
+reference against the fp64 oracle over the whole stream of tokens, for every cache layout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from oracles import decode_attention
+from subquad.cache import LatentKVCache, PagedKVCache, RollingKVCache, StaticKVCache
+from subquad.ops.decode import decode
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# small tiles, several splits: the merge, empty splits and partial tiles all run
+SMALL = dict(block_n=16, num_splits=3)
+
+
+def _cache(layout, b, hkv, d, max_len, window=None, max_step=1, dtype=torch.float32):
+    if layout == "static":
+        return StaticKVCache(b, max_len, hkv, d, dtype, DEV)
+    if layout == "paged":
+        return PagedKVCache(b * (max_len // 8 + 1), 8, hkv, d, dtype, DEV, batch=b)
+    return RollingKVCache(b, window, hkv, d, dtype, DEV, max_step=max_step)
+
+
+def _fill(cache, k_stream, v_stream, lengths, t):
+    """Write stream[b, :lengths[b]] into the cache: the common prefix, then the last ``t`` tokens of each
+    sequence at its own position (rewriting the tail of the shorter ones)."""
+    n = max(lengths)
+    if n > t:
+        cache.update(k_stream[:, :n - t], v_stream[:, :n - t])
+    idx = torch.tensor(lengths).view(-1, 1) - t + torch.arange(t)
+    bidx = torch.arange(len(lengths)).view(-1, 1)
+    starts = torch.tensor(lengths) - t if len(set(lengths)) > 1 else None
+    return cache.update(k_stream[bidx, idx], v_stream[bidx, idx], positions=starts), idx
+
+
+def _inputs(b, t, hq, hkv, d, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hq, d, generator=g).to(DEV, dtype)
+    k = torch.randn(b, n, hkv, d, generator=g).to(DEV, dtype)
+    v = torch.randn(b, n, hkv, d, generator=g).to(DEV, dtype)
+    return q, k, v
+
+
+def _close(a, b, tol=2e-5):
+    assert torch.allclose(a.double().cpu(), b.double().cpu(), atol=tol, rtol=tol), (a.double().cpu() - b.double().cpu()).abs().max()
+
+
+@pytest.mark.parametrize("layout", ["static", "paged"])
+@pytest.mark.parametrize("opts", [{}, {"window": 9, "softcap": 3.0}, {"alibi": True}])
+def test_reference_matches_oracle(layout, opts):
+    b, t, hq, hkv, d = 2, 3, 4, 2, 16
+    lengths = [37, 21]
+    q, k, v = _inputs(b, t, hq, hkv, d, max(lengths))
+    view, _ = _fill(_cache(layout, b, hkv, d, 64), k, v, lengths, t)
+    slopes = torch.rand(hq, device=DEV) if opts.get("alibi") else None
+    kw = dict(window=opts.get("window"), softcap=opts.get("softcap"), alibi_slopes=slopes)
+    out = decode(q, view, backend="reference", **kw)
+    _close(out, decode_attention(q, k, v, lengths, **kw), 1e-5)
+
+
+def test_rolling_reference_is_sliding_window_at_every_step():
+    """Stream 40 tokens through a ring of W = 8 slots: after each step, the output over the ring equals
+    sliding-window attention over the whole stream, and the ring never grows."""
+    b, hq, hkv, d, w = 2, 4, 2, 16, 8
+    q, k, v = _inputs(b, 40, hq, hkv, d, 40)
+    cache = _cache("ring", b, hkv, d, 0, window=w)
+    nbytes = cache.nbytes
+    for i in range(40):
+        view = cache.update(k[:, i:i + 1], v[:, i:i + 1])
+        out = decode(q[:, i:i + 1], view, backend="reference")
+        _close(out, decode_attention(q[:, i:i + 1], k, v, [i + 1] * b, window=w), 1e-5)
+        assert cache.nbytes == nbytes
+    assert cache.k.shape[1] == w
+
+
+def test_rolling_prefill_then_speculative_steps():
+    """A prefill longer than the ring returns a dense view; then steps of 3 tokens (max_step=3) read the ring."""
+    b, hq, hkv, d, w = 1, 2, 1, 16, 6
+    q, k, v = _inputs(b, 30, hq, hkv, d, 30)
+    cache = _cache("ring", b, hkv, d, 0, window=w, max_step=3)
+    view = cache.update(k[:, :20], v[:, :20])
+    assert view.layout == "dense"
+    _close(decode(q[:, :20], view, backend="reference"), decode_attention(q[:, :20], k, v, [20], window=w), 1e-5)
+    for i in (20, 23, 26):
+        view = cache.update(k[:, i:i + 3], v[:, i:i + 3])
+        assert view.layout == "ring"
+        _close(decode(q[:, i:i + 3], view, backend="reference"),
+               decode_attention(q[:, i:i + 3], k, v, [i + 3], window=w), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout,t,opts", [
+    ("static", 1, {}),
+    ("static", 4, {"window": 11, "alibi": True}),
+    ("paged", 1, {"softcap": 2.0}),
+    ("paged", 4, {"window": 11}),
+])
+def test_triton_matches_reference(layout, t, opts):
+    b, hq, hkv, d = 2, 8, 2, 32
+    lengths = [45, 17]
+    q, k, v = _inputs(b, t, hq, hkv, d, max(lengths))
+    view, _ = _fill(_cache(layout, b, hkv, d, 64), k, v, lengths, t)
+    slopes = torch.rand(b, hq, device=DEV) if opts.get("alibi") else None
+    kw = dict(window=opts.get("window"), softcap=opts.get("softcap"), alibi_slopes=slopes)
+    out, lse = decode(q, view, backend="triton", return_lse=True, **kw, **SMALL)
+    ref, ref_lse = decode(q, view, backend="reference", return_lse=True, **kw)
+    _close(out, ref)
+    _close(lse, ref_lse)
+
+
+@needs_triton
+def test_triton_ring_matches_sliding_window():
+    """The kernel reads the ring in place (slot -> position mapping) with 2 new tokens per step."""
+    b, hq, hkv, d, w = 2, 4, 1, 32, 13
+    q, k, v = _inputs(b, 40, hq, hkv, d, 40)
+    cache = _cache("ring", b, hkv, d, 0, window=w, max_step=2)
+    cache.update(k[:, :30], v[:, :30])
+    for i in (30, 32):
+        view = cache.update(k[:, i:i + 2], v[:, i:i + 2])
+        out = decode(q[:, i:i + 2], view, backend="triton", **SMALL)
+        _close(out, decode_attention(q[:, i:i + 2], k, v, [i + 2] * b, window=w))
+
+
+@needs_triton
+def test_triton_paged_equals_static():
+    b, hq, hkv, d = 3, 4, 2, 16
+    lengths = [50, 9, 33]
+    q, k, v = _inputs(b, 2, hq, hkv, d, 50)
+    outs = [decode(q, _fill(_cache(layout, b, hkv, d, 64), k, v, lengths, 2)[0], backend="triton", **SMALL)
+            for layout in ("static", "paged")]
+    _close(outs[0], outs[1], 1e-6)
+
+
+@needs_triton
+def test_triton_mqa_odd_head_dim_plain_tensors():
+    """MQA (one KV head), head_dim 48 (not a power of 2), K/V as tensors with per-sequence lengths, more
+    splits than blocks (empty splits merge to nothing)."""
+    b, hq, d = 2, 3, 48
+    q, k, v = _inputs(b, 1, hq, 1, d, 24)
+    seqlens = torch.tensor([24, 5], device=DEV)
+    out = decode(q, k, v, seqlens=seqlens, backend="triton", block_n=16, num_splits=4)
+    _close(out, decode_attention(q, k, v, [24, 5]))
+
+
+@needs_triton
+def test_triton_latent_layout():
+    """MLA's shared K/V rows: K = [c_kv, k_rope] (32 + 16), V = c_kv (a view of the same storage)."""
+    b, hq, r, dr = 2, 16, 32, 16
+    g = torch.Generator().manual_seed(1)
+    cache = LatentKVCache(b, 40, r, dr, torch.float32, DEV)
+    c = torch.randn(b, 30, r, generator=g).to(DEV)
+    kr = torch.randn(b, 30, dr, generator=g).to(DEV)
+    view = cache.update(c, kr)
+    q = torch.randn(b, 2, hq, r + dr, generator=g).to(DEV)
+    out = decode(q, view, backend="triton", **SMALL)
+    assert out.shape == (b, 2, hq, r)
+    k = torch.cat([c, kr], -1).unsqueeze(2)
+    _close(out, decode_attention(q, k, c.unsqueeze(2), [30, 30]))
+    _close(out, decode(q, view, backend="reference"))
+
+
+def test_bad_inputs():
+    q, k, v = _inputs(2, 1, 4, 2, 16, 10)
+    with pytest.raises(ValueError, match="q"):
+        decode(q[..., :8], k, v)
+    with pytest.raises(ValueError, match="heads_q"):
+        decode(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="seqlens"):
+        decode(q, k, v, seqlens=torch.tensor([3]))
+    with pytest.raises(ValueError, match="window"):
+        decode(q, k, v, window=0)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        decode(q, k, v, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="backend"):
+        decode(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="kv"):
+        decode(q, k)
+    cache = RollingKVCache(2, 4, 2, 16, torch.float32, DEV)
+    cache.update(k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="new tokens per step"):
+        decode(q.expand(2, 2, 4, 16), cache)
+    with pytest.raises(ValueError, match="16 new tokens"):
+        decode(torch.randn(2, 17, 4, 16, device=DEV), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), backend="triton")
