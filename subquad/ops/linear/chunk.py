@@ -1,0 +1,190 @@
+"""The chunked engine on Triton: launches, the autograd Function, and the log-decay gradient.
+
+Batches are flattened into packed sequences (``(B, T)`` is ``cu_seqlens = [0, T, 2T, ...]``), so plain and
+varlen calls run the same kernels. The state at each chunk start is recomputed in the backward pass rather than
+kept (it would be ``T / C * H * K * V`` elements).
+
+Log-decay gradient: with ``B_t`` the cumulative log-decay over the sequence, the op is a function of
+``q e^{B}``, ``k e^{-B}`` and the final state ``e^{B_T} (...)``, so ``dB_t = q_t . dq_t - k_t . dk_t`` (+ ``S_T . dS_T``
+at the last token) and ``dg`` is its reverse cumulative sum per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .chunk_bwd import dqk_bwd, dv_bwd, state_bwd
+from .chunk_fwd import output_fwd, state_fwd
+
+
+class ChunkTables:
+    """Packed-sequence bookkeeping: ``cu`` (N+1) int32, ``chunk_indices`` (n_chunks, 2) = (sequence, chunk in
+    it), ``chunk_offsets`` (N+1) first global chunk of each sequence, ``last_token`` (N) and ``seq_end`` per token
+    (for per-sequence reverse sums)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device):
+        if cu_seqlens is None:
+            n = triton.cdiv(seq_len, chunk_size)
+            self.n_seqs = batch
+            self.cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
+            seq = torch.arange(batch, device=device).repeat_interleave(n)
+            within = torch.arange(n, device=device).repeat(batch)
+            self.chunk_offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
+            self.n_chunks = batch * n
+            lengths = [seq_len] * batch
+            self.seq_end = self.cu[1:].long().repeat_interleave(seq_len)
+        else:
+            self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            self.n_seqs = len(lengths)
+            counts = [triton.cdiv(n, chunk_size) for n in lengths]
+            seq = torch.repeat_interleave(torch.arange(self.n_seqs), torch.tensor(counts)).to(device)
+            within = torch.cat([torch.arange(c) for c in counts]).to(device)
+            self.chunk_offsets = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
+            self.n_chunks = sum(counts)
+            self.seq_end = torch.repeat_interleave(self.cu[1:].long(), torch.tensor(lengths, device=device))
+        self.chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
+        self.last_token = self.cu[1:].long() - 1
+        self.nonempty = torch.tensor([n > 0 for n in lengths], device=device)
+
+    def reverse_cumsum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sequence suffix sums of x (T_total, ...) along dim 0."""
+        suffix = x.flip(0).cumsum(0).flip(0)
+        padded = torch.cat([suffix, suffix.new_zeros(1, *suffix.shape[1:])], dim=0)
+        return suffix - padded[self.seq_end]
+
+
+def block_sizes(dk: int, dv: int) -> tuple[int, int]:
+    return min(64, max(16, triton.next_power_of_2(dk))), min(64, max(16, triton.next_power_of_2(dv)))
+
+
+def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, bk=None, bv=None):
+    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous."""
+    t_total, heads, dk = k.shape
+    dv = v.shape[-1]
+    bk0, bv0 = block_sizes(dk, dv)
+    bk, bv = bk or bk0, bv or bv0
+    h = k.new_empty(tables.n_chunks, heads, dk, dv)
+    ht = k.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    v_new = torch.empty_like(v) if w is not None else None
+    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
+    state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
+                    C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1, DELTA=w is not None,
+                    HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32, num_warps=4)
+    return h, ht, v_new
+
+
+def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size):
+    t_total, heads, dk = q.shape
+    dv = v.shape[-1]
+    bk, bv = block_sizes(dk, dv)
+    o = torch.empty_like(v)
+    grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
+    output_fwd[grid](q, k, v, g, h, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv, C=chunk_size,
+                     BK=bk, BV=bv, GATE=0 if g is None else 1, IEEE=q.dtype == torch.float32, num_warps=4)
+    return o
+
+
+def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True):
+    """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None)."""
+    t_total, heads, dk = q.shape
+    dv = do.shape[-1]
+    bk, bv = block_sizes(dk, dv)
+    if w is not None:
+        bk = max(16, triton.next_power_of_2(dk))
+        bv = min(bv, 32)
+    dh = q.new_empty(tables.n_chunks, heads, dk, dv)
+    dh0 = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32) if need_dh0 else None
+    dv_new = torch.empty_like(do) if w is not None else None
+    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
+    state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
+                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1,
+                    DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+                    IEEE=q.dtype == torch.float32, num_warps=4)
+    return dh, dh0, dv_new
+
+
+def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size):
+    """dh None: the local (intra-chunk) part only."""
+    t_total, heads, dk = q.shape
+    dv = do.shape[-1]
+    bk, bv = block_sizes(dk, dv)
+    out = torch.empty_like(do)
+    grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
+    dv_bwd[grid](q, k, g, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv, C=chunk_size,
+                 BK=bk, BV=bv, GATE=0 if g is None else 1, USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
+                 num_warps=4)
+    return out
+
+
+def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None):
+    """Returns dq, dk, dw (delta rule) or None, and dB = q.dq - k.dk per token (T_total, H) fp32 or None."""
+    t_total, heads, dk = q.shape
+    dv = v.shape[-1]
+    bk, bv = block_sizes(dk, dv)
+    n_kb = triton.cdiv(dk, bk)
+    dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+    dw = torch.empty_like(k) if dv_new is not None else None
+    db = q.new_empty(t_total, heads, n_kb, dtype=torch.float32) if g is not None else None
+    grid = (n_kb, tables.n_chunks, heads)
+    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, dq, dk_, dw, db, tables.cu, tables.chunk_indices, scale,
+                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1,
+                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+    return dq, dk_, dw, None if db is None else db.sum(-1)
+
+
+def log_decay_grad(db, ht, dht, tables, extra=None):
+    """dg (T_total, H) from dB per token, the final-state term, and any ``extra`` dB (delta rule)."""
+    if extra is not None:
+        db = db + extra
+    if dht is not None:
+        final = (ht * dht).sum((-1, -2))                       # (N, H)
+        db = db.index_add(0, tables.last_token[tables.nonempty], final[tables.nonempty])
+    return tables.reverse_cumsum(db)
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    """q, k (B, T, H, K), v (B, T, H, V), g None | (B, T, H) fp32, h0 None | (N, H, K, V)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, chunk_size):
+        bsz, seq_len, heads, dk = q.shape
+        dv = v.shape[-1]
+        tables = ChunkTables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
+        flat = lambda t: None if t is None else t.reshape(bsz * seq_len, heads, -1).contiguous()  # noqa: E731
+        qf, kf, vf = flat(q), flat(k), flat(v)
+        gf = None if g is None else g.reshape(bsz * seq_len, heads).contiguous()
+        h0c = None if h0 is None else h0.float().contiguous()
+        h, ht, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
+        o = launch_output_fwd(qf, kf, vf, gf, h, tables, scale, chunk_size)
+        ctx.save_for_backward(qf, kf, vf, gf, h0c, ht)
+        ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
+        return o.view(bsz, seq_len, heads, dv), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qf, kf, vf, gf, h0c, ht = ctx.saved_tensors
+        tables, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
+        bsz, seq_len, heads, dk = q_shape
+        dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
+        dht_c = None if dht is None else dht.float().contiguous()
+        h, _, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
+        dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
+                                      need_dh0=has_h0 and ctx.needs_input_grad[4])
+        dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size)
+        dq, dk, _, db = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size)
+        dg = None
+        if gf is not None and ctx.needs_input_grad[3]:
+            dg = log_decay_grad(db, ht, dht_c, tables).view(bsz, seq_len, heads)
+        return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape), dg,
+                None if dh0 is None else dh0.to(h0_dtype), None, None, None)
+
+
+def chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size):
+    """g: None | (B, T, H, 1) | (B, T, H, K) fp32 (expanded). Returns (o, final_state fp32)."""
+    if g is not None and g.shape[-1] != 1:
+        from .chunk_vector import chunk_gla_vector
+        return chunk_gla_vector(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size)
+    g_scalar = None if g is None else g[..., 0]
+    return ChunkGLAFunction.apply(q, k, v, g_scalar, initial_state, scale, cu_seqlens, chunk_size)

@@ -1,0 +1,176 @@
+"""Triton backward kernels of the chunked engine (layout and ``GATE`` / ``DELTA`` switches as in chunk_fwd).
+
+With ``h_c`` the state at the start of chunk c and ``dh_c`` the gradient of the state at its *end*:
+1. ``state_bwd`` walks chunks in reverse: ``dS <- e^{b_last} dS + scale (q e^b)^T do`` (delta rule: also
+   ``- w^T dv_new``, where ``dv_new = dv_local + (k e^{b_last - b}) dS`` is completed here), and stores
+   ``dh_c`` per chunk and ``d initial_state``.
+2. ``dv_bwd`` per (chunk, head, V block): ``dv = (decayed causal scale q k^T)^T do [+ (k e^{b_last - b}) dh_c]``.
+3. ``dqk_bwd`` per (chunk, head, K block): ``dq``, ``dk`` (and the delta rule's ``dw = -dv_new h_c^T``), plus
+   ``q . dq - k . dk`` per token, from which the log-decay gradient is a reverse cumulative sum.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunk_fwd import _dot
+
+
+@triton.jit
+def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+              STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
+    """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        d_state += tl.load(dht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+    for i_r in range(n_chunks):
+        i_t = n_chunks - 1 - i_r
+        tok = bos + i_t * C + tl.arange(0, C)
+        m_t = tok < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                 d_state.to(dh.dtype.element_ty), mask=m_kv)
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        if GATE == 1:
+            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+            b_b = tl.cumsum(b_g, axis=0)
+            b_last = tl.sum(b_g, axis=0)
+            b_q = (b_q * (scale * tl.exp(b_b))[:, None]).to(b_do.dtype)
+        else:
+            b_q = (b_q * scale).to(b_do.dtype)
+        if DELTA:
+            b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+            if GATE == 1:
+                b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_do.dtype)
+            b_dvn = tl.load(dv + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_dvn += _dot(b_k, d_state.to(b_k.dtype), IEEE)
+            tl.store(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_dvn.to(dv_new.dtype.element_ty),
+                     mask=m_tv)
+            b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        if GATE == 1:
+            d_state *= tl.exp(b_last)
+        d_state += _dot(tl.trans(b_q), b_do, IEEE)
+        if DELTA:
+            d_state -= _dot(tl.trans(b_w), b_dvn.to(b_w.dtype), IEEE)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], d_state, mask=m_kv)
+
+
+@triton.jit
+def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           GATE: tl.constexpr, USE_DH: tl.constexpr, IEEE: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    tok = bos + i_t * C + tl.arange(0, C)
+    m_t = tok < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    if GATE == 1:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+    scores_t = tl.zeros([C, C], dtype=tl.float32)     # (key j, query i)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    dh_base = dh + (i_c * H + i_h).to(tl.int64) * K * V
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        scores_t += _dot(b_k, tl.trans(b_q), IEEE)
+        if USE_DH:
+            b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            if GATE == 1:
+                b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
+            acc += _dot(b_k, b_dh.to(b_k.dtype), IEEE)
+    rows = tl.arange(0, C)
+    keep = rows[:, None] <= rows[None, :]             # key j <= query i
+    if GATE == 1:
+        scores_t *= tl.exp(tl.where(keep, b_b[None, :] - b_b[:, None], float("-inf")))
+    else:
+        scores_t = tl.where(keep, scores_t, 0.0)
+    b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    acc += _dot((scores_t * scale).to(b_do.dtype), b_do, IEEE)
+    tl.store(dv + (tok[:, None] * H + i_h) * V + o_v[None, :], acc.to(dv.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, cu_seqlens, chunk_indices, scale,
+            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
+    """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    tok = bos + i_t * C + tl.arange(0, C)
+    m_t = tok < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    d_scores = tl.zeros([C, C], dtype=tl.float32)
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)
+    h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
+    dh_base = dh + (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        d_scores += _dot(b_do, tl.trans(b_v), IEEE)
+        b_dq += _dot(b_do, tl.trans(b_h.to(b_do.dtype)), IEEE)
+        b_dk += _dot(b_v, tl.trans(b_dh.to(b_v.dtype)), IEEE)
+        if DELTA:
+            b_dvn = tl.load(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+            b_dw -= _dot(b_dvn, tl.trans(b_h.to(b_dvn.dtype)), IEEE)
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    if GATE == 1:
+        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+        b_dq *= (scale * tl.exp(b_b))[:, None]
+        b_dk *= tl.exp(b_last - b_b)[:, None]
+        d_scores *= scale * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+    else:
+        b_dq *= scale
+        d_scores = tl.where(causal, d_scores * scale, 0.0)
+    d_scores = d_scores.to(b_q.dtype)
+    b_dq += _dot(d_scores, b_k, IEEE)
+    b_dk += _dot(tl.trans(d_scores), b_q, IEEE)
+    tl.store(dq + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    if DELTA:
+        tl.store(dw + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dw.to(dw.dtype.element_ty), mask=m_tk)
+    if GATE == 1:
+        n_kb = tl.cdiv(K, BK)
+        part = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        tl.store(db + (tok * H + i_h) * n_kb + i_k, part, mask=m_t)

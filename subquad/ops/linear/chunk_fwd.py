@@ -1,0 +1,108 @@
+"""Triton forward kernels of the chunked engine (shared by the delta rule through the ``DELTA`` switch).
+
+Layout: q, k ``(T_total, H, K)``, v ``(T_total, H, V)`` (batches flattened into packed sequences, so one code
+path serves ``cu_seqlens``), log-decay ``g`` ``(T_total, H)`` fp32 for ``GATE == 1`` (scalar per token).
+``chunk_offsets[n]`` is the first global chunk of sequence n; ``chunk_indices[c] = (n, chunk within n)``.
+
+Two passes, as in flash-linear-attention's chunk form:
+1. ``state_fwd``: one program per (sequence, head, K block, V block) walks the chunks in order, storing the state
+   at the start of each chunk (``h``) and keeping the running state in fp32 registers.
+2. ``output_fwd``: one program per (chunk, head, V block), fully parallel:
+   ``o = scale * (q * e^b) h + (decayed causal q k^T) v``.
+Decays use ``b``, the cumulative log-decay inside the chunk; every exponent is ``b_i - b_j`` with i at or after j
+(or ``b_i`` itself), so it is <= 0 and nothing overflows for decays near 0.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+              STORE_HT: tl.constexpr, IEEE: tl.constexpr):
+    """DELTA: ``v`` holds u, and the corrected values ``v_new = u - w S`` (needs BK == K) are stored and used."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(n_chunks):
+        tok = bos + i_t * C + tl.arange(0, C)
+        m_t = tok < eos
+        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                 state.to(h.dtype.element_ty), mask=m_kv)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        if DELTA:
+            b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_vn = b_v.to(tl.float32) - _dot(b_w, state.to(b_w.dtype), IEEE)
+            tl.store(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_vn.to(v_new.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+            b_v = b_vn.to(b_k.dtype)
+        if GATE == 1:
+            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+            b_b = tl.cumsum(b_g, axis=0)
+            b_last = tl.sum(b_g, axis=0)
+            state *= tl.exp(b_last)
+            b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
+        state += _dot(tl.trans(b_k), b_v, IEEE)
+    if STORE_HT:
+        tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
+
+
+@triton.jit
+def output_fwd(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    tok = bos + i_t * C + tl.arange(0, C)
+    m_t = tok < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+        acc += _dot(b_q, b_h.to(b_q.dtype), IEEE)
+        scores += _dot(b_q, tl.trans(b_k), IEEE)
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    if GATE == 1:
+        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
+        acc *= tl.exp(b_b)[:, None]
+        scores *= tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+    else:
+        scores = tl.where(causal, scores, 0.0)
+    b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    acc += _dot(scores.to(b_v.dtype), b_v, IEEE)
+    tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
