@@ -157,6 +157,23 @@ def _block_extent(pos: torch.Tensor | None, n: int, block: int, offset: int, dev
     return tiles.amin(1), tiles.amax(1)
 
 
+def _safe_bounds(p: Pattern, ctx, q0, q1, k0, k1):
+    """Block bounds composed by the plain rules (any: or/and of any; all: or/and of all), never evaluating
+    the predicate over a tile's rectangle: a tile of gathered positions may span the whole sequence."""
+    p = _unwrap(p)
+    if isinstance(p, (Union, Intersection)):
+        op = torch.logical_or if isinstance(p, Union) else torch.logical_and
+        bounds = [_safe_bounds(t, ctx, q0, q1, k0, k1) for t in p.parts]
+        any_, all_ = bounds[0]
+        for a, l in bounds[1:]:
+            any_, all_ = op(any_, a), op(all_, l)
+        return any_, all_
+    if isinstance(p, Complement):
+        any_, all_ = _safe_bounds(p.inner, ctx, q0, q1, k0, k1)
+        return ~all_, ~any_
+    return p.block_bounds(ctx, q0, q1, k0, k1)
+
+
 def _positional_block_mask(pattern, grid_pattern, ctx, seq_q, seq_kv, q_pos, kv_pos, block_q, block_kv,
                            batch, heads, device) -> BlockMask:
     """A BlockMask for queries/keys at arbitrary positions: each tile's rectangle of [min, max] positions
@@ -165,7 +182,9 @@ def _positional_block_mask(pattern, grid_pattern, ctx, seq_q, seq_kv, q_pos, kv_
     q_off = seq_kv - seq_q if q_pos is None else 0
     q0, q1 = _block_extent(q_pos, seq_q, block_q, q_off, device)
     k0, k1 = _block_extent(kv_pos, seq_kv, block_kv, 0, device)
-    any_, all_ = grid_pattern.block_bounds(ctx, q0.view(-1, 1), q1.view(-1, 1), k0.view(1, -1), k1.view(1, -1))
+    bounds = grid_pattern.block_bounds if q_pos is None and kv_pos is None else \
+        (lambda *a: _safe_bounds(grid_pattern, *a))
+    any_, all_ = bounds(ctx, q0.view(-1, 1), q1.view(-1, 1), k0.view(1, -1), k1.view(1, -1))
     kind = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
     while kind.dim() < 4:
         kind = kind.unsqueeze(0)
@@ -279,8 +298,10 @@ class Plan:
     """A pattern as components; see the module docstring. Built by ``plan(...)``."""
 
     def __init__(self, pattern: Pattern, prepared: Pattern, seq_q: int, seq_kv: int,
-                 components: list[Component], notes: list[str], block_q: int = 128, block_kv: int = 128):
+                 components: list[Component], notes: list[str], block_q: int = 128, block_kv: int = 128,
+                 exact_positions: bool = False):
         self.pattern, self.prepared = pattern, prepared
+        self.exact_positions = exact_positions
         self.block_q, self.block_kv = block_q, block_kv
         self.seq_q, self.seq_kv = seq_q, seq_kv
         self.components = components
@@ -294,17 +315,20 @@ class Plan:
         return BuildContext(batch, heads, self.seq_q, self.seq_kv, torch.device(device))
 
     # -- counting -------------------------------------------------------------------------------------
-    def _component_mask(self, c: Component, bm: BlockMask | None, device) -> torch.Tensor:
-        """The pairs a component keeps, in its own coordinates, visited the way the kernels visit them."""
+    def _component_mask(self, c: Component, bm: BlockMask | None, device, rows=None) -> torch.Tensor:
+        """The pairs a component keeps, in its own coordinates (only ``rows`` of its queries if given),
+        visited the way the kernels visit them: full tiles entirely, partial tiles through the predicate."""
         nq, nk = c.kernel_shape()
+        rows = torch.arange(nq, device=device) if rows is None else rows.to(device)
         if bm is None:
-            return torch.ones(nq, nk, dtype=torch.bool, device=device)
-        kind = bm.kind[0, 0].repeat_interleave(bm.block_q, 0)[:nq].repeat_interleave(bm.block_kv, 1)[:, :nk]
-        qp = (torch.arange(nq, device=device) + nk - nq) if c.q_pos is None else c.q_pos.to(device)
+            return torch.ones(rows.numel(), nk, dtype=torch.bool, device=device)
+        kind = bm.kind[0, 0][torch.div(rows, bm.block_q, rounding_mode="floor")]
+        kind = kind.repeat_interleave(bm.block_kv, 1)[:, :nk]
+        qp = (rows + nk - nq) if c.q_pos is None else c.q_pos.to(device)[rows]
         kp = torch.arange(nk, device=device) if c.kv_pos is None else c.kv_pos.to(device)
         zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
         pred = bm.pattern.predicate(zero, zero, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
-        pred = pred.reshape(pred.shape[-2:]).expand(nq, nk)
+        pred = pred.reshape(pred.shape[-2:]).expand(rows.numel(), nk)
         return (kind == FULL) | ((kind == PARTIAL) & pred)
 
     def coverage(self, device="cpu") -> torch.Tensor:
@@ -343,14 +367,20 @@ class Plan:
         return total
 
     def kept_pairs(self) -> list[int]:
-        """Kept pairs of each component (one batch entry and head), counted tile by tile."""
+        """Kept pairs that each component contributes (one batch entry and head), counted tile by tile;
+        rows that a row component replaces count for it alone."""
         out, block_q, block_kv = [], self.block_q, self.block_kv
         ctx = self.context(1, 1, "cpu")
+        owned = [c.q_index.cpu() for c in self.components if c.overrides_rows]
+        owned = torch.unique(torch.cat(owned)) if owned else None
         for c in self.components:
             bm = c.block_mask(ctx, block_q, block_kv, "cpu")
+            lost = 0
+            if owned is not None and not c.overrides_rows:
+                lost = int(self._component_mask(c, bm, "cpu", owned).sum())
             nq, nk = c.kernel_shape()
             if bm is None:
-                out.append(nq * nk * c.split)
+                out.append(nq * nk * c.split - lost)
                 continue
             rows_n = torch.full((bm.num_q_blocks,), block_q)
             rows_n[-1] = nq - block_q * (bm.num_q_blocks - 1)
@@ -367,7 +397,7 @@ class Plan:
                 kp = ki if c.kv_pos is None else c.kv_pos.cpu()[ki]
                 zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
                 total += int(bm.pattern.predicate(zero, zero, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1)).sum())
-            out.append(total * c.split * c.fold)
+            out.append(total * c.split * c.fold - lost)
         return out
 
     # -- printing -------------------------------------------------------------------------------------
@@ -443,7 +473,7 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                 comps.append(Component("class", clip, qi.numel(), ki.numel(), q_index=qi - (seq_kv - seq_q),
                                        kv_index=ki,
                                        q_pos=qi, kv_pos=ki, note=f"residue {r}: {_band_str(clip)}"))
-        return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv)
+        return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv, exact_positions)
     if not parts.columns and not parts.rows:
         return None
     local = list(parts.local)
@@ -495,7 +525,7 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                    q_pos=rows, kv_pos=kv_pos, split=split,
                                    note=f"{rows.numel()} global queries see keys [{lo}, {hi})"
                                         + (f" in {split} chunks merged by LSE" if split > 1 else "")))
-    return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv)
+    return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv, exact_positions)
 
 
 __all__ = ["Plan", "Component", "Complement", "plan"]

@@ -1,0 +1,123 @@
+"""Execution of a pattern plan (``subquad.masks.plan``): gather, attend per component, merge by LSE.
+
+Each component is one call of the softmax engine (the Triton flash kernel on CUDA, the reference
+otherwise) on a BlockMask built for the positions that component sees:
+
+* ``local``: q, k, v as they are;
+* ``columns``: K/V gathered with ``index_select`` (its backward scatters the key gradients back to the
+  original positions), the original positions passed as ``kv_pos``;
+* ``rows``: the global queries gathered, against a contiguous key range (a view); split over the keys into
+  chunks that run as extra batch entries and are merged by LSE, so a few long rows do not serialise;
+* ``classes``: q, k, v viewed as ``(batch, seq / d, d * heads, dim)`` — residue class ``r`` of head ``h``
+  becomes head ``r * heads + h`` — with no copy; ALiBi slopes are scaled by ``d`` (a class step is ``d``
+  positions).
+
+Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``;
+a row that no component reaches stays 0 with LSE -inf, and no NaN reaches the gradients. Row components
+then replace their rows (``index_copy``, differentiable in both operands).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...masks.patterns import BuildContext
+from ...masks.plan import Component, Plan
+from .reference import attention_reference
+
+
+def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype):
+    """Merge partial attention results over disjoint key sets.
+
+    outs: ``(B, N, H, Dv)``; lses: ``(B, H, N)`` fp32, ``-inf`` where a part saw no key. Returns
+    ``(out in dtype, lse)``. The running max is detached (the result does not depend on it).
+    """
+    if len(outs) == 1:
+        return outs[0].to(dtype), lses[0]
+    m = torch.stack([l.detach() for l in lses]).amax(0)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    weights = [torch.exp(l - m) for l in lses]
+    total = sum(weights)
+    empty = total == 0
+    safe = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(safe))
+    out = sum((w / safe).transpose(1, 2).unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(dtype), lse
+
+
+def _engine(backend: str):
+    """The softmax engine: ``fn(q, k, v, block_mask, scale, softcap, alibi, q_pos, kv_pos) -> (out, lse)``."""
+    if backend == "triton":
+        from .flash import flash_attention_masked
+
+        return flash_attention_masked
+    return attention_reference
+
+
+def _alibi_for(alibi: torch.Tensor | None, fold: int, batch: int) -> torch.Tensor | None:
+    if alibi is None or fold == 1:
+        return alibi
+    # head r * H + h of the folded view is head h of class r; a class step is ``fold`` positions
+    return alibi.float().repeat(*([1] * (alibi.dim() - 1)), fold) * fold
+
+
+def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
+    bsz, seq_q, hq, d = q.shape
+    hkv = k.shape[2]
+    ctx = BuildContext(bsz, hq, plan.seq_q, plan.seq_kv, q.device)
+    bm = c.block_mask(ctx, plan.block_q, plan.block_kv, q.device)
+    if c.fold > 1:
+        f = c.fold
+        qf = q.reshape(bsz, seq_q // f, f * hq, d)
+        kf = k.reshape(bsz, k.shape[1] // f, f * hkv, d)
+        vf = v.reshape(bsz, v.shape[1] // f, f * hkv, v.shape[3])
+        o, lse = engine(qf, kf, vf, bm, scale, softcap, _alibi_for(alibi, f, bsz), None, None)
+        lse = lse.view(bsz, f, hq, seq_q // f).permute(0, 2, 3, 1).reshape(bsz, hq, seq_q)
+        return o.reshape(bsz, seq_q, hq, v.shape[3]), lse
+    qq = q if c.q_index is None else q.index_select(1, c.q_index)
+    if c.kv_index is not None:
+        kk, vv = k.index_select(1, c.kv_index), v.index_select(1, c.kv_index)
+    elif c.kv_slice is not None:
+        kk, vv = k[:, c.kv_slice[0]:c.kv_slice[1]], v[:, c.kv_slice[0]:c.kv_slice[1]]
+    else:
+        kk, vv = k, v
+    if c.split == 1:
+        return engine(qq, kk, vv, bm, scale, softcap, alibi, c.q_pos, c.kv_pos)
+    # Key chunks as extra batch entries (the pattern is position-free here: every pair).
+    s, nr = c.split, qq.shape[1]
+    qs = qq.unsqueeze(1).expand(bsz, s, nr, hq, d).reshape(bsz * s, nr, hq, d)
+    ks = kk.reshape(bsz * s, kk.shape[1] // s, hkv, d)
+    vs = vv.reshape(bsz * s, vv.shape[1] // s, hkv, vv.shape[3])
+    o, lse = engine(qs, ks, vs, bm, scale, softcap, None, None, None)
+    o, lse = o.view(bsz, s, nr, hq, -1), lse.view(bsz, s, hq, nr)
+    return merge_lse(list(o.unbind(1)), list(lse.unbind(1)), o.dtype)
+
+
+def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                      softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                      backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention under ``plan`` (built for these lengths); returns ``(out, lse)`` like the engine.
+
+    ``backend``: ``"triton"`` (the flash kernel) or ``"reference"``. Arguments are assumed checked.
+    """
+    if alibi_slopes is not None and not plan.exact_positions:
+        raise ValueError("alibi_slopes: this plan moves positions (built with exact_positions=False); plan the "
+                         "pattern with exact_positions=True to use ALiBi")
+    engine = _engine(backend)
+    base, rows = [], []
+    for c in plan.components:
+        o, lse = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine)
+        (rows if c.overrides_rows else base).append((c, o, lse))
+    bsz, seq_q, hq, _ = q.shape
+    if base:
+        out, lse = merge_lse([o for _, o, _ in base], [l for _, _, l in base], q.dtype)
+    else:
+        out = q.new_zeros(bsz, seq_q, hq, v.shape[3])
+        lse = torch.full((bsz, hq, seq_q), float("-inf"), device=q.device)
+    for c, o, l in rows:
+        out = out.index_copy(1, c.q_index, o.to(out.dtype))
+        lse = lse.index_copy(2, c.q_index, l)
+    return out, lse
+
+
+__all__ = ["planned_attention", "merge_lse"]

@@ -1,0 +1,151 @@
+"""The pattern planner: exact coverage (no pair twice, none dropped) and planned attention equal to the
+dense-mask oracle in outputs, LSE and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oracles import softmax_attention
+from subquad import masks
+from subquad.masks import plan as plan_mod
+from subquad.masks.patterns import INF, Band, BuildContext, PeriodicColumns
+from subquad.masks.plan import plan
+from subquad.ops.softmax.planned import merge_lse, planned_attention
+
+TILE = 32
+
+
+def dense_mask(pattern, nq, nk):
+    p = pattern.prepare(BuildContext(1, 1, nq, nk, torch.device("cpu")))
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    keep = p.predicate(zero, zero, torch.arange(nk - nq, nk).view(1, 1, -1, 1), torch.arange(nk).view(1, 1, 1, -1))
+    return keep.reshape(keep.shape[-2:]).expand(nq, nk)
+
+
+# (name, pattern, seq_q, seq_kv, roles the plan must choose)
+PLANNED = [
+    ("strided", masks.strided(16), 200, 200, ["local", "columns"]),
+    ("strided-not-multiple", masks.strided(24), 190, 190, ["local", "columns"]),
+    ("strided-noncausal", masks.strided(16, causal=False), 150, 203, ["local", "columns"]),
+    ("fixed", masks.fixed(32, 4), 200, 200, ["local", "columns"]),
+    ("fixed-unaligned", masks.fixed(20, 3), 150, 203, ["local", "columns"]),
+    ("fixed-noncausal", masks.fixed(32, 4, causal=False), 200, 200, ["local", "columns"]),
+    ("dilated", masks.dilated(40, 4), 200, 200, ["classes"]),
+    ("dilated-noncausal", masks.dilated(40, 2, causal=False), 96, 128, ["classes"]),
+    ("dilated-odd-length", masks.dilated(40, 3, causal=False), 200, 200, ["class"] * 3),
+    ("longformer-spread", masks.longformer(16, [0, 1, 50, 130]), 200, 200, ["local", "columns", "rows"]),
+    ("longformer-folded", masks.longformer(16, [0, 1, 2], causal=True), 150, 203, ["local"]),
+    ("bigbird-spread", masks.bigbird(16, [0, 5, 100, 170], random_blocks=2, block=16, causal=True), 200, 200,
+     ["local", "columns", "rows"]),
+    ("bigbird-folded", masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, 200, ["local", "rows"]),
+    ("window-and-columns", masks.sliding_window(8) | PeriodicColumns(10, [0, 3]), 120, 120, ["local", "columns"]),
+]
+
+
+@pytest.mark.parametrize("name,pattern,nq,nk,roles", PLANNED, ids=[c[0] for c in PLANNED])
+def test_plan_covers_every_kept_pair_once(name, pattern, nq, nk, roles):
+    pl = plan(pattern, nq, nk, block_q=TILE, block_kv=TILE)
+    assert [c.role for c in pl.components] == roles
+    coverage = pl.coverage()
+    assert int(coverage.max()) <= 1, "a pair is counted by two components"
+    assert torch.equal(coverage, dense_mask(pattern, nq, nk).to(torch.int32))
+    assert sum(pl.kept_pairs()) == int(dense_mask(pattern, nq, nk).sum())
+
+
+def test_plan_none_without_scattered_parts():
+    assert plan(masks.sliding_window(64), 256) is None
+    assert plan(masks.causal, 256) is None
+    assert plan(masks.document(torch.tensor([0] * 100 + [1] * 156)), 256) is None
+
+
+def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():
+    strided = plan(masks.strided(256), 4096)
+    assert isinstance(strided.components[0].pattern, Band)
+    cols = strided.components[1]
+    assert (cols.pattern.lo, cols.pattern.hi) == (256, INF) and cols.kv_index.numel() == 4096 // 256
+    fixed = plan(masks.fixed(128, 8), 4096)
+    # the same-block part is enforced by the tiles; partial tiles only need causality
+    assert (fixed.components[0].pattern.lo, fixed.components[0].pattern.hi) == (0, INF)
+    assert (fixed.components[1].pattern.lo, fixed.components[1].pattern.hi) == (1, INF)
+
+
+def test_describe_names_components_and_counts():
+    text = plan(masks.strided(256), 4096).describe()
+    assert "local" in text and "columns" in text and "16 gathered keys" in text and "log-sum-exp" in text
+    text = plan(masks.dilated(1024, 4), 4096).describe()
+    assert "4 classes" in text
+    kept = int(dense_mask(masks.strided(64), 1024, 1024).sum())
+    assert f"{kept:,} kept pairs" in plan(masks.strided(64), 1024).describe()
+
+
+def _qkv(nq, nk, hq, hkv, d=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda n, h: torch.randn(2, n, h, d, generator=gen, dtype=dtype).requires_grad_(True)  # noqa: E731
+    return mk(nq, hq), mk(nk, hkv), mk(nk, hkv)
+
+
+def _check_against_oracle(pattern, pl, q, k, v, alibi=None, softcap=None):
+    scale = q.shape[-1] ** -0.5
+    out, lse = planned_attention(q, k, v, pl, scale, softcap=softcap, alibi_slopes=alibi)
+    ref, ref_lse = softmax_attention(q, k, v, mask=dense_mask(pattern, q.shape[1], k.shape[1]), scale=scale,
+                                     softcap=softcap, alibi_slopes=alibi)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-5, rtol=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    g_out = torch.randn(out.shape, generator=gen)
+    g_lse = torch.where(finite, torch.randn(lse.shape, generator=gen, dtype=torch.float64), 0)
+    got = torch.autograd.grad((out * g_out).sum() + (lse.masked_fill(~finite, 0) * g_lse).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse.masked_fill(~finite, 0) * g_lse).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-3, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("name,pattern,nq,nk,roles", PLANNED, ids=[c[0] for c in PLANNED])
+def test_planned_attention_matches_oracle(name, pattern, nq, nk, roles):
+    q, k, v = _qkv(nq, nk, 4, 2)  # GQA
+    _check_against_oracle(pattern, plan(pattern, nq, nk, block_q=TILE, block_kv=TILE), q, k, v)
+
+
+def test_global_rows_split_over_keys(monkeypatch):
+    monkeypatch.setattr(plan_mod, "ROW_CHUNK", 48)
+    pattern = masks.longformer(16, [0, 70, 100])
+    pl = plan(pattern, 192, block_q=TILE, block_kv=TILE)
+    assert pl.components[-1].role == "rows" and pl.components[-1].split == 4
+    assert torch.equal(pl.coverage(), dense_mask(pattern, 192, 192).to(torch.int32))
+    q, k, v = _qkv(192, 192, 2, 1)  # MQA
+    _check_against_oracle(pattern, pl, q, k, v, softcap=5.0)
+
+
+def test_rows_with_no_key_give_zero_and_no_nan():
+    pattern = masks.strided(16) & Band(5, INF)  # queries 0..4 see nothing
+    pl = plan(pattern, 100, block_q=TILE, block_kv=TILE)
+    q, k, v = _qkv(100, 100, 2, 2)
+    out, lse = planned_attention(q, k, v, pl, 0.25)
+    assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5])) and torch.isneginf(lse[:, :, :5]).all()
+    _check_against_oracle(pattern, pl, q, k, v)
+
+
+def test_merge_of_empty_parts_is_finite():
+    o = [torch.randn(1, 3, 2, 4, requires_grad=True) for _ in range(2)]
+    l = [torch.tensor([[[0.5, float("-inf"), 1.0]] * 2]).requires_grad_(True),
+         torch.tensor([[[float("-inf"), float("-inf"), 2.0]] * 2]).requires_grad_(True)]
+    out, lse = merge_lse(o, l, torch.float32)
+    assert torch.isneginf(lse[:, :, 1]).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in o + l)
+
+
+@pytest.mark.parametrize("pattern", [masks.dilated(40, 4), masks.fixed(32, 4), masks.strided(16)],
+                         ids=["dilated", "fixed", "strided"])
+def test_alibi_sees_true_positions(pattern):
+    alibi = torch.tensor([0.3, 0.05, 0.1, 0.7])
+    q, k, v = _qkv(128, 128, 4, 2)
+    pl = plan(pattern, 128, block_q=TILE, block_kv=TILE, exact_positions=True)
+    _check_against_oracle(pattern, pl, q, k, v, alibi=alibi)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        planned_attention(q, k, v, plan(masks.fixed(32, 4), 128, block_q=TILE, block_kv=TILE), 0.25,
+                          alibi_slopes=alibi)
