@@ -38,7 +38,7 @@ def _decode_partial_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
     pid_mv = tl.program_id(0)
@@ -99,11 +99,11 @@ def _decode_partial_kernel(
         else:
             k_pos = idx
         k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if D_ROPE > 0:
             k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
                              mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
-            s += tl.dot(q_rope, tl.trans(k_rope))
+            s += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
         if V_IS_K:
             v = k
         else:
@@ -127,7 +127,7 @@ def _decode_partial_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -253,6 +253,8 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if layout == PAGED else 1,
         LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ALIBI=alibi_slopes is not None,
+        # fp32 caches get full-precision products (no tf32), as the reference computes them
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     merge_dv = min(128, _pow2(dv))

@@ -1,0 +1,74 @@
+"""Sweep the split-KV decode kernel's launch options on the GPU (GB/s of cache read, do_bench median).
+
+Run on the device: ``PYTHONPATH=. python3 benchmarks/decode_tune.py``; prints one line per configuration
+and the best per shape. The defaults in ``subquad/ops/decode/splitkv.py`` come from these sweeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton.testing
+
+from subquad.bench.suites.decode import _gqa_inputs, _mla_inputs
+from subquad.ops.decode import decode
+
+
+def gbps(fn, nbytes):
+    fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return nbytes / (ms * 1e-3) / 1e9, ms
+
+
+def main():
+    dev = torch.device("cuda")
+    rows = []
+    src = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy, _ = gbps(lambda: dst.copy_(src), 4.0 * src.numel())
+    print(f"copy {copy:.0f} GB/s")
+    del src, dst
+    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in (None, 16, 32) for bn in (32, 64, 128)
+               for st in (2, 3)]
+    for n in (32768, 8192):
+        inp = _gqa_inputs(8, n, 32, 8, 128, torch.bfloat16)(dev)
+        nbytes = 2.0 * 8 * n * 8 * 128 * 2
+        cases = [("static", c) for c in (configs if n == 32768 else configs[:6])]
+        cases += [("paged", dict(num_splits=None, block_n=bn, num_stages=st)) for bn in (32, 64) for st in (2, 3)]
+        for layout, opts in cases:
+            fn = (lambda: decode(inp["q"], inp["k"], inp["v"], **opts)) if layout == "static" else \
+                (lambda: decode(inp["q"], inp["paged"], **opts))
+            try:
+                g, ms = gbps(fn, nbytes)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a row
+                print(layout, n, opts, "error", str(exc)[:100])
+                continue
+            rows.append({"case": f"gqa-{layout}", "seqlen": n, **opts, "gbps": round(g, 1), "ms": round(ms, 4)})
+            print(rows[-1], flush=True)
+        del inp
+    inp = _mla_inputs(64, 16384, 128, 512, 64, torch.bfloat16)(dev)
+    nbytes = 2.0 * 64 * 16384 * 576
+    for bn, bdv, warps, stages in itertools.product((16, 32), (256, 512), (4, 8), (1, 2)):
+        opts = dict(block_n=bn, block_m=64, block_dv=bdv, num_warps=warps, num_stages=stages)
+        try:
+            g, ms = gbps(lambda: decode(inp["q"], inp["view"], **opts), nbytes)
+        except Exception as exc:  # noqa: BLE001
+            print("mla", opts, "error", str(exc)[:100])
+            continue
+        rows.append({"case": "mla", "seqlen": 16384, **opts, "gbps": round(g, 1), "ms": round(ms, 4)})
+        print(rows[-1], flush=True)
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "decode_tune.json"), "w") as f:
+        json.dump({"copy_gbps": copy, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    for case in sorted({r["case"] + str(r["seqlen"]) for r in rows}):
+        best = max((r for r in rows if r["case"] + str(r["seqlen"]) == case), key=lambda r: r["gbps"])
+        print("BEST", best, f"{100 * best['gbps'] / copy:.1f}% of copy", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
