@@ -1,0 +1,118 @@
+"""Patterns suite (GPU): scattered-key patterns through the planner, beside the plain BlockMask path and
+FlexAttention with the same masks, in one run.
+
+Strided (causal; local 256 and every 256th key), fixed (block 128, summary 8), dilated (window 4096,
+dilation 4), Longformer (window 512, 16 global tokens) and BigBird (window 512, 16 global tokens, 3 random
+blocks of 64) at N = 16k (batch 2) and 64k (batch 1), 16 heads, D = 128, bf16, fwd and fwd+bwd. FLOPs count
+the kept pairs only (effective TFLOP/s), exactly, from the plan.
+
+Impls: ``subquad-planned`` (``subquad.attention``, which plans these patterns), ``subquad-blockmask``
+(``plan=False``: the pattern's BlockMask through the same kernel), ``flex-triton`` and, where
+flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ... import attention, masks
+from ...masks.plan import plan as make_plan
+from ..attention_cases import exact_rows, qkv_inputs, sample_rows
+from ..harness import Case, attention_flops, suite
+
+GLOBAL = list(range(16))
+
+
+def _patterns():
+    """name -> (pattern, FlexAttention mask_mod for the same pairs)."""
+
+    def strided(b, h, q, k):
+        return (q >= k) & ((q - k < 256) | (k % 256 == 255))
+
+    def fixed(b, h, q, k):
+        return (q >= k) & ((q // 128 == k // 128) | (k % 128 >= 120))
+
+    def dilated(b, h, q, k):
+        return (q >= k) & (q - k < 4096) & ((q - k) % 4 == 0)
+
+    def longformer(b, h, q, k):
+        return ((q - k).abs() <= 256) | (k < 16) | (q < 16)
+
+    return {
+        "strided256": (masks.strided(256), strided),
+        "fixed128x8": (masks.fixed(128, 8), fixed),
+        "dilated4096x4": (masks.dilated(4096, 4), dilated),
+        "longformer512+16": (masks.longformer(512, GLOBAL), longformer),
+        "bigbird512+16+3x64": (masks.bigbird(512, GLOBAL, random_blocks=3, block=64, seed=0), None),
+    }
+
+
+def _bigbird_mask_mod(pattern, n, device):
+    """BigBird's random layout, read from the prepared pattern, as a FlexAttention mask_mod."""
+    from ...masks.patterns import BlockLayout, BuildContext, Union
+    from ...masks.plan import _terms
+
+    prepared = pattern.prepare(BuildContext(1, 1, n, n, torch.device(device)))
+    layout = next(t for t in _terms(prepared, Union) if isinstance(t, BlockLayout)).layout[0, 0].to(device)
+
+    def mod(b, h, q, k):
+        return ((q - k).abs() <= 256) | (k < 16) | (q < 16) | layout[q // 64, k // 64]
+
+    return mod
+
+
+_FLEX = {}
+
+
+def _flex(name, pattern, mask_mod, n, backend):
+    """FlexAttention compiled once, its BlockMask built on first call (on the inputs' device)."""
+
+    def run(inputs):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
+        key = (name, n, str(q.device))
+        if key not in _FLEX:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+            mod = mask_mod or _bigbird_mask_mod(pattern, n, q.device)
+            _FLEX[key] = create_block_mask(mod, None, None, n, n, device=q.device)
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex_attention)
+        out = _FLEX["compiled"](q, k, v, block_mask=_FLEX[key], kernel_options={"BACKEND": backend})
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _subquad(pattern, use_plan):
+    def run(inputs):
+        return attention(inputs["q"], inputs["k"], inputs["v"], mask=pattern, plan=use_plan)
+
+    return run
+
+
+@suite("patterns", device="cuda")
+def pattern_cases(quick: bool):
+    shapes = [(1, 4096)] if quick else [(2, 16384), (1, 65536)]
+    heads, dim, dtype = 16, 128, torch.bfloat16
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    for name, (pattern, mask_mod) in _patterns().items():
+        for batch, n in shapes:
+            pl = make_plan(pattern, n)
+            pairs = float(sum(pl.kept_pairs()))
+            rows = sample_rows(n)
+            for mode in ("fwd", "fwdbwd"):
+                impls = {"subquad-planned": _subquad(pattern, True),
+                         "subquad-blockmask": _subquad(pattern, False),
+                         "flex-triton": _flex(name, pattern, mask_mod, n, "TRITON")}
+                if flash_installed:
+                    impls["flex-flash"] = _flex(name, pattern, mask_mod, n, "FLASH")
+                yield Case(case=name, mode=mode, batch=batch, seqlen=n, heads_q=heads, heads_kv=heads,
+                           head_dim=dim, dtype=dtype,
+                           make_inputs=qkv_inputs(batch, n, heads, heads, dim, dtype, grad=mode == "fwdbwd"),
+                           impls=impls, flops=attention_flops(batch, heads, pairs, dim, mode),
+                           reference=exact_rows(pattern, rows), error_rows=rows,
+                           extra={"density": round(pairs / (n * n), 6),
+                                  "plan": [c.role for c in pl.components]})
