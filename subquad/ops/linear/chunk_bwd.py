@@ -90,7 +90,6 @@ def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
         b_last = tl.sum(b_g, axis=0)
     scores_t = tl.zeros([C, C], dtype=tl.float32)     # (key j, query i)
     acc = tl.zeros([C, BV], dtype=tl.float32)
-    dh_base = dh + (i_c * H + i_h).to(tl.int64) * K * V
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -98,7 +97,7 @@ def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         scores_t += _dot(b_k, tl.trans(b_q), IEEE)
         if USE_DH:
-            b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_dh = tl.load(dh + (i_c * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
             if GATE == 1:
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
             acc += _dot(b_k, b_dh.to(b_k.dtype), IEEE)
