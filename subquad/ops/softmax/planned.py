@@ -12,9 +12,10 @@ otherwise) on a BlockMask built for the positions that component sees:
   becomes head ``r * heads + h`` — with no copy; ALiBi slopes are scaled by ``d`` (a class step is ``d``
   positions).
 
-Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``;
-a row that no component reaches stays 0 with LSE -inf, and no NaN reaches the gradients. Row components
-then replace their rows (``index_copy``, differentiable in both operands).
+Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``
+(``lse_merge``: one fused Triton pass each way on the Triton backend); a row that no component reaches
+stays 0 with LSE -inf, and no NaN reaches the gradients. Row components then replace their rows
+(``index_copy``, differentiable in both operands).
 """
 
 from __future__ import annotations
@@ -23,26 +24,8 @@ import torch
 
 from ...masks.patterns import BuildContext
 from ...masks.plan import Component, Plan
+from .lse_merge import merge_lse, merge_lse_fused
 from .reference import attention_reference
-
-
-def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype):
-    """Merge partial attention results over disjoint key sets.
-
-    outs: ``(B, N, H, Dv)``; lses: ``(B, H, N)`` fp32, ``-inf`` where a part saw no key. Returns
-    ``(out in dtype, lse)``. The running max is detached (the result does not depend on it).
-    """
-    if len(outs) == 1:
-        return outs[0].to(dtype), lses[0]
-    m = torch.stack([l.detach() for l in lses]).amax(0)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    weights = [torch.exp(l - m) for l in lses]
-    total = sum(weights)
-    empty = total == 0
-    safe = torch.where(empty, torch.ones_like(total), total)
-    lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(safe))
-    out = sum((w / safe).transpose(1, 2).unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
-    return out.to(dtype), lse
 
 
 def _engine(backend: str):
@@ -109,7 +92,10 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
         o, lse = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine)
         (rows if c.overrides_rows else base).append((c, o, lse))
     bsz, seq_q, hq, _ = q.shape
-    if base:
+    if len(base) == 2 and backend == "triton":
+        (_, o1, l1), (_, o2, l2) = base
+        out, lse = merge_lse_fused(o1, l1, o2, l2, q.dtype)
+    elif base:
         out, lse = merge_lse([o for _, o, _ in base], [l for _, _, l in base], q.dtype)
     else:
         out = q.new_zeros(bsz, seq_q, hq, v.shape[3])
