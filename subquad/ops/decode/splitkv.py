@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-DENSE, RING, PAGED = 0, 1, 2
+# storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
+DENSE, RING, PAGED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
 
 
 @triton.jit
@@ -201,7 +203,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     bsz, t, hq, dq = q.shape
     hkv, dv = k.shape[2], v.shape[3]
     g = hq // hkv
-    layout = {"dense": DENSE, "ring": RING, "paged": PAGED}[view.layout]
+    layout = _LAYOUT_IDS[view.layout]
     # MLA's latent layout: V is the first dv columns of K's own storage. Score = main part + rope part,
     # and V is the K tile already in registers (when one program covers all of V's columns).
     latent = v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and dv < dq
@@ -218,7 +220,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     m_blocks = triton.cdiv(rows, block_m)
 
     max_len = view.max_seqlen if view.max_seqlen is not None else int(view.seqlens.max())
-    if layout == RING:
+    if view.layout == "ring":
         max_len = min(max_len, k.shape[1])
     if window is not None:
         max_len = min(max_len, window + t - 1)
@@ -235,7 +237,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     out = torch.empty(bsz, t, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device)
     seqlens = view.seqlens.to(torch.int32)
-    table = view.block_table if layout == PAGED else seqlens
+    table = view.block_table if view.layout == "paged" else seqlens
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else q
     stride_sl = (hq if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0
 
@@ -245,12 +247,12 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        table.stride(0) if layout == PAGED else 0, stride_sl,
+        table.stride(0) if view.layout == "paged" else 0, stride_sl,
         scale, softcap if softcap is not None else 1.0, window if window is not None else 0, k.shape[1],
         HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits,
         D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
         DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if layout == PAGED else 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if view.layout == "paged" else 1,
         LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 caches get full-precision products (no tf32), as the reference computes them
