@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ...masks.patterns import BuildContext
-from ...masks.plan import Component, Plan
+from ...masks.patterns import Band, BuildContext, INF, Pattern
+from ...masks.plan import Component, Plan, plan
 from .lse_merge import merge_lse, merge_lse_fused
 from .reference import attention_reference
 
@@ -76,6 +76,26 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     return merge_lse(list(o.unbind(1)), list(lse.unbind(1)), o.dtype)
 
 
+def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_positions: bool,
+             block_q: int = 128, block_kv: int = 128) -> Plan | None:
+    """The plan of ``attention``'s ``mask``/``causal`` arguments, or None (not a plannable pattern);
+    cached on the pattern object per call signature, like its BlockMasks."""
+    if not isinstance(mask, Pattern):
+        return None
+    key = (causal, seq_q, seq_kv, str(torch.device(device)), exact_positions, block_q, block_kv)
+    cache = getattr(mask, "_plans", None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(mask, "_plans", cache)
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        pattern = mask & Band(0, INF, name="causal") if causal else mask
+        cache[key] = plan(pattern, seq_q, seq_kv, block_q=block_q, block_kv=block_kv,
+                          exact_positions=exact_positions, device=device)
+    return cache[key]
+
+
 def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
                       softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                       backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,4 +126,4 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
     return out, lse
 
 
-__all__ = ["planned_attention", "merge_lse"]
+__all__ = ["planned_attention", "plan_for", "merge_lse"]
