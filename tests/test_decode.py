@@ -47,6 +47,12 @@ def _inputs(b, t, hq, hkv, d, n, dtype=torch.float32, seed=0):
     return q, k, v
 
 
+def _oracle(q, k, v, lengths, **kw):
+    """The fp64 oracle runs on the CPU whatever the device of the inputs."""
+    kw = {n: (x.cpu() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+    return decode_attention(q.cpu(), k.cpu(), v.cpu(), lengths, **kw)
+
+
 def _close(a, b, tol=2e-5):
     assert torch.allclose(a.double().cpu(), b.double().cpu(), atol=tol, rtol=tol), (a.double().cpu() - b.double().cpu()).abs().max()
 
@@ -61,7 +67,7 @@ def test_reference_matches_oracle(layout, opts):
     slopes = torch.rand(hq, device=DEV) if opts.get("alibi") else None
     kw = dict(window=opts.get("window"), softcap=opts.get("softcap"), alibi_slopes=slopes)
     out = decode(q, view, backend="reference", **kw)
-    _close(out, decode_attention(q, k, v, lengths, **kw), 1e-5)
+    _close(out, _oracle(q, k, v, lengths, **kw), 1e-5)
 
 
 def test_rolling_reference_is_sliding_window_at_every_step():
@@ -74,7 +80,7 @@ def test_rolling_reference_is_sliding_window_at_every_step():
     for i in range(40):
         view = cache.update(k[:, i:i + 1], v[:, i:i + 1])
         out = decode(q[:, i:i + 1], view, backend="reference")
-        _close(out, decode_attention(q[:, i:i + 1], k, v, [i + 1] * b, window=w), 1e-5)
+        _close(out, _oracle(q[:, i:i + 1], k, v, [i + 1] * b, window=w), 1e-5)
         assert cache.nbytes == nbytes
     assert cache.k.shape[1] == w
 
@@ -86,12 +92,12 @@ def test_rolling_prefill_then_speculative_steps():
     cache = _cache("ring", b, hkv, d, 0, window=w, max_step=3)
     view = cache.update(k[:, :20], v[:, :20])
     assert view.layout == "dense"
-    _close(decode(q[:, :20], view, backend="reference"), decode_attention(q[:, :20], k, v, [20], window=w), 1e-5)
+    _close(decode(q[:, :20], view, backend="reference"), _oracle(q[:, :20], k, v, [20], window=w), 1e-5)
     for i in (20, 23, 26):
         view = cache.update(k[:, i:i + 3], v[:, i:i + 3])
         assert view.layout == "ring"
         _close(decode(q[:, i:i + 3], view, backend="reference"),
-               decode_attention(q[:, i:i + 3], k, v, [i + 3], window=w), 1e-5)
+               _oracle(q[:, i:i + 3], k, v, [i + 3], window=w), 1e-5)
 
 
 @needs_triton
@@ -124,7 +130,7 @@ def test_triton_ring_matches_sliding_window():
     for i in (30, 32):
         view = cache.update(k[:, i:i + 2], v[:, i:i + 2])
         out = decode(q[:, i:i + 2], view, backend="triton", **SMALL)
-        _close(out, decode_attention(q[:, i:i + 2], k, v, [i + 2] * b, window=w))
+        _close(out, _oracle(q[:, i:i + 2], k, v, [i + 2] * b, window=w))
 
 
 @needs_triton
@@ -145,7 +151,7 @@ def test_triton_mqa_odd_head_dim_plain_tensors():
     q, k, v = _inputs(b, 1, hq, 1, d, 24)
     seqlens = torch.tensor([24, 5], device=DEV)
     out = decode(q, k, v, seqlens=seqlens, backend="triton", block_n=16, num_splits=4)
-    _close(out, decode_attention(q, k, v, [24, 5]))
+    _close(out, _oracle(q, k, v, [24, 5]))
 
 
 @needs_triton
@@ -161,7 +167,7 @@ def test_triton_latent_layout():
     out = decode(q, view, backend="triton", **SMALL)
     assert out.shape == (b, 2, hq, r)
     k = torch.cat([c, kr], -1).unsqueeze(2)
-    _close(out, decode_attention(q, k, c.unsqueeze(2), [30, 30]))
+    _close(out, _oracle(q, k, c.unsqueeze(2), [30, 30]))
     _close(out, decode(q, view, backend="reference"))
 
 
