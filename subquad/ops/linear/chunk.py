@@ -16,6 +16,9 @@ import triton
 
 from .chunk_bwd import dqk_bwd, dv_bwd, state_bwd
 from .chunk_fwd import output_fwd, state_fwd
+from .chunk_intra import intra_bwd, intra_fwd
+
+SUB_BLOCK = 16  # rows of the element-wise diagonal blocks for a decay per key dimension
 
 
 class ChunkTables:
@@ -59,6 +62,11 @@ def block_sizes(dk: int, dv: int) -> tuple[int, int]:
     return min(64, max(16, triton.next_power_of_2(dk))), min(64, max(16, triton.next_power_of_2(dv)))
 
 
+def gate_kind(g) -> int:
+    """0: no decay, 1: a scalar per token (T_total, H), 2: a vector per token (T_total, H, K)."""
+    return 0 if g is None else (1 if g.dim() == 2 else 2)
+
+
 def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, bk=None, bv=None):
     """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous."""
     t_total, heads, dk = k.shape
@@ -70,19 +78,39 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, bk=None, bv=Non
     v_new = torch.empty_like(v) if w is not None else None
     grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
-                    C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1, DELTA=w is not None,
+                    C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), DELTA=w is not None,
                     HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32, num_warps=4)
     return h, ht, v_new
 
 
-def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size):
+def launch_intra_fwd(q, k, g, tables, chunk_size):
+    """Decayed intra-chunk scores A (n_chunks, H, C, C) fp32 for a vector decay."""
+    t_total, heads, dk = q.shape
+    bk = min(32, max(16, triton.next_power_of_2(dk)))
+    scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
+    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
+    intra_fwd[grid](q, k, g, scores, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK,
+                    BK=bk, IEEE=q.dtype == torch.float32, num_warps=4)
+    return scores
+
+
+def launch_intra_bwd(q, k, g, d_scores, dq, dk, tables, chunk_size):
+    """Adds the intra-chunk parts of dq, dk (in place) for a vector decay."""
+    t_total, heads, dk_ = q.shape
+    bk = min(32, max(16, triton.next_power_of_2(dk_)))
+    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads * triton.cdiv(dk_, bk))
+    intra_bwd[grid](q, k, g, d_scores, dq, dk, tables.cu, tables.chunk_indices, H=heads, K=dk_, C=chunk_size,
+                    BC=SUB_BLOCK, BK=bk, IEEE=q.dtype == torch.float32, num_warps=4)
+
+
+def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk, bv = block_sizes(dk, dv)
     o = torch.empty_like(v)
     grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
-    output_fwd[grid](q, k, v, g, h, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv, C=chunk_size,
-                     BK=bk, BV=bv, GATE=0 if g is None else 1, IEEE=q.dtype == torch.float32, num_warps=4)
+    output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
+                     C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, num_warps=4)
     return o
 
 
@@ -99,38 +127,45 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     dv_new = torch.empty_like(do) if w is not None else None
     grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
-                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1,
+                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g),
                     DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
                     IEEE=q.dtype == torch.float32, num_warps=4)
     return dh, dh0, dv_new
 
 
-def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size):
-    """dh None: the local (intra-chunk) part only."""
+def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
+    """dh None: the local (intra-chunk) part only. scores: the forward A for a vector decay."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     bk, bv = block_sizes(dk, dv)
     out = torch.empty_like(do)
     grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
-    dv_bwd[grid](q, k, g, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv, C=chunk_size,
-                 BK=bk, BV=bv, GATE=0 if g is None else 1, USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
+    dv_bwd[grid](q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
+                 C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
                  num_warps=4)
     return out
 
 
 def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None):
-    """Returns dq, dk, dw (delta rule) or None, and dB = q.dq - k.dk per token (T_total, H) fp32 or None."""
+    """Returns dq, dk, dw (delta rule) or None, and dB = q.dq - k.dk per token (T_total, H) fp32 or None.
+    For a vector decay: dq, dk complete (intra parts added) and dB (T_total, H, K)."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk, bv = block_sizes(dk, dv)
     n_kb = triton.cdiv(dk, bk)
     dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     dw = torch.empty_like(k) if dv_new is not None else None
-    db = q.new_empty(t_total, heads, n_kb, dtype=torch.float32) if g is not None else None
+    gate = gate_kind(g)
+    db = q.new_empty(t_total, heads, n_kb, dtype=torch.float32) if gate == 1 else None
+    d_scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32) if gate == 2 else None
     grid = (n_kb, tables.n_chunks, heads)
-    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, dq, dk_, dw, db, tables.cu, tables.chunk_indices, scale,
-                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=0 if g is None else 1,
+    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, dq, dk_, dw, db, d_scores, tables.cu, tables.chunk_indices, scale,
+                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=gate,
                   DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+    if gate == 2:
+        launch_intra_bwd(q, k, g, d_scores, dq, dk_, tables, chunk_size)
+        db = q.float() * dq.float() - k.float() * dk_.float()
+        return dq, dk_, dw, db
     return dq, dk_, dw, None if db is None else db.sum(-1)
 
 
@@ -139,13 +174,14 @@ def log_decay_grad(db, ht, dht, tables, extra=None):
     if extra is not None:
         db = db + extra
     if dht is not None:
-        final = (ht * dht).sum((-1, -2))                       # (N, H)
+        final = (ht * dht).sum(-1)                             # (N, H, K)
+        final = final.sum(-1) if db.dim() == 2 else final
         db = db.index_add(0, tables.last_token[tables.nonempty], final[tables.nonempty])
     return tables.reverse_cumsum(db)
 
 
 class ChunkGLAFunction(torch.autograd.Function):
-    """q, k (B, T, H, K), v (B, T, H, V), g None | (B, T, H) fp32, h0 None | (N, H, K, V)."""
+    """q, k (B, T, H, K), v (B, T, H, V), g None | (B, T, H) | (B, T, H, K) fp32, h0 None | (N, H, K, V)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, chunk_size):
@@ -154,17 +190,18 @@ class ChunkGLAFunction(torch.autograd.Function):
         tables = ChunkTables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
         flat = lambda t: None if t is None else t.reshape(bsz * seq_len, heads, -1).contiguous()  # noqa: E731
         qf, kf, vf = flat(q), flat(k), flat(v)
-        gf = None if g is None else g.reshape(bsz * seq_len, heads).contiguous()
+        gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
         h, ht, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
-        o = launch_output_fwd(qf, kf, vf, gf, h, tables, scale, chunk_size)
-        ctx.save_for_backward(qf, kf, vf, gf, h0c, ht)
+        scores = launch_intra_fwd(qf, kf, gf, tables, chunk_size) if gate_kind(gf) == 2 else None
+        o = launch_output_fwd(qf, kf, vf, gf, h, tables, scale, chunk_size, scores)
+        ctx.save_for_backward(qf, kf, vf, gf, h0c, ht, scores)
         ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, gf, h0c, ht = ctx.saved_tensors
+        qf, kf, vf, gf, h0c, ht, scores = ctx.saved_tensors
         tables, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
@@ -172,19 +209,17 @@ class ChunkGLAFunction(torch.autograd.Function):
         h, _, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
         dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
                                       need_dh0=has_h0 and ctx.needs_input_grad[4])
-        dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size)
+        dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size, scores)
         dq, dk, _, db = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size)
         dg = None
         if gf is not None and ctx.needs_input_grad[3]:
-            dg = log_decay_grad(db, ht, dht_c, tables).view(bsz, seq_len, heads)
+            dg = log_decay_grad(db, ht, dht_c, tables).view(bsz, seq_len, *gf.shape[1:])
         return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape), dg,
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None)
 
 
 def chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size):
     """g: None | (B, T, H, 1) | (B, T, H, K) fp32 (expanded). Returns (o, final_state fp32)."""
-    if g is not None and g.shape[-1] != 1:
-        from .chunk_vector import chunk_gla_vector
-        return chunk_gla_vector(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size)
-    g_scalar = None if g is None else g[..., 0]
-    return ChunkGLAFunction.apply(q, k, v, g_scalar, initial_state, scale, cu_seqlens, chunk_size)
+    if g is not None and g.shape[-1] == 1:
+        g = g[..., 0]
+    return ChunkGLAFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size)

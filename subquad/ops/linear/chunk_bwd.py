@@ -7,6 +7,8 @@ With ``h_c`` the state at the start of chunk c and ``dh_c`` the gradient of the 
 2. ``dv_bwd`` per (chunk, head, V block): ``dv = (decayed causal scale q k^T)^T do [+ (k e^{b_last - b}) dh_c]``.
 3. ``dqk_bwd`` per (chunk, head, K block): ``dq``, ``dk`` (and the delta rule's ``dw = -dv_new h_c^T``), plus
    ``q . dq - k . dk`` per token, from which the log-decay gradient is a reverse cumulative sum.
+With ``GATE == 2`` (a decay per key dimension) the intra-chunk parts come from chunk_intra: ``dv_bwd`` reads the
+forward scores ``A`` and ``dqk_bwd`` stores the score gradients ``dA`` (without decay) for it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
             b_b = tl.cumsum(b_g, axis=0)
             b_last = tl.sum(b_g, axis=0)
             b_q = (b_q * (scale * tl.exp(b_b))[:, None]).to(b_do.dtype)
+        elif GATE == 2:
+            b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_b = tl.cumsum(b_g, axis=0)
+            b_last = tl.sum(b_g, axis=0)
+            b_q = (b_q * scale * tl.exp(b_b)).to(b_do.dtype)
         else:
             b_q = (b_q * scale).to(b_do.dtype)
         if DELTA:
@@ -64,6 +71,8 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
             b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         if GATE == 1:
             d_state *= tl.exp(b_last)
+        if GATE == 2:
+            d_state *= tl.exp(b_last)[:, None]
         d_state += _dot(tl.trans(b_q), b_do, IEEE)
         if DELTA:
             d_state -= _dot(tl.trans(b_w), b_dvn.to(b_w.dtype), IEEE)
@@ -72,7 +81,7 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
 
 
 @triton.jit
-def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
+def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            GATE: tl.constexpr, USE_DH: tl.constexpr, IEEE: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -95,15 +104,24 @@ def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
         m_k = o_k < K
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        scores_t += _dot(b_k, tl.trans(b_q), IEEE)
+        if GATE != 2:
+            scores_t += _dot(b_k, tl.trans(b_q), IEEE)
         if USE_DH:
-            b_dh = tl.load(dh + (i_c * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_dh = tl.load(dh + (i_c * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                           mask=m_k[:, None] & m_v[None, :], other=0.0)
             if GATE == 1:
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
+            if GATE == 2:
+                b_gk = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                               other=0.0)
+                b_bk = tl.cumsum(b_gk, axis=0)
+                b_k = (b_k * tl.exp(tl.sum(b_gk, axis=0)[None, :] - b_bk)).to(b_q.dtype)
             acc += _dot(b_k, b_dh.to(b_k.dtype), IEEE)
     rows = tl.arange(0, C)
     keep = rows[:, None] <= rows[None, :]             # key j <= query i
-    if GATE == 1:
+    if GATE == 2:                                     # A holds scale-free decayed scores (query i, key j)
+        scores_t = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[None, :] * C + rows[:, None])
+    elif GATE == 1:
         scores_t *= tl.exp(tl.where(keep, b_b[None, :] - b_b[:, None], float("-inf")))
     else:
         scores_t = tl.where(keep, scores_t, 0.0)
@@ -114,10 +132,12 @@ def dv_bwd(q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale,
 
 
 @triton.jit
-def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, cu_seqlens, chunk_indices, scale,
+def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk_indices, scale,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
-    """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1)."""
+    """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1).
+    GATE == 2: only the inter-chunk parts of dq, dk; ``dA`` (n_chunks, H, C, C) fp32 gets the causal
+    ``scale * do v^T`` (written by the K-block-0 programs) for chunk_intra."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -159,12 +179,22 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, cu_seqlens, chunk_ind
         b_dq *= (scale * tl.exp(b_b))[:, None]
         b_dk *= tl.exp(b_last - b_b)[:, None]
         d_scores *= scale * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+    elif GATE == 2:
+        b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+        b_dq *= scale * tl.exp(b_b)
+        b_dk *= tl.exp(b_last[None, :] - b_b)
+        d_scores = tl.where(causal, d_scores * scale, 0.0)
+        if i_k == 0:
+            tl.store(dA + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], d_scores)
     else:
         b_dq *= scale
         d_scores = tl.where(causal, d_scores * scale, 0.0)
-    d_scores = d_scores.to(b_q.dtype)
-    b_dq += _dot(d_scores, b_k, IEEE)
-    b_dk += _dot(tl.trans(d_scores), b_q, IEEE)
+    if GATE != 2:
+        d_scores = d_scores.to(b_q.dtype)
+        b_dq += _dot(d_scores, b_k, IEEE)
+        b_dk += _dot(tl.trans(d_scores), b_q, IEEE)
     tl.store(dq + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:

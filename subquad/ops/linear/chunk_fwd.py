@@ -1,7 +1,9 @@
 """Triton forward kernels of the chunked engine (shared by the delta rule through the ``DELTA`` switch).
 
 Layout: q, k ``(T_total, H, K)``, v ``(T_total, H, V)`` (batches flattened into packed sequences, so one code
-path serves ``cu_seqlens``), log-decay ``g`` ``(T_total, H)`` fp32 for ``GATE == 1`` (scalar per token).
+path serves ``cu_seqlens``), log-decay ``g`` fp32: ``(T_total, H)`` for ``GATE == 1`` (scalar per token),
+``(T_total, H, K)`` for ``GATE == 2`` (per key dimension; the intra-chunk scores then come precomputed from
+chunk_intra, ``A`` ``(n_chunks, H, C, C)``).
 ``chunk_offsets[n]`` is the first global chunk of sequence n; ``chunk_indices[c] = (n, chunk within n)``.
 
 Two passes, as in flash-linear-attention's chunk form:
@@ -65,13 +67,20 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
             b_last = tl.sum(b_g, axis=0)
             state *= tl.exp(b_last)
             b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
+        if GATE == 2:
+            b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_b = tl.cumsum(b_g, axis=0)
+            b_last = tl.sum(b_g, axis=0)
+            state *= tl.exp(b_last)[:, None]
+            b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
         state += _dot(tl.trans(b_k), b_v, IEEE)
     if STORE_HT:
         tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
 
 
 @triton.jit
-def output_fwd(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
+def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -92,11 +101,18 @@ def output_fwd(q, k, v, g, h, o, cu_seqlens, chunk_indices, scale,
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-        acc += _dot(b_q, b_h.to(b_q.dtype), IEEE)
-        scores += _dot(b_q, tl.trans(b_k), IEEE)
+        if GATE == 2:
+            b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            acc += _dot((b_q * tl.exp(tl.cumsum(b_g, axis=0))).to(b_q.dtype), b_h.to(b_q.dtype), IEEE)
+        else:
+            acc += _dot(b_q, b_h.to(b_q.dtype), IEEE)
+            scores += _dot(b_q, tl.trans(b_k), IEEE)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    if GATE == 1:
+    if GATE == 2:
+        scores = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
+    elif GATE == 1:
         b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
         acc *= tl.exp(b_b)[:, None]
         scores *= tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
