@@ -56,6 +56,9 @@ class BlockMask:
               block_q: int = 128, block_kv: int = 128, device=None) -> "BlockMask":
         if seq_q <= 0 or seq_kv <= 0:
             raise ValueError(f"seq_q, seq_kv: expected positive lengths, got {seq_q}, {seq_kv}")
+        for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise ValueError(f"{name}: expected a positive integer block size, got {size!r}")
         if seq_q > seq_kv:
             # Queries are aligned to the end of the keys; more queries than keys has no position to sit at.
             raise ValueError(f"seq_q: expected at most seq_kv={seq_kv} queries (queries are aligned to the end "
@@ -69,7 +72,8 @@ class BlockMask:
         k0 = torch.arange(n_kb, device=device).view(1, -1) * block_kv
         k1 = torch.clamp(k0 + block_kv - 1, max=seq_kv - 1)
         any_, all_ = pat.block_bounds(ctx, q0, q1, k0, k1)
-        kind = torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+        # EMPTY 0, PARTIAL 1, FULL 2 as a sum of booleans: no int64 grid at long N.
+        kind = (any_ | all_).to(torch.int8) + all_.to(torch.int8)
         while kind.dim() < 4:
             kind = kind.unsqueeze(0)
         bm = batch if (pat.varies_with_batch and kind.shape[0] > 1) else 1
@@ -190,13 +194,13 @@ class BlockMask:
         small = self.seq_q * self.seq_kv <= 1 << 22
         fig, axes = plt.subplots(1, 2 if small else 1, figsize=(10 if small else 5, 5), squeeze=False)
         kinds = self.kind[min(batch, self.kind.shape[0] - 1), min(head, self.kind.shape[1] - 1)].cpu()
-        axes[0, 0].imshow(kinds.float(), cmap="Greys", vmin=0, vmax=2, interpolation="nearest")
+        axes[0, 0].imshow(kinds.float().numpy(), cmap="Greys", vmin=0, vmax=2, interpolation="nearest")
         axes[0, 0].set_title(f"blocks {self.block_q}x{self.block_kv}: density {self.block_density():.3f}")
         axes[0, 0].set_xlabel("key block")
         axes[0, 0].set_ylabel("query block")
         if small:
             dense = self.to_dense()[min(batch, self.kind.shape[0] - 1), min(head, self.kind.shape[1] - 1)].cpu()
-            axes[0, 1].imshow(dense.float(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+            axes[0, 1].imshow(dense.float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
             axes[0, 1].set_title("kept pairs")
             axes[0, 1].set_xlabel("key")
             axes[0, 1].set_ylabel("query")

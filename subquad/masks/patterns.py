@@ -11,7 +11,9 @@ the keys, as in FlashAttention: query ``i`` of ``seq_q`` sits at position ``i + 
 
 Both are 4-D broadcastable to ``(batch, heads, nQB, nKB)``. Patterns compose with ``|`` and ``&``; the
 block summary composes with them (OR: any|any, all|all; AND: any&any, all&all), which keeps the
-over/under-approximation guarantees.
+over/under-approximation guarantees, and the few blocks where two parts overlap partly are then decided by
+evaluating the predicate on them, so compositions of exact patterns stay exact. (Document ids are exact
+when non-decreasing along the sequence, as packing makes them; user predicates are evaluated per block.)
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _bounds_by_evaluation(pattern: Pattern, ctx: BuildContext, q0, q1, k0, k1):
         q = torch.arange(qs, qe + 1, device=ctx.device).view(1, 1, -1, 1)
         m = pattern.predicate(b, h, q, k.view(1, 1, 1, -1))
         m = _as4d(m)
-        kept = m.to(torch.int32).sum(dim=2)  # (B?, H?, n_k)
+        kept = m.sum(dim=2, dtype=torch.int32)  # (B?, H?, n_k)
         counts = torch.zeros(*kept.shape[:2], n_kb, dtype=torch.int32, device=ctx.device)
         counts.index_add_(2, kb_of, kept)
         widths = (k1 - k0 + 1).flatten() * (qe - qs + 1)
@@ -158,11 +160,12 @@ class Union(Pattern):
         return out
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
-        any_, all_ = self.parts[0].block_bounds(ctx, q0, q1, k0, k1)
-        for p in self.parts[1:]:
-            a, l = p.block_bounds(ctx, q0, q1, k0, k1)
-            any_, all_ = any_ | a, all_ | l
-        return any_, all_
+        bounds = [p.block_bounds(ctx, q0, q1, k0, k1) for p in self.parts]
+        any_ = _reduce(torch.logical_or, [a for a, _ in bounds])
+        all_ = _reduce(torch.logical_or, [l for _, l in bounds])
+        # A block that two parts each cover partly may be covered fully by the two together.
+        touched = _reduce(torch.add, [a.to(torch.int8) for a, _ in bounds])
+        return _refine(self, ctx, q0, q1, k0, k1, any_, all_, (touched >= 2) & ~all_)
 
     def __repr__(self):
         return " | ".join(_paren(p) for p in self.parts)
@@ -187,14 +190,68 @@ class Intersection(Pattern):
         return out
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
-        any_, all_ = self.parts[0].block_bounds(ctx, q0, q1, k0, k1)
-        for p in self.parts[1:]:
-            a, l = p.block_bounds(ctx, q0, q1, k0, k1)
-            any_, all_ = any_ & a, all_ & l
-        return any_, all_
+        bounds = [p.block_bounds(ctx, q0, q1, k0, k1) for p in self.parts]
+        any_ = _reduce(torch.logical_and, [a for a, _ in bounds])
+        all_ = _reduce(torch.logical_and, [l for _, l in bounds])
+        # Two parts that each keep some pairs of a block may keep disjoint ones: the block may be empty.
+        partly = _reduce(torch.add, [(a & ~l).to(torch.int8) for a, l in bounds])
+        return _refine(self, ctx, q0, q1, k0, k1, any_, all_, any_ & (partly >= 2))
 
     def __repr__(self):
         return " & ".join(_paren(p) for p in self.parts)
+
+
+def _reduce(op, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = op(out, x)
+    return out
+
+
+#: elements of the predicate evaluated at once when deciding ambiguous blocks
+_REFINE_CHUNK = 1 << 24
+
+
+def _refine(pattern: Pattern, ctx: BuildContext, q0, q1, k0, k1, any_, all_, ambiguous):
+    """Decide the ``ambiguous`` blocks of a composition exactly, by evaluating its predicate on them.
+
+    Exact parts composed with | and & give exact block bounds except where two parts overlap partly inside
+    one block; structured patterns have O(N / block) such blocks (the edges of bands), so this stays linear.
+    The predicate sees 5-D tensors ``(batch, heads, block, q, k)``: element-wise predicates broadcast.
+    """
+    amb = ambiguous.reshape(-1, *ambiguous.shape[-2:]).any(0)
+    if not bool(amb.any()):
+        return any_, all_
+    qi, ki = amb.nonzero(as_tuple=True)
+    qs, qe = q0.flatten()[qi], q1.flatten()[qi]
+    ks, ke = k0.flatten()[ki], k1.flatten()[ki]
+    bq, bk = int((qe - qs).max()) + 1, int((ke - ks).max()) + 1
+    dev = ctx.device
+    # Patterns that are the same for every sequence / head are evaluated once.
+    nb = ctx.batch if pattern.varies_with_batch else 1
+    nh = ctx.heads if pattern.varies_with_heads else 1
+    b = torch.arange(nb, device=dev).view(-1, 1, 1, 1, 1)
+    h = torch.arange(nh, device=dev).view(1, -1, 1, 1, 1)
+    step = max(1, _REFINE_CHUNK // (bq * bk * nb * nh))
+    counts = []
+    for s in range(0, qi.numel(), step):
+        sl = slice(s, s + step)
+        qpos = qs[sl, None] + torch.arange(bq, device=dev)
+        kpos = ks[sl, None] + torch.arange(bk, device=dev)
+        valid = (qpos <= qe[sl, None])[:, :, None] & (kpos <= ke[sl, None])[:, None, :]
+        # Positions past a short last block are clamped to a real position, then ignored.
+        qpos, kpos = torch.minimum(qpos, qe[sl, None]), torch.minimum(kpos, ke[sl, None])
+        m = pattern.predicate(b, h, qpos[None, None, :, :, None], kpos[None, None, :, None, :])
+        counts.append((torch.as_tensor(m, device=dev) & valid).sum((-2, -1)))
+    shapes = [c.shape[:2] for c in counts] + [any_.shape[:-2] if any_.dim() == 4 else (1, 1)]
+    lead = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    count = torch.cat([c.expand(*lead, -1) for c in counts], -1)
+    area = (qe - qs + 1) * (ke - ks + 1)
+    any_ = _as4d(any_).expand(*lead, *amb.shape).clone()
+    all_ = _as4d(all_).expand(*lead, *amb.shape).clone()
+    any_[:, :, qi, ki] = count > 0
+    all_[:, :, qi, ki] = count == area
+    return any_, all_
 
 
 def _paren(p: Pattern) -> str:
@@ -218,9 +275,10 @@ class Band(Pattern):
         return (d >= self.lo) & (d <= self.hi)
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
-        dmin, dmax = q0 - k1, q1 - k0
-        any_ = torch.maximum(dmin, torch.full_like(dmin, self.lo)) <= torch.minimum(dmax, torch.full_like(dmax, self.hi))
-        all_ = (dmin >= self.lo) & (dmax <= self.hi)
+        # q - k spans [q0 - k1, q1 - k0] in the block. Written as comparisons of the (nQB, 1) and (1, nKB)
+        # vectors so that the only grids are booleans (no int64 (nQB, nKB) intermediates at long N).
+        any_ = (k1 >= q0 - self.hi) & (k0 <= q1 - self.lo)
+        all_ = (k1 <= q0 - self.lo) & (k0 >= q1 - self.hi)
         return _as4d(any_), _as4d(all_)
 
     def __repr__(self):
@@ -313,7 +371,7 @@ class SameBlock(Pattern):
     def block_bounds(self, ctx, q0, q1, k0, k1):
         s = self.size
         qa, qb, ka, kb = q0 // s, q1 // s, k0 // s, k1 // s
-        any_ = torch.maximum(qa, ka) <= torch.minimum(qb, kb)
+        any_ = (qa <= kb) & (ka <= qb)
         all_ = (qa == qb) & (ka == kb) & (qa == ka)
         return _as4d(any_), _as4d(all_)
 
@@ -331,12 +389,12 @@ class Residue(Pattern):
         return torch.remainder(q - k, self.dilation) == 0
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
-        # A block wider than one position in both directions always holds some kept and, for a dilation
-        # above one, some dropped pairs; only 1x1 blocks are decided exactly.
-        single = (q0 == q1) & (k0 == k1)
-        hit = torch.remainder(q0 - k0, self.dilation) == 0
-        any_ = hit | ~single
-        all_ = (hit & single) if self.dilation > 1 else torch.ones_like(hit)
+        # q - k takes every value of [q0 - k1, q1 - k0] in the block: some pair is kept iff that range holds
+        # a multiple of the dilation; all are kept iff the dilation is 1 or the range is one kept value.
+        q0, q1, k0, k1 = (x.to(torch.int32) for x in (q0, q1, k0, k1))  # positions < 2^31; halves the grids
+        dmin, dmax = q0 - k1, q1 - k0
+        any_ = torch.div(dmax, self.dilation, rounding_mode="floor") * self.dilation >= dmin
+        all_ = (any_ & (dmin == dmax)) | torch.full_like(any_, self.dilation == 1)
         return _as4d(any_), _as4d(all_)
 
     def __repr__(self):
@@ -384,7 +442,8 @@ class Document(Pattern):
         nq = q0.numel()
         qlo, qhi = lo[:, :nq, None], hi[:, :nq, None]
         klo, khi = lo[:, None, nq:], hi[:, None, nq:]
-        any_ = torch.maximum(qlo, klo) <= torch.minimum(qhi, khi)
+        # Exact when ids are non-decreasing along the sequence (packing); conservative otherwise.
+        any_ = (qlo <= khi) & (klo <= qhi)
         all_ = (qlo == qhi) & (klo == khi) & (qlo == klo)
         return any_.unsqueeze(1), all_.unsqueeze(1)
 
