@@ -1,0 +1,71 @@
+"""Fused recurrent kernel for decoding: a few tokens, state in, state out, one program per (batch, head, V block).
+
+Memory bound: each step reads and writes the fp32 state once; the state block ``(K, BV)`` stays in registers
+over the tokens of the call. ``DELTA`` switches to the delta-rule update
+``v_new = beta (v - k S)``, ``S += k^T v_new`` (used by ``subquad.delta_rule_step``). No gradients: under autograd
+the step functions run the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   GATE: tl.constexpr, DELTA: tl.constexpr):
+    """q, k (B, T, H, K), v, o (B, T, H, V); g None | (B, T, H) | (B, T, H, K); beta (B, T, H); state (B, H, K, V)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = i_bh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    s = tl.load(state + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    for t in range(T):
+        row = (i_b * T + t) * H + i_h
+        b_q = tl.load(q + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if GATE == 1:
+            s *= tl.exp(tl.load(g + row))
+        if GATE == 2:
+            s *= tl.exp(tl.load(g + row * K + o_k, mask=m_k, other=0.0))[:, None]
+        if DELTA:
+            b_v = tl.load(beta + row).to(tl.float32) * (b_v - tl.sum(b_k[:, None] * s, axis=0))
+        s += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_q[:, None] * s, axis=0) * scale
+        tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    tl.store(new_state + p_state, s, mask=m_kv)
+
+
+def launch_recurrent(q, k, v, g, beta, state, scale):
+    """q, k (B, T, H, K), v (B, T, H, V), g None | (B, T, H) | (B, T, H, K), beta None | (B, T, H),
+    state (B, H, K, V). Returns o and the new fp32 state."""
+    bsz, seq_len, heads, dk = q.shape
+    dv = v.shape[-1]
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = min(32 if bk <= 128 else 16, max(16, triton.next_power_of_2(dv)))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = None if g is None else g.float().contiguous()
+    o = torch.empty_like(v)
+    new_state = torch.empty(bsz, heads, dk, dv, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(dv, bv), bsz * heads)
+    recurrent_step[grid](q, k, v, g, None if beta is None else beta.contiguous(), state.contiguous(), new_state, o,
+                         scale, seq_len, H=heads, K=dk, V=dv, BK=bk, BV=bv,
+                         GATE=0 if g is None else (1 if g.dim() == 3 else 2), DELTA=beta is not None, num_warps=4)
+    return o, new_state
+
+
+def recurrent_gla(q, k, v, g, scale, state):
+    """g: None | (B, T, H, 1) | (B, T, H, K) (expanded, as from checks.expand_log_decay)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, state)):
+        from .reference import gla_step_reference
+        return gla_step_reference(q, k, v, state, g, scale)
+    if g is not None and g.shape[-1] == 1:
+        g = g[..., 0]
+    return launch_recurrent(q, k, v, g, None, state, scale)
