@@ -33,13 +33,12 @@ def main():
     copy, _ = gbps(lambda: dst.copy_(src), 4.0 * src.numel())
     print(f"copy {copy:.0f} GB/s")
     del src, dst
-    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in (None, 16, 32) for bn in (32, 64, 128)
+    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in (None, 16, 33) for bn in (32, 64)
                for st in (2, 3)]
     for n in (32768, 8192):
         inp = _gqa_inputs(8, n, 32, 8, 128, torch.bfloat16)(dev)
         nbytes = 2.0 * 8 * n * 8 * 128 * 2
-        cases = [("static", c) for c in (configs if n == 32768 else configs[:6])]
-        cases += [("paged", dict(num_splits=None, block_n=bn, num_stages=st)) for bn in (32, 64) for st in (2, 3)]
+        cases = [(layout, c) for layout in ("static", "paged") for c in (configs if n == 32768 else configs[:4])]
         for layout, opts in cases:
             fn = (lambda: decode(inp["q"], inp["k"], inp["v"], **opts)) if layout == "static" else \
                 (lambda: decode(inp["q"], inp["paged"], **opts))
@@ -53,8 +52,12 @@ def main():
         del inp
     inp = _mla_inputs(64, 16384, 128, 512, 64, torch.bfloat16)(dev)
     nbytes = 2.0 * 64 * 16384 * 576
-    for bn, bdv, warps, stages in itertools.product((16, 32), (256, 512), (4, 8), (1, 2)):
-        opts = dict(block_n=bn, block_m=64, block_dv=bdv, num_warps=warps, num_stages=stages)
+    mla = [dict(block_m=32, block_n=bn, block_dv=512, num_warps=w, num_stages=st) for bn in (32, 64) for w in (4, 8)
+           for st in (2, 3)]
+    mla += [dict(block_m=64, block_n=64, block_dv=512, num_warps=8, num_stages=2),
+            dict(block_m=64, block_n=32, block_dv=512, num_warps=8, num_stages=2),
+            dict(block_m=16, block_n=64, block_dv=512, num_warps=4, num_stages=3)]
+    for opts in mla:
         try:
             g, ms = gbps(lambda: decode(inp["q"], inp["view"], **opts), nbytes)
         except Exception as exc:  # noqa: BLE001

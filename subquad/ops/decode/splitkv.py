@@ -216,7 +216,9 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     n_dv_blocks = triton.cdiv(dv, block_dv)
     v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
     if block_n is None:
-        block_n = 32 if dq > 256 else 64
+        # measured on the H100 (benchmarks/decode_tune.py): 64 keys per tile for dense storage; 32 when pages
+        # of 16 tokens are gathered row by row (64 lost 20%); 32 for MLA's 576-wide rows
+        block_n = 32 if dq > 256 or view.layout == "paged" else 64
     m_blocks = triton.cdiv(rows, block_m)
 
     max_len = view.max_seqlen if view.max_seqlen is not None else int(view.seqlens.max())
@@ -225,8 +227,10 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if window is not None:
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
+        # Many small programs (about 16 per SM) rather than one wave: with ~4 programs resident per SM, a
+        # grid of 1.1 waves left a tail that cost 3-10% at 32k. At least 4 tiles per split.
         per_split = bsz * hkv * m_blocks * n_dv_blocks
-        num_splits = max(1, min(triton.cdiv(4 * _num_sms(q.device), per_split), triton.cdiv(max_len, 4 * block_n)))
+        num_splits = max(1, min(triton.cdiv(16 * _num_sms(q.device), per_split), triton.cdiv(max_len, 4 * block_n)))
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
     if num_stages is None:
