@@ -1,0 +1,124 @@
+"""Flash attention in Triton: one forward and one backward kernel for every pattern of ``subquad.masks``.
+
+* ``flash_attention(q, k, v, causal=, mask=, ...)``: the engine behind ``subquad.attention(backend="triton")``.
+  Bands (full, causal, sliding windows) run with no BlockMask at all; every other pattern is resolved to a
+  BlockMask whose full blocks run unmasked and whose partial blocks apply in-kernel terms (documents,
+  prefix-LM) or a precomputed bitmask (everything else).
+* ``flash_attention_masked(q, k, v, block_mask, scale, ...)``: the same on a prebuilt BlockMask, with optional
+  ``q_pos`` / ``kv_pos`` (gathered or permuted tokens); used by planned patterns, LSH and NSA.
+
+Both return ``(out, lse)``; ``lse`` (``(B, H_q, N_q)`` fp32, natural log) is differentiable.
+fp16 and bf16 only: ``subquad.attention`` sends fp32 inputs to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .... import masks as _masks
+from ....masks import BlockMask, Pattern
+from .launch import MaskArgs, interpreting
+from .masking import BAND_INF, bitmask_tiles, kernel_terms, pure_band
+from .op import run
+
+#: BlockMask block size the engine builds (kernel tiles divide it); smaller in the interpreter so that small
+#: test shapes cross several blocks
+MASK_BLOCK = 128
+MASK_BLOCK_INTERPRET = 32
+
+
+def _mask_block(device) -> int:
+    return MASK_BLOCK_INTERPRET if interpreting() and torch.device(device).type == "cpu" else MASK_BLOCK
+
+
+def _prep(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_dtype(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"q: the Triton flash kernels take float16 or bfloat16, got {q.dtype} (use "
+                         f"backend='reference' for float32)")
+
+
+def _band_args(lo: int, hi: int) -> MaskArgs:
+    lo, hi = max(lo, -BAND_INF), min(hi, BAND_INF)
+    return MaskArgs(use_list=False, lists=None, lists_t=None, tile_of=None, bits=None, doc_ids=None, q_pos=None,
+                    kv_pos=None, band_lo=lo, band_hi=hi, prefix=0, mbq=128, mbk=128)
+
+
+def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
+    if bm.block_q % 16 or bm.block_kv % 32:
+        raise ValueError(f"mask: the flash kernels need BlockMask blocks that are multiples of 16 (queries) and "
+                         f"32 (keys), got {bm.block_q}x{bm.block_kv}")
+    terms = kernel_terms(bm.pattern)
+    tile_of = bits = None
+    if terms is None:
+        tile_of, bits = bitmask_tiles(bm, q_pos, kv_pos)
+        lo, hi, prefix, doc = -BAND_INF, BAND_INF, 0, None
+    else:
+        (lo, hi), prefix = terms.band, terms.prefix
+        doc = None if terms.doc_ids is None else terms.doc_ids.to(torch.int32).contiguous()
+    return MaskArgs(use_list=True, lists=(*bm.full_kv, *bm.partial_kv), lists_t=(*bm.full_q, *bm.partial_q),
+                    tile_of=tile_of, bits=bits, doc_ids=doc,
+                    q_pos=None if q_pos is None else q_pos.to(torch.int32).contiguous(),
+                    kv_pos=None if kv_pos is None else kv_pos.to(torch.int32).contiguous(),
+                    band_lo=lo, band_hi=hi, prefix=prefix, mbq=bm.block_q, mbk=bm.block_kv)
+
+
+def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
+                           scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                           q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
+                           deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention under a prebuilt BlockMask (None: every pair); returns ``(out, lse)``.
+
+    ``q_pos`` (seq_q,) / ``kv_pos`` (seq_kv,) are the positions that the pattern's terms and ALiBi see; the
+    BlockMask must have been built for them (as for ``attention_reference``). Arguments are assumed checked.
+    """
+    _check_dtype(q)
+    if block_mask is None and q_pos is None and kv_pos is None:
+        m = _band_args(-BAND_INF, BAND_INF)
+    else:
+        if block_mask is None:
+            block = _mask_block(q.device)
+            block_mask = BlockMask.build(_masks.full, batch=1, heads=1, seq_q=q.shape[1], seq_kv=k.shape[1],
+                                         block_q=block, block_kv=block, device=q.device)
+        m = _block_mask_args(block_mask.to(q.device), q_pos, kv_pos)
+    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
+                    scale: float | None = None, softcap: float | None = None,
+                    alibi_slopes: torch.Tensor | None = None,
+                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``subquad.attention``'s Triton path (arguments checked by the caller); returns ``(out, lse)``."""
+    _check_dtype(q)
+    bsz, seq_q, hq, d = q.shape
+    seq_kv = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    if mask is None or isinstance(mask, Pattern):
+        pattern = mask
+        if causal:
+            pattern = _masks.causal if mask is None else mask & _masks.causal
+        band = pure_band(pattern)
+        if band is not None:
+            return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic)
+    block = _mask_block(q.device)
+    bm = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device,
+                        block_q=block, block_kv=block)
+    return flash_attention_masked(q, k, v, bm, scale, softcap, alibi_slopes, deterministic=deterministic)
+
+
+def varlen_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> Pattern:
+    """The ``document`` pattern of packed sequences given FlashAttention-style ``cu_seqlens`` (``(n + 1,)``,
+    starting at 0); tokens past the last boundary form one more document."""
+    cu = torch.as_tensor(cu_seqlens).long()
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens: expected a non-decreasing (num_seqs + 1,) tensor starting at 0, got "
+                         f"{cu.tolist() if cu.numel() < 20 else tuple(cu.shape)}")
+    total = int(cu[-1]) if total is None else total
+    ids = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
+    return _masks.document(ids)
+
+
+__all__ = ["flash_attention", "flash_attention_masked", "varlen_mask"]

@@ -1,0 +1,349 @@
+"""Flash attention backward kernels.
+
+1. ``preprocess``: ``delta = rowsum(dO * O) - dlse`` per query row (``dlse`` is the gradient reaching the
+   LSE output: ``dS = P * (dP - delta)`` then covers both outputs).
+2. ``dkdv``: one program per (key tile, batch, KV head) walks the query tiles that see its keys (the
+   transposed BlockMask lists, or the band's query range), over every query head of the GQA group, and
+   writes dK, dV once (no atomics). With ``DQ_ATOMIC`` it also adds each tile's dQ contribution to an fp32
+   buffer with atomics (fast, not bit-reproducible).
+3. ``dq``: one program per (query tile, batch, query head), the forward's walk over key tiles; used when a
+   deterministic backward is asked for (no atomics: the dQ of a row is summed in one fixed order).
+
+The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
+(``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tile import dot, dot_acc, keep_mask, kv_range, q_range, scores
+
+
+@triton.jit
+def flash_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_on, stride_oh, stride_dob, stride_don,
+                                stride_doh, seq_q, HQ: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < DV)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    rows = pid_bh.to(tl.int64) * seq_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=offs_m < seq_q, other=0.0)
+    tl.store(DELTA + rows, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
+               start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi,
+               prefix, DOC_IDS, BITS, tile, row0, Q_POS, offs_d, offs_dv,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
+               BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+               HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    in_q = offs_m < seq_q
+    if EVEN_Q and D == BLOCK_D:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
+    if EVEN_Q:
+        lse2 = tl.load(lse_base + offs_m)
+    else:
+        lse2 = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
+    if HAS_Q_POS:
+        qp = tl.load(Q_POS + offs_m, mask=in_q, other=0)
+    else:
+        qp = offs_m + q_off
+    # scores transposed: rows are keys, columns are queries
+    qkT = dot(k, tl.trans(q))
+    sT, tT = scores(qkT, qp[None, :], kp[:, None], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    pT = tl.math.exp2(sT - lse2[None, :])
+    if MASKED:
+        keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo, band_hi,
+                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[None, :], (offs_n % MBK)[:, None],
+                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+        pT = tl.where(keep, pT, 0.0)
+    elif KV_BOUNDS:
+        pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
+    if EVEN_Q and DV == BLOCK_DV:
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :])
+    else:
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :],
+                     mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dv = dot_acc(pT.to(do.dtype), do, dv)
+    if EVEN_Q:
+        delta = tl.load(delta_base + offs_m)
+    else:
+        delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
+    dpT = dot(v, tl.trans(do))
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = dot_acc(dsT.to(q.dtype), q, dk)
+    if DQ_ATOMIC:
+        dq = dot(tl.trans(dsT.to(k.dtype)), k) * dq_scale
+        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
+                      mask=in_q[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
+    list_width, n_qb, n_kb, mask_b, mask_h,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_kv = offs_n < seq_kv
+    k_ptrs = K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_KV_POS:
+        kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
+    else:
+        kp = offs_n
+    doc_ids = DOC_IDS
+    if DOC:
+        doc_ids = DOC_IDS + b * stride_doc_b
+    dq_scale = scale
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    for g in range(G):
+        h = hk * G + g
+        bh = b * HQ + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
+        lse_base = LSE + bh.to(tl.int64) * seq_q
+        delta_base = DELTA + bh.to(tl.int64) * seq_q
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(SLOPES + b * stride_slope_b + h).to(tl.float32) * 1.4426950408889634
+        if USE_LIST:
+            kb = start_n // MBK
+            base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
+            n_full = tl.load(FULL_NUM + base)
+            for j in range(n_full):
+                qb = tl.load(FULL_IDX + base * list_width + j)
+                for sub in tl.static_range(MBQ // BLOCK_M):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                        stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
+                        dq_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv,
+                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, EVEN_Q, not EVEN_KV,
+                        BAND, PREFIX, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+            n_part = tl.load(PART_NUM + base)
+            for j in range(n_part):
+                qb = tl.load(PART_IDX + base * list_width + j)
+                tile = 0
+                if USE_BITS:
+                    tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
+                    tile = tl.load(TILE_OF + tile_base * n_kb + kb)
+                for sub in tl.static_range(MBQ // BLOCK_M):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                        stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
+                        dq_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
+                        offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False,
+                        BAND, PREFIX, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+        else:
+            lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
+            for start_m in range(lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
+                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
+                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    True, False, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+            for start_m in range(full_lo, full_hi, BLOCK_M):
+                start_m = tl.multiple_of(start_m, BLOCK_M)
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
+                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
+                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    False, True, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+            for start_m in range(full_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
+                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
+                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    True, False, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+
+    # dS was taken with respect to the scaled (and capped) score: chain back to q.k
+    dk = dk * scale
+    dk_ptrs = DK_OUT + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    tl.store(dk_ptrs, dk.to(DK_OUT.dtype.element_ty), mask=in_kv[:, None] & (offs_d[None, :] < D))
+    tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=in_kv[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q, seq_kv,
+             qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
+             BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+             HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+             MBQ: tl.constexpr, MBK: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_kv = offs_n < seq_kv
+    if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_KV_POS:
+        kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
+    else:
+        kp = offs_n
+    qk = dot(q, tl.trans(k))
+    s, t = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
+                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :],
+                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+        p = tl.where(keep, p, 0.0)
+    elif not EVEN_KV:
+        p = tl.where(in_kv[None, :], p, 0.0)
+    dp = dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq = dot_acc(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b, stride_doc_b,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
+    list_width, n_qb, n_kb, mask_b, mask_h,
+    HQ: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_q = offs_m < seq_q
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :]
+    if EVEN_Q and D == BLOCK_D and DV == BLOCK_DV:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_ptrs, mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    rows = pid_bh.to(tl.int64) * seq_q + offs_m
+    lse2 = tl.load(LSE + rows, mask=in_q, other=float("inf"))
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    delta = tl.load(DELTA + rows, mask=in_q, other=0.0)
+    if HAS_Q_POS:
+        qp = tl.load(Q_POS + offs_m, mask=in_q, other=0)
+    else:
+        qp = offs_m + q_off
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_slope_b + h).to(tl.float32) * 1.4426950408889634
+    doc_ids = DOC_IDS
+    if DOC:
+        doc_ids = DOC_IDS + b * stride_doc_b
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if USE_LIST:
+        qb = start_m // MBQ
+        row0 = qb * MBQ
+        base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
+        n_full = tl.load(FULL_NUM + base)
+        for j in range(n_full):
+            kb = tl.load(FULL_IDX + base * list_width + j)
+            for sub in tl.static_range(MBK // BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
+                              offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
+                              doc_ids, BITS, 0, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              False, EVEN_KV, BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+        n_part = tl.load(PART_NUM + base)
+        for j in range(n_part):
+            kb = tl.load(PART_IDX + base * list_width + j)
+            tile = 0
+            if USE_BITS:
+                tile = tl.load(TILE_OF + base * n_kb + kb)
+            for sub in tl.static_range(MBK // BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
+                              offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
+                              doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              True, False, BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+    else:
+        lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
+                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False,
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
+                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False,
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
+                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False,
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+
+    dq = dq * scale
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))

@@ -1,0 +1,175 @@
+"""Flash attention forward kernel: one program per (query tile, batch, query head), online softmax over the
+key tiles that the pattern keeps.
+
+Key tiles are visited in one of two ways (``USE_LIST``):
+
+* a band (full, causal, sliding window) needs no list: the key range of a query tile is computed in the
+  kernel, split into masked edges and an unmasked middle (``tile.kv_range``);
+* any other pattern follows the BlockMask: its full blocks run without masking, its partial blocks apply
+  the pattern's in-kernel terms (``tile.keep_mask``), empty blocks are never loaded. A BlockMask block may
+  hold several kernel tiles (``MBQ``/``MBK`` are the block sizes, multiples of the tile sizes).
+
+GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
+Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
+output is 0).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tile import dot, dot_acc, keep_mask, kv_range, scores
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, qi_row,
+              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, row0,
+              KV_POS, offs_d, offs_dv,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
+              BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              MBQ: tl.constexpr, MBK: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_kv = offs_n < seq_kv
+    if EVEN_KV and D == BLOCK_D:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
+    qk = dot(q, tl.trans(k))
+    if HAS_KV_POS:
+        kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
+    else:
+        kp = offs_n
+    s, _ = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
+    if MASKED:
+        keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
+                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :],
+                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+        s = tl.where(keep, s, float("-inf"))
+    elif not EVEN_KV:
+        s = tl.where(in_kv[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED or not EVEN_KV:
+        # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if EVEN_KV and DV == BLOCK_DV:
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+    else:
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = dot_acc(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def flash_fwd_kernel(
+    Q, K, V, O, LSE,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh, stride_slope_b, stride_doc_b,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix,
+    list_width, n_qb, n_kb, mask_b, mask_h,
+    HQ: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+):
+    # the longest query tiles (late rows under a causal band) start first
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // G
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_q = offs_m < seq_q
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    if EVEN_Q and D == BLOCK_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
+    if HAS_Q_POS:
+        qp = tl.load(Q_POS + offs_m, mask=in_q, other=0)
+    else:
+        qp = offs_m + q_off
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + b * stride_slope_b + h).to(tl.float32) * 1.4426950408889634
+    doc_ids = DOC_IDS
+    if DOC:
+        doc_ids = DOC_IDS + b * stride_doc_b
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if USE_LIST:
+        qb = start_m // MBQ
+        row0 = qb * MBQ
+        base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
+        n_full = tl.load(FULL_NUM + base)
+        for j in range(n_full):
+            kb = tl.load(FULL_IDX + base * list_width + j)
+            for sub in tl.static_range(MBK // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
+                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0,
+                    row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV,
+                    BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+        n_part = tl.load(PART_NUM + base)
+        for j in range(n_part):
+            kb = tl.load(PART_IDX + base * list_width + j)
+            tile = 0
+            if USE_BITS:
+                tile = tl.load(TILE_OF + base * n_kb + kb)
+            for sub in tl.static_range(MBK // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
+                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, tile,
+                    row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False,
+                    BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+    else:
+        lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, SOFTCAP, ALIBI,
+                BLOCK_M, BLOCK_N)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, SOFTCAP, ALIBI,
+                BLOCK_M, BLOCK_N)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, SOFTCAP, ALIBI,
+                BLOCK_M, BLOCK_N)
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)

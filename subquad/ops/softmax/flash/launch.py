@@ -1,0 +1,245 @@
+"""Launching the flash kernels: tile configurations (autotuned on Hopper, a safe set elsewhere, small tiles in
+the interpreter), strides, grids, and the forward / backward entry points on plain tensors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
+from .forward import flash_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fit(block: int, mask_block: int) -> int:
+    """The largest power of two <= ``block`` dividing ``mask_block`` (a kernel tile inside a BlockMask block)."""
+    while block > 16 and mask_block % block:
+        block //= 2
+    return block
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+# Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
+FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)]
+# dK/dV: BLOCK_N key rows per program (accumulators), BLOCK_M query rows per step.
+DKDV_CONFIGS_SM90 = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3)]
+DQ_CONFIGS_SM90 = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)]
+# other GPUs: conservative shared-memory use
+FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
+DKDV_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
+DQ_CONFIGS_OTHER = [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2)]
+# the interpreter: small tiles, so that small test shapes still cross several tiles
+INTERPRET_FWD = (32, 16)
+INTERPRET_DKDV = (16, 32)
+INTERPRET_DQ = (32, 16)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates."""
+    mbq = kwargs.get("MBQ", named_args.get("MBQ"))
+    mbk = kwargs.get("MBK", named_args.get("MBK"))
+    out, seen = [], set()
+    for c in configs:
+        bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
+        key = (bm, bn, c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(_cfg(*key))
+    return out
+
+
+_KEY = ["seq_q", "seq_kv", "D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
+_TUNED: dict = {}
+
+
+def _kernel(name: str, jit_fn):
+    """The autotuned wrapper of ``jit_fn`` on this GPU (built once), or None in the interpreter."""
+    if interpreting():
+        return None
+    if name not in _TUNED:
+        hopper = _hopper()
+        configs = {"fwd": FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER,
+                   "dkdv": DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER,
+                   "dq": DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER}[name]
+        key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
+        _TUNED[name] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
+                                       reset_to_zero=["DQ"] if name == "dkdv" else None)(jit_fn)
+    return _TUNED[name]
+
+
+@dataclass
+class MaskArgs:
+    """Everything the kernels read about the pattern, as tensors and numbers (see ``tile.py``)."""
+
+    use_list: bool
+    lists: tuple | None          # (full_num, full_idx, part_num, part_idx) per query block
+    lists_t: tuple | None        # the same per key block (dK/dV pass)
+    tile_of: torch.Tensor | None
+    bits: torch.Tensor | None
+    doc_ids: torch.Tensor | None
+    q_pos: torch.Tensor | None
+    kv_pos: torch.Tensor | None
+    band_lo: int
+    band_hi: int
+    prefix: int
+    mbq: int
+    mbk: int
+
+    @property
+    def band(self) -> bool:
+        from .masking import BAND_INF
+
+        return self.band_lo > -BAND_INF or self.band_hi < BAND_INF or self.prefix > 0
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _mask_kernel_args(m: MaskArgs, lists, device):
+    d = _dummy(device)
+    full_num, full_idx, part_num, part_idx = lists if lists is not None else (d, d, d, d)
+    doc = m.doc_ids if m.doc_ids is not None else d
+    args = [full_num, full_idx, part_num, part_idx, m.tile_of if m.tile_of is not None else d,
+            m.bits if m.bits is not None else d, doc, m.q_pos if m.q_pos is not None else d,
+            m.kv_pos if m.kv_pos is not None else d]
+    return args, full_idx.shape[-1] if lists is not None else 1
+
+
+def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes):
+    even = 128 if not m.use_list else max(128, m.mbq), 128 if not m.use_list else max(128, m.mbk)
+    return dict(
+        EVEN_Q=seq_q % even[0] == 0 and (not m.use_list or seq_q % m.mbq == 0),
+        EVEN_KV=seq_kv % even[1] == 0 and (not m.use_list or seq_kv % m.mbk == 0),
+        USE_LIST=m.use_list, BAND=m.band, PREFIX=m.prefix > 0, DOC=m.doc_ids is not None,
+        USE_BITS=m.bits is not None, HAS_Q_POS=m.q_pos is not None, HAS_KV_POS=m.kv_pos is not None,
+        SOFTCAP=softcap is not None, ALIBI=slopes is not None,
+        MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
+    )
+
+
+def _score_scales(scale: float, softcap):
+    if softcap is None:
+        return scale * LOG2E, 1.0
+    return scale / softcap, softcap * LOG2E
+
+
+def _block_counts(m: MaskArgs, seq_q: int, seq_kv: int):
+    return -(-seq_q // m.mbq), -(-seq_kv // m.mbk)
+
+
+def _slopes(slopes, batch, device):
+    if slopes is None:
+        return _dummy(device).float(), 0
+    s = slopes.float().contiguous()
+    return s, (s.shape[1] if s.dim() == 2 and s.shape[0] == batch and batch > 1 else 0)
+
+
+def _doc_stride(m: MaskArgs):
+    if m.doc_ids is None or m.doc_ids.shape[0] == 1:
+        return 0
+    return m.doc_ids.stride(0)
+
+
+def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
+    """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors."""
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, hq, seq_q, dtype=torch.float32, device=q.device)
+    mask_args, width = _mask_kernel_args(m, m.lists, q.device)
+    n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
+    mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
+    sl, sl_stride = _slopes(slopes, bsz, q.device)
+    qk_scale, cap_scale = _score_scales(scale, softcap)
+    args = [q, k, v, out, lse, *mask_args, sl,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
+            _doc_stride(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo, m.band_hi, m.prefix,
+            width, n_qb, n_kb, mb, mh]
+    meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d),
+                BLOCK_DV=triton.next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
+    kern = _kernel("fwd", flash_fwd_kernel)
+    if kern is None:
+        bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
+        flash_fwd_kernel[(triton.cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+    else:
+        kern[lambda c: (triton.cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+    """``(dq, dk, dv)``."""
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty_like(lse)
+    block_dv = triton.next_power_of_2(dv_dim)
+    pre_rows = 64 if interpreting() else 128
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    flash_bwd_preprocess_kernel[(triton.cdiv(seq_q, pre_rows), bsz * hq)](
+        out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=block_dv, BLOCK_M=pre_rows,
+        HAS_DLSE=dlse is not None)
+
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    atomic = not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
+    sl, sl_stride = _slopes(slopes, bsz, q.device)
+    qk_scale, cap_scale = _score_scales(scale, softcap)
+    n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
+    mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
+    flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
+    common = dict(D=d, DV=dv_dim, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, **flags)
+
+    mask_args_t, width_t = _mask_kernel_args(m, m.lists_t, q.device)
+    args = [q, k, v, do, lse, delta, dq_acc, dk, dv, *mask_args_t, sl,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m),
+            seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
+            width_t, n_qb, n_kb, mb, mh]
+    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, **common)
+    kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
+    if kern is None:
+        bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
+        flash_bwd_dkdv_kernel[(triton.cdiv(seq_kv, bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+    else:
+        kern[lambda c: (triton.cdiv(seq_kv, c["BLOCK_N"]), bsz * hkv)](*args, **meta)
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+
+    dq = dq_acc
+    mask_args, width = _mask_kernel_args(m, m.lists, q.device)
+    args = [q, k, v, do, lse, delta, dq, *mask_args, sl,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m),
+            seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
+            width, n_qb, n_kb, mb, mh]
+    meta = dict(HQ=hq, G=hq // hkv, **common)
+    kern = _kernel("dq", flash_bwd_dq_kernel)
+    if kern is None:
+        bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
+        flash_bwd_dq_kernel[(triton.cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+    else:
+        kern[lambda c: (triton.cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+    return dq, dk, dv

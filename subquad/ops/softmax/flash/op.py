@@ -1,0 +1,97 @@
+"""The flash kernels as ``torch.library`` custom ops with fake implementations and autograd, so that
+``torch.compile`` traces a model calling ``subquad.attention`` without graph breaks.
+
+``subquad::flash_fwd`` returns ``(out, lse)``; both are differentiable (the LSE gradient enters the
+backward as ``delta = rowsum(dO * O) - dlse``), which the LSE merges of planned patterns rely on.
+``subquad::flash_bwd`` returns ``(dq, dk, dv)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import launch
+from .launch import MaskArgs
+
+
+def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi,
+          prefix, mbq, mbk) -> MaskArgs:
+    return MaskArgs(use_list=use_list, lists=(fn, fi, pn, pi) if use_list else None,
+                    lists_t=(tfn, tfi, tpn, tpi) if use_list else None, tile_of=tile_of, bits=bits,
+                    doc_ids=doc_ids, q_pos=q_pos, kv_pos=kv_pos, band_lo=band_lo, band_hi=band_hi, prefix=prefix,
+                    mbq=mbq, mbk=mbk)
+
+
+@torch.library.custom_op("subquad::flash_fwd", mutates_args=())
+def flash_fwd(q: Tensor, k: Tensor, v: Tensor,
+              full_num: Optional[Tensor], full_idx: Optional[Tensor], part_num: Optional[Tensor],
+              part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
+              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
+              bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
+              slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int,
+              mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
+              tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi, prefix, mbq, mbk)
+    return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes)
+
+
+@flash_fwd.register_fake
+def _flash_fwd_fake(q, k, v, *args):
+    bsz, seq_q, hq, _ = q.shape
+    out = q.new_empty(bsz, seq_q, hq, v.shape[3])
+    lse = q.new_empty(bsz, hq, seq_q, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("subquad::flash_bwd", mutates_args=())
+def flash_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              full_num: Optional[Tensor], full_idx: Optional[Tensor], part_num: Optional[Tensor],
+              part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
+              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
+              bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
+              slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int,
+              mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
+              tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi, prefix, mbq, mbk)
+    return launch.backward(do, q, k, v, out, lse, dlse, m, scale, softcap if softcap > 0 else None, slopes,
+                           deterministic)
+
+
+@flash_bwd.register_fake
+def _flash_bwd_fake(do, dlse, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_TENSOR_ARGS = 17  # q, k, v, 8 lists, tile_of, bits, doc_ids, q_pos, kv_pos, slopes
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_N_TENSOR_ARGS], *output)
+    ctx.scalars = inputs[_N_TENSOR_ARGS:]
+
+
+def _backward(ctx, dout, dlse):
+    saved = ctx.saved_tensors
+    q, k, v = saved[:3]
+    rest = saved[3:_N_TENSOR_ARGS]
+    out, lse = saved[_N_TENSOR_ARGS:]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = flash_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, *rest,
+                           *ctx.scalars)
+    return (dq, dk, dv) + (None,) * (_N_TENSOR_ARGS - 3 + len(ctx.scalars))
+
+
+flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+    """Call the forward op with a MaskArgs bundle; returns ``(out, lse)``."""
+    lists = m.lists if m.lists is not None else (None,) * 4
+    lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
+    return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, slopes,
+                     float(scale), float(softcap or 0.0), int(m.band_lo), int(m.band_hi), int(m.prefix), int(m.mbq),
+                     int(m.mbk), bool(m.use_list), bool(deterministic))

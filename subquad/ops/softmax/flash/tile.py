@@ -1,0 +1,126 @@
+"""Device helpers shared by the flash forward and backward kernels: which (query, key) tiles a program visits,
+the score of a tile (scale, softcap, ALiBi) and the element mask of a partial tile.
+
+Every pattern reaches the kernels as at most four terms, each a ``tl.constexpr`` switch:
+
+* ``BAND``: ``lo <= q_pos - k_pos <= hi`` (causal, sliding windows, full when both are infinite);
+* ``PREFIX``: OR-ed with the band, ``k_pos < prefix`` (prefix-LM);
+* ``DOC``: AND-ed, ``seq_ids[q_pos] == seq_ids[k_pos]`` (packed documents, varlen);
+* ``BITS``: AND-ed, a precomputed bit per pair of a partial tile (any other pattern).
+
+Positions are ``i + seq_kv - seq_q`` for query ``i`` and ``j`` for key ``j`` unless ``q_pos`` / ``kv_pos``
+tensors give them (gathered or permuted tokens). Scores are kept in base-2 units (``log2(e)`` folded into
+the scale) so that the softmax uses ``exp2``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+#: the interpreter of Triton 3.9 computes bf16 ``tl.dot`` wrongly: under it, products are taken in fp32
+UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def dot(a, b):
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def dot_acc(a, b, acc):
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def tanh(x):
+    # tanh through the sigmoid: available on every backend and in the interpreter
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def scores(qk, qp, kp, qk_scale, cap_scale, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scores in base-2 units from raw ``q.k``; also returns tanh's value for the softcap derivative.
+
+    Without softcap ``qk_scale = scale * log2(e)``; with it ``qk_scale = scale / softcap`` and
+    ``cap_scale = softcap * log2(e)``. ``qp``/``kp`` are 2-D broadcastable positions, ``slope2`` the ALiBi
+    slope times ``log2(e)``.
+    """
+    if SOFTCAP:
+        t = tanh(qk * qk_scale)
+        s = t * cap_scale
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:
+        s = s - slope2 * tl.abs(qp - kp).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, rq, ck,
+              BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+              MBQ: tl.constexpr, MBK: tl.constexpr):
+    """The kept pairs of a tile, from 2-D broadcastable operands (row/column vectors in either orientation):
+    ``qi``/``ki`` query and key indices (bounds), ``qp``/``kp`` positions, ``rq``/``ck`` offsets inside the
+    BlockMask block (bit lookup), ``tile`` the bitmask tile of this block."""
+    keep = (qi < seq_q) & (ki < seq_kv)
+    if BAND:
+        d = qp - kp
+        inband = (d >= band_lo) & (d <= band_hi)
+        if PREFIX:
+            inband = inband | (kp < prefix)
+        keep = keep & inband
+    if DOC:
+        qd = tl.load(DOC_IDS + qp, mask=qi < seq_q, other=-1)
+        kd = tl.load(DOC_IDS + kp, mask=ki < seq_kv, other=-2)
+        keep = keep & (qd == kd)
+    if USE_BITS:
+        WORDS: tl.constexpr = MBK // 32
+        word = tl.load(BITS + tile.to(tl.int64) * (MBQ * WORDS) + rq * WORDS + ck // 32)
+        keep = keep & (((word >> (ck % 32)) & 1) != 0)
+    return keep
+
+
+@triton.jit
+def kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile at ``start_m`` under a band: the key range ``[lo, hi)`` split as masked
+    ``[lo, full_lo)``, unmasked ``[full_lo, full_hi)``, masked ``[full_hi, hi)``; all multiples of BLOCK_N
+    except ``hi``."""
+    p0 = start_m + q_off
+    p1 = tl.minimum(start_m + BLOCK_M, seq_q) - 1 + q_off
+    lo = tl.maximum(p0 - band_hi, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(p1 - band_lo + 1, seq_kv)
+    hi = tl.maximum(hi, lo)
+    # a key tile [n, n + BLOCK_N) is unmasked iff every row keeps it and it lies inside the keys
+    full_lo = tl.maximum(p1 - band_hi, lo)
+    full_lo = tl.minimum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, hi)
+    full_hi = tl.minimum(p0 - band_lo + 1, seq_kv)
+    full_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Transposed ``kv_range``: for the key tile at ``start_n``, the query range ``[lo, hi)`` split as
+    masked / unmasked / masked, in multiples of BLOCK_M except ``hi``."""
+    k1 = tl.minimum(start_n + BLOCK_N, seq_kv) - 1
+    lo = tl.maximum(start_n + band_lo - q_off, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(k1 + band_hi - q_off + 1, seq_q)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.maximum(k1 + band_lo - q_off, lo)
+    full_lo = tl.minimum(((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, hi)
+    full_hi = tl.minimum(start_n + band_hi - q_off + 1, seq_q)
+    full_hi = tl.maximum((full_hi // BLOCK_M) * BLOCK_M, full_lo)
+    if start_n + BLOCK_N > seq_kv:
+        # a ragged key tile is masked everywhere (its padding keys must get no probability)
+        full_hi = full_lo
+    return lo, full_lo, full_hi, hi
