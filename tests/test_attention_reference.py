@@ -1,0 +1,245 @@
+"""The plain-PyTorch reference of exact attention against the fp64 oracle: every pattern, GQA/MQA, softcap,
+ALiBi, LSE, seq_q < seq_kv, dtypes, gradients, fully masked rows and permuted positions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import subquad
+from subquad import masks
+from subquad.masks import PARTIAL
+from subquad.ops.softmax import reference
+from subquad.ops.softmax.reference import attention_reference
+
+from oracles import softmax_attention
+
+SEQ = 70  # not a multiple of any block size below
+IDS = torch.tensor([0] * 13 + [1] * 30 + [2] * 2 + [3] * 25)
+
+
+@pytest.fixture(autouse=True)
+def small_kv_chunks(monkeypatch):
+    # Several online-softmax chunks per query block even at these small sizes.
+    monkeypatch.setattr(reference, "KV_CHUNK", 24)
+
+
+def _inputs(b=2, nq=SEQ, nkv=SEQ, hq=4, hkv=2, d=16, dv=None, dtype=torch.float32, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nq, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, nkv, hkv, d, generator=g).to(dtype)
+    v = torch.randn(b, nkv, hkv, dv or d, generator=g).to(dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _layout(heads, n):
+    return torch.rand(heads, n, n, generator=torch.Generator().manual_seed(1)) < 0.4
+
+
+PATTERNS = {
+    "causal": masks.causal,
+    "full": masks.full,
+    "sliding_window": masks.sliding_window(9),
+    "sliding_window_nc": masks.sliding_window(9, causal=False),
+    "strided": masks.strided(6),
+    "fixed": masks.fixed(8, 2),
+    "dilated": masks.dilated(20, 3),
+    "block_sparse": masks.block_sparse(_layout(1, 5)[0], 16),
+    "block_sparse_per_head": masks.block_sparse(_layout(4, 8), 9),
+    "longformer": masks.longformer(6, [0, 40]),
+    "bigbird": masks.bigbird(6, [0], random_blocks=2, seed=3, block=8),
+    "document": masks.document(IDS),
+    "document_per_batch": masks.document(torch.stack([IDS, IDS.flip(0).max() - IDS.flip(0)])),
+    "prefix_lm": masks.prefix_lm(11),
+    "from_tensor": masks.from_tensor(torch.rand(SEQ, SEQ, generator=torch.Generator().manual_seed(2)) < 0.3),
+    "from_predicate": masks.from_predicate(lambda b, h, q, k: ((q + 2 * k + b + h) % 4) != 0),
+    "composed": (masks.sliding_window(12) | masks.strided(7)) & masks.document(IDS),
+}
+
+
+def _close(actual, expected, atol, rtol=0.0):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=False)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("blocks", [(16, 8), (128, 128)])
+def test_reference_matches_oracle(name, blocks):
+    pattern = PATTERNS[name]
+    q, k, v = _inputs(grad=True)
+    bm = pattern.block_mask(SEQ, batch=2, heads=4, block_q=blocks[0], block_kv=blocks[1])
+    out, lse = subquad.attention(q, k, v, mask=bm, return_lse=True, backend="reference")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = softmax_attention(qd, kd, vd, mask=pattern)
+    assert out.dtype == torch.float32 and lse.shape == (2, 4, SEQ)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+    do = torch.randn_like(ref)
+    (out * do.float()).sum().backward()
+    (ref * do).sum().backward()
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        _close(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1])  # MHA, GQA, MQA
+@pytest.mark.parametrize("seq_q", [SEQ, 23, 1])
+def test_causal_gqa_mqa_bottom_right(hkv, seq_q):
+    q, k, v = _inputs(nq=seq_q, hkv=hkv, dv=24, grad=True)
+    out, lse = subquad.attention(q, k, v, causal=True, return_lse=True, backend="reference")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = softmax_attention(qd, kd, vd, causal=True)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        _close(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "document_per_batch", "block_sparse_per_head", "bigbird"])
+def test_patterns_with_fewer_queries_than_keys(name):
+    # Queries sit at the end of the keys; the pattern and causal are intersected.
+    q, k, v = _inputs(nq=29)
+    out, lse = subquad.attention(q, k, v, mask=PATTERNS[name], causal=True, return_lse=True, backend="reference")
+    ref, ref_lse = softmax_attention(q, k, v, mask=PATTERNS[name], causal=True)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+
+
+@pytest.mark.parametrize("slopes_shape", [(4,), (2, 4), (1, 4)])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("mask_name", ["window_globals", "per_batch_and_head"])
+def test_softcap_alibi(slopes_shape, softcap, mask_name):
+    q, k, v = _inputs(grad=True)
+    with torch.no_grad():
+        q.mul_(3)  # large logits, so that the softcap matters
+    slopes = torch.rand(slopes_shape, generator=torch.Generator().manual_seed(5))
+    if mask_name == "window_globals":
+        mask = masks.sliding_window(30) | masks.longformer(4, [3])
+    else:  # one plan per (batch, head): slopes must follow each slice
+        mask = PATTERNS["document_per_batch"] | PATTERNS["block_sparse_per_head"]
+    out, lse = subquad.attention(q, k, v, mask=mask, softcap=softcap, alibi_slopes=slopes, return_lse=True,
+                                 backend="reference")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = softmax_attention(qd, kd, vd, mask=mask, softcap=softcap, alibi_slopes=slopes)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        _close(got, want, 1e-4)
+
+
+def test_alibi_seq_q_shorter():
+    q, k, v = _inputs(nq=17)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out = subquad.attention(q, k, v, causal=True, alibi_slopes=slopes, scale=0.3, backend="reference")
+    _close(out, softmax_attention(q, k, v, causal=True, alibi_slopes=slopes, scale=0.3)[0], 1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_low_precision_inputs(dtype, atol):
+    q, k, v = _inputs(dtype=dtype, grad=True)
+    mask = masks.sliding_window(20) & masks.document(IDS)
+    out, lse = subquad.attention(q, k, v, mask=mask, return_lse=True, backend="reference")
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = softmax_attention(qd, kd, vd, mask=mask)
+    _close(out, ref, atol, rtol=atol)
+    _close(lse, ref_lse, 1e-4)  # LSE is fp32 from fp32 scores of the same (rounded) inputs
+    out.float().sum().backward()
+    ref.sum().backward()
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert got.dtype == dtype
+        _close(got, want, 4 * atol, rtol=4 * atol)
+
+
+@pytest.mark.parametrize("mask", [
+    masks.Band(5, 9),                                     # queries 0..4 see no key
+    masks.from_tensor((torch.arange(SEQ).view(-1, 1) % 3 != 0).expand(SEQ, SEQ)) & masks.causal,  # rows 0, 3, 6...
+    masks.block_sparse(torch.eye(5, dtype=torch.bool).index_fill(0, torch.tensor([0, 3]), False), 16),  # blocks 0, 3 see nothing
+])
+def test_fully_masked_rows(mask):
+    q, k, v = _inputs(grad=True)
+    bm = mask.block_mask(SEQ, block_q=16, block_kv=16)
+    out, lse = subquad.attention(q, k, v, mask=bm, return_lse=True, backend="reference")
+    ref, ref_lse = softmax_attention(q.detach(), k.detach(), v.detach(), mask=mask)
+    empty = torch.isinf(ref_lse)
+    assert bool(empty.any())
+    assert bool((lse[empty] == float("-inf")).all())
+    assert bool((out.transpose(1, 2)[empty] == 0).all())
+    assert not bool(out.isnan().any()) and not bool(lse.isnan().any())
+    _close(out, ref, 1e-5)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert bool(torch.isfinite(t.grad).all())
+    assert bool((q.grad.transpose(1, 2)[empty] == 0).all())
+
+
+def test_every_row_masked():
+    q, k, v = _inputs(grad=True)
+    out, lse = subquad.attention(q, k, v, mask=masks.Band(SEQ, SEQ + 5), return_lse=True, backend="reference")
+    assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
+
+
+@pytest.mark.parametrize("mask_kind", ["tensor", "predicate", "pattern_with_causal"])
+def test_mask_argument_forms(mask_kind):
+    q, k, v = _inputs(nq=40)
+    dense = torch.rand(40, SEQ, generator=torch.Generator().manual_seed(9)) < 0.5
+    if mask_kind == "tensor":
+        out = subquad.attention(q, k, v, mask=dense, backend="reference")
+        ref = softmax_attention(q, k, v, mask=dense)[0]
+    elif mask_kind == "predicate":
+        out = subquad.attention(q, k, v, mask=lambda b, h, qp, kp: (qp - kp) % 5 < 3, backend="reference")
+        ref = softmax_attention(q, k, v, mask=((torch.arange(40) + 30).view(-1, 1) - torch.arange(SEQ)) % 5 < 3)[0]
+    else:
+        out = subquad.attention(q, k, v, mask=masks.strided(5, causal=False), causal=True, backend="reference")
+        ref = softmax_attention(q, k, v, mask=masks.strided(5), causal=True)[0]
+    _close(out, ref, 1e-5)
+
+
+def test_full_attention_without_mask_and_more_queries_than_keys():
+    q, k, v = _inputs(nq=90, nkv=33, hkv=1)
+    out, lse = subquad.attention(q, k, v, return_lse=True, backend="reference")
+    ref, ref_lse = softmax_attention(q, k, v)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+
+
+def _all_partial(bm):
+    """The same plan with every visited block masked element by element: valid for any order of positions."""
+    return dataclasses.replace(bm, kind=torch.full_like(bm.kind, PARTIAL), _cache={})
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document_per_batch", "block_sparse_per_head", "longformer"])
+@pytest.mark.parametrize("seq_q", [SEQ, 45])
+def test_permuted_positions(name, seq_q):
+    # Permuting queries and keys and passing their positions equals the unpermuted result, permuted back.
+    q, k, v = _inputs(nq=seq_q, grad=True)
+    slopes = torch.tensor([0.3, 0.1, 0.05, 0.02])
+    scale = 16 ** -0.5
+    bm = PATTERNS[name].block_mask(seq_q, SEQ, batch=2, heads=4, block_q=16, block_kv=16)
+    want, want_lse = attention_reference(q, k, v, bm, scale, alibi_slopes=slopes)
+    gen = torch.Generator().manual_seed(4)
+    pq, pk = torch.randperm(seq_q, generator=gen), torch.randperm(SEQ, generator=gen)
+    got, got_lse = attention_reference(q[:, pq], k[:, pk], v[:, pk], _all_partial(bm), scale, alibi_slopes=slopes,
+                                       q_pos=pq + SEQ - seq_q, kv_pos=pk)
+    inv = torch.argsort(pq)
+    _close(got[:, inv], want, 1e-5)
+    _close(got_lse[:, :, inv], want_lse, 1e-5)
+    ref, _ = softmax_attention(q, k, v, mask=PATTERNS[name], alibi_slopes=slopes)
+    _close(want, ref, 1e-5)
+    dq, dk, dv = torch.autograd.grad(got[:, inv].sum(), (q, k, v))
+    eq, ek, ev = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in ((dq, eq), (dk, ek), (dv, ev)):
+        _close(a, b, 2e-5)
+
+
+def test_block_mask_cache_reused():
+    q, k, v = _inputs()
+    pattern = masks.sliding_window(9)
+    subquad.attention(q, k, v, mask=pattern, backend="reference")
+    cached = dict(pattern._block_masks)
+    subquad.attention(q, k, v, mask=pattern, backend="reference")
+    assert pattern._block_masks == cached and len(cached) == 1
