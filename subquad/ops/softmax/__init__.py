@@ -32,6 +32,9 @@ def _check_options(q, scale, softcap, alibi_slopes):
 
 
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16):
+        # the flash kernels take fp16/bf16; fp32 (and fp64) run the fp32-accumulating reference
+        return "reference"
     if backend != "auto":
         return backend
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -45,7 +48,7 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-              return_lse: bool = False, backend: str = "auto"):
+              return_lse: bool = False, backend: str = "auto", deterministic: bool = False):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -62,7 +65,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_lse: also return the log-sum-exp of the scores, ``(batch, heads_q, seq_q)`` fp32
             (``-inf`` for a query that sees no key; its output is 0).
         backend: ``"auto"`` (Triton kernels on CUDA for fp16/bf16, the reference otherwise), ``"triton"``
-            or ``"reference"``. fp32 inputs on CUDA run the reference under ``"auto"``.
+            or ``"reference"``. The Triton kernels take fp16/bf16: fp32 inputs run the reference (under
+            ``"auto"`` and ``"triton"`` alike).
+        deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
+            somewhat slower.
     """
     check_backend(backend, BACKENDS)
     check_qkv(q, k, v)
@@ -80,7 +86,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         from .flash import flash_attention
 
         out, lse = flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                   alibi_slopes=alibi_slopes)
+                                   alibi_slopes=alibi_slopes, deterministic=deterministic)
     else:
         block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv,
                                     device=q.device)
