@@ -1,0 +1,86 @@
+"""Bad input to ``subquad.attention``: a ValueError that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+from subquad import masks
+
+
+def _qkv(b=2, nq=32, nkv=32, hq=4, hkv=2, d=16, dv=None, dtype=torch.float32):
+    return (torch.randn(b, nq, hq, d, dtype=dtype), torch.randn(b, nkv, hkv, d, dtype=dtype),
+            torch.randn(b, nkv, hkv, dv or d, dtype=dtype))
+
+
+def _call(q=None, k=None, v=None, **kw):
+    q0, k0, v0 = _qkv()
+    return subquad.attention(q0 if q is None else q, k0 if k is None else k, v0 if v is None else v,
+                             backend=kw.pop("backend", "reference"), **kw)
+
+
+Q, K, V = _qkv()
+META = torch.empty(2, 32, 2, 16, device="meta")
+
+CASES = {
+    # rank and type
+    "q rank 3": (dict(q=Q[0]), r"q: expected shape \(batch, seq, heads, head_dim\)"),
+    "k rank 5": (dict(k=K[None]), r"k: expected shape \(batch, seq, heads, head_dim\)"),
+    "v rank 2": (dict(v=V[0, 0]), r"v: expected shape"),
+    "q not a tensor": (dict(q=Q.tolist()), r"q: expected a torch.Tensor"),
+    "integer q": (dict(q=Q.long(), k=K.long(), v=V.long()), r"q: expected a floating-point tensor"),
+    # mismatched sizes
+    "batch": (dict(k=K[:1], v=V[:1]), r"k, v: expected batch 2"),
+    "head_dim": (dict(k=torch.randn(2, 32, 2, 8)), r"k: expected head_dim 16"),
+    "v seq": (dict(v=V[:, :31]), r"v: expected shape \(2, 32, 2, head_dim_v\)"),
+    "v heads": (dict(v=torch.randn(2, 32, 1, 16)), r"v: expected shape"),
+    "heads not a multiple": (dict(k=torch.randn(2, 32, 3, 16), v=torch.randn(2, 32, 3, 16)), r"H_kv dividing H_q=4"),
+    "empty seq": (dict(q=Q[:, :0]), r"non-empty"),
+    "more queries than keys with a mask": (dict(q=torch.randn(2, 40, 4, 16), causal=True), r"seq_q <= seq_kv=32"),
+    # devices and dtypes
+    "mixed devices": (dict(k=META, v=META), r"q, k, v: expected one device"),
+    "mixed dtypes": (dict(v=V.double()), r"q, k, v: expected one dtype"),
+    # masks
+    "window 0": (dict(build=lambda: masks.sliding_window(0)), r"window: expected a positive integer"),
+    "window negative": (dict(build=lambda: masks.sliding_window(-4, causal=False)), r"window"),
+    "mask tensor size": (dict(mask=torch.ones(32, 31, dtype=torch.bool)), r"mask: expected shape \(seq_q=32, seq_kv=32\)"),
+    "mask tensor heads": (dict(mask=torch.ones(3, 32, 32, dtype=torch.bool)), r"mask: expected shape .*heads in \(1, 4\)"),
+    "mask tensor dtype": (dict(mask=torch.ones(32, 32)), r"mask: expected a bool tensor"),
+    "block mask seq": (dict(build=lambda: masks.causal.block_mask(64)), r"mask: expected a BlockMask for seq_q=32"),
+    "block mask heads": (dict(build=lambda: masks.block_sparse(torch.ones(3, 1, 1, dtype=torch.bool), 32)
+                              .block_mask(32, heads=3)), r"mask: expected a BlockMask"),
+    "block mask with causal": (dict(build=lambda: masks.causal.block_mask(32), causal=True), r"causal: pass causal=False"),
+    "mask of another type": (dict(mask=5), r"mask: expected a subquad.masks pattern"),
+    "seq_ids length": (dict(build=lambda: masks.document(torch.zeros(31, dtype=torch.long))), r"seq_ids: expected shape \(32,\)"),
+    "seq_ids batch": (dict(build=lambda: masks.document(torch.zeros(3, 32, dtype=torch.long))), r"seq_ids: expected shape"),
+    "layout too small": (dict(build=lambda: masks.block_sparse(torch.ones(1, 1, dtype=torch.bool), 16)), r"layout: expected shape"),
+    "global token outside": (dict(build=lambda: masks.longformer(4, [32])), r"global_tokens: position 32"),
+    # options
+    "alibi 1-D size": (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes: expected a tensor of shape \(4,\) or \(2, 4\)"),
+    "alibi batch": (dict(alibi_slopes=torch.ones(3, 4)), r"alibi_slopes: expected a tensor of shape"),
+    "alibi rank": (dict(alibi_slopes=torch.ones(2, 4, 1)), r"alibi_slopes"),
+    "alibi list": (dict(alibi_slopes=[1.0] * 4), r"alibi_slopes"),
+    "alibi device": (dict(alibi_slopes=torch.ones(4, device="meta")), r"alibi_slopes: expected device cpu"),
+    "softcap 0": (dict(softcap=0.0), r"softcap: expected a positive number"),
+    "scale nan": (dict(scale=float("nan")), r"scale: expected a finite number"),
+    "backend": (dict(backend="cuda"), r"backend: expected one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_names_the_argument(case):
+    kw, message = CASES[case]
+    kw = dict(kw)
+    with pytest.raises(ValueError, match=message):
+        if "build" in kw:  # a mask built for the call: the pattern itself may refuse the argument first
+            kw["mask"] = kw.pop("build")()
+        _call(**kw)
+
+
+def test_good_input_passes():
+    # The same calls with valid arguments run (the checks are not over-eager).
+    out = _call(mask=masks.sliding_window(4), alibi_slopes=torch.ones(2, 4), softcap=5.0, scale=0.1)
+    assert out.shape == (2, 32, 4, 16)
+    q, k, v = _qkv(hkv=1, dv=8)
+    assert subquad.attention(q, k, v, causal=True, backend="reference").shape == (2, 32, 4, 8)
