@@ -64,3 +64,28 @@ def test_delta_recurrent_kernel_matches_reference(gated):
         o_ref, s_ref = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="reference")
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_kernel_bf16_gradients_on_gpu(gated):
+    """Gated gradients checked on the GPU (Triton 3.6 Hopper trap), bf16, K = V = 128, chunk 64."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, t, h, d = 2, 300, 4, 128
+    q, k, v = (torch.randn(b, t, h, d, generator=gen, device="cuda") for _ in range(3))
+    beta = torch.rand(b, t, h, generator=gen, device="cuda")
+    g = torch.nn.functional.logsigmoid(torch.randn(b, t, h, generator=gen, device="cuda") + 3.0) if gated else None
+    s0 = torch.randn(b, h, d, d, generator=gen, device="cuda") * 0.1
+    do = torch.randn(b, t, h, d, generator=gen, device="cuda")
+
+    def grads(dtype, backend):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, beta)]
+        extra = [None if g is None else g.clone().requires_grad_(), s0.clone().requires_grad_()]
+        o, s = subquad.delta_rule(*leaves, extra[0], initial_state=extra[1], output_state=True, backend=backend)
+        ((o.float() * do).sum() + s.sum()).backward()
+        return [o] + [x.grad for x in leaves + extra if x is not None]
+
+    for got, want in zip(grads(torch.bfloat16, "triton"), grads(torch.float32, "reference")):
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, err

@@ -1,0 +1,176 @@
+"""Linear-attention family suite: chunked forward and forward+backward of linear attention, retention, SSD
+(scalar decay), GLA (vector decay), DeltaNet and gated DeltaNet at B*T = 32k tokens (T = 2k, 8k, 32k; H = 16;
+D_k = D_v = 128; bf16), B = 1 at 8k and 64k for the linear-scaling ratio, decode steps, and exact causal
+attention (SDPA flash backend) at the same shapes for the crossover. Peer: flash-linear-attention when
+importable (its first call per kernel autotunes for tens of seconds). Rows carry ``tokens`` (B*T) so that
+tokens/s = tokens / ms.
+
+``linear`` is the GPU suite; ``cpu-linear`` runs the references at small sizes beside exact
+causal attention to show the O(N) against O(N^2) growth.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ... import attention, delta_rule, delta_rule_step, gla, gla_step
+from ..harness import Case, suite
+
+HEADS, DIM = 16, 128
+OPS = ("linear", "retention", "ssd", "gla", "delta", "gated_delta")
+
+
+def _make_inputs(op, batch, seqlen, heads, dim, dtype, grad):
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, seqlen, heads, dim)
+        q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(3))
+        inputs = {"q": q, "k": k, "v": v}
+        if op in ("delta", "gated_delta"):
+            inputs["q"], inputs["k"] = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
+            inputs["beta"] = torch.rand(shape[:3], generator=gen, device=device, dtype=dtype)
+        if op in ("ssd", "gated_delta"):
+            inputs["g"] = F.logsigmoid(torch.randn(shape[:3], generator=gen, device=device) + 4.0)
+        if op == "gla":
+            inputs["g"] = F.logsigmoid(torch.randn(shape, generator=gen, device=device) + 4.0) / 16
+        if op == "retention":
+            inputs["g"] = torch.log(1 - 2.0 ** (-5.0 - torch.arange(heads, device=device, dtype=torch.float32)))
+        for t in inputs.values():
+            t.requires_grad_(grad)
+        return inputs
+
+    return make
+
+
+def _ours(op, backend):
+    def run(x):
+        if op in ("delta", "gated_delta"):
+            return delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"), qk_l2norm=False, backend=backend)
+        return gla(x["q"], x["k"], x["v"], x.get("g"), backend=backend)
+
+    return run
+
+
+def _fla(op):
+    def run(x):
+        q, k, v = x["q"], x["k"], x["v"]
+        if op == "linear":
+            from fla.ops.linear_attn import chunk_linear_attn
+            return chunk_linear_attn(q, k, v, normalize=False)[0]
+        if op == "retention":
+            from fla.ops.simple_gla import chunk_simple_gla
+            return chunk_simple_gla(q, k, v, g_gamma=x["g"])[0]
+        if op == "ssd":
+            from fla.ops.simple_gla import chunk_simple_gla
+            return chunk_simple_gla(q, k, v, g=x["g"])[0]
+        if op == "gla":
+            from fla.ops.gla import chunk_gla
+            return chunk_gla(q, k, v, x["g"])[0]
+        if op == "delta":
+            from fla.ops.delta_rule import chunk_delta_rule
+            return chunk_delta_rule(q, k, v, x["beta"])[0]
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return chunk_gated_delta_rule(q, k, v, x["g"], x["beta"])[0]
+
+    return run
+
+
+def _sdpa_causal(x):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def _shapes(quick):
+    if quick:
+        return [(2, 2048)]
+    total = 32768
+    return [(total // t, t) for t in (1024, 2048, 8192, 32768)] + [(1, 8192), (1, 65536)]
+
+
+def _ops():
+    wanted = os.environ.get("SUBQUAD_BENCH_LINEAR_OPS")
+    return tuple(wanted.split(",")) if wanted else OPS
+
+
+@suite("linear", device="cuda")
+def linear_cases(quick: bool):
+    use_fla = os.environ.get("SUBQUAD_BENCH_FLA", "1") == "1"
+    for batch, seqlen in _shapes(quick):
+        for mode in ("fwd", "fwdbwd"):
+            extra = {"tokens": batch * seqlen, "head_dim_v": DIM}
+            for op in _ops():
+                impls = {"subquad-triton": _ours(op, "triton")}
+                if use_fla:
+                    impls["fla"] = _fla(op)
+                ref = _ours(op, "reference") if seqlen == 8192 and batch > 1 and mode == "fwd" else None
+                yield Case(case=op, mode=mode, batch=batch, seqlen=seqlen, heads_q=HEADS, heads_kv=HEADS,
+                           head_dim=DIM, dtype=torch.bfloat16, flops=None,
+                           make_inputs=_make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, mode == "fwdbwd"),
+                           impls=impls, reference=ref, extra=extra)
+            yield Case(case="sdpa-causal", mode=mode, batch=batch, seqlen=seqlen, heads_q=HEADS, heads_kv=HEADS,
+                       head_dim=DIM, dtype=torch.bfloat16,
+                       flops=2.0 * batch * HEADS * seqlen * seqlen * DIM * (3.5 if mode == "fwdbwd" else 1.0),
+                       make_inputs=_make_inputs("linear", batch, seqlen, HEADS, DIM, torch.bfloat16,
+                                                mode == "fwdbwd"),
+                       impls={"sdpa-flash": _sdpa_causal}, reference=None, extra=extra)
+    yield from _decode_cases(quick)
+
+
+def _decode_inputs(op, batch, heads, dim, dtype):
+    def make(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, dim, generator=gen, device=device, dtype=dtype) for _ in range(3))
+        state = torch.randn(batch, heads, dim, dim, generator=gen, device=device) * 0.1
+        x = {"q": q, "k": F.normalize(k.float(), dim=-1).to(dtype), "v": v, "state": state}
+        if op in ("gla", "gated_delta"):
+            x["g"] = F.logsigmoid(torch.randn(batch, heads, *((dim,) if op == "gla" else ()), generator=gen,
+                                              device=device) + 4.0)
+        if op == "gated_delta":
+            x["beta"] = torch.rand(batch, heads, generator=gen, device=device, dtype=dtype)
+        return x
+
+    return make
+
+
+def _decode_impl(op, backend):
+    def run(x):
+        if op == "gated_delta":
+            return delta_rule_step(x["q"], x["k"], x["v"], x["beta"], x["state"], x["g"], qk_l2norm=False,
+                                   backend=backend)
+        return gla_step(x["q"], x["k"], x["v"], x["state"], x.get("g"), backend=backend)
+
+    return run
+
+
+def _decode_cases(quick):
+    batch = 4 if quick else 64
+    for op in ("gla", "gated_delta"):
+        state_bytes = batch * HEADS * DIM * DIM * 4
+        yield Case(case=f"{op}-step", mode="decode", batch=batch, seqlen=1, heads_q=HEADS, heads_kv=HEADS,
+                   head_dim=DIM, dtype=torch.bfloat16, bytes=2.0 * state_bytes,
+                   make_inputs=_decode_inputs(op, batch, HEADS, DIM, torch.bfloat16),
+                   impls={"subquad-triton": _decode_impl(op, "triton"), "torch-eager": _decode_impl(op, "reference")},
+                   reference="torch-eager", extra={"tokens": batch})
+
+
+@suite("cpu-linear", device="cpu")
+def cpu_linear_cases(quick: bool):
+    """The chunked references (fp32, B = 1, 4 heads, D = 64) beside exact causal attention: time and memory
+    grow linearly for the recurrences and quadratically for attention."""
+    lengths = [512, 1024] if quick else [1024, 4096, 16384]
+    for n in lengths:
+        for op in ("ssd", "gated_delta"):
+            yield Case(case=op, mode="fwd", batch=1, seqlen=n, heads_q=4, heads_kv=4, head_dim=64,
+                       dtype=torch.float32, make_inputs=_make_inputs(op, 1, n, 4, 64, torch.float32, False),
+                       impls={"subquad-reference": _ours(op, "reference")}, reference=None, extra={"tokens": n})
+        yield Case(case="causal-attention", mode="fwd", batch=1, seqlen=n, heads_q=4, heads_kv=4, head_dim=64,
+                   dtype=torch.float32, make_inputs=_make_inputs("linear", 1, n, 4, 64, torch.float32, False),
+                   impls={"subquad-reference": lambda x: attention(x["q"], x["k"], x["v"], causal=True,
+                                                                   backend="reference")},
+                   reference=None, extra={"tokens": n})
