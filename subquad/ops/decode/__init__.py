@@ -15,6 +15,19 @@ BACKENDS = ("auto", "triton", "reference")
 MAX_NEW_TOKENS = 16
 
 
+_FULL_LENGTHS: dict = {}
+
+
+def _full_lengths(bsz: int, s: int, device) -> torch.Tensor:
+    """``(bsz,)`` int32 filled with ``s``, built once per shape (no allocation and fill kernel per step)."""
+    key = (bsz, s, str(device))
+    if key not in _FULL_LENGTHS:
+        if len(_FULL_LENGTHS) > 256:
+            _FULL_LENGTHS.clear()
+        _FULL_LENGTHS[key] = torch.full((bsz,), s, dtype=torch.int32, device=device)
+    return _FULL_LENGTHS[key]
+
+
 def _as_view(kv, v, seqlens) -> KVView:
     if isinstance(kv, KVCache):
         if v is not None or seqlens is not None:
@@ -33,7 +46,7 @@ def _as_view(kv, v, seqlens) -> KVView:
     bsz, s = kv.shape[:2]
     max_seqlen = s
     if seqlens is None:
-        seqlens = torch.full((bsz,), s, dtype=torch.int32, device=kv.device)
+        seqlens = _full_lengths(bsz, s, kv.device)
     else:
         if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (bsz,) or seqlens.dtype.is_floating_point:
             raise ValueError(f"seqlens: expected an integer tensor of shape ({bsz},), got "

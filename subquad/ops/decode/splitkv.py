@@ -18,6 +18,8 @@ among the new tokens, optional sliding window; base-2 exponentials inside.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -184,6 +186,7 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -216,9 +219,10 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     n_dv_blocks = triton.cdiv(dv, block_dv)
     v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
     if block_n is None:
-        # measured on the H100 (benchmarks/decode_tune.py): 64 keys per tile for dense storage; 32 when pages
-        # of 16 tokens are gathered row by row (64 lost 20%); 32 for MLA's 576-wide rows
-        block_n = 32 if dq > 256 or view.layout == "paged" else 64
+        # measured on the H100 (benchmarks/decode_tune.py, two sweeps): 64 keys per tile for dense storage
+        # and for pages of 16 tokens gathered row by row, once the grid has enough splits; MLA's 576-wide
+        # rows too, with 64 heads per program and 8 warps (benchmarks/results/*decode-tune*)
+        block_n = 64
     m_blocks = triton.cdiv(rows, block_m)
 
     max_len = view.max_seqlen if view.max_seqlen is not None else int(view.seqlens.max())
@@ -228,16 +232,19 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
         # Many small programs (about 16 per SM) rather than one wave: with ~4 programs resident per SM, a
-        # grid of 1.1 waves left a tail that cost 3-10% at 32k. At least 4 tiles per split.
+        # grid of 1.1 waves left a tail that cost 3-10% at 32k. At least 8 tiles per split.
         per_split = bsz * hkv * m_blocks * n_dv_blocks
-        num_splits = max(1, min(triton.cdiv(16 * _num_sms(q.device), per_split), triton.cdiv(max_len, 4 * block_n)))
+        num_splits = max(1, min(triton.cdiv(16 * _num_sms(q.device), per_split), triton.cdiv(max_len, 8 * block_n)))
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
     if num_stages is None:
-        num_stages = 2 if dq > 256 else 3
+        num_stages = 2
 
-    o_part = torch.empty(bsz * hkv, num_splits, rows, dv, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(bsz * hkv, num_splits, rows, dtype=torch.float32, device=q.device)
+    # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
+    # kernel's, so allocations and launches are kept few
+    n_part = bsz * hkv * num_splits * rows
+    work = torch.empty(n_part * (dv + 1), dtype=torch.float32, device=q.device)
+    o_part, lse_part = work[:n_part * dv], work[n_part * dv:]
     out = torch.empty(bsz, t, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device)
     seqlens = view.seqlens.to(torch.int32)
