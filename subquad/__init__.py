@@ -6,11 +6,12 @@ specification) and Triton kernels for the GPU, chosen by ``backend="auto"``.
 
 from . import masks
 from .ops.softmax import attention
+from .ops.softmax.dispatch import available_backends
 from .ops.linear import (gla, gla_step, linear_attention, linear_attention_step, retention, ssd, ssd_step)
 from .ops.delta import delta_rule, delta_rule_step
 
 __version__ = "0.1.0"
 
-__all__ = ["masks", "attention", "__version__",
+__all__ = ["masks", "attention", "available_backends", "__version__",
            "gla", "gla_step", "linear_attention", "linear_attention_step", "retention", "ssd", "ssd_step",
            "delta_rule", "delta_rule_step"]

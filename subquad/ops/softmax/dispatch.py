@@ -1,0 +1,311 @@
+"""``backend="auto"`` for exact attention: the fastest backend that can run a call, by measurement.
+
+A call's *signature* is (device capability, dtype, head_dim, pattern kind, pass). ``dispatch_table.json``
+(shipped in the package, made by ``python -m subquad.ops.softmax.dispatch RESULTS.json`` from a
+``subquad bench --suite backends`` run) ranks the backends measured for each signature, fastest first.
+
+The rule, in order:
+
+1. the measured ranking of the exact signature;
+2. else the measured ranking of the nearest signature on the same device capability, pattern kind and pass
+   (fp16 and bf16 count as one; the closest head_dim, the smaller one on a tie);
+3. else, unmeasured: the own Triton kernel (it runs every pattern), then FA4, then the reference;
+
+and the first backend of that order that *can run the call* wins (``can_run``: installed, right device,
+dtype, head_dim, pattern expressible), so a measured favourite that cannot run a call is skipped, never
+forced. The reference runs everything and ends every order. The choice is logged at DEBUG level on the
+``subquad`` logger, with the signature and the rule that decided.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ... import masks as _masks
+from ...masks import patterns as P
+from . import fa4
+
+log = logging.getLogger("subquad")
+
+#: every backend of exact attention, in the order that unmeasured signatures try them
+BACKENDS = ("triton", "fa4", "reference")
+TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+#: largest forward error (vs fp64, sampled rows) of a benchmark row that may enter the table, per dtype
+MAX_ERR = {"bfloat16": 6e-2, "float16": 1e-2, "float32": 1e-4}
+#: bench implementation name -> backend
+BENCH_IMPLS = {"subquad-triton": "triton", "subquad-fa4": "fa4", "subquad-reference": "reference"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Signatures
+
+
+@dataclass(frozen=True)
+class Signature:
+    capability: str     # "cpu", "sm90", ...
+    dtype: str          # "bfloat16", ...
+    head_dim: int
+    pattern: str        # see pattern_kind
+    mode: str           # "fwd" | "fwdbwd"
+
+    def key(self) -> str:
+        return f"{self.capability}/{self.dtype}/d{self.head_dim}/{self.pattern}/{self.mode}"
+
+
+#: names of subquad.masks constructors that are pattern kinds of their own
+_NAMED_KINDS = ("sliding_window", "strided", "fixed", "dilated", "longformer", "bigbird", "prefix_lm")
+
+
+def _parts(p) -> list:
+    """The parts of an intersection (nested ones flattened), named patterns kept whole."""
+    if isinstance(p, P.Intersection):
+        return [x for part in p.parts for x in _parts(part)]
+    return [p]
+
+
+def _is_causal_band(p) -> bool:
+    return isinstance(p, P.Band) and p.lo == 0 and p.hi >= fa4._UNBOUNDED
+
+
+def pattern_kind(mask, causal: bool) -> str:
+    """A short name for the pattern of a call: ``full``, ``causal``, ``window``, ``document``, the named
+    patterns (``longformer``, ``bigbird``, ``prefix_lm``, ``strided``, ``fixed``, ``dilated``),
+    ``block_sparse``, ``tensor``, ``predicate`` or ``composite``. Intersecting with causal keeps the kind
+    of the other part."""
+    if mask is None:
+        return "causal" if causal else "full"
+    if isinstance(mask, _masks.BlockMask):
+        return pattern_kind(mask.pattern, False)
+    if isinstance(mask, torch.Tensor):
+        return "tensor"
+    if not isinstance(mask, P.Pattern):
+        return "predicate"
+    parts = [p for p in _parts(mask) if not _is_causal_band(p)]
+    if not parts:
+        return "causal"
+    if all(isinstance(p, P.Band) for p in parts):
+        if max(p.lo for p in parts) <= -fa4._UNBOUNDED and min(p.hi for p in parts) >= fa4._UNBOUNDED:
+            return "causal" if causal or len(parts) < len(_parts(mask)) else "full"
+        return "window"
+    if all(isinstance(p, (P.Band, P.Document)) or (isinstance(p, P.Named) and p.name == "sliding_window")
+           for p in parts) and any(isinstance(p, P.Document) for p in parts):
+        return "document"
+    if len(parts) == 1:
+        p = parts[0]
+        if isinstance(p, P.Named):
+            if p.name in _NAMED_KINDS:
+                return "window" if p.name == "sliding_window" else p.name
+            return pattern_kind(p.inner, False)
+        if isinstance(p, (P.BlockLayout, P.RandomBlocks)):
+            return "block_sparse"
+        if isinstance(p, P.Tensor):
+            return "tensor"
+        if isinstance(p, P.Predicate):
+            return "predicate"
+    return "composite"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm{major}{minor}"
+
+
+def capability(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None) -> Signature:
+    """The signature of a call; the pass is ``fwdbwd`` when autograd will need the backward."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return Signature(capability(q.device), str(q.dtype).replace("torch.", ""), q.shape[-1],
+                     pattern_kind(mask, causal), "fwdbwd" if needs_grad else "fwd")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The measured table
+
+
+class Table:
+    """Measured rankings: signature key -> backends, fastest first (with their times in ms)."""
+
+    def __init__(self, data: dict | None = None):
+        data = data or {}
+        self.meta = data.get("measured", {})
+        self.entries: dict[Signature, list[tuple[str, float]]] = {}
+        for e in data.get("entries", []):
+            sig = Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
+            self.entries[sig] = [(name, float(ms)) for name, ms in e["ranking"]]
+
+    @classmethod
+    def load(cls, path: Path | str = TABLE_PATH) -> "Table":
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        return cls(json.loads(path.read_text()))
+
+    def ranking(self, sig: Signature) -> tuple[list[str], str]:
+        """Backends in measured order for ``sig`` and the rule that gave them (``exact``, ``nearest <key>``
+        or ``unmeasured``)."""
+        if sig in self.entries:
+            return [name for name, _ in self.entries[sig]], "exact"
+        half = {"float16", "bfloat16"}
+
+        def same_family(a: str, b: str) -> bool:
+            return a == b or (a in half and b in half)
+
+        near = [s for s in self.entries if s.capability == sig.capability and s.pattern == sig.pattern
+                and s.mode == sig.mode and same_family(s.dtype, sig.dtype)]
+        if near:
+            best = min(near, key=lambda s: (s.dtype != sig.dtype, abs(s.head_dim - sig.head_dim), s.head_dim))
+            return [name for name, _ in self.entries[best]], f"nearest {best.key()}"
+        return list(BACKENDS), "unmeasured"
+
+
+@functools.lru_cache(maxsize=1)
+def table() -> Table:
+    return Table.load()
+
+
+def build_table(rows: list[dict], *, source: str = "") -> dict:
+    """The JSON table from benchmark rows of the ``backends`` suite (``extra``: ``capability``,
+    ``pattern``): per signature, the backends that ran within ``MAX_ERR``, fastest first."""
+    groups: dict[Signature, dict[str, float]] = {}
+    meta = {}
+    for r in rows:
+        backend = BENCH_IMPLS.get(r.get("impl", ""))
+        if backend is None or "error" in r or r.get("ms") is None or "capability" not in r:
+            continue
+        err = r.get("max_err")
+        if err is None or err > MAX_ERR.get(r["dtype"], 6e-2):
+            continue
+        sig = Signature(r["capability"], r["dtype"], int(r["head_dim"]), r["pattern"], r["mode"])
+        times = groups.setdefault(sig, {})
+        # Several shapes of one signature: a backend's worst ratio decides, so keep the sum of times.
+        times[backend] = times.get(backend, 0.0) + float(r["ms"])
+        meta = {"device": r.get("device"), "date": r.get("date"), "versions": r.get("versions")}
+    # A backend missing from some shape of a signature is not comparable on the sum: keep those it ran all.
+    counts: dict[tuple[Signature, str], int] = {}
+    shapes: dict[Signature, set] = {}
+    for r in rows:
+        backend = BENCH_IMPLS.get(r.get("impl", ""))
+        if backend is None or "capability" not in r:
+            continue
+        sig = Signature(r["capability"], r["dtype"], int(r["head_dim"]), r["pattern"], r["mode"])
+        shapes.setdefault(sig, set()).add((r.get("batch"), r.get("seqlen")))
+        if "error" not in r and r.get("ms") is not None and r.get("max_err") is not None \
+                and r["max_err"] <= MAX_ERR.get(r["dtype"], 6e-2):
+            counts[(sig, backend)] = counts.get((sig, backend), 0) + 1
+    entries = []
+    for sig, times in sorted(groups.items(), key=lambda kv: kv[0].key()):
+        full = {b: t for b, t in times.items() if counts.get((sig, b), 0) == len(shapes[sig])}
+        if not full:
+            continue
+        ranking = sorted(full.items(), key=lambda kv: kv[1])
+        entries.append({"capability": sig.capability, "dtype": sig.dtype, "head_dim": sig.head_dim,
+                        "pattern": sig.pattern, "mode": sig.mode,
+                        "ranking": [[name, round(ms, 4)] for name, ms in ranking]})
+    return {"measured": {**meta, "source": source}, "entries": entries}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What can run, and the choice
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from . import flash  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                       mask=None, softcap=None, alibi_slopes=None) -> str | None:
+    """Why ``backend`` cannot run this call, or None if it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not q.is_cuda:
+            return "the Triton kernels run on CUDA (the CPU runs the reference)"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"the Triton kernels run fp16/bf16, got {q.dtype}"
+        if not _triton_importable():
+            return "the Triton flash kernels are not importable here"
+        return None
+    if backend == "fa4":
+        return fa4.unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes)
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def can_run(backend: str, q, k, v, **kw) -> bool:
+    return unsupported_reason(backend, q, k, v, **kw) is None
+
+
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None, softcap=None,
+           alibi_slopes=None) -> str:
+    """The backend ``backend="auto"`` runs for this call (see the module docstring for the rule)."""
+    sig = signature(q, k, v, causal=causal, mask=mask)
+    order, rule = table().ranking(sig)
+    order = list(dict.fromkeys([*order, *BACKENDS]))
+    skipped = []
+    for backend in order:
+        why = unsupported_reason(backend, q, k, v, causal=causal, mask=mask, softcap=softcap,
+                                 alibi_slopes=alibi_slopes)
+        if why is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("subquad.attention auto -> %s for %s (%s%s)", backend, sig.key(), rule,
+                          "".join(f"; skipped {b}: {w}" for b, w in skipped))
+            return backend
+        skipped.append((backend, why))
+    raise AssertionError("the reference runs every call")  # pragma: no cover
+
+
+def available_backends(device=None) -> list[str]:
+    """The exact-attention backends this machine can run on ``device`` (default: CUDA if present) for
+    some call, in the unmeasured order: ``triton`` and ``fa4`` need a CUDA device (FA4: installed, sm90 or
+    sm100); ``reference`` always runs."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    out = []
+    for backend in BACKENDS:
+        if backend == "reference":
+            out.append(backend)
+        elif device.type == "cuda":
+            if backend == "triton" and _triton_importable():
+                out.append(backend)
+            elif backend == "fa4" and fa4.is_installed() and \
+                    _capability(device.index if device.index is not None else torch.cuda.current_device()) in \
+                    ("sm90", "sm100", "sm103"):
+                out.append(backend)
+    return out
+
+
+def _main(argv: list[str]) -> None:
+    """``python -m subquad.ops.softmax.dispatch RESULTS.json [OUT.json]``: the table from a bench run."""
+    if not argv:
+        print(_main.__doc__)
+        raise SystemExit(2)
+    rows = json.loads(Path(argv[0]).read_text())
+    data = build_table(rows, source=str(argv[0]))
+    out = Path(argv[1]) if len(argv) > 1 else TABLE_PATH
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {out}: {len(data['entries'])} signatures")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,233 @@
+"""backend="auto" for exact attention: signatures, the measured table and its fallback rule, never a backend
+that cannot run the call, graceful without FA4. CPU only: the device and what can run are stubbed where a
+GPU signature is needed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import subquad
+from subquad import masks
+from subquad.ops.softmax import dispatch, fa4
+
+IDS = torch.tensor([0] * 5 + [1] * 11)
+
+
+@pytest.mark.parametrize("mask,causal,kind", [
+    (None, False, "full"),
+    (None, True, "causal"),
+    (masks.causal, False, "causal"),
+    (masks.full, False, "full"),
+    (masks.sliding_window(8), False, "window"),
+    (masks.sliding_window(8, causal=False), True, "window"),
+    (masks.document(IDS), True, "document"),
+    (masks.document(IDS) & masks.sliding_window(4), False, "document"),
+    (masks.longformer(4, [0]), True, "longformer"),
+    (masks.bigbird(4, [0]), False, "bigbird"),
+    (masks.prefix_lm(3), False, "prefix_lm"),
+    (masks.prefix_lm(3) & masks.causal, False, "prefix_lm"),
+    (masks.strided(4), False, "strided"),
+    (masks.fixed(4, 1), True, "fixed"),
+    (masks.dilated(8, 2), False, "dilated"),
+    (masks.block_sparse(torch.ones(2, 2, dtype=torch.bool), 8), False, "block_sparse"),
+    (torch.ones(16, 16, dtype=torch.bool), False, "tensor"),
+    (lambda b, h, q, k: q >= k, False, "predicate"),
+    (masks.sliding_window(8) | masks.prefix_lm(2), False, "composite"),
+])
+def test_pattern_kind(mask, causal, kind):
+    assert dispatch.pattern_kind(mask, causal) == kind
+
+
+def test_pattern_kind_of_block_mask():
+    bm = masks.longformer(4, [0]).block_mask(32)
+    assert dispatch.pattern_kind(bm, False) == "longformer"
+
+
+def test_signature_pass_follows_autograd():
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    assert dispatch.signature(q, k, v, causal=True) == dispatch.Signature("cpu", "float32", 16, "causal", "fwd")
+    q.requires_grad_()
+    assert dispatch.signature(q, k, v).mode == "fwdbwd"
+    with torch.no_grad():
+        assert dispatch.signature(q, k, v).mode == "fwd"
+
+
+TABLE = {"measured": {"device": "test"}, "entries": [
+    {"capability": "sm90", "dtype": "bfloat16", "head_dim": 128, "pattern": "causal", "mode": "fwd",
+     "ranking": [["fa4", 1.0], ["triton", 1.2]]},
+    {"capability": "sm90", "dtype": "bfloat16", "head_dim": 64, "pattern": "causal", "mode": "fwd",
+     "ranking": [["triton", 0.5], ["fa4", 0.6]]},
+    {"capability": "sm90", "dtype": "bfloat16", "head_dim": 128, "pattern": "strided", "mode": "fwd",
+     "ranking": [["triton", 1.0], ["fa4", 9.0]]},
+]}
+
+
+def _sig(head_dim=128, pattern="causal", mode="fwd", dtype="bfloat16", cap="sm90"):
+    return dispatch.Signature(cap, dtype, head_dim, pattern, mode)
+
+
+@pytest.mark.parametrize("sig,order,rule", [
+    (_sig(), ["fa4", "triton"], "exact"),
+    (_sig(64), ["triton", "fa4"], "exact"),
+    (_sig(96), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),      # a tie: the smaller head_dim
+    (_sig(80), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),
+    (_sig(256, dtype="float16"), ["fa4", "triton"], "nearest sm90/bfloat16/d128/causal/fwd"),
+    (_sig(dtype="float32"), list(dispatch.BACKENDS), "unmeasured"),
+    (_sig(mode="fwdbwd"), list(dispatch.BACKENDS), "unmeasured"),
+    (_sig(pattern="window"), list(dispatch.BACKENDS), "unmeasured"),
+    (_sig(cap="sm100"), list(dispatch.BACKENDS), "unmeasured"),
+])
+def test_table_ranking_rule(sig, order, rule):
+    assert dispatch.Table(TABLE).ranking(sig) == (order, rule)
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """CPU tensors that dispatch sees as sm90 tensors; ``runnable`` says which backends can run."""
+    runnable = {"triton", "fa4", "reference"}
+    monkeypatch.setattr(dispatch, "capability", lambda device: "sm90")
+
+    def reason(backend, q, k, v, **kw):
+        return None if backend in runnable else f"{backend} stubbed out"
+
+    monkeypatch.setattr(dispatch, "unsupported_reason", reason)
+    monkeypatch.setattr(dispatch, "table", lambda: dispatch.Table(TABLE))
+    return runnable
+
+
+def _bf16(d=128):
+    return [torch.randn(1, 8, 2, d, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def test_choose_follows_the_measurement(gpu_like):
+    assert dispatch.choose(*_bf16(), causal=True) == "fa4"
+    assert dispatch.choose(*_bf16(64), causal=True) == "triton"
+    assert dispatch.choose(*_bf16(), mask=masks.strided(4)) == "triton"
+
+
+def test_choose_skips_what_cannot_run(gpu_like):
+    gpu_like.discard("fa4")
+    assert dispatch.choose(*_bf16(), causal=True) == "triton"
+    gpu_like.discard("triton")
+    assert dispatch.choose(*_bf16(), causal=True) == "reference"
+
+
+def test_choose_unmeasured_prefers_the_own_kernel(gpu_like):
+    assert dispatch.choose(*_bf16(), mask=masks.longformer(4, [0])) == "triton"
+    gpu_like.discard("triton")
+    assert dispatch.choose(*_bf16(), mask=masks.longformer(4, [0])) == "fa4"
+
+
+def test_choose_logs_its_choice(gpu_like, caplog):
+    with caplog.at_level(logging.DEBUG, logger="subquad"):
+        gpu_like.discard("fa4")
+        dispatch.choose(*_bf16(), causal=True)
+    msg = caplog.records[-1].getMessage()
+    assert "auto -> triton" in msg and "sm90/bfloat16/d128/causal/fwd" in msg and "skipped fa4" in msg
+
+
+def test_cpu_always_runs_the_reference():
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    for dtype in (torch.float32, torch.bfloat16):
+        t = [x.to(dtype) for x in (q, k, v)]
+        assert dispatch.choose(*t, causal=True) == "reference"
+        assert dispatch.choose(*t, mask=masks.longformer(4, [0])) == "reference"
+    assert "CUDA" in dispatch.unsupported_reason("triton", q, k, v)
+    assert dispatch.unsupported_reason("fa4", q, k, v) is not None
+    with pytest.raises(ValueError, match="backend"):
+        dispatch.unsupported_reason("cudnn", q, k, v)
+
+
+def test_fa4_refusals_are_specific(monkeypatch):
+    """What FA4 cannot run, with a reason, on an sm90 stub (no GPU needed: no kernel runs)."""
+    monkeypatch.setattr(fa4, "is_installed", lambda: True)
+    monkeypatch.setattr(fa4, "_arch", lambda index: 90)
+    q, k, v = (torch.randn(1, 16, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert fa4.unsupported_reason(q, k, v, causal=True) is None
+    assert fa4.unsupported_reason(q, k, v, mask=masks.longformer(4, [0])) is None
+    assert "ALiBi" in fa4.unsupported_reason(q, k, v, alibi_slopes=torch.ones(2))
+    assert "mask_mod" in fa4.unsupported_reason(q, k, v, mask=lambda b, h, qq, kk: qq >= kk)
+    assert "fp16/bf16" in fa4.unsupported_reason(*(t.float() for t in (q, k, v)))
+    wide = [torch.randn(1, 16, 2, 256, dtype=torch.bfloat16) for _ in range(3)]
+    assert fa4.unsupported_reason(*wide, causal=True) is None
+    assert "head_dim=256" in fa4.unsupported_reason(*wide, mask=masks.prefix_lm(4))
+    odd = [torch.randn(1, 16, 2, 60, dtype=torch.bfloat16) for _ in range(3)]
+    assert "head_dim=60" in fa4.unsupported_reason(*odd)
+    monkeypatch.setattr(fa4, "_arch", lambda index: 80)
+    assert "sm80" in fa4.unsupported_reason(q, k, v)
+    monkeypatch.setattr(fa4, "_arch", lambda index: 100)
+    assert fa4.unsupported_reason(q, k, v, mask=masks.sliding_window(4)) is None
+    assert "sm90" in fa4.unsupported_reason(q, k, v, mask=masks.prefix_lm(4))
+
+
+def _row(impl, ms, pattern="causal", mode="fwd", seqlen=4096, err=1e-3, **kw):
+    row = {"impl": impl, "ms": ms, "max_err": err, "capability": "sm90", "dtype": "bfloat16", "head_dim": 128,
+           "pattern": pattern, "mode": mode, "batch": 1, "seqlen": seqlen, "device": "H100", "date": "d"}
+    row.update(kw)
+    return row
+
+
+def test_build_table_from_bench_rows():
+    rows = [
+        _row("subquad-triton", 1.2), _row("subquad-fa4", 1.0), _row("cudnn", 0.9), _row("subquad-auto", 1.0),
+        _row("subquad-triton", 2.0, pattern="strided"), _row("subquad-fa4", 30.0, pattern="strided"),
+        # a wrong result never enters the table, nor a row that failed
+        _row("subquad-triton", 0.1, pattern="window", err=0.5), _row("subquad-fa4", 1.0, pattern="window"),
+        {"impl": "subquad-fa4", "error": "RuntimeError: no", "capability": "sm90", "dtype": "bfloat16",
+         "head_dim": 128, "pattern": "prefix_lm", "mode": "fwd", "batch": 1, "seqlen": 4096},
+        _row("subquad-triton", 3.0, pattern="prefix_lm"),
+        # two shapes: summed; a backend that failed one of them is not ranked on the sum
+        _row("subquad-triton", 1.0, pattern="bigbird", seqlen=1024), _row("subquad-fa4", 0.5, pattern="bigbird",
+                                                                          seqlen=1024),
+        _row("subquad-triton", 4.0, pattern="bigbird", seqlen=8192), _row("subquad-fa4", 4.8, pattern="bigbird",
+                                                                          seqlen=8192),
+        _row("subquad-triton", 1.0, pattern="document", seqlen=1024),
+        _row("subquad-fa4", 0.1, pattern="document", seqlen=1024),
+        _row("subquad-triton", 3.0, pattern="document", seqlen=8192),
+    ]
+    data = dispatch.build_table(rows, source="x.json")
+    table = dispatch.Table(data)
+    assert data["measured"]["source"] == "x.json" and data["measured"]["device"] == "H100"
+    assert table.ranking(_sig())[0] == ["fa4", "triton"]
+    assert table.ranking(_sig(pattern="strided"))[0] == ["triton", "fa4"]
+    assert table.ranking(_sig(pattern="window"))[0] == ["fa4"]
+    assert table.ranking(_sig(pattern="prefix_lm"))[0] == ["triton"]
+    assert table.ranking(_sig(pattern="bigbird"))[0] == ["triton", "fa4"]        # 5.0 ms vs 5.3 ms in all
+    assert table.ranking(_sig(pattern="document"))[0] == ["triton"]
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_shipped_table_is_valid():
+    table = dispatch.Table.load()
+    for sig, ranking in table.entries.items():
+        assert sig.mode in ("fwd", "fwdbwd") and sig.capability.startswith("sm")
+        assert ranking and all(name in dispatch.BACKENDS for name, _ in ranking)
+        assert [ms for _, ms in ranking] == sorted(ms for _, ms in ranking)
+
+
+def test_available_backends_here():
+    assert dispatch.available_backends("cpu") == ["reference"]
+    assert subquad.available_backends() == dispatch.available_backends()
+
+
+def test_import_without_fa4_or_triton_kernels():
+    """``import subquad`` and the chooser work when flash_attn cannot be imported at all."""
+    code = ("import sys; sys.modules['flash_attn'] = None\n"
+            "import torch, subquad\n"
+            "from subquad.ops.softmax import dispatch, fa4\n"
+            "assert not fa4.is_installed() and dispatch.available_backends('cpu') == ['reference']\n"
+            "q = torch.randn(1, 8, 2, 16)\n"
+            "out = subquad.attention(q, q, q, causal=True)\n"
+            "assert out.shape == q.shape\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok")
