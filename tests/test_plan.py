@@ -149,3 +149,21 @@ def test_alibi_sees_true_positions(pattern):
     with pytest.raises(ValueError, match="alibi_slopes"):
         planned_attention(q, k, v, plan(masks.fixed(32, 4), 128, block_q=TILE, block_kv=TILE), 0.25,
                           alibi_slopes=alibi)
+
+
+def test_attention_routes_patterns_to_the_planner(monkeypatch):
+    import subquad
+    from subquad.ops import softmax as softmax_mod
+
+    calls = []
+    real = softmax_mod.planned_attention
+    monkeypatch.setattr(softmax_mod, "planned_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    q, k, v = _qkv(100, 100, 4, 2)
+    pattern = masks.strided(16, causal=False)
+    planned = subquad.attention(q, k, v, mask=pattern, causal=True)
+    assert len(calls) == 1 and [c.role for c in calls[0].components] == ["local", "columns"]
+    plain = subquad.attention(q, k, v, mask=pattern, causal=True, plan=False)
+    assert len(calls) == 1
+    torch.testing.assert_close(planned, plain, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="plan"):
+        subquad.attention(q, k, v, mask=masks.sliding_window(8), plan=True)

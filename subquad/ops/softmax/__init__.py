@@ -9,6 +9,7 @@ import torch
 
 from ... import masks as _masks
 from ..._checks import check_backend, check_qkv
+from .planned import plan_for, planned_attention
 from .reference import attention_reference
 
 log = logging.getLogger("subquad")
@@ -48,7 +49,8 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-              return_lse: bool = False, backend: str = "auto", deterministic: bool = False):
+              return_lse: bool = False, backend: str = "auto", deterministic: bool = False,
+              plan: bool | None = None):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -69,6 +71,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             ``"auto"`` and ``"triton"`` alike).
         deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
             somewhat slower.
+        plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
+            planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
+            (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
     """
     check_backend(backend, BACKENDS)
     check_qkv(q, k, v)
@@ -82,7 +87,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     chosen = _pick_backend(backend, q)
     log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
               q.dtype, "causal" if mask is None and causal else mask)
-    if chosen == "triton":
+    planned = None if plan is False else plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
+    if plan is True and planned is None:
+        raise ValueError(f"plan: expected a mask with scattered keys to plan (strided, fixed, dilated, global "
+                         f"tokens), got {mask!r}")
+    if planned is not None:
+        out, lse = planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen)
+    elif chosen == "triton":
         from .flash import flash_attention
 
         out, lse = flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,

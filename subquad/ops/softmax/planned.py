@@ -54,7 +54,13 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
         qf = q.reshape(bsz, seq_q // f, f * hq, d)
         kf = k.reshape(bsz, k.shape[1] // f, f * hkv, d)
         vf = v.reshape(bsz, v.shape[1] // f, f * hkv, v.shape[3])
-        o, lse = engine(qf, kf, vf, bm, scale, softcap, _alibi_for(alibi, f, bsz), None, None)
+        if engine is attention_reference:
+            o, lse = engine(qf, kf, vf, bm, scale, softcap, _alibi_for(alibi, f, bsz), None, None)
+        else:
+            from .flash import flash_attention
+
+            o, lse = flash_attention(qf, kf, vf, mask=c.pattern, scale=scale, softcap=softcap,
+                                     alibi_slopes=_alibi_for(alibi, f, bsz))
         lse = lse.view(bsz, f, hq, seq_q // f).permute(0, 2, 3, 1).reshape(bsz, hq, seq_q)
         return o.reshape(bsz, seq_q, hq, v.shape[3]), lse
     qq = q if c.q_index is None else q.index_select(1, c.q_index)
@@ -65,6 +71,12 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     else:
         kk, vv = k, v
     if c.split == 1:
+        if engine is not attention_reference and isinstance(c.pattern, Band) and c.grid_pattern is None \
+                and c.q_pos is None and c.kv_pos is None:
+            # a plain band on natural positions: the kernel's list-free band path
+            from .flash import flash_attention
+
+            return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi)
         return engine(qq, kk, vv, bm, scale, softcap, alibi, c.q_pos, c.kv_pos)
     # Key chunks as extra batch entries (the pattern is position-free here: every pair).
     s, nr = c.split, qq.shape[1]
