@@ -174,3 +174,27 @@ def cpu_linear_cases(quick: bool):
                    impls={"subquad-reference": lambda x: attention(x["q"], x["k"], x["v"], causal=True,
                                                                    backend="reference")},
                    reference=None, extra={"tokens": n})
+
+
+def summarize(rows: list[dict]) -> dict:
+    """From one run's rows: tokens/s per (op, shape, pass, impl), subquad / fla ratios, the T = 8k -> 64k time
+    ratio at B = 1, and the crossover (smallest T at which each op's fwd+bwd beats SDPA-flash causal at
+    B*T = 32k)."""
+    ok = [r for r in rows if "ms" in r and r.get("tokens")]
+    by = {(r["case"], r["batch"], r["seqlen"], r["mode"], r["impl"]): r["ms"] for r in ok}
+    out = {"mtok_s": {}, "vs_fla": {}, "scaling_8k_to_64k": {}, "crossover_fwdbwd": {}}
+    for (case, b, t, mode, impl), ms in by.items():
+        out["mtok_s"][f"{case} {b}x{t} {mode} {impl}"] = round(b * t / ms / 1e3, 2)
+        if impl == "subquad-triton" and (case, b, t, mode, "fla") in by:
+            out["vs_fla"][f"{case} {b}x{t} {mode}"] = round(by[(case, b, t, mode, "fla")] / ms, 3)
+    for case in OPS:
+        for mode in ("fwd", "fwdbwd"):
+            short, long_ = by.get((case, 1, 8192, mode, "subquad-triton")), by.get((case, 1, 65536, mode, "subquad-triton"))
+            if short and long_:
+                out["scaling_8k_to_64k"][f"{case} {mode}"] = round(long_ / short, 2)
+        beats = sorted(t for (c, b, t, m, i), ms in by.items() if c == case and m == "fwdbwd" and i == "subquad-triton"
+                       and b * t == 32768 and (("sdpa-causal", b, t, m, "sdpa-flash") in by)
+                       and ms < by[("sdpa-causal", b, t, m, "sdpa-flash")])
+        if beats:
+            out["crossover_fwdbwd"][case] = beats[0]
+    return out
