@@ -60,25 +60,28 @@ class PagedKVCache(KVCache):
         for b in range(self.batch):
             self.free(b)
 
-    def _grow(self, seq: int, length: int) -> None:
-        need = -(-length // self.page_size)
-        if need > self.max_pages_per_seq:
-            raise ValueError(f"k: sequence {seq} would need {need} pages, more than max_pages_per_seq="
-                             f"{self.max_pages_per_seq}")
-        if need - len(self._pages[seq]) > len(self._free):
+    def _grow(self, lengths: list[int]) -> None:
+        """Give each sequence the pages ``lengths`` needs; all or nothing (a failed update changes nothing)."""
+        need = [-(-n // self.page_size) for n in lengths]
+        for seq, n in enumerate(need):
+            if n > self.max_pages_per_seq:
+                raise ValueError(f"k: sequence {seq} would need {n} pages, more than max_pages_per_seq="
+                                 f"{self.max_pages_per_seq}")
+        more = sum(max(0, n - len(p)) for n, p in zip(need, self._pages))
+        if more > len(self._free):
             raise ValueError(f"k: the pool is out of pages ({self.num_pages} of {self.page_size} tokens; "
-                             f"{len(self._free)} free, sequence {seq} needs {need - len(self._pages[seq])} more)")
-        first = len(self._pages[seq])
-        while len(self._pages[seq]) < need:
-            self._pages[seq].append(self._free.pop())
-        if need > first:
-            self.block_table[seq, first:need] = torch.tensor(self._pages[seq][first:need], dtype=torch.int32)
+                             f"{len(self._free)} free, this update needs {more})")
+        for seq, n in enumerate(need):
+            first = len(self._pages[seq])
+            while len(self._pages[seq]) < n:
+                self._pages[seq].append(self._free.pop())
+            if n > first:
+                self.block_table[seq, first:n] = torch.tensor(self._pages[seq][first:n], dtype=torch.int32)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
-        for b, s in enumerate(starts):
-            self._grow(b, s + t)
+        self._grow([s + t for s in starts])
         dev = self.k.device
         pos = torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(t, device=dev)
         page = torch.gather(self.block_table.long(), 1, pos // self.page_size)
