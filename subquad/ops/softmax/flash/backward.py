@@ -108,7 +108,7 @@ def flash_bwd_dkdv_kernel(
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
-    list_width, n_qb, n_kb, mask_b, mask_h,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -160,7 +160,7 @@ def flash_bwd_dkdv_kernel(
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
             for j in range(n_full):
-                qb = tl.load(FULL_IDX + base * list_width + j)
+                qb = tl.load(FULL_IDX + base * full_width + j)
                 for sub in tl.static_range(MBQ // BLOCK_M):
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
@@ -170,7 +170,7 @@ def flash_bwd_dkdv_kernel(
                         BAND, PREFIX, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
             n_part = tl.load(PART_NUM + base)
             for j in range(n_part):
-                qb = tl.load(PART_IDX + base * list_width + j)
+                qb = tl.load(PART_IDX + base * part_width + j)
                 tile = 0
                 if USE_BITS:
                     tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
@@ -259,7 +259,7 @@ def flash_bwd_dq_kernel(
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b, stride_doc_b,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
-    list_width, n_qb, n_kb, mask_b, mask_h,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -308,7 +308,7 @@ def flash_bwd_dq_kernel(
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
         for j in range(n_full):
-            kb = tl.load(FULL_IDX + base * list_width + j)
+            kb = tl.load(FULL_IDX + base * full_width + j)
             for sub in tl.static_range(MBK // BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
                               offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
@@ -316,7 +316,7 @@ def flash_bwd_dq_kernel(
                               False, EVEN_KV, BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
-            kb = tl.load(PART_IDX + base * list_width + j)
+            kb = tl.load(PART_IDX + base * part_width + j)
             tile = 0
             if USE_BITS:
                 tile = tl.load(TILE_OF + base * n_kb + kb)

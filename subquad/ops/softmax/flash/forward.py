@@ -79,7 +79,7 @@ def flash_fwd_kernel(
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh, stride_slope_b, stride_doc_b,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix,
-    list_width, n_qb, n_kb, mask_b, mask_h,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -126,7 +126,7 @@ def flash_fwd_kernel(
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
         for j in range(n_full):
-            kb = tl.load(FULL_IDX + base * list_width + j)
+            kb = tl.load(FULL_IDX + base * full_width + j)
             for sub in tl.static_range(MBK // BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
@@ -135,7 +135,7 @@ def flash_fwd_kernel(
                     BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
-            kb = tl.load(PART_IDX + base * list_width + j)
+            kb = tl.load(PART_IDX + base * part_width + j)
             tile = 0
             if USE_BITS:
                 tile = tl.load(TILE_OF + base * n_kb + kb)

@@ -118,7 +118,7 @@ def _mask_kernel_args(m: MaskArgs, lists, device):
     args = [full_num, full_idx, part_num, part_idx, m.tile_of if m.tile_of is not None else d,
             m.bits if m.bits is not None else d, doc, m.q_pos if m.q_pos is not None else d,
             m.kv_pos if m.kv_pos is not None else d]
-    return args, full_idx.shape[-1] if lists is not None else 1
+    return args, ((full_idx.shape[-1], part_idx.shape[-1]) if lists is not None else (1, 1))
 
 
 def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes):
@@ -162,7 +162,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, seq_q, dtype=torch.float32, device=q.device)
-    mask_args, width = _mask_kernel_args(m, m.lists, q.device)
+    mask_args, widths = _mask_kernel_args(m, m.lists, q.device)
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
     sl, sl_stride = _slopes(slopes, bsz, q.device)
@@ -171,7 +171,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo, m.band_hi, m.prefix,
-            width, n_qb, n_kb, mb, mh]
+            *widths, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d),
                 BLOCK_DV=triton.next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     kern = _kernel("fwd", flash_fwd_kernel)
@@ -209,14 +209,14 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
     common = dict(D=d, DV=dv_dim, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, **flags)
 
-    mask_args_t, width_t = _mask_kernel_args(m, m.lists_t, q.device)
+    mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     args = [q, k, v, do, lse, delta, dq_acc, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            width_t, n_qb, n_kb, mb, mh]
+            *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, **common)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
@@ -228,13 +228,13 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
         return dq_acc.to(q.dtype), dk, dv
 
     dq = dq_acc
-    mask_args, width = _mask_kernel_args(m, m.lists, q.device)
+    mask_args, widths = _mask_kernel_args(m, m.lists, q.device)
     args = [q, k, v, do, lse, delta, dq, *mask_args, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            width, n_qb, n_kb, mb, mh]
+            *widths, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, G=hq // hkv, **common)
     kern = _kernel("dq", flash_bwd_dq_kernel)
     if kern is None:

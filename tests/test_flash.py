@@ -1,0 +1,309 @@
+"""The Triton flash kernels (under TRITON_INTERPRET=1 on CPU, natively on a GPU) against the reference
+attention: outputs, LSE and dq/dk/dv, for every pattern of subquad.masks, GQA/MQA, odd lengths, softcap,
+ALiBi, fully masked rows, gathered positions, the LSE gradient and the deterministic backward."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import subquad
+from subquad import masks
+from subquad.masks import PARTIAL, BlockMask
+from subquad.ops.softmax.reference import attention_reference
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 128 if DEV == "cuda" else 32  # the BlockMask block the engine builds on this device
+
+# max |err| <= ATOL + RTOL * max |ref|, per dtype, for outputs and gradients; LSE is fp32 throughout
+TOL = {torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
+LSE_TOL = 2e-3
+
+
+def _qkv(b, nq, nkv, hq, hkv, d, dtype, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nq, hq, d, generator=g)
+    k = torch.randn(b, nkv, hkv, d, generator=g)
+    v = torch.randn(b, nkv, hkv, dv or d, generator=g)
+    return [t.to(DEV, dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _close(name, got, ref, dtype):
+    atol, rtol = TOL[dtype]
+    got, ref = got.double(), ref.double()
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    err = (got - ref).abs().max().item()
+    bound = atol + rtol * ref.abs().max().item()
+    assert err <= bound, f"{name}: max err {err:.3e} > {bound:.3e}"
+
+
+def _lse_close(got, ref):
+    both_inf = torch.isinf(got) & torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), "lse: -inf rows differ"
+    assert (got[~both_inf] - ref[~both_inf]).abs().max().item() <= LSE_TOL if (~both_inf).any() else True
+
+
+def _check(q, k, v, *, causal=False, mask=None, softcap=None, alibi=None, grad_lse=False, deterministic=False):
+    """Run the Triton path and the reference on the same inputs and BlockMask; compare out, lse, grads."""
+    bsz, nq, hq, d = q.shape
+    nkv = k.shape[1]
+    scale = d ** -0.5
+    out, lse = subquad.attention(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi,
+                                 return_lse=True, backend="triton", deterministic=deterministic)
+    bm = masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=nq, seq_kv=nkv, device=q.device,
+                       block_q=BLOCK, block_kv=BLOCK)
+    ref, ref_lse = attention_reference(q, k, v, bm, scale, softcap, alibi)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    g = torch.randn_like(out)
+    loss, ref_loss = (out.float() * g).sum(), (ref.float() * g).sum()
+    if grad_lse:
+        gl = torch.randn_like(lse)
+        loss = loss + (lse * gl).sum()
+        ref_loss = ref_loss + (ref_lse * gl).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, q.dtype)
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_odd_length(dtype, causal):
+    _check(*_qkv(2, 67, 67, 2, 2, 32, dtype), causal=causal)
+
+
+def test_lse_gradient():
+    # the LSE output is differentiable: dS = P * (dP - delta + dlse)
+    _check(*_qkv(1, 50, 50, 2, 2, 32, torch.float16), causal=True, grad_lse=True)
+
+
+def _patterns(n):
+    g = torch.Generator().manual_seed(1)
+    nb = -(-n // 32)
+    layout = torch.rand(nb, nb, generator=g) < 0.4
+    ids = torch.cat([torch.zeros(30), torch.ones(41), torch.full((n - 71,), 2)]).long()
+    return {
+        "window_causal": masks.sliding_window(16),
+        "window_bidir": masks.sliding_window(20, causal=False),
+        "strided": masks.strided(8),
+        "fixed": masks.fixed(16, 4),
+        "dilated": masks.dilated(24, 3),
+        "block_sparse": masks.block_sparse(layout, 32),
+        "longformer": masks.longformer(12, [0, 5]),
+        "bigbird": masks.bigbird(12, [0], random_blocks=1, block=32),
+        "document": masks.document(ids),
+        "document_causal": masks.document(ids) & masks.causal,
+        "prefix_lm": masks.prefix_lm(20),
+        "tensor": masks.from_tensor(torch.rand(n, n, generator=g) < 0.3),
+        "predicate": masks.from_predicate(lambda b, h, q, k: (q + 2 * k) % 5 != 0, name="mod5"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_patterns(90)))
+def test_pattern(name):
+    n = 90
+    mask = _patterns(n)[name]
+    if DEV == "cuda" and isinstance(mask, masks.Pattern):
+        mask = _patterns(n)[name]
+    _check(*_qkv(1, n, n, 2, 2, 32, torch.bfloat16, seed=3), mask=mask)
+
+
+def test_gqa_per_head_mask():
+    # GQA (4 query heads on 2 KV heads) with a pattern that differs per head: the bitmask path, Hm > 1
+    g = torch.Generator().manual_seed(2)
+    mask = masks.from_tensor(torch.rand(4, 40, 40, generator=g) < 0.5)
+    _check(*_qkv(1, 40, 40, 4, 2, 32, torch.bfloat16), mask=mask)
+
+
+def test_mqa_causal_softcap_alibi():
+    q, k, v = _qkv(2, 61, 61, 4, 1, 32, torch.float16)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEV)
+    _check(q, k, v, causal=True, softcap=5.0, alibi=slopes)
+
+
+def test_alibi_per_batch_window():
+    q, k, v = _qkv(2, 45, 45, 2, 2, 32, torch.bfloat16)
+    slopes = torch.tensor([[0.3, 0.1], [0.2, 0.05]], device=DEV)
+    _check(q, k, v, mask=masks.sliding_window(16, causal=False), alibi=slopes)
+
+
+def test_fewer_queries_than_keys():
+    # queries aligned to the end of the keys (decode-like prefill chunk)
+    _check(*_qkv(1, 37, 90, 2, 1, 32, torch.bfloat16), causal=True)
+    _check(*_qkv(1, 37, 90, 2, 2, 32, torch.float16), mask=masks.sliding_window(20))
+
+
+def test_more_queries_than_keys_full():
+    _check(*_qkv(1, 50, 29, 2, 2, 32, torch.float16))
+
+
+@pytest.mark.parametrize("d,dv", [(48, 48), (64, 32)])
+def test_head_dims(d, dv):
+    # 48 pads to 64 in-kernel (as 96 pads to 128 on the GPU); dv may differ from d
+    _check(*_qkv(1, 40, 40, 2, 2, d, torch.bfloat16, dv=dv), causal=True)
+
+
+def test_fully_masked_rows():
+    n = 50
+    m = torch.rand(n, n, generator=torch.Generator().manual_seed(4)) < 0.4
+    m[3] = False
+    m[40:45] = False
+    out, lse, grads = _check(*_qkv(1, n, n, 2, 2, 32, torch.float16), mask=masks.from_tensor(m))
+    assert torch.all(out[:, 3] == 0) and torch.all(out[:, 40:45] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, 3]))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][:, 40:45] == 0)
+
+
+def test_document_rows_without_keys_under_window_and_causal():
+    # a window that ends before the document starts: rows that see nothing through the band path
+    q, k, v = _qkv(1, 40, 60, 2, 2, 32, torch.float16)
+    out, lse, _ = _check(q, k, v, mask=masks.sliding_window(4) & masks.from_predicate(lambda b, h, qp, kp: kp < 30))
+    assert torch.isneginf(lse[0, 0, -1])
+
+
+def test_deterministic_backward():
+    q, k, v = _qkv(1, 50, 50, 2, 1, 32, torch.bfloat16)
+    _check(q, k, v, mask=masks.sliding_window(24), deterministic=True)
+    out = subquad.attention(q, k, v, mask=masks.sliding_window(24), backend="triton", deterministic=True)
+    g2 = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    out = subquad.attention(q, k, v, mask=masks.sliding_window(24), backend="triton", deterministic=True)
+    g3 = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(g2, g3))
+
+
+def _all_partial(pattern, b, h, nq, nkv, block):
+    """A BlockMask whose blocks are all partial: valid for any positions (the predicate decides)."""
+    kind = torch.full((1, 1, -(-nq // block), -(-nkv // block)), PARTIAL, dtype=torch.int8, device=DEV)
+    return BlockMask(pattern, kind, nq, nkv, block, block, b, h)
+
+
+def test_positions_gathered_and_permuted():
+    """q_pos / kv_pos: permuted queries (LSH-style) and gathered keys against causal + ALiBi."""
+    from subquad.ops.softmax.flash import flash_attention_masked
+
+    n, nk = 70, 45
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _qkv(1, n, nk, 2, 2, 32, torch.bfloat16)
+    q_pos = torch.randperm(100, generator=g)[:n].to(DEV)
+    kv_pos = torch.sort(torch.randperm(100, generator=g)[:nk]).values.to(DEV)
+    slopes = torch.tensor([0.2, 0.05], device=DEV)
+    bm = _all_partial(masks.causal, 1, 2, n, nk, BLOCK)
+    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5, None, slopes, q_pos, kv_pos)
+    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, slopes, q_pos, kv_pos)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    gr = torch.randn_like(out)
+    grads = torch.autograd.grad((out.float() * gr).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref.float() * gr).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, q.dtype)
+    # the same positions through the bitmask path (a pattern with no kernel terms)
+    bm2 = _all_partial(masks.from_predicate(lambda b, h, qp, kp: (qp >= kp) & ((qp - kp) % 3 != 1)), 1, 2, n, nk, BLOCK)
+    out, lse = flash_attention_masked(q, k, v, bm2, 32 ** -0.5, None, None, q_pos, kv_pos)
+    ref, ref_lse = attention_reference(q, k, v, bm2, 32 ** -0.5, None, None, q_pos, kv_pos)
+    _close("out(bits)", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+
+
+def test_varlen_cu_seqlens_is_document():
+    from subquad.ops.softmax.flash import varlen_mask
+
+    cu = torch.tensor([0, 13, 40, 64])
+    m = varlen_mask(cu)
+    assert torch.equal(m.to_dense(64), masks.document(torch.tensor([0] * 13 + [1] * 27 + [2] * 24)).to_dense(64))
+    _check(*_qkv(1, 64, 64, 2, 2, 32, torch.float16), mask=m, causal=True)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_mask(torch.tensor([1, 5]))
+
+
+def test_fp32_runs_reference():
+    q, k, v = _qkv(1, 20, 20, 1, 1, 16, torch.float32)
+    out = subquad.attention(q, k, v, causal=True, backend="triton")
+    ref, _ = attention_reference(q, k, v, masks.resolve(None, causal=True, batch=1, heads=1, seq_q=20, seq_kv=20,
+                                                        device=q.device), 16 ** -0.5)
+    assert torch.equal(out, ref)
+
+
+def test_kernel_terms():
+    from subquad.ops.softmax.flash.masking import kernel_terms, pure_band
+
+    assert pure_band(masks.causal) == (0, 1 << 30)
+    assert pure_band(masks.sliding_window(8)) == (0, 7)
+    assert pure_band(masks.sliding_window(8) & masks.causal) == (0, 7)
+    assert pure_band(masks.sliding_window(8, causal=False)) == (-4, 4)
+    t = kernel_terms(masks.prefix_lm(5))
+    assert t.prefix == 5 and t.band == (0, 1 << 30)
+    t = kernel_terms(masks.document(torch.zeros(8, dtype=torch.long)) & masks.causal)
+    assert t.doc_ids is not None and t.band == (0, 1 << 30)
+    for p in (masks.strided(4), masks.longformer(8, [0]), masks.prefix_lm(5) & masks.sliding_window(3)):
+        assert kernel_terms(p) is None
+
+
+def test_custom_op_opcheck():
+    """The custom op's fake implementation and autograd registration agree with the real one."""
+    from subquad.ops.softmax.flash.launch import MaskArgs  # noqa: F401
+
+    q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
+    args = (q, k, v) + (None,) * 14 + (0.25, 0.0, 0, 1 << 30, 0, 128, 128, False, False)
+    torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU only: larger shapes, every head dim, compile without graph breaks
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+def test_gpu_head_dims(d):
+    _check(*_qkv(2, 1000, 1000, 4, 2, d, torch.bfloat16), causal=True)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["window_causal", "longformer", "bigbird", "document_causal", "block_sparse",
+                                  "strided"])
+def test_gpu_patterns_large(name):
+    n = 1200
+    g = torch.Generator().manual_seed(1)
+    pats = {
+        "window_causal": masks.sliding_window(256),
+        "longformer": masks.longformer(256, [0, 700]),
+        "bigbird": masks.bigbird(256, [0], random_blocks=2, block=128),
+        "document_causal": masks.document(torch.randint(0, 4, (n,), generator=g).sort().values) & masks.causal,
+        "block_sparse": masks.block_sparse(torch.rand(10, 10, generator=g) < 0.3, 128),
+        "strided": masks.strided(64),
+    }
+    _check(*_qkv(2, n, n, 4, 2, 128, torch.bfloat16), mask=pats[name])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_fullgraph():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(256, 3 * 256, dtype=torch.bfloat16, device=DEV)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, 64).unbind(2)
+            return subquad.attention(q, k, v, causal=True) + subquad.attention(
+                q, k, v, mask=masks.sliding_window(64))
+
+    model = Block()
+    x = torch.randn(2, 300, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    ref = model(x)
+    assert (out - ref).abs().max().item() < 1e-2
