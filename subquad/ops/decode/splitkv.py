@@ -231,10 +231,11 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if window is not None:
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
-        # Many small programs (about 16 per SM) rather than one wave: with ~4 programs resident per SM, a
-        # grid of 1.1 waves left a tail that cost 3-10% at 32k. At least 8 tiles per split.
+        # H100 sweeps (benchmarks/results/*decode-tune*): about 8 programs per SM, and at least 16 key tiles
+        # per split. At 8k context, 9 splits of 14 tiles ran at 2,250-2,440 GB/s while 32 splits of 4 tiles
+        # ran at 1,100-1,560; at 32k, 9 to 33 splits were all within 3% of each other.
         per_split = bsz * hkv * m_blocks * n_dv_blocks
-        num_splits = max(1, min(triton.cdiv(16 * _num_sms(q.device), per_split), triton.cdiv(max_len, 8 * block_n)))
+        num_splits = max(1, min(triton.cdiv(8 * _num_sms(q.device), per_split), triton.cdiv(max_len, 16 * block_n)))
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
     if num_stages is None:
