@@ -1,13 +1,13 @@
 """Chunked delta rule on the linear engine's Triton kernels (``DELTA`` switch).
 
-Split in two:
-1. the WY / UT transform per chunk, ``w = T (beta e^b k)``, ``u = T (beta v)``, ``T = (I + A)^-1`` — batched
-   matmuls and one batched triangular solve over all chunks in PyTorch (its backward is autograd's);
-2. the sequential core ``(q, k, w, u, g, h0) -> (o, S_T)`` in Triton: the state pass forms ``v_new = u - w S``
-   chunk by chunk, the output pass is the engine's with values ``v_new``; its backward runs the engine's kernels
-   with the delta terms (``dv_new``, ``dw = -dv_new h^T``) switched on.
+Three steps:
+1. the WY / UT transform per chunk (wy.py), ``w = T (beta e^b k)``, ``u = T (beta v)``, ``T = (I + A)^-1``;
+2. the state pass forms ``v_new = u - w S`` chunk by chunk (the engine's state kernel, ``DELTA`` on);
+3. the engine's output pass with values ``v_new``.
+The backward runs the engine's kernels with the delta terms (``dv_new``, ``dw = -dv_new h^T``) switched on,
+then the WY backward. w, u and the per-chunk states are recomputed rather than kept.
 
-Log-decay gradient of the core: as for the engine (``q . dq - k . dk``, final state), plus one term per chunk:
+Log-decay gradient of steps 2-3: as for the engine (``q . dq - k . dk``, final state), plus one term per chunk:
 ``v_new = u - w h_c`` depends on the cumulative decay up to the chunk start through ``h_c``, which adds
 ``sum(dv_new * (v_new - u))`` over the chunk to the last token before it.
 """
@@ -18,6 +18,7 @@ import torch
 
 from ..linear.chunk import (ChunkTables, launch_dqk_bwd, launch_dv_bwd, launch_output_fwd, launch_state_bwd,
                             launch_state_fwd, log_decay_grad)
+from .wy import launch_wy_bwd, launch_wy_fwd
 
 
 def _chunk_layout(tables: ChunkTables, chunk_size: int, device):
@@ -29,52 +30,36 @@ def _chunk_layout(tables: ChunkTables, chunk_size: int, device):
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
-def wy_chunks(kf, vf, betaf, gf, idx, valid):
-    """k, v (T_total, H, ·), beta, g (T_total, H) -> w (T_total, H, K), u (T_total, H, V), fp32, differentiable."""
-    gather = lambda t: (t[idx] * valid.view(*valid.shape, *([1] * (t.dim() - 1)))).transpose(1, 2)  # noqa: E731
-    k_c, v_c, beta_c = gather(kf.float()), gather(vf.float()), gather(betaf.float())     # (NC, H, C, ·)
-    n = k_c.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=kf.device).tril()
-    kb = k_c * beta_c.unsqueeze(-1)
-    a = kb @ k_c.transpose(-1, -2)
-    if gf is not None:
-        b = gather(gf.float()).cumsum(-1)
-        a = a * (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
-        kb = kb * b.exp().unsqueeze(-1)
-    a = a.tril(-1)
-    eye = torch.eye(n, dtype=a.dtype, device=a.device)
-    rhs = torch.cat([kb, v_c * beta_c.unsqueeze(-1)], dim=-1)
-    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-    wu = wu.transpose(1, 2)[valid]                                       # (T_total, H, K + V), token order
-    return wu[..., :kf.shape[-1]], wu[..., kf.shape[-1]:]
-
-
-class DeltaCoreFunction(torch.autograd.Function):
-    """q, k, w (T_total, H, K), u (T_total, H, V) in the compute dtype; g None | (T_total, H) fp32."""
+class ChunkDeltaFunction(torch.autograd.Function):
+    """q, k, v, beta, g on the packed layout (T_total, H, ·); g None | (T_total, H) fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, w, u, g, h0, tables, scale, chunk_size):
+    def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
+        w, u, t_mat = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
         h, ht, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w, bk=_full(k), bv=32)
         o = launch_output_fwd(q, k, v_new, g, h, tables, scale, chunk_size)
-        ctx.save_for_backward(q, k, w, u, g, h0, ht)
+        ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat)
         ctx.meta = (tables, scale, chunk_size)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, w, u, g, h0, ht = ctx.saved_tensors
+        q, k, v, beta, g, h0, ht, t_mat = ctx.saved_tensors
         tables, scale, chunk_size = ctx.meta
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
+        w, u, _ = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
         h, _, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w, bk=_full(k), bv=32)
         dv_local = launch_dv_bwd(q, k, g, do, None, tables, scale, chunk_size)
         dh, dh0, dv_new = launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
                                            need_dh0=h0 is not None and ctx.needs_input_grad[5])
         dq, dk, dw, db = launch_dqk_bwd(q, k, v_new, g, h, do, dh, tables, scale, chunk_size, dv_new=dv_new)
+        dv, dbeta, dg_wy = launch_wy_bwd(k, v, beta, g, t_mat, dw, dv_new, dk, tables, chunk_size)
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
             dg = log_decay_grad(db, ht, dht, tables, extra=_state_decay_term(dv_new, v_new, u, tables, chunk_size))
-        return dq, dk, dw, dv_new, dg, dh0, None, None, None
+            dg = dg + dg_wy
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None
 
 
 def _full(k):
@@ -99,12 +84,9 @@ def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_s
     bsz, seq_len, heads, dk = q.shape
     dv = v.shape[-1]
     tables = ChunkTables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
-    flat = lambda t: t.reshape(bsz * seq_len, heads, *t.shape[3:])  # noqa: E731
-    qf, kf, vf, bf = flat(q), flat(k), flat(v), flat(beta)
-    gf = None if g is None else flat(g).float().contiguous()
-    idx, valid = _chunk_layout(tables, chunk_size, q.device)
-    w, u = wy_chunks(kf, vf, bf, gf, idx, valid)
+    flat = lambda t: t.reshape(bsz * seq_len, *t.shape[2:]).contiguous()  # noqa: E731
+    gf = None if g is None else flat(g.float())
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = DeltaCoreFunction.apply(qf.contiguous(), kf.contiguous(), w.to(q.dtype).contiguous(),
-                                    u.to(q.dtype).contiguous(), gf, h0, tables, scale, chunk_size)
+    o, ht = ChunkDeltaFunction.apply(flat(q), flat(k), flat(v), flat(beta.to(q.dtype)), gf, h0, tables, scale,
+                                     chunk_size)
     return o.view(bsz, seq_len, heads, dv), ht

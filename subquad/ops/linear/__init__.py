@@ -137,7 +137,7 @@ def _feature_normaliser(fq, fk, z0, cu_seqlens):
     """Denominators ``fq_t . (z0 + sum_{j<=t} fk_j)`` (per packed sequence) and the final ``z``."""
     acc = torch.promote_types(fk.dtype, torch.float32)
     fq, fk = fq.to(acc), fk.to(acc)
-    cs = fk.cumsum(dim=1)
+    cs = fk.movedim(1, -1).cumsum(dim=-1).movedim(-1, 1)        # scan the innermost dim (fast on CUDA)
     if cu_seqlens is None:
         zc = cs + (0 if z0 is None else z0.to(acc).unsqueeze(1))
         return (fq * zc).sum(-1), zc[:, -1]

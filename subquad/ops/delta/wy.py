@@ -1,0 +1,203 @@
+"""The WY representation of a chunk of delta-rule updates, in Triton: one program per (chunk, head).
+
+Forward: ``A_ij = beta_i (k_i . k_j) exp(b_i - b_j)`` for ``i > j``, ``T = (I + A)^-1`` (the UT transform),
+``w = T (beta e^b k)``, ``u = T (beta v)``. T is found in two steps, both matmuls on the whole ``C x C`` tile:
+1. the diagonal ``16 x 16`` blocks by forward substitution, all four blocks at once: step i sets rows
+   ``i, 16 + i, ...`` to ``e_r - (A_blockdiag T)_r``, which only reads rows already final;
+2. the off-diagonal blocks: with ``D^-1`` the block-diagonal inverse and ``N = D^-1 A_offdiag`` (nilpotent,
+   ``N^4 = 0`` for 4 blocks), ``T = (I - N)(I + N^2) D^-1``.
+
+Backward, from ``dw``, ``du`` (with ``X_k = beta e^b k``, ``X_v = beta v``): ``dX = T^T [dw, du]``,
+``dT = dw X_k^T + du X_v^T``, ``dA = -(T^T dT T^T)`` on the strictly lower part, then the chain rule through
+``A``, ``X_k``, ``X_v`` to k, v, beta and the in-chunk cumulative decay b (whose reverse in-chunk cumulative sum
+is the log-decay gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear.chunk_fwd import _dot
+
+SUB = 16
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower (C, C) fp32 tile."""
+    rows = tl.arange(0, C)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    same_block = (rows[:, None] // BC) == (rows[None, :] // BC)
+    a_diag = tl.where(same_block, a, 0.0)
+    inv = eye
+    for i in range(1, BC):
+        upd = eye - _mm(a_diag, inv, PREC)
+        inv = tl.where((rows % BC == i)[:, None], upd, inv)
+    n = _mm(inv, tl.where(same_block, 0.0, a), PREC)
+    n2 = _mm(n, n, PREC)
+    return _mm(_mm(eye - n, eye + n2, PREC), inv, PREC)
+
+
+@triton.jit
+def wy_fwd(k, v, beta, g, w, u, T_out, cu_seqlens, chunk_indices,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+           BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, C)
+    tok = bos + i_t * C + rows
+    m_t = tok < eos
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    a = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                      other=0.0)
+        a += _dot(b_k, tl.trans(b_k), IEEE)
+    lower = rows[:, None] > rows[None, :]
+    if GATE:
+        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
+        a = a * b_beta[:, None] * tl.exp(tl.where(lower, b_b[:, None] - b_b[None, :], float("-inf")))
+        xk_scale = b_beta * tl.exp(b_b)
+    else:
+        a = tl.where(lower, a * b_beta[:, None], 0.0)
+        xk_scale = b_beta
+    t = _unit_lower_inverse(a, C, BC, PREC)
+    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
+    t_lo = t.to(k.dtype.element_ty)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        b_w = _dot(t_lo, (b_k * xk_scale[:, None]).to(b_k.dtype), IEEE)
+        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
+        b_u = _dot(t_lo, (b_v * b_beta[:, None]).to(b_v.dtype), IEEE)
+        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def wy_bwd(k, v, beta, g, T_in, dw, du, dk, dv, dbeta, dg, cu_seqlens, chunk_indices,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+           BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
+    """dk, dv receive the WY part of the gradients (dk is added to what is there); dbeta, dg are written."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, C)
+    tok = bos + i_t * C + rows
+    m_t = tok < eos
+    lower = rows[:, None] > rows[None, :]
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if GATE:
+        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
+        gamma = tl.exp(tl.where(lower, b_b[:, None] - b_b[None, :], float("-inf")))
+        xk_scale = b_beta * tl.exp(b_b)
+    else:
+        gamma = tl.where(lower, 1.0, 0.0)
+        xk_scale = b_beta
+    t = tl.load(T_in + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
+    t_lo = t.to(k.dtype.element_ty)
+    d_t = tl.zeros([C, C], dtype=tl.float32)
+    kk = tl.zeros([C, C], dtype=tl.float32)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    d_b = tl.zeros([C], dtype=tl.float32)
+    # values: dX_v = T^T du;  dv = beta dX_v;  dbeta += sum(dX_v v);  dT += du X_v^T
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
+        b_du = tl.load(du + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
+        d_xv = _dot(tl.trans(t_lo), b_du, IEEE)
+        tl.store(dv + (tok[:, None] * H + i_h) * V + o_v[None, :], (d_xv * b_beta[:, None]).to(dv.dtype.element_ty),
+                 mask=m)
+        d_beta += tl.sum(d_xv * b_v.to(tl.float32), axis=1)
+        d_t += _dot(b_du, tl.trans((b_v * b_beta[:, None]).to(b_v.dtype)), IEEE)
+    # keys through X_k, and dT += dw X_k^T
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        b_dw = tl.load(dw + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        d_xk = _dot(tl.trans(t_lo), b_dw, IEEE)
+        p_dk = dk + (tok[:, None] * H + i_h) * K + o_k[None, :]
+        tl.store(p_dk, (tl.load(p_dk, mask=m, other=0.0).to(tl.float32) + d_xk * xk_scale[:, None])
+                 .to(dk.dtype.element_ty), mask=m)
+        dxk_k = tl.sum(d_xk * b_k.to(tl.float32), axis=1)           # sum_d dX_k k
+        if GATE:
+            d_beta += dxk_k * tl.exp(b_b)
+            d_b += dxk_k * xk_scale
+        else:
+            d_beta += dxk_k
+        d_t += _dot(b_dw, tl.trans((b_k * xk_scale[:, None]).to(b_k.dtype)), IEEE)
+        kk += _dot(b_k, tl.trans(b_k), IEEE)
+    # through T = (I + A)^-1:  dA = -T^T dT T^T (strictly lower)
+    d_a = -_mm(_mm(tl.trans(t), d_t, PREC), tl.trans(t), PREC)
+    d_a = tl.where(lower, d_a, 0.0)
+    grad_kk = d_a * gamma                                             # dA_ij gamma_ij (per unit beta_i kk_ij)
+    d_beta += tl.sum(grad_kk * kk, axis=1)
+    if GATE:
+        m_a = grad_kk * kk * b_beta[:, None]                          # dA * A
+        d_b += tl.sum(m_a, axis=1) - tl.sum(m_a, axis=0)
+    d_kk = (grad_kk * b_beta[:, None]).to(k.dtype.element_ty)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        d_k2 = _dot(d_kk, b_k, IEEE) + _dot(tl.trans(d_kk), b_k, IEEE)
+        p_dk = dk + (tok[:, None] * H + i_h) * K + o_k[None, :]
+        tl.store(p_dk, (tl.load(p_dk, mask=m, other=0.0).to(tl.float32) + d_k2).to(dk.dtype.element_ty), mask=m)
+    tl.store(dbeta + tok * H + i_h, d_beta.to(dbeta.dtype.element_ty), mask=m_t)
+    if GATE:
+        # b = in-chunk cumsum of g, so dg_t = sum_{s >= t in chunk} db_s
+        d_g = tl.sum(tl.where(rows[:, None] <= rows[None, :], d_b[None, :], 0.0), axis=1)
+        tl.store(dg + tok * H + i_h, d_g, mask=m_t)
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
+    """k (T_total, H, K), v (T_total, H, V), beta, g (T_total, H). Returns w, u (k's dtype) and T (fp32)."""
+    t_total, heads, dk = k.shape
+    dv = v.shape[-1]
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
+    bk = min(64, max(16, triton.next_power_of_2(dk)))
+    bv = min(64, max(16, triton.next_power_of_2(dv)))
+    wy_fwd[(tables.n_chunks, heads)](k, v, beta, g, w, u, t_mat, tables.cu, tables.chunk_indices, H=heads, K=dk, V=dv,
+                                     C=chunk_size, BC=SUB, BK=bk, BV=bv, GATE=g is not None,
+                                     PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32, num_warps=4)
+    return w, u, t_mat
+
+
+def launch_wy_bwd(k, v, beta, g, t_mat, dw, du, dk, tables, chunk_size):
+    """Adds the WY part to dk (in place); returns dv, dbeta, dg (None without gating)."""
+    t_total, heads, dk_ = k.shape
+    dv_ = v.shape[-1]
+    dv = torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    dg = torch.empty_like(g) if g is not None else None
+    bk = min(64, max(16, triton.next_power_of_2(dk_)))
+    bv = min(64, max(16, triton.next_power_of_2(dv_)))
+    wy_bwd[(tables.n_chunks, heads)](k, v, beta, g, t_mat, dw, du, dk, dv, dbeta, dg, tables.cu,
+                                     tables.chunk_indices, H=heads, K=dk_, V=dv_, C=chunk_size, BK=bk, BV=bv,
+                                     GATE=g is not None, PREC=_precision(k.dtype),
+                                     IEEE=k.dtype == torch.float32, num_warps=4)
+    return dv, dbeta, dg
