@@ -1,0 +1,152 @@
+"""HybridLM: a decoder-only language model whose layers are named by a string of mixer letters.
+
+    model = HybridLM(vocab_size=256, d_model=512, layers="MMMAMMMA")        # Jamba-style
+    model = HybridLM(256, 512, layers="LLLLLG", mixer_options={"L": {"window": 1024}})   # Gemma-3-style
+    model = HybridLM(256, 512, layers="EEEE")                               # pure GLA
+
+Each layer is a pre-norm residual block, ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``; a final RMSNorm
+and an output head tied to the embedding. Letters are listed in ``subquad.nn.REGISTRY``.
+
+Generation runs each layer with its own cache (``new_caches``): the prompt in one forward pass (prefill), then
+one token at a time, so a recurrent layer costs O(1) per token and a sliding-window layer O(window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.mlp import SwiGLU, swiglu_hidden
+from ..nn.norm import RMSNorm
+from ..nn.registry import lookup, parse_layers
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.mixer_norm = RMSNorm(d_model, eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(nn.Module):
+    """Args:
+        vocab_size: tokens (256 for bytes).
+        d_model: width.
+        layers: one letter per layer (``"MMMAMMMA"``) or a list of mixer names.
+        heads: heads of every mixer (default ``max(1, d_model // 64)``); ``kv_heads`` for softmax attention.
+        mixer_options: per letter or name, the mixer's keyword arguments, e.g. ``{"L": {"window": 256}}``.
+        mlp_ratio: SwiGLU hidden width over ``d_model`` (8/3).
+        tie_embeddings: the output head shares the embedding matrix.
+    ``config`` keeps the arguments (JSON-friendly) so a checkpoint can rebuild the model.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, layers="MMMAMMMA", *, heads: int | None = None,
+                 kv_heads: int | None = None, mixer_options: dict | None = None, mlp_ratio: float = 8 / 3,
+                 tie_embeddings: bool = True, norm_eps: float = 1e-6):
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        if not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
+        heads = heads or max(1, d_model // 64)
+        specs = parse_layers(layers)
+        options = {lookup(key).letter: dict(opts) for key, opts in (mixer_options or {}).items()}
+        self.config = dict(vocab_size=vocab_size, d_model=d_model,
+                           layers=layers if isinstance(layers, str) else list(layers), heads=heads,
+                           kv_heads=kv_heads, mixer_options=mixer_options or {}, mlp_ratio=mlp_ratio,
+                           tie_embeddings=tie_embeddings, norm_eps=norm_eps)
+        self.layer_letters = "".join(s.letter for s in specs)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        hidden = swiglu_hidden(d_model, mlp_ratio)
+        blocks = []
+        for i, spec in enumerate(specs):
+            opts = dict(options.get(spec.letter, {}))
+            if kv_heads is not None and spec.letter in "AGL":
+                opts.setdefault("kv_heads", kv_heads)
+            blocks.append(Block(spec.build(d_model, heads, i, **opts), d_model, hidden, norm_eps))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights(len(specs))
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_weights(self, n_layers: int) -> None:
+        """Normal(0, 0.02) for matrices, the residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and ("proj" in name or "embed" in name or "gate_" in name or "mlp" in name):
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "out_proj.weight",
+                                                                         "down.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_caches(self, batch: int, max_len: int) -> list:
+        """One cache per layer, each of the kind its mixer decodes with."""
+        return [blk.mixer.new_cache(batch, max_len) for blk in self.blocks]
+
+    def forward(self, ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """``ids`` ``(batch, seq)`` -> logits ``(batch, seq, vocab)``; with ``caches`` the tokens continue them."""
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"ids: expected an integer tensor (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches: expected {len(self.blocks)} caches (one per layer, from new_caches()), got "
+                             f"{len(caches)}")
+        x = self.embed(ids)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if caches is None else caches[i])
+        return self.head(self.norm(x))
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy (nats per token) over ``ids`` ``(batch, seq + 1)``."""
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten().long())
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, *, use_cache: bool = True, generator: torch.Generator | None = None,
+                 return_logits: bool = False):
+        """Sample ``max_new_tokens`` after ``prompt_ids`` ``(batch, prompt_len)``.
+
+        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens. ``use_cache=False`` re-runs the
+        whole sequence for every token (the slow specification the cached path must match).
+        Returns ``(batch, prompt_len + max_new_tokens)`` ids (and with ``return_logits`` the logits that
+        chose each new token, ``(batch, max_new_tokens, vocab)``).
+        """
+        if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+            raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        ids = prompt_ids
+        bsz = ids.shape[0]
+        caches = self.new_caches(bsz, ids.shape[1] + max_new_tokens) if use_cache else None
+        step_input = ids
+        chosen_logits = []
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else ids, caches)[:, -1].float()
+            nxt = sample(logits, temperature, top_k, generator)
+            chosen_logits.append(logits)
+            ids = torch.cat([ids, nxt], dim=1)
+            step_input = nxt
+        return (ids, torch.stack(chosen_logits, 1)) if return_logits else ids
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -1,0 +1,34 @@
+"""Token mixers and building blocks.
+
+Every mixer has one contract: ``forward(x, cache=None) -> y`` with ``x`` ``(batch, seq, d_model)``, and
+``new_cache(batch, max_len)`` giving the cache it decodes with (static or rolling KV for softmax attention,
+latent KV for MLA, a ``RecurrentState`` for the linear/recurrent family). ``REGISTRY`` maps one-letter names
+to mixers for ``subquad.models.HybridLM``.
+"""
+
+from .attention import Attention
+from .deltanet import DeltaNet, GatedDeltaNet
+from .diff_attention import DiffAttention
+from .gla import GLA
+from .linear_attention import FEATURE_MAPS, LinearAttention
+from .mamba2 import Mamba2
+from .mlp import SwiGLU
+from .norm import RMSNorm
+from .positions import RopeScaling, RotaryEmbedding, alibi_slopes, rotary_dim
+from .registry import REGISTRY, MixerSpec, build_mixer, lookup, parse_layers, register
+from .retnet import RetNet
+from .short_conv import ShortConv
+from .state import RecurrentState
+
+
+def __getattr__(name):
+    if name == "MLA":  # written alongside the latent cache; imported on first use
+        from .mla import MLA
+        return MLA
+    raise AttributeError(name)
+
+
+__all__ = ["Attention", "DiffAttention", "LinearAttention", "RetNet", "GLA", "Mamba2", "DeltaNet", "GatedDeltaNet",
+           "MLA", "FEATURE_MAPS", "RMSNorm", "SwiGLU", "ShortConv", "RecurrentState", "RotaryEmbedding",
+           "RopeScaling", "alibi_slopes", "rotary_dim", "REGISTRY", "MixerSpec", "build_mixer", "lookup",
+           "parse_layers", "register"]
