@@ -231,3 +231,17 @@ def test_import_without_fa4_or_triton_kernels():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("ok")
+
+
+def test_attention_backend_fa4_refuses_with_a_reason():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="backend: 'fa4' cannot run this call: .*(not installed|CUDA)"):
+        subquad.attention(q, q, q, backend="fa4")
+
+
+def test_attention_auto_logs_its_choice(caplog):
+    q = torch.randn(1, 8, 2, 16)
+    with caplog.at_level(logging.DEBUG, logger="subquad"):
+        out = subquad.attention(q, q, q, mask=masks.sliding_window(4))
+    assert any("auto -> reference for cpu/float32/d16/window/fwd" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(out, subquad.attention(q, q, q, mask=masks.sliding_window(4), backend="reference"))

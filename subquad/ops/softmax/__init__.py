@@ -14,7 +14,7 @@ from .reference import attention_reference
 
 log = logging.getLogger("subquad")
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "fa4")
 
 
 def _check_options(q, scale, softcap, alibi_slopes):
@@ -66,9 +66,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         alibi_slopes: ``(heads_q,)`` or ``(batch, heads_q)``; adds ``-slope * |q_pos - k_pos|``.
         return_lse: also return the log-sum-exp of the scores, ``(batch, heads_q, seq_q)`` fp32
             (``-inf`` for a query that sees no key; its output is 0).
-        backend: ``"auto"`` (Triton kernels on CUDA for fp16/bf16, the reference otherwise), ``"triton"``
-            or ``"reference"``. The Triton kernels take fp16/bf16: fp32 inputs run the reference (under
-            ``"auto"`` and ``"triton"`` alike).
+        backend: ``"auto"`` (the fastest backend that can run the call, from a table measured per device,
+            dtype, head_dim, pattern and pass: ``subquad.ops.softmax.dispatch``; the reference on CPU),
+            ``"triton"``, ``"fa4"`` (FlashAttention-4, where ``flash-attn-4`` is installed on sm90/sm100;
+            ``ValueError`` for a call it cannot run) or ``"reference"``. The Triton kernels take fp16/bf16:
+            fp32 inputs run the reference (under ``"auto"`` and ``"triton"`` alike).
         deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
             somewhat slower.
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
@@ -84,9 +86,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask (queries are aligned to the end of "
                          f"the keys), got seq_q={seq_q}")
     scale = d ** -0.5 if scale is None else float(scale)
-    chosen = _pick_backend(backend, q)
+    if backend == "auto" and plan is not True and not deterministic:
+        from .dispatch import choose  # the measured choice among triton, fa4 and the reference
+
+        chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes)
+    else:
+        chosen = _pick_backend(backend, q)
     log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
               q.dtype, "causal" if mask is None and causal else mask)
+    if chosen == "fa4":
+        from .fa4 import fa4_attention, unsupported_reason
+
+        why = unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes) \
+            if backend == "fa4" else None
+        if why is not None:
+            raise ValueError(f"backend: 'fa4' cannot run this call: {why}")
+        out, lse = fa4_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)
+        return (out, lse) if return_lse else out
     planned = None if plan is False else plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
     if plan is True and planned is None:
         raise ValueError(f"plan: expected a mask with scattered keys to plan (strided, fixed, dilated, global "
