@@ -36,7 +36,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
         w, u, t_mat = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
-        h, ht, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w, bk=_full(k), bv=32)
+        h, ht, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
         o = launch_output_fwd(q, k, v_new, g, h, tables, scale, chunk_size)
         ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat)
         ctx.meta = (tables, scale, chunk_size)
@@ -49,7 +49,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         w, u, _ = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
-        h, _, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w, bk=_full(k), bv=32)
+        h, _, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
         dv_local = launch_dv_bwd(q, k, g, do, None, tables, scale, chunk_size)
         dh, dh0, dv_new = launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
                                            need_dh0=h0 is not None and ctx.needs_input_grad[5])
@@ -60,11 +60,6 @@ class ChunkDeltaFunction(torch.autograd.Function):
             dg = log_decay_grad(db, ht, dht, tables, extra=_state_decay_term(dv_new, v_new, u, tables, chunk_size))
             dg = dg + dg_wy
         return dq, dk, dv, dbeta, dg, dh0, None, None, None
-
-
-def _full(k):
-    import triton
-    return max(16, triton.next_power_of_2(k.shape[-1]))
 
 
 def _state_decay_term(dv_new, v_new, u, tables, chunk_size):

@@ -69,19 +69,19 @@ def gate_kind(g) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
 
-def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, bk=None, bv=None):
-    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous."""
+def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
+    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous.
+    The delta rule (w given) needs the whole key dimension in one block."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
-    bk0, bv0 = block_sizes(dk, dv)
-    bk, bv = bk or bk0, bv or bv0
+    bk = max(16, triton.next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     h = k.new_empty(tables.n_chunks, heads, dk, dv)
     ht = k.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
     v_new = torch.empty_like(v) if w is not None else None
-    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
+    grid = lambda meta: (triton.cdiv(dk, bk), triton.cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
-                    C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), DELTA=w is not None,
-                    HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32, num_warps=4)
+                    C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None,
+                    HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32)
     return h, ht, v_new
 
 
@@ -108,11 +108,10 @@ def launch_intra_bwd(q, k, g, d_scores, dq, dk, tables, chunk_size):
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
-    bk, bv = block_sizes(dk, dv)
     o = torch.empty_like(v)
-    grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
+    grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                     C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, num_warps=4)
+                     C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32)
     return o
 
 
@@ -120,18 +119,15 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None)."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
-    bk, bv = block_sizes(dk, dv)
-    if w is not None:
-        bk = max(16, triton.next_power_of_2(dk))
-        bv = min(bv, 32)
+    bk = max(16, triton.next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     dh = q.new_empty(tables.n_chunks, heads, dk, dv)
     dh0 = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32) if need_dh0 else None
     dv_new = torch.empty_like(do) if w is not None else None
-    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), tables.n_seqs * heads)
+    grid = lambda meta: (triton.cdiv(dk, bk), triton.cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
-                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g),
+                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
                     DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-                    IEEE=q.dtype == torch.float32, num_warps=4)
+                    IEEE=q.dtype == torch.float32)
     return dh, dh0, dv_new
 
 
@@ -139,12 +135,10 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     """dh None: the local (intra-chunk) part only. scores: the forward A for a vector decay."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
-    bk, bv = block_sizes(dk, dv)
     out = torch.empty_like(do)
-    grid = (triton.cdiv(dv, bv), tables.n_chunks, heads)
+    grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     dv_bwd[grid](q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                 C=chunk_size, BK=bk, BV=bv, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
-                 num_warps=4)
+                 C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32)
     return out
 
 
@@ -153,7 +147,7 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     For a vector decay: dq, dk complete (intra parts added) and dB (T_total, H, K)."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
-    bk, bv = block_sizes(dk, dv)
+    bk = block_sizes(dk, dv)[0]
     n_kb = triton.cdiv(dk, bk)
     dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     dw = torch.empty_like(k) if dv_new is not None else None
@@ -162,8 +156,8 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     d_scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32) if gate == 2 else None
     grid = (n_kb, tables.n_chunks, heads)
     dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, dq, dk_, dw, db, d_scores, tables.cu, tables.chunk_indices, scale,
-                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, BV=bv, GATE=gate,
-                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, num_warps=4)
+                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
+                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32)
     if gate == 2:
         launch_intra_bwd(q, k, g, d_scores, dq, dk_, tables, chunk_size)
         db = q.float() * dq.float() - k.float() * dk_.float()

@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _dot
+from .tuning import COLUMNS, STATE, TILES
 
 
+@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA"])
 @triton.jit
 def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
@@ -80,6 +82,7 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
         tl.store(dh0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], d_state, mask=m_kv)
 
 
+@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "USE_DH"])
 @triton.jit
 def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -131,6 +134,7 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
              mask=m_t[:, None] & m_v[None, :])
 
 
+@triton.autotune(configs=COLUMNS, key=["K", "V", "C", "BK", "GATE", "DELTA"])
 @triton.jit
 def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk_indices, scale,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,

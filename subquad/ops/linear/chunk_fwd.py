@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tuning import STATE, TILES
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -28,6 +30,7 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA"])
 @triton.jit
 def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
@@ -79,6 +82,7 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
         tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
 
 
+@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE"])
 @triton.jit
 def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,

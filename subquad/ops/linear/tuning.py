@@ -1,0 +1,20 @@
+"""Autotuning spaces of the chunk kernels: a few tile / warp / pipeline-depth choices each (the first call per
+shape key benchmarks them). The interpreter gets the first choice only (it would time every one on the CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+
+def configs(space: list[tuple[dict, int, int]]) -> list[triton.Config]:
+    """space: (meta-parameters, num_warps, num_stages) triples."""
+    cfgs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in space]
+    return cfgs[:1] if os.environ.get("TRITON_INTERPRET", "0") == "1" else cfgs
+
+
+STATE = configs([({"BV": 32}, 4, 2), ({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 64}, 8, 2), ({"BV": 32}, 2, 3)])
+TILES = configs([({"BK": 64, "BV": 64}, 4, 2), ({"BK": 64, "BV": 64}, 4, 3), ({"BK": 64, "BV": 128}, 8, 2),
+                 ({"BK": 128, "BV": 64}, 8, 2), ({"BK": 128, "BV": 128}, 8, 2)])
+COLUMNS = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 128}, 8, 2), ({"BV": 32}, 4, 3)])
