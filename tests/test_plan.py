@@ -35,7 +35,7 @@ PLANNED = [
     ("dilated-noncausal", masks.dilated(40, 2, causal=False), 96, 128, ["classes"]),
     ("dilated-odd-length", masks.dilated(40, 3, causal=False), 200, 200, ["class"] * 3),
     ("longformer-spread", masks.longformer(16, [0, 1, 50, 130]), 200, 200, ["local", "columns", "rows"]),
-    ("longformer-folded", masks.longformer(16, [0, 1, 2], causal=True), 150, 203, ["local"]),
+    ("longformer-first-tokens", masks.longformer(16, [0, 1, 2], causal=True), 150, 203, ["local", "columns"]),
     ("bigbird-spread", masks.bigbird(16, [0, 5, 100, 170], random_blocks=2, block=16, causal=True), 200, 200,
      ["local", "columns", "rows"]),
     ("bigbird-folded", masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, 200, ["local", "rows"]),
