@@ -48,3 +48,28 @@ def test_document_lengths_are_uneven_and_cover_the_sequence():
     lengths = torch.bincount(ids)
     assert ids.numel() == backends.N_PATTERN and lengths.numel() == 16 and bool((lengths >= 256).all())
     assert lengths.unique().numel() > 1
+
+
+def test_device_runner_measures_candidates_then_auto_with_the_new_table(tmp_path, monkeypatch):
+    """The runner's plumbing on CPU with a tiny case: candidates first, the table built from them installed
+    and re-read, then auto and the peers; JSON rewritten after each case."""
+    from subquad import attention
+    from subquad.bench.attention_cases import attention_case
+
+    def tiny(quick, names=None):
+        impls = {name: (lambda inputs: attention(inputs["q"], inputs["k"], inputs["v"], causal=True,
+                                                 backend="reference"))
+                 for name in ("subquad-triton", "subquad-fa4", "subquad-auto", "cudnn")}
+        yield attention_case("causal", masks.causal, "fwd", batch=1, seqlen=64, heads_q=2, heads_kv=2, head_dim=16,
+                             dtype=torch.float32, impls=impls, extra={"capability": "cpu", "pattern": "causal"})
+
+    monkeypatch.setattr(backends, "make_cases", tiny)
+    seen = []
+    monkeypatch.setattr(dispatch, "table", type("T", (), {"cache_clear": staticmethod(lambda: seen.append(1))}))
+    rows = backends.run(tmp_path, 1e9, device="cpu", table_path=tmp_path / "installed.json")
+    assert [r["impl"] for r in rows] == ["subquad-triton", "subquad-fa4", "subquad-auto", "cudnn"]
+    assert seen == [1]
+    table = dispatch.Table.load(tmp_path / "installed.json")
+    assert table.ranking(dispatch.Signature("cpu", "float32", 16, "causal", "fwd"))[1] == "exact"
+    assert (tmp_path / "dispatch_table.json").read_text() == (tmp_path / "installed.json").read_text()
+    assert len(__import__("json").loads((tmp_path / "backends.json").read_text())) == 4

@@ -14,10 +14,12 @@ dense causal and full at 8 x 4k; at 1 x 16k the causal sliding window 4096, pack
 Each row's ``extra`` carries the signature fields (``capability``, ``pattern``) from which
 ``python -m subquad.ops.softmax.dispatch RESULTS.json`` builds the shipped dispatch table.
 
-``python -m subquad.bench.suites.backends OUT [--deadline S] [--warm]`` runs the suite case by case,
-rewriting ``OUT/backends.json`` after each (so a run cut short keeps what it measured); ``--warm`` first
-compiles every case's kernels in parallel processes (FA4's CuTe kernels and FlexAttention compile for tens
-of seconds each; their disk caches then serve the timed run).
+A device run: ``python -m subquad.bench.suites.backends --warm-only SECONDS`` compiles every case's kernels
+in parallel processes (FA4's CuTe kernels and FlexAttention compile for tens of seconds each; their disk
+caches then serve the timed run; set ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``), then
+``python -m subquad.bench.suites.backends OUT --deadline SECONDS`` measures the chooser's candidates,
+builds and installs the dispatch table from them, and measures ``subquad-auto`` and the peers, rewriting
+``OUT/backends.json`` after each case (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -257,25 +259,47 @@ def _warm_one(name: str) -> None:
                     t.grad = None
 
 
-def run(out_dir: Path, deadline_s: float, warm: bool) -> list[dict]:
+def warm_all(timeout_s: float) -> None:
+    """Compile every case's kernels, one process per case, all at once (CPU-bound compiles in parallel)."""
+    start = time.time()
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "subquad.bench.suites.backends", "--warm-one", n], env=env)
+             for n in cases_spec()]
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, timeout_s - (time.time() - start)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    print(f"warm-up done in {time.time() - start:.0f}s", flush=True)
+
+
+#: the backends the chooser picks from, measured first: the table built from them serves subquad-auto
+CANDIDATES = ("subquad-triton", "subquad-fa4")
+
+
+def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None) -> list[dict]:
+    """Measure the candidates, build the dispatch table from them and install it, then measure
+    ``subquad-auto`` (which now reads that table) and the peers; stop each phase at its share of the
+    deadline. Writes ``backends.json`` after every case and ``dispatch_table.json``."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(cases_spec())
-    if warm:
-        env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-m", "subquad.bench.suites.backends", "--warm-one", n], env=env)
-                 for n in names]
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline_s - (time.time() - start)))
-        print(f"warm-up done in {time.time() - start:.0f}s", flush=True)
     rows: list[dict] = []
-    for case in make_cases(False):
-        if time.time() - start > deadline_s:
-            print(f"deadline: skipped {case.case} {case.mode}", flush=True)
-            continue
-        rows += run_cases([case], torch.device("cuda"),
-                          progress=lambda msg: print(f"[{time.time() - start:5.0f}s] {msg}", flush=True))
-        (out_dir / "backends.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+    def phase(keep, until):
+        for case in make_cases(False):
+            if time.time() - start > until:
+                print(f"deadline: skipped {case.case} {case.mode}", flush=True)
+                continue
+            rows.extend(run_cases([case], torch.device(device), impl_filter=keep,
+                                  progress=lambda msg: print(f"[{time.time() - start:5.0f}s] {msg}", flush=True)))
+            (out_dir / "backends.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+    phase(lambda name: name in CANDIDATES, 0.45 * deadline_s)
+    table = json.dumps(dispatch.build_table(rows, source="backends.json"), indent=1) + "\n"
+    (out_dir / "dispatch_table.json").write_text(table)
+    (table_path or dispatch.TABLE_PATH).write_text(table)
+    dispatch.table.cache_clear()
+    phase(lambda name: name not in CANDIDATES, deadline_s)
     return rows
 
 
@@ -283,11 +307,11 @@ def _main(argv: list[str]) -> None:
     if argv[:1] == ["--warm-one"]:
         _warm_one(argv[1])
         return
-    out = Path(argv[0])
+    if argv[:1] == ["--warm-only"]:
+        warm_all(float(argv[1]))
+        return
     deadline = float(argv[argv.index("--deadline") + 1]) if "--deadline" in argv else 1e9
-    rows = run(out, deadline, "--warm" in argv)
-    table = dispatch.build_table(rows, source="backends.json")
-    (out / "dispatch_table.json").write_text(json.dumps(table, indent=1) + "\n")
+    rows = run(Path(argv[0]), deadline)
     for r in rows:
         print(f"{r['case']:20s} {r.get('mode', ''):7s} {r['impl']:15s} "
               + (f"{r['ms']:9.3f} ms {r['tflops'] or 0:7.1f} TF err {r['max_err']:.1e}" if "ms" in r
