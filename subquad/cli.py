@@ -83,5 +83,74 @@ def bench(
         console.print(f"saved {dest}")
 
 
+def _mixer_options(items: Optional[List[str]]) -> dict:
+    """``["L.window=64", "M.d_state=16"]`` -> ``{"L": {"window": 64}, "M": {"d_state": 16}}`` (values as JSON)."""
+    import json
+
+    options: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        mixer, dot, name = key.partition(".")
+        if not sep or not dot or not mixer or not name:
+            raise typer.BadParameter(f"expected MIXER.NAME=VALUE (e.g. L.window=64), got {item!r}",
+                                     param_hint="--option")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options.setdefault(mixer, {})[name] = parsed
+    return options
+
+
+@app.command()
+def train(
+    layers: str = typer.Option("MAMA", "--layers", "-l", help="One mixer letter per layer (A, L, G, D, K, F, R, E, M, N, Y)."),
+    d_model: int = typer.Option(64, "--d-model"),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Heads per mixer (default d_model / 64, at least 1)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Mixer option, e.g. L.window=64."),
+    steps: int = typer.Option(200, "--steps"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    eval_every: int = typer.Option(50, "--eval-every"),
+    max_bytes: Optional[int] = typer.Option(4_000_000, "--max-bytes", help="Corpus bytes to read (0: all)."),
+    device: str = typer.Option("auto", "--device"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Folder for checkpoint.pt, loss.png, history.json."),
+) -> None:
+    """Train a HybridLM on the Python standard library's own sources (bytes): progress bar, validation bits
+    per byte, loss curve PNG and a checkpoint. bf16 autocast on a GPU."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    cfg = TrainConfig(layers=layers, d_model=d_model, heads=heads, mixer_options=_mixer_options(option), steps=steps,
+                      batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every,
+                      max_bytes=max_bytes or None, device=device, compile=compile, threads=threads, seed=seed,
+                      out=str(out))
+    result = run_training(cfg, console=console)
+    console.print(f"{layers} d_model={d_model}: {result.params:,} parameters, {steps} steps in {result.seconds:.1f} s, "
+                  f"{result.tokens_per_s:,.0f} tokens/s, loss {result.history['loss'][0]:.3f} -> "
+                  f"{result.history['loss'][-1]:.3f}, validation {result.final_val_bpb:.3f} bits/byte")
+    console.print(f"wrote {result.checkpoint} and {result.plot}")
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="checkpoint.pt from `subquad train`."),
+    prompt: str = typer.Option("def ", "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy."),
+    top_k: Optional[int] = typer.Option(40, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Sample a continuation of a prompt from a checkpoint (with each layer's cache)."""
+    from .train import generate_text
+
+    typer.echo(generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device))
+
+
 if __name__ == "__main__":
     app()
