@@ -410,6 +410,7 @@ class SparseArgs:
     fwd: tuple                       # (partial_num, partial_idx, full_num, full_idx) per query block
     bwd: tuple                       # the same per key block (transposed)
     q_offset: int
+    kernel_kwargs: dict | None = None  # flash_attn_func's sparse arguments, made on the first call
 
 
 def sparse_args(bm: "_masks.BlockMask") -> SparseArgs:
@@ -456,11 +457,13 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     # Resolved from the caller's own (mask, causal) so that the BlockMask cache on the pattern is hit.
     bm = _block_mask_for(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device)
     args = sparse_args(bm)
-    fwd = BlockSparseTensorsTorch(*args.fwd, block_size=(BLOCK_Q, BLOCK_KV))
-    bwd = BlockSparseTensorsTorch(*args.bwd, block_size=(BLOCK_Q, BLOCK_KV))
-    mask_mod = None if args.spec is None else _cute_mask_mod(args.spec, args.q_offset)
-    return flash_attn_func(q, k, v, mask_mod=mask_mod, aux_tensors=args.aux or None, block_sparse_tensors=fwd,
-                           block_sparse_tensors_bwd=bwd, **common)
+    if args.kernel_kwargs is None:
+        args.kernel_kwargs = dict(
+            mask_mod=None if args.spec is None else _cute_mask_mod(args.spec, args.q_offset),
+            aux_tensors=args.aux or None,
+            block_sparse_tensors=BlockSparseTensorsTorch(*args.fwd, block_size=(BLOCK_Q, BLOCK_KV)),
+            block_sparse_tensors_bwd=BlockSparseTensorsTorch(*args.bwd, block_size=(BLOCK_Q, BLOCK_KV)))
+    return flash_attn_func(q, k, v, **args.kernel_kwargs, **common)
 
 
 __all__ = ["fa4_attention", "unsupported_reason", "lower", "Lowering", "is_installed", "version", "mask_spec",
