@@ -63,8 +63,8 @@ class DiffAttention(nn.Module):
         self.rope = RotaryEmbedding(d, rope_base)
 
     def lambda_(self) -> torch.Tensor:
-        return (torch.exp((self.lambda_q1 * self.lambda_k1).sum().float())
-                - torch.exp((self.lambda_q2 * self.lambda_k2).sum().float()) + self.lambda_init)
+        return (torch.exp((self.lambda_q1 * self.lambda_k1).sum())
+                - torch.exp((self.lambda_q2 * self.lambda_k2).sum()) + self.lambda_init)
 
     def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None):
         w = self.q_proj.weight

@@ -1,4 +1,4 @@
-"""RMSNorm (Zhang & Sennrich, 2019): ``x / rms(x) * weight``, computed in fp32 whatever the input dtype."""
+"""RMSNorm (Zhang & Sennrich, 2019): ``x / rms(x) * weight``, computed in fp32 (fp64 for fp64 input)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * self.weight.to(xf.dtype)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -67,7 +67,7 @@ class RotaryEmbedding(nn.Module):
 
     ``rope(x, positions)``: ``x`` ``(B, T, H, D)`` with ``D >= dim``; ``positions`` ``(T,)`` or ``(B, T)`` integer
     (absolute positions: with a cache, the sequence's length before the new tokens plus ``0..T-1``).
-    Computed in fp32, returned in x's dtype.
+    Computed in fp32 (fp64 for fp64 input), returned in x's dtype.
     """
 
     def __init__(self, dim: int, base: float = 10000.0, scaling: RopeScaling | None = None,
@@ -90,9 +90,9 @@ class RotaryEmbedding(nn.Module):
         self.position_scale = 1.0 / scaling.factor if scaling is not None and scaling.kind == "linear" else 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos``, ``sin`` of shape ``positions.shape + (dim / 2,)`` in fp32."""
-        angles = (positions.float() * self.position_scale)[..., None] * self.inv_freq.to(positions.device)
+    def cos_sin(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of shape ``positions.shape + (dim / 2,)`` in ``dtype`` (fp32, or fp64 for fp64 x)."""
+        angles = (positions.to(dtype) * self.position_scale)[..., None] * self.inv_freq.to(positions.device, dtype)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -102,11 +102,12 @@ class RotaryEmbedding(nn.Module):
                 or (positions.dim() == 2 and positions.shape[0] not in (1, x.shape[0])):
             raise ValueError(f"positions: expected shape ({x.shape[1]},) or ({x.shape[0]}, {x.shape[1]}), got "
                              f"{tuple(positions.shape)}")
-        cos, sin = self.cos_sin(positions)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.cos_sin(positions, acc)
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, dim/2): broadcast over heads
-        rot, rest = x[..., :self.dim].float(), x[..., self.dim:]
+        rot, rest = x[..., :self.dim].to(acc), x[..., self.dim:]
         if self.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)

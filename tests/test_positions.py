@@ -1,0 +1,107 @@
+"""RoPE (full, partial, interleaved, context-extension scaling) and ALiBi slopes against their definitions."""
+
+import math
+
+import pytest
+import torch
+
+from subquad.nn import RopeScaling, RotaryEmbedding, alibi_slopes, rotary_dim
+
+
+def naive_rope(x, positions, base=10000.0, dim=None):
+    """Pairs (i, i + dim/2) rotated by pos * base^(-2i/dim), one angle at a time, fp64."""
+    x = x.double().clone()
+    d = dim or x.shape[-1]
+    out = x.clone()
+    for t, p in enumerate(positions.tolist()):
+        for i in range(d // 2):
+            ang = p * base ** (-2 * i / d)
+            a, b = x[:, t, :, i], x[:, t, :, i + d // 2]
+            out[:, t, :, i] = a * math.cos(ang) - b * math.sin(ang)
+            out[:, t, :, i + d // 2] = a * math.sin(ang) + b * math.cos(ang)
+    return out
+
+
+def test_rope_matches_naive_rotation_and_partial_keeps_the_rest():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    pos = torch.tensor([0, 1, 2, 7, 100])
+    torch.testing.assert_close(RotaryEmbedding(8)(x, pos), naive_rope(x, pos), atol=1e-6, rtol=1e-6)
+    partial = RotaryEmbedding(rotary_dim(8, 0.5))(x, pos)
+    torch.testing.assert_close(partial[..., 4:], x[..., 4:])
+    torch.testing.assert_close(partial[..., :4], naive_rope(x[..., :4], pos), atol=1e-6, rtol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(1)
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+
+    def score(m, n):
+        return (rope(q, torch.tensor([m])) * rope(k, torch.tensor([n]))).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(103, 100), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_interleaved_is_the_half_split_form_under_a_channel_permutation():
+    torch.manual_seed(2)
+    x = torch.randn(1, 4, 2, 8)
+    pos = torch.arange(4)
+    perm = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # half-split channel i, i+4 -> interleaved 2i, 2i+1
+    half = RotaryEmbedding(8)(x, pos)
+    inter = RotaryEmbedding(8, interleaved=True)(x[..., perm], pos)
+    torch.testing.assert_close(inter, half[..., perm])
+
+
+def test_per_sequence_positions_batch_rows_independently():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 1, 8)
+    rope = RotaryEmbedding(8)
+    pos = torch.tensor([[0, 1, 2], [10, 11, 12]])
+    out = rope(x, pos)
+    torch.testing.assert_close(out[1:], rope(x[1:], torch.tensor([10, 11, 12])))
+
+
+def test_linear_and_ntk_scaling():
+    x = torch.randn(1, 3, 1, 8, dtype=torch.float64)
+    pos = torch.tensor([0, 4, 8])
+    lin = RotaryEmbedding(8, scaling=RopeScaling("linear", 4.0))
+    torch.testing.assert_close(lin(x, pos), RotaryEmbedding(8)(x, pos // 4), atol=1e-6, rtol=1e-6)
+    ntk = RotaryEmbedding(8, scaling=RopeScaling("ntk", 4.0))
+    torch.testing.assert_close(ntk(x, pos), naive_rope(x, pos, base=10000.0 * 4 ** (8 / 6)), atol=1e-6, rtol=1e-6)
+
+
+def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
+    dim, factor = 64, 8.0
+    plain = RotaryEmbedding(dim)
+    yarn = RotaryEmbedding(dim, scaling=RopeScaling("yarn", factor, original_max_position=2048))
+    assert torch.allclose(yarn.inv_freq[:4], plain.inv_freq[:4])            # fast rotations: unchanged
+    assert torch.allclose(yarn.inv_freq[-4:], plain.inv_freq[-4:] / factor)  # slow rotations: interpolated
+    assert yarn.attention_factor == pytest.approx(0.1 * math.log(factor) + 1)
+    same = RotaryEmbedding(dim, scaling=RopeScaling("yarn", 1.0))
+    assert torch.allclose(same.inv_freq, plain.inv_freq) and same.attention_factor == 1.0
+
+
+def test_alibi_slopes():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    s12 = alibi_slopes(12)  # 8 slopes of base 2^-1, then the odd ones of the 16-head sequence (base 2^-0.5)
+    torch.testing.assert_close(s12[:8], alibi_slopes(8))
+    torch.testing.assert_close(s12[8:], torch.tensor([2.0 ** -(0.5 * (2 * i + 1)) for i in range(4)]))
+
+
+@pytest.mark.parametrize("bad", [dict(dim=7), dict(dim=8, base=1.0)])
+def test_bad_rope_arguments(bad):
+    with pytest.raises(ValueError):
+        RotaryEmbedding(**bad)
+
+
+def test_bad_scaling_and_shapes():
+    with pytest.raises(ValueError, match="kind"):
+        RopeScaling("bogus", 2.0)
+    with pytest.raises(ValueError, match="factor"):
+        RopeScaling("yarn", 0.5)
+    with pytest.raises(ValueError, match="positions"):
+        RotaryEmbedding(8)(torch.randn(1, 3, 1, 8), torch.arange(4))
+    with pytest.raises(ValueError, match="heads"):
+        alibi_slopes(0)
