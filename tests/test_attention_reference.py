@@ -243,3 +243,34 @@ def test_block_mask_cache_reused():
     cached = dict(pattern._block_masks)
     subquad.attention(q, k, v, mask=pattern, backend="reference")
     assert pattern._block_masks == cached and len(cached) == 1
+
+
+_MEMORY_SCRIPT = """
+import torch, subquad
+from subquad import masks
+torch.set_num_threads(1)  # timing-insensitive, and no thread oversubscription on a loaded CI machine
+def hwm():
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024
+n = 16384
+q, k, v = (torch.randn(1, n, 2, 32, requires_grad=True) for _ in range(3))
+base = hwm()
+with torch.no_grad():
+    out = subquad.attention(q, k, v, mask=masks.sliding_window(512), backend='reference')
+fwd = hwm() - base
+out = subquad.attention(q, k, v, mask=masks.sliding_window(512), backend='reference')
+out.sum().backward()
+print(fwd, hwm() - base)
+"""
+
+
+def test_memory_follows_the_window_not_n_squared():
+    # N = 16k: the (heads x N x N) fp32 scores would be 2 GiB; the tiled reference needs a few MB of tiles
+    # beside its inputs and outputs (each 4 MB here), with and without autograd (checkpointed query blocks).
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    fwd_mb, fwdbwd_mb = map(float, res.stdout.split())
+    assert fwd_mb < 100, fwd_mb
+    assert fwdbwd_mb < 200, fwdbwd_mb

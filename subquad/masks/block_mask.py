@@ -132,23 +132,23 @@ class BlockMask:
                                seq_kv=self.seq_kv, block_q=self.block_q, block_kv=self.block_kv, device=device)
 
     # -- summaries --------------------------------------------------------------------------------------
-    def _block_areas(self) -> torch.Tensor:
-        rows = torch.full((self.num_q_blocks,), self.block_q, device=self.kind.device)
-        rows[-1] = self.seq_q - self.block_q * (self.num_q_blocks - 1)
-        cols = torch.full((self.num_kv_blocks,), self.block_kv, device=self.kind.device)
-        cols[-1] = self.seq_kv - self.block_kv * (self.num_kv_blocks - 1)
-        return rows.view(-1, 1) * cols.view(1, -1)
+    def _area_of(self, blocks: torch.Tensor) -> int:
+        """Number of (query, key) pairs covered by the blocks where ``blocks`` (a bool grid like ``kind``) is
+        True: every block is block_q x block_kv except the short last row and column. Vector sums only (no
+        int64 grid of block areas at long N)."""
+        last_q = self.seq_q - self.block_q * (self.num_q_blocks - 1)
+        last_k = self.seq_kv - self.block_kv * (self.num_kv_blocks - 1)
+        per_row = blocks.sum(-1, dtype=torch.int64) * self.block_kv - blocks[..., -1].to(torch.int64) * (self.block_kv - last_k)
+        return int(per_row.sum() * self.block_q - per_row[..., -1].sum() * (self.block_q - last_q))
 
     def block_density(self) -> float:
         """Fraction of the (query, key) grid that the kernels visit (full + partial blocks)."""
-        area = self._block_areas()
-        return float(((self.kind != EMPTY) * area).sum() / (area.sum() * self.kind.shape[0] * self.kind.shape[1]))
+        return self._area_of(self.kind != EMPTY) / (self.seq_q * self.seq_kv * self.kind.shape[0] * self.kind.shape[1])
 
     def kept_pairs(self) -> int:
         """Exact number of kept (query, key) pairs summed over the stored (batch, head) slices, broadcast to
         the full batch and heads. Partial blocks are counted element by element (there are O(N/block))."""
-        area = self._block_areas()
-        total = int(((self.kind == FULL) * area).sum())
+        total = self._area_of(self.kind == FULL)
         num, idx = self.partial_kv
         dev = self.kind.device
         for b in range(self.kind.shape[0]):

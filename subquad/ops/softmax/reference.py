@@ -16,65 +16,81 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...masks import FULL, PARTIAL, BlockMask
+from ...masks import BlockMask
 
 #: keys processed at once for one query block (bounds the score tile: block_q x KV_CHUNK x heads)
 KV_CHUNK = 8192
 
 
-def _block_keys(bm: BlockMask | None, b: int, h: int, qb: int, n_kb: int, block_kv: int, seq_kv: int,
-                device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Key positions this query block visits, and for each a flag 'in a partial block' (None: all full)."""
-    if bm is None:
-        return torch.arange(seq_kv, device=device), None
-    kind = bm.kind[b, h, qb]
-    kbs = torch.nonzero(kind != 0).flatten()
-    if kbs.numel() == 0:
-        return torch.empty(0, dtype=torch.long, device=device), None
-    pos = (kbs.view(-1, 1) * block_kv + torch.arange(block_kv, device=device)).flatten()
-    partial = (kind[kbs] == PARTIAL).view(-1, 1).expand(-1, block_kv).flatten()
-    keep = pos < seq_kv
-    pos, partial = pos[keep], partial[keep]
-    return pos, (partial if bool(partial.any()) else None)
+def _key_groups(full_blocks: list[int], partial_blocks: list[int], block_kv: int, seq_kv: int, device):
+    """The keys one query block visits, as ``(index, masked)`` chunks of at most KV_CHUNK keys.
 
-
-def _attend(q, k, v, kidx, partial, qpos, kv_pos, pattern, b_index, h_index, scale, softcap, alibi):
-    """One query block against its gathered keys, online softmax over KV_CHUNK-sized chunks.
-
-    q: (b, nq, hkv, g, d) fp32; k, v: (b, nk_all, hkv, d*) in their dtype; kidx: (nk,) key indices; qpos and
-    ``kv_pos[kidx]`` are the positions that the mask and ALiBi see; returns o (b, nq, hkv, g, dv) fp32 and
-    lse (b, hkv, g, nq) fp32.
+    Full and partial key blocks form separate chunks, so the pattern's predicate is evaluated only on the
+    partial ones. A contiguous run of blocks (a window, a causal prefix) is a slice, i.e. a view of K/V with
+    no gather; scattered blocks are gathered by index.
     """
-    bsz, nq, hkv, g, _ = q.shape
+    groups = []
+    for blocks, masked in ((full_blocks, False), (partial_blocks, True)):
+        if not blocks:
+            continue
+        if blocks[-1] - blocks[0] + 1 == len(blocks):
+            lo, hi = blocks[0] * block_kv, min((blocks[-1] + 1) * block_kv, seq_kv)
+            groups += [(slice(s, min(s + KV_CHUNK, hi)), masked) for s in range(lo, hi, KV_CHUNK)]
+        else:
+            idx = (torch.tensor(blocks, device=device).view(-1, 1) * block_kv
+                   + torch.arange(block_kv, device=device)).flatten()
+            idx = idx[idx < seq_kv]
+            groups += [(idx[s:s + KV_CHUNK], masked) for s in range(0, idx.numel(), KV_CHUNK)]
+    return groups
+
+
+def _positions(index, kv_pos, device) -> torch.Tensor:
+    if kv_pos is not None:
+        return kv_pos[index]
+    if isinstance(index, slice):
+        return torch.arange(index.start, index.stop, device=device)
+    return index
+
+
+def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi):
+    """One query block against its key chunks, with an online softmax across chunks.
+
+    q: (b, hkv, g, nq, d) fp32, already multiplied by the scale; k, v: (b, hkv, N, d*) fp32; groups from
+    ``_key_groups``; qpos and the keys' positions are what the mask and ALiBi see; alibi (b, hkv, g) or None.
+    Returns o (b, nq, hkv, g, dv) fp32 and lse (b, hkv, g, nq) fp32.
+    """
+    bsz, hkv, g, nq, d = q.shape
     dv = v.shape[-1]
+    # Without autograd the score tile is updated in place (fewer and same-sized allocations).
+    inplace = not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad
+                                                   or (alibi is not None and alibi.requires_grad))
+    q2 = q.view(bsz, hkv, g * nq, d)
     m = torch.full((bsz, hkv, g, nq), float("-inf"), device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(bsz, hkv, g, nq, dv, device=q.device)
-    for start in range(0, kidx.numel(), KV_CHUNK):
-        ki = kidx[start:start + KV_CHUNK]
-        kc = k[:, ki].float()
-        vc = v[:, ki].float()
-        kp = ki if kv_pos is None else kv_pos[ki]
-        s = torch.einsum("bqhgd,bkhd->bhgqk", q, kc) * scale
+    for index, masked in groups:
+        kc, vc = k[:, :, index], v[:, :, index]
+        nk = kc.shape[2]
+        s = torch.matmul(q2, kc.transpose(-1, -2)).view(bsz, hkv, g, nq, nk)
         if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
+            s = s.div_(softcap).tanh_().mul_(softcap) if inplace else softcap * torch.tanh(s / softcap)
+        kp = _positions(index, kv_pos, q.device) if (masked or alibi is not None) else None
         if alibi is not None:
-            s = s - alibi[..., None, None] * (qpos.view(-1, 1) - kp.view(1, -1)).abs().float()
-        if partial is not None:
-            part = partial[start:start + KV_CHUNK]
-            if bool(part.any()):
-                keep = pattern.predicate(b_index, h_index, qpos.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
-                keep = keep | ~part.view(1, 1, 1, -1)
-                # keep: (b or 1, h or 1, nq, nk) -> (b or 1, hkv or 1, g or 1, nq, nk)
-                keep = keep.view(keep.shape[0], 1, 1, *keep.shape[2:]) if keep.shape[1] == 1 else \
-                    keep.view(keep.shape[0], hkv, g, *keep.shape[2:])
-                s = s.masked_fill(~keep, float("-inf"))
+            bias = alibi[..., None, None] * (qpos.view(-1, 1) - kp.view(1, -1)).abs().float()
+            s = s.sub_(bias) if inplace else s - bias
+        if masked:
+            keep = pattern.predicate(b_index, h_index, qpos.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
+            # keep: (b or 1, hq or 1, nq, nk) -> (b or 1, hkv or 1, g or 1, nq, nk)
+            keep = keep.view(keep.shape[0], 1, 1, *keep.shape[2:]) if keep.shape[1] == 1 else \
+                keep.view(keep.shape[0], hkv, g, *keep.shape[2:])
+            s = s.masked_fill_(~keep, float("-inf")) if inplace else s.masked_fill(~keep, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1)).detach()
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - m_safe[..., None])
+        p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("bhgqk,bkhd->bhgqd", p, vc)
+        pv = torch.matmul(p.view(bsz, hkv, g * nq, nk), vc).view(bsz, hkv, g, nq, dv)
+        acc = acc.mul_(alpha[..., None]).add_(pv) if inplace else acc * alpha[..., None] + pv
         m = m_new
     empty = l == 0
     o = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
@@ -111,6 +127,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         slopes = slopes.expand(bsz, hq).reshape(bsz, hkv, g)
 
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # K and V once in the layout the matmuls want, (b, hkv, N, d) fp32: every key chunk is then a view (or
+    # a gather along N) with contiguous rows, shared by all query blocks.
+    k_t = k.transpose(1, 2).float().contiguous()
+    v_t = v.transpose(1, 2).float().contiguous()
+    pattern = block_mask.pattern if block_mask is not None else None
     outs, lses = [], []
     # Groups of (batch, head) that share one block plan: all of them when the pattern is uniform.
     for b in range(bm_b):
@@ -120,7 +141,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
             hsl = slice(None) if bm_h == 1 else slice(h, h + 1)
             ksl = slice(None) if bm_h == 1 else slice(h // g, h // g + 1)
             qh = q[bsl, :, hsl]
-            kh, vh = k[bsl, :, ksl], v[bsl, :, ksl]
+            kh, vh = k_t[bsl, ksl], v_t[bsl, ksl]
             heads_kv = hkv if bm_h == 1 else 1
             groups = g if bm_h == 1 else 1
             al = None
@@ -130,14 +151,21 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                 torch.arange(bsz, device=device).view(-1, 1, 1, 1)
             h_index = torch.tensor(h, device=device).view(1, 1, 1, 1) if bm_h > 1 else \
                 torch.arange(hq, device=device).view(1, -1, 1, 1)
+            if block_mask is not None:
+                (fnum, fidx), (pnum, pidx) = block_mask.full_kv, block_mask.partial_kv
+                fnum, fidx, pnum, pidx = (x[b, h].tolist() for x in (fnum, fidx, pnum, pidx))
             row_o, row_l = [], []
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
-                kidx, partial = _block_keys(block_mask, b, h, qb, n_kb, block_kv, seq_kv, device)
+                if block_mask is None:
+                    key_groups = _key_groups(list(range(n_kb)), [], block_kv, seq_kv, device)
+                else:
+                    key_groups = _key_groups(fidx[qb][:fnum[qb]], pidx[qb][:pnum[qb]], block_kv, seq_kv, device)
                 qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
-                qt = qh[:, q0:q1].float().reshape(qh.shape[0], q1 - q0, heads_kv, groups, d)
-                pattern = block_mask.pattern if block_mask is not None else None
-                args = (qt, kh, vh, kidx, partial, qpos, kv_pos, pattern, b_index, h_index, scale, softcap, al)
+                # (b, nq, hq, d) -> (b, hkv, g, nq, d), scaled once here rather than on every score tile.
+                qt = (qh[:, q0:q1].float() * scale).view(qh.shape[0], q1 - q0, heads_kv, groups, d)
+                qt = qt.permute(0, 2, 3, 1, 4).contiguous()
+                args = (qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index, softcap, al)
                 if need_grad:
                     o_blk, l_blk = checkpoint(_attend, *args, use_reentrant=False)
                 else:
