@@ -62,6 +62,14 @@ def _mla(d_model, heads, layer_idx, **opts):
     return MLA(d_model, heads, **{**defaults, **opts})
 
 
+def _mamba2(d_model, heads, layer_idx, **opts):
+    """Mamba-2's own head size (64) where it divides d_inner; otherwise the model's head count."""
+    d_inner = opts.get("expand", 2) * d_model
+    if "heads" not in opts and "headdim" not in opts and d_inner % 64:
+        opts["heads"] = heads
+    return Mamba2(d_model, **opts)
+
+
 register("A", "attention", _attention, "softmax attention, causal, RoPE (MHA/GQA/MQA via kv_heads)")
 register("G", "global", _attention, "global softmax attention (Gemma-3's global layer; same as A)")
 register("L", "local", _local, f"sliding-window softmax attention (window, default {DEFAULT_WINDOW}; rolling cache)")
@@ -70,7 +78,7 @@ register("K", "mla", _mla, "multi-head latent attention (DeepSeek-V2: latent KV 
 register("F", "linear", lambda d, h, i, **o: LinearAttention(d, h, **o), "linear attention (feature_map=...)")
 register("R", "retnet", lambda d, h, i, **o: RetNet(d, h, **o), "RetNet multi-scale retention")
 register("E", "gla", lambda d, h, i, **o: GLA(d, h, **o), "gated linear attention")
-register("M", "mamba2", lambda d, h, i, **o: Mamba2(d, **o), "Mamba-2 (SSD)")
+register("M", "mamba2", _mamba2, "Mamba-2 (SSD; headdim 64)")
 register("N", "deltanet", lambda d, h, i, **o: DeltaNet(d, h, **o), "DeltaNet (delta rule)")
 register("Y", "gated_deltanet", lambda d, h, i, **o: GatedDeltaNet(d, h, **o), "Gated DeltaNet")
 

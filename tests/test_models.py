@@ -1,0 +1,96 @@
+"""HybridLM: layer strings, cached generation == re-running the whole sequence for every mixer kind, sampling,
+bad input."""
+
+import pytest
+import torch
+
+from subquad.cache import RollingKVCache, StaticKVCache
+from subquad.models import HybridLM, sample
+from subquad.nn import REGISTRY, RecurrentState
+
+OPTIONS = {"L": {"window": 4}, "M": {"d_state": 8}, "K": {"kv_lora_rank": 8, "rope_dim": 4}}
+
+
+def tiny(layers, **kw):
+    torch.manual_seed(0)
+    return HybridLM(64, 16, layers, heads=2, mixer_options=OPTIONS, **kw).double()
+
+
+def _letters():
+    out = []
+    for letter in REGISTRY:
+        if letter == "K":
+            try:
+                import subquad.nn.mla  # noqa: F401
+            except ImportError:
+                continue
+        out.append(letter)
+    return out
+
+
+@pytest.mark.parametrize("layers", _letters() + ["MMMAMMMA", "LLLLLG", "ERDNYFKM"])
+def test_cached_generation_equals_rerunning_the_sequence(layers):
+    if "K" in layers and "K" not in _letters():
+        pytest.skip("MLA not available")
+    model = tiny(layers if len(layers) > 1 else layers * 2)
+    prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    cached, cached_logits = model.generate(prompt, 6, temperature=0, return_logits=True)
+    full, full_logits = model.generate(prompt, 6, temperature=0, use_cache=False, return_logits=True)
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(cached_logits, full_logits, atol=1e-5, rtol=1e-5)
+    # and the prefill + step logits over a fixed continuation equal one forward pass
+    ids = torch.cat([prompt, cached[:, 7:]], 1)
+    caches = model.new_caches(2, ids.shape[1])
+    stepwise = torch.cat([model(ids[:, :7], caches)] + [model(ids[:, i:i + 1], caches) for i in range(7, 13)], 1)
+    torch.testing.assert_close(stepwise, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_strings_build_the_named_stacks():
+    jamba = tiny("MMMAMMMA")
+    kinds = [type(b.mixer).__name__ for b in jamba.blocks]
+    assert kinds == ["Mamba2"] * 3 + ["Attention"] + ["Mamba2"] * 3 + ["Attention"]
+    gemma = tiny("LLLLLG")
+    windows = [b.mixer.window for b in gemma.blocks]
+    assert windows == [4] * 5 + [None]
+    caches = gemma.new_caches(1, 100)
+    assert all(isinstance(c, RollingKVCache) for c in caches[:5]) and isinstance(caches[5], StaticKVCache)
+    assert isinstance(jamba.new_caches(1, 10)[0], RecurrentState)
+    named = tiny(["gla", "attention"])
+    assert named.layer_letters == "EA"
+    assert named.head.weight is named.embed.weight  # tied
+
+
+def test_sampling_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    picks = sample(logits, 1.0, 2, gen)
+    assert set(picks.flatten().tolist()) <= {1, 2} and len(set(picks.flatten().tolist())) == 2
+    assert torch.equal(sample(logits, 0, None), torch.ones(200, 1, dtype=torch.long))
+    model = tiny("EA")
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    a = model.generate(prompt, 5, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 5, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (1, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layers="MMXA"), "unknown mixer 'X'"),
+    (dict(layers=""), "at least one"),
+    (dict(layers="AA", heads=3), "d_model"),
+    (dict(layers="AA", kv_heads=3, heads=4), "kv_heads"),
+    (dict(layers=42), "layers"),
+])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HybridLM(64, 16, **kwargs)
+
+
+def test_wrong_caches_are_refused():
+    model = tiny("MA")
+    with pytest.raises(ValueError, match="caches"):
+        model(torch.zeros(1, 2, dtype=torch.long), caches=model.new_caches(1, 4)[:1])
+    swapped = model.new_caches(1, 4)[::-1]
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), caches=swapped)
+    with pytest.raises(ValueError, match="ids"):
+        model(torch.zeros(1, 2))

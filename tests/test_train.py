@@ -1,0 +1,106 @@
+"""Training on the standard-library corpus, checkpoints, sampling, the CLI; the corpus and synthetic tasks."""
+
+import json
+
+import pytest
+import torch
+
+from subquad.data import IGNORE, load_corpus, mqar, needle, random_windows, stdlib_files, stdlib_root
+from subquad.train import TrainConfig, generate_text, load_checkpoint, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=600_000)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(layers="MA", d_model=32, seq_len=64, batch_size=8, steps=30, warmup=5, eval_every=15,
+                      eval_batches=2, out=str(out))
+    return cfg, train(cfg, progress=False, corpus=corpus)
+
+
+def test_thirty_steps_lower_the_loss_and_write_the_outputs(trained):
+    cfg, result = trained
+    losses = result.history["loss"]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0  # from ~ln(256) = 5.5 nats
+    assert result.history["val_step"] == [15, 30]
+    assert result.history["val_bpb"][-1] < result.history["val_bpb"][0] < 8.5
+    assert result.tokens_per_s > 0
+    for name in ("checkpoint.pt", "loss.png", "history.json"):
+        assert (torch.serialization.os.path.exists(f"{cfg.out}/{name}"))
+    saved = json.loads(open(f"{cfg.out}/history.json").read())
+    assert saved["config"]["layers"] == "MA" and saved["final_val_bpb"] == result.final_val_bpb
+
+
+def test_checkpoint_round_trip_and_sampling(trained):
+    cfg, result = trained
+    model, ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt["train_config"]["steps"] == 30 and model.layer_letters == "MA"
+    ids = torch.randint(0, 256, (1, 20))
+    again, _ = load_checkpoint(result.checkpoint)
+    torch.testing.assert_close(model(ids), again(ids))
+    text = generate_text(result.checkpoint, "def f(", max_new_tokens=20, temperature=0.8, top_k=20, device="cpu")
+    assert text.startswith("def f(") and len(text.encode()) >= 20
+    greedy = [generate_text(result.checkpoint, "import ", 10, temperature=0, device="cpu") for _ in range(2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_cli_train_and_generate(tmp_path):
+    from typer.testing import CliRunner
+
+    from subquad.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--layers", "LE", "--d-model", "32", "--steps", "4", "--seq-len", "32",
+                              "--batch-size", "4", "--eval-every", "2", "--max-bytes", "300000",
+                              "-O", "L.window=8", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "bits/byte" in res.output and (tmp_path / "loss.png").exists()
+    model, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert model.blocks[0].mixer.window == 8
+    res = runner.invoke(app, ["generate", str(tmp_path / "checkpoint.pt"), "-p", "class ", "-n", "8", "--device",
+                              "cpu"])
+    assert res.exit_code == 0 and res.output.startswith("class ")
+    res = runner.invoke(app, ["train", "-O", "window=8"])
+    assert res.exit_code != 0 and "MIXER.NAME=VALUE" in res.output
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_corpus_is_the_stdlib_split_by_file(corpus):
+    files = stdlib_files()
+    assert len(files) > 500 and all(f.suffix == ".py" for f in files)
+    assert all("site-packages" not in f.relative_to(stdlib_root()).parts for f in files)
+    assert corpus.train.dtype == torch.uint8 and corpus.val.numel() > 0
+    assert 0.01 < corpus.val.numel() / corpus.nbytes < 0.2
+    assert b"def " in bytes(corpus.train[:200_000].tolist())
+    # no file in both splits: the validation text is not a substring of the training text
+    probe = bytes(corpus.val[:64].tolist())
+    assert probe not in bytes(corpus.train.tolist())
+    batch = random_windows(corpus.train, 3, 17, torch.Generator().manual_seed(0))
+    assert batch.shape == (3, 17) and batch.dtype == torch.long and int(batch.max()) < 256
+
+
+def test_synthetic_recall_tasks():
+    ids, targets = mqar(4, 3, 20, 32, torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (4, 20)
+    for b in range(4):
+        pairs = {int(ids[b, 2 * i]): int(ids[b, 2 * i + 1]) for i in range(3)}
+        asked = (targets[b] != IGNORE).nonzero().flatten()
+        assert len(asked) == 3
+        assert all(pairs[int(ids[b, t])] == int(targets[b, t]) for t in asked)
+    ids, targets = needle(2, 12, 16, depth=0.5)
+    pos = int(0.5 * 8)
+    assert (ids[:, pos] == 1).all() and torch.equal(ids[:, pos + 1], targets[:, -1]) and (ids[:, -1] == 1).all()
+    with pytest.raises(ValueError, match="num_pairs"):
+        mqar(1, 10, 20, 32)
