@@ -1,0 +1,1 @@
+"""Integrations with other libraries (optional imports): ``subquad.integrations.hf`` for transformers."""

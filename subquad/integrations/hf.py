@@ -1,0 +1,160 @@
+"""Hugging Face transformers integration (optional: ``pip install 'subquad[hf]'``).
+
+Two ways in:
+
+* ``register_attention(name="subquad", pattern=None)`` registers subquad's attention with transformers'
+  ``AttentionInterface`` under ``name``, so ``from_pretrained(..., attn_implementation="subquad")`` (or
+  ``model.set_attn_implementation("subquad")``) runs every self-attention of a Llama-family model (Llama,
+  Mistral, Qwen, Gemma, ... and BERT in transformers >= 5) through ``subquad.attention``: flash kernels on the
+  GPU, GQA without repeating K/V, softcap and sliding windows as the model asks. ``pattern`` (a
+  ``subquad.masks`` pattern) restricts attention further (e.g. a sliding window on a model trained dense).
+  The mask function is registered too (``sdpa_mask``: boolean ``(B, 1, N_q, N_kv)``): without it, transformers
+  passes ``attention_mask=None`` to a custom function and padding would be silently ignored.
+* ``swap_attention(model, mechanism)`` replaces the self-attention modules of a loaded BERT-family encoder
+  (BERT, RoBERTa, MiniLM, ...: modules with ``query``/``key``/``value`` projections) by a subquad mechanism:
+  ``"exact"``, ``"sliding_window"``, ``"longformer"``, ``"bigbird"`` (patterns, padding respected) or
+  ``"linear"`` (a kernel feature map: linear in the sequence length).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import masks
+from ..ops.linear import linear_attention
+from ..ops.linear.feature_maps import apply_feature_map, resolve_feature_map
+from ..ops.softmax import attention
+
+MECHANISMS = ("exact", "sliding_window", "longformer", "bigbird", "linear")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("subquad.integrations.hf needs transformers: pip install 'subquad[hf]'") from err
+    return transformers
+
+
+def keep_mask(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """transformers' 4-D mask -> boolean keep mask ``(B, 1, N_q, N_kv)``: a boolean mask is used as is, an additive
+    float mask (eager style, 0 = keep, a large negative = drop) is thresholded. None stays None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask: expected a 4-D mask (batch, 1, q_len, kv_len), got "
+                         f"{tuple(attention_mask.shape)}")
+    m = attention_mask[..., :kv_len]
+    if m.dtype == torch.bool:
+        return m
+    return m > torch.finfo(m.dtype).min / 2
+
+
+def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, softcap: float | None = None, sliding_window: int | None = None,
+                              *, pattern: masks.Pattern | None = None, backend: str = "auto", **kwargs):
+    """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
+    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference)."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    keep = keep_mask(attention_mask, k.shape[1])
+    mask = pattern
+    if sliding_window:
+        window = masks.sliding_window(int(sliding_window))
+        mask = window if mask is None else mask & window
+    if keep is not None:
+        mask = masks.from_tensor(keep) if mask is None else mask & masks.from_tensor(keep)
+    # transformers' mask already holds causality when present; end-aligned causality is then a superset of it
+    # (also with a static cache's unfilled tail), so intersecting with it changes nothing.
+    causal = bool(getattr(module, "is_causal", False))
+    out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend)
+    return out, None
+
+
+def register_attention(name: str = "subquad", pattern: masks.Pattern | None = None, backend: str = "auto") -> str:
+    """Register subquad's attention (restricted by ``pattern`` if given) and its mask function under ``name``.
+    Returns ``name`` (for ``attn_implementation=``)."""
+    _transformers()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, partial(subquad_attention_forward, pattern=pattern, backend=backend))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+class SubquadSelfAttention(nn.Module):
+    """A BERT-family self-attention with the original ``query``/``key``/``value`` projections, computed by a
+    subquad mechanism. Returns ``(context (B, N, hidden), None)`` as transformers' self-attention modules do."""
+
+    def __init__(self, original: nn.Module, mechanism: str = "exact", *, window: int = 128,
+                 global_tokens=(0,), random_blocks: int = 3, block: int = 64, feature_map="elu1",
+                 backend: str = "auto"):
+        super().__init__()
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism: expected one of {MECHANISMS}, got {mechanism!r}")
+        self.query, self.key, self.value = original.query, original.key, original.value
+        self.heads = original.num_attention_heads
+        self.head_dim = original.attention_head_size
+        self.scaling = getattr(original, "scaling", self.head_dim ** -0.5)
+        self.mechanism, self.backend = mechanism, backend
+        self.phi = resolve_feature_map(feature_map) if mechanism == "linear" else None
+        if isinstance(self.phi, nn.Module):
+            self.add_module("feature_map", self.phi)
+        self.pattern = {"exact": None,
+                        "sliding_window": masks.sliding_window(window, causal=False) if mechanism == "sliding_window"
+                        else None,
+                        "longformer": masks.longformer(window, list(global_tokens)) if mechanism == "longformer"
+                        else None,
+                        "bigbird": masks.bigbird(window, list(global_tokens), random_blocks, block=block)
+                        if mechanism == "bigbird" else None,
+                        "linear": None}[mechanism]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        bsz, n, _ = hidden_states.shape
+        shape = (bsz, n, self.heads, self.head_dim)
+        q, k, v = (proj(hidden_states).view(shape) for proj in (self.query, self.key, self.value))
+        keep = keep_mask(attention_mask, n)
+        if self.mechanism == "linear":
+            fq = apply_feature_map(self.phi, q, is_query=True)
+            fk = apply_feature_map(self.phi, k, is_query=False)
+            if keep is not None:  # padded keys leave both the sum and the normaliser
+                key_kept = keep[:, 0].any(dim=1)  # (B, N_kv)
+                fk = fk * key_kept[:, :, None, None].to(fk.dtype)
+            out = linear_attention(fq, fk, v, "identity", causal=False, backend=self.backend)
+        else:
+            mask = self.pattern
+            if keep is not None:
+                mask = masks.from_tensor(keep) if mask is None else mask & masks.from_tensor(keep)
+            out = attention(q, k, v, mask=mask, scale=self.scaling, backend=self.backend)
+        return out.reshape(bsz, n, self.heads * self.head_dim), None
+
+    def extra_repr(self) -> str:
+        return f"mechanism={self.mechanism}, heads={self.heads}, head_dim={self.head_dim}"
+
+
+def _is_bert_self_attention(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) \
+        and hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size") \
+        and not getattr(module, "is_cross_attention", False)
+
+
+def swap_attention(model: nn.Module, mechanism: str = "exact", **options) -> int:
+    """Replace every BERT-family self-attention in ``model`` (in place) by ``SubquadSelfAttention(mechanism,
+    **options)``; returns how many were replaced (ValueError if none)."""
+    targets = [(name, m) for name, m in model.named_modules() if _is_bert_self_attention(m)]
+    if not targets:
+        raise ValueError("model: expected a BERT-family encoder (self-attention modules with query/key/value "
+                         "projections), found none")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SubquadSelfAttention(module, mechanism, **options))
+    return len(targets)
+
+
+__all__ = ["register_attention", "subquad_attention_forward", "swap_attention", "SubquadSelfAttention",
+           "keep_mask", "MECHANISMS"]
