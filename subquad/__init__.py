@@ -11,9 +11,11 @@ from .ops.linear import (gla, gla_step, linear_attention, linear_attention_step,
 from .ops.delta import delta_rule, delta_rule_step
 from . import cache
 from .ops.decode import decode
+from . import nn, models
+from .models import HybridLM
 
 __version__ = "0.1.0"
 
 __all__ = ["masks", "attention", "available_backends", "__version__",
            "gla", "gla_step", "linear_attention", "linear_attention_step", "retention", "ssd", "ssd_step",
-           "delta_rule", "delta_rule_step", "cache", "decode"]
+           "delta_rule", "delta_rule_step", "cache", "decode", "nn", "models", "HybridLM"]
