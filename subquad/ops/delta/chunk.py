@@ -5,7 +5,7 @@ Three steps:
 2. the state pass forms ``v_new = u - w S`` chunk by chunk (the engine's state kernel, ``DELTA`` on);
 3. the engine's output pass with values ``v_new``.
 The backward runs the engine's kernels with the delta terms (``dv_new``, ``dw = -dv_new h^T``) switched on,
-then the WY backward. w, u and the per-chunk states are recomputed rather than kept.
+then the WY backward. w, u and T are kept; the per-chunk states are recomputed.
 
 Log-decay gradient of steps 2-3: as for the engine (``q . dq - k . dk``, final state), plus one term per chunk:
 ``v_new = u - w h_c`` depends on the cumulative decay up to the chunk start through ``h_c``, which adds
@@ -38,40 +38,37 @@ class ChunkDeltaFunction(torch.autograd.Function):
         w, u, t_mat = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
         h, ht, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
         o = launch_output_fwd(q, k, v_new, g, h, tables, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat)
+        ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat, w, u)
         ctx.meta = (tables, scale, chunk_size)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, ht, t_mat = ctx.saved_tensors
+        q, k, v, beta, g, h0, ht, t_mat, w, u = ctx.saved_tensors
         tables, scale, chunk_size = ctx.meta
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        w, u, _ = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
         h, _, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
         dv_local = launch_dv_bwd(q, k, g, do, None, tables, scale, chunk_size)
         dh, dh0, dv_new = launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
                                            need_dh0=h0 is not None and ctx.needs_input_grad[5])
-        dq, dk, dw, db = launch_dqk_bwd(q, k, v_new, g, h, do, dh, tables, scale, chunk_size, dv_new=dv_new)
+        dq, dk, dw, db, dvu = launch_dqk_bwd(q, k, v_new, g, h, do, dh, tables, scale, chunk_size, dv_new=dv_new,
+                                             u=u)
         dv, dbeta, dg_wy = launch_wy_bwd(k, v, beta, g, t_mat, dw, dv_new, dk, tables, chunk_size)
         dg = None
         if g is not None and ctx.needs_input_grad[4]:
-            dg = log_decay_grad(db, ht, dht, tables, extra=_state_decay_term(dv_new, v_new, u, tables, chunk_size))
-            dg = dg + dg_wy
+            db = db + _state_decay_term(dvu, tables, chunk_size)
+            dg = log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size) + dg_wy
         return dq, dk, dv, dbeta, dg, dh0, None, None, None
 
 
-def _state_decay_term(dv_new, v_new, u, tables, chunk_size):
-    """sum over each chunk of dv_new * (v_new - u), placed at the token before the chunk (chunks after the first
-    of their sequence)."""
-    per_token = (dv_new.float() * (v_new.float() - u.float())).sum(-1)   # (T_total, H)
-    idx, valid = _chunk_layout(tables, chunk_size, per_token.device)
-    sums = (per_token[idx] * valid[:, :, None]).sum(1)                  # (NC, H)
-    within = tables.chunk_indices[:, 1].long()
-    keep = within > 0
-    target = idx[:, 0] - 1
-    return torch.zeros_like(per_token).index_add(0, target[keep], sums[keep])
+def _state_decay_term(dvu, tables, chunk_size):
+    """dvu = sum_v dv_new (v_new - u) per token (T_total, H): its sum over each chunk, placed at the token before
+    the chunk (chunks after the first of their sequence)."""
+    idx, valid = _chunk_layout(tables, chunk_size, dvu.device)
+    sums = (dvu[idx] * valid[:, :, None]).sum(1)                        # (n_chunks, H)
+    keep = tables.chunk_indices[:, 1] > 0
+    return torch.zeros_like(dvu).index_add(0, idx[:, 0][keep] - 1, sums[keep])
 
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_size):

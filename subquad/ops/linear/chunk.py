@@ -16,15 +16,14 @@ import triton
 
 from .chunk_bwd import dqk_bwd, dv_bwd, state_bwd
 from .chunk_fwd import output_fwd, state_fwd
-from .chunk_intra import intra_bwd, intra_fwd
+from .chunk_intra import chunk_cumsum, decay_grad, intra_bwd, intra_fwd
 
 SUB_BLOCK = 16  # rows of the element-wise diagonal blocks for a decay per key dimension
 
 
 class ChunkTables:
     """Packed-sequence bookkeeping: ``cu`` (N+1) int32, ``chunk_indices`` (n_chunks, 2) = (sequence, chunk in
-    it), ``chunk_offsets`` (N+1) first global chunk of each sequence, ``last_token`` (N) and ``seq_end`` per token
-    (for per-sequence reverse sums)."""
+    it), ``chunk_offsets`` (N+1) first global chunk of each sequence."""
 
     def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device):
         if cu_seqlens is None:
@@ -35,8 +34,6 @@ class ChunkTables:
             within = torch.arange(n, device=device).repeat(batch)
             self.chunk_offsets = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
             self.n_chunks = batch * n
-            lengths = [seq_len] * batch
-            self.seq_end = self.cu[1:].long().repeat_interleave(seq_len)
         else:
             self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
@@ -46,18 +43,7 @@ class ChunkTables:
             within = torch.cat([torch.arange(c) for c in counts]).to(device)
             self.chunk_offsets = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
             self.n_chunks = sum(counts)
-            self.seq_end = torch.repeat_interleave(self.cu[1:].long(), torch.tensor(lengths, device=device))
         self.chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
-        self.last_token = self.cu[1:].long() - 1
-        self.nonempty = torch.tensor([n > 0 for n in lengths], device=device)
-
-    def reverse_cumsum(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sequence suffix sums of x (T_total, ...) along dim 0 (scanned as the innermost dim: torch scans an
-        outer dim with one thread per column, milliseconds at 32k tokens)."""
-        xt = x.movedim(0, -1).contiguous()
-        suffix = xt.flip(-1).cumsum(-1).flip(-1)
-        padded = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:-1], 1)], dim=-1)
-        return (suffix - padded[..., self.seq_end]).movedim(-1, 0)
 
 
 def block_sizes(dk: int, dv: int) -> tuple[int, int]:
@@ -85,24 +71,32 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
     return h, ht, v_new
 
 
-def launch_intra_fwd(q, k, g, tables, chunk_size):
+def launch_chunk_cumsum(g, tables, chunk_size):
+    """In-chunk cumulative log-decay (T_total, H, K) fp32 for a vector decay."""
+    t_total, heads, dk = g.shape
+    gc = torch.empty_like(g)
+    chunk_cumsum[(tables.n_chunks, heads, triton.cdiv(dk, 64))](g, gc, tables.cu, tables.chunk_indices, H=heads,
+                                                                K=dk, C=chunk_size, BK=64, num_warps=4)
+    return gc
+
+
+def launch_intra_fwd(q, k, gc, tables, chunk_size):
     """Decayed intra-chunk scores A (n_chunks, H, C, C) fp32 for a vector decay."""
     t_total, heads, dk = q.shape
-    bk = min(32, max(16, triton.next_power_of_2(dk)))
     scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
     grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
-    intra_fwd[grid](q, k, g, scores, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK,
-                    BK=bk, IEEE=q.dtype == torch.float32, num_warps=4)
+    intra_fwd[grid](q, k, gc, scores, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK,
+                    BK=max(16, triton.next_power_of_2(dk)), IEEE=q.dtype == torch.float32, num_warps=4)
     return scores
 
 
-def launch_intra_bwd(q, k, g, d_scores, dq, dk, tables, chunk_size):
+def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
     """Adds the intra-chunk parts of dq, dk (in place) for a vector decay."""
     t_total, heads, dk_ = q.shape
-    bk = min(32, max(16, triton.next_power_of_2(dk_)))
-    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads * triton.cdiv(dk_, bk))
-    intra_bwd[grid](q, k, g, d_scores, dq, dk, tables.cu, tables.chunk_indices, H=heads, K=dk_, C=chunk_size,
-                    BC=SUB_BLOCK, BK=bk, IEEE=q.dtype == torch.float32, num_warps=4)
+    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
+    intra_bwd[grid](q, k, gc, d_scores, dq, dk, tables.cu, tables.chunk_indices, H=heads, K=dk_, C=chunk_size,
+                    BC=SUB_BLOCK, BK=max(16, triton.next_power_of_2(dk_)), IEEE=q.dtype == torch.float32,
+                    num_warps=4)
 
 
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
@@ -142,9 +136,10 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     return out
 
 
-def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None):
-    """Returns dq, dk, dw (delta rule) or None, and dB = q.dq - k.dk per token (T_total, H) fp32 or None.
-    For a vector decay: dq, dk complete (intra parts added) and dB (T_total, H, K)."""
+def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None, u=None):
+    """Returns dq, dk, dw (delta rule) or None, dB = q.dq - k.dk per token (T_total, H) fp32 for a scalar decay
+    (None otherwise) and, for the gated delta rule, sum_v dv_new (v_new - u) per token.
+    For a vector decay the intra-chunk parts of dq, dk are added here (chunk_intra)."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk = block_sizes(dk, dv)[0]
@@ -154,26 +149,33 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     gate = gate_kind(g)
     db = q.new_empty(t_total, heads, n_kb, dtype=torch.float32) if gate == 1 else None
     d_scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32) if gate == 2 else None
+    dvu = q.new_empty(t_total, heads, dtype=torch.float32) if dv_new is not None and gate == 1 else None
     grid = (n_kb, tables.n_chunks, heads)
-    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, dq, dk_, dw, db, d_scores, tables.cu, tables.chunk_indices, scale,
+    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, u, dq, dk_, dw, db, d_scores, dvu, tables.cu, tables.chunk_indices,
+                  scale,
                   H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
                   DELTA=dv_new is not None, IEEE=q.dtype == torch.float32)
     if gate == 2:
-        launch_intra_bwd(q, k, g, d_scores, dq, dk_, tables, chunk_size)
-        db = q.float() * dq.float() - k.float() * dk_.float()
-        return dq, dk_, dw, db
-    return dq, dk_, dw, None if db is None else db.sum(-1)
+        launch_intra_bwd(q, k, launch_chunk_cumsum(g, tables, chunk_size), d_scores, dq, dk_, tables, chunk_size)
+    return dq, dk_, dw, None if db is None else db.sum(-1), dvu
 
 
-def log_decay_grad(db, ht, dht, tables, extra=None):
-    """dg (T_total, H) from dB per token, the final-state term, and any ``extra`` dB (delta rule)."""
-    if extra is not None:
-        db = db + extra
+def log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size):
+    """dg from dB (given per token for a scalar decay, db (T_total, H); from q dq - k dk for a vector one, db None)
+    and the final-state term ``S_T . dS_T`` at each sequence's last token: a per-sequence reverse cumulative sum."""
+    t_total, heads, dk_ = q.shape
+    vector = db is None
+    final = None
     if dht is not None:
-        final = (ht * dht).sum(-1)                             # (N, H, K)
-        final = final.sum(-1) if db.dim() == 2 else final
-        db = db.index_add(0, tables.last_token[tables.nonempty], final[tables.nonempty])
-    return tables.reverse_cumsum(db)
+        final = (ht * dht).sum(-1)                                        # (N, H, K)
+        final = (final if vector else final.sum(-1)).contiguous()
+    width = dk_ if vector else 1
+    dg = q.new_empty(t_total, heads, width, dtype=torch.float32)
+    bk = min(64, max(16, triton.next_power_of_2(dk_))) if vector else 1
+    decay_grad[(triton.cdiv(width, bk), tables.n_seqs * heads)](
+        q, k, dq, dk, db, final, dg, tables.cu, tables.chunk_offsets, H=heads, K=width, C=chunk_size, BK=bk,
+        VECTOR=vector, HAS_FINAL=final is not None, num_warps=4)
+    return dg if vector else dg[..., 0]
 
 
 class ChunkGLAFunction(torch.autograd.Function):
@@ -189,7 +191,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
         h, ht, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
-        scores = launch_intra_fwd(qf, kf, gf, tables, chunk_size) if gate_kind(gf) == 2 else None
+        scores = None
+        if gate_kind(gf) == 2:
+            scores = launch_intra_fwd(qf, kf, launch_chunk_cumsum(gf, tables, chunk_size), tables, chunk_size)
         o = launch_output_fwd(qf, kf, vf, gf, h, tables, scale, chunk_size, scores)
         ctx.save_for_backward(qf, kf, vf, gf, h0c, ht, scores)
         ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
@@ -206,10 +210,10 @@ class ChunkGLAFunction(torch.autograd.Function):
         dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
                                       need_dh0=has_h0 and ctx.needs_input_grad[4])
         dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size, scores)
-        dq, dk, _, db = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size)
+        dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size)
         dg = None
         if gf is not None and ctx.needs_input_grad[3]:
-            dg = log_decay_grad(db, ht, dht_c, tables).view(bsz, seq_len, *gf.shape[1:])
+            dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size).view(bsz, seq_len, *gf.shape[1:])
         return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape), dg,
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None)
 

@@ -136,12 +136,13 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
 
 @triton.autotune(configs=COLUMNS, key=["K", "V", "C", "BK", "GATE", "DELTA"])
 @triton.jit
-def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk_indices, scale,
+def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlens, chunk_indices, scale,
             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
     """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1).
     GATE == 2: only the inter-chunk parts of dq, dk; ``dA`` (n_chunks, H, C, C) fp32 gets the causal
-    ``scale * do v^T`` (written by the K-block-0 programs) for chunk_intra."""
+    ``scale * do v^T`` (written by the K-block-0 programs) for chunk_intra.
+    DELTA: also ``dvu`` (T_total, H) fp32 = ``sum_v dv_new (v_new - u)`` per token (for the decay gradient)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -156,6 +157,7 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
     b_dk = tl.zeros([C, BK], dtype=tl.float32)
     b_dw = tl.zeros([C, BK], dtype=tl.float32)
+    b_dvu = tl.zeros([C], dtype=tl.float32)
     h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
     dh_base = dh + (i_c * H + i_h).to(tl.int64) * K * V
     for i_v in range(tl.cdiv(V, BV)):
@@ -172,6 +174,9 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk
         if DELTA:
             b_dvn = tl.load(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
             b_dw -= _dot(b_dvn, tl.trans(b_h.to(b_dvn.dtype)), IEEE)
+            if GATE == 1:
+                b_u = tl.load(u + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+                b_dvu += tl.sum(b_dvn.to(tl.float32) * (b_v.to(tl.float32) - b_u.to(tl.float32)), axis=1)
     b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     rows = tl.arange(0, C)
@@ -203,6 +208,8 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, dq, dk, dw, db, dA, cu_seqlens, chunk
     tl.store(dk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:
         tl.store(dw + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dw.to(dw.dtype.element_ty), mask=m_tk)
+        if GATE == 1:
+            tl.store(dvu + tok * H + i_h, b_dvu, mask=m_t & (tok * 0 + i_k == 0))
     if GATE == 1:
         n_kb = tl.cdiv(K, BK)
         part = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)

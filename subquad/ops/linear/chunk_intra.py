@@ -1,12 +1,15 @@
-"""Intra-chunk scores for a decay per key dimension (GLA): ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)``, j <= i.
+"""Intra-chunk scores for a decay per key dimension (GLA): ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)``, j <= i,
+with ``b`` the in-chunk cumulative log-decay (``chunk_cumsum`` writes it once for every kernel here).
 
 The decay cannot be factored out of a matmul without a reference point, and dividing by ``e^{b_j}`` overflows
-when decays are near 0. So each chunk is split into sub-blocks of ``BC`` rows (as flash-linear-attention does):
+when decays are near 0. So each chunk is split into sub-blocks of ``BC`` rows (as flash-linear-attention does),
+one program per (sub-block, chunk, head), the whole key dimension at once:
 - keys in earlier sub-blocks: with ``base`` the cumulative decay just before the query sub-block,
-  ``exp(b_i - b_j) = exp(b_i - base) exp(base - b_j)``, both factors <= 1, one matmul;
-- the diagonal sub-block: element-wise, one key column at a time (``BC`` steps).
+  ``exp(b_i - b_j) = exp(b_i - base) exp(base - b_j)``, both factors <= 1: one matmul;
+- the diagonal sub-block: element-wise, one key row at a time (``BC`` steps), written straight to its column.
 The backward kernel does the same for ``dq`` (queries against earlier keys) and ``dk`` (keys against later
 queries, reference point at the end of the key sub-block), adding to the inter-chunk parts already in dq, dk.
+Rows past the end of a sequence are excluded from every exponent (their cumulative decay is not defined).
 """
 
 from __future__ import annotations
@@ -18,103 +21,154 @@ from .chunk_fwd import _dot
 
 
 @triton.jit
-def intra_fwd(q, k, g, A, cu_seqlens, chunk_indices,
-              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              IEEE: tl.constexpr):
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def chunk_cumsum(g, gc, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr):
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    rows = tl.arange(0, C)
-    sub = i_s * BC + tl.arange(0, BC)
-    tok = bos + i_t * C + rows
-    tok_s = bos + i_t * C + sub
-    m_t, m_s = tok < eos, tok_s < eos
-    acc = tl.zeros([BC, C], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_b = tl.cumsum(b_g, axis=0)
-        base = tl.sum(tl.where(rows[:, None] < i_s * BC, b_g, 0.0), axis=0)
-        g_s = tl.load(g + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :],
-                      other=0.0)
-        b_s = base[None, :] + tl.cumsum(g_s, axis=0)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        q_s = tl.load(q + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :],
-                      other=0.0).to(tl.float32)
-        k_dec = b_k * tl.exp(tl.where(rows[:, None] < i_s * BC, base[None, :] - b_b, float("-inf")))
-        acc += _dot((q_s * tl.exp(b_s - base[None, :])).to(b_k.dtype), tl.trans(k_dec.to(b_k.dtype)), IEEE)
-        k_s = tl.load(k + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :],
-                      other=0.0).to(tl.float32)
-        for jj in range(BC):
-            pick = sub[:, None] == i_s * BC + jj
-            k_j = tl.sum(tl.where(pick, k_s, 0.0), axis=0)
-            b_j = tl.sum(tl.where(pick, b_s, 0.0), axis=0)
-            decay = tl.exp(tl.where(sub[:, None] >= i_s * BC + jj, b_s - b_j[None, :], float("-inf")))
-            col = tl.sum(q_s * k_j[None, :] * decay, axis=1)
-            acc += tl.where(rows[None, :] == i_s * BC + jj, col[:, None], 0.0)
-    tl.store(A + (i_c * H + i_h).to(tl.int64) * C * C + sub[:, None] * C + rows[None, :], acc)
+    tok = bos + i_t * C + tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (tok < eos)[:, None] & (o_k < K)[None, :]
+    p = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    tl.store(gc + p, tl.cumsum(tl.load(g + p, mask=m, other=0.0), axis=0), mask=m)
 
 
 @triton.jit
-def intra_bwd(q, k, g, dA, dq, dk, cu_seqlens, chunk_indices,
-              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              IEEE: tl.constexpr):
-    i_s, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_kb = tl.cdiv(K, BK)
-    i_h, i_k = i_hk // n_kb, i_hk % n_kb
+def _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C: tl.constexpr, BC: tl.constexpr):
+    """First token of the chunk, rows in the chunk still in the sequence, the sub-block's first row, and the
+    reference rows (last row before the sub-block, last row of it), clamped to valid rows."""
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    tok0 = bos + i_t * C
+    n_valid = tl.minimum(eos - tok0, C).to(tl.int32)
+    start = i_s * BC
+    base_row = tl.maximum(tl.minimum(start - 1, n_valid - 1), 0)
+    end_row = tl.minimum(start + BC - 1, n_valid - 1)
+    return tok0, n_valid, start, base_row, end_row
+
+
+@triton.jit
+def intra_fwd(q, k, gc, A, cu_seqlens, chunk_indices,
+              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+              IEEE: tl.constexpr):
+    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tok0, n_valid, start, base_row, end_row = _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C, BC)
     rows = tl.arange(0, C)
-    sub = i_s * BC + tl.arange(0, BC)
-    tok = bos + i_t * C + rows
-    tok_s = bos + i_t * C + sub
-    m_t, m_s = tok < eos, tok_s < eos
-    o_k = i_k * BK + tl.arange(0, BK)
+    sub = start + tl.arange(0, BC)
+    m_t, m_s = rows < n_valid, sub < n_valid
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
+    p_sub = ((tok0 + sub)[:, None] * H + i_h) * K + o_k[None, :]
+    g_all = tl.load(gc + p_all, mask=m_t[:, None] & m_k[None, :], other=0.0)
+    g_sub = tl.load(gc + p_sub, mask=m_s[:, None] & m_k[None, :], other=0.0)
+    base = tl.load(gc + ((tok0 + base_row) * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + start > 0), other=0.0)
+    b_k = tl.load(k + p_all, mask=m_t[:, None] & m_k[None, :], other=0.0)
+    q_s = tl.load(q + p_sub, mask=m_s[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    earlier = (rows < start) & m_t
+    k_dec = b_k * tl.exp(tl.where(earlier[:, None], base[None, :] - g_all, float("-inf")))
+    q_dec = q_s * tl.exp(tl.where(m_s[:, None], g_sub - base[None, :], float("-inf")))
+    off = _dot(q_dec.to(b_k.dtype), tl.trans(k_dec.to(b_k.dtype)), IEEE)          # (BC, C)
+    p_a = A + (i_c * H + i_h).to(tl.int64) * C * C
+    outside = (rows < start) | (rows >= start + BC)
+    tl.store(p_a + sub[:, None] * C + rows[None, :], off, mask=outside[None, :])
+    for jj in range(BC):
+        j = start + jj
+        m_j = o_k * 0 + j < n_valid                                             # (BK,) all equal
+        k_j = tl.load(k + ((tok0 + j) * H + i_h) * K + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
+        g_j = tl.load(gc + ((tok0 + j) * H + i_h) * K + o_k, mask=m_k & m_j, other=0.0)
+        keep = (sub >= j) & m_s & (sub * 0 + j < n_valid)
+        col = tl.sum(q_s * k_j[None, :] * tl.exp(tl.where(keep[:, None], g_sub - g_j[None, :], float("-inf"))), axis=1)
+        tl.store(p_a + sub * C + j, col)
+
+
+@triton.jit
+def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices,
+              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+              IEEE: tl.constexpr):
+    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tok0, n_valid, start, base_row, end_row = _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C, BC)
+    rows = tl.arange(0, C)
+    sub = start + tl.arange(0, BC)
+    m_t, m_s = rows < n_valid, sub < n_valid
+    o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_all = m_t[:, None] & m_k[None, :]
     m_sub = m_s[:, None] & m_k[None, :]
-    b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_all, other=0.0)
-    b_b = tl.cumsum(b_g, axis=0)
-    start = i_s * BC
-    end_row = i_s * BC + BC - 1
-    base = tl.sum(tl.where(rows[:, None] < start, b_g, 0.0), axis=0)
-    g_s = tl.load(g + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sub, other=0.0)
-    b_s = base[None, :] + tl.cumsum(g_s, axis=0)
-    end = base + tl.sum(g_s, axis=0)
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_all, other=0.0)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_all, other=0.0)
-    q_s = tl.load(q + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sub, other=0.0).to(tl.float32)
-    k_s = tl.load(k + (tok_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sub, other=0.0).to(tl.float32)
-    dA_base = dA + (i_c * H + i_h).to(tl.int64) * C * C
-    dA_rows = tl.load(dA_base + sub[:, None] * C + rows[None, :])          # (BC, C): this sub-block's queries
-    dA_cols = tl.load(dA_base + rows[:, None] * C + sub[None, :])          # (C, BC): this sub-block's keys
+    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
+    p_sub = ((tok0 + sub)[:, None] * H + i_h) * K + o_k[None, :]
+    g_all = tl.load(gc + p_all, mask=m_all, other=0.0)
+    g_sub = tl.load(gc + p_sub, mask=m_sub, other=0.0)
+    base = tl.load(gc + ((tok0 + base_row) * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + start > 0), other=0.0)
+    end = tl.load(gc + ((tok0 + tl.maximum(end_row, 0)) * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    b_q = tl.load(q + p_all, mask=m_all, other=0.0)
+    b_k = tl.load(k + p_all, mask=m_all, other=0.0)
+    p_da = dA + (i_c * H + i_h).to(tl.int64) * C * C
+    da_rows = tl.load(p_da + sub[:, None] * C + rows[None, :])                 # (BC, C): this block's queries
+    da_cols = tl.load(p_da + rows[:, None] * C + sub[None, :])                 # (C, BC): this block's keys
+    earlier = (rows < start) & m_t
+    later = (rows > end_row) & m_t
     # queries of the sub-block against keys of earlier sub-blocks
-    k_dec = b_k * tl.exp(tl.where(rows[:, None] < start, base[None, :] - b_b, float("-inf")))
-    dq_s = _dot(tl.where(rows[None, :] < start, dA_rows, 0.0).to(b_k.dtype), k_dec.to(b_k.dtype), IEEE)
-    dq_s *= tl.exp(b_s - base[None, :])
+    k_dec = b_k * tl.exp(tl.where(earlier[:, None], base[None, :] - g_all, float("-inf")))
+    dq_s = _dot(tl.where(earlier[None, :], da_rows, 0.0).to(b_k.dtype), k_dec.to(b_k.dtype), IEEE)
+    dq_s *= tl.exp(tl.where(m_s[:, None], g_sub - base[None, :], float("-inf")))
     # keys of the sub-block against queries of later sub-blocks
-    q_dec = b_q * tl.exp(tl.where(rows[:, None] > end_row, b_b - end[None, :], float("-inf")))
-    dk_s = _dot(tl.trans(tl.where(rows[:, None] > end_row, dA_cols, 0.0)).to(b_q.dtype), q_dec.to(b_q.dtype),
-                IEEE)
-    dk_s *= tl.exp(end[None, :] - b_s)
+    q_dec = b_q * tl.exp(tl.where(later[:, None], g_all - end[None, :], float("-inf")))
+    dk_s = _dot(tl.trans(tl.where(later[:, None], da_cols, 0.0)).to(b_q.dtype), q_dec.to(b_q.dtype), IEEE)
+    dk_s *= tl.exp(tl.where(m_s[:, None], end[None, :] - g_sub, float("-inf")))
     # the diagonal sub-block, element-wise
     for jj in range(BC):
-        pick = sub[:, None] == start + jj
-        k_j = tl.sum(tl.where(pick, k_s, 0.0), axis=0)
-        q_j = tl.sum(tl.where(pick, q_s, 0.0), axis=0)
-        b_j = tl.sum(tl.where(pick, b_s, 0.0), axis=0)
-        da_col = tl.sum(tl.where(rows[None, :] == start + jj, dA_rows, 0.0), axis=1)     # dA[i, j], i in sub
-        da_row = tl.sum(tl.where(rows[:, None] == start + jj, dA_cols, 0.0), axis=0)     # dA[j, i'], i' in sub
-        dq_s += da_col[:, None] * k_j[None, :] * tl.exp(
-            tl.where(sub[:, None] >= start + jj, b_s - b_j[None, :], float("-inf")))
-        dk_s += da_row[:, None] * q_j[None, :] * tl.exp(
-            tl.where(sub[:, None] <= start + jj, b_j[None, :] - b_s, float("-inf")))
-    p_dq = dq + (tok_s[:, None] * H + i_h) * K + o_k[None, :]
-    p_dk = dk + (tok_s[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(p_dq, (tl.load(p_dq, mask=m_sub, other=0.0).to(tl.float32) + dq_s).to(dq.dtype.element_ty), mask=m_sub)
-    tl.store(p_dk, (tl.load(p_dk, mask=m_sub, other=0.0).to(tl.float32) + dk_s).to(dk.dtype.element_ty), mask=m_sub)
+        j = start + jj
+        m_j = o_k * 0 + j < n_valid                                             # (BK,) all equal
+        p_j = ((tok0 + j) * H + i_h) * K + o_k
+        k_j = tl.load(k + p_j, mask=m_k & m_j, other=0.0).to(tl.float32)
+        q_j = tl.load(q + p_j, mask=m_k & m_j, other=0.0).to(tl.float32)
+        g_j = tl.load(gc + p_j, mask=m_k & m_j, other=0.0)
+        da_col = tl.load(p_da + sub * C + j)                                    # dA[i, j], i in the block
+        da_row = tl.load(p_da + j * C + sub)                                    # dA[j, i'], i' in the block
+        after = (sub >= j) & m_s & (sub * 0 + j < n_valid)
+        before = (sub <= j) & m_s & (sub * 0 + j < n_valid)
+        dq_s += da_col[:, None] * k_j[None, :] * tl.exp(tl.where(after[:, None], g_sub - g_j[None, :],
+                                                                 float("-inf")))
+        dk_s += da_row[:, None] * q_j[None, :] * tl.exp(tl.where(before[:, None], g_j[None, :] - g_sub,
+                                                                 float("-inf")))
+    tl.store(dq + p_sub, (tl.load(dq + p_sub, mask=m_sub, other=0.0).to(tl.float32) + dq_s)
+             .to(dq.dtype.element_ty), mask=m_sub)
+    tl.store(dk + p_sub, (tl.load(dk + p_sub, mask=m_sub, other=0.0).to(tl.float32) + dk_s)
+             .to(dk.dtype.element_ty), mask=m_sub)
+
+
+@triton.jit
+def decay_grad(q, k, dq, dk, db, final, dg, cu_seqlens, chunk_offsets,
+               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, VECTOR: tl.constexpr,
+               HAS_FINAL: tl.constexpr):
+    """dg = per-sequence reverse cumulative sum of dB (+ the final-state term at the last token), walking the
+    chunks backwards with a running carry. VECTOR: dB = q dq - k dk per key dimension, computed here;
+    otherwise dB is given per token (``db`` (T_total, H)) and ``K``/``BK`` are 1."""
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    if HAS_FINAL:
+        carry = tl.load(final + i_nh * K + o_k, mask=m_k, other=0.0)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)
+    for i_r in range(n_chunks):
+        tok = bos + (n_chunks - 1 - i_r) * C + tl.arange(0, C)
+        m = (tok < eos)[:, None] & m_k[None, :]
+        p = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        if VECTOR:
+            x = (tl.load(q + p, mask=m, other=0.0).to(tl.float32) * tl.load(dq + p, mask=m, other=0.0).to(tl.float32)
+                 - tl.load(k + p, mask=m, other=0.0).to(tl.float32) * tl.load(dk + p, mask=m, other=0.0).to(tl.float32))
+        else:
+            x = tl.load(db + p, mask=m, other=0.0)
+        total = tl.sum(x, axis=0)
+        tl.store(dg + p, total[None, :] - tl.cumsum(x, axis=0) + x + carry[None, :], mask=m)
+        carry += total
