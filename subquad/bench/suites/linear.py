@@ -98,15 +98,24 @@ def _ops():
     return tuple(wanted.split(",")) if wanted else OPS
 
 
+def _fla_wanted(op, mode):
+    """SUBQUAD_BENCH_FLA: unset = fla everywhere; "0" = nowhere; else a comma list of ops or op-mode pairs
+    ("linear,delta,ssd-fwd"): fla autotunes each kernel for tens of seconds on its first call."""
+    wanted = os.environ.get("SUBQUAD_BENCH_FLA")
+    if wanted is None:
+        return True
+    tokens = set(wanted.split(","))
+    return op in tokens or f"{op}-{mode}" in tokens
+
+
 @suite("linear", device="cuda")
 def linear_cases(quick: bool):
-    use_fla = os.environ.get("SUBQUAD_BENCH_FLA", "1") == "1"
     for batch, seqlen in _shapes(quick):
         for mode in ("fwd", "fwdbwd"):
             extra = {"tokens": batch * seqlen, "head_dim_v": DIM}
             for op in _ops():
                 impls = {"subquad-triton": _ours(op, "triton")}
-                if use_fla:
+                if _fla_wanted(op, mode):
                     impls["fla"] = _fla(op)
                 ref = _ours(op, "reference") if seqlen == 8192 and batch > 1 and mode == "fwd" else None
                 yield Case(case=op, mode=mode, batch=batch, seqlen=seqlen, heads_q=HEADS, heads_kv=HEADS,
