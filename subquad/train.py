@@ -46,6 +46,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     threads: int | None = None  # CPU threads for torch (1 is far faster on a CPU shared with other jobs)
+    max_seconds: float | None = None  # time box: after 30 steps, cut ``steps`` to what fits (schedule follows)
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -136,7 +137,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, console=None, corpus=None)
     bar = _progress(progress, console)
     with bar:
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"), bpb=float("nan"), tps=0.0)
-        for step in range(cfg.steps):
+        step = 0
+        while step < cfg.steps:
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -153,12 +155,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, console=None, corpus=None)
                 timed_steps += 1
             history["step"].append(step)
             history["loss"].append(loss_value)
+            if cfg.max_seconds and step + 1 == 30 < cfg.steps and timed_steps:
+                # measured rate -> the steps that fit; the cosine schedule reads cfg.steps, so it ends on time
+                fit = int(30 + (cfg.max_seconds - (time.perf_counter() - start)) * timed_steps / train_seconds)
+                cfg.steps = max(31, min(cfg.steps, fit))
+                bar.update(task, total=cfg.steps)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 history["val_step"].append(step + 1)
                 history["val_bpb"].append(evaluate_bpb(model, corpus.val, cfg, device, autocast))
             tps = timed_steps * tokens / train_seconds if train_seconds else 0.0
             bar.update(task, advance=1, loss=loss_value, tps=tps,
                        bpb=history["val_bpb"][-1] if history["val_bpb"] else float("nan"))
+            step += 1
     seconds = time.perf_counter() - start
     tokens_per_s = timed_steps * tokens / train_seconds if train_seconds else 0.0
     out = Path(cfg.out)
