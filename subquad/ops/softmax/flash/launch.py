@@ -19,6 +19,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """``SUBQUAD_FLASH_AUTOTUNE=0`` takes the first configuration of each list instead of timing them all (the
+    GPU tests use it: many small shapes, each a new tuning key)."""
+    return os.environ.get("SUBQUAD_FLASH_AUTOTUNE", "1") != "0"
+
+
 def _fit(block: int, mask_block: int) -> int:
     """The largest power of two <= ``block`` dividing ``mask_block`` (a kernel tile inside a BlockMask block)."""
     while block > 16 and mask_block % block:
@@ -63,7 +69,8 @@ def _prune(configs, named_args, **kwargs):
     return out
 
 
-_KEY = ["seq_q", "seq_kv", "D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
+# tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
 _TUNED: dict = {}
 
 
@@ -71,15 +78,17 @@ def _kernel(name: str, jit_fn):
     """The autotuned wrapper of ``jit_fn`` on this GPU (built once), or None in the interpreter."""
     if interpreting():
         return None
-    if name not in _TUNED:
+    tune = autotuning()
+    if (name, tune) not in _TUNED:
         hopper = _hopper()
         configs = {"fwd": FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER,
                    "dkdv": DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER,
                    "dq": DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER}[name]
+        configs = configs if tune else configs[:1]
         key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
-        _TUNED[name] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
-                                       reset_to_zero=["DQ"] if name == "dkdv" else None)(jit_fn)
-    return _TUNED[name]
+        _TUNED[name, tune] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
+                                             reset_to_zero=["DQ"] if name == "dkdv" else None)(jit_fn)
+    return _TUNED[name, tune]
 
 
 @dataclass
