@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=25.0)
     ap.add_argument("--max-bytes", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="bench-out/train-kinds")
+    ap.add_argument("--out", default="bench-out/train-kinds", help="train_kinds.json and train_kinds.png")
+    ap.add_argument("--runs-dir", default="/tmp/train-kinds-runs", help="each kind's checkpoint and loss.png")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,7 @@ def main() -> None:
         layers = kind * 4 if len(kind) == 1 else kind
         cfg = TrainConfig(layers=layers, d_model=args.d_model, seq_len=args.seq_len, batch_size=args.batch_size,
                           steps=args.steps, lr=1e-3, warmup=100, eval_every=max(args.steps // 4, 1), eval_batches=8,
-                          device=args.device, max_seconds=args.max_seconds, out=str(out / layers))
+                          device=args.device, max_seconds=args.max_seconds, out=str(Path(args.runs_dir) / layers))
         row = {"kind": kind, "name": KINDS.get(kind, kind), "layers": layers}
         try:
             r = train(cfg, progress=False, corpus=corpus)
@@ -60,8 +61,16 @@ def main() -> None:
             row["error"] = f"{type(err).__name__}: {err}"[:400]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write(out, args, corpus, rows, histories)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    print(f"{'kind':6s} {'name':32s} {'steps':>6s} {'tok/s':>10s} {'val bpb':>8s}")
+    for r in rows:
+        print(f"{r['kind']:6s} {r['name']:32s} {r.get('steps', '-')!s:>6s} {r.get('tokens_per_s', '-')!s:>10s} "
+              f"{r.get('final_val_bpb', r.get('error', '-'))!s:>8s}")
+
+
+def write(out: Path, args, corpus, rows: list, histories: dict) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     result = {"suite": "train-kinds", "device": device, "date": datetime.date.today().isoformat(),
               "versions": {"torch": torch.__version__, "python": sys.version.split()[0],
@@ -77,10 +86,6 @@ def main() -> None:
     (out / "train_kinds.json").write_text(json.dumps(result, indent=1))
     if histories:
         plot_history(histories, out / "train_kinds.png")
-    print(f"{'kind':6s} {'name':32s} {'steps':>6s} {'tok/s':>10s} {'val bpb':>8s}")
-    for r in rows:
-        print(f"{r['kind']:6s} {r['name']:32s} {r.get('steps', '-')!s:>6s} {r.get('tokens_per_s', '-')!s:>10s} "
-              f"{r.get('final_val_bpb', r.get('error', '-'))!s:>8s}")
 
 
 def _version(mod: str) -> str | None:
