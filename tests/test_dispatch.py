@@ -78,10 +78,13 @@ def _sig(head_dim=128, pattern="causal", mode="fwd", dtype="bfloat16", cap="sm90
     (_sig(96), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),      # a tie: the smaller head_dim
     (_sig(80), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),
     (_sig(256, dtype="float16"), ["fa4", "triton"], "nearest sm90/bfloat16/d128/causal/fwd"),
-    (_sig(dtype="float32"), list(dispatch.BACKENDS), "unmeasured"),
-    (_sig(mode="fwdbwd"), list(dispatch.BACKENDS), "unmeasured"),
-    (_sig(pattern="window"), list(dispatch.BACKENDS), "unmeasured"),
-    (_sig(cap="sm100"), list(dispatch.BACKENDS), "unmeasured"),
+    (_sig(dtype="float32"), ["fa4", "triton", "reference"], "unmeasured"),
+    (_sig(mode="fwdbwd"), ["fa4", "triton", "reference"], "unmeasured"),
+    (_sig(pattern="window"), ["fa4", "triton", "reference"], "unmeasured"),
+    (_sig(cap="sm100"), ["fa4", "triton", "reference"], "unmeasured"),
+    (_sig(pattern="dilated"), ["triton", "fa4", "reference"], "unmeasured"),
+    (_sig(pattern="composite"), ["triton", "fa4", "reference"], "unmeasured"),
+    (_sig(pattern="strided", mode="fwdbwd"), ["triton", "fa4", "reference"], "unmeasured"),
 ])
 def test_table_ranking_rule(sig, order, rule):
     assert dispatch.Table(TABLE).ranking(sig) == (order, rule)
@@ -118,10 +121,16 @@ def test_choose_skips_what_cannot_run(gpu_like):
     assert dispatch.choose(*_bf16(), causal=True) == "reference"
 
 
-def test_choose_unmeasured_prefers_the_own_kernel(gpu_like):
-    assert dispatch.choose(*_bf16(), mask=masks.longformer(4, [0])) == "triton"
-    gpu_like.discard("triton")
+def test_choose_unmeasured_by_pattern(gpu_like):
+    """Unmeasured: FA4 first where its route is checked and gathers nothing, the own kernel (and its planner)
+    first for scattered keys; each falls back to the other."""
     assert dispatch.choose(*_bf16(), mask=masks.longformer(4, [0])) == "fa4"
+    assert dispatch.choose(*_bf16(), mask=masks.fixed(8, 2)) == "triton"
+    gpu_like.discard("fa4")
+    assert dispatch.choose(*_bf16(), mask=masks.longformer(4, [0])) == "triton"
+    gpu_like.add("fa4")
+    gpu_like.discard("triton")
+    assert dispatch.choose(*_bf16(), mask=masks.fixed(8, 2)) == "fa4"
 
 
 def test_choose_logs_its_choice(gpu_like, caplog):
