@@ -46,7 +46,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     threads: int | None = None  # CPU threads for torch (1 is far faster on a CPU shared with other jobs)
-    max_seconds: float | None = None  # time box: after 30 steps, cut ``steps`` to what fits (schedule follows)
+    max_seconds: float | None = None  # time box for the steps after the 30th (the first ones compile kernels)
     out: str = "runs/train"
 
     def __post_init__(self):
@@ -156,8 +156,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, console=None, corpus=None)
             history["step"].append(step)
             history["loss"].append(loss_value)
             if cfg.max_seconds and step + 1 == 30 < cfg.steps and timed_steps:
-                # measured rate -> the steps that fit; the cosine schedule reads cfg.steps, so it ends on time
-                fit = int(30 + (cfg.max_seconds - (time.perf_counter() - start)) * timed_steps / train_seconds)
+                # the steady rate (kernel compilation and autotuning, which land in the first steps, excluded)
+                # -> the steps that fit; the cosine schedule reads cfg.steps, so it ends on time
+                fit = int(30 + cfg.max_seconds * timed_steps / train_seconds)
                 cfg.steps = max(31, min(cfg.steps, fit))
                 bar.update(task, total=cfg.steps)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -211,9 +212,10 @@ def plot_history(histories: dict[str, dict], path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    many = len(histories) > 10
+    fig, ax = plt.subplots(figsize=(10 if many else 7, 4.5))
     for i, (name, h) in enumerate(histories.items()):
-        colour = f"C{i % 10}"
+        colour = plt.get_cmap("tab20")(i % 20) if many else f"C{i % 10}"
         bits = torch.tensor(h["loss"]) / LN2
         window = max(1, len(bits) // 50)
         smooth = bits.unfold(0, window, 1).mean(1) if len(bits) >= window else bits
@@ -224,7 +226,10 @@ def plot_history(histories: dict[str, dict], path) -> Path:
     ax.set_ylabel("bits per byte")
     ax.set_title("HybridLM on the Python standard library (bytes)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
