@@ -17,9 +17,9 @@ Each row's ``extra`` carries the signature fields (``capability``, ``pattern``) 
 A device run: ``python -m subquad.bench.suites.backends --warm-only SECONDS`` compiles every case's kernels
 in parallel processes (FA4's CuTe kernels and FlexAttention compile for tens of seconds each; their disk
 caches then serve the timed run; set ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``), then
-``python -m subquad.bench.suites.backends OUT --deadline SECONDS`` measures the chooser's candidates,
-builds and installs the dispatch table from them, and measures ``subquad-auto`` and the peers, rewriting
-``OUT/backends.json`` after each case (a run cut short keeps what it measured).
+``python -m subquad.bench.suites.backends OUT --deadline SECONDS`` goes case by case: the chooser's
+candidates, the dispatch table rebuilt from them and installed, then ``subquad-auto`` and the peers,
+rewriting ``OUT/backends.json`` after each case (a run cut short keeps whole cases).
 """
 
 from __future__ import annotations
@@ -278,28 +278,26 @@ CANDIDATES = ("subquad-triton", "subquad-fa4")
 
 
 def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None) -> list[dict]:
-    """Measure the candidates, build the dispatch table from them and install it, then measure
-    ``subquad-auto`` (which now reads that table) and the peers; stop each phase at its share of the
-    deadline. Writes ``backends.json`` after every case and ``dispatch_table.json``."""
+    """Case by case: measure the candidates, rebuild the dispatch table from every candidate row so far and
+    install it, then measure ``subquad-auto`` (which now reads that table) and the peers. A case is skipped
+    whole once the deadline has passed. Writes ``backends.json`` and ``dispatch_table.json`` after each."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-
-    def phase(keep, until):
-        for case in make_cases(False):
-            if time.time() - start > until:
-                print(f"deadline: skipped {case.case} {case.mode}", flush=True)
-                continue
-            rows.extend(run_cases([case], torch.device(device), impl_filter=keep,
-                                  progress=lambda msg: print(f"[{time.time() - start:5.0f}s] {msg}", flush=True)))
-            (out_dir / "backends.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-
-    phase(lambda name: name in CANDIDATES, 0.45 * deadline_s)
-    table = json.dumps(dispatch.build_table(rows, source="backends.json"), indent=1) + "\n"
-    (out_dir / "dispatch_table.json").write_text(table)
-    (table_path or dispatch.TABLE_PATH).write_text(table)
-    dispatch.table.cache_clear()
-    phase(lambda name: name not in CANDIDATES, deadline_s)
+    progress = lambda msg: print(f"[{time.time() - start:5.0f}s] {msg}", flush=True)  # noqa: E731
+    for case in make_cases(False):
+        if time.time() - start > deadline_s:
+            print(f"deadline: skipped {case.case} {case.mode}", flush=True)
+            continue
+        rows.extend(run_cases([case], torch.device(device), impl_filter=lambda name: name in CANDIDATES,
+                              progress=progress))
+        table = json.dumps(dispatch.build_table(rows, source="backends.json"), indent=1) + "\n"
+        (out_dir / "dispatch_table.json").write_text(table)
+        (table_path or dispatch.TABLE_PATH).write_text(table)
+        dispatch.table.cache_clear()
+        rows.extend(run_cases([case], torch.device(device), impl_filter=lambda name: name not in CANDIDATES,
+                              progress=progress))
+        (out_dir / "backends.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return rows
 
 
