@@ -15,7 +15,7 @@ The rule, in order:
    scattered-key patterns strided/fixed/dilated, which the planner gathers while FA4 would load a whole key
    block per kept column; compositions; user masks), the reference last;
 
-and the first backend of that order that *can run the call* wins (``can_run``: installed, right device,
+and the first backend of that order that *can run the call* wins (``unsupported_reason``: installed, right device,
 dtype, head_dim, pattern expressible), so a measured favourite that cannot run a call is skipped, never
 forced. The reference runs everything and ends every order. The choice is logged at DEBUG level on the
 ``subquad`` logger, with the signature and the rule that decided.
@@ -185,44 +185,37 @@ def table() -> Table:
     return Table.load()
 
 
+def _signature_of(row: dict) -> Signature:
+    return Signature(row["capability"], row["dtype"], int(row["head_dim"]), row["pattern"], row["mode"])
+
+
+def _usable(row: dict) -> bool:
+    """The row ran and its output was right (forward error vs fp64 within ``MAX_ERR``)."""
+    return "error" not in row and row.get("ms") is not None and row.get("max_err") is not None \
+        and row["max_err"] <= MAX_ERR.get(row["dtype"], 6e-2)
+
+
 def build_table(rows: list[dict], *, source: str = "") -> dict:
     """The JSON table from benchmark rows of the ``backends`` suite (``extra``: ``capability``,
-    ``pattern``): per signature, the backends that ran within ``MAX_ERR``, fastest first."""
-    groups: dict[Signature, dict[str, float]] = {}
-    meta = {}
-    for r in rows:
-        backend = BENCH_IMPLS.get(r.get("impl", ""))
-        if backend is None or "error" in r or r.get("ms") is None or "capability" not in r:
-            continue
-        err = r.get("max_err")
-        if err is None or err > MAX_ERR.get(r["dtype"], 6e-2):
-            continue
-        sig = Signature(r["capability"], r["dtype"], int(r["head_dim"]), r["pattern"], r["mode"])
-        times = groups.setdefault(sig, {})
-        # Several shapes of one signature: a backend's worst ratio decides, so keep the sum of times.
-        times[backend] = times.get(backend, 0.0) + float(r["ms"])
-        meta = {"device": r.get("device"), "date": r.get("date"), "versions": r.get("versions")}
-    # A backend missing from some shape of a signature is not comparable on the sum: keep those it ran all.
-    counts: dict[tuple[Signature, str], int] = {}
+    ``pattern``): per signature, the backends that ran right on every shape measured for it, ranked by
+    their total time over those shapes."""
+    ours = [r for r in rows if BENCH_IMPLS.get(r.get("impl", "")) and "capability" in r]
     shapes: dict[Signature, set] = {}
-    for r in rows:
-        backend = BENCH_IMPLS.get(r.get("impl", ""))
-        if backend is None or "capability" not in r:
-            continue
-        sig = Signature(r["capability"], r["dtype"], int(r["head_dim"]), r["pattern"], r["mode"])
+    times: dict[Signature, dict[str, list[float]]] = {}
+    meta = {}
+    for r in ours:
+        sig = _signature_of(r)
         shapes.setdefault(sig, set()).add((r.get("batch"), r.get("seqlen")))
-        if "error" not in r and r.get("ms") is not None and r.get("max_err") is not None \
-                and r["max_err"] <= MAX_ERR.get(r["dtype"], 6e-2):
-            counts[(sig, backend)] = counts.get((sig, backend), 0) + 1
+        if _usable(r):
+            times.setdefault(sig, {}).setdefault(BENCH_IMPLS[r["impl"]], []).append(float(r["ms"]))
+            meta = {"device": r.get("device"), "date": r.get("date"), "versions": r.get("versions")}
     entries = []
-    for sig, times in sorted(groups.items(), key=lambda kv: kv[0].key()):
-        full = {b: t for b, t in times.items() if counts.get((sig, b), 0) == len(shapes[sig])}
-        if not full:
-            continue
-        ranking = sorted(full.items(), key=lambda kv: kv[1])
-        entries.append({"capability": sig.capability, "dtype": sig.dtype, "head_dim": sig.head_dim,
-                        "pattern": sig.pattern, "mode": sig.mode,
-                        "ranking": [[name, round(ms, 4)] for name, ms in ranking]})
+    for sig in sorted(times, key=Signature.key):
+        ranking = sorted((sum(ms), name) for name, ms in times[sig].items() if len(ms) == len(shapes[sig]))
+        if ranking:
+            entries.append({"capability": sig.capability, "dtype": sig.dtype, "head_dim": sig.head_dim,
+                            "pattern": sig.pattern, "mode": sig.mode,
+                            "ranking": [[name, round(total, 4)] for total, name in ranking]})
     return {"measured": {**meta, "source": source}, "entries": entries}
 
 
@@ -259,10 +252,6 @@ def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def can_run(backend: str, q, k, v, **kw) -> bool:
-    return unsupported_reason(backend, q, k, v, **kw) is None
-
-
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None, softcap=None,
            alibi_slopes=None) -> str:
     """The backend ``backend="auto"`` runs for this call (see the module docstring for the rule)."""
@@ -296,9 +285,8 @@ def available_backends(device=None) -> list[str]:
         elif device.type == "cuda":
             if backend == "triton" and _triton_importable():
                 out.append(backend)
-            elif backend == "fa4" and fa4.is_installed() and \
-                    _capability(device.index if device.index is not None else torch.cuda.current_device()) in \
-                    ("sm90", "sm100", "sm103"):
+            elif backend == "fa4" and fa4.is_installed() and fa4._arch(
+                    device.index if device.index is not None else torch.cuda.current_device()) // 10 in (9, 10):
                 out.append(backend)
     return out
 
