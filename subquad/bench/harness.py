@@ -184,15 +184,13 @@ class _RssSampler:
         self.peak = max(self.peak, self.rss() - self.base)
 
 
-def _return_freed_memory_to_the_os() -> None:
-    """Make glibc serve large allocations with mmap at a fixed threshold, so that freed tensors leave the
-    resident set at once and the RSS peak of a call measures that call (glibc otherwise raises the
-    threshold after the first large free and keeps later large blocks on its heap)."""
+def _release_free_heap_pages() -> None:
+    """glibc's malloc_trim(0) hands every free heap page back to the OS, so the RSS peak of the next call
+    counts the pages that call touches, even those the heap had kept from earlier calls (no-op elsewhere)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -206,7 +204,7 @@ def _time_cuda(call, leaves) -> float:
                                          return_mode="median"))
 
 
-def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 2000.0) -> float:
+def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 3000.0) -> float:
     """Median of up to ``reps`` timed calls after the first (which warmed up); slow calls get fewer."""
     times = []
     while len(times) < reps and (not times or sum(times) + first_ms < budget_ms):
@@ -249,6 +247,7 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
             if device.type == "cuda":
                 out = _first_tensor(fn(inputs))
             else:
+                _release_free_heap_pages()
                 with _RssSampler() as sampler:
                     t0 = time.perf_counter()
                     out = _first_tensor(fn(inputs))
@@ -293,8 +292,6 @@ def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
 def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Callable[[str], bool] | None = None,
               progress: Callable[[str], None] | None = None, cpu_reps: int = 3) -> list[dict]:
     """Measure every (case, impl); rows carry the device, versions and date."""
-    if device.type == "cpu":
-        _return_freed_memory_to_the_os()
     stamp = {"device": device_name(device), "versions": versions(),
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = []
