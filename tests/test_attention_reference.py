@@ -251,26 +251,30 @@ from subquad import masks
 torch.set_num_threads(1)  # timing-insensitive, and no thread oversubscription on a loaded CI machine
 def hwm():
     return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024
-n = 16384
-q, k, v = (torch.randn(1, n, 2, 32, requires_grad=True) for _ in range(3))
 base = hwm()
-with torch.no_grad():
+for n in (16384, 32768):
+    q, k, v = (torch.randn(1, n, 2, 32, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        out = subquad.attention(q, k, v, mask=masks.sliding_window(512), backend='reference')
+    fwd = hwm() - base
     out = subquad.attention(q, k, v, mask=masks.sliding_window(512), backend='reference')
-fwd = hwm() - base
-out = subquad.attention(q, k, v, mask=masks.sliding_window(512), backend='reference')
-out.sum().backward()
-print(fwd, hwm() - base)
+    out.sum().backward()
+    print(fwd, hwm() - base)
+    del q, k, v, out
 """
 
 
 def test_memory_follows_the_window_not_n_squared():
     # N = 16k: the (heads x N x N) fp32 scores would be 2 GiB; the tiled reference needs a few MB of tiles
     # beside its inputs and outputs (each 4 MB here), with and without autograd (checkpointed query blocks).
+    # Doubling N to 32k must add memory linearly (dense scores would add 6 GiB more).
     import subprocess
     import sys
 
     res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    fwd_mb, fwdbwd_mb = map(float, res.stdout.split())
+    (fwd_mb, fwdbwd_mb), (_, fwdbwd_2n_mb) = (map(float, line.split()) for line in res.stdout.splitlines())
     assert fwd_mb < 100, fwd_mb
-    assert fwdbwd_mb < 200, fwdbwd_mb
+    # ~80 MB of this is the autograd machinery's own first-use overhead, which varies between machines.
+    assert fwdbwd_mb < 300, fwdbwd_mb
+    assert fwdbwd_2n_mb - fwdbwd_mb < 200, (fwdbwd_mb, fwdbwd_2n_mb)

@@ -4,7 +4,8 @@ Tiled like the kernels: for each query block, the key blocks that the BlockMask 
 processed in chunks with an online softmax (running max ``m``, running sum ``l``), so time and memory
 follow the pattern's density rather than N^2. Full key blocks are used as they are; partial ones apply the
 pattern's element predicate. Under autograd each query block is checkpointed, so the backward pass
-recomputes its scores instead of keeping them: memory stays linear in N.
+recomputes its scores instead of keeping them, and takes its keys as separate block tensors, so each
+block's gradient is accumulated in place: memory stays linear in N, work follows the kept pairs.
 
 Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)``, then the ALiBi bias
 ``-slope * |q_pos - k_pos|``, then the mask. Accumulation is fp32 whatever the input dtype. A query with no
@@ -99,6 +100,22 @@ def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, a
     return o.permute(0, 3, 1, 2, 4), lse
 
 
+def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, *kv_blocks):
+    """``_attend`` over key blocks handed in as separate tensors (the autograd path).
+
+    Concatenating the blocks here, inside the checkpoint, sends each block's gradient to that block alone:
+    slicing one full-length K/V instead would make every query block's backward build (and add) a
+    gradient as long as the whole sequence, O(N^2 / block) work and memory traffic.
+    """
+    half = len(kv_blocks) // 2
+    k, v = torch.cat(kv_blocks[:half], dim=2), torch.cat(kv_blocks[half:], dim=2)
+    total = k.shape[2]
+    groups = [(slice(s, min(s + KV_CHUNK, n_full)), False) for s in range(0, n_full, KV_CHUNK)]
+    groups += [(slice(s, min(s + KV_CHUNK, total)), True) for s in range(n_full, total, KV_CHUNK)]
+    positions = kidx if kv_pos is None else kv_pos[kidx]
+    return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                         scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                         q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
@@ -154,22 +171,38 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
             if block_mask is not None:
                 (fnum, fidx), (pnum, pidx) = block_mask.full_kv, block_mask.partial_kv
                 fnum, fidx, pnum, pidx = (x[b, h].tolist() for x in (fnum, fidx, pnum, pidx))
+            if need_grad:
+                k_blocks, v_blocks = kh.split(block_kv, dim=2), vh.split(block_kv, dim=2)
             row_o, row_l = [], []
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
-                if block_mask is None:
-                    key_groups = _key_groups(list(range(n_kb)), [], block_kv, seq_kv, device)
-                else:
-                    key_groups = _key_groups(fidx[qb][:fnum[qb]], pidx[qb][:pnum[qb]], block_kv, seq_kv, device)
                 qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
                 # (b, nq, hq, d) -> (b, hkv, g, nq, d), scaled once here rather than on every score tile.
                 qt = (qh[:, q0:q1].float() * scale).view(qh.shape[0], q1 - q0, heads_kv, groups, d)
                 qt = qt.permute(0, 2, 3, 1, 4).contiguous()
-                args = (qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index, softcap, al)
                 if need_grad:
-                    o_blk, l_blk = checkpoint(_attend, *args, use_reentrant=False)
+                    full = list(range(n_kb)) if block_mask is None else fidx[qb][:fnum[qb]]
+                    partial = [] if block_mask is None else pidx[qb][:pnum[qb]]
+                    if not full and not partial:
+                        # Nothing visible: key block 0 as a masked block (the pattern keeps none of it, as
+                        # the BlockMask's bounds are exact or over-approximate) gives zeros and -inf.
+                        partial = [0]
+                    blocks = full + partial
+                    kidx = (torch.tensor(blocks, device=device).view(-1, 1) * block_kv
+                            + torch.arange(block_kv, device=device)).flatten()
+                    kidx = kidx[kidx < seq_kv]
+                    n_full = sum(min(block_kv, seq_kv - i * block_kv) for i in full)
+                    pieces = [k_blocks[i] for i in blocks] + [v_blocks[i] for i in blocks]
+                    o_blk, l_blk = checkpoint(_attend_blocks, qt, kidx, n_full, qpos, kv_pos, pattern, b_index,
+                                              h_index, softcap, al, *pieces, use_reentrant=False)
                 else:
-                    o_blk, l_blk = _attend(*args)
+                    if block_mask is None:
+                        key_groups = _key_groups(list(range(n_kb)), [], block_kv, seq_kv, device)
+                    else:
+                        key_groups = _key_groups(fidx[qb][:fnum[qb]], pidx[qb][:pnum[qb]], block_kv, seq_kv,
+                                                 device)
+                    o_blk, l_blk = _attend(qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index,
+                                           softcap, al)
                 row_o.append(o_blk.reshape(o_blk.shape[0], q1 - q0, heads_kv * groups, dv))
                 row_l.append(l_blk.reshape(l_blk.shape[0], heads_kv * groups, q1 - q0))
             o_bh = torch.cat(row_o, dim=1).to(q.dtype)
