@@ -83,6 +83,25 @@ def bench(
         console.print(f"saved {dest}")
 
 
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="A results JSON written by `subquad bench`."),
+    ours: str = typer.Option("subquad-triton", "--ours", help="The implementation the ratios are taken for."),
+    peer: Optional[List[str]] = typer.Option(None, "--peer", help="Peers to compare with (default: all)."),
+    readme_block: Optional[str] = typer.Option(None, "--readme-block",
+                                               help="Rewrite README.md's block <!-- bench:NAME:begin/end -->."),
+) -> None:
+    """Print (or write into the README) the table of speed ratios of a results JSON."""
+    from .bench.summary import load, ratio_table, rewrite_block
+
+    text = ratio_table(load(results), ours, peer or None)
+    if readme_block:
+        rewrite_block(Path("README.md"), readme_block, f"From `{results}`:\n\n{text}")
+        console.print(f"rewrote README.md block {readme_block}")
+    else:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _mixer_options(items: Optional[List[str]]) -> dict:
     """``["L.window=64", "M.d_state=16"]`` -> ``{"L": {"window": 64}, "M": {"d_state": 16}}`` (values as JSON)."""
     import json

@@ -69,3 +69,22 @@ def test_case_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         Case(case="x", mode="sideways", batch=1, seqlen=1, heads_q=1, heads_kv=1, head_dim=1, dtype=torch.float32,
              make_inputs=dict, impls={})
+
+
+def test_ratio_table_and_readme_block(tmp_path):
+    from subquad.bench.summary import ratio_table, rewrite_block
+
+    base = {"case": "causal", "batch": 2, "seqlen": 4096, "mode": "fwd", "device": "GPU X", "date": "2026-01-01",
+            "versions": {"torch": "2.x"}}
+    rows = [dict(base, impl="ours", ms=2.0, tflops=100.0, max_err=1e-3), dict(base, impl="peer", ms=3.0),
+            dict(base, impl="broken", error="RuntimeError")]
+    text = ratio_table(rows, "ours")
+    assert "| causal | 2×4k | fwd | 2.000 | 100 | 1.50 | 1.0e-03 |" in text
+    assert "broken" not in text and "GPU X" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:x:begin -->\nold\n<!-- bench:x:end -->\nb\n")
+    rewrite_block(readme, "x", text)
+    body = readme.read_text()
+    assert "old" not in body and "1.50" in body and body.startswith("a\n") and body.endswith("b\n")
+    with pytest.raises(ValueError, match="readme"):
+        rewrite_block(readme, "missing", text)

@@ -1,0 +1,57 @@
+"""Markdown tables of ratios from a results JSON: what the README quotes, generated rather than typed.
+
+One row per (case, batch, N, pass): our implementation's time and effective TFLOP/s, and its speed ratio to
+every peer measured on the same row (> 1: ours is faster). A README block between
+``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->`` can be rewritten in place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+
+def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> str:
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if "error" in r or r.get("ms") is None:
+            continue
+        groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+    if peers is None:
+        peers = sorted({impl for g in groups.values() for impl in g if impl != ours})
+    head = f"| case | B×N | pass | {ours} ms | TFLOP/s | " + " | ".join(f"÷ {p}" for p in peers) + " | max err |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (case, batch, n, mode), impls in groups.items():
+        mine = impls.get(ours)
+        if mine is None:
+            continue
+        cells = []
+        for p in peers:
+            other = impls.get(p)
+            cells.append(f"{other['ms'] / mine['ms']:.2f}" if other else "—")
+        n_text = f"{n // 1024}k" if n % 1024 == 0 else str(n)
+        tf = f"{mine['tflops']:.0f}" if mine.get("tflops") else ""
+        err = f"{mine['max_err']:.1e}" if mine.get("max_err") is not None else ""
+        lines.append(f"| {case} | {batch}×{n_text} | {mode} | {mine['ms']:.3f} | {tf} | " + " | ".join(cells)
+                     + f" | {err} |")
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
+    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
+    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
+    return "\n".join(lines) + f"\n\n_{device}, {date}; {stamp}. Ratios are peer time ÷ {ours} time in one run._\n"
+
+
+def rewrite_block(readme: Path, name: str, text: str) -> None:
+    """Replace the README block ``name`` with ``text`` (the markers stay)."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    body = readme.read_text()
+    if begin not in body or end not in body:
+        raise ValueError(f"readme: expected the markers {begin} and {end} in {readme}")
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{text}{end}", body))
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())
