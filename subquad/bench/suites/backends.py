@@ -35,6 +35,7 @@ import torch
 
 from ... import attention, masks
 from ...ops.softmax import dispatch, fa4
+from .. import peers
 from ..attention_cases import attention_case
 from ..harness import run_cases, suite
 
@@ -166,40 +167,6 @@ def _fa4_direct(pattern, causal):
     return run
 
 
-def _cudnn(causal):
-    def run(inputs):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention
-
-        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
-
-    return run
-
-
-_FLEX: dict = {}
-
-
-def _flex(name, mask_mod_factory):
-    """FlexAttention compiled once; its BlockMask built on the first call per (mask, N)."""
-
-    def run(inputs):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
-        n = q.shape[2]
-        if "compiled" not in _FLEX:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-            _FLEX["compiled"] = torch.compile(flex_attention)
-        key = (name, n, str(q.device))
-        if key not in _FLEX:
-            _FLEX[key] = create_block_mask(mask_mod_factory(n, q.device), None, None, n, n, device=q.device)
-        return _FLEX["compiled"](q, k, v, block_mask=_FLEX[key]).transpose(1, 2)
-
-    return run
-
-
 def _capability() -> str:
     return dispatch.capability(torch.device("cuda")) if torch.cuda.is_available() else "cpu"
 
@@ -220,9 +187,9 @@ def make_cases(quick: bool, names=None):
                          "subquad-fa4": _subquad(pattern, causal, "fa4"),
                          "fa4": _fa4_direct(pattern, causal)}
                 if cudnn:
-                    impls["cudnn"] = _cudnn(causal)
+                    impls["cudnn"] = peers.sdpa("cudnn", causal)
                 if flex_mod is not None:
-                    impls["flex"] = _flex(name, flex_mod)
+                    impls["flex"] = peers.flex(flex_mod)
                 yield attention_case(name, ref_pattern, mode, batch=batch, seqlen=n, heads_q=HEADS, heads_kv=HEADS,
                                      head_dim=DIM, dtype=DTYPE, impls=impls,
                                      extra={"capability": _capability(), "pattern": kind})

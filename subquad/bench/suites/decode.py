@@ -16,6 +16,7 @@ import torch
 
 from ...cache import KVView
 from ...ops.decode import decode
+from .. import peers
 from ..harness import Case, suite
 
 PAGE = 16
@@ -38,18 +39,6 @@ def _gqa_inputs(batch, seqlen, hq, hkv, d, dtype):
         return {"q": q, "k": k, "v": v, "paged": paged}
 
     return make
-
-
-def _sdpa(backend_name):
-    def run(inputs):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention
-
-        with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))
-            return scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
-
-    return run
 
 
 def _flash_attn_kvcache(inputs):
@@ -105,8 +94,8 @@ def decode_cases(quick: bool):
                    dtype=dtype, bytes=2.0 * b * n * hkv * d * 2, make_inputs=_gqa_inputs(b, n, hq, hkv, d, dtype),
                    impls={"subquad-static": lambda i: decode(i["q"], i["k"], i["v"]),
                           "subquad-paged": lambda i: decode(i["q"], i["paged"]),
-                          "sdpa-flash": _sdpa("FLASH_ATTENTION"),
-                          "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+                          "sdpa-flash": peers.sdpa("flash", enable_gqa=True),
+                          "sdpa-cudnn": peers.sdpa("cudnn", enable_gqa=True),
                           "flash-attn-kvcache": _flash_attn_kvcache},
                    reference=_gqa_reference, extra={"page_size": PAGE, "new_tokens": 1})
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import attention, masks
+from .. import peers
 from ..attention_cases import attention_case
 from ..harness import suite
 
@@ -33,45 +34,6 @@ def _subquad(pattern, causal=False, deterministic=False):
     def run(inputs):
         return attention(inputs["q"], inputs["k"], inputs["v"], causal=causal, mask=pattern, backend="triton",
                          plan=False, deterministic=deterministic)
-
-    return run
-
-
-def _sdpa(backend: str, causal: bool):
-    def run(inputs):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.functional import scaled_dot_product_attention
-
-        b = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
-        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
-        with sdpa_kernel(b):
-            return scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)
-
-    return run
-
-
-_FLEX: dict = {}
-
-
-def _flex(name: str, mask_mod_factory):
-    """FlexAttention compiled once; its BlockMask built on first use per (mask, N)."""
-
-    def run(inputs):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
-        n = q.shape[2]
-        if "compiled" not in _FLEX:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-            _FLEX["compiled"] = torch.compile(flex_attention)
-        bm = None
-        if mask_mod_factory is not None:
-            key = (name, n)
-            if key not in _FLEX:
-                _FLEX[key] = create_block_mask(mask_mod_factory(n, q.device), None, None, n, n, device=q.device)
-            bm = _FLEX[key]
-        return _FLEX["compiled"](q, k, v, block_mask=bm).transpose(1, 2)
 
     return run
 
@@ -124,8 +86,8 @@ def flash_cases(quick: bool):
                     impls["subquad-triton-det"] = _subquad(pattern, causal=causal, deterministic=True)
                 if sdpa_causal is not None:
                     for b in ("flash", "cudnn", "efficient"):
-                        impls[f"sdpa-{b}"] = _sdpa(b, sdpa_causal)
-                impls["flex"] = _flex(name, mod)
+                        impls[f"sdpa-{b}"] = peers.sdpa(b, sdpa_causal)
+                impls["flex"] = peers.flex(mod)
                 ref_pattern = masks.causal if causal else pattern
                 yield attention_case(name, ref_pattern, mode, batch=batch, seqlen=n, heads_q=HEADS, heads_kv=HEADS,
                                      head_dim=DIM, dtype=DTYPE, impls=impls,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import attention, delta_rule, delta_rule_step, gla, gla_step
+from .. import peers
 from ..harness import Case, suite
 
 HEADS, DIM = 16, 128
@@ -78,14 +79,6 @@ def _fla(op):
     return run
 
 
-def _sdpa_causal(x):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-
-
 def _shapes(quick):
     if quick:
         return [(2, 2048)]
@@ -127,7 +120,7 @@ def linear_cases(quick: bool):
                        flops=2.0 * batch * HEADS * seqlen * seqlen * DIM * (3.5 if mode == "fwdbwd" else 1.0),
                        make_inputs=_make_inputs("linear", batch, seqlen, HEADS, DIM, torch.bfloat16,
                                                 mode == "fwdbwd"),
-                       impls={"sdpa-flash": _sdpa_causal}, reference=None, extra=extra)
+                       impls={"sdpa-flash": peers.sdpa("flash", causal=True)}, reference=None, extra=extra)
     yield from _decode_cases(quick)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ... import attention, masks
 from ...masks.plan import plan as make_plan
+from .. import peers
 from ..attention_cases import exact_rows, qkv_inputs, sample_rows
 from ..harness import Case, attention_flops, suite
 
@@ -63,27 +64,9 @@ def _bigbird_mask_mod(pattern, n, device):
     return mod
 
 
-_FLEX = {}
-
-
-def _flex(name, pattern, mask_mod, n, backend):
-    """FlexAttention compiled once, its BlockMask built on first call (on the inputs' device)."""
-
-    def run(inputs):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
-        key = (name, n, str(q.device))
-        if key not in _FLEX:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-            mod = mask_mod or _bigbird_mask_mod(pattern, n, q.device)
-            _FLEX[key] = create_block_mask(mod, None, None, n, n, device=q.device)
-        if "compiled" not in _FLEX:
-            _FLEX["compiled"] = torch.compile(flex_attention)
-        out = _FLEX["compiled"](q, k, v, block_mask=_FLEX[key], kernel_options={"BACKEND": backend})
-        return out.transpose(1, 2)
-
-    return run
+def _flex_mask_mod(pattern, mask_mod):
+    """The flex ``mask_mod`` factory of a case (BigBird's reads its seeded random layout)."""
+    return lambda n, device: mask_mod or _bigbird_mask_mod(pattern, n, device)
 
 
 def _subquad(pattern, use_plan):
@@ -104,13 +87,14 @@ def pattern_cases(quick: bool):
             pairs = float(sum(pl.kept_pairs()))
             rows = sample_rows(n)
             for mode in ("fwd", "fwdbwd"):
+                flex_mod = _flex_mask_mod(pattern, mask_mod)
                 impls = {"subquad-planned": _subquad(pattern, True),
-                         "flex-triton": _flex(name, pattern, mask_mod, n, "TRITON")}
+                         "flex-triton": peers.flex(flex_mod, "TRITON")}
                 if n <= 16384:
                     # the BlockMask path builds a bitmask for every partial tile: minutes at 64k
                     impls["subquad-blockmask"] = _subquad(pattern, False)
                 if flash_installed:
-                    impls["flex-flash"] = _flex(name, pattern, mask_mod, n, "FLASH")
+                    impls["flex-flash"] = peers.flex(flex_mod, "FLASH")
                 yield Case(case=name, mode=mode, batch=batch, seqlen=n, heads_q=heads, heads_kv=heads,
                            head_dim=dim, dtype=dtype,
                            make_inputs=qkv_inputs(batch, n, heads, heads, dim, dtype, grad=mode == "fwdbwd"),

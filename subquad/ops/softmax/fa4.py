@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-import math
 from dataclasses import dataclass
 from typing import Callable
 

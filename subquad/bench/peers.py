@@ -1,0 +1,55 @@
+"""Peers as benchmark impls: other implementations of the same attention, called on the harness's
+``(batch, seq, heads, dim)`` inputs."""
+
+from __future__ import annotations
+
+import torch
+
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "math": "MATH"}
+
+
+def sdpa(backend: str, causal: bool = False, enable_gqa: bool = False):
+    """PyTorch SDPA pinned to one backend (``flash`` is FlashAttention-2)."""
+    if backend not in _SDPA_BACKENDS:
+        raise ValueError(f"backend: expected one of {sorted(_SDPA_BACKENDS)}, got {backend!r}")
+
+    def run(inputs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
+            out = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
+        return out.transpose(1, 2)
+
+    return run
+
+
+_FLEX: dict = {}
+
+
+def flex(mask_mod_factory=None, backend: str | None = None):
+    """FlexAttention, compiled once per process (with the compile-cache limit raised, BENCHMARKS.md), its
+    BlockMask built on the first call per (mask, N, device). ``mask_mod_factory(n, device)`` returns the
+    ``mask_mod`` (None: full attention); ``backend`` is flex's ``kernel_options["BACKEND"]`` (TRITON, FLASH)."""
+
+    def run(inputs):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q, k, v = (inputs[x].transpose(1, 2) for x in ("q", "k", "v"))
+        n = q.shape[2]
+        if "compiled" not in _FLEX:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+            _FLEX["compiled"] = torch.compile(flex_attention)
+        block_mask = None
+        if mask_mod_factory is not None:
+            # The factory itself is in the key: two suites may name different masks alike.
+            key = (mask_mod_factory, n, str(q.device))
+            if key not in _FLEX:
+                _FLEX[key] = create_block_mask(mask_mod_factory(n, q.device), None, None, n, n, device=q.device)
+            block_mask = _FLEX[key]
+        options = {"kernel_options": {"BACKEND": backend}} if backend else {}
+        return _FLEX["compiled"](q, k, v, block_mask=block_mask, **options).transpose(1, 2)
+
+    return run
