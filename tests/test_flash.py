@@ -250,6 +250,7 @@ def test_kernel_terms():
 
 def test_custom_op_opcheck():
     """The custom op's fake implementation and autograd registration agree with the real one."""
+    import subquad.ops.softmax.flash.op  # noqa: F401 - registers torch.ops.subquad.flash_fwd / flash_bwd
 
     q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
     args = (q, k, v) + (None,) * 14 + (0.25, 0.0, 0, 1 << 30, 0, 128, 128, False, False)
