@@ -49,13 +49,15 @@ def _lse_close(got, ref):
     assert (got[~both_inf] - ref[~both_inf]).abs().max().item() <= LSE_TOL if (~both_inf).any() else True
 
 
-def _check(q, k, v, *, causal=False, mask=None, softcap=None, alibi=None, grad_lse=False, deterministic=False):
-    """Run the Triton path and the reference on the same inputs and BlockMask; compare out, lse, grads."""
+def _check(q, k, v, *, causal=False, mask=None, softcap=None, alibi=None, grad_lse=False, deterministic=False,
+           plan=None):
+    """Run the Triton path and the reference on the same inputs and BlockMask; compare out, lse, grads
+    (``plan=False``: the one-kernel BlockMask path even for patterns that the planner would split)."""
     bsz, nq, hq, d = q.shape
     nkv = k.shape[1]
     scale = d ** -0.5
     out, lse = subquad.attention(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi,
-                                 return_lse=True, backend="triton", deterministic=deterministic)
+                                 return_lse=True, backend="triton", deterministic=deterministic, plan=plan)
     bm = masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=nq, seq_kv=nkv, device=q.device,
                        block_q=BLOCK, block_kv=BLOCK)
     ref, ref_lse = attention_reference(q, k, v, bm, scale, softcap, alibi)
@@ -234,18 +236,73 @@ def test_fp32_runs_reference():
 
 
 def test_kernel_terms():
-    from subquad.ops.softmax.flash.masking import kernel_terms, pure_band
+    from subquad.ops.softmax.flash.masking import KEY_FLAG, QUERY_FLAG, kernel_terms, pure_band
 
     assert pure_band(masks.causal) == (0, 1 << 30)
     assert pure_band(masks.sliding_window(8)) == (0, 7)
     assert pure_band(masks.sliding_window(8) & masks.causal) == (0, 7)
     assert pure_band(masks.sliding_window(8, causal=False)) == (-4, 4)
     t = kernel_terms(masks.prefix_lm(5))
-    assert t.prefix == 5 and t.band == (0, 1 << 30)
+    assert t.prefix == 5 and t.band == (0, 1 << 30) and not t.and_causal
     t = kernel_terms(masks.document(torch.zeros(8, dtype=torch.long)) & masks.causal)
     assert t.doc_ids is not None and t.band == (0, 1 << 30)
-    for p in (masks.strided(4), masks.longformer(8, [0]), masks.prefix_lm(5) & masks.sliding_window(3)):
+    # Longformer: contiguous globals are comparisons, scattered ones a flag per position
+    t = kernel_terms(masks.longformer(8, list(range(16))))
+    assert (t.band, t.prefix, t.q_prefix, t.flags, t.and_causal) == ((-4, 4), 16, 16, None, False)
+    t = kernel_terms(masks.longformer(8, [3, 0, 1, 2], causal=True))
+    assert (t.band, t.prefix, t.q_prefix, t.flags, t.and_causal) == ((0, 7), 4, 4, None, True)
+    t = kernel_terms(masks.longformer(8, [0, 5], causal=True))
+    assert t.prefix == t.q_prefix == 0 and t.and_causal
+    assert t.flags.tolist() == [KEY_FLAG | QUERY_FLAG, 0, 0, 0, 0, KEY_FLAG | QUERY_FLAG]
+    assert pure_band(masks.longformer(8, [0])) is None
+    # BigBird: the random blocks become a layout once drawn (the BlockMask holds the prepared pattern)
+    for causal in (False, True):
+        bm = masks.bigbird(8, [0, 1], random_blocks=2, block=16, causal=causal).block_mask(100, block_q=32,
+                                                                                           block_kv=32)
+        t = kernel_terms(bm.pattern)
+        assert t.layout is not None and t.layout_block == 16 and t.prefix == 2 and t.and_causal == causal
+        assert t.layout.shape[-2:] == (7, 7)
+    t = kernel_terms(masks.bigbird(8, (), random_blocks=1, block=16).block_mask(64, block_q=32, block_kv=32).pattern)
+    assert t.layout is not None and t.prefix == 0 and t.flags is None
+    # everything else keeps the bitmask
+    for p in (masks.strided(4), masks.fixed(8, 2), masks.dilated(8, 2), masks.from_tensor(torch.ones(8, 8).bool()),
+              masks.from_predicate(lambda b, h, q, k: q >= k), masks.prefix_lm(5) & masks.sliding_window(3),
+              masks.longformer(8, [0]) & masks.sliding_window(3), masks.longformer(8, [0]) | masks.strided(4)):
         assert kernel_terms(p) is None
+
+
+def _uses_terms(mask, causal, b, h, nq, nkv):
+    """The flash path evaluated ``mask`` with in-kernel terms: no bitmask was built for its BlockMask."""
+    bm = masks.resolve(mask, causal=causal, batch=b, heads=h, seq_q=nq, seq_kv=nkv, device=DEV, block_q=BLOCK,
+                       block_kv=BLOCK)
+    assert bm._cache.get("flash_terms") is not None
+    assert not any(isinstance(key, tuple) and key[0] == "flash_bits" for key in bm._cache)
+    assert (bm.kind == PARTIAL).any()
+
+
+# (mask, causal, seq_q, seq_kv, heads_q, heads_kv, deterministic); global tokens contiguous (comparisons) or
+# scattered (flags), lengths not multiples of the block, GQA, fewer queries than keys, the dq kernel
+GLOBAL_CASES = {
+    "longformer_run": (lambda: masks.longformer(12, list(range(5))), False, 90, 90, 2, 2, False),
+    "longformer_run_causal_gqa": (lambda: masks.longformer(16, [0, 1, 2]), True, 75, 75, 4, 2, True),
+    "longformer_scattered": (lambda: masks.longformer(10, [0, 37, 61]), False, 83, 83, 2, 1, False),
+    "longformer_scattered_causal": (lambda: masks.longformer(14, [4, 40], causal=True), False, 50, 77, 2, 2, False),
+    "bigbird_run": (lambda: masks.bigbird(12, [0, 1], random_blocks=2, block=16), False, 90, 90, 2, 2, False),
+    "bigbird_scattered_causal_gqa": (lambda: masks.bigbird(10, [2, 50], random_blocks=1, block=16, seed=3,
+                                                           causal=True), False, 70, 70, 4, 2, True),
+    "block_sparse_per_head": (lambda: masks.block_sparse(
+        torch.rand(4, 5, 5, generator=torch.Generator().manual_seed(6)) < 0.4, 16), False, 72, 72, 4, 2, False),
+}
+
+
+@pytest.mark.parametrize("name", list(GLOBAL_CASES))
+def test_global_token_terms(name):
+    """Longformer / BigBird / block layouts through the in-kernel terms (no bitmask): out, lse, dq/dk/dv."""
+    make, causal, nq, nkv, hq, hkv, det = GLOBAL_CASES[name]
+    mask = make()
+    _check(*_qkv(1, nq, nkv, hq, hkv, 32, torch.bfloat16, seed=7), mask=mask, causal=causal, deterministic=det,
+           plan=False)
+    _uses_terms(mask, causal, 1, hq, nq, nkv)
 
 
 def test_custom_op_opcheck():
@@ -253,7 +310,9 @@ def test_custom_op_opcheck():
     import subquad.ops.softmax.flash.op  # noqa: F401 - registers torch.ops.subquad.flash_fwd / flash_bwd
 
     q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
-    args = (q, k, v) + (None,) * 14 + (0.25, 0.0, 0, 1 << 30, 0, 128, 128, False, False)
+    # 16 optional tensors, then scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal,
+    # mbq, mbk, use_list, deterministic
+    args = (q, k, v) + (None,) * 16 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, False, False)
     torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

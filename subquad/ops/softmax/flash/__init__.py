@@ -3,7 +3,7 @@
 * ``flash_attention(q, k, v, causal=, mask=, ...)``: the engine behind ``subquad.attention(backend="triton")``.
   Bands (full, causal, sliding windows) run with no BlockMask at all; every other pattern is resolved to a
   BlockMask whose full blocks run unmasked and whose partial blocks apply in-kernel terms (documents,
-  prefix-LM) or a precomputed bitmask (everything else).
+  prefix-LM, Longformer / BigBird global tokens, block layouts) or a precomputed bitmask (everything else).
 * ``flash_attention_masked(q, k, v, block_mask, scale, ...)``: the same on a prebuilt BlockMask, with optional
   ``q_pos`` / ``kv_pos`` (gathered or permuted tokens); used by planned patterns, LSH and NSA.
 
@@ -13,12 +13,14 @@ fp16 and bf16 only: ``subquad.attention`` sends fp32 inputs to the reference.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .... import masks as _masks
 from ....masks import BlockMask, Pattern
 from .launch import MaskArgs, interpreting
-from .masking import BAND_INF, bitmask_tiles, kernel_terms, pure_band
+from .masking import BAND_INF, Terms, bitmask_tiles, kernel_terms, pure_band
 from .op import run
 
 #: BlockMask block size the engine builds (kernel tiles divide it); smaller in the interpreter so that small
@@ -51,19 +53,27 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     if bm.block_q % 16 or bm.block_kv % 32:
         raise ValueError(f"mask: the flash kernels need BlockMask blocks that are multiples of 16 (queries) and "
                          f"32 (keys), got {bm.block_q}x{bm.block_kv}")
-    terms = kernel_terms(bm.pattern)
+    if "flash_terms" not in bm._cache:
+        # once per BlockMask: recognising global tokens reads their positions back from the device
+        terms = kernel_terms(bm.pattern)
+        if terms is not None:
+            doc, layout = terms.doc_ids, terms.layout
+            terms = replace(terms, doc_ids=None if doc is None else doc.to(torch.int32).contiguous(),
+                            layout=None if layout is None else layout.to(torch.int8).contiguous())
+        bm._cache["flash_terms"] = terms
+    terms = bm._cache["flash_terms"]
     tile_of = bits = None
     if terms is None:
         tile_of, bits = bitmask_tiles(bm, q_pos, kv_pos)
-        lo, hi, prefix, doc = -BAND_INF, BAND_INF, 0, None
-    else:
-        (lo, hi), prefix = terms.band, terms.prefix
-        doc = None if terms.doc_ids is None else terms.doc_ids.to(torch.int32).contiguous()
+        terms = Terms(lo=-BAND_INF, hi=BAND_INF)
+    lo, hi = terms.band
     return MaskArgs(use_list=True, lists=(*bm.full_kv, *bm.partial_kv), lists_t=(*bm.full_q, *bm.partial_q),
-                    tile_of=tile_of, bits=bits, doc_ids=doc,
+                    tile_of=tile_of, bits=bits, doc_ids=terms.doc_ids,
                     q_pos=None if q_pos is None else q_pos.to(torch.int32).contiguous(),
                     kv_pos=None if kv_pos is None else kv_pos.to(torch.int32).contiguous(),
-                    band_lo=lo, band_hi=hi, prefix=prefix, mbq=bm.block_q, mbk=bm.block_kv)
+                    band_lo=lo, band_hi=hi, prefix=terms.prefix, mbq=bm.block_q, mbk=bm.block_kv,
+                    q_prefix=terms.q_prefix, flags=terms.flags, layout=terms.layout,
+                    layout_block=max(terms.layout_block, 1), and_causal=terms.and_causal)
 
 
 def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,

@@ -45,10 +45,12 @@ def flash_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_on, stride
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi,
-               prefix, DOC_IDS, BITS, tile, row0, Q_POS, offs_d, offs_dv,
+               prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, Q_POS,
+               offs_d, offs_dv,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
-               BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -73,8 +75,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     pT = tl.math.exp2(sT - lse2[None, :])
     if MASKED:
         keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[None, :], (offs_n % MBK)[:, None],
-                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
+                         (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
         pT = tl.where(keep, pT, 0.0)
     elif KV_BOUNDS:
         pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
@@ -103,17 +106,19 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
 @triton.jit
 def flash_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
-    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
-    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
+    stride_lay_b, stride_lay_h, stride_lay_q,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
-    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
 ):
@@ -155,6 +160,9 @@ def flash_bwd_dkdv_kernel(
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(SLOPES + b * stride_slope_b + h).to(tl.float32) * 1.4426950408889634
+        lay = LAYOUT
+        if HAS_LAYOUT:
+            lay = LAYOUT + b * stride_lay_b + h * stride_lay_h
         if USE_LIST:
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
@@ -165,9 +173,10 @@ def flash_bwd_dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
                         stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
-                        dq_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv,
-                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, EVEN_Q, not EVEN_KV,
-                        BAND, PREFIX, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+                        dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                        stride_lay_q, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                        BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
             n_part = tl.load(PART_NUM + base)
             for j in range(n_part):
                 qb = tl.load(PART_IDX + base * part_width + j)
@@ -179,30 +188,34 @@ def flash_bwd_dkdv_kernel(
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
                         stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
-                        dq_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
-                        offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False,
-                        BAND, PREFIX, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+                        dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                        stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                        BLOCK_M, True, False, False, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC,
+                        USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             for start_m in range(lo, full_lo, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                    True, False, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
+                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
             for start_m in range(full_lo, full_hi, BLOCK_M):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                    False, True, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
+                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, True, False, True, False, False,
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
             for start_m in range(full_hi, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                    True, False, False, True, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
+                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -214,10 +227,12 @@ def flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q, seq_kv,
-             qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
+             qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block,
+             stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
-             BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+             BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+             HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
              MBQ: tl.constexpr, MBK: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -239,8 +254,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :],
-                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
+                         (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
         p = tl.where(keep, p, 0.0)
     elif not EVEN_KV:
         p = tl.where(in_kv[None, :], p, 0.0)
@@ -255,16 +271,18 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
 @triton.jit
 def flash_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b, stride_doc_b,
-    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix,
+    stride_lay_b, stride_lay_h, stride_lay_q,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
-    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -298,6 +316,9 @@ def flash_bwd_dq_kernel(
     doc_ids = DOC_IDS
     if DOC:
         doc_ids = DOC_IDS + b * stride_doc_b
+    lay = LAYOUT
+    if HAS_LAYOUT:
+        lay = LAYOUT + b * stride_lay_b + h * stride_lay_h
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -312,8 +333,10 @@ def flash_bwd_dq_kernel(
             for sub in tl.static_range(MBK // BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
                               offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
-                              doc_ids, BITS, 0, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              False, EVEN_KV, BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                              q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0,
+                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX,
+                              Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
+                              MBQ, MBK)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
             kb = tl.load(PART_IDX + base * part_width + j)
@@ -323,25 +346,30 @@ def flash_bwd_dq_kernel(
             for sub in tl.static_range(MBK // BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
                               offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
-                              doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              True, False, BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                              q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0,
+                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, BAND, PREFIX,
+                              Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
+                              MBQ, MBK)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         for start_n in range(lo, full_lo, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
-                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
+                          BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
                           False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
-                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
+                          BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, False, False, False,
                           False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS,
-                          offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False,
+                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
+                          BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
                           False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
 
     dq = dq * scale

@@ -6,8 +6,9 @@ Key tiles are visited in one of two ways (``USE_LIST``):
 * a band (full, causal, sliding window) needs no list: the key range of a query tile is computed in the
   kernel, split into masked edges and an unmasked middle (``tile.kv_range``);
 * any other pattern follows the BlockMask: its full blocks run without masking, its partial blocks apply
-  the pattern's in-kernel terms (``tile.keep_mask``), empty blocks are never loaded. A BlockMask block may
-  hold several kernel tiles (``MBQ``/``MBK`` are the block sizes, multiples of the tile sizes).
+  the pattern's in-kernel terms (``tile.keep_mask``: band, global tokens, block layout, documents, or a
+  bitmask), empty blocks are never loaded. A BlockMask block may hold several kernel tiles (``MBQ``/``MBK``
+  are the block sizes, multiples of the tile sizes).
 
 GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
 Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
@@ -26,11 +27,12 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, qi_row,
-              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, row0,
-              KV_POS, offs_d, offs_dv,
+              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+              LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
-              BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -48,8 +50,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
     s, _ = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     if MASKED:
         keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, DOC_IDS, BITS, tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :],
-                         BAND, PREFIX, DOC, USE_BITS, MBQ, MBK)
+                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
+                         (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
         s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
@@ -75,16 +78,17 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
 @triton.jit
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
-    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, SLOPES,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh, stride_slope_b, stride_doc_b,
-    seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix,
+    stride_ob, stride_on, stride_oh, stride_slope_b, stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
-    BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # the longest query tiles (late rows under a causal band) start first
@@ -113,6 +117,9 @@ def flash_fwd_kernel(
     doc_ids = DOC_IDS
     if DOC:
         doc_ids = DOC_IDS + b * stride_doc_b
+    lay = LAYOUT
+    if HAS_LAYOUT:
+        lay = LAYOUT + b * stride_lay_b + h * stride_lay_h
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
 
@@ -130,9 +137,10 @@ def flash_fwd_kernel(
             for sub in tl.static_range(MBK // BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
-                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0,
-                    row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV,
-                    BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                    n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0, KV_POS, offs_d, offs_dv, D, DV,
+                    BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
             kb = tl.load(PART_IDX + base * part_width + j)
@@ -142,29 +150,36 @@ def flash_fwd_kernel(
             for sub in tl.static_range(MBK // BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
-                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, tile,
-                    row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False,
-                    BAND, PREFIX, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                    n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV,
+                    BLOCK_D, BLOCK_DV, BLOCK_N, True, False, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         for start_n in range(lo, full_lo, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, SOFTCAP, ALIBI,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
+                False, SOFTCAP, ALIBI,
                 BLOCK_M, BLOCK_N)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, SOFTCAP, ALIBI,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, False, False, False,
+                False, SOFTCAP, ALIBI,
                 BLOCK_M, BLOCK_N)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, SOFTCAP, ALIBI,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
+                False, SOFTCAP, ALIBI,
                 BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0

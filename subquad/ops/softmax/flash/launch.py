@@ -70,7 +70,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
-_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
 _TUNED: dict = {}
 
 
@@ -108,12 +108,18 @@ class MaskArgs:
     prefix: int
     mbq: int
     mbk: int
+    q_prefix: int = 0
+    flags: torch.Tensor | None = None    # int8 per position: global key (bit 0) / global query (bit 1)
+    layout: torch.Tensor | None = None   # int8 (Lb, Lh, q_cells, kv_cells) block layout
+    layout_block: int = 1
+    and_causal: bool = False
 
     @property
     def band(self) -> bool:
         from .masking import BAND_INF
 
-        return self.band_lo > -BAND_INF or self.band_hi < BAND_INF or self.prefix > 0
+        return (self.band_lo > -BAND_INF or self.band_hi < BAND_INF or self.prefix > 0 or self.q_prefix > 0
+                or self.flags is not None or self.layout is not None or self.and_causal)
 
 
 def _dummy(device) -> torch.Tensor:
@@ -126,7 +132,8 @@ def _mask_kernel_args(m: MaskArgs, lists, device):
     doc = m.doc_ids if m.doc_ids is not None else d
     args = [full_num, full_idx, part_num, part_idx, m.tile_of if m.tile_of is not None else d,
             m.bits if m.bits is not None else d, doc, m.q_pos if m.q_pos is not None else d,
-            m.kv_pos if m.kv_pos is not None else d]
+            m.kv_pos if m.kv_pos is not None else d, m.flags if m.flags is not None else d,
+            m.layout if m.layout is not None else d]
     return args, ((full_idx.shape[-1], part_idx.shape[-1]) if lists is not None else (1, 1))
 
 
@@ -135,7 +142,9 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes):
     return dict(
         EVEN_Q=seq_q % even[0] == 0 and (not m.use_list or seq_q % m.mbq == 0),
         EVEN_KV=seq_kv % even[1] == 0 and (not m.use_list or seq_kv % m.mbk == 0),
-        USE_LIST=m.use_list, BAND=m.band, PREFIX=m.prefix > 0, DOC=m.doc_ids is not None,
+        USE_LIST=m.use_list, BAND=m.band, PREFIX=m.prefix > 0, Q_PREFIX=m.q_prefix > 0,
+        HAS_FLAGS=m.flags is not None, HAS_LAYOUT=m.layout is not None, AND_CAUSAL=m.and_causal,
+        DOC=m.doc_ids is not None,
         USE_BITS=m.bits is not None, HAS_Q_POS=m.q_pos is not None, HAS_KV_POS=m.kv_pos is not None,
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
@@ -165,6 +174,19 @@ def _doc_stride(m: MaskArgs):
     return m.doc_ids.stride(0)
 
 
+def _layout_strides(m: MaskArgs):
+    """Batch, head and row strides of the layout grid (0 where one grid serves every batch / head)."""
+    if m.layout is None:
+        return [0, 0, 0]
+    lay = m.layout
+    return [lay.stride(0) if lay.shape[0] > 1 else 0, lay.stride(1) if lay.shape[1] > 1 else 0, lay.stride(2)]
+
+
+def _term_scalars(m: MaskArgs):
+    """``q_prefix, n_flags, lay_block`` after ``prefix`` in the kernels' arguments."""
+    return [m.q_prefix, m.flags.numel() if m.flags is not None else 0, m.layout_block]
+
+
 def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
     """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors."""
     bsz, seq_q, hq, d = q.shape
@@ -179,8 +201,8 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
     args = [q, k, v, out, lse, *mask_args, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
-            _doc_stride(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo, m.band_hi, m.prefix,
-            *widths, n_qb, n_kb, mb, mh]
+            _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
+            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d),
                 BLOCK_DV=triton.next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     kern = _kernel("fwd", flash_fwd_kernel)
@@ -223,9 +245,9 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m),
+            dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *widths_t, n_qb, n_kb, mb, mh]
+            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, **common)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
@@ -241,9 +263,9 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     args = [q, k, v, do, lse, delta, dq, *mask_args, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m),
+            dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *widths, n_qb, n_kb, mb, mh]
+            *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, G=hq // hkv, **common)
     kern = _kernel("dq", flash_bwd_dq_kernel)
     if kern is None:

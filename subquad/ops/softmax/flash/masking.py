@@ -1,20 +1,23 @@
 """From a pattern (or a BlockMask) to what the flash kernels read: in-kernel terms, block lists, bitmask tiles.
 
-``kernel_terms`` recognises the patterns whose element predicate the kernels evaluate themselves (a band,
-prefix-LM, documents, and intersections of those). Any other pattern — strided, fixed, dilated, Longformer,
-BigBird, user tensors and predicates — gets a *bitmask*: for each PARTIAL block of the BlockMask, one bit per
-(query, key) pair evaluated once from the element predicate and packed into int32 words; full blocks need
-no bits and empty blocks are never visited. So every pattern runs through the same two kernels.
+``kernel_terms`` recognises the patterns whose element predicate the kernels evaluate themselves: a band,
+OR-ed with leading key columns (prefix-LM), global keys and global queries (Longformer, BigBird) and a block
+layout (BigBird's random blocks, block-sparse), optionally AND-ed with causal, AND-ed with documents. Any
+other pattern — strided, fixed, dilated, user tensors and predicates — gets a *bitmask*: for each PARTIAL
+block of the BlockMask, one bit per (query, key) pair evaluated once from the element predicate and packed
+into int32 words; full blocks need no bits and empty blocks are never visited. So every pattern runs
+through the same two kernels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ....masks import PARTIAL, BlockMask
-from ....masks.patterns import INF, Band, Document, Intersection, Named, Pattern, Union, _Prefix
+from ....masks.patterns import (INF, Band, BlockLayout, Document, Intersection, Named, Pattern, Positions, Union,
+                                _Prefix)
 
 #: band limits are clamped to this in the kernels (int32 arithmetic on positions stays exact)
 BAND_INF = 1 << 30
@@ -22,64 +25,148 @@ BAND_INF = 1 << 30
 #: predicate elements evaluated at once when building bitmask tiles
 _BITS_CHUNK = 1 << 24
 
+#: bits of ``Terms.flags``: the position is a global key / a global query
+KEY_FLAG, QUERY_FLAG = 1, 2
+
 
 @dataclass(frozen=True)
 class Terms:
-    """The in-kernel form of a pattern: ``(lo <= q - k <= hi  or  k < prefix)  and  same document``."""
+    """The in-kernel form of a pattern::
+
+        (lo <= q - k <= hi  or  k < prefix  or  q < q_prefix  or  flags  or  layout[q // s, k // s])
+            [and q >= k  when and_causal]  and  same document
+
+    Global tokens that form a run ``0..G-1`` become ``prefix`` / ``q_prefix`` comparisons; scattered ones
+    become ``flags`` (int8 per position, bits ``KEY_FLAG`` and ``QUERY_FLAG``). ``layout`` is a
+    ``(Lb, Lh, q_cells, kv_cells)`` bool grid of cells of ``layout_block`` positions. A union without a band
+    has the empty band ``lo > hi``.
+    """
 
     lo: int = -INF
     hi: int = INF
     prefix: int = 0
+    q_prefix: int = 0
+    flags: torch.Tensor | None = None
+    layout: torch.Tensor | None = None
+    layout_block: int = 0
+    and_causal: bool = False
     doc_ids: torch.Tensor | None = None
 
     @property
-    def has_band(self) -> bool:
-        return self.lo > -BAND_INF or self.hi < BAND_INF or self.prefix > 0
+    def union(self) -> bool:
+        """Some term is OR-ed with the band."""
+        return self.prefix > 0 or self.q_prefix > 0 or self.flags is not None or self.layout is not None
 
     @property
     def band(self) -> tuple[int, int]:
-        return max(self.lo, -BAND_INF), min(self.hi, BAND_INF)
+        return min(max(self.lo, -BAND_INF), BAND_INF), min(max(self.hi, -BAND_INF), BAND_INF)
+
+
+def _unwrap(p: Pattern) -> Pattern:
+    while isinstance(p, Named):
+        p = p.inner
+    return p
+
+
+def _run_and_rest(runs: list[int], sets: list[torch.Tensor]) -> tuple[int, torch.Tensor | None]:
+    """A set of positions given as runs ``0..r-1`` and explicit positions: ``(G, None)`` when it is the run
+    ``0..G-1``, else ``(G, rest)`` with the positions ``>= G`` that lie outside the leading run."""
+    run = max(runs, default=0)
+    if not sets:
+        return run, None
+    pos = torch.unique(torch.cat([s.flatten().long() for s in sets]))
+    pos = pos[pos >= run]
+    n = pos.numel()
+    if n == 0:
+        return run, None
+    if int(pos[0]) == run and int(pos[-1]) == run + n - 1:
+        return run + n, None
+    return run, pos
+
+
+def _union_terms(parts) -> Terms | None:
+    """Terms of ``part | part | ...`` for a band, key / query position sets and one block layout."""
+    band, layout = None, None
+    kv_runs, kv_sets, q_sets = [], [], []
+    for part in parts:
+        part = _unwrap(part)
+        if isinstance(part, Band) and band is None:
+            band = part
+        elif isinstance(part, _Prefix):
+            kv_runs.append(part.length)
+        elif isinstance(part, Positions):
+            (kv_sets if part.axis == "kv" else q_sets).append(part.positions)
+        elif isinstance(part, BlockLayout) and layout is None:
+            layout = part
+        else:
+            return None
+    lo, hi = (band.lo, band.hi) if band is not None else (BAND_INF, -BAND_INF)
+    out = Terms(lo=lo, hi=hi)
+    if layout is not None:
+        out = replace(out, layout=layout.layout, layout_block=layout.block)
+    kv_run, kv_rest = _run_and_rest(kv_runs, kv_sets)
+    q_run, q_rest = _run_and_rest([], q_sets)
+    if kv_rest is None and q_rest is None:
+        return replace(out, prefix=kv_run, q_prefix=q_run)
+    # scattered global tokens: one int8 flag per position, covering both sets
+    dev = (kv_rest if kv_rest is not None else q_rest).device
+    ends = [kv_run, q_run] + [int(r[-1]) + 1 for r in (kv_rest, q_rest) if r is not None]
+    flags = torch.zeros(max(ends), dtype=torch.int8, device=dev)
+    for run, rest, bit in ((kv_run, kv_rest, KEY_FLAG), (q_run, q_rest, QUERY_FLAG)):
+        flags[:run] |= bit
+        if rest is not None:
+            flags[rest] |= bit
+    return replace(out, flags=flags)
 
 
 def kernel_terms(p: Pattern | None) -> Terms | None:
     """The kernel terms of ``p``, or None when the pattern needs a bitmask."""
     if p is None:
         return Terms()
-    if isinstance(p, Named):
-        return kernel_terms(p.inner)
+    p = _unwrap(p)
     if isinstance(p, Band):
         return Terms(lo=p.lo, hi=p.hi)
     if isinstance(p, Document):
         ids = p.seq_ids if p.seq_ids.dim() == 2 else p.seq_ids.unsqueeze(0)
         return Terms(doc_ids=ids)
-    if isinstance(p, Union):
-        # prefix-LM: a band OR-ed with a run of leading key columns
-        bands = [q for q in p.parts if isinstance(q, Band)]
-        prefixes = [q for q in p.parts if isinstance(q, _Prefix)]
-        if len(p.parts) == 2 and len(bands) == 1 and len(prefixes) == 1:
-            return Terms(lo=bands[0].lo, hi=bands[0].hi, prefix=prefixes[0].length)
-        return None
+    if isinstance(p, (Union, Positions, BlockLayout, _Prefix)):
+        flat = []
+        for part in (p.parts if isinstance(p, Union) else (p,)):
+            part = _unwrap(part)
+            flat.extend(part.parts if isinstance(part, Union) else (part,))
+        return _union_terms(flat)
     if isinstance(p, Intersection):
-        out = Terms()
+        lo, hi, doc, union = -INF, INF, None, None
         for part in p.parts:
             t = kernel_terms(part)
             if t is None:
                 return None
-            if t.doc_ids is not None and out.doc_ids is not None:
-                return None
-            if (t.prefix and (out.has_band or out.prefix)) or (out.prefix and t.has_band):
-                # (band | prefix) & band is not of the kernel's form
-                return None
-            out = Terms(lo=max(out.lo, t.lo), hi=min(out.hi, t.hi), prefix=max(out.prefix, t.prefix),
-                        doc_ids=t.doc_ids if t.doc_ids is not None else out.doc_ids)
-        return out
+            if t.doc_ids is not None:
+                if doc is not None:
+                    return None
+                doc = t.doc_ids
+            if t.union or t.and_causal:
+                if union is not None:
+                    return None
+                union = t
+            else:
+                lo, hi = max(lo, t.lo), min(hi, t.hi)
+        if union is None:
+            return Terms(lo=lo, hi=hi, doc_ids=doc)
+        if lo == 0 and hi >= BAND_INF:
+            # (band | globals | layout) & causal
+            union = replace(union, and_causal=True)
+        elif lo > -BAND_INF or hi < BAND_INF:
+            # (band | ...) & another band is not of the kernel's form
+            return None
+        return replace(union, doc_ids=doc)
     return None
 
 
 def pure_band(p: Pattern | None) -> tuple[int, int] | None:
     """``(lo, hi)`` when ``p`` is a band alone (full, causal, windows): no BlockMask is needed at all."""
     t = kernel_terms(p)
-    if t is None or t.doc_ids is not None or t.prefix:
+    if t is None or t.doc_ids is not None or t.union or t.and_causal:
         return None
     return t.band
 

@@ -17,12 +17,13 @@ from . import launch
 from .launch import MaskArgs
 
 
-def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi,
-          prefix, mbq, mbk) -> MaskArgs:
+def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout,
+          band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk) -> MaskArgs:
     return MaskArgs(use_list=use_list, lists=(fn, fi, pn, pi) if use_list else None,
                     lists_t=(tfn, tfi, tpn, tpi) if use_list else None, tile_of=tile_of, bits=bits,
                     doc_ids=doc_ids, q_pos=q_pos, kv_pos=kv_pos, band_lo=band_lo, band_hi=band_hi, prefix=prefix,
-                    mbq=mbq, mbk=mbk)
+                    mbq=mbq, mbk=mbk, q_prefix=q_prefix, flags=flags, layout=layout, layout_block=layout_block,
+                    and_causal=and_causal)
 
 
 @torch.library.custom_op("subquad::flash_fwd", mutates_args=())
@@ -31,10 +32,12 @@ def flash_fwd(q: Tensor, k: Tensor, v: Tensor,
               part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
               t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
               bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
-              slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int,
-              mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
+              softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
+              and_causal: bool, mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
     m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi, prefix, mbq, mbk)
+              tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix, layout_block,
+              and_causal, mbq, mbk)
     return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes)
 
 
@@ -52,10 +55,13 @@ def flash_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tenso
               part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
               t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
               bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
-              slopes: Optional[Tensor], scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int,
-              mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
+              softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
+              and_causal: bool, mbq: int, mbk: int, use_list: bool,
+              deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              tile_of, bits, doc_ids, q_pos, kv_pos, band_lo, band_hi, prefix, mbq, mbk)
+              tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix, layout_block,
+              and_causal, mbq, mbk)
     return launch.backward(do, q, k, v, out, lse, dlse, m, scale, softcap if softcap > 0 else None, slopes,
                            deterministic)
 
@@ -65,7 +71,7 @@ def _flash_bwd_fake(do, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_ARGS = 17  # q, k, v, 8 lists, tile_of, bits, doc_ids, q_pos, kv_pos, slopes
+_N_TENSOR_ARGS = 19  # q, k, v, 8 lists, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, slopes
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,6 +98,7 @@ def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool
     """Call the forward op with a MaskArgs bundle; returns ``(out, lse)``."""
     lists = m.lists if m.lists is not None else (None,) * 4
     lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
-    return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, slopes,
-                     float(scale), float(softcap or 0.0), int(m.band_lo), int(m.band_hi), int(m.prefix), int(m.mbq),
-                     int(m.mbk), bool(m.use_list), bool(deterministic))
+    return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, m.flags, m.layout,
+                     slopes, float(scale), float(softcap or 0.0), int(m.band_lo), int(m.band_hi), int(m.prefix),
+                     int(m.q_prefix), int(m.layout_block), bool(m.and_causal), int(m.mbq), int(m.mbk),
+                     bool(m.use_list), bool(deterministic))

@@ -1,10 +1,17 @@
 """Device helpers shared by the flash forward and backward kernels: which (query, key) tiles a program visits,
 the score of a tile (scale, softcap, ALiBi) and the element mask of a partial tile.
 
-Every pattern reaches the kernels as at most four terms, each a ``tl.constexpr`` switch:
+Every pattern reaches the kernels as a few terms, each a ``tl.constexpr`` switch:
 
-* ``BAND``: ``lo <= q_pos - k_pos <= hi`` (causal, sliding windows, full when both are infinite);
-* ``PREFIX``: OR-ed with the band, ``k_pos < prefix`` (prefix-LM);
+* ``BAND``: ``lo <= q_pos - k_pos <= hi`` (causal, sliding windows, full when both are infinite), OR-ed with
+  * ``PREFIX``: ``k_pos < prefix`` (prefix-LM; global keys ``0..G-1``),
+  * ``Q_PREFIX``: ``q_pos < q_prefix`` (global queries ``0..G-1``),
+  * ``HAS_FLAGS``: ``IS_GLOBAL[k_pos] & 1`` or ``IS_GLOBAL[q_pos] & 2`` (scattered global tokens, one int8
+    per position loaded as a row and a column vector per tile),
+  * ``HAS_LAYOUT``: ``LAYOUT[q_pos // s, k_pos // s]`` (a block layout whose cells need not align with the
+    BlockMask blocks: BigBird's random blocks),
+
+  and the whole AND-ed with ``q_pos >= k_pos`` under ``AND_CAUSAL`` (causal Longformer / BigBird);
 * ``DOC``: AND-ed, ``seq_ids[q_pos] == seq_ids[k_pos]`` (packed documents, varlen);
 * ``BITS``: AND-ed, a precomputed bit per pair of a partial tile (any other pattern).
 
@@ -64,22 +71,38 @@ def scores(qk, qp, kp, qk_scale, cap_scale, slope2, SOFTCAP: tl.constexpr, ALIBI
 
 
 @triton.jit
-def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, DOC_IDS, BITS, tile, rq, ck,
-              BAND: tl.constexpr, PREFIX: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY,
+              lay_block, stride_lay_q, DOC_IDS, BITS, tile, rq, ck,
+              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr):
     """The kept pairs of a tile, from 2-D broadcastable operands (row/column vectors in either orientation):
     ``qi``/``ki`` query and key indices (bounds), ``qp``/``kp`` positions, ``rq``/``ck`` offsets inside the
-    BlockMask block (bit lookup), ``tile`` the bitmask tile of this block."""
-    keep = (qi < seq_q) & (ki < seq_kv)
+    BlockMask block (bit lookup), ``tile`` the bitmask tile of this block, ``LAY`` the layout grid of this
+    (batch, head) with rows ``stride_lay_q`` apart."""
+    in_q = qi < seq_q
+    in_kv = ki < seq_kv
+    keep = in_q & in_kv
     if BAND:
         d = qp - kp
         inband = (d >= band_lo) & (d <= band_hi)
         if PREFIX:
             inband = inband | (kp < prefix)
+        if Q_PREFIX:
+            inband = inband | (qp < q_prefix)
+        if HAS_FLAGS:
+            kf = tl.load(IS_GLOBAL + kp, mask=in_kv & (kp < n_flags), other=0)
+            qf = tl.load(IS_GLOBAL + qp, mask=in_q & (qp < n_flags), other=0)
+            inband = inband | ((kf & 1) != 0) | ((qf & 2) != 0)
+        if HAS_LAYOUT:
+            cell = tl.load(LAY + (qp // lay_block) * stride_lay_q + kp // lay_block, mask=keep, other=0)
+            inband = inband | (cell != 0)
+        if AND_CAUSAL:
+            inband = inband & (d >= 0)
         keep = keep & inband
     if DOC:
-        qd = tl.load(DOC_IDS + qp, mask=qi < seq_q, other=-1)
-        kd = tl.load(DOC_IDS + kp, mask=ki < seq_kv, other=-2)
+        qd = tl.load(DOC_IDS + qp, mask=in_q, other=-1)
+        kd = tl.load(DOC_IDS + kp, mask=in_kv, other=-2)
         keep = keep & (qd == kd)
     if USE_BITS:
         WORDS: tl.constexpr = MBK // 32
