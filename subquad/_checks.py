@@ -6,15 +6,27 @@ from __future__ import annotations
 import torch
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: bool = False) -> None:
-    """q (B, N_q, H_q, D), k (B, N_kv, H_kv, D), v (B, N_kv, H_kv, D_v); H_q a multiple of H_kv."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_bshd(**tensors: torch.Tensor) -> None:
+    """Each named argument is a floating-point tensor of shape (batch, seq, heads, head_dim)."""
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device_and_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: bool = False) -> None:
+    """q (B, N_q, H_q, D), k (B, N_kv, H_kv, D), v (B, N_kv, H_kv, D_v); H_q a multiple of H_kv."""
+    check_bshd(q=q, k=k, v=v)
     b, nq, hq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"k, v: expected batch {b} (from q), got {k.shape[0]} and {v.shape[0]}")
@@ -27,10 +39,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: 
         raise ValueError(f"v: expected head_dim {d} (from q), got {v.shape[3]}")
     if k.shape[2] == 0 or hq % k.shape[2] != 0:
         raise ValueError(f"k: expected H_kv dividing H_q={hq} (GQA/MQA), got H_kv={k.shape[2]}")
-    if q.device != k.device or q.device != v.device:
-        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device_and_dtype(q, k, v)
     if min(nq, k.shape[1], d) == 0:
         raise ValueError(f"q, k: expected non-empty sequences and head_dim, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")

@@ -6,16 +6,13 @@ import math
 
 import torch
 
+from ..._checks import check_backend as _check_backend
+from ..._checks import check_bshd, check_same_device_and_dtype
+
 
 def check_qkv_same_heads(q, k, v) -> None:
     """q, k (B, T, H, K); v (B, T, H, V)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected shape (batch, seq, heads, head_dim), got {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    check_bshd(q=q, k=k, v=v)
     b, t, h, dk = q.shape
     if tuple(k.shape) != (b, t, h, dk):
         raise ValueError(f"k: expected shape {(b, t, h, dk)} (from q), got {tuple(k.shape)}")
@@ -24,10 +21,7 @@ def check_qkv_same_heads(q, k, v) -> None:
     if min(b, h, dk, v.shape[3]) == 0:
         raise ValueError(f"q, v: expected non-empty batch, heads and head dims, got {tuple(q.shape)}, "
                          f"{tuple(v.shape)}")
-    if q.device != k.device or q.device != v.device:
-        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device_and_dtype(q, k, v)
 
 
 def expand_log_decay(log_decay, q: torch.Tensor, *, allow_vector: bool = True) -> torch.Tensor | None:
@@ -90,8 +84,7 @@ def check_state(state, name: str, n: int, h: int, dk: int, dv: int, device) -> N
 
 
 def check_backend(backend: str) -> None:
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend: expected one of ('auto', 'triton', 'reference'), got {backend!r}")
+    _check_backend(backend, ("auto", "triton", "reference"))
 
 
 def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
