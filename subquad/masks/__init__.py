@@ -14,10 +14,7 @@ from __future__ import annotations
 import torch
 
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
-from .patterns import (
-    Band,
-    BuildContext,
-    Pattern,
+from .named import (
     bigbird,
     block_sparse,
     causal,
@@ -32,6 +29,7 @@ from .patterns import (
     sliding_window,
     strided,
 )
+from .patterns import Band, BuildContext, Pattern
 
 __all__ = [
     "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",

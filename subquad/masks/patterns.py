@@ -107,9 +107,9 @@ def _coerce(x) -> Pattern:
     if isinstance(x, Pattern):
         return x
     if isinstance(x, torch.Tensor):
-        return from_tensor(x)
+        return Tensor(x)
     if callable(x):
-        return from_predicate(x)
+        return Predicate(x)
     raise TypeError(f"cannot combine a Pattern with {type(x).__name__}")
 
 
@@ -561,10 +561,6 @@ class Predicate(Pattern):
         return f"predicate({self.name})"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The named patterns of the literature
-
-
 class Named(Pattern):
     """A pattern with a name built from the building blocks (so it prints as what the user asked for)."""
 
@@ -587,75 +583,6 @@ class Named(Pattern):
         return f"{self.name}({args})"
 
 
-def _positive(name: str, value) -> int:
-    if not isinstance(value, (int,)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
-causal = Band(0, INF, name="causal")
-full = Band(-INF, INF, name="full")
-
-
-def sliding_window(window: int, causal: bool = True) -> Pattern:
-    """Mistral's window: each query sees the ``window`` most recent keys (itself included). Non-causal:
-    keys within ``window // 2`` positions on either side (Longformer's convention)."""
-    window = _positive("window", window)
-    if causal:
-        return Named("sliding_window", Band(0, window - 1), {"window": window, "causal": True})
-    half = window // 2
-    return Named("sliding_window", Band(-half, half), {"window": window, "causal": False})
-
-
-def strided(stride: int, causal: bool = True) -> Pattern:
-    """Sparse Transformer's strided pattern: the last ``stride`` keys, plus every ``stride``-th key
-    (positions ``stride-1, 2*stride-1, ...``) — the local head and the strided head in one mask."""
-    stride = _positive("stride", stride)
-    band = Band(0, stride - 1) if causal else Band(-(stride - 1), stride - 1)
-    inner = band | PeriodicColumns(stride, [stride - 1])
-    if causal:
-        inner = inner & Band(0, INF, name="causal")
-    return Named("strided", inner, {"stride": stride, "causal": causal})
-
-
-def fixed(block: int, summary: int, causal: bool = True) -> Pattern:
-    """Sparse Transformer's fixed pattern: keys in the query's own block of ``block`` positions, plus the
-    last ``summary`` positions of every block (the summary columns)."""
-    block = _positive("block", block)
-    summary = _positive("summary", summary)
-    if summary > block:
-        raise ValueError(f"summary: expected at most block={block} summary positions, got {summary}")
-    inner = SameBlock(block) | PeriodicColumns(block, range(block - summary, block))
-    if causal:
-        inner = inner & Band(0, INF, name="causal")
-    return Named("fixed", inner, {"block": block, "summary": summary, "causal": causal})
-
-
-def dilated(window: int, dilation: int, causal: bool = True) -> Pattern:
-    """A dilated window (LongNet, dilated sliding window): keys within ``window`` positions whose distance
-    to the query is a multiple of ``dilation`` (``window // dilation`` keys per query)."""
-    window = _positive("window", window)
-    dilation = _positive("dilation", dilation)
-    band = Band(0, window - 1) if causal else Band(-(window // 2), window // 2)
-    return Named("dilated", band & Residue(dilation), {"window": window, "dilation": dilation, "causal": causal})
-
-
-def block_sparse(layout: torch.Tensor, block: int) -> Pattern:
-    """A block layout: ``layout[qb, kb]`` (optionally per batch and head) keeps a ``block x block`` tile."""
-    return BlockLayout(layout, block)
-
-
-def longformer(window: int, global_tokens: Sequence[int] | torch.Tensor = (), causal: bool = False) -> Pattern:
-    """Longformer: a sliding window plus global tokens that see, and are seen by, every position."""
-    window = _positive("window", window)
-    inner = sliding_window(window, causal=causal).inner
-    if len(global_tokens):
-        inner = inner | Positions(global_tokens, "kv") | Positions(global_tokens, "q")
-    if causal:
-        inner = inner & Band(0, INF, name="causal")
-    return Named("longformer", inner, {"window": window, "global_tokens": len(global_tokens), "causal": causal})
-
-
 class RandomBlocks(Pattern):
     """BigBird's random part: each query block of ``block`` positions sees ``count`` seeded random key blocks."""
 
@@ -674,36 +601,6 @@ class RandomBlocks(Pattern):
         return f"random_blocks({self.count} of {self.block}, seed={self.seed})"
 
 
-def bigbird(window: int, global_tokens: Sequence[int] | torch.Tensor = (), random_blocks: int = 3,
-            seed: int = 0, block: int = 64, causal: bool = False) -> Pattern:
-    """BigBird: sliding window + global tokens + ``random_blocks`` seeded random key blocks per query block."""
-    window = _positive("window", window)
-    block = _positive("block", block)
-    if random_blocks < 0:
-        raise ValueError(f"random_blocks: expected >= 0, got {random_blocks}")
-    inner = longformer(window, global_tokens, causal=False).inner
-    if random_blocks:
-        inner = inner | RandomBlocks(random_blocks, block, seed)
-    if causal:
-        inner = inner & Band(0, INF, name="causal")
-    return Named("bigbird", inner, {"window": window, "global_tokens": len(global_tokens),
-                                    "random_blocks": random_blocks, "block": block, "seed": seed, "causal": causal})
-
-
-def document(seq_ids: torch.Tensor) -> Pattern:
-    """Packed variable-length sequences: attend only within the same ``seq_ids`` value."""
-    return Document(seq_ids)
-
-
-def prefix_lm(prefix_len: int) -> Pattern:
-    """Prefix-LM: the first ``prefix_len`` positions are seen by everyone (bidirectional prefix), the rest
-    is causal."""
-    if not isinstance(prefix_len, int) or prefix_len < 0:
-        raise ValueError(f"prefix_len: expected an integer >= 0, got {prefix_len!r}")
-    inner = Band(0, INF, name="causal") | _Prefix(prefix_len)
-    return Named("prefix_lm", inner, {"prefix_len": prefix_len})
-
-
 class _Prefix(Pattern):
     """Keys before ``length`` (a contiguous run of columns)."""
 
@@ -720,11 +617,3 @@ class _Prefix(Pattern):
 
     def __repr__(self):
         return f"prefix({self.length})"
-
-
-def from_tensor(mask: torch.Tensor) -> Pattern:
-    return Tensor(mask)
-
-
-def from_predicate(fn: Callable, name: str | None = None) -> Pattern:
-    return Predicate(fn, name)
