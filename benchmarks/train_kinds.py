@@ -1,6 +1,9 @@
 """Train a 4-layer HybridLM of each mixer kind on the standard-library byte corpus; one table, one JSON, one PNG.
 
     PYTHONPATH=. python3 benchmarks/train_kinds.py --out bench-out/train-kinds [--steps 2000] [--max-seconds 25]
+    PYTHONPATH=. python3 benchmarks/train_kinds.py --out DIR --merge PART1.json PART2.json ...
+
+A device call holds about six kinds at 2,000 steps, so the full table is run in parts (``--kinds``) and merged.
 
 Each kind trains ``--steps`` steps (bf16 autocast on a GPU) or as many as fit in ``--max-seconds`` (the cosine
 schedule is fitted to the steps that fit, measured after 30 steps); tokens/s excludes the first steps (kernel
@@ -39,10 +42,14 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench-out/train-kinds", help="train_kinds.json and train_kinds.png")
+    ap.add_argument("--merge", nargs="+", help="train_kinds.json files of runs over disjoint kinds: one table")
     ap.add_argument("--runs-dir", default="/tmp/train-kinds-runs", help="each kind's checkpoint and loss.png")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge([json.loads(Path(p).read_text()) for p in args.merge], out)
+        return
     corpus = load_corpus(args.max_bytes or None)
     rows, histories = [], {}
     for kind in args.kinds.split(","):
@@ -64,6 +71,22 @@ def main() -> None:
         write(out, args, corpus, rows, histories)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    _print_table(rows)
+
+
+def merge(parts: list[dict], out: Path) -> None:
+    """One result from runs over disjoint kinds on the same device and versions (the first part's header)."""
+    for key in ("device", "versions", "config"):
+        if any(p[key] != parts[0][key] for p in parts):
+            raise ValueError(f"--merge: the parts differ in {key}: {[p[key] for p in parts]}")
+    result = dict(parts[0], rows=[r for p in parts for r in p["rows"]],
+                  histories={k: v for p in parts for k, v in p["histories"].items()})
+    (out / "train_kinds.json").write_text(json.dumps(result, indent=1))
+    plot_history(result["histories"], out / "train_kinds.png")
+    _print_table(result["rows"])
+
+
+def _print_table(rows: list) -> None:
     print(f"{'kind':6s} {'name':32s} {'steps':>6s} {'tok/s':>10s} {'val bpb':>8s}")
     for r in rows:
         print(f"{r['kind']:6s} {r['name']:32s} {r.get('steps', '-')!s:>6s} {r.get('tokens_per_s', '-')!s:>10s} "
