@@ -78,13 +78,13 @@ def _sig(head_dim=128, pattern="causal", mode="fwd", dtype="bfloat16", cap="sm90
     (_sig(96), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),      # a tie: the smaller head_dim
     (_sig(80), ["triton", "fa4"], "nearest sm90/bfloat16/d64/causal/fwd"),
     (_sig(256, dtype="float16"), ["fa4", "triton"], "nearest sm90/bfloat16/d128/causal/fwd"),
-    (_sig(dtype="float32"), ["fa4", "triton", "reference"], "unmeasured"),
-    (_sig(mode="fwdbwd"), ["fa4", "triton", "reference"], "unmeasured"),
-    (_sig(pattern="window"), ["fa4", "triton", "reference"], "unmeasured"),
-    (_sig(cap="sm100"), ["fa4", "triton", "reference"], "unmeasured"),
-    (_sig(pattern="dilated"), ["triton", "fa4", "reference"], "unmeasured"),
-    (_sig(pattern="composite"), ["triton", "fa4", "reference"], "unmeasured"),
-    (_sig(pattern="strided", mode="fwdbwd"), ["triton", "fa4", "reference"], "unmeasured"),
+    (_sig(dtype="float32"), ["fa4", "cudnn", "triton", "reference"], "unmeasured"),
+    (_sig(mode="fwdbwd"), ["fa4", "cudnn", "triton", "reference"], "unmeasured"),
+    (_sig(pattern="window"), ["fa4", "cudnn", "triton", "reference"], "unmeasured"),
+    (_sig(cap="sm100"), ["fa4", "cudnn", "triton", "reference"], "unmeasured"),
+    (_sig(pattern="dilated"), ["triton", "fa4", "cudnn", "reference"], "unmeasured"),
+    (_sig(pattern="composite"), ["triton", "fa4", "cudnn", "reference"], "unmeasured"),
+    (_sig(pattern="strided", mode="fwdbwd"), ["triton", "fa4", "cudnn", "reference"], "unmeasured"),
 ])
 def test_table_ranking_rule(sig, order, rule):
     assert dispatch.Table(TABLE).ranking(sig) == (order, rule)
@@ -149,8 +149,9 @@ def test_cpu_always_runs_the_reference():
         assert dispatch.choose(*t, mask=masks.longformer(4, [0])) == "reference"
     assert "CUDA" in dispatch.unsupported_reason("triton", q, k, v)
     assert dispatch.unsupported_reason("fa4", q, k, v) is not None
+    assert "CUDA" in dispatch.unsupported_reason("cudnn", q, k, v)
     with pytest.raises(ValueError, match="backend"):
-        dispatch.unsupported_reason("cudnn", q, k, v)
+        dispatch.unsupported_reason("xformers", q, k, v)
 
 
 def test_fa4_refusals_are_specific(monkeypatch):
@@ -175,6 +176,78 @@ def test_fa4_refusals_are_specific(monkeypatch):
     monkeypatch.setattr(fa4, "_arch", lambda index: 100)
     assert fa4.unsupported_reason(q, k, v, mask=masks.sliding_window(4)) is None
     assert "sm90" in fa4.unsupported_reason(q, k, v, mask=masks.prefix_lm(4))
+
+
+def test_choose_takes_cudnn_for_dense_when_measured_or_fa4_is_missing(gpu_like, monkeypatch):
+    gpu_like.add("cudnn")
+    assert dispatch.choose(*_bf16(), mask=None) == "fa4"                    # unmeasured dense: FA4 first
+    gpu_like.discard("fa4")
+    assert dispatch.choose(*_bf16(), mask=None) == "cudnn"                  # then cuDNN, before the own kernel
+    measured = {"measured": {}, "entries": [
+        {"capability": "sm90", "dtype": "bfloat16", "head_dim": 128, "pattern": "full", "mode": "fwd",
+         "ranking": [["cudnn", 1.6], ["fa4", 1.7], ["triton", 2.4]]}]}
+    gpu_like.add("fa4")
+    monkeypatch.setattr(dispatch, "table", lambda: dispatch.Table(measured))
+    assert dispatch.choose(*_bf16(), mask=None) == "cudnn"
+    assert dispatch.choose(*_bf16(), mask=None, return_lse=True) == "cudnn"   # the stub runs anything
+    gpu_like.discard("cudnn")
+    assert dispatch.choose(*_bf16(), mask=None) == "fa4"
+
+
+def test_choose_is_memoised_per_pattern_and_call(gpu_like, monkeypatch):
+    """One table: the second identical call is a lookup; another pattern object, shape or pass decides anew."""
+    measured = dispatch.Table(TABLE)
+    monkeypatch.setattr(dispatch, "table", lambda: measured)
+    asked = []
+    reason = dispatch.unsupported_reason
+    monkeypatch.setattr(dispatch, "unsupported_reason", lambda b, *a, **kw: asked.append(b) or reason(b, *a, **kw))
+    window = masks.sliding_window(4)
+    q, k, v = _bf16()
+    assert dispatch.choose(q, k, v, mask=window) == "fa4" and asked == ["fa4"]
+    assert dispatch.choose(q, k, v, mask=window) == "fa4" and asked == ["fa4"]
+    dispatch.choose(q, k, v, mask=masks.sliding_window(4))
+    dispatch.choose(*_bf16(64), mask=window)
+    dispatch.choose(q.requires_grad_(), k, v, mask=window)
+    assert len(asked) == 4
+    gpu_like.discard("fa4")                               # a choice stays made for its table's lifetime ...
+    assert dispatch.choose(q, k, v, mask=window) == "fa4"
+    monkeypatch.setattr(dispatch, "table", lambda: dispatch.Table(TABLE))
+    assert dispatch.choose(q, k, v, mask=window) == "triton"   # ... and a reloaded table decides anew
+
+
+def test_cudnn_refusals_are_specific(monkeypatch):
+    from subquad.ops.softmax import cudnn
+
+    q, k, v = (torch.randn(1, 16, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    assert "CUDA" in cudnn.unsupported_reason(q, k, v)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert "fp16/bf16" in cudnn.unsupported_reason(*(t.float() for t in (q, k, v)))
+    assert "mask pattern" in cudnn.unsupported_reason(q, k, v, mask=masks.sliding_window(4))
+    assert "softcap" in cudnn.unsupported_reason(q, k, v, softcap=30.0)
+    assert "ALiBi" in cudnn.unsupported_reason(q, k, v, alibi_slopes=torch.ones(2))
+    assert "log-sum-exp" in cudnn.unsupported_reason(q, k, v, return_lse=True)
+    assert "seq_q == seq_kv" in cudnn.unsupported_reason(q[:, :8], k, v, causal=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal,hkv", [(False, 4), (True, 4), (True, 1)])
+def test_cudnn_backend_matches_the_reference(causal, hkv):
+    from subquad.ops.softmax import cudnn
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 300, hkv, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))
+    if cudnn.unsupported_reason(q, k, v, causal=causal) is not None:
+        pytest.skip(cudnn.unsupported_reason(q, k, v, causal=causal))
+    out = subquad.attention(q, k, v, causal=causal, backend="cudnn")
+    ref = subquad.attention(*(t.float() for t in (q, k, v)), causal=causal, backend="reference")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(subquad.attention(qf, kf, vf, causal=causal).square().sum(), (qf, kf, vf))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, atol=5e-2 * want.abs().max().item(), rtol=0)
 
 
 def _row(impl, ms, pattern="causal", mode="fwd", seqlen=4096, err=1e-3, **kw):

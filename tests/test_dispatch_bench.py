@@ -40,7 +40,7 @@ def test_cases_carry_the_signature():
         assert {"subquad-auto", "subquad-triton", "subquad-fa4", "fa4"} <= set(c.impls)
         assert c.extra["capability"] == dispatch.capability(torch.device("cuda")) if torch.cuda.is_available() \
             else c.extra["capability"] == "cpu"
-        assert ("cudnn" in c.impls) == (c.case in ("causal", "full"))
+        assert ("cudnn" in c.impls) == ("subquad-cudnn" in c.impls) == (c.case in ("causal", "full"))
 
 
 def test_document_lengths_are_uneven_and_cover_the_sequence():

@@ -1,7 +1,8 @@
 """Backends suite (GPU): ``backend="auto"`` against each backend it chooses from and the peers, in one run.
 
 Rows: ``subquad-auto`` (the chooser, dispatch overhead included), ``subquad-triton`` (the own kernels,
-planner included), ``subquad-fa4`` (FlashAttention-4 through subquad's adapter), ``fa4`` (FA4 called
+planner included), ``subquad-fa4`` (FlashAttention-4 through subquad's adapter), ``subquad-cudnn`` (SDPA's
+cuDNN kernels through ``backend="cudnn"``, dense only), ``fa4`` (FA4 called
 directly with its arguments prepared outside the timed call: the peer), ``cudnn`` (SDPA's cuDNN backend,
 dense only) and ``flex`` (FlexAttention compiled, patterns only: on dense it trails cuDNN, BENCHMARKS.md).
 
@@ -187,6 +188,7 @@ def make_cases(quick: bool, names=None):
                          "subquad-fa4": _subquad(pattern, causal, "fa4"),
                          "fa4": _fa4_direct(pattern, causal)}
                 if cudnn:
+                    impls["subquad-cudnn"] = _subquad(pattern, causal, "cudnn")
                     impls["cudnn"] = peers.sdpa("cudnn", causal)
                 if flex_mod is not None:
                     impls["flex"] = peers.flex(flex_mod)
@@ -241,7 +243,7 @@ def warm_all(timeout_s: float) -> None:
 
 
 #: the backends the chooser picks from, measured first: the table built from them serves subquad-auto
-CANDIDATES = ("subquad-triton", "subquad-fa4")
+CANDIDATES = ("subquad-triton", "subquad-fa4", "subquad-cudnn")
 
 
 def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None) -> list[dict]:

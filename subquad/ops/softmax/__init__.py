@@ -14,7 +14,7 @@ from .reference import attention_reference
 
 log = logging.getLogger("subquad")
 
-BACKENDS = ("auto", "triton", "reference", "fa4")
+BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn")
 
 
 def _check_options(q, scale, softcap, alibi_slopes):
@@ -69,7 +69,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         backend: ``"auto"`` (the fastest backend that can run the call, from a table measured per device,
             dtype, head_dim, pattern and pass: ``subquad.ops.softmax.dispatch``; the reference on CPU),
             ``"triton"``, ``"fa4"`` (FlashAttention-4, where ``flash-attn-4`` is installed on sm90/sm100;
-            ``ValueError`` for a call it cannot run) or ``"reference"``. The Triton kernels take fp16/bf16:
+            ``ValueError`` for a call it cannot run), ``"cudnn"`` (PyTorch SDPA's cuDNN kernels: full or causal
+            attention without softcap, ALiBi or LSE) or ``"reference"``. The Triton kernels take fp16/bf16:
             fp32 inputs run the reference (under ``"auto"`` and ``"triton"`` alike).
         deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
             somewhat slower.
@@ -89,11 +90,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if backend == "auto" and plan is not True and not deterministic:
         from .dispatch import choose  # the measured choice among triton, fa4 and the reference
 
-        chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes)
+        chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
+                        return_lse=return_lse)
     else:
         chosen = _pick_backend(backend, q)
     log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
               q.dtype, "causal" if mask is None and causal else mask)
+    if chosen == "cudnn":
+        from .cudnn import cudnn_attention, unsupported_reason
+
+        why = unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 return_lse=return_lse) if backend == "cudnn" else None
+        if why is not None:
+            raise ValueError(f"backend: 'cudnn' cannot run this call: {why}")
+        return cudnn_attention(q, k, v, causal=causal, scale=scale)
     if chosen == "fa4":
         from .fa4 import fa4_attention, unsupported_reason
 

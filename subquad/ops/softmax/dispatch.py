@@ -11,7 +11,8 @@ The rule, in order:
    (fp16 and bf16 count as one; the closest head_dim, the smaller one on a tie);
 3. else, unmeasured: FA4 first for the patterns whose FA4 route is checked on the H100 and needs no gathering
    (``FA4_FIRST``: dense, windows, documents, Longformer, BigBird, prefix-LM, block layouts; FA4 beat the
-   Triton kernel on every signature measured, 1.3-6x), the own Triton kernel first for the rest (the
+   Triton kernel on every signature measured, 1.3-6x), then SDPA's cuDNN kernels (dense only: ``cudnn.py``),
+   the own Triton kernel first for the rest (the
    scattered-key patterns strided/fixed/dilated, which the planner gathers while FA4 would load a whole key
    block per kept column; compositions; user masks), the reference last;
 
@@ -35,19 +36,20 @@ import torch
 
 from ... import masks as _masks
 from ...masks import patterns as P
-from . import fa4
+from . import cudnn, fa4
 
 log = logging.getLogger("subquad")
 
 #: every backend of exact attention, in the order that unmeasured signatures outside FA4_FIRST try them
-BACKENDS = ("triton", "fa4", "reference")
+BACKENDS = ("triton", "fa4", "cudnn", "reference")
 #: pattern kinds that an unmeasured signature runs on FA4 first (see the module docstring)
 FA4_FIRST = ("full", "causal", "window", "document", "longformer", "bigbird", "prefix_lm", "block_sparse")
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 #: largest forward error (vs fp64, sampled rows) of a benchmark row that may enter the table, per dtype
 MAX_ERR = {"bfloat16": 6e-2, "float16": 1e-2, "float32": 1e-4}
 #: bench implementation name -> backend
-BENCH_IMPLS = {"subquad-triton": "triton", "subquad-fa4": "fa4", "subquad-reference": "reference"}
+BENCH_IMPLS = {"subquad-triton": "triton", "subquad-fa4": "fa4", "subquad-cudnn": "cudnn",
+               "subquad-reference": "reference"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +151,9 @@ class Table:
         data = data or {}
         self.meta = data.get("measured", {})
         self.entries: dict[Signature, list[tuple[str, float]]] = {}
+        #: choices made from this table: call facts -> (the pattern, kept alive so that its id is not reused,
+        #: and the backend); a reloaded table starts empty
+        self.chosen: dict = {}
         for e in data.get("entries", []):
             sig = Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
             self.entries[sig] = [(name, float(ms)) for name, ms in e["ranking"]]
@@ -176,7 +181,7 @@ class Table:
             best = min(near, key=lambda s: (s.dtype != sig.dtype, abs(s.head_dim - sig.head_dim), s.head_dim))
             return [name for name, _ in self.entries[best]], f"nearest {best.key()}"
         if sig.pattern in FA4_FIRST:
-            return ["fa4", "triton", "reference"], "unmeasured"
+            return ["fa4", "cudnn", "triton", "reference"], "unmeasured"
         return list(BACKENDS), "unmeasured"
 
 
@@ -235,7 +240,7 @@ def _triton_importable() -> bool:
 
 
 def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                       mask=None, softcap=None, alibi_slopes=None) -> str | None:
+                       mask=None, softcap=None, alibi_slopes=None, return_lse: bool = False) -> str | None:
     """Why ``backend`` cannot run this call, or None if it can."""
     if backend == "reference":
         return None
@@ -249,23 +254,42 @@ def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.
         return None
     if backend == "fa4":
         return fa4.unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes)
+    if backend == "cudnn":
+        return cudnn.unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap,
+                                        alibi_slopes=alibi_slopes, return_lse=return_lse)
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None, softcap=None,
-           alibi_slopes=None) -> str:
-    """The backend ``backend="auto"`` runs for this call (see the module docstring for the rule)."""
+           alibi_slopes=None, return_lse: bool = False) -> str:
+    """The backend ``backend="auto"`` runs for this call (see the module docstring for the rule). Memoised per
+    pattern object and call shape, so a model's repeated calls pay one dictionary lookup."""
+    measured = table()
+    memo = None
+    if mask is None or isinstance(mask, P.Pattern):
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        memo = (id(mask), causal, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, softcap is None,
+                alibi_slopes is None, return_lse)
+        hit = measured.chosen.get(memo)
+        if hit is not None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("subquad.attention auto -> %s (as before for this pattern and shape)", hit[1])
+            return hit[1]
     sig = signature(q, k, v, causal=causal, mask=mask)
-    order, rule = table().ranking(sig)
+    order, rule = measured.ranking(sig)
     order = list(dict.fromkeys([*order, *BACKENDS]))
     skipped = []
     for backend in order:
         why = unsupported_reason(backend, q, k, v, causal=causal, mask=mask, softcap=softcap,
-                                 alibi_slopes=alibi_slopes)
+                                 alibi_slopes=alibi_slopes, return_lse=return_lse)
         if why is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("subquad.attention auto -> %s for %s (%s%s)", backend, sig.key(), rule,
                           "".join(f"; skipped {b}: {w}" for b, w in skipped))
+            if memo is not None:
+                if len(measured.chosen) > 1024:
+                    measured.chosen.clear()
+                measured.chosen[memo] = (mask, backend)
             return backend
         skipped.append((backend, why))
     raise AssertionError("the reference runs every call")  # pragma: no cover
@@ -273,8 +297,8 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
 
 def available_backends(device=None) -> list[str]:
     """The exact-attention backends this machine can run on ``device`` (default: CUDA if present) for
-    some call, in the unmeasured order: ``triton`` and ``fa4`` need a CUDA device (FA4: installed, sm90 or
-    sm100); ``reference`` always runs."""
+    some call, in the unmeasured order: ``triton``, ``fa4`` and ``cudnn`` need a CUDA device (FA4: installed,
+    sm90 or sm100; cuDNN: PyTorch built with it); ``reference`` always runs."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -287,6 +311,8 @@ def available_backends(device=None) -> list[str]:
                 out.append(backend)
             elif backend == "fa4" and fa4.is_installed() and fa4._arch(
                     device.index if device.index is not None else torch.cuda.current_device()) // 10 in (9, 10):
+                out.append(backend)
+            elif backend == "cudnn" and torch.backends.cudnn.is_available():
                 out.append(backend)
     return out
 
