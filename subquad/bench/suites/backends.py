@@ -123,9 +123,16 @@ def cases_spec(n: int = N_PATTERN):
 # Implementations
 
 
+#: the backend each ``subquad-auto`` impl ran (asked once, on its first call), for the rows' ``chosen``
+CHOSEN: dict = {}
+
+
 def _subquad(pattern, causal, backend):
     def run(inputs):
-        return attention(inputs["q"], inputs["k"], inputs["v"], causal=causal, mask=pattern, backend=backend)
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]
+        if backend == "auto" and run not in CHOSEN:
+            CHOSEN[run] = dispatch.choose(q, k, v, causal=causal, mask=pattern)
+        return attention(q, k, v, causal=causal, mask=pattern, backend=backend)
 
     return run
 
@@ -266,6 +273,10 @@ def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path
         dispatch.table.cache_clear()
         rows.extend(run_cases([case], torch.device(device), impl_filter=lambda name: name not in CANDIDATES,
                               progress=progress))
+        auto = case.impls.get("subquad-auto")
+        for r in rows:
+            if r["impl"] == "subquad-auto" and auto in CHOSEN and r["case"] == case.case and r["mode"] == case.mode:
+                r["chosen"] = CHOSEN[auto]
         (out_dir / "backends.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return rows
 
