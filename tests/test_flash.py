@@ -317,6 +317,33 @@ def test_custom_op_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_untuned_launch_takes_the_first_config_that_fits():
+    """``SUBQUAD_FLASH_AUTOTUNE=0``: configurations run in order until one launches; later ones never compile,
+    and each tuning round (a new key) starts over."""
+    from triton.runtime.errors import OutOfResources
+
+    from subquad.ops.softmax.flash.launch import _FirstThatFits, _cfg
+
+    first = _FirstThatFits()
+    calls = []
+
+    def call(fits):
+        def run():
+            calls.append(fits)
+            if not fits:
+                raise OutOfResources(300000, 232448, "shared memory")
+        return run
+
+    configs = [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 2)]
+    for _ in range(2):
+        assert len(first.prune(configs, {"MBQ": 128, "MBK": 128})) == 2
+        with pytest.raises(OutOfResources):      # the autotuner scores this one as infinite
+            first(call(False), (0.5, 0.2, 0.8))
+        assert first(call(True), (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+        assert first(call(True), (0.5, 0.2, 0.8)) == [float("inf")] * 3
+    assert calls == [False, True, False, True]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU only: larger shapes, every head dim, compile without graph breaks
 

@@ -67,7 +67,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_lse: also return the log-sum-exp of the scores, ``(batch, heads_q, seq_q)`` fp32
             (``-inf`` for a query that sees no key; its output is 0).
         backend: ``"auto"`` (the fastest backend that can run the call, from a table measured per device,
-            dtype, head_dim, pattern and pass: ``subquad.ops.softmax.dispatch``; the reference on CPU),
+            dtype, head_dim, pattern and pass: ``subquad.ops.softmax.dispatch``; the reference on CPU; the
+            Triton kernels inside ``torch.compile``),
             ``"triton"``, ``"fa4"`` (FlashAttention-4, where ``flash-attn-4`` is installed on sm90/sm100;
             ``ValueError`` for a call it cannot run), ``"cudnn"`` (PyTorch SDPA's cuDNN kernels: full or causal
             attention without softcap, ALiBi or LSE) or ``"reference"``. The Triton kernels take fp16/bf16:
@@ -87,15 +88,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask (queries are aligned to the end of "
                          f"the keys), got seq_q={seq_q}")
     scale = d ** -0.5 if scale is None else float(scale)
-    if backend == "auto" and plan is not True and not deterministic:
+    # Under torch.compile, auto keeps to the backends registered as custom ops (the Triton kernels, the
+    # reference): the measured choice reads files and asks FA4/cuDNN, which dynamo cannot trace.
+    if backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
         from .dispatch import choose  # the measured choice among triton, fa4 and the reference
 
         chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
                         return_lse=return_lse)
     else:
         chosen = _pick_backend(backend, q)
-    log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
-              q.dtype, "causal" if mask is None and causal else mask)
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
+        log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
+                  q.dtype, "causal" if mask is None and causal else mask)
     if chosen == "cudnn":
         from .cudnn import cudnn_attention, unsupported_reason
 

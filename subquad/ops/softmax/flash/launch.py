@@ -20,8 +20,8 @@ def interpreting() -> bool:
 
 
 def autotuning() -> bool:
-    """``SUBQUAD_FLASH_AUTOTUNE=0`` takes the first configuration of each list instead of timing them all (the
-    GPU tests use it: many small shapes, each a new tuning key)."""
+    """``SUBQUAD_FLASH_AUTOTUNE=0`` takes the first configuration of each list that fits instead of timing
+    them all (the GPU tests use it: many small shapes, each a new tuning key)."""
     return os.environ.get("SUBQUAD_FLASH_AUTOTUNE", "1") != "0"
 
 
@@ -69,6 +69,27 @@ def _prune(configs, named_args, **kwargs):
     return out
 
 
+class _FirstThatFits:
+    """``SUBQUAD_FLASH_AUTOTUNE=0``: instead of timing, the configurations run in list order and the first that
+    compiles and fits the GPU's shared memory wins (the autotuner scores an ``OutOfResources`` as infinite);
+    the ones after it are never compiled. A variant with more in-kernel terms may need a smaller tile than the
+    list's first."""
+
+    def __init__(self):
+        self.found = False
+
+    def prune(self, configs, named_args, **kwargs):     # called once at the start of each tuning round
+        self.found = False
+        return _prune(configs, named_args, **kwargs)
+
+    def __call__(self, kernel_call, quantiles):
+        if self.found:
+            return [float("inf")] * len(quantiles)
+        kernel_call()
+        self.found = True
+        return [0.0] * len(quantiles)
+
+
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
 _TUNED: dict = {}
@@ -84,10 +105,11 @@ def _kernel(name: str, jit_fn):
         configs = {"fwd": FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER,
                    "dkdv": DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER,
                    "dq": DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER}[name]
-        configs = configs if tune else configs[:1]
         key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
-        _TUNED[name, tune] = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune},
-                                             reset_to_zero=["DQ"] if name == "dkdv" else None)(jit_fn)
+        first = None if tune else _FirstThatFits()
+        _TUNED[name, tune] = triton.autotune(
+            configs, key=key, prune_configs_by={"early_config_prune": _prune if tune else first.prune},
+            reset_to_zero=["DQ"] if name == "dkdv" else None, do_bench=first)(jit_fn)
     return _TUNED[name, tune]
 
 
