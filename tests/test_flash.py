@@ -344,6 +344,16 @@ def test_untuned_launch_takes_the_first_config_that_fits():
     assert calls == [False, True, False, True]
 
 
+def test_wide_head_tiles_only_for_wide_heads():
+    from subquad.ops.softmax.flash.launch import DKDV_CONFIGS_SM90, DKDV_WIDE, _prune
+
+    configs = DKDV_CONFIGS_SM90 + DKDV_WIDE
+    sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in cs]  # noqa: E731
+    narrow = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128))
+    wide = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=256, DV=256))
+    assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU only: larger shapes, every head dim, compile without graph breaks
 

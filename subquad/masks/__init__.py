@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
+from .block_mask import EMPTY, FULL, PARTIAL, BlockMask, canonical_device
 from .named import (
     bigbird,
     block_sparse,
@@ -72,7 +72,7 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
         key_tag = "causal"
     else:
         cache_owner, key_tag = pattern, ""
-    key = (key_tag, batch, heads, seq_q, seq_kv, block_q, block_kv, str(torch.device(device)))
+    key = (key_tag, batch, heads, seq_q, seq_kv, block_q, block_kv, str(canonical_device(device)))
     cache = getattr(cache_owner, "_block_masks", None) if cache_owner is not None else None
     if cache is not None and key in cache:
         return cache[key]

@@ -33,6 +33,14 @@ def _index_lists(kind: torch.Tensor, which: int) -> tuple[torch.Tensor, torch.Te
     return num.contiguous(), idx.to(torch.int32).contiguous()
 
 
+def canonical_device(device) -> torch.device:
+    """``device`` with its index: ``"cuda"`` is the current CUDA device, as a tensor's ``.device`` says."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class BlockMask:
     """Block summary of ``pattern`` for ``seq_q`` queries against ``seq_kv`` keys.
@@ -125,7 +133,7 @@ class BlockMask:
         return self._lists("q", True, PARTIAL)
 
     def to(self, device) -> "BlockMask":
-        device = torch.device(device)
+        device = canonical_device(device)
         if self.kind.device == device:
             return self
         return BlockMask.build(self.pattern, batch=self.batch, heads=self.heads, seq_q=self.seq_q,

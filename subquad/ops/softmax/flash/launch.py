@@ -45,6 +45,10 @@ FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 
 # dK/dV: BLOCK_N key rows per program (accumulators), BLOCK_M query rows per step.
 DKDV_CONFIGS_SM90 = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3)]
 DQ_CONFIGS_SM90 = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)]
+# head_dim above 128 (up to 256): the tiles above overflow shared memory (Hopper's 227 KB) with two stages of
+# K/V at that width; these smaller ones are added for wide heads only
+FWD_WIDE, DKDV_WIDE, DQ_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)], [_cfg(64, 32, 4, 2)]
+_WIDE_ONLY = {id(c) for c in FWD_WIDE + DKDV_WIDE + DQ_WIDE}
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
 DKDV_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
@@ -56,11 +60,15 @@ INTERPRET_DQ = (32, 16)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates."""
+    """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
+    where a head is wider than 128."""
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
+    wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
     out, seen = [], set()
     for c in configs:
+        if id(c) in _WIDE_ONLY and not wide:
+            continue
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
         key = (bm, bn, c.num_warps, c.num_stages)
         if key not in seen:
@@ -102,9 +110,9 @@ def _kernel(name: str, jit_fn):
     tune = autotuning()
     if (name, tune) not in _TUNED:
         hopper = _hopper()
-        configs = {"fwd": FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER,
-                   "dkdv": DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER,
-                   "dq": DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER}[name]
+        configs = {"fwd": (FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
+                   "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
+                   "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
         first = None if tune else _FirstThatFits()
         _TUNED[name, tune] = triton.autotune(
