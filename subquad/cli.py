@@ -90,11 +90,13 @@ def report(
     peer: Optional[List[str]] = typer.Option(None, "--peer", help="Peers to compare with (default: all)."),
     readme_block: Optional[str] = typer.Option(None, "--readme-block",
                                                help="Rewrite README.md's block <!-- bench:NAME:begin/end -->."),
+    backends: bool = typer.Option(False, "--backends",
+                                  help="The backends suite's table (every backend and peer, auto's choice)."),
 ) -> None:
     """Print (or write into the README) the table of speed ratios of a results JSON."""
-    from .bench.summary import load, ratio_table, rewrite_block
+    from .bench.summary import backends_table, load, ratio_table, rewrite_block
 
-    text = ratio_table(load(results), ours, peer or None)
+    text = backends_table(load(results)) if backends else ratio_table(load(results), ours, peer or None)
     if readme_block:
         rewrite_block(Path("README.md"), readme_block, f"From `{results}`:\n\n{text}")
         console.print(f"rewrote README.md block {readme_block}")

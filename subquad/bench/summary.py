@@ -43,6 +43,41 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
     return "\n".join(lines) + f"\n\n_{device}, {date}; {stamp}. Ratios are peer time ÷ {ours} time in one run._\n"
 
 
+#: the backends suite's columns: subquad's backends (auto first), then the peers it is judged against
+BACKEND_IMPLS = ("subquad-auto", "subquad-triton", "subquad-fa4", "subquad-cudnn")
+BACKEND_PEERS = ("fa4", "cudnn", "flex")
+
+
+def backends_table(rows: list[dict]) -> str:
+    """The ``backends`` suite as one table: ms (effective TFLOP/s) of every subquad backend and peer, the
+    backend ``subquad-auto`` ran (its row's ``chosen``) and auto's speed over the fastest peer (> 1: faster)."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if "error" not in r and r.get("ms") is not None:
+            groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+    cols = [c for c in BACKEND_IMPLS + BACKEND_PEERS if any(c in g for g in groups.values())]
+    head = "| case | B×N | pass | " + " | ".join(cols) + " | auto ÷ fastest peer |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (case, batch, n, mode), impls in groups.items():
+        cells = []
+        for c in cols:
+            r = impls.get(c)
+            cell = "—" if r is None else f"{r['ms']:.3f} ({r['tflops']:.0f})" if r.get("tflops") else f"{r['ms']:.3f}"
+            if c == "subquad-auto" and r is not None and r.get("chosen"):
+                cell += f" → {r['chosen']}"
+            cells.append(cell)
+        peers = [impls[p]["ms"] for p in BACKEND_PEERS if p in impls]
+        auto = impls.get("subquad-auto")
+        ratio = f"{min(peers) / auto['ms']:.2f}" if peers and auto else "—"
+        n_text = f"{n // 1024}k" if n % 1024 == 0 else str(n)
+        lines.append(f"| {case} | {batch}×{n_text} | {mode} | " + " | ".join(cells) + f" | {ratio} |")
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
+    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
+    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
+    return "\n".join(lines) + f"\n\n_{device}, {date}; {stamp}. ms (effective TFLOP/s); one run._\n"
+
+
 def rewrite_block(readme: Path, name: str, text: str) -> None:
     """Replace the README block ``name`` with ``text`` (the markers stay)."""
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
