@@ -278,3 +278,14 @@ def test_memory_follows_the_window_not_n_squared():
     # ~80 MB of this is the autograd machinery's own first-use overhead, which varies between machines.
     assert fwdbwd_mb < 300, fwdbwd_mb
     assert fwdbwd_2n_mb - fwdbwd_mb < 200, (fwdbwd_mb, fwdbwd_2n_mb)
+
+
+def test_backward_does_not_slice_full_length_tensors():
+    """Query and key blocks come from one split each: no backward node slices a sequence-long tensor (each
+    would fill a zero gradient of full length, per block: a quadratic backward for a linear pattern)."""
+    from autograd_graph import slices_of_length
+
+    q, k, v = (torch.randn(1, 1000, 2, 16, requires_grad=True) for _ in range(3))
+    out = subquad.attention(q, k, v, mask=masks.sliding_window(64))
+    assert slices_of_length(out, 1000) == 0
+

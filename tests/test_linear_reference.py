@@ -169,3 +169,19 @@ def test_cu_seqlens_must_cover_sequence():
     q = torch.randn(1, T, H, DK)
     with pytest.raises(ValueError, match="cu_seqlens"):
         subquad.gla(q, q, q, cu_seqlens=torch.tensor([0, 5, T - 1]))
+
+
+@pytest.mark.parametrize("op", ["gla", "delta_rule"])
+def test_backward_does_not_slice_full_length_tensors(op):
+    """Chunks and packed sequences come from one split each: no backward node slices a sequence-long
+    tensor (one per chunk would make the backward quadratic in T)."""
+    from autograd_graph import slices_of_length
+
+    q, k, v = (torch.randn(1, 1000, 2, 16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 300, 300, 1000])
+    gate = (-torch.rand(1, 1000, 2)).requires_grad_()
+    out = subquad.gla(q, k, v, gate, cu_seqlens=cu) if op == "gla" else \
+        subquad.delta_rule(q, k, v, torch.rand(1, 1000, 2), gate, cu_seqlens=cu)
+    out = out[0] if isinstance(out, tuple) else out
+    assert slices_of_length(out, 1000) == 0
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..linear.reference import split_varlen
+from ..linear.reference import chunks, over_sequences, split_varlen
 
 
 def wy_transform(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, b: torch.Tensor | None):
@@ -40,10 +40,9 @@ def _delta_chunk_scan(q, k, v, beta, g, s0, chunk_size):
     """q, k (B, H, T, K) fp32 (q scaled), v (B, H, T, V), beta (B, H, T), g None | (B, H, T); s0 (B, H, K, V)."""
     state = s0
     outs = []
-    for start in range(0, q.shape[2], chunk_size):
-        sl = slice(start, min(start + chunk_size, q.shape[2]))
-        qc, kc, vc, bc = q[:, :, sl], k[:, :, sl], v[:, :, sl], beta[:, :, sl]
-        b = None if g is None else g[:, :, sl].cumsum(dim=2)
+    count = -(-q.shape[2] // chunk_size)
+    for qc, kc, vc, bc, gc in zip(*(chunks(t, chunk_size, count) for t in (q, k, v, beta, g))):
+        b = None if gc is None else gc.cumsum(dim=2)
         w, u, gamma = wy_transform(kc, vc, bc, b)
         v_new = u - w @ state
         scores = (qc @ kc.transpose(-1, -2)) * gamma
@@ -68,23 +67,12 @@ def delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     to_bht = lambda t: t.to(acc).transpose(1, 2)  # noqa: E731
     qf, kf, vf, bf = to_bht(q) * scale, to_bht(k), to_bht(v), to_bht(beta)
     gf = None if log_decay is None else to_bht(log_decay)
-    segments = split_varlen(cu_seqlens, seq_len)
     if initial_state is None:
-        n = len(segments) if cu_seqlens is not None else bsz
+        n = len(split_varlen(cu_seqlens, seq_len)) if cu_seqlens is not None else bsz
         initial_state = q.new_zeros(n, heads, dk, dv, dtype=acc)
-    outs, finals = [], []
-    for i, (start, end) in enumerate(segments):
-        sl = slice(start, end)
-        s0 = (initial_state[i:i + 1] if cu_seqlens is not None else initial_state).to(acc)
-        if end == start:
-            outs.append(vf[:, :, sl])
-            finals.append(s0)
-            continue
-        o, s = _delta_chunk_scan(qf[:, :, sl], kf[:, :, sl], vf[:, :, sl], bf[:, :, sl],
-                                 None if gf is None else gf[:, :, sl], s0, chunk_size)
-        outs.append(o)
-        finals.append(s)
-    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype), torch.cat(finals, dim=0)
+    scan = lambda q, k, v, beta, g, s0: _delta_chunk_scan(q, k, v, beta, g, s0, chunk_size)  # noqa: E731
+    o, finals = over_sequences(scan, [qf, kf, vf, bf, gf], initial_state.to(acc), cu_seqlens, seq_len)
+    return o.transpose(1, 2).to(q.dtype), finals
 
 
 def delta_rule_step_reference(q, k, v, beta, state, log_decay, scale):

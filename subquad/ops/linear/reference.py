@@ -25,15 +25,41 @@ def split_varlen(cu_seqlens: torch.Tensor | None, seq_len: int) -> list[tuple[in
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def chunks(t: torch.Tensor | None, size: int, count: int) -> list:
+    """``t`` (B, H, T, ...) split along T into pieces of ``size``: the outputs of one split, whose backward is
+    one concatenation (a slice per piece would fill a zero gradient as long as ``t`` each, O(T^2 / size) in
+    all). ``count`` Nones for an absent tensor."""
+    return [None] * count if t is None else list(t.split(size, dim=2))
+
+
+def over_sequences(scan, tensors: list, initial_state: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``scan(*pieces, s0) -> (o, state)`` over each packed sequence of (B, H, T, ...) ``tensors`` (the
+    first three are q, k, v; None stays None), each from its own initial state; an empty sequence keeps its
+    state. Returns the outputs concatenated along T and the final states along dim 0."""
+    segments = split_varlen(cu_seqlens, seq_len)
+    lengths = [end - start for start, end in segments]
+    pieces = [[None] * len(lengths) if t is None else t.split(lengths, dim=2) for t in tensors]
+    states = initial_state.split(1, dim=0) if cu_seqlens is not None else [initial_state]
+    outs, finals = [], []
+    for i, length in enumerate(lengths):
+        if length == 0:
+            outs.append(pieces[2][i])
+            finals.append(states[i])
+            continue
+        o, state = scan(*(p[i] for p in pieces), states[i])
+        outs.append(o)
+        finals.append(state)
+    return torch.cat(outs, dim=2), torch.cat(finals, dim=0)
+
+
 def _chunk_scan(q, k, v, g, s0, chunk_size):
     """q, k (B, H, T, K) fp32 (q already scaled), v (B, H, T, V), g None | (B, H, T, 1) | (B, H, T, K);
     s0 (B, H, K, V) fp32. Returns o (B, H, T, V) fp32 and the final state."""
     state = s0
-    seq_len = q.shape[2]
     outs = []
-    for start in range(0, seq_len, chunk_size):
-        sl = slice(start, min(start + chunk_size, seq_len))
-        qc, kc, vc = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+    count = -(-q.shape[2] // chunk_size)
+    for qc, kc, vc, gc in zip(*(chunks(t, chunk_size, count) for t in (q, k, v, g))):
         n = qc.shape[2]
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         if g is None:
@@ -41,7 +67,7 @@ def _chunk_scan(q, k, v, g, s0, chunk_size):
             outs.append(qc @ state + scores @ vc)
             state = state + kc.transpose(-1, -2) @ vc
             continue
-        b = g[:, :, sl].cumsum(dim=2)                                    # (B, H, n, 1 or K), <= 0
+        b = gc.cumsum(dim=2)                                             # (B, H, n, 1 or K), <= 0
         diff = (b.unsqueeze(3) - b.unsqueeze(2))                          # (B, H, i, j, 1 or K): b_i - b_j
         decay = diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
         if g.shape[-1] == 1:
@@ -72,24 +98,12 @@ def gla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     to_bhtd = lambda t: t.to(acc).transpose(1, 2)  # noqa: E731
     qf, kf, vf = to_bhtd(q) * scale, to_bhtd(k), to_bhtd(v)
     gf = None if log_decay is None else to_bhtd(log_decay)
-    segments = split_varlen(cu_seqlens, seq_len)
-    n_states = len(segments) if cu_seqlens is not None else bsz
     if initial_state is None:
+        n_states = len(split_varlen(cu_seqlens, seq_len)) if cu_seqlens is not None else bsz
         initial_state = q.new_zeros(n_states, heads, dk, dv, dtype=acc)
-    outs, finals = [], []
-    for i, (start, end) in enumerate(segments):
-        sl = slice(start, end)
-        s0 = (initial_state[i:i + 1] if cu_seqlens is not None else initial_state).to(acc)
-        if end == start:
-            outs.append(vf[:, :, sl])
-            finals.append(s0)
-            continue
-        o, s = _chunk_scan(qf[:, :, sl], kf[:, :, sl], vf[:, :, sl], None if gf is None else gf[:, :, sl], s0,
-                           chunk_size)
-        outs.append(o)
-        finals.append(s)
-    o = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
-    return o, torch.cat(finals, dim=0)
+    scan = lambda q, k, v, g, s0: _chunk_scan(q, k, v, g, s0, chunk_size)  # noqa: E731
+    o, finals = over_sequences(scan, [qf, kf, vf, gf], initial_state.to(acc), cu_seqlens, seq_len)
+    return o.transpose(1, 2).to(q.dtype), finals
 
 
 def gla_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,

@@ -173,12 +173,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                 fnum, fidx, pnum, pidx = (x[b, h].tolist() for x in (fnum, fidx, pnum, pidx))
             if need_grad:
                 k_blocks, v_blocks = kh.split(block_kv, dim=2), vh.split(block_kv, dim=2)
+            # Query blocks as the outputs of one split (whose backward is one concatenation), not slices of
+            # q: each slice's backward would fill a zero gradient as long as q, O(N^2 / block) in all.
+            q_blocks = qh.split(block_q, dim=1)
             row_o, row_l = [], []
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
                 qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
                 # (b, nq, hq, d) -> (b, hkv, g, nq, d), scaled once here rather than on every score tile.
-                qt = (qh[:, q0:q1].float() * scale).view(qh.shape[0], q1 - q0, heads_kv, groups, d)
+                qt = (q_blocks[qb].float() * scale).view(qh.shape[0], q1 - q0, heads_kv, groups, d)
                 qt = qt.permute(0, 2, 3, 1, 4).contiguous()
                 if need_grad:
                     full = list(range(n_kb)) if block_mask is None else fidx[qb][:fnum[qb]]
