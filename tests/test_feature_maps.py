@@ -96,3 +96,27 @@ def test_feature_map_bad_name():
     x = torch.randn(1, 4, 1, 4)
     with pytest.raises(ValueError, match="feature_map"):
         subquad.linear_attention(x, x, x, "softmax")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_noncausal_packed_sequences_attend_within_themselves(normalize):
+    """Non-causal linear attention over packed sequences equals the dense form on each sequence alone, in
+    outputs and gradients; the backward slices no sequence-long tensor."""
+    from autograd_graph import slices_of_length
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 7, 7, 25, 40])
+    o = subquad.linear_attention(q, k, v, "relu", causal=False, normalize=normalize, cu_seqlens=cu, scale=1.0,
+                                 backend="reference")
+    assert slices_of_length(o, 40) == 0
+    bounds = cu.tolist()
+    ref = torch.cat([linear_attention_quadratic(q[:, s:e].relu(), k[:, s:e].relu(), v[:, s:e], causal=False,
+                                                normalize=normalize)
+                     for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    torch.testing.assert_close(o, ref, atol=1e-9, rtol=1e-9)
+    w = torch.randn_like(o)
+    got = torch.autograd.grad((o * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

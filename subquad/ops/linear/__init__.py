@@ -198,10 +198,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
 def _linear_attention_full(fq, fk, v, scale, normalize, eps, cu_seqlens):
     """Non-causal: ``phi(Q) (phi(K)^T V)`` per sequence, O(T) in time and memory."""
     bounds = [0, fq.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    acc = torch.promote_types(v.dtype, torch.float32)
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        acc = torch.promote_types(v.dtype, torch.float32)
-        q_, k_, v_ = fq[:, start:end].to(acc), fk[:, start:end].to(acc), v[:, start:end].to(acc)
+    # one split per tensor, not a slice per sequence (each slice's backward is a full-length zero fill)
+    for q_, k_, v_ in zip(*(t.split(lengths, dim=1) for t in (fq, fk, v))):
+        q_, k_, v_ = q_.to(acc), k_.to(acc), v_.to(acc)
         o = scale * torch.einsum("bthk,bhkv->bthv", q_, torch.einsum("bthk,bthv->bhkv", k_, v_))
         if normalize:
             o = o / (scale * torch.einsum("bthk,bhk->bth", q_, k_.sum(1)) + eps).unsqueeze(-1)
