@@ -53,6 +53,28 @@ def test_failing_impl_is_a_row_not_a_crash():
                                                     / (by_impl["ok"]["ms"] * 1e-3) / 1e12, rel=1e-3)
 
 
+def test_cuda_rounds_report_the_median_and_keep_the_rounds():
+    """The interleaved rounds (CUDA): each implementation's median of rounds, its throughput from that
+    median, and an implementation whose later round fails keeps the rounds that ran."""
+    from subquad.bench.harness import _more_rounds
+
+    case = attention_case("causal", masks.causal, "fwd", batch=1, seqlen=64, heads_q=2, heads_kv=2, head_dim=16,
+                          dtype=torch.float32, impls={})
+    rows = {"a": {"ms": 5.0}, "b": {"ms": 1.0}}
+    times = {"a": iter([1.0, 1.2]), "b": iter([1.1])}
+
+    def timer(call, leaves):
+        return next(times[call])
+
+    x = torch.zeros(1, requires_grad=True)
+    x.grad = torch.ones(1)
+    _more_rounds(case, rows, {"a": ("a", [x]), "b": ("b", [])}, 3, timer)
+    assert rows["a"]["ms"] == 1.2 and rows["a"]["ms_rounds"] == [5.0, 1.0, 1.2]     # a slow first round
+    assert rows["a"]["tflops"] == pytest.approx(case.flops / 1.2e-3 / 1e12, rel=1e-4)
+    assert rows["b"]["ms_rounds"] == [1.0, 1.1] and rows["b"]["ms"] == pytest.approx(1.05)   # round 3 failed
+    assert x.grad is None
+
+
 def test_exact_rows_matches_dense_softmax():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 50, 2, 8) for _ in range(3))

@@ -5,7 +5,9 @@ that can run here (subquad's backends and the peers). A *suite* is a generator o
 ``@suite``; ``subquad bench`` runs suites and writes a table, ``bench.json`` and plots.
 
 Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
-gradients reset between calls; on CPU the median of a few wall-clock runs after one warm-up. Peak memory is
+gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
+reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
+implementation, not on its whole figure); on CPU the median of a few wall-clock runs after one warm-up. Peak memory is
 the allocator's peak above the inputs on CUDA, and the peak resident set above the start of the call on CPU
 (sampled every millisecond: large tensors live far longer than that).
 """
@@ -195,12 +197,16 @@ def _release_free_heap_pages() -> None:
         pass
 
 
-def _time_cuda(call, leaves) -> float:
+#: timing rounds per implementation on CUDA, and the milliseconds of calls each round times
+CUDA_ROUNDS, CUDA_ROUND_MS = 3, 40
+
+
+def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> float:
     import triton.testing
 
     call()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench(call, warmup=25, rep=100, grad_to_none=leaves or None,
+    return float(triton.testing.do_bench(call, warmup=25, rep=rep_ms, grad_to_none=leaves or None,
                                          return_mode="median"))
 
 
@@ -232,9 +238,10 @@ def _sig(x: float, digits: int = 5) -> float:
 
 
 def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: torch.Tensor | None,
-            cpu_reps: int = 3) -> dict:
+            cpu_reps: int = 3, calls: dict | None = None) -> dict:
     """Run one implementation of a case; returns the JSON row (with ``error`` instead of numbers if it
-    could not run). On CPU the first call gives the output, the memory peak and the warm-up at once."""
+    could not run). On CPU the first call gives the output, the memory peak and the warm-up at once.
+    ``calls`` collects the timed call of each implementation that ran, for more rounds (``run_cases``)."""
     row = {
         "case": case.case, "impl": impl, "mode": case.mode, "batch": case.batch, "seqlen": case.seqlen,
         "heads_q": case.heads_q, "heads_kv": case.heads_kv, "head_dim": case.head_dim,
@@ -264,6 +271,8 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
             if device.type == "cuda":
                 mem = _cuda_peak_mb(call, device, leaves)
                 ms = _time_cuda(call, leaves)
+                if calls is not None:
+                    calls[impl] = (call, leaves)
             else:
                 ms = _time_cpu(call, leaves, first_ms, cpu_reps)
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a row, not a crash
@@ -272,12 +281,37 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
     finally:
         for t in leaves:
             t.grad = None
-    row["ms"] = _sig(ms)
-    row["tflops"] = _sig(case.flops / (ms * 1e-3) / 1e12) if case.flops else None
-    row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
+    _set_time(row, case, ms)
     row["peak_mem_mb"] = round(mem, 1)
     row["max_err"] = err
     return row
+
+
+def _set_time(row: dict, case: Case, ms: float) -> None:
+    row["ms"] = _sig(ms)
+    row["tflops"] = _sig(case.flops / (ms * 1e-3) / 1e12) if case.flops else None
+    row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
+
+
+def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer) -> None:
+    """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report the median of
+    all rounds (the rounds are kept in ``ms_rounds``)."""
+    times = {impl: [rows[impl]["ms"]] for impl in calls}
+    failed = set()
+    for _ in range(rounds - 1):
+        for impl, (call, leaves) in calls.items():
+            if impl in failed:
+                continue
+            try:
+                times[impl].append(timer(call, leaves))
+            except Exception:  # noqa: BLE001 - a later round that cannot run keeps the rounds that did
+                failed.add(impl)
+            finally:
+                for t in leaves:
+                    t.grad = None
+    for impl, ms in times.items():
+        _set_time(rows[impl], case, statistics.median(ms))
+        rows[impl]["ms_rounds"] = [_sig(x) for x in ms]
 
 
 def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
@@ -290,8 +324,10 @@ def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
 
 
 def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Callable[[str], bool] | None = None,
-              progress: Callable[[str], None] | None = None, cpu_reps: int = 3) -> list[dict]:
-    """Measure every (case, impl); rows carry the device, versions and date."""
+              progress: Callable[[str], None] | None = None, cpu_reps: int = 3,
+              cuda_rounds: int = CUDA_ROUNDS) -> list[dict]:
+    """Measure every (case, impl); rows carry the device, versions and date. On CUDA each case's
+    implementations are timed in ``cuda_rounds`` interleaved rounds (see the module docstring)."""
     stamp = {"device": device_name(device), "versions": versions(),
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = []
@@ -303,15 +339,20 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Calla
             ref = None
             rows.append({"case": case.case, "impl": "reference", "mode": case.mode, "seqlen": case.seqlen,
                          "error": f"{type(exc).__name__}: {exc}"[:300], **stamp})
+        calls: dict = {}
+        case_rows: dict = {}
         for impl in case.impls:
             if impl_filter is not None and not impl_filter(impl):
                 continue
             if progress is not None:
                 progress(f"{case.case} N={case.seqlen} {case.mode} {impl}")
-            row = measure(case, impl, device, inputs, ref, cpu_reps=cpu_reps)
+            row = measure(case, impl, device, inputs, ref, cpu_reps=cpu_reps, calls=calls)
             row.update(stamp)
             rows.append(row)
-        del inputs, ref
+            case_rows[impl] = row
+        if calls and cuda_rounds > 1:
+            _more_rounds(case, case_rows, calls, cuda_rounds, _time_cuda)
+        del inputs, ref, calls
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
