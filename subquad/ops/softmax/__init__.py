@@ -91,7 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # Under torch.compile, auto keeps to the backends registered as custom ops (the Triton kernels, the
     # reference): the measured choice reads files and asks FA4/cuDNN, which dynamo cannot trace.
     if backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
-        from .dispatch import choose  # the measured choice among triton, fa4 and the reference
+        from .dispatch import choose  # the measured choice among the backends that can run the call
 
         chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
                         return_lse=return_lse)

@@ -11,10 +11,10 @@ The rule, in order:
    (fp16 and bf16 count as one; the closest head_dim, the smaller one on a tie);
 3. else, unmeasured: FA4 first for the patterns whose FA4 route is checked on the H100 and needs no gathering
    (``FA4_FIRST``: dense, windows, documents, Longformer, BigBird, prefix-LM, block layouts; FA4 beat the
-   Triton kernel on every signature measured, 1.3-6x), then SDPA's cuDNN kernels (dense only: ``cudnn.py``),
-   the own Triton kernel first for the rest (the
-   scattered-key patterns strided/fixed/dilated, which the planner gathers while FA4 would load a whole key
-   block per kept column; compositions; user masks), the reference last;
+   Triton kernel on every signature measured, 1.3-6x) and then SDPA's cuDNN kernels (dense only:
+   ``cudnn.py``); the own Triton kernel first for the rest (the scattered-key patterns strided/fixed/dilated,
+   which the planner gathers while FA4 would load a whole key block per kept column; compositions; user
+   masks); the reference last;
 
 and the first backend of that order that *can run the call* wins (``unsupported_reason``: installed, right device,
 dtype, head_dim, pattern expressible), so a measured favourite that cannot run a call is skipped, never
