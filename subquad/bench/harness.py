@@ -7,7 +7,10 @@ that can run here (subquad's backends and the peers). A *suite* is a generator o
 Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
 gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
 reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
-implementation, not on its whole figure); on CPU the fastest of a few wall-clock runs after one warm-up. Peak memory is
+implementation, not on its whole figure); on CPU the fastest of a few wall-clock runs after one warm-up,
+and of one more run per implementation in ``CPU_ROUNDS - 1`` later passes over all the cases (a shared CPU
+drifts by tens of percent over tens of seconds: a ratio between two cases, such as the time from 16k to 64k,
+should not depend on which of them ran in a slow spell). Peak memory is
 the allocator's peak above the inputs on CUDA, and the peak resident set above the start of the call on CPU
 (sampled every millisecond: large tensors live far longer than that).
 """
@@ -199,6 +202,8 @@ def _release_free_heap_pages() -> None:
 
 #: timing rounds per implementation on CUDA, and the milliseconds of calls each round times
 CUDA_ROUNDS, CUDA_ROUND_MS = 3, 40
+#: passes over all the cases on CPU (the later ones time one call per implementation)
+CPU_ROUNDS = 2
 
 
 def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> float:
@@ -210,7 +215,7 @@ def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> float:
                                          return_mode="median"))
 
 
-def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 10000.0) -> float:
+def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 15000.0) -> float:
     """The fastest of up to ``reps`` timed calls after the first (which warmed up), within ``budget_ms``
     (slow calls get fewer, at least one). On a small shared CPU the noise only adds time (other processes,
     page faults), ±10% on a multi-second call, so the minimum is the steadier estimate of the code's cost."""
@@ -222,6 +227,12 @@ def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 10000
         call()
         times.append((time.perf_counter() - t0) * 1e3)
     return min(times)
+
+
+def _time_cpu_once(call, leaves) -> float:
+    t0 = time.perf_counter()
+    call()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _cuda_peak_mb(call, device: torch.device, leaves) -> float:
@@ -273,10 +284,10 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
             if device.type == "cuda":
                 mem = _cuda_peak_mb(call, device, leaves)
                 ms = _time_cuda(call, leaves)
-                if calls is not None:
-                    calls[impl] = (call, leaves)
             else:
                 ms = _time_cpu(call, leaves, first_ms, cpu_reps)
+            if calls is not None:
+                calls[impl] = (call, leaves)
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a row, not a crash
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
@@ -295,10 +306,10 @@ def _set_time(row: dict, case: Case, ms: float) -> None:
     row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
 
 
-def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer) -> None:
-    """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report the median of
-    all rounds (the rounds are kept in ``ms_rounds``)."""
-    times = {impl: [rows[impl]["ms"]] for impl in calls}
+def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, combine=statistics.median) -> None:
+    """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report ``combine`` of
+    all rounds (the rounds so far are kept in ``ms_rounds``)."""
+    times = {impl: list(rows[impl].get("ms_rounds", [rows[impl]["ms"]])) for impl in calls}
     failed = set()
     for _ in range(rounds - 1):
         for impl, (call, leaves) in calls.items():
@@ -312,7 +323,7 @@ def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer) -> Non
                 for t in leaves:
                     t.grad = None
     for impl, ms in times.items():
-        _set_time(rows[impl], case, statistics.median(ms))
+        _set_time(rows[impl], case, combine(ms))
         rows[impl]["ms_rounds"] = [_sig(x) for x in ms]
 
 
@@ -327,12 +338,14 @@ def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
 
 def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Callable[[str], bool] | None = None,
               progress: Callable[[str], None] | None = None, cpu_reps: int = 3,
-              cuda_rounds: int = CUDA_ROUNDS) -> list[dict]:
+              cuda_rounds: int = CUDA_ROUNDS, cpu_rounds: int = CPU_ROUNDS) -> list[dict]:
     """Measure every (case, impl); rows carry the device, versions and date. On CUDA each case's
-    implementations are timed in ``cuda_rounds`` interleaved rounds (see the module docstring)."""
+    implementations are timed in ``cuda_rounds`` interleaved rounds; on CPU every case is timed again in
+    ``cpu_rounds - 1`` later passes (see the module docstring)."""
     stamp = {"device": device_name(device), "versions": versions(),
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     rows = []
+    later: list = []            # CPU: (case, its rows, its calls) for the later passes
     for case in cases:
         inputs = case.make_inputs(device)
         try:
@@ -352,9 +365,16 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Calla
             row.update(stamp)
             rows.append(row)
             case_rows[impl] = row
-        if calls and cuda_rounds > 1:
+        if calls and device.type == "cuda" and cuda_rounds > 1:
             _more_rounds(case, case_rows, calls, cuda_rounds, _time_cuda)
+        elif calls and device.type != "cuda" and cpu_rounds > 1:
+            later.append((case, case_rows, calls))
         del inputs, ref, calls
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for _ in range(cpu_rounds - 1):
+        for case, case_rows, calls in later:
+            if progress is not None:
+                progress(f"{case.case} N={case.seqlen} {case.mode}: one more pass")
+            _more_rounds(case, case_rows, calls, 2, _time_cpu_once, combine=min)
     return rows
