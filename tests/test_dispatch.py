@@ -327,3 +327,13 @@ def test_attention_auto_logs_its_choice(caplog):
         out = subquad.attention(q, q, q, mask=masks.sliding_window(4))
     assert any("auto -> reference for cpu/float32/d16/window/fwd" in r.getMessage() for r in caplog.records)
     torch.testing.assert_close(out, subquad.attention(q, q, q, mask=masks.sliding_window(4), backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["fa4", "cudnn"])
+def test_deterministic_is_refused_by_backends_without_it(backend):
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="deterministic: only the Triton and reference"):
+        subquad.attention(q, q, q, backend=backend, deterministic=True)
+    out = subquad.attention(q, q, q, deterministic=True)          # auto: the reference here, Triton on a GPU
+    assert out.shape == q.shape
+

@@ -74,7 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             attention without softcap, ALiBi or LSE) or ``"reference"``. The Triton kernels take fp16/bf16:
             fp32 inputs run the reference (under ``"auto"`` and ``"triton"`` alike).
         deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
-            somewhat slower.
+            somewhat slower; ``"auto"`` then runs the Triton kernels, and ``"fa4"`` / ``"cudnn"`` refuse it.
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
@@ -97,6 +97,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                         return_lse=return_lse)
     else:
         chosen = _pick_backend(backend, q)
+    if deterministic and chosen in ("fa4", "cudnn"):
+        raise ValueError(f"deterministic: only the Triton and reference backends offer a deterministic backward, "
+                         f"got backend={backend!r} (use backend='auto' or 'triton')")
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
         log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
                   q.dtype, "causal" if mask is None and causal else mask)
