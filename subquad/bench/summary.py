@@ -13,12 +13,30 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> str:
+def _by_row(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(case, batch, N, pass) -> impl -> row, for the rows that ran."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
-        if "error" in r or r.get("ms") is None:
-            continue
-        groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+        if "error" not in r and r.get("ms") is not None:
+            groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+    return groups
+
+
+def _length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _provenance(rows: list[dict]) -> str:
+    """Device, date and the versions that matter, from the first rows that carry them."""
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
+    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
+    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
+    return f"{device}, {date}; {stamp}"
+
+
+def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> str:
+    groups = _by_row(rows)
     if peers is None:
         peers = sorted({impl for g in groups.values() for impl in g if impl != ours})
     head = f"| case | B×N | pass | {ours} ms | TFLOP/s | " + " | ".join(f"÷ {p}" for p in peers) + " | max err |"
@@ -31,16 +49,11 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
         for p in peers:
             other = impls.get(p)
             cells.append(f"{other['ms'] / mine['ms']:.2f}" if other else "—")
-        n_text = f"{n // 1024}k" if n % 1024 == 0 else str(n)
         tf = f"{mine['tflops']:.0f}" if mine.get("tflops") else ""
         err = f"{mine['max_err']:.1e}" if mine.get("max_err") is not None else ""
-        lines.append(f"| {case} | {batch}×{n_text} | {mode} | {mine['ms']:.3f} | {tf} | " + " | ".join(cells)
+        lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | {mine['ms']:.3f} | {tf} | " + " | ".join(cells)
                      + f" | {err} |")
-    device = next((r.get("device") for r in rows if r.get("device")), "?")
-    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
-    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
-    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
-    return "\n".join(lines) + f"\n\n_{device}, {date}; {stamp}. Ratios are peer time ÷ {ours} time in one run._\n"
+    return "\n".join(lines) + f"\n\n_{_provenance(rows)}. Ratios are peer time ÷ {ours} time in one run._\n"
 
 
 #: the backends suite's columns: subquad's backends (auto first), then the peers it is judged against
@@ -51,10 +64,7 @@ BACKEND_PEERS = ("fa4", "cudnn", "flex")
 def backends_table(rows: list[dict]) -> str:
     """The ``backends`` suite as one table: ms (effective TFLOP/s) of every subquad backend and peer, the
     backend ``subquad-auto`` ran (its row's ``chosen``) and auto's speed over the fastest peer (> 1: faster)."""
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        if "error" not in r and r.get("ms") is not None:
-            groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+    groups = _by_row(rows)
     cols = [c for c in BACKEND_IMPLS + BACKEND_PEERS if any(c in g for g in groups.values())]
     head = "| case | B×N | pass | " + " | ".join(cols) + " | auto ÷ fastest peer |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -69,13 +79,8 @@ def backends_table(rows: list[dict]) -> str:
         peers = [impls[p]["ms"] for p in BACKEND_PEERS if p in impls]
         auto = impls.get("subquad-auto")
         ratio = f"{min(peers) / auto['ms']:.2f}" if peers and auto else "—"
-        n_text = f"{n // 1024}k" if n % 1024 == 0 else str(n)
-        lines.append(f"| {case} | {batch}×{n_text} | {mode} | " + " | ".join(cells) + f" | {ratio} |")
-    device = next((r.get("device") for r in rows if r.get("device")), "?")
-    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
-    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
-    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
-    return "\n".join(lines) + f"\n\n_{device}, {date}; {stamp}. ms (effective TFLOP/s); one run._\n"
+        lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + f"\n\n_{_provenance(rows)}. ms (effective TFLOP/s); one run._\n"
 
 
 def rewrite_block(readme: Path, name: str, text: str) -> None:
