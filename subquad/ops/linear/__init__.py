@@ -19,7 +19,7 @@ from .checks import (check_backend, check_chunk_size, check_cu_seqlens, check_qk
                      check_state, expand_log_decay, pick_backend)
 from .feature_maps import CosFormer, Elu1, FeatureMap, Favor, Hedgehog, Identity, ReLU, apply_feature_map, \
     resolve_feature_map
-from .reference import gla_reference, gla_step_reference
+from .reference import gla_reference, gla_step_reference, split_varlen
 
 log = logging.getLogger("subquad")
 
@@ -197,8 +197,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
 
 def _linear_attention_full(fq, fk, v, scale, normalize, eps, cu_seqlens):
     """Non-causal: ``phi(Q) (phi(K)^T V)`` per sequence, O(T) in time and memory."""
-    bounds = [0, fq.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    lengths = [end - start for start, end in split_varlen(cu_seqlens, fq.shape[1])]
     acc = torch.promote_types(v.dtype, torch.float32)
     outs = []
     # one split per tensor, not a slice per sequence (each slice's backward is a full-length zero fill)
