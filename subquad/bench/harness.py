@@ -7,10 +7,13 @@ that can run here (subquad's backends and the peers). A *suite* is a generator o
 Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
 gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
 reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
-implementation, not on its whole figure); on CPU the fastest of a few wall-clock runs after one warm-up,
-and of one more run per implementation in ``CPU_ROUNDS - 1`` later passes over all the cases (a shared CPU
-drifts by tens of percent over tens of seconds: a ratio between two cases, such as the time from 16k to 64k,
-should not depend on which of them ran in a slow spell). Peak memory is
+implementation, not on its whole figure); on CPU the fastest of ``CPU_REPS`` wall-clock runs after one
+warm-up, and of one more run per implementation in each of ``CPU_ROUNDS - 1`` later passes over all the cases.
+A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
+from 16k to 64k, should not depend on which of them ran in a slow spell: spreading each case's runs over the
+whole benchmark gives every case the same chances of a quiet spell (on this 2-core machine the 16k -> 64k
+ratio of the sliding window spread over 3.9-5.2x with all runs of a case back to back, 4.0-4.3x spread out).
+Peak memory is
 the allocator's peak above the inputs on CUDA, and the peak resident set above the start of the call on CPU
 (sampled every millisecond: large tensors live far longer than that).
 """
@@ -202,8 +205,9 @@ def _release_free_heap_pages() -> None:
 
 #: timing rounds per implementation on CUDA, and the milliseconds of calls each round times
 CUDA_ROUNDS, CUDA_ROUND_MS = 3, 40
-#: passes over all the cases on CPU (the later ones time one call per implementation)
-CPU_ROUNDS = 2
+#: CPU: timed calls per implementation in the first pass, and passes over all the cases (the later ones time
+#: one call per implementation)
+CPU_REPS, CPU_ROUNDS = 2, 4
 
 
 def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> float:
@@ -249,7 +253,7 @@ def _sig(x: float, digits: int = 5) -> float:
 
 
 def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: torch.Tensor | None,
-            cpu_reps: int = 3, calls: dict | None = None) -> dict:
+            cpu_reps: int = CPU_REPS, calls: dict | None = None) -> dict:
     """Run one implementation of a case; returns the JSON row (with ``error`` instead of numbers if it
     could not run). On CPU the first call gives the output, the memory peak and the warm-up at once.
     ``calls`` collects the timed call of each implementation that ran, for more rounds (``run_cases``)."""
@@ -335,7 +339,7 @@ def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
 
 
 def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Callable[[str], bool] | None = None,
-              progress: Callable[[str], None] | None = None, cpu_reps: int = 3,
+              progress: Callable[[str], None] | None = None, cpu_reps: int = CPU_REPS,
               cuda_rounds: int = CUDA_ROUNDS, cpu_rounds: int = CPU_ROUNDS) -> list[dict]:
     """Measure every (case, impl); rows carry the device, versions and date. On CUDA each case's
     implementations are timed in ``cuda_rounds`` interleaved rounds; on CPU every case is timed again in

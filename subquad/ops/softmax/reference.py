@@ -144,10 +144,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         slopes = slopes.expand(bsz, hq).reshape(bsz, hkv, g)
 
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # K and V once in the layout the matmuls want, (b, hkv, N, d) fp32: every key chunk is then a view (or
-    # a gather along N) with contiguous rows, shared by all query blocks.
-    k_t = k.transpose(1, 2).float().contiguous()
-    v_t = v.transpose(1, 2).float().contiguous()
+    # K and V as (b, hkv, N, d) fp32 views of the (b, N, hkv, d) inputs: every key chunk is a strided view (or
+    # a gather along N) whose rows are contiguous, which the CPU and GPU matmuls take as they are. A
+    # contiguous transposed copy would be two more passes over K and V per call, out of cache at long N.
+    k_t = k.transpose(1, 2).float()
+    v_t = v.transpose(1, 2).float()
     pattern = block_mask.pattern if block_mask is not None else None
     outs, lses = [], []
     # Groups of (batch, head) that share one block plan: all of them when the pattern is uniform.
