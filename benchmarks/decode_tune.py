@@ -14,6 +14,7 @@ import sys
 import torch
 import triton.testing
 
+from subquad.bench.peers import sdpa
 from subquad.bench.suites.decode import _gqa_inputs, _mla_inputs
 from subquad.ops.decode import decode
 
@@ -33,11 +34,17 @@ def main():
     copy, _ = gbps(lambda: dst.copy_(src), 4.0 * src.numel())
     print(f"copy {copy:.0f} GB/s")
     del src, dst
-    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in (None, 16, 33) for bn in (32, 64)
-               for st in (2, 3)]
+    # third sweep: split counts that fill whole waves (64 (sequence, KV head) pairs x splits against 132 SMs),
+    # 128-key tiles, deeper pipelines, 8 warps
+    configs = [dict(num_splits=sp, block_n=bn, num_warps=w, num_stages=st) for sp in (None, 6, 12, 24)
+               for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
     for n in (32768, 8192):
         inp = _gqa_inputs(8, n, 32, 8, 128, torch.bfloat16)(dev)
         nbytes = 2.0 * 8 * n * 8 * 128 * 2
+        for name in ("flash", "cudnn"):
+            g, ms = gbps(lambda: sdpa(name, enable_gqa=True)(inp), nbytes)
+            rows.append({"case": f"sdpa-{name}", "seqlen": n, "gbps": round(g, 1), "ms": round(ms, 4)})
+            print(rows[-1], flush=True)
         cases = [(layout, c) for layout in ("static", "paged") for c in (configs if n == 32768 else configs[:4])]
         for layout, opts in cases:
             fn = (lambda: decode(inp["q"], inp["k"], inp["v"], **opts)) if layout == "static" else \
@@ -50,6 +57,8 @@ def main():
             rows.append({"case": f"gqa-{layout}", "seqlen": n, **opts, "gbps": round(g, 1), "ms": round(ms, 4)})
             print(rows[-1], flush=True)
         del inp
+    if os.environ.get("DECODE_TUNE_MLA", "1") == "0":
+        return finish(rows, copy)
     inp = _mla_inputs(64, 16384, 128, 512, 64, torch.bfloat16)(dev)
     nbytes = 2.0 * 64 * 16384 * 576
     mla = [dict(block_m=32, block_n=bn, block_dv=512, num_warps=w, num_stages=st) for bn in (32, 64) for w in (4, 8)
@@ -65,6 +74,10 @@ def main():
             continue
         rows.append({"case": "mla", "seqlen": 16384, **opts, "gbps": round(g, 1), "ms": round(ms, 4)})
         print(rows[-1], flush=True)
+    finish(rows, copy)
+
+
+def finish(rows, copy):
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "decode_tune.json"), "w") as f:
         json.dump({"copy_gbps": copy, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

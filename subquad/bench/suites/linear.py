@@ -80,6 +80,11 @@ def _fla(op):
 
 
 def _shapes(quick):
+    """SUBQUAD_BENCH_LINEAR_SHAPES: a comma list of BxT ("4x8192,1x65536") to run part of the suite (a device
+    call has a time limit; fla and the chunk kernels autotune on the first call of each shape)."""
+    wanted = os.environ.get("SUBQUAD_BENCH_LINEAR_SHAPES")
+    if wanted:
+        return [tuple(int(x) for x in shape.split("x")) for shape in wanted.split(",")]
     if quick:
         return [(2, 2048)]
     total = 32768

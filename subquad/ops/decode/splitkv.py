@@ -231,15 +231,18 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if window is not None:
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
-        # H100 sweeps (benchmarks/results/*decode-tune*): about 8 programs per SM, and at least 16 key tiles
-        # per split. At 8k context, 9 splits of 14 tiles ran at 2,250-2,440 GB/s while 32 splits of 4 tiles
-        # ran at 1,100-1,560; at 32k, 9 to 33 splits were all within 3% of each other.
+        # H100 sweeps (benchmarks/results/*decode-tune*): one wave of about 3 programs per SM (what fits beside
+        # each other in shared memory with two 64-key K/V stages), and at least 16 key tiles per split. At 32k
+        # context (B 8, 8 KV heads) 6 splits, 384 programs, read 2,928 GB/s (97.6% of copy) where 17 splits read
+        # 2,780 and 24 read 2,886; at 8k, 9 splits of 14 tiles ran at 2,250-2,440 GB/s, 32 of 4 tiles 1,100-1,560.
         per_split = bsz * hkv * m_blocks * n_dv_blocks
-        num_splits = max(1, min(triton.cdiv(8 * _num_sms(q.device), per_split), triton.cdiv(max_len, 16 * block_n)))
+        num_splits = max(1, min(3 * _num_sms(q.device) // per_split, triton.cdiv(max_len, 16 * block_n)))
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
     if num_stages is None:
-        num_stages = 2
+        # pages gather their rows through the block table: one more tile in flight pays there (2,883 GB/s
+        # against 2,869 with two stages at 32k), not on dense storage (2,911 against 2,928)
+        num_stages = 3 if view.layout == "paged" else 2
 
     # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
     # kernel's, so allocations and launches are kept few

@@ -44,6 +44,10 @@ class ChunkTables:
             self.chunk_offsets = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
             self.n_chunks = sum(counts)
         self.chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
+        # Autotuning key of the chunk kernels: their best tiles depend on how much parallel work there is
+        # (sequences for the state passes, chunks for the tile passes), so they are tuned per power-of-two
+        # bucket of both, not once for whatever shape came first.
+        self.tune_key = {"SEQS": triton.next_power_of_2(self.n_seqs), "CHUNKS": triton.next_power_of_2(self.n_chunks)}
 
 
 def block_sizes(dk: int, dv: int) -> tuple[int, int]:
@@ -66,7 +70,7 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
     v_new = torch.empty_like(v) if w is not None else None
     grid = lambda meta: (triton.cdiv(dk, bk), triton.cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
-                    C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None,
+                    C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
                     HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32)
     return h, ht, v_new
 
@@ -105,7 +109,7 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     o = torch.empty_like(v)
     grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                     C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32)
+                     C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o
 
 
@@ -121,7 +125,7 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
                     H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
                     DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-                    IEEE=q.dtype == torch.float32)
+                    IEEE=q.dtype == torch.float32, **tables.tune_key)
     return dh, dh0, dv_new
 
 
@@ -132,7 +136,8 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     out = torch.empty_like(do)
     grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     dv_bwd[grid](q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                 C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32)
+                 C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
+                 **tables.tune_key)
     return out
 
 
@@ -154,7 +159,7 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, u, dq, dk_, dw, db, d_scores, dvu, tables.cu, tables.chunk_indices,
                   scale,
                   H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
-                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32)
+                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     if gate == 2:
         launch_intra_bwd(q, k, launch_chunk_cumsum(g, tables, chunk_size), d_scores, dq, dk_, tables, chunk_size)
     return dq, dk_, dw, None if db is None else db.sum(-1), dvu

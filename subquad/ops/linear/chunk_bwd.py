@@ -20,10 +20,10 @@ from .chunk_fwd import _dot
 from .tuning import COLUMNS, STATE, TILES
 
 
-@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA"])
+@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
-def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale, SEQS,
+              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
               STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
     """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones."""
@@ -82,9 +82,9 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
         tl.store(dh0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], d_state, mask=m_kv)
 
 
-@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "USE_DH"])
+@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "USE_DH", "SEQS", "CHUNKS"])
 @triton.jit
-def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
+def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNKS,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            GATE: tl.constexpr, USE_DH: tl.constexpr, IEEE: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -134,10 +134,10 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
              mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=COLUMNS, key=["K", "V", "C", "BK", "GATE", "DELTA"])
+@triton.autotune(configs=COLUMNS, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
 def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlens, chunk_indices, scale,
-            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+            SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
     """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1).
     GATE == 2: only the inter-chunk parts of dq, dk; ``dA`` (n_chunks, H, C, C) fp32 gets the causal

@@ -30,9 +30,9 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA"])
+@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
-def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
+def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
               STORE_HT: tl.constexpr, IEEE: tl.constexpr):
@@ -82,9 +82,9 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets,
         tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
 
 
-@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE"])
+@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
 @triton.jit
-def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale,
+def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUNKS,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)

@@ -1,0 +1,86 @@
+"""Per-kernel GPU time of the chunked linear-attention ops, subquad against flash-linear-attention, on one shape.
+
+Run on the device (fla from the carried wheels on PYTHONPATH):
+    PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
+Prints, per (op, implementation), the call's time (do_bench median), the kernels' total and each kernel's average
+microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_MODE.json to $OUT.
+LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
+used to fix the autotuned tiles of every later one).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _make_inputs, _ours
+
+CALLS = 5
+
+
+def kernel_times(fn, grad):
+    out = fn()
+    if grad:
+        out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            out = fn()
+            if grad:
+                out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    per = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:70]] += e.device_time / CALLS
+    return per
+
+
+def main():
+    batch, seqlen = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (4, 8192)
+    ops = sys.argv[3].split(",") if len(sys.argv) > 3 else OPS
+    mode = sys.argv[4] if len(sys.argv) > 4 else "fwd"
+    grad = mode == "fwdbwd"
+    result = {}
+    warm = os.environ.get("LINEAR_PROFILE_WARM")
+    for op in ops:
+        inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
+        for name, impl in (("subquad", _ours(op, "triton")), ("fla", _fla(op))):
+            try:
+                if warm:
+                    wb, wt = (int(x) for x in warm.split("x"))
+                    kernel_times(lambda: impl(_make_inputs(op, wb, wt, HEADS, DIM, torch.bfloat16, grad)(
+                        torch.device("cuda"))), grad)
+                per = kernel_times(lambda: impl(inputs), grad)
+                call_us = 1e3 * triton.testing.do_bench(lambda: impl(inputs) if not grad else
+                                                        impl(inputs).backward(torch.ones_like(inputs["v"])),
+                                                        return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a peer that refuses the call is a line, not a crash
+                print(f"{op} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            for t in inputs.values():
+                t.grad = None
+            total = sum(per.values())
+            result[f"{op} {name}"] = {"call_us": call_us, "kernels_us": total, "kernels": dict(per.most_common())}
+            print(f"{op:12s} {name:8s} call {call_us:8.1f} us, kernels {total:8.1f} us  " +
+                  "  ".join(f"{k[:38]}={v:.0f}" for k, v in per.most_common(6)), flush=True)
+    from subquad.ops.linear import chunk_bwd, chunk_fwd, chunk_intra
+    for mod in (chunk_fwd, chunk_bwd, chunk_intra):
+        for name, kernel in vars(mod).items():
+            if isinstance(kernel, triton.runtime.Autotuner):
+                chosen = "; ".join(f"{k} -> {v}" for k, v in kernel.cache.items())
+                print(f"{mod.__name__.split('.')[-1]}.{name}: {chosen}")
+    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{mode}.json"), "w") as f:
+        json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
+                   "result": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Run benchmark suites on the device without the CLI's dependencies (typer, rich are not installed there).
+
+    PYTHONPATH=. python3 benchmarks/gpu/suite_run.py SUITE[,SUITE...] [NAME]
+
+Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) and prints one line per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from subquad.bench import harness
+
+
+def main():
+    names = sys.argv[1].split(",")
+    out_name = sys.argv[2] if len(sys.argv) > 2 else "_".join(names)
+    suites = harness.load_suites()
+    rows = []
+    for name in names:
+        rows += harness.run_cases(suites[name].cases(False), torch.device("cuda"))
+        with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    for r in rows:
+        shape = f"{r.get('batch', '')}x{r.get('seqlen', '')}"
+        figures = f"{r['ms']:.4f} ms" if "ms" in r else r.get("error", "")[:70]
+        extra = f" {r['gbps']:.0f} GB/s" if r.get("gbps") else (f" {r['tflops']:.0f} TF" if r.get("tflops") else "")
+        print(f"{r['case']:26s} {r['mode']:7s} {shape:9s} {r['impl']:22s} {figures}{extra}")
+
+
+if __name__ == "__main__":
+    main()
