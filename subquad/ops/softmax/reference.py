@@ -178,6 +178,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
             # q: each slice's backward would fill a zero gradient as long as q, O(N^2 / block) in all.
             q_blocks = qh.split(block_q, dim=1)
             row_o, row_l = [], []
+            if not need_grad:
+                # Each block's result goes straight into the output: a list of blocks and their concatenation
+                # would hold the output twice, and at long N the fresh pages of both cost more than the copy.
+                o_bh = q.new_empty(qh.shape[0], seq_q, heads_kv * groups, dv)
+                l_bh = q.new_empty(qh.shape[0], heads_kv * groups, seq_q, dtype=torch.float32)
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
                 qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
@@ -207,10 +212,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                                                  device)
                     o_blk, l_blk = _attend(qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index,
                                            softcap, al)
-                row_o.append(o_blk.reshape(o_blk.shape[0], q1 - q0, heads_kv * groups, dv))
-                row_l.append(l_blk.reshape(l_blk.shape[0], heads_kv * groups, q1 - q0))
-            o_bh = torch.cat(row_o, dim=1).to(q.dtype)
-            l_bh = torch.cat(row_l, dim=2)
+                o_blk = o_blk.reshape(o_blk.shape[0], q1 - q0, heads_kv * groups, dv)
+                l_blk = l_blk.reshape(l_blk.shape[0], heads_kv * groups, q1 - q0)
+                if need_grad:
+                    row_o.append(o_blk)
+                    row_l.append(l_blk)
+                else:
+                    o_bh[:, q0:q1] = o_blk
+                    l_bh[..., q0:q1] = l_blk
+            if need_grad:
+                o_bh = torch.cat(row_o, dim=1).to(q.dtype)
+                l_bh = torch.cat(row_l, dim=2)
             if bm_b == 1 and bm_h == 1:
                 return o_bh, l_bh
             outs.append((bsl, hsl, o_bh))
