@@ -11,11 +11,9 @@ implementation, not on its whole figure); on CPU the fastest of ``CPU_REPS`` wal
 warm-up, and of one more run per implementation in each of ``CPU_ROUNDS - 1`` later passes over all the cases.
 A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
 from 16k to 64k, should not depend on which of them ran in a slow spell: spreading each case's runs over the
-whole benchmark gives every case the same chances of a quiet spell (on this 2-core machine the 16k -> 64k
-ratio of the sliding window spread over 3.9-5.2x with all runs of a case back to back, 4.0-4.3x spread out).
-Peak memory is
-the allocator's peak above the inputs on CUDA, and the peak resident set above the start of the call on CPU
-(sampled every millisecond: large tensors live far longer than that).
+whole benchmark gives every case the same chances of a quiet spell. Peak memory is the allocator's peak above
+the inputs on CUDA, and the peak resident set above the start of the call on CPU (sampled every millisecond:
+large tensors live far longer than that).
 """
 
 from __future__ import annotations
