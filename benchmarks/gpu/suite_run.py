@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/gpu/suite_run.py SUITE[,SUITE...] [NAME]
 
-Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) and prints one line per row.
+Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
+line per row at the end.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ def main():
     suites = harness.load_suites()
     rows = []
     for name in names:
-        rows += harness.run_cases(suites[name].cases(False), torch.device("cuda"))
-        with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        # case by case, the JSON rewritten after each: a call that runs out of time keeps what it measured
+        for case in suites[name].cases(False):
+            rows += harness.run_cases([case], torch.device("cuda"))
+            with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+            print(f"done {case.case} {case.mode} {case.batch}x{case.seqlen}", flush=True)
     for r in rows:
         shape = f"{r.get('batch', '')}x{r.get('seqlen', '')}"
         figures = f"{r['ms']:.4f} ms" if "ms" in r else r.get("error", "")[:70]
