@@ -41,6 +41,7 @@ def test_cases_carry_the_signature():
         assert c.extra["capability"] == dispatch.capability(torch.device("cuda")) if torch.cuda.is_available() \
             else c.extra["capability"] == "cpu"
         assert ("cudnn" in c.impls) == ("subquad-cudnn" in c.impls) == (c.case in ("causal", "full"))
+        assert ("flex" in c.impls) == ("subquad-flex" in c.impls) == (c.case not in ("causal", "full"))
 
 
 def test_document_lengths_are_uneven_and_cover_the_sequence():

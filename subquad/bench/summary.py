@@ -57,7 +57,7 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
 
 
 #: the backends suite's columns: subquad's backends (auto first), then the peers it is judged against
-BACKEND_IMPLS = ("subquad-auto", "subquad-triton", "subquad-fa4", "subquad-cudnn")
+BACKEND_IMPLS = ("subquad-auto", "subquad-triton", "subquad-fa4", "subquad-cudnn", "subquad-flex")
 BACKEND_PEERS = ("fa4", "cudnn", "flex")
 
 

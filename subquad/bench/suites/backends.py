@@ -2,7 +2,8 @@
 
 Rows: ``subquad-auto`` (the chooser, dispatch overhead included), ``subquad-triton`` (the own kernels,
 planner included), ``subquad-fa4`` (FlashAttention-4 through subquad's adapter), ``subquad-cudnn`` (SDPA's
-cuDNN kernels through ``backend="cudnn"``, dense only), ``fa4`` (FA4 called
+cuDNN kernels through ``backend="cudnn"``, dense only), ``subquad-flex`` (FlexAttention on subquad's block
+map through ``backend="flex"``, patterns only), ``fa4`` (FA4 called
 directly with its arguments prepared outside the timed call: the peer), ``cudnn`` (SDPA's cuDNN backend,
 dense only) and ``flex`` (FlexAttention compiled, patterns only: on dense it trails cuDNN, BENCHMARKS.md).
 
@@ -198,6 +199,7 @@ def make_cases(quick: bool, names=None):
                     impls["subquad-cudnn"] = _subquad(pattern, causal, "cudnn")
                     impls["cudnn"] = peers.sdpa("cudnn", causal)
                 if flex_mod is not None:
+                    impls["subquad-flex"] = _subquad(pattern, causal, "flex")
                     impls["flex"] = peers.flex(flex_mod)
                 yield attention_case(name, ref_pattern, mode, batch=batch, seqlen=n, heads_q=HEADS, heads_kv=HEADS,
                                      head_dim=DIM, dtype=DTYPE, impls=impls,
@@ -250,7 +252,7 @@ def warm_all(timeout_s: float) -> None:
 
 
 #: the backends the chooser picks from, measured first: the table built from them serves subquad-auto
-CANDIDATES = ("subquad-triton", "subquad-fa4", "subquad-cudnn")
+CANDIDATES = ("subquad-triton", "subquad-fa4", "subquad-cudnn", "subquad-flex")
 
 
 def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None) -> list[dict]:

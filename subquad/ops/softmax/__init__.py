@@ -14,7 +14,7 @@ from .reference import attention_reference
 
 log = logging.getLogger("subquad")
 
-BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn")
+BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn", "flex")
 
 
 def _check_options(q, scale, softcap, alibi_slopes):
@@ -71,10 +71,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             Triton kernels inside ``torch.compile``),
             ``"triton"``, ``"fa4"`` (FlashAttention-4, where ``flash-attn-4`` is installed on sm90/sm100;
             ``ValueError`` for a call it cannot run), ``"cudnn"`` (PyTorch SDPA's cuDNN kernels: full or causal
-            attention without softcap, ALiBi or LSE) or ``"reference"``. The Triton kernels take fp16/bf16:
-            fp32 inputs run the reference (under ``"auto"`` and ``"triton"`` alike).
+            attention without softcap, ALiBi or LSE), ``"flex"`` (PyTorch's FlexAttention on subquad's block
+            map: every structured pattern, softcap, ALiBi; compiled on CUDA, eager and slow on the CPU) or
+            ``"reference"``. The Triton kernels take fp16/bf16: fp32 inputs run the reference (under
+            ``"auto"`` and ``"triton"`` alike).
         deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
-            somewhat slower; ``"auto"`` then runs the Triton kernels, and ``"fa4"`` / ``"cudnn"`` refuse it.
+            somewhat slower; ``"auto"`` then runs the Triton kernels, and ``"fa4"`` / ``"cudnn"`` / ``"flex"``
+            refuse it.
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
@@ -97,7 +100,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                         return_lse=return_lse)
     else:
         chosen = _pick_backend(backend, q)
-    if deterministic and chosen in ("fa4", "cudnn"):
+    if deterministic and chosen in ("fa4", "cudnn", "flex"):
         raise ValueError(f"deterministic: only the Triton and reference backends offer a deterministic backward, "
                          f"got backend={backend!r} (use backend='auto' or 'triton')")
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
@@ -119,6 +122,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if why is not None:
             raise ValueError(f"backend: 'fa4' cannot run this call: {why}")
         out, lse = fa4_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)
+        return (out, lse) if return_lse else out
+    if chosen == "flex":
+        from .flex import flex_attention, unsupported_reason
+
+        why = unsupported_reason(q, k, v, causal=causal, mask=mask, alibi_slopes=alibi_slopes) \
+            if backend == "flex" else None
+        if why is not None:
+            raise ValueError(f"backend: 'flex' cannot run this call: {why}")
+        out, lse = flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
+                                  alibi_slopes=alibi_slopes)
         return (out, lse) if return_lse else out
     planned = None if plan is False else plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
     if plan is True and planned is None:

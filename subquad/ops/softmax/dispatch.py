@@ -14,7 +14,8 @@ The rule, in order:
    Triton kernel on every signature measured, 1.3-6x) and then SDPA's cuDNN kernels (dense only:
    ``cudnn.py``); the own Triton kernel first for the rest (the scattered-key patterns strided/fixed/dilated,
    which the planner gathers while FA4 would load a whole key block per kept column; compositions; user
-   masks); the reference last;
+   masks); the reference last. FlexAttention (``flex``) is in no unmeasured order: it runs only where a
+   measured ranking puts it;
 
 and the first backend of that order that *can run the call* wins (``unsupported_reason``: installed, right device,
 dtype, head_dim, pattern expressible), so a measured favourite that cannot run a call is skipped, never
@@ -36,12 +37,14 @@ import torch
 
 from ... import masks as _masks
 from ...masks import patterns as P
-from . import cudnn, fa4
+from . import cudnn, fa4, flex
 
 log = logging.getLogger("subquad")
 
-#: every backend of exact attention, in the order that unmeasured signatures outside FA4_FIRST try them
+#: the backends of exact attention in the order that unmeasured signatures outside FA4_FIRST try them;
+#: ``flex`` (FlexAttention) is in no unmeasured order: auto runs it only where the measured table ranks it
 BACKENDS = ("triton", "fa4", "cudnn", "reference")
+MEASURED_ONLY = ("flex",)
 #: pattern kinds that an unmeasured signature runs on FA4 first (see the module docstring)
 FA4_FIRST = ("full", "causal", "window", "document", "longformer", "bigbird", "prefix_lm", "block_sparse")
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
@@ -49,7 +52,7 @@ TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 MAX_ERR = {"bfloat16": 6e-2, "float16": 1e-2, "float32": 1e-4}
 #: bench implementation name -> backend
 BENCH_IMPLS = {"subquad-triton": "triton", "subquad-fa4": "fa4", "subquad-cudnn": "cudnn",
-               "subquad-reference": "reference"}
+               "subquad-flex": "flex", "subquad-reference": "reference"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,7 +260,9 @@ def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     if backend == "cudnn":
         return cudnn.unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap,
                                         alibi_slopes=alibi_slopes, return_lse=return_lse)
-    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "flex":
+        return flex.unsupported_reason(q, k, v, causal=causal, mask=mask, alibi_slopes=alibi_slopes)
+    raise ValueError(f"backend: expected one of {BACKENDS + MEASURED_ONLY}, got {backend!r}")
 
 
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None, softcap=None,
@@ -298,7 +303,8 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
 def available_backends(device=None) -> list[str]:
     """The exact-attention backends this machine can run on ``device`` (default: CUDA if present) for
     some call, in the unmeasured order: ``triton``, ``fa4`` and ``cudnn`` need a CUDA device (FA4: installed,
-    sm90 or sm100; cuDNN: PyTorch built with it); ``reference`` always runs."""
+    sm90 or sm100; cuDNN: PyTorch built with it); ``reference`` always runs; then ``flex`` (FlexAttention,
+    on CUDA where this PyTorch has it), which ``auto`` runs only where the measured table ranks it."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -314,6 +320,8 @@ def available_backends(device=None) -> list[str]:
                 out.append(backend)
             elif backend == "cudnn" and torch.backends.cudnn.is_available():
                 out.append(backend)
+    if device.type == "cuda" and flex.is_available():
+        out.append("flex")
     return out
 
 

@@ -1,0 +1,179 @@
+"""PyTorch's FlexAttention as a backend of ``subquad.attention``.
+
+FlexAttention compiles a mask predicate into a Triton kernel that skips the key blocks its block map excludes
+and masks only the partial ones: the design subquad's own kernels follow. On some patterns its kernels are
+the fastest there are (BigBird fwd+bwd on the H100: 6% ahead of FA4 and 1.6x ahead of the own Triton kernel,
+``benchmarks/results/2026-11-23-backends-h100.json``), so ``backend="auto"`` may pick it: only where the
+measured table ranks it (it is in no unmeasured order), and ``backend="flex"`` asks for it directly.
+
+The adapter adds no mask work of its own: flex gets subquad's ``BlockMask`` as it is (the 128 x 128 full and
+partial key-block lists become ``BlockMask.from_kv_blocks``) and, for the partial blocks, a ``mask_mod``
+evaluated by the same ``fa4.emit`` that generates FA4's CuTe predicate, here with torch operations; softcap
+and ALiBi become a ``score_mod``. Patterns with no such form (Python predicates) cannot run here.
+``flex_attention`` is compiled once per process on CUDA (dynamo's cache limit raised: every new shape or
+pattern is a new graph); on the CPU it runs eagerly, slowly (for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from ... import masks as _masks
+from . import fa4
+
+BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def is_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                       mask=None, alibi_slopes: torch.Tensor | None = None) -> str | None:
+    """Why FlexAttention cannot run this call, or None if it can."""
+    if not is_available():
+        return "this PyTorch has no torch.nn.attention.flex_attention"
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        return "ALiBi slopes reach FlexAttention's score_mod as constants: no gradient flows to them"
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "FlexAttention has no backward on the CPU"
+    if q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
+        return f"FlexAttention's kernels take power-of-two head dims >= 16, got {q.shape[-1]}"
+    if mask is not None:
+        try:
+            _spec(_block_mask(q, k, causal=causal, mask=mask))
+        except fa4.NotExpressible as exc:
+            return str(exc).replace("FA4 mask_mod", "FlexAttention mask_mod")
+        except (TypeError, ValueError) as exc:
+            return f"the mask cannot be built for FlexAttention: {exc}"
+    return None
+
+
+class _TorchOps:
+    """``fa4.emit``'s operations on torch tensors (flex evaluates its mask_mod on index tensors)."""
+
+    @staticmethod
+    def const(x: int) -> int:
+        return x
+
+    @staticmethod
+    def true(k):
+        return k >= 0
+
+    @staticmethod
+    def load(tensor, *idx):
+        return tensor[idx]
+
+
+def _block_mask(q, k, *, causal, mask) -> "_masks.BlockMask":
+    if isinstance(mask, _masks.BlockMask) and (mask.block_q, mask.block_kv) != (BLOCK, BLOCK):
+        mask = mask.pattern             # rebuilt on flex's blocks
+    return _masks.resolve(mask, causal=causal, batch=q.shape[0], heads=q.shape[2], seq_q=q.shape[1],
+                          seq_kv=k.shape[1], device=q.device, block_q=BLOCK, block_kv=BLOCK)
+
+
+def _spec(bm: "_masks.BlockMask"):
+    """(spec, aux) of the BlockMask's pattern, made once per BlockMask."""
+    cached = bm._cache.get("flex_spec")
+    if cached is None:
+        aux: list[torch.Tensor] = []
+        cached = bm._cache["flex_spec"] = (fa4.mask_spec(bm.pattern, bm.seq_kv, aux), aux)
+    return cached
+
+
+def _padded(idx: torch.Tensor, n_kb: int) -> torch.Tensor:
+    """Key-block indices padded to one column per key block (flex transposes the lists through a dense map)."""
+    out = idx.new_zeros(*idx.shape[:-1], n_kb)
+    out[..., :idx.shape[-1]] = idx[..., :n_kb]
+    return out.to(torch.int32)
+
+
+def flex_block_mask(bm: "_masks.BlockMask"):
+    """FlexAttention's BlockMask for a subquad BlockMask (made once per BlockMask)."""
+    cached = bm._cache.get("flex")
+    if cached is not None:
+        return cached
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    spec, aux = _spec(bm)
+    offset = bm.q_offset
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return fa4.emit(spec, _TorchOps, b, h, q_idx + offset, kv_idx, aux)
+
+    n_kb = -(-bm.seq_kv // BLOCK)
+    (pnum, pidx), (fnum, fidx) = bm.partial_kv, bm.full_kv
+    cached = bm._cache["flex"] = FlexBlockMask.from_kv_blocks(
+        pnum.to(torch.int32), _padded(pidx, n_kb), fnum.to(torch.int32), _padded(fidx, n_kb),
+        BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod, seq_lengths=(bm.seq_q, bm.seq_kv))
+    return cached
+
+
+_SCORE_MODS: dict = {}
+
+
+def _score_mod(softcap, alibi_slopes, q_offset):
+    """One function per (softcap, slopes tensor, offset), kept: compiled flex guards on the score_mod, so a
+    new closure on every call would compile again."""
+    if softcap is None and alibi_slopes is None:
+        return None
+    key = (softcap, id(alibi_slopes), q_offset)
+    hit = _SCORE_MODS.get(key)
+    if hit is not None and hit[0] is alibi_slopes:
+        return hit[1]
+    if len(_SCORE_MODS) > 256:
+        _SCORE_MODS.clear()
+    slopes = None if alibi_slopes is None else alibi_slopes.float()
+    per_batch = slopes is not None and slopes.dim() == 2 and slopes.shape[0] > 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            slope = slopes[b, h] if per_batch else slopes.view(-1)[h]
+            score = score - slope * (q_idx + q_offset - kv_idx).abs()
+        return score
+
+    _SCORE_MODS[key] = (alibi_slopes, score_mod)
+    return score_mod
+
+
+_COMPILED: dict = {}
+
+
+def _flex(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _COMPILED:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+        _COMPILED["cuda"] = torch.compile(flex_attention)
+    return _COMPILED["cuda"]
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
+                   scale: float | None = None, softcap: float | None = None,
+                   alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of exact attention on ``(batch, seq, heads, dim)`` tensors through FlexAttention
+    (differentiable; GQA through ``enable_gqa``). Callers check ``unsupported_reason``."""
+    block_mask = None
+    if mask is not None or causal:
+        block_mask = flex_block_mask(_block_mask(q, k, causal=causal, mask=mask))
+    import warnings
+
+    with warnings.catch_warnings():
+        # eager flex on the CPU warns that it is unfused, and newer PyTorch prefers return_aux to return_lse
+        warnings.simplefilter("ignore")
+        out, lse = _flex(q.device)(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            score_mod=_score_mod(softcap, alibi_slopes, k.shape[1] - q.shape[1]), block_mask=block_mask,
+            scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+__all__ = ["flex_attention", "flex_block_mask", "unsupported_reason", "is_available"]
