@@ -14,20 +14,6 @@ from subquad.masks.patterns import INF
 from subquad.ops.softmax import fa4
 
 
-class _TorchOps:
-    @staticmethod
-    def const(x):
-        return x
-
-    @staticmethod
-    def true(k):
-        return k >= 0
-
-    @staticmethod
-    def load(tensor, *idx):
-        return tensor[idx]
-
-
 class _BlockSparse:
     def __init__(self, mask_block_cnt, mask_block_idx, full_block_cnt=None, full_block_idx=None, block_size=None):
         self.mask_block_cnt, self.mask_block_idx = mask_block_cnt, mask_block_idx
@@ -119,7 +105,7 @@ def fake_fa4(monkeypatch):
     monkeypatch.setattr(fa4, "_interface", lambda: (fake_flash_attn_func, fake_flash_attn_varlen_func, _BlockSparse))
 
     def mask_mod(spec, q_offset):
-        return lambda b, h, q, k, aux: fa4.emit(spec, _TorchOps, b, h, q + q_offset, k, aux)
+        return lambda b, h, q, k, aux: fa4.emit(spec, fa4.TorchOps, b, h, q + q_offset, k, aux)
 
     monkeypatch.setattr(fa4, "_cute_mask_mod", mask_mod)
     CALLS.clear()
@@ -276,7 +262,7 @@ def test_mask_spec_matches_predicate(name, offset):
     h = torch.arange(4).view(1, -1, 1, 1)
     q = torch.arange(nq).view(1, 1, -1, 1) + offset
     k = torch.arange(nk).view(1, 1, 1, -1)
-    got = fa4.emit(spec, _TorchOps, b, h, q, k, aux).expand(2, 4, nq, nk)
+    got = fa4.emit(spec, fa4.TorchOps, b, h, q, k, aux).expand(2, 4, nq, nk)
     assert torch.equal(got, pattern.to_dense(nq, nk, batch=2, heads=4))
     # The spec names every constant: its repr is the kernel's cache key.
     assert eval(repr(spec)) == spec  # noqa: S307

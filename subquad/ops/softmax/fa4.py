@@ -260,6 +260,22 @@ def emit(spec: tuple, ops, b, h, q, k, aux):
     raise ValueError(f"unknown mask spec {tag!r}")
 
 
+class TorchOps:
+    """``emit``'s operations on torch tensors (FlexAttention's mask_mod, the CPU tests of the CuTe one)."""
+
+    @staticmethod
+    def const(x: int) -> int:
+        return x
+
+    @staticmethod
+    def true(k):
+        return k >= 0
+
+    @staticmethod
+    def load(tensor, *idx):
+        return tensor[idx]
+
+
 def _in_runs(x, runs, c):
     out = None
     for a, b in runs:
@@ -466,4 +482,4 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
 
 __all__ = ["fa4_attention", "unsupported_reason", "lower", "Lowering", "is_installed", "version", "mask_spec",
-           "emit", "band_window", "varlen_offsets", "NotExpressible", "BLOCK_Q", "BLOCK_KV"]
+           "emit", "TorchOps", "band_window", "varlen_offsets", "NotExpressible", "BLOCK_Q", "BLOCK_KV"]

@@ -53,22 +53,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
     return None
 
 
-class _TorchOps:
-    """``fa4.emit``'s operations on torch tensors (flex evaluates its mask_mod on index tensors)."""
-
-    @staticmethod
-    def const(x: int) -> int:
-        return x
-
-    @staticmethod
-    def true(k):
-        return k >= 0
-
-    @staticmethod
-    def load(tensor, *idx):
-        return tensor[idx]
-
-
 def _block_mask(q, k, *, causal, mask) -> "_masks.BlockMask":
     if isinstance(mask, _masks.BlockMask) and (mask.block_q, mask.block_kv) != (BLOCK, BLOCK):
         mask = mask.pattern             # rebuilt on flex's blocks
@@ -103,7 +87,7 @@ def flex_block_mask(bm: "_masks.BlockMask"):
     offset = bm.q_offset
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return fa4.emit(spec, _TorchOps, b, h, q_idx + offset, kv_idx, aux)
+        return fa4.emit(spec, fa4.TorchOps, b, h, q_idx + offset, kv_idx, aux)
 
     n_kb = -(-bm.seq_kv // BLOCK)
     (pnum, pidx), (fnum, fidx) = bm.partial_kv, bm.full_kv
