@@ -215,3 +215,17 @@ def test_gpu_bf16_matches_reference(layout, t):
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     assert err < 1e-2, err
     assert torch.isfinite(out).all()
+
+
+def test_split_count_fills_whole_waves():
+    from subquad.ops.decode.splitkv import _split_count
+
+    slots = 3 * 132
+    assert _split_count(64, slots, 32) == 6           # the H100 sweep's best: one wave of 384 programs
+    for programs, most in ((512, 32), (128, 16), (4096, 64), (8, 32), (1000, 1)):
+        s = _split_count(programs, slots, most)
+        assert 1 <= s <= most
+        waves = -(-programs * s // slots)
+        fill = programs * s / (waves * slots)
+        best = max(programs * t / (-(-programs * t // slots) * slots) for t in range(1, most + 1))
+        assert fill >= 0.95 or fill == best

@@ -193,6 +193,25 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _split_count(programs: int, slots: int, most: int) -> int:
+    """Splits of the KV length: the fewest that fill the GPU's program slots in whole waves (>= 95% of the
+    last wave busy), at most ``most``; else the best filled.
+
+    H100 sweeps (benchmarks/results/*decode-tune*): about 3 programs fit on an SM beside each other (two
+    64-key K/V stages in shared memory), and a split needs at least 16 key tiles. At 32k context (B 8, 8 KV
+    heads: 64 programs per split) 6 splits, one wave of 384, read 2,928 GB/s (97.6% of copy) where 17 splits
+    (1,088 programs, the last of three waves 75% busy) read 2,780 and 24 (1,536, four waves) 2,886; at 8k, 9
+    splits of 14 tiles ran at 2,250-2,440 GB/s, 32 splits of 4 tiles 1,100-1,560."""
+    def filled(s: int) -> float:
+        return programs * s / (-(-programs * s // slots) * slots)
+
+    most = max(1, most)
+    for s in range(1, most + 1):
+        if filled(s) >= 0.95:
+            return s
+    return max(range(1, most + 1), key=filled)
+
+
 def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
                    alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
                    block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
@@ -231,12 +250,8 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if window is not None:
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
-        # H100 sweeps (benchmarks/results/*decode-tune*): one wave of about 3 programs per SM (what fits beside
-        # each other in shared memory with two 64-key K/V stages), and at least 16 key tiles per split. At 32k
-        # context (B 8, 8 KV heads) 6 splits, 384 programs, read 2,928 GB/s (97.6% of copy) where 17 splits read
-        # 2,780 and 24 read 2,886; at 8k, 9 splits of 14 tiles ran at 2,250-2,440 GB/s, 32 of 4 tiles 1,100-1,560.
-        per_split = bsz * hkv * m_blocks * n_dv_blocks
-        num_splits = max(1, min(3 * _num_sms(q.device) // per_split, triton.cdiv(max_len, 16 * block_n)))
+        num_splits = _split_count(bsz * hkv * m_blocks * n_dv_blocks, 3 * _num_sms(q.device),
+                                  triton.cdiv(max_len, 16 * block_n))
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
     if num_stages is None:
