@@ -93,6 +93,28 @@ def test_block_lists_are_subquads_own():
     assert flex.flex_block_mask(bm) is flex.flex_block_mask(bm)     # made once per BlockMask
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")      # torch.compile's imports of torch.jit
+def test_compiled_kernels_follow_the_block_lists():
+    """Eager flex evaluates the mask_mod everywhere; the compiled kernels visit only the listed blocks and
+    trace the mask_mod and score_mod. The CPU's compiled flex has neither LSE nor backward: output only."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+    q, k, v = _inputs(b=1, n=512)
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(torch_flex)
+    for name in ("bigbird", "document", "strided"):
+        mask = PATTERNS[name] if name != "document" else masks.document(torch.tensor([0] * 200 + [1] * 312))
+        block_mask = flex.flex_block_mask(flex._block_mask(q, k, causal=False, mask=mask))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           score_mod=flex._score_mod(30.0, slopes, 0), enable_gqa=True).transpose(1, 2)
+            want = attention(q, k, v, mask=mask, softcap=30.0, alibi_slopes=slopes, backend="reference")
+        _close(got, want)
+
+
 def test_calls_flex_cannot_run_are_value_errors():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="backend: 'flex' cannot run"):
