@@ -106,30 +106,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
         log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
                   q.dtype, "causal" if mask is None and causal else mask)
-    if chosen == "cudnn":
-        from .cudnn import cudnn_attention, unsupported_reason
+    if chosen in ("cudnn", "fa4", "flex") and backend == chosen:
+        from .dispatch import unsupported_reason    # auto asked already; a backend asked by name is checked here
 
-        why = unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 return_lse=return_lse) if backend == "cudnn" else None
+        why = unsupported_reason(chosen, q, k, v, causal=causal, mask=mask, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, return_lse=return_lse)
         if why is not None:
-            raise ValueError(f"backend: 'cudnn' cannot run this call: {why}")
+            raise ValueError(f"backend: {chosen!r} cannot run this call: {why}")
+    if chosen == "cudnn":
+        from .cudnn import cudnn_attention
+
         return cudnn_attention(q, k, v, causal=causal, scale=scale)
     if chosen == "fa4":
-        from .fa4 import fa4_attention, unsupported_reason
+        from .fa4 import fa4_attention
 
-        why = unsupported_reason(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes) \
-            if backend == "fa4" else None
-        if why is not None:
-            raise ValueError(f"backend: 'fa4' cannot run this call: {why}")
         out, lse = fa4_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)
         return (out, lse) if return_lse else out
     if chosen == "flex":
-        from .flex import flex_attention, unsupported_reason
+        from .flex import flex_attention
 
-        why = unsupported_reason(q, k, v, causal=causal, mask=mask, alibi_slopes=alibi_slopes) \
-            if backend == "flex" else None
-        if why is not None:
-            raise ValueError(f"backend: 'flex' cannot run this call: {why}")
         out, lse = flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                                   alibi_slopes=alibi_slopes)
         return (out, lse) if return_lse else out

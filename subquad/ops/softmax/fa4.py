@@ -439,7 +439,9 @@ def sparse_args(bm: "_masks.BlockMask") -> SparseArgs:
     return bm._cache[key]
 
 
-def _block_mask_for(mask, *, causal, batch, heads, seq_q, seq_kv, device) -> "_masks.BlockMask":
+def block_mask_for(mask, *, causal, batch, heads, seq_q, seq_kv, device) -> "_masks.BlockMask":
+    """The call's BlockMask on 128 x 128 blocks (FA4's Hopper tiles, FlexAttention's sparse blocks): a
+    prebuilt BlockMask on other blocks is rebuilt from its pattern."""
     if isinstance(mask, _masks.BlockMask):
         if (mask.block_q, mask.block_kv) == (BLOCK_Q, BLOCK_KV):
             return mask.to(device)
@@ -470,7 +472,7 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if lowering.route == "dense":
         return flash_attn_func(q, k, v, causal=lowering.causal, window_size=lowering.window, **common)
     # Resolved from the caller's own (mask, causal) so that the BlockMask cache on the pattern is hit.
-    bm = _block_mask_for(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device)
+    bm = block_mask_for(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device)
     args = sparse_args(bm)
     if args.kernel_kwargs is None:
         args.kernel_kwargs = dict(
@@ -482,4 +484,4 @@ def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
 
 __all__ = ["fa4_attention", "unsupported_reason", "lower", "Lowering", "is_installed", "version", "mask_spec",
-           "emit", "TorchOps", "band_window", "varlen_offsets", "NotExpressible", "BLOCK_Q", "BLOCK_KV"]
+           "emit", "TorchOps", "block_mask_for", "band_window", "varlen_offsets", "NotExpressible", "BLOCK_Q", "BLOCK_KV"]

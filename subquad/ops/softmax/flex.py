@@ -6,10 +6,11 @@ the fastest there are (BigBird fwd+bwd on the H100: 6% ahead of FA4 and 1.6x ahe
 ``benchmarks/results/2026-11-23-backends-h100.json``), so ``backend="auto"`` may pick it: only where the
 measured table ranks it (it is in no unmeasured order), and ``backend="flex"`` asks for it directly.
 
-The adapter adds no mask work of its own: flex gets subquad's ``BlockMask`` as it is (the 128 x 128 full and
-partial key-block lists become ``BlockMask.from_kv_blocks``) and, for the partial blocks, a ``mask_mod``
-evaluated by the same ``fa4.emit`` that generates FA4's CuTe predicate, here with torch operations; softcap
-and ALiBi become a ``score_mod``. Patterns with no such form (Python predicates) cannot run here.
+The adapter adds no mask work of its own: flex gets the BlockMask FA4's adapter uses (``fa4.block_mask_for``),
+its 128 x 128 full and partial key-block lists become ``BlockMask.from_kv_blocks``, and a ``mask_mod``
+evaluates the same ``fa4.emit`` that generates FA4's CuTe predicate, here with torch operations; softcap and
+ALiBi become a ``score_mod``. Unlike FA4's, the mask_mod is made even when no block is partial: eager flex
+(the CPU) applies it to every block and ignores the lists. Patterns with no such form (Python predicates) cannot run here.
 ``flex_attention`` is compiled once per process on CUDA (dynamo's cache limit raised: every new shape or
 pattern is a new graph); on the CPU it runs eagerly, slowly (for tests).
 """
@@ -18,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 
 from ... import masks as _masks
 from . import fa4
-
-BLOCK = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,10 +54,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
 
 
 def _block_mask(q, k, *, causal, mask) -> "_masks.BlockMask":
-    if isinstance(mask, _masks.BlockMask) and (mask.block_q, mask.block_kv) != (BLOCK, BLOCK):
-        mask = mask.pattern             # rebuilt on flex's blocks
-    return _masks.resolve(mask, causal=causal, batch=q.shape[0], heads=q.shape[2], seq_q=q.shape[1],
-                          seq_kv=k.shape[1], device=q.device, block_q=BLOCK, block_kv=BLOCK)
+    return fa4.block_mask_for(mask, causal=causal, batch=q.shape[0], heads=q.shape[2], seq_q=q.shape[1],
+                              seq_kv=k.shape[1], device=q.device)
 
 
 def _spec(bm: "_masks.BlockMask"):
@@ -89,11 +87,11 @@ def flex_block_mask(bm: "_masks.BlockMask"):
     def mask_mod(b, h, q_idx, kv_idx):
         return fa4.emit(spec, fa4.TorchOps, b, h, q_idx + offset, kv_idx, aux)
 
-    n_kb = -(-bm.seq_kv // BLOCK)
     (pnum, pidx), (fnum, fidx) = bm.partial_kv, bm.full_kv
+    n_kb = -(-bm.seq_kv // bm.block_kv)
     cached = bm._cache["flex"] = FlexBlockMask.from_kv_blocks(
         pnum.to(torch.int32), _padded(pidx, n_kb), fnum.to(torch.int32), _padded(fidx, n_kb),
-        BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod, seq_lengths=(bm.seq_q, bm.seq_kv))
+        BLOCK_SIZE=(bm.block_q, bm.block_kv), mask_mod=mask_mod, seq_lengths=(bm.seq_q, bm.seq_kv))
     return cached
 
 
@@ -148,8 +146,6 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     block_mask = None
     if mask is not None or causal:
         block_mask = flex_block_mask(_block_mask(q, k, causal=causal, mask=mask))
-    import warnings
-
     with warnings.catch_warnings():
         # eager flex on the CPU warns that it is unfused, and newer PyTorch prefers return_aux to return_lse
         warnings.simplefilter("ignore")
