@@ -211,7 +211,8 @@ def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor]) -> tuple:
 
 def emit(spec: tuple, ops, b, h, q, k, aux):
     """Evaluate ``spec`` at (batch ``b``, head ``h``, absolute query ``q``, key ``k``) with ``ops``:
-    ``ops.const(int)``, ``ops.true(k)`` and ``ops.load(tensor, *indices)``. Comparisons, ``&``, ``|``, ``//``
+    ``ops.const(int)``, ``ops.true(k)``, ``ops.load(tensor, *indices)`` and ``ops.flag(tensor, *indices)`` (an
+    entry of a 0/1 tensor as a boolean; a None index is a dimension of size 1, which the tensor may lack). Comparisons, ``&``, ``|``, ``//``
     and ``%`` are the operands' own (all operands are non-negative where ``//``/``%`` meet them)."""
     tag = spec[0]
     c = ops.const
@@ -246,17 +247,17 @@ def emit(spec: tuple, ops, b, h, q, k, aux):
         return _in_runs(k if axis == "kv" else q, runs, c)
     if tag == "positions_aux":
         _, axis, i = spec
-        return ops.load(aux[i], k if axis == "kv" else q) != c(0)
+        return ops.flag(aux[i], k if axis == "kv" else q)
     if tag == "document":
         _, i, per_batch = spec
         bb = b if per_batch else 0
         return ops.load(aux[i], bb, q) == ops.load(aux[i], bb, k)
     if tag == "layout":
         _, i, block, per_batch, per_head = spec
-        return ops.load(aux[i], b if per_batch else 0, h if per_head else 0, q // c(block), k // c(block)) != c(0)
+        return ops.flag(aux[i], b if per_batch else None, h if per_head else None, q // c(block), k // c(block))
     if tag == "tensor":
         _, i, offset, per_batch, per_head = spec
-        return ops.load(aux[i], b if per_batch else 0, h if per_head else 0, q - c(offset), k) != c(0)
+        return ops.flag(aux[i], b if per_batch else None, h if per_head else None, q - c(offset), k)
     raise ValueError(f"unknown mask spec {tag!r}")
 
 
@@ -274,6 +275,13 @@ class TorchOps:
     @staticmethod
     def load(tensor, *idx):
         return tensor[idx]
+
+    @staticmethod
+    def flag(tensor, *idx):
+        if tensor.dim() < len(idx):
+            idx = tuple(i for i in idx if i is not None)
+        entry = tensor[tuple(0 if i is None else i for i in idx)]
+        return entry if entry.dtype == torch.bool else entry != 0
 
 
 def _in_runs(x, runs, c):
@@ -300,8 +308,11 @@ class _CuteOps:
         return k >= self.const(0)
 
     def load(self, tensor, *idx):
-        coord = tuple(i if isinstance(i, int) else i[0] for i in idx)
+        coord = tuple(0 if i is None else i if isinstance(i, int) else i[0] for i in idx)
         return self._ssa(tensor[coord], self._int32)
+
+    def flag(self, tensor, *idx):
+        return self.load(tensor, *idx) != self.const(0)
 
 
 _MASK_MODS: dict[str, Callable] = {}
