@@ -34,18 +34,19 @@ def main():
     copy, _ = gbps(lambda: dst.copy_(src), 4.0 * src.numel())
     print(f"copy {copy:.0f} GB/s")
     del src, dst
-    # third sweep: split counts that fill whole waves (64 (sequence, KV head) pairs x splits against 132 SMs),
-    # 128-key tiles, deeper pipelines, 8 warps
-    configs = [dict(num_splits=sp, block_n=bn, num_warps=w, num_stages=st) for sp in (None, 6, 12, 24)
-               for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
-    for n in (32768, 8192):
+    # fourth sweep (the merge folded into the kernel): the L2 eviction hint of the K/V loads against split
+    # counts, tile lengths and pipeline depths, at 32k and 128k where the target is SDPA-flash
+    configs = [dict(num_splits=sp, block_n=bn, num_stages=st, kv_eviction=ev) for sp in (None, 12)
+               for bn in (64, 128) for st in (2, 3) for ev in ("", "evict_first")]
+    contexts = [int(x) for x in os.environ.get("DECODE_TUNE_CONTEXTS", "32768,131072").split(",")]
+    for n in contexts:
         inp = _gqa_inputs(8, n, 32, 8, 128, torch.bfloat16)(dev)
         nbytes = 2.0 * 8 * n * 8 * 128 * 2
         for name in ("flash", "cudnn"):
             g, ms = gbps(lambda: sdpa(name, enable_gqa=True)(inp), nbytes)
             rows.append({"case": f"sdpa-{name}", "seqlen": n, "gbps": round(g, 1), "ms": round(ms, 4)})
             print(rows[-1], flush=True)
-        cases = [(layout, c) for layout in ("static", "paged") for c in (configs if n == 32768 else configs[:4])]
+        cases = [(layout, c) for layout in ("static", "paged") for c in (configs if layout == "static" else configs[:4])]
         for layout, opts in cases:
             fn = (lambda: decode(inp["q"], inp["k"], inp["v"], **opts)) if layout == "static" else \
                 (lambda: decode(inp["q"], inp["paged"], **opts))

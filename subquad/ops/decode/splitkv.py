@@ -4,7 +4,8 @@ Decoding reads the whole cache to produce a few rows of output: a memory-bandwid
 
 * the KV length of each sequence is split across ``num_splits`` programs (enough programs to fill the
   GPU even at batch 1); each computes a partial softmax over its chunk and writes ``(o, lse)`` in fp32;
-  a second small kernel merges the partials by their LSE;
+  the last program of a tile to finish (an arrival counter per tile) merges the partials by their LSE and
+  writes the output: no second kernel, whose launch and tail were ~1% of a 32k decode on the H100;
 * the query heads that share one KV head (GQA), times the ``T`` new tokens, are packed as the rows of one
   tile, so each K/V tile is read from memory once for the whole group (rows ``r = t * G + g``);
 * storage is read in place, whatever the layout: dense ``(B, S, H, D)``, a ring of slots (rolling window;
@@ -30,19 +31,20 @@ _LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
 
 
 @triton.jit
-def _decode_partial_kernel(
-    Q, K, V, O_part, LSE_part, SEQLENS, BLOCK_TABLE, SLOPES,
+def _decode_kernel(
+    Q, K, V, O_part, LSE_part, COUNTERS, OUT, LSE, SEQLENS, BLOCK_TABLE, SLOPES,
     stride_qb, stride_qt, stride_qh,
+    stride_ob, stride_ot, stride_oh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_bt, stride_sl,
     scale, softcap, window, slots,
-    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DR: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
 ):
     # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
     pid_mv = tl.program_id(0)
@@ -102,17 +104,19 @@ def _decode_partial_kernel(
             k_pos = seqlen - 1 - (seqlen - 1 - idx) % slots
         else:
             k_pos = idx
-        k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0,
+                    eviction_policy=KV_EVICTION)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if D_ROPE > 0:
             k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
-                             mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
+                             mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0,
+                             eviction_policy=KV_EVICTION)
             s += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
         if V_IS_K:
             v = k
         else:
             v = tl.load(v_row[:, None] + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV),
-                        other=0.0)
+                        other=0.0, eviction_policy=KV_EVICTION)
         s = s * scale
         if HAS_SOFTCAP:
             # softcap * tanh(s / softcap), tanh through exp (stable: e in (0, 1])
@@ -137,49 +141,46 @@ def _decode_partial_kernel(
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    # partials: (B * HKV, NUM_SPLITS, T * G, DV) and (B * HKV, NUM_SPLITS, T * G), base-2 LSE
-    part = (pid_bh * NUM_SPLITS + split).to(tl.int64) * (T * G)
-    tl.store(O_part + (part + rows[:, None]) * DV + offs_dv[None, :], o,
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    if dv_blk == 0:
+    out_ptrs = OUT + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    out_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
+    lse_ptrs = LSE + (b * (HKV * G) + head) * T + t          # natural-log LSE, (B, H_q, T)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=out_ok)
+        if dv_blk == 0:
+            tl.store(lse_ptrs, lse * 0.6931471805599453, mask=row_ok)
+    else:
+        # partials: (B * HKV, NUM_SPLITS, T * G, DV) and (B * HKV, NUM_SPLITS, T * G), base-2 LSE. Every V
+        # column block writes the (equal) LSE, so that whichever program merges finds all of them written.
+        part = (pid_bh * NUM_SPLITS + split).to(tl.int64) * (T * G)
+        tl.store(O_part + (part + rows[:, None]) * DV + offs_dv[None, :], o, mask=out_ok)
         tl.store(LSE_part + part + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    O_part, LSE_part, OUT, LSE,
-    stride_ob, stride_ot, stride_oh,
-    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    # one program per (sequence, KV head, packed row) and block of V columns
-    pid = tl.program_id(0)
-    dv_blk = tl.program_id(1)
-    row = pid % (T * G)
-    pid_bh = pid // (T * G)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    t = row // G
-    head = hkv * G + row % G
-    splits = tl.arange(0, SPLITS_P2)
-    ok = splits < NUM_SPLITS
-    base = (pid_bh * NUM_SPLITS + splits).to(tl.int64) * (T * G) + row
-    lse = tl.load(LSE_part + base, mask=ok, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w = tl.exp2(lse - lse_use)
-    total = tl.sum(w, 0)
-    offs_dv = dv_blk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    o = tl.load(O_part + base[:, None] * DV + offs_dv[None, :], mask=ok[:, None] & (offs_dv[None, :] < DV),
-                other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + b * stride_ob + t * stride_ot + head * stride_oh + offs_dv, out.to(OUT.dtype.element_ty),
-             mask=offs_dv < DV)
-    if dv_blk == 0:
-        # natural-log LSE, (B, H_q, T)
-        lse_out = tl.where(total == 0.0, float("-inf"), (lse_use + tl.log2(tl.where(total == 0.0, 1.0, total)))
-                           * 0.6931471805599453)
-        tl.store(LSE + (b * (HKV * G) + head) * T + t, lse_out)
+        # every thread's stores precede the release of the arrival; the last to arrive merges
+        tl.debug_barrier()
+        tile = pid_bh * tl.num_programs(0) + pid_mv
+        arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            tl.store(COUNTERS + tile, 0)                    # ready for the next call
+            splits = tl.arange(0, SPLITS_P2)
+            base = (pid_bh * NUM_SPLITS + splits).to(tl.int64) * (T * G)
+            # .cg: read the other programs' partials from L2, not from a stale L1 line
+            lse_all = tl.load(LSE_part + base[:, None] + rows[None, :],
+                              mask=(splits[:, None] < NUM_SPLITS) & row_ok[None, :], other=float("-inf"),
+                              cache_modifier=".cg")
+            lse_max = tl.max(lse_all, 0)
+            lse_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+            w = tl.exp2(lse_all - lse_use[None, :])
+            total = tl.sum(w, 0)
+            merged = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for s in range(NUM_SPLITS):
+                w_s = tl.sum(tl.where(splits[:, None] == s, w, 0.0), 0)
+                o_s = tl.load(O_part + ((pid_bh * NUM_SPLITS + s).to(tl.int64) * (T * G) + rows[:, None]) * DV
+                              + offs_dv[None, :], mask=out_ok, other=0.0, cache_modifier=".cg")
+                merged += o_s * w_s[:, None]
+            none = total == 0.0
+            tl.store(out_ptrs, (merged / tl.where(none, 1.0, total)[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
+            if dv_blk == 0:
+                tl.store(lse_ptrs, tl.where(none, float("-inf"), (lse_use + tl.log2(tl.where(none, 1.0, total)))
+                                            * 0.6931471805599453), mask=row_ok)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -191,6 +192,21 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, kept per (device, stream): the program that
+    merges a tile sets its counter back to zero, so a buffer is zeroed once and reused by every call on its
+    stream (CUDA graphs included). Calls on two streams at once get two buffers."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def _split_count(programs: int, slots: int, most: int) -> int:
@@ -215,11 +231,12 @@ def _split_count(programs: int, slots: int, most: int) -> int:
 def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
                    alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
                    block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the two kernels on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
+                   num_stages: int | None = None, kv_eviction: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
 
     The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
-    flight to keep every SM loading); they are arguments so that the benchmark can sweep them.
+    flight to keep every SM loading); they are arguments so that the benchmark can sweep them, as is the L2
+    eviction hint of the K/V loads (``kv_eviction``: ``""`` or ``"evict_first"``; each row is read once).
     """
     k, v = view.k, view.v
     bsz, t, hq, dq = q.shape
@@ -261,9 +278,10 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
 
     # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
     # kernel's, so allocations and launches are kept few
-    n_part = bsz * hkv * num_splits * rows
+    n_part = bsz * hkv * num_splits * rows if num_splits > 1 else 1
     work = torch.empty(n_part * (dv + 1), dtype=torch.float32, device=q.device)
     o_part, lse_part = work[:n_part * dv], work[n_part * dv:]
+    counters = _arrival_counters(q.device, bsz * hkv * m_blocks * n_dv_blocks)
     out = torch.empty(bsz, t, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device)
     seqlens = view.seqlens.to(torch.int32)
@@ -272,27 +290,22 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     stride_sl = (hq if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0
 
     grid = (m_blocks * n_dv_blocks, num_splits, bsz * hkv)
-    _decode_partial_kernel[grid](
-        q, k, v, o_part, lse_part, seqlens, table, slopes,
+    _decode_kernel[grid](
+        q, k, v, o_part, lse_part, counters, out, lse, seqlens, table, slopes,
         q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         table.stride(0) if view.layout == "paged" else 0, stride_sl,
         scale, softcap if softcap is not None else 1.0, window if window is not None else 0, k.shape[1],
-        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits,
+        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2),
         D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
         DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if view.layout == "paged" else 1,
         LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 caches get full-precision products (no tf32), as the reference computes them
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_EVICTION=kv_eviction,
         num_warps=num_warps, num_stages=num_stages,
-    )
-    merge_dv = min(128, _pow2(dv))
-    _decode_merge_kernel[(bsz * hkv * rows, triton.cdiv(dv, merge_dv))](
-        o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
-        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2), DV=dv, BLOCK_DV=merge_dv,
-        num_warps=4,
     )
     return out, lse
