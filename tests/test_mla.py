@@ -48,9 +48,11 @@ def test_absorbed_form_is_not_trivially_equal():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="needs TRITON_INTERPRET=1 or a GPU")
 def test_absorbed_with_the_decode_kernel():
-    """The absorbed steps through the split-KV kernel's latent layout (K = [c_kv, k_rope], V = c_kv)."""
-    m = _layer()
-    x = torch.randn(2, 14, 64)
+    """The absorbed steps through the split-KV kernel's latent layout (K = [c_kv, k_rope], V = c_kv): under
+    the interpreter on the CPU, else compiled on the GPU (fp32: full-precision products there too)."""
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    m = _layer().to(dev)
+    x = torch.randn(2, 14, 64, device=dev)
     with torch.no_grad():
         full = m(x)
         cache = m.new_cache(2, 16)

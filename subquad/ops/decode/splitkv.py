@@ -44,7 +44,7 @@ def _decode_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_EVICTION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
     pid_mv = tl.program_id(0)
@@ -104,19 +104,17 @@ def _decode_kernel(
             k_pos = seqlen - 1 - (seqlen - 1 - idx) % slots
         else:
             k_pos = idx
-        k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0,
-                    eviction_policy=KV_EVICTION)
+        k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if D_ROPE > 0:
             k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
-                             mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0,
-                             eviction_policy=KV_EVICTION)
+                             mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
             s += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
         if V_IS_K:
             v = k
         else:
             v = tl.load(v_row[:, None] + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV),
-                        other=0.0, eviction_policy=KV_EVICTION)
+                        other=0.0)
         s = s * scale
         if HAS_SOFTCAP:
             # softcap * tanh(s / softcap), tanh through exp (stable: e in (0, 1])
@@ -231,12 +229,11 @@ def _split_count(programs: int, slots: int, most: int) -> int:
 def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
                    alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
                    block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None, kv_eviction: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                   num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
 
     The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
-    flight to keep every SM loading); they are arguments so that the benchmark can sweep them, as is the L2
-    eviction hint of the K/V loads (``kv_eviction``: ``""`` or ``"evict_first"``; each row is read once).
+    flight to keep every SM loading); they are arguments so that the benchmark can sweep them.
     """
     k, v = view.k, view.v
     bsz, t, hq, dq = q.shape
@@ -254,6 +251,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         block_dv = _pow2(dv) if block_m * _pow2(dv) <= 64 * 512 else 256
     n_dv_blocks = triton.cdiv(dv, block_dv)
     v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
+    tile_given = block_n is not None
     if block_n is None:
         # measured on the H100 (benchmarks/decode_tune.py, two sweeps): 64 keys per tile for dense storage
         # and for pages of 16 tokens gathered row by row, once the grid has enough splits; MLA's 576-wide
@@ -269,8 +267,16 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if num_splits is None:
         num_splits = _split_count(bsz * hkv * m_blocks * n_dv_blocks, 3 * _num_sms(q.device),
                                   triton.cdiv(max_len, 16 * block_n))
+    # fourth sweep (2026-11-23-decode-tune4): a split of >= 16k keys of dense storage streams best in 128-key
+    # tiles three deep (128k context, 6 splits of 22k: 1.4012 ms against 1.4075); 5.5k keys do not (32k:
+    # 0.3697 against 0.3647)
+    long_split = view.layout == "dense" and not latent and max_len >= 16384 * num_splits
+    if long_split and not tile_given:
+        block_n = 128
     if num_warps is None:
         num_warps = 8 if block_m * block_dv >= 64 * 256 else 4
+    if num_stages is None and long_split:
+        num_stages = 3
     if num_stages is None:
         # pages gather their rows through the block table: one more tile in flight pays there (2,883 GB/s
         # against 2,869 with two stages at 32k), not on dense storage (2,911 against 2,928)
@@ -305,7 +311,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 caches get full-precision products (no tf32), as the reference computes them
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_EVICTION=kv_eviction,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -126,7 +126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         from .flex import flex_attention
 
         out, lse = flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                  alibi_slopes=alibi_slopes)
+                                  alibi_slopes=alibi_slopes, return_lse=return_lse)
         return (out, lse) if return_lse else out
     planned = None if plan is False else plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
     if plan is True and planned is None:

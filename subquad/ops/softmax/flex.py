@@ -161,19 +161,22 @@ def _flex(device: torch.device):
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
                    scale: float | None = None, softcap: float | None = None,
-                   alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: torch.Tensor | None = None,
+                   return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, lse)`` of exact attention on ``(batch, seq, heads, dim)`` tensors through FlexAttention
-    (differentiable; GQA through ``enable_gqa``). Callers check ``unsupported_reason``."""
+    (differentiable; GQA through ``enable_gqa``); ``lse`` is None unless asked for, so that flex's backward
+    need not take a gradient for it. Callers check ``unsupported_reason``."""
     block_mask = None
     if mask is not None or causal:
         block_mask = flex_block_mask(_block_mask(q, k, causal=causal, mask=mask))
     with warnings.catch_warnings():
         # eager flex on the CPU warns that it is unfused, and newer PyTorch prefers return_aux to return_lse
         warnings.simplefilter("ignore")
-        out, lse = _flex(q.device)(
+        result = _flex(q.device)(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             score_mod=_score_mod(softcap, alibi_slopes, k.shape[1] - q.shape[1]), block_mask=block_mask,
-            scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=True)
+            scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=return_lse)
+    out, lse = result if return_lse else (result, None)
     return out.transpose(1, 2), lse
 
 
