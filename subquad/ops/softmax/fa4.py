@@ -212,8 +212,8 @@ def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor]) -> tuple:
 def emit(spec: tuple, ops, b, h, q, k, aux):
     """Evaluate ``spec`` at (batch ``b``, head ``h``, absolute query ``q``, key ``k``) with ``ops``:
     ``ops.const(int)``, ``ops.true(k)``, ``ops.load(tensor, *indices)`` and ``ops.flag(tensor, *indices)`` (an
-    entry of a 0/1 tensor as a boolean; a None index is a dimension of size 1, which the tensor may lack). Comparisons, ``&``, ``|``, ``//``
-    and ``%`` are the operands' own (all operands are non-negative where ``//``/``%`` meet them)."""
+    entry of a 0/1 tensor as a boolean). Comparisons, ``&``, ``|``, ``//`` and ``%`` are the operands' own
+    (all operands are non-negative where ``//``/``%`` meet them)."""
     tag = spec[0]
     c = ops.const
     if tag in ("or", "and"):
@@ -254,10 +254,10 @@ def emit(spec: tuple, ops, b, h, q, k, aux):
         return ops.load(aux[i], bb, q) == ops.load(aux[i], bb, k)
     if tag == "layout":
         _, i, block, per_batch, per_head = spec
-        return ops.flag(aux[i], b if per_batch else None, h if per_head else None, q // c(block), k // c(block))
+        return ops.flag(aux[i], b if per_batch else 0, h if per_head else 0, q // c(block), k // c(block))
     if tag == "tensor":
         _, i, offset, per_batch, per_head = spec
-        return ops.flag(aux[i], b if per_batch else None, h if per_head else None, q - c(offset), k)
+        return ops.flag(aux[i], b if per_batch else 0, h if per_head else 0, q - c(offset), k)
     raise ValueError(f"unknown mask spec {tag!r}")
 
 
@@ -278,9 +278,7 @@ class TorchOps:
 
     @staticmethod
     def flag(tensor, *idx):
-        if tensor.dim() < len(idx):
-            idx = tuple(i for i in idx if i is not None)
-        entry = tensor[tuple(0 if i is None else i for i in idx)]
+        entry = tensor[idx]
         return entry if entry.dtype == torch.bool else entry != 0
 
 
@@ -308,7 +306,7 @@ class _CuteOps:
         return k >= self.const(0)
 
     def load(self, tensor, *idx):
-        coord = tuple(0 if i is None else i if isinstance(i, int) else i[0] for i in idx)
+        coord = tuple(i if isinstance(i, int) else i[0] for i in idx)
         return self._ssa(tensor[coord], self._int32)
 
     def flag(self, tensor, *idx):

@@ -62,28 +62,24 @@ def _block_mask(q, k, *, causal, mask) -> "_masks.BlockMask":
 _FLAG_SLOT = {"positions_aux": 2, "layout": 1, "tensor": 1}
 
 
-def _flags(spec: tuple) -> dict[int, tuple]:
-    """The tensors ``spec`` reads as 0/1 flags: index into ``aux`` -> the spec term that reads it."""
+def _flags(spec: tuple) -> set[int]:
+    """Indices into ``aux`` of the tensors ``spec`` reads as 0/1 flags."""
     if spec[0] in ("or", "and"):
-        return {i: term for part in spec[1] for i, term in _flags(part).items()}
-    return {spec[_FLAG_SLOT[spec[0]]]: spec} if spec[0] in _FLAG_SLOT else {}
+        return set().union(*(_flags(part) for part in spec[1]))
+    return {spec[_FLAG_SLOT[spec[0]]]} if spec[0] in _FLAG_SLOT else set()
 
 
 def _spec(bm: "_masks.BlockMask"):
     """(spec, aux) of the BlockMask's pattern, made once per BlockMask. Flag tensors (block layouts, global
-    tokens, bool masks) reach flex as bool, without their broadcast batch and head dimensions, as a user's
-    mask_mod would index them: read as int32 and compared, BigBird's random-block layout made flex's kernels
-    2.5x slower on the H100 (1.56 against 0.64 ms forward at 16k)."""
+    tokens, bool masks) reach flex as bool: read as int32 and compared with 0, BigBird's random-block layout
+    made flex's kernels 2.5x slower on the H100 (1.56 against 0.64 ms forward at 16k; whether the layout keeps
+    its broadcast batch and head dimensions made no difference, ``benchmarks/gpu/flex_probe.py``)."""
     cached = bm._cache.get("flex_spec")
     if cached is None:
         aux: list[torch.Tensor] = []
         spec = fa4.mask_spec(bm.pattern, bm.seq_kv, aux)
-        for i, term in _flags(spec).items():
-            flag = aux[i].bool()
-            if term[0] in ("layout", "tensor"):
-                per_batch, per_head = term[-2:]
-                flag = flag[(slice(None) if per_batch else 0, slice(None) if per_head else 0)]
-            aux[i] = flag
+        for i in _flags(spec):
+            aux[i] = aux[i].bool()
         cached = bm._cache["flex_spec"] = (spec, aux)
     return cached
 
