@@ -153,13 +153,10 @@ def test_flag_tensors_reach_flex_as_bool():
     # int32 flags compared inside the mask_mod made flex's kernels 2.5x slower on BigBird (H100)
     q, k, v = _inputs()
     for name in ("bigbird", "block_sparse"):
-        bm = flex._block_mask(q, k, causal=False, mask=PATTERNS[name])
-        spec, aux = flex._spec(bm)
-        flags = flex._flags(spec)
-        assert flags, name
-        assert all(aux[i].dtype == torch.bool for i in flags)
+        spec, aux = flex._spec(flex._block_mask(q, k, causal=False, mask=PATTERNS[name]))
+        assert "layout" in repr(spec) and [a.dtype for a in aux] == [torch.bool], name
     spec, aux = flex._spec(flex._block_mask(q, k, causal=False, mask=PATTERNS["document"]))
-    assert not flex._flags(spec) and aux[0].dtype == torch.int32
+    assert spec[0] == "document" and aux[0].dtype == torch.int32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels and their backward need a GPU")

@@ -162,18 +162,19 @@ def _runs(values: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in out)
 
 
-def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor]) -> tuple:
+def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dtype = torch.int32) -> tuple:
     """A nested tuple describing ``pattern`` (prepared: tensors on the device, random blocks drawn).
 
-    Tensors the predicate reads are appended to ``aux`` (int32, contiguous) and named by their index;
-    everything else is a compile-time constant, so ``repr(spec)`` identifies the generated kernel.
-    Raises ``NotExpressible`` for pieces with no generated form."""
+    Tensors the predicate reads are appended to ``aux`` (contiguous; document ids int32, 0/1 flags --
+    global tokens, block layouts, bool masks -- ``flag_dtype``: int32 for the CuTe loads, bool for flex) and
+    named by their index; everything else is a compile-time constant, so ``repr(spec)`` identifies the
+    generated kernel. Raises ``NotExpressible`` for pieces with no generated form."""
     p = pattern
     if isinstance(p, P.Named):
-        return mask_spec(p.inner, seq_kv, aux)
+        return mask_spec(p.inner, seq_kv, aux, flag_dtype)
     if isinstance(p, (P.Union, P.Intersection)):
         tag = "or" if isinstance(p, P.Union) else "and"
-        return (tag, tuple(mask_spec(part, seq_kv, aux) for part in p.parts))
+        return (tag, tuple(mask_spec(part, seq_kv, aux, flag_dtype) for part in p.parts))
     if isinstance(p, P.Band):
         return ("band", None if p.lo <= -_UNBOUNDED else p.lo, None if p.hi >= _UNBOUNDED else p.hi)
     if isinstance(p, P._Prefix):
@@ -189,7 +190,7 @@ def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor]) -> tuple:
         runs = _runs(pos)
         if len(runs) <= 4:                  # a few ranges of global tokens: compare, no load
             return ("positions", p.axis, runs)
-        flags = torch.zeros(seq_kv, dtype=torch.int32, device=p.positions.device)
+        flags = torch.zeros(seq_kv, dtype=flag_dtype, device=p.positions.device)
         flags[p.positions] = 1
         aux.append(flags)
         return ("positions_aux", p.axis, len(aux) - 1)
@@ -198,11 +199,11 @@ def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor]) -> tuple:
         aux.append(ids)
         return ("document", len(aux) - 1, ids.shape[0] > 1)
     if isinstance(p, P.BlockLayout):
-        lay = p.layout.to(torch.int32).contiguous()
+        lay = p.layout.to(flag_dtype).contiguous()
         aux.append(lay)
         return ("layout", len(aux) - 1, p.block, lay.shape[0] > 1, lay.shape[1] > 1)
     if isinstance(p, P.Tensor):
-        m = p.mask.to(torch.int32).contiguous()
+        m = p.mask.to(flag_dtype).contiguous()
         aux.append(m)
         return ("tensor", len(aux) - 1, getattr(p, "_offset", 0), m.shape[0] > 1, m.shape[1] > 1)
     raise NotExpressible(f"mask: {p!r} has no FA4 mask_mod form (only structured subquad.masks patterns, "

@@ -58,29 +58,15 @@ def _block_mask(q, k, *, causal, mask) -> "_masks.BlockMask":
                               seq_kv=k.shape[1], device=q.device)
 
 
-#: spec tags that read a 0/1 tensor, and where in the tag's tuple its index into ``aux`` is
-_FLAG_SLOT = {"positions_aux": 2, "layout": 1, "tensor": 1}
-
-
-def _flags(spec: tuple) -> set[int]:
-    """Indices into ``aux`` of the tensors ``spec`` reads as 0/1 flags."""
-    if spec[0] in ("or", "and"):
-        return set().union(*(_flags(part) for part in spec[1]))
-    return {spec[_FLAG_SLOT[spec[0]]]} if spec[0] in _FLAG_SLOT else set()
-
-
 def _spec(bm: "_masks.BlockMask"):
     """(spec, aux) of the BlockMask's pattern, made once per BlockMask. Flag tensors (block layouts, global
     tokens, bool masks) reach flex as bool: read as int32 and compared with 0, BigBird's random-block layout
-    made flex's kernels 2.5x slower on the H100 (1.56 against 0.64 ms forward at 16k; whether the layout keeps
-    its broadcast batch and head dimensions made no difference, ``benchmarks/gpu/flex_probe.py``)."""
+    made flex's kernels 2.5x slower on the H100 (1.56 against 0.64 ms forward at 16k; the layout's broadcast
+    batch and head dimensions cost nothing measurable, benchmarks/NOTES.md)."""
     cached = bm._cache.get("flex_spec")
     if cached is None:
         aux: list[torch.Tensor] = []
-        spec = fa4.mask_spec(bm.pattern, bm.seq_kv, aux)
-        for i in _flags(spec):
-            aux[i] = aux[i].bool()
-        cached = bm._cache["flex_spec"] = (spec, aux)
+        cached = bm._cache["flex_spec"] = (fa4.mask_spec(bm.pattern, bm.seq_kv, aux, torch.bool), aux)
     return cached
 
 
