@@ -68,11 +68,28 @@ def test_cuda_rounds_report_the_median_and_keep_the_rounds():
 
     x = torch.zeros(1, requires_grad=True)
     x.grad = torch.ones(1)
-    _more_rounds(case, rows, {"a": ("a", [x]), "b": ("b", [])}, 3, timer)
+    _more_rounds(case, rows, {"a": ("a", [x], [5.0]), "b": ("b", [], [1.0])}, 3, timer)
     assert rows["a"]["ms"] == 1.2 and rows["a"]["ms_rounds"] == [5.0, 1.0, 1.2]     # a slow first round
     assert rows["a"]["tflops"] == pytest.approx(case.flops / 1.2e-3 / 1e12, rel=1e-4)
     assert rows["b"]["ms_rounds"] == [1.0, 1.1] and rows["b"]["ms"] == pytest.approx(1.05)   # round 3 failed
     assert x.grad is None
+    assert "ms_calls" not in rows["a"]          # one time per round: nothing more to summarise
+
+
+def test_cuda_rounds_take_each_rounds_median_and_pool_the_calls():
+    """A timer that returns every call's time (do_bench's ``all``, CUDA): the round's figure is the median
+    of its calls, and the calls of every round are pooled into ``ms_calls``."""
+    from subquad.bench.harness import _more_rounds
+
+    case = attention_case("causal", masks.causal, "fwd", batch=1, seqlen=64, heads_q=2, heads_kv=2, head_dim=16,
+                          dtype=torch.float32, impls={})
+    first = [3.6, 3.9, 3.6]
+    rows = {"fa4": {"ms": 3.6}}
+    later = iter([[3.9, 3.9, 3.6], [3.6, 3.6, 3.9, 3.9, 3.6]])
+    _more_rounds(case, rows, {"fa4": ("fa4", [], first)}, 3, lambda call, leaves: next(later))
+    assert rows["fa4"]["ms_rounds"] == [3.6, 3.9, 3.6] and rows["fa4"]["ms"] == 3.6
+    calls = rows["fa4"]["ms_calls"]
+    assert calls["n"] == 11 and calls["p50"] == 3.6 and calls["p10"] == 3.6 and calls["p90"] == 3.9
 
 
 def test_exact_rows_matches_dense_softmax():

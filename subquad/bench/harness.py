@@ -7,7 +7,8 @@ that can run here (subquad's backends and the peers). A *suite* is a generator o
 Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
 gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
 reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
-implementation, not on its whole figure); on CPU the fastest of ``CPU_REPS`` wall-clock runs after one
+implementation, not on its whole figure; every call's time is kept too, pooled over the rounds into
+``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls); on CPU the fastest of ``CPU_REPS`` wall-clock runs after one
 warm-up, and of one more run per implementation in each of ``CPU_ROUNDS - 1`` later passes over all the cases.
 A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
 from 16k to 64k, should not depend on which of them ran in a slow spell: spreading each case's runs over the
@@ -209,13 +210,14 @@ CUDA_ROUNDS, CUDA_ROUND_MS = 5, 40
 CPU_REPS, CPU_ROUNDS = 2, 4
 
 
-def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> float:
+def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> list[float]:
+    """The ms of every call that ``do_bench`` timed in one round (its median is the round's figure)."""
     import triton.testing
 
     call()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench(call, warmup=25, rep=rep_ms, grad_to_none=leaves or None,
-                                         return_mode="median"))
+    return [float(x) for x in triton.testing.do_bench(call, warmup=25, rep=rep_ms, grad_to_none=leaves or None,
+                                                      return_mode="all")]
 
 
 def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 15000.0) -> float:
@@ -284,11 +286,13 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
             call = _make_call(case, fn, inputs, device)
             if device.type == "cuda":
                 mem = _cuda_peak_mb(call, device, leaves)
-                ms = _time_cuda(call, leaves)
+                samples = _time_cuda(call, leaves)
+                ms = statistics.median(samples)
             else:
                 ms = _time_cpu(call, leaves, first_ms, cpu_reps)
+                samples = [ms]
             if calls is not None:
-                calls[impl] = (call, leaves)
+                calls[impl] = (call, leaves, samples)
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run is a row, not a crash
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
@@ -309,15 +313,22 @@ def _set_time(row: dict, case: Case, ms: float) -> None:
 
 def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, combine=statistics.median) -> None:
     """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report ``combine`` of
-    all rounds (the rounds so far are kept in ``ms_rounds``)."""
+    all rounds (the rounds so far are kept in ``ms_rounds``). ``calls[impl]`` is ``(call, leaves, samples)``;
+    a timer that returns every call's time (CUDA) has the round's median taken, and the calls of all rounds
+    pooled in ``samples`` are summarised in ``ms_calls`` (count and 10/50/90th percentiles: whether a figure
+    is spread by rounds or by single calls)."""
     times = {impl: list(rows[impl].get("ms_rounds", [rows[impl]["ms"]])) for impl in calls}
     failed = set()
     for _ in range(rounds - 1):
-        for impl, (call, leaves) in calls.items():
+        for impl, (call, leaves, samples) in calls.items():
             if impl in failed:
                 continue
             try:
-                times[impl].append(timer(call, leaves))
+                got = timer(call, leaves)
+                if isinstance(got, list):
+                    samples += got
+                    got = statistics.median(got)
+                times[impl].append(got)
             except Exception:  # noqa: BLE001 - a later round that cannot run keeps the rounds that did
                 failed.add(impl)
             finally:
@@ -326,6 +337,11 @@ def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, combin
     for impl, ms in times.items():
         _set_time(rows[impl], case, combine(ms))
         rows[impl]["ms_rounds"] = [_sig(x) for x in ms]
+        samples = calls[impl][2]
+        if len(samples) > len(ms):
+            deciles = statistics.quantiles(samples, n=10)
+            rows[impl]["ms_calls"] = {"n": len(samples), "p10": _sig(deciles[0]),
+                                      "p50": _sig(statistics.median(samples)), "p90": _sig(deciles[-1])}
 
 
 def reference_output(case: Case, inputs: dict) -> torch.Tensor | None:
