@@ -8,8 +8,9 @@ Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25
 gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
 reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
 implementation, not on its whole figure; every call's time is kept too, pooled over the rounds into
-``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls); on CPU the fastest of ``CPU_REPS`` wall-clock runs after one
-warm-up, and of one more run per implementation in each of ``CPU_ROUNDS - 1`` later passes over all the cases.
+``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls); on CPU
+the fastest of ``CPU_REPS`` wall-clock runs after one warm-up, and of one more run per implementation in each
+of ``CPU_ROUNDS - 1`` later passes over all the cases.
 A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
 from 16k to 64k, should not depend on which of them ran in a slow spell: spreading each case's runs over the
 whole benchmark gives every case the same chances of a quiet spell. Peak memory is the allocator's peak above
