@@ -48,7 +48,8 @@ def main():
             g, ms = gbps(lambda: sdpa(name, enable_gqa=True)(inp), nbytes)
             rows.append({"case": f"sdpa-{name}", "seqlen": n, "gbps": round(g, 1), "ms": round(ms, 4)})
             print(rows[-1], flush=True)
-        cases = [(layout, c) for layout in ("static", "paged") for c in (configs if layout == "static" else configs[:4])]
+        cases = [(layout, c) for layout in ("static", "paged")
+                 for c in (configs if layout == "static" else configs[:4])]
         for layout, opts in cases:
             fn = (lambda: decode(inp["q"], inp["k"], inp["v"], **opts)) if layout == "static" else \
                 (lambda: decode(inp["q"], inp["paged"], **opts))
