@@ -1,0 +1,91 @@
+"""Where a planned pattern's time goes: each component of its plan timed on its own, then the merges, then the
+whole ``subquad.attention`` call (fwd, bf16, 16 heads, D 128).
+
+Device run: ``PYTHONPATH=. python3 benchmarks/gpu/plan_profile.py [N] [BATCH]`` (default 16384 x 1); prints one
+line per component (its launch shape, kept pairs, ms and effective TFLOP/s) and writes ``$OUT/plan_profile.json``.
+On a machine without CUDA it runs the same steps on the reference engine at N = 1024 (a check of the script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from subquad import attention, masks
+from subquad.ops.softmax.lse_merge import merge_lse, merge_lse_fused
+from subquad.ops.softmax.planned import _engine, _run, plan_for
+
+GLOBAL = list(range(16))
+PATTERNS = {
+    "longformer512+16 causal": (masks.longformer(512, GLOBAL, causal=True), False),
+    "longformer512+16": (masks.longformer(512, GLOBAL), False),
+    "bigbird512+16+3x64 causal": (masks.bigbird(512, GLOBAL, random_blocks=3, block=64, seed=0, causal=True), False),
+    "strided256": (masks.strided(256), True),
+}
+
+
+def timer(device):
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def cpu(fn):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return cpu
+
+
+def profile(name, pattern, causal, n, batch, device, backend):
+    q, k, v = (torch.randn(batch, n, 16, 128, device=device, dtype=torch.bfloat16 if device.type == "cuda"
+                           else torch.float32) for _ in range(3))
+    scale = 128 ** -0.5
+    plan = plan_for(pattern, causal, n, n, device, False)
+    engine = _engine(backend)
+    ms_of = timer(device)
+    rows = []
+    outputs = []
+    for c, pairs in zip(plan.components, plan.kept_pairs()):
+        ms = ms_of(lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine))
+        outputs.append((c, *_run(c, plan, q, k, v, scale, None, None, engine)))
+        nq, nk = c.kernel_shape()
+        rows.append({"pattern": name, "part": c.role, "queries": nq, "keys": nk, "split": c.split, "ms": ms,
+                     "tflops": 4 * 128 * pairs * 16 * batch / (ms * 1e-3) / 1e12})
+    base = [(o, lse) for c, o, lse in outputs if not c.overrides_rows]
+    if len(base) == 2:
+        (o1, l1), (o2, l2) = base
+        merge = (lambda: merge_lse_fused(o1, l1, o2, l2, q.dtype)) if backend == "triton" else \
+            (lambda: merge_lse([o1, o2], [l1, l2], q.dtype))
+        rows.append({"pattern": name, "part": "merge", "ms": ms_of(merge)})
+    rows.append({"pattern": name, "part": "attention()", "ms": ms_of(
+        lambda: attention(q, k, v, causal=causal, mask=pattern, backend=backend))})
+    for r in rows:
+        r.update(batch=batch, seqlen=n, device=str(device))
+        tflops = f"{r['tflops']:7.1f} TF" if "tflops" in r else ""
+        print(f"{name:28s} {r['part']:12s} {r.get('queries', ''):>7} x {r.get('keys', ''):<7} {r['ms']:9.3f} ms "
+              f"{tflops}", flush=True)
+    print(plan.describe(), flush=True)
+    return rows
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else (16384 if cuda else 1024)
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    rows = []
+    for name, (pattern, causal) in PATTERNS.items():
+        rows += profile(name, pattern, causal, n, batch, device, "triton" if cuda else "reference")
+    with open(os.path.join(os.environ.get("OUT", "."), "plan_profile.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
