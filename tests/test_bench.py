@@ -127,3 +127,43 @@ def test_ratio_table_and_readme_block(tmp_path):
     assert "old" not in body and "1.50" in body and body.startswith("a\n") and body.endswith("b\n")
     with pytest.raises(ValueError, match="readme"):
         rewrite_block(readme, "missing", text)
+
+
+def test_mamba_peer_inputs_are_the_ssd_case():
+    """The mamba-ssm peer's ``(x, dt, A, B, C)`` describe the suite's SSD case: Mamba-2's definition
+    (``subquad.ssd``, checked against the recurrence elsewhere) on them equals ``gla(q, k, v, g)``."""
+    import torch.nn.functional as F
+
+    import subquad
+    from subquad.bench.peers import mamba_ssd_inputs
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 4, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = F.logsigmoid(torch.randn(2, 40, 4, generator=gen, dtype=torch.float64) + 4.0)
+    want = subquad.gla(q, k, v, g, backend="reference")
+    x, dt, a, b, c = mamba_ssd_inputs(q, k, v, g, 16 ** -0.5)
+    assert bool((dt > 0).all()) and bool((a < 0).all())
+    torch.testing.assert_close(subquad.ssd(x, dt, a, b, c, backend="reference"), want)
+
+
+def test_mamba_peer_imports_the_triton_ssd_without_the_package_init(tmp_path, monkeypatch):
+    """mamba-ssm's ``__init__`` loads CUDA extensions a source copy lacks; the peer reaches the Triton SSD
+    module without running it."""
+    import sys
+
+    from subquad.bench import peers
+
+    root = tmp_path / "mamba_ssm"
+    (root / "ops" / "triton").mkdir(parents=True)
+    (root / "__init__.py").write_text("import selective_scan_cuda_that_is_not_here\n")
+    (root / "ops" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "ssd_combined.py").write_text("mamba_chunk_scan_combined = 'the triton ssd'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        assert peers._mamba_chunk_scan() == "the triton ssd"
+    finally:
+        for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+            del sys.modules[name]

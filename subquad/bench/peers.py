@@ -53,3 +53,44 @@ def flex(mask_mod_factory=None, backend: str | None = None):
         return _FLEX["compiled"](q, k, v, block_mask=block_mask, **options).transpose(1, 2)
 
     return run
+
+
+def mamba_ssd_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float):
+    """The SSD case, ``gla(q, k, v, g)`` with a log-decay ``g`` per token and head, in mamba-ssm's terms
+    ``(x, dt, A, B, C)``, as the same function: ``dt = -g`` with ``A = -1`` is its log-decay ``dt A = g``,
+    ``x = v / dt`` makes its input ``x dt`` our ``v``, ``B = k`` and ``C = scale q``, one group per head."""
+    acc = torch.promote_types(v.dtype, torch.float32)
+    dt = -g.to(acc)
+    x = (v.to(acc) / dt[..., None]).to(v.dtype)
+    return x, dt, -torch.ones(q.shape[2], device=q.device, dtype=acc), k, (q.to(acc) * scale).to(q.dtype)
+
+
+def _mamba_chunk_scan():
+    """mamba-ssm's ``mamba_chunk_scan_combined`` without running the package's ``__init__``, which loads its
+    CUDA extensions: only the Triton SSD is needed, and PyPI carries mamba-ssm as sources that a machine
+    without a compiler can still put on its path (``benchmarks/gpu/mamba-src.sh``)."""
+    import importlib.util
+    import sys
+    import types
+
+    if "mamba_ssm" not in sys.modules:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("No module named 'mamba_ssm'")
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["mamba_ssm"] = package
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined
+
+
+def mamba_ssd(chunk_size: int = 256):
+    """mamba-ssm's Triton SSD (Mamba-2's chunked scan, its default chunk of 256) on the inputs
+    ``mamba_x, mamba_dt, mamba_A, k, mamba_C`` that the suite prepares with ``mamba_ssd_inputs``."""
+
+    def run(inputs):
+        return _mamba_chunk_scan()(inputs["mamba_x"], inputs["mamba_dt"], inputs["mamba_A"], inputs["k"],
+                                   inputs["mamba_C"], chunk_size)
+
+    return run

@@ -1,8 +1,9 @@
 """Linear-attention family suite: chunked forward and forward+backward of linear attention, retention, SSD
 (scalar decay), GLA (vector decay), DeltaNet and gated DeltaNet at B*T = 32k tokens (T = 2k, 8k, 32k; H = 16;
 D_k = D_v = 128; bf16), B = 1 at 8k and 64k for the linear-scaling ratio, decode steps, and exact causal
-attention (SDPA flash backend) at the same shapes for the crossover. Peer: flash-linear-attention when
-importable (its first call per kernel autotunes for tens of seconds). Rows carry ``tokens`` (B*T) so that
+attention (SDPA flash backend) at the same shapes for the crossover. Peers: flash-linear-attention when
+importable (its first call per kernel autotunes for tens of seconds), and mamba-ssm's Triton SSD for the SSD
+rows (an error row where its sources are not on the path). Rows carry ``tokens`` (B*T) so that
 tokens/s = tokens / ms.
 
 ``linear`` is the GPU suite; ``cpu-linear`` runs the references at small sizes beside exact
@@ -39,6 +40,12 @@ def _make_inputs(op, batch, seqlen, heads, dim, dtype, grad):
             inputs["g"] = F.logsigmoid(torch.randn(shape, generator=gen, device=device) + 4.0) / 16
         if op == "retention":
             inputs["g"] = torch.log(1 - 2.0 ** (-5.0 - torch.arange(heads, device=device, dtype=torch.float32)))
+        if op == "ssd":
+            # the same function in mamba-ssm's terms, for its peer row (made here, so not timed)
+            names = ("mamba_x", "mamba_dt", "mamba_A", None, "mamba_C")
+            for name, t in zip(names, peers.mamba_ssd_inputs(q, k, v, inputs["g"], dim ** -0.5)):
+                if name is not None:
+                    inputs[name] = t
         for t in inputs.values():
             t.requires_grad_(grad)
         return inputs
@@ -115,6 +122,8 @@ def linear_cases(quick: bool):
                 impls = {"subquad-triton": _ours(op, "triton")}
                 if _fla_wanted(op, mode):
                     impls["fla"] = _fla(op)
+                if op == "ssd":
+                    impls["mamba-ssd"] = peers.mamba_ssd()
                 ref = _ours(op, "reference") if seqlen == 8192 and batch > 1 and mode == "fwd" else None
                 yield Case(case=op, mode=mode, batch=batch, seqlen=seqlen, heads_q=HEADS, heads_kv=HEADS,
                            head_dim=DIM, dtype=torch.bfloat16, flops=None,
