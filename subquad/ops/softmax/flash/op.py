@@ -4,6 +4,12 @@
 ``subquad::flash_fwd`` returns ``(out, lse)``; both are differentiable (the LSE gradient enters the
 backward as ``delta = rowsum(dO * O) - dlse``), which the LSE merges of planned patterns rely on.
 ``subquad::flash_bwd`` returns ``(dq, dk, dv)``.
+
+Eager calls take a plain ``torch.autograd.Function`` around the same two launches instead: the custom op's
+dispatch over its 31 arguments cost 432 us of host time per call whose inputs need gradients on the CI
+machine (84 us without), the Function 25 us -- more than a small attention call's kernels, and paid by every
+layer of a model. ``run`` takes the custom op while tracing (``torch.compile``, export) or on tensor
+subclasses (fake tensors), where its fake implementation is what is needed.
 """
 
 from __future__ import annotations
@@ -94,8 +100,30 @@ def _backward(ctx, dout, dlse):
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Flash(torch.autograd.Function):
+    """The custom ops' forward and backward launches for eager calls (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.launch_args = (m, scale, softcap, slopes, deterministic)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        m, scale, softcap, slopes, deterministic = ctx.launch_args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
-    """Call the forward op with a MaskArgs bundle; returns ``(out, lse)``."""
+    """Call the forward with a MaskArgs bundle; returns ``(out, lse)``."""
+    if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
+        return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic))
     lists = m.lists if m.lists is not None else (None,) * 4
     lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
     return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, m.flags, m.layout,
