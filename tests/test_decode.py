@@ -236,6 +236,33 @@ def test_gpu_bf16_matches_reference(layout, t):
     assert torch.isfinite(out).all()
 
 
+@needs_triton
+def test_device_lengths_far_below_the_storage():
+    """Lengths given only as a device tensor: the grid is sized by the storage (no read-back of the lengths),
+    so most splits of the short sequences are empty; the result is unchanged."""
+    b, hq, hkv, d = 2, 4, 2, 32
+    q, k, v = _inputs(b, 1, hq, hkv, d, 256)
+    seqlens = torch.tensor([5, 40], device=DEV)
+    out = decode(q, k, v, seqlens=seqlens, backend="triton", block_n=16)
+    _close(out, _oracle(q, k, v, [5, 40]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_decode_step_never_waits_on_the_device():
+    """A decode step on device lengths launches without a device-to-host read (CUDA's sync debug mode
+    raises on one)."""
+    q, k, v = _inputs(2, 1, 8, 2, 64, 512, dtype=torch.bfloat16)
+    seqlens = torch.tensor([100, 512], device=DEV, dtype=torch.int32)
+    decode(q, k, v, seqlens=seqlens, backend="triton")          # compiles and allocates first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode(q, k, v, seqlens=seqlens, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_split_count_fills_whole_waves():
     from subquad.ops.decode.splitkv import _split_count
 

@@ -28,8 +28,8 @@ class KVView:
         layout: one of ``"dense" | "ring" | "paged"``.
         block_table: ``(B, max_pages)`` int32 for ``paged``.
         window: the sliding window the cache was built for (ring caches keep only what it needs), or None.
-        max_seqlen: ``max(seqlens)`` known on the host (caches track it), so that launching the decode
-            kernel never waits on the device; None: read from ``seqlens`` when needed.
+        max_seqlen: ``max(seqlens)`` known on the host (caches track it), to size the decode kernel's grid
+            to the keys there are; None: the storage's length bounds it (never read back from the device).
     """
 
     k: torch.Tensor

@@ -259,7 +259,11 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         block_n = 64
     m_blocks = triton.cdiv(rows, block_m)
 
-    max_len = view.max_seqlen if view.max_seqlen is not None else int(view.seqlens.max())
+    max_len = view.max_seqlen
+    if max_len is None:
+        # lengths only on the device: the storage bounds them (reading their max back would stall the stream
+        # on every step); splits past a sequence's end find no keys and cost a launch slot each
+        max_len = view.block_table.shape[1] * k.shape[1] if view.layout == "paged" else k.shape[1]
     if view.layout == "ring":
         max_len = min(max_len, k.shape[1])
     if window is not None:
