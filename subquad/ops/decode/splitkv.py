@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grid import cdiv, next_power_of_2
+
 # storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
 DENSE, RING, PAGED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
@@ -182,7 +184,7 @@ def _decode_kernel(
 
 
 def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
+    return max(least, next_power_of_2(n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,7 +251,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         block_m = min(_pow2(rows), 64 if dv > 256 else 128)
     if block_dv is None:
         block_dv = _pow2(dv) if block_m * _pow2(dv) <= 64 * 512 else 256
-    n_dv_blocks = triton.cdiv(dv, block_dv)
+    n_dv_blocks = cdiv(dv, block_dv)
     v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
     tile_given = block_n is not None
     if block_n is None:
@@ -257,7 +259,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         # and for pages of 16 tokens gathered row by row, once the grid has enough splits; MLA's 576-wide
         # rows too, with 64 heads per program and 8 warps (benchmarks/results/*decode-tune*)
         block_n = 64
-    m_blocks = triton.cdiv(rows, block_m)
+    m_blocks = cdiv(rows, block_m)
 
     max_len = view.max_seqlen
     if max_len is None:
@@ -270,7 +272,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
         num_splits = _split_count(bsz * hkv * m_blocks * n_dv_blocks, 3 * _num_sms(q.device),
-                                  triton.cdiv(max_len, 16 * block_n))
+                                  cdiv(max_len, 16 * block_n))
     # fourth sweep (2026-11-23-decode-tune4): a split of >= 16k keys of dense storage streams best in 128-key
     # tiles three deep (128k context, 6 splits of 22k: 1.4012 ms against 1.4075); 5.5k keys do not (32k:
     # 0.3697 against 0.3647)

@@ -12,8 +12,8 @@ at the last token) and ``dg`` is its reverse cumulative sum per sequence.
 from __future__ import annotations
 
 import torch
-import triton
 
+from ..grid import cdiv, next_power_of_2
 from .chunk_bwd import dqk_bwd, dv_bwd, state_bwd
 from .chunk_fwd import output_fwd, state_fwd
 from .chunk_intra import chunk_cumsum, decay_grad, intra_bwd, intra_fwd
@@ -27,7 +27,7 @@ class ChunkTables:
 
     def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device):
         if cu_seqlens is None:
-            n = triton.cdiv(seq_len, chunk_size)
+            n = cdiv(seq_len, chunk_size)
             self.n_seqs = batch
             self.cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
             seq = torch.arange(batch, device=device).repeat_interleave(n)
@@ -38,7 +38,7 @@ class ChunkTables:
             self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             self.n_seqs = len(lengths)
-            counts = [triton.cdiv(n, chunk_size) for n in lengths]
+            counts = [cdiv(n, chunk_size) for n in lengths]
             seq = torch.repeat_interleave(torch.arange(self.n_seqs), torch.tensor(counts)).to(device)
             within = torch.cat([torch.arange(c) for c in counts]).to(device)
             self.chunk_offsets = torch.tensor([0] + counts, device=device).cumsum(0).to(torch.int32)
@@ -47,11 +47,11 @@ class ChunkTables:
         # Autotuning key of the chunk kernels: their best tiles depend on how much parallel work there is
         # (sequences for the state passes, chunks for the tile passes), so they are tuned per power-of-two
         # bucket of both, not once for whatever shape came first.
-        self.tune_key = {"SEQS": triton.next_power_of_2(self.n_seqs), "CHUNKS": triton.next_power_of_2(self.n_chunks)}
+        self.tune_key = {"SEQS": next_power_of_2(self.n_seqs), "CHUNKS": next_power_of_2(self.n_chunks)}
 
 
 def block_sizes(dk: int, dv: int) -> tuple[int, int]:
-    return min(64, max(16, triton.next_power_of_2(dk))), min(64, max(16, triton.next_power_of_2(dv)))
+    return min(64, max(16, next_power_of_2(dk))), min(64, max(16, next_power_of_2(dv)))
 
 
 def gate_kind(g) -> int:
@@ -64,11 +64,11 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
     The delta rule (w given) needs the whole key dimension in one block."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
-    bk = max(16, triton.next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
+    bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     h = k.new_empty(tables.n_chunks, heads, dk, dv)
     ht = k.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
     v_new = torch.empty_like(v) if w is not None else None
-    grid = lambda meta: (triton.cdiv(dk, bk), triton.cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
                     C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
                     HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32)
@@ -79,7 +79,7 @@ def launch_chunk_cumsum(g, tables, chunk_size):
     """In-chunk cumulative log-decay (T_total, H, K) fp32 for a vector decay."""
     t_total, heads, dk = g.shape
     gc = torch.empty_like(g)
-    chunk_cumsum[(tables.n_chunks, heads, triton.cdiv(dk, 64))](g, gc, tables.cu, tables.chunk_indices, H=heads,
+    chunk_cumsum[(tables.n_chunks, heads, cdiv(dk, 64))](g, gc, tables.cu, tables.chunk_indices, H=heads,
                                                                 K=dk, C=chunk_size, BK=64, num_warps=4)
     return gc
 
@@ -90,7 +90,7 @@ def launch_intra_fwd(q, k, gc, tables, chunk_size):
     scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
     grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
     intra_fwd[grid](q, k, gc, scores, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK,
-                    BK=max(16, triton.next_power_of_2(dk)), IEEE=q.dtype == torch.float32, num_warps=4)
+                    BK=max(16, next_power_of_2(dk)), IEEE=q.dtype == torch.float32, num_warps=4)
     return scores
 
 
@@ -99,7 +99,7 @@ def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
     t_total, heads, dk_ = q.shape
     grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
     intra_bwd[grid](q, k, gc, d_scores, dq, dk, tables.cu, tables.chunk_indices, H=heads, K=dk_, C=chunk_size,
-                    BC=SUB_BLOCK, BK=max(16, triton.next_power_of_2(dk_)), IEEE=q.dtype == torch.float32,
+                    BC=SUB_BLOCK, BK=max(16, next_power_of_2(dk_)), IEEE=q.dtype == torch.float32,
                     num_warps=4)
 
 
@@ -107,7 +107,7 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     o = torch.empty_like(v)
-    grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
+    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
                      C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o
@@ -117,11 +117,11 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None)."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
-    bk = max(16, triton.next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
+    bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     dh = q.new_empty(tables.n_chunks, heads, dk, dv)
     dh0 = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32) if need_dh0 else None
     dv_new = torch.empty_like(do) if w is not None else None
-    grid = lambda meta: (triton.cdiv(dk, bk), triton.cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
                     H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
                     DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
@@ -134,7 +134,7 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     out = torch.empty_like(do)
-    grid = lambda meta: (triton.cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
+    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     dv_bwd[grid](q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
                  C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
                  **tables.tune_key)
@@ -148,7 +148,7 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk = block_sizes(dk, dv)[0]
-    n_kb = triton.cdiv(dk, bk)
+    n_kb = cdiv(dk, bk)
     dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     dw = torch.empty_like(k) if dv_new is not None else None
     gate = gate_kind(g)
@@ -176,8 +176,8 @@ def log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size):
         final = (final if vector else final.sum(-1)).contiguous()
     width = dk_ if vector else 1
     dg = q.new_empty(t_total, heads, width, dtype=torch.float32)
-    bk = min(64, max(16, triton.next_power_of_2(dk_))) if vector else 1
-    decay_grad[(triton.cdiv(width, bk), tables.n_seqs * heads)](
+    bk = min(64, max(16, next_power_of_2(dk_))) if vector else 1
+    decay_grad[(cdiv(width, bk), tables.n_seqs * heads)](
         q, k, dq, dk, db, final, dg, tables.cu, tables.chunk_offsets, H=heads, K=width, C=chunk_size, BK=bk,
         VECTOR=vector, HAS_FINAL=final is not None, num_warps=4)
     return dg if vector else dg[..., 0]

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
@@ -48,13 +50,13 @@ def launch_recurrent(q, k, v, g, beta, state, scale):
     state (B, H, K, V). Returns o and the new fp32 state."""
     bsz, seq_len, heads, dk = q.shape
     dv = v.shape[-1]
-    bk = max(16, triton.next_power_of_2(dk))
-    bv = min(32 if bk <= 128 else 16, max(16, triton.next_power_of_2(dv)))
+    bk = max(16, next_power_of_2(dk))
+    bv = min(32 if bk <= 128 else 16, max(16, next_power_of_2(dv)))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = None if g is None else g.float().contiguous()
     o = torch.empty_like(v)
     new_state = torch.empty(bsz, heads, dk, dv, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(dv, bv), bsz * heads)
+    grid = (cdiv(dv, bv), bsz * heads)
     recurrent_step[grid](q, k, v, g, None if beta is None else beta.contiguous(), state.contiguous(), new_state, o,
                          scale, seq_len, H=heads, K=dk, V=dv, BK=bk, BV=bv,
                          GATE=0 if g is None else (1 if g.dim() == 3 else 2), DELTA=beta is not None, num_warps=4)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grid import cdiv, next_power_of_2
+
 
 def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype):
     """outs ``(B, N, H, Dv)``, lses ``(B, H, N)`` fp32 (-inf: the part saw no key) -> ``(out, lse)``.
@@ -97,7 +99,7 @@ def _merge_bwd_kernel(O1, O2, L1, L2, DOUT, DLSE, DO1, DO2, DL1, DL2, N, H,
 
 
 def _block_n(dv: int) -> int:
-    return max(16, 8192 // triton.next_power_of_2(dv))
+    return max(16, 8192 // next_power_of_2(dv))
 
 
 class _Merge2(torch.autograd.Function):
@@ -109,8 +111,8 @@ class _Merge2(torch.autograd.Function):
         l1, l2 = l1.float().contiguous(), l2.float().contiguous()
         out = torch.empty(bsz, n, h, dv, device=o1.device, dtype=dtype)
         lse = torch.empty(bsz, h, n, device=o1.device, dtype=torch.float32)
-        bn, bdv = _block_n(dv), triton.next_power_of_2(dv)
-        _merge_fwd_kernel[(triton.cdiv(n, bn), bsz * h)](
+        bn, bdv = _block_n(dv), next_power_of_2(dv)
+        _merge_fwd_kernel[(cdiv(n, bn), bsz * h)](
             o1, o2, l1, l2, out, lse, n, h, o1.stride(0), o1.stride(1), o1.stride(2),
             o2.stride(0), o2.stride(1), o2.stride(2), out.stride(0), out.stride(1), out.stride(2),
             DV=dv, BLOCK_N=bn, BLOCK_DV=bdv)
@@ -127,8 +129,8 @@ class _Merge2(torch.autograd.Function):
         dl1, dl2 = torch.empty_like(l1), torch.empty_like(l2)
         has_dlse = dlse is not None
         dlse = dlse.float().contiguous() if has_dlse else l1
-        bn, bdv = _block_n(dv), triton.next_power_of_2(dv)
-        _merge_bwd_kernel[(triton.cdiv(n, bn), bsz * h)](
+        bn, bdv = _block_n(dv), next_power_of_2(dv)
+        _merge_bwd_kernel[(cdiv(n, bn), bsz * h)](
             o1, o2, l1, l2, dout, dlse, do1, do2, dl1, dl2, n, h, o1.stride(0), o1.stride(1), o1.stride(2),
             o2.stride(0), o2.stride(1), o2.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             HAS_DLSE=has_dlse, DV=dv, BLOCK_N=bn, BLOCK_DV=bdv)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ...grid import cdiv, next_power_of_2
 from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 
@@ -233,14 +234,14 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
             m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=triton.next_power_of_2(d),
-                BLOCK_DV=triton.next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
+    meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
+                BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-        flash_fwd_kernel[(triton.cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_fwd_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (triton.cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+        kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return out, lse
 
 
@@ -250,11 +251,11 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty_like(lse)
-    block_dv = triton.next_power_of_2(dv_dim)
+    block_dv = next_power_of_2(dv_dim)
     pre_rows = 64 if interpreting() else 128
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    flash_bwd_preprocess_kernel[(triton.cdiv(seq_q, pre_rows), bsz * hq)](
+    flash_bwd_preprocess_kernel[(cdiv(seq_q, pre_rows), bsz * hq)](
         out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=block_dv, BLOCK_M=pre_rows,
         HAS_DLSE=dlse is not None)
@@ -268,7 +269,7 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
-    common = dict(D=d, DV=dv_dim, BLOCK_D=triton.next_power_of_2(d), BLOCK_DV=block_dv, **flags)
+    common = dict(D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=block_dv, **flags)
 
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     args = [q, k, v, do, lse, delta, dq_acc, dk, dv, *mask_args_t, sl,
@@ -282,9 +283,9 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-        flash_bwd_dkdv_kernel[(triton.cdiv(seq_kv, bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_bwd_dkdv_kernel[(cdiv(seq_kv, bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (triton.cdiv(seq_kv, c["BLOCK_N"]), bsz * hkv)](*args, **meta)
+        kern[lambda c: (cdiv(seq_kv, c["BLOCK_N"]), bsz * hkv)](*args, **meta)
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
 
@@ -300,7 +301,7 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     kern = _kernel("dq", flash_bwd_dq_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
-        flash_bwd_dq_kernel[(triton.cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (triton.cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+        kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return dq, dk, dv
