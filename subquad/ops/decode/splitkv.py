@@ -205,6 +205,9 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     key = (str(device), stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if len(_COUNTERS) > 64:
+            # a pool of short-lived streams: dropped buffers return to their stream's allocator pool
+            _COUNTERS.clear()
         buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return buf
 
