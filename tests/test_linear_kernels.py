@@ -129,3 +129,18 @@ def test_chunk_kernel_bf16_gradients_on_gpu(kind):
     for got, want in zip(grads(torch.bfloat16, "triton"), grads(torch.float32, "reference")):
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < 2e-2, err
+
+
+def test_fixed_length_tables_are_made_once_per_shape():
+    """Equal-length batches reuse their chunk tables (eight small launches each time otherwise); packed
+    sequences get their own; both equal a fresh build."""
+    from subquad.ops.linear.chunk import ChunkTables, chunk_tables
+
+    first = chunk_tables(None, 3, 100, 16, "cpu")
+    assert chunk_tables(None, 3, 100, 16, torch.device("cpu")) is first
+    fresh = ChunkTables(None, 3, 100, 16, "cpu")
+    for name in ("cu", "chunk_indices", "chunk_offsets"):
+        assert torch.equal(getattr(first, name), getattr(fresh, name))
+    assert (first.n_seqs, first.n_chunks, first.tune_key) == (fresh.n_seqs, fresh.n_chunks, fresh.tune_key)
+    cu = torch.tensor([0, 100, 300])
+    assert chunk_tables(cu, 1, 300, 16, "cpu") is not chunk_tables(cu, 1, 300, 16, "cpu")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..linear.chunk import (ChunkTables, launch_dqk_bwd, launch_dv_bwd, launch_output_fwd, launch_state_bwd,
-                            launch_state_fwd, log_decay_grad)
+from ..linear.chunk import (ChunkTables, chunk_tables, launch_dqk_bwd, launch_dv_bwd, launch_output_fwd,
+                            launch_state_bwd, launch_state_fwd, log_decay_grad)
 from .wy import launch_wy_bwd, launch_wy_fwd
 
 
@@ -75,7 +75,7 @@ def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_s
     """q, k (B, T, H, K) (normalised already), v (B, T, H, V), beta (B, T, H), g None | (B, T, H) fp32."""
     bsz, seq_len, heads, dk = q.shape
     dv = v.shape[-1]
-    tables = ChunkTables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
+    tables = chunk_tables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
     flat = lambda t: t.reshape(bsz * seq_len, *t.shape[2:]).contiguous()  # noqa: E731
     gf = None if g is None else flat(g.float())
     h0 = None if initial_state is None else initial_state.float().contiguous()

@@ -11,6 +11,8 @@ at the last token) and ``dg`` is its reverse cumulative sum per sequence.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..grid import cdiv, next_power_of_2
@@ -48,6 +50,19 @@ class ChunkTables:
         # (sequences for the state passes, chunks for the tile passes), so they are tuned per power-of-two
         # bucket of both, not once for whatever shape came first.
         self.tune_key = {"SEQS": next_power_of_2(self.n_seqs), "CHUNKS": next_power_of_2(self.n_chunks)}
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_length_tables(batch: int, seq_len: int, chunk_size: int, device: torch.device) -> ChunkTables:
+    return ChunkTables(None, batch, seq_len, chunk_size, device)
+
+
+def chunk_tables(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device) -> ChunkTables:
+    """The call's ChunkTables; for equal-length sequences made once per shape (read-only afterwards): building
+    them is eight small launches, ~5% of a 4 x 8k forward's kernel time on the H100 and ~50 us of host time."""
+    if cu_seqlens is None:
+        return _fixed_length_tables(batch, seq_len, chunk_size, torch.device(device))
+    return ChunkTables(cu_seqlens, batch, seq_len, chunk_size, device)
 
 
 def block_sizes(dk: int, dv: int) -> tuple[int, int]:
@@ -190,7 +205,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, chunk_size):
         bsz, seq_len, heads, dk = q.shape
         dv = v.shape[-1]
-        tables = ChunkTables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
+        tables = chunk_tables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
         flat = lambda t: None if t is None else t.reshape(bsz * seq_len, heads, -1).contiguous()  # noqa: E731
         qf, kf, vf = flat(q), flat(k), flat(v)
         gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
