@@ -263,6 +263,28 @@ def test_gpu_decode_step_never_waits_on_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_decode_replays_in_a_cuda_graph():
+    """A decode step captured once in a CUDA graph serves later steps: the lengths are read on the device
+    (updated in place between replays) and the split-KV arrival counters reset themselves."""
+    q, k, v = _inputs(2, 1, 8, 2, 64, 512, dtype=torch.bfloat16)
+    seqlens = torch.tensor([100, 300], device=DEV, dtype=torch.int32)
+    decode(q, k, v, seqlens=seqlens, backend="triton")          # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = decode(q, k, v, seqlens=seqlens, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    for lengths in ([100, 300], [101, 512], [7, 250]):
+        seqlens.copy_(torch.tensor(lengths))
+        graph.replay()
+        want = decode(q, k, v, seqlens=seqlens, backend="reference")
+        assert (out.float() - want.float()).abs().max() < 2e-2, lengths
+
+
 def test_split_count_fills_whole_waves():
     from subquad.ops.decode.splitkv import _split_count
 
