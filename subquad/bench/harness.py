@@ -9,11 +9,14 @@ gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's imp
 reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
 implementation, not on its whole figure; every call's time is kept too, pooled over the rounds into
 ``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls); on CPU
-the fastest of ``CPU_REPS`` wall-clock runs after one warm-up, and of one more run per implementation in each
-of ``CPU_ROUNDS - 1`` later passes over all the cases.
+the median of ``CPU_ROUNDS`` passes over all the cases: the fastest of ``CPU_REPS`` wall-clock runs after one
+warm-up in the first, one run per implementation in each later one.
 A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
 from 16k to 64k, should not depend on which of them ran in a slow spell: spreading each case's runs over the
-whole benchmark gives every case the same chances of a quiet spell. Peak memory is the allocator's peak above
+whole benchmark gives every case the same chances of a quiet spell. The median, not the fastest, of the
+passes: under bursty contention a 1 s call can fall entirely in a quiet spell and a 5 s call cannot, so the
+fastest pass favours short calls (the window's 16k -> 64k ratio over the same samples of four runs: 3.9-5.6x
+by the fastest pass, 4.3-4.8x by the median). Peak memory is the allocator's peak above
 the inputs on CUDA, and the peak resident set above the start of the call on CPU (sampled every millisecond:
 large tensors live far longer than that).
 """
@@ -312,8 +315,8 @@ def _set_time(row: dict, case: Case, ms: float) -> None:
     row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
 
 
-def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, combine=statistics.median) -> None:
-    """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report ``combine`` of
+def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer) -> None:
+    """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report the median of
     all rounds (the rounds so far are kept in ``ms_rounds``). ``calls[impl]`` is ``(call, leaves, samples)``;
     a timer that returns every call's time (CUDA) has the round's median taken, and the calls of all rounds
     pooled in ``samples`` are summarised in ``ms_calls`` (count and 10/50/90th percentiles: whether a figure
@@ -336,7 +339,7 @@ def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, combin
                 for t in leaves:
                     t.grad = None
     for impl, ms in times.items():
-        _set_time(rows[impl], case, combine(ms))
+        _set_time(rows[impl], case, statistics.median(ms))
         rows[impl]["ms_rounds"] = [_sig(x) for x in ms]
         samples = calls[impl][2]
         if len(samples) > len(ms):
@@ -394,5 +397,5 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Calla
         for case, case_rows, calls in later:
             if progress is not None:
                 progress(f"{case.case} N={case.seqlen} {case.mode}: one more pass")
-            _more_rounds(case, case_rows, calls, 2, _time_cpu_once, combine=min)
+            _more_rounds(case, case_rows, calls, 2, _time_cpu_once)
     return rows
