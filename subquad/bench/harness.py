@@ -225,9 +225,8 @@ def _time_cuda(call, leaves, rep_ms: float = CUDA_ROUND_MS) -> list[float]:
 
 
 def _time_cpu(call, leaves, first_ms: float, reps: int, budget_ms: float = 15000.0) -> float:
-    """The fastest of up to ``reps`` timed calls after the first (which warmed up), within ``budget_ms``
-    (slow calls get fewer, at least one). On a small shared CPU the noise only adds time (other processes,
-    page faults), ±10% on a multi-second call, so the minimum is the steadier estimate of the code's cost."""
+    """The first pass's figure: the fastest of up to ``reps`` back-to-back timed calls after the first (which
+    warmed up), within ``budget_ms`` (slow calls get fewer, at least one); the passes' median is reported."""
     times = []
     while len(times) < reps and (not times or sum(times) + first_ms < budget_ms):
         for t in leaves:
