@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..grid import next_power_of_2
+from ..linear.chunk import block_sizes
 from ..linear.chunk_fwd import _dot
 
 SUB = 16
@@ -181,8 +181,7 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
     t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
-    bk = min(64, max(16, next_power_of_2(dk)))
-    bv = min(64, max(16, next_power_of_2(dv)))
+    bk, bv = block_sizes(dk, dv)
     wy_fwd[(tables.n_chunks, heads)](k, v, beta, g, w, u, t_mat, tables.cu, tables.chunk_indices, H=heads, K=dk, V=dv,
                                      C=chunk_size, BC=SUB, BK=bk, BV=bv, GATE=g is not None,
                                      PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32, num_warps=4)
@@ -196,8 +195,7 @@ def launch_wy_bwd(k, v, beta, g, t_mat, dw, du, dk, tables, chunk_size):
     dv = torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     dg = torch.empty_like(g) if g is not None else None
-    bk = min(64, max(16, next_power_of_2(dk_)))
-    bv = min(64, max(16, next_power_of_2(dv_)))
+    bk, bv = block_sizes(dk_, dv_)
     wy_bwd[(tables.n_chunks, heads)](k, v, beta, g, t_mat, dw, du, dk, dv, dbeta, dg, tables.cu,
                                      tables.chunk_indices, H=heads, K=dk_, V=dv_, C=chunk_size, BK=bk, BV=bv,
                                      GATE=g is not None, PREC=_precision(k.dtype),
