@@ -79,6 +79,20 @@ def test_describe_names_components_and_counts():
     assert f"{kept:,} kept pairs" in plan(masks.strided(64), 1024).describe()
 
 
+
+def test_kept_pairs_of_a_plan_prepared_on_the_accelerator():
+    """describe() counts on the CPU: block layouts were prepared on the device the plan runs on (it crashed
+    on CUDA with a device mismatch)."""
+    from subquad.ops.softmax.planned import plan_for
+
+    pattern = masks.bigbird(64, [0, 5], random_blocks=2, block=32, seed=0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    on_device = plan_for(pattern, False, 1024, 1024, dev, False)
+    on_cpu = plan(pattern, 1024, device="cpu")
+    assert on_device.kept_pairs() == on_cpu.kept_pairs()
+    assert sum(on_cpu.kept_pairs()) == int(dense_mask(pattern, 1024, 1024).sum())
+    assert f"{sum(on_cpu.kept_pairs()):,} kept pairs" in on_device.describe()
+
 def _qkv(nq, nk, hq, hkv, d=16, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     mk = lambda n, h: torch.randn(2, n, h, d, generator=gen, dtype=dtype).requires_grad_(True)  # noqa: E731

@@ -1,5 +1,6 @@
 """Where a planned pattern's time goes: each component of its plan timed on its own, then the merges, then the
-whole ``subquad.attention`` call (fwd, bf16, 16 heads, D 128).
+whole ``subquad.attention`` call (fwd, bf16, 16 heads, D 128). On CUDA each line also gives the kernels' own
+time per call (torch.profiler) beside do_bench's: where the two differ, the call is host-bound.
 
 Device run: ``PYTHONPATH=. python3 benchmarks/gpu/plan_profile.py [N] [BATCH]`` (default 16384 x 1); prints one
 line per component (its launch shape, kept pairs, ms and effective TFLOP/s) and writes ``$OUT/plan_profile.json``.
@@ -43,6 +44,22 @@ def timer(device):
     return cpu
 
 
+def kernels(fn, calls=20):
+    """(kernel time per call in ms, the three costliest kernels) of ``fn`` on CUDA, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / calls / 1e3
+    top = sorted(events, key=lambda e: -e.device_time_total)[:3]
+    return total, [(e.key[:60], round(e.device_time_total / calls / 1e3, 4), e.count // calls) for e in top]
+
+
 def profile(name, pattern, causal, n, batch, device, backend):
     q, k, v = (torch.randn(batch, n, 16, 128, device=device, dtype=torch.bfloat16 if device.type == "cuda"
                            else torch.float32) for _ in range(3))
@@ -53,24 +70,29 @@ def profile(name, pattern, causal, n, batch, device, backend):
     rows = []
     outputs = []
     for c, pairs in zip(plan.components, plan.kept_pairs()):
-        ms = ms_of(lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine))
+        call = lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine)  # noqa: E731
+        ms = ms_of(call)
         outputs.append((c, *_run(c, plan, q, k, v, scale, None, None, engine)))
         nq, nk = c.kernel_shape()
         rows.append({"pattern": name, "part": c.role, "queries": nq, "keys": nk, "split": c.split, "ms": ms,
-                     "tflops": 4 * 128 * pairs * 16 * batch / (ms * 1e-3) / 1e12})
+                     "call": call, "tflops": 4 * 128 * pairs * 16 * batch / (ms * 1e-3) / 1e12})
     base = [(o, lse) for c, o, lse in outputs if not c.overrides_rows]
     if len(base) == 2:
         (o1, l1), (o2, l2) = base
         merge = (lambda: merge_lse_fused(o1, l1, o2, l2, q.dtype)) if backend == "triton" else \
             (lambda: merge_lse([o1, o2], [l1, l2], q.dtype))
-        rows.append({"pattern": name, "part": "merge", "ms": ms_of(merge)})
-    rows.append({"pattern": name, "part": "attention()", "ms": ms_of(
-        lambda: attention(q, k, v, causal=causal, mask=pattern, backend=backend))})
+        rows.append({"pattern": name, "part": "merge", "ms": ms_of(merge), "call": merge})
+    whole = lambda: attention(q, k, v, causal=causal, mask=pattern, backend=backend)  # noqa: E731
+    rows.append({"pattern": name, "part": "attention()", "ms": ms_of(whole), "call": whole})
     for r in rows:
+        call = r.pop("call")
         r.update(batch=batch, seqlen=n, device=str(device))
         tflops = f"{r['tflops']:7.1f} TF" if "tflops" in r else ""
+        if device.type == "cuda":
+            r["kernel_ms"], r["kernels"] = kernels(call)
+        own = f"kernels {r['kernel_ms']:7.3f} ms {r['kernels']}" if "kernel_ms" in r else ""
         print(f"{name:28s} {r['part']:12s} {r.get('queries', ''):>7} x {r.get('keys', ''):<7} {r['ms']:9.3f} ms "
-              f"{tflops}", flush=True)
+              f"{tflops} {own}", flush=True)
     print(plan.describe(), flush=True)
     return rows
 

@@ -433,7 +433,7 @@ class Document(Pattern):
         return ids[bb, q] == ids[bb, k]
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
-        ids = self._ids()  # (Bm, N)
+        ids = self._ids().to(q0.device)  # (Bm, N)
         starts = torch.cat([q0.flatten(), k0.flatten()])
         ends = torch.cat([q1.flatten(), k1.flatten()])
         # Per-block min and max of the ids, via a segment reduction over the (possibly overlapping) ranges.
@@ -486,7 +486,7 @@ class BlockLayout(Pattern):
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
         s = self.block
-        lay = self.layout.to(torch.int32)
+        lay = self.layout.to(device=q0.device, dtype=torch.int32)  # prepared on the GPU, counted on the CPU
         # 2-D prefix sums: count of kept cells in any rectangle of cells in O(1).
         cs = torch.zeros(lay.shape[0], lay.shape[1], lay.shape[2] + 1, lay.shape[3] + 1, dtype=torch.int32,
                          device=lay.device)
@@ -534,7 +534,7 @@ class Tensor(Pattern):
     def block_bounds(self, ctx, q0, q1, k0, k1):
         nq, nk = q0.numel(), k0.numel()
         bq, bk = int(q1.flatten()[0] - q0.flatten()[0] + 1), int(k1.flatten()[0] - k0.flatten()[0] + 1)
-        m = self.mask
+        m = self.mask.to(q0.device)
         pad_q, pad_k = nq * bq - m.shape[2], nk * bk - m.shape[3]
         kept = torch.nn.functional.pad(m.to(torch.int32), (0, pad_k, 0, pad_q))
         count = kept.view(m.shape[0], m.shape[1], nq, bq, nk, bk).sum((3, 5))
