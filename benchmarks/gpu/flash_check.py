@@ -42,7 +42,7 @@ def _flex(q, k, v, causal):
 
     n = q.shape[1]
     if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     bm = None
     if causal:
         key = ("causal", n)

@@ -31,7 +31,7 @@ def timed(name, call, leaves):
 
 def main():
     torch._dynamo.config.cache_size_limit = 1024
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, dynamic=False)
     pattern, causal, mask_mod, *_ = backends.cases_spec(N)["bigbird512+16+3x64"]
     q, k, v = (torch.randn(1, N, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))

@@ -41,7 +41,8 @@ def flex(mask_mod_factory=None, backend: str | None = None):
         n = q.shape[2]
         if "compiled" not in _FLEX:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-            _FLEX["compiled"] = torch.compile(flex_attention)
+            # static shapes, as subquad's flex backend (subquad/ops/softmax/flex.py says why)
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
         block_mask = None
         if mask_mod_factory is not None:
             # The factory itself is in the key: two suites may name different masks alike.

@@ -11,8 +11,8 @@ its 128 x 128 full and partial key-block lists become ``BlockMask.from_kv_blocks
 evaluates the same ``fa4.emit`` that generates FA4's CuTe predicate, here with torch operations; softcap and
 ALiBi become a ``score_mod``. Unlike FA4's, the mask_mod is made even when no block is partial: eager flex
 (the CPU) applies it to every block and ignores the lists. Patterns with no such form (Python predicates) cannot run here.
-``flex_attention`` is compiled once per process on CUDA (dynamo's cache limit raised: every new shape or
-pattern is a new graph); on the CPU it runs eagerly, slowly (for tests).
+``flex_attention`` is compiled once per process on CUDA with static shapes (dynamo's cache limit raised:
+every new shape or pattern is a new graph); on the CPU it runs eagerly, slowly (for tests).
 """
 
 from __future__ import annotations
@@ -137,7 +137,11 @@ def _flex(device: torch.device):
         return flex_attention
     if "cuda" not in _COMPILED:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
-        _COMPILED["cuda"] = torch.compile(flex_attention)
+        # dynamic=False: every pattern's mask_mod is the same function over different closure tensors, so from
+        # the second pattern on, dynamo's automatic dynamic shapes made the flag tensors symbolic (its log:
+        # "marking ...mask_mod.__closure__[0].cell_contents[0] as dynamic"), with symbolic index arithmetic in
+        # the kernels: BigBird forward 0.77 ms in the suite against 0.65 alone on the H100
+        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["cuda"]
 
 
