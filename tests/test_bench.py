@@ -92,6 +92,29 @@ def test_cuda_rounds_take_each_rounds_median_and_pool_the_calls():
     assert calls["n"] == 11 and calls["p50"] == 3.6 and calls["p10"] == 3.6 and calls["p90"] == 3.9
 
 
+def test_rounds_rotate_the_order_with_the_collector_paused():
+    """Each round starts one implementation further on, so that no implementation always follows the same one
+    (in the H100 backends runs, identical FA4 calls timed as different implementations differed by 4-5%),
+    and run_cases times with Python's cyclic collector off, turning it back on after."""
+    import gc
+
+    from subquad.bench.harness import _gc_paused, _more_rounds
+
+    case = attention_case("causal", masks.causal, "fwd", batch=1, seqlen=64, heads_q=2, heads_kv=2, head_dim=16,
+                          dtype=torch.float32, impls={})
+    visits = []
+
+    def timer(call, leaves):
+        visits.append((call, gc.isenabled()))
+        return 1.0
+
+    rows = {n: {"ms": 1.0} for n in "abc"}
+    with _gc_paused():
+        _more_rounds(case, rows, {n: (n, [], [1.0]) for n in "abc"}, 4, timer)
+    assert "".join(v for v, _ in visits) == "bca" + "cab" + "abc"
+    assert not any(on for _, on in visits) and gc.isenabled()
+
+
 def test_exact_rows_matches_dense_softmax():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 50, 2, 8) for _ in range(3))

@@ -5,10 +5,14 @@ that can run here (subquad's backends and the peers). A *suite* is a generator o
 ``@suite``; ``subquad bench`` runs suites and writes a table, ``bench.json`` and plots.
 
 Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
-gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn (the
-reported time is the median of the rounds: a burst of host or clock jitter lands on one round of one
-implementation, not on its whole figure; every call's time is kept too, pooled over the rounds into
-``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls); on CPU
+gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn, each
+round starting one implementation further on (the reported time is the median of the rounds: a burst of host
+or clock jitter lands on one round of one implementation, not on its whole figure, and no implementation
+always follows the same neighbour; every call's time is kept too, pooled over the rounds into
+``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls). Python's
+cyclic garbage collector is paused while a case is timed (collected before), as ``timeit`` does: a collection
+costs the call it lands in up to milliseconds of host time, and FA4's CuTe DSL launches allocate enough to
+trigger them; with a 0.25 ms kernel behind a Python launch path, host pauses are the jitter. On CPU
 the median of ``CPU_ROUNDS`` passes over all the cases: the fastest of ``CPU_REPS`` wall-clock runs after one
 warm-up in the first, one run per implementation in each later one.
 A shared CPU drifts by tens of percent over tens of seconds, so a ratio between two cases, such as the time
@@ -23,7 +27,9 @@ large tensors live far longer than that).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import importlib.metadata as _md
 import os
 import platform
@@ -314,16 +320,33 @@ def _set_time(row: dict, case: Case, ms: float) -> None:
     row["gbps"] = _sig(case.bytes / (ms * 1e-3) / 1e9) if case.bytes else None
 
 
-def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer) -> None:
+@contextlib.contextmanager
+def _gc_paused():
+    """Collect, then keep the cyclic garbage collector off for the block (timeit's practice)."""
+    was_on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def _more_rounds(case: Case, rows: dict, calls: dict, rounds: int, timer, first_round: int = 1) -> None:
     """Time each implementation ``rounds - 1`` more times, visiting them in turn, and report the median of
     all rounds (the rounds so far are kept in ``ms_rounds``). ``calls[impl]`` is ``(call, leaves, samples)``;
     a timer that returns every call's time (CUDA) has the round's median taken, and the calls of all rounds
     pooled in ``samples`` are summarised in ``ms_calls`` (count and 10/50/90th percentiles: whether a figure
-    is spread by rounds or by single calls)."""
+    is spread by rounds or by single calls). Round ``r`` (the first timing is round 0; ``first_round`` numbers
+    the first round made here) starts at implementation ``r mod n``."""
     times = {impl: list(rows[impl].get("ms_rounds", [rows[impl]["ms"]])) for impl in calls}
     failed = set()
-    for _ in range(rounds - 1):
-        for impl, (call, leaves, samples) in calls.items():
+    names = list(calls)
+    for r in range(first_round, first_round + rounds - 1):
+        shift = r % len(names)
+        for impl in names[shift:] + names[:shift]:
+            call, leaves, samples = calls[impl]
             if impl in failed:
                 continue
             try:
@@ -376,25 +399,27 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, impl_filter: Calla
                          "error": f"{type(exc).__name__}: {exc}"[:300], **stamp})
         calls: dict = {}
         case_rows: dict = {}
-        for impl in case.impls:
-            if impl_filter is not None and not impl_filter(impl):
-                continue
-            if progress is not None:
-                progress(f"{case.case} N={case.seqlen} {case.mode} {impl}")
-            row = measure(case, impl, device, inputs, ref, cpu_reps=cpu_reps, calls=calls)
-            row.update(stamp)
-            rows.append(row)
-            case_rows[impl] = row
-        if calls and device.type == "cuda" and cuda_rounds > 1:
-            _more_rounds(case, case_rows, calls, cuda_rounds, _time_cuda)
-        elif calls and device.type != "cuda" and cpu_rounds > 1:
+        with _gc_paused():
+            for impl in case.impls:
+                if impl_filter is not None and not impl_filter(impl):
+                    continue
+                if progress is not None:
+                    progress(f"{case.case} N={case.seqlen} {case.mode} {impl}")
+                row = measure(case, impl, device, inputs, ref, cpu_reps=cpu_reps, calls=calls)
+                row.update(stamp)
+                rows.append(row)
+                case_rows[impl] = row
+            if calls and device.type == "cuda" and cuda_rounds > 1:
+                _more_rounds(case, case_rows, calls, cuda_rounds, _time_cuda)
+        if calls and device.type != "cuda" and cpu_rounds > 1:
             later.append((case, case_rows, calls))
         del inputs, ref, calls
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for _ in range(cpu_rounds - 1):
+    for p in range(1, cpu_rounds):
         for case, case_rows, calls in later:
             if progress is not None:
                 progress(f"{case.case} N={case.seqlen} {case.mode}: one more pass")
-            _more_rounds(case, case_rows, calls, 2, _time_cpu_once)
+            with _gc_paused():
+                _more_rounds(case, case_rows, calls, 2, _time_cpu_once, first_round=p)
     return rows
