@@ -24,7 +24,7 @@ import torch
 
 from ...masks.patterns import Band, BuildContext, INF, Pattern
 from ...masks.plan import Component, Plan, plan
-from .lse_merge import merge_lse, merge_lse_fused
+from .lse_merge import merge_lse, merge_lse_fused, merge_lse_stacked
 from .reference import attention_reference
 
 
@@ -84,8 +84,7 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     ks = kk.reshape(bsz * s, kk.shape[1] // s, hkv, d)
     vs = vv.reshape(bsz * s, vv.shape[1] // s, hkv, vv.shape[3])
     o, lse = engine(qs, ks, vs, bm, scale, softcap, None, None, None)
-    o, lse = o.view(bsz, s, nr, hq, -1), lse.view(bsz, s, hq, nr)
-    return merge_lse(list(o.unbind(1)), list(lse.unbind(1)), o.dtype)
+    return merge_lse_stacked(o.view(bsz, s, nr, hq, -1), lse.view(bsz, s, hq, nr), o.dtype)
 
 
 def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_positions: bool,
