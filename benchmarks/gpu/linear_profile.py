@@ -5,7 +5,8 @@ Run on the device (fla from the carried wheels on PYTHONPATH):
 Prints, per (op, implementation), the call's time (do_bench median), the kernels' total and each kernel's average
 microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_MODE.json to $OUT.
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
-used to fix the autotuned tiles of every later one).
+used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
+autotunes each kernel for tens of seconds on its first call).
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def main():
     warm = os.environ.get("LINEAR_PROFILE_WARM")
     for op in ops:
         inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
-        for name, impl in (("subquad", _ours(op, "triton")), ("fla", _fla(op))):
+        peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
+        impls = [("subquad", _ours(op, "triton"))]
+        if peer_ops is None or op in peer_ops.split(","):
+            impls.append(("fla", _fla(op)))
+        for name, impl in impls:
             try:
                 if warm:
                     wb, wt = (int(x) for x in warm.split("x"))

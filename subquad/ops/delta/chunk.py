@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..linear.chunk import (ChunkTables, chunk_tables, launch_dqk_bwd, launch_dv_bwd, launch_output_fwd,
-                            launch_state_bwd, launch_state_fwd, log_decay_grad)
+from ..linear.chunk import (ChunkTables, chunk_tables, launch_chunk_cumsum, launch_dqk_bwd, launch_dv_bwd,
+                            launch_output_fwd, launch_state_bwd, launch_state_fwd, log_decay_grad)
 from .wy import launch_wy_bwd, launch_wy_fwd
 
 
@@ -36,8 +36,9 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
         w, u, t_mat = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
-        h, ht, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
-        o = launch_output_fwd(q, k, v_new, g, h, tables, scale, chunk_size)
+        gc = launch_chunk_cumsum(g, tables, chunk_size)
+        h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+        o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
         ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat, w, u)
         ctx.meta = (tables, scale, chunk_size)
         return o, ht
@@ -48,7 +49,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
         tables, scale, chunk_size = ctx.meta
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, _, v_new = launch_state_fwd(k, u, g, h0, tables, chunk_size, w=w)
+        h, _, v_new = launch_state_fwd(k, u, launch_chunk_cumsum(g, tables, chunk_size), h0, tables, chunk_size, w=w)
         dv_local = launch_dv_bwd(q, k, g, do, None, tables, scale, chunk_size)
         dh, dh0, dv_new = launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
                                            need_dh0=h0 is not None and ctx.needs_input_grad[5])

@@ -75,8 +75,9 @@ def gate_kind(g) -> int:
 
 
 def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
-    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous.
-    The delta rule (w given) needs the whole key dimension in one block."""
+    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous; g the
+    in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None. The delta rule (w given) needs the whole
+    key dimension in one block."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
@@ -91,11 +92,15 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
 
 
 def launch_chunk_cumsum(g, tables, chunk_size):
-    """In-chunk cumulative log-decay (T_total, H, K) fp32 for a vector decay."""
-    t_total, heads, dk = g.shape
+    """In-chunk cumulative log-decay, fp32, of the shape of ``g``: (T_total, H) or (T_total, H, K); None for
+    None. The forward kernels take this form."""
+    if g is None:
+        return None
+    t_total, heads, dk = g.shape if g.dim() == 3 else (*g.shape, 1)
     gc = torch.empty_like(g)
-    chunk_cumsum[(tables.n_chunks, heads, cdiv(dk, 64))](g, gc, tables.cu, tables.chunk_indices, H=heads,
-                                                                K=dk, C=chunk_size, BK=64, num_warps=4)
+    bk = min(64, max(16, next_power_of_2(dk)))
+    chunk_cumsum[(tables.n_chunks, heads, cdiv(dk, bk))](g, gc, tables.cu, tables.chunk_indices, H=heads,
+                                                         K=dk, C=chunk_size, BK=bk, num_warps=4)
     return gc
 
 
@@ -119,6 +124,7 @@ def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
 
 
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
+    """g: the in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     o = torch.empty_like(v)
@@ -210,11 +216,12 @@ class ChunkGLAFunction(torch.autograd.Function):
         qf, kf, vf = flat(q), flat(k), flat(v)
         gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
-        h, ht, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
+        gc = launch_chunk_cumsum(gf, tables, chunk_size)
+        h, ht, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
         scores = None
         if gate_kind(gf) == 2:
-            scores = launch_intra_fwd(qf, kf, launch_chunk_cumsum(gf, tables, chunk_size), tables, chunk_size)
-        o = launch_output_fwd(qf, kf, vf, gf, h, tables, scale, chunk_size, scores)
+            scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
+        o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
         ctx.save_for_backward(qf, kf, vf, gf, h0c, ht, scores)
         ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht
@@ -226,7 +233,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()
-        h, _, _ = launch_state_fwd(kf, vf, gf, h0c, tables, chunk_size)
+        h, _, _ = launch_state_fwd(kf, vf, launch_chunk_cumsum(gf, tables, chunk_size), h0c, tables, chunk_size)
         dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
                                       need_dh0=has_h0 and ctx.needs_input_grad[4])
         dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size, scores)

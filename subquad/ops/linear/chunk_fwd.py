@@ -1,9 +1,11 @@
 """Triton forward kernels of the chunked engine (shared by the delta rule through the ``DELTA`` switch).
 
 Layout: q, k ``(T_total, H, K)``, v ``(T_total, H, V)`` (batches flattened into packed sequences, so one code
-path serves ``cu_seqlens``), log-decay ``g`` fp32: ``(T_total, H)`` for ``GATE == 1`` (scalar per token),
-``(T_total, H, K)`` for ``GATE == 2`` (per key dimension; the intra-chunk scores then come precomputed from
-chunk_intra, ``A`` ``(n_chunks, H, C, C)``).
+path serves ``cu_seqlens``), ``g`` fp32, the log-decay summed inside each chunk up to and including the token
+(``chunk_intra.chunk_cumsum``; fla's chunk_local_cumsum): ``(T_total, H)`` for ``GATE == 1`` (scalar per
+token), ``(T_total, H, K)`` for ``GATE == 2`` (per key dimension; the intra-chunk scores then come precomputed
+from chunk_intra, ``A`` ``(n_chunks, H, C, C)``). Summed once beforehand rather than in each kernel: in the
+state pass a scan across the chunk is two CTA-wide reductions on the serial chain of every chunk.
 ``chunk_offsets[n]`` is the first global chunk of sequence n; ``chunk_indices[c] = (n, chunk within n)``.
 
 Two passes, as in flash-linear-attention's chunk form:
@@ -64,17 +66,16 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHU
             tl.store(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_vn.to(v_new.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
             b_v = b_vn.to(b_k.dtype)
+        last = tl.minimum(bos + i_t * C + C, eos) - 1
         if GATE == 1:
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-            b_b = tl.cumsum(b_g, axis=0)
-            b_last = tl.sum(b_g, axis=0)
+            b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+            b_last = tl.load(g + last * H + i_h)
             state *= tl.exp(b_last)
             b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
         if GATE == 2:
-            b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+            b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                           other=0.0)
-            b_b = tl.cumsum(b_g, axis=0)
-            b_last = tl.sum(b_g, axis=0)
+            b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
             state *= tl.exp(b_last)[:, None]
             b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
         state += _dot(tl.trans(b_k), b_v, IEEE)
@@ -108,7 +109,7 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
         if GATE == 2:
             b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                           other=0.0)
-            acc += _dot((b_q * tl.exp(tl.cumsum(b_g, axis=0))).to(b_q.dtype), b_h.to(b_q.dtype), IEEE)
+            acc += _dot((b_q * tl.exp(b_g)).to(b_q.dtype), b_h.to(b_q.dtype), IEEE)
         else:
             acc += _dot(b_q, b_h.to(b_q.dtype), IEEE)
             scores += _dot(b_q, tl.trans(b_k), IEEE)
@@ -117,9 +118,10 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     if GATE == 2:
         scores = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
     elif GATE == 1:
-        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
         acc *= tl.exp(b_b)[:, None]
-        scores *= tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+        # rows past the sequence's end (b = 0) would overflow against far-decayed columns: never stored, but kept finite
+        scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
     else:
         scores = tl.where(causal, scores, 0.0)
     b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)

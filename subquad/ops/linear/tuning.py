@@ -1,5 +1,6 @@
 """Autotuning spaces of the chunk kernels: a few tile / warp / pipeline-depth choices each (the first call per
-shape key benchmarks them). The interpreter gets the first choice only (it would time every one on the CPU)."""
+shape key benchmarks them). The interpreter gets the first choice only (it would time every one on the CPU), and
+so does ``SUBQUAD_LINEAR_AUTOTUNE=0`` (GPU test runs: every test shape would be tuned anew)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import triton
 def configs(space: list[tuple[dict, int, int]]) -> list[triton.Config]:
     """space: (meta-parameters, num_warps, num_stages) triples."""
     cfgs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in space]
-    return cfgs[:1] if os.environ.get("TRITON_INTERPRET", "0") == "1" else cfgs
+    first_only = os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("SUBQUAD_LINEAR_AUTOTUNE") == "0"
+    return cfgs[:1] if first_only else cfgs
 
 
 STATE = configs([({"BV": 32}, 4, 2), ({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 64}, 8, 2), ({"BV": 32}, 2, 3)])
