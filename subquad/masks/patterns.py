@@ -428,7 +428,7 @@ class Document(Pattern):
         return self.seq_ids if self.seq_ids.dim() == 2 else self.seq_ids.unsqueeze(0)
 
     def predicate(self, b, h, q, k):
-        ids = self._ids()
+        ids = self._ids().to(q.device)   # prepared on the GPU, evaluated on the CPU by describe()
         bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
         return ids[bb, q] == ids[bb, k]
 
@@ -479,7 +479,7 @@ class BlockLayout(Pattern):
         return BlockLayout(self.layout.to(ctx.device), self.block)
 
     def predicate(self, b, h, q, k):
-        lay = self.layout
+        lay = self.layout.to(q.device)   # prepared on the GPU, evaluated on the CPU by describe()
         bb = b if lay.shape[0] > 1 else torch.zeros_like(b)
         hh = h if lay.shape[1] > 1 else torch.zeros_like(h)
         return lay[bb, hh, torch.div(q, self.block, rounding_mode="floor"), torch.div(k, self.block, rounding_mode="floor")]
@@ -526,7 +526,7 @@ class Tensor(Pattern):
         return self
 
     def predicate(self, b, h, q, k):
-        m = self.mask
+        m = self.mask.to(q.device)       # prepared on the GPU, evaluated on the CPU by describe()
         bb = b if m.shape[0] > 1 else torch.zeros_like(b)
         hh = h if m.shape[1] > 1 else torch.zeros_like(h)
         return m[bb, hh, q - getattr(self, "_offset", 0), k]
