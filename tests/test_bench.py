@@ -25,6 +25,7 @@ def test_bench_command_writes_table_json_and_plots(tmp_path):
         assert REQUIRED <= r.keys()
         assert r["ms"] > 0 and r["tflops"] > 0
         assert r["max_err"] < 1e-4  # fp32 reference vs fp64 exact rows
+        assert r["max_rel_err"] is not None and r["max_rel_err"] <= r["max_err"] / 1e-3   # |ref| > 1e-3 here
     assert (tmp_path / "bench-fwd.png").stat().st_size > 10_000
     assert "window256" in result.output
 
