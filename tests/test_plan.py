@@ -36,6 +36,9 @@ PLANNED = [
     ("dilated-odd-length", masks.dilated(40, 3, causal=False), 200, 200, ["class"] * 3),
     ("longformer-spread", masks.longformer(16, [0, 1, 50, 130]), 200, 200, ["local", "columns", "rows"]),
     ("longformer-first-tokens", masks.longformer(16, [0, 1, 2], causal=True), 150, 203, ["local", "columns"]),
+    # causal: the global queries 0-3 see keys <= themselves, all inside the band: no row component
+    ("longformer-causal-rows-in-band", masks.longformer(64, [0, 1, 2, 3], causal=True), 200, 200,
+     ["local", "columns"]),
     ("bigbird-spread", masks.bigbird(16, [0, 5, 100, 170], random_blocks=2, block=16, causal=True), 200, 200,
      ["local", "columns", "rows"]),
     ("bigbird-folded", masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, 200, ["local", "rows"]),
@@ -57,6 +60,8 @@ def test_plan_none_without_scattered_parts():
     assert plan(masks.sliding_window(64), 256) is None
     assert plan(masks.causal, 256) is None
     assert plan(masks.document(torch.tensor([0] * 100 + [1] * 156)), 256) is None
+    # global tokens in the first key tile fold into the BlockMask, and causally their rows are in the band
+    assert plan(masks.bigbird(64, [0, 3], random_blocks=2, block=16, causal=True), 256) is None
 
 
 def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():

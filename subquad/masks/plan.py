@@ -331,6 +331,30 @@ class Plan:
         pred = pred.reshape(pred.shape[-2:]).expand(rows.numel(), nk)
         return (kind == FULL) | ((kind == PARTIAL) & pred)
 
+    def _keys_of(self, c: Component, device) -> torch.Tensor:
+        """The key position of each of a (non-folded) component's key columns."""
+        if c.kv_slice is not None:
+            return torch.arange(*c.kv_slice, device=device)
+        return c.kv_index.to(device) if c.kv_index is not None else torch.arange(self.seq_kv, device=device)
+
+    def gives_rows_their_keys(self, rows: torch.Tensor) -> bool:
+        """Whether the components give the query positions ``rows`` exactly the pattern's keys, each once:
+        then a row component for them would redo work (causal Longformer: the band already holds every key a
+        global query may see)."""
+        device = rows.device
+        ctx = self.context(1, 1, device)
+        got = torch.zeros(rows.numel(), self.seq_kv, dtype=torch.int32, device=device)
+        for c in self.components:
+            if c.overrides_rows or c.fold > 1:
+                return False
+            bm = c.block_mask(ctx, self.block_q, self.block_kv, device)
+            m = self._component_mask(c, bm, device, rows=rows - (self.seq_kv - self.seq_q))
+            got.index_add_(1, self._keys_of(c, device), m.to(torch.int32))
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        want = self.prepared.predicate(zero, zero, rows.view(1, 1, -1, 1),
+                                       torch.arange(self.seq_kv, device=device).view(1, 1, 1, -1))
+        return torch.equal(got, want.reshape(rows.numel(), self.seq_kv).to(torch.int32))
+
     def coverage(self, device="cpu") -> torch.Tensor:
         """``(seq_q, seq_kv)`` int: how many components keep each pair, rows replaced by the row components
         that own them (small N only). An exact plan gives the pattern's element mask as 0/1."""
@@ -352,10 +376,8 @@ class Plan:
             if c.split > 1:
                 chunk = self.seq_kv // c.split if c.kv_slice is None else (c.kv_slice[1] - c.kv_slice[0]) // c.split
                 m = m.repeat(1, c.split)[:, :chunk * c.split]
-            keys = (torch.arange(*c.kv_slice, device=device) if c.kv_slice is not None else
-                    c.kv_index.to(device) if c.kv_index is not None else torch.arange(self.seq_kv, device=device))
             part = torch.zeros(m.shape[0], self.seq_kv, dtype=torch.int32, device=device)
-            part.index_add_(1, keys, m)
+            part.index_add_(1, self._keys_of(c, device), m)
             if c.overrides_rows:
                 rows.append((c.q_index.to(device), part))
             else:
@@ -512,7 +534,10 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                note=f"{col_pos.numel()} gathered keys; {text}"))
     if parts.rows:
         rows = _row_positions(parts.rows, seq_q, seq_kv, device)
-        if rows.numel():
+        if rows.numel() and comps and Plan(pattern, prepared, seq_q, seq_kv, comps, [], block_q, block_kv,
+                                           exact_positions).gives_rows_their_keys(rows):
+            notes.append(f"{rows.numel()} global queries already see exactly their keys in the other components")
+        elif rows.numel():
             lo = 0 if clip.hi >= INF else max(0, int(rows.min()) - clip.hi)
             hi = seq_kv if clip.lo <= -INF else min(seq_kv, int(rows.max()) - clip.lo + 1)
             width = hi - lo
@@ -529,6 +554,8 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                    q_pos=rows, kv_pos=kv_pos, split=split,
                                    note=f"{rows.numel()} global queries see keys [{lo}, {hi})"
                                         + (f" in {split} chunks merged by LSE" if split > 1 else "")))
+    if [c.role for c in comps] == ["local"]:
+        return None     # the whole pattern in one BlockMask: the plain path runs exactly that
     return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv, exact_positions)
 
 
