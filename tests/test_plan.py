@@ -139,6 +139,16 @@ def test_global_rows_split_over_keys(monkeypatch):
     _check_against_oracle(pattern, pl, q, k, v, softcap=5.0)
 
 
+def test_rows_replace_in_place_only_without_gradients():
+    pattern = masks.longformer(16, [0, 70, 100])
+    pl = plan(pattern, 192, block_q=TILE, block_kv=TILE)
+    q, k, v = _qkv(192, 192, 2, 2)
+    with torch.no_grad():
+        out, lse = planned_attention(q, k, v, pl, 0.25)
+    want, want_lse = planned_attention(q, k, v, pl, 0.25)
+    assert want.requires_grad and torch.equal(out, want.detach()) and torch.equal(lse, want_lse.detach())
+
+
 def test_rows_with_no_key_give_zero_and_no_nan():
     pattern = masks.strided(16) & Band(5, INF)  # queries 0..4 see nothing
     pl = plan(pattern, 100, block_q=TILE, block_kv=TILE)

@@ -131,9 +131,15 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
     else:
         out = q.new_zeros(bsz, seq_q, hq, v.shape[3])
         lse = torch.full((bsz, hq, seq_q), float("-inf"), device=q.device)
+    # in place when nothing will differentiate: out of place, each copies the whole output (45 us at 16k on the H100)
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     for c, o, l in rows:
-        out = out.index_copy(1, c.q_index, o.to(out.dtype))
-        lse = lse.index_copy(2, c.q_index, l)
+        if inplace:
+            out.index_copy_(1, c.q_index, o.to(out.dtype))
+            lse.index_copy_(2, c.q_index, l)
+        else:
+            out = out.index_copy(1, c.q_index, o.to(out.dtype))
+            lse = lse.index_copy(2, c.q_index, l)
     return out, lse
 
 
