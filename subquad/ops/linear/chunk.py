@@ -162,10 +162,11 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     return out
 
 
-def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None, u=None):
+def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None, u=None, gc=None):
     """Returns dq, dk, dw (delta rule) or None, dB = q.dq - k.dk per token (T_total, H) fp32 for a scalar decay
     (None otherwise) and, for the gated delta rule, sum_v dv_new (v_new - u) per token.
-    For a vector decay the intra-chunk parts of dq, dk are added here (chunk_intra)."""
+    For a vector decay the intra-chunk parts of dq, dk are added here (chunk_intra), from ``gc``, the cumulative
+    form of ``g`` that the caller has made for the state pass."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk = block_sizes(dk, dv)[0]
@@ -182,7 +183,7 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
                   H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
                   DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     if gate == 2:
-        launch_intra_bwd(q, k, launch_chunk_cumsum(g, tables, chunk_size), d_scores, dq, dk_, tables, chunk_size)
+        launch_intra_bwd(q, k, gc, d_scores, dq, dk_, tables, chunk_size)
     return dq, dk_, dw, None if db is None else db.sum(-1), dvu
 
 
@@ -233,11 +234,12 @@ class ChunkGLAFunction(torch.autograd.Function):
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()
-        h, _, _ = launch_state_fwd(kf, vf, launch_chunk_cumsum(gf, tables, chunk_size), h0c, tables, chunk_size)
+        gc = launch_chunk_cumsum(gf, tables, chunk_size)   # one launch for the state pass and chunk_intra
+        h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
         dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
                                       need_dh0=has_h0 and ctx.needs_input_grad[4])
         dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size, scores)
-        dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size)
+        dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size, gc=gc)
         dg = None
         if gf is not None and ctx.needs_input_grad[3]:
             dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size).view(bsz, seq_len, *gf.shape[1:])
