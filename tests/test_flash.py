@@ -446,3 +446,16 @@ def test_gpu_compile_fullgraph():
     out.sum().backward()
     ref = model(x)
     assert (out - ref).abs().max().item() < 1e-2
+
+
+def test_kernel_arguments_are_kept_per_block_mask_and_positions():
+    from subquad.ops.softmax.flash import _block_mask_args
+
+    bm = BlockMask.build(masks.sliding_window(64), batch=1, heads=1, seq_q=256, seq_kv=256, block_q=64,
+                         block_kv=64, device="cpu")
+    pos = torch.arange(256)
+    first = _block_mask_args(bm, pos, pos)
+    assert _block_mask_args(bm, pos, pos) is first and first.q_pos.dtype == torch.int32
+    other = torch.arange(256)
+    assert _block_mask_args(bm, other, other) is not first
+    assert _block_mask_args(bm, None, None).q_pos is None

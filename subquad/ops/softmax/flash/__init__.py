@@ -50,6 +50,21 @@ def _band_args(lo: int, hi: int) -> MaskArgs:
 
 
 def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
+    """The kernels' arguments for ``bm`` at these positions, kept on the BlockMask per positions tensor: made
+    per call, the int32 copies of a plan component's positions were two more launches each time."""
+    kept = bm._cache.setdefault("flash_args", {})
+    key = (id(q_pos), id(kv_pos))
+    hit = kept.get(key)
+    if hit is not None and hit[0] is q_pos and hit[1] is kv_pos:
+        return hit[2]
+    if len(kept) >= 16:         # a caller making new position tensors every call keeps none for long
+        kept.clear()
+    args = _make_block_mask_args(bm, q_pos, kv_pos)
+    kept[key] = (q_pos, kv_pos, args)
+    return args
+
+
+def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     if bm.block_q % 16 or bm.block_kv % 32:
         raise ValueError(f"mask: the flash kernels need BlockMask blocks that are multiples of 16 (queries) and "
                          f"32 (keys), got {bm.block_q}x{bm.block_kv}")
