@@ -1,6 +1,7 @@
 """Where a planned pattern's time goes: each component of its plan timed on its own, then the merges, then the
 whole ``subquad.attention`` call (fwd, bf16, 16 heads, D 128). On CUDA each line also gives the kernels' own
-time per call (torch.profiler) beside do_bench's: where the two differ, the call is host-bound.
+time per call (torch.profiler) beside do_bench's: where the two differ, the call is host-bound; the host time of
+the whole call is then broken down by Python function (cProfile, the costliest by own time).
 
 Device run: ``PYTHONPATH=. python3 benchmarks/gpu/plan_profile.py [N] [BATCH]`` (default 16384 x 1); prints one
 line per component (its launch shape, kept pairs, ms and effective TFLOP/s) and writes ``$OUT/plan_profile.json``.
@@ -60,6 +61,23 @@ def kernels(fn, calls=20):
     return total, [(e.key[:60], round(e.device_time_total / calls / 1e3, 4), e.count // calls) for e in top]
 
 
+def host_functions(fn, calls=50, top=12):
+    """Host microseconds per call of the costliest functions by own time (cProfile over ``calls`` calls)."""
+    import cProfile
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt / calls * 1e6, f"{path.split('/')[-1]}:{line}:{func}") for (path, line, func), (_, _, tt, _, _)
+                   in stats.items()), reverse=True)[:top]
+    return [(where, round(us, 1)) for us, where in rows]
+
+
 def profile(name, pattern, causal, n, batch, device, backend):
     q, k, v = (torch.randn(batch, n, 16, 128, device=device, dtype=torch.bfloat16 if device.type == "cuda"
                            else torch.float32) for _ in range(3))
@@ -93,6 +111,9 @@ def profile(name, pattern, causal, n, batch, device, backend):
         own = f"kernels {r['kernel_ms']:7.3f} ms {r['kernels']}" if "kernel_ms" in r else ""
         print(f"{name:28s} {r['part']:12s} {r.get('queries', ''):>7} x {r.get('keys', ''):<7} {r['ms']:9.3f} ms "
               f"{tflops} {own}", flush=True)
+    if device.type == "cuda":
+        rows[-1]["host_us"] = host_functions(whole)
+        print(f"{name:28s} host us per call by own time: {rows[-1]['host_us']}", flush=True)
     print(plan.describe(), flush=True)
     return rows
 
