@@ -268,6 +268,18 @@ def test_mask_spec_matches_predicate(name, offset):
     assert eval(repr(spec)) == spec  # noqa: S307
 
 
+def test_mask_spec_drops_band_bounds_an_intersection_enforces():
+    pattern = masks.bigbird(64, [0, 1, 2], random_blocks=2, block=16, seed=0, causal=True)
+    prepared = pattern.prepare(masks.BuildContext(1, 1, 256, 256, torch.device("cpu")))
+    spec = fa4.mask_spec(prepared, 256, [])
+    # (|q - k| <= 32 | globals | random) & q >= k: under q >= k the window keeps only its upper bound
+    assert ("band", None, 32) in spec[1][0][1] and ("band", 0, None) in spec[1]
+    assert fa4._tighten(("or", (("band", -5, 5), ("band", 2, 9)))) == ("or", (("band", -5, 5), ("band", 2, 9)))
+    nested = ("and", (("band", 0, 100), ("or", (("band", -4, 200), ("and", (("band", 3, None), ("band", 1, 7)))))))
+    assert fa4._tighten(nested) == ("and", (("band", 0, 100), ("or", (("band", None, None),
+                                                                       ("and", (("band", 3, None), ("band", 1, 7)))))))
+
+
 def test_predicate_is_not_expressible():
     pattern = masks.from_predicate(lambda b, h, q, k: (q + k) % 3 == 0)
     with pytest.raises(fa4.NotExpressible, match="mask_mod"):

@@ -182,13 +182,39 @@ def mask_spec(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.d
     Tensors the predicate reads are appended to ``aux`` (contiguous; document ids int32, 0/1 flags --
     global tokens, block layouts, bool masks -- ``flag_dtype``: int32 for the CuTe loads, bool for flex) and
     named by their index; everything else is a compile-time constant, so ``repr(spec)`` identifies the
-    generated kernel. Raises ``NotExpressible`` for pieces with no generated form."""
+    generated kernel. Raises ``NotExpressible`` for pieces with no generated form. Band bounds that an
+    enclosing intersection already enforces are dropped (``_tighten``)."""
+    return _tighten(_spec_of(pattern, seq_kv, aux, flag_dtype))
+
+
+def _tighten(spec: tuple, lo: int | None = None, hi: int | None = None) -> tuple:
+    """``spec`` with the bounds of bands inside a union dropped where the bands of an enclosing intersection
+    (``lo <= q - k <= hi``) already imply them: BigBird under causality, ``(|q - k| <= 256 | ...) & q >= k``,
+    becomes ``(q - k <= 256 | ...) & q >= k``. The predicate evaluates every element of a partial block in
+    both backward passes, where each comparison costs about what the tile's matmul does per element."""
+    tag = spec[0]
+    if tag == "and":
+        bands = [s for s in spec[1] if s[0] == "band"]
+        los = [b[1] for b in bands if b[1] is not None] + ([lo] if lo is not None else [])
+        his = [b[2] for b in bands if b[2] is not None] + ([hi] if hi is not None else [])
+        inner_lo, inner_hi = max(los, default=None), min(his, default=None)
+        return ("and", tuple(s if s[0] == "band" else _tighten(s, inner_lo, inner_hi) for s in spec[1]))
+    if tag == "or":
+        return ("or", tuple(_tighten(s, lo, hi) for s in spec[1]))
+    if tag == "band":
+        b_lo = None if spec[1] is None or (lo is not None and spec[1] <= lo) else spec[1]
+        b_hi = None if spec[2] is None or (hi is not None and spec[2] >= hi) else spec[2]
+        return ("band", b_lo, b_hi)
+    return spec
+
+
+def _spec_of(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dtype) -> tuple:
     p = pattern
     if isinstance(p, P.Named):
-        return mask_spec(p.inner, seq_kv, aux, flag_dtype)
+        return _spec_of(p.inner, seq_kv, aux, flag_dtype)
     if isinstance(p, (P.Union, P.Intersection)):
         tag = "or" if isinstance(p, P.Union) else "and"
-        return (tag, tuple(mask_spec(part, seq_kv, aux, flag_dtype) for part in p.parts))
+        return (tag, tuple(_spec_of(part, seq_kv, aux, flag_dtype) for part in p.parts))
     if isinstance(p, P.Band):
         return ("band", None if p.lo <= -_UNBOUNDED else p.lo, None if p.hi >= _UNBOUNDED else p.hi)
     if isinstance(p, P._Prefix):
@@ -300,7 +326,8 @@ class TorchOps:
 def _in_runs(x, runs, c):
     out = None
     for a, b in runs:
-        term = (x == c(a)) if a == b else ((x >= c(a)) & (x <= c(b)))
+        # positions are >= 0: a run from 0 needs one comparison
+        term = (x == c(a)) if a == b else (x <= c(b)) if a == 0 else ((x >= c(a)) & (x <= c(b)))
         out = term if out is None else (out | term)
     return out
 
