@@ -105,9 +105,11 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         m = _band_args(-BAND_INF, BAND_INF)
     else:
         if block_mask is None:
+            # positions without a pattern (a plan's global rows): the full pattern's BlockMask, cached on it per
+            # shape (built on every call, it was a dozen small launches each time)
             block = _mask_block(q.device)
-            block_mask = BlockMask.build(_masks.full, batch=1, heads=1, seq_q=q.shape[1], seq_kv=k.shape[1],
-                                         block_q=block, block_kv=block, device=q.device)
+            block_mask = _masks.resolve(_masks.full, causal=False, batch=1, heads=1, seq_q=q.shape[1],
+                                        seq_kv=k.shape[1], device=q.device, block_q=block, block_kv=block)
         m = _block_mask_args(block_mask.to(q.device), q_pos, kv_pos)
     return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic)
 
