@@ -9,7 +9,9 @@ as a set of components, each an ordinary BlockMask over a (possibly gathered or 
 * ``columns``: the scattered key columns, gathered into a compact K/V tensor with their original positions;
   its predicate removes the pairs that ``local`` already keeps, so no pair is counted twice;
 * ``rows``: global queries that see every key, gathered and run on their own (split over the keys so
-  they do not serialise one program); their result *replaces* those rows of the merged output;
+  they do not serialise one program); their result *replaces* those rows of the merged output. None where
+  the other components already give those queries exactly their keys (causally, a global query at the start
+  sees only keys inside the band);
 * ``classes``: a dilated window re-indexed by residue class (``pos % dilation``): with the sequence
   viewed as ``(batch, seq / d, d * heads, dim)`` (free, no copy) every dilated window is a plain sliding
   window of ``window / d`` keys within its class;
@@ -20,8 +22,8 @@ union is exact: ``Plan.coverage()`` counts, on small N, how many components keep
 (exactly as the kernels visit them: full tiles entirely, partial tiles through the predicate) and the
 tests compare it with the pattern's element mask.
 
-``plan(pattern, seq_q, seq_kv)`` returns a ``Plan`` or ``None`` when the pattern has no scattered part
-(the BlockMask path is then already the plan). ``Plan.describe()`` says what was chosen.
+``plan(pattern, seq_q, seq_kv)`` returns a ``Plan`` or ``None`` when the pattern has no scattered part or
+all that is left is one local component (the BlockMask path is then already the plan). ``Plan.describe()`` says what was chosen.
 """
 
 from __future__ import annotations
