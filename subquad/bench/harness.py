@@ -10,7 +10,7 @@ round starting one implementation further on (the reported time is the median of
 or clock jitter lands on one round of one implementation, not on its whole figure, and no implementation
 always follows the same neighbour; every call's time is kept too, pooled over the rounds into
 ``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls). Python's
-cyclic garbage collector is paused while a case is timed (collected before), as ``timeit`` does: a collection
+cyclic garbage collector is paused while a case is timed, as ``timeit`` does: a collection
 costs the call it lands in up to milliseconds of host time, and FA4's CuTe DSL launches allocate enough to
 trigger them; with a 0.25 ms kernel behind a Python launch path, host pauses are the jitter. On CPU
 the median of ``CPU_ROUNDS`` passes over all the cases: the fastest of ``CPU_REPS`` wall-clock runs after one
@@ -326,9 +326,9 @@ def _set_time(row: dict, case: Case, ms: float) -> None:
 
 @contextlib.contextmanager
 def _gc_paused():
-    """Collect, then keep the cyclic garbage collector off for the block (timeit's practice)."""
+    """Keep the cyclic garbage collector off for the block (timeit's practice). No collection first: after
+    the compile warm-ups a full one takes seconds, twice per case of a suite with a deadline."""
     was_on = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         yield
