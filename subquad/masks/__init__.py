@@ -73,15 +73,12 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
     else:
         cache_owner, key_tag = pattern, ""
     key = (key_tag, batch, heads, seq_q, seq_kv, block_q, block_kv, str(canonical_device(device)))
-    cache = getattr(cache_owner, "_block_masks", None) if cache_owner is not None else None
+    cache = cache_owner.memo("_block_masks") if cache_owner is not None else None
     if cache is not None and key in cache:
         return cache[key]
     bm = BlockMask.build(pattern, batch=batch, heads=heads, seq_q=seq_q, seq_kv=seq_kv,
                          block_q=block_q, block_kv=block_kv, device=device)
-    if cache_owner is not None:
-        if cache is None:
-            cache = {}
-            object.__setattr__(cache_owner, "_block_masks", cache)
+    if cache is not None:
         if len(cache) > 64:
             cache.clear()
         cache[key] = bm

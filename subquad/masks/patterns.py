@@ -66,6 +66,11 @@ class Pattern:
         """Return the pattern ready for this call (checks sizes, draws seeded random blocks, moves tensors)."""
         return self
 
+    def memo(self, name: str) -> dict:
+        """A dict kept on this pattern object under ``name``: the caches of what is derived from it per call
+        signature (its BlockMasks, plans, FA4 routes), so that a model's repeated calls reuse them."""
+        return self.__dict__.setdefault(name, {})
+
     def __or__(self, other: "Pattern") -> "Pattern":
         return Union(self, _coerce(other))
 

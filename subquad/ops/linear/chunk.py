@@ -65,8 +65,13 @@ def chunk_tables(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chun
     return ChunkTables(cu_seqlens, batch, seq_len, chunk_size, device)
 
 
+def _tile(n: int) -> int:
+    """A tile of a feature dimension of ``n``: a power of two from 16 to 64."""
+    return min(64, max(16, next_power_of_2(n)))
+
+
 def block_sizes(dk: int, dv: int) -> tuple[int, int]:
-    return min(64, max(16, next_power_of_2(dk))), min(64, max(16, next_power_of_2(dv)))
+    return _tile(dk), _tile(dv)
 
 
 def gate_kind(g) -> int:
@@ -98,7 +103,7 @@ def launch_chunk_cumsum(g, tables, chunk_size):
         return None
     t_total, heads, dk = g.shape if g.dim() == 3 else (*g.shape, 1)
     gc = torch.empty_like(g)
-    bk = min(64, max(16, next_power_of_2(dk)))
+    bk = _tile(dk)
     chunk_cumsum[(tables.n_chunks, heads, cdiv(dk, bk))](g, gc, tables.cu, tables.chunk_indices, H=heads,
                                                          K=dk, C=chunk_size, BK=bk, num_warps=4)
     return gc
@@ -198,7 +203,7 @@ def log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size):
         final = (final if vector else final.sum(-1)).contiguous()
     width = dk_ if vector else 1
     dg = q.new_empty(t_total, heads, width, dtype=torch.float32)
-    bk = min(64, max(16, next_power_of_2(dk_))) if vector else 1
+    bk = _tile(dk_) if vector else 1
     decay_grad[(cdiv(width, bk), tables.n_seqs * heads)](
         q, k, dq, dk, db, final, dg, tables.cu, tables.chunk_offsets, H=heads, K=width, C=chunk_size, BK=bk,
         VECTOR=vector, HAS_FINAL=final is not None, num_warps=4)

@@ -126,10 +126,7 @@ def lower(mask, causal: bool) -> Lowering:
     walking the pattern cost ~9 us of the CI machine's time per call)."""
     if not isinstance(mask, P.Pattern):
         return _lower(mask, causal)
-    cache = getattr(mask, "_fa4_lowering", None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(mask, "_fa4_lowering", cache)
+    cache = mask.memo("_fa4_lowering")
     hit = cache.get(bool(causal))
     if hit is None:
         hit = cache[bool(causal)] = _lower(mask, causal)
@@ -446,7 +443,7 @@ def varlen_offsets(document: P.Document, batch: int, seq: int, device) -> tuple[
     ``seq`` tokens, or None if some id appears in two separate runs of a row (then FA4's varlen cannot
     hold it). Cached on the pattern per shape and device: it synchronises once."""
     key = (batch, seq, str(torch.device(device)))
-    cache = document.__dict__.setdefault("_fa4_varlen", {})
+    cache = document.memo("_fa4_varlen")
     if key in cache:
         return cache[key]
     ids = document.prepare(P.BuildContext(batch, 1, seq, seq, torch.device(device)))._ids()

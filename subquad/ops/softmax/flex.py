@@ -10,7 +10,8 @@ The adapter adds no mask work of its own: flex gets the BlockMask FA4's adapter 
 its 128 x 128 full and partial key-block lists become ``BlockMask.from_kv_blocks``, and a ``mask_mod``
 evaluates the same ``fa4.emit`` that generates FA4's CuTe predicate, here with torch operations; softcap and
 ALiBi become a ``score_mod``. Unlike FA4's, the mask_mod is made even when no block is partial: eager flex
-(the CPU) applies it to every block and ignores the lists. Patterns with no such form (Python predicates) cannot run here.
+(the CPU) applies it to every block and ignores the lists. Patterns with no such form (Python predicates)
+cannot run here.
 ``flex_attention`` is compiled once per process on CUDA with static shapes (dynamo's cache limit raised:
 every new shape or pattern is a new graph); on the CPU it runs eagerly, slowly (for tests).
 """

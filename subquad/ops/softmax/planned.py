@@ -94,10 +94,7 @@ def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_position
     if not isinstance(mask, Pattern):
         return None
     key = (causal, seq_q, seq_kv, str(torch.device(device)), exact_positions, block_q, block_kv)
-    cache = getattr(mask, "_plans", None)
-    if cache is None:
-        cache = {}
-        object.__setattr__(mask, "_plans", cache)
+    cache = mask.memo("_plans")
     if key not in cache:
         if len(cache) > 64:
             cache.clear()
