@@ -35,29 +35,30 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
-        w, u, t_mat = launch_wy_fwd(k, v, beta, g, tables, chunk_size)
+        # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
+        w, u, t_mat = launch_wy_fwd(k, v, beta, gc, tables, chunk_size)
         h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
         o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, beta, g, h0, ht, t_mat, w, u)
+        ctx.save_for_backward(q, k, v, beta, gc, h0, ht, t_mat, w, u)
         ctx.meta = (tables, scale, chunk_size)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, ht, t_mat, w, u = ctx.saved_tensors
+        q, k, v, beta, gc, h0, ht, t_mat, w, u = ctx.saved_tensors
         tables, scale, chunk_size = ctx.meta
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, _, v_new = launch_state_fwd(k, u, launch_chunk_cumsum(g, tables, chunk_size), h0, tables, chunk_size, w=w)
-        dv_local = launch_dv_bwd(q, k, g, do, None, tables, scale, chunk_size)
-        dh, dh0, dv_new = launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
+        h, _, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+        dv_local = launch_dv_bwd(q, k, gc, do, None, tables, scale, chunk_size)
+        dh, dh0, dv_new = launch_state_bwd(q, k, do, gc, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
                                            need_dh0=h0 is not None and ctx.needs_input_grad[5])
-        dq, dk, dw, db, dvu = launch_dqk_bwd(q, k, v_new, g, h, do, dh, tables, scale, chunk_size, dv_new=dv_new,
+        dq, dk, dw, db, dvu = launch_dqk_bwd(q, k, v_new, gc, h, do, dh, tables, scale, chunk_size, dv_new=dv_new,
                                              u=u)
-        dv, dbeta, dg_wy = launch_wy_bwd(k, v, beta, g, t_mat, dw, dv_new, dk, tables, chunk_size)
+        dv, dbeta, dg_wy = launch_wy_bwd(k, v, beta, gc, t_mat, dw, dv_new, dk, tables, chunk_size)
         dg = None
-        if g is not None and ctx.needs_input_grad[4]:
+        if gc is not None and ctx.needs_input_grad[4]:
             db = db + _state_decay_term(dvu, tables, chunk_size)
             dg = log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size) + dg_wy
         return dq, dk, dv, dbeta, dg, dh0, None, None, None

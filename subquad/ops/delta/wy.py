@@ -67,8 +67,9 @@ def wy_fwd(k, v, beta, g, w, u, T_out, cu_seqlens, chunk_indices,
         a += _dot(b_k, tl.trans(b_k), IEEE)
     lower = rows[:, None] > rows[None, :]
     if GATE:
-        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
-        a = a * b_beta[:, None] * tl.exp(tl.where(lower, b_b[:, None] - b_b[None, :], float("-inf")))
+        # rows past the sequence's end (b = 0) against far-decayed columns would overflow (inf * 0)
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        a = a * b_beta[:, None] * tl.exp(tl.where(lower & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
         xk_scale = b_beta * tl.exp(b_b)
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
@@ -106,8 +107,8 @@ def wy_bwd(k, v, beta, g, T_in, dw, du, dk, dv, dbeta, dg, cu_seqlens, chunk_ind
     lower = rows[:, None] > rows[None, :]
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     if GATE:
-        b_b = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_t, other=0.0), axis=0)
-        gamma = tl.exp(tl.where(lower, b_b[:, None] - b_b[None, :], float("-inf")))
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        gamma = tl.exp(tl.where(lower & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
         xk_scale = b_beta * tl.exp(b_b)
     else:
         gamma = tl.where(lower, 1.0, 0.0)
@@ -176,7 +177,8 @@ def _precision(dtype):
 
 
 def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
-    """k (T_total, H, K), v (T_total, H, V), beta, g (T_total, H). Returns w, u (k's dtype) and T (fp32)."""
+    """k (T_total, H, K), v (T_total, H, V), beta, g (T_total, H) the in-chunk cumulative log-decay
+    (``launch_chunk_cumsum``) or None. Returns w, u (k's dtype) and T (fp32)."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
@@ -189,7 +191,8 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
 
 
 def launch_wy_bwd(k, v, beta, g, t_mat, dw, du, dk, tables, chunk_size):
-    """Adds the WY part to dk (in place); returns dv, dbeta, dg (None without gating)."""
+    """Adds the WY part to dk (in place); returns dv, dbeta, dg (None without gating). g cumulative, as in
+    ``launch_wy_fwd``; dg is the gradient of the raw log-decay."""
     t_total, heads, dk_ = k.shape
     dv_ = v.shape[-1]
     dv = torch.empty_like(v)

@@ -140,7 +140,8 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
 
 
 def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True):
-    """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None)."""
+    """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None). The backward launches take
+    ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
@@ -167,11 +168,10 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     return out
 
 
-def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None, u=None, gc=None):
+def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=None, u=None):
     """Returns dq, dk, dw (delta rule) or None, dB = q.dq - k.dk per token (T_total, H) fp32 for a scalar decay
     (None otherwise) and, for the gated delta rule, sum_v dv_new (v_new - u) per token.
-    For a vector decay the intra-chunk parts of dq, dk are added here (chunk_intra), from ``gc``, the cumulative
-    form of ``g`` that the caller has made for the state pass."""
+    For a vector decay the intra-chunk parts of dq, dk are added here (chunk_intra)."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     bk = block_sizes(dk, dv)[0]
@@ -188,7 +188,7 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
                   H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
                   DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     if gate == 2:
-        launch_intra_bwd(q, k, gc, d_scores, dq, dk_, tables, chunk_size)
+        launch_intra_bwd(q, k, g, d_scores, dq, dk_, tables, chunk_size)
     return dq, dk_, dw, None if db is None else db.sum(-1), dvu
 
 
@@ -228,26 +228,25 @@ class ChunkGLAFunction(torch.autograd.Function):
         if gate_kind(gf) == 2:
             scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
         o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
-        ctx.save_for_backward(qf, kf, vf, gf, h0c, ht, scores)
+        ctx.save_for_backward(qf, kf, vf, gc, h0c, ht, scores)
         ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, gf, h0c, ht, scores = ctx.saved_tensors
+        qf, kf, vf, gc, h0c, ht, scores = ctx.saved_tensors
         tables, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()
-        gc = launch_chunk_cumsum(gf, tables, chunk_size)   # one launch for the state pass and chunk_intra
         h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
-        dh, dh0, _ = launch_state_bwd(qf, kf, dof, gf, dht_c, tables, scale, chunk_size,
+        dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, tables, scale, chunk_size,
                                       need_dh0=has_h0 and ctx.needs_input_grad[4])
-        dv = launch_dv_bwd(qf, kf, gf, dof, dh, tables, scale, chunk_size, scores)
-        dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gf, h, dof, dh, tables, scale, chunk_size, gc=gc)
+        dv = launch_dv_bwd(qf, kf, gc, dof, dh, tables, scale, chunk_size, scores)
+        dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gc, h, dof, dh, tables, scale, chunk_size)
         dg = None
-        if gf is not None and ctx.needs_input_grad[3]:
-            dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size).view(bsz, seq_len, *gf.shape[1:])
+        if gc is not None and ctx.needs_input_grad[3]:
+            dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size).view(bsz, seq_len, *gc.shape[1:])
         return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape), dg,
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None)
 

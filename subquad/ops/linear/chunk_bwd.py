@@ -1,4 +1,8 @@
 """Triton backward kernels of the chunked engine (layout and ``GATE`` / ``DELTA`` switches as in chunk_fwd).
+``g`` is the in-chunk cumulative log-decay, as in the forward: every kernel of both passes reads the same sums,
+so ``e^{b_last - b}`` is exactly 1 at a chunk's last token and the log-decay gradient's cancelling terms cancel.
+(Sums of one chunk taken in different orders differ by an ulp of ``|b|``: at decays of -40 a token that moved
+dlog_decay by 1e-3 on the H100 when the forward read chunk_cumsum and these kernels summed for themselves.)
 
 With ``h_c`` the state at the start of chunk c and ``dh_c`` the gradient of the state at its *end*:
 1. ``state_bwd`` walks chunks in reverse: ``dS <- e^{b_last} dS + scale (q e^b)^T do`` (delta rule: also
@@ -50,15 +54,14 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
                  d_state.to(dh.dtype.element_ty), mask=m_kv)
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        last = tl.minimum(bos + i_t * C + C, eos) - 1
         if GATE == 1:
-            b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-            b_b = tl.cumsum(b_g, axis=0)
-            b_last = tl.sum(b_g, axis=0)
+            b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+            b_last = tl.load(g + last * H + i_h)
             b_q = (b_q * (scale * tl.exp(b_b))[:, None]).to(b_do.dtype)
         elif GATE == 2:
-            b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-            b_b = tl.cumsum(b_g, axis=0)
-            b_last = tl.sum(b_g, axis=0)
+            b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
             b_q = (b_q * scale * tl.exp(b_b)).to(b_do.dtype)
         else:
             b_q = (b_q * scale).to(b_do.dtype)
@@ -96,10 +99,10 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
     m_t = tok < eos
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
     if GATE == 1:
-        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_last = tl.load(g + last * H + i_h)
     scores_t = tl.zeros([C, C], dtype=tl.float32)     # (key j, query i)
     acc = tl.zeros([C, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -115,17 +118,17 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
             if GATE == 1:
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
             if GATE == 2:
-                b_gk = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                b_bk = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                                other=0.0)
-                b_bk = tl.cumsum(b_gk, axis=0)
-                b_k = (b_k * tl.exp(tl.sum(b_gk, axis=0)[None, :] - b_bk)).to(b_q.dtype)
+                b_lastk = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
+                b_k = (b_k * tl.exp(b_lastk[None, :] - b_bk)).to(b_q.dtype)
             acc += _dot(b_k, b_dh.to(b_k.dtype), IEEE)
     rows = tl.arange(0, C)
     keep = rows[:, None] <= rows[None, :]             # key j <= query i
     if GATE == 2:                                     # A holds scale-free decayed scores (query i, key j)
         scores_t = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[None, :] * C + rows[:, None])
     elif GATE == 1:
-        scores_t *= tl.exp(tl.where(keep, b_b[None, :] - b_b[:, None], float("-inf")))
+        scores_t *= tl.exp(tl.where(keep & m_t[None, :], b_b[None, :] - b_b[:, None], float("-inf")))
     else:
         scores_t = tl.where(keep, scores_t, 0.0)
     b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
@@ -181,17 +184,16 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
     b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
     if GATE == 1:
-        b_g = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_last = tl.load(g + last * H + i_h)
         b_dq *= (scale * tl.exp(b_b))[:, None]
         b_dk *= tl.exp(b_last - b_b)[:, None]
-        d_scores *= scale * tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+        d_scores *= scale * tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
     elif GATE == 2:
-        b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
+        b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
         b_dq *= scale * tl.exp(b_b)
         b_dk *= tl.exp(b_last[None, :] - b_b)
         d_scores = tl.where(causal, d_scores * scale, 0.0)
