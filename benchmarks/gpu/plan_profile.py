@@ -87,7 +87,8 @@ def profile(name, pattern, causal, n, batch, device, backend):
     ms_of = timer(device)
     rows = []
     outputs = []
-    for c, pairs in zip(plan.components, plan.kept_pairs()):
+    components = [] if plan is None else zip(plan.components, plan.kept_pairs())   # None: the BlockMask path
+    for c, pairs in components:
         call = lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine)  # noqa: E731
         ms = ms_of(call)
         outputs.append((c, *_run(c, plan, q, k, v, scale, None, None, engine)))
@@ -114,7 +115,7 @@ def profile(name, pattern, causal, n, batch, device, backend):
     if device.type == "cuda":
         rows[-1]["host_us"] = host_functions(whole)
         print(f"{name:28s} host us per call by own time: {rows[-1]['host_us']}", flush=True)
-    print(plan.describe(), flush=True)
+    print(f"{name}: no plan, one BlockMask launch" if plan is None else plan.describe(), flush=True)
     return rows
 
 
