@@ -215,6 +215,35 @@ def test_choose_is_memoised_per_pattern_and_call(gpu_like, monkeypatch):
     assert dispatch.choose(q, k, v, mask=window) == "triton"   # ... and a reloaded table decides anew
 
 
+def test_attention_prepares_a_call_once_per_call_facts(monkeypatch):
+    """A repeated call runs the prepared call (no checks, no choice); another shape, option or pattern object
+    prepares anew; a bad argument after a good call still gets its ValueError; a reloaded table starts empty."""
+    measured = dispatch.Table()
+    monkeypatch.setattr(dispatch, "table", lambda: measured)
+    chose = []
+    choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **kw: chose.append(1) or choose(*a, **kw))
+    window = masks.sliding_window(4)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    first = subquad.attention(q, k, v, mask=window)
+    assert len(chose) == 1 and len(measured.prepared) == 1
+    torch.testing.assert_close(subquad.attention(q, k, v, mask=window), first, rtol=0, atol=0)
+    assert len(chose) == 1
+    subquad.attention(q, k, v, mask=masks.sliding_window(4))
+    subquad.attention(q[:, :4], k, v, mask=window)
+    subquad.attention(q, k, v, mask=window, softcap=5.0)
+    out, lse = subquad.attention(q, k, v, mask=window, return_lse=True)
+    assert len(chose) == 5 and len(measured.prepared) == 5
+    torch.testing.assert_close(out, first)
+    with pytest.raises(ValueError, match="scale"):
+        subquad.attention(q, k, v, mask=window, scale=[1.0])
+    with pytest.raises(ValueError, match="k: expected head_dim"):
+        subquad.attention(q, k[..., :8], v, mask=window)
+    measured = dispatch.Table()
+    subquad.attention(q, k, v, mask=window)
+    assert len(chose) == 6
+
+
 def test_cudnn_refusals_are_specific(monkeypatch):
     from subquad.ops.softmax import cudnn
 

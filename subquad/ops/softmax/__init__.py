@@ -9,6 +9,7 @@ import torch
 
 from ... import masks as _masks
 from ..._checks import check_backend, check_qkv
+from . import dispatch
 from .planned import plan_for, planned_attention
 from .reference import attention_reference
 
@@ -82,6 +83,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
     """
+    facts = _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic,
+                        plan)
+    cache = None if facts is None else _prepared()
+    prepared = None
+    if cache is not None:
+        try:
+            prepared = cache.get(facts)
+        except TypeError:   # an argument of the wrong type (unhashable): the checks below say which
+            cache = None
+    if prepared is not None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("subquad.attention: backend=%s (asked %s), as before for this pattern and call", prepared[1],
+                      backend)
+        out, lse = prepared[2](q, k, v)
+        return (out, lse) if return_lse else out
     check_backend(backend, BACKENDS)
     check_qkv(q, k, v)
     _check_options(q, scale, softcap, alibi_slopes)
@@ -90,14 +106,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if seq_q > seq_kv and (causal or mask is not None):
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask (queries are aligned to the end of "
                          f"the keys), got seq_q={seq_q}")
-    scale = d ** -0.5 if scale is None else float(scale)
+    scale_value = d ** -0.5 if scale is None else float(scale)
     # Under torch.compile, auto keeps to the backends registered as custom ops (the Triton kernels, the
     # reference): the measured choice reads files and asks FA4/cuDNN, which dynamo cannot trace.
     if backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
-        from .dispatch import choose  # the measured choice among the backends that can run the call
-
-        chosen = choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
-                        return_lse=return_lse)
+        chosen = dispatch.choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 return_lse=return_lse)
     else:
         chosen = _pick_backend(backend, q)
     if deterministic and chosen in ("fa4", "cudnn", "flex"):
@@ -107,43 +121,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
                   q.dtype, "causal" if mask is None and causal else mask)
     if chosen in ("cudnn", "fa4", "flex") and backend == chosen:
-        from .dispatch import unsupported_reason    # auto asked already; a backend asked by name is checked here
-
-        why = unsupported_reason(chosen, q, k, v, causal=causal, mask=mask, softcap=softcap,
-                                 alibi_slopes=alibi_slopes, return_lse=return_lse)
+        # auto asked already; a backend asked by name is checked here
+        why = dispatch.unsupported_reason(chosen, q, k, v, causal=causal, mask=mask, softcap=softcap,
+                                          alibi_slopes=alibi_slopes, return_lse=return_lse)
         if why is not None:
             raise ValueError(f"backend: {chosen!r} cannot run this call: {why}")
-    if chosen == "cudnn":
-        from .cudnn import cudnn_attention
-
-        return cudnn_attention(q, k, v, causal=causal, scale=scale)
-    if chosen == "fa4":
-        from .fa4 import fa4_attention
-
-        out, lse = fa4_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)
-        return (out, lse) if return_lse else out
-    if chosen == "flex":
-        from .flex import flex_attention
-
-        out, lse = flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                  alibi_slopes=alibi_slopes, return_lse=return_lse)
-        return (out, lse) if return_lse else out
-    planned = None if plan is False else plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
+    planned = None
+    if chosen not in ("cudnn", "fa4", "flex") and plan is not False:
+        planned = plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
     if plan is True and planned is None:
         raise ValueError(f"plan: expected a mask with scattered keys to plan (strided, fixed, dilated, global "
                          f"tokens), got {mask!r}")
+    run = _prepare(chosen, planned, q, k, v, causal=causal, mask=mask, scale=scale_value, softcap=softcap,
+                   alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic)
+    if cache is not None:
+        if len(cache) > 1024:
+            cache.clear()
+        cache[facts] = (mask, chosen, run)    # the mask kept alive so that its id is not reused
+    out, lse = run(q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic, plan):
+    """What decides a call's backend and every argument made for it, or None where that includes tensor values
+    (ALiBi slopes, mask tensors, predicates) or the call is being traced. Two calls with the same facts run the
+    same prepared call: a model's repeated calls skip the checks, the choice and the pattern's lowering (tens
+    of microseconds of host time; a 0.25 ms FA4 call is host-bound with them)."""
+    if alibi_slopes is not None or not (mask is None or isinstance(mask, _masks.Pattern)) \
+            or not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) \
+            or torch.compiler.is_compiling():
+        return None
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (id(mask), causal, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            needs_grad, scale, softcap, return_lse, backend, deterministic, plan)
+
+
+def _prepared() -> dict | None:
+    """The prepared calls (facts -> (mask, backend, run)), kept on the measured table: a reloaded table starts
+    with none (a stand-in table without the attribute keeps none)."""
+    return getattr(dispatch.table(), "prepared", None)
+
+
+def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_slopes, return_lse, deterministic):
+    """``run(q, k, v) -> (out, lse)`` on the chosen backend, with what depends only on the call's facts made
+    here (the FA4 route and its arguments, the reference's BlockMask). Holds no tensor of the call."""
+    if chosen == "cudnn":
+        from .cudnn import cudnn_attention
+
+        return lambda q, k, v: (cudnn_attention(q, k, v, causal=causal, scale=scale), None)
+    if chosen == "fa4":
+        from .fa4 import prepare
+
+        return prepare(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)
+    if chosen == "flex":
+        from .flex import flex_attention
+
+        return lambda q, k, v: flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
+                                              alibi_slopes=alibi_slopes, return_lse=return_lse)
     if planned is not None:
-        out, lse = planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen)
-    elif chosen == "triton":
+        return lambda q, k, v: planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen)
+    if chosen == "triton":
         from .flash import flash_attention
 
-        out, lse = flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                   alibi_slopes=alibi_slopes, deterministic=deterministic)
-    else:
-        block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv,
-                                    device=q.device)
-        out, lse = attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes)
-    return (out, lse) if return_lse else out
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
+                                               alibi_slopes=alibi_slopes, deterministic=deterministic)
+    bsz, seq_q, hq, _ = q.shape
+    block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=k.shape[1],
+                                device=q.device)
+    return lambda q, k, v: attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes)
 
 
 __all__ = ["attention", "attention_reference", "BACKENDS"]

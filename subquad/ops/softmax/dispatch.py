@@ -157,6 +157,8 @@ class Table:
         #: choices made from this table: call facts -> (the pattern, kept alive so that its id is not reused,
         #: and the backend); a reloaded table starts empty
         self.chosen: dict = {}
+        #: ``attention``'s prepared calls per call facts (see ``subquad.ops.softmax._call_facts``)
+        self.prepared: dict = {}
         for e in data.get("entries", []):
             sig = Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
             self.entries[sig] = [(name, float(ms)) for name, ms in e["ranking"]]

@@ -498,38 +498,53 @@ def block_mask_for(mask, *, causal, batch, heads, seq_q, seq_kv, device) -> "_ma
                           device=device, block_q=BLOCK_Q, block_kv=BLOCK_KV)
 
 
-def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
-                  scale: float | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention through FA4; returns ``(out, lse)`` with ``lse`` of shape ``(batch, heads_q, seq_q)``
-    fp32. Differentiable in q, k, v (FA4's own backward). Callers check ``unsupported_reason`` first."""
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
+            scale: float | None = None, softcap: float | None = None) -> Callable:
+    """``fa4_attention`` for every call with the signature of this one (shapes, devices, dtypes, pattern,
+    options): the route and its arguments made once, ``run(q, k, v) -> (out, lse)`` left. ``attention`` keeps
+    it per signature: FA4's own host path is ~0.2 ms a call, so a 0.25 ms call is close to host-bound already.
+    Callers check ``unsupported_reason`` first."""
     flash_attn_func, flash_attn_varlen_func, BlockSparseTensorsTorch = _interface()
-    bsz, seq_q, hq, _ = q.shape
-    seq_kv = k.shape[1]
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, dv = k.shape[1], v.shape[-1]
     common = dict(softmax_scale=scale, softcap=0.0 if softcap is None else float(softcap), return_lse=True)
     lowering = lower(mask, causal)
     if lowering.route == "varlen" and seq_q == seq_kv:
         offsets = varlen_offsets(lowering.document, bsz, seq_q, q.device)
         if offsets is not None:
             cu, longest = offsets
-            out, lse = flash_attn_varlen_func(
-                q.reshape(bsz * seq_q, hq, q.shape[-1]), k.reshape(bsz * seq_kv, *k.shape[2:]),
-                v.reshape(bsz * seq_kv, *v.shape[2:]), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                max_seqlen_q=longest, max_seqlen_k=longest, causal=lowering.causal, window_size=lowering.window,
-                **common)
-            return out.view(bsz, seq_q, hq, v.shape[-1]), lse.view(hq, bsz, seq_q).transpose(0, 1)
+            kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                      causal=lowering.causal, window_size=lowering.window, **common)
+            q_flat, kv_flat = (bsz * seq_q, hq, d), (bsz * seq_kv, k.shape[2])
+
+            def run_varlen(q, k, v):
+                out, lse = flash_attn_varlen_func(q.reshape(q_flat), k.reshape(*kv_flat, d), v.reshape(*kv_flat, dv),
+                                                  **kw)
+                return out.view(bsz, seq_q, hq, dv), lse.view(hq, bsz, seq_q).transpose(0, 1)
+
+            return run_varlen
     if lowering.route == "dense":
-        return flash_attn_func(q, k, v, causal=lowering.causal, window_size=lowering.window, **common)
-    # Resolved from the caller's own (mask, causal) so that the BlockMask cache on the pattern is hit.
-    bm = block_mask_for(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device)
-    args = sparse_args(bm)
-    if args.kernel_kwargs is None:
-        args.kernel_kwargs = dict(
-            mask_mod=None if args.spec is None else _cute_mask_mod(args.spec, args.q_offset),
-            aux_tensors=args.aux or None,
-            block_sparse_tensors=BlockSparseTensorsTorch(*args.fwd, block_size=(BLOCK_Q, BLOCK_KV)),
-            block_sparse_tensors_bwd=BlockSparseTensorsTorch(*args.bwd, block_size=(BLOCK_Q, BLOCK_KV)))
-    return flash_attn_func(q, k, v, **args.kernel_kwargs, **common)
+        kw = dict(causal=lowering.causal, window_size=lowering.window, **common)
+    else:
+        # Resolved from the caller's own (mask, causal) so that the BlockMask cache on the pattern is hit.
+        bm = block_mask_for(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv, device=q.device)
+        args = sparse_args(bm)
+        if args.kernel_kwargs is None:
+            args.kernel_kwargs = dict(
+                mask_mod=None if args.spec is None else _cute_mask_mod(args.spec, args.q_offset),
+                aux_tensors=args.aux or None,
+                block_sparse_tensors=BlockSparseTensorsTorch(*args.fwd, block_size=(BLOCK_Q, BLOCK_KV)),
+                block_sparse_tensors_bwd=BlockSparseTensorsTorch(*args.bwd, block_size=(BLOCK_Q, BLOCK_KV)))
+        kw = {**args.kernel_kwargs, **common}
+    return lambda q, k, v: flash_attn_func(q, k, v, **kw)
 
 
-__all__ = ["fa4_attention", "unsupported_reason", "lower", "Lowering", "is_installed", "version", "mask_spec",
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
+                  scale: float | None = None, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention through FA4; returns ``(out, lse)`` with ``lse`` of shape ``(batch, heads_q, seq_q)``
+    fp32. Differentiable in q, k, v (FA4's own backward). Callers check ``unsupported_reason`` first."""
+    return prepare(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap)(q, k, v)
+
+
+__all__ = ["fa4_attention", "prepare", "unsupported_reason", "lower", "Lowering", "is_installed", "version", "mask_spec",
            "emit", "TorchOps", "block_mask_for", "band_window", "varlen_offsets", "NotExpressible", "BLOCK_Q", "BLOCK_KV"]
