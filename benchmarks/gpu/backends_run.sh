@@ -18,7 +18,7 @@ python3 -c "import torch, triton, flash_attn.cute; print('torch', torch.__versio
   || { echo "FA4 not importable yet (carry the other half)"; exit 3; }
 if [ "$tests_s" -gt 0 ]; then
   timeout "$tests_s" python3 -m pytest tests/test_fa4_gpu.py tests/test_flex_backend.py -k gpu -q \
-    -p no:cacheprovider -p no:logging -rf > "$OUT/pytest.log" 2>&1
+    -p no:cacheprovider -rf > "$OUT/pytest.log" 2>&1
   echo "rc=$?" >> "$OUT/pytest.log"
   tail -15 "$OUT/pytest.log"
 fi
