@@ -264,6 +264,7 @@ def test_build_at_one_million():
     (lambda: masks.dilated(8, 0), "dilation"),
     (lambda: masks.longformer(0, [0]), "window"),
     (lambda: masks.longformer(4, [-1]), "global_tokens"),
+    (lambda: masks.longformer(4, 16), "global_tokens"),
     (lambda: masks.bigbird(4, [0], random_blocks=-1), "random_blocks"),
     (lambda: masks.bigbird(4, [0], block=0), "block"),
     (lambda: masks.prefix_lm(-1), "prefix_len"),

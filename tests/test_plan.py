@@ -35,13 +35,13 @@ PLANNED = [
     ("dilated-noncausal", masks.dilated(40, 2, causal=False), 96, 128, ["classes"]),
     ("dilated-odd-length", masks.dilated(40, 3, causal=False), 200, 200, ["class"] * 3),
     ("longformer-spread", masks.longformer(16, [0, 1, 50, 130]), 200, 200, ["local", "columns", "rows"]),
-    ("longformer-first-tokens", masks.longformer(16, [0, 1, 2], causal=True), 150, 203, ["local", "columns"]),
-    # causal: the global queries 0-3 see keys <= themselves, all inside the band: no row component
-    ("longformer-causal-rows-in-band", masks.longformer(64, [0, 1, 2, 3], causal=True), 200, 200,
+    # causal: the global queries see keys <= themselves, all inside the band: no row component
+    ("longformer-causal-rows-in-band", masks.longformer(100, [0, 1, 40, 70], causal=True), 200, 200,
      ["local", "columns"]),
     ("bigbird-spread", masks.bigbird(16, [0, 5, 100, 170], random_blocks=2, block=16, causal=True), 200, 200,
      ["local", "columns", "rows"]),
-    ("bigbird-folded", masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, 200, ["local", "rows"]),
+    ("bigbird-rows-kept", masks.bigbird(24, [3, 7, 80, 150], random_blocks=2, block=16), 200, 200,
+     ["local", "columns", "rows"]),
     ("window-and-columns", masks.sliding_window(8) | PeriodicColumns(10, [0, 3]), 120, 120, ["local", "columns"]),
 ]
 
@@ -60,8 +60,12 @@ def test_plan_none_without_scattered_parts():
     assert plan(masks.sliding_window(64), 256) is None
     assert plan(masks.causal, 256) is None
     assert plan(masks.document(torch.tensor([0] * 100 + [1] * 156)), 256) is None
-    # global tokens in the first key tile fold into the BlockMask, and causally their rows are in the band
+    # global tokens in the first key tiles fold into the BlockMask, their rows too when nothing is gathered
     assert plan(masks.bigbird(64, [0, 3], random_blocks=2, block=16, causal=True), 256) is None
+    assert plan(masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, block_q=TILE, block_kv=TILE) is None
+    assert plan(masks.longformer(16, [0, 1, 2], causal=True), 150, 203, block_q=TILE, block_kv=TILE) is None
+    assert plan(masks.longformer(512, range(16)), 16384) is None
+    assert plan(masks.longformer(16, [0, 40]), 200, block_q=TILE, block_kv=TILE) is None
 
 
 def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():
@@ -90,7 +94,7 @@ def test_kept_pairs_of_a_plan_prepared_on_the_accelerator():
     on CUDA with a device mismatch)."""
     from subquad.ops.softmax.planned import plan_for
 
-    pattern = masks.bigbird(64, [0, 5], random_blocks=2, block=32, seed=0)
+    pattern = masks.bigbird(64, [0, 5, 300, 700], random_blocks=2, block=32, seed=0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     on_device = plan_for(pattern, False, 1024, 1024, dev, False)
     on_cpu = plan(pattern, 1024, device="cpu")

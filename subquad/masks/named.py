@@ -86,6 +86,9 @@ def block_sparse(layout: torch.Tensor, block: int) -> Pattern:
 def longformer(window: int, global_tokens: Sequence[int] | torch.Tensor = (), causal: bool = False) -> Pattern:
     """Longformer: a sliding window plus global tokens that see, and are seen by, every position."""
     window = _positive("window", window)
+    if not isinstance(global_tokens, (Sequence, torch.Tensor)) or isinstance(global_tokens, str):
+        raise ValueError(f"global_tokens: expected a sequence or 1-D tensor of positions (e.g. range(16)), got "
+                         f"{global_tokens!r}")
     inner = sliding_window(window, causal=causal).inner
     if len(global_tokens):
         inner = inner | Positions(global_tokens, "kv") | Positions(global_tokens, "q")

@@ -7,7 +7,10 @@ as a set of components, each an ordinary BlockMask over a (possibly gathered or 
 
 * ``local``: the contiguous parts (bands, same-block, block layouts) on the original sequence;
 * ``columns``: the scattered key columns, gathered into a compact K/V tensor with their original positions;
-  its predicate removes the pairs that ``local`` already keeps, so no pair is counted twice;
+  its predicate removes the pairs that ``local`` already keeps, so no pair is counted twice. Global tokens
+  within ``FOLD_COLUMN_TILES`` tiles (Longformer's and BigBird's first tokens) are not gathered: they stay in
+  the local BlockMask as in-kernel terms, and so do their global rows when nothing else is gathered (then
+  there is no plan);
 * ``rows``: global queries that see every key, gathered and run on their own (split over the keys so
   they do not serialise one program); their result *replaces* those rows of the merged output. None where
   the other components already give those queries exactly their keys (causally, a global query at the start
@@ -37,8 +40,11 @@ from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
 from .patterns import (INF, Band, BlockLayout, BuildContext, Intersection, Named, Pattern, PeriodicColumns,
                        Positions, Residue, SameBlock, Union)
 
-#: global columns spread over at most this many key tiles stay in the local BlockMask when that BlockMask
-#: is masked per tile anyway (one more partial tile per query tile beats a second launch and a merge)
+#: global columns (rows) spread over at most this many key (query) tiles stay in the local BlockMask as
+#: in-kernel terms: one more partial tile per query tile beats a second launch and a merge. On the H100 at
+#: 2 x 16k, Longformer (512 + 16 global tokens) ran 1.17 ms forward that way against 3.65 planned and flex's
+#: 1.23; BigBird 2.52 against 4.73 and 2.90 (2026-11-23-flash-patterns-inkernel / -patterns runs); the
+#: planner's gathered tile of 16 columns alone took 0.19-0.38 ms of kernel (plan-profile run).
 FOLD_COLUMN_TILES = 2
 #: keys per chunk when global rows are split over the keys (each chunk is one program's worth of work)
 ROW_CHUNK = 2048
@@ -505,16 +511,19 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
     if parts.columns:
         col_pos = _column_positions(parts.columns, seq_kv, device)
         only_explicit = all(isinstance(c, Positions) for c in parts.columns)
-        # Folding keeps a band out of the kernel's band path (its partial tiles would need a bitmask: measured
-        # 2.5x slower than FlexAttention for Longformer on the H100), so only fold into a local part that
-        # needs per-tile masks anyway (random blocks, layouts).
-        band_only = all(isinstance(p, Band) for p in local)
-        if only_explicit and not band_only and _tiles_spanned(col_pos, block_kv) <= FOLD_COLUMN_TILES:
+        if only_explicit and _tiles_spanned(col_pos, block_kv) <= FOLD_COLUMN_TILES:
             local += parts.columns
             notes.append(f"{col_pos.numel()} global columns span <= {FOLD_COLUMN_TILES} key tiles: kept in "
                          f"the local BlockMask")
         elif col_pos.numel():
             columns.append(col_pos)
+    rows = _row_positions(parts.rows, seq_q, seq_kv, device) if parts.rows else None
+    if rows is not None and not columns and _tiles_spanned(rows - (seq_kv - seq_q), block_q) <= FOLD_COLUMN_TILES:
+        # nothing gathered: one BlockMask with the global rows as in-kernel terms beats a second launch
+        local += parts.rows
+        notes.append(f"{rows.numel()} global queries span <= {FOLD_COLUMN_TILES} query tiles: kept in the local "
+                     f"BlockMask")
+        rows = None
     if local:
         # SameBlock / layouts whose tiles are exact at the tile size: the tiles enforce them, and partial
         # tiles only need the clip band (a plain band in the kernel).
@@ -534,8 +543,7 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                kv_pos=col_pos if kv_pos is None else kv_pos,
                                q_pos=torch.arange(seq_kv - seq_q, seq_kv, device=device),
                                note=f"{col_pos.numel()} gathered keys; {text}"))
-    if parts.rows:
-        rows = _row_positions(parts.rows, seq_q, seq_kv, device)
+    if rows is not None:
         if rows.numel() and comps and Plan(pattern, prepared, seq_q, seq_kv, comps, [], block_q, block_kv,
                                            exact_positions).gives_rows_their_keys(rows):
             notes.append(f"{rows.numel()} global queries already see exactly their keys in the other components")

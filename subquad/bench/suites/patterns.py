@@ -6,7 +6,8 @@ dilation 4), Longformer (window 512, 16 global tokens) and BigBird (window 512, 
 blocks of 64) at N = 16k (batch 2) and 64k (batch 1), 16 heads, D = 128, bf16, fwd and fwd+bwd. FLOPs count
 the kept pairs only (effective TFLOP/s), exactly, from the plan.
 
-Impls: ``subquad-planned`` (``subquad.attention``, which plans these patterns), ``subquad-blockmask``
+Impls: ``subquad-planned`` (``subquad.attention``'s default: the planner where it plans, the pattern's BlockMask
+where it does not: Longformer's and BigBird's leading global tokens stay in-kernel terms), ``subquad-blockmask``
 (``plan=False``: the pattern's BlockMask through the same kernel; 16k only), ``flex-triton`` and, where
 flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends).
 """
@@ -84,11 +85,13 @@ def pattern_cases(quick: bool):
     for name, (pattern, mask_mod) in _patterns().items():
         for batch, n in shapes:
             pl = make_plan(pattern, n)
-            pairs = float(sum(pl.kept_pairs()))
+            pairs = float(sum(pl.kept_pairs()) if pl is not None else
+                          masks.resolve(pattern, causal=False, batch=1, heads=1, seq_q=n, seq_kv=n,
+                                        device="cpu").kept_pairs())
             rows = sample_rows(n)
             for mode in ("fwd", "fwdbwd"):
                 flex_mod = _flex_mask_mod(pattern, mask_mod)
-                impls = {"subquad-planned": _subquad(pattern, True),
+                impls = {"subquad-planned": _subquad(pattern, None),
                          "flex-triton": peers.flex(flex_mod, "TRITON")}
                 if n <= 16384:
                     # the BlockMask path builds a bitmask for every partial tile: minutes at 64k
@@ -101,4 +104,4 @@ def pattern_cases(quick: bool):
                            impls=impls, flops=attention_flops(batch, heads, pairs, dim, mode),
                            reference=exact_rows(pattern, rows), error_rows=rows,
                            extra={"density": round(pairs / (n * n), 6),
-                                  "plan": [c.role for c in pl.components]})
+                                  "plan": [c.role for c in pl.components] if pl is not None else ["blockmask"]})
