@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/gpu/suite_run.py SUITE[,SUITE...] [NAME]
 
 Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
-line per row at the end.
+line per row at the end. ``SUITE_CASES=name,name`` keeps those cases only, ``SUITE_MAX_N=16384`` the shapes up to
+that length (a device call runs ten minutes at most).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def main():
     rows = []
     for name in names:
         # case by case, the JSON rewritten after each: a call that runs out of time keeps what it measured
+        wanted = os.environ.get("SUITE_CASES")
+        longest = int(os.environ.get("SUITE_MAX_N", "0")) or None
         for case in suites[name].cases(False):
+            if (wanted and case.case not in wanted.split(",")) or (longest and case.seqlen > longest):
+                continue
             rows += harness.run_cases([case], torch.device("cuda"))
             with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
                 json.dump(rows, f, indent=1)
