@@ -48,7 +48,10 @@ def flex(mask_mod_factory=None, backend: str | None = None):
             # The factory itself is in the key: two suites may name different masks alike.
             key = (mask_mod_factory, n, str(q.device))
             if key not in _FLEX:
-                _FLEX[key] = create_block_mask(mask_mod_factory(n, q.device), None, None, n, n, device=q.device)
+                # compiled on CUDA: evaluated eagerly, BigBird's mask_mod (a layout indexed by q // 64, k // 64)
+                # asked for 32 GiB at 64k on the H100 (int64 index grids of N x N)
+                _FLEX[key] = create_block_mask(mask_mod_factory(n, q.device), None, None, n, n, device=q.device,
+                                               _compile=q.is_cuda)
             block_mask = _FLEX[key]
         options = {"kernel_options": {"BACKEND": backend}} if backend else {}
         return _FLEX["compiled"](q, k, v, block_mask=block_mask, **options).transpose(1, 2)
