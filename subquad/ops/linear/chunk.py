@@ -15,10 +15,14 @@ import functools
 
 import torch
 
+from ..autotuned import Autotuned
 from ..grid import cdiv, next_power_of_2
-from .chunk_bwd import dqk_bwd, dv_bwd, state_bwd
-from .chunk_fwd import output_fwd, state_fwd
+from . import chunk_bwd, chunk_fwd
 from .chunk_intra import chunk_cumsum, decay_grad, intra_bwd, intra_fwd
+
+# the autotuned kernels, launched without the autotuner's per-call Python (subquad/ops/autotuned.py)
+state_fwd, output_fwd = Autotuned(chunk_fwd.state_fwd), Autotuned(chunk_fwd.output_fwd)
+state_bwd, dv_bwd, dqk_bwd = Autotuned(chunk_bwd.state_bwd), Autotuned(chunk_bwd.dv_bwd), Autotuned(chunk_bwd.dqk_bwd)
 
 SUB_BLOCK = 16  # rows of the element-wise diagonal blocks for a decay per key dimension
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ...autotuned import Autotuned
 from ...grid import cdiv, next_power_of_2
 from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
@@ -116,9 +117,9 @@ def _kernel(name: str, jit_fn):
                    "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
         first = None if tune else _FirstThatFits()
-        _TUNED[name, tune] = triton.autotune(
+        _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _prune if tune else first.prune},
-            reset_to_zero=["DQ"] if name == "dkdv" else None, do_bench=first)(jit_fn)
+            reset_to_zero=["DQ"] if name == "dkdv" else None, do_bench=first)(jit_fn))
     return _TUNED[name, tune]
 
 
