@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subquad import masks
+from subquad.masks.patterns import INF, Band
 from subquad.masks.plan import plan
 from subquad.ops.softmax.planned import planned_attention
 
@@ -39,3 +40,37 @@ def test_triton_plan_matches_reference_plan(name, pattern, nq, nk):
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     for what, got, want in zip(["out", "lse", "dq", "dk", "dv"], *results):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{what}: {m}")
+
+
+ONE_LAUNCH = [
+    ("strided", masks.strided(16), 96, 96, None),
+    ("strided-odd-length", masks.strided(24), 90, 90, 5.0),
+    ("fixed", masks.fixed(32, 4), 96, 96, None),
+    ("strided-first-rows-empty", masks.strided(16) & Band(5, INF), 100, 100, None),
+]
+
+
+@pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
+def test_forward_runs_band_and_columns_in_one_launch(name, pattern, nq, nk, softcap, monkeypatch):
+    """Without gradients a band and its gathered columns are one flash launch (TWO_SOURCES), no merge; the
+    result equals the reference plan, and queries that see no key give zeros and LSE -inf."""
+    from subquad.ops.softmax.flash import launch
+
+    pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
+    launches = []
+    forward = launch.forward
+    monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append(kw.get("second")) or forward(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16)
+               for n, h in ((nq, 4), (nk, 2), (nk, 2)))
+    with torch.no_grad():
+        out, lse = planned_attention(q, k, v, pl, 0.25, softcap=softcap, backend="triton")
+        want, want_lse = planned_attention(q.float(), k.float(), v.float(), pl, 0.25, softcap=softcap,
+                                           backend="reference")
+    assert len(launches) == 1 and launches[0] is not None
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3)
+    assert not torch.isnan(out).any()
+    if name.endswith("empty"):
+        assert torch.equal(out[:, :5].float(), torch.zeros_like(out[:, :5].float()))
+        assert torch.isneginf(lse[:, :, :5]).all()

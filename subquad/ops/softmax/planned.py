@@ -12,6 +12,10 @@ otherwise) on a BlockMask built for the positions that component sees:
   becomes head ``r * heads + h`` — with no copy; ALiBi slopes are scaled by ``d`` (a class step is ``d``
   positions).
 
+Without gradients, a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run as
+one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second output,
+no merge. With gradients they run apart and merge, as below.
+
 Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``
 (``lse_merge``: one fused Triton pass each way on the Triton backend); a row that no component reaches
 stays 0 with LSE -inf, and no NaN reaches the gradients. Row components then replace their rows
@@ -87,6 +91,37 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     return merge_lse_stacked(o.view(bsz, s, nr, hq, -1), lse.view(bsz, s, hq, nr), o.dtype)
 
 
+def _local_and_columns(plan: Plan) -> tuple[Component, Component] | None:
+    """The plan's local and columns components when one flash launch can run both (``TWO_SOURCES``): the
+    local part on natural positions, the columns kept by a band on their positions, nothing else merged."""
+    base = [c for c in plan.components if not c.overrides_rows]
+    if [c.role for c in base] != ["local", "columns"]:
+        return None
+    local, columns = base
+    if local.q_pos is not None or local.kv_pos is not None or local.fold != 1 or local.pattern is None:
+        return None
+    if not isinstance(columns.pattern, Band) or columns.kv_pos is None:
+        return None
+    return local, columns
+
+
+def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, scale, softcap, alibi):
+    """Forward only: the local component and the gathered columns in one launch (no merge)."""
+    from .flash import flash_attention_with_columns
+
+    if isinstance(local.pattern, Band) and local.grid_pattern is None:
+        first = (local.pattern.lo, local.pattern.hi)            # the kernel's list-free band path
+    else:
+        first = local.block_mask(BuildContext(q.shape[0], q.shape[2], plan.seq_q, plan.seq_kv, q.device),
+                                 plan.block_q, plan.block_kv, q.device)
+    key = ("kv_pos int32", str(q.device))
+    if key not in columns._masks:
+        columns._masks[key] = columns.kv_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    k2, v2 = k.index_select(1, columns.kv_index), v.index_select(1, columns.kv_index)
+    return flash_attention_with_columns(q, k, v, first, k2, v2, columns._masks[key],
+                                        (columns.pattern.lo, columns.pattern.hi), scale, softcap, alibi)
+
+
 def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_positions: bool,
              block_q: int = 128, block_kv: int = 128) -> Plan | None:
     """The plan of ``attention``'s ``mask``/``causal`` arguments, or None (not a plannable pattern);
@@ -115,12 +150,18 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
         raise ValueError("alibi_slopes: this plan moves positions (built with exact_positions=False); plan the "
                          "pattern with exact_positions=True to use ALiBi")
     engine = _engine(backend)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    together = None if backend != "triton" or needs_grad else _local_and_columns(plan)
     base, rows = [], []
     for c in plan.components:
+        if together is not None and any(c is t for t in together):
+            continue
         o, lse = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine)
         (rows if c.overrides_rows else base).append((c, o, lse))
     bsz, seq_q, hq, _ = q.shape
-    if len(base) == 2 and backend == "triton":
+    if together is not None:
+        out, lse = _run_together(*together, plan, q, k, v, scale, softcap, alibi_slopes)
+    elif len(base) == 2 and backend == "triton":
         (_, o1, l1), (_, o2, l2) = base
         out, lse = merge_lse_fused(o1, l1, o2, l2, q.dtype)
     elif base:
@@ -129,7 +170,7 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
         out = q.new_zeros(bsz, seq_q, hq, v.shape[3])
         lse = torch.full((bsz, hq, seq_q), float("-inf"), device=q.device)
     # in place when nothing will differentiate: out of place, each copies the whole output (45 us at 16k on the H100)
-    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    inplace = not needs_grad
     for c, o, l in rows:
         if inplace:
             out.index_copy_(1, c.q_index, o.to(out.dtype))

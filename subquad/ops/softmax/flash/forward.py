@@ -10,6 +10,9 @@ Key tiles are visited in one of two ways (``USE_LIST``):
   bitmask), empty blocks are never loaded. A BlockMask block may hold several kernel tiles (``MBQ``/``MBK``
   are the block sizes, multiples of the tile sizes).
 
+``TWO_SOURCES`` adds a second key set after the first (a plan's gathered columns, kept by a band on their
+original positions), so that a band and its global columns are one launch with one output.
+
 GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
 Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
 output is 0).
@@ -83,6 +86,7 @@ def flash_fwd_kernel(
     stride_ob, stride_on, stride_oh, stride_slope_b, stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
+    K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -90,6 +94,7 @@ def flash_fwd_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    TWO_SOURCES: tl.constexpr = False,
 ):
     # the longest query tiles (late rows under a causal band) start first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -180,6 +185,21 @@ def flash_fwd_kernel(
                 stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
                 False, SOFTCAP, ALIBI,
+                BLOCK_M, BLOCK_N)
+
+    if TWO_SOURCES:
+        # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
+        # ``band2_lo <= q_pos - k_pos <= band2_hi``) in the same online softmax: no second launch, no second
+        # read of this Q tile, no LSE merge
+        k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
+        v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
+        for start_n in range(0, n2, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n, offs_m, qp, offs_m, seq_q, n2,
+                qk_scale, cap_scale, slope2, band2_lo, band2_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                stride_lay_q, doc_ids, BITS, 0, 0, KV2_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
+                True, SOFTCAP, ALIBI,
                 BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0

@@ -228,8 +228,19 @@ def _term_scalars(m: MaskArgs):
     return [m.q_prefix, m.flags.numel() if m.flags is not None else 0, m.layout_block]
 
 
-def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
-    """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors."""
+def _second_source_args(second, device) -> list:
+    if second is None:
+        d = _dummy(device)
+        return [d, d, d, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    k2, v2, kv2_pos, lo, hi = second
+    return [k2, v2, kv2_pos, k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
+            k2.shape[1], lo, hi]
+
+
+def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
+    """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, kv2_pos int32,
+    band2_lo, band2_hi)``, a second key set in the same launch (forward only: ``forward.py``'s
+    ``TWO_SOURCES``)."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
@@ -243,9 +254,11 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
-            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
+            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
+    if second is not None:
+        meta["TWO_SOURCES"] = True
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
