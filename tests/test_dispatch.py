@@ -242,6 +242,10 @@ def test_attention_prepares_a_call_once_per_call_facts(monkeypatch):
     measured = dispatch.Table()
     subquad.attention(q, k, v, mask=window)
     assert len(chose) == 6
+    monkeypatch.setattr(subquad.ops.softmax, "PREPARED_CALLS", 3)
+    for _ in range(5):                       # a new pattern object per call: the oldest entries go
+        subquad.attention(q, k, v, mask=masks.sliding_window(4))
+    assert len(measured.prepared) == 3
 
 
 def test_cudnn_refusals_are_specific(monkeypatch):

@@ -16,6 +16,8 @@ from .reference import attention_reference
 log = logging.getLogger("subquad")
 
 BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn", "flex")
+#: prepared calls kept (see ``_call_facts``): a model has a few call signatures per attention layer
+PREPARED_CALLS = 64
 
 
 def _check_options(q, scale, softcap, alibi_slopes):
@@ -135,8 +137,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     run = _prepare(chosen, planned, q, k, v, causal=causal, mask=mask, scale=scale_value, softcap=softcap,
                    alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic)
     if cache is not None:
-        if len(cache) > 1024:
-            cache.clear()
+        if len(cache) >= PREPARED_CALLS:
+            # oldest first: a model that builds a new pattern object per call keeps at most this many alive
+            # (each holds its BlockMasks)
+            del cache[next(iter(cache))]
         cache[facts] = (mask, chosen, run)    # the mask kept alive so that its id is not reused
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out

@@ -48,6 +48,8 @@ MEASURED_ONLY = ("flex",)
 #: pattern kinds that an unmeasured signature runs on FA4 first (see the module docstring)
 FA4_FIRST = ("full", "causal", "window", "document", "longformer", "bigbird", "prefix_lm", "block_sparse")
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+#: choices remembered per table; each keeps its pattern object (and so the pattern's BlockMasks) alive
+CHOICES_KEPT = 64
 #: largest forward error (vs fp64, sampled rows) of a benchmark row that may enter the table, per dtype
 MAX_ERR = {"bfloat16": 6e-2, "float16": 1e-2, "float32": 1e-4}
 #: bench implementation name -> backend
@@ -294,8 +296,8 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
                 log.debug("subquad.attention auto -> %s for %s (%s%s)", backend, sig.key(), rule,
                           "".join(f"; skipped {b}: {w}" for b, w in skipped))
             if memo is not None:
-                if len(measured.chosen) > 1024:
-                    measured.chosen.clear()
+                if len(measured.chosen) >= CHOICES_KEPT:
+                    del measured.chosen[next(iter(measured.chosen))]   # oldest first: see CHOICES_KEPT
                 measured.chosen[memo] = (mask, backend)
             return backend
         skipped.append((backend, why))
