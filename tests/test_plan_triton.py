@@ -51,26 +51,30 @@ ONE_LAUNCH = [
 
 
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
-def test_forward_runs_band_and_columns_in_one_launch(name, pattern, nq, nk, softcap, monkeypatch):
-    """Without gradients a band and its gathered columns are one flash launch (TWO_SOURCES), no merge; the
-    result equals the reference plan, and queries that see no key give zeros and LSE -inf."""
+def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monkeypatch):
+    """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
+    on the merged LSE; outputs, LSE and gradients equal the reference plan's, and queries that see no key give
+    zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
-    launches = []
-    forward = launch.forward
+    launches, backwards = [], []
+    forward, backward = launch.forward, launch.backward_two_sources
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append(kw.get("second")) or forward(*a, **kw))
+    monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16)
-               for n, h in ((nq, 4), (nk, 2), (nk, 2)))
-    with torch.no_grad():
-        out, lse = planned_attention(q, k, v, pl, 0.25, softcap=softcap, backend="triton")
-        want, want_lse = planned_attention(q.float(), k.float(), v.float(), pl, 0.25, softcap=softcap,
-                                           backend="reference")
-    assert len(launches) == 1 and launches[0] is not None
-    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3)
-    assert not torch.isnan(out).any()
+    base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
+    g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
+    results = []
+    for backend, dtype in (("triton", torch.float16), ("reference", torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in base]
+        out, lse = planned_attention(*leaves, pl, 0.25, softcap=softcap, backend=backend)
+        (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+        results.append([out.float(), lse] + [t.grad.float() for t in leaves])
+    assert len(launches) == 1 and launches[0] is not None and len(backwards) == 1
+    for what, got, want in zip(["out", "lse", "dq", "dk", "dv"], *results):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{what}: {m}")
+    out, lse = results[0][:2]
+    assert not torch.isnan(torch.cat([r.flatten() for r in results[0]])).any()
     if name.endswith("empty"):
-        assert torch.equal(out[:, :5].float(), torch.zeros_like(out[:, :5].float()))
-        assert torch.isneginf(lse[:, :, :5]).all()
+        assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5])) and torch.isneginf(lse[:, :, :5]).all()

@@ -12,9 +12,9 @@ otherwise) on a BlockMask built for the positions that component sees:
   becomes head ``r * heads + h`` — with no copy; ALiBi slopes are scaled by ``d`` (a class step is ``d``
   positions).
 
-Without gradients, a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run as
-one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second output,
-no merge. With gradients they run apart and merge, as below.
+On the Triton backend a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run
+as one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second
+output, no merge; in the backward both key sets' dK/dV passes read the one LSE and add into one dQ.
 
 Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``
 (``lse_merge``: one fused Triton pass each way on the Triton backend); a row that no component reaches
@@ -100,26 +100,26 @@ def _local_and_columns(plan: Plan) -> tuple[Component, Component] | None:
     local, columns = base
     if local.q_pos is not None or local.kv_pos is not None or local.fold != 1 or local.pattern is None:
         return None
-    if not isinstance(columns.pattern, Band) or columns.kv_pos is None:
+    if not isinstance(columns.pattern, Band) or columns.kv_pos is None or columns.q_pos is None:
         return None
     return local, columns
 
 
 def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, scale, softcap, alibi):
-    """Forward only: the local component and the gathered columns in one launch (no merge)."""
+    """The local component and the gathered columns in one forward launch (no merge); their backward passes
+    share the merged LSE and one dQ."""
     from .flash import flash_attention_with_columns
 
+    ctx = BuildContext(q.shape[0], q.shape[2], plan.seq_q, plan.seq_kv, q.device)
     if isinstance(local.pattern, Band) and local.grid_pattern is None:
         first = (local.pattern.lo, local.pattern.hi)            # the kernel's list-free band path
     else:
-        first = local.block_mask(BuildContext(q.shape[0], q.shape[2], plan.seq_q, plan.seq_kv, q.device),
-                                 plan.block_q, plan.block_kv, q.device)
-    key = ("kv_pos int32", str(q.device))
-    if key not in columns._masks:
-        columns._masks[key] = columns.kv_pos.to(device=q.device, dtype=torch.int32).contiguous()
+        first = local.block_mask(ctx, plan.block_q, plan.block_kv, q.device)
     k2, v2 = k.index_select(1, columns.kv_index), v.index_select(1, columns.kv_index)
-    return flash_attention_with_columns(q, k, v, first, k2, v2, columns._masks[key],
-                                        (columns.pattern.lo, columns.pattern.hi), scale, softcap, alibi)
+    return flash_attention_with_columns(q, k, v, first, k2, v2, columns.block_mask(ctx, plan.block_q, plan.block_kv,
+                                                                                   q.device),
+                                        columns.q_pos, columns.kv_pos, (columns.pattern.lo, columns.pattern.hi),
+                                        scale, softcap, alibi)
 
 
 def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_positions: bool,
@@ -151,7 +151,7 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
                          "pattern with exact_positions=True to use ALiBi")
     engine = _engine(backend)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    together = None if backend != "triton" or needs_grad else _local_and_columns(plan)
+    together = _local_and_columns(plan) if backend == "triton" else None
     base, rows = [], []
     for c in plan.components:
         if together is not None and any(c is t for t in together):

@@ -268,32 +268,31 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
-    """``(dq, dk, dv)``."""
-    bsz, seq_q, hq, d = q.shape
-    seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    do = do if do.stride(-1) == 1 else do.contiguous()
+def _preprocess(do, out, lse, dlse):
+    """``delta = rowsum(dO * O) - dlse`` per query row (fp32, the shape of ``lse``)."""
+    bsz, seq_q, hq, dv_dim = out.shape
     delta = torch.empty_like(lse)
-    block_dv = next_power_of_2(dv_dim)
     pre_rows = 64 if interpreting() else 128
     if dlse is not None:
         dlse = dlse.float().contiguous()
     flash_bwd_preprocess_kernel[(cdiv(seq_q, pre_rows), bsz * hq)](
         out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=block_dv, BLOCK_M=pre_rows,
-        HAS_DLSE=dlse is not None)
+        do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=next_power_of_2(dv_dim),
+        BLOCK_M=pre_rows, HAS_DLSE=dlse is not None)
+    return delta
 
+
+def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, slopes, atomic: bool):
+    """One key set's dK/dV pass (``dq_acc`` fp32 receives dQ by atomics when ``atomic``); returns dk, dv."""
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    atomic = not deterministic
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
     sl, sl_stride = _slopes(slopes, bsz, q.device)
     qk_scale, cap_scale = _score_scales(scale, softcap)
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
-    common = dict(D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=block_dv, **flags)
-
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     args = [q, k, v, do, lse, delta, dq_acc, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -302,17 +301,26 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, **common)
+    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d),
+                BLOCK_DV=next_power_of_2(dv_dim), **flags)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
         flash_bwd_dkdv_kernel[(cdiv(seq_kv, bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
         kern[lambda c: (cdiv(seq_kv, c["BLOCK_N"]), bsz * hkv)](*args, **meta)
-    if atomic:
-        return dq_acc.to(q.dtype), dk, dv
+    return dk, dv
 
-    dq = dq_acc
+
+def _dq(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes):
+    """The deterministic dQ pass (writes ``dq``)."""
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    sl, sl_stride = _slopes(slopes, bsz, q.device)
+    qk_scale, cap_scale = _score_scales(scale, softcap)
+    n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
+    mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
+    flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
     mask_args, widths = _mask_kernel_args(m, m.lists, q.device)
     args = [q, k, v, do, lse, delta, dq, *mask_args, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -320,11 +328,37 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
             dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, G=hq // hkv, **common)
+    meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim),
+                **flags)
     kern = _kernel("dq", flash_bwd_dq_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
         flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
         kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+
+
+def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+    """``(dq, dk, dv)``."""
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = _preprocess(do, out, lse, dlse)
+    atomic = not deterministic
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, atomic)
+    if atomic:
+        return dq.to(q.dtype), dk, dv
+    _dq(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes)
     return dq, dk, dv
+
+
+def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, lse, dlse, scale: float, softcap,
+                         slopes):
+    """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's dK/dV pass
+    reads the merged LSE and delta and adds into one dQ (atomics). ``m2`` is the second set's BlockMask
+    arguments at its positions."""
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = _preprocess(do, out, lse, dlse)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
+    dk2, dv2 = _dkdv(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, True)
+    return dq.to(q.dtype), dk, dv, dk2, dv2

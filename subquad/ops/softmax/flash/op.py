@@ -120,6 +120,28 @@ class _Flash(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+class FlashWithColumns(torch.autograd.Function):
+    """Two key sets in one forward launch (``launch.forward``'s ``second``: ``k2``/``v2`` at the positions of
+    ``m2``, kept where ``band2`` holds); the backward runs each set's dK/dV pass on the merged LSE, into one dQ.
+    Eager only: a plan's local part and its gathered columns."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k2, v2, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
+        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2.kv_pos, *band2))
+        ctx.save_for_backward(q, k, v, k2, v2, out, lse)
+        ctx.launch_args = (m, m2, scale, softcap, slopes)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, k2, v2, out, lse = ctx.saved_tensors
+        m, m2, scale, softcap, slopes = ctx.launch_args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = launch.backward_two_sources(dout, q, k, v, m, k2, v2, m2, out, lse, dlse, scale, softcap, slopes)
+        return (*grads, None, None, None, None, None, None)
+
+
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``."""
     if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
