@@ -79,6 +79,25 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
 
 
 @triton.jit
+def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, offs_m, qp, seq_q, seq_kv,
+                qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+                HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Key tiles ``lo..hi`` under a band and nothing else (the list-free path): masked at the band's edges,
+    unmasked and aligned in its middle (``ALIGNED``)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        if ALIGNED:
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
+            qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
+            offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, ALIGNED, True, False, False, False, False,
+            False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -161,31 +180,18 @@ def flash_fwd_kernel(
                     AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
-                False, SOFTCAP, ALIBI,
-                BLOCK_M, BLOCK_N)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, False, False, False,
-                False, SOFTCAP, ALIBI,
-                BLOCK_M, BLOCK_N)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
-                False, SOFTCAP, ALIBI,
-                BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, qp,
+                                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, False, False, SOFTCAP,
+                                    ALIBI)
+        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
+                                    qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, True, False, SOFTCAP,
+                                    ALIBI)
+        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, qp,
+                                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, False, False, SOFTCAP,
+                                    ALIBI)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -193,14 +199,10 @@ def flash_fwd_kernel(
         # read of this Q tile, no LSE merge
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        for start_n in range(0, n2, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n, offs_m, qp, offs_m, seq_q, n2,
-                qk_scale, cap_scale, slope2, band2_lo, band2_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                stride_lay_q, doc_ids, BITS, 0, 0, KV2_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
-                True, SOFTCAP, ALIBI,
-                BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, 0, n2, offs_m, qp,
+                                    seq_q, n2, qk_scale, cap_scale, slope2, band2_lo, band2_hi, KV2_POS, offs_d,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, False, True, SOFTCAP,
+                                    ALIBI)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
