@@ -153,6 +153,39 @@ def test_head_dims(d, dv):
     _check(*_qkv(1, 40, 40, 2, 2, d, torch.bfloat16, dv=dv), causal=True)
 
 
+@pytest.mark.parametrize("pattern", [masks.longformer(16, [0, 1, 2]), masks.bigbird(16, [0, 3], random_blocks=1,
+                                                                                      block=16)],
+                         ids=["longformer", "bigbird"])
+def test_heaviest_blocks_first_with_several_tiles_per_block(pattern):
+    """BlockMask blocks of four kernel tiles (two on the interpreter), lengths not a multiple of the block: the
+    heavy-first schedule (the global rows' query block and the global columns' key block first) covers every
+    tile once, in the forward and in the dK/dV pass."""
+    from subquad.ops.softmax.flash import flash_attention_masked
+
+    n = 2 * BLOCK + 37
+    q, k, v = _qkv(1, n, n, 4, 2, 32, torch.float16)
+    bm = masks.resolve(pattern, causal=False, batch=1, heads=4, seq_q=n, seq_kv=n, device=q.device,
+                       block_q=2 * BLOCK, block_kv=2 * BLOCK)
+    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5)
+    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    g = torch.randn_like(out)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                          torch.autograd.grad((ref.float() * g).sum(), (q, k, v))):
+        _close(name, a, b, q.dtype)
+
+
+def test_heaviest_first_order_puts_global_tokens_first():
+    from subquad.ops.softmax.flash import _block_mask_args
+
+    bm = masks.resolve(masks.longformer(8, [163]), causal=False, batch=1, heads=1, seq_q=320, seq_kv=320,
+                       device="cpu", block_q=32, block_kv=32)
+    args = _block_mask_args(bm, None, None)
+    assert args.order[0, 0, 0] == 5 and args.order_t[0, 0, 0] == 5          # 163 // 32: its row and its column
+    assert sorted(args.order[0, 0].tolist()) == list(range(10))
+
+
 def test_fully_masked_rows():
     n = 50
     m = torch.rand(n, n, generator=torch.Generator().manual_seed(4)) < 0.4

@@ -64,6 +64,13 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     return args
 
 
+def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Tensor:
+    """Blocks by the number of tiles they visit, most first (ties in block order), per mask (batch, head):
+    the kernels' ``heavy_first`` schedule."""
+    work = full_num.long() + part_num.long()
+    return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+
+
 def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     if bm.block_q % 16 or bm.block_kv % 32:
         raise ValueError(f"mask: the flash kernels need BlockMask blocks that are multiples of 16 (queries) and "
@@ -83,6 +90,8 @@ def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
         terms = Terms(lo=-BAND_INF, hi=BAND_INF)
     lo, hi = terms.band
     return MaskArgs(use_list=True, lists=(*bm.full_kv, *bm.partial_kv), lists_t=(*bm.full_q, *bm.partial_q),
+                    order=_heaviest_first(bm.full_kv[0], bm.partial_kv[0]),
+                    order_t=_heaviest_first(bm.full_q[0], bm.partial_q[0]),
                     tile_of=tile_of, bits=bits, doc_ids=terms.doc_ids,
                     q_pos=None if q_pos is None else q_pos.to(torch.int32).contiguous(),
                     kv_pos=None if kv_pos is None else kv_pos.to(torch.int32).contiguous(),

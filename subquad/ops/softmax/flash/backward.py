@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile import dot, dot_acc, keep_mask, kv_range, q_range, scores
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -120,10 +120,14 @@ def flash_bwd_dkdv_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
+    if ORDERED:
+        tile, pid_bh = heavy_first(ORDER, n_kb, mask_b, mask_h, HKV, MBK // BLOCK_N, G)
+        start_n = tile * BLOCK_N
+    else:
+        start_n = tl.program_id(0) * BLOCK_N
+        pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offs_n = start_n + tl.arange(0, BLOCK_N)

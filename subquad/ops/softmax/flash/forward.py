@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile import dot, dot_acc, keep_mask, kv_range, scores
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, scores
 
 LOG2E = 1.4426950408889634
 
@@ -106,6 +106,7 @@ def flash_fwd_kernel(
     seq_q, seq_kv, q_off, qk_scale, cap_scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
+    ORDER,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -113,11 +114,15 @@ def flash_fwd_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    TWO_SOURCES: tl.constexpr = False,
+    TWO_SOURCES: tl.constexpr = False, ORDERED: tl.constexpr = False,
 ):
-    # the longest query tiles (late rows under a causal band) start first
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    if ORDERED:
+        tile, pid_bh = heavy_first(ORDER, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
+        start_m = tile * BLOCK_M
+    else:
+        # the longest query tiles (late rows under a causal band) start first
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // G

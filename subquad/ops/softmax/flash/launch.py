@@ -145,6 +145,10 @@ class MaskArgs:
     layout: torch.Tensor | None = None   # int8 (Lb, Lh, q_cells, kv_cells) block layout
     layout_block: int = 1
     and_causal: bool = False
+    #: BlockMask blocks heaviest first, per mask (batch, head): ``order`` the query blocks (forward), ``order_t``
+    #: the key blocks (dK/dV); None runs them in the grid's order (``tile.heavy_first``)
+    order: torch.Tensor | None = None
+    order_t: torch.Tensor | None = None
 
     @property
     def band(self) -> bool:
@@ -228,6 +232,14 @@ def _term_scalars(m: MaskArgs):
     return [m.q_prefix, m.flags.numel() if m.flags is not None else 0, m.layout_block]
 
 
+def _tiles(seq: int, n_blocks: int, mask_block: int, ordered: bool):
+    """Kernel tiles along a sequence, as a function of the tile size: ordered by ``heavy_first``, every block
+    of the BlockMask holds a whole number of them (tiles past the end store nothing)."""
+    if ordered:
+        return lambda tile: n_blocks * (mask_block // tile)
+    return lambda tile: cdiv(seq, tile)
+
+
 def _second_source_args(second, device) -> list:
     if second is None:
         d = _dummy(device)
@@ -254,17 +266,21 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
-            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
+            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device),
+            m.order if m.order is not None else _dummy(q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     if second is not None:
         meta["TWO_SOURCES"] = True
+    if m.order is not None:
+        meta["ORDERED"] = True
+    tiles = _tiles(seq_q, n_qb, meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-        flash_fwd_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
+        kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return out, lse
 
 
@@ -300,15 +316,18 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
             dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
+            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, m.order_t if m.order_t is not None else _dummy(q.device)]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    if m.order_t is not None:
+        meta["ORDERED"] = True
+    tiles = _tiles(seq_kv, n_kb, flags["MBK"], m.order_t is not None)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-        flash_bwd_dkdv_kernel[(cdiv(seq_kv, bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (cdiv(seq_kv, c["BLOCK_N"]), bsz * hkv)](*args, **meta)
+        kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv)](*args, **meta)
     return dk, dv
 
 
