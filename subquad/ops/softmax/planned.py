@@ -151,7 +151,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
                          "pattern with exact_positions=True to use ALiBi")
     engine = _engine(backend)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    together = _local_and_columns(plan) if backend == "triton" else None
+    # the two-source launch has no custom op: traced calls (torch.compile) keep the components and the merge
+    together = _local_and_columns(plan) if backend == "triton" and not torch.compiler.is_compiling() else None
     base, rows = [], []
     for c in plan.components:
         if together is not None and any(c is t for t in together):

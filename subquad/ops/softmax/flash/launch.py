@@ -251,8 +251,8 @@ def _second_source_args(second, device) -> list:
 
 def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, kv2_pos int32,
-    band2_lo, band2_hi)``, a second key set in the same launch (forward only: ``forward.py``'s
-    ``TWO_SOURCES``)."""
+    band2_lo, band2_hi)``, a second key set in the same launch (``forward.py``'s ``TWO_SOURCES``; its gradients:
+    ``backward_two_sources``)."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
