@@ -1,9 +1,10 @@
-"""The flash kernels compile for the H100 (sm90) with the installed Triton, on a machine without a GPU: a
-stand-in driver names the target and ``JITFunction.warmup`` compiles without launching. The interpreter runs
-the kernels' Python semantics; this runs Triton's real code generation down to a cubin (ptxas included) for the
-variants the device runs, with Hopper's first tiles, so a kernel that the GPU backend rejects, or that no longer
-fits in shared memory, fails here rather than in a device session. It runs in a child process: under
-``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit`` makes interpreted functions, which do not compile."""
+"""The Triton kernels compile for the H100 (sm90) with the installed Triton, on a machine without a GPU: a
+stand-in driver names the target, every launch that a forward and backward would make is recorded instead of
+run, and ``JITFunction.warmup`` compiles each kernel variant down to a cubin (ptxas included) with Hopper's first
+configuration. The interpreter runs the kernels' Python semantics; this runs Triton's real code generation, so a
+kernel that the GPU backend rejects, or that no longer fits in shared memory, fails here rather than in a
+device session. It runs in a child process: under ``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit``
+makes interpreted functions, which do not compile."""
 
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device co
 
 #: Hopper's shared memory per block (227 KB)
 SHARED = 232448
+#: kernel variants the child compiles (each printed on a ``compiled`` line)
+EXPECTED = {"flash_fwd_kernel": 3, "flash_bwd_dkdv_kernel": 4, "flash_bwd_dq_kernel": 1,
+            "flash_bwd_preprocess_kernel": 1, "state_fwd": 4, "output_fwd": 3, "state_bwd": 4, "dv_bwd": 4,
+            "dqk_bwd": 4, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
+            "wy_bwd": 1}
 
 
-def test_flash_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    assert done.stdout.count("compiled") == 5, done.stdout
+    compiled = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("compiled ")]
+    assert {name: compiled.count(name) for name in set(compiled)} == EXPECTED, done.stdout
 
 
 class _Sm90:
@@ -42,53 +49,78 @@ class _Sm90:
         return GPUTarget("cuda", 90, 32)
 
 
-def _compile_all() -> None:
-    from triton.runtime import driver
+def _record_launches() -> list:
+    """Every ``kernel[grid](...)`` from now on is recorded as ``(kernel, args, kwargs)`` instead of run."""
+    from triton.runtime.jit import KernelInterface
 
-    from subquad import masks
-    from subquad.ops.softmax.flash import _band_args, _block_mask_args, launch
-    from subquad.ops.softmax.flash.backward import flash_bwd_dkdv_kernel
-    from subquad.ops.softmax.flash.forward import flash_fwd_kernel
-
-    # the first configurations of the Hopper lists (launch.FWD_CONFIGS_SM90, DKDV_CONFIGS_SM90)
-    tiles = {flash_fwd_kernel: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-             flash_bwd_dkdv_kernel: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
     recorded = []
+    KernelInterface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: recorded.append((self, args, kwargs)))
+    return recorded
 
-    class Record:
-        def __init__(self, fn):
-            self.fn = fn
 
-        def __getitem__(self, grid):
-            return lambda *args, **meta: recorded.append((self.fn, args, meta))
+def _run_ops() -> None:
+    """A forward and backward of each kernel family, on zeros (the values are never computed)."""
+    from subquad import masks
+    from subquad.ops.delta.chunk import chunk_delta_rule
+    from subquad.ops.linear.chunk import chunk_gla
+    from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
+    from subquad.masks.plan import plan
 
-    launch._kernel = lambda name, fn: Record(fn)
+    launch._hopper = lambda: True
     launch.interpreting = lambda: False
-    driver.set_active(_Sm90())
 
-    def bf16(*shape):
-        return torch.zeros(*shape, dtype=torch.bfloat16)
+    def leaf(*shape, dtype=torch.bfloat16):
+        return torch.zeros(*shape, dtype=dtype, requires_grad=True)
 
     b, n, h, d = 1, 1024, 4, 128
-    q, k, v = bf16(b, n, h, d), bf16(b, n, h, d), bf16(b, n, h, d)
-    longformer = masks.resolve(masks.longformer(256, range(16)), causal=False, batch=b, heads=h, seq_q=n, seq_kv=n,
-                               device="cpu", block_q=128, block_kv=128)
-    listed, band = _block_mask_args(longformer, None, None), _band_args(0, 1 << 30)
-    columns = (bf16(b, 8, h, d), bf16(b, 8, h, d), torch.arange(8, dtype=torch.int32) * 128 + 127, 256, 1 << 30)
-    launch.forward(q, k, v, band, 0.1, None, None)                                  # dense causal
-    launch.forward(q, k, v, listed, 0.1, None, None)                                # BlockMask lists, heaviest first
-    launch.forward(q, k, v, _band_args(0, 255), 0.1, None, None, second=columns)    # band + gathered columns
-    lse, dq = torch.zeros(b, h, n), torch.zeros(b, n, h, d)
-    launch._dkdv(q, k, v, q, lse, lse, dq, listed, 0.1, None, None, True)
-    launch._dkdv(q, k, v, q, lse, lse, dq, band, 0.1, None, None, True)
-    assert recorded[1][2]["ORDERED"] and recorded[2][2]["TWO_SOURCES"]
-    for fn, args, meta in recorded:
-        compiled = fn.warmup(*args, grid=(1,), **meta, **tiles[fn])
-        name = fn.fn.__name__
+    q, k, v = leaf(b, n, h, d), leaf(b, n, h, d), leaf(b, n, h, d)
+    longformer = masks.longformer(256, range(16))
+    for out, lse in (flash_attention(q, k, v, causal=True),              # the band path
+                     flash_attention(q, k, v, mask=longformer),          # BlockMask lists, heaviest first
+                     flash_attention(q, k, v, causal=True, deterministic=True)):    # dQ in its own pass
+        out.sum().backward()
+    pl = plan(masks.strided(256), n)                                     # a band + gathered columns in one launch
+    local, columns = pl.components
+    out, lse = flash_attention_with_columns(
+        q, k, v, (local.pattern.lo, local.pattern.hi), k[:, columns.kv_index], v[:, columns.kv_index],
+        columns.block_mask(pl.context(b, h, "cpu"), 128, 128, "cpu"), columns.q_pos, columns.kv_pos,
+        (columns.pattern.lo, columns.pattern.hi), d ** -0.5)
+    out.sum().backward()
+
+    t = 256
+    for g in (None, torch.zeros(b, t, h, dtype=torch.float32), torch.zeros(b, t, h, 64, dtype=torch.float32)):
+        lq, lk, lv = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64)
+        gl = None if g is None else g.requires_grad_()
+        out, state = chunk_gla(lq, lk, lv, gl, 0.125, None, None, 64)
+        out.sum().backward()
+    lq, lk, lv, beta = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h)
+    out, state = chunk_delta_rule(lq, lk, lv, beta, torch.zeros(b, t, h, requires_grad=True), 0.125, None, None, 64)
+    out.sum().backward()
+
+
+def _compile_all() -> None:
+    import triton
+    from triton.runtime import driver
+
+    recorded = _record_launches()
+    _run_ops()
+    driver.set_active(_Sm90())
+    seen = set()
+    for kernel, args, kwargs in recorded:
+        options = {}
+        if isinstance(kernel, triton.runtime.Autotuner):
+            options = kernel.configs[0].all_kwargs()
+            kernel = kernel.fn
+        name = kernel.fn.__name__
+        variant = (name, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, str)))),
+                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+        if variant in seen:
+            continue
+        seen.add(variant)
+        compiled = kernel.warmup(*args, grid=(1,), **{**options, **kwargs})
         assert compiled is not None and compiled.asm.get("cubin"), f"{name}: no cubin"
         assert compiled.metadata.shared <= SHARED, f"{name}: {compiled.metadata.shared} bytes of shared memory"
-        print("compiled", name, {x: meta[x] for x in ("USE_LIST", "ORDERED", "TWO_SOURCES") if x in meta},
-              compiled.metadata.shared, flush=True)
+        print("compiled", name, compiled.metadata.shared, flush=True)
 
 
 if __name__ == "__main__":
