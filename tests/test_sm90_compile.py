@@ -23,7 +23,7 @@ SHARED = 232448
 EXPECTED = {"flash_fwd_kernel": 3, "flash_bwd_dkdv_kernel": 4, "flash_bwd_dq_kernel": 1,
             "flash_bwd_preprocess_kernel": 1, "state_fwd": 4, "output_fwd": 3, "state_bwd": 4, "dv_bwd": 4,
             "dqk_bwd": 4, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
-            "wy_bwd": 1}
+            "wy_bwd": 1, "_decode_kernel": 2}
 
 
 def test_kernels_compile_for_sm90():
@@ -59,8 +59,9 @@ def _record_launches() -> list:
 
 
 def _run_ops() -> None:
-    """A forward and backward of each kernel family, on zeros (the values are never computed)."""
-    from subquad import masks
+    """A forward and backward of each kernel family, and decoding steps (GQA, MLA's latent layout), on zeros
+    (the values are never computed)."""
+    from subquad import decode, masks
     from subquad.ops.delta.chunk import chunk_delta_rule
     from subquad.ops.linear.chunk import chunk_gla
     from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
@@ -96,6 +97,11 @@ def _run_ops() -> None:
     lq, lk, lv, beta = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h)
     out, state = chunk_delta_rule(lq, lk, lv, beta, torch.zeros(b, t, h, requires_grad=True), 0.125, None, None, 64)
     out.sum().backward()
+
+    cache = torch.zeros(2, 4096, 2, 128, dtype=torch.bfloat16)
+    decode(torch.zeros(2, 1, 8, 128, dtype=torch.bfloat16), cache, cache, backend="triton")     # GQA
+    latent = torch.zeros(2, 4096, 1, 576, dtype=torch.bfloat16)                               # MLA: [c_kv, k_rope]
+    decode(torch.zeros(2, 1, 128, 576, dtype=torch.bfloat16), latent, latent[..., :512], backend="triton")
 
 
 def _compile_all() -> None:
