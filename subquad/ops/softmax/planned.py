@@ -48,6 +48,11 @@ def _alibi_for(alibi: torch.Tensor | None, fold: int, batch: int) -> torch.Tenso
     return alibi.float().repeat(*([1] * (alibi.dim() - 1)), fold) * fold
 
 
+def _plain_band(c: Component) -> bool:
+    """A band on natural positions: the flash kernel's list-free band path runs it (no BlockMask lists)."""
+    return isinstance(c.pattern, Band) and c.grid_pattern is None and c.q_pos is None and c.kv_pos is None
+
+
 def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     bsz, seq_q, hq, d = q.shape
     hkv = k.shape[2]
@@ -75,9 +80,7 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
     else:
         kk, vv = k, v
     if c.split == 1:
-        if engine is not attention_reference and isinstance(c.pattern, Band) and c.grid_pattern is None \
-                and c.q_pos is None and c.kv_pos is None:
-            # a plain band on natural positions: the kernel's list-free band path
+        if engine is not attention_reference and _plain_band(c):
             from .flash import flash_attention
 
             return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi)
@@ -111,8 +114,8 @@ def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, sca
     from .flash import flash_attention_with_columns
 
     ctx = BuildContext(q.shape[0], q.shape[2], plan.seq_q, plan.seq_kv, q.device)
-    if isinstance(local.pattern, Band) and local.grid_pattern is None:
-        first = (local.pattern.lo, local.pattern.hi)            # the kernel's list-free band path
+    if _plain_band(local):
+        first = (local.pattern.lo, local.pattern.hi)
     else:
         first = local.block_mask(ctx, plan.block_q, plan.block_kv, q.device)
     k2, v2 = k.index_select(1, columns.kv_index), v.index_select(1, columns.kv_index)
