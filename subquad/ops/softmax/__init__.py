@@ -137,11 +137,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     run = _prepare(chosen, planned, q, k, v, causal=causal, mask=mask, scale=scale_value, softcap=softcap,
                    alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic)
     if cache is not None:
-        if len(cache) >= PREPARED_CALLS:
-            # oldest first: a model that builds a new pattern object per call keeps at most this many alive
-            # (each holds its BlockMasks)
-            del cache[next(iter(cache))]
-        cache[facts] = (mask, chosen, run)    # the mask kept alive so that its id is not reused
+        # the mask kept alive so that its id is not reused
+        dispatch.remember(cache, facts, (mask, chosen, run), PREPARED_CALLS)
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
 

@@ -48,7 +48,7 @@ MEASURED_ONLY = ("flex",)
 #: pattern kinds that an unmeasured signature runs on FA4 first (see the module docstring)
 FA4_FIRST = ("full", "causal", "window", "document", "longformer", "bigbird", "prefix_lm", "block_sparse")
 TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
-#: choices remembered per table; each keeps its pattern object (and so the pattern's BlockMasks) alive
+#: choices remembered per table (``remember``)
 CHOICES_KEPT = 64
 #: largest forward error (vs fp64, sampled rows) of a benchmark row that may enter the table, per dtype
 MAX_ERR = {"bfloat16": 6e-2, "float16": 1e-2, "float32": 1e-4}
@@ -269,6 +269,15 @@ def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.
     raise ValueError(f"backend: expected one of {BACKENDS + MEASURED_ONLY}, got {backend!r}")
 
 
+def remember(store: dict, key, value, limit: int) -> None:
+    """``store[key] = value`` with at most ``limit`` entries, the oldest evicted first: the values keep their
+    pattern objects (and so the patterns' BlockMasks) alive, and a model that builds a pattern per call would
+    otherwise keep every one."""
+    if key not in store and len(store) >= limit:
+        del store[next(iter(store))]
+    store[key] = value
+
+
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None, softcap=None,
            alibi_slopes=None, return_lse: bool = False) -> str:
     """The backend ``backend="auto"`` runs for this call (see the module docstring for the rule). Memoised per
@@ -296,9 +305,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
                 log.debug("subquad.attention auto -> %s for %s (%s%s)", backend, sig.key(), rule,
                           "".join(f"; skipped {b}: {w}" for b, w in skipped))
             if memo is not None:
-                if len(measured.chosen) >= CHOICES_KEPT:
-                    del measured.chosen[next(iter(measured.chosen))]   # oldest first: see CHOICES_KEPT
-                measured.chosen[memo] = (mask, backend)
+                remember(measured.chosen, memo, (mask, backend), CHOICES_KEPT)
             return backend
         skipped.append((backend, why))
     raise AssertionError("the reference runs every call")  # pragma: no cover
