@@ -147,6 +147,24 @@ def test_more_queries_than_keys_full():
     _check(*_qkv(1, 50, 29, 2, 2, 32, torch.float16))
 
 
+@pytest.mark.parametrize("kind", ["full", "window", "block_sparse"])
+def test_key_tiles_too_few_split_the_query_walk(kind):
+    # key tiles too few for the GPU (a few keys against many queries; one batch and KV head): each key tile's
+    # dK/dV walk is shared by several programs (fp32 atomics); the window runs the list-free band walk, the
+    # block layout the BlockMask lists
+    from subquad.ops.softmax.flash.launch import _query_splits
+
+    long = 4096 if DEV == "cuda" else 256
+    nq, nkv = (long - 56, 64) if kind == "full" else (long, long)
+    cells = -(-nkv // 32)
+    layout = torch.rand(cells, cells, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask = {"full": None, "window": masks.sliding_window(48, causal=False),
+            "block_sparse": masks.block_sparse(layout, block=32)}[kind]
+    q, k, v = _qkv(1, nq, nkv, 2, 1, 32, torch.bfloat16)
+    assert _query_splits(-(-nkv // 128), nq, q.device) > 1
+    _check(q, k, v, mask=mask)
+
+
 @pytest.mark.parametrize("d,dv", [(48, 48), (64, 32)])
 def test_head_dims(d, dv):
     # 48 pads to 64 in-kernel (as 96 pads to 128 on the GPU); dv may differ from d

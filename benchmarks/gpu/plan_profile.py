@@ -3,8 +3,10 @@ whole ``subquad.attention`` call (fwd, bf16, 16 heads, D 128). On CUDA each line
 time per call (torch.profiler) beside do_bench's: where the two differ, the call is host-bound; the host time of
 the whole call is then broken down by Python function (cProfile, the costliest by own time).
 
-Device run: ``PYTHONPATH=. python3 benchmarks/gpu/plan_profile.py [N] [BATCH]`` (default 16384 x 1); prints one
-line per component (its launch shape, kept pairs, ms and effective TFLOP/s) and writes ``$OUT/plan_profile.json``.
+Device run: ``PYTHONPATH=. python3 benchmarks/gpu/plan_profile.py [N] [BATCH] [fwdbwd]`` (default 16384 x 1, fwd);
+prints one line per component (its launch shape, kept pairs, ms and effective TFLOP/s) and writes
+``$OUT/plan_profile.json``. ``fwdbwd`` profiles the whole call's forward and backward instead (its six costliest
+kernels); ``PLAN_PROFILE_PATTERNS=name,name`` keeps those patterns.
 On a machine without CUDA it runs the same steps on the reference engine at N = 1024 (a check of the script).
 """
 
@@ -27,6 +29,8 @@ PATTERNS = {
     "longformer512+16": (masks.longformer(512, GLOBAL), False),
     "bigbird512+16+3x64 causal": (masks.bigbird(512, GLOBAL, random_blocks=3, block=64, seed=0, causal=True), False),
     "strided256": (masks.strided(256), True),
+    "fixed128x8": (masks.fixed(128, 8), True),
+    "bigbird512+16+3x64": (masks.bigbird(512, GLOBAL, random_blocks=3, block=64, seed=0), False),
 }
 
 
@@ -45,8 +49,8 @@ def timer(device):
     return cpu
 
 
-def kernels(fn, calls=20):
-    """(kernel time per call in ms, the three costliest kernels) of ``fn`` on CUDA, from torch.profiler."""
+def kernels(fn, calls=20, top=3):
+    """(kernel time per call in ms, the ``top`` costliest kernels) of ``fn`` on CUDA, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     fn()
@@ -57,8 +61,8 @@ def kernels(fn, calls=20):
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / calls / 1e3
-    top = sorted(events, key=lambda e: -e.device_time_total)[:3]
-    return total, [(e.key[:60], round(e.device_time_total / calls / 1e3, 4), e.count // calls) for e in top]
+    costliest = sorted(events, key=lambda e: -e.device_time_total)[:top]
+    return total, [(e.key[:60], round(e.device_time_total / calls / 1e3, 4), e.count // calls) for e in costliest]
 
 
 def host_functions(fn, calls=50, top=12):
@@ -119,14 +123,35 @@ def profile(name, pattern, causal, n, batch, device, backend):
     return rows
 
 
+def profile_fwdbwd(name, pattern, causal, n, batch, device, backend):
+    """The whole call's forward and backward (gradients returned, never accumulated), by kernel."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch, n, 16, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    d_out = torch.randn_like(q)
+
+    def whole():
+        return torch.autograd.grad(attention(q, k, v, causal=causal, mask=pattern, backend=backend), (q, k, v),
+                                   d_out)
+
+    row = {"pattern": name, "part": "attention() fwd+bwd", "ms": timer(device)(whole), "batch": batch, "seqlen": n,
+           "device": str(device)}
+    if device.type == "cuda":
+        row["kernel_ms"], row["kernels"] = kernels(whole, top=6)
+    print(f"{name:28s} fwd+bwd {row['ms']:9.3f} ms {row.get('kernel_ms', '')} {row.get('kernels', '')}", flush=True)
+    return [row]
+
+
 def main():
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     n = int(sys.argv[1]) if len(sys.argv) > 1 else (16384 if cuda else 1024)
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    run = profile_fwdbwd if len(sys.argv) > 3 and sys.argv[3] == "fwdbwd" else profile
+    wanted = os.environ.get("PLAN_PROFILE_PATTERNS")
     rows = []
     for name, (pattern, causal) in PATTERNS.items():
-        rows += profile(name, pattern, causal, n, batch, device, "triton" if cuda else "reference")
+        if not wanted or name in wanted.split(","):
+            rows += run(name, pattern, causal, n, batch, device, "triton" if cuda else "reference")
     with open(os.path.join(os.environ.get("OUT", "."), "plan_profile.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -4,7 +4,8 @@
 
 Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
 line per row at the end. ``SUITE_CASES=name,name`` keeps those cases only, ``SUITE_MAX_N=16384`` the shapes up to
-that length (a device call runs ten minutes at most).
+that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations (a device call runs
+ten minutes at most).
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ def main():
         # case by case, the JSON rewritten after each: a call that runs out of time keeps what it measured
         wanted = os.environ.get("SUITE_CASES")
         longest = int(os.environ.get("SUITE_MAX_N", "0")) or None
+        shortest = int(os.environ.get("SUITE_MIN_N", "0"))
+        impls = os.environ.get("SUITE_IMPLS")
         for case in suites[name].cases(False):
-            if (wanted and case.case not in wanted.split(",")) or (longest and case.seqlen > longest):
+            if (wanted and case.case not in wanted.split(",")) or (longest and case.seqlen > longest) \
+                    or case.seqlen < shortest:
                 continue
+            if impls:
+                case.impls = {k: f for k, f in case.impls.items() if k in impls.split(",")}
             rows += harness.run_cases([case], torch.device("cuda"))
             with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
                 json.dump(rows, f, indent=1)

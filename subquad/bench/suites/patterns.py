@@ -6,10 +6,12 @@ dilation 4), Longformer (window 512, 16 global tokens) and BigBird (window 512, 
 blocks of 64) at N = 16k (batch 2) and 64k (batch 1), 16 heads, D = 128, bf16, fwd and fwd+bwd. FLOPs count
 the kept pairs only (effective TFLOP/s), exactly, from the plan.
 
-Impls: ``subquad-planned`` (``subquad.attention``'s default: the planner where it plans, the pattern's BlockMask
-where it does not: Longformer's and BigBird's leading global tokens stay in-kernel terms), ``subquad-blockmask``
-(``plan=False``: the pattern's BlockMask through the same kernel; 16k only), ``flex-triton`` and, where
-flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends).
+Impls: ``subquad-planned`` (the Triton kernels as ``subquad.attention`` runs them by default: the planner where it
+plans, the pattern's BlockMask where it does not: Longformer's and BigBird's leading global tokens stay in-kernel
+terms), ``subquad-blockmask`` (``plan=False``: the pattern's BlockMask through the same kernel; 16k only),
+``flex-triton`` and, where flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends). Both subquad
+rows pin ``backend="triton"``: under ``"auto"`` the measured dispatch table sends Longformer and BigBird to FA4 or
+FlexAttention, and the rows would time a peer under subquad's name (the backends suite measures ``auto``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _flex_mask_mod(pattern, mask_mod):
 
 def _subquad(pattern, use_plan):
     def run(inputs):
-        return attention(inputs["q"], inputs["k"], inputs["v"], mask=pattern, plan=use_plan)
+        return attention(inputs["q"], inputs["k"], inputs["v"], mask=pattern, plan=use_plan, backend="triton")
 
     return run
 

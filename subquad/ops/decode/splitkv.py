@@ -19,13 +19,11 @@ among the new tokens, optional sliding window; base-2 exponentials inside.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..grid import cdiv, next_power_of_2
+from ..grid import cdiv, next_power_of_2, num_sms
 
 # storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
 DENSE, RING, PAGED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -187,13 +185,6 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, next_power_of_2(n))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 _COUNTERS: dict = {}
 
 
@@ -274,7 +265,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if window is not None:
         max_len = min(max_len, window + t - 1)
     if num_splits is None:
-        num_splits = _split_count(bsz * hkv * m_blocks * n_dv_blocks, 3 * _num_sms(q.device),
+        num_splits = _split_count(bsz * hkv * m_blocks * n_dv_blocks, 3 * num_sms(q.device),
                                   cdiv(max_len, 16 * block_n))
     # fourth sweep (2026-11-23-decode-tune4): a split of >= 16k keys of dense storage streams best in 128-key
     # tiles three deep (128k context, 6 splits of 22k: 1.4012 ms against 1.4075); 5.5k keys do not (32k:

@@ -5,7 +5,9 @@
 2. ``dkdv``: one program per (key tile, batch, KV head) walks the query tiles that see its keys (the
    transposed BlockMask lists, or the band's query range), over every query head of the GQA group, and
    writes dK, dV once (no atomics). With ``DQ_ATOMIC`` it also adds each tile's dQ contribution to an fp32
-   buffer with atomics (fast, not bit-reproducible).
+   buffer with atomics (fast, not bit-reproducible). A third grid axis splits each walk over programs (every
+   n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key tiles are too few to
+   fill the GPU: a planner's gathered columns, short keys against long queries.
 3. ``dq``: one program per (query tile, batch, query head), the forward's walk over key tiles; used when a
    deterministic backward is asked for (no atomics: the dQ of a row is summed in one fixed order).
 
@@ -120,7 +122,7 @@ def flash_bwd_dkdv_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
+    DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
 ):
     if ORDERED:
         tile, pid_bh = heavy_first(ORDER, n_kb, mask_b, mask_h, HKV, MBK // BLOCK_N, G)
@@ -130,6 +132,8 @@ def flash_bwd_dkdv_kernel(
         pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
+    split = tl.program_id(2)
+    n_split = tl.num_programs(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -171,7 +175,7 @@ def flash_bwd_dkdv_kernel(
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
-            for j in range(n_full):
+            for j in range(split, n_full, n_split):
                 qb = tl.load(FULL_IDX + base * full_width + j)
                 for sub in tl.static_range(MBQ // BLOCK_M):
                     dk, dv = _dkdv_tile(
@@ -182,7 +186,7 @@ def flash_bwd_dkdv_kernel(
                         BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
                         AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
             n_part = tl.load(PART_NUM + base)
-            for j in range(n_part):
+            for j in range(split, n_part, n_split):
                 qb = tl.load(PART_IDX + base * part_width + j)
                 tile = 0
                 if USE_BITS:
@@ -198,14 +202,15 @@ def flash_bwd_dkdv_kernel(
                         USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-            for start_m in range(lo, full_lo, BLOCK_M):
+            step = BLOCK_M * n_split
+            for start_m in range(lo + split * BLOCK_M, full_lo, step):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
                     False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
-            for start_m in range(full_lo, full_hi, BLOCK_M):
+            for start_m in range(full_lo + split * BLOCK_M, full_hi, step):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
@@ -213,7 +218,7 @@ def flash_bwd_dkdv_kernel(
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, True, False, True, False, False,
                     False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
-            for start_m in range(full_hi, hi, BLOCK_M):
+            for start_m in range(full_hi + split * BLOCK_M, hi, step):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
@@ -225,8 +230,14 @@ def flash_bwd_dkdv_kernel(
     dk = dk * scale
     dk_ptrs = DK_OUT + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
-    tl.store(dk_ptrs, dk.to(DK_OUT.dtype.element_ty), mask=in_kv[:, None] & (offs_d[None, :] < D))
-    tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=in_kv[:, None] & (offs_dv[None, :] < DV))
+    dk_ok = in_kv[:, None] & (offs_d[None, :] < D)
+    dv_ok = in_kv[:, None] & (offs_dv[None, :] < DV)
+    if SPLIT_ATOMIC:
+        tl.atomic_add(dk_ptrs, dk, mask=dk_ok, sem="relaxed")
+        tl.atomic_add(dv_ptrs, dv, mask=dv_ok, sem="relaxed")
+    else:
+        tl.store(dk_ptrs, dk.to(DK_OUT.dtype.element_ty), mask=dk_ok)
+        tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
 
 
 @triton.jit

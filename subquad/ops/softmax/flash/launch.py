@@ -10,7 +10,7 @@ import torch
 import triton
 
 from ...autotuned import Autotuned
-from ...grid import cdiv, next_power_of_2
+from ...grid import cdiv, next_power_of_2, num_sms
 from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 
@@ -115,11 +115,11 @@ def _kernel(name: str, jit_fn):
         configs = {"fwd": (FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
                    "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
                    "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
-        key = _KEY + (["DQ_ATOMIC"] if name == "dkdv" else [])
+        key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC"] if name == "dkdv" else [])
         first = None if tune else _FirstThatFits()
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _prune if tune else first.prune},
-            reset_to_zero=["DQ"] if name == "dkdv" else None, do_bench=first)(jit_fn))
+            reset_to_zero=["DQ", "DK_OUT", "DV_OUT"] if name == "dkdv" else None, do_bench=first)(jit_fn))
     return _TUNED[name, tune]
 
 
@@ -298,12 +298,35 @@ def _preprocess(do, out, lse, dlse):
     return delta
 
 
+#: query rows that a split of the dK/dV walk holds at least (``_query_splits``); the interpreter's tiles are 16
+SPLIT_MIN_ROWS = 1024
+
+
+def _query_splits(key_tiles: int, seq_q: int, device: torch.device) -> int:
+    """Programs per key tile in the dK/dV pass: 1 while the key tiles fill the GPU; else a power of two that
+    brings the grid to about one program per SM (one fits at a time: 230 KB of shared memory), each split
+    walking every n-th query tile. At 2 x 16k the strided pattern's 64 gathered columns per head are one key
+    tile: 32 programs walked 16k queries each while 100 SMs idled."""
+    sms = num_sms(device)
+    least = 32 if interpreting() else SPLIT_MIN_ROWS
+    splits = 1
+    while key_tiles * splits * 2 <= sms and seq_q // (splits * 2) >= least:
+        splits *= 2
+    return splits
+
+
 def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, slopes, atomic: bool):
     """One key set's dK/dV pass (``dq_acc`` fp32 receives dQ by atomics when ``atomic``); returns dk, dv."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    # a deterministic backward keeps one program per key tile (its sums in one fixed order)
+    splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
+    if splits > 1:
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    else:
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
     sl, sl_stride = _slopes(slopes, bsz, q.device)
     qk_scale, cap_scale = _score_scales(scale, softcap)
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
@@ -317,17 +340,19 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, m.order_t if m.order_t is not None else _dummy(q.device)]
-    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d),
-                BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, D=d, DV=dv_dim,
+                BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if m.order_t is not None:
         meta["ORDERED"] = True
     tiles = _tiles(seq_kv, n_kb, flags["MBK"], m.order_t is not None)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-        flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
     else:
-        kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv)](*args, **meta)
+        kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*args, **meta)
+    if splits > 1:
+        return dk.to(k.dtype), dv.to(v.dtype)
     return dk, dv
 
 
