@@ -89,7 +89,7 @@ def _run_ops() -> None:
     pl = plan(masks.strided(256), n)                                     # a band + gathered columns in one launch
     local, columns = pl.components
     out, lse = flash_attention_with_columns(
-        q, k, v, (local.pattern.lo, local.pattern.hi), k[:, columns.kv_index], v[:, columns.kv_index],
+        q, k, v, (local.pattern.lo, local.pattern.hi), columns.kv_index,
         columns.block_mask(pl.context(b, h, "cpu"), 128, 128, "cpu"), columns.q_pos, columns.kv_pos,
         (columns.pattern.lo, columns.pattern.hi), d ** -0.5)
     out.sum().backward()

@@ -69,7 +69,13 @@ class Pattern:
     def memo(self, name: str) -> dict:
         """A dict kept on this pattern object under ``name``: the caches of what is derived from it per call
         signature (its BlockMasks, plans, FA4 routes), so that a model's repeated calls reuse them."""
-        return self.__dict__.setdefault(name, {})
+        # getattr / setattr, not ``__dict__.setdefault``: torch 2.11's dynamo cannot trace the latter, and a
+        # model compiled with fullgraph=True makes its patterns inside the traced forward
+        cache = getattr(self, name, None)
+        if cache is None:
+            cache = {}
+            setattr(self, name, cache)
+        return cache
 
     def __or__(self, other: "Pattern") -> "Pattern":
         return Union(self, _coerce(other))

@@ -118,9 +118,8 @@ def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, sca
         first = (local.pattern.lo, local.pattern.hi)
     else:
         first = local.block_mask(ctx, plan.block_q, plan.block_kv, q.device)
-    k2, v2 = k.index_select(1, columns.kv_index), v.index_select(1, columns.kv_index)
-    return flash_attention_with_columns(q, k, v, first, k2, v2, columns.block_mask(ctx, plan.block_q, plan.block_kv,
-                                                                                   q.device),
+    return flash_attention_with_columns(q, k, v, first, columns.kv_index,
+                                        columns.block_mask(ctx, plan.block_q, plan.block_kv, q.device),
                                         columns.q_pos, columns.kv_pos, (columns.pattern.lo, columns.pattern.hi),
                                         scale, softcap, alibi)
 

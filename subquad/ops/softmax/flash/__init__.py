@@ -123,20 +123,20 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic)
 
 
-def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, k2: torch.Tensor,
-                                 v2: torch.Tensor, columns: BlockMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
+def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, kv_index: torch.Tensor,
+                                 columns: BlockMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
                                  band2: tuple[int, int], scale: float, softcap: float | None = None,
                                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the keys that ``first`` keeps (a BlockMask, or a band ``(lo, hi)`` on natural positions)
-    together with ``k2``/``v2``, a gathered key set at positions ``kv_pos`` kept where ``lo2 <= q_pos - k_pos
-    <= hi2`` (``columns``: its BlockMask at ``q_pos``/``kv_pos``, which the backward walks), in one forward
-    launch; returns ``(out, lse)``, differentiable in all five tensors. The two key sets must not share a
-    pair (a plan's local and columns components do not)."""
+    together with the key columns ``kv_index`` (gathered into a compact second key set at positions ``kv_pos``,
+    kept where ``lo2 <= q_pos - k_pos <= hi2``; ``columns``: its BlockMask at ``q_pos``/``kv_pos``, which the
+    backward walks), in one forward launch; returns ``(out, lse)``, differentiable in q, k, v. The two key sets
+    must not share a pair (a plan's local and columns components do not)."""
     _check_dtype(q)
     m = _band_args(*first) if isinstance(first, tuple) else _block_mask_args(first.to(q.device), None, None)
     m2 = _block_mask_args(columns.to(q.device), q_pos, kv_pos)
     band2 = (max(band2[0], -BAND_INF), min(band2[1], BAND_INF))
-    return FlashWithColumns.apply(_prep(q), _prep(k), _prep(v), _prep(k2), _prep(v2), m, m2, band2, float(scale),
+    return FlashWithColumns.apply(_prep(q), _prep(k), _prep(v), kv_index.to(q.device), m, m2, band2, float(scale),
                                   softcap or None, alibi_slopes)
 
 

@@ -121,25 +121,31 @@ class _Flash(torch.autograd.Function):
 
 
 class FlashWithColumns(torch.autograd.Function):
-    """Two key sets in one forward launch (``launch.forward``'s ``second``: ``k2``/``v2`` at the positions of
-    ``m2``, kept where ``band2`` holds); the backward runs each set's dK/dV pass on the merged LSE, into one dQ.
-    Eager only: a plan's local part and its gathered columns."""
+    """Two key sets in one forward launch (``launch.forward``'s ``second``): the keys of ``m``, and the columns
+    ``kv_index`` gathered into a compact set at the positions of ``m2``, kept where ``band2`` holds; the backward
+    runs each set's dK/dV pass on the merged LSE, into one dQ, and adds the columns' dK/dV into dK/dV at their
+    positions in place (through autograd, the gather's backward was a zeroed copy of K and V and a sum: four
+    full passes over K/V-sized memory). Eager only: a plan's local part and its gathered columns."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k2, v2, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
+    def forward(ctx, q, k, v, kv_index, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
+        k2, v2 = k.index_select(1, kv_index), v.index_select(1, kv_index)
         out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2.kv_pos, *band2))
-        ctx.save_for_backward(q, k, v, k2, v2, out, lse)
+        ctx.save_for_backward(q, k, v, k2, v2, kv_index, out, lse)
         ctx.launch_args = (m, m2, scale, softcap, slopes)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, k2, v2, out, lse = ctx.saved_tensors
+        q, k, v, k2, v2, kv_index, out, lse = ctx.saved_tensors
         m, m2, scale, softcap, slopes = ctx.launch_args
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = launch.backward_two_sources(dout, q, k, v, m, k2, v2, m2, out, lse, dlse, scale, softcap, slopes)
-        return (*grads, None, None, None, None, None, None)
+        dq, dk, dv, dk2, dv2 = launch.backward_two_sources(dout, q, k, v, m, k2, v2, m2, out, lse, dlse, scale,
+                                                           softcap, slopes)
+        dk.index_add_(1, kv_index, dk2)
+        dv.index_add_(1, kv_index, dv2)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
