@@ -298,7 +298,8 @@ def _preprocess(do, out, lse, dlse):
     return delta
 
 
-#: query rows that a split of the dK/dV walk holds at least (``_query_splits``); the interpreter's tiles are 16
+#: query rows that a split of the dK/dV walk holds at least (``_query_splits``); 32 in the interpreter, whose
+#: query tiles are 16 rows
 SPLIT_MIN_ROWS = 1024
 
 
