@@ -66,6 +66,22 @@ def test_chunk_kernel_decay_extremes(kind, low):
     _assert_match(got, _run("reference", tensors, chunk_size=32))
 
 
+@pytest.mark.parametrize("safe_only", [False, True])
+def test_vector_decay_both_intra_chunk_forms(safe_only, monkeypatch):
+    """chunk_intra takes one matmul per chunk where the chunk's decays spread little and sub-blocks elsewhere:
+    chunks of both kinds in one call (the first two spread by hundreds, the last by < 16), then the safe form
+    forced on every chunk."""
+    from subquad.ops.linear import chunk
+
+    if safe_only:
+        monkeypatch.setattr(chunk, "_max_spread", lambda dtype: 0.0)
+    q, k, v, g, s0 = _inputs("vector", 2, 48)
+    g = g.clone()
+    g[:, :20] *= 40.0
+    tensors = [q, k, v, g, s0]
+    _assert_match(_run("triton", tensors, chunk_size=16), _run("reference", tensors, chunk_size=16))
+
+
 def test_chunk_kernel_state_handoff():
     q, k, v, g, s0 = _inputs("vector", 1, 50)
     o_all, s_all = subquad.gla(q, k, v, g, initial_state=s0, output_state=True, chunk_size=16, backend="triton")

@@ -12,6 +12,7 @@ autotunes each kernel for tens of seconds on its first call).
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import os
 import sys
@@ -91,7 +92,8 @@ def main():
                 print(f"{mod.__name__.split('.')[-1]}.{name}: {chosen}")
     with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{mode}.json"), "w") as f:
         json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
-                   "result": result}, f, indent=1)
+                   "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                   "triton": triton.__version__, "result": result}, f, indent=1)
 
 
 if __name__ == "__main__":

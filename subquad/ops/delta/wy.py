@@ -1,11 +1,14 @@
 """The WY representation of a chunk of delta-rule updates, in Triton: one program per (chunk, head).
 
 Forward: ``A_ij = beta_i (k_i . k_j) exp(b_i - b_j)`` for ``i > j``, ``T = (I + A)^-1`` (the UT transform),
-``w = T (beta e^b k)``, ``u = T (beta v)``. T is found in two steps, both matmuls on the whole ``C x C`` tile:
-1. the diagonal ``16 x 16`` blocks by forward substitution, all four blocks at once: step i sets rows
-   ``i, 16 + i, ...`` to ``e_r - (A_blockdiag T)_r``, which only reads rows already final;
-2. the off-diagonal blocks: with ``D^-1`` the block-diagonal inverse and ``N = D^-1 A_offdiag`` (nilpotent,
-   ``N^4 = 0`` for 4 blocks), ``T = (I - N)(I + N^2) D^-1``.
+``w = T (beta e^b k)``, ``u = T (beta v)``. T is found in two steps:
+1. the diagonal ``16 x 16`` blocks by forward substitution, one row a step, as flash-linear-attention's
+   ``solve_tril`` does: A goes through memory (the program's slice of T's buffer, cached) so that each step reads
+   one row of 16, and each block's inverse is written to a scratch buffer and read back as the block-diagonal
+   ``D^-1`` (``C x C``). (Doing the steps as ``C x C`` matmuls, all blocks at once, was 15 dependent tf32 matmuls
+   per chunk: the WY forward took half of gated DeltaNet's forward on the H100);
+2. the off-diagonal blocks, by matmuls on the whole tile: with ``N = D^-1 A_offdiag`` (nilpotent, ``N^4 = 0`` for
+   4 blocks), ``T = (I - N)(I + N^2) D^-1``.
 
 Backward, from ``dw``, ``du`` (with ``X_k = beta e^b k``, ``X_v = beta v``): ``dX = T^T [dw, du]``,
 ``dT = dw X_k^T + du X_v^T``, ``dA = -(T^T dT T^T)`` on the strictly lower part, then the chain rule through
@@ -31,23 +34,41 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """(I + a)^-1 for a strictly lower (C, C) fp32 tile."""
+def _block_inverse(p_a, start, C: tl.constexpr, BC: tl.constexpr):
+    """(I + A_bb)^-1 for the diagonal block of rows and columns ``start .. start + BC`` of the strictly lower
+    (C, C) fp32 matrix at ``p_a``: row i of ``M = (I + A_bb)^-1 - I`` is ``-A_i - sum_c A_ic M_c`` over rows
+    c < i, already final (rows 0 and 1 are ``-A_i`` as loaded)."""
+    o = tl.arange(0, BC)
+    m = -tl.load(p_a + (start + o)[:, None] * C + start + o[None, :])
+    for i in range(2, BC):
+        row = -tl.load(p_a + (start + i) * C + start + o)
+        row += tl.sum(row[:, None] * m, axis=0)
+        m = tl.where((o == i)[:, None], row[None, :], m)
+    return m + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _unit_lower_inverse(a, p_a, p_blocks, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower (C, C) fp32 tile; ``p_a`` (C, C) and ``p_blocks`` (C, BC) fp32 scratch of
+    this program (``p_a`` may be the buffer the result is stored to afterwards)."""
     rows = tl.arange(0, C)
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    o = tl.arange(0, BC)
+    tl.store(p_a + rows[:, None] * C + rows[None, :], a)
+    tl.debug_barrier()
+    for b in range(C // BC):
+        tl.store(p_blocks + (b * BC + o)[:, None] * BC + o[None, :], _block_inverse(p_a, b * BC, C, BC))
+    # every thread's reads of p_a and writes of p_blocks done before the block-diagonal inverse is read back
+    tl.debug_barrier()
     same_block = (rows[:, None] // BC) == (rows[None, :] // BC)
-    a_diag = tl.where(same_block, a, 0.0)
-    inv = eye
-    for i in range(1, BC):
-        upd = eye - _mm(a_diag, inv, PREC)
-        inv = tl.where((rows % BC == i)[:, None], upd, inv)
+    inv = tl.load(p_blocks + rows[:, None] * BC + (rows % BC)[None, :], mask=same_block, other=0.0)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     n = _mm(inv, tl.where(same_block, 0.0, a), PREC)
     n2 = _mm(n, n, PREC)
     return _mm(_mm(eye - n, eye + n2, PREC), inv, PREC)
 
 
 @triton.jit
-def wy_fwd(k, v, beta, g, w, u, T_out, cu_seqlens, chunk_indices,
+def wy_fwd(k, v, beta, g, w, u, T_out, blocks, cu_seqlens, chunk_indices,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
            BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -74,8 +95,9 @@ def wy_fwd(k, v, beta, g, w, u, T_out, cu_seqlens, chunk_indices,
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
         xk_scale = b_beta
-    t = _unit_lower_inverse(a, C, BC, PREC)
-    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
+    p_t = T_out + (i_c * H + i_h).to(tl.int64) * C * C
+    t = _unit_lower_inverse(a, p_t, blocks + (i_c * H + i_h).to(tl.int64) * C * BC, C, BC, PREC)
+    tl.store(p_t + rows[:, None] * C + rows[None, :], t)
     t_lo = t.to(k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -183,9 +205,11 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
     t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
+    sub = min(SUB, chunk_size)
+    blocks = k.new_empty(tables.n_chunks, heads, chunk_size, sub, dtype=torch.float32)
     bk, bv = block_sizes(dk, dv)
-    wy_fwd[(tables.n_chunks, heads)](k, v, beta, g, w, u, t_mat, tables.cu, tables.chunk_indices, H=heads, K=dk, V=dv,
-                                     C=chunk_size, BC=SUB, BK=bk, BV=bv, GATE=g is not None,
+    wy_fwd[(tables.n_chunks, heads)](k, v, beta, g, w, u, t_mat, blocks, tables.cu, tables.chunk_indices, H=heads,
+                                     K=dk, V=dv, C=chunk_size, BC=sub, BK=bk, BV=bv, GATE=g is not None,
                                      PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32, num_warps=4)
     return w, u, t_mat
 

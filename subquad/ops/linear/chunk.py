@@ -17,12 +17,13 @@ import torch
 
 from ..autotuned import Autotuned
 from ..grid import cdiv, next_power_of_2
-from . import chunk_bwd, chunk_fwd
-from .chunk_intra import chunk_cumsum, decay_grad, intra_bwd, intra_fwd
+from . import chunk_bwd, chunk_fwd, chunk_intra
+from .chunk_intra import chunk_cumsum, decay_grad
 
 # the autotuned kernels, launched without the autotuner's per-call Python (subquad/ops/autotuned.py)
 state_fwd, output_fwd = Autotuned(chunk_fwd.state_fwd), Autotuned(chunk_fwd.output_fwd)
 state_bwd, dv_bwd, dqk_bwd = Autotuned(chunk_bwd.state_bwd), Autotuned(chunk_bwd.dv_bwd), Autotuned(chunk_bwd.dqk_bwd)
+intra_fwd, intra_bwd = Autotuned(chunk_intra.intra_fwd), Autotuned(chunk_intra.intra_bwd)
 
 SUB_BLOCK = 16  # rows of the element-wise diagonal blocks for a decay per key dimension
 
@@ -113,23 +114,30 @@ def launch_chunk_cumsum(g, tables, chunk_size):
     return gc
 
 
+def _max_spread(dtype) -> float:
+    """Widest in-chunk range of the cumulative log-decay for which chunk_intra takes one matmul per chunk: its
+    factors reach e^{spread / 2}, so 1e13 in bf16 / fp32 and 55 in fp16 (whose largest value is 65,504)."""
+    return 8.0 if dtype == torch.float16 else 60.0
+
+
 def launch_intra_fwd(q, k, gc, tables, chunk_size):
     """Decayed intra-chunk scores A (n_chunks, H, C, C) fp32 for a vector decay."""
     t_total, heads, dk = q.shape
     scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
-    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
-    intra_fwd[grid](q, k, gc, scores, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK,
-                    BK=max(16, next_power_of_2(dk)), IEEE=q.dtype == torch.float32, num_warps=4)
+    intra_fwd[(tables.n_chunks, heads)](
+        q, k, gc, scores, tables.cu, tables.chunk_indices, _max_spread(q.dtype),
+        H=heads, K=dk, C=chunk_size, BC=min(SUB_BLOCK, chunk_size), BK=max(16, next_power_of_2(dk)),
+        IEEE=q.dtype == torch.float32)
     return scores
 
 
 def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
     """Adds the intra-chunk parts of dq, dk (in place) for a vector decay."""
     t_total, heads, dk_ = q.shape
-    grid = (chunk_size // SUB_BLOCK, tables.n_chunks, heads)
-    intra_bwd[grid](q, k, gc, d_scores, dq, dk, tables.cu, tables.chunk_indices, H=heads, K=dk_, C=chunk_size,
-                    BC=SUB_BLOCK, BK=max(16, next_power_of_2(dk_)), IEEE=q.dtype == torch.float32,
-                    num_warps=4)
+    intra_bwd[(tables.n_chunks, heads)](
+        q, k, gc, d_scores, dq, dk, tables.cu, tables.chunk_indices,
+        _max_spread(q.dtype), H=heads, K=dk_, C=chunk_size,
+        BC=min(SUB_BLOCK, chunk_size), BK=max(16, next_power_of_2(dk_)), IEEE=q.dtype == torch.float32)
 
 
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):

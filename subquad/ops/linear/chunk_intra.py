@@ -1,15 +1,21 @@
 """Intra-chunk scores for a decay per key dimension (GLA): ``A_ij = sum_d q_id k_jd exp(b_id - b_jd)``, j <= i,
 with ``b`` the in-chunk cumulative log-decay (``chunk_cumsum`` writes it once for every kernel here).
 
-The decay cannot be factored out of a matmul without a reference point, and dividing by ``e^{b_j}`` overflows
-when decays are near 0. So each chunk is split into sub-blocks of ``BC`` rows (as flash-linear-attention does),
-one program per (sub-block, chunk, head), the whole key dimension at once:
-- keys in earlier sub-blocks: with ``base`` the cumulative decay just before the query sub-block,
-  ``exp(b_i - b_j) = exp(b_i - base) exp(base - b_j)``, both factors <= 1: one matmul;
-- the diagonal sub-block: element-wise, one key row at a time (``BC`` steps), written straight to its column.
+One program per (chunk, head), two ways to the same numbers:
+- Fast: with ``r`` the middle of the chunk's ``b`` per key dimension, ``exp(b_i - b_j) = exp(b_i - r) exp(r - b_j)``
+  and the whole ``C x C`` block is one matmul of ``q e^{b - r}`` by ``k e^{r - b}``. Each factor is at most
+  ``e^{spread / 2}``, with ``spread`` the widest range of ``b`` over the chunk's rows in any key dimension, so this
+  is taken only where ``spread <= max_spread`` (chosen per dtype by the launcher so that the factors stay finite
+  and far from the dtype's largest value). A GLA gate (``logsigmoid(x) / 16``) spreads a 64-token chunk by a few
+  units; the path covers every realistic decay at the cost of two exponentials per element.
+- Safe, for decays near 0 (the spread reaches hundreds and the factors would overflow): sub-blocks of ``BC``
+  rows, as flash-linear-attention does. Keys of earlier sub-blocks take a reference point just before the query
+  sub-block, ``exp(b_i - base) exp(base - b_j)`` with both factors <= 1, in one matmul; the diagonal sub-block is
+  element-wise, one key row at a time. fla runs only this form: its diagonal costs ``BC`` exponentials per
+  element of ``q``, which made it the largest kernel of GLA's forward and backward here.
 The backward kernel does the same for ``dq`` (queries against earlier keys) and ``dk`` (keys against later
-queries, reference point at the end of the key sub-block), adding to the inter-chunk parts already in dq, dk.
-Rows past the end of a sequence are excluded from every exponent (their cumulative decay is not defined).
+queries), adding to the inter-chunk parts already in dq, dk. Rows past the end of a sequence are excluded from
+every exponent (their cumulative decay is not defined).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _dot
+from .tuning import INTRA
 
 
 @triton.jit
@@ -36,44 +43,51 @@ def chunk_cumsum(g, gc, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.conste
 
 
 @triton.jit
-def _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C: tl.constexpr, BC: tl.constexpr):
-    """First token of the chunk, rows in the chunk still in the sequence, the sub-block's first row, and the
-    reference rows (last row before the sub-block, last row of it), clamped to valid rows."""
+def _chunk_rows(g, cu_seqlens, chunk_indices, i_c, i_h, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr):
+    """First token of the chunk, its rows still in the sequence, their cumulative log-decays ``(C, BK)``, the
+    reference point per key dimension (middle of the valid rows' range) and the widest range."""
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     tok0 = bos + i_t * C
     n_valid = tl.minimum(eos - tok0, C).to(tl.int32)
-    start = i_s * BC
-    base_row = tl.maximum(tl.minimum(start - 1, n_valid - 1), 0)
-    end_row = tl.minimum(start + BC - 1, n_valid - 1)
-    return tok0, n_valid, start, base_row, end_row
+    rows, o_k = tl.arange(0, C), tl.arange(0, BK)
+    m_t = rows < n_valid
+    g_all = tl.load(g + ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :],
+                    mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    hi = tl.max(tl.where(m_t[:, None], g_all, float("-inf")), axis=0)
+    lo = tl.min(tl.where(m_t[:, None], g_all, float("inf")), axis=0)
+    return tok0, n_valid, g_all, (hi + lo) * 0.5, tl.max(hi - lo, axis=0)
 
 
 @triton.jit
-def intra_fwd(q, k, gc, A, cu_seqlens, chunk_indices,
-              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              IEEE: tl.constexpr):
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    tok0, n_valid, start, base_row, end_row = _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C, BC)
+def _decay_factors(g_all, ref, m_t):
+    """``e^{b - r}`` and ``e^{r - b}`` per element, 0 on rows past the sequence's end."""
+    up = tl.exp(tl.where(m_t[:, None], g_all - ref[None, :], float("-inf")))
+    down = tl.exp(tl.where(m_t[:, None], ref[None, :] - g_all, float("-inf")))
+    return up, down
+
+
+@triton.jit
+def _sub_block_scores(q, k, gc, p_a, g_all, b_k, tok0, n_valid, start, i_h, H: tl.constexpr, K: tl.constexpr,
+                      C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """The safe form for the query rows ``start .. start + BC`` of the chunk: writes A[sub, :]."""
     rows = tl.arange(0, C)
     sub = start + tl.arange(0, BC)
     m_t, m_s = rows < n_valid, sub < n_valid
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
     p_sub = ((tok0 + sub)[:, None] * H + i_h) * K + o_k[None, :]
-    g_all = tl.load(gc + p_all, mask=m_t[:, None] & m_k[None, :], other=0.0)
     g_sub = tl.load(gc + p_sub, mask=m_s[:, None] & m_k[None, :], other=0.0)
+    base_row = tl.maximum(tl.minimum(start - 1, n_valid - 1), 0)
     base = tl.load(gc + ((tok0 + base_row) * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + start > 0), other=0.0)
-    b_k = tl.load(k + p_all, mask=m_t[:, None] & m_k[None, :], other=0.0)
     q_s = tl.load(q + p_sub, mask=m_s[:, None] & m_k[None, :], other=0.0).to(tl.float32)
     earlier = (rows < start) & m_t
     k_dec = b_k * tl.exp(tl.where(earlier[:, None], base[None, :] - g_all, float("-inf")))
     q_dec = q_s * tl.exp(tl.where(m_s[:, None], g_sub - base[None, :], float("-inf")))
     off = _dot(q_dec.to(b_k.dtype), tl.trans(k_dec.to(b_k.dtype)), IEEE)          # (BC, C)
-    p_a = A + (i_c * H + i_h).to(tl.int64) * C * C
     outside = (rows < start) | (rows >= start + BC)
     tl.store(p_a + sub[:, None] * C + rows[None, :], off, mask=outside[None, :])
     for jj in range(BC):
@@ -87,27 +101,21 @@ def intra_fwd(q, k, gc, A, cu_seqlens, chunk_indices,
 
 
 @triton.jit
-def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices,
-              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              IEEE: tl.constexpr):
-    i_s, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    tok0, n_valid, start, base_row, end_row = _sub_block(cu_seqlens, chunk_indices, i_c, i_s, C, BC)
+def _sub_block_grads(q, k, gc, p_da, dq, dk, g_all, b_q, b_k, tok0, n_valid, start, i_h, H: tl.constexpr,
+                     K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """The safe form for the rows ``start .. start + BC``: their dq (as queries) and dk (as keys) added."""
     rows = tl.arange(0, C)
     sub = start + tl.arange(0, BC)
     m_t, m_s = rows < n_valid, sub < n_valid
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    m_all = m_t[:, None] & m_k[None, :]
     m_sub = m_s[:, None] & m_k[None, :]
-    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
     p_sub = ((tok0 + sub)[:, None] * H + i_h) * K + o_k[None, :]
-    g_all = tl.load(gc + p_all, mask=m_all, other=0.0)
     g_sub = tl.load(gc + p_sub, mask=m_sub, other=0.0)
+    base_row = tl.maximum(tl.minimum(start - 1, n_valid - 1), 0)
+    end_row = tl.minimum(start + BC - 1, n_valid - 1)
     base = tl.load(gc + ((tok0 + base_row) * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + start > 0), other=0.0)
     end = tl.load(gc + ((tok0 + tl.maximum(end_row, 0)) * H + i_h) * K + o_k, mask=m_k, other=0.0)
-    b_q = tl.load(q + p_all, mask=m_all, other=0.0)
-    b_k = tl.load(k + p_all, mask=m_all, other=0.0)
-    p_da = dA + (i_c * H + i_h).to(tl.int64) * C * C
     da_rows = tl.load(p_da + sub[:, None] * C + rows[None, :])                 # (BC, C): this block's queries
     da_cols = tl.load(p_da + rows[:, None] * C + sub[None, :])                 # (C, BC): this block's keys
     earlier = (rows < start) & m_t
@@ -140,6 +148,60 @@ def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices,
              .to(dq.dtype.element_ty), mask=m_sub)
     tl.store(dk + p_sub, (tl.load(dk + p_sub, mask=m_sub, other=0.0).to(tl.float32) + dk_s)
              .to(dk.dtype.element_ty), mask=m_sub)
+
+
+@triton.autotune(configs=INTRA, key=["K", "C"])
+@triton.jit
+def intra_fwd(q, k, gc, A, cu_seqlens, chunk_indices, max_spread,
+              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+              IEEE: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    tok0, n_valid, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K, C, BK)
+    rows, o_k = tl.arange(0, C), tl.arange(0, BK)
+    m_t = rows < n_valid
+    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
+    m_all = m_t[:, None] & (o_k < K)[None, :]
+    b_k = tl.load(k + p_all, mask=m_all, other=0.0)
+    p_a = A + (i_c * H + i_h).to(tl.int64) * C * C
+    if spread <= max_spread:
+        b_q = tl.load(q + p_all, mask=m_all, other=0.0)
+        up, down = _decay_factors(g_all, ref, m_t)
+        scores = _dot((b_q * up).to(b_k.dtype), tl.trans((b_k * down).to(b_k.dtype)), IEEE)
+        keep = (rows[:, None] >= rows[None, :]) & m_t[:, None]
+        tl.store(p_a + rows[:, None] * C + rows[None, :], tl.where(keep, scores, 0.0))
+    else:
+        for i_s in range(C // BC):
+            _sub_block_scores(q, k, gc, p_a, g_all, b_k, tok0, n_valid, i_s * BC, i_h, H, K, C, BC, BK, IEEE)
+
+
+@triton.autotune(configs=INTRA, key=["K", "C"], restore_value=["dq", "dk"])
+@triton.jit
+def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, max_spread,
+              H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+              IEEE: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    tok0, n_valid, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K, C, BK)
+    rows, o_k = tl.arange(0, C), tl.arange(0, BK)
+    m_t = rows < n_valid
+    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
+    m_all = m_t[:, None] & (o_k < K)[None, :]
+    b_q = tl.load(q + p_all, mask=m_all, other=0.0)
+    b_k = tl.load(k + p_all, mask=m_all, other=0.0)
+    p_da = dA + (i_c * H + i_h).to(tl.int64) * C * C
+    if spread <= max_spread:
+        keep = (rows[:, None] >= rows[None, :]) & m_t[:, None]
+        d_scores = tl.where(keep, tl.load(p_da + rows[:, None] * C + rows[None, :]), 0.0).to(b_q.dtype)
+        up, down = _decay_factors(g_all, ref, m_t)
+        dq_add = _dot(d_scores, (b_k * down).to(b_k.dtype), IEEE) * up
+        dk_add = _dot(tl.trans(d_scores), (b_q * up).to(b_q.dtype), IEEE) * down
+        tl.store(dq + p_all, (tl.load(dq + p_all, mask=m_all, other=0.0).to(tl.float32) + dq_add)
+                 .to(dq.dtype.element_ty), mask=m_all)
+        tl.store(dk + p_all, (tl.load(dk + p_all, mask=m_all, other=0.0).to(tl.float32) + dk_add)
+                 .to(dk.dtype.element_ty), mask=m_all)
+    else:
+        for i_s in range(C // BC):
+            _sub_block_grads(q, k, gc, p_da, dq, dk, g_all, b_q, b_k, tok0, n_valid, i_s * BC, i_h, H, K, C, BC,
+                             BK, IEEE)
 
 
 @triton.jit
