@@ -2,13 +2,11 @@
 
 Forward: ``A_ij = beta_i (k_i . k_j) exp(b_i - b_j)`` for ``i > j``, ``T = (I + A)^-1`` (the UT transform),
 ``w = T (beta e^b k)``, ``u = T (beta v)``. T is found in two steps:
-1. the diagonal ``16 x 16`` blocks by forward substitution, one row a step, as flash-linear-attention's
-   ``solve_tril`` does: A goes through memory (the program's slice of T's buffer, cached) so that each step reads
-   one row of 16, and each block's inverse is written to a scratch buffer and read back as the block-diagonal
-   ``D^-1`` (``C x C``). (Doing the steps as ``C x C`` matmuls, all blocks at once, was 15 dependent tf32 matmuls
-   per chunk: the WY forward took half of gated DeltaNet's forward on the H100);
-2. the off-diagonal blocks, by matmuls on the whole tile: with ``N = D^-1 A_offdiag`` (nilpotent, ``N^4 = 0`` for
-   4 blocks), ``T = (I - N)(I + N^2) D^-1``.
+1. the diagonal ``16 x 16`` blocks by forward substitution, one row a step, all blocks at once as a
+   ``(C / 16, 16, 16)`` tensor (14 steps of element-wise work and a reduction within a block; as ``C x C``
+   matmuls, 15 dependent tf32 matmuls per chunk, the WY forward took half of gated DeltaNet's forward);
+2. the off-diagonal blocks, by matmuls on the whole tile: with ``N = D^-1 A_offdiag`` (nilpotent, ``N^nb = 0`` for
+   nb blocks), ``T = (I - N)(I + N^2)(I + N^4)... D^-1``, log2(nb) factors.
 
 Backward, from ``dw``, ``du`` (with ``X_k = beta e^b k``, ``X_v = beta v``): ``dX = T^T [dw, du]``,
 ``dT = dw X_k^T + du X_v^T``, ``dA = -(T^T dT T^T)`` on the strictly lower part, then the chain rule through
@@ -36,44 +34,39 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _block_inverse(p_a, start, C: tl.constexpr, BC: tl.constexpr):
-    """(I + A_bb)^-1 for the diagonal block of rows and columns ``start .. start + BC`` of the strictly lower
-    (C, C) fp32 matrix at ``p_a``: row i of ``M = (I + A_bb)^-1 - I`` is ``-A_i - sum_c A_ic M_c`` over rows
-    c < i, already final (rows 0 and 1 are ``-A_i`` as loaded)."""
-    o = tl.arange(0, BC)
-    m = -tl.load(p_a + (start + o)[:, None] * C + start + o[None, :])
-    for i in range(2, BC):
-        row = -tl.load(p_a + (start + i) * C + start + o)
-        row += tl.sum(row[:, None] * m, axis=0)
-        m = tl.where((o == i)[:, None], row[None, :], m)
-    return m + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
-
-
-@triton.jit
-def _unit_lower_inverse(a, p_a, p_blocks, C: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """(I + a)^-1 for a strictly lower (C, C) fp32 tile; ``p_a`` (C, C) and ``p_blocks`` (C, BC) fp32 scratch of
-    this program (``p_a`` may be the buffer the result is stored to afterwards)."""
+def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.constexpr, PREC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower (C, C) fp32 tile; SQUARINGS = log2(C / BC) - 1 (at least 0)."""
+    NB: tl.constexpr = C // BC
     rows = tl.arange(0, C)
-    o = tl.arange(0, BC)
-    tl.store(p_a + rows[:, None] * C + rows[None, :], a)
-    tl.debug_barrier()
-    for b in range(C // BC):
-        tl.store(p_blocks + (b * BC + o)[:, None] * BC + o[None, :], _block_inverse(p_a, b * BC, C, BC))
-    # every thread's reads of p_a and writes of p_blocks done before the block-diagonal inverse is read back
-    tl.debug_barrier()
     same_block = (rows[:, None] // BC) == (rows[None, :] // BC)
-    inv = tl.load(p_blocks + rows[:, None] * BC + (rows % BC)[None, :], mask=same_block, other=0.0)
+    # the diagonal blocks stacked, d[b, i, j] = a[b BC + i, b BC + j], all solved at once: row i of
+    # M = (I + d_b)^-1 - I is -d_b,i - sum_c d_b,ic M_c over the rows c < i, already final
+    d = tl.sum(tl.reshape(tl.where(same_block, a, 0.0), (NB, BC, NB, BC)), axis=2)
+    at_row = tl.arange(0, BC)[None, :, None]
+    m = -d
+    for i in tl.static_range(2, BC):
+        row = -tl.sum(tl.where(at_row == i, d, 0.0), axis=1)
+        row += tl.sum(row[:, :, None] * m, axis=1)
+        m = tl.where(at_row == i, row[:, None, :], m)
+    inv_blocks = m + tl.where(at_row == tl.arange(0, BC)[None, None, :], 1.0, 0.0)
+    blk = tl.arange(0, NB)
+    on_diagonal = blk[:, None, None, None] == blk[None, None, :, None]
+    inv = tl.reshape(tl.where(on_diagonal, inv_blocks[:, :, None, :], 0.0), (C, C))
+    # with N = D^-1 A_offdiag, nilpotent (N^NB = 0): (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...
     eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
     n = _mm(inv, tl.where(same_block, 0.0, a), PREC)
-    n2 = _mm(n, n, PREC)
-    return _mm(_mm(eye - n, eye + n2, PREC), inv, PREC)
+    t = eye - n
+    for _ in tl.static_range(SQUARINGS):
+        n = _mm(n, n, PREC)
+        t = _mm(t, eye + n, PREC)
+    return _mm(t, inv, PREC)
 
 
 @triton.autotune(configs=WY, key=["K", "C", "GATE"])
 @triton.jit
-def wy_inverse(k, beta, g, T_out, blocks, cu_seqlens, chunk_indices,
-               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-               GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
+def wy_inverse(k, beta, g, T_out, cu_seqlens, chunk_indices,
+               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.constexpr,
+               BK: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
     """T = (I + A)^-1 per (chunk, head), fp32."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
@@ -97,9 +90,8 @@ def wy_inverse(k, beta, g, T_out, blocks, cu_seqlens, chunk_indices,
         a = a * b_beta[:, None] * tl.exp(tl.where(lower & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
-    p_t = T_out + (i_c * H + i_h).to(tl.int64) * C * C
-    t = _unit_lower_inverse(a, p_t, blocks + (i_c * H + i_h).to(tl.int64) * C * BC, C, BC, PREC)
-    tl.store(p_t + rows[:, None] * C + rows[None, :], t)
+    t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC)
+    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
 
 
 @triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
@@ -235,13 +227,12 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
     t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
-    sub = min(SUB, chunk_size)
-    blocks = k.new_empty(tables.n_chunks, heads, chunk_size, sub, dtype=torch.float32)
     bk, bv = block_sizes(dk, dv)
     grid = (tables.n_chunks, heads)
     gate, ieee = g is not None, k.dtype == torch.float32
-    wy_inverse_tuned[grid](k, beta, g, t_mat, blocks, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size,
-                           BC=sub, BK=bk, GATE=gate, PREC=_precision(k.dtype), IEEE=ieee)
+    wy_inverse_tuned[grid](k, beta, g, t_mat, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size,
+                           BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0), BK=bk, GATE=gate,
+                           PREC=_precision(k.dtype), IEEE=ieee)
     wy_apply_tuned[grid](k, v, beta, g, t_mat, w, u, tables.cu, tables.chunk_indices, H=heads, K=dk, V=dv,
                          C=chunk_size, BK=bk, BV=bv, GATE=gate, IEEE=ieee)
     return w, u, t_mat

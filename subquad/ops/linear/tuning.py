@@ -16,7 +16,9 @@ def configs(space: list[tuple[dict, int, int]]) -> list[triton.Config]:
     return cfgs[:1] if first_only else cfgs
 
 
-STATE = configs([({"BV": 32}, 4, 2), ({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 64}, 8, 2), ({"BV": 32}, 2, 3)])
+# BV = 128: with a decay per key dimension each V block reloads the chunk's fp32 decays (twice k's bytes)
+STATE = configs([({"BV": 32}, 4, 2), ({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 64}, 8, 2), ({"BV": 32}, 2, 3),
+                 ({"BV": 128}, 8, 2)])
 TILES = configs([({"BK": 64, "BV": 64}, 4, 2), ({"BK": 64, "BV": 64}, 4, 3), ({"BK": 64, "BV": 128}, 8, 2),
                  ({"BK": 128, "BV": 64}, 8, 2), ({"BK": 128, "BV": 128}, 8, 2)])
 COLUMNS = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 128}, 8, 2), ({"BV": 32}, 4, 3)])
