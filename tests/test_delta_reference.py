@@ -86,6 +86,7 @@ def test_delta_state_handoff_varlen_and_steps():
     (dict(beta=torch.rand(B, T)), "beta: expected"),
     (dict(log_decay=torch.rand(B, T, H, DK)), "log_decay: expected"),
     (dict(initial_state=torch.rand(B, H, DK)), "initial_state"),
+    (dict(chunk_size=128), r"chunk_size: expected a power of two in \[16, 64\]"),
 ])
 def test_delta_bad_inputs(bad, match):
     q, k, v, beta, g = _inputs(False)

@@ -48,7 +48,8 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         log_decay: None (DeltaNet), ``(H,)`` or ``(B, T, H)`` log of the gate ``alpha_t`` (gated DeltaNet), <= 0.
         qk_l2norm: L2-normalise q and k over the head dim first (as the papers do; keeps the update a
             contraction). Gradients flow through the normalisation.
-        scale, initial_state, output_state, cu_seqlens, chunk_size, backend: as ``subquad.gla``.
+        scale, initial_state, output_state, cu_seqlens, backend: as ``subquad.gla``.
+        chunk_size: 16, 32 or 64.
     Returns ``o`` ``(B, T, H, V)``, or ``(o, final_state)``.
     """
     check_backend(backend)
@@ -58,7 +59,9 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     dv = v.shape[-1]
     g = _scalar_decay(log_decay, q)
     scale = check_scale(scale, dk)
-    chunk_size = check_chunk_size(chunk_size)
+    # 128-row chunks: the WY kernels' fp32 C x C tiles (the inverse, its backward) spill, and the GPU compile of
+    # the backward did not finish in 150 s
+    chunk_size = check_chunk_size(chunk_size, largest=64)
     n_seqs = check_cu_seqlens(cu_seqlens, q)
     check_state(initial_state, "initial_state", n_seqs, heads, dk, dv, q.device)
     if qk_l2norm:

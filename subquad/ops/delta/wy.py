@@ -67,7 +67,7 @@ def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.cons
 def wy_inverse(k, beta, g, T_out, cu_seqlens, chunk_indices,
                H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.constexpr,
                BK: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
-    """T = (I + A)^-1 per (chunk, head), fp32."""
+    """T = (I + A)^-1 per (chunk, head), computed in fp32, stored in T_out's dtype."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -91,7 +91,8 @@ def wy_inverse(k, beta, g, T_out, cu_seqlens, chunk_indices,
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
     t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC)
-    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
+    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :],
+             t.to(T_out.dtype.element_ty))
 
 
 @triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
@@ -154,7 +155,7 @@ def wy_bwd(k, v, beta, g, T_in, dw, du, dk, dv, dbeta, dg, cu_seqlens, chunk_ind
     else:
         gamma = tl.where(lower, 1.0, 0.0)
         xk_scale = b_beta
-    t = tl.load(T_in + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
+    t = tl.load(T_in + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :]).to(tl.float32)
     t_lo = t.to(k.dtype.element_ty)
     d_t = tl.zeros([C, C], dtype=tl.float32)
     kk = tl.zeros([C, C], dtype=tl.float32)
@@ -222,11 +223,12 @@ def _precision(dtype):
 
 def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     """k (T_total, H, K), v (T_total, H, V), beta, g (T_total, H) the in-chunk cumulative log-decay
-    (``launch_chunk_cumsum``) or None. Returns w, u (k's dtype) and T (fp32)."""
+    (``launch_chunk_cumsum``) or None. Returns w, u and T, all in k's dtype (T is rounded to it for w and u
+    anyway; kept in bf16 it is half the bytes for the kernel that streams w and u and for the backward)."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
-    t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
+    t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size)
     bk, bv = block_sizes(dk, dv)
     grid = (tables.n_chunks, heads)
     gate, ieee = g is not None, k.dtype == torch.float32

@@ -51,9 +51,9 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_chunk_size(chunk_size) -> int:
-    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: expected a power of two in [16, 128], got {chunk_size!r}")
+def check_chunk_size(chunk_size, largest: int = 128) -> int:
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > largest or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: expected a power of two in [16, {largest}], got {chunk_size!r}")
     return chunk_size
 
 
