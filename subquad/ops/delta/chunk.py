@@ -69,8 +69,10 @@ def _state_decay_term(dvu, tables, chunk_size):
     the chunk (chunks after the first of their sequence)."""
     idx, valid = _chunk_layout(tables, chunk_size, dvu.device)
     sums = (dvu[idx] * valid[:, :, None]).sum(1)                        # (n_chunks, H)
-    keep = tables.chunk_indices[:, 1] > 0
-    return torch.zeros_like(dvu).index_add(0, idx[:, 0][keep] - 1, sums[keep])
+    # a sequence's first chunk adds zero (to token 0) rather than being dropped by a boolean index, which
+    # waits for the GPU (a host sync in the middle of the backward)
+    later = (tables.chunk_indices[:, 1] > 0)[:, None]
+    return torch.zeros_like(dvu).index_add(0, (idx[:, 0] - 1).clamp(min=0), sums * later)
 
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_size):
