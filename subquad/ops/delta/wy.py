@@ -3,8 +3,9 @@
 Forward: ``A_ij = beta_i (k_i . k_j) exp(b_i - b_j)`` for ``i > j``, ``T = (I + A)^-1`` (the UT transform),
 ``w = T (beta e^b k)``, ``u = T (beta v)``. T is found in two steps:
 1. the diagonal ``16 x 16`` blocks by forward substitution, one row a step, all blocks at once as a
-   ``(C / 16, 16, 16)`` tensor (14 steps of element-wise work and a reduction within a block; as ``C x C``
-   matmuls, 15 dependent tf32 matmuls per chunk, the WY forward took half of gated DeltaNet's forward);
+   ``(C / 16, 16, 16)`` tensor: 14 steps of element-wise work and reductions within a block. (Done as ``C x C``
+   tf32 matmuls, 15 dependent ones per chunk, or one block at a time with rows read back from memory, the
+   kernel took 587 us at 4 x 8k on the H100; this way 189 us for T alone, 417 with w and u);
 2. the off-diagonal blocks, by matmuls on the whole tile: with ``N = D^-1 A_offdiag`` (nilpotent, ``N^nb = 0`` for
    nb blocks), ``T = (I - N)(I + N^2)(I + N^4)... D^-1``, log2(nb) factors.
 
@@ -62,12 +63,14 @@ def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.cons
     return _mm(t, inv, PREC)
 
 
-@triton.autotune(configs=WY, key=["K", "C", "GATE"])
+@triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
 @triton.jit
-def wy_inverse(k, beta, g, T_out, cu_seqlens, chunk_indices,
-               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.constexpr,
-               BK: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
-    """T = (I + A)^-1 per (chunk, head), computed in fp32, stored in T_out's dtype."""
+def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
+           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+           SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
+           IEEE: tl.constexpr):
+    """T = (I + A)^-1 per (chunk, head), computed in fp32 and stored in T's dtype; w = T (beta e^b k), u = T (beta v).
+    (T in one kernel and w, u in a second measured the same, 417 against 424 us at 4 x 8k on the H100.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -88,36 +91,13 @@ def wy_inverse(k, beta, g, T_out, cu_seqlens, chunk_indices,
         # rows past the sequence's end (b = 0) against far-decayed columns would overflow (inf * 0)
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
         a = a * b_beta[:, None] * tl.exp(tl.where(lower & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
+        xk_scale = b_beta * tl.exp(b_b)
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
-    t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC)
-    tl.store(T_out + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :],
-             t.to(T_out.dtype.element_ty))
-
-
-@triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
-@triton.jit
-def wy_apply(k, v, beta, g, T_in, w, u, cu_seqlens, chunk_indices,
-             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-             BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
-    """w = T (beta e^b k), u = T (beta v). A kernel of its own: it streams k and v, and the inverse's fp32 tiles
-    held the registers that its loads need in flight (one kernel doing both measured 587 us at 4 x 8k on the
-    H100 against fla's 414 for its two)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
-    i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    rows = tl.arange(0, C)
-    tok = bos + i_t * C + rows
-    m_t = tok < eos
-    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    if GATE:
-        xk_scale = b_beta * tl.exp(tl.load(g + tok * H + i_h, mask=m_t, other=0.0))
-    else:
         xk_scale = b_beta
-    t_lo = tl.load(T_in + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :]
-                   ).to(k.dtype.element_ty)
+    t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC).to(T.dtype.element_ty)
+    tl.store(T + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
+    t_lo = t.to(k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -213,7 +193,7 @@ def wy_bwd(k, v, beta, g, T_in, dw, du, dk, dv, dbeta, dg, cu_seqlens, chunk_ind
         tl.store(dg + tok * H + i_h, d_g, mask=m_t)
 
 
-wy_inverse_tuned, wy_apply_tuned, wy_bwd_tuned = Autotuned(wy_inverse), Autotuned(wy_apply), Autotuned(wy_bwd)
+wy_fwd_tuned, wy_bwd_tuned = Autotuned(wy_fwd), Autotuned(wy_bwd)
 
 
 def _precision(dtype):
@@ -231,12 +211,9 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size)
     bk, bv = block_sizes(dk, dv)
     grid = (tables.n_chunks, heads)
-    gate, ieee = g is not None, k.dtype == torch.float32
-    wy_inverse_tuned[grid](k, beta, g, t_mat, tables.cu, tables.chunk_indices, H=heads, K=dk, C=chunk_size,
-                           BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0), BK=bk, GATE=gate,
-                           PREC=_precision(k.dtype), IEEE=ieee)
-    wy_apply_tuned[grid](k, v, beta, g, t_mat, w, u, tables.cu, tables.chunk_indices, H=heads, K=dk, V=dv,
-                         C=chunk_size, BK=bk, BV=bv, GATE=gate, IEEE=ieee)
+    meta = dict(H=heads, K=dk, V=dv, C=chunk_size, BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0),
+                BK=bk, BV=bv, GATE=g is not None, PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32)
+    wy_fwd_tuned[grid](k, v, beta, g, t_mat, w, u, tables.cu, tables.chunk_indices, **meta)
     return w, u, t_mat
 
 
