@@ -3,7 +3,7 @@
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
 Prints, per (op, implementation), the call's time (do_bench median), the kernels' total and each kernel's average
-microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_MODE.json to $OUT.
+microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_MODE.json to $OUT (after every row).
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
 used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
 autotunes each kernel for tens of seconds on its first call).
@@ -84,12 +84,17 @@ def main():
             result[f"{op} {name}"] = {"call_us": call_us, "kernels_us": total, "kernels": dict(per.most_common())}
             print(f"{op:12s} {name:8s} call {call_us:8.1f} us, kernels {total:8.1f} us  " +
                   "  ".join(f"{k[:38]}={v:.0f}" for k, v in per.most_common(6)), flush=True)
+            # after every row: a call that runs out of time keeps what it measured
+            write(batch, seqlen, mode, result)
     from subquad.ops.linear import chunk_bwd, chunk_fwd, chunk_intra
     for mod in (chunk_fwd, chunk_bwd, chunk_intra):
         for name, kernel in vars(mod).items():
             if isinstance(kernel, triton.runtime.Autotuner):
                 chosen = "; ".join(f"{k} -> {v}" for k, v in kernel.cache.items())
                 print(f"{mod.__name__.split('.')[-1]}.{name}: {chosen}")
+
+
+def write(batch, seqlen, mode, result):
     with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{mode}.json"), "w") as f:
         json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
