@@ -163,6 +163,16 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
     b_dvu = tl.zeros([C], dtype=tl.float32)
     h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
     dh_base = dh + (i_c * H + i_h).to(tl.int64) * K * V
+    # loads the loop does not need, issued before it so that their latency overlaps the loop's
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
+    if GATE == 1:
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_last = tl.load(g + last * H + i_h)
+    elif GATE == 2:
+        b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -180,20 +190,13 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
             if GATE == 1:
                 b_u = tl.load(u + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
                 b_dvu += tl.sum(b_dvn.to(tl.float32) * (b_v.to(tl.float32) - b_u.to(tl.float32)), axis=1)
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    last = tl.minimum(bos + i_t * C + C, eos) - 1
     if GATE == 1:
-        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-        b_last = tl.load(g + last * H + i_h)
         b_dq *= (scale * tl.exp(b_b))[:, None]
         b_dk *= tl.exp(b_last - b_b)[:, None]
         d_scores *= scale * tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
     elif GATE == 2:
-        b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
         b_dq *= scale * tl.exp(b_b)
         b_dk *= tl.exp(b_last[None, :] - b_b)
         d_scores = tl.where(causal, d_scores * scale, 0.0)

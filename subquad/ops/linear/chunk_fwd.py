@@ -100,6 +100,9 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     acc = tl.zeros([C, BV], dtype=tl.float32)
     scores = tl.zeros([C, C], dtype=tl.float32)
     h_base = h + (i_c * H + i_h).to(tl.int64) * K * V
+    if GATE == 1:
+        # issued before the loop so that its memory latency overlaps the loop's loads instead of following them
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -118,7 +121,6 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     if GATE == 2:
         scores = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
     elif GATE == 1:
-        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
         acc *= tl.exp(b_b)[:, None]
         # rows past the sequence's end (b = 0) would overflow against far-decayed columns: never stored, but kept finite
         scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
