@@ -32,6 +32,19 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """The chunk rows' cumulative log-decays and the last row's: ``(C,)`` and a scalar for GATE 1, ``(C, BK)``
+    and ``(BK,)`` (the key block ``o_k``) for GATE 2."""
+    if GATE == 1:
+        b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+        b_last = tl.load(g + last * H + i_h)
+    else:
+        b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
+    return b_b, b_last
+
+
 @triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
 def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
@@ -67,15 +80,12 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHU
                      mask=m_t[:, None] & m_v[None, :])
             b_v = b_vn.to(b_k.dtype)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
+        if GATE != 0:
+            b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
         if GATE == 1:
-            b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-            b_last = tl.load(g + last * H + i_h)
             state *= tl.exp(b_last)
             b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
         if GATE == 2:
-            b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
-            b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
             state *= tl.exp(b_last)[:, None]
             b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
         state += _dot(tl.trans(b_k), b_v, IEEE)

@@ -45,8 +45,9 @@ def chunk_cumsum(g, gc, cu_seqlens, chunk_indices, H: tl.constexpr, K: tl.conste
 @triton.jit
 def _chunk_rows(g, cu_seqlens, chunk_indices, i_c, i_h, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr):
-    """First token of the chunk, its rows still in the sequence, their cumulative log-decays ``(C, BK)``, the
-    reference point per key dimension (middle of the valid rows' range) and the widest range."""
+    """First token of the chunk, its rows still in the sequence, the ``(C, BK)`` tile's offsets and mask, the
+    rows' cumulative log-decays, the reference point per key dimension (middle of the valid rows' range) and
+    the widest range."""
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -55,11 +56,12 @@ def _chunk_rows(g, cu_seqlens, chunk_indices, i_c, i_h, H: tl.constexpr, K: tl.c
     n_valid = tl.minimum(eos - tok0, C).to(tl.int32)
     rows, o_k = tl.arange(0, C), tl.arange(0, BK)
     m_t = rows < n_valid
-    g_all = tl.load(g + ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :],
-                    mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
+    m_all = m_t[:, None] & (o_k < K)[None, :]
+    g_all = tl.load(g + p_all, mask=m_all, other=0.0)
     hi = tl.max(tl.where(m_t[:, None], g_all, float("-inf")), axis=0)
     lo = tl.min(tl.where(m_t[:, None], g_all, float("inf")), axis=0)
-    return tok0, n_valid, g_all, (hi + lo) * 0.5, tl.max(hi - lo, axis=0)
+    return tok0, n_valid, p_all, m_all, g_all, (hi + lo) * 0.5, tl.max(hi - lo, axis=0)
 
 
 @triton.jit
@@ -156,11 +158,10 @@ def intra_fwd(q, k, gc, A, cu_seqlens, chunk_indices, max_spread,
               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
               IEEE: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    tok0, n_valid, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K, C, BK)
-    rows, o_k = tl.arange(0, C), tl.arange(0, BK)
+    tok0, n_valid, p_all, m_all, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K,
+                                                                   C, BK)
+    rows = tl.arange(0, C)
     m_t = rows < n_valid
-    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
-    m_all = m_t[:, None] & (o_k < K)[None, :]
     b_k = tl.load(k + p_all, mask=m_all, other=0.0)
     p_a = A + (i_c * H + i_h).to(tl.int64) * C * C
     if spread <= max_spread:
@@ -180,11 +181,10 @@ def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, max_spread,
               H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
               IEEE: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    tok0, n_valid, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K, C, BK)
-    rows, o_k = tl.arange(0, C), tl.arange(0, BK)
+    tok0, n_valid, p_all, m_all, g_all, ref, spread = _chunk_rows(gc, cu_seqlens, chunk_indices, i_c, i_h, H, K,
+                                                                   C, BK)
+    rows = tl.arange(0, C)
     m_t = rows < n_valid
-    p_all = ((tok0 + rows)[:, None] * H + i_h) * K + o_k[None, :]
-    m_all = m_t[:, None] & (o_k < K)[None, :]
     b_q = tl.load(q + p_all, mask=m_all, other=0.0)
     b_k = tl.load(k + p_all, mask=m_all, other=0.0)
     p_da = dA + (i_c * H + i_h).to(tl.int64) * C * C
