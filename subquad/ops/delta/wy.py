@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear.chunk import block_sizes
 from ..autotuned import Autotuned
+from ..linear.chunk import block_sizes
 from ..linear.chunk_fwd import _dot
 from ..linear.tuning import WY
 

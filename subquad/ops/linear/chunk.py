@@ -126,7 +126,7 @@ def launch_intra_fwd(q, k, gc, tables, chunk_size):
     scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32)
     intra_fwd[(tables.n_chunks, heads)](
         q, k, gc, scores, tables.cu, tables.chunk_indices, _max_spread(q.dtype),
-        H=heads, K=dk, C=chunk_size, BC=min(SUB_BLOCK, chunk_size), BK=max(16, next_power_of_2(dk)),
+        H=heads, K=dk, C=chunk_size, BC=SUB_BLOCK, BK=max(16, next_power_of_2(dk)),
         IEEE=q.dtype == torch.float32)
     return scores
 
@@ -137,7 +137,7 @@ def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
     intra_bwd[(tables.n_chunks, heads)](
         q, k, gc, d_scores, dq, dk, tables.cu, tables.chunk_indices,
         _max_spread(q.dtype), H=heads, K=dk_, C=chunk_size,
-        BC=min(SUB_BLOCK, chunk_size), BK=max(16, next_power_of_2(dk_)), IEEE=q.dtype == torch.float32)
+        BC=SUB_BLOCK, BK=max(16, next_power_of_2(dk_)), IEEE=q.dtype == torch.float32)
 
 
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
