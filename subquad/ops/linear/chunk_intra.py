@@ -7,7 +7,7 @@ One program per (chunk, head), two ways to the same numbers:
   ``e^{spread / 2}``, with ``spread`` the widest range of ``b`` over the chunk's rows in any key dimension, so this
   is taken only where ``spread <= max_spread`` (chosen per dtype by the launcher so that the factors stay finite
   and far from the dtype's largest value). A GLA gate (``logsigmoid(x) / 16``) spreads a 64-token chunk by a few
-  units; the path covers every realistic decay at the cost of two exponentials per element.
+  units; decays below ~0.4 per token across a whole chunk take the safe form. Two exponentials per element.
 - Safe, for decays near 0 (the spread reaches hundreds and the factors would overflow): sub-blocks of ``BC``
   rows, as flash-linear-attention does. Keys of earlier sub-blocks take a reference point just before the query
   sub-block, ``exp(b_i - base) exp(base - b_j)`` with both factors <= 1, in one matmul; the diagonal sub-block is
