@@ -45,13 +45,13 @@ def _assert_match(got, want, atol=2e-4, rtol=2e-4):
 
 @pytest.mark.parametrize("kind, chunk, t", [("none", 16, 40), ("head", 32, 50), ("scalar", 64, 70),
                                             ("scalar", 16, 33), ("vector", 16, 40), ("vector", 32, 45)])
-def test_chunk_kernel_matches_reference(kind, chunk, t):
+def test_chunk_kernel_matches_reference(kind, chunk, t, forward_form):
     tensors = _inputs(kind, 2, t)
     _assert_match(_run("triton", tensors, chunk_size=chunk), _run("reference", tensors, chunk_size=chunk))
 
 
 @pytest.mark.parametrize("kind", ["scalar", "vector"])
-def test_chunk_kernel_varlen(kind):
+def test_chunk_kernel_varlen(kind, forward_form):
     cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
     tensors = _inputs(kind, 1, 60, n_states=4)
     _assert_match(_run("triton", tensors, chunk_size=16, cu_seqlens=cu),
@@ -59,7 +59,7 @@ def test_chunk_kernel_varlen(kind):
 
 
 @pytest.mark.parametrize("kind, low", [("scalar", -40.0), ("vector", -40.0), ("vector", -1e-6)])
-def test_chunk_kernel_decay_extremes(kind, low):
+def test_chunk_kernel_decay_extremes(kind, low, forward_form):
     tensors = _inputs(kind, 1, 40, low=low)
     got = _run("triton", tensors, chunk_size=32)
     assert all(torch.isfinite(x).all() for x in got if x is not None)
@@ -82,7 +82,7 @@ def test_vector_decay_both_intra_chunk_forms(safe_only, monkeypatch):
     _assert_match(_run("triton", tensors, chunk_size=16), _run("reference", tensors, chunk_size=16))
 
 
-def test_chunk_kernel_state_handoff():
+def test_chunk_kernel_state_handoff(forward_form):
     q, k, v, g, s0 = _inputs("vector", 1, 50)
     o_all, s_all = subquad.gla(q, k, v, g, initial_state=s0, output_state=True, chunk_size=16, backend="triton")
     o1, s1 = subquad.gla(q[:, :21], k[:, :21], v[:, :21], g[:, :21], initial_state=s0, output_state=True,
@@ -111,7 +111,7 @@ HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 
 
 @pytest.mark.parametrize("kind", ["scalar", "vector"])
-def test_chunk_kernel_half_close_to_fp32_reference(kind):
+def test_chunk_kernel_half_close_to_fp32_reference(kind, forward_form):
     q, k, v, g, s0 = _inputs(kind, 1, 64, low=-0.2)
     o = subquad.gla(q.to(HALF), k.to(HALF), v.to(HALF), g, chunk_size=32, backend="triton")
     ref = subquad.gla(q, k, v, g, chunk_size=32, backend="reference")
@@ -122,7 +122,7 @@ def test_chunk_kernel_half_close_to_fp32_reference(kind):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
 @pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
-def test_chunk_kernel_bf16_gradients_on_gpu(kind):
+def test_chunk_kernel_bf16_gradients_on_gpu(kind, forward_form):
     """Triton 3.6 on Hopper miscompiles some gated chunk kernels (fla refuses its gated backward there), so the
     gated gradients are checked on the GPU, in bf16, at K = V = 128 and chunk 64, against the fp32 reference."""
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -23,7 +23,7 @@ SHARED = 232448
 EXPECTED = {"flash_fwd_kernel": 5, "flash_bwd_dkdv_kernel": 6, "flash_bwd_dq_kernel": 1,
             "flash_bwd_preprocess_kernel": 2, "state_fwd": 4, "output_fwd": 3, "state_bwd": 4, "dv_bwd": 4,
             "dqk_bwd": 4, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
-            "wy_bwd": 1, "_decode_kernel": 2}
+            "wy_bwd": 1, "fused_fwd": 4, "_decode_kernel": 2}
 
 
 def test_kernels_compile_for_sm90():
@@ -63,6 +63,7 @@ def _run_ops() -> None:
     (the values are never computed)."""
     from subquad import decode, masks
     from subquad.ops.delta.chunk import chunk_delta_rule
+    from subquad.ops.linear import chunk
     from subquad.ops.linear.chunk import chunk_gla
     from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
     from subquad.masks.plan import plan
@@ -95,14 +96,17 @@ def _run_ops() -> None:
     out.sum().backward()
 
     t = 256
-    for g in (None, torch.zeros(b, t, h, dtype=torch.float32), torch.zeros(b, t, h, 64, dtype=torch.float32)):
-        lq, lk, lv = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64)
-        gl = None if g is None else g.requires_grad_()
-        out, state = chunk_gla(lq, lk, lv, gl, 0.125, None, None, 64)
+    for fused_min in (1 << 30, 0):                 # the forward in two passes, then in one kernel
+        chunk.FUSED_MIN_PROGRAMS = fused_min
+        for g in (None, torch.zeros(b, t, h, dtype=torch.float32), torch.zeros(b, t, h, 64, dtype=torch.float32)):
+            lq, lk, lv = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64)
+            gl = None if g is None else g.requires_grad_()
+            out, state = chunk_gla(lq, lk, lv, gl, 0.125, None, None, 64)
+            out.sum().backward()
+        lq, lk, lv, beta = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h)
+        out, state = chunk_delta_rule(lq, lk, lv, beta, torch.zeros(b, t, h, requires_grad=True), 0.125, None,
+                                      None, 64)
         out.sum().backward()
-    lq, lk, lv, beta = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h)
-    out, state = chunk_delta_rule(lq, lk, lv, beta, torch.zeros(b, t, h, requires_grad=True), 0.125, None, None, 64)
-    out.sum().backward()
 
     cache = torch.zeros(2, 4096, 2, 128, dtype=torch.bfloat16)
     decode(torch.zeros(2, 1, 8, 128, dtype=torch.bfloat16), cache, cache, backend="triton")     # GQA

@@ -2,8 +2,8 @@
 
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
-Prints, per (op, implementation), the call's time (do_bench median), the kernels' total and each kernel's average
-microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_MODE.json to $OUT
+Prints, per (op, implementation: ours as the shape picks it and in two passes, fla's chunk and fused_chunk), the call's time (do_bench median), the kernels' total and each kernel's average
+microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT
 (after every row).
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
 used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
@@ -23,7 +23,8 @@ import triton
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _make_inputs, _ours
+from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _fla_fused, _make_inputs, _ours
+from subquad.ops.linear import chunk
 
 CALLS = 5
 
@@ -51,6 +52,18 @@ def kernel_times(fn, grad, leaves=()):
     return per
 
 
+def _two_pass(impl):
+    """The op with its forward in two passes (states stored per chunk) whatever the shape would pick."""
+    def run(x):
+        chosen, chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS, 1 << 30
+        try:
+            return impl(x)
+        finally:
+            chunk.FUSED_MIN_PROGRAMS = chosen
+
+    return run
+
+
 def main():
     batch, seqlen = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (4, 8192)
     ops = sys.argv[3].split(",") if len(sys.argv) > 3 else OPS
@@ -61,9 +74,11 @@ def main():
     for op in ops:
         inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
         peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
-        impls = [("subquad", _ours(op, "triton"))]
+        impls = [("subquad", _ours(op, "triton")), ("subquad-2pass", _two_pass(_ours(op, "triton")))]
         if peer_ops is None or op in peer_ops.split(","):
             impls.append(("fla", _fla(op)))
+            if _fla_fused(op) is not None:
+                impls.append(("fla-fused", _fla_fused(op)))
         for name, impl in impls:
             try:
                 if warm:
@@ -96,7 +111,7 @@ def main():
 
 
 def write(batch, seqlen, mode, result):
-    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{mode}.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{batch}x{seqlen}_{mode}.json"), "w") as f:
         json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                    "triton": triton.__version__, "result": result}, f, indent=1)

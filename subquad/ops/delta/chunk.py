@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..linear.chunk import (ChunkTables, chunk_tables, launch_chunk_cumsum, launch_dqk_bwd, launch_dv_bwd,
-                            launch_output_fwd, launch_state_bwd, launch_state_fwd, log_decay_grad)
+from ..linear.chunk import (ChunkTables, chunk_tables, fused_forward, launch_chunk_cumsum, launch_dqk_bwd,
+                            launch_dv_bwd, launch_fused_fwd, launch_output_fwd, launch_state_bwd, launch_state_fwd,
+                            log_decay_grad)
 from .wy import launch_wy_bwd, launch_wy_fwd
 
 
@@ -38,8 +39,11 @@ class ChunkDeltaFunction(torch.autograd.Function):
         # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
         w, u, t_mat = launch_wy_fwd(k, v, beta, gc, tables, chunk_size)
-        h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
-        o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
+        if fused_forward(tables, k.shape[1], k.shape[2], v.shape[2]):
+            o, ht = launch_fused_fwd(q, k, u, gc, None, h0, tables, scale, chunk_size, w=w)
+        else:
+            h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+            o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
         ctx.save_for_backward(q, k, v, beta, gc, h0, ht, t_mat, w, u)
         ctx.meta = (tables, scale, chunk_size)
         return o, ht

@@ -22,6 +22,7 @@ from .chunk_intra import chunk_cumsum, decay_grad
 
 # the autotuned kernels, launched without the autotuner's per-call Python (subquad/ops/autotuned.py)
 state_fwd, output_fwd = Autotuned(chunk_fwd.state_fwd), Autotuned(chunk_fwd.output_fwd)
+fused_fwd = Autotuned(chunk_fwd.fused_fwd)
 state_bwd, dv_bwd, dqk_bwd = Autotuned(chunk_bwd.state_bwd), Autotuned(chunk_bwd.dv_bwd), Autotuned(chunk_bwd.dqk_bwd)
 intra_fwd, intra_bwd = Autotuned(chunk_intra.intra_fwd), Autotuned(chunk_intra.intra_bwd)
 
@@ -151,6 +152,31 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     return o
 
 
+# Programs (sequences x heads x 64-wide value tiles) from which the fused forward beats the two passes. Below,
+# most SMs would idle while a few walk the whole sequence.
+FUSED_MIN_PROGRAMS = 128
+
+
+def fused_forward(tables, heads, dk, dv) -> bool:
+    """Whether the forward takes ``fused_fwd`` (the state kept in registers whole along K: K <= 128)."""
+    return dk <= 128 and tables.n_seqs * heads * cdiv(dv, 64) >= FUSED_MIN_PROGRAMS
+
+
+def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=None):
+    """Returns (o, final state fp32); g as launch_output_fwd's, scores the intra-chunk A of a vector decay, w the
+    delta rule's (then v holds u)."""
+    t_total, heads, dk = q.shape
+    dv = v.shape[-1]
+    o = torch.empty_like(v)
+    ht = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
+    fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, tables.cu, tables.chunk_offsets, scale, H=heads, K=dk, V=dv,
+                    C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g), DELTA=w is not None,
+                    HAS_H0=h0 is not None,
+                    IEEE=q.dtype == torch.float32, **tables.tune_key)
+    return o, ht
+
+
 def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True):
     """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None). The backward launches take
     ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do."""
@@ -235,11 +261,14 @@ class ChunkGLAFunction(torch.autograd.Function):
         gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
         gc = launch_chunk_cumsum(gf, tables, chunk_size)
-        h, ht, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
         scores = None
         if gate_kind(gf) == 2:
             scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
-        o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
+        if fused_forward(tables, heads, dk, dv):
+            o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, h0c, tables, scale, chunk_size)
+        else:
+            h, ht, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
+            o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
         ctx.save_for_backward(qf, kf, vf, gc, h0c, ht, scores)
         ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht

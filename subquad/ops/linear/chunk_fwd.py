@@ -13,6 +13,11 @@ Two passes, as in flash-linear-attention's chunk form:
    at the start of each chunk (``h``) and keeping the running state in fp32 registers.
 2. ``output_fwd``: one program per (chunk, head, V block), fully parallel:
    ``o = scale * (q * e^b) h + (decayed causal q k^T) v``.
+
+or both in one (``fused_fwd``, fla's fused_chunk): one program per (sequence, head, V block) walks the chunks,
+computing each chunk's output from the state in registers, so ``h`` (as many bytes as q, k and v together at
+D = 128, C = 64) is neither written nor read back. It has as many programs as the state pass alone, so it pays
+where sequences times heads fill the GPU (``chunk.fused_forward``).
 Decays use ``b``, the cumulative log-decay inside the chunk; every exponent is ``b_i - b_j`` with i at or after j
 (or ``b_i`` itself), so it is <= 0 and nothing overflows for decays near 0.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import STATE, TILES
+from .tuning import FUSED, STATE, TILES
 
 
 @triton.jit
@@ -140,3 +145,63 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     acc += _dot(scores.to(b_v.dtype), b_v, IEEE)
     tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
+@triton.jit
+def fused_fwd(q, k, v, g, A, w, o, h0, ht, cu_seqlens, chunk_offsets, scale, SEQS, CHUNKS,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+              IEEE: tl.constexpr):
+    """state_fwd and output_fwd in one walk over the chunks (needs BK >= K): the chunk's output takes the state
+    before the chunk, then the chunk's keys and values are added to it. DELTA: as state_fwd's (``v`` holds u;
+    the corrected values are used, not stored: the backward recomputes them)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    rows = tl.arange(0, C)
+    causal = rows[:, None] >= rows[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(n_chunks):
+        tok = bos + i_t * C + rows
+        m_t = tok < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+        if DELTA:
+            b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_v = (b_v.to(tl.float32) - _dot(b_w, state.to(b_w.dtype), IEEE)).to(b_k.dtype)
+        last = tl.minimum(bos + i_t * C + C, eos) - 1
+        if GATE != 0:
+            b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
+        if GATE == 2:
+            scores = tl.load(A + ((c0 + i_t) * H + i_h) * C * C + rows[:, None] * C + rows[None, :])
+            acc = _dot((b_q * tl.exp(b_b)).to(b_q.dtype), state.to(b_q.dtype), IEEE)
+            b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
+            state *= tl.exp(b_last)[:, None]
+        else:
+            scores = _dot(b_q, tl.trans(b_k), IEEE)
+            acc = _dot(b_q, state.to(b_q.dtype), IEEE)
+            if GATE == 1:
+                acc *= tl.exp(b_b)[:, None]
+                # rows past the sequence's end (b = 0) kept finite against far-decayed columns (never stored)
+                scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
+                b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
+                state *= tl.exp(b_last)
+            else:
+                scores = tl.where(causal, scores, 0.0)
+        acc += _dot(scores.to(b_v.dtype), b_v, IEEE)
+        tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty), mask=m_tv)
+        state += _dot(tl.trans(b_k), b_v, IEEE)
+    tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)

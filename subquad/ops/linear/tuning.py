@@ -21,6 +21,9 @@ STATE = configs([({"BV": 32}, 4, 2), ({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"
                  ({"BV": 128}, 8, 2)])
 TILES = configs([({"BK": 64, "BV": 64}, 4, 2), ({"BK": 64, "BV": 64}, 4, 3), ({"BK": 64, "BV": 128}, 8, 2),
                  ({"BK": 128, "BV": 64}, 8, 2), ({"BK": 128, "BV": 128}, 8, 2)])
+# the fused forward's programs are as few as the state pass's: narrower V tiles give more of them
+FUSED = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 8, 2), ({"BV": 64}, 4, 3), ({"BV": 32}, 4, 2), ({"BV": 32}, 4, 3),
+                 ({"BV": 128}, 8, 2)])
 COLUMNS = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 128}, 8, 2), ({"BV": 32}, 4, 3)])
 INTRA = configs([({}, 4, 1), ({}, 8, 1), ({}, 2, 1)])
 WY = configs([({}, 4, 1), ({}, 8, 1), ({}, 2, 1), ({}, 4, 2)])
