@@ -2,8 +2,8 @@
 
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
-Prints, per (op, implementation: ours as the shape picks it and in two passes, fla's chunk and fused_chunk), the call's time (do_bench median), the kernels' total and each kernel's average
-microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT
+Prints, per (op, implementation: ours as the shape picks it, in two passes and fused; fla's chunk and fused_chunk),
+the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT
 (after every row).
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
 used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
@@ -52,10 +52,10 @@ def kernel_times(fn, grad, leaves=()):
     return per
 
 
-def _two_pass(impl):
-    """The op with its forward in two passes (states stored per chunk) whatever the shape would pick."""
+def _form(impl, min_programs):
+    """The op with chunk.FUSED_MIN_PROGRAMS set: 0 forces the fused forward, 1 << 30 the two passes."""
     def run(x):
-        chosen, chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS, 1 << 30
+        chosen, chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS, min_programs
         try:
             return impl(x)
         finally:
@@ -74,7 +74,8 @@ def main():
     for op in ops:
         inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
         peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
-        impls = [("subquad", _ours(op, "triton")), ("subquad-2pass", _two_pass(_ours(op, "triton")))]
+        impls = [("subquad", _ours(op, "triton")), ("subquad-2pass", _form(_ours(op, "triton"), 1 << 30)),
+                 ("subquad-fused", _form(_ours(op, "triton"), 0))]
         if peer_ops is None or op in peer_ops.split(","):
             impls.append(("fla", _fla(op)))
             if _fla_fused(op) is not None:
