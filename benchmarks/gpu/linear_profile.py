@@ -3,8 +3,8 @@
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
 Prints, per (op, implementation: ours as the shape picks it, in two passes and fused; fla's chunk and fused_chunk),
-the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT
-(after every row).
+the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call
+(torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT after every row.
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
 used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
 autotunes each kernel for tens of seconds on its first call).
