@@ -9,5 +9,7 @@ def forward_form(request, monkeypatch):
     chunk), whatever the shape would pick."""
     from subquad.ops.linear import chunk
 
-    monkeypatch.setattr(chunk, "FUSED_MIN_PROGRAMS", 0 if request.param == "fused" else 1 << 30)
+    least = 0 if request.param == "fused" else 1 << 30
+    monkeypatch.setattr(chunk, "FUSED_MIN_PROGRAMS", least)
+    monkeypatch.setattr(chunk, "FUSED_MIN_PROGRAMS_DELTA", least)
     return request.param

@@ -97,7 +97,7 @@ def _run_ops() -> None:
 
     t = 256
     for fused_min in (1 << 30, 0):                 # the forward in two passes, then in one kernel
-        chunk.FUSED_MIN_PROGRAMS = fused_min
+        chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS_DELTA = fused_min
         for g in (None, torch.zeros(b, t, h, dtype=torch.float32), torch.zeros(b, t, h, 64, dtype=torch.float32)):
             lq, lk, lv = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64)
             gl = None if g is None else g.requires_grad_()

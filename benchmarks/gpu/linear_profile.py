@@ -53,13 +53,18 @@ def kernel_times(fn, grad, leaves=()):
 
 
 def _form(impl, min_programs):
-    """The op with chunk.FUSED_MIN_PROGRAMS set: 0 forces the fused forward, 1 << 30 the two passes."""
+    """The op with chunk's FUSED_MIN_PROGRAMS* set: 0 forces the fused forward, 1 << 30 the two passes."""
+    names = ("FUSED_MIN_PROGRAMS", "FUSED_MIN_PROGRAMS_DELTA")
+
     def run(x):
-        chosen, chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS, min_programs
+        chosen = [getattr(chunk, name) for name in names]
+        for name in names:
+            setattr(chunk, name, min_programs)
         try:
             return impl(x)
         finally:
-            chunk.FUSED_MIN_PROGRAMS = chosen
+            for name, value in zip(names, chosen):
+                setattr(chunk, name, value)
 
     return run
 

@@ -39,7 +39,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
         # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
         w, u, t_mat = launch_wy_fwd(k, v, beta, gc, tables, chunk_size)
-        if fused_forward(tables, k.shape[1], k.shape[2], v.shape[2]):
+        if fused_forward(tables, k.shape[1], k.shape[2], v.shape[2], delta=True):
             o, ht = launch_fused_fwd(q, k, u, gc, None, h0, tables, scale, chunk_size, w=w)
         else:
             h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)

@@ -152,14 +152,18 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     return o
 
 
-# Programs (sequences x heads x 64-wide value tiles) from which the fused forward beats the two passes. Below,
-# most SMs would idle while a few walk the whole sequence.
-FUSED_MIN_PROGRAMS = 128
+# Programs (sequences x heads x 64-wide value tiles) from which the fused forward beats the two passes (H100,
+# 2026-11-24-linear-fused-*: at 64 fused 410 us against 515 for linear attention at 2 x 16k, at 32 slower, 800
+# against 593 at 1 x 32k). The delta rule's state pass needs the whole key dimension, so its two passes have no
+# more programs than the fused one: fused from one (32: 1,427 against 1,815 us for gated DeltaNet).
+FUSED_MIN_PROGRAMS = 64
+FUSED_MIN_PROGRAMS_DELTA = 1
 
 
-def fused_forward(tables, heads, dk, dv) -> bool:
+def fused_forward(tables, heads, dk, dv, *, delta: bool = False) -> bool:
     """Whether the forward takes ``fused_fwd`` (the state kept in registers whole along K: K <= 128)."""
-    return dk <= 128 and tables.n_seqs * heads * cdiv(dv, 64) >= FUSED_MIN_PROGRAMS
+    least = FUSED_MIN_PROGRAMS_DELTA if delta else FUSED_MIN_PROGRAMS
+    return dk <= 128 and tables.n_seqs * heads * cdiv(dv, 64) >= least
 
 
 def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=None):
