@@ -4,7 +4,7 @@
 
 Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
 line per row at the end. ``SUITE_CASES=name,name`` keeps those cases only, ``SUITE_MAX_N=16384`` the shapes up to
-that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations (a device call runs
+that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations, ``SUITE_MODES=fwd,fwdbwd`` those passes (a device call runs
 ten minutes at most).
 """
 
@@ -30,9 +30,10 @@ def main():
         longest = int(os.environ.get("SUITE_MAX_N", "0")) or None
         shortest = int(os.environ.get("SUITE_MIN_N", "0"))
         impls = os.environ.get("SUITE_IMPLS")
+        modes = os.environ.get("SUITE_MODES")
         for case in suites[name].cases(False):
             if (wanted and case.case not in wanted.split(",")) or (longest and case.seqlen > longest) \
-                    or case.seqlen < shortest:
+                    or case.seqlen < shortest or (modes and case.mode not in modes.split(",")):
                 continue
             if impls:
                 case.impls = {k: f for k, f in case.impls.items() if k in impls.split(",")}
