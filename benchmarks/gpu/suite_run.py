@@ -4,8 +4,8 @@
 
 Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
 line per row at the end. ``SUITE_CASES=name,name`` keeps those cases only, ``SUITE_MAX_N=16384`` the shapes up to
-that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations, ``SUITE_MODES=fwd,fwdbwd`` those passes (a device call runs
-ten minutes at most).
+that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations,
+``SUITE_MODES=fwd,fwdbwd`` those passes (a device call runs ten minutes at most).
 """
 
 from __future__ import annotations
