@@ -23,7 +23,7 @@ import triton
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _fla_fused, _make_inputs, _ours
+from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _make_inputs, _ours
 from subquad.ops.linear import chunk
 
 CALLS = 5
@@ -83,8 +83,8 @@ def main():
                  ("subquad-fused", _form(_ours(op, "triton"), 0))]
         if peer_ops is None or op in peer_ops.split(","):
             impls.append(("fla", _fla(op)))
-            if _fla_fused(op) is not None:
-                impls.append(("fla-fused", _fla_fused(op)))
+            if _fla(op, fused=True) is not None:
+                impls.append(("fla-fused", _fla(op, fused=True)))
         for name, impl in impls:
             try:
                 if warm:

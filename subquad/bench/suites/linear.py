@@ -62,18 +62,22 @@ def _ours(op, backend):
     return run
 
 
-def _fla(op):
+def _fla(op, fused=False):
+    """fla's chunk form of the op, or its fused_chunk form (the state kept in registers, no per-chunk states
+    stored), which fla has for linear attention, retention and SSD only (None for the others)."""
+    if fused and op not in ("linear", "retention", "ssd"):
+        return None
+    form = "fused_chunk" if fused else "chunk"
+
     def run(x):
         q, k, v = x["q"], x["k"], x["v"]
         if op == "linear":
-            from fla.ops.linear_attn import chunk_linear_attn
-            return chunk_linear_attn(q, k, v, normalize=False)[0]
-        if op == "retention":
-            from fla.ops.simple_gla import chunk_simple_gla
-            return chunk_simple_gla(q, k, v, g_gamma=x["g"])[0]
-        if op == "ssd":
-            from fla.ops.simple_gla import chunk_simple_gla
-            return chunk_simple_gla(q, k, v, g=x["g"])[0]
+            from fla.ops import linear_attn
+            return getattr(linear_attn, f"{form}_linear_attn")(q, k, v, normalize=False)[0]
+        if op in ("retention", "ssd"):
+            from fla.ops import simple_gla
+            decay = {"g_gamma" if op == "retention" else "g": x["g"]}
+            return getattr(simple_gla, f"{form}_simple_gla")(q, k, v, **decay)[0]
         if op == "gla":
             from fla.ops.gla import chunk_gla
             return chunk_gla(q, k, v, x["g"])[0]
@@ -82,25 +86,6 @@ def _fla(op):
             return chunk_delta_rule(q, k, v, x["beta"])[0]
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         return chunk_gated_delta_rule(q, k, v, x["g"], x["beta"])[0]
-
-    return run
-
-
-def _fla_fused(op):
-    """fla's fused_chunk form (the state kept in registers, no per-chunk states stored) where it has one: linear
-    attention, retention and SSD; None otherwise."""
-    if op not in ("linear", "retention", "ssd"):
-        return None
-
-    def run(x):
-        q, k, v = x["q"], x["k"], x["v"]
-        if op == "linear":
-            from fla.ops.linear_attn import fused_chunk_linear_attn
-            return fused_chunk_linear_attn(q, k, v, normalize=False)[0]
-        from fla.ops.simple_gla import fused_chunk_simple_gla
-        if op == "retention":
-            return fused_chunk_simple_gla(q, k, v, g_gamma=x["g"])[0]
-        return fused_chunk_simple_gla(q, k, v, g=x["g"])[0]
 
     return run
 
@@ -141,8 +126,8 @@ def linear_cases(quick: bool):
                 impls = {"subquad-triton": _ours(op, "triton")}
                 if _fla_wanted(op, mode):
                     impls["fla"] = _fla(op)
-                    if _fla_fused(op) is not None:
-                        impls["fla-fused"] = _fla_fused(op)
+                    if _fla(op, fused=True) is not None:
+                        impls["fla-fused"] = _fla(op, fused=True)
                 if op == "ssd":
                     impls["mamba-ssd"] = peers.mamba_ssd()
                 ref = _ours(op, "reference") if seqlen == 8192 and batch > 1 and mode == "fwd" else None
