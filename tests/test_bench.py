@@ -191,3 +191,27 @@ def test_mamba_peer_imports_the_triton_ssd_without_the_package_init(tmp_path, mo
     finally:
         for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
             del sys.modules[name]
+
+
+def test_linear_summary_takes_fla_faster_form_and_the_growth():
+    """The linear suite's ratios are against fla's faster form that ran (chunk or fused_chunk, an error row
+    being no form), the 8k -> 64k growth is taken at B = 1, and the crossover is the smallest T that beats SDPA."""
+    from subquad.bench.suites.linear import summarize
+
+    def row(case, b, t, mode, impl, ms=None):
+        r = {"case": case, "batch": b, "seqlen": t, "mode": mode, "impl": impl, "tokens": b * t}
+        return {**r, "ms": ms} if ms is not None else {**r, "error": "RuntimeError: refused"}
+
+    rows = [row("ssd", 4, 8192, "fwd", "subquad-triton", 1.0), row("ssd", 4, 8192, "fwd", "fla", 2.0),
+            row("ssd", 4, 8192, "fwd", "fla-fused", 3.0),
+            row("ssd", 4, 8192, "fwdbwd", "subquad-triton", 2.0), row("ssd", 4, 8192, "fwdbwd", "fla"),
+            row("ssd", 4, 8192, "fwdbwd", "fla-fused", 5.0),
+            row("gla", 1, 8192, "fwd", "subquad-triton", 1.0), row("gla", 1, 65536, "fwd", "subquad-triton", 8.5),
+            row("gla", 16, 2048, "fwdbwd", "subquad-triton", 3.0),
+            row("sdpa-causal", 16, 2048, "fwdbwd", "sdpa-flash", 2.0),
+            row("gla", 4, 8192, "fwdbwd", "subquad-triton", 3.0), row("sdpa-causal", 4, 8192, "fwdbwd", "sdpa-flash", 9.0)]
+    out = summarize(rows)
+    assert out["vs_fla"] == {"ssd 4x8192 fwd": 2.0, "ssd 4x8192 fwdbwd": 2.5}
+    assert out["scaling_8k_to_64k"] == {"gla fwd": 8.5}
+    assert out["crossover_fwdbwd"] == {"gla": 8192, "ssd": 8192}     # gla loses at 2k
+    assert out["mtok_s"]["ssd 4x8192 fwd subquad-triton"] == 32.77
