@@ -199,10 +199,9 @@ def cpu_linear_cases(quick: bool):
 
 
 def summarize(rows: list[dict]) -> dict:
-    """From one run's rows: tokens/s per (op, shape, pass, impl), subquad / fla ratios (fla's faster form), the
-    T = 8k -> 64k time
-    ratio at B = 1, and the crossover (smallest T at which each op's fwd+bwd beats SDPA-flash causal at
-    B*T = 32k)."""
+    """From one run's rows: tokens/s per (op, shape, pass, impl), subquad / fla ratios (against fla's faster form
+    that ran), the T = 8k -> 64k time ratio at B = 1, and the crossover (smallest T at which each op's fwd+bwd
+    beats SDPA-flash causal at B*T = 32k)."""
     ok = [r for r in rows if "ms" in r and r.get("tokens")]
     by = {(r["case"], r["batch"], r["seqlen"], r["mode"], r["impl"]): r["ms"] for r in ok}
     out = {"mtok_s": {}, "vs_fla": {}, "scaling_8k_to_64k": {}, "crossover_fwdbwd": {}}

@@ -176,8 +176,7 @@ def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=Non
     grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, tables.cu, tables.chunk_offsets, scale, H=heads, K=dk, V=dv,
                     C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g), DELTA=w is not None,
-                    HAS_H0=h0 is not None,
-                    IEEE=q.dtype == torch.float32, **tables.tune_key)
+                    HAS_H0=h0 is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o, ht
 
 
