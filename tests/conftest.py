@@ -3,13 +3,28 @@
 import pytest
 
 
-@pytest.fixture(params=["fused", "two-pass"])
-def forward_form(request, monkeypatch):
-    """The chunked engine's forward in one kernel (state in registers) or in two passes (states stored per
-    chunk), whatever the shape would pick."""
-    from subquad.ops.linear import chunk
+def set_forward_form(monkeypatch, form: str) -> str:
+    """Forces the chunked engine's forward form whatever the shape would pick: ``fused`` (one kernel, state in
+    registers), ``two-pass`` (states stored per chunk), or ``split`` / ``split-two-pass`` (sequences cut into
+    segments of two chunks, their states composed by segment_scan, then the fused or two-pass walk)."""
+    from subquad.ops.linear import chunk, chunk_split
 
-    least = 0 if request.param == "fused" else 1 << 30
+    least = 0 if form in ("fused", "split") else 1 << 30
     monkeypatch.setattr(chunk, "FUSED_MIN_PROGRAMS", least)
     monkeypatch.setattr(chunk, "FUSED_MIN_PROGRAMS_DELTA", least)
-    return request.param
+    if form.startswith("split"):
+        monkeypatch.setattr(chunk_split, "SPLIT_BELOW_PROGRAMS", 1 << 30)
+        monkeypatch.setattr(chunk_split, "SPLIT_TARGET_PROGRAMS", 1 << 30)
+        monkeypatch.setattr(chunk_split, "SPLIT_MIN_CHUNKS", 2)
+    return form
+
+
+@pytest.fixture(params=["fused", "two-pass", "split"])
+def forward_form(request, monkeypatch):
+    return set_forward_form(monkeypatch, request.param)
+
+
+@pytest.fixture(params=["fused", "two-pass"])
+def delta_forward_form(request, monkeypatch):
+    """The delta rule's forms (its transition is a matrix, so its sequences are not split)."""
+    return set_forward_form(monkeypatch, request.param)

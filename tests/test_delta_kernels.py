@@ -43,12 +43,12 @@ def _assert_match(got, want, atol=2e-4, rtol=2e-4):
 
 
 @pytest.mark.parametrize("gated, chunk, t", [(False, 16, 40), (True, 32, 45), (True, 64, 70)])
-def test_delta_kernel_matches_reference(gated, chunk, t, forward_form):
+def test_delta_kernel_matches_reference(gated, chunk, t, delta_forward_form):
     tensors = _inputs(gated, 2, t)
     _assert_match(_run("triton", tensors, chunk_size=chunk), _run("reference", tensors, chunk_size=chunk))
 
 
-def test_delta_kernel_varlen_and_decay_near_zero(forward_form):
+def test_delta_kernel_varlen_and_decay_near_zero(delta_forward_form):
     cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
     tensors = _inputs(True, 1, 60, low=-30.0, n_states=4)
     got = _run("triton", tensors, chunk_size=16, cu_seqlens=cu)
@@ -69,7 +69,7 @@ def test_delta_recurrent_kernel_matches_reference(gated):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
 @pytest.mark.parametrize("gated", [False, True])
-def test_delta_kernel_bf16_gradients_on_gpu(gated, forward_form):
+def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
     """Gated gradients checked on the GPU (Triton 3.6 Hopper trap), bf16, K = V = 128, chunk 64."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, t, h, d = 2, 300, 4, 128

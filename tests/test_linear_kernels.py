@@ -181,3 +181,38 @@ def test_fixed_length_tables_are_made_once_per_shape():
     assert (first.n_seqs, first.n_chunks, first.tune_key) == (fresh.n_seqs, fresh.n_chunks, fresh.tune_key)
     cu = torch.tensor([0, 100, 300])
     assert chunk_tables(cu, 1, 300, 16, "cpu") is not chunk_tables(cu, 1, 300, 16, "cpu")
+
+
+def test_segment_split_cuts_whole_chunks(monkeypatch):
+    """Segments are whole chunks of each sequence (the last one shorter; none for an empty sequence), and by
+    default only sequences too few to fill the GPU are cut: 1 x 32k with 16 heads into 8 segments of 64 chunks
+    (256 programs), 4 x 8k (128 programs) not."""
+    from conftest import set_forward_form
+    from subquad.ops.linear.chunk import chunk_tables
+    from subquad.ops.linear.chunk_split import segment_split
+
+    assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 128, 128).n_segs == 8
+    assert segment_split(chunk_tables(None, 4, 8192, 64, "cpu"), 16, 128, 128) is None
+    assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 256, 128) is None
+    set_forward_form(monkeypatch, "split")
+    split = segment_split(chunk_tables(torch.tensor([0, 13, 13, 47, 60]), 1, 60, 16, "cpu"), H, DK, DV)
+    assert split.tables.cu.tolist() == [0, 13, 45, 47, 60]
+    assert split.first.tolist() == [0, 1, 1, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+def test_split_form_walks_segments_in_two_passes_too(kind, monkeypatch):
+    """Segments whose programs are too few for the fused walk take the two passes: both scans (the forward's
+    and the backward's) run, and outputs and gradients match the reference."""
+    from conftest import set_forward_form
+    from subquad.ops.linear import chunk
+
+    set_forward_form(monkeypatch, "split-two-pass")
+    scans = []
+    scan = chunk.launch_segment_scan
+    monkeypatch.setattr(chunk, "launch_segment_scan", lambda *a, **kw: scans.append(kw["reverse"]) or scan(*a, **kw))
+    cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
+    tensors = _inputs(kind, 1, 60, n_states=4)
+    _assert_match(_run("triton", tensors, chunk_size=16, cu_seqlens=cu),
+                  _run("reference", tensors, chunk_size=16, cu_seqlens=cu))
+    assert scans == [False, True]

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device co
 SHARED = 232448
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
 EXPECTED = {"flash_fwd_kernel": 5, "flash_bwd_dkdv_kernel": 6, "flash_bwd_dq_kernel": 1,
-            "flash_bwd_preprocess_kernel": 2, "state_fwd": 4, "output_fwd": 3, "state_bwd": 4, "dv_bwd": 4,
+            "flash_bwd_preprocess_kernel": 2, "state_fwd": 10, "output_fwd": 3, "state_bwd": 10, "dv_bwd": 4,
             "dqk_bwd": 4, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
-            "wy_bwd": 1, "fused_fwd": 4, "_decode_kernel": 2}
+            "wy_bwd": 1, "fused_fwd": 7, "segment_scan": 6, "_decode_kernel": 2}
 
 
 def test_kernels_compile_for_sm90():
@@ -63,7 +63,7 @@ def _run_ops() -> None:
     (the values are never computed)."""
     from subquad import decode, masks
     from subquad.ops.delta.chunk import chunk_delta_rule
-    from subquad.ops.linear import chunk
+    from subquad.ops.linear import chunk, chunk_split
     from subquad.ops.linear.chunk import chunk_gla
     from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
     from subquad.masks.plan import plan
@@ -96,8 +96,9 @@ def _run_ops() -> None:
     out.sum().backward()
 
     t = 256
-    for fused_min in (1 << 30, 0):                 # the forward in two passes, then in one kernel
-        chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS_DELTA = fused_min
+    for form in ("two-pass", "fused", "split"):    # the forward in two passes, in one kernel, on segments
+        chunk.FUSED_MIN_PROGRAMS = chunk.FUSED_MIN_PROGRAMS_DELTA = 1 << 30 if form == "two-pass" else 0
+        chunk_split.SPLIT_MIN_CHUNKS = 2 if form == "split" else 1 << 30
         for g in (None, torch.zeros(b, t, h, dtype=torch.float32), torch.zeros(b, t, h, 64, dtype=torch.float32)):
             lq, lk, lv = leaf(b, t, h, 64), leaf(b, t, h, 64), leaf(b, t, h, 64)
             gl = None if g is None else g.requires_grad_()

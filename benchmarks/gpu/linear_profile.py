@@ -2,7 +2,8 @@
 
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
-Prints, per (op, implementation: ours as the shape picks it, in two passes and fused; fla's chunk and fused_chunk),
+Prints, per (op, implementation: ours as the shape picks it, in two passes and fused on whole sequences, cut into
+segments for about N programs for each N of LINEAR_PROFILE_SPLIT=N,N; fla's chunk and fused_chunk),
 the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call
 (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT after every row.
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
@@ -52,19 +53,27 @@ def kernel_times(fn, grad, leaves=()):
     return per
 
 
-def _form(impl, min_programs):
-    """The op with chunk's FUSED_MIN_PROGRAMS* set: 0 forces the fused forward, 1 << 30 the two passes."""
-    names = ("FUSED_MIN_PROGRAMS", "FUSED_MIN_PROGRAMS_DELTA")
+def _form(impl, fused_min=None, split_target=None):
+    """The op with chunk's FUSED_MIN_PROGRAMS* set (0 forces the fused forward, 1 << 30 the two passes) and
+    sequences cut into segments for about ``split_target`` programs (0: never cut); None keeps the default."""
+    from subquad.ops.linear import chunk_split
+
+    settings = {}
+    if fused_min is not None:
+        settings.update({(chunk, "FUSED_MIN_PROGRAMS"): fused_min, (chunk, "FUSED_MIN_PROGRAMS_DELTA"): fused_min})
+    if split_target is not None:
+        settings.update({(chunk_split, "SPLIT_BELOW_PROGRAMS"): 1 << 30 if split_target else 0,
+                         (chunk_split, "SPLIT_TARGET_PROGRAMS"): max(split_target, 1)})
 
     def run(x):
-        chosen = [getattr(chunk, name) for name in names]
-        for name in names:
-            setattr(chunk, name, min_programs)
+        chosen = {key: getattr(*key) for key in settings}
+        for (mod, name), value in settings.items():
+            setattr(mod, name, value)
         try:
             return impl(x)
         finally:
-            for name, value in zip(names, chosen):
-                setattr(chunk, name, value)
+            for (mod, name), value in chosen.items():
+                setattr(mod, name, value)
 
     return run
 
@@ -79,8 +88,10 @@ def main():
     for op in ops:
         inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
         peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
-        impls = [("subquad", _ours(op, "triton")), ("subquad-2pass", _form(_ours(op, "triton"), 1 << 30)),
-                 ("subquad-fused", _form(_ours(op, "triton"), 0))]
+        ours = _ours(op, "triton")
+        impls = [("subquad", ours), ("subquad-2pass", _form(ours, 1 << 30, 0)), ("subquad-fused", _form(ours, 0, 0))]
+        impls += [(f"subquad-split{n}", _form(ours, split_target=int(n)))
+                  for n in os.environ.get("LINEAR_PROFILE_SPLIT", "").split(",") if n]
         if peer_ops is None or op in peer_ops.split(","):
             impls.append(("fla", _fla(op)))
             if _fla(op, fused=True) is not None:

@@ -18,6 +18,7 @@ import torch
 from ..autotuned import Autotuned
 from ..grid import cdiv, next_power_of_2
 from . import chunk_bwd, chunk_fwd, chunk_intra
+from .chunk_split import launch_segment_scan, segment_split
 from .chunk_intra import chunk_cumsum, decay_grad
 
 # the autotuned kernels, launched without the autotuner's per-call Python (subquad/ops/autotuned.py)
@@ -31,12 +32,14 @@ SUB_BLOCK = 16  # rows of the element-wise diagonal blocks for a decay per key d
 
 class ChunkTables:
     """Packed-sequence bookkeeping: ``cu`` (N+1) int32, ``chunk_indices`` (n_chunks, 2) = (sequence, chunk in
-    it), ``chunk_offsets`` (N+1) first global chunk of each sequence."""
+    it), ``chunk_offsets`` (N+1) first global chunk of each sequence; ``lengths`` on the host."""
 
     def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device):
+        self.chunk_size = chunk_size
         if cu_seqlens is None:
             n = cdiv(seq_len, chunk_size)
             self.n_seqs = batch
+            self.lengths = [seq_len] * batch
             self.cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seq_len
             seq = torch.arange(batch, device=device).repeat_interleave(n)
             within = torch.arange(n, device=device).repeat(batch)
@@ -44,7 +47,7 @@ class ChunkTables:
             self.n_chunks = batch * n
         else:
             self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            self.lengths = lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
             self.n_seqs = len(lengths)
             counts = [cdiv(n, chunk_size) for n in lengths]
             seq = torch.repeat_interleave(torch.arange(self.n_seqs), torch.tensor(counts)).to(device)
@@ -85,20 +88,20 @@ def gate_kind(g) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
 
-def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None):
-    """Returns (h per chunk start, final state fp32, v_new or None). k, v, w: (T_total, H, ·) contiguous; g the
-    in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None. The delta rule (w given) needs the whole
-    key dimension in one block."""
+def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True):
+    """Returns (h per chunk start or None, final state fp32, v_new or None). k, v, w: (T_total, H, ·)
+    contiguous; g the in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None. The delta rule (w given)
+    needs the whole key dimension in one block."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
-    h = k.new_empty(tables.n_chunks, heads, dk, dv)
+    h = k.new_empty(tables.n_chunks, heads, dk, dv) if store_h else None
     ht = k.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
     v_new = torch.empty_like(v) if w is not None else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
                     C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
-                    HAS_H0=h0 is not None, STORE_HT=True, IEEE=k.dtype == torch.float32)
+                    HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True, IEEE=k.dtype == torch.float32)
     return h, ht, v_new
 
 
@@ -180,19 +183,20 @@ def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=Non
     return o, ht
 
 
-def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True):
-    """Returns (dh per chunk end, d initial_state fp32 or None, dv_new or None). The backward launches take
-    ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do."""
+def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True,
+                     store_dh=True):
+    """Returns (dh per chunk end or None, d initial_state fp32 or None, dv_new or None). The backward launches
+    take ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
-    dh = q.new_empty(tables.n_chunks, heads, dk, dv)
+    dh = q.new_empty(tables.n_chunks, heads, dk, dv) if store_dh else None
     dh0 = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32) if need_dh0 else None
     dv_new = torch.empty_like(do) if w is not None else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
                     H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
-                    DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+                    DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH=store_dh, STORE_DH0=need_dh0,
                     IEEE=q.dtype == torch.float32, **tables.tune_key)
     return dh, dh0, dv_new
 
@@ -267,25 +271,41 @@ class ChunkGLAFunction(torch.autograd.Function):
         scores = None
         if gate_kind(gf) == 2:
             scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
-        if fused_forward(tables, heads, dk, dv):
-            o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, h0c, tables, scale, chunk_size)
+        split = segment_split(tables, heads, dk, dv)
+        walk_tables, walk_h0 = tables, h0c
+        if split is not None:
+            _, local, _ = launch_state_fwd(kf, vf, gc, None, split.tables, chunk_size, store_h=False)
+            walk_h0, final = launch_segment_scan(local, gc, h0c, split, chunk_size, reverse=False)
+            walk_tables = split.tables
+        if fused_forward(walk_tables, heads, dk, dv):
+            o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, walk_h0, walk_tables, scale, chunk_size)
         else:
-            h, ht, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
+            h, ht, _ = launch_state_fwd(kf, vf, gc, walk_h0, walk_tables, chunk_size)
             o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
-        ctx.save_for_backward(qf, kf, vf, gc, h0c, ht, scores)
-        ctx.meta = (tables, scale, chunk_size, q.shape, v.shape, h0 is not None, h0.dtype if h0 is not None else None)
+        if split is not None:
+            ht = final  # the walk's are per segment
+        ctx.save_for_backward(qf, kf, vf, gc, h0c, walk_h0, ht, scores)
+        ctx.meta = (tables, split, scale, chunk_size, q.shape, v.shape, h0 is not None,
+                    h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, gc, h0c, ht, scores = ctx.saved_tensors
-        tables, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
+        qf, kf, vf, gc, h0c, walk_h0, ht, scores = ctx.saved_tensors
+        tables, split, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()
-        h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
-        dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, tables, scale, chunk_size,
-                                      need_dh0=has_h0 and ctx.needs_input_grad[4])
+        need_dh0 = has_h0 and ctx.needs_input_grad[4]
+        if split is None:
+            h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
+            dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, tables, scale, chunk_size, need_dh0=need_dh0)
+        else:
+            h, _, _ = launch_state_fwd(kf, vf, gc, walk_h0, split.tables, chunk_size)
+            _, local, _ = launch_state_bwd(qf, kf, dof, gc, None, split.tables, scale, chunk_size, store_dh=False)
+            dht_seg, dh0 = launch_segment_scan(local, gc, dht_c, split, chunk_size, reverse=True)
+            dh0 = dh0 if need_dh0 else None
+            dh, _, _ = launch_state_bwd(qf, kf, dof, gc, dht_seg, split.tables, scale, chunk_size, need_dh0=False)
         dv = launch_dv_bwd(qf, kf, gc, dof, dh, tables, scale, chunk_size, scores)
         dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gc, h, dof, dh, tables, scale, chunk_size)
         dg = None

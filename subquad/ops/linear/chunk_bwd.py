@@ -29,8 +29,9 @@ from .tuning import COLUMNS, STATE, TILES
 def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale, SEQS,
               CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
-              STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
-    """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones."""
+              STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
+    """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones.
+    Without STORE_DH only d initial_state is kept (a segment's own contribution, ``chunk_split``)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -50,8 +51,9 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
         m_t = tok < eos
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                 d_state.to(dh.dtype.element_ty), mask=m_kv)
+        if STORE_DH:
+            tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                     d_state.to(dh.dtype.element_ty), mask=m_kv)
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         last = tl.minimum(bos + i_t * C + C, eos) - 1

@@ -55,8 +55,9 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
 def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-              STORE_HT: tl.constexpr, IEEE: tl.constexpr):
-    """DELTA: ``v`` holds u, and the corrected values ``v_new = u - w S`` (needs BK == K) are stored and used."""
+              STORE_H: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
+    """DELTA: ``v`` holds u, and the corrected values ``v_new = u - w S`` (needs BK == K) are stored and used.
+    Without STORE_H only the final state is kept (a segment's own contribution, ``chunk_split``)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -73,8 +74,9 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHU
     for i_t in range(n_chunks):
         tok = bos + i_t * C + tl.arange(0, C)
         m_t = tok < eos
-        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                 state.to(h.dtype.element_ty), mask=m_kv)
+        if STORE_H:
+            tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                     state.to(h.dtype.element_ty), mask=m_kv)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         if DELTA:
