@@ -6,7 +6,7 @@ import pytest
 def set_forward_form(monkeypatch, form: str) -> str:
     """Forces the chunked engine's forward form whatever the shape would pick: ``fused`` (one kernel, state in
     registers), ``two-pass`` (states stored per chunk), or ``split`` / ``split-two-pass`` (sequences cut into
-    segments of two chunks, their states composed by segment_scan, then the fused or two-pass walk)."""
+    segments of two chunks, each segment's own state first, then the fused or two-pass walk over the segments)."""
     from subquad.ops.linear import chunk, chunk_split
 
     least = 0 if form in ("fused", "split") else 1 << 30

@@ -202,17 +202,23 @@ def test_segment_split_cuts_whole_chunks(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
 def test_split_form_walks_segments_in_two_passes_too(kind, monkeypatch):
-    """Segments whose programs are too few for the fused walk take the two passes: both scans (the forward's
-    and the backward's) run, and outputs and gradients match the reference."""
+    """Segments whose programs are too few for the fused walk take the two passes: the forward computes each
+    segment's own state, then walks the segments; the backward recomputes the states on the segments, computes
+    each segment's own d initial_state, then walks them in reverse. Outputs and gradients match the reference,
+    with an empty sequence among the packed ones."""
     from conftest import set_forward_form
     from subquad.ops.linear import chunk
 
     set_forward_form(monkeypatch, "split-two-pass")
-    scans = []
-    scan = chunk.launch_segment_scan
-    monkeypatch.setattr(chunk, "launch_segment_scan", lambda *a, **kw: scans.append(kw["reverse"]) or scan(*a, **kw))
+    walks = []
+    for name in ("launch_state_fwd", "launch_state_bwd", "launch_fused_fwd"):
+        def spy(*a, _launch=getattr(chunk, name), _name=name, **kw):
+            walks.append((_name, kw.get("segments") is not None))
+            return _launch(*a, **kw)
+        monkeypatch.setattr(chunk, name, spy)
     cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
     tensors = _inputs(kind, 1, 60, n_states=4)
     _assert_match(_run("triton", tensors, chunk_size=16, cu_seqlens=cu),
                   _run("reference", tensors, chunk_size=16, cu_seqlens=cu))
-    assert scans == [False, True]
+    assert walks == [("launch_state_fwd", False), ("launch_state_fwd", True), ("launch_state_fwd", True),
+                     ("launch_state_bwd", False), ("launch_state_bwd", True)]

@@ -18,7 +18,7 @@ import torch
 from ..autotuned import Autotuned
 from ..grid import cdiv, next_power_of_2
 from . import chunk_bwd, chunk_fwd, chunk_intra
-from .chunk_split import launch_segment_scan, segment_split
+from .chunk_split import final_states, segment_split
 from .chunk_intra import chunk_cumsum, decay_grad
 
 # the autotuned kernels, launched without the autotuner's per-call Python (subquad/ops/autotuned.py)
@@ -88,20 +88,30 @@ def gate_kind(g) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
 
-def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True):
+def _segment_args(segments, tables, start, like, heads, dk, dv):
+    """The walk's segment arguments (local, seq, first) and its per-sequence output: ``segments`` is None (the
+    walk is over ``tables``' sequences) or ``(split, local)`` (over ``split.tables``' segments, chunk_split)."""
+    if segments is None:
+        return (None, None, None), like.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    split, local = segments
+    return (local, split.seq, split.first), final_states(like, split, heads, dk, dv, start)
+
+
+def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True, segments=None):
     """Returns (h per chunk start or None, final state fp32, v_new or None). k, v, w: (T_total, H, ·)
     contiguous; g the in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None. The delta rule (w given)
-    needs the whole key dimension in one block."""
+    needs the whole key dimension in one block. ``segments``: as ``_segment_args``."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     h = k.new_empty(tables.n_chunks, heads, dk, dv) if store_h else None
-    ht = k.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    seg_args, ht = _segment_args(segments, tables, h0, k, heads, dk, dv)
     v_new = torch.empty_like(v) if w is not None else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    state_fwd[grid](k, v, g, h, h0, ht, w, v_new, tables.cu, tables.chunk_offsets, H=heads, K=dk, V=dv,
-                    C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
-                    HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True, IEEE=k.dtype == torch.float32)
+    state_fwd[grid](k, v, g, h, h0, ht, w, v_new, *seg_args, tables.cu, tables.chunk_offsets, H=heads, K=dk,
+                    V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
+                    HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True, SPLIT=segments is not None,
+                    IEEE=k.dtype == torch.float32)
     return h, ht, v_new
 
 
@@ -169,35 +179,38 @@ def fused_forward(tables, heads, dk, dv, *, delta: bool = False) -> bool:
     return dk <= 128 and tables.n_seqs * heads * cdiv(dv, 64) >= least
 
 
-def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=None):
+def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=None, segments=None):
     """Returns (o, final state fp32); g as launch_output_fwd's, scores the intra-chunk A of a vector decay, w the
-    delta rule's (then v holds u)."""
+    delta rule's (then v holds u), segments as ``_segment_args``."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     o = torch.empty_like(v)
-    ht = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    seg_args, ht = _segment_args(segments, tables, h0, q, heads, dk, dv)
     grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, tables.cu, tables.chunk_offsets, scale, H=heads, K=dk, V=dv,
-                    C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g), DELTA=w is not None,
-                    HAS_H0=h0 is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
+    fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, *seg_args, tables.cu, tables.chunk_offsets, scale, H=heads,
+                    K=dk, V=dv, C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g),
+                    DELTA=w is not None, HAS_H0=h0 is not None, SPLIT=segments is not None,
+                    IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o, ht
 
 
 def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_local=None, need_dh0=True,
-                     store_dh=True):
+                     store_dh=True, segments=None):
     """Returns (dh per chunk end or None, d initial_state fp32 or None, dv_new or None). The backward launches
-    take ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do."""
+    take ``g`` in the cumulative form (``launch_chunk_cumsum``), as the forward ones do; segments as
+    ``_segment_args``."""
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     dh = q.new_empty(tables.n_chunks, heads, dk, dv) if store_dh else None
-    dh0 = q.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32) if need_dh0 else None
+    seg_args, dh0 = _segment_args(segments, tables, dht, q, heads, dk, dv)
+    dh0 = dh0 if need_dh0 else None
     dv_new = torch.empty_like(do) if w is not None else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, tables.cu, tables.chunk_offsets, scale,
-                    H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
+    state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, *seg_args, tables.cu, tables.chunk_offsets,
+                    scale, H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
                     DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH=store_dh, STORE_DH0=need_dh0,
-                    IEEE=q.dtype == torch.float32, **tables.tune_key)
+                    SPLIT=segments is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     return dh, dh0, dv_new
 
 
@@ -272,26 +285,24 @@ class ChunkGLAFunction(torch.autograd.Function):
         if gate_kind(gf) == 2:
             scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
         split = segment_split(tables, heads, dk, dv)
-        walk_tables, walk_h0 = tables, h0c
+        walk_tables, segments, local = tables, None, None
         if split is not None:
+            # each segment's own final state, then the walk over the segments
             _, local, _ = launch_state_fwd(kf, vf, gc, None, split.tables, chunk_size, store_h=False)
-            walk_h0, final = launch_segment_scan(local, gc, h0c, split, chunk_size, reverse=False)
-            walk_tables = split.tables
+            walk_tables, segments = split.tables, (split, local)
         if fused_forward(walk_tables, heads, dk, dv):
-            o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, walk_h0, walk_tables, scale, chunk_size)
+            o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, h0c, walk_tables, scale, chunk_size, segments=segments)
         else:
-            h, ht, _ = launch_state_fwd(kf, vf, gc, walk_h0, walk_tables, chunk_size)
+            h, ht, _ = launch_state_fwd(kf, vf, gc, h0c, walk_tables, chunk_size, segments=segments)
             o = launch_output_fwd(qf, kf, vf, gc, h, tables, scale, chunk_size, scores)
-        if split is not None:
-            ht = final  # the walk's are per segment
-        ctx.save_for_backward(qf, kf, vf, gc, h0c, walk_h0, ht, scores)
+        ctx.save_for_backward(qf, kf, vf, gc, h0c, local, ht, scores)
         ctx.meta = (tables, split, scale, chunk_size, q.shape, v.shape, h0 is not None,
                     h0.dtype if h0 is not None else None)
         return o.view(bsz, seq_len, heads, dv), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, gc, h0c, walk_h0, ht, scores = ctx.saved_tensors
+        qf, kf, vf, gc, h0c, local, ht, scores = ctx.saved_tensors
         tables, split, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
@@ -301,11 +312,11 @@ class ChunkGLAFunction(torch.autograd.Function):
             h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
             dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, tables, scale, chunk_size, need_dh0=need_dh0)
         else:
-            h, _, _ = launch_state_fwd(kf, vf, gc, walk_h0, split.tables, chunk_size)
-            _, local, _ = launch_state_bwd(qf, kf, dof, gc, None, split.tables, scale, chunk_size, store_dh=False)
-            dht_seg, dh0 = launch_segment_scan(local, gc, dht_c, split, chunk_size, reverse=True)
-            dh0 = dh0 if need_dh0 else None
-            dh, _, _ = launch_state_bwd(qf, kf, dof, gc, dht_seg, split.tables, scale, chunk_size, need_dh0=False)
+            h, _, _ = launch_state_fwd(kf, vf, gc, h0c, split.tables, chunk_size, segments=(split, local))
+            # each segment's own d initial_state, then the reverse walk over the segments
+            _, local_d, _ = launch_state_bwd(qf, kf, dof, gc, None, split.tables, scale, chunk_size, store_dh=False)
+            dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, split.tables, scale, chunk_size,
+                                          need_dh0=need_dh0, segments=(split, local_d))
         dv = launch_dv_bwd(qf, kf, gc, dof, dh, tables, scale, chunk_size, scores)
         dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gc, h, dof, dh, tables, scale, chunk_size)
         dg = None

@@ -21,19 +21,26 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import _decays, _dot
+from .chunk_split import compose
 from .tuning import COLUMNS, STATE, TILES
 
 
 @triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
-def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offsets, scale, SEQS,
-              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
-              STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
+def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets,
+              scale, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+              STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones.
-    Without STORE_DH only d initial_state is kept (a segment's own contribution, ``chunk_split``)."""
+    Without STORE_DH only d initial_state is kept (a segment's own, ``local``, in chunk_split's terms). SPLIT:
+    the sequences are segments, each starting from the gradient composed from the segments after it; the first
+    segment of a sequence stores its d initial_state."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
+    row = i_nh  # of dht and dh0: the sequence's
+    if SPLIT:
+        i_seq = tl.load(seg_seq + i_n)
+        row = i_seq * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
@@ -44,7 +51,10 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
     m_kv = m_k[:, None] & m_v[None, :]
     d_state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        d_state += tl.load(dht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        d_state += tl.load(dht + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+    if SPLIT:
+        d_state = compose(d_state, local, g, cu_seqlens, i_n + 1, tl.load(seg_first + i_seq + 1), i_h, o_k, m_k,
+                          o_v, m_v, H, K, V, C, BK, GATE, True)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
         tok = bos + i_t * C + tl.arange(0, C)
@@ -81,8 +91,8 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, cu_seqlens, chunk_offset
         d_state += _dot(tl.trans(b_q), b_do, IEEE)
         if DELTA:
             d_state -= _dot(tl.trans(b_w), b_dvn.to(b_w.dtype), IEEE)
-    if STORE_DH0:
-        tl.store(dh0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], d_state, mask=m_kv)
+    if STORE_DH0 and (not SPLIT or i_n == tl.load(seg_first + i_seq)):
+        tl.store(dh0 + row * K * V + o_k[:, None] * V + o_v[None, :], d_state, mask=m_kv)
 
 
 @triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "USE_DH", "SEQS", "CHUNKS"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .chunk_split import compose
 from .tuning import FUSED, STATE, TILES
 
 
@@ -52,14 +53,19 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
 
 @triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
 @triton.jit
-def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
+def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-              STORE_H: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
+              STORE_H: tl.constexpr, STORE_HT: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """DELTA: ``v`` holds u, and the corrected values ``v_new = u - w S`` (needs BK == K) are stored and used.
-    Without STORE_H only the final state is kept (a segment's own contribution, ``chunk_split``)."""
+    Without STORE_H only the final state is kept (a segment's own, ``local``, in chunk_split's terms). SPLIT:
+    the sequences are segments (``chunk_split``), each starting from the segments before it."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
+    row = i_nh  # of h0 and ht: the sequence's
+    if SPLIT:
+        i_seq = tl.load(seg_seq + i_n)
+        row = i_seq * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
@@ -70,7 +76,10 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHU
     m_kv = m_k[:, None] & m_v[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        state += tl.load(h0 + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    if SPLIT:
+        state = compose(state, local, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v, m_v,
+                        H, K, V, C, BK, GATE, False)
     for i_t in range(n_chunks):
         tok = bos + i_t * C + tl.arange(0, C)
         m_t = tok < eos
@@ -96,8 +105,9 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, cu_seqlens, chunk_offsets, SEQS, CHU
             state *= tl.exp(b_last)[:, None]
             b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
         state += _dot(tl.trans(b_k), b_v, IEEE)
-    if STORE_HT:
-        tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
+    # (over segments, the sequence's last one stores its final state)
+    if STORE_HT and (not SPLIT or i_n == tl.load(seg_first + i_seq + 1) - 1):
+        tl.store(ht + row * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
 
 
 @triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
@@ -151,15 +161,19 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
 
 @triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
 @triton.jit
-def fused_fwd(q, k, v, g, A, w, o, h0, ht, cu_seqlens, chunk_offsets, scale, SEQS, CHUNKS,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale, SEQS,
+              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-              IEEE: tl.constexpr):
+              SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """state_fwd and output_fwd in one walk over the chunks (needs BK >= K): the chunk's output takes the state
     before the chunk, then the chunk's keys and values are added to it. DELTA: as state_fwd's (``v`` holds u;
-    the corrected values are used, not stored: the backward recomputes them)."""
+    the corrected values are used, not stored: the backward recomputes them). SPLIT: as state_fwd's."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
+    row = i_nh
+    if SPLIT:
+        i_seq = tl.load(seg_seq + i_n)
+        row = i_seq * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
@@ -172,7 +186,10 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, cu_seqlens, chunk_offsets, scale, SEQ
     causal = rows[:, None] >= rows[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        state += tl.load(h0 + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    if SPLIT:
+        state = compose(state, local, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v, m_v,
+                        H, K, V, C, BK, GATE, False)
     # The decays and A feed no tl.dot, so Triton's pipeliner leaves their loads where they are: on the serial
     # chain of every chunk, a memory latency each. They are loaded one chunk ahead instead.
     if GATE != 0:
@@ -223,4 +240,5 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, cu_seqlens, chunk_offsets, scale, SEQ
         acc += _dot(scores.to(b_v.dtype), b_v, IEEE)
         tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty), mask=m_tv)
         state += _dot(tl.trans(b_k), b_u, IEEE)
-    tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
+    if not SPLIT or i_n == tl.load(seg_first + i_seq + 1) - 1:
+        tl.store(ht + row * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)

@@ -7,12 +7,16 @@ programs for 132 SMs, each walking 512 chunks. The recurrence is affine in the s
 L`` over a segment (``D`` the segment's summed log-decay, ``L`` its state from zero), so:
 
 1. every segment's ``L`` is computed at once, from a zero state, with nothing stored per chunk;
-2. ``segment_scan`` composes them along each sequence (a few segments: one small program per tile), giving every
-   segment's incoming state and the sequence's final one;
-3. the usual walk runs on all segments at once, each from its incoming state.
+2. the usual walk runs on all segments at once, each program first composing the segments before it in its
+   sequence (``compose``: a few tiles read) into its incoming state; the last segment of a sequence stores the
+   final state.
 
-The backward's reverse walk splits the same way (``L`` is then a segment's own d initial_state, the scan runs
-from the end). Segments are whole chunks, so chunk ``c`` is the same tokens under the segment tables as under the
+Composing in the walk rather than in a pass of its own saves a launch and two allocations per walk: the first
+version had a scan kernel between the passes, and at 1 x 8k its four-launch forward took 211-237 us per call for
+120 us of kernels (H200, ``2026-12-03-linear-split-profile-1x8192-fwd-h200.json``); at 1 x 32k (~0.3 ms of
+kernels) half of its timed rounds were host-bound (``2026-12-03-linear-suite-1x32768-h200.json``). The backward's reverse walk splits the same way
+(``L`` is then a segment's own d initial_state, composed from the sequence's end; the first segment stores d
+initial_state). Segments are whole chunks, so chunk ``c`` is the same tokens under the segment tables as under the
 sequence ones: kernels indexed by chunk take either. The delta rule's transition ``I - beta k k^T`` is a matrix,
 not a decay, and is not split.
 """
@@ -36,7 +40,8 @@ SPLIT_MIN_CHUNKS = 16
 
 class SegmentSplit:
     """``tables``: ChunkTables whose sequences are the segments (``segment_chunks`` chunks each, the last of a
-    sequence shorter); ``first`` (N+1) int32, the first segment of each sequence (one of length 0 has none)."""
+    sequence shorter); ``first`` (N+1) int32, the first segment of each sequence (one of length 0 has none);
+    ``seq`` (n_segs) int32, the sequence of each segment."""
 
     def __init__(self, lengths: tuple[int, ...], chunk_size: int, segment_chunks: int, device):
         from .chunk import ChunkTables
@@ -47,9 +52,12 @@ class SegmentSplit:
             start = bounds[-1]
             bounds += [start + min(cut, n) for cut in range(span, n + span, span)]
             first.append(len(bounds) - 1)
-        self.n_segs = len(bounds) - 1
+        self.n_segs, self.n_seqs = len(bounds) - 1, len(lengths)
+        self.has_empty = 0 in lengths
         self.tables = ChunkTables(torch.tensor(bounds, dtype=torch.int32), 1, 0, chunk_size, device)
         self.first = torch.tensor(first, dtype=torch.int32, device=device)
+        self.seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(first).diff()).to(
+            device=device, dtype=torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -70,38 +78,25 @@ def segment_split(tables, heads: int, dk: int, dv: int) -> SegmentSplit | None:
 
 
 @triton.jit
-def segment_scan(local, g, h_in, incoming, out, seg_cu, first, H: tl.constexpr, K: tl.constexpr,
-                 V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
-                 GATE: tl.constexpr, REVERSE: tl.constexpr, HAS_IN: tl.constexpr):
-    """One program per (K tile, V tile, sequence x head): ``incoming[s]`` = the state entering segment s in the
-    walk's direction (from ``h_in`` at the sequence's first, or last if REVERSE, segment), then
-    ``state <- e^{D_s} state + local[s]``; ``out`` the state after the last. ``D_s``, the segment's log-decay,
-    is the sum of its chunks' in-chunk cumulative log-decays ``g`` at their last tokens."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    s_first = tl.load(first + i_n)
-    n_segs = tl.load(first + i_n + 1) - s_first
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
+def compose(state, local, g, seg_cu, lo, hi, i_h, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr,
+            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr):
+    """``state <- e^{D_s} state + local[s]`` for the segments s in [lo, hi), in order (from hi - 1 down if
+    REVERSE): from the sequence's initial state, the state entering segment hi; from its final-state gradient,
+    the gradient leaving segment lo - 1. ``D_s``, the segment's log-decay, is the sum of its chunks' in-chunk
+    cumulative log-decays ``g`` at their last tokens."""
     tile = o_k[:, None] * V + o_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_IN:
-        state += tl.load(h_in + i_nh.to(tl.int64) * K * V + tile, mask=m_kv, other=0.0)
-    for i in range(n_segs):
-        s = (s_first + n_segs - 1 - i) if REVERSE else (s_first + i)
-        base = (s * H + i_h).to(tl.int64) * K * V
-        tl.store(incoming + base + tile, state, mask=m_kv)
+    for i in range(hi - lo):
+        s = (hi - 1 - i) if REVERSE else (lo + i)
         if GATE != 0:
             bos = tl.load(seg_cu + s).to(tl.int64)
             eos = tl.load(seg_cu + s + 1).to(tl.int64)
             if GATE == 1:
-                total = tl.zeros([BC], dtype=tl.float32)
+                total = tl.zeros([16], dtype=tl.float32)
             else:
-                total = tl.zeros([BC, BK], dtype=tl.float32)
-            for c in range(0, tl.cdiv(eos - bos, C), BC):
-                o_c = c + tl.arange(0, BC)
+                total = tl.zeros([16, BK], dtype=tl.float32)
+            for c in range(0, tl.cdiv(eos - bos, C), 16):
+                o_c = c + tl.arange(0, 16)
                 last = tl.minimum(bos + o_c * C + C, eos) - 1
                 m_c = bos + o_c * C < eos
                 if GATE == 1:
@@ -113,21 +108,15 @@ def segment_scan(local, g, h_in, incoming, out, seg_cu, first, H: tl.constexpr, 
                 state *= tl.exp(tl.sum(total, axis=0))
             else:
                 state *= tl.exp(tl.sum(total, axis=0))[:, None]
-        state += tl.load(local + base + tile, mask=m_kv, other=0.0)
-    tl.store(out + i_nh.to(tl.int64) * K * V + tile, state, mask=m_kv)
+        state += tl.load(local + (s * H + i_h).to(tl.int64) * K * V + tile, mask=m_kv, other=0.0)
+    return state
 
 
-def launch_segment_scan(local, g, h_in, split: SegmentSplit, chunk_size: int, *, reverse: bool):
-    """local (n_segs, H, K, V) fp32, g the in-chunk cumulative log-decay or None, h_in (N, H, K, V) or None.
-    Returns (incoming (n_segs, H, K, V) fp32, out (N, H, K, V) fp32)."""
-    _, heads, dk, dv = local.shape
-    n_seqs = split.first.numel() - 1
-    incoming = torch.empty_like(local)
-    out = local.new_empty(n_seqs, heads, dk, dv)
-    gate = 0 if g is None else (1 if g.dim() == 2 else 2)
-    bk = min(64, max(16, triton.next_power_of_2(dk)))
-    bv = min(64, max(16, triton.next_power_of_2(dv)))
-    segment_scan[(cdiv(dk, bk), cdiv(dv, bv), n_seqs * heads)](
-        local, g, h_in, incoming, out, split.tables.cu, split.first, H=heads, K=dk, V=dv, C=chunk_size, BK=bk,
-        BV=bv, BC=16, GATE=gate, REVERSE=reverse, HAS_IN=h_in is not None, num_warps=4)
-    return incoming, out
+def final_states(like, split, heads: int, dk: int, dv: int, start):
+    """The per-sequence output of a walk over segments (final states, or d initial_state): written by each
+    sequence's last (first) segment; a sequence of length 0 has none and keeps ``start`` (or zeros)."""
+    if not split.has_empty:
+        return like.new_empty(split.n_seqs, heads, dk, dv, dtype=torch.float32)
+    if start is None:
+        return like.new_zeros(split.n_seqs, heads, dk, dv, dtype=torch.float32)
+    return start.float().clone()
