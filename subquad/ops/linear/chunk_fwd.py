@@ -17,7 +17,9 @@ Two passes, as in flash-linear-attention's chunk form:
 or both in one (``fused_fwd``, fla's fused_chunk): one program per (sequence, head, V block) walks the chunks,
 computing each chunk's output from the state in registers, so ``h`` (as many bytes as q, k and v together at
 D = 128, C = 64) is neither written nor read back. It has as many programs as the state pass alone, so it pays
-where sequences times heads fill the GPU (``chunk.fused_forward``).
+where sequences times heads fill the GPU (``chunk.fused_forward``); where they do not, ``chunk_split`` cuts the
+sequences into segments, and the walks (these two kernels' and the backward's ``state_bwd``) run on the segments
+under the ``SPLIT`` switch, each program composing its incoming state from the segments before it.
 Decays use ``b``, the cumulative log-decay inside the chunk; every exponent is ``b_i - b_j`` with i at or after j
 (or ``b_i`` itself), so it is <= 0 and nothing overflows for decays near 0.
 """
@@ -51,7 +53,8 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
     return b_b, b_last
 
 
-@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
+@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "SEQS",
+                                             "CHUNKS"])
 @triton.jit
 def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
@@ -159,7 +162,7 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
              mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
+@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
 def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale, SEQS,
               CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,

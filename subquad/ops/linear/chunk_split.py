@@ -14,11 +14,12 @@ L`` over a segment (``D`` the segment's summed log-decay, ``L`` its state from z
 Composing in the walk rather than in a pass of its own saves a launch and two allocations per walk: the first
 version had a scan kernel between the passes, and at 1 x 8k its four-launch forward took 211-237 us per call for
 120 us of kernels (H200, ``2026-12-03-linear-split-profile-1x8192-fwd-h200.json``); at 1 x 32k (~0.3 ms of
-kernels) half of its timed rounds were host-bound (``2026-12-03-linear-suite-1x32768-h200.json``). The backward's reverse walk splits the same way
-(``L`` is then a segment's own d initial_state, composed from the sequence's end; the first segment stores d
-initial_state). Segments are whole chunks, so chunk ``c`` is the same tokens under the segment tables as under the
-sequence ones: kernels indexed by chunk take either. The delta rule's transition ``I - beta k k^T`` is a matrix,
-not a decay, and is not split.
+kernels) some of its timed rounds were host-bound (``2026-12-03-linear-suite-1x32768-h200.json``).
+
+The backward's reverse walk splits the same way (``L`` is then a segment's own d initial_state, composed from the
+sequence's end; the first segment stores d initial_state). Segments are whole chunks, so chunk ``c`` is the same
+tokens under the segment tables as under the sequence ones: kernels indexed by chunk take either. The delta
+rule's transition over a segment is a K x K matrix, not a decay, and is not split.
 """
 
 from __future__ import annotations
