@@ -191,7 +191,9 @@ def test_segment_split_cuts_whole_chunks(monkeypatch):
     from subquad.ops.linear.chunk import chunk_tables
     from subquad.ops.linear.chunk_split import segment_split
 
-    assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 128, 128).n_segs == 8
+    long_one = chunk_tables(None, 1, 32768, 64, "cpu")
+    assert segment_split(long_one, 16, 128, 128).n_segs == 8
+    assert segment_split(long_one, 16, 128, 128) is segment_split(long_one, 16, 128, 128)  # made once per shape
     assert segment_split(chunk_tables(None, 4, 8192, 64, "cpu"), 16, 128, 128) is None
     assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 256, 128) is None
     set_forward_form(monkeypatch, "split")
