@@ -186,7 +186,7 @@ def test_fixed_length_tables_are_made_once_per_shape():
 def test_segment_split_cuts_whole_chunks(monkeypatch):
     """Segments are whole chunks of each sequence (the last one shorter; none for an empty sequence), and by
     default only sequences too few to fill the GPU are cut: 1 x 32k with 16 heads into 8 segments of 64 chunks
-    (256 programs), 4 x 8k (128 programs) not."""
+    (256 programs), 4 x 8k (128 programs) not; a sequence into 32 segments at most."""
     from conftest import set_forward_form
     from subquad.ops.linear.chunk import chunk_tables
     from subquad.ops.linear.chunk_split import segment_split
@@ -196,6 +196,7 @@ def test_segment_split_cuts_whole_chunks(monkeypatch):
     assert segment_split(long_one, 16, 128, 128) is segment_split(long_one, 16, 128, 128)  # made once per shape
     assert segment_split(chunk_tables(None, 4, 8192, 64, "cpu"), 16, 128, 128) is None
     assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 256, 128) is None
+    assert segment_split(chunk_tables(None, 1, 1 << 20, 64, "cpu"), 1, 64, 64).n_segs == 32   # not 128
     set_forward_form(monkeypatch, "split")
     split = segment_split(chunk_tables(torch.tensor([0, 13, 13, 47, 60]), 1, 60, 16, "cpu"), H, DK, DV)
     assert split.tables.cu.tolist() == [0, 13, 45, 47, 60]

@@ -33,10 +33,13 @@ import triton.language as tl
 from ..grid import cdiv
 
 # Programs of the fused walk (sequences x heads x 64-wide value tiles) below which sequences are cut, and the
-# count aimed at (two per SM on the H100), with segments of at least SPLIT_MIN_CHUNKS chunks.
+# count aimed at (two per SM on the H100), with segments of at least SPLIT_MIN_CHUNKS chunks and at most
+# SPLIT_MAX_SEGMENTS per sequence (the last segment's program composes all the others before its walk: the
+# prologues grow as the square of the segments).
 SPLIT_BELOW_PROGRAMS = 128
 SPLIT_TARGET_PROGRAMS = 256
 SPLIT_MIN_CHUNKS = 16
+SPLIT_MAX_SEGMENTS = 32
 
 
 class SegmentSplit:
@@ -72,8 +75,10 @@ def segment_split(tables, heads: int, dk: int, dv: int) -> SegmentSplit | None:
     programs = tables.n_seqs * heads * cdiv(dv, 64)
     if dk > 128 or programs >= SPLIT_BELOW_PROGRAMS:
         return None
-    segment_chunks = max(SPLIT_MIN_CHUNKS, cdiv(tables.n_chunks * heads * cdiv(dv, 64), SPLIT_TARGET_PROGRAMS))
-    if max(tables.lengths, default=0) <= segment_chunks * tables.chunk_size:
+    longest = cdiv(max(tables.lengths, default=0), tables.chunk_size)
+    segment_chunks = max(SPLIT_MIN_CHUNKS, cdiv(tables.n_chunks * heads * cdiv(dv, 64), SPLIT_TARGET_PROGRAMS),
+                         cdiv(longest, SPLIT_MAX_SEGMENTS))
+    if longest <= segment_chunks:
         return None
     return _segments(tuple(tables.lengths), tables.chunk_size, segment_chunks, tables.cu.device)
 
