@@ -25,8 +25,8 @@ from .chunk_split import compose
 from .tuning import COLUMNS, STATE, TILES
 
 
-@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_DH", "SPLIT", "SEQS",
-                                             "CHUNKS"])
+@triton.autotune(configs=STATE,
+                 key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_DH", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
 def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets,
               scale, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,

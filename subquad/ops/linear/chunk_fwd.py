@@ -53,8 +53,8 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
     return b_b, b_last
 
 
-@triton.autotune(configs=STATE, key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "SEQS",
-                                             "CHUNKS"])
+@triton.autotune(configs=STATE,
+                 key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
 def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
