@@ -5,10 +5,10 @@ Run on the device (fla from the carried wheels on PYTHONPATH):
 Prints, per (op, implementation: ours as the shape picks it, in two passes and fused on whole sequences, cut into
 segments for about N programs for each N of LINEAR_PROFILE_SPLIT=N,N; fla's chunk and fused_chunk),
 the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call
-(torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE.json to $OUT after every row.
+(torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE_OPS.json to $OUT after every row.
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
 used to fix the autotuned tiles of every later one). LINEAR_PROFILE_PEER_OPS=op,op limits fla to those ops (fla
-autotunes each kernel for tens of seconds on its first call).
+autotunes each kernel for tens of seconds on its first call); LINEAR_PROFILE_IMPLS=name,name keeps only those rows.
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def main():
             impls.append(("fla", _fla(op)))
             if _fla(op, fused=True) is not None:
                 impls.append(("fla-fused", _fla(op, fused=True)))
+        keep = os.environ.get("LINEAR_PROFILE_IMPLS")
         for name, impl in impls:
+            if keep and name not in keep.split(","):
+                continue
             try:
                 if warm:
                     wb, wt = (int(x) for x in warm.split("x"))
@@ -118,7 +121,7 @@ def main():
             print(f"{op:12s} {name:8s} call {call_us:8.1f} us, kernels {total:8.1f} us  " +
                   "  ".join(f"{k[:38]}={v:.0f}" for k, v in per.most_common(6)), flush=True)
             # after every row: a call that runs out of time keeps what it measured
-            write(batch, seqlen, mode, result)
+            write(batch, seqlen, mode, ops, result)
     from subquad.ops.linear import chunk_bwd, chunk_fwd, chunk_intra
     for mod in (chunk_fwd, chunk_bwd, chunk_intra):
         for name, kernel in vars(mod).items():
@@ -127,8 +130,8 @@ def main():
                 print(f"{mod.__name__.split('.')[-1]}.{name}: {chosen}")
 
 
-def write(batch, seqlen, mode, result):
-    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{batch}x{seqlen}_{mode}.json"), "w") as f:
+def write(batch, seqlen, mode, ops, result):
+    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{batch}x{seqlen}_{mode}_{'-'.join(ops)}.json"), "w") as f:
         json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                    "triton": triton.__version__, "result": result}, f, indent=1)
