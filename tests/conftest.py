@@ -24,7 +24,8 @@ def forward_form(request, monkeypatch):
     return set_forward_form(monkeypatch, request.param)
 
 
-@pytest.fixture(params=["fused", "two-pass"])
+@pytest.fixture(params=["fused", "two-pass", "split", "split-two-pass"])
 def delta_forward_form(request, monkeypatch):
-    """The delta rule's forms (its transition is a matrix, so its sequences are not split)."""
+    """The delta rule's forms: its split composes segments through matrices, not decays, so the two-pass walk
+    over segments is checked here too."""
     return set_forward_form(monkeypatch, request.param)

@@ -42,7 +42,7 @@ def _assert_match(got, want, atol=2e-4, rtol=2e-4):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("gated, chunk, t", [(False, 16, 40), (True, 32, 45), (True, 64, 70)])
+@pytest.mark.parametrize("gated, chunk, t", [(False, 16, 40), (True, 32, 45), (True, 64, 70), (True, 16, 100)])
 def test_delta_kernel_matches_reference(gated, chunk, t, delta_forward_form):
     tensors = _inputs(gated, 2, t)
     _assert_match(_run("triton", tensors, chunk_size=chunk), _run("reference", tensors, chunk_size=chunk))

@@ -4,8 +4,11 @@ Three steps:
 1. the WY / UT transform per chunk (wy.py), ``w = T (beta e^b k)``, ``u = T (beta v)``, ``T = (I + A)^-1``;
 2. the state pass forms ``v_new = u - w S`` chunk by chunk (the engine's state kernel, ``DELTA`` on);
 3. the engine's output pass with values ``v_new``.
-The backward runs the engine's kernels with the delta terms (``dv_new``, ``dw = -dv_new h^T``) switched on,
-then the WY backward. w, u and T are kept; the per-chunk states are recomputed.
+(2 and 3 in one walk where it pays, ``fused_fwd``.) Where sequences x heads are too few to fill the GPU, the
+walks run on segments (linear/chunk_split.py), with each segment's transition matrix computed beside its own
+state. The backward runs the engine's kernels with the delta terms (``dv_new``, ``dw = -dv_new h^T``) switched
+on, then the WY backward. w, u and T are kept (and the segments' states and transitions); the per-chunk states
+are recomputed.
 
 Log-decay gradient of steps 2-3: as for the engine (``q . dq - k . dk``, final state), plus one term per chunk:
 ``v_new = u - w h_c`` depends on the cumulative decay up to the chunk start through ``h_c``, which adds
@@ -18,7 +21,8 @@ import torch
 
 from ..linear.chunk import (ChunkTables, chunk_tables, fused_forward, launch_chunk_cumsum, launch_dqk_bwd,
                             launch_dv_bwd, launch_fused_fwd, launch_output_fwd, launch_state_bwd, launch_state_fwd,
-                            log_decay_grad)
+                            launch_transition, log_decay_grad)
+from ..linear.chunk_split import segment_split
 from .wy import launch_wy_bwd, launch_wy_fwd
 
 
@@ -39,25 +43,43 @@ class ChunkDeltaFunction(torch.autograd.Function):
         # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
         w, u, t_mat = launch_wy_fwd(k, v, beta, gc, tables, chunk_size)
-        if fused_forward(tables, k.shape[1], k.shape[2], v.shape[2], delta=True):
-            o, ht = launch_fused_fwd(q, k, u, gc, None, h0, tables, scale, chunk_size, w=w)
+        heads, dk, dv = k.shape[1], k.shape[2], v.shape[2]
+        split = segment_split(tables, heads, dk, dv)
+        walk_tables, segments, local, trans = tables, None, None, None
+        if split is not None:
+            _, local, _ = launch_state_fwd(k, u, gc, None, split.tables, chunk_size, w=w, store_h=False)
+            trans = launch_transition(k, w, gc, split.tables, chunk_size)
+            walk_tables, segments = split.tables, (split, local, trans)
+        if fused_forward(walk_tables, heads, dk, dv, delta=True):
+            o, ht = launch_fused_fwd(q, k, u, gc, None, h0, walk_tables, scale, chunk_size, w=w, segments=segments)
         else:
-            h, ht, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+            h, ht, v_new = launch_state_fwd(k, u, gc, h0, walk_tables, chunk_size, w=w, segments=segments)
             o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, beta, gc, h0, ht, t_mat, w, u)
-        ctx.meta = (tables, scale, chunk_size)
+        ctx.save_for_backward(q, k, v, beta, gc, h0, ht, t_mat, w, u, local, trans)
+        ctx.meta = (tables, split, scale, chunk_size)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, gc, h0, ht, t_mat, w, u = ctx.saved_tensors
-        tables, scale, chunk_size = ctx.meta
+        q, k, v, beta, gc, h0, ht, t_mat, w, u, local, trans = ctx.saved_tensors
+        tables, split, scale, chunk_size = ctx.meta
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, _, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dv_local = launch_dv_bwd(q, k, gc, do, None, tables, scale, chunk_size)
-        dh, dh0, dv_new = launch_state_bwd(q, k, do, gc, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
-                                           need_dh0=h0 is not None and ctx.needs_input_grad[5])
+        if split is None:
+            h, _, v_new = launch_state_fwd(k, u, gc, h0, tables, chunk_size, w=w)
+            dh, dh0, dv_new = launch_state_bwd(q, k, do, gc, dht, tables, scale, chunk_size, w=w, dv_local=dv_local,
+                                               need_dh0=need_dh0)
+        else:
+            h, _, v_new = launch_state_fwd(k, u, gc, h0, split.tables, chunk_size, w=w,
+                                           segments=(split, local, trans))
+            # each segment's own d initial_state, then the reverse walk composing with the transposed transitions
+            _, local_d, _ = launch_state_bwd(q, k, do, gc, None, split.tables, scale, chunk_size, w=w,
+                                             dv_local=dv_local, store_dh=False)
+            dh, dh0, dv_new = launch_state_bwd(q, k, do, gc, dht, split.tables, scale, chunk_size, w=w,
+                                               dv_local=dv_local, need_dh0=need_dh0,
+                                               segments=(split, local_d, trans))
         dq, dk, dw, db, dvu = launch_dqk_bwd(q, k, v_new, gc, h, do, dh, tables, scale, chunk_size, dv_new=dv_new,
                                              u=u)
         dv, dbeta, dg_wy = launch_wy_bwd(k, v, beta, gc, t_mat, dw, dv_new, dk, tables, chunk_size)

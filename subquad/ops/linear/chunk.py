@@ -89,12 +89,13 @@ def gate_kind(g) -> int:
 
 
 def _segment_args(segments, tables, start, like, heads, dk, dv):
-    """The walk's segment arguments (local, seq, first) and its per-sequence output: ``segments`` is None (the
-    walk is over ``tables``' sequences) or ``(split, local)`` (over ``split.tables``' segments, chunk_split)."""
+    """The walk's segment arguments (local, trans, seq, first) and its per-sequence output: ``segments`` is None
+    (the walk is over ``tables``' sequences) or ``(split, local, trans)`` (over ``split.tables``' segments,
+    chunk_split; ``trans`` the delta rule's segment transitions, else None)."""
     if segments is None:
-        return (None, None, None), like.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
-    split, local = segments
-    return (local, split.seq, split.first), final_states(like, split, heads, dk, dv, start)
+        return (None, None, None, None), like.new_empty(tables.n_seqs, heads, dk, dv, dtype=torch.float32)
+    split, local, trans = segments
+    return (local, trans, split.seq, split.first), final_states(like, split, heads, dk, dv, start)
 
 
 def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True, segments=None):
@@ -106,13 +107,27 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True, s
     bk = max(16, next_power_of_2(dk)) if w is not None else block_sizes(dk, dv)[0]
     h = k.new_empty(tables.n_chunks, heads, dk, dv) if store_h else None
     seg_args, ht = _segment_args(segments, tables, h0, k, heads, dk, dv)
-    v_new = torch.empty_like(v) if w is not None else None
+    v_new = torch.empty_like(v) if w is not None and store_h else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_fwd[grid](k, v, g, h, h0, ht, w, v_new, *seg_args, tables.cu, tables.chunk_offsets, H=heads, K=dk,
                     V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
                     HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True, SPLIT=segments is not None,
-                    IEEE=k.dtype == torch.float32)
+                    TRANSITION=False, IEEE=k.dtype == torch.float32)
     return h, ht, v_new
+
+
+def launch_transition(k, w, g, tables, chunk_size):
+    """The delta rule's transition matrix over each of ``tables``' sequences (the segments of a split), fp32
+    ``(n_seqs, H, K, K)``: ``S_end = M S_start + (S_end from zero)``."""
+    t_total, heads, dk = k.shape
+    bk = max(16, next_power_of_2(dk))
+    trans = k.new_empty(tables.n_seqs, heads, dk, dk, dtype=torch.float32)
+    grid = lambda meta: (1, cdiv(dk, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
+    state_fwd[grid](k, None, g, None, None, trans, w, None, None, None, None, None, tables.cu, tables.chunk_offsets,
+                    H=heads, K=dk, V=dk, C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=True, **tables.tune_key,
+                    HAS_H0=False, STORE_H=False, STORE_HT=True, SPLIT=False, TRANSITION=True,
+                    IEEE=k.dtype == torch.float32)
+    return trans
 
 
 def launch_chunk_cumsum(g, tables, chunk_size):
@@ -205,7 +220,7 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     dh = q.new_empty(tables.n_chunks, heads, dk, dv) if store_dh else None
     seg_args, dh0 = _segment_args(segments, tables, dht, q, heads, dk, dv)
     dh0 = dh0 if need_dh0 else None
-    dv_new = torch.empty_like(do) if w is not None else None
+    dv_new = torch.empty_like(do) if w is not None and store_dh else None
     grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, *seg_args, tables.cu, tables.chunk_offsets,
                     scale, H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
@@ -289,7 +304,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         if split is not None:
             # each segment's own final state, then the walk over the segments
             _, local, _ = launch_state_fwd(kf, vf, gc, None, split.tables, chunk_size, store_h=False)
-            walk_tables, segments = split.tables, (split, local)
+            walk_tables, segments = split.tables, (split, local, None)
         if fused_forward(walk_tables, heads, dk, dv):
             o, ht = launch_fused_fwd(qf, kf, vf, gc, scores, h0c, walk_tables, scale, chunk_size, segments=segments)
         else:
@@ -312,11 +327,11 @@ class ChunkGLAFunction(torch.autograd.Function):
             h, _, _ = launch_state_fwd(kf, vf, gc, h0c, tables, chunk_size)
             dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, tables, scale, chunk_size, need_dh0=need_dh0)
         else:
-            h, _, _ = launch_state_fwd(kf, vf, gc, h0c, split.tables, chunk_size, segments=(split, local))
+            h, _, _ = launch_state_fwd(kf, vf, gc, h0c, split.tables, chunk_size, segments=(split, local, None))
             # each segment's own d initial_state, then the reverse walk over the segments
             _, local_d, _ = launch_state_bwd(qf, kf, dof, gc, None, split.tables, scale, chunk_size, store_dh=False)
             dh, dh0, _ = launch_state_bwd(qf, kf, dof, gc, dht_c, split.tables, scale, chunk_size,
-                                          need_dh0=need_dh0, segments=(split, local_d))
+                                          need_dh0=need_dh0, segments=(split, local_d, None))
         dv = launch_dv_bwd(qf, kf, gc, dof, dh, tables, scale, chunk_size, scores)
         dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gc, h, dof, dh, tables, scale, chunk_size)
         dg = None

@@ -28,14 +28,15 @@ from .tuning import COLUMNS, STATE, TILES
 @triton.autotune(configs=STATE,
                  key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_DH", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
-def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets,
-              scale, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, seg_first, cu_seqlens,
+              chunk_offsets, scale, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
               STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones.
-    Without STORE_DH only d initial_state is kept (a segment's own, ``local``, in chunk_split's terms). SPLIT:
-    the sequences are segments, each starting from the gradient composed from the segments after it; the first
-    segment of a sequence stores its d initial_state."""
+    Without STORE_DH only d initial_state is kept, no dh nor dv_new (a segment's own, ``local``, in chunk_split's
+    terms). SPLIT: the sequences are segments, each starting from the gradient composed from the segments after
+    it (through ``trans``, the delta rule's segment transitions); the first segment of a sequence stores its d
+    initial_state."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     row = i_nh  # of dht and dh0: the sequence's
@@ -54,8 +55,8 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, seg_seq, seg_firs
     if HAS_DHT:
         d_state += tl.load(dht + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
     if SPLIT:
-        d_state = compose(d_state, local, g, cu_seqlens, i_n + 1, tl.load(seg_first + i_seq + 1), i_h, o_k, m_k,
-                          o_v, m_v, H, K, V, C, BK, GATE, True)
+        d_state = compose(d_state, local, trans, g, cu_seqlens, i_n + 1, tl.load(seg_first + i_seq + 1), i_h, o_k,
+                          m_k, o_v, m_v, H, K, V, C, BK, GATE, DELTA, True, IEEE)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
         tok = bos + i_t * C + tl.arange(0, C)
@@ -82,8 +83,9 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, seg_seq, seg_firs
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_do.dtype)
             b_dvn = tl.load(dv + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
             b_dvn += _dot(b_k, d_state.to(b_k.dtype), IEEE)
-            tl.store(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_dvn.to(dv_new.dtype.element_ty),
-                     mask=m_tv)
+            if STORE_DH:
+                tl.store(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_dvn.to(dv_new.dtype.element_ty),
+                         mask=m_tv)
             b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         if GATE == 1:
             d_state *= tl.exp(b_last)

@@ -54,15 +54,18 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
 
 
 @triton.autotune(configs=STATE,
-                 key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "SEQS", "CHUNKS"])
+                 key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "TRANSITION", "SEQS", "CHUNKS"])
 @triton.jit
-def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS, CHUNKS,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS,
+              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
-              STORE_H: tl.constexpr, STORE_HT: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+              STORE_H: tl.constexpr, STORE_HT: tl.constexpr, SPLIT: tl.constexpr, TRANSITION: tl.constexpr,
+              IEEE: tl.constexpr):
     """DELTA: ``v`` holds u, and the corrected values ``v_new = u - w S`` (needs BK == K) are stored and used.
-    Without STORE_H only the final state is kept (a segment's own, ``local``, in chunk_split's terms). SPLIT:
-    the sequences are segments (``chunk_split``), each starting from the segments before it."""
+    Without STORE_H only the final state is kept, no h nor v_new (a segment's own, ``local``, in chunk_split's
+    terms). SPLIT: the sequences are segments (``chunk_split``), each starting from the segments before it
+    (through ``trans``, the delta rule's segment transitions). TRANSITION (DELTA, V == K, no v): the walk
+    starts from the identity with zero values, so its final state is the sequence's transition matrix."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     row = i_nh  # of h0 and ht: the sequence's
@@ -78,11 +81,13 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlen
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     state = tl.zeros([BK, BV], dtype=tl.float32)
+    if TRANSITION:
+        state = tl.where(o_k[:, None] == o_v[None, :], 1.0, 0.0)
     if HAS_H0:
         state += tl.load(h0 + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
     if SPLIT:
-        state = compose(state, local, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v, m_v,
-                        H, K, V, C, BK, GATE, False)
+        state = compose(state, local, trans, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v,
+                        m_v, H, K, V, C, BK, GATE, DELTA, False, IEEE)
     for i_t in range(n_chunks):
         tok = bos + i_t * C + tl.arange(0, C)
         m_t = tok < eos
@@ -90,13 +95,18 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, seg_seq, seg_first, cu_seqlen
             tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                      state.to(h.dtype.element_ty), mask=m_kv)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        if not TRANSITION:
+            b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                          other=0.0)
         if DELTA:
             b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                           other=0.0)
-            b_vn = b_v.to(tl.float32) - _dot(b_w, state.to(b_w.dtype), IEEE)
-            tl.store(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_vn.to(v_new.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
+            b_vn = -_dot(b_w, state.to(b_w.dtype), IEEE)
+            if not TRANSITION:
+                b_vn += b_v.to(tl.float32)
+            if STORE_H:
+                tl.store(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_vn.to(v_new.dtype.element_ty),
+                         mask=m_t[:, None] & m_v[None, :])
             b_v = b_vn.to(b_k.dtype)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
         if GATE != 0:
@@ -164,8 +174,8 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
 
 @triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
-def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale, SEQS,
-              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale,
+              SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
               SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """state_fwd and output_fwd in one walk over the chunks (needs BK >= K): the chunk's output takes the state
@@ -191,8 +201,8 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, seg_seq, seg_first, cu_seqlens
     if HAS_H0:
         state += tl.load(h0 + row * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
     if SPLIT:
-        state = compose(state, local, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v, m_v,
-                        H, K, V, C, BK, GATE, False)
+        state = compose(state, local, trans, g, cu_seqlens, tl.load(seg_first + i_seq), i_n, i_h, o_k, m_k, o_v,
+                        m_v, H, K, V, C, BK, GATE, DELTA, False, IEEE)
     # The decays and A feed no tl.dot, so Triton's pipeliner leaves their loads where they are: on the serial
     # chain of every chunk, a memory latency each. They are loaded one chunk ahead instead.
     if GATE != 0:

@@ -18,8 +18,12 @@ kernels) some of its timed rounds were host-bound (``2026-12-03-linear-suite-1x3
 
 The backward's reverse walk splits the same way (``L`` is then a segment's own d initial_state, composed from the
 sequence's end; the first segment stores d initial_state). Segments are whole chunks, so chunk ``c`` is the same
-tokens under the segment tables as under the sequence ones: kernels indexed by chunk take either. The delta
-rule's transition over a segment is a K x K matrix, not a decay, and is not split.
+tokens under the segment tables as under the sequence ones: kernels indexed by chunk take either.
+
+The delta rule's recurrence is affine too, ``S_end = M S_start + L``, but its transition ``M`` over a segment is
+a K x K matrix, the product of the chunks' ``e^{g} I - k~^T w``. Each value column of the state evolves on its own,
+so ``M`` is the walk's final state from the identity with no values (``state_fwd``'s ``TRANSITION``): one more
+pass of the local kind, V = K wide. The reverse walk composes with ``M^T``.
 """
 
 from __future__ import annotations
@@ -84,17 +88,28 @@ def segment_split(tables, heads: int, dk: int, dv: int) -> SegmentSplit | None:
 
 
 @triton.jit
-def compose(state, local, g, seg_cu, lo, hi, i_h, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr,
-            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr):
-    """``state <- e^{D_s} state + local[s]`` for the segments s in [lo, hi), in order (from hi - 1 down if
+def compose(state, local, trans, g, seg_cu, lo, hi, i_h, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr,
+            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
+            REVERSE: tl.constexpr, IEEE: tl.constexpr):
+    """``state <- T_s state + local[s]`` for the segments s in [lo, hi), in order (from hi - 1 down if
     REVERSE): from the sequence's initial state, the state entering segment hi; from its final-state gradient,
-    the gradient leaving segment lo - 1. ``D_s``, the segment's log-decay, is the sum of its chunks' in-chunk
-    cumulative log-decays ``g`` at their last tokens."""
+    the gradient leaving segment lo - 1. ``T_s`` is ``e^{D_s}``, with ``D_s`` the segment's log-decay, the sum
+    of its chunks' in-chunk cumulative log-decays ``g`` at their last tokens; for the delta rule it is the
+    matrix ``trans[s]`` (transposed if REVERSE), which holds the decays already."""
     tile = o_k[:, None] * V + o_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
     for i in range(hi - lo):
         s = (hi - 1 - i) if REVERSE else (lo + i)
-        if GATE != 0:
+        if DELTA:
+            at = trans + (s * H + i_h).to(tl.int64) * K * K
+            if REVERSE:
+                m = tl.load(at + o_k[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_k[None, :], other=0.0)
+            else:
+                m = tl.load(at + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.0)
+            # the whole state goes through this product, once per earlier segment: tf32 alone would round it
+            # to 11 bits each time
+            state = tl.dot(m, state, input_precision="ieee" if IEEE else "tf32x3")
+        elif GATE != 0:
             bos = tl.load(seg_cu + s).to(tl.int64)
             eos = tl.load(seg_cu + s + 1).to(tl.int64)
             if GATE == 1:
