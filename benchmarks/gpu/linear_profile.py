@@ -122,19 +122,28 @@ def main():
                   "  ".join(f"{k[:38]}={v:.0f}" for k, v in per.most_common(6)), flush=True)
             # after every row: a call that runs out of time keeps what it measured
             write(batch, seqlen, mode, ops, result)
+    for name, chosen in autotuned().items():
+        print(f"{name}: {chosen}")
+
+
+def autotuned():
+    """Each autotuned chunk kernel's chosen configurations, by key."""
+    from subquad.ops.delta import wy
     from subquad.ops.linear import chunk_bwd, chunk_fwd, chunk_intra
-    for mod in (chunk_fwd, chunk_bwd, chunk_intra):
+    chosen = {}
+    for mod in (chunk_fwd, chunk_bwd, chunk_intra, wy):
         for name, kernel in vars(mod).items():
-            if isinstance(kernel, triton.runtime.Autotuner):
-                chosen = "; ".join(f"{k} -> {v}" for k, v in kernel.cache.items())
-                print(f"{mod.__name__.split('.')[-1]}.{name}: {chosen}")
+            if isinstance(kernel, triton.runtime.Autotuner) and kernel.cache:
+                chosen[f"{mod.__name__.split('.')[-1]}.{name}"] = {str(k): str(v) for k, v in kernel.cache.items()}
+    return chosen
 
 
 def write(batch, seqlen, mode, ops, result):
-    with open(os.path.join(os.environ.get("OUT", "."), f"linear_profile_{batch}x{seqlen}_{mode}_{'-'.join(ops)}.json"), "w") as f:
+    name = f"linear_profile_{batch}x{seqlen}_{mode}_{'-'.join(ops)}.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump({"batch": batch, "seqlen": seqlen, "mode": mode, "device": torch.cuda.get_device_name(),
                    "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                   "triton": triton.__version__, "result": result}, f, indent=1)
+                   "triton": triton.__version__, "result": result, "autotuned": autotuned()}, f, indent=1)
 
 
 if __name__ == "__main__":
