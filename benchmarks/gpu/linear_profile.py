@@ -2,8 +2,9 @@
 
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
-Prints, per (op, implementation: ours as the shape picks it, in two passes and fused on whole sequences, cut into
-segments for about N programs for each N of LINEAR_PROFILE_SPLIT=N,N; fla's chunk and fused_chunk),
+Prints, per (op, implementation: ours as the shape picks it, in two passes and fused on whole sequences, in two
+passes on the segments the shape picks (split-2pass), cut into segments for about N programs for each N of
+LINEAR_PROFILE_SPLIT=N,N; fla's chunk and fused_chunk),
 the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call
 (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE_OPS.json to $OUT after every row.
 LINEAR_PROFILE_WARM=BxT first runs each op at that shape (the order of the benchmark suite, whose first shape
@@ -89,7 +90,8 @@ def main():
         inputs = _make_inputs(op, batch, seqlen, HEADS, DIM, torch.bfloat16, grad)(torch.device("cuda"))
         peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
         ours = _ours(op, "triton")
-        impls = [("subquad", ours), ("subquad-2pass", _form(ours, 1 << 30, 0)), ("subquad-fused", _form(ours, 0, 0))]
+        impls = [("subquad", ours), ("subquad-2pass", _form(ours, 1 << 30, 0)), ("subquad-fused", _form(ours, 0, 0)),
+                 ("subquad-split-2pass", _form(ours, 1 << 30))]
         impls += [(f"subquad-split{n}", _form(ours, split_target=int(n)))
                   for n in os.environ.get("LINEAR_PROFILE_SPLIT", "").split(",") if n]
         if peer_ops is None or op in peer_ops.split(","):
