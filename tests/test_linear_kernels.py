@@ -50,7 +50,7 @@ def test_chunk_kernel_matches_reference(kind, chunk, t, forward_form):
     _assert_match(_run("triton", tensors, chunk_size=chunk), _run("reference", tensors, chunk_size=chunk))
 
 
-@pytest.mark.parametrize("kind", ["scalar", "vector"])
+@pytest.mark.parametrize("kind", ["head", "scalar", "vector"])
 def test_chunk_kernel_varlen(kind, forward_form):
     cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
     tensors = _inputs(kind, 1, 60, n_states=4)
@@ -110,7 +110,7 @@ def test_recurrent_kernel_matches_reference(kind):
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 
 
-@pytest.mark.parametrize("kind", ["scalar", "vector"])
+@pytest.mark.parametrize("kind", ["head", "scalar", "vector"])
 def test_chunk_kernel_half_close_to_fp32_reference(kind, forward_form):
     q, k, v, g, s0 = _inputs(kind, 1, 64, low=-0.2)
     o = subquad.gla(q.to(HALF), k.to(HALF), v.to(HALF), g, chunk_size=32, backend="triton")
@@ -121,7 +121,7 @@ def test_chunk_kernel_half_close_to_fp32_reference(kind, forward_form):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
-@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("kind", ["none", "head", "scalar", "vector"])
 def test_chunk_kernel_bf16_gradients_on_gpu(kind, forward_form):
     """Triton 3.6 on Hopper miscompiles some gated chunk kernels (fla refuses its gated backward there), so the
     gated gradients are checked on the GPU, in bf16, at K = V = 128 and chunk 64, against the fp32 reference."""
@@ -130,7 +130,7 @@ def test_chunk_kernel_bf16_gradients_on_gpu(kind, forward_form):
     q, k, v = (torch.randn(b, t, h, d, generator=gen, device="cuda") for _ in range(3))
     g = None
     if kind != "none":
-        shape = (b, t, h) if kind == "scalar" else (b, t, h, d)
+        shape = {"head": (h,), "scalar": (b, t, h), "vector": (b, t, h, d)}[kind]
         g = torch.nn.functional.logsigmoid(torch.randn(shape, generator=gen, device="cuda") + 3.0)
     s0 = torch.randn(b, h, d, d, generator=gen, device="cuda") * 0.1
     do = torch.randn(b, t, h, d, generator=gen, device="cuda")

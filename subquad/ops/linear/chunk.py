@@ -84,8 +84,9 @@ def block_sizes(dk: int, dv: int) -> tuple[int, int]:
 
 
 def gate_kind(g) -> int:
-    """0: no decay, 1: a scalar per token (T_total, H), 2: a vector per token (T_total, H, K)."""
-    return 0 if g is None else (1 if g.dim() == 2 else 2)
+    """0: no decay, 1: a scalar per token (T_total, H), 2: a vector per token (T_total, H, K), 3: a constant per
+    head (H,) (forward kernels only)."""
+    return 0 if g is None else {1: 3, 2: 1, 3: 2}[g.dim()]
 
 
 def _segment_args(segments, tables, start, like, heads, dk, dv):
@@ -284,7 +285,8 @@ def log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size):
 
 
 class ChunkGLAFunction(torch.autograd.Function):
-    """q, k (B, T, H, K), v (B, T, H, V), g None | (B, T, H) | (B, T, H, K) fp32, h0 None | (N, H, K, V)."""
+    """q, k (B, T, H, K), v (B, T, H, V), g None | (H,) (constant) | (B, T, H) | (B, T, H, K) fp32, h0 None |
+    (N, H, K, V)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, cu_seqlens, chunk_size):
@@ -293,9 +295,11 @@ class ChunkGLAFunction(torch.autograd.Function):
         tables = chunk_tables(cu_seqlens, bsz, seq_len, chunk_size, q.device)
         flat = lambda t: None if t is None else t.reshape(bsz * seq_len, heads, -1).contiguous()  # noqa: E731
         qf, kf, vf = flat(q), flat(k), flat(v)
-        gf = None if g is None else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
+        constant = g is not None and g.dim() == 1
+        gf = None if g is None or constant else g.reshape(bsz * seq_len, *g.shape[2:]).contiguous()
         h0c = None if h0 is None else h0.float().contiguous()
-        gc = launch_chunk_cumsum(gf, tables, chunk_size)
+        # a constant decay goes to the forward kernels as it is (GATE 3): no (T, H) tensor, no cumsum
+        gc = g.contiguous() if constant else launch_chunk_cumsum(gf, tables, chunk_size)
         scores = None
         if gate_kind(gf) == 2:
             scores = launch_intra_fwd(qf, kf, gc, tables, chunk_size)
@@ -320,6 +324,10 @@ class ChunkGLAFunction(torch.autograd.Function):
         qf, kf, vf, gc, h0c, local, ht, scores = ctx.saved_tensors
         tables, split, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
+        constant = gc is not None and gc.dim() == 1
+        if constant:
+            # the backward kernels take the per-token form
+            gc = launch_chunk_cumsum(gc.expand(bsz * seq_len, heads).contiguous(), tables, chunk_size)
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()
         need_dh0 = has_h0 and ctx.needs_input_grad[4]
@@ -336,13 +344,17 @@ class ChunkGLAFunction(torch.autograd.Function):
         dq, dk, _, db, _ = launch_dqk_bwd(qf, kf, vf, gc, h, dof, dh, tables, scale, chunk_size)
         dg = None
         if gc is not None and ctx.needs_input_grad[3]:
-            dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size).view(bsz, seq_len, *gc.shape[1:])
+            dg = log_decay_grad(qf, kf, dq, dk, db, ht, dht_c, tables, chunk_size)
+            dg = dg.sum(0) if constant else dg.view(bsz, seq_len, *gc.shape[1:])
         return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape), dg,
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None)
 
 
 def chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size):
-    """g: None | (B, T, H, 1) | (B, T, H, K) fp32 (expanded). Returns (o, final_state fp32)."""
+    """g: None | (B, T, H, 1) | (B, T, H, K) fp32 (expanded; one the same at every token, as ``gla`` makes of a
+    ``(H,)`` decay, is taken as a constant per head). Returns (o, final_state fp32)."""
     if g is not None and g.shape[-1] == 1:
         g = g[..., 0]
+    if g is not None and g.dim() == 3 and all(st == 0 or n == 1 for n, st in zip(g.shape[:2], g.stride()[:2])):
+        g = g[0, 0]
     return ChunkGLAFunction.apply(q, k, v, g, initial_state, scale, cu_seqlens, chunk_size)

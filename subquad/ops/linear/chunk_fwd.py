@@ -5,7 +5,9 @@ path serves ``cu_seqlens``), ``g`` fp32, the log-decay summed inside each chunk 
 (``chunk_intra.chunk_cumsum``; fla's chunk_local_cumsum): ``(T_total, H)`` for ``GATE == 1`` (scalar per
 token), ``(T_total, H, K)`` for ``GATE == 2`` (per key dimension; the intra-chunk scores then come precomputed
 from chunk_intra, ``A`` ``(n_chunks, H, C, C)``). Summed once beforehand rather than in each kernel: in the
-state pass a scan across the chunk is two CTA-wide reductions on the serial chain of every chunk.
+state pass a scan across the chunk is two CTA-wide reductions on the serial chain of every chunk. ``GATE == 3``
+(forward kernels only): a constant per head (RetNet), ``g`` the ``(H,)`` log-decays themselves; the chunk's
+decays are then arithmetic, read from nothing, and the fused walk computes its chunk decay pattern once.
 ``chunk_offsets[n]`` is the first global chunk of sequence n; ``chunk_indices[c] = (n, chunk within n)``.
 
 Two passes, as in flash-linear-attention's chunk form:
@@ -51,6 +53,13 @@ def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, 
         b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
     return b_b, b_last
+
+
+@triton.jit
+def _constant_decays(g, n, i_h, C: tl.constexpr):
+    """GATE 3's ``_decays``: a chunk of ``n`` tokens under the constant log-decay ``g[i_h]``."""
+    lg = tl.load(g + i_h)
+    return (tl.arange(0, C) + 1).to(tl.float32) * lg, lg * n
 
 
 @triton.autotune(configs=STATE,
@@ -109,9 +118,11 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
                          mask=m_t[:, None] & m_v[None, :])
             b_v = b_vn.to(b_k.dtype)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
-        if GATE != 0:
+        if GATE == 3:
+            b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
+        elif GATE != 0:
             b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
-        if GATE == 1:
+        if GATE == 1 or GATE == 3:
             state *= tl.exp(b_last)
             b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
         if GATE == 2:
@@ -143,6 +154,8 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     if GATE == 1:
         # issued before the loop so that its memory latency overlaps the loop's loads instead of following them
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
+    if GATE == 3:
+        b_b, _ = _constant_decays(g, C, i_h, C)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -160,7 +173,7 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
     causal = rows[:, None] >= rows[None, :]
     if GATE == 2:
         scores = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
-    elif GATE == 1:
+    elif GATE == 1 or GATE == 3:
         acc *= tl.exp(b_b)[:, None]
         # rows past the sequence's end (b = 0) would overflow against far-decayed columns: never stored, but kept finite
         scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
@@ -205,7 +218,13 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
                         m_v, H, K, V, C, BK, GATE, DELTA, False, IEEE)
     # The decays and A feed no tl.dot, so Triton's pipeliner leaves their loads where they are: on the serial
     # chain of every chunk, a memory latency each. They are loaded one chunk ahead instead.
-    if GATE != 0:
+    if GATE == 3:
+        # the same in every chunk (rows past a sequence's end included: never stored, and finite, as b_i - b_j
+        # <= 0 for i >= j)
+        b_b, _ = _constant_decays(g, C, i_h, C)
+        row_decays = tl.exp(b_b)
+        score_decays = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
+    if GATE == 1 or GATE == 2:
         # (an empty sequence reads a row that exists and uses none of it)
         next_b, next_last = _decays(g, bos + rows, tl.maximum(tl.minimum(bos + C, eos) - 1, 0), bos + rows < eos,
                                     o_k, m_k, i_h, H, K, GATE)
@@ -221,7 +240,9 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
-        if GATE != 0:
+        if GATE == 3:
+            b_b, b_last = _constant_decays(g, tl.minimum(eos - (bos + i_t * C), C), i_h, C)
+        elif GATE != 0:
             b_b, b_last = next_b, next_last
             next_b, next_last = _decays(g, tok + C, tl.minimum(bos + i_t * C + 2 * C, eos) - 1, tok + C < eos, o_k,
                                         m_k, i_h, H, K, GATE)
@@ -242,10 +263,14 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
         else:
             scores = _dot(b_q, tl.trans(b_k), IEEE)
             acc = _dot(b_q, state.to(b_q.dtype), IEEE)
+            if GATE == 3:
+                acc *= row_decays[:, None]
+                scores *= score_decays
             if GATE == 1:
                 acc *= tl.exp(b_b)[:, None]
                 # rows past the sequence's end (b = 0) kept finite against far-decayed columns (never stored)
                 scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
+            if GATE == 1 or GATE == 3:
                 b_u = (b_v * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
                 state *= tl.exp(b_last)
             else:

@@ -94,7 +94,8 @@ def compose(state, local, trans, g, seg_cu, lo, hi, i_h, o_k, m_k, o_v, m_v, H: 
     """``state <- T_s state + local[s]`` for the segments s in [lo, hi), in order (from hi - 1 down if
     REVERSE): from the sequence's initial state, the state entering segment hi; from its final-state gradient,
     the gradient leaving segment lo - 1. ``T_s`` is ``e^{D_s}``, with ``D_s`` the segment's log-decay, the sum
-    of its chunks' in-chunk cumulative log-decays ``g`` at their last tokens; for the delta rule it is the
+    of its chunks' in-chunk cumulative log-decays ``g`` at their last tokens (its length times ``g[i_h]`` for a
+    constant decay, GATE 3); for the delta rule it is the
     matrix ``trans[s]`` (transposed if REVERSE), which holds the decays already."""
     tile = o_k[:, None] * V + o_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
@@ -109,6 +110,8 @@ def compose(state, local, trans, g, seg_cu, lo, hi, i_h, o_k, m_k, o_v, m_v, H: 
             # the whole state goes through this product, once per earlier segment: tf32 alone would round it
             # to 11 bits each time
             state = tl.dot(m, state, input_precision="ieee" if IEEE else "tf32x3")
+        elif GATE == 3:
+            state *= tl.exp((tl.load(seg_cu + s + 1) - tl.load(seg_cu + s)).to(tl.float32) * tl.load(g + i_h))
         elif GATE != 0:
             bos = tl.load(seg_cu + s).to(tl.int64)
             eos = tl.load(seg_cu + s + 1).to(tl.int64)
