@@ -185,7 +185,7 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
              mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "SPLIT", "SEQS", "CHUNKS"])
+@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "DELTA", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
 def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale,
               SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
