@@ -50,6 +50,23 @@ def test_chunk_kernel_matches_reference(kind, chunk, t, forward_form):
     _assert_match(_run("triton", tensors, chunk_size=chunk), _run("reference", tensors, chunk_size=chunk))
 
 
+def test_constant_decay_without_its_gradient(forward_form):
+    """A per-head decay that takes no gradient (RetNet's fixed gammas) runs the backward kernels on the constant
+    too (GATE 3) rather than on a per-token copy: packed sequences, one longer than a segment."""
+    cu = torch.tensor([0, 13, 13, 60], device=DEV)
+    q, k, v, g, s0 = _inputs("head", 1, 60, n_states=3)
+
+    def run(backend):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+        o, s = subquad.gla(*leaves[:3], g, initial_state=leaves[3], output_state=True, cu_seqlens=cu,
+                           chunk_size=16, backend=backend)
+        ((o * o.detach().sin()).sum() + s.sum()).backward()
+        return [o, s] + [x.grad for x in leaves]
+
+    for got, want in zip(run("triton"), run("reference")):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("kind", ["head", "scalar", "vector"])
 def test_chunk_kernel_varlen(kind, forward_form):
     cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)

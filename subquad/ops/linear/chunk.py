@@ -325,8 +325,8 @@ class ChunkGLAFunction(torch.autograd.Function):
         tables, split, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta
         bsz, seq_len, heads, dk = q_shape
         constant = gc is not None and gc.dim() == 1
-        if constant:
-            # the backward kernels take the per-token form
+        if constant and ctx.needs_input_grad[3]:
+            # the decay's gradient is summed from the per-token one: the kernels take the per-token form
             gc = launch_chunk_cumsum(gc.expand(bsz * seq_len, heads).contiguous(), tables, chunk_size)
         dof = do.reshape(bsz * seq_len, heads, -1).contiguous()
         dht_c = None if dht is None else dht.float().contiguous()

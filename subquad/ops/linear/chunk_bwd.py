@@ -12,7 +12,8 @@ With ``h_c`` the state at the start of chunk c and ``dh_c`` the gradient of the 
 3. ``dqk_bwd`` per (chunk, head, K block): ``dq``, ``dk`` (and the delta rule's ``dw = -dv_new h_c^T``), plus
    ``q . dq - k . dk`` per token, from which the log-decay gradient is a reverse cumulative sum.
 With ``GATE == 2`` (a decay per key dimension) the intra-chunk parts come from chunk_intra: ``dv_bwd`` reads the
-forward scores ``A`` and ``dqk_bwd`` stores the score gradients ``dA`` (without decay) for it.
+forward scores ``A`` and ``dqk_bwd`` stores the score gradients ``dA`` (without decay) for it. ``GATE == 3`` (a
+constant per head, ``g`` the ``(H,)`` log-decays) serves a backward that needs no decay gradient.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _decays, _dot
+from .chunk_fwd import _constant_decays, _decays, _dot
 from .chunk_split import compose
 from .tuning import COLUMNS, STATE, TILES
 
@@ -69,9 +70,11 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, s
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
-        if GATE != 0:
+        if GATE == 3:
+            b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
+        elif GATE != 0:
             b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
-        if GATE == 1:
+        if GATE == 1 or GATE == 3:
             b_q = (b_q * (scale * tl.exp(b_b))[:, None]).to(b_do.dtype)
         elif GATE == 2:
             b_q = (b_q * scale * tl.exp(b_b)).to(b_do.dtype)
@@ -87,7 +90,7 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, s
                 tl.store(dv_new + (tok[:, None] * H + i_h) * V + o_v[None, :], b_dvn.to(dv_new.dtype.element_ty),
                          mask=m_tv)
             b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        if GATE == 1:
+        if GATE == 1 or GATE == 3:
             d_state *= tl.exp(b_last)
         if GATE == 2:
             d_state *= tl.exp(b_last)[:, None]
@@ -115,6 +118,8 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
     last = tl.minimum(bos + i_t * C + C, eos) - 1
     if GATE == 1:
         b_b, b_last = _decays(g, tok, last, m_t, None, None, i_h, H, K, GATE)
+    if GATE == 3:
+        b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
     scores_t = tl.zeros([C, C], dtype=tl.float32)     # (key j, query i)
     acc = tl.zeros([C, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -127,7 +132,7 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
         if USE_DH:
             b_dh = tl.load(dh + (i_c * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                            mask=m_k[:, None] & m_v[None, :], other=0.0)
-            if GATE == 1:
+            if GATE == 1 or GATE == 3:
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
             if GATE == 2:
                 b_bk, b_lastk = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
@@ -137,7 +142,7 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
     keep = rows[:, None] <= rows[None, :]             # key j <= query i
     if GATE == 2:                                     # A holds scale-free decayed scores (query i, key j)
         scores_t = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[None, :] * C + rows[:, None])
-    elif GATE == 1:
+    elif GATE == 1 or GATE == 3:
         scores_t *= tl.exp(tl.where(keep & m_t[None, :], b_b[None, :] - b_b[:, None], float("-inf")))
     else:
         scores_t = tl.where(keep, scores_t, 0.0)
@@ -180,7 +185,9 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     last = tl.minimum(bos + i_t * C + C, eos) - 1
-    if GATE != 0:
+    if GATE == 3:
+        b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
+    elif GATE != 0:
         b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -204,7 +211,7 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    if GATE == 1:
+    if GATE == 1 or GATE == 3:
         b_dq *= (scale * tl.exp(b_b))[:, None]
         b_dk *= tl.exp(b_last - b_b)[:, None]
         d_scores *= scale * tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
