@@ -36,6 +36,11 @@ def _chunk_layout(tables: ChunkTables, chunk_size: int, device):
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
+# Whether the WY pass forms the output's intra-chunk scores (read by the walks) or each walk program forms them:
+# a switch for benchmarks/gpu/linear_profile.py to time both in one process.
+SCORES_IN_WY = True
+
+
 class ChunkDeltaFunction(torch.autograd.Function):
     """q, k, v, beta, g on the packed layout (T_total, H, ·); g None | (T_total, H) fp32."""
 
@@ -43,7 +48,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
         # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
-        w, u, t_mat, scores = launch_wy_fwd(k, v, beta, gc, tables, chunk_size, q=q)
+        w, u, t_mat, scores = launch_wy_fwd(k, v, beta, gc, tables, chunk_size, q=q if SCORES_IN_WY else None)
         heads, dk, dv = k.shape[1], k.shape[2], v.shape[2]
         split = segment_split(tables, heads, dk, dv)
         walk_tables, segments, local, trans = tables, None, None, None

@@ -65,7 +65,7 @@ def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.cons
 
 @triton.autotune(configs=WY, key=["K", "V", "C", "GATE", "SCORES"])
 @triton.jit
-def wy_fwd(q, k, v, beta, g, T, w, u, scores, cu_seqlens, chunk_indices,
+def wy_fwd(k, v, beta, g, q, T, w, u, scores, cu_seqlens, chunk_indices,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
            SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, SCORES: tl.constexpr,
            PREC: tl.constexpr, IEEE: tl.constexpr):
@@ -230,7 +230,7 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size, q=None):
     meta = dict(H=heads, K=dk, V=dv, C=chunk_size, BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0),
                 BK=bk, BV=bv, GATE=g is not None, SCORES=q is not None, PREC=_precision(k.dtype),
                 IEEE=k.dtype == torch.float32)
-    wy_fwd_tuned[grid](q, k, v, beta, g, t_mat, w, u, scores, tables.cu, tables.chunk_indices, **meta)
+    wy_fwd_tuned[grid](k, v, beta, g, q, t_mat, w, u, scores, tables.cu, tables.chunk_indices, **meta)
     return w, u, t_mat, scores
 
 
