@@ -85,7 +85,7 @@ def block_sizes(dk: int, dv: int) -> tuple[int, int]:
 
 def gate_kind(g) -> int:
     """0: no decay, 1: a scalar per token (T_total, H), 2: a vector per token (T_total, H, K), 3: a constant per
-    head (H,) (forward kernels only)."""
+    head (H,)."""
     return 0 if g is None else {1: 3, 2: 1, 3: 2}[g.dim()]
 
 

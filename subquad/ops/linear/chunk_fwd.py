@@ -5,9 +5,10 @@ path serves ``cu_seqlens``), ``g`` fp32, the log-decay summed inside each chunk 
 (``chunk_intra.chunk_cumsum``; fla's chunk_local_cumsum): ``(T_total, H)`` for ``GATE == 1`` (scalar per
 token), ``(T_total, H, K)`` for ``GATE == 2`` (per key dimension; the intra-chunk scores then come precomputed
 from chunk_intra, ``A`` ``(n_chunks, H, C, C)``). Summed once beforehand rather than in each kernel: in the
-state pass a scan across the chunk is two CTA-wide reductions on the serial chain of every chunk. ``GATE == 3``
-(forward kernels only): a constant per head (RetNet), ``g`` the ``(H,)`` log-decays themselves; the chunk's
-decays are then arithmetic, read from nothing, and the fused walk computes its chunk decay pattern once.
+state pass a scan across the chunk is two CTA-wide reductions on the serial chain of every chunk. ``GATE == 3``: a
+constant per head (RetNet), ``g`` the ``(H,)`` log-decays themselves (the backward too, unless the decay takes a
+gradient); the chunk's decays are then arithmetic, read from nothing, and the fused walk computes its chunk decay
+pattern once.
 ``chunk_offsets[n]`` is the first global chunk of sequence n; ``chunk_indices[c] = (n, chunk within n)``.
 
 Two passes, as in flash-linear-attention's chunk form:
