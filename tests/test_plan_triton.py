@@ -47,6 +47,10 @@ ONE_LAUNCH = [
     ("strided-odd-length", masks.strided(24), 90, 90, 5.0),
     ("fixed", masks.fixed(32, 4), 96, 96, None),
     ("strided-first-rows-empty", masks.strided(16) & Band(5, INF), 100, 100, None),
+    # columns spanning several blocks, most of them full (unmasked in the forward); the second with a ragged
+    # last column block
+    ("fixed-full-column-blocks", masks.fixed(16, 8), 256, 256, None),
+    ("fixed-full-column-blocks-ragged", masks.fixed(16, 6), 250, 250, None),
 ]
 
 
@@ -58,6 +62,12 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
     from subquad.ops.softmax.flash import launch
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
+    if "full" in name:
+        from subquad.masks.patterns import BuildContext
+
+        columns = next(c for c in pl.components if c.role == "columns")
+        bm = columns.block_mask(BuildContext(1, 4, nq, nk, DEV), 32, 32, DEV)
+        assert bm.full_kv[0].sum() > 0 and bm.partial_kv[0].sum() > 0
     launches, backwards = [], []
     forward, backward = launch.forward, launch.backward_two_sources
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append(kw.get("second")) or forward(*a, **kw))

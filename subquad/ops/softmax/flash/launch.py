@@ -243,15 +243,18 @@ def _tiles(seq: int, n_blocks: int, mask_block: int, ordered: bool):
 def _second_source_args(second, device) -> list:
     if second is None:
         d = _dummy(device)
-        return [d, d, d, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-    k2, v2, kv2_pos, lo, hi = second
-    return [k2, v2, kv2_pos, k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
-            k2.shape[1], lo, hi]
+        return [d, d, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, d, d, d, d, 1, 1, 1, 1]
+    k2, v2, m2, lo, hi = second
+    full_num, full_idx, part_num, part_idx = m2.lists
+    return [k2, v2, m2.kv_pos, k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
+            k2.shape[1], lo, hi, full_num, full_idx, part_num, part_idx, full_idx.shape[-1], part_idx.shape[-1],
+            full_num.shape[0], full_num.shape[1]]
 
 
 def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
-    """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, kv2_pos int32,
-    band2_lo, band2_hi)``, a second key set in the same launch (``forward.py``'s ``TWO_SOURCES``; its gradients:
+    """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, m2, band2_lo,
+    band2_hi)``, a second key set in the same launch with its BlockMask arguments ``m2`` (at its key positions,
+    in blocks of the first source's size) (``forward.py``'s ``TWO_SOURCES``; its gradients:
     ``backward_two_sources``)."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -271,7 +274,12 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     if second is not None:
+        m2 = second[2]
+        if (m2.mbq, m2.mbk) != (meta["MBQ"], meta["MBK"]):
+            raise ValueError(f"columns: expected BlockMask blocks of {meta['MBQ']}x{meta['MBK']} (the first key "
+                             f"set's), got {m2.mbq}x{m2.mbk}")
         meta["TWO_SOURCES"] = True
+        meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
     if m.order is not None:
         meta["ORDERED"] = True
     tiles = _tiles(seq_q, n_qb, meta["MBQ"], m.order is not None)

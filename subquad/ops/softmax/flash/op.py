@@ -130,7 +130,7 @@ class FlashWithColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_index, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
         k2, v2 = k.index_select(1, kv_index), v.index_select(1, kv_index)
-        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2.kv_pos, *band2))
+        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2, *band2))
         ctx.save_for_backward(q, k, v, k2, v2, kv_index, out, lse)
         ctx.launch_args = (m, m2, scale, softcap, slopes)
         return out, lse
