@@ -210,18 +210,18 @@ def flash_fwd_kernel(
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
-        for j in range(tl.load(FULL2_NUM + base2)):
-            kb = tl.load(FULL2_IDX + base2 * full2_width + j)
-            acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, kb * MBK,
-                                        tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale, cap_scale,
-                                        slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                                        BLOCK_DV, BLOCK_M, BLOCK_N, False, EVEN_KV2, True, SOFTCAP, ALIBI)
-        for j in range(tl.load(PART2_NUM + base2)):
-            kb = tl.load(PART2_IDX + base2 * part2_width + j)
-            acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, kb * MBK,
-                                        tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale, cap_scale,
-                                        slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                                        BLOCK_DV, BLOCK_M, BLOCK_N, True, False, True, SOFTCAP, ALIBI)
+        for partial in tl.static_range(2):      # the full blocks unmasked, then the partial ones under the band
+            if partial:
+                num, idx, width = PART2_NUM, PART2_IDX, part2_width
+            else:
+                num, idx, width = FULL2_NUM, FULL2_IDX, full2_width
+            for j in range(tl.load(num + base2)):
+                kb = tl.load(idx + base2 * width + j)
+                acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, kb * MBK,
+                                            tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale,
+                                            cap_scale, slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV,
+                                            BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1,
+                                            EVEN_KV2 and partial == 0, True, SOFTCAP, ALIBI)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
