@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_fwd import _constant_decays, _decays, _dot
+from .chunk_fwd import _decays, _dot
 from .chunk_split import compose
 from .tuning import COLUMNS, STATE, TILES
 
@@ -70,10 +70,8 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, s
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
-        if GATE == 3:
-            b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
-        elif GATE != 0:
-            b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
+        if GATE != 0:
+            b_b, b_last = _decays(g, tok, bos + i_t * C, last, m_t, o_k, m_k, i_h, H, K, GATE)
         if GATE == 1 or GATE == 3:
             b_q = (b_q * (scale * tl.exp(b_b))[:, None]).to(b_do.dtype)
         elif GATE == 2:
@@ -116,10 +114,8 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     last = tl.minimum(bos + i_t * C + C, eos) - 1
-    if GATE == 1:
-        b_b, b_last = _decays(g, tok, last, m_t, None, None, i_h, H, K, GATE)
-    if GATE == 3:
-        b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
+    if GATE == 1 or GATE == 3:
+        b_b, b_last = _decays(g, tok, bos + i_t * C, last, m_t, None, None, i_h, H, K, GATE)
     scores_t = tl.zeros([C, C], dtype=tl.float32)     # (key j, query i)
     acc = tl.zeros([C, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -135,7 +131,7 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
             if GATE == 1 or GATE == 3:
                 b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_q.dtype)
             if GATE == 2:
-                b_bk, b_lastk = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
+                b_bk, b_lastk = _decays(g, tok, bos + i_t * C, last, m_t, o_k, m_k, i_h, H, K, GATE)
                 b_k = (b_k * tl.exp(b_lastk[None, :] - b_bk)).to(b_q.dtype)
             acc += _dot(b_k, b_dh.to(b_k.dtype), IEEE)
     rows = tl.arange(0, C)
@@ -185,10 +181,8 @@ def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlen
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
     last = tl.minimum(bos + i_t * C + C, eos) - 1
-    if GATE == 3:
-        b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
-    elif GATE != 0:
-        b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
+    if GATE != 0:
+        b_b, b_last = _decays(g, tok, bos + i_t * C, last, m_t, o_k, m_k, i_h, H, K, GATE)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V

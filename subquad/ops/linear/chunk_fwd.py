@@ -44,23 +44,21 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _decays(g, tok, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
-    """The chunk rows' cumulative log-decays and the last row's: ``(C,)`` and a scalar for GATE 1, ``(C, BK)``
-    and ``(BK,)`` (the key block ``o_k``) for GATE 2."""
-    if GATE == 1:
+def _decays(g, tok, first, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
+    """The chunk rows' cumulative log-decays and the last row's: ``(C,)`` and a scalar for GATE 1 and 3, ``(C, BK)``
+    and ``(BK,)`` (the key block ``o_k``) for GATE 2. GATE 3 (the constant ``g[i_h]``) reads nothing more: the
+    sums follow from the rows' places in the chunk that starts at token ``first``."""
+    if GATE == 3:
+        lg = tl.load(g + i_h)
+        b_b = (tok - first + 1).to(tl.float32) * lg
+        b_last = (last - first + 1).to(tl.float32) * lg
+    elif GATE == 1:
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
         b_last = tl.load(g + last * H + i_h)
     else:
         b_b = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_last = tl.load(g + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
     return b_b, b_last
-
-
-@triton.jit
-def _constant_decays(g, n, i_h, C: tl.constexpr):
-    """GATE 3's ``_decays``: a chunk of ``n`` tokens under the constant log-decay ``g[i_h]``."""
-    lg = tl.load(g + i_h)
-    return (tl.arange(0, C) + 1).to(tl.float32) * lg, lg * n
 
 
 @triton.autotune(configs=STATE,
@@ -119,10 +117,8 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
                          mask=m_t[:, None] & m_v[None, :])
             b_v = b_vn.to(b_k.dtype)
         last = tl.minimum(bos + i_t * C + C, eos) - 1
-        if GATE == 3:
-            b_b, b_last = _constant_decays(g, last - (bos + i_t * C) + 1, i_h, C)
-        elif GATE != 0:
-            b_b, b_last = _decays(g, tok, last, m_t, o_k, m_k, i_h, H, K, GATE)
+        if GATE != 0:
+            b_b, b_last = _decays(g, tok, bos + i_t * C, last, m_t, o_k, m_k, i_h, H, K, GATE)
         if GATE == 1 or GATE == 3:
             state *= tl.exp(b_last)
             b_k = (b_k * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
@@ -157,7 +153,7 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
         # issued before the loop so that its memory latency overlaps the loop's loads instead of following them
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
     if GATE == 3:
-        b_b, _ = _constant_decays(g, C, i_h, C)
+        b_b, _ = _decays(g, tok, bos + i_t * C, eos, m_t, None, None, i_h, H, K, GATE)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -227,13 +223,13 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
     if GATE == 3:
         # the same in every chunk (rows past a sequence's end included: never stored, and finite, as b_i - b_j
         # <= 0 for i >= j)
-        b_b, _ = _constant_decays(g, C, i_h, C)
+        b_b, _ = _decays(g, bos + rows, bos, bos, None, o_k, m_k, i_h, H, K, GATE)
         row_decays = tl.exp(b_b)
         score_decays = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
     if GATE == 1 or GATE == 2:
         # (an empty sequence reads a row that exists and uses none of it)
-        next_b, next_last = _decays(g, bos + rows, tl.maximum(tl.minimum(bos + C, eos) - 1, 0), bos + rows < eos,
-                                    o_k, m_k, i_h, H, K, GATE)
+        next_b, next_last = _decays(g, bos + rows, bos, tl.maximum(tl.minimum(bos + C, eos) - 1, 0),
+                                    bos + rows < eos, o_k, m_k, i_h, H, K, GATE)
     if SCORES:
         a_rows = rows[:, None] * C + rows[None, :]
         next_a = tl.load(A + (c0 * H + i_h) * C * C + a_rows, mask=a_rows < tl.where(n_chunks > 0, C * C, 0),
@@ -247,11 +243,13 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         if GATE == 3:
-            b_b, b_last = _constant_decays(g, tl.minimum(eos - (bos + i_t * C), C), i_h, C)
+            b_b, b_last = _decays(g, tok, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, m_t, o_k, m_k, i_h,
+                                  H, K, GATE)
         elif GATE != 0:
             b_b, b_last = next_b, next_last
-            next_b, next_last = _decays(g, tok + C, tl.minimum(bos + i_t * C + 2 * C, eos) - 1, tok + C < eos, o_k,
-                                        m_k, i_h, H, K, GATE)
+            next_b, next_last = _decays(g, tok + C, bos + i_t * C + C,
+                                        tl.minimum(bos + i_t * C + 2 * C, eos) - 1, tok + C < eos, o_k, m_k, i_h, H,
+                                        K, GATE)
         if SCORES:
             scores = next_a
             next_a = tl.load(A + ((c0 + i_t + 1) * H + i_h) * C * C + a_rows,
