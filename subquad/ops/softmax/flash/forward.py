@@ -204,9 +204,9 @@ def flash_fwd_kernel(
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
         # ``band2_lo <= q_pos - k_pos <= band2_hi``) in the same online softmax: no second launch, no second
-        # read of this Q tile, no LSE merge. Its blocks are visited as its BlockMask says: walked whole and masked
-        # everywhere, the fixed pattern's columns at 64k (half of their tiles outside the band) ran at 150
-        # effective TFLOP/s on the H100
+        # read of this Q tile, no LSE merge. Its blocks are visited as its BlockMask says (when every column
+        # tile was walked and masked, the fixed pattern's columns at 64k, half of them outside the band, ran at
+        # 150 effective TFLOP/s on the H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
