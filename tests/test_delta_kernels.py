@@ -89,17 +89,3 @@ def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
     for got, want in zip(grads(torch.bfloat16, "triton"), grads(torch.float32, "reference")):
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < 2e-2, err
-
-
-@pytest.mark.parametrize("form", ["fused", "two-pass"])
-def test_delta_scores_formed_in_the_walks_too(form, monkeypatch):
-    """The output's intra-chunk scores come from the WY pass by default; the walks still form them themselves
-    under ``SCORES_IN_WY = False`` (the benchmark's comparison)."""
-    from conftest import set_forward_form
-    from subquad.ops.delta import chunk
-
-    set_forward_form(monkeypatch, form)
-    tensors = _inputs(True, 2, 45)
-    want = _run("reference", tensors, chunk_size=16)
-    monkeypatch.setattr(chunk, "SCORES_IN_WY", False)
-    _assert_match(_run("triton", tensors, chunk_size=16), want)

@@ -3,8 +3,7 @@
 Run on the device (fla from the carried wheels on PYTHONPATH):
     PYTHONPATH=.:$HOME/.cache/subquad-site python3 benchmarks/gpu/linear_profile.py [B T] [op,op,...] [fwd|fwdbwd]
 Prints, per (op, implementation: ours as the shape picks it, in two passes and fused on whole sequences, in two
-passes on the segments the shape picks (split-2pass), the delta rule's scores formed in its walks rather than its
-WY pass (walk-scores), cut into segments for about N programs for each N of
+passes on the segments the shape picks (split-2pass), cut into segments for about N programs for each N of
 LINEAR_PROFILE_SPLIT=N,N; fla's chunk and fused_chunk),
 the call's time (do_bench median), the kernels' total and each kernel's average microseconds per call
 (torch.profiler, after warm-up and autotuning), and writes linear_profile_BxT_MODE_OPS.json to $OUT after every row.
@@ -55,16 +54,12 @@ def kernel_times(fn, grad, leaves=()):
     return per
 
 
-def _form(impl, fused_min=None, split_target=None, scores_in_wy=None):
+def _form(impl, fused_min=None, split_target=None):
     """The op with chunk's FUSED_MIN_PROGRAMS* set (0 forces the fused forward, 1 << 30 the two passes) and
-    sequences cut into segments for about ``split_target`` programs (0: never cut), the delta rule's scores
-    formed in its WY pass or in the walks; None keeps the default."""
-    from subquad.ops.delta import chunk as delta_chunk
+    sequences cut into segments for about ``split_target`` programs (0: never cut); None keeps the default."""
     from subquad.ops.linear import chunk_split
 
     settings = {}
-    if scores_in_wy is not None:
-        settings[(delta_chunk, "SCORES_IN_WY")] = scores_in_wy
     if fused_min is not None:
         settings.update({(chunk, "FUSED_MIN_PROGRAMS"): fused_min, (chunk, "FUSED_MIN_PROGRAMS_DELTA"): fused_min})
     if split_target is not None:
@@ -96,8 +91,7 @@ def main():
         peer_ops = os.environ.get("LINEAR_PROFILE_PEER_OPS")
         ours = _ours(op, "triton")
         impls = [("subquad", ours), ("subquad-2pass", _form(ours, 1 << 30, 0)), ("subquad-fused", _form(ours, 0, 0)),
-                 ("subquad-split-2pass", _form(ours, 1 << 30)),
-                 ("subquad-walk-scores", _form(ours, scores_in_wy=False))]
+                 ("subquad-split-2pass", _form(ours, 1 << 30))]
         impls += [(f"subquad-split{n}", _form(ours, split_target=int(n)))
                   for n in os.environ.get("LINEAR_PROFILE_SPLIT", "").split(",") if n]
         if peer_ops is None or op in peer_ops.split(","):

@@ -1,8 +1,7 @@
 """Chunked delta rule on the linear engine's Triton kernels (``DELTA`` switch).
 
 Three steps:
-1. the WY / UT transform per chunk (wy.py), ``w = T (beta e^b k)``, ``u = T (beta v)``, ``T = (I + A)^-1``, and
-   the output pass's decayed intra-chunk scores ``q k^T``, formed there once rather than per value tile;
+1. the WY / UT transform per chunk (wy.py), ``w = T (beta e^b k)``, ``u = T (beta v)``, ``T = (I + A)^-1``;
 2. the state pass forms ``v_new = u - w S`` chunk by chunk (the engine's state kernel, ``DELTA`` on);
 3. the engine's output pass with values ``v_new``.
 (2 and 3 in one walk where it pays, ``fused_fwd``.) Where sequences x heads are too few to fill the GPU, the
@@ -36,11 +35,6 @@ def _chunk_layout(tables: ChunkTables, chunk_size: int, device):
     return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
-# Whether the WY pass forms the output's intra-chunk scores (read by the walks) or each walk program forms them:
-# a switch for benchmarks/gpu/linear_profile.py to time both in one process.
-SCORES_IN_WY = True
-
-
 class ChunkDeltaFunction(torch.autograd.Function):
     """q, k, v, beta, g on the packed layout (T_total, H, ·); g None | (T_total, H) fp32."""
 
@@ -48,7 +42,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, h0, tables, scale, chunk_size):
         # every kernel of both passes reads the one cumulative log-decay (see linear/chunk_bwd.py's docstring)
         gc = launch_chunk_cumsum(g, tables, chunk_size)
-        w, u, t_mat, scores = launch_wy_fwd(k, v, beta, gc, tables, chunk_size, q=q if SCORES_IN_WY else None)
+        w, u, t_mat = launch_wy_fwd(k, v, beta, gc, tables, chunk_size)
         heads, dk, dv = k.shape[1], k.shape[2], v.shape[2]
         split = segment_split(tables, heads, dk, dv)
         walk_tables, segments, local, trans = tables, None, None, None
@@ -57,11 +51,10 @@ class ChunkDeltaFunction(torch.autograd.Function):
             trans = launch_transition(k, w, gc, split.tables, chunk_size)
             walk_tables, segments = split.tables, (split, local, trans)
         if fused_forward(walk_tables, heads, dk, dv, delta=True):
-            o, ht = launch_fused_fwd(q, k, u, gc, scores, h0, walk_tables, scale, chunk_size, w=w,
-                                     segments=segments)
+            o, ht = launch_fused_fwd(q, k, u, gc, None, h0, walk_tables, scale, chunk_size, w=w, segments=segments)
         else:
             h, ht, v_new = launch_state_fwd(k, u, gc, h0, walk_tables, chunk_size, w=w, segments=segments)
-            o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size, scores)
+            o = launch_output_fwd(q, k, v_new, gc, h, tables, scale, chunk_size)
         ctx.save_for_backward(q, k, v, beta, gc, h0, ht, t_mat, w, u, local, trans)
         ctx.meta = (tables, split, scale, chunk_size)
         return o, ht

@@ -63,17 +63,14 @@ def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.cons
     return _mm(t, inv, PREC)
 
 
-@triton.autotune(configs=WY, key=["K", "V", "C", "GATE", "SCORES"])
+@triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
 @triton.jit
-def wy_fwd(k, v, beta, g, q, T, w, u, scores, cu_seqlens, chunk_indices,
+def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-           SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, SCORES: tl.constexpr,
-           PREC: tl.constexpr, IEEE: tl.constexpr):
+           SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
+           IEEE: tl.constexpr):
     """T = (I + A)^-1 per (chunk, head), computed in fp32 and stored in T's dtype; w = T (beta e^b k), u = T (beta v).
-    (T in one kernel and w, u in a second measured the same, 417 against 424 us at 4 x 8k on the H100.)
-    SCORES: also the output pass's intra-chunk scores ``(q k^T) e^{b_i - b_j}`` on and below the diagonal
-    (unscaled, in q's dtype), while k and the decays are at hand: the forward walk then reads them once per
-    value tile instead of forming q k^T and its decays for each."""
+    (T in one kernel and w, u in a second measured the same, 417 against 424 us at 4 x 8k on the H100.)"""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -84,31 +81,20 @@ def wy_fwd(k, v, beta, g, q, T, w, u, scores, cu_seqlens, chunk_indices,
     m_t = tok < eos
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     a = tl.zeros([C, C], dtype=tl.float32)
-    qk = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                      other=0.0)
         a += _dot(b_k, tl.trans(b_k), IEEE)
-        if SCORES:
-            qk += _dot(tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0),
-                       tl.trans(b_k), IEEE)
     lower = rows[:, None] > rows[None, :]
-    causal = rows[:, None] >= rows[None, :]
     if GATE:
         # rows past the sequence's end (b = 0) against far-decayed columns would overflow (inf * 0)
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
-        decay = tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
-        a = a * b_beta[:, None] * tl.where(lower, decay, 0.0)
-        qk *= decay
+        a = a * b_beta[:, None] * tl.exp(tl.where(lower & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
         xk_scale = b_beta * tl.exp(b_b)
     else:
         a = tl.where(lower, a * b_beta[:, None], 0.0)
-        qk = tl.where(causal, qk, 0.0)
         xk_scale = b_beta
-    if SCORES:
-        tl.store(scores + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :],
-                 qk.to(scores.dtype.element_ty))
     t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC).to(T.dtype.element_ty)
     tl.store(T + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
     t_lo = t.to(k.dtype.element_ty)
@@ -215,23 +201,20 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_wy_fwd(k, v, beta, g, tables, chunk_size, q=None):
+def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     """k (T_total, H, K), v (T_total, H, V), beta, g (T_total, H) the in-chunk cumulative log-decay
     (``launch_chunk_cumsum``) or None. Returns w, u and T, all in k's dtype (T is rounded to it for w and u
-    anyway; kept in bf16 it is half the bytes for the kernel that streams w and u and for the backward), and
-    with ``q`` the intra-chunk scores (n_chunks, H, C, C) for the output pass (else None)."""
+    anyway; kept in bf16 it is half the bytes for the kernel that streams w and u and for the backward)."""
     t_total, heads, dk = k.shape
     dv = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v)
     t_mat = k.new_empty(tables.n_chunks, heads, chunk_size, chunk_size)
-    scores = None if q is None else q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size)
     bk, bv = block_sizes(dk, dv)
     grid = (tables.n_chunks, heads)
     meta = dict(H=heads, K=dk, V=dv, C=chunk_size, BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0),
-                BK=bk, BV=bv, GATE=g is not None, SCORES=q is not None, PREC=_precision(k.dtype),
-                IEEE=k.dtype == torch.float32)
-    wy_fwd_tuned[grid](k, v, beta, g, q, t_mat, w, u, scores, tables.cu, tables.chunk_indices, **meta)
-    return w, u, t_mat, scores
+                BK=bk, BV=bv, GATE=g is not None, PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32)
+    wy_fwd_tuned[grid](k, v, beta, g, t_mat, w, u, tables.cu, tables.chunk_indices, **meta)
+    return w, u, t_mat
 
 
 def launch_wy_bwd(k, v, beta, g, t_mat, dw, du, dk, tables, chunk_size):

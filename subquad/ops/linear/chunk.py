@@ -171,15 +171,13 @@ def launch_intra_bwd(q, k, gc, d_scores, dq, dk, tables, chunk_size):
 
 
 def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
-    """g: the in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None; scores: the decayed causal
-    intra-chunk scores (n_chunks, H, C, C) where made beforehand (a vector decay's, the delta rule's)."""
+    """g: the in-chunk cumulative log-decay (``launch_chunk_cumsum``) or None."""
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     o = torch.empty_like(v)
     grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
     output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                     C=chunk_size, GATE=gate_kind(g), SCORES=scores is not None, IEEE=q.dtype == torch.float32,
-                     **tables.tune_key)
+                     C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o
 
 
@@ -207,8 +205,8 @@ def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=Non
     grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
     fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, *seg_args, tables.cu, tables.chunk_offsets, scale, H=heads,
                     K=dk, V=dv, C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g),
-                    DELTA=w is not None, SCORES=scores is not None, HAS_H0=h0 is not None,
-                    SPLIT=segments is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
+                    DELTA=w is not None, HAS_H0=h0 is not None, SPLIT=segments is not None,
+                    IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o, ht
 
 

@@ -131,12 +131,11 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
         tl.store(ht + row * K * V + o_k[:, None] * V + o_v[None, :], state, mask=m_kv)
 
 
-@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "SCORES", "SEQS", "CHUNKS"])
+@triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
 @triton.jit
 def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUNKS,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, GATE: tl.constexpr, SCORES: tl.constexpr, IEEE: tl.constexpr):
-    """SCORES: the decayed causal intra-chunk scores come in ``A`` (as fused_fwd's)."""
+               BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -166,15 +165,13 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
             acc += _dot((b_q * tl.exp(b_g)).to(b_q.dtype), b_h.to(b_q.dtype), IEEE)
         else:
             acc += _dot(b_q, b_h.to(b_q.dtype), IEEE)
-            if not SCORES:
-                scores += _dot(b_q, tl.trans(b_k), IEEE)
+            scores += _dot(b_q, tl.trans(b_k), IEEE)
     rows = tl.arange(0, C)
     causal = rows[:, None] >= rows[None, :]
-    if GATE == 1 or GATE == 3:
-        acc *= tl.exp(b_b)[:, None]
-    if SCORES:
+    if GATE == 2:
         scores = tl.load(A + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :])
     elif GATE == 1 or GATE == 3:
+        acc *= tl.exp(b_b)[:, None]
         # rows past the sequence's end (b = 0) would overflow against far-decayed columns: never stored, but kept finite
         scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
     else:
@@ -185,17 +182,15 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
              mask=m_t[:, None] & m_v[None, :])
 
 
-@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "DELTA", "SCORES", "SPLIT", "SEQS", "CHUNKS"])
+@triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "DELTA", "SPLIT", "SEQS", "CHUNKS"])
 @triton.jit
 def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale,
               SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, SCORES: tl.constexpr,
-              HAS_H0: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+              SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """state_fwd and output_fwd in one walk over the chunks (needs BK >= K): the chunk's output takes the state
     before the chunk, then the chunk's keys and values are added to it. DELTA: as state_fwd's (``v`` holds u;
-    the corrected values are used, not stored: the backward recomputes them). SPLIT: as state_fwd's. SCORES:
-    the decayed causal intra-chunk scores come in ``A`` (always for GATE 2; the delta rule's WY pass makes
-    them), so no program forms q k^T and its decays itself."""
+    the corrected values are used, not stored: the backward recomputes them). SPLIT: as state_fwd's."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     row = i_nh
@@ -230,7 +225,7 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
         # (an empty sequence reads a row that exists and uses none of it)
         next_b, next_last = _decays(g, bos + rows, bos, tl.maximum(tl.minimum(bos + C, eos) - 1, 0),
                                     bos + rows < eos, o_k, m_k, i_h, H, K, GATE)
-    if SCORES:
+    if GATE == 2:
         a_rows = rows[:, None] * C + rows[None, :]
         next_a = tl.load(A + (c0 * H + i_h) * C * C + a_rows, mask=a_rows < tl.where(n_chunks > 0, C * C, 0),
                          other=0.0)
@@ -250,7 +245,7 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
             next_b, next_last = _decays(g, tok + C, bos + i_t * C + C,
                                         tl.minimum(bos + i_t * C + 2 * C, eos) - 1, tok + C < eos, o_k, m_k, i_h, H,
                                         K, GATE)
-        if SCORES:
+        if GATE == 2:
             scores = next_a
             next_a = tl.load(A + ((c0 + i_t + 1) * H + i_h) * C * C + a_rows,
                              mask=a_rows < tl.where(i_t + 1 < n_chunks, C * C, 0), other=0.0)
@@ -265,22 +260,19 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
             b_k = (b_k * tl.exp(b_last[None, :] - b_b)).to(b_v.dtype)
             state *= tl.exp(b_last)[:, None]
         else:
-            if not SCORES:
-                scores = _dot(b_q, tl.trans(b_k), IEEE)
+            scores = _dot(b_q, tl.trans(b_k), IEEE)
             acc = _dot(b_q, state.to(b_q.dtype), IEEE)
             if GATE == 3:
                 acc *= row_decays[:, None]
-                if not SCORES:
-                    scores *= score_decays
+                scores *= score_decays
             if GATE == 1:
                 acc *= tl.exp(b_b)[:, None]
-                if not SCORES:
-                    # rows past the sequence's end (b = 0) kept finite against far-decayed columns (never stored)
-                    scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
+                # rows past the sequence's end (b = 0) kept finite against far-decayed columns (never stored)
+                scores *= tl.exp(tl.where(causal & m_t[:, None], b_b[:, None] - b_b[None, :], float("-inf")))
             if GATE == 1 or GATE == 3:
                 b_u = (b_v * tl.exp(b_last - b_b)[:, None]).to(b_v.dtype)
                 state *= tl.exp(b_last)
-            elif not SCORES:
+            else:
                 scores = tl.where(causal, scores, 0.0)
         acc += _dot(scores.to(b_v.dtype), b_v, IEEE)
         tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (acc * scale).to(o.dtype.element_ty), mask=m_tv)
