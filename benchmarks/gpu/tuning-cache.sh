@@ -1,22 +1,32 @@
-# Autotuning results kept from one device call to the next (sourced by a device command).
+# Autotuning results and compiled kernels kept from one device call to the next (sourced by a device command).
 #
 # fla's backward kernels autotune for ~300 s per op on a fresh machine (benchmarks/NOTES.md, session 10), and
 # every call gets a fresh machine. Triton can keep each autotuner's timings on disk (TRITON_CACHE_AUTOTUNING=1,
 # keyed by Triton's version, the target, the kernel's source and the tuning key): a later call then compiles the
 # chosen configuration only. Those files travel back in one tarball under $OUT, and come again through `carry`:
 #
-#   here, after a call:  cp <files_at>/autotune.tgz .tuning-cache/   (.tuning-cache/ is git-ignored)
+# Compiled kernels travel the same way (kernels.tgz: the binaries and their metadata, without the intermediate
+# forms), so that the GPU tests of a later call do not spend minutes compiling the same kernels again. Triton's
+# cache groups name their files by absolute path: the cache directory is the same on every machine.
+#
+#   here, after a call:  cp <files_at>/*.tgz .tuning-cache/   (.tuning-cache/ is git-ignored)
 #   device command:      source benchmarks/gpu/tuning-cache.sh; ...; tuning_cache_save
 #   with carry:          [".tuning-cache", ...]
 export TRITON_CACHE_DIR="$HOME/.triton-tuned"
 export TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
-if [ -f .tuning-cache/autotune.tgz ]; then
-    tar -xzf .tuning-cache/autotune.tgz -C "$TRITON_CACHE_DIR"
-    echo "tuning-cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results loaded"
-fi
+for tarball in .tuning-cache/autotune.tgz .tuning-cache/kernels.tgz; do
+    [ -f "$tarball" ] && tar -xzf "$tarball" -C "$TRITON_CACHE_DIR"
+done
+echo "tuning-cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results," \
+    "$(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) compiled kernels loaded"
 
 tuning_cache_save() {
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tgz" --null -T -)
     echo "tuning-cache: $(tar -tzf "$OUT/autotune.tgz" | wc -l) autotuning results saved to \$OUT/autotune.tgz"
+    (cd "$TRITON_CACHE_DIR" && find . \( -name '*.cubin' -o -name '*.json' \) -print0 |
+        tar -czf "$OUT/kernels.tgz" --null -T -)
+    # a call brings back 16 MiB a file: beyond that the kernels are compiled again next time
+    if [ "$(stat -c %s "$OUT/kernels.tgz")" -gt 15000000 ]; then rm "$OUT/kernels.tgz"; echo "tuning-cache: kernels too large"
+    else echo "tuning-cache: $(tar -tzf "$OUT/kernels.tgz" | grep -c cubin) compiled kernels saved to \$OUT/kernels.tgz"; fi
 }
