@@ -14,13 +14,13 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 H, DK, DV = 2, 16, 32
 
 
-def _inputs(gated, b, t, seed=0, low=-0.5, n_states=None):
+def _inputs(gated, b, t, seed=0, low=-0.5, n_states=None, dk=DK, dv=DV):
     gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(b, t, H, DK, generator=gen) for _ in range(2))
-    v = torch.randn(b, t, H, DV, generator=gen)
+    q, k = (torch.randn(b, t, H, dk, generator=gen) for _ in range(2))
+    v = torch.randn(b, t, H, dv, generator=gen)
     beta = torch.rand(b, t, H, generator=gen)
     g = torch.rand(b, t, H, generator=gen) * low if gated else None
-    s0 = torch.randn(n_states or b, H, DK, DV, generator=gen)
+    s0 = torch.randn(n_states or b, H, dk, dv, generator=gen)
     return [None if x is None else x.to(DEV) for x in (q, k, v, beta, g, s0)]
 
 
@@ -89,3 +89,18 @@ def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
     for got, want in zip(grads(torch.bfloat16, "triton"), grads(torch.float32, "reference")):
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_wy_pass_holding_the_chunk(gated, monkeypatch):
+    """wy_fwd's HOLD (the chunk's k and v loaded once, whole), a tuning choice that the tests' single configuration
+    does not take, matches the reference; widths that are not powers of two are padded and masked."""
+    import triton
+
+    from subquad.ops.delta import wy
+
+    monkeypatch.setattr(wy.wy_fwd_tuned.tuner, "configs", [triton.Config({"HOLD": True}, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(wy.wy_fwd_tuned.tuner, "cache", {})
+    monkeypatch.setattr(wy.wy_fwd_tuned, "chosen", {})
+    tensors = _inputs(gated, 2, 45, dk=20, dv=36)
+    _assert_match(_run("triton", tensors, chunk_size=16), _run("reference", tensors, chunk_size=16))

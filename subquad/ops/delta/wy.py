@@ -24,7 +24,7 @@ import triton.language as tl
 from ..autotuned import Autotuned
 from ..linear.chunk import block_sizes
 from ..linear.chunk_fwd import _dot
-from ..linear.tuning import WY
+from ..linear.tuning import WY, WY_FWD, hold_at_most_128
 
 SUB = 16
 
@@ -63,14 +63,18 @@ def _unit_lower_inverse(a, C: tl.constexpr, BC: tl.constexpr, SQUARINGS: tl.cons
     return _mm(t, inv, PREC)
 
 
-@triton.autotune(configs=WY, key=["K", "V", "C", "GATE"])
+@triton.autotune(configs=WY_FWD, key=["K", "V", "C", "GATE"], prune_configs_by={"early_config_prune": hold_at_most_128})
 @triton.jit
 def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-           SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
-           IEEE: tl.constexpr):
+           SQUARINGS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
+           GATE: tl.constexpr, HOLD: tl.constexpr, PREC: tl.constexpr, IEEE: tl.constexpr):
     """T = (I + A)^-1 per (chunk, head), computed in fp32 and stored in T's dtype; w = T (beta e^b k), u = T (beta v).
-    (T in one kernel and w, u in a second measured the same, 417 against 424 us at 4 x 8k on the H100.)"""
+    (T in one kernel and w, u in a second measured the same, 417 against 424 us at 4 x 8k on the H100.)
+    HOLD (a tuning choice): the chunk's k and v are loaded once, whole (KP, VP: K and V padded to powers of two),
+    v before the inverse, and kept for the w and u products. The other way loads k twice and v after the
+    inverse, tile by tile: each program then waits on its loads after its longest computation (the kernel took
+    430 us at 1 x 32k on the H200 for ~120 us of memory traffic)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -80,12 +84,19 @@ def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
     tok = bos + i_t * C + rows
     m_t = tok < eos
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    a = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
-                      other=0.0)
-        a += _dot(b_k, tl.trans(b_k), IEEE)
+    if HOLD:
+        o_k, o_v = tl.arange(0, KP), tl.arange(0, VP)
+        m_k, m_v = m_t[:, None] & (o_k < K)[None, :], m_t[:, None] & (o_v < V)[None, :]
+        chunk_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_k, other=0.0)
+        chunk_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_v, other=0.0)
+        a = _dot(chunk_k, tl.trans(chunk_k), IEEE)
+    else:
+        a = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                          other=0.0)
+            a += _dot(b_k, tl.trans(b_k), IEEE)
     lower = rows[:, None] > rows[None, :]
     if GATE:
         # rows past the sequence's end (b = 0) against far-decayed columns would overflow (inf * 0)
@@ -98,18 +109,24 @@ def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
     t = _unit_lower_inverse(a, C, BC, SQUARINGS, PREC).to(T.dtype.element_ty)
     tl.store(T + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
     t_lo = t.to(k.dtype.element_ty)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
-        b_w = _dot(t_lo, (b_k * xk_scale[:, None]).to(b_k.dtype), IEEE)
-        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
-        b_u = _dot(t_lo, (b_v * b_beta[:, None]).to(b_v.dtype), IEEE)
-        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
+    if HOLD:
+        b_w = _dot(t_lo, (chunk_k * xk_scale[:, None]).to(chunk_k.dtype), IEEE)
+        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_k)
+        b_u = _dot(t_lo, (chunk_v * b_beta[:, None]).to(chunk_v.dtype), IEEE)
+        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_v)
+    else:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
+            b_w = _dot(t_lo, (b_k * xk_scale[:, None]).to(b_k.dtype), IEEE)
+            tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m = m_t[:, None] & (o_v < V)[None, :]
+            b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
+            b_u = _dot(t_lo, (b_v * b_beta[:, None]).to(b_v.dtype), IEEE)
+            tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
 @triton.autotune(configs=WY, key=["K", "V", "C", "GATE"], restore_value=["dk"])
@@ -212,7 +229,8 @@ def launch_wy_fwd(k, v, beta, g, tables, chunk_size):
     bk, bv = block_sizes(dk, dv)
     grid = (tables.n_chunks, heads)
     meta = dict(H=heads, K=dk, V=dv, C=chunk_size, BC=SUB, SQUARINGS=max((chunk_size // SUB).bit_length() - 2, 0),
-                BK=bk, BV=bv, GATE=g is not None, PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32)
+                BK=bk, BV=bv, KP=max(16, triton.next_power_of_2(dk)), VP=max(16, triton.next_power_of_2(dv)),
+                GATE=g is not None, PREC=_precision(k.dtype), IEEE=k.dtype == torch.float32)
     wy_fwd_tuned[grid](k, v, beta, g, t_mat, w, u, tables.cu, tables.chunk_indices, **meta)
     return w, u, t_mat
 

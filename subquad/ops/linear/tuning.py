@@ -27,3 +27,14 @@ FUSED = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 8, 2), ({"BV": 64}, 4, 3), ({"
 COLUMNS = configs([({"BV": 64}, 4, 2), ({"BV": 64}, 4, 3), ({"BV": 128}, 8, 2), ({"BV": 32}, 4, 3)])
 INTRA = configs([({}, 4, 1), ({}, 8, 1), ({}, 2, 1)])
 WY = configs([({}, 4, 1), ({}, 8, 1), ({}, 2, 1), ({}, 4, 2)])
+# the WY forward also chooses whether a chunk's k and v are held whole (wy_fwd's HOLD), where they are at most
+# 128 wide (``hold_at_most_128``)
+WY_FWD = configs([({"HOLD": False}, 4, 1), ({"HOLD": False}, 8, 1), ({"HOLD": False}, 2, 1),
+                  ({"HOLD": False}, 4, 2), ({"HOLD": True}, 4, 1), ({"HOLD": True}, 8, 1)])
+
+
+def hold_at_most_128(configs, named_args, **meta):
+    """Autotuning prune: a chunk's k and v are held whole only up to 128 wide (64 x 256 tiles would spill)."""
+    if max(meta.get("K", named_args.get("K", 0)), meta.get("V", named_args.get("V", 0))) <= 128:
+        return configs
+    return [c for c in configs if not c.kwargs.get("HOLD")] or configs[:1]
