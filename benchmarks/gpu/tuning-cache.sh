@@ -24,8 +24,11 @@ echo "tuning-cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) 
 tuning_cache_save() {
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tgz" --null -T -)
     echo "tuning-cache: $(tar -tzf "$OUT/autotune.tgz" | wc -l) autotuning results saved to \$OUT/autotune.tgz"
-    (cd "$TRITON_CACHE_DIR" && find . \( -name '*.cubin' -o -name '*.json' \) -print0 |
-        tar -czf "$OUT/kernels.tgz" --null -T -)
+    # subquad's own kernels only: flex's (inductor writes here too) and fla's pushed the tarball past 15 MB
+    local names
+    names=$(grep -rh -A1 '@triton.jit' subquad | grep -oP '^def \K\w+' | paste -sd'|')
+    (cd "$TRITON_CACHE_DIR" && find . \( -name '*.cubin' -o -name '*.json' \) | grep -E "/(__grp__)?($names)\.(cubin|json)$" |
+        tr '\n' '\0' | tar -czf "$OUT/kernels.tgz" --null -T -)
     # a call brings back 16 MiB a file: beyond that the kernels are compiled again next time
     if [ "$(stat -c %s "$OUT/kernels.tgz")" -gt 15000000 ]; then rm "$OUT/kernels.tgz"; echo "tuning-cache: kernels too large"
     else echo "tuning-cache: $(tar -tzf "$OUT/kernels.tgz" | grep -c cubin) compiled kernels saved to \$OUT/kernels.tgz"; fi
