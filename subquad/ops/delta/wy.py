@@ -110,23 +110,29 @@ def wy_fwd(k, v, beta, g, T, w, u, cu_seqlens, chunk_indices,
     tl.store(T + (i_c * H + i_h).to(tl.int64) * C * C + rows[:, None] * C + rows[None, :], t)
     t_lo = t.to(k.dtype.element_ty)
     if HOLD:
-        b_w = _dot(t_lo, (chunk_k * xk_scale[:, None]).to(chunk_k.dtype), IEEE)
-        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_k)
-        b_u = _dot(t_lo, (chunk_v * b_beta[:, None]).to(chunk_v.dtype), IEEE)
-        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_v)
+        _store_product(t_lo, chunk_k, xk_scale, w, tok, i_h, o_k, m_k, H, K, IEEE)
+        _store_product(t_lo, chunk_v, b_beta, u, tok, i_h, o_v, m_v, H, V, IEEE)
     else:
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m, other=0.0)
-            b_w = _dot(t_lo, (b_k * xk_scale[:, None]).to(b_k.dtype), IEEE)
-            tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m = m_t[:, None] & (o_v < V)[None, :]
-            b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m, other=0.0)
-            b_u = _dot(t_lo, (b_v * b_beta[:, None]).to(b_v.dtype), IEEE)
-            tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
+        _product_tiles(t_lo, k, xk_scale, w, tok, m_t, i_h, H, K, BK, IEEE)
+        _product_tiles(t_lo, v, b_beta, u, tok, m_t, i_h, H, V, BV, IEEE)
+
+
+@triton.jit
+def _store_product(t_lo, x, scale, out, tok, i_h, o_x, m_x, H: tl.constexpr, W: tl.constexpr, IEEE: tl.constexpr):
+    """out = T (scale x) on one column tile ``o_x`` of the chunk's rows (width W)."""
+    prod = _dot(t_lo, (x * scale[:, None]).to(x.dtype), IEEE)
+    tl.store(out + (tok[:, None] * H + i_h) * W + o_x[None, :], prod.to(out.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def _product_tiles(t_lo, x, scale, out, tok, m_t, i_h, H: tl.constexpr, W: tl.constexpr, BW: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """out = T (scale x) over the chunk's rows, BW columns of x loaded at a time."""
+    for i_w in range(tl.cdiv(W, BW)):
+        o_x = i_w * BW + tl.arange(0, BW)
+        m_x = m_t[:, None] & (o_x < W)[None, :]
+        b_x = tl.load(x + (tok[:, None] * H + i_h) * W + o_x[None, :], mask=m_x, other=0.0)
+        _store_product(t_lo, b_x, scale, out, tok, i_h, o_x, m_x, H, W, IEEE)
 
 
 @triton.autotune(configs=WY, key=["K", "V", "C", "GATE"], restore_value=["dk"])
