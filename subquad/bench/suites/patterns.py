@@ -9,6 +9,7 @@ the kept pairs only (effective TFLOP/s), exactly, from the plan.
 Impls: ``subquad-planned`` (the Triton kernels as ``subquad.attention`` runs them by default: the planner where it
 plans, the pattern's BlockMask where it does not: Longformer's and BigBird's leading global tokens stay in-kernel
 terms), ``subquad-blockmask`` (``plan=False``: the pattern's BlockMask through the same kernel; 16k only),
+``subquad-blockmask64`` (Longformer and BigBird: their BlockMask at 64 x 64 blocks instead of 128, to measure),
 ``flex-triton`` and, where flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends). Both subquad
 rows pin ``backend="triton"``: under ``"auto"`` the measured dispatch table sends Longformer and BigBird to FA4 or
 FlexAttention, and the rows would time a peer under subquad's name (the backends suite measures ``auto``).
@@ -79,6 +80,22 @@ def _subquad(pattern, use_plan):
     return run
 
 
+def _subquad_blocks(pattern, block):
+    """The pattern's BlockMask built at ``block`` x ``block`` (the kernels' default is 128) through the same
+    kernels: BigBird's random blocks are 64 wide, so at 128 a tile keeps 45% of the pairs it visits and 76% of
+    the visited tiles are masked; at 64, 82% and 28% (16k; the same shares at 64k)."""
+    built = {}
+
+    def run(inputs):
+        q = inputs["q"]
+        key = (q.shape[1], q.device)
+        if key not in built:
+            built[key] = pattern.block_mask(q.shape[1], q.shape[1], block_q=block, block_kv=block, device=q.device)
+        return attention(q, inputs["k"], inputs["v"], mask=built[key], backend="triton")
+
+    return run
+
+
 @suite("patterns", device="cuda")
 def pattern_cases(quick: bool):
     shapes = [(1, 4096)] if quick else [(2, 16384), (1, 65536)]
@@ -98,6 +115,8 @@ def pattern_cases(quick: bool):
                 if n <= 16384:
                     # the BlockMask path builds a bitmask for every partial tile: minutes at 64k
                     impls["subquad-blockmask"] = _subquad(pattern, False)
+                if name.startswith(("bigbird", "longformer")):
+                    impls["subquad-blockmask64"] = _subquad_blocks(pattern, 64)
                 if flash_installed:
                     impls["flex-flash"] = peers.flex(flex_mod, "FLASH")
                 yield Case(case=name, mode=mode, batch=batch, seqlen=n, heads_q=heads, heads_kv=heads,
