@@ -5,7 +5,9 @@
 Writes ``$OUT/NAME.json`` (the harness rows, as ``subquad bench`` writes them) after every case, and prints one
 line per row at the end. ``SUITE_CASES=name,name`` keeps those cases only, ``SUITE_MAX_N=16384`` the shapes up to
 that length, ``SUITE_MIN_N`` from that length, ``SUITE_IMPLS=impl,impl`` those implementations,
-``SUITE_MODES=fwd,fwdbwd`` those passes (a device call runs ten minutes at most).
+``SUITE_MODES=fwd,fwdbwd`` those passes (a device call runs ten minutes at most). ``SUITE_RESUME=path.json``
+(an earlier call's output, carried back to the device) keeps its rows and skips the cases they cover, so one suite
+can be spread over several calls.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def main():
     out_name = sys.argv[2] if len(sys.argv) > 2 else "_".join(names)
     suites = harness.load_suites()
     rows = []
+    resume = os.environ.get("SUITE_RESUME")
+    if resume:
+        with open(resume) as f:
+            rows = json.load(f)
+    done = {(r["case"], r["mode"], r.get("batch"), r.get("seqlen")) for r in rows}
     for name in names:
         # case by case, the JSON rewritten after each: a call that runs out of time keeps what it measured
         wanted = os.environ.get("SUITE_CASES")
@@ -33,7 +40,8 @@ def main():
         modes = os.environ.get("SUITE_MODES")
         for case in suites[name].cases(False):
             if (wanted and case.case not in wanted.split(",")) or (longest and case.seqlen > longest) \
-                    or case.seqlen < shortest or (modes and case.mode not in modes.split(",")):
+                    or case.seqlen < shortest or (modes and case.mode not in modes.split(",")) \
+                    or (case.case, case.mode, case.batch, case.seqlen) in done:
                 continue
             if impls:
                 case.impls = {k: f for k, f in case.impls.items() if k in impls.split(",")}
