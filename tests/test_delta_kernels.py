@@ -67,10 +67,8 @@ def test_delta_recurrent_kernel_matches_reference(gated):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
-@pytest.mark.parametrize("gated", [False, True])
-def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
-    """Gated gradients checked on the GPU (Triton 3.6 Hopper trap), bf16, K = V = 128, chunk 64."""
+def _check_bf16_gradients_on_gpu(gated):
+    """bf16 outputs and gradients at K = V = 128, chunk 64, against the fp32 reference."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, t, h, d = 2, 300, 4, 128
     q, k, v = (torch.randn(b, t, h, d, generator=gen, device="cuda") for _ in range(3))
@@ -91,10 +89,16 @@ def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
         assert err < 2e-2, err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the GPU check of gated gradients")
 @pytest.mark.parametrize("gated", [False, True])
-def test_delta_wy_pass_holding_the_chunk(gated, monkeypatch):
-    """wy_fwd's HOLD (the chunk's k and v loaded once, whole), a tuning choice that the tests' single configuration
-    does not take, matches the reference; widths that are not powers of two are padded and masked."""
+def test_delta_kernel_bf16_gradients_on_gpu(gated, delta_forward_form):
+    """Gated gradients checked on the GPU (Triton 3.6 Hopper trap), bf16, K = V = 128, chunk 64."""
+    _check_bf16_gradients_on_gpu(gated)
+
+
+def _hold_whole_chunks(monkeypatch):
+    """wy_fwd's HOLD (the chunk's k and v loaded once, whole): a tuning choice that the tests' single
+    configuration does not take."""
     import triton
 
     from subquad.ops.delta import wy
@@ -102,5 +106,18 @@ def test_delta_wy_pass_holding_the_chunk(gated, monkeypatch):
     monkeypatch.setattr(wy.wy_fwd_tuned.tuner, "configs", [triton.Config({"HOLD": True}, num_warps=4, num_stages=1)])
     monkeypatch.setattr(wy.wy_fwd_tuned.tuner, "cache", {})
     monkeypatch.setattr(wy.wy_fwd_tuned, "chosen", {})
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_wy_pass_holding_the_chunk(gated, monkeypatch):
+    """HOLD matches the reference; widths that are not powers of two are padded and masked."""
+    _hold_whole_chunks(monkeypatch)
     tensors = _inputs(gated, 2, 45, dk=20, dv=36)
     _assert_match(_run("triton", tensors, chunk_size=16), _run("reference", tensors, chunk_size=16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 at model sizes: the configuration the H200 chose")
+def test_delta_wy_pass_holding_the_chunk_bf16_on_gpu(monkeypatch):
+    """HOLD in bf16 at K = V = 128 (the autotuner's choice on the H200), gated, gradients included."""
+    _hold_whole_chunks(monkeypatch)
+    _check_bf16_gradients_on_gpu(True)
