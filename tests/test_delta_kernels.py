@@ -121,3 +121,16 @@ def test_delta_wy_pass_holding_the_chunk_bf16_on_gpu(monkeypatch):
     """HOLD in bf16 at K = V = 128 (the autotuner's choice on the H200), gated, gradients included."""
     _hold_whole_chunks(monkeypatch)
     _check_bf16_gradients_on_gpu(True)
+
+
+def test_hold_is_tuned_only_up_to_128_wide():
+    """The autotuner's prune drops HOLD where a chunk's k or v is wider than 128 (whole 64 x 256 tiles)."""
+    import triton
+
+    from subquad.ops.linear.tuning import hold_at_most_128
+
+    configs = [triton.Config({"HOLD": False}), triton.Config({"HOLD": True})]
+    holds = lambda **widths: [c.kwargs["HOLD"] for c in hold_at_most_128(configs, {}, **widths)]  # noqa: E731
+    assert holds(K=128, V=128) == [False, True]
+    assert holds(K=256, V=128) == [False]
+    assert holds(K=64, V=256) == [False]
