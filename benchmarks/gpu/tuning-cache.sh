@@ -3,7 +3,7 @@
 # fla's backward kernels autotune for ~300 s per op on a fresh machine (benchmarks/NOTES.md, session 10), and
 # every call gets a fresh machine. Triton can keep each autotuner's timings on disk (TRITON_CACHE_AUTOTUNING=1,
 # keyed by Triton's version, the target, the kernel's source and the tuning key): a later call then compiles the
-# chosen configuration only. Those files travel back in one tarball under $OUT, and come again through `carry`:
+# chosen configuration only. Those files travel back in a tarball under $OUT, and come again through `carry`.
 #
 # Compiled kernels travel the same way (kernels.tgz: the binaries and their metadata, without the intermediate
 # forms), so that the GPU tests of a later call do not spend minutes compiling the same kernels again. Triton's

@@ -10,7 +10,7 @@ Impls: ``subquad-planned`` (the Triton kernels as ``subquad.attention`` runs the
 plans, the pattern's BlockMask where it does not: Longformer's and BigBird's leading global tokens stay in-kernel
 terms), ``subquad-blockmask`` (``plan=False``: the pattern's BlockMask through the same kernel; 16k only),
 ``subquad-blockmask64`` (Longformer and BigBird: their BlockMask at 64 x 64 blocks instead of 128, to measure),
-``flex-triton`` and, where flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends). Both subquad
+``flex-triton`` and, where flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends). The subquad
 rows pin ``backend="triton"``: under ``"auto"`` the measured dispatch table sends Longformer and BigBird to FA4 or
 FlexAttention, and the rows would time a peer under subquad's name (the backends suite measures ``auto``).
 """
