@@ -9,7 +9,8 @@ the kept pairs only (effective TFLOP/s), exactly, from the plan.
 Impls: ``subquad-planned`` (the Triton kernels as ``subquad.attention`` runs them by default: the planner where it
 plans, the pattern's BlockMask where it does not: Longformer's and BigBird's leading global tokens stay in-kernel
 terms), ``subquad-blockmask`` (``plan=False``: the pattern's BlockMask through the same kernel; 16k only),
-``subquad-blockmask64`` (Longformer and BigBird: their BlockMask at 64 x 64 blocks instead of 128, to measure),
+``subquad-blockmask128`` (Longformer and BigBird: their BlockMask at 128 x 128 blocks, where the engine chooses
+64 x 64 for them: what the choice gains),
 ``flex-triton`` and, where flash-attn-4 is installed, ``flex-flash`` (FlexAttention's two backends). The subquad
 rows pin ``backend="triton"``: under ``"auto"`` the measured dispatch table sends Longformer and BigBird to FA4 or
 FlexAttention, and the rows would time a peer under subquad's name (the backends suite measures ``auto``).
@@ -81,9 +82,9 @@ def _subquad(pattern, use_plan):
 
 
 def _subquad_blocks(pattern, block):
-    """The pattern's BlockMask built at ``block`` x ``block`` (the kernels' default is 128) through the same
-    kernels: BigBird's random blocks are 64 wide, so at 128 a tile keeps 45% of the pairs it visits and 76% of
-    the visited tiles are masked; at 64, 82% and 28% (16k; the same shares at 64k)."""
+    """The pattern's BlockMask built at ``block`` x ``block`` through the same kernels, whatever block the engine
+    would choose: BigBird's random blocks are 64 wide, so at 128 a tile keeps 45% of the pairs it visits and 76%
+    of the visited tiles are masked; at 64, 82% and 28% (16k; the same shares at 64k)."""
     built = {}
 
     def run(inputs):
@@ -116,7 +117,7 @@ def pattern_cases(quick: bool):
                     # the BlockMask path builds a bitmask for every partial tile: minutes at 64k
                     impls["subquad-blockmask"] = _subquad(pattern, False)
                 if name.startswith(("bigbird", "longformer")):
-                    impls["subquad-blockmask64"] = _subquad_blocks(pattern, 64)
+                    impls["subquad-blockmask128"] = _subquad_blocks(pattern, 128)
                 if flash_installed:
                     impls["flex-flash"] = peers.flex(flex_mod, "FLASH")
                 yield Case(case=name, mode=mode, batch=batch, seqlen=n, heads_q=heads, heads_kv=heads,
