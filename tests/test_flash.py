@@ -513,19 +513,20 @@ def test_kernel_arguments_are_kept_per_block_mask_and_positions():
 
 
 def test_mask_block_is_64_where_it_visits_fewer_pairs(monkeypatch):
-    """Outside the interpreter the engine builds a pattern's BlockMask at 128 or 64, whichever visits 0.9 of
-    the pairs or fewer at 64: BigBird's 64-wide random blocks take 64, a 128 block layout stays 128. The
-    choice is kept per pattern and shape, and the kernels give the reference's results at either size."""
+    """Outside the interpreter the engine builds a pattern's BlockMask at 128 or 64 for each pass, 64 where it
+    visits at most 0.85 (forward) / 0.6 (backward) of the pairs of 128: BigBird's 64-wide random blocks take 64
+    for both passes at 1024, its forward only at 512, a 128 block layout stays 128. The choice is kept per
+    pattern and shape, and the kernels give the reference's results with the passes at different sizes."""
     from subquad.ops.softmax import flash
 
     monkeypatch.setattr(flash, "_mask_block", lambda device: flash.MASK_BLOCK)
     g = torch.Generator().manual_seed(2)
     bigbird = masks.bigbird(64, [0], random_blocks=2, block=64, seed=0)
-    layout = masks.block_sparse(torch.rand(4, 4, generator=g) < 0.5, 128)
-    for mask, block in ((bigbird, 64), (layout, 128)):
-        bm = flash._resolve_tiled(mask, False, 1, 2, 512, 512, "cpu")
-        assert bm.block_q == bm.block_kv == block
-        assert flash._resolve_tiled(mask, False, 1, 2, 512, 512, "cpu") is bm
-    assert flash._resolve_tiled(bigbird, True, 1, 2, 512, 512, "cpu").block_q == 64
-    assert flash._resolve_tiled(bigbird, False, 1, 1, 384, 384, "cpu").block_q == 64
-    _check(*_qkv(1, 384, 384, 1, 1, 32, torch.bfloat16, seed=3), mask=bigbird, plan=False)
+    layout = masks.block_sparse(torch.rand(8, 8, generator=g) < 0.5, 128)
+    for mask, n, blocks in ((bigbird, 1024, (64, 64)), (bigbird, 512, (64, 128)), (layout, 1024, (128, 128))):
+        chosen = flash._resolve_tiled(mask, False, 1, 2, n, n, "cpu")
+        assert [bm.block_q for bm in chosen] == [bm.block_kv for bm in chosen] == list(blocks)
+        assert all(a is b for a, b in zip(flash._resolve_tiled(mask, False, 1, 2, n, n, "cpu"), chosen))
+    longformer = masks.longformer(256, [0])
+    assert [bm.block_q for bm in flash._resolve_tiled(longformer, False, 1, 1, 384, 384, "cpu")] == [64, 128]
+    _check(*_qkv(1, 384, 384, 1, 1, 32, torch.bfloat16, seed=3), mask=longformer, plan=False)

@@ -29,12 +29,13 @@ MASK_BLOCK = 128
 MASK_BLOCK_INTERPRET = 32
 
 
-#: the smaller BlockMask block tried for a pattern, and how much fewer pairs it must visit to be taken. On the
-#: H200 a 64 x 64 tile ran at 0.83-1.04 of the pair rate of a 128 x 128 one: BigBird (random blocks of 64) at
-#: 1 x 64k visits 0.54 of the pairs at 64 and ran 1.53x faster forward, 1.31x fwd+bwd; Longformer (window 512,
-#: 16 global tokens) at 2 x 16k visits 0.79 and ran 1.33x faster forward (2026-12-04-patterns-blockmask64 run)
+#: the smaller BlockMask block tried for a pattern, and, per pass, the share of the 128 block's visited pairs
+#: that it must visit at most to be taken: its tiles run at a lower pair rate. On the H200
+#: (2026-12-04-patterns-bb-lf runs), BigBird (random blocks of 64) visits 0.54 of the pairs at 64 and Longformer
+#: (window 512, 16 global tokens) 0.79; at 64 the forward ran 1.48x / 1.32x faster (2 x 16k), a pair rate of
+#: 0.82-1.04 that of the 128 tiles, and the backward 1.23x faster / 1.24x slower, a pair rate of 0.64-0.68.
 SMALL_MASK_BLOCK = 64
-SMALL_BLOCK_VISITS = 0.9
+SMALL_BLOCK_VISITS = {"forward": 0.85, "backward": 0.6}
 
 
 def _mask_block(device) -> int:
@@ -46,24 +47,28 @@ def _visited_pairs(bm: BlockMask) -> int:
     return int((bm.kind != _masks.EMPTY).sum()) * bm.block_q * bm.block_kv
 
 
-def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: int, device) -> BlockMask | None:
-    """The pattern's BlockMask at the block size the kernels run it fastest: 128, or 64 where that visits
-    ``SMALL_BLOCK_VISITS`` of the pairs or fewer (narrow bands with global tokens, BigBird's 64-wide random
-    blocks: at 128 most of their tiles are partial and mostly masked). Chosen once per pattern and shape."""
+def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: int,
+                   device) -> tuple[BlockMask | None, BlockMask | None]:
+    """The pattern's BlockMasks for the forward and the backward pass, each at the block size that pass runs
+    fastest: 128, or 64 where that visits at most ``SMALL_BLOCK_VISITS`` of the pairs (narrow bands with global
+    tokens, BigBird's 64-wide random blocks: at 128 most of their tiles are partial and mostly masked). The
+    passes share no tiling (the backward reads only the rows' LSE), so they may differ. Chosen once per
+    pattern and shape."""
     block = _mask_block(device)
     resolve = lambda size: _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv,
                                           device=device, block_q=size, block_kv=size)
     if block != MASK_BLOCK or not isinstance(mask, Pattern):
-        return resolve(block)
+        bm = resolve(block)
+        return bm, bm
     chosen = mask.memo("_mask_block_chosen")
     key = (causal, bsz, hq, seq_q, seq_kv, str(_masks.canonical_device(device)))
     if key not in chosen:
         if len(chosen) > 64:
             chosen.clear()
-        large, small = resolve(MASK_BLOCK), resolve(SMALL_MASK_BLOCK)
-        chosen[key] = SMALL_MASK_BLOCK if _visited_pairs(small) <= SMALL_BLOCK_VISITS * _visited_pairs(large) \
-            else MASK_BLOCK
-    return resolve(chosen[key])
+        share = _visited_pairs(resolve(SMALL_MASK_BLOCK)) / _visited_pairs(resolve(MASK_BLOCK))
+        chosen[key] = tuple(SMALL_MASK_BLOCK if share <= SMALL_BLOCK_VISITS[p] else MASK_BLOCK
+                            for p in ("forward", "backward"))
+    return resolve(chosen[key][0]), resolve(chosen[key][1])
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:
@@ -136,11 +141,14 @@ def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
 def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                            scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                            q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
-                           deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           deterministic: bool = False,
+                           backward_block_mask: BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention under a prebuilt BlockMask (None: every pair); returns ``(out, lse)``.
 
     ``q_pos`` (seq_q,) / ``kv_pos`` (seq_kv,) are the positions that the pattern's terms and ALiBi see; the
-    BlockMask must have been built for them (as for ``attention_reference``). Arguments are assumed checked.
+    BlockMask must have been built for them (as for ``attention_reference``). ``backward_block_mask``: the same
+    pattern at another block size for the eager backward pass (traced calls keep ``block_mask``). Arguments
+    are assumed checked.
     """
     _check_dtype(q)
     if block_mask is None and q_pos is None and kv_pos is None:
@@ -153,7 +161,10 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
             block_mask = _masks.resolve(_masks.full, causal=False, batch=1, heads=1, seq_q=q.shape[1],
                                         seq_kv=k.shape[1], device=q.device, block_q=block, block_kv=block)
         m = _block_mask_args(block_mask.to(q.device), q_pos, kv_pos)
-    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic)
+    m_backward = None
+    if backward_block_mask is not None and backward_block_mask is not block_mask:
+        m_backward = _block_mask_args(backward_block_mask.to(q.device), q_pos, kv_pos)
+    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward)
 
 
 def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, kv_index: torch.Tensor,
@@ -189,8 +200,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         band = pure_band(pattern)
         if band is not None:
             return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic)
-    bm = _resolve_tiled(mask, causal, bsz, hq, seq_q, seq_kv, q.device)
-    return flash_attention_masked(q, k, v, bm, scale, softcap, alibi_slopes, deterministic=deterministic)
+    forward_mask, backward_mask = _resolve_tiled(mask, causal, bsz, hq, seq_q, seq_kv, q.device)
+    return flash_attention_masked(q, k, v, forward_mask, scale, softcap, alibi_slopes, deterministic=deterministic,
+                                  backward_block_mask=backward_mask)
 
 
 def varlen_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> Pattern:

@@ -104,10 +104,11 @@ class _Flash(torch.autograd.Function):
     """The custom ops' forward and backward launches for eager calls (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+    def forward(ctx, q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
+                m_backward: MaskArgs | None):
         out, lse = launch.forward(q, k, v, m, scale, softcap, slopes)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.launch_args = (m, scale, softcap, slopes, deterministic)
+        ctx.launch_args = (m if m_backward is None else m_backward, scale, softcap, slopes, deterministic)
         return out, lse
 
     @staticmethod
@@ -117,7 +118,7 @@ class _Flash(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class FlashWithColumns(torch.autograd.Function):
@@ -148,10 +149,12 @@ class FlashWithColumns(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
-    """Call the forward with a MaskArgs bundle; returns ``(out, lse)``."""
+def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
+        m_backward: MaskArgs | None = None):
+    """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
+    another block size, for the eager backward (the custom op keeps ``m`` for both passes)."""
     if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
-        return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic))
+        return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward)
     lists = m.lists if m.lists is not None else (None,) * 4
     lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
     return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, m.flags, m.layout,
