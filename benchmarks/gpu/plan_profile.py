@@ -152,8 +152,14 @@ def main():
     for name, (pattern, causal) in PATTERNS.items():
         if not wanted or name in wanted.split(","):
             rows += run(name, pattern, causal, n, batch, device, "triton" if cuda else "reference")
+    import triton
+
+    header = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "torch": torch.__version__,
+              "triton": triton.__version__, "command": " ".join(["plan_profile.py", *sys.argv[1:]]),
+              "patterns": wanted or "all"}
     with open(os.path.join(os.environ.get("OUT", "."), "plan_profile.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({**header, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 # forms), so that the GPU tests of a later call do not spend minutes compiling the same kernels again. Triton's
 # cache groups name their files by absolute path: the cache directory is the same on every machine.
 #
-#   here, after a call:  cp <files_at>/*.tgz .tuning-cache/   (.tuning-cache/ is git-ignored)
+#   here, after a call:  rm -f .tuning-cache/kernels.tgz*; cp <files_at>/*.tgz* .tuning-cache/
+#                        (.tuning-cache/ is git-ignored; the kernels come as parts when the tarball passes 15 MB)
 #   device command:      source benchmarks/gpu/tuning-cache.sh; ...; tuning_cache_save
 #   with carry:          [".tuning-cache", ...]
 export TRITON_CACHE_DIR="$HOME/.triton-tuned"
@@ -18,6 +19,9 @@ mkdir -p "$TRITON_CACHE_DIR"
 for tarball in .tuning-cache/autotune.tgz .tuning-cache/kernels.tgz; do
     [ -f "$tarball" ] && tar -xzf "$tarball" -C "$TRITON_CACHE_DIR"
 done
+if compgen -G ".tuning-cache/kernels.tgz.part*" > /dev/null; then
+    cat .tuning-cache/kernels.tgz.part* | tar -xz -C "$TRITON_CACHE_DIR"
+fi
 echo "tuning-cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results," \
     "$(find "$TRITON_CACHE_DIR" -name '*.cubin' | wc -l) compiled kernels loaded"
 
@@ -29,7 +33,10 @@ tuning_cache_save() {
     names=$(grep -rh -A1 '@triton.jit' subquad | grep -oP '^def \K\w+' | paste -sd'|')
     (cd "$TRITON_CACHE_DIR" && find . \( -name '*.cubin' -o -name '*.json' \) | grep -E "/(__grp__)?($names)\.(cubin|json)$" |
         tr '\n' '\0' | tar -czf "$OUT/kernels.tgz" --null -T -)
-    # a call brings back 16 MiB a file: beyond that the kernels are compiled again next time
-    if [ "$(stat -c %s "$OUT/kernels.tgz")" -gt 15000000 ]; then rm "$OUT/kernels.tgz"; echo "tuning-cache: kernels too large"
-    else echo "tuning-cache: $(tar -tzf "$OUT/kernels.tgz" | grep -c cubin) compiled kernels saved to \$OUT/kernels.tgz"; fi
+    # a call brings back 16 MiB a file (8 files, 64 MiB in all): a larger tarball travels in parts
+    echo "tuning-cache: $(tar -tzf "$OUT/kernels.tgz" | grep -c cubin) compiled kernels saved to \$OUT/kernels.tgz"
+    if [ "$(stat -c %s "$OUT/kernels.tgz")" -gt 15000000 ]; then
+        split -b 15000000 -d "$OUT/kernels.tgz" "$OUT/kernels.tgz.part" && rm "$OUT/kernels.tgz"
+        echo "tuning-cache: in $(ls "$OUT"/kernels.tgz.part* | wc -l) parts"
+    fi
 }
