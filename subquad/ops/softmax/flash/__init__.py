@@ -42,11 +42,6 @@ def _mask_block(device) -> int:
     return MASK_BLOCK_INTERPRET if interpreting() and torch.device(device).type == "cpu" else MASK_BLOCK
 
 
-def _visited_pairs(bm: BlockMask) -> int:
-    """(query, key) pairs the kernels compute under ``bm``: every full and partial tile, whole."""
-    return int((bm.kind != _masks.EMPTY).sum()) * bm.block_q * bm.block_kv
-
-
 def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: int,
                    device) -> tuple[BlockMask | None, BlockMask | None]:
     """The pattern's BlockMasks for the forward and the backward pass, each at the block size that pass runs
@@ -65,7 +60,10 @@ def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: in
     if key not in chosen:
         if len(chosen) > 64:
             chosen.clear()
-        share = _visited_pairs(resolve(SMALL_MASK_BLOCK)) / _visited_pairs(resolve(MASK_BLOCK))
+        # the small block's kind grid, counted and dropped (not cached) unless a pass takes it
+        small = BlockMask.build(mask & _masks.causal if causal else mask, batch=bsz, heads=hq, seq_q=seq_q,
+                                seq_kv=seq_kv, block_q=SMALL_MASK_BLOCK, block_kv=SMALL_MASK_BLOCK, device=device)
+        share = small.block_density() / max(resolve(MASK_BLOCK).block_density(), 1e-30)
         chosen[key] = tuple(SMALL_MASK_BLOCK if share <= SMALL_BLOCK_VISITS[p] else MASK_BLOCK
                             for p in ("forward", "backward"))
     return resolve(chosen[key][0]), resolve(chosen[key][1])
