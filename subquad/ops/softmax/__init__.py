@@ -63,7 +63,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         causal: causal masking, queries aligned to the end of the keys (FlashAttention's convention).
         mask: a ``subquad.masks`` pattern, a prebuilt ``BlockMask``, a bool tensor ``(seq_q, seq_kv)``
             (optionally with leading heads / batch), or a predicate ``fn(b, h, q_pos, k_pos)``. Combined with
-            ``causal`` by intersection.
+            ``causal`` by intersection. The Triton kernels build a pattern's BlockMask at 128 x 128 or, for a
+            pass where that visits markedly fewer pairs (BigBird's 64-wide random blocks, narrow windows with
+            global tokens), 64 x 64; a prebuilt BlockMask runs at its own block size.
         scale: defaults to ``head_dim ** -0.5``.
         softcap: Gemma-2 style ``softcap * tanh(s / softcap)`` on the scaled scores.
         alibi_slopes: ``(heads_q,)`` or ``(batch, heads_q)``; adds ``-slope * |q_pos - k_pos|``.
