@@ -31,9 +31,10 @@ MASK_BLOCK_INTERPRET = 32
 
 #: the smaller BlockMask block tried for a pattern, and, per pass, the share of the 128 block's visited pairs
 #: that it must visit at most to be taken: its tiles run at a lower pair rate. On the H200
-#: (2026-12-04-patterns-bb-lf runs), BigBird (random blocks of 64) visits 0.54 of the pairs at 64 and Longformer
-#: (window 512, 16 global tokens) 0.79; at 64 the forward ran 1.48x / 1.32x faster (2 x 16k), a pair rate of
-#: 0.82-1.04 that of the 128 tiles, and the backward 1.23x faster / 1.24x slower, a pair rate of 0.64-0.68.
+#: (benchmarks/results/2026-12-04-patterns-longformer-bigbird-h200.json), BigBird (random blocks of 64) visits
+#: 0.54 of the pairs at 64 and Longformer (window 512, 16 global tokens) 0.79; at 64 the forward ran 1.48x /
+#: 1.32x faster (2 x 16k), a pair rate of 0.82-1.04 that of the 128 tiles, and the backward 1.23x faster /
+#: 1.24x slower, a pair rate of 0.64-0.68.
 SMALL_MASK_BLOCK = 64
 SMALL_BLOCK_VISITS = {"forward": 0.85, "backward": 0.6}
 
