@@ -67,7 +67,9 @@ def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: in
         share = small.block_density() / max(resolve(MASK_BLOCK).block_density(), 1e-30)
         chosen[key] = tuple(SMALL_MASK_BLOCK if share <= SMALL_BLOCK_VISITS[p] else MASK_BLOCK
                             for p in ("forward", "backward"))
-    return resolve(chosen[key][0]), resolve(chosen[key][1])
+    forward_block, backward_block = chosen[key]
+    forward = resolve(forward_block)
+    return forward, forward if backward_block == forward_block else resolve(backward_block)
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:
