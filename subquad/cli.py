@@ -85,7 +85,8 @@ def bench(
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., help="A results JSON written by `subquad bench`."),
+    results: List[Path] = typer.Argument(..., help="Results JSONs written by `subquad bench` (rows of several "
+                                                   "runs, e.g. one shape each, go into one table)."),
     ours: str = typer.Option("subquad-triton", "--ours", help="The implementation the ratios are taken for."),
     peer: Optional[List[str]] = typer.Option(None, "--peer", help="Peers to compare with (default: all)."),
     readme_block: Optional[str] = typer.Option(None, "--readme-block",
@@ -96,9 +97,11 @@ def report(
     """Print (or write into the README) the table of speed ratios of a results JSON."""
     from .bench.summary import backends_table, load, ratio_table, rewrite_block
 
-    text = backends_table(load(results)) if backends else ratio_table(load(results), ours, peer or None)
+    rows = [row for path in results for row in load(path)]
+    text = backends_table(rows) if backends else ratio_table(rows, ours, peer or None)
     if readme_block:
-        rewrite_block(Path("README.md"), readme_block, f"From `{results}`:\n\n{text}")
+        sources = ", ".join(f"`{path}`" for path in results)
+        rewrite_block(Path("README.md"), readme_block, f"From {sources}:\n\n{text}")
         console.print(f"rewrote README.md block {readme_block}")
     else:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

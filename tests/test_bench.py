@@ -140,9 +140,11 @@ def test_ratio_table_and_readme_block(tmp_path):
     base = {"case": "causal", "batch": 2, "seqlen": 4096, "mode": "fwd", "device": "GPU X", "date": "2026-01-01",
             "versions": {"torch": "2.x"}}
     rows = [dict(base, impl="ours", ms=2.0, tflops=100.0, max_err=1e-3), dict(base, impl="peer", ms=3.0),
-            dict(base, impl="broken", error="RuntimeError")]
+            dict(base, impl="broken", error="RuntimeError"),
+            dict(base, seqlen=8192, impl="ours", ms=1.0, max_err=2.0, max_rel_err=4.3e-3)]
     text = ratio_table(rows, "ours")
     assert "| causal | 2×4k | fwd | 2.000 | 100 | 1.50 | 1.0e-03 |" in text
+    assert "| causal | 2×8k | fwd | 1.000 |  | — | 2.0e+00 (4.3e-03 rel.) |" in text
     assert "broken" not in text and "GPU X" in text
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench:x:begin -->\nold\n<!-- bench:x:end -->\nb\n")
@@ -151,6 +153,24 @@ def test_ratio_table_and_readme_block(tmp_path):
     assert "old" not in body and "1.50" in body and body.startswith("a\n") and body.endswith("b\n")
     with pytest.raises(ValueError, match="readme"):
         rewrite_block(readme, "missing", text)
+
+
+def test_report_puts_several_runs_in_one_table(tmp_path, monkeypatch):
+    """Each run's rows keep their own ratios (peer and ours from the same file); the block names both files."""
+    base = {"case": "gla", "mode": "fwd", "device": "GPU X", "date": "2026-01-01", "versions": {"torch": "2.x"}}
+    runs = [[dict(base, batch=4, seqlen=8192, impl="ours", ms=1.0), dict(base, batch=4, seqlen=8192, impl="fla", ms=2.0)],
+            [dict(base, batch=16, seqlen=2048, impl="ours", ms=1.0), dict(base, batch=16, seqlen=2048, impl="fla", ms=3.0)]]
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(rows))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("<!-- bench:t:begin -->\n<!-- bench:t:end -->\n")
+    result = CliRunner().invoke(app, ["report", *map(str, paths), "--ours", "ours", "--readme-block", "t"])
+    assert result.exit_code == 0, result.output
+    body = (tmp_path / "README.md").read_text()
+    assert "| gla | 4×8k | fwd | 1.000 |  | 2.00 |" in body and "| gla | 16×2k | fwd | 1.000 |  | 3.00 |" in body
+    assert "run0.json" in body and "run1.json" in body
 
 
 def test_mamba_peer_inputs_are_the_ssd_case():

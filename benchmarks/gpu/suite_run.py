@@ -44,7 +44,10 @@ def main():
                     or (case.case, case.mode, case.batch, case.seqlen) in done:
                 continue
             if impls:
-                case.impls = {k: f for k, f in case.impls.items() if k in impls.split(",")}
+                # a case whose reference is one of its implementations keeps it: it is what the others are
+                # checked against (the decode steps' torch-eager)
+                keep = impls.split(",") + [case.reference] if isinstance(case.reference, str) else impls.split(",")
+                case.impls = {k: f for k, f in case.impls.items() if k in keep}
             rows += harness.run_cases([case], torch.device("cuda"))
             with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
                 json.dump(rows, f, indent=1)

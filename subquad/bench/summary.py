@@ -51,6 +51,10 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
             cells.append(f"{other['ms'] / mine['ms']:.2f}" if other else "—")
         tf = f"{mine['tflops']:.0f}" if mine.get("tflops") else ""
         err = f"{mine['max_err']:.1e}" if mine.get("max_err") is not None else ""
+        if mine.get("max_rel_err") is not None:
+            # outputs far from unit scale (unnormalised linear attention: hundreds) are judged relative to
+            # the reference's largest entry
+            err += f" ({mine['max_rel_err']:.1e} rel.)"
         lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | {mine['ms']:.3f} | {tf} | " + " | ".join(cells)
                      + f" | {err} |")
     return "\n".join(lines) + f"\n\n_{_provenance(rows)}. Ratios are peer time ÷ {ours} time in one run._\n"
