@@ -38,7 +38,9 @@ def main():
     # fourth sweep (the merge folded into the kernel): split counts, tile lengths and pipeline depths at 32k
     # and 128k, where the target is SDPA-flash (an evict-first hint on the K/V loads was tried there too:
     # within 0.2% either way, so it went)
-    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in (None, 12) for bn in (64, 128)
+    # DECODE_TUNE_SPLITS=None,6,9 sweeps those split counts instead (None: the default's choice)
+    splits = [None if x == "None" else int(x) for x in os.environ.get("DECODE_TUNE_SPLITS", "None,12").split(",")]
+    configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in splits for bn in (64, 128)
                for st in (2, 3)]
     contexts = [int(x) for x in os.environ.get("DECODE_TUNE_CONTEXTS", "32768,131072").split(",")]
     for n in contexts:
