@@ -249,10 +249,12 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     v_is_k = latent and n_dv_blocks == 1 and block_dv == _pow2(d_main) == d_main
     tile_given = block_n is not None
     if block_n is None:
-        # measured on the H100 (benchmarks/decode_tune.py, two sweeps): 64 keys per tile for dense storage
-        # and for pages of 16 tokens gathered row by row, once the grid has enough splits; MLA's 576-wide
-        # rows too, with 64 heads per program and 8 warps (benchmarks/results/*decode-tune*)
-        block_n = 64
+        # measured on the H100 (benchmarks/decode_tune.py, two sweeps): 64 keys per tile for dense storage,
+        # once the grid has enough splits; MLA's 576-wide rows too, with 64 heads per program and 8 warps
+        # (benchmarks/results/*decode-tune*). Pages gathered row by row take 128: on the H200 (faster memory,
+        # more bytes in flight needed) 0.2624 ms at 32k against 0.2752 with 64 (static: 0.2594), 0.9955 at 128k
+        # against 1.082; on the H100 it cost ~2% (0.3807 against 0.3725, within 5% of static either way)
+        block_n = 128 if view.layout == "paged" and not latent else 64
     m_blocks = cdiv(rows, block_m)
 
     max_len = view.max_seqlen
@@ -278,9 +280,10 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if num_stages is None and long_split:
         num_stages = 3
     if num_stages is None:
-        # pages gather their rows through the block table: one more tile in flight pays there (2,883 GB/s
-        # against 2,869 with two stages at 32k), not on dense storage (2,911 against 2,928)
-        num_stages = 3 if view.layout == "paged" else 2
+        # pages of 64-key tiles gathered through the block table: one more tile in flight paid on the H100
+        # (2,883 GB/s against 2,869 with two stages at 32k), not on dense storage (2,911 against 2,928); with
+        # 128-key tiles two stages are enough (H200: 0.2624 ms against 0.2637 at 32k)
+        num_stages = 3 if view.layout == "paged" and block_n < 128 else 2
 
     # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
     # kernel's, so allocations and launches are kept few
