@@ -159,7 +159,8 @@ def test_report_puts_several_runs_in_one_table(tmp_path, monkeypatch):
     """Each run's rows keep their own ratios (peer and ours from the same file); the block names both files."""
     base = {"case": "gla", "mode": "fwd", "device": "GPU X", "date": "2026-01-01", "versions": {"torch": "2.x"}}
     runs = [[dict(base, batch=batch, seqlen=n, impl="ours", ms=1.0),
-             dict(base, batch=batch, seqlen=n, impl="fla", ms=fla)] for batch, n, fla in ((4, 8192, 2.0), (16, 2048, 3.0))]
+             dict(base, batch=batch, seqlen=n, impl="fla", ms=fla)]
+            for batch, n, fla in ((4, 8192, 2.0), (16, 2048, 3.0))]
     paths = []
     for i, rows in enumerate(runs):
         paths.append(tmp_path / f"run{i}.json")
