@@ -194,6 +194,55 @@ def test_heaviest_blocks_first_with_several_tiles_per_block(pattern):
         _close(name, a, b, q.dtype)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sub_tiles", [1, 2])
+def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
+    """The global columns' key block walks every query block; with WALK_PIECE_MIN lowered, the dK/dV pass
+    cuts that walk into pieces (programs of a second launch, summed in fp32) and gives the reference's gradients:
+    GQA, a length not a multiple of the block, one or two kernel tiles per BlockMask block, causal (attention
+    sinks) or not. The schedules list every block once: the whole walks heaviest first, the cut block's
+    pieces in the second launch; the deterministic backward keeps whole walks."""
+    from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
+
+    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(launch, "PIECE_LOAD", 0.0)
+    block = sub_tiles * BLOCK
+    n = 20 * block + 13
+    pattern = masks.longformer(block // 2, [0, 1, 2], causal=causal)
+    bm = masks.resolve(pattern, causal=False, batch=1, heads=4, seq_q=n, seq_kv=n, device=DEV, block_q=block,
+                       block_kv=block)
+    whole, pieces, piece, cut, slot = _block_mask_args(bm, None, None).pieces_t(2, 4)
+    work = (bm.full_q[0][0, 0] + bm.partial_q[0][0, 0]).long().cpu()
+    assert cut.tolist() == [0] and slot.tolist() == [0] + [-1] * 20 and int(work[0]) > 2 * piece
+    n_kb = work.numel()
+    assert sorted(whole.flatten().tolist()) == list(range(1, n_kb))
+    assert work[whole.flatten().long().cpu()].tolist() == sorted(work[1:].tolist(), reverse=True)
+    assert pieces.flatten().tolist() == [n_kb * p for p in range(-(-int(work[0]) // piece))]
+    q, k, v = _qkv(1, n, n, 4, 2, 32, torch.bfloat16, seed=4)
+    ref, _ = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref.float() * g).sum(), (q, k, v))
+    for deterministic in (False, True):
+        out, _ = flash_attention_masked(q, k, v, bm, 32 ** -0.5, deterministic=deterministic)
+        _close("out", out, ref, q.dtype)
+        for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                              ref_grads):
+            _close(name, a, b, q.dtype)
+
+
+def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
+    """A walk is cut when it is longer than the pass's mean work per SM (PIECE_LOAD = 1): one long walk among
+    short ones on few programs (Longformer 1 x 64k: 1.18 on the H200) is cut, the same on more programs is not."""
+    from subquad.ops.softmax.flash import launch
+
+    work = torch.full((1, 1, 64), 3, dtype=torch.int32)
+    work[0, 0, 0] = 64
+    none = torch.zeros_like(work)
+    mean_per_sm = lambda programs, sms: programs * int(work.sum()) / sms
+    assert 64 > mean_per_sm(16, 132) and launch.walk_pieces(work, none, 16, 132)[3].tolist() == [0]
+    assert 64 < mean_per_sm(64, 132) and launch.walk_pieces(work, none, 64, 132) == ()
+
+
 def test_heaviest_first_order_puts_global_tokens_first():
     from subquad.ops.softmax.flash import _block_mask_args
 

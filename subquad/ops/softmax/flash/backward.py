@@ -7,7 +7,10 @@
    writes dK, dV once (no atomics). With ``DQ_ATOMIC`` it also adds each tile's dQ contribution to an fp32
    buffer with atomics (fast, not bit-reproducible). A third grid axis splits each walk over programs (every
    n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key tiles are too few to
-   fill the GPU: a planner's gathered columns, short keys against long queries.
+   fill the GPU: a planner's gathered columns, short keys against long queries. ``PIECES``: the few key
+   blocks whose walk is far longer than the rest (global columns: every query tile) run in a launch of their
+   own, cut into pieces of ``piece_len`` list entries (``heavy_first``'s items), each adding into a small
+   fp32 buffer per such block (``SLOT``: its place there); the other blocks' launch stores as usual.
 3. ``dq``: one program per (query tile, batch, query head), the forward's walk over key tiles; used when a
    deterministic backward is asked for (no atomics: the dQ of a row is summed in one fixed order).
 
@@ -114,7 +117,7 @@ def flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -123,13 +126,19 @@ def flash_bwd_dkdv_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
+    PIECES: tl.constexpr = False,
 ):
+    piece = 0
     if ORDERED:
-        tile, pid_bh = heavy_first(ORDER, n_kb, mask_b, mask_h, HKV, MBK // BLOCK_N, G)
+        tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G)
         start_n = tile * BLOCK_N
     else:
         start_n = tl.program_id(0) * BLOCK_N
         pid_bh = tl.program_id(1)
+    # this program's stretch of the key block's list (full entries first, then partial): all of it unless the
+    # walk is cut into pieces (piece_len is then the pieces' length, else larger than any list)
+    first = piece * piece_len
+    last = first + piece_len
     b = pid_bh // HKV
     hk = pid_bh % HKV
     split = tl.program_id(2)
@@ -175,7 +184,7 @@ def flash_bwd_dkdv_kernel(
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
-            for j in range(split, n_full, n_split):
+            for j in range(first + split, tl.minimum(n_full, last), n_split):
                 qb = tl.load(FULL_IDX + base * full_width + j)
                 for sub in tl.static_range(MBQ // BLOCK_M):
                     dk, dv = _dkdv_tile(
@@ -186,7 +195,7 @@ def flash_bwd_dkdv_kernel(
                         BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
                         AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
             n_part = tl.load(PART_NUM + base)
-            for j in range(split, n_part, n_split):
+            for j in range(tl.maximum(first - n_full, 0) + split, tl.minimum(n_part, last - n_full), n_split):
                 qb = tl.load(PART_IDX + base * part_width + j)
                 tile = 0
                 if USE_BITS:
@@ -235,6 +244,12 @@ def flash_bwd_dkdv_kernel(
     if SPLIT_ATOMIC:
         tl.atomic_add(dk_ptrs, dk, mask=dk_ok, sem="relaxed")
         tl.atomic_add(dv_ptrs, dv, mask=dv_ok, sem="relaxed")
+    elif PIECES:
+        # a block walked in pieces: (B, HKV, n_slots, MBK, D) fp32 sums, written into dK/dV after the pass
+        slot = tl.load(SLOT + start_n // MBK)
+        rows = (pid_bh.to(tl.int64) * n_slots + slot) * MBK + offs_n % MBK
+        tl.atomic_add(ACC_K + rows[:, None] * D + offs_d[None, :], dk, mask=dk_ok, sem="relaxed")
+        tl.atomic_add(ACC_V + rows[:, None] * DV + offs_dv[None, :], dv, mask=dv_ok, sem="relaxed")
     else:
         tl.store(dk_ptrs, dk.to(DK_OUT.dtype.element_ty), mask=dk_ok)
         tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)

@@ -120,7 +120,7 @@ def flash_fwd_kernel(
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ORDERED: tl.constexpr = False,
 ):
     if ORDERED:
-        tile, pid_bh = heavy_first(ORDER, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
+        tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first

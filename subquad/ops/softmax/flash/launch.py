@@ -4,7 +4,7 @@ the interpreter), strides, grids, and the forward / backward entry points on pla
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -119,8 +119,55 @@ def _kernel(name: str, jit_fn):
         first = None if tune else _FirstThatFits()
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": _prune if tune else first.prune},
-            reset_to_zero=["DQ", "DK_OUT", "DV_OUT"] if name == "dkdv" else None, do_bench=first)(jit_fn))
+            reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "dkdv" else None,
+            do_bench=first)(jit_fn))
     return _TUNED[name, tune]
+
+
+#: a key block's dK/dV walk longer than four times the median walk is cut into pieces of twice the median (at
+#: least WALK_PIECE_MIN query blocks each), when it is also longer than PIECE_LOAD times the pass's mean work per
+#: SM: only then does that one program outlast the pass. H200 (benchmarks/results/2026-12-04-longformer-walk-
+#: pieces-stall-fixed-h200.json): at 1.18 (Longformer 1 x 64k) cutting took fwd+bwd from 6.50 to 5.81 ms; at
+#: 0.6 (Longformer 2 x 16k, BigBird 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
+WALK_PIECE_MIN = 8
+PIECE_LOAD = 1.0
+
+
+def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int) -> tuple:
+    """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()``.
+
+    Global columns (Longformer's, BigBird's first tokens, attention sinks) make their key block walk every
+    query block: at 1 x 64k, 512 of them in one program while the band's blocks walk ~6, so that one program
+    outlasts the pass (Longformer fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a
+    walk is cut into pieces, each a program of a second launch adding into a small fp32 buffer. ``programs``:
+    the (batch, KV head) pairs that each walk every block; ``sms``: the GPU's. Returns
+    ``(whole, pieces, piece_len, blocks, slot)``: ``whole`` (1, 1, n) int32, the other blocks heaviest first,
+    and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
+    ``heavy_first`` items); ``blocks`` the cut blocks; ``slot`` (n_blocks,) int32, each block's place in the
+    buffer or -1. Only for BlockMasks that are the same for every batch and head."""
+    if full_num.shape[0] != 1 or full_num.shape[1] != 1:
+        return ()
+    work = (full_num[0, 0].long() + part_num[0, 0].long()).cpu()
+    busy = work[work > 0]
+    if busy.numel() == 0:
+        return ()
+    piece = max(WALK_PIECE_MIN, 2 * int(busy.median()))
+    longest = int(work.max())
+    if longest <= 2 * piece or longest * sms <= PIECE_LOAD * programs * int(work.sum()):
+        return ()
+    n = work.numel()
+    counts = -(-work // piece)
+    cut = torch.nonzero(counts > 1).flatten()
+    rest = torch.nonzero(counts <= 1).flatten()
+    whole = rest[torch.argsort(work[rest], descending=True, stable=True)]
+    block = torch.repeat_interleave(cut, counts[cut])
+    index = torch.arange(block.numel()) - torch.repeat_interleave(torch.cumsum(counts[cut], 0) - counts[cut],
+                                                                  counts[cut])
+    slot = torch.full((n,), -1, dtype=torch.int32)
+    slot[cut] = torch.arange(cut.numel(), dtype=torch.int32)
+    device = full_num.device
+    items = (block + n * index).to(torch.int32).view(1, 1, -1)
+    return whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device)
 
 
 @dataclass
@@ -149,6 +196,26 @@ class MaskArgs:
     #: the key blocks (dK/dV); None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
+    _pieces_t: dict = field(default_factory=dict)
+    _piece_rows: tuple | None = None
+
+    def pieces_t(self, programs: int, sms: int):
+        """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
+        on the first backward of a grid (it reads the walk lengths back to the host) and kept."""
+        key = (programs, sms)
+        if key not in self._pieces_t:
+            self._pieces_t[key] = () if self.lists_t is None else walk_pieces(self.lists_t[0], self.lists_t[2],
+                                                                              programs, sms)
+        return self._pieces_t[key] or None
+
+    def piece_rows(self, blocks: torch.Tensor, seq_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key rows of the pieced ``blocks`` that exist (< ``seq_kv``), and their places in the blocks'
+        buffer."""
+        if self._piece_rows is None or self._piece_rows[0] is not blocks or self._piece_rows[1] != seq_kv:
+            every = (blocks.cpu()[:, None] * self.mbk + torch.arange(self.mbk)).flatten()
+            kept = torch.nonzero(every < seq_kv).flatten()
+            self._piece_rows = (blocks, seq_kv, every[kept].to(blocks.device), kept.to(blocks.device))
+        return self._piece_rows[2:]
 
     @property
     def band(self) -> bool:
@@ -330,6 +397,9 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
+    pieces = None
+    if atomic and splits == 1 and m.order_t is not None:
+        pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
     if splits > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -348,20 +418,49 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
             dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, m.order_t if m.order_t is not None else _dummy(q.device)]
+            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, D=d, DV=dv_dim,
                 BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if m.order_t is not None:
         meta["ORDERED"] = True
-    tiles = _tiles(seq_kv, n_kb, flags["MBK"], m.order_t is not None)
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
-    if kern is None:
-        bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-        flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+    no_float = _dummy(q.device, torch.float32)
+
+    def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
+        tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
+        walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots]
+        if kern is None:
+            bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
+            flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](*walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta,
+                                                                   **switch)
+        else:
+            kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*walk_args, **meta, **switch)
+
+    if pieces is None:
+        order = m.order_t if m.order_t is not None else _dummy(q.device)
+        launch_walks(order, order.shape[-1] if m.order_t is not None else n_kb, 1 << 30, _dummy(q.device),
+                     no_float, no_float, 0)
     else:
-        kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*args, **meta)
+        # the whole walks first, then the pieces: both launches have the same tuning key (the same argument
+        # types), so the pieces take the configuration timed on the whole walks, and are never timed
+        # themselves (the autotuner's zeroing of DQ, DK_OUT and DV_OUT between timed runs would erase the
+        # whole walks' results)
+        whole, cut_items, piece_len, blocks, slot = pieces
+        n_slots = blocks.numel()
+        acc_k = torch.zeros(bsz, hkv, n_slots, flags["MBK"], d, dtype=torch.float32, device=q.device)
+        acc_v = torch.zeros(bsz, hkv, n_slots, flags["MBK"], dv_dim, dtype=torch.float32, device=q.device)
+        launch_walks(whole, whole.shape[-1], 1 << 30, slot, no_float, no_float, 0)
+        launch_walks(cut_items, cut_items.shape[-1], piece_len, slot, acc_k, acc_v, n_slots, PIECES=True)
     if splits > 1:
         return dk.to(k.dtype), dv.to(v.dtype)
+    if pieces is not None:
+        # the pieced blocks' sums into their rows of dK/dV (indices made on the host once: a boolean index
+        # here read a count back and stalled the stream)
+        rows, kept = m.piece_rows(blocks, seq_kv)
+        dk.index_copy_(1, rows, acc_k.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, d).index_select(1, kept)
+                       .to(dk.dtype))
+        dv.index_copy_(1, rows, acc_v.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, dv_dim).index_select(1, kept)
+                       .to(dv.dtype))
     return dk, dv
 
 
