@@ -205,20 +205,19 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
     from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
 
     monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
-    monkeypatch.setattr(launch, "PIECE_LOAD", {"forward": 0.0, "backward": 0.0})
+    monkeypatch.setattr(launch, "PIECE_LOAD", 0.0)
     block = sub_tiles * BLOCK
     n = 20 * block + 13
     pattern = masks.longformer(block // 2, [0, 1, 2], causal=causal)
     bm = masks.resolve(pattern, causal=False, batch=1, heads=4, seq_q=n, seq_kv=n, device=DEV, block_q=block,
                        block_kv=block)
-    args = _block_mask_args(bm, None, None)
-    whole, pieces, piece, cut, slot, most = args.pieces(True, 2, 4)
+    whole, pieces, piece, cut, slot = _block_mask_args(bm, None, None).pieces_t(2, 4)
     work = (bm.full_q[0][0, 0] + bm.partial_q[0][0, 0]).long().cpu()
     assert cut.tolist() == [0] and slot.tolist() == [0] + [-1] * 20 and int(work[0]) > 2 * piece
     n_kb = work.numel()
     assert sorted(whole.flatten().tolist()) == list(range(1, n_kb))
     assert work[whole.flatten().long().cpu()].tolist() == sorted(work[1:].tolist(), reverse=True)
-    assert pieces.flatten().tolist() == [n_kb * p for p in range(most)] and most == -(-int(work[0]) // piece)
+    assert pieces.flatten().tolist() == [n_kb * p for p in range(-(-int(work[0]) // piece))]
     q, k, v = _qkv(1, n, n, 4, 2, 32, torch.bfloat16, seed=4)
     ref, _ = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
     g = torch.randn_like(ref)
@@ -231,57 +230,6 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
             _close(name, a, b, q.dtype)
 
 
-@pytest.mark.parametrize("sub_tiles, heads", [(1, (2, 2)), (2, (4, 2))])
-def test_long_query_walks_are_cut_into_pieces(monkeypatch, sub_tiles, heads):
-    """The global rows' query blocks walk every key block; with the thresholds lowered, the forward cuts those
-    walks into pieces (a second launch writing fp32 partial sums, merged by their maxima) and gives the
-    reference's output and LSE: GQA, two global-row blocks (one ends mid-block: a length not a multiple of the
-    block), one or two kernel tiles per BlockMask block; the backward reads that LSE."""
-    from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
-
-    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
-    monkeypatch.setattr(launch, "PIECE_LOAD", {"forward": 0.0, "backward": 0.0})
-    block = sub_tiles * BLOCK
-    n = 20 * block + 13
-    hq, hkv = heads
-    pattern = masks.longformer(block // 2, [0, 1, n - 2])
-    bm = masks.resolve(pattern, causal=False, batch=1, heads=hq, seq_q=n, seq_kv=n, device=DEV, block_q=block,
-                       block_kv=block)
-    whole, pieces, piece, cut, slot, most = _block_mask_args(bm, None, None).pieces(False, 2, 4)
-    assert cut.tolist() == [0, 20] and most == 3
-    q, k, v = _qkv(1, n, n, hq, hkv, 32, torch.bfloat16, seed=5)
-    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
-    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5)
-    _close("out", out, ref, q.dtype)
-    _lse_close(lse, ref_lse)
-    g = torch.randn_like(ref)
-    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
-                          torch.autograd.grad((ref.float() * g).sum(), (q, k, v))):
-        _close(name, a, b, q.dtype)
-
-
-def test_merged_pieces_equal_one_softmax():
-    """``_merge_pieces`` on partial sums of one row split three ways (one piece empty, one slot unused) equals
-    the softmax over all of the row's keys; a row with no key gives zeros and -inf."""
-    from subquad.ops.softmax.flash.launch import LOG2E, _merge_pieces
-
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 12, generator=g, dtype=torch.float64) * 3         # (rows, keys), base-2 scores
-    v = torch.randn(12, 5, generator=g, dtype=torch.float64)
-    s[1] = float("-inf")
-    acc_o = torch.zeros(4, 2, 5, dtype=torch.float64)
-    acc_ml = torch.full((4, 2, 2), float("-inf"), dtype=torch.float64)
-    for p, cols in enumerate((slice(0, 5), slice(5, 5), slice(5, 12))):
-        part = s[:, cols]
-        m = part.amax(-1) if part.shape[-1] else torch.full((2,), float("-inf"), dtype=torch.float64)
-        w = torch.exp2(part - torch.where(m == float("-inf"), 0.0, m)[:, None])
-        acc_o[p], acc_ml[p, :, 0], acc_ml[p, :, 1] = w @ v[cols], m, w.sum(-1)
-    out, lse = _merge_pieces(acc_o, acc_ml)
-    assert torch.allclose(out[0], torch.softmax(s[0] / LOG2E, -1) @ v)
-    assert torch.allclose(lse[0], torch.logsumexp(s[0] / LOG2E, -1))
-    assert torch.equal(out[1], torch.zeros(5, dtype=torch.float64)) and lse[1] == float("-inf")
-
-
 def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
     """A walk is cut when it is longer than the pass's mean work per SM (PIECE_LOAD = 1): one long walk among
     short ones on few programs (Longformer 1 x 64k: 1.18 on the H200) is cut, the same on more programs is not."""
@@ -291,8 +239,8 @@ def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
     work[0, 0, 0] = 64
     none = torch.zeros_like(work)
     mean_per_sm = lambda programs, sms: programs * int(work.sum()) / sms
-    assert 64 > mean_per_sm(16, 132) and launch.walk_pieces(work, none, 16, 132, 1.0)[3].tolist() == [0]
-    assert 64 < mean_per_sm(64, 132) and launch.walk_pieces(work, none, 64, 132, 1.0) == ()
+    assert 64 > mean_per_sm(16, 132) and launch.walk_pieces(work, none, 16, 132)[3].tolist() == [0]
+    assert 64 < mean_per_sm(64, 132) and launch.walk_pieces(work, none, 64, 132) == ()
 
 
 def test_heaviest_first_order_puts_global_tokens_first():

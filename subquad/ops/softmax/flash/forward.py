@@ -109,7 +109,7 @@ def flash_fwd_kernel(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
-    ORDER, n_items, piece_len, SLOT, ACC_O, ACC_ML, n_slots, n_pieces,
+    ORDER,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -118,11 +118,9 @@ def flash_fwd_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ORDERED: tl.constexpr = False,
-    PIECES: tl.constexpr = False,
 ):
-    piece = 0
     if ORDERED:
-        tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
+        tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first
@@ -165,12 +163,8 @@ def flash_fwd_kernel(
         qb = start_m // MBQ
         row0 = qb * MBQ
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-        # this program's stretch of the block's list (full entries first, then partial): all of it unless the
-        # walk is cut into pieces (piece_len is then the pieces' length, else larger than any list)
-        first = piece * piece_len
-        last = first + piece_len
         n_full = tl.load(FULL_NUM + base)
-        for j in range(first, tl.minimum(n_full, last)):
+        for j in range(n_full):
             kb = tl.load(FULL_IDX + base * full_width + j)
             for sub in tl.static_range(MBK // BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(
@@ -180,7 +174,7 @@ def flash_fwd_kernel(
                     BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
                     AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
         n_part = tl.load(PART_NUM + base)
-        for j in range(tl.maximum(first - n_full, 0), tl.minimum(n_part, last - n_full)):
+        for j in range(n_part):
             kb = tl.load(PART_IDX + base * part_width + j)
             tile = 0
             if USE_BITS:
@@ -229,18 +223,9 @@ def flash_fwd_kernel(
                                             BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1,
                                             EVEN_KV2 and partial == 0, True, SOFTCAP, ALIBI)
 
-    if PIECES:
-        # one piece of a cut walk: its unnormalised sums and running max (base 2) into (B*HQ, n_slots,
-        # n_pieces, MBQ) rows of fp32 buffers, merged by ``launch._merge_pieces``
-        slot = tl.load(SLOT + start_m // MBQ)
-        rows = ((pid_bh.to(tl.int64) * n_slots + slot) * n_pieces + piece) * MBQ + offs_m % MBQ
-        tl.store(ACC_O + rows[:, None] * DV + offs_dv[None, :], acc, mask=offs_dv[None, :] < DV)
-        tl.store(ACC_ML + rows * 2, m_i)
-        tl.store(ACC_ML + rows * 2 + 1, l_i)
-    else:
-        empty = l_i == 0.0
-        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-        o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)

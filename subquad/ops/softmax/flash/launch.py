@@ -124,29 +124,27 @@ def _kernel(name: str, jit_fn):
     return _TUNED[name, tune]
 
 
-#: a block's walk (a key block's over query blocks in dK/dV, a query block's over key blocks in the forward)
-#: longer than four times the median walk is cut into pieces of twice the median (at least WALK_PIECE_MIN blocks
-#: each), when it is also longer than PIECE_LOAD[pass] times the pass's mean work per SM: only then does that one
-#: program outlast the pass. H200, dK/dV (benchmarks/results/2026-12-05-longformer-walk-pieces-h200.json): at
-#: 1.18 (Longformer 1 x 64k) cutting took fwd+bwd from 6.50 to 5.81 ms; at 0.6 (Longformer 2 x 16k, BigBird
-#: 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
+#: a key block's dK/dV walk longer than four times the median walk is cut into pieces of twice the median (at
+#: least WALK_PIECE_MIN query blocks each), when it is also longer than PIECE_LOAD times the pass's mean work per
+#: SM: only then does that one program outlast the pass. H200 (benchmarks/results/2026-12-04-longformer-walk-
+#: pieces-stall-fixed-h200.json): at 1.18 (Longformer 1 x 64k) cutting took fwd+bwd from 6.50 to 5.81 ms; at
+#: 0.6 (Longformer 2 x 16k, BigBird 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
 WALK_PIECE_MIN = 8
-PIECE_LOAD = {"forward": 1.0, "backward": 1.0}
+PIECE_LOAD = 1.0
 
 
-def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int, load: float) -> tuple:
-    """The schedule of a pass when a few blocks walk far more blocks than the rest, else ``()``.
+def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int) -> tuple:
+    """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()``.
 
     Global columns (Longformer's, BigBird's first tokens, attention sinks) make their key block walk every
-    query block in dK/dV, global rows their query block every key block in the forward: at 1 x 64k, 512 of
-    them in one program while the band's blocks walk ~6, so that one program outlasts the pass (Longformer
-    fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a walk is cut into pieces, each
-    a program of a second launch writing into a small fp32 buffer. ``programs``: the (batch, head) pairs that
-    each walk every block; ``sms``: the GPU's; ``load``: see ``PIECE_LOAD``. Returns
-    ``(whole, pieces, piece_len, blocks, slot, most)``: ``whole`` (1, 1, n) int32, the other blocks heaviest
-    first, and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
+    query block: at 1 x 64k, 512 of them in one program while the band's blocks walk ~6, so that one program
+    outlasts the pass (Longformer fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a
+    walk is cut into pieces, each a program of a second launch adding into a small fp32 buffer. ``programs``:
+    the (batch, KV head) pairs that each walk every block; ``sms``: the GPU's. Returns
+    ``(whole, pieces, piece_len, blocks, slot)``: ``whole`` (1, 1, n) int32, the other blocks heaviest first,
+    and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
     ``heavy_first`` items); ``blocks`` the cut blocks; ``slot`` (n_blocks,) int32, each block's place in the
-    buffer or -1; ``most`` the most pieces of one block. Only for BlockMasks that are the same for every batch and head."""
+    buffer or -1. Only for BlockMasks that are the same for every batch and head."""
     if full_num.shape[0] != 1 or full_num.shape[1] != 1:
         return ()
     work = (full_num[0, 0].long() + part_num[0, 0].long()).cpu()
@@ -155,7 +153,7 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
         return ()
     piece = max(WALK_PIECE_MIN, 2 * int(busy.median()))
     longest = int(work.max())
-    if longest <= 2 * piece or longest * sms <= load * programs * int(work.sum()):
+    if longest <= 2 * piece or longest * sms <= PIECE_LOAD * programs * int(work.sum()):
         return ()
     n = work.numel()
     counts = -(-work // piece)
@@ -169,8 +167,7 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
     slot[cut] = torch.arange(cut.numel(), dtype=torch.int32)
     device = full_num.device
     items = (block + n * index).to(torch.int32).view(1, 1, -1)
-    return (whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device),
-            int(counts.max()))
+    return whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device)
 
 
 @dataclass
@@ -199,28 +196,26 @@ class MaskArgs:
     #: the key blocks (dK/dV); None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
-    _pieces: dict = field(default_factory=dict)
-    _piece_rows: dict = field(default_factory=dict)
+    _pieces_t: dict = field(default_factory=dict)
+    _piece_rows: tuple | None = None
 
-    def pieces(self, backward: bool, programs: int, sms: int):
-        """A pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made on the
-        pass's first call for a grid (it reads the walk lengths back to the host) and kept."""
-        key = (backward, programs, sms)
-        if key not in self._pieces:
-            lists = self.lists_t if backward else self.lists
-            self._pieces[key] = () if lists is None else walk_pieces(
-                lists[0], lists[2], programs, sms, PIECE_LOAD["backward" if backward else "forward"])
-        return self._pieces[key] or None
+    def pieces_t(self, programs: int, sms: int):
+        """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
+        on the first backward of a grid (it reads the walk lengths back to the host) and kept."""
+        key = (programs, sms)
+        if key not in self._pieces_t:
+            self._pieces_t[key] = () if self.lists_t is None else walk_pieces(self.lists_t[0], self.lists_t[2],
+                                                                              programs, sms)
+        return self._pieces_t[key] or None
 
-    def piece_rows(self, blocks: torch.Tensor, block: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows of the pieced ``blocks`` (of ``block`` rows) that exist (< ``seq``), and their places in the
-        blocks' buffer; made once per schedule (a boolean index here read a count back and stalled the stream)."""
-        key = (id(blocks), seq)
-        if self._piece_rows.get(key, (None,))[0] is not blocks:
-            every = (blocks.cpu()[:, None] * block + torch.arange(block)).flatten()
-            kept = torch.nonzero(every < seq).flatten()
-            self._piece_rows[key] = (blocks, every[kept].to(blocks.device), kept.to(blocks.device))
-        return self._piece_rows[key][1:]
+    def piece_rows(self, blocks: torch.Tensor, seq_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key rows of the pieced ``blocks`` that exist (< ``seq_kv``), and their places in the blocks'
+        buffer."""
+        if self._piece_rows is None or self._piece_rows[0] is not blocks or self._piece_rows[1] != seq_kv:
+            every = (blocks.cpu()[:, None] * self.mbk + torch.arange(self.mbk)).flatten()
+            kept = torch.nonzero(every < seq_kv).flatten()
+            self._piece_rows = (blocks, seq_kv, every[kept].to(blocks.device), kept.to(blocks.device))
+        return self._piece_rows[2:]
 
     @property
     def band(self) -> bool:
@@ -341,7 +336,8 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
-            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
+            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device),
+            m.order if m.order is not None else _dummy(q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
     if second is not None:
@@ -353,52 +349,13 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
         meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
     if m.order is not None:
         meta["ORDERED"] = True
+    tiles = _tiles(seq_q, n_qb, meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
-    no_float = _dummy(q.device, torch.float32)
-
-    def launch_walks(order, n_items, piece_len, slot, acc_o, acc_ml, n_slots, n_pieces, **switch):
-        tiles = _tiles(seq_q, n_items, meta["MBQ"], m.order is not None)
-        walk_args = args + [order, n_items, piece_len, slot, acc_o, acc_ml, n_slots, n_pieces]
-        if kern is None:
-            bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-            flash_fwd_kernel[(tiles(bm_), bsz * hq)](*walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta, **switch)
-        else:
-            kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*walk_args, **meta, **switch)
-
-    pieces = m.pieces(False, bsz * hq, num_sms(q.device)) if m.order is not None and second is None else None
-    if pieces is None:
-        order = m.order if m.order is not None else _dummy(q.device)
-        launch_walks(order, order.shape[-1] if m.order is not None else n_qb, 1 << 30, _dummy(q.device),
-                     no_float, no_float, 0, 0)
-        return out, lse
-    # the whole walks, then the pieces (the configuration timed on the first serves the second), then the
-    # pieces' merge into their rows
-    whole, cut_items, piece_len, blocks, slot, n_pieces = pieces
-    mbq, n_slots = meta["MBQ"], blocks.numel()
-    acc_o = torch.zeros(bsz * hq, n_slots, n_pieces, mbq, dv, dtype=torch.float32, device=q.device)
-    acc_ml = torch.full((bsz * hq, n_slots, n_pieces, mbq, 2), float("-inf"), dtype=torch.float32,
-                        device=q.device)
-    launch_walks(whole, whole.shape[-1], 1 << 30, slot, no_float, no_float, 0, 0)
-    launch_walks(cut_items, cut_items.shape[-1], piece_len, slot, acc_o, acc_ml, n_slots, n_pieces, PIECES=True)
-    rows, kept = m.piece_rows(blocks, mbq, seq_q)
-    merged, merged_lse = _merge_pieces(acc_o, acc_ml)
-    out.index_copy_(1, rows, merged.view(bsz, hq, -1, dv).index_select(2, kept).transpose(1, 2).to(out.dtype))
-    lse.index_copy_(2, rows, merged_lse.view(bsz, hq, -1).index_select(2, kept))
-    return out, lse
-
-
-def _merge_pieces(acc_o: torch.Tensor, acc_ml: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's pieces of one walk, merged: ``acc_o`` (..., pieces, rows, DV) unnormalised sums and
-    ``acc_ml`` (..., pieces, rows, 2) their running max (base 2) and sum of weights (slots of pieces that
-    do not exist: -inf, -inf); returns ``out`` (..., rows, DV) fp32 and ``lse`` (..., rows), natural log,
-    -inf and zeros for a row that sees no key."""
-    m, l = acc_ml[..., 0], acc_ml[..., 1]
-    top = m.amax(dim=-2, keepdim=True)
-    top = torch.where(top == float("-inf"), 0.0, top)
-    w = torch.where(m == float("-inf"), 0.0, torch.exp2(m - top))
-    total = (w * torch.where(m == float("-inf"), 0.0, l)).sum(-2)
-    out = (w[..., None] * acc_o).sum(-3) / torch.where(total == 0, 1.0, total)[..., None]
-    lse = torch.where(total == 0, float("-inf"), (top.squeeze(-2) + torch.log2(total)) / LOG2E)
+    if kern is None:
+        bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
+        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+    else:
+        kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return out, lse
 
 
@@ -442,7 +399,7 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
     pieces = None
     if atomic and splits == 1 and m.order_t is not None:
-        pieces = m.pieces(True, bsz * hkv, num_sms(q.device))
+        pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
     if splits > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -488,7 +445,7 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
         # types), so the pieces take the configuration timed on the whole walks, and are never timed
         # themselves (the autotuner's zeroing of DQ, DK_OUT and DV_OUT between timed runs would erase the
         # whole walks' results)
-        whole, cut_items, piece_len, blocks, slot, _ = pieces
+        whole, cut_items, piece_len, blocks, slot = pieces
         n_slots = blocks.numel()
         acc_k = torch.zeros(bsz, hkv, n_slots, flags["MBK"], d, dtype=torch.float32, device=q.device)
         acc_v = torch.zeros(bsz, hkv, n_slots, flags["MBK"], dv_dim, dtype=torch.float32, device=q.device)
@@ -497,8 +454,9 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     if splits > 1:
         return dk.to(k.dtype), dv.to(v.dtype)
     if pieces is not None:
-        # the pieced blocks' sums into their rows of dK/dV
-        rows, kept = m.piece_rows(blocks, flags["MBK"], seq_kv)
+        # the pieced blocks' sums into their rows of dK/dV (indices made on the host once: a boolean index
+        # here read a count back and stalled the stream)
+        rows, kept = m.piece_rows(blocks, seq_kv)
         dk.index_copy_(1, rows, acc_k.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, d).index_select(1, kept)
                        .to(dk.dtype))
         dv.index_copy_(1, rows, acc_v.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, dv_dim).index_select(1, kept)
