@@ -320,6 +320,28 @@ def test_build_table_from_bench_rows():
     assert json.loads(json.dumps(data)) == data
 
 
+def test_merged_table_replaces_only_what_the_new_run_measured(tmp_path):
+    """``--merge``: a run of two cases replaces those signatures (with its own provenance on them) and keeps the
+    others with the base table's."""
+    base = dispatch.build_table([_row("subquad-fa4", 1.0), _row("subquad-triton", 2.0)]
+                                + [_row(impl, ms, pattern="bigbird") for impl, ms in
+                                   (("subquad-fa4", 1.0), ("subquad-flex", 2.0), ("subquad-triton", 3.0))],
+                                source="old.json")
+    rows = [dict(_row("subquad-triton", 1.5, pattern="bigbird"), device="H200"),
+            dict(_row("subquad-flex", 2.0, pattern="bigbird"), device="H200")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(rows))
+    dispatch._main([str(tmp_path / "new.json"), str(path), "--merge"])
+    merged = json.loads(path.read_text())
+    table = dispatch.Table(merged)
+    assert table.ranking(_sig(pattern="bigbird"))[0] == ["triton", "flex"]
+    assert table.ranking(_sig())[0] == ["fa4", "triton"]
+    by_pattern = {e["pattern"]: e for e in merged["entries"]}
+    assert by_pattern["bigbird"]["measured"]["device"] == "H200" and "measured" not in by_pattern[_sig().pattern]
+    assert merged["measured"]["source"] == "old.json"
+
+
 def test_shipped_table_is_valid():
     table = dispatch.Table.load()
     for sig, ranking in table.entries.items():

@@ -237,12 +237,13 @@ def _warm_one(name: str) -> None:
                     t.grad = None
 
 
-def warm_all(timeout_s: float) -> None:
-    """Compile every case's kernels, one process per case, all at once (CPU-bound compiles in parallel)."""
+def warm_all(timeout_s: float, names=None) -> None:
+    """Compile every case's kernels (those of ``names`` if given), one process per case, all at once (CPU-bound
+    compiles in parallel)."""
     start = time.time()
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "subquad.bench.suites.backends", "--warm-one", n], env=env)
-             for n in cases_spec()]
+             for n in cases_spec() if names is None or n in names]
     for p in procs:
         try:
             p.wait(timeout=max(1.0, timeout_s - (time.time() - start)))
@@ -255,15 +256,17 @@ def warm_all(timeout_s: float) -> None:
 CANDIDATES = ("subquad-triton", "subquad-fa4", "subquad-cudnn", "subquad-flex")
 
 
-def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None) -> list[dict]:
-    """Case by case: measure the candidates, rebuild the dispatch table from every candidate row so far and
-    install it, then measure ``subquad-auto`` (which now reads that table) and the peers. A case is skipped
-    whole once the deadline has passed. Writes ``backends.json`` and ``dispatch_table.json`` after each."""
+def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path | None = None,
+        names=None) -> list[dict]:
+    """Case by case (those of ``names`` if given): measure the candidates, rebuild the dispatch table from every
+    candidate row so far and install it, then measure ``subquad-auto`` (which now reads that table) and the
+    peers. A case is skipped whole once the deadline has passed. Writes ``backends.json`` and
+    ``dispatch_table.json`` (this run's signatures only) after each."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     progress = lambda msg: print(f"[{time.time() - start:5.0f}s] {msg}", flush=True)  # noqa: E731
-    for case in make_cases(False):
+    for case in make_cases(False, names):
         if time.time() - start > deadline_s:
             print(f"deadline: skipped {case.case} {case.mode}", flush=True)
             continue
@@ -284,14 +287,16 @@ def run(out_dir: Path, deadline_s: float, device: str = "cuda", table_path: Path
 
 
 def _main(argv: list[str]) -> None:
+    """``--warm-one NAME``, ``--warm-only SECONDS [--cases A,B]`` or ``OUT [--deadline SECONDS] [--cases A,B]``."""
+    names = set(argv[argv.index("--cases") + 1].split(",")) if "--cases" in argv else None
     if argv[:1] == ["--warm-one"]:
         _warm_one(argv[1])
         return
     if argv[:1] == ["--warm-only"]:
-        warm_all(float(argv[1]))
+        warm_all(float(argv[1]), names)
         return
     deadline = float(argv[argv.index("--deadline") + 1]) if "--deadline" in argv else 1e9
-    rows = run(Path(argv[0]), deadline)
+    rows = run(Path(argv[0]), deadline, names=names)
     for r in rows:
         print(f"{r['case']:20s} {r.get('mode', ''):7s} {r['impl']:15s} "
               + (f"{r['ms']:9.3f} ms {r['tflops'] or 0:7.1f} TF err {r['max_err']:.1e}" if "ms" in r

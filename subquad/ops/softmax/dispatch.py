@@ -336,14 +336,29 @@ def available_backends(device=None) -> list[str]:
     return out
 
 
+def merge_tables(base: dict, update: dict) -> dict:
+    """``base`` with the signatures that ``update`` measured replaced by ``update``'s rankings; each replaced
+    entry carries ``update``'s provenance (``measured``: device, date, versions, source), the rest keep the base
+    table's (its top-level ``measured``). A run of a few cases refreshes those without discarding the others."""
+    sig = lambda e: Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
+    new = {sig(e): {**e, "measured": update.get("measured", {})} for e in update.get("entries", [])}
+    entries = [e for e in base.get("entries", []) if sig(e) not in new] + list(new.values())
+    return {"measured": base.get("measured", {}), "entries": sorted(entries, key=lambda e: sig(e).key())}
+
+
 def _main(argv: list[str]) -> None:
-    """``python -m subquad.ops.softmax.dispatch RESULTS.json [OUT.json]``: the table from a bench run."""
+    """``python -m subquad.ops.softmax.dispatch RESULTS.json [OUT.json] [--merge]``: the table from a bench run;
+    ``--merge``: only the signatures it measured are replaced in OUT (default: the shipped table)."""
+    merge = "--merge" in argv
+    argv = [a for a in argv if a != "--merge"]
     if not argv:
         print(_main.__doc__)
         raise SystemExit(2)
     rows = json.loads(Path(argv[0]).read_text())
     data = build_table(rows, source=str(argv[0]))
     out = Path(argv[1]) if len(argv) > 1 else TABLE_PATH
+    if merge and out.exists():
+        data = merge_tables(json.loads(out.read_text()), data)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}: {len(data['entries'])} signatures")
 
