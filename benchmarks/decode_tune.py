@@ -72,6 +72,10 @@ def main():
     mla += [dict(block_m=64, block_n=64, block_dv=512, num_warps=8, num_stages=2),
             dict(block_m=64, block_n=32, block_dv=512, num_warps=8, num_stages=2),
             dict(block_m=16, block_n=64, block_dv=512, num_warps=4, num_stages=3)]
+    # the H200 (session 15): one stage, three, and V's 512 columns split over two programs (each recomputes
+    # the scores: 1.5x the flops, half the accumulator registers)
+    mla += [dict(block_m=64, block_n=64, block_dv=512, num_warps=8, num_stages=st) for st in (1, 3)]
+    mla += [dict(block_m=64, block_n=bn, block_dv=256, num_warps=w, num_stages=2) for bn in (32, 64) for w in (4, 8)]
     for opts in mla:
         try:
             g, ms = gbps(lambda: decode(inp["q"], inp["view"], **opts), nbytes)
