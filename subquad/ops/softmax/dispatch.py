@@ -2,7 +2,8 @@
 
 A call's *signature* is (device capability, dtype, head_dim, pattern kind, pass). ``dispatch_table.json``
 (shipped in the package, made by ``python -m subquad.ops.softmax.dispatch RESULTS.json`` from a
-``subquad bench --suite backends`` run) ranks the backends measured for each signature, fastest first.
+``subquad bench --suite backends`` run, or refreshed signature by signature with ``--merge`` from a run of a few
+cases, each entry then naming its own run) ranks the backends measured for each signature, fastest first.
 
 The rule, in order:
 
