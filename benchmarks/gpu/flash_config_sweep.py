@@ -46,7 +46,7 @@ def forced(name: str, configs: list):
 
 def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in os.environ.get("SWEEP_SHAPES", "32x1024,8x4096").split(",")]
-    default_fwd, default_dkdv = list(launch.FWD_CONFIGS_SM90), list(launch.DKDV_CONFIGS_SM90)
+    defaults = {"fwd": list(launch.FWD_CONFIGS_SM90), "dkdv": list(launch.DKDV_CONFIGS_SM90)}
     rows = []
 
     def row(**kw):
@@ -60,7 +60,8 @@ def main():
         qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
         for causal in (True, False):
             case = dict(batch=batch, seqlen=n, causal=causal)
-            for peer, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            for peer, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
                 def sdpa():
                     with sdpa_kernel(backend):
                         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
@@ -68,25 +69,16 @@ def main():
                     fwdbwd_ms=bench(lambda: torch.autograd.grad(sdpa(), (qt, kt, vt), grad.transpose(1, 2))))
             fwd = lambda: attention(q, k, v, causal=causal, backend="triton")
             fwdbwd = lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
-            forced("fwd", default_fwd)
-            forced("dkdv", default_dkdv)
             row(**case, impl="autotuned", fwd_ms=bench(fwd), fwdbwd_ms=bench(fwdbwd))
-            for c in FWD:
-                forced("fwd", [c])
-                try:
-                    row(**case, impl=f"fwd {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
-                        fwd_ms=bench(fwd))
-                except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row
-                    row(**case, impl=str(c), error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            forced("fwd", default_fwd)
-            for c in DKDV:
-                forced("dkdv", [c])
-                try:
-                    row(**case, impl=f"dkdv {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
-                        fwdbwd_ms=bench(fwdbwd))
-                except Exception as exc:  # noqa: BLE001
-                    row(**case, impl=str(c), error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            forced("dkdv", default_dkdv)
+            for kind, configs, timed, fn in (("fwd", FWD, "fwd_ms", fwd), ("dkdv", DKDV, "fwdbwd_ms", fwdbwd)):
+                for c in configs:
+                    forced(kind, [c])
+                    name = f"{kind} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                    try:
+                        row(**case, impl=name, **{timed: bench(fn)})
+                    except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row
+                        row(**case, impl=name, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                forced(kind, defaults[kind])
     with open(os.path.join(os.environ.get("OUT", "."), "flash_config_sweep.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                    "versions": versions(), "triton": triton.__version__, "rows": rows}, f, indent=1)

@@ -163,8 +163,7 @@ class Table:
         #: ``attention``'s prepared calls per call facts (see ``subquad.ops.softmax._call_facts``)
         self.prepared: dict = {}
         for e in data.get("entries", []):
-            sig = Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
-            self.entries[sig] = [(name, float(ms)) for name, ms in e["ranking"]]
+            self.entries[_signature_of(e)] = [(name, float(ms)) for name, ms in e["ranking"]]
 
     @classmethod
     def load(cls, path: Path | str = TABLE_PATH) -> "Table":
@@ -199,6 +198,7 @@ def table() -> Table:
 
 
 def _signature_of(row: dict) -> Signature:
+    """The signature of a bench row or of a table entry (they name its fields alike)."""
     return Signature(row["capability"], row["dtype"], int(row["head_dim"]), row["pattern"], row["mode"])
 
 
@@ -341,10 +341,9 @@ def merge_tables(base: dict, update: dict) -> dict:
     """``base`` with the signatures that ``update`` measured replaced by ``update``'s rankings; each replaced
     entry carries ``update``'s provenance (``measured``: device, date, versions, source), the rest keep the base
     table's (its top-level ``measured``). A run of a few cases refreshes those without discarding the others."""
-    sig = lambda e: Signature(e["capability"], e["dtype"], int(e["head_dim"]), e["pattern"], e["mode"])
-    new = {sig(e): {**e, "measured": update.get("measured", {})} for e in update.get("entries", [])}
-    entries = [e for e in base.get("entries", []) if sig(e) not in new] + list(new.values())
-    return {"measured": base.get("measured", {}), "entries": sorted(entries, key=lambda e: sig(e).key())}
+    new = {_signature_of(e): {**e, "measured": update.get("measured", {})} for e in update.get("entries", [])}
+    entries = [e for e in base.get("entries", []) if _signature_of(e) not in new] + list(new.values())
+    return {"measured": base.get("measured", {}), "entries": sorted(entries, key=lambda e: _signature_of(e).key())}
 
 
 def _main(argv: list[str]) -> None:
