@@ -1,9 +1,9 @@
-"""The Triton kernels compile for the H100 (sm90) with the installed Triton, on a machine without a GPU: a
-stand-in driver names the target, every launch that a forward and backward would make is recorded instead of
-run, and ``JITFunction.warmup`` compiles each kernel variant down to a cubin (ptxas included) with Hopper's first
-configuration. The interpreter runs the kernels' Python semantics; this runs Triton's real code generation, so a
-kernel that the GPU backend rejects, or that no longer fits in shared memory, fails here rather than in a
-device session. It runs in a child process: under ``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit``
+"""The Triton kernels compile for the H100 (sm90) with the installed Triton, on a machine without a GPU
+(``subquad.bench.sm90``): every launch that a forward and backward would make is recorded instead of run, and
+each kernel variant is compiled down to a cubin (ptxas included) with Hopper's first configuration that fits.
+The interpreter runs the kernels' Python semantics; this runs Triton's real code generation, so a kernel that
+the GPU backend rejects, or that no longer fits in shared memory, fails here rather than in a device session
+(the dK/dV pass's TMA dQ, which the interpreter cannot run, is first in the configurations: compiled here). It runs in a child process: under ``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit``
 makes interpreted functions, which do not compile."""
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import torch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
-#: Hopper's shared memory per block (227 KB)
-SHARED = 232448
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
 EXPECTED = {"flash_fwd_kernel": 5, "flash_bwd_dkdv_kernel": 7, "flash_bwd_dq_kernel": 1,
             "flash_bwd_preprocess_kernel": 2, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
@@ -32,30 +30,6 @@ def test_kernels_compile_for_sm90():
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     compiled = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("compiled ")]
     assert {name: compiled.count(name) for name in set(compiled)} == EXPECTED, done.stdout
-
-
-class _Sm90:
-    """A stand-in for Triton's CUDA driver: just enough for ``warmup`` to pick the target and compile."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
-def _record_launches() -> list:
-    """Every ``kernel[grid](...)`` from now on is recorded as ``(kernel, args, kwargs)`` instead of run."""
-    from triton.runtime.jit import KernelInterface
-
-    recorded = []
-    KernelInterface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: recorded.append((self, args, kwargs)))
-    return recorded
 
 
 def _run_ops() -> None:
@@ -125,9 +99,11 @@ def _compile_all() -> None:
     import triton
     from triton.runtime import driver
 
-    recorded = _record_launches()
+    from subquad.bench.sm90 import SHARED, Sm90Driver, record_launches
+
+    recorded = record_launches()
     _run_ops()
-    driver.set_active(_Sm90())
+    driver.set_active(Sm90Driver())
     seen = set()
     for kernel, args, kwargs in recorded:
         configs = [{}]

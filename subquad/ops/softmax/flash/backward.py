@@ -5,7 +5,9 @@
 2. ``dkdv``: one program per (key tile, batch, KV head) walks the query tiles that see its keys (the
    transposed BlockMask lists, or the band's query range), over every query head of the GQA group, and
    writes dK, dV once (no atomics). With ``DQ_ATOMIC`` it also adds each tile's dQ contribution to an fp32
-   buffer with atomics (fast, not bit-reproducible). A third grid axis splits each walk over programs (every
+   buffer with atomics (fast, not bit-reproducible); ``DQ_TMA`` (Hopper, not the interpreter, which lacks it)
+   makes each of these one TMA bulk reduce-add from shared memory through a descriptor of the query head's
+   dQ rows, which also bounds the rows at the sequence's end. A third grid axis splits each walk over programs (every
    n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key tiles are too few to
    fill the GPU: a planner's gathered columns, short keys against long queries. ``PIECES``: the few key
    blocks whose walk is far longer than the rest (global columns: every query tile) run in a launch of their
@@ -57,7 +59,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+               MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -103,8 +105,11 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     dk = dot_acc(dsT.to(q.dtype), q, dk)
     if DQ_ATOMIC:
         dq = dot(tl.trans(dsT.to(k.dtype)), k) * dq_scale
-        tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
-                      mask=in_q[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        if DQ_TMA:
+            dq_base.atomic_add([start_m, 0], dq)
+        else:
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
+                          mask=in_q[:, None] & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -126,7 +131,7 @@ def flash_bwd_dkdv_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
-    PIECES: tl.constexpr = False,
+    PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
 ):
     piece = 0
     if ORDERED:
@@ -172,6 +177,9 @@ def flash_bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh
+        if DQ_ATOMIC and DQ_TMA:
+            dq_base = tl.make_tensor_descriptor(dq_base, shape=[seq_q, D], strides=[stride_dqn, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
         lse_base = LSE + bh.to(tl.int64) * seq_q
         delta_base = DELTA + bh.to(tl.int64) * seq_q
         slope2 = 0.0
@@ -193,7 +201,7 @@ def flash_bwd_dkdv_kernel(
                         dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                         stride_lay_q, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                         BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
             n_part = tl.load(PART_NUM + base)
             for j in range(tl.maximum(first - n_full, 0) + split, tl.minimum(n_part, last - n_full), n_split):
                 qb = tl.load(PART_IDX + base * part_width + j)
@@ -208,7 +216,7 @@ def flash_bwd_dkdv_kernel(
                         dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                         stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                         BLOCK_M, True, False, False, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC,
-                        USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC)
+                        USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             step = BLOCK_M * n_split
@@ -218,7 +226,7 @@ def flash_bwd_dkdv_kernel(
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
             for start_m in range(full_lo + split * BLOCK_M, full_hi, step):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
@@ -226,14 +234,14 @@ def flash_bwd_dkdv_kernel(
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, True, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
             for start_m in range(full_hi + split * BLOCK_M, hi, step):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC)
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale

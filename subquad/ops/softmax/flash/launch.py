@@ -34,18 +34,44 @@ def _fit(block: int, mask_block: int) -> int:
     return block
 
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, warps, stages, dq_tma=False):
+    extra = {"DQ_TMA": True} if dq_tma else {}
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=warps, num_stages=stages)
 
 
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
+# dQ's atomic sums in the dK/dV pass as TMA reductions where the GPU has them: each tile's dQ goes to shared memory
+# and one bulk reduce-add sends it to the fp32 dQ, as FlashAttention-3 does, in place of ~24 vector atomics per
+# thread per tile. H200, fwd+bwd, atomics -> TMA (benchmarks/results/2026-12-04-dq-tma-ab-h200.json): dense
+# causal 32 x 1k 1.966 -> 1.918 ms, full 2.994 -> 2.829, causal 2 x 16k 19.62 -> 18.47, window 4096 9.00 -> 8.70.
+# Its 32 KB of staging do not fit beside every tile (Longformer's dK/dV at 64 x 128: 230 KB without, 247 with),
+# so the dK/dV configurations come with and without it and the autotuner (or the first that fits) decides.
+# False drops the TMA configurations (before a process's first tuning).
+DQ_TMA = True
+
+
+def _dq_by_tma(q: torch.Tensor) -> bool:
+    """Hopper or later, not the interpreter (it has no TMA), and rows of dQ at 16-byte multiples."""
+    return (DQ_TMA and q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and q.shape[2] * q.shape[3] % 4 == 0)
+
+
+def _tma_allocator(device: torch.device) -> None:
+    """In-kernel TMA descriptors take a small global scratch per launch from Triton's allocator, which is unset by
+    default and per thread (autograd runs the backward on its own thread): set one here unless the caller has."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
 # Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
 FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)]
 # dK/dV: BLOCK_N key rows per program (accumulators), BLOCK_M query rows per step.
-DKDV_CONFIGS_SM90 = [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3)]
+DKDV_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3, True), _cfg(32, 128, 4, 3),
+                     _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3, True), _cfg(64, 64, 4, 3)]
 DQ_CONFIGS_SM90 = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)]
 # head_dim above 128 (up to 256): the tiles above overflow shared memory (Hopper's 227 KB) with two stages of
 # K/V at that width; these smaller ones are added for wide heads only
@@ -63,7 +89,8 @@ INTERPRET_DQ = (32, 16)
 
 def _prune(configs, named_args, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128."""
+    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA."""
+    tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
     wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
@@ -71,8 +98,10 @@ def _prune(configs, named_args, **kwargs):
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide:
             continue
+        if c.kwargs.get("DQ_TMA") and not tma:
+            continue
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
-        key = (bm, bn, c.num_warps, c.num_stages)
+        key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False))
         if key not in seen:
             seen.add(key)
             out.append(_cfg(*key))
@@ -421,6 +450,8 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, D=d, DV=dv_dim,
                 BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    if atomic and _dq_by_tma(q):
+        _tma_allocator(q.device)
     if m.order_t is not None:
         meta["ORDERED"] = True
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)

@@ -1,0 +1,213 @@
+"""Compile a kernel launch for the H100 on a machine without a GPU, and report what the compiler made of it.
+
+The launch is recorded where the library makes it (``subquad.bench.sm90``: the CPU run goes through the same
+Python as on the GPU, the interpreter's path with the tile sizes given here), specialised as Triton would
+specialise it on the device (16-byte alignment of pointers and integers, integers equal to 1), and compiled for
+sm90. Printed: registers, spills
+and stack frame (from ptxas), shared memory, the tensor-core instruction shapes and how many of each, and the
+instruction mix of each loop. This answers, with no device time,
+whether a tile spills, whether a dot runs on ``HGMMA`` and at what shape, and how many instructions a tile costs.
+
+Use the Triton the GPU has (its PTX and layouts differ between versions): e.g. ``pip install triton==3.6.0`` into
+a separate virtual environment and put it first on ``PYTHONPATH``::
+
+    PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:.venv/lib/python3.11/site-packages:. \\
+        /tmp/t36/bin/python benchmarks/kernel_report.py mla --warps 8 --stages 2
+    python benchmarks/kernel_report.py fwd-causal --config 128,64,8,3 --out /tmp/fwd
+
+Cases are the functions of ``CASES`` below: each makes one library call on CPU tensors of the benchmark's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+from subquad.bench.sm90 import record_launches
+
+def compile_for_sm90(fn, args, kwargs):
+    """``fn`` (a JIT function) compiled for sm90 on these arguments, as the device would specialise it."""
+    from triton.runtime import driver
+
+    from subquad.bench.sm90 import Sm90Driver
+
+    driver.set_active(Sm90Driver())       # (this process has no other driver to go back to)
+    return fn.warmup(*args, grid=(1,), **kwargs)
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _opcode(line: str) -> str | None:
+    m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+    return m.group(1) if m else None
+
+
+def loops(sass: list[str], least: int = 64) -> list[tuple[int, collections.Counter]]:
+    """The loops of the SASS (a branch back to an earlier address) with at least ``least`` instructions, longest
+    first: each one's length and instruction mix."""
+    addr = {}
+    for i, line in enumerate(sass):
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
+        if m:
+            addr[int(m.group(1), 16)] = i
+    found = []
+    for i, line in enumerate(sass):
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*|0x)([0-9a-f]+)", line)
+        if m and int(m.group(1), 16) in addr and addr[int(m.group(1), 16)] < i:
+            body = [op for op in map(_opcode, sass[addr[int(m.group(1), 16)]:i + 1]) if op]
+            if len(body) >= least:
+                found.append((len(body), collections.Counter(body)))
+    return sorted(found, key=lambda x: -x[0])
+
+
+def report(kernel, out: Path | None = None) -> dict:
+    cubin = kernel.asm["cubin"]
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = Path(tmp) / "k.ptx"
+        ptx_path.write_text(ptx)
+        cubin_path = Path(tmp) / "k.cubin"
+        cubin_path.write_bytes(cubin)
+        verbose = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", str(ptx_path), "-o", os.devnull],
+                                 capture_output=True, text=True).stderr
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin_path)], capture_output=True,
+                              text=True).stdout.splitlines()
+    regs = re.search(r"Used (\d+) registers", verbose)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
+    mma = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    if not mma:
+        mma = collections.Counter("mma.sync." + s for s in re.findall(r"mma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    found = loops(sass)
+    info = dict(registers=int(regs.group(1)) if regs else None,
+                stack=int(spill.group(1)) if spill else None, spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None, shared=kernel.metadata.shared,
+                mma=dict(mma), loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
+                                      for n, mix in found])
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            (out / f"kernel.{ext}").write_text(kernel.asm[ext])
+        (out / "kernel.sass").write_text("\n".join(sass))
+    return info
+
+
+# ---- cases: one library call each, on CPU tensors of the benchmark's shapes ---------------------------------------
+
+def _qkv(b, n, h, d, hkv=None):
+    g = torch.Generator().manual_seed(0)
+    make = lambda heads: torch.randn(b, n, heads, d, generator=g).to(torch.bfloat16)  # noqa: E731
+    return make(h), make(hkv or h), make(hkv or h)
+
+
+# the flash kernels, their launch module's interpreter tile sizes (overridden here) and default configurations
+# (the H200's autotuned choices for dense causal attention: 2026-12-04-flash-config-sweep-h200.json)
+FLASH = {"fwd": ("flash_fwd_kernel", "INTERPRET_FWD", (128, 64, 8, 3)),
+         "dkdv": ("flash_bwd_dkdv_kernel", "INTERPRET_DKDV", (64, 128, 8, 2)),
+         "dq": ("flash_bwd_dq_kernel", "INTERPRET_DQ", (128, 64, 8, 2))}
+PREPROCESS = "flash_bwd_preprocess_kernel"      # D = rowsum(dO * O): launched with its own fixed meta
+
+
+def _flash(mask, n, configs, backward, dq_tma):
+    """Forward (and backward) of ``subquad.attention`` at B 1, 16 heads, D 128, bf16, length ``n``; the dK/dV
+    pass with the TMA dQ (its Hopper path) unless ``dq_tma`` is False."""
+    from subquad.ops.softmax import flash
+    from subquad.ops.softmax.flash import launch
+    import subquad
+    flash.MASK_BLOCK_INTERPRET = flash.MASK_BLOCK        # BlockMasks at the GPU's block size
+    q, k, v = (t.requires_grad_(backward) for t in _qkv(1, n, 16, 128))
+    for short, (name, tiles, default) in FLASH.items():
+        setattr(launch, tiles, configs.get(short, default)[:2])
+    calls = record_launches()
+    out = subquad.attention(q, k, v, mask=mask, backend="triton")
+    if backward:
+        out.backward(torch.ones_like(out))
+    short_of = {name: short for short, (name, _, _) in FLASH.items()}
+    launches = []
+    for fn, args, kw in calls:
+        if fn.__name__ == PREPROCESS:
+            launches.append((fn, args, kw))
+            continue
+        short = short_of[fn.__name__]
+        _, _, warps, stages = configs.get(short, FLASH[short][2])
+        extra = {"DQ_TMA": True} if short == "dkdv" and kw.get("DQ_ATOMIC") and dq_tma else {}
+        launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
+    return launches
+
+
+def case_causal_1k(configs, dq_tma):
+    from subquad import masks
+    return _flash(masks.causal, 1024, configs, True, dq_tma)
+
+
+def case_window_16k(configs, dq_tma):
+    from subquad import masks
+    return _flash(masks.sliding_window(4096), 16384, configs, True, dq_tma)
+
+
+def case_longformer_16k(configs, dq_tma):
+    from subquad import masks
+    return _flash(masks.longformer(512, list(range(16))), 16384, configs, True, dq_tma)
+
+
+def case_mla(configs, dq_tma):
+    """The suite's MLA decode (B 64, 128 heads, latent 512 + 64), 3 splits as on the H100/H200; the context is
+    1k here (the kernel's code does not depend on it); ``config``: block_m, block_n, num_warps, num_stages."""
+    from subquad.bench.suites.decode import _mla_inputs
+    from subquad.ops.decode import splitkv
+    inp = _mla_inputs(64, 1024, 128, 512, 64, torch.bfloat16)("cpu")
+    bm, bn, warps, stages = configs.get("mla", (64, 64, 8, 2))
+    calls = record_launches()
+    splitkv.decode_splitkv(inp["q"], inp["view"], window=None, scale=576 ** -0.5, softcap=None, alibi_slopes=None,
+                           num_splits=3, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    return calls
+
+
+CASES = {name[5:].replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("--config", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
+                        help="a kernel's configuration (fwd, dkdv, dq; mla: heads per program, keys, warps, "
+                             "stages); repeatable")
+    parser.add_argument("--no-dq-tma", action="store_true", help="the dK/dV pass with atomic dQ by threads")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the TTGIR, PTX and SASS")
+    a = parser.parse_args(argv)
+    # the kernels are made JIT functions at import, and the launch code then takes its interpreter path (its
+    # small-tile choices are overridden by the cases) to reach the recorder
+    for module in ("subquad", "subquad.ops.decode.splitkv", "subquad.ops.softmax.flash.launch"):
+        importlib.import_module(module)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+    configs = {}
+    for item in a.config:
+        name, _, values = item.partition("=")
+        configs[name] = tuple(int(x) for x in values.split(","))
+    launches = CASES[a.case](configs, not a.no_dq_tma)
+    os.environ.pop("TRITON_INTERPRET")
+    for i, (fn, args, kwargs) in enumerate(launches):
+        kernel = compile_for_sm90(fn, args, kwargs)
+        info = report(kernel, a.out / str(i) if a.out else None)
+        print(f"{fn.__name__} (triton {triton.__version__}, sm_90a)")
+        for key, value in info.items():
+            if key == "loops":
+                print("  loops:" + "".join(f"\n    {loop}" for loop in value))
+            else:
+                print(f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
