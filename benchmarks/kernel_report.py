@@ -3,17 +3,16 @@
 The launch is recorded where the library makes it (``subquad.bench.sm90``: the CPU run goes through the same
 Python as on the GPU, the interpreter's path with the tile sizes given here), specialised as Triton would
 specialise it on the device (16-byte alignment of pointers and integers, integers equal to 1), and compiled for
-sm90. Printed: registers, spills
-and stack frame (from ptxas), shared memory, the tensor-core instruction shapes and how many of each, and the
-instruction mix of each loop. This answers, with no device time,
-whether a tile spills, whether a dot runs on ``HGMMA`` and at what shape, and how many instructions a tile costs.
+sm90. Printed: registers, spills and stack frame (from ptxas), shared memory, the tensor-core instruction shapes
+and how many of each, and the instruction mix of each loop. This answers, with no device time, whether a tile
+spills, whether a dot runs on ``HGMMA`` and at what shape, and how many instructions a tile costs.
 
 Use the Triton the GPU has (its PTX and layouts differ between versions): e.g. ``pip install triton==3.6.0`` into
 a separate virtual environment and put it first on ``PYTHONPATH``::
 
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:.venv/lib/python3.11/site-packages:. \\
-        /tmp/t36/bin/python benchmarks/kernel_report.py mla --warps 8 --stages 2
-    python benchmarks/kernel_report.py fwd-causal --config 128,64,8,3 --out /tmp/fwd
+        /tmp/t36/bin/python benchmarks/kernel_report.py mla --config mla=64,64,8,2
+    python benchmarks/kernel_report.py causal-1k --config dkdv=64,128,8,2 --no-dq-tma --out /tmp/c1k
 
 Cases are the functions of ``CASES`` below: each makes one library call on CPU tensors of the benchmark's shape.
 """
