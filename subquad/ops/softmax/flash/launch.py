@@ -59,12 +59,13 @@ def _dq_by_tma(q: torch.Tensor) -> bool:
             and q.shape[2] * q.shape[3] % 4 == 0)
 
 
-def _tma_allocator(device: torch.device) -> None:
+def _tma_allocator() -> None:
     """In-kernel TMA descriptors take a small global scratch per launch from Triton's allocator, which is unset by
-    default and per thread (autograd runs the backward on its own thread): set one here unless the caller has."""
+    default and per thread (autograd runs the backward on its own thread): set one here unless the caller has.
+    It allocates on the current device, where Triton launches (not on the device of the call that set it)."""
     from triton.runtime import _allocation
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 # Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
@@ -451,7 +452,7 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, D=d, DV=dv_dim,
                 BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if atomic and _dq_by_tma(q):
-        _tma_allocator(q.device)
+        _tma_allocator()
     if m.order_t is not None:
         meta["ORDERED"] = True
     kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
