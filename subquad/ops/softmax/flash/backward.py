@@ -84,7 +84,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
         keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo, band_hi,
                          prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                          (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, KV_BOUNDS)
         pT = tl.where(keep, pT, 0.0)
     elif KV_BOUNDS:
         pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
@@ -215,8 +215,8 @@ def flash_bwd_dkdv_kernel(
                         stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
                         dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                         stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                        BLOCK_M, True, False, False, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC,
-                        USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
+                        BLOCK_M, True, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             step = BLOCK_M * n_split
@@ -225,8 +225,9 @@ def flash_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
-                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
+                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
+                    False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
+                    DQ_TMA)
             for start_m in range(full_lo + split * BLOCK_M, full_hi, step):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
@@ -240,8 +241,9 @@ def flash_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
-                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, False, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
+                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
+                    False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
+                    DQ_TMA)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -294,7 +296,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
         keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
                          prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                          (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
         p = tl.where(keep, p, 0.0)
     elif not EVEN_KV:
         p = tl.where(in_kv[None, :], p, 0.0)
@@ -385,7 +387,7 @@ def flash_bwd_dq_kernel(
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
                               offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
                               q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0,
-                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, False, BAND, PREFIX,
+                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX,
                               Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
                               MBQ, MBK)
     else:
@@ -394,7 +396,7 @@ def flash_bwd_dq_kernel(
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
                           seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
                           lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                          BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
+                          BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
                           False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -407,7 +409,7 @@ def flash_bwd_dq_kernel(
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
                           seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
                           lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                          BLOCK_DV, BLOCK_N, True, False, True, False, False, False, False, False, False, False,
+                          BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
                           False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
 
     dq = dq * scale

@@ -57,7 +57,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
         keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
                          prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                          (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK)
+                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
         s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
@@ -84,17 +84,16 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
 def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, offs_m, qp, seq_q, seq_kv,
                 qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
                 HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
-    """Key tiles ``lo..hi`` under a band and nothing else (the list-free path): masked at the band's edges,
-    unmasked and aligned in its middle (``ALIGNED``)."""
+    """Key tiles ``lo..hi`` (``lo`` a multiple of BLOCK_N) under a band and nothing else (the list-free path):
+    masked at the band's edges, unmasked in its middle; ``EVEN_KV``: no tile passes the keys' end."""
     for start_n in range(lo, hi, BLOCK_N):
-        if ALIGNED:
-            start_n = tl.multiple_of(start_n, BLOCK_N)
+        start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
             qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
-            offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, ALIGNED, True, False, False, False, False,
+            offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, EVEN_KV, True, False, False, False, False,
             False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
     return acc, l_i, m_i
 
@@ -184,13 +183,13 @@ def flash_fwd_kernel(
                     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
                     offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
                     n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV,
-                    BLOCK_D, BLOCK_DV, BLOCK_N, True, False, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                    BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
                     AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, qp,
                                     seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
-                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, False, False, SOFTCAP,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
                                     ALIBI)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
                                     qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
@@ -198,7 +197,7 @@ def flash_fwd_kernel(
                                     ALIBI)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, qp,
                                     seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
-                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, False, False, SOFTCAP,
+                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
                                     ALIBI)
 
     if TWO_SOURCES:
@@ -220,8 +219,8 @@ def flash_fwd_kernel(
                 acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, kb * MBK,
                                             tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale,
                                             cap_scale, slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV,
-                                            BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1,
-                                            EVEN_KV2 and partial == 0, True, SOFTCAP, ALIBI)
+                                            BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1, EVEN_KV2,
+                                            True, SOFTCAP, ALIBI)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -1,0 +1,121 @@
+"""Two versions of subquad's source on the same cases, each in its own processes, alternated (A B A B).
+
+    git archive BASE subquad | tar -x -C .calls/base                     # here: the older tree, carried
+    PYTHONPATH=. python3 benchmarks/gpu/source_ab.py --base .calls/base --cases causal-1k,window4096-16k \\
+        --out $OUT/source_ab.json
+
+A kernel change shows up only as a change of the kernel's source, which a process compiles once: so the versions
+cannot alternate inside one process (as ``dq_tma_ab.py`` does with a switch). Each round runs one child process per
+version; a child times every case (fwd, then fwd+bwd; ``do_bench`` medians) on the same seeded inputs and reports
+its outputs' checksum. The faster of a version's rounds is kept, the spread printed. The autotuner runs in every
+child (its results persist with ``TRITON_CACHE_AUTOTUNING``), so each version runs with its own choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# (batch, length, pattern) at B x N = 32k tokens, 16 heads, D 128, bf16 (issue 4's table); patterns by name so
+# that the parent never imports the library
+CASES = {
+    "causal-1k": (32, 1024, "masks.causal"),
+    "causal-4k": (8, 4096, "masks.causal"),
+    "full-1k": (32, 1024, "None"),
+    "window4096-16k": (2, 16384, "masks.sliding_window(4096)"),
+    "longformer-16k": (2, 16384, "masks.longformer(512, list(range(16)))"),
+    "bigbird-16k": (2, 16384, "masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0)"),
+    "strided-16k": (2, 16384, "masks.strided(256)"),
+    "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),
+}
+
+
+def child(cases: list[str]) -> dict:
+    import torch
+    import triton.testing
+
+    import subquad
+    from subquad import attention, masks  # noqa: F401  (the patterns' names)
+
+    out = {"subquad": str(Path(subquad.__file__).parent)}
+    for name in cases:
+        b, n, expr = CASES[name]
+        mask = eval(expr)  # noqa: S307  (the table above)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, n, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        grad = torch.randn(b, n, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+        def fwd():
+            return attention(q, k, v, mask=mask, backend="triton")
+
+        def fwdbwd():
+            return torch.autograd.grad(fwd(), (q, k, v), grad)
+
+        with torch.no_grad():
+            o = fwd()
+        dq, dk, dv = fwdbwd()
+        out[name] = {"fwd": triton.testing.do_bench(lambda: fwd().sum(), warmup=50, rep=300),
+                     "fwdbwd": triton.testing.do_bench(fwdbwd, warmup=50, rep=300),
+                     "checksum": [float(t.float().abs().sum()) for t in (o, dq, dk, dv)]}
+        print(name, {k: (round(x, 4) if isinstance(x, float) else x) for k, x in out[name].items()}, flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", help="the older tree (a directory holding subquad/)")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out")
+    ap.add_argument("--child", action="store_true")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    if args.child:
+        print("RESULT " + json.dumps(child(cases)), flush=True)
+        return
+    trees = {"base": str(Path(args.base).resolve()), "head": str(Path(".").resolve())}
+    runs = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree] + os.environ.get("PYTHONPATH", "").split(
+                os.pathsep)))
+            proc = subprocess.run([sys.executable, __file__, "--child", "--cases", args.cases], env=env,
+                                  capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
+                continue
+            runs[name].append(json.loads(lines[-1][7:]))
+            print(f"{name} round {len(runs[name])} done ({runs[name][-1]['subquad']})", flush=True)
+    rows = []
+    for case in cases:
+        for mode in ("fwd", "fwdbwd"):
+            row = {"case": case, "batch": CASES[case][0], "seqlen": CASES[case][1], "mode": mode}
+            for name in trees:
+                times = [r[case][mode] for r in runs[name] if case in r]
+                if times:
+                    row[f"{name}_ms"], row[f"{name}_spread"] = min(times), max(times) - min(times)
+            if "base_ms" in row and "head_ms" in row:
+                row["speedup"] = row["base_ms"] / row["head_ms"]
+            sums = {name: runs[name][0][case]["checksum"] for name in trees if runs[name] and case in runs[name][0]}
+            if len(sums) == 2:
+                row["checksum_rel_diff"] = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(*sums.values()))
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.out:
+        import torch
+        import triton
+        meta = {"device": torch.cuda.get_device_name(), "date": _dt.date.today().isoformat(),
+                "torch": torch.__version__, "triton": triton.__version__, "heads": 16, "head_dim": 128,
+                "dtype": "bfloat16", "base": args.base}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
