@@ -5,7 +5,7 @@
         --out $OUT/source_ab.json
 
 A kernel change shows up only as a change of the kernel's source, which a process compiles once: so the versions
-cannot alternate inside one process (as ``dq_tma_ab.py`` does with a switch). Each round runs one child process per
+cannot alternate inside one process (as ``switch_ab.py`` does with a module switch). Each round runs one child process per
 version; a child times every case (fwd, then fwd+bwd; ``do_bench`` medians) on the same seeded inputs and reports
 its outputs' checksum. The faster of a version's rounds is kept, the spread printed. The autotuner runs in every
 child (its results persist with ``TRITON_CACHE_AUTOTUNING``), so each version runs with its own choice.
@@ -26,11 +26,14 @@ from pathlib import Path
 CASES = {
     "causal-1k": (32, 1024, "masks.causal"),
     "causal-4k": (8, 4096, "masks.causal"),
+    "causal-16k": (2, 16384, "masks.causal"),
     "full-1k": (32, 1024, "None"),
     "window4096-16k": (2, 16384, "masks.sliding_window(4096)"),
     "longformer-16k": (2, 16384, "masks.longformer(512, list(range(16)))"),
     "bigbird-16k": (2, 16384, "masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0)"),
     "strided-16k": (2, 16384, "masks.strided(256)"),
+    "blocksparse0.1-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
+                                     ".manual_seed(0)) < 0.1, 128)"),
     "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),
 }
 
@@ -92,6 +95,9 @@ def main():
                 print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)
                 continue
             runs[name].append(json.loads(lines[-1][7:]))
+            for ln in proc.stdout.splitlines():     # TRITON_PRINT_AUTOTUNING=1: each tuner's choice
+                if "best config" in ln:
+                    print(f"{name}: {ln}", flush=True)
             print(f"{name} round {len(runs[name])} done ({runs[name][-1]['subquad']})", flush=True)
     rows = []
     for case in cases:
