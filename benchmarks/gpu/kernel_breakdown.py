@@ -11,16 +11,15 @@ pass (with dQ's atomic sums) and the elementwise work around them (dQ's fp32 buf
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime as _dt
 import json
 import os
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from subquad import attention, masks
 from subquad.bench.harness import versions
+from subquad.bench.profiling import kernel_times
 
 CASES = {
     "causal-1k": (32, 1024, lambda: masks.causal),
@@ -42,21 +41,13 @@ def breakdown(name: str) -> dict:
     def step():
         return torch.autograd.grad(attention(q, k, v, mask=mask, backend="triton"), (q, k, v), grad)
 
-    for _ in range(3):
+    for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            step()
-        torch.cuda.synchronize()
-    per_kernel = collections.Counter()
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:      # the kernels themselves, not the host ops
-            per_kernel[evt.name] += evt.device_time
-    total = sum(per_kernel.values())
-    rows = [{"kernel": kname[:90], "us_per_call": round(t / CALLS, 1), "share": round(t / total, 4)}
-            for kname, t in per_kernel.most_common()]
-    return {"case": name, "batch": batch, "seqlen": n, "device_us_per_call": round(total / CALLS, 1),
+    per_kernel = kernel_times(step, CALLS)
+    total = sum(t.us for t in per_kernel.values())
+    rows = [{"kernel": kname[:90], "us_per_call": round(t.us, 1), "share": round(t.us / total, 4)}
+            for kname, t in per_kernel.items()]
+    return {"case": name, "batch": batch, "seqlen": n, "device_us_per_call": round(total, 1),
             "kernels": rows}
 
 

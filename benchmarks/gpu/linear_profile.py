@@ -23,8 +23,8 @@ import sys
 import torch
 import triton
 import triton.testing
-from torch.profiler import ProfilerActivity, profile
 
+from subquad.bench import profiling
 from subquad.bench.suites.linear import DIM, HEADS, OPS, _fla, _make_inputs, _ours
 from subquad.ops.linear import chunk
 
@@ -32,25 +32,21 @@ CALLS = 5
 
 
 def kernel_times(fn, grad, leaves=()):
-    """Kernel microseconds per call. The leaves' gradients are dropped before each call: accumulated into,
-    they added an elementwise pass over q, k and v (~390 us at 4 x 8k) to every fwd+bwd figure."""
-    out = fn()
-    d_out = torch.ones_like(out)
-    if grad:
-        out.backward(d_out)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            for t in leaves:
-                t.grad = None
-            out = fn()
-            if grad:
-                out.backward(d_out)
-        torch.cuda.synchronize()
+    """Kernel microseconds per call (names cut to 70 characters). The leaves' gradients are dropped before each
+    call: accumulated into, they added an elementwise pass over q, k and v (~390 us at 4 x 8k) to every fwd+bwd
+    figure."""
+    d_out = torch.ones_like(fn())
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        if grad:
+            out.backward(d_out)
+
     per = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name[:70]] += e.device_time / CALLS
+    for name, t in profiling.kernel_times(step, CALLS).items():
+        per[name[:70]] += t.us
     return per
 
 

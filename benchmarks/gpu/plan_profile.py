@@ -20,6 +20,7 @@ import time
 import torch
 
 from subquad import attention, masks
+from subquad.bench.profiling import kernel_times
 from subquad.ops.softmax.lse_merge import merge_lse, merge_lse_fused
 from subquad.ops.softmax.planned import _engine, _run, plan_for
 
@@ -50,19 +51,11 @@ def timer(device):
 
 
 def kernels(fn, calls=20, top=3):
-    """(kernel time per call in ms, the ``top`` costliest kernels) of ``fn`` on CUDA, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events) / calls / 1e3
-    costliest = sorted(events, key=lambda e: -e.device_time_total)[:top]
-    return total, [(e.key[:60], round(e.device_time_total / calls / 1e3, 4), e.count // calls) for e in costliest]
+    """(kernel time per call in ms, the ``top`` costliest kernels: name, ms and launches per call) of ``fn`` on
+    CUDA, from torch.profiler."""
+    times = kernel_times(fn, calls)
+    total = sum(t.us for t in times.values()) / 1e3
+    return total, [(name[:60], round(t.us / 1e3, 4), round(t.launches)) for name, t in list(times.items())[:top]]
 
 
 def host_functions(fn, calls=50, top=12):
