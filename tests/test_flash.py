@@ -283,6 +283,30 @@ def test_deterministic_backward():
     assert all(torch.equal(a, b) for a, b in zip(g2, g3))
 
 
+@pytest.mark.parametrize("mask,nq,nkv", [("causal", 256, 256), ("causal", 128, 256), ("window", 128, 200),
+                                         ("window", 200, 256), ("full", 128, 200), ("bidirectional", 128, 200),
+                                         ("bidirectional", 200, 256)])
+def test_masked_tiles_at_even_and_ragged_lengths(mask, nq, nkv):
+    # lengths at the kernels' even unit (128) load masked tiles without bounds and test no query bounds; a
+    # ragged key end (200) keeps the key bounds where the pattern would keep the padding keys (not causal);
+    # fewer queries than keys move the band's edge
+    q, k, v = _qkv(1, nq, nkv, 2, 1, 32, torch.bfloat16, seed=5)
+    pattern = {"causal": masks.causal, "window": masks.sliding_window(40), "full": None,
+               "bidirectional": masks.sliding_window(40, causal=False)}[mask]
+    _check(q, k, v, mask=pattern)
+    if nkv == 200:
+        _check(q, k, v, mask=pattern, deterministic=True)
+
+
+@pytest.mark.parametrize("name", ["longformer", "document_causal"])
+def test_partial_blocks_at_even_lengths(name):
+    # the BlockMask path's partial blocks at lengths where every tile is inside the sequence
+    n = 256
+    pattern = {"longformer": masks.longformer(24, [0, 1, 77]),
+               "document_causal": masks.document(torch.arange(n) // 100) & masks.causal}[name]
+    _check(*_qkv(1, n, n, 2, 2, 32, torch.bfloat16, seed=6), mask=pattern)
+
+
 def _all_partial(pattern, b, h, nq, nkv, block):
     """A BlockMask whose blocks are all partial: valid for any positions (the predicate decides)."""
     kind = torch.full((1, 1, -(-nq // block), -(-nkv // block)), PARTIAL, dtype=torch.int8, device=DEV)
