@@ -102,6 +102,10 @@ def report(kernel, out: Path | None = None) -> dict:
     return info
 
 
+#: shared memory a block may use on the H100 / H200 (227 KB)
+SHARED_LIMIT = 232448
+
+
 # ---- cases: one library call each, on CPU tensors of the benchmark's shapes ---------------------------------------
 
 def _qkv(b, n, h, d, hkv=None):
@@ -204,6 +208,9 @@ def main(argv=None):
         for key, value in info.items():
             if key == "loops":
                 print("  loops:" + "".join(f"\n    {loop}" for loop in value))
+            elif key == "shared" and value > SHARED_LIMIT:
+                print(f"  {key}: {value} (over the H100's {SHARED_LIMIT} a block: it would not launch, and the "
+                      f"tuner skips it)")
             else:
                 print(f"  {key}: {value}")
 
