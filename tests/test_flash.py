@@ -437,7 +437,7 @@ def test_custom_op_opcheck():
     q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
     # 16 optional tensors, then scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal,
     # mbq, mbk, use_list, deterministic
-    args = (q, k, v) + (None,) * 16 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, False, False)
+    args = (q, k, v) + (None,) * 18 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, False, False)
     torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -455,9 +455,12 @@ def test_eager_calls_match_the_custom_op():
     assert type(out.grad_fn).__name__ == "_FlashBackward"
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     got = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
-    ops_out = torch.ops.subquad.flash_fwd(q, k, v, *m.lists, *m.lists_t, m.tile_of, m.bits, m.doc_ids, None, None,
-                                          m.flags, m.layout, None, 0.2, 5.0, m.band_lo, m.band_hi, m.prefix,
-                                          m.q_prefix, m.layout_block, m.and_causal, m.mbq, m.mbk, True, False)
+    # the custom op gets the heaviest-first schedules too: without them its dQ sums ran in another order
+    assert m.order is not None and m.order_t is not None
+    ops_out = torch.ops.subquad.flash_fwd(q, k, v, *m.lists, *m.lists_t, m.order, m.order_t, m.tile_of, m.bits,
+                                          m.doc_ids, None, None, m.flags, m.layout, None, 0.2, 5.0, m.band_lo,
+                                          m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq, m.mbk,
+                                          True, False)
     want = torch.autograd.grad(ops_out, (q, k, v), (grad_out, grad_lse))
     for a, b in zip((out, lse, *got), (*ops_out, *want)):
         assert torch.equal(a, b)

@@ -6,7 +6,7 @@ backward as ``delta = rowsum(dO * O) - dlse``), which the LSE merges of planned 
 ``subquad::flash_bwd`` returns ``(dq, dk, dv)``.
 
 Eager calls take a plain ``torch.autograd.Function`` around the same two launches instead: the custom op's
-dispatch over its 31 arguments cost 432 us of host time per call whose inputs need gradients on the CI
+dispatch over its 33 arguments cost 432 us of host time per call whose inputs need gradients on the CI
 machine (84 us without), the Function 25 us -- more than a small attention call's kernels, and paid by every
 layer of a model. ``run`` takes the custom op while tracing (``torch.compile``, export) or on tensor
 subclasses (fake tensors), where its fake implementation is what is needed.
@@ -23,27 +23,28 @@ from . import launch
 from .launch import MaskArgs
 
 
-def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout,
-          band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk) -> MaskArgs:
+def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags,
+          layout, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk) -> MaskArgs:
     return MaskArgs(use_list=use_list, lists=(fn, fi, pn, pi) if use_list else None,
                     lists_t=(tfn, tfi, tpn, tpi) if use_list else None, tile_of=tile_of, bits=bits,
                     doc_ids=doc_ids, q_pos=q_pos, kv_pos=kv_pos, band_lo=band_lo, band_hi=band_hi, prefix=prefix,
                     mbq=mbq, mbk=mbk, q_prefix=q_prefix, flags=flags, layout=layout, layout_block=layout_block,
-                    and_causal=and_causal)
+                    and_causal=and_causal, order=order, order_t=order_t)
 
 
 @torch.library.custom_op("subquad::flash_fwd", mutates_args=())
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor,
               full_num: Optional[Tensor], full_idx: Optional[Tensor], part_num: Optional[Tensor],
               part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
-              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
+              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], order: Optional[Tensor],
+              order_t: Optional[Tensor], tile_of: Optional[Tensor],
               bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
               flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
               softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
               and_causal: bool, mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
     m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix, layout_block,
-              and_causal, mbq, mbk)
+              order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix,
+              q_prefix, layout_block, and_causal, mbq, mbk)
     return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes)
 
 
@@ -59,15 +60,16 @@ def _flash_fwd_fake(q, k, v, *args):
 def flash_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               full_num: Optional[Tensor], full_idx: Optional[Tensor], part_num: Optional[Tensor],
               part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
-              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], tile_of: Optional[Tensor],
+              t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], order: Optional[Tensor],
+              order_t: Optional[Tensor], tile_of: Optional[Tensor],
               bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
               flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
               softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
               and_causal: bool, mbq: int, mbk: int, use_list: bool,
               deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix, layout_block,
-              and_causal, mbq, mbk)
+              order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix,
+              q_prefix, layout_block, and_causal, mbq, mbk)
     return launch.backward(do, q, k, v, out, lse, dlse, m, scale, softcap if softcap > 0 else None, slopes,
                            deterministic)
 
@@ -77,7 +79,7 @@ def _flash_bwd_fake(do, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_ARGS = 19  # q, k, v, 8 lists, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, slopes
+_N_TENSOR_ARGS = 21  # q, k, v, 8 lists, 2 orders, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, slopes
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,7 +159,7 @@ def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool
         return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward)
     lists = m.lists if m.lists is not None else (None,) * 4
     lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
-    return flash_fwd(q, k, v, *lists, *lists_t, m.tile_of, m.bits, m.doc_ids, m.q_pos, m.kv_pos, m.flags, m.layout,
-                     slopes, float(scale), float(softcap or 0.0), int(m.band_lo), int(m.band_hi), int(m.prefix),
-                     int(m.q_prefix), int(m.layout_block), bool(m.and_causal), int(m.mbq), int(m.mbk),
-                     bool(m.use_list), bool(deterministic))
+    return flash_fwd(q, k, v, *lists, *lists_t, m.order, m.order_t, m.tile_of, m.bits, m.doc_ids, m.q_pos,
+                     m.kv_pos, m.flags, m.layout, slopes, float(scale), float(softcap or 0.0), int(m.band_lo),
+                     int(m.band_hi), int(m.prefix), int(m.q_prefix), int(m.layout_block), bool(m.and_causal),
+                     int(m.mbq), int(m.mbk), bool(m.use_list), bool(deterministic))
