@@ -226,6 +226,9 @@ class MaskArgs:
     #: the key blocks (dK/dV); None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
+    #: cut the longest dK/dV walks into pieces (``pieces_t``): the schedule is made once per MaskArgs and reads
+    #: walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
+    cut_walks: bool = True
     _pieces_t: dict = field(default_factory=dict)
     _piece_rows: tuple | None = None
 
@@ -428,7 +431,7 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
     pieces = None
-    if atomic and splits == 1 and m.order_t is not None:
+    if atomic and splits == 1 and m.order_t is not None and m.cut_walks:
         pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
     if splits > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)

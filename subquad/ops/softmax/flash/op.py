@@ -29,7 +29,7 @@ def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, order, order_t, tile_of,
                     lists_t=(tfn, tfi, tpn, tpi) if use_list else None, tile_of=tile_of, bits=bits,
                     doc_ids=doc_ids, q_pos=q_pos, kv_pos=kv_pos, band_lo=band_lo, band_hi=band_hi, prefix=prefix,
                     mbq=mbq, mbk=mbk, q_prefix=q_prefix, flags=flags, layout=layout, layout_block=layout_block,
-                    and_causal=and_causal, order=order, order_t=order_t)
+                    and_causal=and_causal, order=order, order_t=order_t, cut_walks=False)
 
 
 @torch.library.custom_op("subquad::flash_fwd", mutates_args=())
