@@ -435,9 +435,10 @@ def test_custom_op_opcheck():
     import subquad.ops.softmax.flash.op  # noqa: F401 - registers torch.ops.subquad.flash_fwd / flash_bwd
 
     q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
-    # 16 optional tensors, then scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal,
-    # mbq, mbk, use_list, deterministic
-    args = (q, k, v) + (None,) * 18 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, False, False)
+    # 30 optional tensors (two BlockMasks' 12, then doc_ids, q_pos, kv_pos, flags, layout, slopes), then scale,
+    # softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk, b_mbq, b_mbk, use_list,
+    # deterministic
+    args = (q, k, v) + (None,) * 30 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, 0, 0, False, False)
     torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -461,13 +462,40 @@ def test_eager_calls_match_the_custom_op(monkeypatch):
     assert m.order is not None and m.order_t is not None
     from subquad.ops.softmax.flash import launch
     monkeypatch.setattr(launch, "walk_pieces", lambda *a: pytest.fail("the custom op read walk lengths back"))
-    ops_out = torch.ops.subquad.flash_fwd(q, k, v, *m.lists, *m.lists_t, m.order, m.order_t, m.tile_of, m.bits,
-                                          m.doc_ids, None, None, m.flags, m.layout, None, 0.2, 5.0, m.band_lo,
-                                          m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq, m.mbk,
+    ops_out = torch.ops.subquad.flash_fwd(q, k, v, *op._block_tensors(m), *op._block_tensors(None), m.doc_ids,
+                                          None, None, m.flags, m.layout, None, 0.2, 5.0, m.band_lo, m.band_hi,
+                                          m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq, m.mbk, 0, 0,
                                           True, False)
     want = torch.autograd.grad(ops_out, (q, k, v), (grad_out, grad_lse))
     for a, b in zip((out, lse, *got), (*ops_out, *want)):
         assert torch.equal(a, b)
+
+
+def test_custom_op_takes_the_backward_block_mask(monkeypatch):
+    """A pattern whose passes run at different BlockMask block sizes (``m_backward``) runs its backward at the
+    backward's blocks on the custom op too (a compiled model), as in eager calls: the same gradients exactly."""
+    from subquad.ops.softmax.flash import _block_mask_args, launch, op
+
+    blocks = []
+    backward = launch.backward
+    monkeypatch.setattr(launch, "backward", lambda *a, **kw: blocks.append(a[7].mbq) or backward(*a, **kw))
+
+    q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 150, 150, 2, 1, 32, torch.bfloat16, seed=7)]
+    pattern = masks.longformer(20, [0, 3])
+    m, m_backward = (_block_mask_args(subquad.masks.resolve(pattern, causal=False, batch=1, heads=2, seq_q=150,
+                                                            seq_kv=150, device=q.device, block_q=b, block_kv=b),
+                                      None, None) for b in (32, 64))
+    grad_out = torch.randn(1, 150, 2, 32, generator=torch.Generator().manual_seed(8)).to(q)
+    out, _ = op.run(q, k, v, m, 0.2, None, None, False, m_backward)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    ops_out, _ = torch.ops.subquad.flash_fwd(q, k, v, *op._block_tensors(m), *op._block_tensors(m_backward),
+                                             None, None, None, m.flags, m.layout, None, 0.2, 0.0, m.band_lo,
+                                             m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq,
+                                             m.mbk, m_backward.mbq, m_backward.mbk, True, False)
+    want = torch.autograd.grad(ops_out, (q, k, v), grad_out)
+    assert blocks == [64, 64]
+    assert torch.equal(out, ops_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_compiled_calls_take_the_custom_op():

@@ -6,7 +6,7 @@ backward as ``delta = rowsum(dO * O) - dlse``), which the LSE merges of planned 
 ``subquad::flash_bwd`` returns ``(dq, dk, dv)``.
 
 Eager calls take a plain ``torch.autograd.Function`` around the same two launches instead: the custom op's
-dispatch over its 33 arguments cost 432 us of host time per call whose inputs need gradients on the CI
+dispatch (over 31 arguments then) cost 432 us of host time per call whose inputs need gradients on the CI
 machine (84 us without), the Function 25 us -- more than a small attention call's kernels, and paid by every
 layer of a model. ``run`` takes the custom op while tracing (``torch.compile``, export) or on tensor
 subclasses (fake tensors), where its fake implementation is what is needed.
@@ -23,8 +23,21 @@ from . import launch
 from .launch import MaskArgs
 
 
-def _mask(use_list, fn, fi, pn, pi, tfn, tfi, tpn, tpi, order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags,
-          layout, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk) -> MaskArgs:
+#: the tensors of a MaskArgs that depend on its BlockMask's block size, in the ops' argument order
+_BLOCK_TENSORS = 12     # 4 lists, 4 transposed lists, 2 orders, tile_of, bits
+
+
+def _block_tensors(m: MaskArgs | None) -> tuple:
+    if m is None:
+        return (None,) * _BLOCK_TENSORS
+    lists = m.lists if m.lists is not None else (None,) * 4
+    lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
+    return (*lists, *lists_t, m.order, m.order_t, m.tile_of, m.bits)
+
+
+def _mask(use_list, block, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix, layout_block,
+          and_causal, mbq, mbk) -> MaskArgs:
+    fn, fi, pn, pi, tfn, tfi, tpn, tpi, order, order_t, tile_of, bits = block
     return MaskArgs(use_list=use_list, lists=(fn, fi, pn, pi) if use_list else None,
                     lists_t=(tfn, tfi, tpn, tpi) if use_list else None, tile_of=tile_of, bits=bits,
                     doc_ids=doc_ids, q_pos=q_pos, kv_pos=kv_pos, band_lo=band_lo, band_hi=band_hi, prefix=prefix,
@@ -37,14 +50,22 @@ def flash_fwd(q: Tensor, k: Tensor, v: Tensor,
               full_num: Optional[Tensor], full_idx: Optional[Tensor], part_num: Optional[Tensor],
               part_idx: Optional[Tensor], t_full_num: Optional[Tensor], t_full_idx: Optional[Tensor],
               t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], order: Optional[Tensor],
-              order_t: Optional[Tensor], tile_of: Optional[Tensor],
-              bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
+              order_t: Optional[Tensor], tile_of: Optional[Tensor], bits: Optional[Tensor],
+              b_full_num: Optional[Tensor], b_full_idx: Optional[Tensor], b_part_num: Optional[Tensor],
+              b_part_idx: Optional[Tensor], b_t_full_num: Optional[Tensor], b_t_full_idx: Optional[Tensor],
+              b_t_part_num: Optional[Tensor], b_t_part_idx: Optional[Tensor], b_order: Optional[Tensor],
+              b_order_t: Optional[Tensor], b_tile_of: Optional[Tensor], b_bits: Optional[Tensor],
+              doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
               flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
               softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
-              and_causal: bool, mbq: int, mbk: int, use_list: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
-    m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix,
-              q_prefix, layout_block, and_causal, mbq, mbk)
+              and_causal: bool, mbq: int, mbk: int, b_mbq: int, b_mbk: int, use_list: bool,
+              deterministic: bool) -> tuple[Tensor, Tensor]:
+    """The forward under the BlockMask of ``full_num .. bits``; the ``b_`` tensors (the same pattern at
+    ``b_mbq`` x ``b_mbk`` blocks, ``run``'s ``m_backward``; None and 0 without one) are kept for the backward."""
+    block = (full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx, order,
+             order_t, tile_of, bits)
+    m = _mask(use_list, block, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix,
+              layout_block, and_causal, mbq, mbk)
     return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes)
 
 
@@ -67,9 +88,10 @@ def flash_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tenso
               softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
               and_causal: bool, mbq: int, mbk: int, use_list: bool,
               deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    m = _mask(use_list, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx,
-              order, order_t, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix,
-              q_prefix, layout_block, and_causal, mbq, mbk)
+    block = (full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx, order,
+             order_t, tile_of, bits)
+    m = _mask(use_list, block, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix,
+              layout_block, and_causal, mbq, mbk)
     return launch.backward(do, q, k, v, out, lse, dlse, m, scale, softcap if softcap > 0 else None, slopes,
                            deterministic)
 
@@ -79,7 +101,7 @@ def _flash_bwd_fake(do, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_ARGS = 21  # q, k, v, 8 lists, 2 orders, tile_of, bits, doc_ids, q_pos, kv_pos, flags, layout, slopes
+_N_TENSOR_ARGS = 33  # q, k, v, 2 x 12 block tensors, doc_ids, q_pos, kv_pos, flags, layout, slopes
 
 
 def _setup_context(ctx, inputs, output):
@@ -90,12 +112,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     saved = ctx.saved_tensors
     q, k, v = saved[:3]
-    rest = saved[3:_N_TENSOR_ARGS]
+    forward_block = saved[3:3 + _BLOCK_TENSORS]
+    backward_block = saved[3 + _BLOCK_TENSORS:3 + 2 * _BLOCK_TENSORS]
+    shared = saved[3 + 2 * _BLOCK_TENSORS:_N_TENSOR_ARGS]
     out, lse = saved[_N_TENSOR_ARGS:]
+    (scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk, b_mbq, b_mbk, use_list,
+     deterministic) = ctx.scalars
+    block = forward_block
+    if b_mbq:       # the pattern at the backward's own block size (``run``'s ``m_backward``)
+        block, mbq, mbk = backward_block, b_mbq, b_mbk
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = flash_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, *rest,
-                           *ctx.scalars)
+    dq, dk, dv = flash_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, *block,
+                           *shared, scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal,
+                           mbq, mbk, use_list, deterministic)
     return (dq, dk, dv) + (None,) * (_N_TENSOR_ARGS - 3 + len(ctx.scalars))
 
 
@@ -154,12 +184,12 @@ class FlashWithColumns(torch.autograd.Function):
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
         m_backward: MaskArgs | None = None):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
-    another block size, for the eager backward (the custom op keeps ``m`` for both passes)."""
+    another block size, for the backward (the custom op carries its tensors to its backward too)."""
     if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
         return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward)
-    lists = m.lists if m.lists is not None else (None,) * 4
-    lists_t = m.lists_t if m.lists_t is not None else (None,) * 4
-    return flash_fwd(q, k, v, *lists, *lists_t, m.order, m.order_t, m.tile_of, m.bits, m.doc_ids, m.q_pos,
-                     m.kv_pos, m.flags, m.layout, slopes, float(scale), float(softcap or 0.0), int(m.band_lo),
-                     int(m.band_hi), int(m.prefix), int(m.q_prefix), int(m.layout_block), bool(m.and_causal),
-                     int(m.mbq), int(m.mbk), bool(m.use_list), bool(deterministic))
+    backward = m_backward is not None and m_backward is not m
+    return flash_fwd(q, k, v, *_block_tensors(m), *_block_tensors(m_backward if backward else None), m.doc_ids,
+                     m.q_pos, m.kv_pos, m.flags, m.layout, slopes, float(scale), float(softcap or 0.0),
+                     int(m.band_lo), int(m.band_hi), int(m.prefix), int(m.q_prefix), int(m.layout_block),
+                     bool(m.and_causal), int(m.mbq), int(m.mbk), int(m_backward.mbq) if backward else 0,
+                     int(m_backward.mbk) if backward else 0, bool(m.use_list), bool(deterministic))
