@@ -518,6 +518,22 @@ def test_compiled_calls_take_the_custom_op():
     assert any("subquad.flash_fwd" in t for t in traced), traced
 
 
+def test_compiled_global_token_pattern_after_an_eager_call():
+    """Longformer's global tokens are recognised from their positions on the first (eager) call and kept on the
+    pattern: a compiled function (fullgraph) then traces through, with the eager call's outputs and gradients."""
+    q, k, v = _qkv(1, 150, 150, 2, 1, 32, torch.bfloat16, seed=9)
+    pattern = masks.longformer(20, [0, 1, 7])
+
+    def f(q, k, v):
+        return subquad.attention(q, k, v, mask=pattern, backend="triton")
+
+    want = f(q, k, v)
+    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.float().sum(), (q, k, v)), grads))
+
+
 def test_untuned_launch_takes_the_first_config_that_fits():
     """``SUBQUAD_FLASH_AUTOTUNE=0``: configurations run in order until one launches; later ones never compile,
     and each tuning round (a new key) starts over."""

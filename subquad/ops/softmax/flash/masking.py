@@ -120,9 +120,18 @@ def _union_terms(parts) -> Terms | None:
 
 
 def kernel_terms(p: Pattern | None) -> Terms | None:
-    """The kernel terms of ``p``, or None when the pattern needs a bitmask."""
+    """The kernel terms of ``p``, or None when the pattern needs a bitmask. Kept on the pattern: recognising
+    global tokens reads their positions (``torch.unique``, a device sync), which a traced call (torch.compile)
+    cannot do, so a model's pattern is recognised on its first eager call and reused after."""
     if p is None:
         return Terms()
+    cache = p.memo("_flash_terms")
+    if "terms" not in cache:
+        cache["terms"] = _kernel_terms(p)
+    return cache["terms"]
+
+
+def _kernel_terms(p: Pattern) -> Terms | None:
     p = _unwrap(p)
     if isinstance(p, Band):
         return Terms(lo=p.lo, hi=p.hi)
@@ -138,7 +147,7 @@ def kernel_terms(p: Pattern | None) -> Terms | None:
     if isinstance(p, Intersection):
         lo, hi, doc, union = -INF, INF, None, None
         for part in p.parts:
-            t = kernel_terms(part)
+            t = _kernel_terms(part)
             if t is None:
                 return None
             if t.doc_ids is not None:
