@@ -524,8 +524,9 @@ def test_compiled_global_token_pattern_after_an_eager_call():
     q, k, v = _qkv(1, 150, 150, 2, 1, 32, torch.bfloat16, seed=9)
     pattern = masks.longformer(20, [0, 1, 7])
 
-    def f(q, k, v):
-        return subquad.attention(q, k, v, mask=pattern, backend="triton")
+    def f(q, k, v):     # (with the causal flag: the pattern AND-ed with causal is kept on the pattern too)
+        return subquad.attention(q, k, v, mask=pattern, backend="triton") + subquad.attention(
+            q, k, v, mask=pattern, causal=True, backend="triton")
 
     want = f(q, k, v)
     grads = torch.autograd.grad(want.float().sum(), (q, k, v))
@@ -622,6 +623,25 @@ def test_gpu_compile_fullgraph():
     out.sum().backward()
     ref = model(x)
     assert (out - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_fullgraph_global_tokens():
+    # a pattern with global tokens at lengths where the passes take different BlockMask blocks: compiled after
+    # one eager call (which recognises the tokens), the custom op carries the backward's blocks
+    pattern = masks.longformer(512, list(range(16)))
+    q, k, v = _qkv(1, 16384, 16384, 4, 4, 64, torch.bfloat16, seed=10)
+
+    def f(q, k, v):
+        return subquad.attention(q, k, v, mask=pattern, backend="triton")
+
+    want = f(q, k, v)
+    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    got_grads = torch.autograd.grad(got.float().sum(), (q, k, v))
+    for a, b in zip((got, *got_grads), (want, *grads)):
+        assert (a.float() - b.float()).abs().max().item() <= 1e-2 * b.float().abs().max().item()
 
 
 def test_kernel_arguments_are_kept_per_block_mask_and_positions():

@@ -31,6 +31,9 @@ from .named import (
 )
 from .patterns import Band, BuildContext, Pattern
 
+#: ``resolve``'s ``causal`` argument shadows the pattern's name there (and dynamo cannot trace ``globals()``)
+_CAUSAL_PATTERN = causal
+
 __all__ = [
     "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
     "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
@@ -56,7 +59,7 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
                              "pattern & masks.causal instead)")
         return mask.to(device)
     if mask is None:
-        pattern: Pattern = globals()["causal"]
+        pattern: Pattern = _CAUSAL_PATTERN
     elif isinstance(mask, Pattern):
         pattern = mask
     elif isinstance(mask, torch.Tensor):
@@ -67,7 +70,7 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
         raise ValueError(f"mask: expected a subquad.masks pattern, a BlockMask, a bool tensor or a predicate, "
                          f"got {type(mask).__name__}")
     if causal and mask is not None:
-        pattern = pattern & globals()["causal"]
+        pattern = pattern & _CAUSAL_PATTERN
         cache_owner = mask if isinstance(mask, Pattern) else None
         key_tag = "causal"
     else:

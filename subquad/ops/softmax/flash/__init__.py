@@ -196,8 +196,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = d ** -0.5 if scale is None else scale
     if mask is None or isinstance(mask, Pattern):
         pattern = mask
-        if causal:
-            pattern = _masks.causal if mask is None else mask & _masks.causal
+        if causal and mask is None:
+            pattern = _masks.causal
+        elif causal:
+            # one (mask & causal) per mask, so that what is derived from it is kept (and a traced call finds it)
+            kept = mask.memo("_flash_and_causal")
+            if "pattern" not in kept:
+                kept["pattern"] = mask & _masks.causal
+            pattern = kept["pattern"]
         band = pure_band(pattern)
         if band is not None:
             return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic)
