@@ -535,6 +535,25 @@ def test_compiled_global_token_pattern_after_an_eager_call():
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.float().sum(), (q, k, v)), grads))
 
 
+@pytest.mark.parametrize("name", ["strided", "fixed"])
+def test_compiled_planned_pattern_after_an_eager_call(name):
+    """A planned pattern (gathered columns) compiles with fullgraph after one eager call: the traced call runs
+    the plan's components through the custom op and merges them in PyTorch (the eager call's two-source launch
+    and fused merge are raw Triton launches), within bf16 rounding of the eager call."""
+    q, k, v = _qkv(1, 150, 150, 2, 1, 32, torch.bfloat16, seed=11)
+    pattern = {"strided": masks.strided(16), "fixed": masks.fixed(32, 4)}[name]
+
+    def f(q, k, v):
+        return subquad.attention(q, k, v, mask=pattern, backend="triton")
+
+    want = f(q, k, v)
+    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    _close("out", got, want, torch.bfloat16)
+    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(got.float().sum(), (q, k, v)), grads):
+        _close(label, a, b, torch.bfloat16)
+
+
 def test_untuned_launch_takes_the_first_config_that_fits():
     """``SUBQUAD_FLASH_AUTOTUNE=0``: configurations run in order until one launches; later ones never compile,
     and each tuning round (a new key) starts over."""

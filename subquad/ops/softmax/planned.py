@@ -164,7 +164,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
     bsz, seq_q, hq, _ = q.shape
     if together is not None:
         out, lse = _run_together(*together, plan, q, k, v, scale, softcap, alibi_slopes)
-    elif len(base) == 2 and backend == "triton":
+    elif len(base) == 2 and backend == "triton" and not torch.compiler.is_compiling():
+        # (a traced call merges in PyTorch, which the compiler fuses: the fused kernel is a raw Triton launch)
         (_, o1, l1), (_, o2, l2) = base
         out, lse = merge_lse_fused(o1, l1, o2, l2, q.dtype)
     elif base:
