@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import triton
 
-from subquad.bench.sm90 import record_launches
+from subquad.bench.sm90 import SHARED, record_launches
 
 def compile_for_sm90(fn, args, kwargs):
     """``fn`` (a JIT function) compiled for sm90 on these arguments, as the device would specialise it."""
@@ -100,10 +100,6 @@ def report(kernel, out: Path | None = None) -> dict:
             (out / f"kernel.{ext}").write_text(kernel.asm[ext])
         (out / "kernel.sass").write_text("\n".join(sass))
     return info
-
-
-#: shared memory a block may use on the H100 / H200 (227 KB)
-SHARED_LIMIT = 232448
 
 
 # ---- cases: one library call each, on CPU tensors of the benchmark's shapes ---------------------------------------
@@ -208,8 +204,8 @@ def main(argv=None):
         for key, value in info.items():
             if key == "loops":
                 print("  loops:" + "".join(f"\n    {loop}" for loop in value))
-            elif key == "shared" and value > SHARED_LIMIT:
-                print(f"  {key}: {value} (over the H100's {SHARED_LIMIT} a block: it would not launch, and the "
+            elif key == "shared" and value > SHARED:
+                print(f"  {key}: {value} (over the H100's {SHARED} a block: it would not launch, and the "
                       f"tuner skips it)")
             else:
                 print(f"  {key}: {value}")
