@@ -37,8 +37,17 @@ _CAUSAL_PATTERN = causal
 __all__ = [
     "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
     "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
-    "document", "prefix_lm", "from_tensor", "from_predicate", "resolve",
+    "document", "prefix_lm", "from_tensor", "from_predicate", "resolve", "and_causal",
 ]
+
+
+def and_causal(pattern: Pattern) -> Pattern:
+    """``pattern & causal``, made once per pattern and kept on it, so that what is derived from it (its kernel
+    terms, plans) is kept too: a traced call (torch.compile) then finds it instead of rebuilding it."""
+    kept = pattern.memo("_and_causal")
+    if "pattern" not in kept:
+        kept["pattern"] = pattern & _CAUSAL_PATTERN
+    return kept["pattern"]
 
 
 def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: int, device,
@@ -70,7 +79,7 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
         raise ValueError(f"mask: expected a subquad.masks pattern, a BlockMask, a bool tensor or a predicate, "
                          f"got {type(mask).__name__}")
     if causal and mask is not None:
-        pattern = pattern & _CAUSAL_PATTERN
+        pattern = and_causal(pattern)
         cache_owner = mask if isinstance(mask, Pattern) else None
         key_tag = "causal"
     else:

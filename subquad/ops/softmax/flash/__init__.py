@@ -62,7 +62,7 @@ def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: in
         if len(chosen) > 64:
             chosen.clear()
         # the small block's kind grid, counted and dropped (not cached) unless a pass takes it
-        small = BlockMask.build(mask & _masks.causal if causal else mask, batch=bsz, heads=hq, seq_q=seq_q,
+        small = BlockMask.build(_masks.and_causal(mask) if causal else mask, batch=bsz, heads=hq, seq_q=seq_q,
                                 seq_kv=seq_kv, block_q=SMALL_MASK_BLOCK, block_kv=SMALL_MASK_BLOCK, device=device)
         share = small.block_density() / max(resolve(MASK_BLOCK).block_density(), 1e-30)
         chosen[key] = tuple(SMALL_MASK_BLOCK if share <= SMALL_BLOCK_VISITS[p] else MASK_BLOCK
@@ -196,14 +196,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = d ** -0.5 if scale is None else scale
     if mask is None or isinstance(mask, Pattern):
         pattern = mask
-        if causal and mask is None:
-            pattern = _masks.causal
-        elif causal:
-            # one (mask & causal) per mask, so that what is derived from it is kept (and a traced call finds it)
-            kept = mask.memo("_flash_and_causal")
-            if "pattern" not in kept:
-                kept["pattern"] = mask & _masks.causal
-            pattern = kept["pattern"]
+        if causal:
+            pattern = _masks.causal if mask is None else _masks.and_causal(mask)
         band = pure_band(pattern)
         if band is not None:
             return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic)
