@@ -2,6 +2,8 @@
 
 Run on the device: ``PYTHONPATH=. python3 benchmarks/decode_tune.py``; prints one line per configuration
 and the best per shape. The defaults in ``subquad/ops/decode/splitkv.py`` come from these sweeps.
+``DECODE_TUNE_CONTEXTS=`` (empty) skips the GQA rows; ``DECODE_TUNE_MLA=0`` the MLA rows, ``=new`` all but the
+latest MLA sweep's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main():
     splits = [None if x == "None" else int(x) for x in os.environ.get("DECODE_TUNE_SPLITS", "None,12").split(",")]
     configs = [dict(num_splits=sp, block_n=bn, num_stages=st) for sp in splits for bn in (64, 128)
                for st in (2, 3)]
-    contexts = [int(x) for x in os.environ.get("DECODE_TUNE_CONTEXTS", "32768,131072").split(",")]
+    contexts = [int(x) for x in os.environ.get("DECODE_TUNE_CONTEXTS", "32768,131072").split(",") if x]
     for n in contexts:
         inp = _gqa_inputs(8, n, 32, 8, 128, torch.bfloat16)(dev)
         nbytes = 2.0 * 8 * n * 8 * 128 * 2
@@ -76,6 +78,12 @@ def main():
     # the scores: 1.5x the flops, half the accumulator registers)
     mla += [dict(block_m=64, block_n=64, block_dv=512, num_warps=8, num_stages=st) for st in (1, 3)]
     mla += [dict(block_m=64, block_n=bn, block_dv=256, num_warps=w, num_stages=2) for bn in (32, 64) for w in (4, 8)]
+    # session 18: P and alpha through memory (the scores' tile split between the warpgroups, not computed by
+    # both), against the chained dots, at the configurations it allows
+    mla += [dict(block_m=64, block_n=bn, block_dv=512, num_warps=8, num_stages=st, split_score_tile=pm)
+            for pm in (False, True) for bn, st in ((64, 2), (32, 2), (32, 3))]
+    if os.environ.get("DECODE_TUNE_MLA") == "new":
+        mla = mla[-6:]
     for opts in mla:
         try:
             g, ms = gbps(lambda: decode(inp["q"], inp["view"], **opts), nbytes)

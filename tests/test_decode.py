@@ -190,6 +190,29 @@ def test_triton_latent_layout():
     _close(out, decode(q, view, backend="reference"))
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_latent_scores_split_by_keys(dtype):
+    """64 heads a tile and 8 warps (the MLA suite's configuration): the scores' tile split between the warpgroups
+    (``split_score_tile``), over several tiles a split, a ragged last tile and a sequence shorter than the other;
+    equal to the chained dots and to the oracle."""
+    b, hq, r, dr = 2, 64, 32, 16
+    g = torch.Generator().manual_seed(2)
+    cache = LatentKVCache(b, 80, r, dr, dtype, DEV)
+    c = torch.randn(b, 75, r, generator=g).to(DEV, dtype)
+    kr = torch.randn(b, 75, dr, generator=g).to(DEV, dtype)
+    view = cache.update(c, kr)
+    view.seqlens[1] = 40
+    q = torch.randn(b, 1, hq, r + dr, generator=g).to(DEV, dtype)
+    opts = dict(block_n=16, num_splits=2, block_m=64, num_warps=8)
+    out = decode(q, view, backend="triton", split_score_tile=True, **opts)
+    direct = decode(q, view, backend="triton", split_score_tile=False, **opts)
+    k = torch.cat([c, kr], -1).unsqueeze(2)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    _close(out, _oracle(q.float(), k.float(), c.unsqueeze(2).float(), [75, 40]), tol)
+    _close(out, direct, tol)
+
+
 def test_bad_inputs():
     q, k, v = _inputs(2, 1, 4, 2, 16, 10)
     with pytest.raises(ValueError, match="q"):

@@ -520,7 +520,9 @@ def test_compiled_calls_take_the_custom_op():
 
 def test_compiled_global_token_pattern_after_an_eager_call():
     """Longformer's global tokens are recognised from their positions on the first (eager) call and kept on the
-    pattern: a compiled function (fullgraph) then traces through, with the eager call's outputs and gradients."""
+    pattern: a compiled function (fullgraph) then traces through, with the eager call's outputs and gradients
+    (within bf16 rounding: the traced call runs each walk whole, the eager one may cut long walks in pieces, and
+    on a GPU dQ is summed by atomics in any order)."""
     q, k, v = _qkv(1, 150, 150, 2, 1, 32, torch.bfloat16, seed=9)
     pattern = masks.longformer(20, [0, 1, 7])
 
@@ -531,8 +533,9 @@ def test_compiled_global_token_pattern_after_an_eager_call():
     want = f(q, k, v)
     grads = torch.autograd.grad(want.float().sum(), (q, k, v))
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.float().sum(), (q, k, v)), grads))
+    _close("out", got, want, torch.bfloat16)
+    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(got.float().sum(), (q, k, v)), grads):
+        _close(label, a, b, torch.bfloat16)
 
 
 @pytest.mark.parametrize("name", ["strided", "fixed"])

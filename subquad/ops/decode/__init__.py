@@ -105,8 +105,8 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
         scale, softcap, alibi_slopes: as in ``subquad.attention``.
         return_lse: also return the log-sum-exp ``(batch, heads_q, T)`` fp32.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the reference), ``"triton"``, ``"reference"``.
-        kernel_options: ``num_splits``, ``block_n``, ``block_m``, ``block_dv``, ``num_warps``, ``num_stages``
-            for the Triton kernel (benchmark sweeps).
+        kernel_options: ``num_splits``, ``block_n``, ``block_m``, ``block_dv``, ``num_warps``, ``num_stages``,
+            ``split_score_tile`` for the Triton kernel (benchmark sweeps).
     Returns:
         ``out`` ``(batch, T, heads_q, head_dim_v)`` (and ``lse``).
     """

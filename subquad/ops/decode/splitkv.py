@@ -19,15 +19,26 @@ among the new tokens, optional sliding window; base-2 exponentials inside.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..grid import cdiv, next_power_of_2, num_sms
 
+# Triton 3.9's interpreter computes bf16 dots wrongly
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
 DENSE, RING, PAGED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -44,7 +55,7 @@ def _decode_kernel(
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_SCORE_TILE: tl.constexpr,
 ):
     # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
     pid_mv = tl.program_id(0)
@@ -105,17 +116,18 @@ def _decode_kernel(
         else:
             k_pos = idx
         k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # (scaled before the sum: a dot's result added to another's would become that dot's accumulator, which
+        # chains the two; see SPLIT_SCORE_TILE)
+        s = _dot(q, tl.trans(k), DOT_PRECISION) * scale
         if D_ROPE > 0:
             k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
                              mask=in_range[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
-            s += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+            s += _dot(q_rope, tl.trans(k_rope), DOT_PRECISION) * scale
         if V_IS_K:
             v = k
         else:
             v = tl.load(v_row[:, None] + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV),
                         other=0.0)
-        s = s * scale
         if HAS_SOFTCAP:
             # softcap * tanh(s / softcap), tanh through exp (stable: e in (0, 1])
             e = tl.exp(-2.0 * tl.abs(s) / softcap)
@@ -133,7 +145,21 @@ def _decode_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if SPLIT_SCORE_TILE:
+            # Triton lays out a dot whose result reaches another dot with all warps on M (warpsPerTileV3, for
+            # the P.V operand to stay in registers): with 64 rows and 8 warps both warpgroups then compute the
+            # whole score tile, and Q.K^T (576 of a latent row's 1,088 products) runs twice. Values yielded by
+            # a branch are outside that search (MLIR's forward slice stops at the yield), so with P and the
+            # rescaled accumulator made in one (always taken in the loop) the warpgroups split the scores'
+            # keys, and P reaches the P.V product through shared memory.
+            if seqlen > 0:
+                p_op = p.to(v.dtype)
+                acc = acc * alpha[:, None]
+            else:
+                p_op = (p * 0.0).to(v.dtype)
+            acc += _dot(p_op, v, DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -225,7 +251,8 @@ def _split_count(programs: int, slots: int, most: int) -> int:
 def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
                    alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
                    block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_stages: int | None = None, split_score_tile: bool | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
 
     The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
@@ -285,6 +312,11 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         # 128-key tiles two stages are enough (H200: 0.2624 ms against 0.2637 at 32k)
         num_stages = 3 if view.layout == "paged" and block_n < 128 else 2
 
+    if split_score_tile is None:
+        # 64+ rows a tile and more warps than their warpgroups (the MLA suite's 64 heads, 8 warps): the scores
+        # would be computed once per warpgroup (SPLIT_SCORE_TILE). H200, 64 x 16k latent: 0.98 ms against 1.22
+        split_score_tile = block_m >= 64 and num_warps * 16 > block_m
+
     # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
     # kernel's, so allocations and launches are kept few
     n_part = bsz * hkv * num_splits * rows if num_splits > 1 else 1
@@ -314,7 +346,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         LAYOUT=layout, V_IS_K=v_is_k, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 caches get full-precision products (no tf32), as the reference computes them
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_SCORE_TILE=split_score_tile,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

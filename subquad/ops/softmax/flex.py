@@ -107,7 +107,7 @@ def _score_mod(softcap, alibi_slopes, q_offset):
     new closure on every call would compile again."""
     if softcap is None and alibi_slopes is None:
         return None
-    key = (softcap, id(alibi_slopes), q_offset)
+    key = (softcap, None if alibi_slopes is None else id(alibi_slopes), q_offset)
     hit = _SCORE_MODS.get(key)
     if hit is not None and hit[0] is alibi_slopes:
         return hit[1]

@@ -92,7 +92,8 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     """The kernels' arguments for ``bm`` at these positions, kept on the BlockMask per positions tensor: made
     per call, the int32 copies of a plan component's positions were two more launches each time."""
     kept = bm._cache.setdefault("flash_args", {})
-    key = (id(q_pos), id(kv_pos))
+    # (torch 2.11's dynamo traces id() of a tensor, not of None)
+    key = tuple(None if x is None else id(x) for x in (q_pos, kv_pos))
     hit = kept.get(key)
     if hit is not None and hit[0] is q_pos and hit[1] is kv_pos:
         return hit[2]
