@@ -33,6 +33,7 @@ import torch
 import triton
 
 from subquad.bench.sm90 import SHARED, record_launches
+from subquad.ops.softmax.flash.tile import chains_replicate
 
 def compile_for_sm90(fn, args, kwargs):
     """``fn`` (a JIT function) compiled for sm90 on these arguments, as the device would specialise it."""
@@ -141,6 +142,8 @@ def _flash(mask, n, configs, backward, dq_tma):
         short = short_of[fn.__name__]
         _, _, warps, stages = configs.get(short, FLASH[short][2])
         extra = {"DQ_TMA": True} if short == "dkdv" and kw.get("DQ_ATOMIC") and dq_tma else {}
+        if short == "dkdv":      # as the launcher's pruning sets it for these warps (the interpreter's took 4)
+            extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N"], warps)
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
     return launches
 

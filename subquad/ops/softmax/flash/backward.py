@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores, unchained
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-               MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False):
+               MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False,
+               UNCHAIN: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -93,7 +94,12 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     else:
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :],
                      mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dv = dot_acc(pT.to(do.dtype), do, dv)
+    # UNCHAIN: key tiles of fewer rows than 16 a warp (see tile.unchained)
+    if UNCHAIN:
+        pT_op = unchained(pT, seq_kv > 0, do.dtype)
+    else:
+        pT_op = pT.to(do.dtype)
+    dv = dot_acc(pT_op, do, dv)
     if EVEN_Q:
         delta = tl.load(delta_base + offs_m)
     else:
@@ -102,9 +108,13 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dk = dot_acc(dsT.to(q.dtype), q, dk)
+    if UNCHAIN:
+        dsT_op = unchained(dsT, seq_kv > 0, q.dtype)
+    else:
+        dsT_op = dsT.to(q.dtype)
+    dk = dot_acc(dsT_op, q, dk)
     if DQ_ATOMIC:
-        dq = dot(tl.trans(dsT.to(k.dtype)), k) * dq_scale
+        dq = dot(tl.trans(dsT_op), k) * dq_scale
         if DQ_TMA:
             dq_base.atomic_add([start_m, 0], dq)
         else:
@@ -131,7 +141,7 @@ def flash_bwd_dkdv_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
-    PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False,
+    PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
 ):
     piece = 0
     if ORDERED:
@@ -201,7 +211,8 @@ def flash_bwd_dkdv_kernel(
                         dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                         stride_lay_q, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                         BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
+                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
+                        UNCHAIN=UNCHAIN)
             n_part = tl.load(PART_NUM + base)
             for j in range(tl.maximum(first - n_full, 0) + split, tl.minimum(n_part, last - n_full), n_split):
                 qb = tl.load(PART_IDX + base * part_width + j)
@@ -216,7 +227,8 @@ def flash_bwd_dkdv_kernel(
                         dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                         stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                         BLOCK_M, True, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA)
+                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
+                        UNCHAIN=UNCHAIN)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             step = BLOCK_M * n_split
@@ -227,7 +239,7 @@ def flash_bwd_dkdv_kernel(
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
                     False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
-                    DQ_TMA)
+                    DQ_TMA, UNCHAIN=UNCHAIN)
             for start_m in range(full_lo + split * BLOCK_M, full_hi, step):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
@@ -235,7 +247,8 @@ def flash_bwd_dkdv_kernel(
                     start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, True, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA)
+                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA,
+                    UNCHAIN=UNCHAIN)
             for start_m in range(full_hi + split * BLOCK_M, hi, step):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
@@ -243,7 +256,7 @@ def flash_bwd_dkdv_kernel(
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
                     Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
                     False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
-                    DQ_TMA)
+                    DQ_TMA, UNCHAIN=UNCHAIN)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale

@@ -3,6 +3,7 @@ the interpreter), strides, grids, and the forward / backward entry points on pla
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from ...autotuned import Autotuned
 from ...grid import cdiv, next_power_of_2, num_sms
 from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
+from .tile import chains_replicate
 
 LOG2E = 1.4426950408889634
 
@@ -88,9 +90,10 @@ INTERPRET_DKDV = (16, 32)
 INTERPRET_DQ = (32, 16)
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs, named_args, unchain=False, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA."""
+    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA. ``unchain`` (the
+    dK/dV pass): key tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
@@ -106,6 +109,8 @@ def _prune(configs, named_args, **kwargs):
         if key not in seen:
             seen.add(key)
             out.append(_cfg(*key))
+            if unchain:
+                out[-1].kwargs["UNCHAIN"] = chains_replicate(bn, c.num_warps)
     return out
 
 
@@ -115,12 +120,13 @@ class _FirstThatFits:
     the ones after it are never compiled. A variant with more in-kernel terms may need a smaller tile than the
     list's first."""
 
-    def __init__(self):
+    def __init__(self, unchain=False):
         self.found = False
+        self.unchain = unchain
 
     def prune(self, configs, named_args, **kwargs):     # called once at the start of each tuning round
         self.found = False
-        return _prune(configs, named_args, **kwargs)
+        return _prune(configs, named_args, unchain=self.unchain, **kwargs)
 
     def __call__(self, kernel_call, quantiles):
         if self.found:
@@ -146,9 +152,10 @@ def _kernel(name: str, jit_fn):
                    "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
                    "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC"] if name == "dkdv" else [])
-        first = None if tune else _FirstThatFits()
+        first = None if tune else _FirstThatFits(unchain=name == "dkdv")
+        prune = functools.partial(_prune, unchain=name == "dkdv")
         _TUNED[name, tune] = Autotuned(triton.autotune(
-            configs, key=key, prune_configs_by={"early_config_prune": _prune if tune else first.prune},
+            configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
             reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "dkdv" else None,
             do_bench=first)(jit_fn))
     return _TUNED[name, tune]
@@ -467,7 +474,7 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
             flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](*walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta,
-                                                                   **switch)
+                                                                   UNCHAIN=chains_replicate(bn_, 4), **switch)
         else:
             kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*walk_args, **meta, **switch)
 
