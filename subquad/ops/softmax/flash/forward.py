@@ -39,7 +39,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              MBQ: tl.constexpr, MBK: tl.constexpr):
+              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D:
@@ -70,13 +70,23 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if UNCHAIN:
+        # query tiles shorter than 16 rows a warp (tile.unchained); the rescaled accumulator through the
+        # branch too: alpha comes from the scores
+        if seq_kv > 0:
+            p_op = p.to(k.dtype)
+            acc = acc * alpha[:, None]
+        else:
+            p_op = (p * 0.0).to(k.dtype)
+    else:
+        p_op = p.to(k.dtype)
+        acc = acc * alpha[:, None]
     if EVEN_KV and DV == BLOCK_DV:
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
     else:
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = dot_acc(p.to(v.dtype), v, acc)
+    acc = dot_acc(p_op, v, acc)
     return acc, l_i, m_new
 
 
@@ -85,7 +95,7 @@ def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, 
                 qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
-                HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UNCHAIN: tl.constexpr):
     """Key tiles ``lo..hi`` (``lo`` a multiple of BLOCK_N) under a band and nothing else (the list-free path):
     masked at the band's edges, unmasked in its middle; ``EVEN_KV``: no tile passes the keys' end."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -94,7 +104,7 @@ def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, 
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
             qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
             offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, EVEN_KV, True, False, False, False, False,
-            False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+            False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
     return acc, l_i, m_i
 
 
@@ -117,6 +127,7 @@ def flash_fwd_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ORDERED: tl.constexpr = False,
+    UNCHAIN: tl.constexpr = False,
 ):
     if ORDERED:
         tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
@@ -171,7 +182,7 @@ def flash_fwd_kernel(
                     offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
                     n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0, KV_POS, offs_d, offs_dv, D, DV,
                     BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
             kb = tl.load(PART_IDX + base * part_width + j)
@@ -184,21 +195,21 @@ def flash_fwd_kernel(
                     offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
                     n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV,
                     BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK)
+                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, qp,
                                     seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
                                     offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
-                                    ALIBI)
+                                    ALIBI, UNCHAIN)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
                                     qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
                                     offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, True, False, SOFTCAP,
-                                    ALIBI)
+                                    ALIBI, UNCHAIN)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, qp,
                                     seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
                                     offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
-                                    ALIBI)
+                                    ALIBI, UNCHAIN)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -220,7 +231,7 @@ def flash_fwd_kernel(
                                             tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale,
                                             cap_scale, slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV,
                                             BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1, EVEN_KV2,
-                                            True, SOFTCAP, ALIBI)
+                                            True, SOFTCAP, ALIBI, UNCHAIN)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -90,10 +90,11 @@ INTERPRET_DKDV = (16, 32)
 INTERPRET_DQ = (32, 16)
 
 
-def _prune(configs, named_args, unchain=False, **kwargs):
+def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA. ``unchain`` (the
-    dK/dV pass): key tiles too short for their warps take the kernel's ``UNCHAIN``."""
+    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA. ``unchain``: the
+    tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV); tiles too short
+    for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
@@ -110,7 +111,7 @@ def _prune(configs, named_args, unchain=False, **kwargs):
             seen.add(key)
             out.append(_cfg(*key))
             if unchain:
-                out[-1].kwargs["UNCHAIN"] = chains_replicate(bn, c.num_warps)
+                out[-1].kwargs["UNCHAIN"] = chains_replicate(bn if unchain == "BLOCK_N" else bm, c.num_warps)
     return out
 
 
@@ -120,7 +121,7 @@ class _FirstThatFits:
     the ones after it are never compiled. A variant with more in-kernel terms may need a smaller tile than the
     list's first."""
 
-    def __init__(self, unchain=False):
+    def __init__(self, unchain=None):
         self.found = False
         self.unchain = unchain
 
@@ -152,8 +153,9 @@ def _kernel(name: str, jit_fn):
                    "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
                    "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC"] if name == "dkdv" else [])
-        first = None if tune else _FirstThatFits(unchain=name == "dkdv")
-        prune = functools.partial(_prune, unchain=name == "dkdv")
+        unchain = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N"}.get(name)
+        first = None if tune else _FirstThatFits(unchain=unchain)
+        prune = functools.partial(_prune, unchain=unchain)
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
             reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "dkdv" else None,
@@ -393,7 +395,8 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bm_, 4),
+                                                 **meta)
     else:
         kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return out, lse
