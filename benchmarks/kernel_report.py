@@ -33,7 +33,7 @@ import torch
 import triton
 
 from subquad.bench.sm90 import SHARED, record_launches
-from subquad.ops.softmax.flash.tile import chains_replicate
+from subquad.ops.chained import chains_replicate
 
 def compile_for_sm90(fn, args, kwargs):
     """``fn`` (a JIT function) compiled for sm90 on these arguments, as the device would specialise it."""

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..chained import chains_replicate, unchained_rescaled
 from ..grid import cdiv, next_power_of_2, num_sms
 
 # Triton 3.9's interpreter computes bf16 dots wrongly
@@ -117,7 +118,7 @@ def _decode_kernel(
             k_pos = idx
         k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
         # (scaled before the sum: a dot's result added to another's would become that dot's accumulator, which
-        # chains the two; see SPLIT_SCORE_TILE)
+        # chains the two; see subquad.ops.chained)
         s = _dot(q, tl.trans(k), DOT_PRECISION) * scale
         if D_ROPE > 0:
             k_rope = tl.load(k_row[:, None] + D + offs_dr[None, :],
@@ -145,18 +146,8 @@ def _decode_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if SPLIT_SCORE_TILE:
-            # Triton lays out a dot whose result reaches another dot with all warps on M (warpsPerTileV3, for
-            # the P.V operand to stay in registers): with 64 rows and 8 warps both warpgroups then compute the
-            # whole score tile, and Q.K^T (576 of a latent row's 1,088 products) runs twice. Values yielded by
-            # a branch are outside that search (MLIR's forward slice stops at the yield), so with P and the
-            # rescaled accumulator made in one (always taken in the loop) the warpgroups split the scores'
-            # keys, and P reaches the P.V product through shared memory.
-            if seqlen > 0:
-                p_op = p.to(v.dtype)
-                acc = acc * alpha[:, None]
-            else:
-                p_op = (p * 0.0).to(v.dtype)
+        if SPLIT_SCORE_TILE:    # 64 heads, 8 warps: see subquad.ops.chained
+            p_op, acc = unchained_rescaled(p, acc, alpha, seqlen > 0, v.dtype)
             acc += _dot(p_op, v, DOT_PRECISION)
         else:
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
@@ -313,9 +304,9 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         num_stages = 3 if view.layout == "paged" and block_n < 128 else 2
 
     if split_score_tile is None:
-        # 64+ rows a tile and more warps than their warpgroups (the MLA suite's 64 heads, 8 warps): the scores
-        # would be computed once per warpgroup (SPLIT_SCORE_TILE). H200, 64 x 16k latent: 0.98 ms against 1.22
-        split_score_tile = block_m >= 64 and num_warps * 16 > block_m
+        # tiles of 64+ rows whose chained dots would run once per warpgroup (the MLA suite's 64 heads, 8 warps;
+        # H200, 64 x 16k latent: 1.01 ms against 1.22); smaller tiles are read-bound and keep P in registers
+        split_score_tile = block_m >= 64 and chains_replicate(block_m, num_warps)
 
     # one workspace for both partials: at 8k context the host-side cost of each call is comparable to the
     # kernel's, so allocations and launches are kept few

@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores, unchained
+from ...chained import unchained
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     else:
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :],
                      mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    # UNCHAIN: key tiles of fewer rows than 16 a warp (see tile.unchained)
+    # UNCHAIN: key tiles of fewer rows than 16 a warp (see subquad.ops.chained)
     if UNCHAIN:
         pT_op = unchained(pT, seq_kv > 0, do.dtype)
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...chained import unchained_rescaled
 from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, scores
 
 LOG2E = 1.4426950408889634
@@ -70,14 +71,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if UNCHAIN:
-        # query tiles shorter than 16 rows a warp (tile.unchained); the rescaled accumulator through the
-        # branch too: alpha comes from the scores
-        if seq_kv > 0:
-            p_op = p.to(k.dtype)
-            acc = acc * alpha[:, None]
-        else:
-            p_op = (p * 0.0).to(k.dtype)
+    if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
+        p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, k.dtype)
     else:
         p_op = p.to(k.dtype)
         acc = acc * alpha[:, None]

@@ -13,8 +13,8 @@ import triton
 from ...autotuned import Autotuned
 from ...grid import cdiv, next_power_of_2, num_sms
 from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
+from ...chained import chains_replicate
 from .forward import flash_fwd_kernel
-from .tile import chains_replicate
 
 LOG2E = 1.4426950408889634
 

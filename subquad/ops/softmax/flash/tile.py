@@ -46,28 +46,6 @@ def dot_acc(a, b, acc):
 
 
 @triton.jit
-def unchained(x, live, DTYPE: tl.constexpr):
-    """``x.to(DTYPE)``, made in a branch that ``live`` (a runtime scalar, true) always takes. For a dot operand
-    made from another dot's result: Triton lays out a dot whose result reaches another dot with every warp on M
-    (``warpsPerTileV3``, so that the operand stays in registers), and where M is smaller than 16 rows a warp
-    (64-row tiles, 8 warps) the warpgroups then each compute the whole tile. MLIR's forward slice, which that
-    search walks, stops at a branch's yield: so the warpgroups split the first dot's columns, and the operand
-    reaches the second dot through shared memory."""
-    if live:
-        y = x.to(DTYPE)
-    else:
-        y = (x * 0.0).to(DTYPE)
-    return y
-
-
-def chains_replicate(rows: int, num_warps: int) -> bool:
-    """Whether a chained dot with ``rows`` rows (the M of the first product) would be computed once per
-    warpgroup with ``num_warps`` warps: fewer than 16 rows a warp (an MMA tile is 16 rows a warp, 64 a
-    warpgroup)."""
-    return rows < 16 * num_warps
-
-
-@triton.jit
 def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, SUBS: tl.constexpr,
                 HEAD_STEP: tl.constexpr):
     """``(tile, pid_bh, piece)`` of this program when every (batch, head) runs its BlockMask blocks heaviest
