@@ -288,7 +288,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-             MBQ: tl.constexpr, MBK: tl.constexpr):
+             MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
@@ -318,7 +318,11 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
-    dq = dot_acc(ds.to(k.dtype), k, dq)
+    if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
+        ds_op = unchained(ds, seq_kv > 0, k.dtype)
+    else:
+        ds_op = ds.to(k.dtype)
+    dq = dot_acc(ds_op, k, dq)
     return dq
 
 
@@ -338,6 +342,7 @@ def flash_bwd_dq_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    UNCHAIN: tl.constexpr = False,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -390,7 +395,7 @@ def flash_bwd_dq_kernel(
                               q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0,
                               KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX,
                               Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
-                              MBQ, MBK)
+                              MBQ, MBK, UNCHAIN=UNCHAIN)
         n_part = tl.load(PART_NUM + base)
         for j in range(n_part):
             kb = tl.load(PART_IDX + base * part_width + j)
@@ -403,7 +408,7 @@ def flash_bwd_dq_kernel(
                               q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0,
                               KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX,
                               Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
-                              MBQ, MBK)
+                              MBQ, MBK, UNCHAIN=UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         for start_n in range(lo, full_lo, BLOCK_N):
@@ -411,20 +416,20 @@ def flash_bwd_dq_kernel(
                           seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
                           lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
                           BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
                           seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
                           lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
                           BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
                           seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
                           lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
                           BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N)
+                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
 
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]

@@ -153,7 +153,7 @@ def _kernel(name: str, jit_fn):
                    "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
                    "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC"] if name == "dkdv" else [])
-        unchain = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N"}.get(name)
+        unchain = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}[name]
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
         _TUNED[name, tune] = Autotuned(triton.autotune(
@@ -530,7 +530,8 @@ def _dq(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes)
     kern = _kernel("dq", flash_bwd_dq_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
-        flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, **meta)
+        flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_,
+                                                          UNCHAIN=chains_replicate(bm_, 4), **meta)
     else:
         kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
 
