@@ -34,7 +34,9 @@ MASK_BLOCK_INTERPRET = 32
 #: (benchmarks/results/2026-12-04-patterns-longformer-bigbird-h200.json), BigBird (random blocks of 64) visits
 #: 0.54 of the pairs at 64 and Longformer (window 512, 16 global tokens) 0.79; at 64 the forward ran 1.48x /
 #: 1.32x faster (2 x 16k), a pair rate of 0.82-1.04 that of the 128 tiles, and the backward 1.23x faster /
-#: 1.24x slower, a pair rate of 0.64-0.68.
+#: 1.24x slower, a pair rate of 0.64-0.68. Since 64-row tiles no longer compute their chained dots twice
+#: (``subquad.ops.chained``), BigBird runs 1.13x faster fwd+bwd at 64; Longformer's backward at 64 (threshold
+#: 0.85) was still 0.85x its 128-block one (2026-12-04-unchain-dkdv-ab-h200.json).
 SMALL_MASK_BLOCK = 64
 SMALL_BLOCK_VISITS = {"forward": 0.85, "backward": 0.6}
 
