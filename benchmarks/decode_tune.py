@@ -78,10 +78,10 @@ def main():
     # the scores: 1.5x the flops, half the accumulator registers)
     mla += [dict(block_m=64, block_n=64, block_dv=512, num_warps=8, num_stages=st) for st in (1, 3)]
     mla += [dict(block_m=64, block_n=bn, block_dv=256, num_warps=w, num_stages=2) for bn in (32, 64) for w in (4, 8)]
-    # session 18: P and alpha through memory (the scores' tile split between the warpgroups, not computed by
-    # both), against the chained dots, at the configurations it allows
-    mla += [dict(block_m=64, block_n=bn, block_dv=512, num_warps=8, num_stages=st, split_score_tile=pm)
-            for pm in (False, True) for bn, st in ((64, 2), (32, 2), (32, 3))]
+    # session 18: the scores' tile split between the warpgroups (subquad.ops.chained), against the chained dots
+    # that both warpgroups computed whole
+    mla += [dict(block_m=64, block_n=bn, block_dv=512, num_warps=8, num_stages=st, split_score_tile=split)
+            for split in (False, True) for bn, st in ((64, 2), (32, 2), (32, 3))]
     if os.environ.get("DECODE_TUNE_MLA") == "new":
         mla = mla[-6:]
     for opts in mla:
