@@ -288,8 +288,8 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
     if mask is None or isinstance(mask, P.Pattern):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         # (None kept as itself: torch 2.11's dynamo traces id() of objects, not of None)
-        memo = (None if mask is None else id(mask), causal, q.shape, k.shape, v.shape, q.dtype, q.device, needs_grad, softcap is None,
-                alibi_slopes is None, return_lse)
+        memo = (None if mask is None else id(mask), causal, q.shape, k.shape, v.shape, q.dtype, q.device,
+                needs_grad, softcap is None, alibi_slopes is None, return_lse)
         hit = measured.chosen.get(memo)
         if hit is not None:
             if log.isEnabledFor(logging.DEBUG):
