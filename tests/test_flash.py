@@ -538,6 +538,24 @@ def test_compiled_global_token_pattern_after_an_eager_call():
         _close(label, a, b, torch.bfloat16)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_chained_dots_with_and_without_the_branch(monkeypatch, deterministic):
+    """``UNCHAIN`` (subquad.ops.chained) only moves where the products' operands are made: the forward, dK/dV
+    and dQ passes give the reference's outputs and gradients with it and without it (the interpreter's small
+    tiles take it; the GPU's 128-row tiles do not), on a BigBird-like pattern with global tokens, GQA and a ragged
+    length."""
+    from subquad.ops.softmax.flash import launch
+    pattern = masks.bigbird(16, [0, 5], random_blocks=1, block=16, seed=3)
+    runs = []
+    for unchain in (True, False):
+        monkeypatch.setattr(launch, "chains_replicate", lambda rows, warps, on=unchain: on)
+        q, k, v = _qkv(1, 90, 90, 4, 2, 32, torch.bfloat16, seed=12)
+        torch.manual_seed(0)        # _check's output gradient
+        runs.append(_check(q, k, v, mask=pattern, deterministic=deterministic, plan=False))
+    for a, b in zip((runs[0][0], *runs[0][2]), (runs[1][0], *runs[1][2])):
+        _close("unchained", a, b, torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", ["strided", "fixed"])
 def test_compiled_planned_pattern_after_an_eager_call(name):
     """A planned pattern (gathered columns) compiles with fullgraph after one eager call: the traced call runs
