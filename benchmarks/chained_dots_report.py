@@ -23,7 +23,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-MMA = re.compile(r"#(mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d), versionMinor = \d, warpsPerCTA = \[(\d+), (\d+)\]")
+MMA = re.compile(r"#(mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d), versionMinor = \d, "
+                 r"warpsPerCTA = \[(\d+), (\d+)\]")
 DOT = re.compile(r"(?:warp_group_dot|tt\.dot) [^\n]*-> tensor<(\d+)x\d+xf32, #(mma\d*)>")
 
 
