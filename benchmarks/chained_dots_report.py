@@ -19,8 +19,6 @@ import re
 import sys
 from pathlib import Path
 
-import triton
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 MMA = re.compile(r"#(mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d), versionMinor = \d, "
@@ -37,24 +35,13 @@ def replicated(ttgir: str) -> list[tuple[int, int, int]]:
 
 def main(prefixes: list[str]) -> None:
     import test_sm90_compile
-    from triton.runtime import driver
 
-    from subquad.bench.sm90 import Sm90Driver, record_launches
+    from subquad.bench.sm90 import recorded_variants
 
-    recorded = record_launches()
-    test_sm90_compile._run_ops()
-    driver.set_active(Sm90Driver())
-    seen = set()
-    for kernel, args, kwargs in recorded:
-        configs = [{}]
-        if isinstance(kernel, triton.runtime.Autotuner):
-            configs = [c.all_kwargs() for c in kernel.configs]
-            kernel = kernel.fn
+    for kernel, args, kwargs, configs in recorded_variants(test_sm90_compile._run_ops):
         name = kernel.fn.__name__
-        variant = (name, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, str)))))
-        if variant in seen or (prefixes and not name.startswith(tuple(prefixes))):
+        if prefixes and not name.startswith(tuple(prefixes)):
             continue
-        seen.add(variant)
         for options in configs:
             if options.get("num_warps", 4) < 8:
                 continue

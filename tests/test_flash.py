@@ -518,6 +518,16 @@ def test_compiled_calls_take_the_custom_op():
     assert any("subquad.flash_fwd" in t for t in traced), traced
 
 
+def _compiled_like_eager(f, q, k, v):
+    """``f`` compiled with fullgraph, after its eager call, gives that call's outputs and gradients (bf16 rounding)."""
+    want = f(q, k, v)
+    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    _close("out", got, want, torch.bfloat16)
+    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(got.float().sum(), (q, k, v)), grads):
+        _close(label, a, b, torch.bfloat16)
+
+
 def test_compiled_global_token_pattern_after_an_eager_call():
     """Longformer's global tokens are recognised from their positions on the first (eager) call and kept on the
     pattern: a compiled function (fullgraph) then traces through, with the eager call's outputs and gradients
@@ -530,30 +540,7 @@ def test_compiled_global_token_pattern_after_an_eager_call():
         return subquad.attention(q, k, v, mask=pattern, backend="triton") + subquad.attention(
             q, k, v, mask=pattern, causal=True, backend="triton")
 
-    want = f(q, k, v)
-    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
-    _close("out", got, want, torch.bfloat16)
-    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(got.float().sum(), (q, k, v)), grads):
-        _close(label, a, b, torch.bfloat16)
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_chained_dots_with_and_without_the_branch(monkeypatch, deterministic):
-    """``UNCHAIN`` (subquad.ops.chained) only moves where the products' operands are made: the forward, dK/dV
-    and dQ passes give the reference's outputs and gradients with it and without it (the interpreter's small
-    tiles take it; the GPU's 128-row tiles do not), on a BigBird-like pattern with global tokens, GQA and a ragged
-    length."""
-    from subquad.ops.softmax.flash import launch
-    pattern = masks.bigbird(16, [0, 5], random_blocks=1, block=16, seed=3)
-    runs = []
-    for unchain in (True, False):
-        monkeypatch.setattr(launch, "chains_replicate", lambda rows, warps, on=unchain: on)
-        q, k, v = _qkv(1, 90, 90, 4, 2, 32, torch.bfloat16, seed=12)
-        torch.manual_seed(0)        # _check's output gradient
-        runs.append(_check(q, k, v, mask=pattern, deterministic=deterministic, plan=False))
-    for a, b in zip((runs[0][0], *runs[0][2]), (runs[1][0], *runs[1][2])):
-        _close("unchained", a, b, torch.bfloat16)
+    _compiled_like_eager(f, q, k, v)
 
 
 @pytest.mark.parametrize("name", ["strided", "fixed"])
@@ -567,12 +554,7 @@ def test_compiled_planned_pattern_after_an_eager_call(name):
     def f(q, k, v):
         return subquad.attention(q, k, v, mask=pattern, backend="triton")
 
-    want = f(q, k, v)
-    grads = torch.autograd.grad(want.float().sum(), (q, k, v))
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
-    _close("out", got, want, torch.bfloat16)
-    for label, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(got.float().sum(), (q, k, v)), grads):
-        _close(label, a, b, torch.bfloat16)
+    _compiled_like_eager(f, q, k, v)
 
 
 def test_untuned_launch_takes_the_first_config_that_fits():

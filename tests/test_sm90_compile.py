@@ -3,7 +3,8 @@
 each kernel variant is compiled down to a cubin (ptxas included) with Hopper's first configuration that fits.
 The interpreter runs the kernels' Python semantics; this runs Triton's real code generation, so a kernel that
 the GPU backend rejects, or that no longer fits in shared memory, fails here rather than in a device session
-(the dK/dV pass's TMA dQ, which the interpreter cannot run, is first in the configurations: compiled here). It runs in a child process: under ``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit``
+(the dK/dV pass's TMA dQ, which the interpreter cannot run, is first in the configurations: compiled here).
+It runs in a child process: under ``TRITON_INTERPRET=1`` (the CI's setting) ``@triton.jit``
 makes interpreted functions, which do not compile."""
 
 from __future__ import annotations
@@ -124,26 +125,10 @@ def _run_ops() -> None:
 
 
 def _compile_all() -> None:
-    import triton
-    from triton.runtime import driver
+    from subquad.bench.sm90 import SHARED, recorded_variants
 
-    from subquad.bench.sm90 import SHARED, Sm90Driver, record_launches
-
-    recorded = record_launches()
-    _run_ops()
-    driver.set_active(Sm90Driver())
-    seen = set()
-    for kernel, args, kwargs in recorded:
-        configs = [{}]
-        if isinstance(kernel, triton.runtime.Autotuner):
-            configs = [c.all_kwargs() for c in kernel.configs]
-            kernel = kernel.fn
+    for kernel, args, kwargs, configs in recorded_variants(_run_ops):
         name = kernel.fn.__name__
-        variant = (name, tuple(sorted((k, v) for k, v in kwargs.items() if isinstance(v, (bool, int, str)))),
-                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
-        if variant in seen:
-            continue
-        seen.add(variant)
         # the first configuration whose tiles fit, as the untuned launch takes (the autotuner drops the others)
         for options in configs:
             compiled = kernel.warmup(*args, grid=(1,), **{**options, **kwargs})

@@ -2,8 +2,9 @@
 
 A stand-in driver names the target; every ``kernel[grid](...)`` is recorded instead of run; ``JITFunction.warmup``
 on a recorded launch then runs Triton's real code generation down to a cubin (ptxas included). Used by
-``tests/test_sm90_compile.py`` (every kernel variant compiles and fits in shared memory) and by
-``benchmarks/kernel_report.py`` (registers, spills, tensor-core instructions of one launch).
+``tests/test_sm90_compile.py`` (every kernel variant compiles and fits in shared memory), by
+``benchmarks/kernel_report.py`` (registers, spills, tensor-core instructions of one launch) and by
+``benchmarks/chained_dots_report.py`` (which configurations compute a chained dot once per warpgroup).
 """
 
 from __future__ import annotations
@@ -36,3 +37,28 @@ def record_launches() -> list:
     recorded = []
     KernelInterface.__getitem__ = lambda self, grid: (lambda *args, **kwargs: recorded.append((self, args, kwargs)))
     return recorded
+
+
+def recorded_variants(run):
+    """Run ``run()`` with its launches recorded, make the sm90 driver active, and yield each distinct kernel
+    variant once (its constexpr and integer arguments and its tensors' dtypes) as ``(jit_fn, args, kwargs,
+    configs)``: an autotuned kernel's configurations as keyword dicts, ``[{}]`` for a plain one."""
+    import torch
+    import triton
+    from triton.runtime import driver
+
+    recorded = record_launches()
+    run()
+    driver.set_active(Sm90Driver())
+    seen = set()
+    for kernel, args, kwargs in recorded:
+        configs = [{}]
+        if isinstance(kernel, triton.runtime.Autotuner):
+            configs = [c.all_kwargs() for c in kernel.configs]
+            kernel = kernel.fn
+        variant = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in kwargs.items()
+                                                    if isinstance(v, (bool, int, str)))),
+                   tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+        if variant not in seen:
+            seen.add(variant)
+            yield kernel, args, kwargs, configs
