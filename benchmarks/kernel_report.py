@@ -142,7 +142,7 @@ def _flash(mask, n, configs, backward, dq_tma):
         short = short_of[fn.__name__]
         _, _, warps, stages = configs.get(short, FLASH[short][2])
         extra = {"DQ_TMA": True} if short == "dkdv" and kw.get("DQ_ATOMIC") and dq_tma else {}
-        # as the launcher's pruning sets it for these warps (the interpreter's took 4)
+        # as the launcher's pruning sets it for these warps (the interpreter's took INTERPRET_WARPS)
         extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N" if short == "dkdv" else "BLOCK_M"], warps)
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
     return launches

@@ -19,17 +19,14 @@ among the new tokens, optional sliding window; base-2 exponentials inside.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..chained import chains_replicate, unchained_rescaled
 from ..grid import cdiv, next_power_of_2, num_sms
+from ..softmax.flash.tile import UPCAST_DOT
 
-# Triton 3.9's interpreter computes bf16 dots wrongly
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
 DENSE, RING, PAGED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
@@ -37,7 +34,8 @@ _LAYOUT_IDS = {"dense": 0, "ring": 1, "paged": 2}
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    if INTERPRETED:
+    """``tl.dot`` at ``PRECISION``; in fp32 under the interpreter, as ``flash.tile.dot`` (``UPCAST_DOT``)."""
+    if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
 

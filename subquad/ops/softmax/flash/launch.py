@@ -88,12 +88,13 @@ DQ_CONFIGS_OTHER = [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2)]
 INTERPRET_FWD = (32, 16)
 INTERPRET_DKDV = (16, 32)
 INTERPRET_DQ = (32, 16)
+INTERPRET_WARPS = 4     # the interpreter's launches leave num_warps at Triton's default: UNCHAIN's rule takes it
 
 
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
     where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA. ``unchain``: the
-    tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV); tiles too short
+    tile dimension that is the chained products' M (``BLOCK_M`` forward and dQ, ``BLOCK_N`` dK/dV); tiles too short
     for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
@@ -395,8 +396,8 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bm_, 4),
-                                                 **meta)
+        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_,
+                                                 UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), **meta)
     else:
         kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
     return out, lse
@@ -476,8 +477,8 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
         walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots]
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-            flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](*walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta,
-                                                                   UNCHAIN=chains_replicate(bn_, 4), **switch)
+            flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](
+                *walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS), **switch)
         else:
             kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*walk_args, **meta, **switch)
 
@@ -531,7 +532,7 @@ def _dq(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
         flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_,
-                                                          UNCHAIN=chains_replicate(bm_, 4), **meta)
+                                                          UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), **meta)
     else:
         kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
 
