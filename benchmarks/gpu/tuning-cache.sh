@@ -28,11 +28,15 @@ echo "tuning-cache: $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) 
 tuning_cache_save() {
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/autotune.tgz" --null -T -)
     echo "tuning-cache: $(tar -tzf "$OUT/autotune.tgz" | wc -l) autotuning results saved to \$OUT/autotune.tgz"
-    # subquad's own kernels only: flex's (inductor writes here too) and fla's pushed the tarball past 15 MB
+    # subquad's own kernels only: flex's (inductor writes here too) and fla's pushed the tarball past 15 MB; and
+    # the newest KERNELS_KEPT of them (by compile time, which extraction keeps): each kernel change compiles
+    # every variant anew, and the older ones had pushed the parts past what a call brings back
     local names
     names=$(grep -rh -A1 '@triton.jit' subquad | grep -oP '^def \K\w+' | paste -sd'|')
-    (cd "$TRITON_CACHE_DIR" && find . \( -name '*.cubin' -o -name '*.json' \) | grep -E "/(__grp__)?($names)\.(cubin|json)$" |
-        tr '\n' '\0' | tar -czf "$OUT/kernels.tgz" --null -T -)
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.cubin' -printf '%T@ %p\n' | grep -E "/($names)\.cubin$" | sort -rn |
+        head -n "${KERNELS_KEPT:-800}" | while read -r _ cubin; do
+            find "$(dirname "$cubin")" -maxdepth 1 \( -name '*.cubin' -o -name '*.json' \) -print0
+        done | tar -czf "$OUT/kernels.tgz" --null -T -)
     # a call brings back 16 MiB a file (8 files, 64 MiB in all): a larger tarball travels in parts
     echo "tuning-cache: $(tar -tzf "$OUT/kernels.tgz" | grep -c cubin) compiled kernels saved to \$OUT/kernels.tgz"
     if [ "$(stat -c %s "$OUT/kernels.tgz")" -gt 15000000 ]; then

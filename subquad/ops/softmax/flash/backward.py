@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained
-from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, q_range, scores
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, list_entry, q_range, scores
 
 
 @triton.jit
@@ -52,11 +52,11 @@ def flash_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_on, stride
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
-               start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi,
+               start_m, edge, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi,
                prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, Q_POS,
                offs_d, offs_dv,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
+               BLOCK_M: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
                BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -82,14 +82,12 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     sT, tT = scores(qkT, qp[None, :], kp[:, None], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     pT = tl.math.exp2(sT - lse2[None, :])
-    if MASKED:
+    if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
         keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo, band_hi,
                          prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                          (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
                          HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, KV_BOUNDS)
         pT = tl.where(keep, pT, 0.0)
-    elif KV_BOUNDS:
-        pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
     if EVEN_Q and DV == BLOCK_DV:
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :])
     else:
@@ -179,6 +177,10 @@ def flash_bwd_dkdv_kernel(
     if DOC:
         doc_ids = DOC_IDS + b * stride_doc_b
     dq_scale = scale
+    # a key tile past the keys' end takes the masked path everywhere (its padding keys get no probability)
+    ragged = False
+    if not EVEN_KV:
+        ragged = start_n + BLOCK_N > seq_kv
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -203,61 +205,33 @@ def flash_bwd_dkdv_kernel(
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
-            for j in range(first + split, tl.minimum(n_full, last), n_split):
-                qb = tl.load(FULL_IDX + base * full_width + j)
-                for sub in tl.static_range(MBQ // BLOCK_M):
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                        stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
-                        dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                        stride_lay_q, doc_ids, BITS, 0, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                        BLOCK_M, False, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
-                        UNCHAIN=UNCHAIN)
-            n_part = tl.load(PART_NUM + base)
-            for j in range(tl.maximum(first - n_full, 0) + split, tl.minimum(n_part, last - n_full), n_split):
-                qb = tl.load(PART_IDX + base * part_width + j)
+            for j in range(first + split, tl.minimum(n_full + tl.load(PART_NUM + base), last), n_split):
+                qb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
                 tile = 0
                 if USE_BITS:
                     tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-                    tile = tl.load(TILE_OF + tile_base * n_kb + kb)
+                    tile = tl.load(TILE_OF + tile_base * n_kb + kb, mask=partial, other=0)
                 for sub in tl.static_range(MBQ // BLOCK_M):
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                        stride_dqn, qb * MBQ + sub * BLOCK_M, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale,
-                        dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                        stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                        BLOCK_M, True, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                        AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
+                        stride_dqn, qb * MBQ + sub * BLOCK_M, partial | ragged, offs_n, kp, seq_q, seq_kv, q_off,
+                        qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+                        lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV,
+                        BLOCK_D, BLOCK_DV, BLOCK_M, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
+                        HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
                         UNCHAIN=UNCHAIN)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-            step = BLOCK_M * n_split
-            for start_m in range(lo + split * BLOCK_M, full_lo, step):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
-                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
-                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
-                    False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
-                    DQ_TMA, UNCHAIN=UNCHAIN)
-            for start_m in range(full_lo + split * BLOCK_M, full_hi, step):
+            # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
+            for start_m in range(lo + split * BLOCK_M, hi, BLOCK_M * n_split):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
-                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
-                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, True, False, True, False, False,
-                    False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA,
-                    UNCHAIN=UNCHAIN)
-            for start_m in range(full_hi + split * BLOCK_M, hi, step):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
-                    start_m, offs_n, kp, seq_q, seq_kv, q_off, qk_scale, cap_scale, dq_scale, slope2, band_lo,
-                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0,
-                    Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False,
-                    False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC,
-                    DQ_TMA, UNCHAIN=UNCHAIN)
+                    start_m, (start_m < full_lo) | (start_m >= full_hi), offs_n, kp, seq_q, seq_kv, q_off, qk_scale,
+                    cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
+                    lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                    BLOCK_M, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
+                    SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -280,11 +254,11 @@ def flash_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q, seq_kv,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, seq_q, seq_kv,
              qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block,
              stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
+             BLOCK_N: tl.constexpr, EVEN_KV: tl.constexpr,
              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -306,14 +280,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     qk = dot(q, tl.trans(k))
     s, t = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     p = tl.math.exp2(s - lse2[:, None])
-    if MASKED:
+    if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
         keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
                          prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                          (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
                          HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
         p = tl.where(keep, p, 0.0)
-    elif not EVEN_KV:
-        p = tl.where(in_kv[None, :], p, 0.0)
     dp = dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
@@ -387,49 +359,33 @@ def flash_bwd_dq_kernel(
         row0 = qb * MBQ
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
-        for j in range(n_full):
-            kb = tl.load(FULL_IDX + base * full_width + j)
-            for sub in tl.static_range(MBK // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
-                              offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
-                              q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0,
-                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX,
-                              Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
-                              MBQ, MBK, UNCHAIN=UNCHAIN)
-        n_part = tl.load(PART_NUM + base)
-        for j in range(n_part):
-            kb = tl.load(PART_IDX + base * part_width + j)
+        for j in range(n_full + tl.load(PART_NUM + base)):
+            kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
             tile = 0
             if USE_BITS:
-                tile = tl.load(TILE_OF + base * n_kb + kb)
+                tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
             for sub in tl.static_range(MBK // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N,
-                              offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix,
-                              q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0,
-                              KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX,
+                start_n = kb * MBK + sub * BLOCK_N
+                edge = partial
+                if not EVEN_KV:
+                    edge = partial | (start_n + BLOCK_N > seq_kv)
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp,
+                              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix,
+                              IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
+                              offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, EVEN_KV, BAND, PREFIX,
                               Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
                               MBQ, MBK, UNCHAIN=UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
-                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                          BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
+        # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
+        for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
-                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                          BLOCK_DV, BLOCK_N, False, True, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, seq_q,
-                          seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
-                          lay, lay_block, stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                          BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False, False,
-                          False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
+                          (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale,
+                          slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                          stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                          EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
+                          BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
 
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]

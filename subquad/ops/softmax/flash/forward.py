@@ -26,13 +26,13 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, scores
+from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, list_entry, scores
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, qi_row,
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, qi_row,
               seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
               LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -55,11 +55,12 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
         kp = offs_n
     s, _ = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     if MASKED:
-        keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
-                         (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
-        s = tl.where(keep, s, float("-inf"))
+        if edge:
+            keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo,
+                             band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
+                             tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX,
+                             HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
+            s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -86,17 +87,20 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
 
 
 @triton.jit
-def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, offs_m, qp, seq_q, seq_kv,
-                qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
+def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, offs_m, qp, seq_q,
+                seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
                 HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UNCHAIN: tl.constexpr):
-    """Key tiles ``lo..hi`` (``lo`` a multiple of BLOCK_N) under a band and nothing else (the list-free path):
-    masked at the band's edges, unmasked in its middle; ``EVEN_KV``: no tile passes the keys' end."""
+    """Key tiles ``lo..hi`` (``lo`` a multiple of BLOCK_N) under a band and nothing else (the list-free path),
+    masked (where ``MASKED``) outside ``[full_lo, full_hi)``, the band's unmasked middle; ``EVEN_KV``: no tile
+    passes the keys' end. One loop for edges and middle: the software pipeliner then loads each tile during the
+    one before it, where a loop per part would wait for its first tile's keys at every boundary."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, qp, offs_m, seq_q, seq_kv,
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
+            (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv,
             qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
             offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, EVEN_KV, True, False, False, False, False,
             False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
@@ -169,42 +173,28 @@ def flash_fwd_kernel(
         row0 = qb * MBQ
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
-        for j in range(n_full):
-            kb = tl.load(FULL_IDX + base * full_width + j)
-            for sub in tl.static_range(MBK // BLOCK_N):
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
-                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
-                    n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, 0, row0, KV_POS, offs_d, offs_dv, D, DV,
-                    BLOCK_D, BLOCK_DV, BLOCK_N, False, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
-        n_part = tl.load(PART_NUM + base)
-        for j in range(n_part):
-            kb = tl.load(PART_IDX + base * part_width + j)
+        for j in range(n_full + tl.load(PART_NUM + base)):
+            kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
             tile = 0
             if USE_BITS:
-                tile = tl.load(TILE_OF + base * n_kb + kb)
+                tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
             for sub in tl.static_range(MBK // BLOCK_N):
+                start_n = kb * MBK + sub * BLOCK_N
+                edge = partial
+                if not EVEN_KV:
+                    edge = partial | (start_n + BLOCK_N > seq_kv)
                 acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kb * MBK + sub * BLOCK_N, offs_m, qp,
-                    offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
-                    n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV,
-                    BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
-                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m, seq_q,
+                    seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
+                    lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
+                    BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC,
+                    USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, qp,
-                                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
-                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
-                                    ALIBI, UNCHAIN)
-        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
-                                    qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
-                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, True, False, SOFTCAP,
-                                    ALIBI, UNCHAIN)
-        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, qp,
-                                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d,
-                                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False, SOFTCAP,
-                                    ALIBI, UNCHAIN)
+        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi,
+                                    offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS,
+                                    offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False,
+                                    SOFTCAP, ALIBI, UNCHAIN)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -222,11 +212,11 @@ def flash_fwd_kernel(
                 num, idx, width = FULL2_NUM, FULL2_IDX, full2_width
             for j in range(tl.load(num + base2)):
                 kb = tl.load(idx + base2 * width + j)
-                acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, kb * MBK,
-                                            tl.minimum(kb * MBK + MBK, n2), offs_m, qp, seq_q, n2, qk_scale,
-                                            cap_scale, slope2, band2_lo, band2_hi, KV2_POS, offs_d, offs_dv, D, DV,
-                                            BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, partial == 1, EVEN_KV2,
-                                            True, SOFTCAP, ALIBI, UNCHAIN)
+                lo2, hi2 = kb * MBK, tl.minimum(kb * MBK + MBK, n2)
+                acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, lo2, lo2, lo2,
+                                            hi2, offs_m, qp, seq_q, n2, qk_scale, cap_scale, slope2, band2_lo,
+                                            band2_hi, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                                            BLOCK_N, partial == 1, EVEN_KV2, True, SOFTCAP, ALIBI, UNCHAIN)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -141,6 +141,16 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
 
 
 @triton.jit
+def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
+    """Entry ``j`` of a BlockMask row's blocks, its full ones first, then its partial ones: the block's index and
+    whether it is partial. One loop walks both lists, so that the pipeliner loads the first partial block during
+    the last full one."""
+    partial = j >= n_full
+    idx = tl.load(tl.where(partial, PART_IDX + base * part_width + (j - n_full), FULL_IDX + base * full_width + j))
+    return idx, partial
+
+
+@triton.jit
 def kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the query tile at ``start_m`` under a band: the key range ``[lo, hi)`` split as masked
     ``[lo, full_lo)``, unmasked ``[full_lo, full_hi)``, masked ``[full_hi, hi)``; all multiples of BLOCK_N
