@@ -56,7 +56,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, Q_POS,
                offs_d, offs_dv,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_Q: tl.constexpr, KV_BOUNDS: tl.constexpr,
                BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -82,12 +82,15 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     sT, tT = scores(qkT, qp[None, :], kp[:, None], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     pT = tl.math.exp2(sT - lse2[None, :])
-    if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
-        keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
-                         (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, KV_BOUNDS)
-        pT = tl.where(keep, pT, 0.0)
+    if MASKED:
+        if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
+            keep = keep_mask(offs_m[None, :], offs_n[:, None], qp[None, :], kp[:, None], seq_q, seq_kv, band_lo,
+                             band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
+                             tile, (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX,
+                             HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, KV_BOUNDS)
+            pT = tl.where(keep, pT, 0.0)
+    elif KV_BOUNDS:
+        pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
     if EVEN_Q and DV == BLOCK_DV:
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :])
     else:
@@ -177,6 +180,7 @@ def flash_bwd_dkdv_kernel(
     if DOC:
         doc_ids = DOC_IDS + b * stride_doc_b
     dq_scale = scale
+    MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
     # a key tile past the keys' end takes the masked path everywhere (its padding keys get no probability)
     ragged = False
     if not EVEN_KV:
@@ -205,21 +209,32 @@ def flash_bwd_dkdv_kernel(
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
-            for j in range(first + split, tl.minimum(n_full + tl.load(PART_NUM + base), last), n_split):
-                qb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
-                tile = 0
-                if USE_BITS:
-                    tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-                    tile = tl.load(TILE_OF + tile_base * n_kb + kb, mask=partial, other=0)
-                for sub in tl.static_range(MBQ // BLOCK_M):
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                        stride_dqn, qb * MBQ + sub * BLOCK_M, partial | ragged, offs_n, kp, seq_q, seq_kv, q_off,
-                        qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
-                        lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d, offs_dv, D, DV,
-                        BLOCK_D, BLOCK_DV, BLOCK_M, EVEN_Q, not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                        HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA,
-                        UNCHAIN=UNCHAIN)
+            n_all = n_full + tl.load(PART_NUM + base)
+            for part in tl.static_range(1 + MASK_READS):    # (tile.MASK_READS: the full blocks' own loop first)
+                j_lo = first
+                j_hi = tl.minimum(n_all, last)
+                if part == 1:
+                    j_lo = tl.maximum(first, n_full)
+                if MASK_READS and part == 0:
+                    j_hi = tl.minimum(n_full, last)
+                for j in range(j_lo + split, j_hi, n_split):
+                    qb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+                    tile = 0
+                    if USE_BITS:
+                        tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
+                        tile = tl.load(TILE_OF + tile_base * n_kb + kb, mask=partial, other=0)
+                    edge = partial | ragged
+                    if MASK_READS:
+                        edge = True     # (its part 1 holds partial blocks only, and part 0 takes no mask)
+                    for sub in tl.static_range(MBQ // BLOCK_M):
+                        dk, dv = _dkdv_tile(
+                            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                            stride_dqn, qb * MBQ + sub * BLOCK_M, edge, offs_n, kp, seq_q, seq_kv, q_off,
+                            qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                            n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
+                            offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1 or not MASK_READS, EVEN_Q,
+                            not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+                            HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
@@ -230,7 +245,7 @@ def flash_bwd_dkdv_kernel(
                     start_m, (start_m < full_lo) | (start_m >= full_hi), offs_n, kp, seq_q, seq_kv, q_off, qk_scale,
                     cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
                     lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                    BLOCK_M, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
+                    BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
                     SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
@@ -258,7 +273,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block,
              stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK_N: tl.constexpr, EVEN_KV: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -280,12 +295,15 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     qk = dot(q, tl.trans(k))
     s, t = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     p = tl.math.exp2(s - lse2[:, None])
-    if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
-        keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo, band_hi,
-                         prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
-                         (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX, HAS_FLAGS,
-                         HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
-        p = tl.where(keep, p, 0.0)
+    if MASKED:
+        if edge:    # a tile at the pattern's edge or the keys' end; the others skip the mask
+            keep = keep_mask(offs_m[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo,
+                             band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
+                             tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX,
+                             HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
+            p = tl.where(keep, p, 0.0)
+    elif not EVEN_KV:
+        p = tl.where(in_kv[None, :], p, 0.0)
     dp = dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
@@ -354,27 +372,35 @@ def flash_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
     if USE_LIST:
         qb = start_m // MBQ
         row0 = qb * MBQ
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
-        for j in range(n_full + tl.load(PART_NUM + base)):
-            kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
-            tile = 0
-            if USE_BITS:
-                tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
-            for sub in tl.static_range(MBK // BLOCK_N):
-                start_n = kb * MBK + sub * BLOCK_N
-                edge = partial
-                if not EVEN_KV:
-                    edge = partial | (start_n + BLOCK_N > seq_kv)
-                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp,
-                              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix,
-                              IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
-                              offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, EVEN_KV, BAND, PREFIX,
-                              Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI,
-                              MBQ, MBK, UNCHAIN=UNCHAIN)
+        n_all = n_full + tl.load(PART_NUM + base)
+        for part in tl.static_range(1 + MASK_READS):    # (tile.MASK_READS: the full blocks' own loop first)
+            j_hi = n_all
+            if MASK_READS and part == 0:
+                j_hi = n_full
+            for j in range(n_full * part, j_hi):
+                kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+                tile = 0
+                if USE_BITS:
+                    tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
+                for sub in tl.static_range(MBK // BLOCK_N):
+                    start_n = kb * MBK + sub * BLOCK_N
+                    edge = partial
+                    if MASK_READS:
+                        edge = True     # (its part 1 holds partial blocks only, and part 0 takes no mask)
+                    elif not EVEN_KV:
+                        edge = partial | (start_n + BLOCK_N > seq_kv)
+                    dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m,
+                                  qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix,
+                                  IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
+                                  offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
+                                  EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN=UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
@@ -384,7 +410,7 @@ def flash_bwd_dq_kernel(
                           (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale,
                           slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                           stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                          EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
+                          True, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
                           BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
 
     dq = dq * scale

@@ -168,27 +168,36 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
+    MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
     if USE_LIST:
         qb = start_m // MBQ
         row0 = qb * MBQ
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
-        for j in range(n_full + tl.load(PART_NUM + base)):
-            kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
-            tile = 0
-            if USE_BITS:
-                tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
-            for sub in tl.static_range(MBK // BLOCK_N):
-                start_n = kb * MBK + sub * BLOCK_N
-                edge = partial
-                if not EVEN_KV:
-                    edge = partial | (start_n + BLOCK_N > seq_kv)
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m, seq_q,
-                    seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
-                    lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_N, True, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC,
-                    USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN)
+        n_all = n_full + tl.load(PART_NUM + base)
+        for part in tl.static_range(1 + MASK_READS):    # (tile.MASK_READS: the full blocks' own loop first)
+            j_hi = n_all
+            if MASK_READS and part == 0:
+                j_hi = n_full
+            for j in range(n_full * part, j_hi):
+                kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+                tile = 0
+                if USE_BITS:
+                    tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
+                for sub in tl.static_range(MBK // BLOCK_N):
+                    start_n = kb * MBK + sub * BLOCK_N
+                    edge = partial
+                    if MASK_READS:
+                        edge = True     # (its part 1 holds partial blocks only, and part 0 takes no mask)
+                    elif not EVEN_KV:
+                        edge = partial | (start_n + BLOCK_N > seq_kv)
+                    acc, l_i, m_i = _fwd_tile(
+                        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m,
+                        seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                        n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D,
+                        DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
+                        HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
+                        UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi,

@@ -144,7 +144,10 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
 def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
     """Entry ``j`` of a BlockMask row's blocks, its full ones first, then its partial ones: the block's index and
     whether it is partial. One loop walks both lists, so that the pipeliner loads the first partial block during
-    the last full one."""
+    the last full one; except where the mask reads memory (global-token flags, a block layout, document ids, a
+    bitmask: ``HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS``, the kernels' MASK_READS): loads inside the loop's
+    branch stop Triton 3.6's software pipeliner (BigBird's forward ran 0.79x in one loop, H200), so there the
+    full blocks keep a loop of their own, without the branch."""
     partial = j >= n_full
     idx = tl.load(tl.where(partial, PART_IDX + base * part_width + (j - n_full), FULL_IDX + base * full_width + j))
     return idx, partial
