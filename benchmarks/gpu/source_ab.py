@@ -32,6 +32,8 @@ CASES = {
     "longformer-16k": (2, 16384, "masks.longformer(512, list(range(16)))"),
     "bigbird-16k": (2, 16384, "masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0)"),
     "strided-16k": (2, 16384, "masks.strided(256)"),
+    "fixed-16k": (2, 16384, "masks.fixed(128, 8)"),
+    "dilated-16k": (2, 16384, "masks.dilated(4096, 4)"),
     "blocksparse0.1-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
                                      ".manual_seed(0)) < 0.1, 128)"),
     "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),

@@ -230,7 +230,7 @@ def flash_bwd_dkdv_kernel(
                             HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-            # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
+            # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
             for start_m in range(lo + split * BLOCK_M, hi, BLOCK_M * n_split):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
@@ -396,7 +396,7 @@ def flash_bwd_dq_kernel(
                                   HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN=UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        # one loop for the band's masked edges and unmasked middle (see forward._band_tiles)
+        # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,

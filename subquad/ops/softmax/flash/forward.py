@@ -87,27 +87,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
 
 
 @triton.jit
-def _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi, offs_m, qp, seq_q,
-                seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS, offs_d, offs_dv,
-                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
-                HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, UNCHAIN: tl.constexpr):
-    """Key tiles ``lo..hi`` (``lo`` a multiple of BLOCK_N) under a band and nothing else (the list-free path),
-    masked (where ``MASKED``) outside ``[full_lo, full_hi)``, the band's unmasked middle; ``EVEN_KV``: no tile
-    passes the keys' end. One loop for edges and middle: the software pipeliner then loads each tile during the
-    one before it, where a loop per part would wait for its first tile's keys at every boundary."""
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
-            (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv,
-            qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
-            offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED, EVEN_KV, True, False, False, False, False,
-            False, False, False, HAS_KV_POS, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -200,10 +179,16 @@ def flash_fwd_kernel(
                         UNCHAIN)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, full_hi, hi,
-                                    offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, KV_POS,
-                                    offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, EVEN_KV, False,
-                                    SOFTCAP, ALIBI, UNCHAIN)
+        # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
+        # during the one before it, where a loop per part waited for its first tile's keys at every boundary
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
+                (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
+                slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False,
+                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -214,18 +199,22 @@ def flash_fwd_kernel(
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
-        for partial in tl.static_range(2):      # the full blocks unmasked, then the partial ones under the band
-            if partial:
-                num, idx, width = PART2_NUM, PART2_IDX, part2_width
-            else:
-                num, idx, width = FULL2_NUM, FULL2_IDX, full2_width
-            for j in range(tl.load(num + base2)):
-                kb = tl.load(idx + base2 * width + j)
-                lo2, hi2 = kb * MBK, tl.minimum(kb * MBK + MBK, n2)
-                acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, lo2, lo2, lo2,
-                                            hi2, offs_m, qp, seq_q, n2, qk_scale, cap_scale, slope2, band2_lo,
-                                            band2_hi, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
-                                            BLOCK_N, partial == 1, EVEN_KV2, True, SOFTCAP, ALIBI, UNCHAIN)
+        n_full2 = tl.load(FULL2_NUM + base2)
+        # the tiles of every listed block in one loop, full blocks first (a loop per block paid a pipeline prologue
+        # per block: the fixed pattern's query tiles list up to one column block per 16 query tiles before them)
+        for t in range((n_full2 + tl.load(PART2_NUM + base2)) * (MBK // BLOCK_N)):
+            kb, partial = list_entry(t // (MBK // BLOCK_N), n_full2, base2, FULL2_IDX, full2_width, PART2_IDX,
+                                     part2_width)
+            start_n = kb * MBK + t % (MBK // BLOCK_N) * BLOCK_N
+            edge = partial
+            if not EVEN_KV2:
+                # (a last block's tile wholly past the keys runs masked to nothing)
+                edge = partial | (start_n + BLOCK_N > n2)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n, edge, offs_m, qp, offs_m, seq_q,
+                n2, qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
+                0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False, False,
+                False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
