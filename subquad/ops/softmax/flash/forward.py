@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import dot, dot_acc, heavy_first, keep_mask, kv_range, list_entry, scores
+from .tile import (dot, dot_acc, heavy_first, keep_mask, kv_range,
+                   list_block, list_edge, list_entry, list_part, scores)
 
 LOG2E = 1.4426950408889634
 
@@ -154,22 +155,14 @@ def flash_fwd_kernel(
         base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
         n_full = tl.load(FULL_NUM + base)
         n_all = n_full + tl.load(PART_NUM + base)
-        for part in tl.static_range(1 + MASK_READS):    # (tile.MASK_READS: the full blocks' own loop first)
-            j_hi = n_all
-            if MASK_READS and part == 0:
-                j_hi = n_full
-            for j in range(n_full * part, j_hi):
-                kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
-                tile = 0
-                if USE_BITS:
-                    tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
+        for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
+            lo, hi = list_part(part, n_full, n_all, MASK_READS)
+            for j in range(lo, hi):
+                kb, partial, tile = list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF,
+                                               n_kb, USE_BITS)
                 for sub in tl.static_range(MBK // BLOCK_N):
                     start_n = kb * MBK + sub * BLOCK_N
-                    edge = partial
-                    if MASK_READS:
-                        edge = True     # (its part 1 holds partial blocks only, and part 0 takes no mask)
-                    elif not EVEN_KV:
-                        edge = partial | (start_n + BLOCK_N > seq_kv)
+                    edge = list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV)
                     acc, l_i, m_i = _fwd_tile(
                         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m,
                         seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,

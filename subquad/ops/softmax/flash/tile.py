@@ -147,10 +147,42 @@ def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
     the last full one; except where the mask reads memory (global-token flags, a block layout, document ids, a
     bitmask: ``HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS``, the kernels' MASK_READS): loads inside the loop's
     branch stop Triton 3.6's software pipeliner (BigBird's forward ran 0.79x in one loop, H200), so there the
-    full blocks keep a loop of their own, without the branch."""
+    full blocks keep a loop of their own, without the branch (``list_part``)."""
     partial = j >= n_full
     idx = tl.load(tl.where(partial, PART_IDX + base * part_width + (j - n_full), FULL_IDX + base * full_width + j))
     return idx, partial
+
+
+@triton.jit
+def list_part(part: tl.constexpr, n_full, n_all, MASK_READS: tl.constexpr):
+    """The entries ``[lo, hi)`` that loop ``part`` of a query block's walk takes (``1 + MASK_READS`` loops): all
+    of them, or the full blocks (part 0) and then the partial ones (part 1)."""
+    hi = n_all
+    if MASK_READS and part == 0:
+        hi = n_full
+    return n_full * part, hi
+
+
+@triton.jit
+def list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF, n_kb, USE_BITS: tl.constexpr):
+    """A query block's list entry ``j``: its key block, whether that is partial, and its bitmask tile."""
+    kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+    tile = 0
+    if USE_BITS:
+        tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
+    return kb, partial, tile
+
+
+@triton.jit
+def list_edge(partial, start_n, seq_kv, BLOCK_N: tl.constexpr, MASK_READS: tl.constexpr, EVEN_KV: tl.constexpr):
+    """Whether the key tile at ``start_n`` of a listed block takes the mask: a partial block's, or one past the
+    keys' end (a loop of partial blocks only, with MASK_READS, takes it always; its full blocks' loop, none)."""
+    edge = partial
+    if MASK_READS:
+        edge = True
+    elif not EVEN_KV:
+        edge = partial | (start_n + BLOCK_N > seq_kv)
+    return edge
 
 
 @triton.jit
