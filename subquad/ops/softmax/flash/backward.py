@@ -18,6 +18,9 @@
 
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
+
+As in the forward, a band's walk is one loop (its masked edges take the mask's branch); the dK/dV pass walks a
+BlockMask row's full blocks and partial blocks in two loops, the dQ pass as the forward does (``tile.list_entry``).
 """
 
 from __future__ import annotations
