@@ -2,15 +2,15 @@
 without a GPU.
 
 Records the launches of ``tests/test_sm90_compile.py``'s forward and backward of every kernel family, compiles
-each recorded variant for sm90 under every one of its autotuning configurations with 8 warps or more, and prints
+each recorded variant for sm90 under every autotuning configuration with 8 warps or more that its autotuner's
+early prune keeps for that launch (with what the prune sets: the flash kernels' ``UNCHAIN``), and prints
 one line each: ``REPLICATED`` where a tensor-core dot's result layout puts more rows of warps on M than the dot
 has (16 rows a warp), with the (rows, warps on M, warps on N) of such dots::
 
     python benchmarks/chained_dots_report.py [KERNEL_PREFIX ...]
 
-Use the Triton the GPU has (see ``kernel_report.py``). The flash and decode kernels choose their ``UNCHAIN`` /
-``SPLIT_SCORE_TILE`` per configuration, so their lines describe the launcher's choice only where the recorded
-launch already carries it.
+Use the Triton the GPU has (see ``kernel_report.py``). The decode kernel's ``SPLIT_SCORE_TILE`` comes with the
+recorded launch.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(prefixes: list[str]) -> None:
 
     from subquad.bench.sm90 import recorded_variants
 
-    for kernel, args, kwargs, configs in recorded_variants(test_sm90_compile._run_ops):
+    for kernel, args, kwargs, configs in recorded_variants(test_sm90_compile._run_ops, pruned=True):
         name = kernel.fn.__name__
         if prefixes and not name.startswith(tuple(prefixes)):
             continue

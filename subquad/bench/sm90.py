@@ -39,10 +39,11 @@ def record_launches() -> list:
     return recorded
 
 
-def recorded_variants(run):
+def recorded_variants(run, pruned=False):
     """Run ``run()`` with its launches recorded, make the sm90 driver active, and yield each distinct kernel
     variant once (its constexpr and integer arguments and its tensors' dtypes) as ``(jit_fn, args, kwargs,
-    configs)``: an autotuned kernel's configurations as keyword dicts, ``[{}]`` for a plain one."""
+    configs)``: an autotuned kernel's configurations as keyword dicts, ``[{}]`` for a plain one; ``pruned``:
+    those its autotuner's early prune keeps for this launch, with what the prune sets."""
     import torch
     import triton
     from triton.runtime import driver
@@ -54,7 +55,10 @@ def recorded_variants(run):
     for kernel, args, kwargs in recorded:
         configs = [{}]
         if isinstance(kernel, triton.runtime.Autotuner):
-            configs = [c.all_kwargs() for c in kernel.configs]
+            tuned = kernel.configs
+            if pruned and kernel.early_config_prune:
+                tuned = kernel.early_config_prune(tuned, dict(zip(kernel.arg_names, args)), **kwargs)
+            configs = [c.all_kwargs() for c in tuned]
             kernel = kernel.fn
         variant = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in kwargs.items()
                                                     if isinstance(v, (bool, int, str)))),
