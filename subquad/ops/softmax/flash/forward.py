@@ -198,21 +198,19 @@ def flash_fwd_kernel(
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
         n_full2 = tl.load(FULL2_NUM + base2)
-        # the tiles of every listed block in one loop, full blocks first (a loop per block paid a pipeline prologue
-        # per block: the fixed pattern's query tiles list up to one column block per 16 query tiles before them)
-        for t in range((n_full2 + tl.load(PART2_NUM + base2)) * (MBK // BLOCK_N)):
-            kb, partial = list_entry(t // (MBK // BLOCK_N), n_full2, base2, FULL2_IDX, full2_width, PART2_IDX,
-                                     part2_width)
-            start_n = kb * MBK + t % (MBK // BLOCK_N) * BLOCK_N
-            edge = partial
-            if not EVEN_KV2:
+        # every listed block in one loop, full blocks first (a loop per block paid a pipeline prologue per block:
+        # the fixed pattern's query tiles list up to one column block per 16 query tiles before them)
+        for j in range(n_full2 + tl.load(PART2_NUM + base2)):
+            kb, partial = list_entry(j, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
+            for sub in tl.static_range(MBK // BLOCK_N):
+                start_n = kb * MBK + sub * BLOCK_N
                 # (a last block's tile wholly past the keys runs masked to nothing)
-                edge = partial | (start_n + BLOCK_N > n2)
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n, edge, offs_m, qp, offs_m, seq_q,
-                n2, qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
-                0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False, False,
-                False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
+                    list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,
+                    qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
+                    0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
+                    False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
