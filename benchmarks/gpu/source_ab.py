@@ -101,6 +101,12 @@ def main():
                 if "best config" in ln:
                     print(f"{name}: {ln}", flush=True)
             print(f"{name} round {len(runs[name])} done ({runs[name][-1]['subquad']})", flush=True)
+        # after every round: a call cut off by its time limit keeps the rounds it finished
+        summarize(args, cases, trees, runs)
+
+
+def summarize(args, cases, trees, runs):
+    """Print one row per (case, pass) from the rounds so far and write them to ``--out``."""
     rows = []
     for case in cases:
         for mode in ("fwd", "fwdbwd"):
