@@ -174,6 +174,11 @@ def case_fixed_16k(configs, dq_tma):
     return _flash(masks.fixed(128, 8), 16384, configs, True, dq_tma)
 
 
+def case_strided_16k(configs, dq_tma):
+    from subquad import masks
+    return _flash(masks.strided(256), 16384, configs, True, dq_tma)
+
+
 def case_mla(configs, dq_tma):
     """The suite's MLA decode (B 64, 128 heads, latent 512 + 64), 3 splits as on the H100/H200; the context is
     1k here (the kernel's code does not depend on it); ``config``: block_m, block_n, num_warps, num_stages."""
