@@ -110,8 +110,8 @@ def flash_fwd_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ORDERED: tl.constexpr = False,
-    UNCHAIN: tl.constexpr = False,
+    TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
 ):
     if ORDERED:
         tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1)
@@ -198,13 +198,26 @@ def flash_fwd_kernel(
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
         n_full2 = tl.load(FULL2_NUM + base2)
-        # every listed block in one loop, full blocks first (a loop per block paid a pipeline prologue per block:
-        # the fixed pattern's query tiles list up to one column block per 16 query tiles before them)
-        for j in range(n_full2 + tl.load(PART2_NUM + base2)):
-            kb, partial = list_entry(j, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
-            for sub in tl.static_range(MBK // BLOCK_N):
-                start_n = kb * MBK + sub * BLOCK_N
-                # (a last block's tile wholly past the keys runs masked to nothing)
+        n_listed2 = n_full2 + tl.load(PART2_NUM + base2)
+        # every listed block in one loop, full blocks first, their tiles unrolled (a loop per block paid a
+        # pipeline prologue per block: the fixed pattern's query tiles list up to one column block per 16 query
+        # tiles before them). A ragged last block's tiles wholly past the keys run masked to nothing; where all
+        # the columns are one block (ONE_BLOCK2: the strided pattern's 64 at 16k, half a 128-block, whose empty
+        # tile cost 5% of its forward on the H200) the loop goes over that block's tiles up to the keys' end
+        # instead: a branch around the empty tiles would stop the software pipeliner for the whole loop
+        SUBS2: tl.constexpr = 1 if ONE_BLOCK2 else MBK // BLOCK_N
+        n_steps = n_listed2
+        if ONE_BLOCK2:
+            n_steps = tl.cdiv(tl.where(n_listed2 > 0, n2, 0), BLOCK_N)
+        for j in range(n_steps):
+            if ONE_BLOCK2:
+                block_start = j * BLOCK_N
+                partial = n_full2 == 0
+            else:
+                kb, partial = list_entry(j, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
+                block_start = kb * MBK
+            for sub in tl.static_range(SUBS2):
+                start_n = block_start + sub * BLOCK_N
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
                     list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,

@@ -390,6 +390,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
                              f"set's), got {m2.mbq}x{m2.mbk}")
         meta["TWO_SOURCES"] = True
         meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
+        meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
         meta["ORDERED"] = True
     tiles = _tiles(seq_q, n_qb, meta["MBQ"], m.order is not None)
