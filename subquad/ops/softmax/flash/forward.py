@@ -208,7 +208,7 @@ def flash_fwd_kernel(
         SUBS2: tl.constexpr = 1 if ONE_BLOCK2 else MBK // BLOCK_N
         n_steps = n_listed2
         if ONE_BLOCK2:
-            n_steps = tl.cdiv(tl.where(n_listed2 > 0, n2, 0), BLOCK_N)
+            n_steps = n_listed2 * tl.cdiv(n2, BLOCK_N)     # (the one block listed or not)
         for j in range(n_steps):
             if ONE_BLOCK2:
                 block_start = j * BLOCK_N
