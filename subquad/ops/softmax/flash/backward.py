@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ...chained import unchained
 from .tile import (dot, dot_acc, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, q_range, scores)
+                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores)
 
 
 @triton.jit
@@ -371,11 +371,7 @@ def flash_bwd_dq_kernel(
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
     if USE_LIST:
-        qb = start_m // MBQ
-        row0 = qb * MBQ
-        base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-        n_full = tl.load(FULL_NUM + base)
-        n_all = n_full + tl.load(PART_NUM + base)
+        row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
             for j in range(lo, hi):

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ...chained import unchained_rescaled
 from .tile import (dot, dot_acc, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, scores)
+                   list_block, list_edge, list_entry, list_part, list_row, scores)
 
 LOG2E = 1.4426950408889634
 
@@ -155,11 +155,7 @@ def flash_fwd_kernel(
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
     if USE_LIST:
-        qb = start_m // MBQ
-        row0 = qb * MBQ
-        base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-        n_full = tl.load(FULL_NUM + base)
-        n_all = n_full + tl.load(PART_NUM + base)
+        row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
             for j in range(lo, hi):
@@ -196,9 +192,7 @@ def flash_fwd_kernel(
         # 150 effective TFLOP/s on the H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        base2 = (((b % mask2_b) * mask2_h + h % mask2_h) * n_qb + start_m // MBQ).to(tl.int64)
-        n_full2 = tl.load(FULL2_NUM + base2)
-        n_listed2 = n_full2 + tl.load(PART2_NUM + base2)
+        _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
         # every listed block in one loop, full blocks first, their tiles unrolled (a loop per block paid a
         # pipeline prologue per block: the fixed pattern's query tiles list up to one column block per 16 query
         # tiles before them). A ragged last block's tiles wholly past the keys run masked to nothing; where all

@@ -141,6 +141,16 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
 
 
 @triton.jit
+def list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ: tl.constexpr):
+    """The BlockMask list row of the query tile at ``start_m`` (a mask shared over batch or heads is indexed
+    modulo its size): the row's first query, its offset into the lists, its full entries and all its entries."""
+    qb = start_m // MBQ
+    base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
+    n_full = tl.load(FULL_NUM + base)
+    return qb * MBQ, base, n_full, n_full + tl.load(PART_NUM + base)
+
+
+@triton.jit
 def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
     """Entry ``j`` of a BlockMask row's blocks, its full ones first, then its partial ones: the block's index and
     whether it is partial. One loop walks both lists, so that the pipeliner loads the first partial block during
