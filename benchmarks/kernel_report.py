@@ -12,7 +12,7 @@ a separate virtual environment and put it first on ``PYTHONPATH``::
 
     PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:.venv/lib/python3.11/site-packages:. \\
         /tmp/t36/bin/python benchmarks/kernel_report.py mla --config mla=64,64,8,2
-    python benchmarks/kernel_report.py causal-1k --config dkdv=64,128,8,2 --no-dq-tma --out /tmp/c1k
+    python benchmarks/kernel_report.py causal-1k --config bwd=64,128,8,2 --dq atomic --out /tmp/c1k
 
 Cases are the functions of ``CASES`` below: each makes one library call on CPU tensors of the benchmark's shape.
 """
@@ -114,14 +114,15 @@ def _qkv(b, n, h, d, hkv=None):
 # the flash kernels, their launch module's interpreter tile sizes (overridden here) and default configurations
 # (the H200's autotuned choices for dense causal attention: 2026-12-04-flash-config-sweep-h200.json)
 FLASH = {"fwd": ("flash_fwd_kernel", "INTERPRET_FWD", (128, 64, 8, 3)),
-         "dkdv": ("flash_bwd_dkdv_kernel", "INTERPRET_DKDV", (64, 128, 8, 2)),
-         "dq": ("flash_bwd_dq_kernel", "INTERPRET_DQ", (128, 64, 8, 2))}
+         "bwd": ("flash_bwd_kernel", "INTERPRET_BWD", (64, 128, 8, 2))}
+#: how the backward sums dQ: TMA reduce-adds (Hopper's default), atomics by threads, or dQ programs
+DQ_MODES = ("tma", "atomic", "programs")
 PREPROCESS = "flash_bwd_preprocess_kernel"      # D = rowsum(dO * O): launched with its own fixed meta
 
 
-def _flash(mask, n, configs, backward, dq_tma):
-    """Forward (and backward) of ``subquad.attention`` at B 1, 16 heads, D 128, bf16, length ``n``; the dK/dV
-    pass with the TMA dQ (its Hopper path) unless ``dq_tma`` is False."""
+def _flash(mask, n, configs, backward, dq):
+    """Forward (and backward) of ``subquad.attention`` at B 1, 16 heads, D 128, bf16, length ``n``; dQ in the
+    backward as ``dq`` says (``DQ_MODES``; ``programs`` is the deterministic backward)."""
     from subquad.ops.softmax import flash
     from subquad.ops.softmax.flash import launch
     import subquad
@@ -130,7 +131,7 @@ def _flash(mask, n, configs, backward, dq_tma):
     for short, (name, tiles, default) in FLASH.items():
         setattr(launch, tiles, configs.get(short, default)[:2])
     calls = record_launches()
-    out = subquad.attention(q, k, v, mask=mask, backend="triton")
+    out = subquad.attention(q, k, v, mask=mask, backend="triton", deterministic=dq == "programs")
     if backward:
         out.backward(torch.ones_like(out))
     short_of = {name: short for short, (name, _, _) in FLASH.items()}
@@ -141,45 +142,47 @@ def _flash(mask, n, configs, backward, dq_tma):
             continue
         short = short_of[fn.__name__]
         _, _, warps, stages = configs.get(short, FLASH[short][2])
-        extra = {"DQ_TMA": True} if short == "dkdv" and kw.get("DQ_ATOMIC") and dq_tma else {}
-        # as the launcher's pruning sets it for these warps (the interpreter's took INTERPRET_WARPS)
-        extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N" if short == "dkdv" else "BLOCK_M"], warps)
+        extra = {"DQ_TMA": True} if short == "bwd" and kw.get("DQ_ATOMIC") and dq == "tma" else {}
+        # as the launcher's pruning sets them for these warps (the interpreter's took INTERPRET_WARPS)
+        extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N" if short == "bwd" else "BLOCK_M"], warps)
+        if kw.get("DQ_PROGRAMS"):
+            extra["DQ_UNCHAIN"] = chains_replicate(kw["DQ_BLOCK_M"], warps)
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
     return launches
 
 
-def case_causal_1k(configs, dq_tma):
+def case_causal_1k(configs, dq):
     from subquad import masks
-    return _flash(masks.causal, 1024, configs, True, dq_tma)
+    return _flash(masks.causal, 1024, configs, True, dq)
 
 
-def case_window_16k(configs, dq_tma):
+def case_window_16k(configs, dq):
     from subquad import masks
-    return _flash(masks.sliding_window(4096), 16384, configs, True, dq_tma)
+    return _flash(masks.sliding_window(4096), 16384, configs, True, dq)
 
 
-def case_longformer_16k(configs, dq_tma):
+def case_longformer_16k(configs, dq):
     from subquad import masks
-    return _flash(masks.longformer(512, list(range(16))), 16384, configs, True, dq_tma)
+    return _flash(masks.longformer(512, list(range(16))), 16384, configs, True, dq)
 
 
-def case_bigbird_16k(configs, dq_tma):
+def case_bigbird_16k(configs, dq):
     from subquad import masks
     return _flash(masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0), 16384, configs, True,
-                  dq_tma)
+                  dq)
 
 
-def case_fixed_16k(configs, dq_tma):
+def case_fixed_16k(configs, dq):
     from subquad import masks
-    return _flash(masks.fixed(128, 8), 16384, configs, True, dq_tma)
+    return _flash(masks.fixed(128, 8), 16384, configs, True, dq)
 
 
-def case_strided_16k(configs, dq_tma):
+def case_strided_16k(configs, dq):
     from subquad import masks
-    return _flash(masks.strided(256), 16384, configs, True, dq_tma)
+    return _flash(masks.strided(256), 16384, configs, True, dq)
 
 
-def case_mla(configs, dq_tma):
+def case_mla(configs, dq):
     """The suite's MLA decode (B 64, 128 heads, latent 512 + 64), 3 splits as on the H100/H200; the context is
     1k here (the kernel's code does not depend on it); ``config``: block_m, block_n, num_warps, num_stages."""
     from subquad.bench.suites.decode import _mla_inputs
@@ -199,9 +202,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("--config", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
-                        help="a kernel's configuration (fwd, dkdv, dq; mla: heads per program, keys, warps, "
-                             "stages); repeatable")
-    parser.add_argument("--no-dq-tma", action="store_true", help="the dK/dV pass with atomic dQ by threads")
+                        help="a kernel's configuration (fwd, bwd: the dK/dV tile, its dQ programs' transposed; "
+                             "mla: heads per program, keys, warps, stages); repeatable")
+    parser.add_argument("--dq", choices=DQ_MODES, default="tma",
+                        help="the backward's dQ: TMA reduce-adds, atomics by threads, or dQ programs (deterministic)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the TTGIR, PTX and SASS")
     a = parser.parse_args(argv)
     # the kernels are made JIT functions at import, and the launch code then takes its interpreter path (its
@@ -214,7 +218,7 @@ def main(argv=None):
     for item in a.config:
         name, _, values = item.partition("=")
         configs[name] = tuple(int(x) for x in values.split(","))
-    launches = CASES[a.case](configs, not a.no_dq_tma)
+    launches = CASES[a.case](configs, a.dq)
     os.environ.pop("TRITON_INTERPRET")
     for i, (fn, args, kwargs) in enumerate(launches):
         kernel = compile_for_sm90(fn, args, kwargs)

@@ -406,7 +406,7 @@ def _uses_terms(mask, causal, b, h, nq, nkv):
 
 
 # (mask, causal, seq_q, seq_kv, heads_q, heads_kv, deterministic); global tokens contiguous (comparisons) or
-# scattered (flags), lengths not multiples of the block, GQA, fewer queries than keys, the dq kernel
+# scattered (flags), lengths not multiples of the block, GQA, fewer queries than keys, the dQ programs
 GLOBAL_CASES = {
     "longformer_run": (lambda: masks.longformer(12, list(range(5))), False, 90, 90, 2, 2, False),
     "longformer_run_causal_gqa": (lambda: masks.longformer(16, [0, 1, 2]), True, 75, 75, 4, 2, True),
@@ -585,9 +585,9 @@ def test_untuned_launch_takes_the_first_config_that_fits():
 
 
 def test_wide_head_tiles_only_for_wide_heads():
-    from subquad.ops.softmax.flash.launch import DKDV_CONFIGS_SM90, DKDV_WIDE, _prune
+    from subquad.ops.softmax.flash.launch import BWD_CONFIGS_SM90, BWD_WIDE, _prune
 
-    configs = DKDV_CONFIGS_SM90 + DKDV_WIDE
+    configs = BWD_CONFIGS_SM90 + BWD_WIDE
     sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in cs]  # noqa: E731
     narrow = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128))
     wide = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=256, DV=256))

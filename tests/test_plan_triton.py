@@ -88,3 +88,29 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
     assert not torch.isnan(torch.cat([r.flatten() for r in results[0]])).any()
     if name.endswith("empty"):
         assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5])) and torch.isneginf(lse[:, :, :5]).all()
+
+
+@pytest.mark.parametrize("name,pattern,nq,nk", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+def test_deterministic_plan_has_no_atomic_backward(name, pattern, nq, nk, monkeypatch):
+    """``deterministic=True`` on a planned pattern: the band and its gathered columns run apart (the two-source
+    launch's backward adds dQ by atomics), every backward launch takes the dQ programs, and outputs and
+    gradients equal the reference's."""
+    import subquad
+    from subquad.ops.softmax.flash import launch
+
+    atomic = []
+    real = launch._backward_launch
+    monkeypatch.setattr(launch, "_backward_launch", lambda *a: atomic.append(a[-1]) or real(*a))
+    monkeypatch.setattr(launch, "backward_two_sources", lambda *a: pytest.fail("the two-source backward ran"))
+    gen = torch.Generator().manual_seed(2)
+    base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
+    g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
+    results = []
+    for backend, dtype in (("triton", torch.float16), ("reference", torch.float32)):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in base]
+        out = subquad.attention(*leaves, mask=pattern, backend=backend, deterministic=True, plan=True)
+        (out.float() * g_out).sum().backward()
+        results.append([out.float()] + [t.grad.float() for t in leaves])
+    assert atomic and not any(atomic)
+    for what, got, want in zip(["out", "dq", "dk", "dv"], *results):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{what}: {m}")

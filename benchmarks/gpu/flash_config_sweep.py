@@ -39,14 +39,14 @@ def bench(fn):
 
 def forced(name: str, configs: list):
     """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one)."""
-    attr = {"fwd": "FWD_CONFIGS_SM90", "dkdv": "DKDV_CONFIGS_SM90"}[name]
+    attr = {"fwd": "FWD_CONFIGS_SM90", "dkdv": "BWD_CONFIGS_SM90"}[name]
     setattr(launch, attr, configs)
     launch._TUNED.clear()
 
 
 def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in os.environ.get("SWEEP_SHAPES", "32x1024,8x4096").split(",")]
-    defaults = {"fwd": list(launch.FWD_CONFIGS_SM90), "dkdv": list(launch.DKDV_CONFIGS_SM90)}
+    defaults = {"fwd": list(launch.FWD_CONFIGS_SM90), "dkdv": list(launch.BWD_CONFIGS_SM90)}
     rows = []
 
     def row(**kw):

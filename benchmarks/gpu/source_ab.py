@@ -4,6 +4,9 @@
     PYTHONPATH=. python3 benchmarks/gpu/source_ab.py --base .calls/base --cases causal-1k,window4096-16k \\
         --out $OUT/source_ab.json
 
+``--deterministic head`` (or ``base``, ``both``) runs that version's backward deterministic; with ``--base .``
+that compares the two backwards of one tree.
+
 A kernel change shows up only as a change of the kernel's source, which a process compiles once: so the versions
 cannot alternate inside one process (as ``switch_ab.py`` does with a module switch). Each round runs one child process per
 version; a child times every case (fwd, then fwd+bwd; ``do_bench`` medians) on the same seeded inputs and reports
@@ -42,7 +45,7 @@ CASES = {
 }
 
 
-def child(cases: list[str]) -> dict:
+def child(cases: list[str], deterministic: bool) -> dict:
     import torch
     import triton.testing
 
@@ -59,7 +62,7 @@ def child(cases: list[str]) -> dict:
         grad = torch.randn(b, n, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g)
 
         def fwd():
-            return attention(q, k, v, mask=mask, backend="triton")
+            return attention(q, k, v, mask=mask, backend="triton", deterministic=deterministic)
 
         def fwdbwd():
             return torch.autograd.grad(fwd(), (q, k, v), grad)
@@ -80,11 +83,13 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--deterministic", choices=("none", "base", "head", "both"), default="none",
+                    help="which version's backward runs deterministic")
     ap.add_argument("--child", action="store_true")
     args = ap.parse_args()
     cases = args.cases.split(",")
     if args.child:
-        print("RESULT " + json.dumps(child(cases)), flush=True)
+        print("RESULT " + json.dumps(child(cases, args.deterministic == "both")), flush=True)
         return
     trees = {"base": str(Path(args.base).resolve()), "head": str(Path(".").resolve())}
     runs = {name: [] for name in trees}
@@ -92,7 +97,8 @@ def main():
         for name, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree] + os.environ.get("PYTHONPATH", "").split(
                 os.pathsep)))
-            proc = subprocess.run([sys.executable, __file__, "--child", "--cases", args.cases], env=env,
+            det = ["--deterministic", "both"] if args.deterministic in (name, "both") else []
+            proc = subprocess.run([sys.executable, __file__, "--child", "--cases", args.cases, *det], env=env,
                                   capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
@@ -129,7 +135,8 @@ def summarize(args, cases, trees, runs):
         import triton
         meta = {"device": torch.cuda.get_device_name(), "date": _dt.date.today().isoformat(),
                 "torch": torch.__version__, "triton": triton.__version__, "heads": 16, "head_dim": 128,
-                "dtype": "bfloat16", "base": args.base}
+                "dtype": "bfloat16", "base": args.base,
+                "deterministic": args.deterministic}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

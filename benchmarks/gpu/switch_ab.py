@@ -92,7 +92,7 @@ def _case(name, switch):
                      "off_rounds": [round(t, 4) for t in times[False]],
                      "on_rounds": [round(t, 4) for t in times[True]],
                      "speedup": round(min(times[False]) / min(times[True]), 3)}
-    row["chosen"] = {str(on): {kern: [str(c) for c in t[kern, True].chosen.values()] for kern in ("fwd", "dkdv")
+    row["chosen"] = {str(on): {kern: [str(c) for c in t[kern, True].chosen.values()] for kern in ("fwd", "bwd")
                                if (kern, True) in t} for on, t in tuned.items()}
     if mask is None or mask is masks.causal:
         from torch.nn.attention import SDPBackend, sdpa_kernel

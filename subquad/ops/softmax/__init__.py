@@ -80,9 +80,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             map: every structured pattern, softcap, ALiBi; compiled on CUDA, eager and slow on the CPU) or
             ``"reference"``. The Triton kernels take fp16/bf16: fp32 inputs run the reference (under
             ``"auto"`` and ``"triton"`` alike).
-        deterministic: Triton backward without atomics (dQ in its own pass): bit-reproducible gradients,
-            somewhat slower; ``"auto"`` then runs the Triton kernels, and ``"fa4"`` / ``"cudnn"`` / ``"flex"``
-            refuse it.
+        deterministic: Triton backward without atomics (dQ programs beside the dK/dV programs, each row's dQ
+            summed in one fixed order): bit-reproducible gradients; ``"auto"`` then runs the Triton kernels, and
+            ``"fa4"`` / ``"cudnn"`` / ``"flex"`` refuse it. A planned pattern then runs its band and gathered
+            columns as separate launches merged by LSE.
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
@@ -182,7 +183,8 @@ def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_sl
         return lambda q, k, v: flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                                               alibi_slopes=alibi_slopes, return_lse=return_lse)
     if planned is not None:
-        return lambda q, k, v: planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen)
+        return lambda q, k, v: planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen,
+                                                 deterministic=deterministic)
     if chosen == "triton":
         from .flash import flash_attention
 

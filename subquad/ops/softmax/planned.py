@@ -14,7 +14,9 @@ otherwise) on a BlockMask built for the positions that component sees:
 
 On the Triton backend a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run
 as one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second
-output, no merge; in the backward both key sets' dK/dV passes read the one LSE and add into one dQ.
+output, no merge; in the backward both key sets' dK/dV passes read the one LSE and add into one dQ (atomics).
+A deterministic call keeps them apart (each component's backward then sums its dQ in a fixed order; the gathers'
+backward adds each gradient row once, their indices being unique, and the merges are elementwise).
 
 Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``
 (``lse_merge``: one fused Triton pass each way on the Triton backend); a row that no component reaches
@@ -24,6 +26,8 @@ stays 0 with LSE -inf, and no NaN reaches the gradients. Row components then rep
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...masks.patterns import Band, BuildContext, INF, Pattern
@@ -32,12 +36,12 @@ from .lse_merge import merge_lse, merge_lse_fused, merge_lse_stacked
 from .reference import attention_reference
 
 
-def _engine(backend: str):
+def _engine(backend: str, deterministic: bool):
     """The softmax engine: ``fn(q, k, v, block_mask, scale, softcap, alibi, q_pos, kv_pos) -> (out, lse)``."""
     if backend == "triton":
         from .flash import flash_attention_masked
 
-        return flash_attention_masked
+        return functools.partial(flash_attention_masked, deterministic=deterministic)
     return attention_reference
 
 
@@ -53,7 +57,7 @@ def _plain_band(c: Component) -> bool:
     return isinstance(c.pattern, Band) and c.grid_pattern is None and c.q_pos is None and c.kv_pos is None
 
 
-def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
+def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deterministic):
     bsz, seq_q, hq, d = q.shape
     hkv = k.shape[2]
     ctx = BuildContext(bsz, hq, plan.seq_q, plan.seq_kv, q.device)
@@ -69,7 +73,7 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
             from .flash import flash_attention
 
             o, lse = flash_attention(qf, kf, vf, mask=c.pattern, scale=scale, softcap=softcap,
-                                     alibi_slopes=_alibi_for(alibi, f, bsz))
+                                     alibi_slopes=_alibi_for(alibi, f, bsz), deterministic=deterministic)
         lse = lse.view(bsz, f, hq, seq_q // f).permute(0, 2, 3, 1).reshape(bsz, hq, seq_q)
         return o.reshape(bsz, seq_q, hq, v.shape[3]), lse
     qq = q if c.q_index is None else q.index_select(1, c.q_index)
@@ -83,7 +87,8 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine):
         if engine is not attention_reference and _plain_band(c):
             from .flash import flash_attention
 
-            return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi)
+            return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi,
+                                   deterministic=deterministic)
         return engine(qq, kk, vv, bm, scale, softcap, alibi, c.q_pos, c.kv_pos)
     # Key chunks as extra batch entries (the pattern is position-free here: every pair).
     s, nr = c.split, qq.shape[1]
@@ -143,23 +148,26 @@ def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_position
 
 def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
                       softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-                      backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str = "reference", deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention under ``plan`` (built for these lengths); returns ``(out, lse)`` like the engine.
 
-    ``backend``: ``"triton"`` (the flash kernel) or ``"reference"``. Arguments are assumed checked.
+    ``backend``: ``"triton"`` (the flash kernel) or ``"reference"``; ``deterministic``: bit-reproducible
+    gradients (the Triton backward without atomics). Arguments are assumed checked.
     """
     if alibi_slopes is not None and not plan.exact_positions:
         raise ValueError("alibi_slopes: this plan moves positions (built with exact_positions=False); plan the "
                          "pattern with exact_positions=True to use ALiBi")
-    engine = _engine(backend)
+    engine = _engine(backend, deterministic)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # the two-source launch has no custom op: traced calls (torch.compile) keep the components and the merge
-    together = _local_and_columns(plan) if backend == "triton" and not torch.compiler.is_compiling() else None
+    together = None
+    if backend == "triton" and not deterministic and not torch.compiler.is_compiling():
+        together = _local_and_columns(plan)
     base, rows = [], []
     for c in plan.components:
         if together is not None and any(c is t for t in together):
             continue
-        o, lse = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine)
+        o, lse = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine, deterministic)
         (rows if c.overrides_rows else base).append((c, o, lse))
     bsz, seq_q, hq, _ = q.shape
     if together is not None:

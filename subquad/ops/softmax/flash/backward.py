@@ -2,25 +2,31 @@
 
 1. ``preprocess``: ``delta = rowsum(dO * O) - dlse`` per query row (``dlse`` is the gradient reaching the
    LSE output: ``dS = P * (dP - delta)`` then covers both outputs).
-2. ``dkdv``: one program per (key tile, batch, KV head) walks the query tiles that see its keys (the
-   transposed BlockMask lists, or the band's query range), over every query head of the GQA group, and
-   writes dK, dV once (no atomics). With ``DQ_ATOMIC`` it also adds each tile's dQ contribution to an fp32
-   buffer with atomics (fast, not bit-reproducible); ``DQ_TMA`` (Hopper, not the interpreter, which lacks it)
-   makes each of these one TMA bulk reduce-add from shared memory through a descriptor of the query head's
-   dQ rows, which also bounds the rows at the sequence's end. A third grid axis splits each walk over programs (every
-   n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key tiles are too few to
-   fill the GPU: a planner's gathered columns, short keys against long queries. ``PIECES``: the few key
-   blocks whose walk is far longer than the rest (global columns: every query tile) run in a launch of their
-   own, cut into pieces of ``piece_len`` list entries (``heavy_first``'s items), each adding into a small
-   fp32 buffer per such block (``SLOT``: its place there); the other blocks' launch stores as usual.
-3. ``dq``: one program per (query tile, batch, query head), the forward's walk over key tiles; used when a
-   deterministic backward is asked for (no atomics: the dQ of a row is summed in one fixed order).
+2. ``flash_bwd_kernel``, one launch:
+
+   * dK/dV programs (``_dkdv_program``), one per (key tile, batch, KV head), walk the query tiles that see
+     their keys (the transposed BlockMask lists, or the band's query range), over every query head of the GQA
+     group, and write dK, dV once (no atomics). With ``DQ_ATOMIC`` they also add each tile's dQ contribution
+     to an fp32 buffer with atomics (fast, not bit-reproducible); ``DQ_TMA`` (Hopper, not the interpreter,
+     which lacks it) makes each of these one TMA bulk reduce-add from shared memory through a descriptor of the
+     query head's dQ rows, which also bounds the rows at the sequence's end. A third grid axis splits each walk
+     over programs (every n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key
+     tiles are too few to fill the GPU: a planner's gathered columns, short keys against long queries.
+     ``PIECES``: the few key blocks whose walk is far longer than the rest (global columns: every query tile)
+     run in a launch of their own, cut into pieces of ``piece_len`` list entries (``heavy_first``'s items),
+     each adding into a small fp32 buffer per such block (``SLOT``: its place there); the other blocks' launch
+     stores as usual.
+   * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
+     query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing
+     its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
+     transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks).
 
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
 
-As in the forward, a band's walk is one loop (its masked edges take the mask's branch); the dK/dV pass walks a
-BlockMask row's full blocks and partial blocks in two loops, the dQ pass as the forward does (``tile.list_entry``).
+As in the forward, a band's walk is one loop (its masked edges take the mask's branch); the dK/dV programs walk
+a BlockMask row's full blocks and partial blocks in two loops, the dQ programs as the forward does
+(``tile.list_entry``).
 """
 
 from __future__ import annotations
@@ -130,7 +136,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
 
 
 @triton.jit
-def flash_bwd_dkdv_kernel(
+def _dkdv_program(
+    start_n, b, hk, piece, split, n_split,
     Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -138,7 +145,7 @@ def flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -146,24 +153,15 @@ def flash_bwd_dkdv_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
-    PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
+    DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, PIECES: tl.constexpr, DQ_TMA: tl.constexpr,
+    UNCHAIN: tl.constexpr,
 ):
-    piece = 0
-    if ORDERED:
-        tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G)
-        start_n = tile * BLOCK_N
-    else:
-        start_n = tl.program_id(0) * BLOCK_N
-        pid_bh = tl.program_id(1)
+    """The key tile at ``start_n`` of KV head ``hk``: its walk over the query tiles that see it (or its
+    ``piece`` of that walk, or every ``n_split``-th tile from ``split``), then its dK and dV."""
     # this program's stretch of the key block's list (full entries first, then partial): all of it unless the
     # walk is cut into pieces (piece_len is then the pieces' length, else larger than any list)
     first = piece * piece_len
     last = first + piece_len
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    split = tl.program_id(2)
-    n_split = tl.num_programs(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -257,12 +255,14 @@ def flash_bwd_dkdv_kernel(
     elif PIECES:
         # a block walked in pieces: (B, HKV, n_slots, MBK, D) fp32 sums, written into dK/dV after the pass
         slot = tl.load(SLOT + start_n // MBK)
-        rows = (pid_bh.to(tl.int64) * n_slots + slot) * MBK + offs_n % MBK
+        rows = ((b * HKV + hk).to(tl.int64) * n_slots + slot) * MBK + offs_n % MBK
         tl.atomic_add(ACC_K + rows[:, None] * D + offs_d[None, :], dk, mask=dk_ok, sem="relaxed")
         tl.atomic_add(ACC_V + rows[:, None] * DV + offs_dv[None, :], dv, mask=dv_ok, sem="relaxed")
     else:
         tl.store(dk_ptrs, dk.to(DK_OUT.dtype.element_ty), mask=dk_ok)
         tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
+
+
 
 
 @triton.jit
@@ -314,7 +314,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
 
 
 @triton.jit
-def flash_bwd_dq_kernel(
+def _dq_program(
+    start_m, b, h,
     Q, K, V, DO, LSE, DELTA, DQ,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -329,12 +330,10 @@ def flash_bwd_dq_kernel(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    UNCHAIN: tl.constexpr = False,
+    UNCHAIN: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
+    """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
+    one fixed order, then its store (``FULL_NUM``... are the query blocks' lists)."""
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -348,7 +347,7 @@ def flash_bwd_dq_kernel(
     else:
         q = tl.load(q_ptrs, mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(do_ptrs, mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    rows = pid_bh.to(tl.int64) * seq_q + offs_m
+    rows = (b * HQ + h).to(tl.int64) * seq_q + offs_m
     lse2 = tl.load(LSE + rows, mask=in_q, other=float("inf"))
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     delta = tl.load(DELTA + rows, mask=in_q, other=0.0)
@@ -401,3 +400,76 @@ def flash_bwd_dq_kernel(
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def flash_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
+    stride_lay_b, stride_lay_h, stride_lay_q,
+    seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
+    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, USE_LIST: tl.constexpr,
+    BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+    HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
+    PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
+    DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
+    DQ_UNCHAIN: tl.constexpr = False,
+):
+    """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
+    below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
+    ``_dq_program`` on ``DQ_BLOCK_M``-row query tiles (the query blocks' lists are ``QFULL_NUM``...), so that
+    dQ needs no atomics and no fp32 buffer, and the two kinds of program fill the GPU together."""
+    pid = tl.program_id(0)
+    n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
+    if ORDERED:
+        n_kv_tiles = n_items * (MBK // BLOCK_N)
+    dq_role = False
+    if DQ_PROGRAMS:
+        dq_role = pid >= n_kv_tiles
+    if dq_role:
+        # the latest query tiles first (the longest under a causal band); a GQA group's heads side by side, so
+        # that they read their K/V tiles from L2
+        i = pid - n_kv_tiles
+        _dq_program(
+            (tl.cdiv(seq_q, DQ_BLOCK_M) - 1 - i // G) * DQ_BLOCK_M, tl.program_id(1) // HKV,
+            (tl.program_id(1) % HKV) * G + i % G, Q, K, V, DO, LSE, DELTA, DQ,
+            QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT,
+            SLOPES, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+            stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
+            stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q, seq_q, seq_kv, q_off, qk_scale, cap_scale,
+            scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
+            mask_b, mask_h, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV,
+            USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS,
+            HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN)
+    else:
+        piece = 0
+        if ORDERED:
+            tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G, pid,
+                                              n_kv_tiles)
+            start_n = tile * BLOCK_N
+        else:
+            start_n = pid * BLOCK_N
+            pid_bh = tl.program_id(1)
+        _dkdv_program(
+            start_n, pid_bh // HKV, pid_bh % HKV, piece, tl.program_id(2), tl.num_programs(2),
+            Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
+            FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
+            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
+            stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
+            stride_lay_b, stride_lay_h, stride_lay_q,
+            seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags,
+            lay_block, full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots,
+            HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
+            BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, HAS_KV_POS,
+            SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN)

@@ -12,7 +12,7 @@ import triton
 
 from ...autotuned import Autotuned
 from ...grid import cdiv, next_power_of_2, num_sms
-from .backward import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
+from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from ...chained import chains_replicate
 from .forward import flash_fwd_kernel
 
@@ -72,30 +72,36 @@ def _tma_allocator() -> None:
 
 # Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
 FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)]
-# dK/dV: BLOCK_N key rows per program (accumulators), BLOCK_M query rows per step.
-DKDV_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3, True), _cfg(32, 128, 4, 3),
-                     _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3, True), _cfg(64, 64, 4, 3)]
-DQ_CONFIGS_SM90 = [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)]
+# The backward: BLOCK_N key rows per dK/dV program (accumulators), BLOCK_M query rows per step; its dQ programs
+# (the deterministic backward) take the tile transposed: BLOCK_N query rows, BLOCK_M key rows per step, as
+# FlexAttention pairs them (64 x 128 and 128 x 64 on sm90).
+BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3, True), _cfg(32, 128, 4, 3),
+                    _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3, True), _cfg(64, 64, 4, 3)]
 # head_dim above 128 (up to 256): the tiles above overflow shared memory (Hopper's 227 KB) with two stages of
 # K/V at that width; these smaller ones are added for wide heads only
-FWD_WIDE, DKDV_WIDE, DQ_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)], [_cfg(64, 32, 4, 2)]
-_WIDE_ONLY = {id(c) for c in FWD_WIDE + DKDV_WIDE + DQ_WIDE}
+FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
+_WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
-DKDV_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
-DQ_CONFIGS_OTHER = [_cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2)]
+BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
 # the interpreter: small tiles, so that small test shapes still cross several tiles
 INTERPRET_FWD = (32, 16)
-INTERPRET_DKDV = (16, 32)
-INTERPRET_DQ = (32, 16)
+INTERPRET_BWD = (16, 32)
 INTERPRET_WARPS = 4     # the interpreter's launches leave num_warps at Triton's default: UNCHAIN's rule takes it
+
+
+def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
+    """The backward's dQ programs' tile (the dK/dV tile ``bm`` x ``bn`` transposed, fitted to the BlockMask
+    blocks) and its ``UNCHAIN``."""
+    dq_bm, dq_bn = _fit(bn, mbq), _fit(bm, mbk)
+    return dict(DQ_BLOCK_M=dq_bm, DQ_BLOCK_N=dq_bn, DQ_UNCHAIN=chains_replicate(dq_bm, warps))
 
 
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA. ``unchain``: the
-    tile dimension that is the chained products' M (``BLOCK_M`` forward and dQ, ``BLOCK_N`` dK/dV); tiles too short
-    for their warps take the kernel's ``UNCHAIN``."""
+    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA; the dQ programs'
+    tiles where the backward has them. ``unchain``: the tile dimension that is the chained products' M
+    (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV); tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
@@ -113,6 +119,8 @@ def _prune(configs, named_args, unchain=None, **kwargs):
             out.append(_cfg(*key))
             if unchain:
                 out[-1].kwargs["UNCHAIN"] = chains_replicate(bn if unchain == "BLOCK_N" else bm, c.num_warps)
+            if kwargs.get("DQ_PROGRAMS", False):
+                out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
     return out
 
 
@@ -151,15 +159,14 @@ def _kernel(name: str, jit_fn):
     if (name, tune) not in _TUNED:
         hopper = _hopper()
         configs = {"fwd": (FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
-                   "dkdv": (DKDV_CONFIGS_SM90 if hopper else DKDV_CONFIGS_OTHER) + DKDV_WIDE,
-                   "dq": (DQ_CONFIGS_SM90 if hopper else DQ_CONFIGS_OTHER) + DQ_WIDE}[name]
-        key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC"] if name == "dkdv" else [])
-        unchain = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}[name]
+                   "bwd": (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE}[name]
+        key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"] if name == "bwd" else [])
+        unchain = {"fwd": "BLOCK_M", "bwd": "BLOCK_N"}[name]
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
-            reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "dkdv" else None,
+            reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "bwd" else None,
             do_bench=first)(jit_fn))
     return _TUNED[name, tune]
 
@@ -436,8 +443,10 @@ def _query_splits(key_tiles: int, seq_q: int, device: torch.device) -> int:
     return splits
 
 
-def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, slopes, atomic: bool):
-    """One key set's dK/dV pass (``dq_acc`` fp32 receives dQ by atomics when ``atomic``); returns dk, dv."""
+def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool):
+    """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
+    (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype), each row's
+    sum in one fixed order."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
@@ -457,31 +466,38 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
-    args = [q, k, v, do, lse, delta, dq_acc, dk, dv, *mask_args_t, sl,
+    mask_args_q, widths_q = _mask_kernel_args(m, m.lists if not atomic else None, q.device)
+    args = [q, k, v, do, lse, delta, dq, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, D=d, DV=dv_dim,
-                BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=not atomic,
+                D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if atomic and _dq_by_tma(q):
         _tma_allocator()
     if m.order_t is not None:
         meta["ORDERED"] = True
-    kern = _kernel("dkdv", flash_bwd_dkdv_kernel)
+    kern = _kernel("bwd", flash_bwd_kernel)
     no_float = _dummy(q.device, torch.float32)
 
     def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
-        tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
-        walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots]
+        key_tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
+
+        def grid(tiles: dict):
+            dq_programs = 0 if atomic else cdiv(seq_q, tiles["DQ_BLOCK_M"]) * (hq // hkv)
+            return key_tiles(tiles["BLOCK_N"]) + dq_programs, bsz * hkv, splits
+
+        walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q]
         if kern is None:
-            bm_, bn_ = (_fit(INTERPRET_DKDV[0], flags["MBQ"]), _fit(INTERPRET_DKDV[1], flags["MBK"]))
-            flash_bwd_dkdv_kernel[(tiles(bn_), bsz * hkv, splits)](
-                *walk_args, BLOCK_M=bm_, BLOCK_N=bn_, **meta, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS), **switch)
+            bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
+            tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
+                         **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS))
+            flash_bwd_kernel[grid(tiles)](*walk_args, **tiles, **meta, **switch)
         else:
-            kern[lambda c: (tiles(c["BLOCK_N"]), bsz * hkv, splits)](*walk_args, **meta, **switch)
+            kern[grid](*walk_args, **meta, **switch)
 
     if pieces is None:
         order = m.order_t if m.order_t is not None else _dummy(q.device)
@@ -511,54 +527,27 @@ def _dkdv(q, k, v, do, lse, delta, dq_acc, m: MaskArgs, scale: float, softcap, s
     return dk, dv
 
 
-def _dq(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes):
-    """The deterministic dQ pass (writes ``dq``)."""
-    bsz, seq_q, hq, d = q.shape
-    seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    sl, sl_stride = _slopes(slopes, bsz, q.device)
-    qk_scale, cap_scale = _score_scales(scale, softcap)
-    n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
-    mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
-    flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
-    mask_args, widths = _mask_kernel_args(m, m.lists, q.device)
-    args = [q, k, v, do, lse, delta, dq, *mask_args, sl,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
-            seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *_term_scalars(m), *widths, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim),
-                **flags)
-    kern = _kernel("dq", flash_bwd_dq_kernel)
-    if kern is None:
-        bm_, bn_ = (_fit(INTERPRET_DQ[0], flags["MBQ"]), _fit(INTERPRET_DQ[1], flags["MBK"]))
-        flash_bwd_dq_kernel[(cdiv(seq_q, bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_,
-                                                          UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), **meta)
-    else:
-        kern[lambda c: (cdiv(seq_q, c["BLOCK_M"]), bsz * hq)](*args, **meta)
-
-
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
     """``(dq, dk, dv)``."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    atomic = not deterministic
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
-    dk, dv = _dkdv(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, atomic)
-    if atomic:
-        return dq.to(q.dtype), dk, dv
-    _dq(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes)
-    return dq, dk, dv
+    if deterministic:
+        dq = torch.empty_like(q)
+        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False)
+        return dq, dk, dv
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
+    return dq.to(q.dtype), dk, dv
 
 
 def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, lse, dlse, scale: float, softcap,
                          slopes):
-    """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's dK/dV pass
-    reads the merged LSE and delta and adds into one dQ (atomics). ``m2`` is the second set's BlockMask
+    """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's backward
+    launch reads the merged LSE and delta and adds into one dQ (atomics). ``m2`` is the second set's BlockMask
     arguments at its positions."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _dkdv(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
-    dk2, dv2 = _dkdv(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, True)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
+    dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, True)
     return dq.to(q.dtype), dk, dv, dk2, dv2
