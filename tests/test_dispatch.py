@@ -393,3 +393,26 @@ def test_deterministic_is_refused_by_backends_without_it(backend):
     out = subquad.attention(q, q, q, deterministic=True)          # auto: the reference here, Triton on a GPU
     assert out.shape == q.shape
 
+
+@pytest.fixture
+def torch_deterministic():
+    """``torch.use_deterministic_algorithms``: a function setting it (``warn_only`` too), restored afterwards."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def test_deterministic_follows_torch(torch_deterministic):
+    """``deterministic=None`` takes ``torch.use_deterministic_algorithms``: a backend without a deterministic
+    backward is refused, or in warn-only mode warned about; ``False`` overrides it."""
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    torch_deterministic(True)
+    with pytest.raises(ValueError, match="asked by torch.use_deterministic_algorithms"):
+        subquad.attention(q, q, q, backend="cudnn")
+    with pytest.raises(ValueError, match="backend: 'cudnn' cannot run"):       # (no cuDNN on the CPU)
+        subquad.attention(q, q, q, backend="cudnn", deterministic=False)
+    torch_deterministic(True, warn_only=True)
+    with pytest.warns(UserWarning, match="deterministic: only the Triton"), \
+            pytest.raises(ValueError, match="backend: 'cudnn' cannot run"):
+        subquad.attention(q, q, q, backend="cudnn")
+

@@ -283,6 +283,26 @@ def test_deterministic_backward():
     assert all(torch.equal(a, b) for a, b in zip(g2, g3))
 
 
+@pytest.mark.parametrize("torch_flag,asked,want", [(True, None, True), (False, None, False), (True, False, False)])
+def test_deterministic_follows_torch_flag(torch_flag, asked, want, monkeypatch):
+    """The Triton backward is the deterministic one where ``torch.use_deterministic_algorithms`` is on and the
+    call leaves ``deterministic`` unset."""
+    from subquad.ops.softmax.flash import launch
+
+    seen = []
+    real = launch.backward
+    monkeypatch.setattr(launch, "backward", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v = _qkv(1, 40, 40, 2, 1, 32, torch.bfloat16)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(torch_flag)
+        out = subquad.attention(q, k, v, causal=True, backend="triton", deterministic=asked)
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [want]
+
+
 @pytest.mark.parametrize("mask,nq,nkv", [("causal", 256, 256), ("causal", 128, 256), ("window", 128, 200),
                                          ("window", 200, 256), ("full", 128, 200), ("bidirectional", 128, 200),
                                          ("bidirectional", 200, 256)])

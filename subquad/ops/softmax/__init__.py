@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 
@@ -52,7 +53,7 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-              return_lse: bool = False, backend: str = "auto", deterministic: bool = False,
+              return_lse: bool = False, backend: str = "auto", deterministic: bool | None = None,
               plan: bool | None = None):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
@@ -83,11 +84,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         deterministic: Triton backward without atomics (dQ programs beside the dK/dV programs, each row's dQ
             summed in one fixed order): bit-reproducible gradients; ``"auto"`` then runs the Triton kernels, and
             ``"fa4"`` / ``"cudnn"`` / ``"flex"`` refuse it. A planned pattern then runs its band and gathered
-            columns as separate launches merged by LSE.
+            columns as separate launches merged by LSE. ``None`` follows
+            ``torch.use_deterministic_algorithms`` (in its warn-only mode a backend without a deterministic
+            backward warns and runs).
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
     """
+    from_torch = deterministic is None
+    if from_torch:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     facts = _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic,
                         plan)
     cache = None if facts is None else _prepared()
@@ -120,8 +126,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         chosen = _pick_backend(backend, q)
     if deterministic and chosen in ("fa4", "cudnn", "flex"):
-        raise ValueError(f"deterministic: only the Triton and reference backends offer a deterministic backward, "
-                         f"got backend={backend!r} (use backend='auto' or 'triton')")
+        why = (f"deterministic: only the Triton and reference backends offer a deterministic backward, got "
+               f"backend={backend!r} (use backend='auto' or 'triton')")
+        if not (from_torch and torch.is_deterministic_algorithms_warn_only_enabled()):
+            raise ValueError(why + (" (asked by torch.use_deterministic_algorithms)" if from_torch else ""))
+        if not torch.compiler.is_compiling():
+            warnings.warn(why, stacklevel=2)
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
         log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
                   q.dtype, "causal" if mask is None and causal else mask)
