@@ -412,7 +412,7 @@ def flash_bwd_kernel(
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
-    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width,
+    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -427,8 +427,9 @@ def flash_bwd_kernel(
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
-    ``_dq_program`` on ``DQ_BLOCK_M``-row query tiles (the query blocks' lists are ``QFULL_NUM``...), so that
-    dQ needs no atomics and no fp32 buffer, and the two kinds of program fill the GPU together."""
+    ``_dq_program`` on ``DQ_BLOCK_M``-row query tiles (the query blocks' lists are ``QFULL_NUM``..., their
+    heaviest-first order ``QORDER``), so that dQ needs no atomics and no fp32 buffer, and the two kinds of
+    program fill the GPU together."""
     pid = tl.program_id(0)
     n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
     if ORDERED:
@@ -437,12 +438,21 @@ def flash_bwd_kernel(
     if DQ_PROGRAMS:
         dq_role = pid >= n_kv_tiles
     if dq_role:
-        # the latest query tiles first (the longest under a causal band); a GQA group's heads side by side, so
-        # that they read their K/V tiles from L2
         i = pid - n_kv_tiles
+        if ORDERED:
+            tile, bh, _ = heavy_first(QORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // DQ_BLOCK_M, 1, i,
+                                      tl.num_programs(0) - n_kv_tiles, tl.num_programs(1) * G)
+            start_m = tile * DQ_BLOCK_M
+            b = bh // HQ
+            h = bh % HQ
+        else:
+            # the latest query tiles first (the longest under a causal band); a GQA group's heads side by side,
+            # so that they read their K/V tiles from L2
+            start_m = (tl.cdiv(seq_q, DQ_BLOCK_M) - 1 - i // G) * DQ_BLOCK_M
+            b = tl.program_id(1) // HKV
+            h = (tl.program_id(1) % HKV) * G + i % G
         _dq_program(
-            (tl.cdiv(seq_q, DQ_BLOCK_M) - 1 - i // G) * DQ_BLOCK_M, tl.program_id(1) // HKV,
-            (tl.program_id(1) % HKV) * G + i % G, Q, K, V, DO, LSE, DELTA, DQ,
+            start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ,
             QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT,
             SLOPES, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
             stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
@@ -455,7 +465,7 @@ def flash_bwd_kernel(
         piece = 0
         if ORDERED:
             tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G, pid,
-                                              n_kv_tiles)
+                                              n_kv_tiles, tl.num_programs(1))
             start_n = tile * BLOCK_N
         else:
             start_n = pid * BLOCK_N

@@ -115,7 +115,7 @@ def flash_fwd_kernel(
 ):
     if ORDERED:
         tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1, tl.program_id(0),
-                                       tl.num_programs(0))
+                                       tl.num_programs(0), tl.num_programs(1))
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first

@@ -239,8 +239,8 @@ class MaskArgs:
     layout: torch.Tensor | None = None   # int8 (Lb, Lh, q_cells, kv_cells) block layout
     layout_block: int = 1
     and_causal: bool = False
-    #: BlockMask blocks heaviest first, per mask (batch, head): ``order`` the query blocks (forward), ``order_t``
-    #: the key blocks (dK/dV); None runs them in the grid's order (``tile.heavy_first``)
+    #: BlockMask blocks heaviest first, per mask (batch, head): ``order`` the query blocks (forward, dQ programs),
+    #: ``order_t`` the key blocks (dK/dV); both or neither; None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
     #: cut the longest dK/dV walks into pieces (``pieces_t``): the schedule is made once per MaskArgs and reads
@@ -248,6 +248,10 @@ class MaskArgs:
     cut_walks: bool = True
     _pieces_t: dict = field(default_factory=dict)
     _piece_rows: tuple | None = None
+
+    def __post_init__(self):
+        if (self.order is None) != (self.order_t is None):
+            raise ValueError("order, order_t: expected both or neither (the backward's programs take one schedule)")
 
     def pieces_t(self, programs: int, sms: int):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
@@ -483,14 +487,18 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     kern = _kernel("bwd", flash_bwd_kernel)
     no_float = _dummy(q.device, torch.float32)
 
+    query_tiles = _tiles(seq_q, n_qb, flags["MBQ"], m.order is not None)
+    q_order = m.order if m.order is not None and not atomic else _dummy(q.device)
+
     def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
         key_tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
 
         def grid(tiles: dict):
-            dq_programs = 0 if atomic else cdiv(seq_q, tiles["DQ_BLOCK_M"]) * (hq // hkv)
+            dq_programs = 0 if atomic else query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv)
             return key_tiles(tiles["BLOCK_N"]) + dq_programs, bsz * hkv, splits
 
-        walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q]
+        walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q,
+                            q_order]
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),

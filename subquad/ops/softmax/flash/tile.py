@@ -47,7 +47,7 @@ def dot_acc(a, b, acc):
 
 @triton.jit
 def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, SUBS: tl.constexpr,
-                HEAD_STEP: tl.constexpr, pid, n_pid):
+                HEAD_STEP: tl.constexpr, pid, n_pid, n_bh):
     """``(tile, pid_bh, piece)`` of this program when every (batch, head) runs its BlockMask blocks heaviest
     first: the grid's linear id walks the heads fastest and ``ORDER``'s ``n_items`` entries in rank (``SUBS``
     kernel tiles per block). A block that walks far more tiles than the rest (the query block of global rows,
@@ -55,9 +55,9 @@ def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, S
     run alone at the end. An entry is ``block + n_blocks * piece``: the dK/dV pass cuts such a walk into pieces
     (``piece`` of them, see ``launch._backward_launch``); otherwise every entry is a whole block and ``piece`` is 0.
     ``HEAD_STEP``: query heads per program head (the dK/dV grid is over KV heads). ``pid``: the program's place
-    among the ``n_pid`` programs of its grid row that take this schedule (the backward's dQ programs follow
-    them in the row)."""
-    n_bh = tl.num_programs(1)
+    among the ``n_pid`` programs of its grid row that take this schedule (the backward's dQ programs follow its
+    dK/dV programs in the row); ``n_bh``: the (batch, head) pairs over which they go (the grid's rows, or the
+    query heads of the backward's KV-head rows: a dQ program may take any query head)."""
     linear = tl.program_id(1) * n_pid + pid
     rank = linear // n_bh
     pid_bh = linear % n_bh
