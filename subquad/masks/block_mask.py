@@ -171,7 +171,7 @@ class BlockMask:
                     k = k[k < self.seq_kv]
                     m = self.pattern.predicate(torch.tensor(b, device=dev), torch.tensor(h, device=dev),
                                                q.view(-1, 1) + self.q_offset, k.view(1, -1))
-                    total += int(m.sum())
+                    total += int(m.expand(q.numel(), k.numel()).sum())     # (a predicate of one side broadcasts)
         scale = (self.batch // self.kind.shape[0]) * (self.heads // self.kind.shape[1])
         return total * scale
 

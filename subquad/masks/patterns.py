@@ -137,8 +137,8 @@ def _bounds_by_evaluation(pattern: Pattern, ctx: BuildContext, q0, q1, k0, k1):
     anys, alls = [], []
     for qs, qe in zip(q_starts, q_ends):
         q = torch.arange(qs, qe + 1, device=ctx.device).view(1, 1, -1, 1)
-        m = pattern.predicate(b, h, q, k.view(1, 1, 1, -1))
-        m = _as4d(m)
+        # a predicate of the query alone (or the key alone) broadcasts over the other: count every pair
+        m = _as4d(pattern.predicate(b, h, q, k.view(1, 1, 1, -1))).expand(-1, -1, q.shape[2], k.numel())
         kept = m.sum(dim=2, dtype=torch.int32)  # (B?, H?, n_k)
         counts = torch.zeros(*kept.shape[:2], n_kb, dtype=torch.int32, device=ctx.device)
         counts.index_add_(2, kb_of, kept)

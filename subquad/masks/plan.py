@@ -361,7 +361,7 @@ class Plan:
         zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
         want = self.prepared.predicate(zero, zero, rows.view(1, 1, -1, 1),
                                        torch.arange(self.seq_kv, device=device).view(1, 1, 1, -1))
-        return torch.equal(got, want.reshape(rows.numel(), self.seq_kv).to(torch.int32))
+        return torch.equal(got, want.expand(1, 1, rows.numel(), self.seq_kv)[0, 0].to(torch.int32))
 
     def coverage(self, device="cpu") -> torch.Tensor:
         """``(seq_q, seq_kv)`` int: how many components keep each pair, rows replaced by the row components
@@ -426,7 +426,8 @@ class Plan:
                 ki = ki[ki < nk]
                 kp = ki if c.kv_pos is None else c.kv_pos.cpu()[ki]
                 zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-                total += int(bm.pattern.predicate(zero, zero, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1)).sum())
+                keep = bm.pattern.predicate(zero, zero, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
+                total += int(keep.expand(1, 1, qp.numel(), kp.numel()).sum())
             out.append(total * c.split * c.fold - lost)
         return out
 
