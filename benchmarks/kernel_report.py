@@ -127,6 +127,7 @@ def _flash(mask, n, configs, backward, dq):
     from subquad.ops.softmax.flash import launch
     import subquad
     flash.MASK_BLOCK_INTERPRET = flash.MASK_BLOCK        # BlockMasks at the GPU's block size
+    launch.num_sms = lambda device: 132                 # and the H100's schedules (walks cut into pieces)
     q, k, v = (t.requires_grad_(backward) for t in _qkv(1, n, 16, 128))
     for short, (name, tiles, default) in FLASH.items():
         setattr(launch, tiles, configs.get(short, default)[:2])
@@ -164,6 +165,16 @@ def case_window_16k(configs, dq):
 def case_longformer_16k(configs, dq):
     from subquad import masks
     return _flash(masks.longformer(512, list(range(16))), 16384, configs, True, dq)
+
+
+def case_longformer_64k(configs, dq):
+    from subquad import masks
+    return _flash(masks.longformer(512, list(range(16))), 65536, configs, True, dq)
+
+
+def case_bigbird_64k(configs, dq):
+    from subquad import masks
+    return _flash(masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0), 65536, configs, True, dq)
 
 
 def case_bigbird_16k(configs, dq):

@@ -212,7 +212,7 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
     pattern = masks.longformer(block // 2, [0, 1, 2], causal=causal)
     bm = masks.resolve(pattern, causal=False, batch=1, heads=2, seq_q=n, seq_kv=n, device=DEV, block_q=block,
                        block_kv=block)
-    whole, pieces, piece, cut, slot = _block_mask_args(bm, None, None).pieces_t(1, 4)
+    whole, pieces, piece, cut, slot, _ = _block_mask_args(bm, None, None).pieces_t(1, 4)
     work = (bm.full_q[0][0, 0] + bm.partial_q[0][0, 0]).long().cpu()
     assert cut.tolist() == [0] and slot.tolist() == [0] + [-1] * 20 and int(work[0]) > 2 * piece
     n_kb = work.numel()
@@ -229,6 +229,44 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
         for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
                               ref_grads):
             _close(name, a, b, q.dtype)
+
+
+@pytest.mark.parametrize("sub_tiles,scattered", [(1, False), (1, True), (2, False)])
+def test_long_query_walks_are_cut_into_pieces(monkeypatch, sub_tiles, scattered):
+    """The global rows' query blocks walk every key block; with WALK_PIECE_MIN and FWD_PIECE_LOAD lowered the
+    forward cuts those walks into pieces in the same launch (heaviest first: the pieces, then the whole walks),
+    each piece's rows written apart and merged by LSE: outputs, LSE and gradients equal the reference's (GQA, a
+    length not a multiple of the block, one or two kernel tiles per block, global rows in one block or two;
+    gradients at one tile per block: the interpreter takes minutes at two)."""
+    from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
+
+    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    block = sub_tiles * BLOCK
+    n = 20 * block + 13
+    rows = [0, 1, 2] + ([5 * block + 3] if scattered else [])
+    bm = masks.resolve(masks.longformer(block // 2, rows), causal=False, batch=1, heads=2, seq_q=n, seq_kv=n,
+                       device=DEV, block_q=block, block_kv=block)
+    whole, pieces, piece, cut, slot, n_pieces = _block_mask_args(bm, None, None).pieces(1, 4)
+    work = (bm.full_kv[0][0, 0] + bm.partial_kv[0][0, 0]).long().cpu()
+    heavy = [0, 5] if scattered else [0]
+    assert cut.tolist() == heavy and n_pieces == -(-int(work[0]) // piece) and int(work[0]) > 2 * piece
+    assert sorted(whole.flatten().tolist()) == [b for b in range(work.numel()) if b not in heavy]
+    forwards = []
+    real = launch.forward
+    monkeypatch.setattr(launch, "forward", lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    q, k, v = _qkv(1, n, n, 2, 1, 32, torch.bfloat16, seed=6)
+    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5)
+    assert len(forwards) == 1
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    if sub_tiles > 1:
+        return
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                          torch.autograd.grad((ref.float() * g).sum(), (q, k, v))):
+        _close(name, a, b, q.dtype)
 
 
 def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():

@@ -20,6 +20,11 @@ original positions), so that a band and its global columns are one launch with o
 its own BlockMask (``FULL2_*``/``PART2_*``, blocks of the same size as the first source's): full blocks
 unmasked, partial ones under the band, empty ones never loaded.
 
+``PIECES``: a query block whose list is far longer than the rest (the global rows of Longformer / BigBird walk
+every key block) runs as several programs, each over a stretch of ``piece_len`` entries, ranked with the other
+blocks in ``ORDER``; such a program writes its rows' output and LSE to ``O_PART`` / ``LSE_PART`` (fp32) at the
+block's ``SLOT``, and the launcher merges them by LSE (``launch.forward``).
+
 GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
 Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
 output is 0).
@@ -102,7 +107,7 @@ def flash_fwd_kernel(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
-    ORDER,
+    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -111,11 +116,12 @@ def flash_fwd_kernel(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
-    ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
 ):
+    piece = 0
     if ORDERED:
-        tile, pid_bh, _ = heavy_first(ORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1, tl.program_id(0),
-                                       tl.num_programs(0), tl.num_programs(1))
+        tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
+                                          tl.program_id(0), tl.num_programs(0), tl.num_programs(1))
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first
@@ -159,6 +165,9 @@ def flash_fwd_kernel(
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
+            if PIECES:      # a walk cut into pieces: this program's stretch of the row's entries
+                lo = tl.maximum(lo, piece * piece_len)
+                hi = tl.minimum(hi, (piece + 1) * piece_len)
             for j in range(lo, hi):
                 kb, partial, tile = list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF,
                                                n_kb, USE_BITS)
@@ -223,6 +232,19 @@ def flash_fwd_kernel(
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)
+    o_ok = in_q[:, None] & (offs_dv[None, :] < DV)
+    slot = -1
+    if PIECES:
+        slot = tl.load(SLOT + start_m // MBQ)
+    if slot >= 0:
+        # a piece of a cut walk: its rows' partial result (fp32), (batch, piece, cut row, head) and (batch,
+        # piece, head, cut row), merged by LSE after the launch (launch._merge_pieces)
+        n_rows = n_slots * MBQ
+        cut_row = slot * MBQ + offs_m % MBQ
+        bp = (b * n_pieces + piece).to(tl.int64)
+        tl.store(O_PART + ((bp * n_rows + cut_row)[:, None] * HQ + h) * DV + offs_dv[None, :], acc, mask=o_ok)
+        tl.store(LSE_PART + (bp * HQ + h) * n_rows + cut_row, lse, mask=in_q)
+    else:
+        o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_ok)
+        tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)

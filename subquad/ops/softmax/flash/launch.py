@@ -14,6 +14,7 @@ from ...autotuned import Autotuned
 from ...grid import cdiv, next_power_of_2, num_sms
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from ...chained import chains_replicate
+from ..lse_merge import merge_lse_stacked
 from .forward import flash_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -178,29 +179,42 @@ def _kernel(name: str, jit_fn):
 #: 0.6 (Longformer 2 x 16k, BigBird 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
 WALK_PIECE_MIN = 8
 PIECE_LOAD = 1.0
+#: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
+#: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
+#: estimate, NOT MEASURED: at 1 x 64k those rows' walk (1,024 tiles at 64-blocks, at 0.69 (Longformer) and 0.52
+#: (BigBird) of the mean) matches the whole forward's time if a masked global tile costs ~1.2 / ~2.9 us, which
+#: would make it the pass's critical path (16k -> 64k growth 4.62x / 5.42x, the other blocks' work grows 4x)
+FWD_PIECE_LOAD = 0.5
+#: the forward cuts such a walk into this many pieces at most (longer than the dK/dV pass's, 2x the median walk:
+#: each piece's rows go to an fp32 buffer merged after the launch, 27 MB at 1 x 64k with 52 pieces a head)
+FWD_MOST_PIECES = 8
 
 
-def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int) -> tuple:
-    """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()``.
+def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int,
+                load: float | None = None, most: int | None = None) -> tuple:
+    """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()`` (the
+    forward's likewise, on the query blocks' lists; ``load``: ``PIECE_LOAD`` unless given; ``most``: pieces
+    a walk is cut into at most).
 
     Global columns (Longformer's, BigBird's first tokens, attention sinks) make their key block walk every
     query block: at 1 x 64k, 512 of them in one program while the band's blocks walk ~6, so that one program
     outlasts the pass (Longformer fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a
     walk is cut into pieces, each a program of a second launch adding into a small fp32 buffer. ``programs``:
     the (batch, KV head) pairs that each walk every block; ``sms``: the GPU's. Returns
-    ``(whole, pieces, piece_len, blocks, slot)``: ``whole`` (1, 1, n) int32, the other blocks heaviest first,
-    and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
+    ``(whole, pieces, piece_len, blocks, slot, n_pieces)``: ``whole`` (1, 1, n) int32, the other blocks heaviest
+    first, and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
     ``heavy_first`` items); ``blocks`` the cut blocks; ``slot`` (n_blocks,) int32, each block's place in the
-    buffer or -1. Only for BlockMasks that are the same for every batch and head."""
+    buffer or -1; ``n_pieces`` the most pieces of a cut block. Only for BlockMasks that are the same for every
+    batch and head."""
     if full_num.shape[0] != 1 or full_num.shape[1] != 1:
         return ()
     work = (full_num[0, 0].long() + part_num[0, 0].long()).cpu()
     busy = work[work > 0]
     if busy.numel() == 0:
         return ()
-    piece = max(WALK_PIECE_MIN, 2 * int(busy.median()))
     longest = int(work.max())
-    if longest <= 2 * piece or longest * sms <= PIECE_LOAD * programs * int(work.sum()):
+    piece = max(WALK_PIECE_MIN, 2 * int(busy.median()), -(-longest // most) if most else 0)
+    if longest <= 2 * piece or longest * sms <= (PIECE_LOAD if load is None else load) * programs * int(work.sum()):
         return ()
     n = work.numel()
     counts = -(-work // piece)
@@ -214,7 +228,8 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
     slot[cut] = torch.arange(cut.numel(), dtype=torch.int32)
     device = full_num.device
     items = (block + n * index).to(torch.int32).view(1, 1, -1)
-    return whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device)
+    return (whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device),
+            int(counts.max()))
 
 
 @dataclass
@@ -243,11 +258,11 @@ class MaskArgs:
     #: ``order_t`` the key blocks (dK/dV); both or neither; None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
-    #: cut the longest dK/dV walks into pieces (``pieces_t``): the schedule is made once per MaskArgs and reads
-    #: walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
+    #: cut the longest walks into pieces (``pieces``, ``pieces_t``): the schedule is made once per MaskArgs and
+    #: reads walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
     cut_walks: bool = True
-    _pieces_t: dict = field(default_factory=dict)
-    _piece_rows: tuple | None = None
+    _pieces: dict = field(default_factory=dict)
+    _piece_rows: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.order is None) != (self.order_t is None):
@@ -256,20 +271,27 @@ class MaskArgs:
     def pieces_t(self, programs: int, sms: int):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
         on the first backward of a grid (it reads the walk lengths back to the host) and kept."""
-        key = (programs, sms)
-        if key not in self._pieces_t:
-            self._pieces_t[key] = () if self.lists_t is None else walk_pieces(self.lists_t[0], self.lists_t[2],
-                                                                              programs, sms)
-        return self._pieces_t[key] or None
+        return self._walk_pieces("dkdv", self.lists_t, programs, sms, PIECE_LOAD, None)
 
-    def piece_rows(self, blocks: torch.Tensor, seq_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The key rows of the pieced ``blocks`` that exist (< ``seq_kv``), and their places in the blocks'
-        buffer."""
-        if self._piece_rows is None or self._piece_rows[0] is not blocks or self._piece_rows[1] != seq_kv:
-            every = (blocks.cpu()[:, None] * self.mbk + torch.arange(self.mbk)).flatten()
-            kept = torch.nonzero(every < seq_kv).flatten()
-            self._piece_rows = (blocks, seq_kv, every[kept].to(blocks.device), kept.to(blocks.device))
-        return self._piece_rows[2:]
+    def pieces(self, programs: int, sms: int):
+        """The forward's schedule with its longest query-block walks cut into pieces, or None (as ``pieces_t``)."""
+        return self._walk_pieces("fwd", self.lists, programs, sms, FWD_PIECE_LOAD, FWD_MOST_PIECES)
+
+    def _walk_pieces(self, kind: str, lists, programs: int, sms: int, load: float, most: int | None):
+        key = (kind, programs, sms)
+        if key not in self._pieces:
+            self._pieces[key] = () if lists is None else walk_pieces(lists[0], lists[2], programs, sms, load, most)
+        return self._pieces[key] or None
+
+    def piece_rows(self, blocks: torch.Tensor, seq: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the pieced ``blocks`` (of ``size`` rows) that exist (< ``seq``), and their places in the
+        blocks' buffer."""
+        hit = self._piece_rows.get((size, seq))
+        if hit is None or hit[0] is not blocks:
+            every = (blocks.cpu()[:, None] * size + torch.arange(size)).flatten()
+            kept = torch.nonzero(every < seq).flatten()
+            hit = self._piece_rows[size, seq] = (blocks, every[kept].to(blocks.device), kept.to(blocks.device))
+        return hit[1:]
 
     @property
     def band(self) -> bool:
@@ -376,7 +398,8 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, m2, band2_lo,
     band2_hi)``, a second key set in the same launch with its BlockMask arguments ``m2`` (at its key positions,
     in blocks of the first source's size) (``forward.py``'s ``TWO_SOURCES``; its gradients:
-    ``backward_two_sources``)."""
+    ``backward_two_sources``). A query block whose walk outlasts the pass (``MaskArgs.pieces``) runs as
+    pieces in the same launch, heaviest first, their partial results merged by LSE afterwards."""
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
@@ -390,10 +413,24 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), sl_stride,
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
-            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device),
-            m.order if m.order is not None else _dummy(q.device)]
+            m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
+    # (a second key set would be walked whole by every piece)
+    pieces = m.pieces(bsz * hq, num_sms(q.device)) if second is None and m.order is not None and m.cut_walks \
+        else None
+    no_float = _dummy(q.device, torch.float32)
+    order = m.order if m.order is not None else _dummy(q.device)
+    schedule = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
+    if pieces is not None:
+        whole, cut_items, piece_len, blocks, slot, n_pieces = pieces
+        order = torch.cat([cut_items, whole], -1)       # every piece weighs piece_len, every whole walk at most that
+        cut_rows = blocks.numel() * meta["MBQ"]
+        o_part = torch.zeros(bsz, n_pieces, cut_rows, hq, dv, dtype=torch.float32, device=q.device)
+        lse_part = torch.full((bsz, n_pieces, hq, cut_rows), float("-inf"), device=q.device)
+        schedule = [order, order.shape[-1], piece_len, slot, o_part, lse_part, blocks.numel(), n_pieces]
+        meta["PIECES"] = True
+    args += schedule
     if second is not None:
         m2 = second[2]
         if (m2.mbq, m2.mbk) != (meta["MBQ"], meta["MBK"]):
@@ -404,7 +441,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
         meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
         meta["ORDERED"] = True
-    tiles = _tiles(seq_q, n_qb, meta["MBQ"], m.order is not None)
+    tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
@@ -412,7 +449,21 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
                                                  UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), **meta)
     else:
         kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
+    if pieces is not None:
+        _merge_pieces(out, lse, o_part, lse_part, *m.piece_rows(blocks, seq_q, meta["MBQ"]))
     return out, lse
+
+
+def _merge_pieces(out, lse, o_part, lse_part, rows, kept):
+    """The rows of the forward's cut query blocks from their pieces' partial results (``o_part`` (B, pieces,
+    cut rows, H, Dv), ``lse_part`` (B, pieces, H, cut rows); a piece that a block did not have is -inf):
+    ``out = sum_p exp(lse_p - lse) out_p`` with ``lse = logsumexp_p lse_p``, into ``rows`` of ``out`` and
+    ``lse`` (``kept``: those rows' places among the cut rows)."""
+    if kept.numel() < o_part.shape[2]:      # (a ragged last block's rows past the sequence)
+        o_part, lse_part = o_part.index_select(2, kept), lse_part.index_select(3, kept)
+    merged, merged_lse = merge_lse_stacked(o_part, lse_part, out.dtype)
+    out.index_copy_(1, rows, merged)
+    lse.index_copy_(2, rows, merged_lse)
 
 
 def _preprocess(do, out, lse, dlse):
@@ -516,7 +567,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
         # types), so the pieces take the configuration timed on the whole walks, and are never timed
         # themselves (the autotuner's zeroing of DQ, DK_OUT and DV_OUT between timed runs would erase the
         # whole walks' results)
-        whole, cut_items, piece_len, blocks, slot = pieces
+        whole, cut_items, piece_len, blocks, slot, _ = pieces
         n_slots = blocks.numel()
         acc_k = torch.zeros(bsz, hkv, n_slots, flags["MBK"], d, dtype=torch.float32, device=q.device)
         acc_v = torch.zeros(bsz, hkv, n_slots, flags["MBK"], dv_dim, dtype=torch.float32, device=q.device)
@@ -527,7 +578,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     if pieces is not None:
         # the pieced blocks' sums into their rows of dK/dV (indices made on the host once: a boolean index
         # here read a count back and stalled the stream)
-        rows, kept = m.piece_rows(blocks, seq_kv)
+        rows, kept = m.piece_rows(blocks, seq_kv, m.mbk)
         dk.index_copy_(1, rows, acc_k.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, d).index_select(1, kept)
                        .to(dk.dtype))
         dv.index_copy_(1, rows, acc_v.permute(0, 2, 3, 1, 4).reshape(bsz, -1, hkv, dv_dim).index_select(1, kept)
