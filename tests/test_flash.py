@@ -198,11 +198,11 @@ def test_heaviest_blocks_first_with_several_tiles_per_block(pattern):
 @pytest.mark.parametrize("sub_tiles", [1, 2])
 def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
     """The global columns' key block walks every query block; with WALK_PIECE_MIN lowered, the dK/dV pass
-    cuts that walk into pieces (programs of a second launch, summed in fp32) and gives the reference's gradients:
+    cuts that walk into pieces (programs of the same launch, summed in fp32) and gives the reference's gradients:
     GQA, a length not a multiple of the block, one or two kernel tiles per BlockMask block, causal (attention
     sinks) or not. The schedules list every block once: the whole walks heaviest first, the cut block's
-    pieces in the second launch; the deterministic backward keeps whole walks (checked at one tile per block:
-    the interpreter takes minutes at two)."""
+    pieces before them, in one backward launch; the deterministic backward keeps whole walks (checked at one tile
+    per block: the interpreter takes minutes at two)."""
     from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
 
     monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
@@ -223,12 +223,22 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
     ref, _ = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad((ref.float() * g).sum(), (q, k, v))
+    launches = []
+
+    class Counted:      # the backward kernel, its launches counted
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    kernel = launch.flash_bwd_kernel
+    monkeypatch.setattr(launch, "flash_bwd_kernel", Counted())
     for deterministic in (False, True) if sub_tiles == 1 else (False,):
         out, _ = flash_attention_masked(q, k, v, bm, 32 ** -0.5, deterministic=deterministic)
         _close("out", out, ref, q.dtype)
         for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
                               ref_grads):
             _close(name, a, b, q.dtype)
+    assert len(launches) == (2 if sub_tiles == 1 else 1)       # one a backward
 
 
 @pytest.mark.parametrize("sub_tiles,scattered", [(1, False), (1, True), (2, False)])

@@ -13,9 +13,9 @@
      over programs (every n-th query tile; ``SPLIT_ATOMIC``: dK, dV then add into fp32 buffers) where the key
      tiles are too few to fill the GPU: a planner's gathered columns, short keys against long queries.
      ``PIECES``: the few key blocks whose walk is far longer than the rest (global columns: every query tile)
-     run in a launch of their own, cut into pieces of ``piece_len`` list entries (``heavy_first``'s items),
-     each adding into a small fp32 buffer per such block (``SLOT``: its place there); the other blocks' launch
-     stores as usual.
+     are cut into pieces of ``piece_len`` list entries (``heavy_first``'s items, ranked with the other blocks),
+     each adding into a small fp32 buffer per such block (``SLOT``: its place there, -1 for the other blocks,
+     which store as usual).
    * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
      query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing
      its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
@@ -249,12 +249,15 @@ def _dkdv_program(
     dv_ptrs = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
     dk_ok = in_kv[:, None] & (offs_d[None, :] < D)
     dv_ok = in_kv[:, None] & (offs_dv[None, :] < DV)
+    slot = -1
+    if PIECES:
+        slot = tl.load(SLOT + start_n // MBK)
     if SPLIT_ATOMIC:
         tl.atomic_add(dk_ptrs, dk, mask=dk_ok, sem="relaxed")
         tl.atomic_add(dv_ptrs, dv, mask=dv_ok, sem="relaxed")
-    elif PIECES:
-        # a block walked in pieces: (B, HKV, n_slots, MBK, D) fp32 sums, written into dK/dV after the pass
-        slot = tl.load(SLOT + start_n // MBK)
+    elif slot >= 0:
+        # a piece of a block walked in pieces: (B, HKV, n_slots, MBK, D) fp32 sums, written into dK/dV after the
+        # pass
         rows = ((b * HKV + hk).to(tl.int64) * n_slots + slot) * MBK + offs_n % MBK
         tl.atomic_add(ACC_K + rows[:, None] * D + offs_d[None, :], dk, mask=dk_ok, sem="relaxed")
         tl.atomic_add(ACC_V + rows[:, None] * DV + offs_dv[None, :], dv, mask=dv_ok, sem="relaxed")

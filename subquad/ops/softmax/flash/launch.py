@@ -199,7 +199,7 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
     Global columns (Longformer's, BigBird's first tokens, attention sinks) make their key block walk every
     query block: at 1 x 64k, 512 of them in one program while the band's blocks walk ~6, so that one program
     outlasts the pass (Longformer fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a
-    walk is cut into pieces, each a program of a second launch adding into a small fp32 buffer. ``programs``:
+    walk is cut into pieces, programs of the same launch adding into a small fp32 buffer. ``programs``:
     the (batch, KV head) pairs that each walk every block; ``sms``: the GPU's. Returns
     ``(whole, pieces, piece_len, blocks, slot, n_pieces)``: ``whole`` (1, 1, n) int32, the other blocks heaviest
     first, and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
@@ -563,16 +563,14 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
         launch_walks(order, order.shape[-1] if m.order_t is not None else n_kb, 1 << 30, _dummy(q.device),
                      no_float, no_float, 0)
     else:
-        # the whole walks first, then the pieces: both launches have the same tuning key (the same argument
-        # types), so the pieces take the configuration timed on the whole walks, and are never timed
-        # themselves (the autotuner's zeroing of DQ, DK_OUT and DV_OUT between timed runs would erase the
-        # whole walks' results)
+        # the pieces and the whole walks in one launch, the pieces first (each weighs piece_len, every whole walk
+        # at most that): before, the pieces' own launch waited for the whole walks' tail
         whole, cut_items, piece_len, blocks, slot, _ = pieces
+        order = torch.cat([cut_items, whole], -1)
         n_slots = blocks.numel()
         acc_k = torch.zeros(bsz, hkv, n_slots, flags["MBK"], d, dtype=torch.float32, device=q.device)
         acc_v = torch.zeros(bsz, hkv, n_slots, flags["MBK"], dv_dim, dtype=torch.float32, device=q.device)
-        launch_walks(whole, whole.shape[-1], 1 << 30, slot, no_float, no_float, 0)
-        launch_walks(cut_items, cut_items.shape[-1], piece_len, slot, acc_k, acc_v, n_slots, PIECES=True)
+        launch_walks(order, order.shape[-1], piece_len, slot, acc_k, acc_v, n_slots, PIECES=True)
     if splits > 1:
         return dk.to(k.dtype), dv.to(v.dtype)
     if pieces is not None:
