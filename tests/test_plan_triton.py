@@ -70,7 +70,8 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
         assert bm.full_kv[0].sum() > 0 and bm.partial_kv[0].sum() > 0
     launches, backwards = [], []
     forward, backward = launch.forward, launch.backward_two_sources
-    monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append(kw.get("second")) or forward(*a, **kw))
+    monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append((a[3].use_list, kw.get("second")))
+                        or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
@@ -81,7 +82,10 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
         out, lse = planned_attention(*leaves, pl, 0.25, softcap=softcap, backend=backend)
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
-    assert len(launches) == 1 and launches[0] is not None and len(backwards) == 1
+    assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
+    # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
+    # blocks are enforced by the tiles: its BlockMask)
+    assert launches[0][0] == name.startswith("fixed")
     for what, got, want in zip(["out", "lse", "dq", "dk", "dv"], *results):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{what}: {m}")
     out, lse = results[0][:2]

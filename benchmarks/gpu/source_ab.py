@@ -37,6 +37,7 @@ CASES = {
     "longformer-64k": (1, 65536, "masks.longformer(512, list(range(16)))"),
     "bigbird-64k": (1, 65536, "masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0)"),
     "strided-16k": (2, 16384, "masks.strided(256)"),
+    "strided-64k": (1, 65536, "masks.strided(256)"),
     "fixed-16k": (2, 16384, "masks.fixed(128, 8)"),
     "dilated-16k": (2, 16384, "masks.dilated(4096, 4)"),
     "blocksparse0.1-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"

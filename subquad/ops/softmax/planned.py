@@ -53,8 +53,10 @@ def _alibi_for(alibi: torch.Tensor | None, fold: int, batch: int) -> torch.Tenso
 
 
 def _plain_band(c: Component) -> bool:
-    """A band on natural positions: the flash kernel's list-free band path runs it (no BlockMask lists)."""
-    return isinstance(c.pattern, Band) and c.grid_pattern is None and c.q_pos is None and c.kv_pos is None
+    """A band on natural positions: the flash kernel's list-free band path runs it (no BlockMask lists). (The
+    planner gives a local component its own pattern as the grid pattern: that is still a plain band.)"""
+    return isinstance(c.pattern, Band) and (c.grid_pattern is None or c.grid_pattern is c.pattern) \
+        and c.q_pos is None and c.kv_pos is None
 
 
 def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deterministic):

@@ -433,6 +433,9 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
     args += schedule
     if second is not None:
         m2 = second[2]
+        if not m.use_list:
+            # a band first source has no blocks of its own: the block sizes are the second source's lists'
+            meta["MBQ"], meta["MBK"] = m2.mbq, m2.mbk
         if (m2.mbq, m2.mbk) != (meta["MBQ"], meta["MBK"]):
             raise ValueError(f"columns: expected BlockMask blocks of {meta['MBQ']}x{meta['MBK']} (the first key "
                              f"set's), got {m2.mbq}x{m2.mbk}")
