@@ -181,9 +181,10 @@ WALK_PIECE_MIN = 8
 PIECE_LOAD = 1.0
 #: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
 #: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
-#: estimate, NOT MEASURED: at 1 x 64k those rows' walk (1,024 tiles at 64-blocks, at 0.69 (Longformer) and 0.52
-#: (BigBird) of the mean) matches the whole forward's time if a masked global tile costs ~1.2 / ~2.9 us, which
-#: would make it the pass's critical path (16k -> 64k growth 4.62x / 5.42x, the other blocks' work grows 4x)
+#: estimate, NOT MEASURED: at 1 x 64k those rows' walk (1,024 tiles at 64-blocks, 0.75 (Longformer) and 0.59
+#: (BigBird) of the mean on 132 SMs; 0.38 / 0.30 at 2 x 16k) matches the whole forward's time if a masked global
+#: tile costs ~1.2 / ~2.9 us, which would make it the pass's critical path (16k -> 64k growth 4.62x / 5.42x,
+#: the other blocks' work grows 4x)
 FWD_PIECE_LOAD = 0.5
 #: the forward cuts such a walk into this many pieces at most (longer than the dK/dV pass's, 2x the median walk:
 #: each piece's rows go to an fp32 buffer merged after the launch, 27 MB at 1 x 64k with 52 pieces a head)
