@@ -695,6 +695,21 @@ def test_gpu_patterns_large(name):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_global_rows_walk_in_pieces():
+    """At the default thresholds a few heads with global rows over 8k keys cut that walk into pieces (its
+    ratio to the mean work per SM is far above FWD_PIECE_LOAD) and the output, LSE and gradients are the
+    reference's."""
+    from subquad.ops.softmax.flash import _block_mask_args, _resolve_tiled, launch
+
+    mask = masks.longformer(128, [0, 1, 4000])
+    q, k, v = _qkv(1, 8192, 8192, 2, 1, 128, torch.bfloat16, seed=8)
+    forward_mask, _ = _resolve_tiled(mask, False, 1, 2, 8192, 8192, q.device)
+    assert _block_mask_args(forward_mask, None, None).pieces(2, launch.num_sms(q.device)) is not None
+    _check(q, k, v, mask=mask, grad_lse=True, plan=False)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("name", ["causal", "longformer", "strided"])
 def test_gpu_deterministic_backward_repeats_bitwise(name):
     """The deterministic backward at sizes where the atomic one sums dQ in a run-dependent order (many key tiles
