@@ -94,3 +94,10 @@ def test_wrong_caches_are_refused():
         model(torch.zeros(1, 2, dtype=torch.long), caches=swapped)
     with pytest.raises(ValueError, match="ids"):
         model(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("bad", [[[3, 64]], [[-1, 2]]])
+def test_prompt_ids_outside_the_vocabulary_are_refused(bad):
+    """(the vocabulary is 64: an id of 64 or -1 would reach the embedding)"""
+    with pytest.raises(ValueError, match=r"prompt_ids: expected token ids in \[0, 64\)"):
+        tiny("MA").generate(torch.tensor(bad), 2)

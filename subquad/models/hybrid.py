@@ -125,6 +125,12 @@ class HybridLM(nn.Module):
         """
         if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
+        # (checked here, where one read of the prompt costs nothing beside the decoding loop: out of range, the
+        # embedding fails with an IndexError on the CPU and a device-side assert on CUDA)
+        if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel() \
+                and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < self.config["vocab_size"]:
+            raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values in "
+                             f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
         if temperature < 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
         ids = prompt_ids
