@@ -23,7 +23,7 @@ def _check_beta(beta, q):
     b, t, h, _ = q.shape
     if not isinstance(beta, torch.Tensor) or tuple(beta.shape) != (b, t, h):
         raise ValueError(f"beta: expected a tensor of shape {(b, t, h)} (values in [0, 1]; 2 allows negative "
-                         f"eigenvalues), got {getattr(beta, 'shape', beta)}")
+                         f"eigenvalues), got {tuple(beta.shape) if isinstance(beta, torch.Tensor) else beta!r}")
     if beta.device != q.device:
         raise ValueError(f"beta: expected device {q.device}, got {beta.device}")
 
