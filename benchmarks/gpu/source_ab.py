@@ -81,6 +81,7 @@ def child(cases: list[str], deterministic: bool) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="the older tree (a directory holding subquad/)")
+    ap.add_argument("--head", default=".", help="the newer tree (default: this one)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out")
@@ -92,7 +93,7 @@ def main():
     if args.child:
         print("RESULT " + json.dumps(child(cases, args.deterministic == "both")), flush=True)
         return
-    trees = {"base": str(Path(args.base).resolve()), "head": str(Path(".").resolve())}
+    trees = {"base": str(Path(args.base).resolve()), "head": str(Path(args.head).resolve())}
     runs = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
