@@ -1,0 +1,177 @@
+"""How the Triton flash kernels share out the work (CPU under TRITON_INTERPRET=1, natively on a GPU): BlockMask
+blocks heaviest first, a few key tiles' dK/dV walks split over programs, and walks far longer than the rest
+(global rows and columns) cut into pieces in the same launch; each schedule gives the reference's outputs, LSE
+and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subquad import masks
+from subquad.ops.softmax.reference import attention_reference
+from test_flash import BLOCK, DEV, _check, _close, _lse_close, _qkv, gpu, pytestmark  # noqa: F401  (the same skip)
+
+
+@pytest.mark.parametrize("kind", ["full", "window", "block_sparse"])
+def test_key_tiles_too_few_split_the_query_walk(kind):
+    # key tiles too few for the GPU (a few keys against many queries; one batch and KV head): each key tile's
+    # dK/dV walk is shared by several programs (fp32 atomics); the window runs the list-free band walk, the
+    # block layout the BlockMask lists
+    from subquad.ops.softmax.flash.launch import _query_splits
+
+    long = 4096 if DEV == "cuda" else 256
+    nq, nkv = (long - 56, 64) if kind == "full" else (long, long)
+    cells = -(-nkv // 32)
+    layout = torch.rand(cells, cells, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask = {"full": None, "window": masks.sliding_window(48, causal=False),
+            "block_sparse": masks.block_sparse(layout, block=32)}[kind]
+    q, k, v = _qkv(1, nq, nkv, 2, 1, 32, torch.bfloat16)
+    assert _query_splits(-(-nkv // 128), nq, q.device) > 1
+    _check(q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("pattern", [masks.longformer(16, [0, 1, 2]), masks.bigbird(16, [0, 3], random_blocks=1,
+                                                                                      block=16)],
+                         ids=["longformer", "bigbird"])
+def test_heaviest_blocks_first_with_several_tiles_per_block(pattern):
+    """BlockMask blocks of four kernel tiles (two on the interpreter), lengths not a multiple of the block: the
+    heavy-first schedule (the global rows' query block and the global columns' key block first) covers every
+    tile once, in the forward and in the dK/dV pass."""
+    from subquad.ops.softmax.flash import flash_attention_masked
+
+    n = 2 * BLOCK + 37
+    q, k, v = _qkv(1, n, n, 4, 2, 32, torch.float16)
+    bm = masks.resolve(pattern, causal=False, batch=1, heads=4, seq_q=n, seq_kv=n, device=q.device,
+                       block_q=2 * BLOCK, block_kv=2 * BLOCK)
+    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5)
+    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    g = torch.randn_like(out)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                          torch.autograd.grad((ref.float() * g).sum(), (q, k, v))):
+        _close(name, a, b, q.dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sub_tiles", [1, 2])
+def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
+    """The global columns' key block walks every query block; with WALK_PIECE_MIN lowered, the dK/dV pass
+    cuts that walk into pieces (programs of the same launch, summed in fp32) and gives the reference's gradients:
+    GQA, a length not a multiple of the block, one or two kernel tiles per BlockMask block, causal (attention
+    sinks) or not. The schedules list every block once: the whole walks heaviest first, the cut block's
+    pieces before them, in one backward launch; the deterministic backward keeps whole walks (checked at one tile
+    per block: the interpreter takes minutes at two)."""
+    from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
+
+    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(launch, "PIECE_LOAD", 0.0)
+    block = sub_tiles * BLOCK
+    n = 20 * block + 13
+    pattern = masks.longformer(block // 2, [0, 1, 2], causal=causal)
+    bm = masks.resolve(pattern, causal=False, batch=1, heads=2, seq_q=n, seq_kv=n, device=DEV, block_q=block,
+                       block_kv=block)
+    whole, pieces, piece, cut, slot, _ = _block_mask_args(bm, None, None).pieces_t(1, 4)
+    work = (bm.full_q[0][0, 0] + bm.partial_q[0][0, 0]).long().cpu()
+    assert cut.tolist() == [0] and slot.tolist() == [0] + [-1] * 20 and int(work[0]) > 2 * piece
+    n_kb = work.numel()
+    assert sorted(whole.flatten().tolist()) == list(range(1, n_kb))
+    assert work[whole.flatten().long().cpu()].tolist() == sorted(work[1:].tolist(), reverse=True)
+    assert pieces.flatten().tolist() == [n_kb * p for p in range(-(-int(work[0]) // piece))]
+    q, k, v = _qkv(1, n, n, 2, 1, 32, torch.bfloat16, seed=4)
+    ref, _ = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref.float() * g).sum(), (q, k, v))
+    launches = []
+
+    class Counted:      # the backward kernel, its launches counted
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    kernel = launch.flash_bwd_kernel
+    monkeypatch.setattr(launch, "flash_bwd_kernel", Counted())
+    for deterministic in (False, True) if sub_tiles == 1 else (False,):
+        out, _ = flash_attention_masked(q, k, v, bm, 32 ** -0.5, deterministic=deterministic)
+        _close("out", out, ref, q.dtype)
+        for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                              ref_grads):
+            _close(name, a, b, q.dtype)
+    assert len(launches) == (2 if sub_tiles == 1 else 1)       # one a backward
+
+
+@pytest.mark.parametrize("sub_tiles,scattered", [(1, False), (1, True), (2, False)])
+def test_long_query_walks_are_cut_into_pieces(monkeypatch, sub_tiles, scattered):
+    """The global rows' query blocks walk every key block; with WALK_PIECE_MIN and FWD_PIECE_LOAD lowered the
+    forward cuts those walks into pieces in the same launch (heaviest first: the pieces, then the whole walks),
+    each piece's rows written apart and merged by LSE: outputs, LSE and gradients equal the reference's (GQA, a
+    length not a multiple of the block, one or two kernel tiles per block, global rows in one block or two;
+    gradients at one tile per block: the interpreter takes minutes at two)."""
+    from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
+
+    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    block = sub_tiles * BLOCK
+    n = 20 * block + 13
+    rows = [0, 1, 2] + ([5 * block + 3] if scattered else [])
+    bm = masks.resolve(masks.longformer(block // 2, rows), causal=False, batch=1, heads=2, seq_q=n, seq_kv=n,
+                       device=DEV, block_q=block, block_kv=block)
+    whole, pieces, piece, cut, slot, n_pieces = _block_mask_args(bm, None, None).pieces(1, 4)
+    work = (bm.full_kv[0][0, 0] + bm.partial_kv[0][0, 0]).long().cpu()
+    heavy = [0, 5] if scattered else [0]
+    assert cut.tolist() == heavy and n_pieces == -(-int(work[0]) // piece) and int(work[0]) > 2 * piece
+    assert sorted(whole.flatten().tolist()) == [b for b in range(work.numel()) if b not in heavy]
+    forwards = []
+    real = launch.forward
+    monkeypatch.setattr(launch, "forward", lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    q, k, v = _qkv(1, n, n, 2, 1, 32, torch.bfloat16, seed=6)
+    ref, ref_lse = attention_reference(q, k, v, bm, 32 ** -0.5, None, None)
+    out, lse = flash_attention_masked(q, k, v, bm, 32 ** -0.5)
+    assert len(forwards) == 1
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    if sub_tiles > 1:
+        return
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad((out.float() * g).sum(), (q, k, v)),
+                          torch.autograd.grad((ref.float() * g).sum(), (q, k, v))):
+        _close(name, a, b, q.dtype)
+
+
+def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
+    """A walk is cut when it is longer than the pass's mean work per SM (PIECE_LOAD = 1): one long walk among
+    short ones on few programs (Longformer 1 x 64k: 1.18 on the H200) is cut, the same on more programs is not."""
+    from subquad.ops.softmax.flash import launch
+
+    work = torch.full((1, 1, 64), 3, dtype=torch.int32)
+    work[0, 0, 0] = 64
+    none = torch.zeros_like(work)
+    mean_per_sm = lambda programs, sms: programs * int(work.sum()) / sms
+    assert 64 > mean_per_sm(16, 132) and launch.walk_pieces(work, none, 16, 132)[3].tolist() == [0]
+    assert 64 < mean_per_sm(64, 132) and launch.walk_pieces(work, none, 64, 132) == ()
+
+
+def test_heaviest_first_order_puts_global_tokens_first():
+    from subquad.ops.softmax.flash import _block_mask_args
+
+    bm = masks.resolve(masks.longformer(8, [163]), causal=False, batch=1, heads=1, seq_q=320, seq_kv=320,
+                       device="cpu", block_q=32, block_kv=32)
+    args = _block_mask_args(bm, None, None)
+    assert args.order[0, 0, 0] == 5 and args.order_t[0, 0, 0] == 5          # 163 // 32: its row and its column
+    assert sorted(args.order[0, 0].tolist()) == list(range(10))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_global_rows_walk_in_pieces():
+    """At the default thresholds a few heads with global rows over 8k keys cut that walk into pieces (its
+    ratio to the mean work per SM is far above FWD_PIECE_LOAD) and the output, LSE and gradients are the
+    reference's."""
+    from subquad.ops.softmax.flash import _block_mask_args, _resolve_tiled, launch
+
+    mask = masks.longformer(128, [0, 1, 4000])
+    q, k, v = _qkv(1, 8192, 8192, 2, 1, 128, torch.bfloat16, seed=8)
+    forward_mask, _ = _resolve_tiled(mask, False, 1, 2, 8192, 8192, q.device)
+    assert _block_mask_args(forward_mask, None, None).pieces(2, launch.num_sms(q.device)) is not None
+    _check(q, k, v, mask=mask, grad_lse=True, plan=False)
