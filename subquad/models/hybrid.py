@@ -127,10 +127,11 @@ class HybridLM(nn.Module):
             raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
         # (checked here, where one read of the prompt costs nothing beside the decoding loop: out of range, the
         # embedding fails with an IndexError on the CPU and a device-side assert on CUDA)
-        if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel() \
-                and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < self.config["vocab_size"]:
-            raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values in "
-                             f"[{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
+        if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel():
+            lo, hi = (int(x) for x in torch.aminmax(prompt_ids))
+            if lo < 0 or hi >= self.config["vocab_size"]:
+                raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values "
+                                 f"in [{lo}, {hi}]")
         if temperature < 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
         ids = prompt_ids

@@ -266,8 +266,6 @@ def _dkdv_program(
         tl.store(dv_ptrs, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)
 
 
-
-
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, seq_q, seq_kv,
              qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block,
