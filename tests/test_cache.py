@@ -91,6 +91,9 @@ def test_bad_inputs():
         c.update(k[:, :1], v[:, :1], positions=torch.tensor([0.0, 0.0]))
     with pytest.raises(ValueError, match="max_len"):
         StaticKVCache(2, 0, 2, 8)
+    for cls, args in ((StaticKVCache, (2, 8)), (RollingKVCache, (2, 4)), (PagedKVCache, (4, 4))):
+        with pytest.raises(ValueError, match="head_dim_v"):
+            cls(*args, 2, 8, head_dim_v=0)
     r = RollingKVCache(2, 4, 2, 8, torch.float32)
     r.update(k[:, :6], v[:, :6])
     with pytest.raises(ValueError, match="rewind"):
@@ -100,3 +103,18 @@ def test_bad_inputs():
     p = PagedKVCache(4, 4, 2, 8, torch.float32, batch=2, max_pages_per_seq=2)
     with pytest.raises(ValueError, match="max_pages_per_seq"):
         p.update(k[:, :9], v[:, :9])
+
+
+def test_rolling_dense_after_rewound_drafts():
+    """Window 4, drafts of up to 3 tokens (6 slots): two rejected drafts at positions 9-10 overwrite the slots
+    of positions 3-4, and after the rewind to 9 the ring holds positions 5-9 only; ``dense`` listed a draft as
+    position 4. Once the stream passes the drafts the ring is whole again."""
+    k, _ = _stream(b=1, n=12, h=1, d=2)
+    r = RollingKVCache(1, 4, 1, 2, torch.float32, max_step=3)
+    r.update(k[:, :9], k[:, :9])
+    draft = torch.full((1, 2, 1, 2), 99.0)
+    r.update(draft, draft)
+    kd, _, n = r.update(k[:, 9:10], k[:, 9:10], positions=9).dense()
+    assert n.tolist() == [5] and torch.equal(kd[0, :5], k[0, 5:10])
+    kd, _, n = r.update(k[:, 10:11], k[:, 10:11]).dense()
+    assert n.tolist() == [6] and torch.equal(kd[0], k[0, 5:11])

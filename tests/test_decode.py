@@ -213,8 +213,41 @@ def test_triton_latent_scores_split_by_keys(dtype):
     _close(out, direct, tol)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_sequences_shorter_than_the_new_tokens_see_no_key(backend):
+    """Three new tokens against lengths 7, 2 and 0 (a freed slot of a batch): a token at a position below 0
+    sees no key (zeros, LSE -inf), the others their keys as usual; the reference raised on the empty one."""
+    q, k, v = _inputs(3, 3, 4, 2, 16, 7)
+    lengths = [7, 2, 0]
+    out, lse = decode(q, k, v, seqlens=torch.tensor(lengths), backend=backend, return_lse=True,
+                      **(SMALL if backend == "triton" else {}))
+    _close(out, _oracle(q, k, v, lengths))
+    assert torch.isneginf(lse[1, :, 0]).all() and torch.isneginf(lse[2]).all() and torch.isfinite(lse[0]).all()
+    assert out[2].abs().max() == 0 and out[1, 0].abs().max() == 0
+
+
+@needs_triton
+def test_triton_reads_strided_key_rows():
+    """K and V whose last dimension is not contiguous (every second column of a wider tensor): the kernel
+    reads rows with unit stride, so such views are copied first (it read the wrong columns)."""
+    q, k, v = _inputs(2, 1, 4, 2, 16, 12)
+    wide = torch.randn(2, 12, 2, 32, device=DEV)
+    out = decode(q, wide[..., ::2], v.transpose(1, 3).contiguous().transpose(1, 3), backend="triton", **SMALL)
+    _close(out, _oracle(q, wide[..., ::2], v, [12, 12]))
+
+
 def test_bad_inputs():
     q, k, v = _inputs(2, 1, 4, 2, 16, 10)
+    with pytest.raises(ValueError, match="seqlens"):
+        decode(q, k, v, seqlens=torch.tensor([11, 3]))
+    with pytest.raises(ValueError, match="seqlens"):
+        decode(q, k, v, seqlens=torch.tensor([10, -3]))
+    with pytest.raises(ValueError, match="softcap"):
+        decode(q, k, v, softcap=float("inf"))
+    with pytest.raises(ValueError, match="window"):
+        decode(q, k, v, window=True)
+    with pytest.raises(ValueError, match="v: expected dtype"):
+        decode(q, k, v.half())
     with pytest.raises(ValueError, match="q"):
         decode(q[..., :8], k, v)
     with pytest.raises(ValueError, match="heads_q"):
@@ -233,6 +266,8 @@ def test_bad_inputs():
     cache.update(k[:, :1], v[:, :1])
     with pytest.raises(ValueError, match="new tokens per step"):
         decode(q.expand(2, 2, 4, 16), cache)
+    with pytest.raises(ValueError, match="the cache's window 4"):
+        decode(q, cache, window=5)       # the ring keeps only the keys its own window needs
     with pytest.raises(ValueError, match="16 new tokens"):
         decode(torch.randn(2, 17, 4, 16, device=DEV), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), backend="triton")
 

@@ -25,13 +25,15 @@ class PagedKVCache(KVCache):
     def __init__(self, num_pages: int, page_size: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                  device=None, batch: int = 1, max_pages_per_seq: int | None = None, head_dim_v: int | None = None):
         max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
         for name, val in (("num_pages", num_pages), ("page_size", page_size), ("heads_kv", heads_kv),
-                          ("head_dim", head_dim), ("batch", batch), ("max_pages_per_seq", max_pages_per_seq)):
+                          ("head_dim", head_dim), ("batch", batch), ("max_pages_per_seq", max_pages_per_seq),
+                          ("head_dim_v", head_dim_v)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
         self.num_pages, self.page_size, self.heads_kv, self.head_dim = num_pages, page_size, heads_kv, head_dim
         self.batch, self.max_pages_per_seq = batch, max_pages_per_seq
-        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.head_dim_v = head_dim_v
         self.k = torch.zeros(num_pages, page_size, heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(num_pages, page_size, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self.block_table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32, device=self.k.device)

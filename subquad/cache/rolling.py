@@ -27,17 +27,25 @@ class RollingKVCache(KVCache):
 
     def __init__(self, batch: int, window: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16, device=None,
                  max_step: int = 1, head_dim_v: int | None = None):
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
         for name, val in (("batch", batch), ("window", window), ("heads_kv", heads_kv), ("head_dim", head_dim),
-                          ("max_step", max_step)):
+                          ("max_step", max_step), ("head_dim_v", head_dim_v)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
         self.batch, self.window, self.heads_kv, self.head_dim = batch, window, heads_kv, head_dim
         self.max_step = max_step
         self.slots = window + max_step - 1
-        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.head_dim_v = head_dim_v
         self.k = torch.zeros(batch, self.slots, heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, self.slots, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self._init_lengths(batch, self.k.device)
+        # one past the last position written, per sequence: after a rewind the slots of the rejected drafts
+        # (positions from the new length on) no longer hold the older tokens that share them
+        self._written = [0] * batch
+
+    def reset(self) -> None:
+        super().reset()
+        self._written = [0] * self.batch
 
     def buffers(self):
         return [self.k, self.v]
@@ -60,6 +68,7 @@ class RollingKVCache(KVCache):
         self.k[bidx, pos % self.slots] = k[:, t - keep:].to(self.k.dtype)
         self.v[bidx, pos % self.slots] = v[:, t - keep:].to(self.v.dtype)
         self._set_lengths([s + t for s in starts])
+        self._written = [max(w, s + t) for w, s in zip(self._written, starts)]
         return dense if dense is not None else self.view()
 
     def _prefill_view(self, k, v, starts) -> KVView:
@@ -82,4 +91,9 @@ class RollingKVCache(KVCache):
         return KVView(out_k, out_v, lengths, "dense", window=self.window, max_seqlen=n)
 
     def view(self) -> KVView:
-        return KVView(self.k, self.v, self.seqlens, "ring", window=self.window, max_seqlen=max(self._lengths))
+        kept = None
+        if any(w > n for w, n in zip(self._written, self._lengths)):
+            kept = torch.tensor([min(n, self.slots - (w - n)) for w, n in zip(self._written, self._lengths)],
+                                dtype=torch.int32).to(self.k.device, non_blocking=True)
+        return KVView(self.k, self.v, self.seqlens, "ring", window=self.window, max_seqlen=max(self._lengths),
+                      kept=kept)

@@ -26,11 +26,13 @@ class StaticKVCache(KVCache):
 
     def __init__(self, batch: int, max_len: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                  device=None, head_dim_v: int | None = None):
-        for name, val in (("batch", batch), ("max_len", max_len), ("heads_kv", heads_kv), ("head_dim", head_dim)):
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        for name, val in (("batch", batch), ("max_len", max_len), ("heads_kv", heads_kv), ("head_dim", head_dim),
+                          ("head_dim_v", head_dim_v)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {val!r}")
         self.batch, self.max_len, self.heads_kv, self.head_dim = batch, max_len, heads_kv, head_dim
-        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.head_dim_v = head_dim_v
         self.k = torch.zeros(batch, max_len, heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, max_len, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self._init_lengths(batch, self.k.device)

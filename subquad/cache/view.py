@@ -30,6 +30,9 @@ class KVView:
         window: the sliding window the cache was built for (ring caches keep only what it needs), or None.
         max_seqlen: ``max(seqlens)`` known on the host (caches track it), to size the decode kernel's grid
             to the keys there are; None: the storage's length bounds it (never read back from the device).
+        kept: ``(B,)`` int32, the tokens each sequence still has in storage where that is not
+            ``kept_lengths``'s default (a ring after rejected draft tokens were rewound: their slots hold no
+            older token any more), or None.
     """
 
     k: torch.Tensor
@@ -39,6 +42,7 @@ class KVView:
     block_table: torch.Tensor | None = None
     window: int | None = None
     max_seqlen: int | None = None
+    kept: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -50,6 +54,8 @@ class KVView:
 
     def kept_lengths(self) -> torch.Tensor:
         """Tokens each sequence still has in storage (``min(seqlens, slots)`` for a ring)."""
+        if self.kept is not None:
+            return self.kept
         if self.layout == "ring":
             return self.seqlens.clamp(max=self.k.shape[1])
         return self.seqlens

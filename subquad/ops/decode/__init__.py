@@ -52,6 +52,9 @@ def _as_view(kv, v, seqlens) -> KVView:
             raise ValueError(f"seqlens: expected an integer tensor of shape ({bsz},), got "
                              f"{tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}")
         max_seqlen = None
+        if not seqlens.is_cuda and seqlens.numel() and not (0 <= int(seqlens.min()) and int(seqlens.max()) <= s):
+            # (lengths on the device are not read back: the kernel reads at most the storage's ``seq`` keys)
+            raise ValueError(f"seqlens: expected values in [0, {s}] (the keys stored), got {seqlens.tolist()}")
     return KVView(kv, v, seqlens.to(device=kv.device, dtype=torch.int32), "dense", max_seqlen=max_seqlen)
 
 
@@ -72,12 +75,18 @@ def _check(q: torch.Tensor, view: KVView, window, scale, softcap, alibi_slopes) 
     if q.dtype != view.k.dtype or q.device != view.k.device:
         raise ValueError(f"q: expected dtype {view.k.dtype} on {view.k.device} (the cache's), got {q.dtype} on "
                          f"{q.device}")
-    if window is not None and (not isinstance(window, int) or window <= 0):
+    if view.v.dtype != view.k.dtype or view.v.device != view.k.device:
+        raise ValueError(f"v: expected dtype {view.k.dtype} on {view.k.device} (k's), got {view.v.dtype} on "
+                         f"{view.v.device}")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise ValueError(f"window: expected a positive int or None, got {window!r}")
+    if window is not None and view.window is not None and window > view.window:
+        # a ring (or a rolling cache's prefill view) holds only the keys its own window needs
+        raise ValueError(f"window: expected at most the cache's window {view.window}, got {window}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2)
                                      or alibi_slopes.shape[-1] != hq
                                      or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, bsz))):

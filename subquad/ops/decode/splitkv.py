@@ -48,7 +48,7 @@ def _decode_kernel(
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_bt, stride_sl,
-    scale, softcap, window, slots,
+    scale, softcap, window, capacity,
     HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DR: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
@@ -73,12 +73,11 @@ def _decode_kernel(
     head = hkv * G + rows % G
     q_pos = seqlen - T + t
 
-    # the stretch of storage this sequence needs, cut into NUM_SPLITS chunks of whole blocks
+    # the stretch of storage this sequence needs, cut into NUM_SPLITS chunks of whole blocks (a length past
+    # the storage, which the host does not read back to check, reads no further than the storage holds)
     lo = 0
-    hi = seqlen
-    if LAYOUT == RING:
-        hi = tl.minimum(seqlen, slots)
-    elif HAS_WINDOW:
+    hi = tl.minimum(seqlen, capacity)
+    if LAYOUT != RING and HAS_WINDOW:
         lo = tl.maximum(seqlen - T + 1 - window, 0)
     n_blocks = tl.cdiv(hi - lo, BLOCK_N)
     per_split = tl.cdiv(n_blocks, NUM_SPLITS)
@@ -111,7 +110,7 @@ def _decode_kernel(
             v_row = V + b.to(tl.int64) * stride_vb + idx.to(tl.int64) * stride_vn + hkv * stride_vh
         if LAYOUT == RING:
             # slot idx holds the latest position p < seqlen with p % slots == idx
-            k_pos = seqlen - 1 - (seqlen - 1 - idx) % slots
+            k_pos = seqlen - 1 - (seqlen - 1 - idx) % capacity
         else:
             k_pos = idx
         k = tl.load(k_row[:, None] + offs_d[None, :], mask=in_range[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -247,7 +246,9 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
     flight to keep every SM loading); they are arguments so that the benchmark can sweep them.
     """
-    k, v = view.k, view.v
+    # (the kernel reads rows of K and V with unit stride: a cache's storage has it, a strided view is copied)
+    k = view.k if view.k.stride(-1) == 1 else view.k.contiguous()
+    v = view.v if view.v.stride(-1) == 1 else view.v.contiguous()
     bsz, t, hq, dq = q.shape
     hkv, dv = k.shape[2], v.shape[3]
     g = hq // hkv
@@ -327,7 +328,8 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         table.stride(0) if view.layout == "paged" else 0, stride_sl,
-        scale, softcap if softcap is not None else 1.0, window if window is not None else 0, k.shape[1],
+        scale, softcap if softcap is not None else 1.0, window if window is not None else 0,
+        view.block_table.shape[1] * k.shape[1] if view.layout == "paged" else k.shape[1],
         HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2),
         D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
         DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,

@@ -25,8 +25,8 @@ def _check_options(q, scale, softcap, alibi_slopes):
     hq = q.shape[2]
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2) \
                 or alibi_slopes.shape[-1] != hq or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, q.shape[0])):
