@@ -104,6 +104,36 @@ def test_bigbird_seeded():
     assert bool((cells.sum(-1) >= 2).all())
 
 
+def test_causal_bigbird_rows_do_not_depend_on_the_length():
+    """A causal model's pattern is built at each call's length (a cached decode, a longer prompt): the rows
+    that exist at both lengths must be equal. The random blocks were drawn from ``rand(blocks, blocks)``, so
+    every row changed with the number of blocks (and half the picks fell in the future, cut by causality).
+    Its window is the ``window`` most recent keys, as Longformer's (it was ``window // 2 + 1``)."""
+    pattern = masks.bigbird(8, [0], random_blocks=2, seed=1, block=4, causal=True)
+    long = pattern.to_dense(64)[0, 0]
+    for n in (17, 40, 41, 63):
+        assert torch.equal(pattern.to_dense(n)[0, 0], long[:n, :n]), n
+    cells = masks.bigbird(1, [], random_blocks=2, seed=1, block=4, causal=True).to_dense(64)[0, 0]
+    cells = cells.view(16, 4, 16, 4).any(3).any(1)
+    off_diagonal = cells & ~torch.eye(16, dtype=torch.bool)
+    assert (off_diagonal.sum(-1)[3:] >= 1).all()       # the picks are earlier blocks, not cut future ones
+    assert long[15, :16].nonzero().flatten().tolist()[-8:] == list(range(8, 16))
+
+
+def test_patterns_keep_copies_of_their_tensors():
+    """Ids or a layout edited in place after the pattern was made do not reach it (its BlockMasks and plans
+    are cached by pattern: the edit would reach the predicate but not those)."""
+    ids = torch.zeros(64, dtype=torch.long)
+    doc = masks.document(ids)
+    before = doc.to_dense(64)
+    ids[32:] = 1
+    assert torch.equal(doc.to_dense(64), before)
+    layout = torch.ones(4, 4, dtype=torch.bool)
+    sparse = masks.block_sparse(layout, 16)
+    layout[0] = False
+    assert sparse.to_dense(64)[0, 0, :16].all()
+
+
 @st.composite
 def packed_ids(draw, batch, seq):
     """Per-batch, non-decreasing sequence ids (packing)."""
@@ -271,6 +301,15 @@ def test_build_at_one_million():
     (lambda: masks.longformer(4, 16), "global_tokens"),
     (lambda: masks.bigbird(4, [0], random_blocks=-1), "random_blocks"),
     (lambda: masks.bigbird(4, [0], block=0), "block"),
+    (lambda: masks.bigbird(4, [0], random_blocks=1.5), "random_blocks"),
+    (lambda: masks.bigbird(4, [0], seed="x"), "seed"),
+    (lambda: masks.longformer(4, torch.tensor([True, False, False, True])), "global_tokens"),
+    (lambda: masks.longformer(4, [4.9]), "global_tokens"),
+    (lambda: masks.longformer(4, torch.tensor(3)), "global_tokens"),
+    (lambda: masks.prefix_lm(True), "prefix_len"),
+    (lambda: masks.from_predicate(3), "fn"),
+    (lambda: masks.block_sparse(torch.ones(4, 4, dtype=torch.bool), 2.5), "block"),
+    (lambda: masks.causal.to_dense(8, 4), "seq_q"),
     (lambda: masks.prefix_lm(-1), "prefix_len"),
     (lambda: masks.block_sparse(torch.ones(4, 4), 16), "layout"),
     (lambda: masks.block_sparse(torch.ones(4, dtype=torch.bool), 16), "layout"),

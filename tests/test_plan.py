@@ -34,6 +34,8 @@ PLANNED = [
     ("dilated", masks.dilated(40, 4), 200, 200, ["classes"]),
     ("dilated-noncausal", masks.dilated(40, 2, causal=False), 96, 128, ["classes"]),
     ("dilated-odd-length", masks.dilated(40, 3, causal=False), 200, 200, ["class"] * 3),
+    # shorter than the dilation (a short prompt): fewer classes than the dilation (it raised in arange)
+    ("dilated-short", masks.dilated(3, 7), 5, 5, ["class"] * 5),
     ("longformer-spread", masks.longformer(16, [0, 1, 50, 130]), 200, 200, ["local", "columns", "rows"]),
     # causal: the global queries see keys <= themselves, all inside the band: no row component
     ("longformer-causal-rows-in-band", masks.longformer(100, [0, 1, 40, 70], causal=True), 200, 200,

@@ -31,6 +31,22 @@ def _positive(name: str, value) -> int:
     return int(value)
 
 
+def _global_positions(global_tokens) -> torch.Tensor:
+    """``global_tokens`` as a 1-D int64 tensor of distinct positions (a boolean or fractional input would
+    otherwise be cast to positions silently: a Hugging Face-style mask [T, F, F, T] to tokens 0 and 1)."""
+    if isinstance(global_tokens, torch.Tensor):
+        if global_tokens.dim() != 1 or global_tokens.dtype.is_floating_point or global_tokens.dtype == torch.bool:
+            raise ValueError(f"global_tokens: expected a 1-D integer tensor of positions, got shape "
+                             f"{tuple(global_tokens.shape)} {global_tokens.dtype} (for a boolean mask of global "
+                             f"tokens pass mask.nonzero().flatten())")
+        return torch.unique(global_tokens.long())
+    if not isinstance(global_tokens, Sequence) or isinstance(global_tokens, str) \
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in global_tokens):
+        raise ValueError(f"global_tokens: expected a sequence or 1-D tensor of integer positions (e.g. range(16)), "
+                         f"got {global_tokens!r}")
+    return torch.unique(torch.tensor(list(global_tokens), dtype=torch.long))
+
+
 causal = Band(0, INF, name="causal")
 full = Band(-INF, INF, name="full")
 
@@ -79,49 +95,62 @@ def dilated(window: int, dilation: int, causal: bool = True) -> Pattern:
 
 
 def block_sparse(layout: torch.Tensor, block: int) -> Pattern:
-    """A block layout: ``layout[qb, kb]`` (optionally per batch and head) keeps a ``block x block`` tile."""
-    return BlockLayout(layout, block)
+    """A block layout: ``layout[qb, kb]`` (optionally per batch and head) keeps a ``block x block`` tile. The
+    pattern keeps a copy of ``layout``."""
+    return BlockLayout(layout, _positive("block", block))
 
 
 def longformer(window: int, global_tokens: Sequence[int] | torch.Tensor = (), causal: bool = False) -> Pattern:
     """Longformer: a sliding window plus global tokens that see, and are seen by, every position."""
     window = _positive("window", window)
-    if not isinstance(global_tokens, (Sequence, torch.Tensor)) or isinstance(global_tokens, str):
-        raise ValueError(f"global_tokens: expected a sequence or 1-D tensor of positions (e.g. range(16)), got "
-                         f"{global_tokens!r}")
-    inner = sliding_window(window, causal=causal).inner
-    if len(global_tokens):
-        inner = inner | Positions(global_tokens, "kv") | Positions(global_tokens, "q")
+    tokens = _global_positions(global_tokens)
+    inner = _window_and_globals(window, tokens, causal)
     if causal:
         inner = inner & Band(0, INF, name="causal")
-    return Named("longformer", inner, {"window": window, "global_tokens": len(global_tokens), "causal": causal})
+    return Named("longformer", inner, {"window": window, "global_tokens": tokens.numel(), "causal": causal})
+
+
+def _window_and_globals(window: int, tokens: torch.Tensor, causal: bool) -> Pattern:
+    """Longformer's union before causality (which the callers apply last, once: the planner reads a union
+    of parts intersected with causal)."""
+    inner = sliding_window(window, causal=causal).inner
+    if tokens.numel():
+        inner = inner | Positions(tokens, "kv") | Positions(tokens, "q")
+    return inner
 
 
 def bigbird(window: int, global_tokens: Sequence[int] | torch.Tensor = (), random_blocks: int = 3,
             seed: int = 0, block: int = 64, causal: bool = False) -> Pattern:
-    """BigBird: sliding window + global tokens + ``random_blocks`` seeded random key blocks per query block."""
+    """BigBird: sliding window + global tokens + ``random_blocks`` seeded random key blocks per query block
+    (causal: among the blocks up to the query's own, whatever the sequence's length; see ``RandomBlocks``).
+    The window is ``longformer``'s (causal: the ``window`` most recent keys)."""
     window = _positive("window", window)
     block = _positive("block", block)
-    if random_blocks < 0:
-        raise ValueError(f"random_blocks: expected >= 0, got {random_blocks}")
-    inner = longformer(window, global_tokens, causal=False).inner
+    if not isinstance(random_blocks, int) or isinstance(random_blocks, bool) or random_blocks < 0:
+        raise ValueError(f"random_blocks: expected an integer >= 0, got {random_blocks!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    tokens = _global_positions(global_tokens)
+    inner = _window_and_globals(window, tokens, causal)
     if random_blocks:
-        inner = inner | RandomBlocks(random_blocks, block, seed)
+        inner = inner | RandomBlocks(random_blocks, block, seed, causal=causal)
     if causal:
         inner = inner & Band(0, INF, name="causal")
-    return Named("bigbird", inner, {"window": window, "global_tokens": len(global_tokens),
+    return Named("bigbird", inner, {"window": window, "global_tokens": tokens.numel(),
                                     "random_blocks": random_blocks, "block": block, "seed": seed, "causal": causal})
 
 
 def document(seq_ids: torch.Tensor) -> Pattern:
-    """Packed variable-length sequences: attend only within the same ``seq_ids`` value."""
+    """Packed variable-length sequences: attend only within the same ``seq_ids`` value. The pattern keeps a
+    copy of ``seq_ids`` (its BlockMask and plans are cached by the pattern: ids edited in place afterwards
+    would not reach them)."""
     return Document(seq_ids)
 
 
 def prefix_lm(prefix_len: int) -> Pattern:
     """Prefix-LM: the first ``prefix_len`` positions are seen by everyone (bidirectional prefix), the rest
     is causal."""
-    if not isinstance(prefix_len, int) or prefix_len < 0:
+    if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 0:
         raise ValueError(f"prefix_len: expected an integer >= 0, got {prefix_len!r}")
     inner = Band(0, INF, name="causal") | _Prefix(prefix_len)
     return Named("prefix_lm", inner, {"prefix_len": prefix_len})
@@ -132,4 +161,6 @@ def from_tensor(mask: torch.Tensor) -> Pattern:
 
 
 def from_predicate(fn: Callable, name: str | None = None) -> Pattern:
+    if not callable(fn):
+        raise ValueError(f"fn: expected a callable fn(b, h, q_pos, k_pos) -> bool tensor, got {fn!r}")
     return Predicate(fn, name)

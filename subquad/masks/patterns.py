@@ -102,6 +102,9 @@ class Pattern:
                  device=None) -> torch.Tensor:
         """The boolean mask ``(batch, heads, seq_q, seq_kv)`` (small N only: it is N^2)."""
         seq_kv = seq_q if seq_kv is None else seq_kv
+        if seq_q > seq_kv:
+            raise ValueError(f"seq_q: expected at most seq_kv={seq_kv} (queries are aligned to the end of the "
+                             f"keys), got {seq_q}")
         ctx = BuildContext(batch, heads, seq_q, seq_kv, torch.device(device or "cpu"))
         pat = self.prepare(ctx)
         b = torch.arange(batch, device=ctx.device).view(-1, 1, 1, 1)
@@ -422,7 +425,7 @@ class Document(Pattern):
         if seq_ids.dim() not in (1, 2) or seq_ids.dtype.is_floating_point:
             raise ValueError(f"seq_ids: expected an integer tensor of shape (seq,) or (batch, seq), got "
                              f"{tuple(seq_ids.shape)} {seq_ids.dtype}")
-        self.seq_ids = seq_ids.long()
+        self.seq_ids = seq_ids.to(torch.long, copy=True)
         self.varies_with_batch = seq_ids.dim() == 2
 
     def prepare(self, ctx):
@@ -471,9 +474,9 @@ class BlockLayout(Pattern):
             raise ValueError(f"layout: expected a bool tensor of shape (q_blocks, kv_blocks), (heads, q_blocks, "
                              f"kv_blocks) or (batch, heads, q_blocks, kv_blocks), got {tuple(layout.shape)} "
                              f"{layout.dtype}")
-        if block <= 0:
-            raise ValueError(f"block: expected a positive block size, got {block}")
-        self.layout = _as4d(layout)
+        if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+            raise ValueError(f"block: expected a positive integer block size, got {block!r}")
+        self.layout = _as4d(layout.clone())
         self.block = int(block)
         self.varies_with_batch = self.layout.shape[0] > 1
         self.varies_with_heads = self.layout.shape[1] > 1
@@ -594,22 +597,37 @@ class Named(Pattern):
         return f"{self.name}({args})"
 
 
-class RandomBlocks(Pattern):
-    """BigBird's random part: each query block of ``block`` positions sees ``count`` seeded random key blocks."""
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of non-negative int64 values below 2^33."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
-    def __init__(self, count: int, block: int, seed: int):
-        self.count, self.block, self.seed = int(count), int(block), int(seed)
+
+class RandomBlocks(Pattern):
+    """BigBird's random part: each query block of ``block`` positions sees ``count`` random key blocks (with
+    ``causal``, among the blocks up to its own). The choice ranks the key blocks by a hash of (seed, query
+    block, key block), so a row's blocks do not depend on the sequence's length: a causal model's cached
+    decode, whose pattern is built at each step's length, sees the blocks its whole-sequence forward saw
+    (a draw of ``rand(blocks, blocks)`` changed every row with the number of blocks)."""
+
+    def __init__(self, count: int, block: int, seed: int, causal: bool = False):
+        self.count, self.block, self.seed, self.causal = int(count), int(block), int(seed), bool(causal)
 
     def prepare(self, ctx):
-        nq, nk = math.ceil(ctx.seq_kv / self.block), math.ceil(ctx.seq_kv / self.block)
-        gen = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(nq, nk, generator=gen)
-        picks = scores.topk(min(self.count, nk), dim=-1).indices
-        layout = torch.zeros(nq, nk, dtype=torch.bool).scatter_(1, picks, True)
+        n = math.ceil(ctx.seq_kv / self.block)
+        qb, kb = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        rank = _mix32(_mix32(_mix32(torch.tensor(self.seed & 0xFFFFFFFF)) + qb) + kb)
+        if self.causal:
+            rank = rank.masked_fill(kb > qb, -1)
+        picks = rank.topk(min(self.count, n), dim=-1).indices
+        layout = torch.zeros(n, n, dtype=torch.bool).scatter_(1, picks, True)
+        if self.causal:
+            layout &= kb <= qb      # (a row with fewer earlier blocks than ``count`` picked later ones too)
         return BlockLayout(layout.to(ctx.device), self.block)
 
     def __repr__(self):
-        return f"random_blocks({self.count} of {self.block}, seed={self.seed})"
+        return f"random_blocks({self.count} of {self.block}, seed={self.seed}{', causal' if self.causal else ''})"
 
 
 class _Prefix(Pattern):

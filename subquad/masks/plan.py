@@ -496,11 +496,11 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
         else:
             notes.append(f"lengths not divisible by the dilation {d}: one gathered component per class")
             q_all = torch.arange(seq_kv - seq_q, seq_kv, device=device)
-            for r in range(d):
+            for r in range(min(d, seq_kv)):     # (a sequence shorter than the dilation has fewer classes)
                 qi = q_all[q_all % d == r]
-                ki = torch.arange(r, seq_kv, d, device=device)
                 if qi.numel() == 0:
                     continue
+                ki = torch.arange(r, seq_kv, d, device=device)
                 comps.append(Component("class", clip, qi.numel(), ki.numel(), q_index=qi - (seq_kv - seq_q),
                                        kv_index=ki,
                                        q_pos=qi, kv_pos=ki, note=f"residue {r}: {_band_str(clip)}"))
