@@ -271,6 +271,30 @@ def test_varlen_cu_seqlens_is_document():
         varlen_mask(torch.tensor([1, 5]))
 
 
+def test_trainable_alibi_slopes_are_refused():
+    """The kernels take the slopes as constants: the Triton backward returned no gradient for slopes that
+    require one (the reference differentiates them), silently."""
+    q, k, v = _qkv(1, 40, 40, 2, 2, 16, torch.float16)
+    slopes = torch.tensor([0.3, 0.1], device=DEV, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        subquad.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+    with torch.no_grad():
+        subquad.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+
+
+@pytest.mark.parametrize("mask", [None, masks.strided(16)], ids=["causal", "strided-planned"])
+def test_double_backward_raises(mask):
+    """A gradient of a gradient (a gradient penalty) through the kernels: their backward is not itself
+    differentiable, and the second backward returned None for the attention term without a word (with
+    ``allow_unused``): a backward asked to build a graph now refuses."""
+    q, k, v = _qkv(1, 64, 64, 2, 2, 16, torch.float16)
+    out = subquad.attention(q, k, v, causal=mask is None, mask=mask, backend="triton")
+    with pytest.raises(RuntimeError, match="first-order backward"):
+        torch.autograd.grad(out.float().square().sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(out.float().square().sum(), q)      # the first-order gradient runs
+    assert torch.isfinite(dq).all()
+
+
 def test_fp32_runs_reference():
     q, k, v = _qkv(1, 20, 20, 1, 1, 16, torch.float32)
     out = subquad.attention(q, k, v, causal=True, backend="triton")

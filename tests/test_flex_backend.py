@@ -6,6 +6,8 @@ compiled kernels, gradients included."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -142,6 +144,36 @@ def test_calls_flex_cannot_run_are_value_errors():
     slopes = torch.rand(4, requires_grad=True)
     with pytest.raises(ValueError, match="no gradient flows"):
         attention(q, k, v, causal=True, alibi_slopes=slopes, backend="flex")
+
+
+def test_strict_determinism_refuses_flex_after_a_warn_only_call():
+    """The prepared-call cache kept a call that warn-only mode had let run, and a later strict call ran it."""
+    q, k, v = _inputs()
+    try:
+        for warn_only in (True, False, True, False):
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+            if warn_only:   # (it warns on the first such call; the prepared call then runs quietly)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    attention(q, k, v, causal=True, backend="flex")
+            else:
+                with pytest.raises(ValueError, match="deterministic"):
+                    attention(q, k, v, causal=True, backend="flex")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_alibi_slopes_updated_in_place_reach_flex():
+    """bf16 slopes: the score_mod closure held a float copy, kept per slopes tensor, so an in-place update
+    (a trained slope) was not seen."""
+    q, k, v = _inputs()
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.bfloat16)
+    for _ in range(2):
+        with torch.no_grad():
+            got = attention(q, k, v, causal=True, alibi_slopes=slopes, backend="flex")
+            want = attention(q, k, v, causal=True, alibi_slopes=slopes.float(), backend="reference")
+        _close(got, want)
+        slopes.mul_(4)
 
 
 def test_auto_runs_flex_only_where_the_table_ranks_it(monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..first_order import first_order
 from ..linear.chunk import (ChunkTables, chunk_tables, fused_forward, launch_chunk_cumsum, launch_dqk_bwd,
                             launch_dv_bwd, launch_fused_fwd, launch_output_fwd, launch_state_bwd, launch_state_fwd,
                             launch_transition, log_decay_grad)
@@ -60,6 +61,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @first_order
     def backward(ctx, do, dht):
         q, k, v, beta, gc, h0, ht, t_mat, w, u, local, trans = ctx.saved_tensors
         tables, split, scale, chunk_size = ctx.meta

@@ -16,6 +16,7 @@ import functools
 import torch
 
 from ..autotuned import Autotuned
+from ..first_order import first_order
 from ..grid import cdiv, next_power_of_2
 from . import chunk_bwd, chunk_fwd, chunk_intra
 from .chunk_split import final_states, segment_split
@@ -320,6 +321,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         return o.view(bsz, seq_len, heads, dv), ht
 
     @staticmethod
+    @first_order
     def backward(ctx, do, dht):
         qf, kf, vf, gc, h0c, local, ht, scores = ctx.saved_tensors
         tables, split, scale, chunk_size, q_shape, v_shape, has_h0, h0_dtype = ctx.meta

@@ -135,6 +135,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):   # dynamo cannot trace loggers
         log.debug("subquad.attention: backend=%s (asked %s), q=%s %s, mask=%s", chosen, backend, tuple(q.shape),
                   q.dtype, "causal" if mask is None and causal else mask)
+    if chosen == "triton" and dispatch.trainable_slopes(alibi_slopes):
+        raise ValueError("alibi_slopes: slopes that require grad are differentiated by the reference backend only "
+                         "(the Triton kernels take them as constants); pass alibi_slopes.detach() or "
+                         "backend='reference'")
     if chosen in ("cudnn", "fa4", "flex") and backend == chosen:
         # auto asked already; a backend asked by name is checked here
         why = dispatch.unsupported_reason(chosen, q, k, v, causal=causal, mask=mask, softcap=softcap,
@@ -144,6 +148,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     planned = None
     if chosen not in ("cudnn", "fa4", "flex") and plan is not False:
         planned = plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
+    if plan is True and chosen in ("cudnn", "fa4", "flex"):
+        raise ValueError(f"backend: plan=True runs the Triton or reference kernels, got backend={backend!r}"
+                         + (f" (auto chose {chosen!r})" if backend != chosen else ""))
     if plan is True and planned is None:
         raise ValueError(f"plan: expected a mask with scattered keys to plan (strided, fixed, dilated, global "
                          f"tokens), got {mask!r}")
@@ -166,8 +173,10 @@ def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse,
             or torch.compiler.is_compiling():
         return None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # (torch's warn-only mode too: a backend that it lets run with a warning is refused in the strict mode)
     return (id(mask), causal, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            needs_grad, scale, softcap, return_lse, backend, deterministic, plan)
+            needs_grad, scale, softcap, return_lse, backend, deterministic, plan,
+            torch.is_deterministic_algorithms_warn_only_enabled())
 
 
 def _prepared() -> dict | None:

@@ -247,12 +247,19 @@ def _triton_importable() -> bool:
     return True
 
 
+def trainable_slopes(alibi_slopes) -> bool:
+    """ALiBi slopes that a backward would have to differentiate (only the reference does)."""
+    return alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled()
+
+
 def unsupported_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                        mask=None, softcap=None, alibi_slopes=None, return_lse: bool = False) -> str | None:
     """Why ``backend`` cannot run this call, or None if it can."""
     if backend == "reference":
         return None
     if backend == "triton":
+        if trainable_slopes(alibi_slopes):
+            return "the Triton kernels take the ALiBi slopes as constants: no gradient would reach them"
         if not q.is_cuda:
             return "the Triton kernels run on CUDA (the CPU runs the reference)"
         if q.dtype not in (torch.float16, torch.bfloat16):
@@ -289,7 +296,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         # (None kept as itself: torch 2.11's dynamo traces id() of objects, not of None)
         memo = (None if mask is None else id(mask), causal, q.shape, k.shape, v.shape, q.dtype, q.device,
-                needs_grad, softcap is None, alibi_slopes is None, return_lse)
+                needs_grad, softcap is None, alibi_slopes is None, trainable_slopes(alibi_slopes), return_lse)
         hit = measured.chosen.get(memo)
         if hit is not None:
             if log.isEnabledFor(logging.DEBUG):

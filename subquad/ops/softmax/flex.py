@@ -107,7 +107,8 @@ def _score_mod(softcap, alibi_slopes, q_offset):
     new closure on every call would compile again."""
     if softcap is None and alibi_slopes is None:
         return None
-    key = (softcap, None if alibi_slopes is None else id(alibi_slopes), q_offset)
+    # (the version too: a closure holds a float copy of bf16 slopes, which an in-place update would not reach)
+    key = (softcap, None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version), q_offset)
     hit = _SCORE_MODS.get(key)
     if hit is not None and hit[0] is alibi_slopes:
         return hit[1]

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..first_order import first_order
 from ..grid import cdiv, next_power_of_2
 
 
@@ -127,6 +128,7 @@ class _Merge2(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dlse):
         o1, l1, o2, l2 = ctx.saved_tensors
         bsz, n, h, dv = o1.shape

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...first_order import first_order
 from . import launch
 from .launch import MaskArgs
 
@@ -144,6 +145,7 @@ class _Flash(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         m, scale, softcap, slopes, deterministic = ctx.launch_args
@@ -169,6 +171,7 @@ class FlashWithColumns(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @first_order
     def backward(ctx, dout, dlse):
         q, k, v, k2, v2, kv_index, out, lse = ctx.saved_tensors
         m, m2, scale, softcap, slopes = ctx.launch_args
