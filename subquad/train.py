@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
@@ -115,6 +115,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, progress: bool = True, console=None, corpus=None) -> TrainResult:
     """Train, evaluate every ``eval_every`` steps and at the end, save the checkpoint and the loss plot."""
+    checkpointable(asdict(cfg), "cfg")  # an option the checkpoint cannot hold is refused before training
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -191,9 +192,25 @@ def _progress(enabled: bool, console):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
 
 
+def checkpointable(value, name: str):
+    """``value`` in the types a weights-only checkpoint loads: dataclasses become dicts of their fields, which
+    the layers take back (``rope_scaling=`` a ``RopeScaling`` or its dict); anything else but None, numbers,
+    strings, lists, tuples and dicts (a mask pattern, a module) is refused with a ValueError naming ``name``."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: checkpointable(v, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(checkpointable(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"{name}: expected None, a number, a string, a list, a dict or a dataclass (what a checkpoint "
+                     f"can hold), got {type(value).__name__}")
+
+
 def save_checkpoint(path, model: HybridLM, cfg: TrainConfig, history: dict) -> None:
-    torch.save({"model_config": model.config, "state_dict": model.state_dict(), "train_config": asdict(cfg),
-                "history": history}, path)
+    torch.save({"model_config": checkpointable(model.config, "model.config"), "state_dict": model.state_dict(),
+                "train_config": checkpointable(asdict(cfg), "cfg"), "history": history}, path)
 
 
 def load_checkpoint(path, device="cpu") -> tuple[HybridLM, dict]:

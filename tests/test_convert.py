@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from subquad import attention
+from subquad.nn import Attention, DiffAttention
 from subquad.nn.convert import mha_to_gqa, pool_kv_heads
 
 
@@ -57,6 +58,57 @@ def test_module_conversion(n_kv):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+def _copy_first_head_over_group(linear, heads, n_kv, parts=1):
+    """Each group's heads made equal to its first, in each of ``parts`` stacked blocks (a fused [K; V])."""
+    with torch.no_grad():
+        for t in (linear.weight, linear.bias):
+            if t is not None:
+                g = t.view(parts, n_kv, heads // n_kv, -1)
+                g.copy_(g[:, :, :1].expand_as(g))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_subquad_layers_convert(fused):
+    """Attention's fused kv_proj is pooled half by half (K, then V), DiffAttention's k_proj / v_proj as they
+    are; with heads equal within each group the output is unchanged and the layer's kv_heads follows."""
+    torch.manual_seed(0)
+    layer = Attention(32, 4, bias=True) if fused else DiffAttention(32, 4)
+    names = ["kv_proj"] if fused else ["k_proj", "v_proj"]
+    for name in names:
+        _copy_first_head_over_group(getattr(layer, name), 4, 2, parts=2 if fused else 1)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        before = layer(x)
+        mha_to_gqa(layer, 2)
+        after = layer(x)
+    assert layer.kv_heads == 2
+    assert sum(getattr(layer, n).out_features for n in names) == 2 * 2 * 8  # K and V: 2 heads of 8 channels
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_llama_attention_converts():
+    """A transformers Llama layer has no head-count attributes of its own: the query heads come from its config,
+    and num_key_value_groups (read by its attention functions) and config.num_key_value_heads follow."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+            _copy_first_head_over_group(lin, 4, 2)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for layer in model.model.layers:
+            mha_to_gqa(layer.self_attn, 2)
+        after = model(input_ids=ids).logits
+    assert model.config.num_key_value_heads == 2 and model.model.layers[1].self_attn.num_key_value_groups == 2
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="n_kv_heads"):
         pool_kv_heads(torch.randn(32, 16), 8, 3)
@@ -64,3 +116,5 @@ def test_bad_inputs():
         pool_kv_heads(torch.randn(30, 16), 8, 2)
     with pytest.raises(ValueError, match="n_heads"):
         mha_to_gqa(nn.Module(), 2)
+    with pytest.raises(ValueError, match="n_heads: expected the 2 key/value heads"):  # already GQA
+        mha_to_gqa(Attention(32, 4, kv_heads=2), 1)

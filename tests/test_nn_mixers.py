@@ -130,8 +130,15 @@ def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     (lambda: RetNet(10, 4), "d_model"),
     (lambda: Mamba2(16, heads=5), "heads"),
     (lambda: LinearAttention(16, 2, feature_map="softmax"), "feature_map"),
+    (lambda: Attention(16, 4, softcap=0.0), "softcap"),
+    (lambda: DiffAttention(16, 2, window=0), "window"),
+    (lambda: GLA(16, 2, gate_normalizer=0.0), "gate_normalizer"),
+    (lambda: Mamba2(16, headdim=0), "headdim"),
+    (lambda: Mamba2(16, headdim=8, ngroups=0), "ngroups"),
 ])
 def test_bad_arguments(make_layer, match):
+    """Refused by the constructor, not at the first forward (softcap, window) nor as NaN outputs
+    (gate_normalizer=0) or a ZeroDivisionError (headdim, ngroups = 0)."""
     with pytest.raises(ValueError, match=match):
         make_layer()
 
@@ -168,6 +175,25 @@ def test_diff_attention_is_the_difference_of_two_softmax_maps():
     o = torch.einsum("bhqk,bkhd->bqhd", amap(0) - lam * amap(1), v)
     o = F.rms_norm(o, (2 * d,), layer.head_norm.weight, eps=1e-5) * (1 - layer.lambda_init)
     torch.testing.assert_close(layer(x), layer.o_proj(o.reshape(1, t, D)), atol=1e-5, rtol=1e-5)
+
+
+def test_unnormalised_favor_layer_is_the_direct_favor_sum():
+    """Without normalisation nothing cancels a per-query-row factor (FAVOR+'s stabiliser): the layer must give
+    scale * sum_{s <= t} (phi(q_t) . phi(k_s)) v_s with phi(x) = exp(w x' - |x'|^2 / 2) / sqrt(m), x' = x D^-1/4."""
+    torch.manual_seed(6)
+    layer = LinearAttention(D, 2, feature_map="favor", num_features=16, normalize=False).double()
+    x = torch.randn(1, 6, D, dtype=torch.float64)
+    d = D // 2
+    q, k, v = layer.qkv_proj(x).view(1, 6, 3, 2, d).unbind(2)
+    w = layer.phi.projection.double()
+
+    def phi(t):
+        t = t * d ** -0.25
+        return torch.exp(t @ w.T - 0.5 * t.square().sum(-1, keepdim=True)) / math.sqrt(w.shape[0])
+
+    scores = torch.einsum("bthf,bshf->bhts", phi(q), phi(k)).tril()
+    o = torch.einsum("bhts,bshd->bthd", scores, v) * d ** -0.5
+    torch.testing.assert_close(layer(x), layer.o_proj(o.reshape(1, 6, D)), atol=1e-6, rtol=1e-5)
 
 
 def test_mamba2_layer_matches_a_token_loop():

@@ -83,6 +83,29 @@ def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
     assert torch.allclose(same.inv_freq, plain.inv_freq) and same.attention_factor == 1.0
 
 
+def hf_yarn_inv_freq(dim, base, factor, original_max_position, beta_fast=32.0, beta_slow=1.0):
+    """transformers' ``_compute_yarn_parameters`` (YaRN's reference code), written out in fp64."""
+    def correction_dim(rotations):
+        return dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    high = high + 0.001 if high == low else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolated = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return extrapolated / factor * ramp + extrapolated * (1 - ramp)
+
+
+@pytest.mark.parametrize("dim, base, factor, original", [(16, 100.0, 4.0, 1024), (64, 500.0, 8.0, 4096),
+                                                         (64, 10000.0, 4.0, 2048)])
+def test_yarn_frequencies_match_the_reference_formula(dim, base, factor, original):
+    """A small base or rotary dim puts YaRN's upper ramp bound past the last pair, where the reference code
+    clamps it to dim - 1: the ramp then leaves the last pairs partly extrapolated."""
+    yarn = RotaryEmbedding(dim, base, RopeScaling("yarn", factor, original_max_position=original))
+    want = hf_yarn_inv_freq(dim, base, factor, original)
+    torch.testing.assert_close(yarn.inv_freq.double(), want, rtol=1e-6, atol=0)
+
+
 def test_alibi_slopes():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     s12 = alibi_slopes(12)  # 8 slopes of base 2^-1, then the odd ones of the 16-head sequence (base 2^-0.5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from subquad.data import IGNORE, load_corpus, mqar, needle, random_windows, stdlib_files, stdlib_root
-from subquad.train import TrainConfig, generate_text, load_checkpoint, lr_at, train
+from subquad.train import TrainConfig, generate_text, load_checkpoint, lr_at, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,27 @@ def test_checkpoint_round_trip_and_sampling(trained):
     assert text.startswith("def f(") and len(text.encode()) >= 20
     greedy = [generate_text(result.checkpoint, "import ", 10, temperature=0, device="cpu") for _ in range(2)]
     assert greedy[0] == greedy[1]
+
+
+def test_rope_scaling_checkpoint_round_trip_and_unsavable_options_refused(tmp_path):
+    """A RopeScaling in mixer_options is stored as the dict of its fields (a weights-only load refuses the class)
+    and the rebuilt layer has it back; a mask pattern, which no checkpoint can hold, is refused when saving."""
+    from subquad import masks
+    from subquad.models import HybridLM
+    from subquad.nn import RopeScaling
+
+    scaling = RopeScaling("yarn", 2.0, original_max_position=64)
+    torch.manual_seed(0)
+    model = HybridLM(256, 32, "A", heads=2, mixer_options={"A": {"rope_scaling": scaling}}).eval()
+    save_checkpoint(tmp_path / "ck.pt", model, TrainConfig(mixer_options=model.config["mixer_options"]), {})
+    loaded, ckpt = load_checkpoint(tmp_path / "ck.pt")
+    assert loaded.blocks[0].mixer.rope.scaling == scaling
+    assert ckpt["train_config"]["mixer_options"]["A"]["rope_scaling"]["factor"] == 2.0
+    ids = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(loaded(ids), model(ids))
+    masked = HybridLM(256, 32, "A", heads=2, mixer_options={"A": {"mask": masks.strided(3)}})
+    with pytest.raises(ValueError, match=r"\['A'\]\['mask'\]"):
+        save_checkpoint(tmp_path / "masked.pt", masked, TrainConfig(), {})
 
 
 def test_cli_train_and_generate(tmp_path):
@@ -104,3 +125,21 @@ def test_synthetic_recall_tasks():
     assert (ids[:, pos] == 1).all() and torch.equal(ids[:, pos + 1], targets[:, -1]) and (ids[:, -1] == 1).all()
     with pytest.raises(ValueError, match="num_pairs"):
         mqar(1, 10, 20, 32)
+
+
+def test_mqar_fills_every_query_slot_when_there_are_just_enough():
+    """seq_len 12, 4 pairs: the check admits 4 query slots for 4 keys, so each slot, the last included, must
+    hold a key (the draw used to leave the last one out and fail)."""
+    ids, targets = mqar(2, 4, 12, 16, torch.Generator().manual_seed(0))
+    assert (targets[:, 8:] != IGNORE).all() and (targets[:, :8] == IGNORE).all()
+    for b in range(2):
+        pairs = dict(zip(ids[b, 0:8:2].tolist(), ids[b, 1:8:2].tolist()))
+        assert sorted(ids[b, 8:].tolist()) == sorted(pairs)
+        assert [pairs[k] for k in ids[b, 8:].tolist()] == targets[b, 8:].tolist()
+
+
+@pytest.mark.parametrize("depth", [-0.5, 1.5])
+def test_needle_depth_is_a_fraction(depth):
+    """Outside [0, 1] the needle lands at a negative index (counted from the end) or past the end."""
+    with pytest.raises(ValueError, match="depth"):
+        needle(1, 16, 10, depth=depth)

@@ -30,7 +30,7 @@ def mqar(batch: int, num_pairs: int, seq_len: int, vocab_size: int, generator: t
     ids[:, 0:2 * num_pairs:2], ids[:, 1:2 * num_pairs:2] = keys, values
     targets = torch.full_like(ids, IGNORE)
     for b in range(batch):
-        slots = torch.randperm(query_len - 1, generator=generator)[:num_pairs] + 2 * num_pairs
+        slots = torch.randperm(query_len, generator=generator)[:num_pairs] + 2 * num_pairs
         ids[b, slots] = keys[b]
         targets[b, slots] = values[b]
     return ids, targets
@@ -42,6 +42,8 @@ def needle(batch: int, seq_len: int, vocab_size: int, depth: float | None = None
     tokens are ``marker`` and the target is ``value``. Token 1 is the marker, 0 never appears."""
     if seq_len < 6 or vocab_size < 4:
         raise ValueError(f"seq_len, vocab_size: expected >= 6 and >= 4, got {seq_len}, {vocab_size}")
+    if depth is not None and not 0 <= depth <= 1:
+        raise ValueError(f"depth: expected a fraction in [0, 1] or None, got {depth!r}")
     ids = torch.randint(2, vocab_size, (batch, seq_len), generator=generator)
     values = torch.randint(2, vocab_size, (batch,), generator=generator)
     if depth is None:

@@ -56,9 +56,14 @@ def keep_mask(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor 
 def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, softcap: float | None = None, sliding_window: int | None = None,
-                              *, pattern: masks.Pattern | None = None, backend: str = "auto", **kwargs):
+                              *, s_aux: torch.Tensor | None = None, pattern: masks.Pattern | None = None,
+                              backend: str = "auto", **kwargs):
     """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
-    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference)."""
+    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference). Attention
+    sinks (``s_aux``, GPT-OSS) are not supported: refused rather than dropped with the other keywords."""
+    if s_aux is not None:
+        raise ValueError(f"s_aux: attention sinks are not supported by subquad's attention; expected None, got a "
+                         f"tensor of shape {tuple(s_aux.shape)}")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keep = keep_mask(attention_mask, k.shape[1])
     mask = pattern

@@ -23,6 +23,9 @@ from ..nn.mlp import SwiGLU, swiglu_hidden
 from ..nn.norm import RMSNorm
 from ..nn.registry import lookup, parse_layers
 
+# the mixers' and the MLP's output projections, which write into the residual stream
+RESIDUAL_OUT = ("o_proj", "out_proj", "wo", "down")
+
 
 class Block(nn.Module):
     def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
@@ -57,7 +60,10 @@ class HybridLM(nn.Module):
             raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
         if not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model: expected a positive int, got {d_model!r}")
-        heads = heads or max(1, d_model // 64)
+        if heads is None:
+            heads = max(1, d_model // 64)
+        elif not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"heads: expected a positive int or None, got {heads!r}")
         specs = parse_layers(layers)
         options = {lookup(key).letter: dict(opts) for key, opts in (mixer_options or {}).items()}
         self.config = dict(vocab_size=vocab_size, d_model=d_model,
@@ -70,7 +76,7 @@ class HybridLM(nn.Module):
         blocks = []
         for i, spec in enumerate(specs):
             opts = dict(options.get(spec.letter, {}))
-            if kv_heads is not None and spec.letter in "AGL":
+            if kv_heads is not None and spec.letter in "AGLD":
                 opts.setdefault("kv_heads", kv_heads)
             blocks.append(Block(spec.build(d_model, heads, i, **opts), d_model, hidden, norm_eps))
         self.blocks = nn.ModuleList(blocks)
@@ -81,12 +87,12 @@ class HybridLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def _init_weights(self, n_layers: int) -> None:
-        """Normal(0, 0.02) for matrices, the residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and ("proj" in name or "embed" in name or "gate_" in name or "mlp" in name):
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "out_proj.weight",
-                                                                         "down.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
+        """Normal(0, 0.02) for every Linear and the embedding, the residual output projections (``RESIDUAL_OUT``)
+        scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.rpartition(".")[2] in RESIDUAL_OUT
+                nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -134,6 +140,10 @@ class HybridLM(nn.Module):
                                  f"in [{lo}, {hi}]")
         if temperature < 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
         ids = prompt_ids
         bsz = ids.shape[0]
         caches = self.new_caches(bsz, ids.shape[1] + max_new_tokens) if use_cache else None
@@ -145,7 +155,11 @@ class HybridLM(nn.Module):
             chosen_logits.append(logits)
             ids = torch.cat([ids, nxt], dim=1)
             step_input = nxt
-        return (ids, torch.stack(chosen_logits, 1)) if return_logits else ids
+        if not return_logits:
+            return ids
+        if not chosen_logits:
+            return ids, torch.empty(bsz, 0, self.config["vocab_size"], device=ids.device)
+        return ids, torch.stack(chosen_logits, 1)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:

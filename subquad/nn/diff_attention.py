@@ -49,6 +49,8 @@ class DiffAttention(nn.Module):
             raise ValueError(f"d_model: expected a multiple of 2 * heads (two maps per head), got d_model={d_model}, "
                              f"heads={heads}")
         self.kv_heads, _ = check_heads(d_model, heads, kv_heads, d_model // heads)
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise ValueError(f"window: expected a positive int or None, got {window!r}")
         self.d_model, self.heads, self.window, self.backend = d_model, heads, window, backend
         self.head_dim = d_model // heads // 2
         d = self.head_dim

@@ -32,6 +32,8 @@ class GLA(nn.Module):
         self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
         check_heads(self.key_dim, heads, None, None)
         check_heads(self.value_dim, heads, None, None)
+        if not gate_normalizer > 0:
+            raise ValueError(f"gate_normalizer: expected a positive number, got {gate_normalizer!r}")
         self.d_model, self.heads, self.gate_normalizer, self.backend = d_model, heads, gate_normalizer, backend
         self.dk, self.dv = self.key_dim // heads, self.value_dim // heads
         self.qk_proj = nn.Linear(d_model, 2 * self.key_dim, bias=False)

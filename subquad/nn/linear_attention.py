@@ -19,11 +19,12 @@ from .state import RecurrentState, check_recurrent_cache
 FEATURE_MAPS = tuple(BUILTIN) + ("favor", "cosformer", "hedgehog")
 
 
-def make_feature_map(name: str, heads: int, head_dim: int, max_len: int, num_features: int | None):
+def make_feature_map(name: str, heads: int, head_dim: int, max_len: int, num_features: int | None,
+                     normalize: bool = True):
     if name in BUILTIN:
         return BUILTIN[name]()
-    if name == "favor":
-        return Favor(head_dim, num_features)
+    if name == "favor":  # its per-query-row stabiliser cancels only under normalisation
+        return Favor(head_dim, num_features, stabilize_queries=normalize)
     if name == "cosformer":
         return CosFormer(max_len)
     if name == "hedgehog":
@@ -46,7 +47,7 @@ class LinearAttention(nn.Module):
         _, self.head_dim = check_heads(d_model, heads, None, None)
         self.d_model, self.heads, self.normalize, self.backend = d_model, heads, normalize, backend
         self.feature_map_name = feature_map
-        self.phi = make_feature_map(feature_map, heads, self.head_dim, max_len, num_features)
+        self.phi = make_feature_map(feature_map, heads, self.head_dim, max_len, num_features, normalize)
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 

@@ -43,11 +43,11 @@ class Mamba2(nn.Module):
             if not isinstance(heads, int) or heads <= 0 or self.d_inner % heads:
                 raise ValueError(f"heads: expected a positive divisor of d_inner={self.d_inner}, got {heads!r}")
             headdim = self.d_inner // heads
-        if self.d_inner % headdim:
-            raise ValueError(f"headdim: expected a divisor of d_inner={self.d_inner}, got {headdim}")
+        if not isinstance(headdim, int) or headdim <= 0 or self.d_inner % headdim:
+            raise ValueError(f"headdim: expected a positive divisor of d_inner={self.d_inner}, got {headdim!r}")
         self.heads = self.d_inner // headdim
-        if self.heads % ngroups:
-            raise ValueError(f"ngroups: expected a divisor of heads={self.heads}, got {ngroups}")
+        if not isinstance(ngroups, int) or ngroups <= 0 or self.heads % ngroups:
+            raise ValueError(f"ngroups: expected a positive divisor of heads={self.heads}, got {ngroups!r}")
         self.d_model, self.headdim, self.d_state, self.ngroups, self.backend = d_model, headdim, d_state, ngroups, backend
         conv_dim = self.d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, self.d_inner + conv_dim + self.heads, bias=False)

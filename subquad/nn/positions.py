@@ -56,7 +56,9 @@ def _yarn_inv_freq(dim: int, base: float, s: RopeScaling) -> torch.Tensor:
         return dim * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(s.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(s.beta_slow)), dim // 2 - 1)
+    # dim - 1, not the last pair (dim / 2 - 1), as in YaRN's reference code and transformers: models trained with
+    # them expect the ramp this gives where the clamp binds (a small base or rotary dim)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
     return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)

@@ -57,7 +57,8 @@ def _local(d_model, heads, layer_idx, **opts):
 def _mla(d_model, heads, layer_idx, **opts):
     from .mla import MLA  # the caches engineer's layer; imported when used
     head_dim = d_model // heads
-    defaults = dict(kv_lora_rank=max(d_model // 2, 16), qk_nope_dim=head_dim, rope_dim=max(head_dim // 2, 2),
+    # rope_dim: half the head, rounded down to the even width RoPE rotates in pairs
+    defaults = dict(kv_lora_rank=max(d_model // 2, 16), qk_nope_dim=head_dim, rope_dim=max(head_dim // 4 * 2, 2),
                     v_dim=head_dim)
     return MLA(d_model, heads, **{**defaults, **opts})
 

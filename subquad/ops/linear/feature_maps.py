@@ -1,7 +1,7 @@
 """Kernel feature maps phi for linear attention: sim(q, k) = phi(q) . phi(k) replaces exp(q . k).
 
 Every map is a ``FeatureMap`` module called as ``phi(x, is_query=..., offset=...)`` on ``(B, T, H, D)``:
-``is_query`` lets FAVOR+ stabilise query rows (a per-row factor that cancels under normalisation), ``offset`` is
+``is_query`` lets FAVOR+ stabilise query rows (a per-row factor that cancels under normalisation only), ``offset`` is
 the absolute position of the first token (cosFormer re-weights by position; decoding passes the step index).
 """
 
@@ -60,13 +60,18 @@ class Favor(FeatureMap):
     """Performer FAVOR+ positive random features (Choromanski et al., 2021).
 
     ``phi(x) = exp(w_i . x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * D^-1/4`` and orthogonal ``w_i``, so that
-    ``E[phi(q) . phi(k)] = exp(q . k / sqrt(D))`` (the softmax kernel). Queries subtract their row maximum
-    (cancels in the normalised output). ``redraw(seed)`` draws new features (Performer redraws during training).
+    ``E[phi(q) . phi(k)] = exp(q . k / sqrt(D))`` (the softmax kernel). ``redraw(seed)`` draws new features
+    (Performer redraws during training).
+
+    ``stabilize_queries``: queries subtract their row maximum before ``exp``, a per-row factor that cancels in
+    normalised attention only; pass False for the unnormalised form (``normalize=False``), which it would scale
+    row by row (the exponent is then bounded by ``|w_i|^2 / 2``, about ``D / 2``, only).
     """
 
-    def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0):
+    def __init__(self, head_dim: int, num_features: int | None = None, seed: int = 0, *,
+                 stabilize_queries: bool = True):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.stabilize_queries = head_dim, stabilize_queries
         self.num_features = num_features or head_dim
         self.register_buffer("projection", torch.empty(self.num_features, head_dim), persistent=True)
         self.redraw(seed)
@@ -84,7 +89,7 @@ class Favor(FeatureMap):
             raise ValueError(f"x: expected head_dim {self.head_dim}, got shape {tuple(x.shape)}")
         xf = x.float() * self.head_dim ** -0.25
         logits = xf @ self.projection.float().T - 0.5 * xf.square().sum(-1, keepdim=True)
-        if is_query:
+        if is_query and self.stabilize_queries:
             logits = logits - logits.amax(dim=-1, keepdim=True).detach()
         return (logits.exp() * self.num_features ** -0.5).to(x.dtype)
 
