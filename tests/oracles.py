@@ -65,13 +65,14 @@ def linear_attention_quadratic(fq, fk, v, weight=None, causal=True, normalize=Tr
 # ---------------------------------------------------------------------------------------------------------------
 
 def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
-                      q_pos=None, kv_pos=None):
+                      q_pos=None, kv_pos=None, sinks=None):
     """Dense attention in fp64, differentiable. q (B, Nq, Hq, D), k/v (B, Nkv, Hkv, D*); K/V repeated for
     GQA/MQA. ``mask``: a pattern (materialised with ``pattern.to_dense``) or a bool tensor broadcastable to
     (B, Hq, Nq, Nkv); ``causal`` keeps k_pos <= q_pos. Query i sits at i + Nkv - Nq unless ``q_pos`` /
     ``kv_pos`` say otherwise (then the mask must be a bool tensor over those positions, or a pattern whose
     predicate is evaluated on them). ALiBi adds -slope * |q_pos - k_pos|. Returns (out (B, Nq, Hq, Dv),
-    lse (B, Hq, Nq)) with out 0 and lse -inf on rows with no kept key."""
+    lse (B, Hq, Nq)) with out 0 and lse -inf on rows with no kept key. ``sinks`` (Hq,): one more key per head,
+    seen by every query, with that logit and a zero value."""
     b, nq, hq, d = q.shape
     nkv, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -101,6 +102,10 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
             bi = torch.arange(b).view(-1, 1, 1, 1)
             hi = torch.arange(hq).view(1, -1, 1, 1)
             keep = keep & pattern.predicate(bi, hi, qp.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().cpu().view(1, -1, 1, 1).expand(b, hq, nq, 1)], -1)
+        keep = torch.cat([keep.expand(b, hq, nq, nkv), torch.ones(b, hq, nq, 1, dtype=torch.bool)], -1)
+        vd = torch.cat([vd, vd.new_zeros(b, 1, hq, vd.shape[-1])], 1)
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     empty = ~keep.any(-1)
@@ -114,7 +119,8 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
 # Decoding over KV caches (issue 5): every token ever written, attended densely in fp64.
 # ---------------------------------------------------------------------------------------------------------------
 
-def decode_attention(q, k_stream, v_stream, seqlens, *, window=None, scale=None, softcap=None, alibi_slopes=None):
+def decode_attention(q, k_stream, v_stream, seqlens, *, window=None, scale=None, softcap=None, alibi_slopes=None,
+                     sinks=None):
     """The T new queries of each sequence (at positions seqlens[b] - T .. seqlens[b] - 1) against the whole
     stream of keys written so far, k_stream/v_stream (B, >= max(seqlens), Hkv, D*) in position order: causal,
     optional sliding window (keep 0 <= q_pos - k_pos < window), softcap, ALiBi. Returns out (B, T, Hq, Dv) fp64."""
@@ -129,6 +135,6 @@ def decode_attention(q, k_stream, v_stream, seqlens, *, window=None, scale=None,
         slopes = None if alibi_slopes is None else alibi_slopes.reshape(-1, q.shape[2])[
             b if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0]
         o, _ = softmax_attention(q[b:b + 1], k_stream[b:b + 1, :n], v_stream[b:b + 1, :n], mask=mask, causal=True,
-                                 scale=scale, softcap=softcap, alibi_slopes=slopes)
+                                 scale=scale, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
         outs.append(o)
     return torch.cat(outs)

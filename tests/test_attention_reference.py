@@ -183,6 +183,28 @@ def test_every_row_masked():
     assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
 
 
+@pytest.mark.parametrize("mask", [masks.causal, masks.document(IDS) & masks.sliding_window(5),
+                                  masks.Band(SEQ, SEQ + 5)], ids=["causal", "document-window", "every-row-empty"])
+def test_sinks_match_the_oracle(mask):
+    """A per-head sink logit that every query sees with a zero value: outputs, LSE and the gradients of q, k,
+    v and the sinks themselves, rows that see no key included (their output stays 0, their LSE is the sink)."""
+    q, k, v = _inputs(grad=True)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
+    out, lse = subquad.attention(q, k, v, mask=mask, return_lse=True, backend="reference", sinks=sinks)
+    ref, ref_lse = softmax_attention(q, k, v, mask=mask, sinks=sinks)
+    _close(out, ref, 1e-5)
+    _close(lse, ref_lse, 1e-5)
+    gen = torch.Generator().manual_seed(3)
+    g_out, g_lse = torch.randn(out.shape, generator=gen, dtype=out.dtype), torch.randn(lse.shape, generator=gen)
+    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v, sinks))
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v, sinks))
+    for a, b in zip(got, want):
+        _close(a, b, 1e-4)
+    assert sinks.grad is None and float(got[3].abs().sum()) > 0
+    with pytest.raises(ValueError, match="sinks"):
+        subquad.attention(q, k, v, causal=True, sinks=torch.zeros(3))
+
+
 @pytest.mark.parametrize("mask_kind", ["tensor", "predicate", "pattern_with_causal"])
 def test_mask_argument_forms(mask_kind):
     q, k, v = _inputs(nq=40)

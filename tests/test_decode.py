@@ -226,6 +226,18 @@ def test_sequences_shorter_than_the_new_tokens_see_no_key(backend):
     assert out[2].abs().max() == 0 and out[1, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_sinks(backend):
+    """GPT-OSS's per-head sinks in decoding: a key every query sees, with a zero value."""
+    q, k, v = _inputs(2, 2, 4, 2, 16, 12)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEV)
+    out = decode(q, k, v, seqlens=torch.tensor([12, 3]), sinks=sinks, backend=backend,
+                 **(SMALL if backend == "triton" else {}))
+    _close(out, _oracle(q, k, v, [12, 3], sinks=sinks))
+    with pytest.raises(ValueError, match="sinks"):
+        decode(q, k, v, sinks=sinks[:2], backend=backend)
+
+
 @needs_triton
 def test_triton_reads_strided_key_rows():
     """K and V whose last dimension is not contiguous (every second column of a wider tensor): the kernel

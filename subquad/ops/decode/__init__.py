@@ -8,6 +8,7 @@ import torch
 
 from ..._checks import check_backend
 from ...cache import KVCache, KVView
+from ..softmax.sinks import check_sinks, with_sinks
 from .reference import decode_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -99,8 +100,8 @@ def _check(q: torch.Tensor, view: KVView, window, scale, softcap, alibi_slopes) 
 
 def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch.Tensor | None = None,
            window: int | None = None, scale: float | None = None, softcap: float | None = None,
-           alibi_slopes: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-           **kernel_options):
+           alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None, return_lse: bool = False,
+           backend: str = "auto", **kernel_options):
     """Attention of ``T`` new query tokens per sequence over a KV cache (split-KV flash-decoding on CUDA).
 
     Args:
@@ -111,7 +112,7 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
             ``(batch, seq, heads_kv, head_dim)`` with ``v`` ``(batch, seq, heads_kv, head_dim_v)`` and optional
             per-sequence ``seqlens`` ``(batch,)`` (default: all ``seq``).
         window: sliding window (keys a query sees, itself included); defaults to the cache's window.
-        scale, softcap, alibi_slopes: as in ``subquad.attention``.
+        scale, softcap, alibi_slopes, sinks: as in ``subquad.attention``.
         return_lse: also return the log-sum-exp ``(batch, heads_q, T)`` fp32.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the reference), ``"triton"``, ``"reference"``.
         kernel_options: ``num_splits``, ``block_n``, ``block_m``, ``block_dv``, ``num_warps``, ``num_stages``,
@@ -125,6 +126,8 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
     _check(q, view, window, scale, softcap, alibi_slopes)
     if alibi_slopes is not None and alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes: expected device {q.device}, got {alibi_slopes.device}")
+    if sinks is not None:
+        check_sinks(sinks, q.shape[2], q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else "reference"
@@ -138,6 +141,8 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
                                   alibi_slopes=alibi_slopes, **kernel_options)
     else:
         out, lse = decode_reference(q, view, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 

@@ -13,6 +13,7 @@ from ..._checks import check_backend, check_qkv
 from . import dispatch
 from .planned import plan_for, planned_attention
 from .reference import attention_reference
+from .sinks import check_sinks, with_sinks
 
 log = logging.getLogger("subquad")
 
@@ -54,7 +55,7 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               return_lse: bool = False, backend: str = "auto", deterministic: bool | None = None,
-              plan: bool | None = None):
+              plan: bool | None = None, sinks: torch.Tensor | None = None):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -90,7 +91,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         plan: patterns with scattered keys (strided, fixed, dilated, global tokens) run through the pattern
             planner (``subquad.masks.plan``: gathered columns, residue classes, LSE merge) when one applies
             (``None``); ``False`` forces the plain BlockMask path, ``True`` requires a plan.
+        sinks: ``(heads_q,)`` finite logits of per-head attention sinks (GPT-OSS, StreamingLLM's learnable
+            sink): one more key that every query sees, with a zero value; differentiable. Applied to the
+            chosen backend's output and LSE (``subquad.ops.softmax.sinks``): a backend without an LSE (cuDNN)
+            is not chosen.
     """
+    if sinks is not None:
+        check_qkv(q, k, v)
+        check_sinks(sinks, q.shape[2], q.device)
+        out, lse = attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
+                             alibi_slopes=alibi_slopes, return_lse=True, backend=backend, deterministic=deterministic,
+                             plan=plan)
+        out, lse = with_sinks(out, lse, sinks)
+        return (out, lse) if return_lse else out
     from_torch = deterministic is None
     if from_torch:
         deterministic = torch.are_deterministic_algorithms_enabled()
