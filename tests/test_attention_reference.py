@@ -221,6 +221,24 @@ def test_mask_argument_forms(mask_kind):
     _close(out, ref, 1e-5)
 
 
+@pytest.mark.parametrize("mask", [None, masks.sliding_window(9), "tensor"])
+def test_causal_with_more_queries_than_keys(mask):
+    """FlashAttention's bottom-right causal alignment with seq_q > seq_kv: the first seq_q - seq_kv queries sit
+    before every key (output 0, LSE -inf, no gradient); the rest as with seq_q = seq_kv. It was refused."""
+    q, k, v = _inputs(nq=SEQ + 12, grad=True)
+    if mask == "tensor":
+        mask = torch.rand(SEQ + 12, SEQ, generator=torch.Generator().manual_seed(2)) < 0.7
+    out, lse = subquad.attention(q, k, v, causal=True, mask=mask, return_lse=True, backend="reference")
+    if isinstance(mask, masks.Pattern):     # (the oracle evaluates it at the queries' positions, -12 up)
+        mask = (torch.arange(-12, SEQ).view(-1, 1) - torch.arange(SEQ)) < 9
+    ref, ref_lse = softmax_attention(q, k, v, causal=True, mask=mask)
+    _close(out, ref, 1e-5)
+    assert torch.isneginf(lse[:, :, :12]).all() and (out[:, :12] == 0).all()
+    _close(lse[:, :, 12:], ref_lse[:, :, 12:], 1e-5)
+    out.sum().backward()
+    assert (q.grad[:, :12] == 0).all() and torch.isfinite(k.grad).all()
+
+
 def test_full_attention_without_mask_and_more_queries_than_keys():
     q, k, v = _inputs(nq=90, nkv=33, hkv=1)
     out, lse = subquad.attention(q, k, v, return_lse=True, backend="reference")

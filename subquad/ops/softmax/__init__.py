@@ -62,7 +62,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         q: ``(batch, seq_q, heads_q, head_dim)``.
         k, v: ``(batch, seq_kv, heads_kv, head_dim[_v])``; ``heads_q`` a multiple of ``heads_kv`` (GQA/MQA:
             K/V are never repeated in memory).
-        causal: causal masking, queries aligned to the end of the keys (FlashAttention's convention).
+        causal: causal masking, queries aligned to the end of the keys (FlashAttention's convention: with
+            more queries than keys the first ``seq_q - seq_kv`` see no key).
         mask: a ``subquad.masks`` pattern, a prebuilt ``BlockMask``, a bool tensor ``(seq_q, seq_kv)``
             (optionally with leading heads / batch), or a predicate ``fn(b, h, q_pos, k_pos)``. Combined with
             ``causal`` by intersection. The Triton kernels build a pattern's BlockMask at 128 x 128 or, for a
@@ -127,9 +128,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_options(q, scale, softcap, alibi_slopes)
     bsz, seq_q, hq, d = q.shape
     seq_kv = k.shape[1]
-    if seq_q > seq_kv and (causal or mask is not None):
-        raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask (queries are aligned to the end of "
-                         f"the keys), got seq_q={seq_q}")
+    if seq_q > seq_kv and causal and not isinstance(mask, _masks.BlockMask):
+        # FlashAttention's bottom-right alignment: the first seq_q - seq_kv queries sit before every key and
+        # see none (output 0, LSE -inf); the others are an ordinary call
+        lead = seq_q - seq_kv
+        out, lse = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
+            mask, torch.Tensor) else mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+            return_lse=True, backend=backend, deterministic=deterministic, plan=plan)
+        out = torch.cat([out.new_zeros(bsz, lead, hq, out.shape[-1]), out], 1)
+        lse = torch.cat([lse.new_full((bsz, hq, lead), float("-inf")), lse], 2)
+        return (out, lse) if return_lse else out
+    if seq_q > seq_kv and mask is not None:
+        raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask and causal=False (queries are aligned "
+                         f"to the end of the keys: the first would sit before every key), got seq_q={seq_q}")
     scale_value = d ** -0.5 if scale is None else float(scale)
     # Under torch.compile, auto keeps to the backends registered as custom ops (the Triton kernels, the
     # reference): the measured choice reads files and asks FA4/cuDNN, which dynamo cannot trace.
