@@ -605,11 +605,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 class RandomBlocks(Pattern):
-    """BigBird's random part: each query block of ``block`` positions sees ``count`` random key blocks (with
-    ``causal``, among the blocks up to its own). The choice ranks the key blocks by a hash of (seed, query
-    block, key block), so a row's blocks do not depend on the sequence's length: a causal model's cached
-    decode, whose pattern is built at each step's length, sees the blocks its whole-sequence forward saw
-    (a draw of ``rand(blocks, blocks)`` changed every row with the number of blocks)."""
+    """BigBird's random part: each query block of ``block`` positions sees ``count`` random key blocks.
+
+    ``causal``: among the blocks up to its own, ranked by a hash of (seed, query block, key block), so that a
+    row's blocks do not depend on the sequence's length: a causal model's cached decode, whose pattern is
+    built at each step's length, sees the blocks its whole-sequence forward saw (a draw of ``rand(blocks,
+    blocks)`` changed every row with the number of blocks, and half its picks were later blocks, cut).
+    Otherwise (an encoder's pattern, which sees the whole sequence at once) that seeded draw, the layout
+    every benchmark so far has run."""
 
     def __init__(self, count: int, block: int, seed: int, causal: bool = False):
         self.count, self.block, self.seed, self.causal = int(count), int(block), int(seed), bool(causal)
@@ -617,9 +620,11 @@ class RandomBlocks(Pattern):
     def prepare(self, ctx):
         n = math.ceil(ctx.seq_kv / self.block)
         qb, kb = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
-        rank = _mix32(_mix32(_mix32(torch.tensor(self.seed & 0xFFFFFFFF)) + qb) + kb)
         if self.causal:
+            rank = _mix32(_mix32(_mix32(torch.tensor(self.seed & 0xFFFFFFFF)) + qb) + kb)
             rank = rank.masked_fill(kb > qb, -1)
+        else:
+            rank = torch.rand(n, n, generator=torch.Generator().manual_seed(self.seed))
         picks = rank.topk(min(self.count, n), dim=-1).indices
         layout = torch.zeros(n, n, dtype=torch.bool).scatter_(1, picks, True)
         if self.causal:
