@@ -29,6 +29,8 @@ MIXERS = {
     "attention-mqa-alibi-softcap": (lambda: Attention(D, 4, kv_heads=1, position="alibi", softcap=5.0), True),
     "attention-window": (lambda: Attention(D, 2, window=3), True),
     "attention-strided": (lambda: Attention(D, 2, mask=masks.strided(3)), True),
+    "attention-gqa-sinks": (lambda: Attention(D, 4, kv_heads=2, sinks=True), True),
+    "attention-strided-sinks": (lambda: Attention(D, 2, mask=masks.strided(3), sinks=True), True),
     "diff-attention": (lambda: DiffAttention(D, 2, layer_idx=2), True),
     "diff-attention-window": (lambda: DiffAttention(D, 2, window=4), True),
     "mla": (_mla, True),

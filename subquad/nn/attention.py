@@ -60,7 +60,8 @@ def check_kv_cache(cache, layer, window: int | None, heads_kv: int, head_dim: in
 
 
 def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern, scale: float | None,
-                  softcap: float | None, alibi: torch.Tensor | None, backend: str) -> torch.Tensor:
+                  softcap: float | None, alibi: torch.Tensor | None, backend: str,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The ``T`` new queries ``q`` (positions ``seqlens - T .. seqlens - 1``) over a cache's view, causal.
 
     Decoding steps (``T <= 16``) without a general pattern run ``subquad.decode`` (split-KV on the GPU,
@@ -71,7 +72,7 @@ def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern,
     kv_dtype = view.k.dtype
     if pattern is None and t <= MAX_NEW_TOKENS:
         return decode(q.to(kv_dtype), view, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi,
-                      backend=backend).to(q.dtype)
+                      sinks=sinks, backend=backend).to(q.dtype)
     k, v, lengths = view.dense()
     lengths = [int(n) for n in lengths.tolist()]
     out = q.new_empty(*q.shape[:3], v.shape[-1])
@@ -83,7 +84,7 @@ def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern,
         else:
             mask = masks.sliding_window(window) if window is not None else None
         out[idx] = attention(q[idx], k[idx, :n].to(q.dtype), v[idx, :n].to(q.dtype), causal=True, mask=mask,
-                             scale=scale, softcap=softcap, alibi_slopes=alibi, backend=backend)
+                             scale=scale, softcap=softcap, alibi_slopes=alibi, backend=backend, sinks=sinks)
     return out
 
 
@@ -101,6 +102,7 @@ class Attention(nn.Module):
         rope_base, partial_rotary, rope_scaling, rope_interleaved: RoPE's options (``rope_scaling`` a
             ``RopeScaling`` or the dict of its fields).
         softcap: Gemma-2's ``softcap * tanh(score / softcap)``.
+        sinks: a learnable attention-sink logit per head (GPT-OSS; ``subquad.attention``'s ``sinks``), from 0.
         backend: passed to ``subquad.attention`` / ``subquad.decode``.
     """
 
@@ -108,7 +110,7 @@ class Attention(nn.Module):
                  causal: bool = True, window: int | None = None, mask: masks.Pattern | None = None,
                  position: str = "rope", rope_base: float = 10000.0, partial_rotary: float = 1.0,
                  rope_scaling: RopeScaling | dict | None = None, rope_interleaved: bool = False,
-                 softcap: float | None = None, bias: bool = False, backend: str = "auto"):
+                 softcap: float | None = None, sinks: bool = False, bias: bool = False, backend: str = "auto"):
         super().__init__()
         self.kv_heads, self.head_dim = check_heads(d_model, heads, kv_heads, head_dim)
         if window is not None and (not isinstance(window, int) or window <= 0):
@@ -131,6 +133,7 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(rotary_dim(self.head_dim, partial_rotary), rope_base, rope_scaling,
                                     rope_interleaved) if position == "rope" else None
         self.register_buffer("alibi", alibi_slopes(heads) if position == "alibi" else None, persistent=False)
+        self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
 
     def _mask(self):
         return masks.sliding_window(self.window, causal=self.causal) if self.window is not None else self.pattern
@@ -161,11 +164,11 @@ class Attention(nn.Module):
         alibi = self.alibi if self.alibi is None else self.alibi.to(x.device)
         if cache is None:
             o = attention(q, k, v, causal=self.causal, mask=self._mask(), softcap=self.softcap, alibi_slopes=alibi,
-                          backend=self.backend)
+                          backend=self.backend, sinks=self.sinks)
         else:
             view = cache.update(k, v)
             o = attend_cached(q, view, window=self.window, pattern=self.pattern, scale=None, softcap=self.softcap,
-                              alibi=alibi, backend=self.backend)
+                              alibi=alibi, backend=self.backend, sinks=self.sinks)
         return self.o_proj(o.reshape(bsz, seq_len, self.heads * self.head_dim))
 
     def extra_repr(self) -> str:
@@ -177,4 +180,6 @@ class Attention(nn.Module):
             parts.append(f"mask={self.pattern!r}")
         if self.softcap is not None:
             parts.append(f"softcap={self.softcap}")
+        if self.sinks is not None:
+            parts.append("sinks")
         return ", ".join(parts)
