@@ -203,6 +203,8 @@ def test_sinks_match_the_oracle(mask):
     assert sinks.grad is None and float(got[3].abs().sum()) > 0
     with pytest.raises(ValueError, match="sinks"):
         subquad.attention(q, k, v, causal=True, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="sinks"):
+        subquad.attention(q, k, v, causal=True, sinks=torch.zeros(4), backend="cudnn")
 
 
 @pytest.mark.parametrize("mask_kind", ["tensor", "predicate", "pattern_with_causal"])

@@ -100,6 +100,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if sinks is not None:
         check_qkv(q, k, v)
         check_sinks(sinks, q.shape[2], q.device)
+        if backend == "cudnn":
+            raise ValueError("sinks: expected a backend that returns the LSE they are applied to, got "
+                             "backend='cudnn'")
         out, lse = attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                              alibi_slopes=alibi_slopes, return_lse=True, backend=backend, deterministic=deterministic,
                              plan=plan)
