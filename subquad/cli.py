@@ -33,7 +33,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Small shapes only (smoke run)."),
     impl: Optional[str] = typer.Option(None, "--impl", help="Only implementations whose name contains this."),
     out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Folder for bench.json and the plots."),
-    save: bool = typer.Option(False, "--save", help="Also copy the JSON to benchmarks/results/ (dated)."),
+    save: bool = typer.Option(False, "--save", help="Also copy the JSON to benchmarks/results/ (dated) under the "
+                                                    "current folder (run it from the repository's root)."),
     list_suites: bool = typer.Option(False, "--list", help="List the suites and exit."),
 ) -> None:
     """Measure mechanisms beside their peers: a table, bench.json and time/memory plots.
@@ -61,7 +62,11 @@ def bench(
     else:
         chosen = [s for s in suites.values() if s.default]
     if any(s.device == "cuda" for s in chosen) and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA suites need a GPU; run without --gpu for the CPU set", param_hint="--gpu")
+        raise typer.BadParameter("CUDA suites need a GPU; run without --gpu for the CPU set" if gpu and not suite
+                                 else "CUDA suites need a GPU; name CPU suites (see --list)",
+                                 param_hint="--gpu" if gpu and not suite else "--suite")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"expected a folder, got the file {out}", param_hint="--out")
 
     rows = []
     with console.status("starting") as status:
@@ -70,6 +75,8 @@ def bench(
             rows += run_cases(s.cases(quick), device,
                               impl_filter=(lambda name: impl in name) if impl else None,
                               progress=lambda msg, name=s.name: status.update(f"[bold]{name}[/bold]: {msg}"))
+    if not rows:
+        raise typer.BadParameter(f"no implementation of the chosen suites has {impl!r} in its name", param_hint="--impl")
     report.print_table(rows, console, title=f"subquad bench ({', '.join(s.name for s in chosen)})")
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(rows, out / "bench.json")
@@ -85,8 +92,9 @@ def bench(
 
 @app.command()
 def report(
-    results: List[Path] = typer.Argument(..., help="Results JSONs written by `subquad bench` (rows of several "
-                                                   "runs, e.g. one shape each, go into one table)."),
+    results: List[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                         help="Results JSONs written by `subquad bench` (rows of several runs, "
+                                              "e.g. one shape each, go into one table)."),
     ours: str = typer.Option("subquad-triton", "--ours", help="The implementation the ratios are taken for."),
     peer: Optional[List[str]] = typer.Option(None, "--peer", help="Peers to compare with (default: all)."),
     readme_block: Optional[str] = typer.Option(None, "--readme-block",
@@ -95,13 +103,27 @@ def report(
                                   help="The backends suite's table (every backend and peer, auto's choice)."),
 ) -> None:
     """Print (or write into the README) the table of speed ratios of a results JSON."""
-    from .bench.summary import backends_table, load, ratio_table, rewrite_block
+    from .bench.summary import backends_table, implementations, load, ratio_table, rewrite_block
 
-    rows = [row for path in results for row in load(path)]
+    try:
+        rows = [row for path in results for row in load(path)]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="RESULTS") from None
+    found = implementations(rows)
+    if not backends:
+        # (a name that matches no row gave an empty table, or a column of dashes, without a word)
+        for name, hint in [(ours, "--ours"), *((p, "--peer") for p in peer or [])]:
+            if name not in found:
+                raise typer.BadParameter(f"{name!r} is not among the implementations in these results: {found}",
+                                         param_hint=hint)
     text = backends_table(rows) if backends else ratio_table(rows, ours, peer or None)
     if readme_block:
         sources = ", ".join(f"`{path}`" for path in results)
-        rewrite_block(Path("README.md"), readme_block, f"From {sources}:\n\n{text}")
+        try:
+            rewrite_block(Path("README.md"), readme_block, f"From {sources}:\n\n{text}")
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(f"{exc} (run it from the repository's root)", param_hint="--readme-block") \
+                from None
         console.print(f"rewrote README.md block {readme_block}")
     else:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -149,11 +171,20 @@ def train(
     from .train import TrainConfig
     from .train import train as run_training
 
-    cfg = TrainConfig(layers=layers, d_model=d_model, heads=heads, mixer_options=_mixer_options(option), steps=steps,
-                      batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every,
-                      max_bytes=max_bytes or None, device=device, compile=compile, threads=threads, seed=seed,
-                      out=str(out))
-    result = run_training(cfg, console=console)
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"expected a folder, got the file {out}", param_hint="--out")
+    if max_bytes is not None and max_bytes < 0:
+        raise typer.BadParameter(f"expected >= 0 (0: all), got {max_bytes}", param_hint="--max-bytes")
+    try:
+        cfg = TrainConfig(layers=layers, d_model=d_model, heads=heads, mixer_options=_mixer_options(option),
+                          steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every,
+                          max_bytes=max_bytes or None, device=device, compile=compile, threads=threads, seed=seed,
+                          out=str(out))
+        result = run_training(cfg, console=console)
+    except (ValueError, TypeError) as exc:
+        # a bad value reaches the model or the config as a ValueError naming its field (``steps``, ``heads``,
+        # a mixer option): the option names follow the fields (``-O`` for mixer options)
+        raise typer.BadParameter(str(exc)) from None
     console.print(f"{layers} d_model={d_model}: {result.params:,} parameters, {steps} steps in {result.seconds:.1f} s, "
                   f"{result.tokens_per_s:,.0f} tokens/s, loss {result.history['loss'][0]:.3f} -> "
                   f"{result.history['loss'][-1]:.3f}, validation {result.final_val_bpb:.3f} bits/byte")
@@ -166,14 +197,18 @@ def generate(
     prompt: str = typer.Option("def ", "--prompt", "-p"),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy."),
-    top_k: Optional[int] = typer.Option(40, "--top-k"),
+    top_k: int = typer.Option(40, "--top-k", min=0, help="Sample from the k likeliest bytes (0: all)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Sample a continuation of a prompt from a checkpoint (with each layer's cache)."""
     from .train import generate_text
 
-    typer.echo(generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device))
+    try:
+        text = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed, device)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(text)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -60,7 +61,13 @@ class TrainConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked, but this machine has no CUDA device (use 'auto' or 'cpu')")
+    return device
 
 
 def build_model(cfg: TrainConfig) -> HybridLM:
@@ -215,8 +222,11 @@ def save_checkpoint(path, model: HybridLM, cfg: TrainConfig, history: dict) -> N
 
 def load_checkpoint(path, device="cpu") -> tuple[HybridLM, dict]:
     """Rebuild the model from its saved config and load the weights. Returns ``(model, checkpoint dict)``."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = dict(ckpt["model_config"])
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = dict(ckpt["model_config"])
+    except (KeyError, TypeError, RuntimeError, pickle.UnpicklingError):
+        raise ValueError(f"checkpoint: expected a checkpoint.pt written by `subquad train`, got {path}") from None
     model = HybridLM(cfg.pop("vocab_size"), cfg.pop("d_model"), cfg.pop("layers"), **cfg)
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval(), ckpt

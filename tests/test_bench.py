@@ -236,3 +236,26 @@ def test_linear_summary_takes_fla_faster_form_and_the_growth():
     assert out["scaling_8k_to_64k"] == {"gla fwd": 8.5}
     assert out["crossover_fwdbwd"] == {"gla": 8192, "ssd": 8192}     # gla loses at 2k
     assert out["mtok_s"]["ssd 4x8192 fwd subquad-triton"] == 32.77
+
+
+def test_report_and_bench_refuse_what_would_print_nothing(tmp_path, monkeypatch):
+    """A name that matches no implementation gave an empty table (``report`` after ``make bench``, whose rows
+    are subquad-reference) or an empty bench.json; a profiling JSON, a missing block or an --out that is a
+    file gave tracebacks, the last one after the whole run."""
+    rows = [{"case": "c", "mode": "fwd", "seqlen": 1024, "batch": 1, "impl": name, "ms": 1.0}
+            for name in ("subquad-reference", "peer")]
+    good, other = tmp_path / "rows.json", tmp_path / "sweep.json"
+    good.write_text(json.dumps(rows))
+    other.write_text(json.dumps({"rows": [], "command": "sweep"}))
+    runner = CliRunner()
+    for args, hint in ((["report", str(good)], "--ours"),
+                       (["report", str(good), "--ours", "subquad-reference", "--peer", "pear"], "--peer"),
+                       (["report", str(other)], "RESULTS"),
+                       (["report", str(good), "--ours", "peer", "--readme-block", "nope"], "--readme-block"),
+                       (["bench", "--quick", "--suite", "cpu-patterns", "--impl", "zzz", "-o", str(tmp_path)],
+                        "--impl"),
+                       (["bench", "--quick", "-o", str(good)], "--out")):
+        monkeypatch.chdir(tmp_path)
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and hint in result.output, (args, result.output)
+    assert runner.invoke(app, ["report", str(good), "--ours", "subquad-reference"]).exit_code == 0

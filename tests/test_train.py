@@ -143,3 +143,30 @@ def test_needle_depth_is_a_fraction(depth):
     """Outside [0, 1] the needle lands at a negative index (counted from the end) or past the end."""
     with pytest.raises(ValueError, match="depth"):
         needle(1, 16, 10, depth=depth)
+
+
+def test_cli_bad_values_are_usage_errors(tmp_path):
+    """Bad values reach the config or the model as ValueErrors naming their field: the command line shows them
+    as usage errors (exit 2) before any work, not as tracebacks (a file as --out failed after training)."""
+    from typer.testing import CliRunner
+
+    from subquad.cli import app
+
+    runner = CliRunner()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args, words in ((["train", "--steps", "0"], "steps"), (["train", "--heads", "3"], "heads"),
+                        (["train", "--max-bytes", "-5"], "--max-bytes"), (["train", "-o", str(afile)], "--out"),
+                        (["train", "--device", "gpu"], "device"), (["generate", str(afile)], "checkpoint"),
+                        (["generate", str(afile), "--top-k", "-1"], "--top-k")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and words in result.output, (args, result.output)
+
+
+def test_a_small_corpus_still_has_train_and_validation_bytes():
+    """--max-bytes small enough to read one file put that file in validation and back in train, leaving
+    validation empty (a crash when evaluating)."""
+    from subquad.data.corpus import load_corpus
+
+    corpus = load_corpus(max_bytes=500)
+    assert corpus.train.numel() > 0 and corpus.val.numel() > 0

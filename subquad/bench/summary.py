@@ -97,5 +97,18 @@ def rewrite_block(readme: Path, name: str, text: str) -> None:
     readme.write_text(pattern.sub(lambda _: f"{begin}\n{text}{end}", body))
 
 
+ROW_KEYS = ("case", "impl", "mode", "seqlen")
+
+
 def load(path: Path) -> list[dict]:
-    return json.loads(Path(path).read_text())
+    """The rows of a ``subquad bench`` results file (other JSONs under ``benchmarks/results/``, from the profiling
+    and A/B scripts, have their own layouts: refused by name)."""
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
+        raise ValueError(f"results: expected a `subquad bench` JSON (a list of rows with {', '.join(ROW_KEYS)}), "
+                         f"got another layout in {path}")
+    return rows
+
+
+def implementations(rows: list[dict]) -> list[str]:
+    return sorted({r["impl"] for r in rows})

@@ -71,7 +71,11 @@ def load_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, root: 
     if not val:
         val.append(train.pop())
     if not train:
-        train.append(val.pop(0))
+        # one file read (a small max_bytes): its head trains, its tail validates
+        data = val.pop(0)
+        cut = max(1, int(len(data) * (1 - val_fraction)))
+        train.append(data[:cut])
+        val.append(data[cut:] or data[-1:])
 
     def as_tensor(chunks: list[bytes]) -> torch.Tensor:
         return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
