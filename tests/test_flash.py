@@ -305,6 +305,11 @@ def test_sinks():
         _close(name, a, b, torch.bfloat16)
 
 
+def test_padding_runs_as_documents():
+    """``masks.padding``: per-row valid lengths (one row empty), causal, through the document term."""
+    _check(*_qkv(3, 70, 70, 2, 2, 16, torch.float16), mask=masks.padding([70, 33, 0]) & masks.causal)
+
+
 def test_trainable_alibi_slopes_are_refused():
     """The kernels take the slopes as constants: the Triton backward returned no gradient for slopes that
     require one (the reference differentiates them), silently."""

@@ -120,6 +120,26 @@ def test_causal_bigbird_rows_do_not_depend_on_the_length():
     assert long[15, :16].nonzero().flatten().tolist()[-8:] == list(range(8, 16))
 
 
+def test_padding_is_each_sequence_alone():
+    """Right padding: the valid tokens of a row attend as the row's unpadded sequence would (under causal and a
+    window too); the BlockMask is exact and runs as the document term."""
+    from subquad.ops.softmax.flash import kernel_terms
+
+    lengths = [70, 33, 0]
+    pattern = masks.padding(lengths) & masks.sliding_window(20)
+    dense = pattern.to_dense(70, batch=3)
+    for b, n in enumerate(lengths):
+        alone = masks.sliding_window(20).to_dense(n)[0, 0] if n else torch.zeros(0, 0, dtype=torch.bool)
+        assert torch.equal(dense[b, 0, :n, :n], alone) and not dense[b, 0, :n, n:].any()
+    assert_agrees(pattern, 70, 70, 16, 16, batch=3)
+    assert kernel_terms(pattern.block_mask(70, batch=3, block_q=16, block_kv=16).pattern).doc_ids is not None
+    for bad in ([1.5, 2.0], [[3]], [-1], []):
+        with pytest.raises(ValueError, match="lengths"):
+            masks.padding(bad)
+    with pytest.raises(ValueError, match="lengths"):
+        masks.padding([80]).block_mask(70)
+
+
 def test_patterns_keep_copies_of_their_tensors():
     """Ids or a layout edited in place after the pattern was made do not reach it (its BlockMasks and plans
     are cached by pattern: the edit would reach the predicate but not those)."""

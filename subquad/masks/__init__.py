@@ -25,6 +25,7 @@ from .named import (
     from_tensor,
     full,
     longformer,
+    padding,
     prefix_lm,
     sliding_window,
     strided,
@@ -37,7 +38,7 @@ _CAUSAL_PATTERN = causal
 __all__ = [
     "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
     "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
-    "document", "prefix_lm", "from_tensor", "from_predicate", "resolve", "and_causal",
+    "document", "padding", "prefix_lm", "from_tensor", "from_predicate", "resolve", "and_causal",
 ]
 
 

@@ -147,6 +147,40 @@ def document(seq_ids: torch.Tensor) -> Pattern:
     return Document(seq_ids)
 
 
+class _Lengths(Pattern):
+    """Each sequence's first ``lengths[b]`` tokens, apart from the rest (``padding``): built as the document
+    pattern of two segments per row, so that the kernels' document term, FlexAttention and FA4's varlen path
+    run it as they run packing."""
+
+    varies_with_batch = True
+
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths
+
+    def prepare(self, ctx):
+        if self.lengths.shape[0] not in (1, ctx.batch) or int(self.lengths.max()) > ctx.seq_kv:
+            raise ValueError(f"lengths: expected shape ({ctx.batch},) with values in [0, {ctx.seq_kv}], got "
+                             f"{tuple(self.lengths.shape)} with max {int(self.lengths.max())}")
+        ids = (torch.arange(ctx.seq_kv).view(1, -1) >= self.lengths.view(-1, 1)).long()
+        return Document(ids).prepare(ctx)
+
+    def __repr__(self):
+        return f"lengths({self.lengths.tolist()})"
+
+
+def padding(lengths) -> Pattern:
+    """Right-padded sequences: row ``b``'s first ``lengths[b]`` tokens attend among themselves only; the
+    padding after them attends among itself (its outputs are meant to be ignored; a row of keys hidden from
+    every query would be all padding anyway). ``lengths``: ``(batch,)`` integers, or a list. Combine with
+    ``causal`` or any pattern by ``&``. The pattern keeps a copy of ``lengths``."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.numel() == 0 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool \
+            or int(lengths.min()) < 0:
+        raise ValueError(f"lengths: expected a non-empty 1-D tensor of integers >= 0 (one per sequence), got "
+                         f"{tuple(lengths.shape)} {lengths.dtype}")
+    return Named("padding", _Lengths(lengths.to(torch.long, copy=True)), {"lengths": lengths.tolist()})
+
+
 def prefix_lm(prefix_len: int) -> Pattern:
     """Prefix-LM: the first ``prefix_len`` positions are seen by everyone (bidirectional prefix), the rest
     is causal."""
