@@ -116,7 +116,10 @@ def report(
             if name not in found:
                 raise typer.BadParameter(f"{name!r} is not among the implementations in these results: {found}",
                                          param_hint=hint)
-    text = backends_table(rows) if backends else ratio_table(rows, ours, peer or None)
+    try:
+        text = backends_table(rows) if backends else ratio_table(rows, ours, peer or None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="RESULTS") from None
     if readme_block:
         sources = ", ".join(f"`{path}`" for path in results)
         try:

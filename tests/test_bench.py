@@ -259,3 +259,42 @@ def test_report_and_bench_refuse_what_would_print_nothing(tmp_path, monkeypatch)
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and hint in result.output, (args, result.output)
     assert runner.invoke(app, ["report", str(good), "--ours", "subquad-reference"]).exit_code == 0
+
+
+def test_fwdbwd_peak_memory_is_taken_after_a_first_backward(monkeypatch):
+    """CUDA: the peak was taken on the first fwd+bwd call, whose backward an autotuned kernel tunes in (and
+    Triton's tuner allocates a 256 MB flush buffer): autotuned implementations read 128-256 MB high."""
+    from subquad.bench import harness
+
+    events = []
+
+    class Marked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            events.append("backward")
+            return g * 2
+
+    case = attention_case("causal", masks.causal, "fwdbwd", batch=1, seqlen=64, heads_q=2, heads_kv=2, head_dim=16,
+                          dtype=torch.float32, impls={"marked": lambda x: Marked.apply(x["q"])})
+    monkeypatch.setattr(harness, "_cuda_peak_mb", lambda call, device, leaves: events.append("peak") or 1.0)
+    monkeypatch.setattr(harness, "_time_cuda", lambda call, leaves: [1.0])
+    make_call = harness._make_call       # (its gradient is drawn on the device: the CPU stands in)
+    monkeypatch.setattr(harness, "_make_call", lambda c, fn, i, device: make_call(c, fn, i, torch.device("cpu")))
+    row = harness.measure(case, "marked", torch.device("cuda"), case.make_inputs("cpu"), None)
+    assert "error" not in row, row
+    assert events.index("peak") > events.index("backward")
+
+
+def test_report_takes_no_ratio_across_runs(tmp_path):
+    """Two files with the same (case, B, N, pass): one ratio would divide one run's time by another's (an H100
+    peer by an H200 subquad, labelled with the first file's device)."""
+    row = {"case": "c", "mode": "fwd", "seqlen": 1024, "batch": 1, "ms": 1.0, "device": "GPU X"}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    paths[0].write_text(json.dumps([dict(row, impl="ours")]))
+    paths[1].write_text(json.dumps([dict(row, impl="peer", device="GPU Y")]))
+    result = CliRunner().invoke(app, ["report", *map(str, paths), "--ours", "ours"])
+    assert result.exit_code == 2 and "several files" in result.output, result.output

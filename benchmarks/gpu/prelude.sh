@@ -8,6 +8,9 @@
 # `elapsed` prints the seconds since the prelude; `left` the seconds left of DEVICE_BUDGET (default 520, a
 # call's 600 less the start and the saves): give each step `timeout $(left)` so that the saves still run.
 export PYTHONUNBUFFERED=1
+# the commit the rows' versions name (the copy of the tree has no git directory): written here before a call,
+#   git rev-parse --short=12 HEAD > .calls/commit   (with "+dirty" appended for uncommitted changes)
+[ -f .calls/commit ] && export SUBQUAD_COMMIT="$(cat .calls/commit)"
 T0=$(date +%s)
 elapsed() { echo "t=$(( $(date +%s) - T0 ))"; }
 left() { echo $(( ${DEVICE_BUDGET:-520} - ($(date +%s) - T0) )); }

@@ -4,8 +4,8 @@ A *case* is one (mechanism, shape, dtype, pass); its *impls* are every implement
 that can run here (subquad's backends and the peers). A *suite* is a generator of cases, registered with
 ``@suite``; ``subquad bench`` runs suites and writes a table, ``bench.json`` and plots.
 
-Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median, >= 25 warm-up runs) with the
-gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn, each
+Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median; 25 ms of warm-up calls and 40 ms
+of timed calls a round, so a call over 40 ms is timed once a round) with the gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn, each
 round starting one implementation further on (the reported time is the median of the rounds: a burst of host
 or clock jitter lands on one round of one implementation, not on its whole figure, and no implementation
 always follows the same neighbour; every call's time is kept too, pooled over the rounds into
@@ -34,9 +34,12 @@ import importlib.metadata as _md
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -111,14 +114,40 @@ def load_suites() -> dict[str, Suite]:
 
 
 def versions() -> dict[str, str]:
+    """The versions of what ran: Python, torch, the peers' distributions, and subquad's git commit (with
+    ``+dirty`` for uncommitted changes) where it runs from a checkout, as on the device machine (its package
+    version alone, 0.1.0, names no code). A peer run from sources (mamba-ssm) gives its module's version."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("subquad", "triton", "flash-attn", "flash-attn-4", "fla-core", "flash-linear-attention",
-                 "xformers", "mamba-ssm", "transformers"):
+    for dist in ("subquad", "triton", "flash-attn", "flash-attn-4", "nvidia-cutlass-dsl", "fla-core",
+                 "flash-linear-attention", "xformers", "mamba-ssm", "transformers"):
         try:
             out[dist] = _md.version(dist)
         except _md.PackageNotFoundError:
             pass
+    if "mamba-ssm" not in out and "mamba_ssm" in sys.modules:
+        out["mamba-ssm"] = str(getattr(sys.modules["mamba_ssm"], "__version__", "source"))
+    commit = _git_commit()
+    if commit:
+        out["subquad-commit"] = commit
     return out
+
+
+def _git_commit() -> str | None:
+    """``SUBQUAD_COMMIT`` where set (a device machine gets a copy of the tree without its git directory:
+    ``benchmarks/gpu/prelude.sh`` reads it from ``.calls/commit``), else the checkout's ``HEAD``."""
+    if os.environ.get("SUBQUAD_COMMIT"):
+        return os.environ["SUBQUAD_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def device_name(device: torch.device) -> str:
@@ -297,6 +326,11 @@ def measure(case: Case, impl: str, device: torch.device, inputs: dict, ref_out: 
             del out
             call = _make_call(case, fn, inputs, device)
             if device.type == "cuda":
+                if case.mode == "fwdbwd":
+                    # the backward's first call too before the peak is taken: an autotuned backward tunes
+                    # there, and Triton's tuner allocates a 256 MB cache-flush buffer (fwd+bwd peaks of
+                    # autotuned kernels read 128-256 MB high on each tuning key's first case)
+                    call()
                 mem = _cuda_peak_mb(call, device, leaves)
                 samples = _time_cuda(call, leaves)
                 ms = statistics.median(samples)

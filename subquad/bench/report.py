@@ -37,7 +37,9 @@ def write_json(rows: list[dict], path: Path) -> None:
 
 
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Time and peak memory versus N, log-log, one line per (case, impl), one figure pair per mode."""
+    """Time and peak memory per sequence versus N, log-log, one line per (case, impl), one figure pair per mode
+    (per sequence: suites that keep B·N fixed, or run B = 2 at 16k and B = 1 at 64k, would otherwise draw a
+    quadratic cost as a flatter line)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,11 +56,11 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         for label, rs in sorted(lines.items()):
             rs = sorted(rs, key=lambda r: r["seqlen"])
             n = [r["seqlen"] for r in rs]
-            axes[0].plot(n, [r["ms"] for r in rs], marker="o", label=label)
-            mem = [(r["seqlen"], r["peak_mem_mb"]) for r in rs if r.get("peak_mem_mb")]
+            axes[0].plot(n, [r["ms"] / r.get("batch", 1) for r in rs], marker="o", label=label)
+            mem = [(r["seqlen"], r["peak_mem_mb"] / r.get("batch", 1)) for r in rs if r.get("peak_mem_mb")]
             if mem:
                 axes[1].plot(*zip(*mem), marker="o", label=label)
-        for ax, ylabel in zip(axes, ("time (ms)", "peak memory (MB)")):
+        for ax, ylabel in zip(axes, ("time per sequence (ms)", "peak memory per sequence (MB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")

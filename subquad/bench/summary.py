@@ -14,11 +14,17 @@ from pathlib import Path
 
 
 def _by_row(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """(case, batch, N, pass) -> impl -> row, for the rows that ran."""
+    """(case, batch, N, pass) -> impl -> row, for the rows that ran. Rows of several files (``load`` marks each
+    with its ``source``) may share no table row: a ratio is taken within one run."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         if "error" not in r and r.get("ms") is not None:
-            groups[(r["case"], r.get("batch"), r["seqlen"], r["mode"])][r["impl"]] = r
+            key = (r["case"], r.get("batch"), r["seqlen"], r["mode"])
+            sources = {other.get("source") for other in groups[key].values()} | {r.get("source")}
+            if len(sources) > 1:
+                raise ValueError(f"results: {key[0]} at B={key[1]}, N={key[2]} ({key[3]}) is in several files "
+                                 f"({', '.join(sorted(map(str, sources)))}): a ratio is taken within one run")
+            groups[key][r["impl"]] = r
     return groups
 
 
@@ -27,12 +33,17 @@ def _length(n: int) -> str:
 
 
 def _provenance(rows: list[dict]) -> str:
-    """Device, date and the versions that matter, from the first rows that carry them."""
-    device = next((r.get("device") for r in rows if r.get("device")), "?")
-    versions = next((r.get("versions") for r in rows if r.get("versions")), {})
-    date = next((r.get("date") for r in rows if r.get("date")), "?")[:10]
-    stamp = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "triton", "flash-attn-4"))
-    return f"{device}, {date}; {stamp}"
+    """Device, date and the versions that matter, from the first row that carries them in each file."""
+    stamps = []
+    for source in dict.fromkeys(r.get("source") for r in rows):
+        mine = [r for r in rows if r.get("source") == source]
+        device = next((r.get("device") for r in mine if r.get("device")), "?")
+        versions = next((r.get("versions") for r in mine if r.get("versions")), {})
+        date = next((r.get("date") for r in mine if r.get("date")), "?")[:10]
+        stamp = ", ".join(f"{k} {v}" for k, v in versions.items()
+                          if k in ("torch", "triton", "flash-attn-4", "subquad-commit"))
+        stamps.append(f"{device}, {date}; {stamp}")
+    return "; ".join(dict.fromkeys(stamps))
 
 
 def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> str:
@@ -107,7 +118,7 @@ def load(path: Path) -> list[dict]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
         raise ValueError(f"results: expected a `subquad bench` JSON (a list of rows with {', '.join(ROW_KEYS)}), "
                          f"got another layout in {path}")
-    return rows
+    return [dict(r, source=Path(path).name) for r in rows]
 
 
 def implementations(rows: list[dict]) -> list[str]:
