@@ -134,3 +134,12 @@ def test_hold_is_tuned_only_up_to_128_wide():
     assert holds(K=128, V=128) == [False, True]
     assert holds(K=256, V=128) == [False]
     assert holds(K=64, V=256) == [False]
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_delta_no_tokens(with_state):
+    """T = 0 (or packed sequences all empty; a step with no tokens) on the kernels: the empty output and the
+    initial state (zeros without one)."""
+    from test_delta_reference import check_delta_no_tokens
+
+    check_delta_no_tokens("triton", with_state, DEV)

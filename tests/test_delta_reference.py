@@ -94,3 +94,32 @@ def test_delta_bad_inputs(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         subquad.delta_rule(q, k, v, args.pop("beta"), args.pop("log_decay"), **args)
+
+
+def check_delta_no_tokens(backend, with_state, device="cpu"):
+    q, v = torch.randn(B, 0, H, DK, device=device), torch.randn(B, 0, H, DV, device=device)
+    beta = torch.rand(B, 0, H, device=device)
+    s0 = torch.randn(B, H, DK, DV, device=device) if with_state else None
+    cu = torch.tensor([0, 0, 0], device=device)
+    runs = [subquad.delta_rule(q, q, v, beta, initial_state=s0, output_state=True, backend=backend),
+            subquad.delta_rule(q[:1], q[:1], v[:1], beta[:1], initial_state=s0, output_state=True, cu_seqlens=cu,
+                               backend=backend),
+            subquad.delta_rule_step(q, q, v, beta, s0, backend=backend)]
+    for o, s in runs:
+        assert o.shape[1] == 0 and o.shape[-1] == DV and s.dtype == torch.float32
+        torch.testing.assert_close(s, torch.zeros_like(s) if s0 is None else s0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_delta_no_tokens(with_state):
+    """T = 0 (or packed sequences all empty; a step with no tokens): an empty output and the initial state as the
+    final one (zeros without one), fp32."""
+    check_delta_no_tokens("reference", with_state)
+
+
+def test_delta_step_bad_beta_named_as_passed():
+    """A one-token step's beta is checked before its token axis is added: the error names the shape passed."""
+    q, v = torch.randn(B, H, DK), torch.randn(B, H, DV)
+    with pytest.raises(ValueError, match=rf"beta_t: expected a tensor of shape \({B}, {H}\) for one token, got "
+                                         rf"\({B}, 1, {H}\)"):
+        subquad.delta_rule_step(q, q, v, torch.rand(B, 1, H), None)

@@ -242,3 +242,13 @@ def test_split_form_walks_segments_in_two_passes_too(kind, monkeypatch):
                   _run("reference", tensors, chunk_size=16, cu_seqlens=cu))
     assert walks == [("launch_state_fwd", False), ("launch_state_fwd", True), ("launch_state_fwd", True),
                      ("launch_state_bwd", False), ("launch_state_bwd", True)]
+
+
+@pytest.mark.parametrize("op", ["gla", "retention", "linear_attention", "gla_step"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_no_tokens(op, with_state):
+    """T = 0 (or packed sequences all empty): the ops return the empty output and the initial state (zeros
+    without one) before the chunk tables and launches, which need tokens."""
+    from test_linear_reference import check_no_tokens
+
+    check_no_tokens(op, "triton", with_state, DEV)

@@ -185,3 +185,118 @@ def test_backward_does_not_slice_full_length_tensors(op):
     out = out[0] if isinstance(out, tuple) else out
     assert slices_of_length(out, 1000) == 0
 
+
+
+def test_linear_attention_gradients_match_quadratic_form():
+    """With normalize the engine gets phi(q) already divided by its denominator, which depends on phi(q) and
+    phi(k) too: gradients of q, k, v still those of the quadratic form."""
+    q, k, v, _ = _inputs("none", t=20)
+    phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    subquad.linear_attention(*leaves, chunk_size=16, backend="reference").square().sum().backward()
+    leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = linear_attention_quadratic(phi(leaves2[0]), phi(leaves2[1]), leaves2[2], eps=1e-6 * DK ** 0.5)
+    ref.square().sum().backward()
+    for a, b in zip(leaves, leaves2):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-8, rtol=1e-8)
+
+
+def test_linear_attention_half_precision_normalises_before_rounding():
+    """The numerator phi(q_t) S_t grows with t: in fp16 it passed 65504 (inf) within a few tokens here (large
+    phi(k), values of mean 4), so the engine gets normalised queries instead; these fall like 1/t and are kept out
+    of fp16's subnormals (2% off at the last tokens here otherwise). Whole sequence, and a decoding step."""
+    gen = torch.Generator().manual_seed(0)
+    t = 512
+    q = torch.randn(1, t, H, DK, generator=gen).half()
+    k = (1000 + torch.randn(1, t, H, DK, generator=gen)).half()
+    v = (4 + torch.randn(1, t, H, DV, generator=gen)).half()
+    want = subquad.linear_attention(q.float(), k.float(), v.float(), backend="reference")
+    o = subquad.linear_attention(q, k, v, backend="reference")
+    assert o.dtype == torch.float16
+    torch.testing.assert_close(o.float(), want, atol=0, rtol=2e-3)
+    _, state = subquad.linear_attention(q[:, :-1], k[:, :-1], v[:, :-1], output_state=True, backend="reference")
+    o_t, _ = subquad.linear_attention_step(q[:, -1], k[:, -1], v[:, -1], state, backend="reference")
+    torch.testing.assert_close(o_t.float(), want[:, -1], atol=0, rtol=2e-3)
+
+
+def test_linear_attention_packed_normaliser_independent_of_position():
+    """Each packed sequence's running sum of phi(k) is one scan over the pack less the sum before the sequence:
+    after a long sequence of large phi(k) that sum is ~1e6, whose fp32 difference kept no digit of a short
+    sequence's own sums. The short sequence packed after it equals the same sequence alone."""
+    gen = torch.Generator().manual_seed(0)
+    long, short = 256, 5
+    q, k = (torch.randn(1, long + short, H, DK, generator=gen) for _ in range(2))
+    v = torch.randn(1, long + short, H, DV, generator=gen)
+    k[:, :long] += 1e4
+    cu = torch.tensor([0, long, long + short])
+    o, (s, z) = subquad.linear_attention(q, k, v, output_state=True, cu_seqlens=cu, backend="reference")
+    o_alone, (s_alone, z_alone) = subquad.linear_attention(q[:, long:], k[:, long:], v[:, long:], output_state=True,
+                                                           backend="reference")
+    torch.testing.assert_close(o[:, long:], o_alone)
+    torch.testing.assert_close(z[1:], z_alone)
+    torch.testing.assert_close(s[1:], s_alone)
+
+
+def run_on_no_tokens(op, backend, with_state, cu_seqlens=None, device="cpu"):
+    """``op`` on no tokens (``cu_seqlens``: packed sequences, all empty): its output, and its final and initial
+    states as lists (S, or S and z with normalize); the initial ones None without."""
+    bsz, n = (1, cu_seqlens.numel() - 1) if cu_seqlens is not None else (B, B)
+    q, v = torch.randn(bsz, 0, H, DK, device=device), torch.randn(bsz, 0, H, DV, device=device)
+    init = [torch.randn(n, H, DK, DV, device=device), torch.rand(n, H, DK, device=device)] if with_state else None
+    if op == "gla_step":
+        o, s = subquad.gla_step(q, q, v, init and init[0], backend=backend)
+        return o, [s], init and init[:1]
+    if op == "linear_attention":
+        o, s = subquad.linear_attention(q, q, v, initial_state=init and tuple(init), output_state=True,
+                                        cu_seqlens=cu_seqlens, backend=backend)
+        return o, list(s), init
+    o, s = getattr(subquad, op)(q, q, v, initial_state=init and init[0], output_state=True, cu_seqlens=cu_seqlens,
+                                backend=backend)
+    return o, [s], init and init[:1]
+
+
+def check_no_tokens(op, backend, with_state, device="cpu"):
+    for cu in [None] if op == "gla_step" else [None, torch.tensor([0, 0, 0], device=device)]:
+        o, states, init = run_on_no_tokens(op, backend, with_state, cu, device)
+        assert o.shape[1] == 0 and o.shape[-1] == DV and o.dtype == torch.float32
+        for got, s0 in zip(states, init or [None] * len(states)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, torch.zeros_like(got) if s0 is None else s0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["gla", "retention", "linear_attention", "gla_step"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_no_tokens(op, with_state):
+    """T = 0 (or packed sequences all empty): an empty output and the initial state as the final one (zeros
+    without one), fp32."""
+    check_no_tokens(op, "reference", with_state)
+
+
+@pytest.mark.parametrize("call, match", [
+    pytest.param(lambda: subquad.gla_step(*(torch.randn(B, H, DK),) * 2, torch.randn(B, H, DV), None,
+                                          -torch.rand(B, 1, H)),
+                 rf"log_decay_t: expected .*\({B}, {H}\) .* for one token, got \({B}, 1, {H}\)", id="gla_step"),
+    pytest.param(lambda: subquad.linear_attention_step(*(torch.randn(3, 4),) * 3),
+                 r"q_t: expected shape \(batch, heads, head_dim\) for one token or \(batch, seq, heads, head_dim\), "
+                 r"got \(3, 4\)", id="linear_attention_step_2d"),
+    pytest.param(lambda: subquad.linear_attention_step(*(torch.randn(B, H, DK),) * 2, torch.randn(B, H, DV),
+                                                       torch.zeros(B, H, DK, DV)),
+                 r"state: expected \(S, z\) with normalize=True", id="linear_attention_step_bare_state"),
+    pytest.param(lambda: subquad.linear_attention(*(torch.randn(3, T, H, DK),) * 2, torch.randn(3, T, H, DV),
+                                                  initial_state=torch.zeros(3, H, DK, DV)),
+                 rf"initial_state: expected \(S, z\) with normalize=True, S of shape \(3, {H}, {DK}, {DV}\) and z "
+                 rf"of shape \(3, {H}, {DK}\), got \(3, {H}, {DK}, {DV}\)", id="linear_attention_bare_state"),
+    pytest.param(lambda: subquad.ssd(torch.randn(B, T, H, 4).half(), torch.rand(B, T, H), -torch.ones(H),
+                                     *(torch.randn(B, T, 1, 3),) * 2),
+                 r"B: expected dtype torch.float16 \(as x\), got torch.float32", id="ssd_dtype"),
+])
+def test_bad_inputs_named_as_passed(call, match):
+    """Errors name the argument and its shape as the caller passed them: not after a step's token axis is added,
+    nor as the engine's q, k, v that a wrapper makes of them."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_retnet_gammas_follow_the_paper():
+    """RetNet's decays 1 - 2^(-5 - h), h = 0..H-1 (the paper, torchscale, fla), not a spread over fixed bounds."""
+    torch.testing.assert_close(-torch.log2(1 - retnet_gammas(4)), torch.tensor([5.0, 6.0, 7.0, 8.0]))

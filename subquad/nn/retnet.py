@@ -1,6 +1,6 @@
 """RetNet's multi-scale retention (Sun et al., 2023) as a token mixer.
 
-Per head a fixed decay ``gamma_h = 1 - 2^(-5 - h')`` (spread over the heads): ``o_t = sum_j gamma^(t-j)
+Per head a fixed decay ``gamma_h = 1 - 2^(-5 - h)``, h = 0..heads-1: ``o_t = sum_j gamma^(t-j)
 (q_t . k_j) v_j`` with q, k rotated by position (xPos without its length extrapolation term is RoPE), then a
 per-head normalisation (RetNet's GroupNorm, here RMSNorm), a swish output gate and the output projection.
 The recurrent form keeps one ``(d_k, d_v)`` state per head: O(1) per decoded token.

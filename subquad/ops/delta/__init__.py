@@ -13,23 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from ..linear.checks import (check_backend, check_chunk_size, check_cu_seqlens, check_qkv_same_heads, check_scale,
-                             check_state, expand_log_decay, pick_backend)
+                             check_state, expand_log_decay, one_token, pick_backend, step_inputs)
+from ..linear.reference import no_tokens
 from .reference import delta_rule_reference, delta_rule_step_reference
 
 log = logging.getLogger("subquad")
 
 
-def _check_beta(beta, q):
+def _check_beta(beta, q, name="beta"):
     b, t, h, _ = q.shape
     if not isinstance(beta, torch.Tensor) or tuple(beta.shape) != (b, t, h):
-        raise ValueError(f"beta: expected a tensor of shape {(b, t, h)} (values in [0, 1]; 2 allows negative "
+        raise ValueError(f"{name}: expected a tensor of shape {(b, t, h)} (values in [0, 1]; 2 allows negative "
                          f"eigenvalues), got {tuple(beta.shape) if isinstance(beta, torch.Tensor) else beta!r}")
     if beta.device != q.device:
-        raise ValueError(f"beta: expected device {q.device}, got {beta.device}")
+        raise ValueError(f"{name}: expected device {q.device}, got {beta.device}")
 
 
-def _scalar_decay(log_decay, q):
-    g = expand_log_decay(log_decay, q, allow_vector=False)
+def _scalar_decay(log_decay, q, name="log_decay"):
+    g = expand_log_decay(log_decay, q, allow_vector=False, name=name)
     return None if g is None else g[..., 0]
 
 
@@ -83,23 +84,25 @@ def delta_rule_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, bet
     v_t likewise; beta_t ``(B, H)`` / ``(B, T, H)``; log_decay_t None, ``(H,)``, ``(B, H)`` / ``(B, T, H)``;
     state ``(B, H, K, V)`` or None. Returns ``(o_t, state)`` (state fp32)."""
     check_backend(backend)
-    one = isinstance(q_t, torch.Tensor) and q_t.dim() == 3
-    if one:
-        q_t, k_t, v_t = q_t.unsqueeze(1), k_t.unsqueeze(1), v_t.unsqueeze(1)
-        beta_t = beta_t.unsqueeze(1) if isinstance(beta_t, torch.Tensor) else beta_t
-        if isinstance(log_decay_t, torch.Tensor) and log_decay_t.dim() == 2:
-            log_decay_t = log_decay_t.unsqueeze(1)
+    q_t, k_t, v_t, one = step_inputs(q_t, k_t, v_t)
     check_qkv_same_heads(q_t, k_t, v_t)
-    _check_beta(beta_t, q_t)
-    bsz, _, heads, dk = q_t.shape
-    g = _scalar_decay(log_decay_t, q_t)
+    bsz, n_tokens, heads, dk = q_t.shape
+    if one:
+        beta_t = one_token(beta_t, "beta_t", [(bsz, heads)])
+        if log_decay_t is not None:
+            log_decay_t = one_token(log_decay_t, "log_decay_t", [(heads,), (bsz, heads)])
+    _check_beta(beta_t, q_t, "beta_t")
+    g = _scalar_decay(log_decay_t, q_t, "log_decay_t")
     scale = check_scale(scale, dk)
     check_state(state, "state", bsz, heads, dk, v_t.shape[-1], q_t.device)
+    chosen = pick_backend(backend, q_t, "subquad.ops.delta.recurrent")
+    if n_tokens == 0:
+        return no_tokens(v_t, state, bsz, dk)
     if state is None:
         state = q_t.new_zeros(bsz, heads, dk, v_t.shape[-1], dtype=torch.float32)
     if qk_l2norm:
         q_t, k_t = _l2norm(q_t), _l2norm(k_t)
-    if pick_backend(backend, q_t, "subquad.ops.delta.recurrent") == "triton":
+    if chosen == "triton":
         from .recurrent import recurrent_delta_rule
         o, state = recurrent_delta_rule(q_t, k_t, v_t, beta_t, g, scale, state)
     else:

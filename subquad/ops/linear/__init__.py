@@ -16,10 +16,10 @@ import logging
 import torch
 
 from .checks import (check_backend, check_chunk_size, check_cu_seqlens, check_qkv_same_heads, check_scale,
-                     check_state, expand_log_decay, pick_backend)
+                     check_state, describe, expand_log_decay, one_token, pick_backend, step_inputs)
 from .feature_maps import CosFormer, Elu1, FeatureMap, Favor, Hedgehog, Identity, ReLU, apply_feature_map, \
     resolve_feature_map
-from .reference import gla_reference, gla_step_reference, split_varlen
+from .reference import gla_reference, gla_step_reference, no_tokens, split_varlen
 
 log = logging.getLogger("subquad")
 
@@ -59,7 +59,9 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tens
     chosen = pick_backend(backend, q, _KERNELS)
     log.debug("subquad.gla: backend=%s, q=%s %s, decay=%s", chosen, tuple(q.shape), q.dtype,
               None if g is None else tuple(g.shape))
-    if chosen == "triton":
+    if seq_len == 0:
+        o, state = no_tokens(v, initial_state, n_seqs, dk)
+    elif chosen == "triton":
         from .chunk import chunk_gla
         o, state = chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size)
     else:
@@ -72,7 +74,7 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Te
               cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64, backend: str = "auto"):
     """RetNet retention (Sun et al., 2023): a fixed decay ``gamma`` per head, ``o_t = sum_j gamma^(t-j) q_t k_j^T v_j``.
 
-    ``gamma``: ``(H,)`` in (0, 1); defaults to RetNet's ``1 - 2^(-5 - h)``. Other arguments as ``gla``. The
+    ``gamma``: ``(H,)`` in (0, 1); defaults to RetNet's ``1 - 2^(-5 - h)``, h = 0..H-1. Other arguments as ``gla``. The
     layer-level parts of RetNet (xPos, group norm, swish gate) belong to the nn layer.
     """
     heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
@@ -88,9 +90,8 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Te
 
 
 def retnet_gammas(heads: int, device=None) -> torch.Tensor:
-    """RetNet's per-head decays ``1 - 2^(-5 - h)``, h = 0..heads-1 (for more than 1 head, spread over [5, 12])."""
-    exps = torch.linspace(5.0, 12.0, heads, device=device) if heads > 1 else torch.full((1,), 5.0, device=device)
-    return 1.0 - 2.0 ** (-exps)
+    """RetNet's per-head decays ``1 - 2^(-5 - h)``, h = 0..heads-1 (as the paper, torchscale and fla)."""
+    return 1.0 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float32, device=device))
 
 
 def _ssd_args(x, dt, A, B, C):
@@ -108,6 +109,14 @@ def _ssd_args(x, dt, A, B, C):
                          f"{tuple(B.shape)}")
     if tuple(C.shape) != tuple(B.shape):
         raise ValueError(f"C: expected shape {tuple(B.shape)} (as B), got {tuple(C.shape)}")
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (as x), got {t.device}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
     rep = heads // B.shape[2]
     k = B.repeat_interleave(rep, dim=2) if rep > 1 else B
     q = C.repeat_interleave(rep, dim=2) if rep > 1 else C
@@ -136,19 +145,55 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 def _feature_normaliser(fq, fk, z0, cu_seqlens):
     """Denominators ``fq_t . (z0 + sum_{j<=t} fk_j)`` (per packed sequence) and the final ``z``."""
     acc = torch.promote_types(fk.dtype, torch.float32)
-    fq, fk = fq.to(acc), fk.to(acc)
-    cs = fk.movedim(1, -1).cumsum(dim=-1).movedim(-1, 1)        # scan the innermost dim (fast on CUDA)
+    fq = fq.to(acc)
     if cu_seqlens is None:
-        zc = cs + (0 if z0 is None else z0.to(acc).unsqueeze(1))
-        return (fq * zc).sum(-1), zc[:, -1]
+        fk = fk.to(acc)
+        start = fk.new_zeros(fk.shape[0], *fk.shape[2:]) if z0 is None else z0.to(acc)
+        zc = _token_cumsum(fk) + start.unsqueeze(1)
+        return (fq * zc).sum(-1), start + fk.sum(1)
+    # One scan over the whole pack less the sum before each sequence: that sum grows with the position in the pack,
+    # and in fp32 the difference keeps only ~7 digits of it (1e-3 off after 64k tokens), so the scan is in fp64.
+    cs = _token_cumsum(fk.double())
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=fk.device), lengths)
     padded = torch.cat([cs.new_zeros(1, 1, *cs.shape[2:]), cs], dim=1)
     base = padded[0, cu_seqlens[:-1].long()]                          # (N, H, K): sum before each sequence
-    start = (z0.to(acc) if z0 is not None else torch.zeros_like(base)) - base
-    zc = cs + start[seg].unsqueeze(0)
-    z_final = padded[0, cu_seqlens[1:].long()] + start
+    start = (z0.double() if z0 is not None else torch.zeros_like(base)) - base
+    zc = (cs + start[seg].unsqueeze(0)).to(acc)
+    z_final = (padded[0, cu_seqlens[1:].long()] + start).to(acc)
     return (fq * zc).sum(-1), z_final
+
+
+def _token_cumsum(x):
+    return x.movedim(1, -1).cumsum(dim=-1).movedim(-1, 1)        # scans the innermost dim (fast on CUDA)
+
+
+# phi(q_t) / (scale den_t + eps) falls like 1/t from below 1: in fp16 it would sink into the subnormals (below 6e-5,
+# fewer digits) after a few thousand tokens, so the engine gets it this much larger, with the scale as much smaller
+# (a power of two: exact). 256 keeps it normal some 10^5 tokens longer (d = 64) and finite up to 256.
+_NORMALISED_Q_GAIN = 256.0
+
+
+def _normalised_queries(fq, den, scale, eps):
+    """Queries and scale that make the engine's output the normalised one (it is linear in q_t), rather than the
+    numerator, which grows with t and in fp16 overflows 65504 within a few thousand tokens of values of mean 1.
+    Returns ``phi(q) * gain / (scale den + eps)`` in phi(q)'s dtype and ``scale / gain``."""
+    fq_n = fq.to(den.dtype) * (_NORMALISED_Q_GAIN / (scale * den + eps)).unsqueeze(-1)
+    # a zero denominator (features >= 0, none of phi(k) yet) gives phi(q) / eps, past fp16's range; the state's rows
+    # it meets are zero, so a finite query keeps the output 0 (inf * 0 would be NaN)
+    big = torch.finfo(fq.dtype).max
+    return fq_n.clamp(-big, big).to(fq.dtype), scale / _NORMALISED_Q_GAIN
+
+
+def _state_pair(state, name, n, heads, d_feat, dv):
+    """With ``normalize``, the state is the pair ``(S, z)``; S is checked by the engine."""
+    expected = f"(S, z) with normalize=True, S of shape {(n, heads, d_feat, dv)} and z of shape {(n, heads, d_feat)}"
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError(f"{name}: expected {expected}, got {describe(state)}")
+    s, z = state
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != (n, heads, d_feat):
+        raise ValueError(f"{name}: expected {expected}, got z {describe(z)}")
+    return s, z
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map="elu1", *, causal: bool = True,
@@ -176,23 +221,22 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
         raise ValueError(f"feature_map: expected phi(q), phi(k) of one shape (B, T, H, D'), got {tuple(fq.shape)} "
                          f"and {tuple(fk.shape)}")
     scale = check_scale(scale, q.shape[-1])
-    s0, z0 = (initial_state if normalize and initial_state is not None else (initial_state, None))
     n_seqs = check_cu_seqlens(cu_seqlens, q)
-    if z0 is not None and (not isinstance(z0, torch.Tensor) or tuple(z0.shape) != (n_seqs, q.shape[2], fq.shape[-1])):
-        raise ValueError(f"initial_state: expected (S, z) with z of shape {(n_seqs, q.shape[2], fq.shape[-1])}, got "
-                         f"{getattr(z0, 'shape', z0)}")
+    s0, z0 = initial_state, None
+    if normalize and initial_state is not None:
+        s0, z0 = _state_pair(initial_state, "initial_state", n_seqs, q.shape[2], fq.shape[-1], v.shape[-1])
     if not causal:
         if initial_state is not None or output_state:
             raise ValueError("initial_state / output_state: only defined for causal=True")
         return _linear_attention_full(fq, fk, v, scale, normalize, eps, cu_seqlens)
-    o, s = gla(fq, fk, v, None, scale=scale, initial_state=s0, output_state=True, cu_seqlens=cu_seqlens,
+    if not normalize:
+        return gla(fq, fk, v, None, scale=scale, initial_state=s0, output_state=output_state, cu_seqlens=cu_seqlens,
+                   chunk_size=chunk_size, backend=backend)
+    den, z = _feature_normaliser(fq, fk, z0, cu_seqlens)
+    fq_n, scale_n = _normalised_queries(fq, den, scale, eps)
+    o, s = gla(fq_n, fk, v, None, scale=scale_n, initial_state=s0, output_state=True, cu_seqlens=cu_seqlens,
                chunk_size=chunk_size, backend=backend)
-    state = s
-    if normalize:
-        den, z = _feature_normaliser(fq, fk, z0, cu_seqlens)
-        o = (o.to(den.dtype) / (scale * den + eps).unsqueeze(-1)).to(q.dtype)
-        state = (s, z)
-    return (o, state) if output_state else o
+    return (o, (s, z)) if output_state else o
 
 
 def _linear_attention_full(fq, fk, v, scale, normalize, eps, cu_seqlens):
@@ -210,16 +254,6 @@ def _linear_attention_full(fq, fk, v, scale, normalize, eps, cu_seqlens):
     return torch.cat(outs, dim=1).to(v.dtype)
 
 
-def _step_inputs(q_t, k_t, v_t, log_decay_t):
-    """One token (B, H, D) or a few (B, T, H, D) -> 4-D inputs and whether to squeeze the output."""
-    one = isinstance(q_t, torch.Tensor) and q_t.dim() == 3
-    if one:
-        q_t, k_t, v_t = (t.unsqueeze(1) if isinstance(t, torch.Tensor) else t for t in (q_t, k_t, v_t))
-        if isinstance(log_decay_t, torch.Tensor) and log_decay_t.dim() >= 2:
-            log_decay_t = log_decay_t.unsqueeze(1)
-    return q_t, k_t, v_t, log_decay_t, one
-
-
 def gla_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: torch.Tensor | None,
              log_decay_t: torch.Tensor | None = None, *, scale: float | None = None, backend: str = "auto"):
     """Recurrent step for decoding: ``S = diag(exp(g)) S + k^T v; o = scale * q S``.
@@ -231,16 +265,21 @@ def gla_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: tor
     Returns ``(o_t, state)`` with o_t shaped like v_t.
     """
     check_backend(backend)
-    q4, k4, v4, g4, one = _step_inputs(q_t, k_t, v_t, log_decay_t)
+    q4, k4, v4, one = step_inputs(q_t, k_t, v_t)
     check_qkv_same_heads(q4, k4, v4)
-    bsz, _, heads, dk = q4.shape
+    bsz, n_tokens, heads, dk = q4.shape
     dv = v4.shape[-1]
-    g = expand_log_decay(g4, q4)
+    if one and log_decay_t is not None:
+        log_decay_t = one_token(log_decay_t, "log_decay_t", [(heads,), (bsz, heads), (bsz, heads, dk)])
+    g = expand_log_decay(log_decay_t, q4, name="log_decay_t")
     scale = check_scale(scale, dk)
     check_state(state, "state", bsz, heads, dk, dv, q4.device)
+    chosen = pick_backend(backend, q4, "subquad.ops.linear.recurrent")
+    if n_tokens == 0:
+        return no_tokens(v4, state, bsz, dk)
     if state is None:
         state = q4.new_zeros(bsz, heads, dk, dv, dtype=torch.float32)
-    if pick_backend(backend, q4, "subquad.ops.linear.recurrent") == "triton":
+    if chosen == "triton":
         from .recurrent import recurrent_gla
         o, state = recurrent_gla(q4, k4, v4, g, scale, state)
     else:
@@ -264,21 +303,21 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", *, norm
                           scale: float | None = None, eps: float = 1e-6, offset: int = 0, backend: str = "auto"):
     """Decoding step of ``linear_attention`` (causal). ``state`` is ``S`` or, with ``normalize``, ``(S, z)``
     (None = empty); ``offset`` is the position of this token (cosFormer). Returns ``(o_t, state)``."""
-    q4, k4, v4, _, one = _step_inputs(q_t, k_t, v_t, None)
+    q4, k4, v4, one = step_inputs(q_t, k_t, v_t)
     check_qkv_same_heads(q4, k4, v4)
     phi = resolve_feature_map(feature_map)
     fq = apply_feature_map(phi, q4, is_query=True, offset=offset)
     fk = apply_feature_map(phi, k4, is_query=False, offset=offset)
     scale = check_scale(scale, q4.shape[-1])
-    s, z = (state if normalize and state is not None else (state, None))
-    o, s = gla_step(fq, fk, v4, s, None, scale=scale, backend=backend)
-    new_state = s
-    if normalize:
-        acc = torch.promote_types(fk.dtype, torch.float32)
-        zc = fk.to(acc).cumsum(1) + (0 if z is None else z.to(acc).unsqueeze(1))
-        o = (o.to(acc) / (scale * (fq.to(acc) * zc).sum(-1) + eps).unsqueeze(-1)).to(q4.dtype)
-        new_state = (s, zc[:, -1])
-    return (o[:, 0] if one else o), new_state
+    if not normalize:
+        o, s = gla_step(fq, fk, v4, state, None, scale=scale, backend=backend)
+        return (o[:, 0] if one else o), s
+    s, z = (None, None) if state is None else \
+        _state_pair(state, "state", q4.shape[0], q4.shape[2], fk.shape[-1], v4.shape[-1])
+    den, z = _feature_normaliser(fq, fk, z, None)
+    fq_n, scale_n = _normalised_queries(fq, den, scale, eps)
+    o, s = gla_step(fq_n, fk, v4, s, None, scale=scale_n, backend=backend)
+    return (o[:, 0] if one else o), (s, z)
 
 
 __all__ = ["gla", "retention", "retnet_gammas", "ssd", "ssd_step", "linear_attention", "gla_step", "linear_attention_step",

@@ -24,19 +24,46 @@ def check_qkv_same_heads(q, k, v) -> None:
     check_same_device_and_dtype(q, k, v)
 
 
-def expand_log_decay(log_decay, q: torch.Tensor, *, allow_vector: bool = True) -> torch.Tensor | None:
+def describe(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def step_inputs(q_t, k_t, v_t):
+    """A decoding step's q, k, v: one token ``(B, H, D)`` or a few ``(B, T, H, D)``. Returns them 4-D and whether
+    the call was for one token."""
+    forms = "(batch, heads, head_dim) for one token or (batch, seq, heads, head_dim)"
+    if not isinstance(q_t, torch.Tensor) or q_t.dim() not in (3, 4):
+        raise ValueError(f"q_t: expected shape {forms}, got {describe(q_t)}")
+    for name, t in (("k_t", k_t), ("v_t", v_t)):
+        if not isinstance(t, torch.Tensor) or t.dim() != q_t.dim():
+            raise ValueError(f"{name}: expected a {q_t.dim()}-D tensor as q_t, shape {forms}, got {describe(t)}")
+    one = q_t.dim() == 3
+    return (*(t.unsqueeze(1) if one else t for t in (q_t, k_t, v_t)), one)
+
+
+def one_token(value, name: str, shapes: list[tuple]):
+    """A per-token argument of a one-token step, checked against ``shapes`` before it gets its token axis (so a
+    wrong shape is reported as passed); returned as ``(B, 1, ...)``, or as it is if 1-D (per head)."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) not in shapes:
+        raise ValueError(f"{name}: expected a tensor of shape {' or '.join(map(str, shapes))} for one token, got "
+                         f"{describe(value)}")
+    return value if value.dim() == 1 else value.unsqueeze(1)
+
+
+def expand_log_decay(log_decay, q: torch.Tensor, *, allow_vector: bool = True,
+                     name: str = "log_decay") -> torch.Tensor | None:
     """None | (H,) | (B, T, H) | (B, T, H, K) -> None | (B, T, H, 1) | (B, T, H, K), fp32."""
     if log_decay is None:
         return None
     b, t, h, dk = q.shape
     shapes = [(h,), (b, t, h)] + ([(b, t, h, dk)] if allow_vector else [])
     if not isinstance(log_decay, torch.Tensor) or tuple(log_decay.shape) not in shapes:
-        got = tuple(log_decay.shape) if isinstance(log_decay, torch.Tensor) else type(log_decay).__name__
-        raise ValueError(f"log_decay: expected None or a tensor of shape {' or '.join(map(str, shapes))}, got {got}")
+        raise ValueError(f"{name}: expected None or a tensor of shape {' or '.join(map(str, shapes))}, got "
+                         f"{describe(log_decay)}")
     if not log_decay.dtype.is_floating_point:
-        raise ValueError(f"log_decay: expected a floating-point tensor, got {log_decay.dtype}")
+        raise ValueError(f"{name}: expected a floating-point tensor, got {log_decay.dtype}")
     if log_decay.device != q.device:
-        raise ValueError(f"log_decay: expected device {q.device}, got {log_decay.device}")
+        raise ValueError(f"{name}: expected device {q.device}, got {log_decay.device}")
     g = log_decay.to(torch.promote_types(log_decay.dtype, torch.float32))
     if g.dim() == 1:
         return g.view(1, 1, h, 1).expand(b, t, h, 1)

@@ -25,6 +25,16 @@ def split_varlen(cu_seqlens: torch.Tensor | None, seq_len: int) -> list[tuple[in
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def no_tokens(v: torch.Tensor, initial_state: torch.Tensor | None, n_states: int,
+              dk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A call with no tokens (the kernels' tables and launches, and the step loop, assume some): the empty output
+    in v's dtype, and the initial state (zeros if None) as the final one, in the working dtype like a scan's."""
+    acc = torch.promote_types(v.dtype, torch.float32)
+    if initial_state is None:
+        return v.clone(), v.new_zeros(n_states, v.shape[2], dk, v.shape[3], dtype=acc)
+    return v.clone(), initial_state.to(acc, copy=True)
+
+
 def chunks(t: torch.Tensor | None, size: int, count: int) -> list:
     """``t`` (B, H, T, ...) split along T into pieces of ``size``: the outputs of one split, whose backward is
     one concatenation (a slice per piece would fill a zero gradient as long as ``t`` each, O(T^2 / size) in
