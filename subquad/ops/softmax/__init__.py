@@ -135,12 +135,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # FlashAttention's bottom-right alignment: the first seq_q - seq_kv queries sit before every key and
         # see none (output 0, LSE -inf); the others are an ordinary call
         lead = seq_q - seq_kv
-        out, lse = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
+        result = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
             mask, torch.Tensor) else mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-            return_lse=True, backend=backend, deterministic=deterministic, plan=plan)
+            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan)
+        out, lse = result if return_lse else (result, None)
         out = torch.cat([out.new_zeros(bsz, lead, hq, out.shape[-1]), out], 1)
-        lse = torch.cat([lse.new_full((bsz, hq, lead), float("-inf")), lse], 2)
-        return (out, lse) if return_lse else out
+        if not return_lse:
+            return out
+        return out, torch.cat([lse.new_full((bsz, hq, lead), float("-inf")), lse], 2)
     if seq_q > seq_kv and mask is not None:
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask and causal=False (queries are aligned "
                          f"to the end of the keys: the first would sit before every key), got seq_q={seq_q}")
