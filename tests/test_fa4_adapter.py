@@ -288,6 +288,36 @@ def test_predicate_is_not_expressible():
     assert fa4._expressible(masks.bigbird(64, [0]) & masks.causal)
 
 
+def test_padding_lowers_to_varlen_and_large_ids_stay_apart():
+    """``masks.padding`` is a document pattern before its ids exist: FA4's varlen route and the dispatch
+    table's "document" kind take it (it fell to the sparse route, "no FA4 mask_mod form"). Document ids of
+    2^31 and more collided in the mask_mod's int32 ids."""
+    from subquad.ops.softmax import dispatch
+
+    pad = masks.padding([200, 256])
+    assert fa4.lower(pad, True).route == "varlen"
+    assert dispatch.pattern_kind(pad, True) == "document"
+    ids = torch.tensor([0] * 150 + [2 ** 32] * 150)
+    prepared = masks.document(ids).prepare(masks.BuildContext(1, 1, 300, 300, torch.device("cpu")))
+    aux = []
+    spec = fa4.mask_spec(prepared, 300, aux)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    keep = fa4.emit(spec, fa4.TorchOps, zero, zero, torch.tensor(0).view(1, 1, 1, 1), torch.tensor(299).view(1, 1, 1, 1),
+                    aux)
+    assert not bool(keep)
+
+
+def test_prebuilt_block_mask_is_checked_for_every_backend():
+    """FA4 (and flex, through the same helper) took a prebuilt BlockMask's shape and ``causal=True`` on trust:
+    a causal call came back non-causal, a 256-token mask ran on 300 tokens."""
+    bm = masks.sliding_window(64, causal=False).block_mask(300, heads=4)
+    with pytest.raises(ValueError, match="causal"):
+        fa4.block_mask_for(bm, causal=True, batch=1, heads=4, seq_q=300, seq_kv=300, device="cpu")
+    with pytest.raises(ValueError, match="seq_q=300"):
+        fa4.block_mask_for(masks.causal.block_mask(256), causal=False, batch=1, heads=4, seq_q=300, seq_kv=300,
+                           device="cpu")
+
+
 def test_varlen_offsets():
     doc = masks.document(IDS)
     cu, longest = fa4.varlen_offsets(doc, 2, 300, "cpu")

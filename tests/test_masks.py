@@ -152,6 +152,10 @@ def test_patterns_keep_copies_of_their_tensors():
     sparse = masks.block_sparse(layout, 16)
     layout[0] = False
     assert sparse.to_dense(64)[0, 0, :16].all()
+    dense = torch.ones(64, 64, dtype=torch.bool)
+    from_tensor = masks.from_tensor(dense)
+    dense.fill_(False)
+    assert from_tensor.to_dense(64).all()
 
 
 @st.composite

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import masks
+from ..masks.patterns import Tensor  # (a pattern per call: no copy, unlike masks.from_tensor)
 from ..ops.linear import linear_attention
 from ..ops.linear.feature_maps import apply_feature_map, resolve_feature_map
 from ..ops.softmax import attention
@@ -68,7 +69,7 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         window = masks.sliding_window(int(sliding_window))
         mask = window if mask is None else mask & window
     if keep is not None:
-        mask = masks.from_tensor(keep) if mask is None else mask & masks.from_tensor(keep)
+        mask = Tensor(keep) if mask is None else mask & Tensor(keep)
     # transformers' mask already holds causality when present; end-aligned causality is then a superset of it
     # (also with a static cache's unfilled tail), so intersecting with it changes nothing.
     causal = bool(getattr(module, "is_causal", False))
@@ -131,7 +132,7 @@ class SubquadSelfAttention(nn.Module):
         else:
             mask = self.pattern
             if keep is not None:
-                mask = masks.from_tensor(keep) if mask is None else mask & masks.from_tensor(keep)
+                mask = Tensor(keep) if mask is None else mask & Tensor(keep)
             out = attention(q, k, v, mask=mask, scale=self.scaling, backend=self.backend)
         return out.reshape(bsz, n, self.heads * self.head_dim), None
 

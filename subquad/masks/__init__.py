@@ -51,6 +51,18 @@ def and_causal(pattern: Pattern) -> Pattern:
     return kept["pattern"]
 
 
+def check_prebuilt(mask: BlockMask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: int) -> None:
+    """A prebuilt BlockMask fits the call, whatever backend runs it (FA4 and flex rebuild one on their own
+    tiles from its pattern, and had taken its shape and ``causal`` on trust)."""
+    if not mask.matches(batch, heads, seq_q, seq_kv):
+        raise ValueError(f"mask: expected a BlockMask for seq_q={seq_q}, seq_kv={seq_kv}, batch in "
+                         f"(1, {batch}), heads in (1, {heads}); got seq_q={mask.seq_q}, seq_kv={mask.seq_kv}, "
+                         f"kind {tuple(mask.kind.shape)}")
+    if causal:
+        raise ValueError("causal: pass causal=False with a prebuilt BlockMask (build it from "
+                         "pattern & masks.causal instead)")
+
+
 def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: int, device,
             block_q: int = 128, block_kv: int = 128) -> BlockMask | None:
     """Turn ``attention``'s ``causal``/``mask`` arguments into a BlockMask (None for full attention).
@@ -60,13 +72,7 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
     if mask is None and not causal:
         return None
     if isinstance(mask, BlockMask):
-        if not mask.matches(batch, heads, seq_q, seq_kv):
-            raise ValueError(f"mask: expected a BlockMask for seq_q={seq_q}, seq_kv={seq_kv}, batch in "
-                             f"(1, {batch}), heads in (1, {heads}); got seq_q={mask.seq_q}, seq_kv={mask.seq_kv}, "
-                             f"kind {tuple(mask.kind.shape)}")
-        if causal:
-            raise ValueError("causal: pass causal=False with a prebuilt BlockMask (build it from "
-                             "pattern & masks.causal instead)")
+        check_prebuilt(mask, causal=causal, batch=batch, heads=heads, seq_q=seq_q, seq_kv=seq_kv)
         return mask.to(device)
     if mask is None:
         pattern: Pattern = _CAUSAL_PATTERN

@@ -147,14 +147,15 @@ def document(seq_ids: torch.Tensor) -> Pattern:
     return Document(seq_ids)
 
 
-class _Lengths(Pattern):
-    """Each sequence's first ``lengths[b]`` tokens, apart from the rest (``padding``): built as the document
-    pattern of two segments per row, so that the kernels' document term, FlexAttention and FA4's varlen path
-    run it as they run packing."""
+class _Lengths(Document):
+    """Each sequence's first ``lengths[b]`` tokens, apart from the rest (``padding``): the document pattern of
+    two segments per row, its ids made at ``prepare`` (when the length is known); a ``Document`` before that
+    too, so that what reads a pattern's structure (FA4's varlen route, the dispatch table's kinds) takes it as
+    one, and the kernels' document term, FlexAttention and FA4 run it as they run packing."""
 
     varies_with_batch = True
 
-    def __init__(self, lengths: torch.Tensor):
+    def __init__(self, lengths: torch.Tensor):      # (no ids before prepare: Document's own __init__ not run)
         self.lengths = lengths
 
     def prepare(self, ctx):
@@ -191,6 +192,11 @@ def prefix_lm(prefix_len: int) -> Pattern:
 
 
 def from_tensor(mask: torch.Tensor) -> Pattern:
+    """A boolean mask ``(seq_q, seq_kv)`` (optionally with leading heads / batch) as a pattern. The pattern keeps
+    a copy: its BlockMasks are cached, and an edit of the tensor in place would reach its element predicate but
+    not them. (``attention(mask=tensor)`` builds a new pattern on every call and copies nothing.)"""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.clone()
     return Tensor(mask)
 
 

@@ -131,6 +131,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_options(q, scale, softcap, alibi_slopes)
     bsz, seq_q, hq, d = q.shape
     seq_kv = k.shape[1]
+    if isinstance(mask, _masks.BlockMask):
+        _masks.check_prebuilt(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=seq_kv)
     if seq_q > seq_kv and causal and not isinstance(mask, _masks.BlockMask):
         # FlashAttention's bottom-right alignment: the first seq_q - seq_kv queries sit before every key and
         # see none (output 0, LSE -inf); the others are an ordinary call

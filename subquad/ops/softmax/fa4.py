@@ -232,7 +232,8 @@ def _spec_of(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dt
         aux.append(flags)
         return ("positions_aux", p.axis, len(aux) - 1)
     if isinstance(p, P.Document):
-        ids = p._ids().to(torch.int32).contiguous()
+        # renumbered densely: ids of 2^31 and more (hashed document ids) would collide in int32
+        ids = torch.unique(p._ids(), return_inverse=True)[1].to(torch.int32).contiguous()
         aux.append(ids)
         return ("document", len(aux) - 1, ids.shape[0] > 1)
     if isinstance(p, P.BlockLayout):
@@ -491,6 +492,7 @@ def block_mask_for(mask, *, causal, batch, heads, seq_q, seq_kv, device) -> "_ma
     """The call's BlockMask on 128 x 128 blocks (FA4's Hopper tiles, FlexAttention's sparse blocks): a
     prebuilt BlockMask on other blocks is rebuilt from its pattern."""
     if isinstance(mask, _masks.BlockMask):
+        _masks.check_prebuilt(mask, causal=causal, batch=batch, heads=heads, seq_q=seq_q, seq_kv=seq_kv)
         if (mask.block_q, mask.block_kv) == (BLOCK_Q, BLOCK_KV):
             return mask.to(device)
         mask = mask.pattern             # rebuilt on FA4's tiles
