@@ -416,3 +416,10 @@ def test_deterministic_follows_torch(torch_deterministic):
             pytest.raises(ValueError, match="backend: 'cudnn' cannot run"):
         subquad.attention(q, q, q, backend="cudnn")
 
+
+
+def test_available_backends_without_cuda_is_the_reference():
+    """Asked for a CUDA device on a machine without one, it listed triton and flex, which cannot run here."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert subquad.available_backends("cuda") == ["reference"]

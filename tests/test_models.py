@@ -152,3 +152,13 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(bad):
     """(the vocabulary is 64: an id of 64 or -1 would reach the embedding)"""
     with pytest.raises(ValueError, match=r"prompt_ids: expected token ids in \[0, 64\)"):
         tiny("MA").generate(torch.tensor(bad), 2)
+
+
+def test_a_mixers_own_heads_override_the_models():
+    """``mixer_options={"M": {"heads": 4}}`` (or ``A``'s ``heads``, MLA's ``n_heads``) collided with the model's
+    head count ("got multiple values for argument 'heads'")."""
+    from subquad.nn import build_mixer
+
+    model = HybridLM(50, 64, "MAK", heads=2, mixer_options={"M": {"heads": 4}, "A": {"heads": 4}, "K": {"n_heads": 4}})
+    assert [b.mixer.heads if hasattr(b.mixer, "heads") else b.mixer.n_heads for b in model.blocks] == [4, 4, 4]
+    assert build_mixer("A", 64, 2, heads=8).heads == 8

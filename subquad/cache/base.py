@@ -8,7 +8,8 @@ from .view import KVView
 
 
 class KVCache:
-    """Base class: subclasses allocate storage in ``__init__`` and implement ``_write`` and ``view``."""
+    """Base class: subclasses allocate storage in ``__init__`` and implement ``update``, ``view`` and
+    ``buffers``."""
 
     batch: int
     heads_kv: int

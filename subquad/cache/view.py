@@ -63,7 +63,8 @@ class KVView:
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gather ``(k, v, lengths)``: ``k[b, j]`` is the ``j``-th kept token of sequence ``b`` in position
         order (absolute position ``seqlens[b] - lengths[b] + j``), valid for ``j < lengths[b]``; the rest
-        of the padded length is zeros. Free (a slice) for the dense layout."""
+        of the padded length is zeros for the ring and paged layouts, and whatever the storage holds there for
+        the dense one (free: a slice of it)."""
         lengths = self.kept_lengths()
         n = int(lengths.max()) if lengths.numel() else 0
         if self.layout == "dense":

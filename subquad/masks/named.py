@@ -87,7 +87,7 @@ def fixed(block: int, summary: int, causal: bool = True) -> Pattern:
 
 def dilated(window: int, dilation: int, causal: bool = True) -> Pattern:
     """A dilated window (LongNet, dilated sliding window): keys within ``window`` positions whose distance
-    to the query is a multiple of ``dilation`` (``window // dilation`` keys per query)."""
+    to the query is a multiple of ``dilation`` (causal: ``ceil(window / dilation)`` keys per query)."""
     window = _positive("window", window)
     dilation = _positive("dilation", dilation)
     band = Band(0, window - 1) if causal else Band(-(window // 2), window // 2)
@@ -201,6 +201,9 @@ def from_tensor(mask: torch.Tensor) -> Pattern:
 
 
 def from_predicate(fn: Callable, name: str | None = None) -> Pattern:
+    """A user predicate ``fn(b, h, q_pos, k_pos) -> bool tensor`` as a pattern, evaluated on broadcastable
+    index tensors at absolute positions (queries at ``i + seq_kv - seq_q``); its blocks are classified by
+    evaluating it, and its partial blocks run as bitmasks in the kernels."""
     if not callable(fn):
         raise ValueError(f"fn: expected a callable fn(b, h, q_pos, k_pos) -> bool tensor, got {fn!r}")
     return Predicate(fn, name)

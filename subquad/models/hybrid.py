@@ -21,13 +21,15 @@ from torch import nn
 
 from ..nn.mlp import SwiGLU, swiglu_hidden
 from ..nn.norm import RMSNorm
-from ..nn.registry import lookup, parse_layers
+from ..nn.registry import build_mixer, lookup, parse_layers
 
 # the mixers' and the MLP's output projections, which write into the residual stream
 RESIDUAL_OUT = ("o_proj", "out_proj", "wo", "down")
 
 
 class Block(nn.Module):
+    """A pre-norm residual block: ``x + mixer(norm(x))``, then ``x + SwiGLU(norm(x))``."""
+
     def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden: int, eps: float):
         super().__init__()
         self.mixer_norm = RMSNorm(d_model, eps)
@@ -45,8 +47,10 @@ class HybridLM(nn.Module):
         vocab_size: tokens (256 for bytes).
         d_model: width.
         layers: one letter per layer (``"MMMAMMMA"``) or a list of mixer names.
-        heads: heads of every mixer (default ``max(1, d_model // 64)``); ``kv_heads`` for softmax attention.
-        mixer_options: per letter or name, the mixer's keyword arguments, e.g. ``{"L": {"window": 256}}``.
+        heads: heads of every mixer (default ``max(1, d_model // 64)``) but Mamba-2, whose heads are 64 wide where
+            64 divides its inner width; ``kv_heads`` for softmax attention.
+        mixer_options: per letter or name, the mixer's keyword arguments, e.g. ``{"L": {"window": 256}}`` (a
+            mixer's own ``heads`` overrides the model's).
         mlp_ratio: SwiGLU hidden width over ``d_model`` (8/3).
         tie_embeddings: the output head shares the embedding matrix.
     ``config`` keeps the arguments (JSON-friendly) so a checkpoint can rebuild the model.
@@ -78,7 +82,7 @@ class HybridLM(nn.Module):
             opts = dict(options.get(spec.letter, {}))
             if kv_heads is not None and spec.letter in "AGLD":
                 opts.setdefault("kv_heads", kv_heads)
-            blocks.append(Block(spec.build(d_model, heads, i, **opts), d_model, hidden, norm_eps))
+            blocks.append(Block(build_mixer(spec.letter, d_model, heads, i, **opts), d_model, hidden, norm_eps))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(d_model, norm_eps)
         self.head = nn.Linear(d_model, vocab_size, bias=False)

@@ -96,7 +96,8 @@ class Attention(nn.Module):
         heads: query heads; ``kv_heads`` key/value heads (a divisor: GQA; 1: MQA; default ``heads``: MHA).
         head_dim: defaults to ``d_model / heads``.
         causal: causal attention (a decoder); False for an encoder (no cache then).
-        window: sliding-window attention over the ``window`` most recent keys (itself included).
+        window: sliding-window attention over the ``window`` most recent keys (itself included); an encoder
+            (``causal=False``): the keys within ``window // 2`` positions on either side.
         mask: any other ``subquad.masks`` pattern (intersected with causality when ``causal``).
         position: ``"rope"`` (default), ``"alibi"`` or ``"none"``.
         rope_base, partial_rotary, rope_scaling, rope_interleaved: RoPE's options (``rope_scaling`` a

@@ -10,7 +10,8 @@ heads (``rope_dim``, e.g. 64): ``LatentKVCache``. Two ways to compute the same a
   K = the row, V = its first ``kv_lora_rank`` columns: ``subquad.decode``'s latent layout), then apply
   ``W_UV`` to the result. Since ``(q W_UK) c = q (W_UK c)``, both give the same scores and outputs.
 
-RoPE: a minimal private rotary (GPT-NeoX half rotation) until ``subquad/nn/positions.py`` exists.
+RoPE: a private rotary of the decoupled key's width (GPT-NeoX half rotation, the rotation
+``subquad.nn.positions.RotaryEmbedding`` computes; no scaling).
 """
 
 from __future__ import annotations

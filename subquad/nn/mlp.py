@@ -15,6 +15,8 @@ def swiglu_hidden(d_model: int, ratio: float = 8 / 3, multiple_of: int = 32) -> 
 
 
 class SwiGLU(nn.Module):
+    """``W2 (silu(W1 x) * W3 x)`` with a hidden width of ``hidden`` (default ``swiglu_hidden(d_model)``)."""
+
     def __init__(self, d_model: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or swiglu_hidden(d_model)

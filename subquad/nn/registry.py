@@ -1,4 +1,4 @@
-"""Short names for token mixers, so that a model's layer stack is a string: ``"MMMAMMMA"`` (Jamba-style,
+"""Short names for token mixers, so that a model's layer stack is a string: ``"MMMMAMMM"`` (Jamba-style,
 1 attention : 7 Mamba-2), ``"LLLLLG"`` (Gemma-3-style, 5 local sliding-window : 1 global), ``"EEEE"`` (pure GLA).
 
 Each entry builds a mixer from ``(d_model, heads, layer_idx, **options)``; ``options`` are the mixer's own
@@ -63,7 +63,7 @@ def _mla(d_model, heads, layer_idx, **opts):
     return MLA(d_model, heads, **{**defaults, **opts})
 
 
-def _mamba2(d_model, heads, layer_idx, **opts):
+def _mamba2(d_model, heads, layer_idx, /, **opts):
     """Mamba-2's own head size (64) where it divides d_inner; otherwise the model's head count."""
     d_inner = opts.get("expand", 2) * d_model
     if "heads" not in opts and "headdim" not in opts and d_inner % 64:
@@ -108,5 +108,12 @@ def parse_layers(layers) -> list[MixerSpec]:
     return [lookup(x) for x in items]
 
 
-def build_mixer(key: str, d_model: int, heads: int, layer_idx: int = 0, **options) -> nn.Module:
-    return lookup(key).build(d_model, heads, layer_idx, **options)
+def build_mixer(key: str, d_model: int, heads: int, layer_idx: int = 0, /, **options) -> nn.Module:
+    """The mixer ``key`` (a letter or a name) for a model of width ``d_model`` with ``heads`` heads; ``options``
+    are the mixer's own keyword arguments, its own head count (``heads``, MLA's ``n_heads``) overriding the
+    model's (it collided with it)."""
+    spec = lookup(key)
+    for name in ("heads", "n_heads"):
+        if name in options and not (spec.letter == "M" and name == "heads"):    # (Mamba-2 reads it itself)
+            heads = options.pop(name)
+    return spec.build(d_model, heads, layer_idx, **options)

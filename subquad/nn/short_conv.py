@@ -12,6 +12,9 @@ from torch import nn
 
 
 class ShortConv(nn.Module):
+    """A causal depthwise convolution of ``channels`` over ``kernel_size`` tokens (then SiLU with
+    ``activation``): ``forward(x, state) -> (y, state)``, the state carrying the last inputs for decoding."""
+
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True, bias: bool = True):
         super().__init__()
         if kernel_size < 1:

@@ -2,7 +2,8 @@
 
     S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,        o_t = scale * q_t S_t
 
-with ``a_t = exp(log_decay_t)`` (gated DeltaNet) or 1 (DeltaNet). States ``(batch, heads, d_k, d_v)`` fp32.
+with ``a_t = exp(log_decay_t)`` (gated DeltaNet) or 1 (DeltaNet). States ``(batch, heads, d_k, d_v)`` fp32
+(fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def delta_rule_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, bet
                     qk_l2norm: bool = True, backend: str = "auto"):
     """Recurrent step for decoding. q_t, k_t ``(B, H, K)`` (one token) or ``(B, T, H, K)`` (a few, in order);
     v_t likewise; beta_t ``(B, H)`` / ``(B, T, H)``; log_decay_t None, ``(H,)``, ``(B, H)`` / ``(B, T, H)``;
-    state ``(B, H, K, V)`` or None. Returns ``(o_t, state)`` (state fp32)."""
+    state ``(B, H, K, V)`` or None. Returns ``(o_t, state)`` (state fp32, fp64 for fp64
+    inputs)."""
     check_backend(backend)
     q_t, k_t, v_t, one = step_inputs(q_t, k_t, v_t)
     check_qkv_same_heads(q_t, k_t, v_t)

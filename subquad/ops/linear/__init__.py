@@ -1,7 +1,7 @@
 """Linear attention and decayed recurrences on one chunked engine: ``gla`` and its named forms
 ``linear_attention`` (feature maps), ``retention`` (RetNet), ``ssd`` (Mamba-2), plus one-token steps for decoding.
 
-Recurrence (per batch and head), state ``S`` of shape ``(d_k, d_v)`` kept in fp32:
+Recurrence (per batch and head), state ``S`` of shape ``(d_k, d_v)`` kept in fp32 (fp64 for fp64 inputs):
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
 
@@ -38,8 +38,8 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tens
             token (Mamba-2 SSD, simple GLA), or ``(B, T, H, K)`` per key dimension (GLA). Gradients flow to it.
         scale: multiplies q; defaults to ``K ** -0.5``.
         initial_state: ``(N, H, K, V)`` state before the first token (N = B, or the number of sequences with
-            ``cu_seqlens``); any float dtype, used in fp32; differentiable.
-        output_state: also return the final state ``(N, H, K, V)`` fp32 (differentiable).
+            ``cu_seqlens``); any float dtype, used in fp32 (fp64 for fp64 inputs); differentiable.
+        output_state: also return the final state ``(N, H, K, V)`` fp32 (fp64 for fp64 inputs; differentiable).
         cu_seqlens: ``(N + 1,)`` int cumulative lengths of sequences packed along ``T`` (then B must be 1); each
             sequence starts from its own initial state (zeros by default).
         chunk_size: tokens per chunk (power of two, 16..128).
@@ -260,7 +260,7 @@ def gla_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: tor
 
     Args:
         q_t, k_t: ``(B, H, K)`` for one token, or ``(B, T, H, K)`` for a few tokens in order; v_t likewise with V.
-        state: ``(B, H, K, V)`` (None = zeros); any float dtype, returned in fp32.
+        state: ``(B, H, K, V)`` (None = zeros); any float dtype, returned in fp32 (fp64 for fp64 inputs).
         log_decay_t: None, ``(H,)``, ``(B, H)`` / ``(B, H, K)`` for one token, ``(B, T, H)`` / ``(B, T, H, K)``.
     Returns ``(o_t, state)`` with o_t shaped like v_t.
     """

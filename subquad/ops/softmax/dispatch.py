@@ -328,6 +328,8 @@ def available_backends(device=None) -> list[str]:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return ["reference"]
     out = []
     for backend in BACKENDS:
         if backend == "reference":
