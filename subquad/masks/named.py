@@ -20,6 +20,7 @@ from .patterns import (
     RandomBlocks,
     Residue,
     SameBlock,
+    Segments,
     Tensor,
     _Prefix,
 )
@@ -147,15 +148,12 @@ def document(seq_ids: torch.Tensor) -> Pattern:
     return Document(seq_ids)
 
 
-class _Lengths(Document):
-    """Each sequence's first ``lengths[b]`` tokens, apart from the rest (``padding``): the document pattern of
-    two segments per row, its ids made at ``prepare`` (when the length is known); a ``Document`` before that
-    too, so that what reads a pattern's structure (FA4's varlen route, the dispatch table's kinds) takes it as
-    one, and the kernels' document term, FlexAttention and FA4 run it as they run packing."""
+class _Lengths(Segments):
+    """Each sequence's first ``lengths[b]`` tokens, apart from the rest (``padding``): prepared into the document
+    pattern of two segments per row (its ids need the length), which the kernels' document term, FlexAttention
+    and FA4's varlen path run as they run packing."""
 
-    varies_with_batch = True
-
-    def __init__(self, lengths: torch.Tensor):      # (no ids before prepare: Document's own __init__ not run)
+    def __init__(self, lengths: torch.Tensor):
         self.lengths = lengths
 
     def prepare(self, ctx):

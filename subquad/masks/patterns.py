@@ -415,7 +415,15 @@ class Residue(Pattern):
         return f"residue({self.dilation})"
 
 
-class Document(Pattern):
+class Segments(Pattern):
+    """Pairs within one segment of a row: packed documents (``Document``, ids given) or right padding (ids made
+    at ``prepare``, from the length). What reads a pattern's structure before it is prepared (FA4's varlen
+    route, the dispatch table's kinds) asks for this; what reads the ids asks for a prepared ``Document``."""
+
+    varies_with_batch = True
+
+
+class Document(Segments):
     """Keep pairs in the same packed sequence: ``seq_ids[b, q] == seq_ids[b, k]``."""
 
     varies_with_batch = True

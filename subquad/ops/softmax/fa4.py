@@ -87,7 +87,7 @@ class Lowering:
     route: str                                  # "dense" | "varlen" | "sparse"
     causal: bool = False
     window: tuple[int | None, int | None] = (None, None)
-    document: P.Document | None = None
+    document: P.Segments | None = None
     pattern: object = None                      # Pattern or BlockMask (sparse route)
 
 
@@ -141,7 +141,7 @@ def _lower(mask, causal: bool) -> Lowering:
     pattern = mask if isinstance(mask, P.Pattern) else P._coerce(mask)
     parts = _conjuncts(pattern) + ([P.Band(0, P.INF)] if causal else [])
     bands = [p for p in parts if isinstance(p, P.Band)]
-    docs = [p for p in parts if isinstance(p, P.Document)]
+    docs = [p for p in parts if isinstance(p, P.Segments)]
     if len(bands) + len(docs) == len(parts) and len(docs) <= 1:
         lo = max([b.lo for b in bands], default=-P.INF)
         hi = min([b.hi for b in bands], default=P.INF)
@@ -431,7 +431,7 @@ def _expressible(pattern) -> bool:
         return _expressible(p.inner)
     if isinstance(p, (P.Union, P.Intersection)):
         return all(_expressible(x) for x in p.parts)
-    return isinstance(p, (P.Band, P._Prefix, P.SameBlock, P.Residue, P.PeriodicColumns, P.Positions, P.Document,
+    return isinstance(p, (P.Band, P._Prefix, P.SameBlock, P.Residue, P.PeriodicColumns, P.Positions, P.Segments,
                           P.BlockLayout, P.RandomBlocks, P.Tensor))
 
 
@@ -439,7 +439,7 @@ def _expressible(pattern) -> bool:
 # Running
 
 
-def varlen_offsets(document: P.Document, batch: int, seq: int, device) -> tuple[torch.Tensor, int] | None:
+def varlen_offsets(document: P.Segments, batch: int, seq: int, device) -> tuple[torch.Tensor, int] | None:
     """``(cu_seqlens int32, max_seqlen)`` of the packed sequences of ``document`` over ``batch`` rows of
     ``seq`` tokens, or None if some id appears in two separate runs of a row (then FA4's varlen cannot
     hold it). Cached on the pattern per shape and device: it synchronises once."""
