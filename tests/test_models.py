@@ -162,3 +162,13 @@ def test_a_mixers_own_heads_override_the_models():
     model = HybridLM(50, 64, "MAK", heads=2, mixer_options={"M": {"heads": 4}, "A": {"heads": 4}, "K": {"n_heads": 4}})
     assert [b.mixer.heads if hasattr(b.mixer, "heads") else b.mixer.n_heads for b in model.blocks] == [4, 4, 4]
     assert build_mixer("A", 64, 2, heads=8).heads == 8
+
+
+@pytest.mark.parametrize("layers", ["E", "N"])
+def test_recurrent_layers_compile_without_graph_breaks(layers):
+    """A GLA or DeltaNet model compiles whole (fullgraph): an unguarded debug log in the ops broke the graph."""
+    torch.manual_seed(0)
+    model = HybridLM(64, 32, layers, heads=2)
+    x = torch.randint(0, 64, (1, 24))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))

@@ -157,7 +157,9 @@ class _Lengths(Segments):
         self.lengths = lengths
 
     def prepare(self, ctx):
-        if self.lengths.shape[0] not in (1, ctx.batch) or int(self.lengths.max()) > ctx.seq_kv:
+        # (the values' check reads them, which a traced call cannot: checked eagerly only)
+        if self.lengths.shape[0] not in (1, ctx.batch) or (
+                not torch.compiler.is_compiling() and int(self.lengths.max()) > ctx.seq_kv):
             raise ValueError(f"lengths: expected shape ({ctx.batch},) with values in [0, {ctx.seq_kv}], got "
                              f"{tuple(self.lengths.shape)} with max {int(self.lengths.max())}")
         ids = (torch.arange(ctx.seq_kv).view(1, -1) >= self.lengths.view(-1, 1)).long()

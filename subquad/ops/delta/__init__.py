@@ -69,7 +69,9 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     chosen = pick_backend(backend, q, "subquad.ops.delta.chunk")
-    log.debug("subquad.delta_rule: backend=%s, q=%s %s, gated=%s", chosen, tuple(q.shape), q.dtype, g is not None)
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):    # dynamo cannot trace loggers
+        log.debug("subquad.delta_rule: backend=%s, q=%s %s, gated=%s", chosen, tuple(q.shape), q.dtype,
+                  g is not None)
     if chosen == "triton":
         from .chunk import chunk_delta_rule
         o, state = chunk_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_size)

@@ -57,8 +57,9 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tens
     n_seqs = check_cu_seqlens(cu_seqlens, q)
     check_state(initial_state, "initial_state", n_seqs, heads, dk, dv, q.device)
     chosen = pick_backend(backend, q, _KERNELS)
-    log.debug("subquad.gla: backend=%s, q=%s %s, decay=%s", chosen, tuple(q.shape), q.dtype,
-              None if g is None else tuple(g.shape))
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):    # dynamo cannot trace loggers
+        log.debug("subquad.gla: backend=%s, q=%s %s, decay=%s", chosen, tuple(q.shape), q.dtype,
+                  None if g is None else tuple(g.shape))
     if seq_len == 0:
         o, state = no_tokens(v, initial_state, n_seqs, dk)
     elif chosen == "triton":

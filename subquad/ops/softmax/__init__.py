@@ -149,8 +149,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask and causal=False (queries are aligned "
                          f"to the end of the keys: the first would sit before every key), got seq_q={seq_q}")
     scale_value = d ** -0.5 if scale is None else float(scale)
-    # Under torch.compile, auto keeps to the backends registered as custom ops (the Triton kernels, the
-    # reference): the measured choice reads files and asks FA4/cuDNN, which dynamo cannot trace.
+    # Under torch.compile, auto keeps to the Triton kernels (custom ops) and the reference (which dynamo traces
+    # with graph breaks at its host-side block walk): the measured choice reads files and asks FA4/cuDNN, which
+    # dynamo cannot trace.
     if backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
         chosen = dispatch.choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
                                  return_lse=return_lse)
