@@ -331,3 +331,23 @@ def test_backward_does_not_slice_full_length_tensors():
     out = subquad.attention(q, k, v, mask=masks.sliding_window(64))
     assert slices_of_length(out, 1000) == 0
 
+
+
+@pytest.mark.parametrize("mask", [None, masks.sliding_window(9), masks.padding([SEQ, 21]) & masks.causal],
+                         ids=["causal", "window", "padding"])
+def test_compiles_whole_and_equals_eager(mask):
+    """``torch.compile(fullgraph=True)`` over the reference (the CPU's backend): the block walk read the
+    BlockMask's lists on the host and broke the graph; traced, every key chunk is masked by the predicate."""
+    q, k, v = _inputs(grad=True)
+
+    def run(q, k, v):
+        return subquad.attention(q, k, v, causal=mask is None, mask=mask, return_lse=True, backend="reference")
+
+    eager = run(q, k, v)
+    traced = torch.compile(run, backend="aot_eager", fullgraph=True)(q, k, v)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    got = torch.autograd.grad(traced[0].square().sum(), (q, k, v))
+    want = torch.autograd.grad(eager[0].square().sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -164,9 +164,10 @@ def test_a_mixers_own_heads_override_the_models():
     assert build_mixer("A", 64, 2, heads=8).heads == 8
 
 
-@pytest.mark.parametrize("layers", ["E", "N"])
-def test_recurrent_layers_compile_without_graph_breaks(layers):
-    """A GLA or DeltaNet model compiles whole (fullgraph): an unguarded debug log in the ops broke the graph."""
+@pytest.mark.parametrize("layers", ["E", "N", "AL"])
+def test_models_compile_without_graph_breaks(layers):
+    """A GLA, DeltaNet or attention + sliding-window model compiles whole (fullgraph) on the CPU: an unguarded
+    debug log in the ops, and the reference's host-side BlockMask build and block walk, broke the graph."""
     torch.manual_seed(0)
     model = HybridLM(64, 32, layers, heads=2)
     x = torch.randint(0, 64, (1, 24))

@@ -30,7 +30,7 @@ from .named import (
     sliding_window,
     strided,
 )
-from .patterns import Band, BuildContext, Pattern
+from .patterns import Band, BuildContext, Pattern, Tensor
 
 #: ``resolve``'s ``causal`` argument shadows the pattern's name there (and dynamo cannot trace ``globals()``)
 _CAUSAL_PATTERN = causal
@@ -63,6 +63,23 @@ def check_prebuilt(mask: BlockMask, *, causal: bool, batch: int, heads: int, seq
                          "pattern & masks.causal instead)")
 
 
+def as_pattern(mask, causal: bool) -> Pattern:
+    """``attention``'s ``mask`` (a pattern, a bool tensor, a predicate; not None unless ``causal``) as one
+    pattern, intersected with causality when ``causal``. A tensor is not copied (a pattern made per call)."""
+    if mask is None:
+        return _CAUSAL_PATTERN
+    if isinstance(mask, Pattern):
+        pattern = mask
+    elif isinstance(mask, torch.Tensor):
+        pattern = Tensor(mask)
+    elif callable(mask):
+        pattern = from_predicate(mask)
+    else:
+        raise ValueError(f"mask: expected a subquad.masks pattern, a BlockMask, a bool tensor or a predicate, "
+                         f"got {type(mask).__name__}")
+    return and_causal(pattern) if causal else pattern
+
+
 def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: int, device,
             block_q: int = 128, block_kv: int = 128) -> BlockMask | None:
     """Turn ``attention``'s ``causal``/``mask`` arguments into a BlockMask (None for full attention).
@@ -74,19 +91,8 @@ def resolve(mask, *, causal: bool, batch: int, heads: int, seq_q: int, seq_kv: i
     if isinstance(mask, BlockMask):
         check_prebuilt(mask, causal=causal, batch=batch, heads=heads, seq_q=seq_q, seq_kv=seq_kv)
         return mask.to(device)
-    if mask is None:
-        pattern: Pattern = _CAUSAL_PATTERN
-    elif isinstance(mask, Pattern):
-        pattern = mask
-    elif isinstance(mask, torch.Tensor):
-        pattern = from_tensor(mask)
-    elif callable(mask):
-        pattern = from_predicate(mask)
-    else:
-        raise ValueError(f"mask: expected a subquad.masks pattern, a BlockMask, a bool tensor or a predicate, "
-                         f"got {type(mask).__name__}")
+    pattern = as_pattern(mask, causal)
     if causal and mask is not None:
-        pattern = and_causal(pattern)
         cache_owner = mask if isinstance(mask, Pattern) else None
         key_tag = "causal"
     else:

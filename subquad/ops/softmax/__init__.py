@@ -12,7 +12,7 @@ from ... import masks as _masks
 from ..._checks import check_backend, check_qkv
 from . import dispatch
 from .planned import plan_for, planned_attention
-from .reference import attention_reference
+from .reference import attention_reference, attention_traced
 from .sinks import check_sinks, with_sinks
 
 log = logging.getLogger("subquad")
@@ -242,6 +242,11 @@ def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_sl
         return lambda q, k, v: flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                                                alibi_slopes=alibi_slopes, deterministic=deterministic)
     bsz, seq_q, hq, _ = q.shape
+    if torch.compiler.is_compiling() and not isinstance(mask, _masks.BlockMask):
+        # (a BlockMask's build reads the pattern's values on the host: traced, the reference takes the pattern)
+        pattern = None if mask is None and not causal else _masks.as_pattern(mask, causal).prepare(
+            _masks.BuildContext(bsz, hq, seq_q, k.shape[1], q.device))
+        return lambda q, k, v: attention_traced(q, k, v, pattern, scale, softcap, alibi_slopes)
     block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=k.shape[1],
                                 device=q.device)
     return lambda q, k, v: attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes)

@@ -116,6 +116,37 @@ def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, sof
     return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi)
 
 
+def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=None, q_pos=None, kv_pos=None):
+    """``attention_reference`` as a traced call (torch.compile) runs it, on a prepared ``pattern`` (None: full)
+    rather than a BlockMask: every key chunk of every query block, masked by the pattern's predicate. A
+    BlockMask's build and its block lists read values on the host, which broke the graph (``fullgraph``
+    failed). The same maths; it visits the pairs the block lists would skip."""
+    bsz, seq_q, hq, d = q.shape
+    seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    k_t, v_t = k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.float().view(-1 if alibi_slopes.dim() == 2 else 1, hq).expand(bsz, hq)
+        alibi = alibi.reshape(bsz, hkv, g)
+    groups = [(slice(s, min(s + KV_CHUNK, seq_kv)), pattern is not None) for s in range(0, seq_kv, KV_CHUNK)]
+    b_index = torch.arange(bsz, device=q.device).view(-1, 1, 1, 1)
+    h_index = torch.arange(hq, device=q.device).view(1, -1, 1, 1)
+    outs, lses = [], []
+    for q0 in range(0, seq_q, TRACED_BLOCK_Q):
+        q1 = min(q0 + TRACED_BLOCK_Q, seq_q)
+        qpos = torch.arange(q0, q1, device=q.device) + (seq_kv - seq_q) if q_pos is None else q_pos[q0:q1]
+        qt = (q[:, q0:q1].float() * scale).view(bsz, q1 - q0, hkv, g, d).permute(0, 2, 3, 1, 4).contiguous()
+        o, lse = _attend(qt, k_t, v_t, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi)
+        outs.append(o.reshape(bsz, q1 - q0, hq, dv))
+        lses.append(lse.reshape(bsz, hq, q1 - q0))
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
+
+
+#: query rows per block of ``attention_traced`` (its memory: a block's scores against one key chunk at a time)
+TRACED_BLOCK_Q = 128
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                         scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                         q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
@@ -125,8 +156,12 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     ``q_pos`` (seq_q,) and ``kv_pos`` (seq_kv,) are the positions the mask predicate and ALiBi see, for
     sequences that were permuted or gathered (LSH buckets, gathered columns); by default query ``i`` sits at
     ``i + seq_kv - seq_q`` and key ``j`` at ``j``. The BlockMask must have been built for those positions.
-    Arguments are assumed checked (``subquad.attention`` checks them).
+    Arguments are assumed checked (``subquad.attention`` checks them). Traced (torch.compile):
+    ``attention_traced``.
     """
+    if torch.compiler.is_compiling():
+        return attention_traced(q, k, v, block_mask.pattern if block_mask is not None else None, scale, softcap,
+                                alibi_slopes, q_pos, kv_pos)
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
