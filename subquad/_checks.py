@@ -3,6 +3,8 @@ was expected."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,3 +50,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: 
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
     if backend not in allowed:
         raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")
+
+
+def check_scale_softcap(scale, softcap) -> None:
+    """``scale``: a finite number or None; ``softcap``: a positive finite number or None (``inf`` made every
+    output NaN: ``inf * tanh(s / inf)``)."""
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..._checks import check_backend
+from ..._checks import check_backend, check_scale_softcap
 from ...cache import KVCache, KVView
 from ..softmax.sinks import check_sinks, with_sinks
 from .reference import decode_reference
@@ -84,10 +82,7 @@ def _check(q: torch.Tensor, view: KVView, window, scale, softcap, alibi_slopes) 
     if window is not None and view.window is not None and window > view.window:
         # a ring (or a rolling cache's prefill view) holds only the keys its own window needs
         raise ValueError(f"window: expected at most the cache's window {view.window}, got {window}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
+    check_scale_softcap(scale, softcap)
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2)
                                      or alibi_slopes.shape[-1] != hq
                                      or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, bsz))):

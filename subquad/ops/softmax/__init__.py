@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import torch
 
 from ... import masks as _masks
-from ..._checks import check_backend, check_qkv
+from ..._checks import check_backend, check_qkv, check_scale_softcap
 from . import dispatch
 from .planned import plan_for, planned_attention
 from .reference import attention_reference, attention_traced
@@ -24,10 +23,7 @@ PREPARED_CALLS = 64
 
 def _check_options(q, scale, softcap, alibi_slopes):
     hq = q.shape[2]
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")
+    check_scale_softcap(scale, softcap)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2) \
                 or alibi_slopes.shape[-1] != hq or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, q.shape[0])):
