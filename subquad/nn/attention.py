@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import masks
+from .._checks import check_scale_softcap
 from ..cache import KVView, RollingKVCache, StaticKVCache
 from ..ops.decode import MAX_NEW_TOKENS, decode
 from ..ops.softmax import attention
@@ -122,8 +123,7 @@ class Attention(nn.Module):
             raise ValueError(f"mask: expected a subquad.masks pattern, got {type(mask).__name__}")
         if position not in POSITIONS:
             raise ValueError(f"position: expected one of {POSITIONS}, got {position!r}")
-        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-            raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
+        check_scale_softcap(None, softcap)
         self.d_model, self.heads, self.causal, self.window = d_model, heads, causal, window
         self.pattern, self.position, self.softcap, self.backend = mask, position, softcap, backend
         self.q_proj = nn.Linear(d_model, heads * self.head_dim, bias=bias)
