@@ -76,7 +76,8 @@ def bench(
                               impl_filter=(lambda name: impl in name) if impl else None,
                               progress=lambda msg, name=s.name: status.update(f"[bold]{name}[/bold]: {msg}"))
     if not rows:
-        raise typer.BadParameter(f"no implementation of the chosen suites has {impl!r} in its name", param_hint="--impl")
+        raise typer.BadParameter(f"no implementation of the chosen suites has {impl!r} in its name",
+                                 param_hint="--impl")
     report.print_table(rows, console, title=f"subquad bench ({', '.join(s.name for s in chosen)})")
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(rows, out / "bench.json")

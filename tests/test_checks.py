@@ -37,8 +37,8 @@ CASES = {
     "v heads": (dict(v=torch.randn(2, 32, 1, 16)), r"v: expected shape"),
     "heads not a multiple": (dict(k=torch.randn(2, 32, 3, 16), v=torch.randn(2, 32, 3, 16)), r"H_kv dividing H_q=4"),
     "empty seq": (dict(q=Q[:, :0]), r"non-empty"),
-    "more queries than keys with a mask": (dict(q=torch.randn(2, 40, 4, 16), mask=masks.sliding_window(8, causal=False)),
-                                           r"seq_q <= seq_kv=32"),
+    "more queries than keys with a mask": (dict(q=torch.randn(2, 40, 4, 16),
+                                                mask=masks.sliding_window(8, causal=False)), r"seq_q <= seq_kv=32"),
     # devices and dtypes
     "mixed devices": (dict(k=META, v=META), r"q, k, v: expected one device"),
     "mixed dtypes": (dict(v=V.double()), r"q, k, v: expected one dtype"),

@@ -302,8 +302,8 @@ def test_padding_lowers_to_varlen_and_large_ids_stay_apart():
     aux = []
     spec = fa4.mask_spec(prepared, 300, aux)
     zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
-    keep = fa4.emit(spec, fa4.TorchOps, zero, zero, torch.tensor(0).view(1, 1, 1, 1), torch.tensor(299).view(1, 1, 1, 1),
-                    aux)
+    query, key = torch.tensor(0).view(1, 1, 1, 1), torch.tensor(299).view(1, 1, 1, 1)
+    keep = fa4.emit(spec, fa4.TorchOps, zero, zero, query, key, aux)
     assert not bool(keep)
 
 

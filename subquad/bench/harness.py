@@ -4,12 +4,13 @@ A *case* is one (mechanism, shape, dtype, pass); its *impls* are every implement
 that can run here (subquad's backends and the peers). A *suite* is a generator of cases, registered with
 ``@suite``; ``subquad bench`` runs suites and writes a table, ``bench.json`` and plots.
 
-Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median; 25 ms of warm-up calls and 40 ms
-of timed calls a round, so a call over 40 ms is timed once a round) with the gradients reset between calls, in ``CUDA_ROUNDS`` rounds that visit a case's implementations in turn, each
-round starting one implementation further on (the reported time is the median of the rounds: a burst of host
-or clock jitter lands on one round of one implementation, not on its whole figure, and no implementation
-always follows the same neighbour; every call's time is kept too, pooled over the rounds into
-``ms_calls``' percentiles, which tell a spread between rounds from a spread between single calls). Python's
+Timing follows BENCHMARKS.md: on CUDA ``triton.testing.do_bench`` (median; 25 ms of warm-up calls and 40 ms of
+timed calls a round, so a call over 40 ms is timed once a round) with the gradients reset between calls, in
+``CUDA_ROUNDS`` rounds that visit a case's implementations in turn, each round starting one implementation
+further on (the reported time is the median of the rounds: a burst of host or clock jitter lands on one round of
+one implementation, not on its whole figure, and no implementation always follows the same neighbour; every
+call's time is kept too, pooled over the rounds into ``ms_calls``' percentiles, which tell a spread between
+rounds from a spread between single calls). Python's
 cyclic garbage collector is paused while a case is timed, as ``timeit`` does: a collection
 costs the call it lands in up to milliseconds of host time, and FA4's CuTe DSL launches allocate enough to
 trigger them; with a 0.25 ms kernel behind a Python launch path, host pauses are the jitter. On CPU
