@@ -129,6 +129,8 @@ def test_mqa_causal_softcap_alibi():
     q, k, v = _qkv(2, 61, 61, 4, 1, 32, torch.float16)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEV)
     _check(q, k, v, causal=True, softcap=5.0, alibi=slopes)
+    # the dQ programs' softcap gradient (the atomic path's dQ comes from the dK/dV programs)
+    _check(q, k, v, causal=True, softcap=5.0, alibi=slopes, deterministic=True)
 
 
 def test_alibi_per_batch_window():
@@ -182,10 +184,15 @@ def test_fully_masked_rows():
 
 
 def test_document_rows_without_keys_under_window_and_causal():
-    # a window that ends before the document starts: rows that see nothing through the band path
+    """The document term with a band that leaves each document's first token no key (keys 1 to 4 back):
+    those rows give zeros and LSE -inf through the in-kernel terms, no bitmask."""
     q, k, v = _qkv(1, 40, 60, 2, 2, 32, torch.float16)
-    out, lse, _ = _check(q, k, v, mask=masks.sliding_window(4) & masks.from_predicate(lambda b, h, qp, kp: kp < 30))
-    assert torch.isneginf(lse[0, 0, -1])
+    ids = torch.tensor([0] * 25 + [1] * 17 + [2] * 18)
+    mask = masks.document(ids) & masks.Band(1, 4)
+    out, lse, _ = _check(q, k, v, mask=mask)
+    _uses_terms(mask, False, 1, 2, 40, 60)
+    first = [25 - 20, 42 - 20]                  # the queries sit at positions 20..59
+    assert torch.isneginf(lse[0, :, first]).all() and (out[0, first] == 0).all()
 
 
 def test_deterministic_backward():

@@ -214,7 +214,7 @@ def test_segment_split_cuts_whole_chunks(monkeypatch):
     assert segment_split(chunk_tables(None, 4, 8192, 64, "cpu"), 16, 128, 128) is None
     assert segment_split(chunk_tables(None, 1, 32768, 64, "cpu"), 16, 256, 128) is None
     assert segment_split(chunk_tables(None, 1, 1 << 20, 64, "cpu"), 1, 64, 64).n_segs == 32   # not 128
-    set_forward_form(monkeypatch, "split")
+    set_forward_form(monkeypatch, "split", segment_chunks=2)
     split = segment_split(chunk_tables(torch.tensor([0, 13, 13, 47, 60]), 1, 60, 16, "cpu"), H, DK, DV)
     assert split.tables.cu.tolist() == [0, 13, 45, 47, 60]
     assert split.first.tolist() == [0, 1, 1, 3, 4]

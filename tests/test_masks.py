@@ -93,6 +93,23 @@ def test_bigbird(seq, bq, bk, window, n_random, cell, seed, causal):
     assert_agrees(pattern, seq_q, seq_kv, bq, bk)
 
 
+def test_named_patterns_mean_what_the_papers_say():
+    """Each named pattern against its definition written out by hand (every other test compares a pattern's
+    BlockMask, plan or attention with its own predicate, which a wrong definition would pass)."""
+    q, k = torch.arange(24).view(-1, 1), torch.arange(24).view(1, -1)
+    causal = k <= q
+    expected = {
+        "strided": (masks.strided(4), causal & ((q - k < 4) | (k % 4 == 3))),
+        "fixed": (masks.fixed(4, 1), causal & ((q // 4 == k // 4) | (k % 4 == 3))),
+        "prefix_lm": (masks.prefix_lm(3), causal | (k < 3)),
+        "dilated": (masks.dilated(8, 3), causal & (q - k < 8) & ((q - k) % 3 == 0)),
+        "sliding_window": (masks.sliding_window(5), causal & (q - k < 5)),
+        "longformer": (masks.longformer(5, [2], causal=True), causal & ((q - k < 5) | (k == 2) | (q == 2))),
+    }
+    for name, (pattern, want) in expected.items():
+        assert torch.equal(pattern.to_dense(24)[0, 0], want), name
+
+
 def test_bigbird_seeded():
     def dense(seed):
         return masks.bigbird(4, [0], random_blocks=2, seed=seed, block=8).to_dense(256)
