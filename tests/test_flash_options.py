@@ -1,0 +1,77 @@
+"""The flash kernels' call options beyond the patterns (under TRITON_INTERPRET=1 on CPU, natively on a GPU):
+bottom-right causal with more queries than keys, attention sinks, right padding, and the arguments the kernels
+refuse (trainable ALiBi slopes, a second backward). Helpers from test_flash.py (it had grown past 700 lines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subquad
+from subquad import masks
+from test_flash import DEV, TRITON, _check, _close, _lse_close, _qkv
+
+pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+
+
+def test_causal_more_queries_than_keys():
+    """Bottom-right causal with seq_q > seq_kv (the first queries see no key) through the kernels."""
+    q, k, v = _qkv(1, 45, 30, 4, 2, 16, torch.float16)
+    results = []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, causal=True, mask=masks.sliding_window(8), return_lse=True,
+                                     backend=backend)
+        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, torch.float16)
+    _lse_close(lse, ref_lse)
+    assert torch.isneginf(lse[:, :, :15]).all()
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, torch.float16)
+
+
+def test_sinks():
+    """Attention sinks on the kernels' output and LSE (``attention``'s ``sinks``): against the reference, the
+    sinks' gradient included; GQA, a window, bf16."""
+    q, k, v = _qkv(2, 50, 70, 4, 2, 32, torch.bfloat16)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEV, requires_grad=True)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, mask=masks.sliding_window(16), return_lse=True, backend=backend,
+                                     sinks=sinks)
+        outs.append((out, lse))
+        g = torch.ones_like(out)
+        grads.append(torch.autograd.grad((out.float() * g).sum() + lse.sum(), (q, k, v, sinks)))
+    _close("out", outs[0][0], outs[1][0], torch.bfloat16)
+    _lse_close(outs[0][1], outs[1][1])
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), *grads):
+        _close(name, a, b, torch.bfloat16)
+
+
+def test_padding_runs_as_documents():
+    """``masks.padding``: per-row valid lengths (one row empty), causal, through the document term."""
+    _check(*_qkv(3, 70, 70, 2, 2, 16, torch.float16), mask=masks.padding([70, 33, 0]) & masks.causal)
+
+
+def test_trainable_alibi_slopes_are_refused():
+    """The kernels take the slopes as constants: the Triton backward returned no gradient for slopes that
+    require one (the reference differentiates them), silently."""
+    q, k, v = _qkv(1, 40, 40, 2, 2, 16, torch.float16)
+    slopes = torch.tensor([0.3, 0.1], device=DEV, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        subquad.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+    with torch.no_grad():
+        subquad.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="triton")
+
+
+@pytest.mark.parametrize("mask", [None, masks.strided(16)], ids=["causal", "strided-planned"])
+def test_double_backward_raises(mask):
+    """A gradient of a gradient (a gradient penalty) through the kernels: their backward is not itself
+    differentiable, and the second backward returned None for the attention term without a word (with
+    ``allow_unused``): a backward asked to build a graph now refuses."""
+    q, k, v = _qkv(1, 64, 64, 2, 2, 16, torch.float16)
+    out = subquad.attention(q, k, v, causal=mask is None, mask=mask, backend="triton")
+    with pytest.raises(RuntimeError, match="first-order backward"):
+        torch.autograd.grad(out.float().square().sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(out.float().square().sum(), q)      # the first-order gradient runs
+    assert torch.isfinite(dq).all()
