@@ -6,6 +6,7 @@ specification) and Triton kernels for the GPU, chosen by ``backend="auto"``.
 
 from . import masks
 from .ops.softmax import attention
+from .ops.softmax.varlen import varlen_attention
 from .ops.softmax.dispatch import available_backends
 from .ops.linear import (gla, gla_step, linear_attention, linear_attention_step, retention, ssd, ssd_step)
 from .ops.delta import delta_rule, delta_rule_step
@@ -16,6 +17,6 @@ from .models import HybridLM
 
 __version__ = "0.1.0"
 
-__all__ = ["masks", "attention", "available_backends", "__version__",
+__all__ = ["masks", "attention", "varlen_attention", "available_backends", "__version__",
            "gla", "gla_step", "linear_attention", "linear_attention_step", "retention", "ssd", "ssd_step",
            "delta_rule", "delta_rule_step", "cache", "decode", "nn", "models", "HybridLM"]

@@ -115,6 +115,45 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     return out, lse
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, window_size=(-1, -1), scale=None,
+                     softcap=None, alibi_slopes=None, sinks=None):
+    """FlashAttention's varlen contract, one sequence at a time in fp64: q (total_q, Hq, D), k/v (total_k, Hkv,
+    D*); sequence i's query t sits at t + n_i - m_i (bottom right) and key j at j; ``causal`` keeps k_pos <=
+    q_pos, ``window_size=(left, right)`` keeps q_pos - left <= k_pos <= q_pos + right (-1: unbounded). Returns
+    (out (total_q, Hq, Dv), lse (Hq, total_q)); a query with no kept key: out 0, lse -inf."""
+    hq, dv = q.shape[1], v.shape[2]
+    outs, lses = [], []
+    for i in range(len(cu_seqlens_q) - 1):
+        q0, q1, k0, k1 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
+        m, n = q1 - q0, k1 - k0
+        if m == 0:
+            continue
+        if n == 0:
+            out = torch.zeros(m, hq, dv, dtype=torch.float64)
+            lse = torch.full((hq, m), float("-inf"), dtype=torch.float64)
+            if sinks is not None:
+                lse = sinks.double().cpu().view(-1, 1).expand(hq, m)
+            outs.append(out)
+            lses.append(lse)
+            continue
+        qp = torch.arange(m) + n - m
+        kp = torch.arange(n)
+        dist = qp.view(-1, 1) - kp.view(1, -1)
+        keep = torch.ones(m, n, dtype=torch.bool)
+        left, right = window_size
+        if causal:
+            keep &= dist >= 0
+        if left >= 0:
+            keep &= dist <= left
+        if right >= 0:
+            keep &= dist >= -right
+        out, lse = softmax_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], mask=keep, scale=scale,
+                                     softcap=softcap, alibi_slopes=alibi_slopes, q_pos=qp, kv_pos=kp, sinks=sinks)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding over KV caches (issue 5): every token ever written, attended densely in fp64.
 # ---------------------------------------------------------------------------------------------------------------

@@ -456,6 +456,16 @@ class Document(Segments):
 
     def block_bounds(self, ctx, q0, q1, k0, k1):
         ids = self._ids().to(q0.device)  # (Bm, N)
+        sorted_ = self.memo("_sorted")
+        if "sorted" not in sorted_:
+            sorted_["sorted"] = bool((ids[:, 1:] >= ids[:, :-1]).all())
+        if sorted_["sorted"]:
+            # packing (ids non-decreasing): a range's extreme ids are its ends', read at once for every block
+            qlo, qhi = ids[:, q0.flatten()][:, :, None], ids[:, q1.flatten()][:, :, None]
+            klo, khi = ids[:, None, k0.flatten()], ids[:, None, k1.flatten()]
+            any_ = (qlo <= khi) & (klo <= qhi)
+            all_ = (qlo == qhi) & (klo == khi) & (qlo == klo)
+            return any_.unsqueeze(1), all_.unsqueeze(1)
         starts = torch.cat([q0.flatten(), k0.flatten()])
         ends = torch.cat([q1.flatten(), k1.flatten()])
         # Per-block min and max of the ids, via a segment reduction over the (possibly overlapping) ranges.

@@ -1,0 +1,177 @@
+"""``subquad.varlen_attention``: FlashAttention's ``flash_attn_varlen_func`` contract (packed sequences whose query
+and key lengths may differ, bottom-right causal and windows per sequence). The reference path against the fp64
+oracle (``oracles.varlen_attention``, one sequence at a time); the flash kernels against the reference (under
+TRITON_INTERPRET=1 on CPU, natively on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import oracles
+import subquad
+from subquad import masks
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
+
+#: (cu_seqlens_q, cu_seqlens_k): chunked prefill (fewer queries than keys), then a mix with a sequence without
+#: keys, one with more queries than keys and one of a single query
+CASES = {
+    "prefill": ([0, 5, 17, 40], [0, 9, 30, 70]),
+    "ragged": ([0, 4, 10, 25, 26], [0, 0, 16, 20, 40]),
+}
+WINDOWS = [(-1, -1), (6, 2), (9, -1)]
+
+
+def _inputs(case, dtype, hq=4, hkv=2, d=16, seed=0):
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEV) for c in CASES[case])
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(int(cu_q[-1]), hq, d, generator=g)
+    k = torch.randn(int(cu_k[-1]), hkv, d, generator=g)
+    v = torch.randn(int(cu_k[-1]), hkv, d, generator=g)
+    return [t.to(DEV, dtype).requires_grad_() for t in (q, k, v)], cu_q, cu_k
+
+
+def _close(name, got, ref, dtype):
+    atol, rtol = TOL[dtype]
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    err = (got - ref).abs().max().item()
+    bound = atol + rtol * ref.abs().max().item()
+    assert err <= bound, f"{name}: max err {err:.3e} > {bound:.3e}"
+
+
+def _lse_close(got, ref, atol=2e-3):
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), "lse: -inf rows differ"
+    finite = ~torch.isinf(ref)
+    assert (got[finite] - ref[finite]).abs().max().item() <= atol
+
+
+def _run(fn, q, k, v):
+    """Output, LSE and the gradients of a fixed random projection of both."""
+    out, lse = fn(q, k, v)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    loss = (out.double() * w.double()).sum() + torch.where(torch.isinf(lse), 0, lse).double().sum()
+    return out, lse, torch.autograd.grad(loss, (q, k, v))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_reference_matches_oracle(case, causal, window):
+    """fp32 inputs run the reference: outputs, LSE and gradients against the fp64 oracle; GQA, softcap, ALiBi."""
+    (q, k, v), cu_q, cu_k = _inputs(case, torch.float32)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEV)
+    options = dict(causal=causal, window_size=window, softcap=4.0, alibi_slopes=slopes)
+    got = _run(lambda q, k, v: subquad.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **options), q, k, v)
+    ref = _run(lambda q, k, v: oracles.varlen_attention(q, k, v, cu_q, cu_k, **options), q, k, v)
+    _close("out", got[0], ref[0], torch.float32)
+    _lse_close(got[1], ref[1], atol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), got[2], ref[2]):
+        _close(name, a, b, torch.float32)
+
+
+def test_rows_without_keys_are_zero():
+    """A sequence without keys, and the leading queries of a causal sequence with more queries than keys: zeros,
+    LSE -inf, finite gradients."""
+    (q, k, v), cu_q, cu_k = _inputs("ragged", torch.float32)
+    out, lse = subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    # sequence 0 has no keys; sequence 2 has 15 queries and 4 keys: its first 11 see none
+    empty = torch.zeros(q.shape[0], dtype=torch.bool)
+    empty[0:4] = True
+    empty[10:21] = True
+    assert torch.equal(torch.isneginf(lse).all(0).cpu(), empty)
+    assert out[empty.to(DEV)].abs().max() == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_equal_lengths_are_packed_documents(causal):
+    """Equal query and key offsets: the ``document`` pattern through ``subquad.attention`` (any backend), and
+    the same numbers as the oracle."""
+    (q, k, v), _, _ = _inputs("prefill", torch.float32)
+    cu = torch.tensor([0, 9, 30, 40], device=DEV)
+    q = q[:40].detach()
+    k, v = (t[:40].detach() for t in (k, v))
+    out = subquad.varlen_attention(q, k, v, cu, cu, causal=causal, window_size=(7, 7))
+    ref, _ = oracles.varlen_attention(q, k, v, cu, cu, causal=causal, window_size=(7, 7))
+    _close("out", out, ref, torch.float32)
+    ids = torch.tensor([0] * 9 + [1] * 21 + [2] * 10, device=DEV)
+    band = masks.patterns.Band(-7, 7)
+    doc = subquad.attention(q[None], k[None], v[None], causal=causal, mask=masks.document(ids) & band)
+    torch.testing.assert_close(out, doc[0], rtol=0, atol=1e-6)
+
+
+def test_sinks():
+    """Sinks on the positions path: the oracle's extra key, a sequence without keys included."""
+    (q, k, v), cu_q, cu_k = _inputs("ragged", torch.float32)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEV)
+    out, lse = subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=sinks, return_lse=True)
+    ref, ref_lse = oracles.varlen_attention(q, k, v, cu_q, cu_k, causal=True, sinks=sinks)
+    _close("out", out, ref, torch.float32)
+    _lse_close(lse, ref_lse, atol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal, window, dtype", [(False, (-1, -1), torch.float16), (True, (-1, -1), torch.bfloat16),
+                                                   (True, (9, -1), torch.float16), (False, (6, 2), torch.bfloat16)])
+def test_kernels_match_reference(case, causal, window, dtype):
+    """The flash kernels at the sequences' positions against the reference on the same inputs: outputs, LSE and
+    gradients; GQA, softcap and ALiBi."""
+    (q, k, v), cu_q, cu_k = _inputs(case, dtype, d=32)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEV)
+    results = [_run(lambda q, k, v: subquad.varlen_attention(
+        q, k, v, cu_q, cu_k, causal=causal, window_size=window, softcap=4.0, alibi_slopes=slopes, return_lse=True,
+        backend=backend), q, k, v) for backend in ("triton", "reference")]
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, dtype)
+    _lse_close(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, dtype)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_kernels_deterministic():
+    """The deterministic backward at the sequences' positions: the same gradients twice, bit for bit."""
+    (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float16, d=32)
+    runs = [_run(lambda q, k, v: subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True,
+                                                         backend="triton", deterministic=True), q, k, v)
+            for _ in range(2)]
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)
+    ref = _run(lambda q, k, v: subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True,
+                                                       backend="reference"), q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), runs[0][2], ref[2]):
+        _close(name, a, b, torch.float16)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.zeros(1, 40, 4, 16)), "q: expected shape \\(total_tokens"),
+    (dict(cu_seqlens_q=torch.tensor([1, 5, 40])), "cu_seqlens_q: expected non-decreasing offsets from 0 to 40"),
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 39])), "cu_seqlens_q: expected non-decreasing offsets from 0 to 40"),
+    (dict(cu_seqlens_k=torch.tensor([0, 20, 10, 70])), "cu_seqlens_k: expected non-decreasing"),
+    (dict(cu_seqlens_k=torch.tensor([0, 70])), "cu_seqlens_k: expected 4 offsets"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 40.0])), "cu_seqlens_q: expected an integer tensor"),
+    (dict(window_size=(3,)), "window_size: expected \\(left, right\\)"),
+    (dict(window_size=(-2, 0)), "window_size"),
+    (dict(max_seqlen_q=10), "max_seqlen_q: expected an integer at least the longest sequence \\(23\\)"),
+    (dict(alibi_slopes=torch.ones(2, 4)), "alibi_slopes: expected shape \\(4,\\)"),
+    (dict(backend="fa4"), "backend: sequences whose query and key lengths differ"),
+    (dict(backend="nope"), "backend: expected one of"),
+])
+def test_bad_arguments(change, match):
+    (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float32)
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"):
+        if isinstance(change.get(name), torch.Tensor):
+            change[name] = change[name].to(DEV)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        subquad.varlen_attention(**args)
