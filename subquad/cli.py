@@ -202,6 +202,8 @@ def generate(
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy."),
     top_k: int = typer.Option(40, "--top-k", min=0, help="Sample from the k likeliest bytes (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the likeliest bytes whose probability reaches "
+                                "p (1: all)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
@@ -209,7 +211,8 @@ def generate(
     from .train import generate_text
 
     try:
-        text = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed, device)
+        text = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed, device,
+                             top_p=top_p)
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(text)

@@ -265,11 +265,11 @@ def plot_history(histories: dict[str, dict], path) -> Path:
 
 
 def generate_text(checkpoint, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 40, seed: int = 0, device: str = "auto") -> str:
+                  top_k: int | None = 40, seed: int = 0, device: str = "auto", top_p: float | None = None) -> str:
     """Sample a continuation of ``prompt`` (bytes) from a checkpoint, with the layers' caches."""
     dev = pick_device(device)
     model, _ = load_checkpoint(checkpoint, dev)
     ids = encode(prompt or "\n").view(1, -1).to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     return decode(out[0].tolist())

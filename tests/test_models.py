@@ -76,6 +76,30 @@ def test_sampling_top_k_and_temperature():
     assert torch.equal(a, b) and a.shape == (1, 8)
 
 
+def test_sampling_top_p():
+    """Nucleus sampling keeps the most likely tokens until their probability reaches top_p."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(400, 1)[:, [2, 0, 3, 1]]   # shuffled vocab
+    for top_p, kept in ((0.7, {1, 3}), (0.5, {1}), (0.95, {0, 1, 3}), (1.0, {0, 1, 2, 3})):
+        picks = sample(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=top_p)
+        assert set(picks.flatten().tolist()) == kept, top_p
+
+
+def test_generate_stops_at_eos():
+    """A row that emits eos_token_id emits it from then on, and generation ends when every row has."""
+    model = tiny("EA")
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = model.generate(prompt, 8, temperature=0)
+    eos = int(free[0, 4])                     # row 0's second new token
+    ids, logits = model.generate(prompt, 8, temperature=0, eos_token_id=eos, return_logits=True)
+    for row in range(2):
+        new = free[row, 3:].tolist()
+        end = new.index(eos) + 1 if eos in new else 8
+        assert ids[row, 3:3 + end].tolist() == new[:end]
+        assert (ids[row, 3 + end:] == eos).all()
+    ends = [free[r, 3:].tolist().index(eos) + 1 if eos in free[r, 3:].tolist() else 8 for r in range(2)]
+    assert ids.shape == (2, 3 + max(ends)) and logits.shape[1] == max(ends)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(layers="MMXA"), "unknown mixer 'X'"),
     (dict(layers=""), "at least one"),
@@ -122,6 +146,9 @@ def test_every_linear_starts_at_std_002_and_residual_outputs_are_scaled():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=-2), "max_new_tokens"),
     (dict(max_new_tokens=2, top_k=0), "top_k"),
+    (dict(max_new_tokens=2, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=2, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=2, eos_token_id=64), "eos_token_id"),
 ])
 def test_bad_generate_arguments(kwargs, match):
     """A negative length used to return the prompt as if generated, top_k=0 to fail inside torch.topk."""

@@ -124,14 +124,17 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, *, use_cache: bool = True, generator: torch.Generator | None = None,
-                 return_logits: bool = False):
+                 top_k: int | None = None, *, top_p: float | None = None, eos_token_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None, return_logits: bool = False):
         """Sample ``max_new_tokens`` after ``prompt_ids`` ``(batch, prompt_len)``.
 
-        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens. ``use_cache=False`` re-runs the
-        whole sequence for every token (the slow specification the cached path must match).
-        Returns ``(batch, prompt_len + max_new_tokens)`` ids (and with ``return_logits`` the logits that
-        chose each new token, ``(batch, max_new_tokens, vocab)``).
+        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set of most
+        likely tokens whose probability reaches ``p`` (nucleus sampling; after ``top_k``). With ``eos_token_id``
+        a row that has emitted it emits it again at every later step (Hugging Face pads finished rows the same
+        way), and generation stops once every row has. ``use_cache=False`` re-runs the whole sequence for every
+        token (the slow specification the cached path must match).
+        Returns ``(batch, prompt_len + steps)`` ids, ``steps`` being ``max_new_tokens`` unless every row ended
+        earlier (and with ``return_logits`` the logits of each step, ``(batch, steps, vocab)``).
         """
         if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
@@ -148,17 +151,30 @@ class HybridLM(nn.Module):
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
+        if eos_token_id is not None and not (isinstance(eos_token_id, int)
+                                             and 0 <= eos_token_id < self.config["vocab_size"]):
+            raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
+                             f"{eos_token_id!r}")
         ids = prompt_ids
         bsz = ids.shape[0]
         caches = self.new_caches(bsz, ids.shape[1] + max_new_tokens) if use_cache else None
         step_input = ids
         chosen_logits = []
+        finished = torch.zeros(bsz, 1, dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             logits = self(step_input if use_cache else ids, caches)[:, -1].float()
-            nxt = sample(logits, temperature, top_k, generator)
+            nxt = sample(logits, temperature, top_k, generator, top_p=top_p)
             chosen_logits.append(logits)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(finished, eos_token_id)
+                finished = finished | (nxt == eos_token_id)
             ids = torch.cat([ids, nxt], dim=1)
             step_input = nxt
+            # (one read per step: what stopping early saves is a whole forward)
+            if eos_token_id is not None and bool(finished.all()):
+                break
         if not return_logits:
             return ids
         if not chosen_logits:
@@ -166,7 +182,8 @@ class HybridLM(nn.Module):
         return ids, torch.stack(chosen_logits, 1)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None,
+           top_p: float | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -174,4 +191,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = logits.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        # a token is dropped when the more likely ones already reach top_p (the most likely is always kept)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
