@@ -163,7 +163,7 @@ def test_kernels_deterministic():
     (dict(window_size=(-2, 0)), "window_size"),
     (dict(max_seqlen_q=10), "max_seqlen_q: expected an integer at least the longest sequence \\(23\\)"),
     (dict(alibi_slopes=torch.ones(2, 4)), "alibi_slopes: expected shape \\(4,\\)"),
-    (dict(backend="fa4"), "backend: sequences whose query and key lengths differ"),
+    (dict(backend="flex"), "backend: sequences whose query and key lengths differ"),
     (dict(backend="nope"), "backend: expected one of"),
 ])
 def test_bad_arguments(change, match):
@@ -175,3 +175,23 @@ def test_bad_arguments(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         subquad.varlen_attention(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not subquad.ops.softmax.fa4.is_installed(),
+                    reason="needs flash-attn-4 on a GPU")
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (40, -1))])
+def test_fa4_route(causal, window):
+    """``backend="fa4"`` with unequal lengths: FA4's varlen kernels, against the flash kernels' positions path."""
+    cu_q = torch.tensor([0, 100, 228, 229], device=DEV)
+    cu_k = torch.tensor([0, 300, 428, 1000], device=DEV)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 128, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+               for n, h in ((229, 8), (1000, 2), (1000, 2)))
+    results = [_run(lambda q, k, v: subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window_size=window,
+                                                            return_lse=True, backend=backend), q, k, v)
+               for backend in ("fa4", "triton")]
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, torch.bfloat16)
+    _lse_close(lse, ref_lse, atol=1e-2)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, torch.bfloat16)

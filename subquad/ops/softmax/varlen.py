@@ -89,7 +89,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         scale, softcap, return_lse, deterministic, sinks: as ``subquad.attention``.
         alibi_slopes: ``(heads_q,)``: ``-slope * |q_pos - k_pos|`` with the bottom-right aligned positions.
         backend: as ``subquad.attention`` when the query and key lengths are equal (packed documents). Unequal
-            lengths run ``"triton"`` (fp16 / bf16 on a GPU) or ``"reference"``; ``"auto"`` picks between them.
+            lengths run ``"triton"`` (fp16 / bf16 on a GPU), ``"reference"`` (``"auto"`` picks between these
+            two) or ``"fa4"`` (FlashAttention-4's varlen kernels where installed: no ALiBi, no deterministic
+            backward).
 
     Returns:
         ``(total_q, heads_q, head_dim_v)``, and with ``return_lse`` the log-sum-exp ``(heads_q, total_q)`` fp32.
@@ -140,9 +142,14 @@ def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, b
         check_sinks(sinks, q.shape[2], q.device)
     if alibi_slopes is not None and alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes: expected device {q.device}, got {alibi_slopes.device}")
-    if backend in ("fa4", "cudnn", "flex"):
-        raise ValueError(f"backend: sequences whose query and key lengths differ run on 'triton' or 'reference', "
-                         f"got {backend!r}")
+    if backend in ("cudnn", "flex"):
+        raise ValueError(f"backend: sequences whose query and key lengths differ run on 'triton', 'fa4' or "
+                         f"'reference', got {backend!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if backend == "fa4":
+        out, lse = _fa4_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, deterministic)
+        return with_sinks(out, lse, sinks) if sinks is not None else (out, lse)
     kernels = q.dtype in (torch.float16, torch.bfloat16) and (backend == "triton" or q.is_cuda and backend == "auto")
     from .dispatch import trainable_slopes
 
@@ -151,8 +158,6 @@ def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, b
             raise ValueError("alibi_slopes: slopes that require grad are differentiated by the reference backend "
                              "only; pass alibi_slopes.detach() or backend='reference'")
         kernels = False
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     total_q, hq, d = q.shape[1:]
     total_k = k.shape[1]
     q_pos, kv_pos, ids = _spans(cu_q, cu_k, total_q, total_k)
@@ -177,6 +182,25 @@ def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, b
     if sinks is not None:
         out, lse = with_sinks(out, lse, sinks)
     return out, lse
+
+
+def _fa4_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, deterministic):
+    """FlashAttention-4's own varlen kernels (which align causal masks and windows bottom-right per sequence as
+    this function does)."""
+    from . import fa4
+
+    why = fa4.unsupported_reason(q, k, v, softcap=softcap, alibi_slopes=alibi_slopes)
+    if why is None and deterministic:
+        why = "it has no deterministic backward here"
+    if why is not None:
+        raise ValueError(f"backend: 'fa4' cannot run this call: {why}")
+    causal, window = fa4.band_window(lo, hi)
+    _, flash_attn_varlen_func, _ = fa4._interface()
+    out, lse = flash_attn_varlen_func(
+        q[0], k[0], v[0], cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
+        max_seqlen_q=int(cu_q.diff().max()), max_seqlen_k=int(cu_k.diff().max()), causal=causal,
+        window_size=window, softmax_scale=scale, softcap=0.0 if softcap is None else float(softcap), return_lse=True)
+    return out.unsqueeze(0), lse.unsqueeze(0)
 
 
 __all__ = ["varlen_attention"]
