@@ -65,14 +65,15 @@ def linear_attention_quadratic(fq, fk, v, weight=None, causal=True, normalize=Tr
 # ---------------------------------------------------------------------------------------------------------------
 
 def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
-                      q_pos=None, kv_pos=None, sinks=None):
+                      q_pos=None, kv_pos=None, sinks=None, score_mod=None):
     """Dense attention in fp64, differentiable. q (B, Nq, Hq, D), k/v (B, Nkv, Hkv, D*); K/V repeated for
     GQA/MQA. ``mask``: a pattern (materialised with ``pattern.to_dense``) or a bool tensor broadcastable to
     (B, Hq, Nq, Nkv); ``causal`` keeps k_pos <= q_pos. Query i sits at i + Nkv - Nq unless ``q_pos`` /
     ``kv_pos`` say otherwise (then the mask must be a bool tensor over those positions, or a pattern whose
     predicate is evaluated on them). ALiBi adds -slope * |q_pos - k_pos|. Returns (out (B, Nq, Hq, Dv),
     lse (B, Hq, Nq)) with out 0 and lse -inf on rows with no kept key. ``sinks`` (Hq,): one more key per head,
-    seen by every query, with that logit and a zero value."""
+    seen by every query, with that logit and a zero value. ``score_mod(s, b, h, q_pos, k_pos)`` after ALiBi, on
+    broadcast (B, Hq, Nq, Nkv) index tensors."""
     b, nq, hq, d = q.shape
     nkv, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -87,6 +88,9 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     if alibi_slopes is not None:
         slopes = alibi_slopes.double().cpu().reshape(-1, hq)  # (1 or B, Hq)
         s = s - slopes[:, :, None, None] * (qp.view(-1, 1) - kp.view(1, -1)).abs().double()
+    if score_mod is not None:
+        s = score_mod(s, torch.arange(b).view(-1, 1, 1, 1), torch.arange(hq).view(1, -1, 1, 1), qp.view(1, 1, -1, 1),
+                      kp.view(1, 1, 1, -1)).double().expand(b, hq, nq, nkv)
     keep = torch.ones(b, hq, nq, nkv, dtype=torch.bool)
     if causal:
         keep = keep & (kp.view(1, -1) <= qp.view(-1, 1))

@@ -51,7 +51,7 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               return_lse: bool = False, backend: str = "auto", deterministic: bool | None = None,
-              plan: bool | None = None, sinks: torch.Tensor | None = None):
+              plan: bool | None = None, sinks: torch.Tensor | None = None, score_mod=None):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -92,7 +92,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             sink): one more key that every query sees, with a zero value; differentiable. Applied to the
             chosen backend's output and LSE (``subquad.ops.softmax.sinks``): a backend without an LSE (cuDNN)
             is not chosen.
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_pos, k_pos) -> score``, applied after softcap and
+            ALiBi (T5 / relative-position biases, a bias tensor indexed by position): tensors it reads may
+            require gradients. Positions as the mask sees them (query ``i`` at ``i + seq_kv - seq_q``). Runs on
+            ``"flex"`` (``"auto"`` on CUDA, compiled: keep one function per model, a new one compiles again) or
+            ``"reference"`` (``"auto"`` elsewhere), which call it on broadcastable ``(b, h, q, k)`` index tensors;
+            the Triton, FA4 and cuDNN kernels refuse it.
     """
+    if score_mod is not None and not callable(score_mod):
+        raise ValueError(f"score_mod: expected a callable (score, b, h, q_pos, k_pos) -> score, got "
+                         f"{type(score_mod).__name__}")
     if sinks is not None:
         check_qkv(q, k, v)
         check_sinks(sinks, q.shape[2], q.device)
@@ -101,14 +110,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                              "backend='cudnn'")
         out, lse = attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                              alibi_slopes=alibi_slopes, return_lse=True, backend=backend, deterministic=deterministic,
-                             plan=plan)
+                             plan=plan, score_mod=score_mod)
         out, lse = with_sinks(out, lse, sinks)
         return (out, lse) if return_lse else out
     from_torch = deterministic is None
     if from_torch:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    facts = _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic,
-                        plan)
+    # (a score_mod's closure may hold tensors: a call with one is prepared again each time)
+    facts = None if score_mod is not None else _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes,
+                                                           return_lse, backend, deterministic, plan)
     cache = None if facts is None else _prepared()
     prepared = None
     if cache is not None:
@@ -135,7 +145,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         lead = seq_q - seq_kv
         result = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
             mask, torch.Tensor) else mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan)
+            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan, score_mod=score_mod)
         out, lse = result if return_lse else (result, None)
         out = torch.cat([out.new_zeros(bsz, lead, hq, out.shape[-1]), out], 1)
         if not return_lse:
@@ -148,7 +158,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # Under torch.compile, auto keeps to the Triton kernels (custom ops) and the reference (which dynamo traces
     # with graph breaks at its host-side block walk): the measured choice reads files and asks FA4/cuDNN, which
     # dynamo cannot trace.
-    if backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
+    if score_mod is not None:
+        chosen = _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan)
+    elif backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
         chosen = dispatch.choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
                                  return_lse=return_lse)
     else:
@@ -174,7 +186,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if why is not None:
             raise ValueError(f"backend: {chosen!r} cannot run this call: {why}")
     planned = None
-    if chosen not in ("cudnn", "fa4", "flex") and plan is not False:
+    if chosen not in ("cudnn", "fa4", "flex") and plan is not False and score_mod is None:
         planned = plan_for(mask, causal, seq_q, seq_kv, q.device, alibi_slopes is not None)
     if plan is True and chosen in ("cudnn", "fa4", "flex"):
         raise ValueError(f"backend: plan=True runs the Triton or reference kernels, got backend={backend!r}"
@@ -183,7 +195,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"plan: expected a mask with scattered keys to plan (strided, fixed, dilated, global "
                          f"tokens), got {mask!r}")
     run = _prepare(chosen, planned, q, k, v, causal=causal, mask=mask, scale=scale_value, softcap=softcap,
-                   alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic)
+                   alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic,
+                   score_mod=score_mod)
     if cache is not None:
         # the mask kept alive so that its id is not reused
         dispatch.remember(cache, facts, (mask, chosen, run), PREPARED_CALLS)
@@ -213,7 +226,27 @@ def _prepared() -> dict | None:
     return getattr(dispatch.table(), "prepared", None)
 
 
-def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_slopes, return_lse, deterministic):
+def _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan) -> str:
+    """The backend of a call with a ``score_mod``: FlexAttention or the reference, the two that take one."""
+    if plan is True:
+        raise ValueError("plan: a score_mod runs on the 'flex' or 'reference' backend, which plan nothing; got "
+                         "plan=True")
+    if backend in ("triton", "fa4", "cudnn"):
+        raise ValueError(f"backend: a score_mod runs on 'flex' or 'reference' (or 'auto'), got {backend!r}")
+    if backend == "reference":
+        return backend
+    from . import flex
+
+    why = flex.unsupported_reason(q, k, v, causal=causal, mask=mask, alibi_slopes=alibi_slopes)
+    if backend == "auto":
+        return "flex" if q.is_cuda and why is None and not deterministic else "reference"
+    if why is not None:
+        raise ValueError(f"backend: 'flex' cannot run this call: {why}")
+    return backend
+
+
+def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_slopes, return_lse, deterministic,
+             score_mod=None):
     """``run(q, k, v) -> (out, lse)`` on the chosen backend, with what depends only on the call's facts made
     here (the FA4 route and its arguments, the reference's BlockMask). Holds no tensor of the call."""
     if chosen == "cudnn":
@@ -228,7 +261,8 @@ def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_sl
         from .flex import flex_attention
 
         return lambda q, k, v: flex_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                              alibi_slopes=alibi_slopes, return_lse=return_lse)
+                                              alibi_slopes=alibi_slopes, return_lse=return_lse,
+                                              score_mod=score_mod)
     if planned is not None:
         return lambda q, k, v: planned_attention(q, k, v, planned, scale, softcap, alibi_slopes, backend=chosen,
                                                  deterministic=deterministic)
@@ -242,10 +276,12 @@ def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_sl
         # (a BlockMask's build reads the pattern's values on the host: traced, the reference takes the pattern)
         pattern = None if mask is None and not causal else _masks.as_pattern(mask, causal).prepare(
             _masks.BuildContext(bsz, hq, seq_q, k.shape[1], q.device))
-        return lambda q, k, v: attention_traced(q, k, v, pattern, scale, softcap, alibi_slopes)
+        return lambda q, k, v: attention_traced(q, k, v, pattern, scale, softcap, alibi_slopes,
+                                                score_mod=score_mod)
     block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=k.shape[1],
                                 device=q.device)
-    return lambda q, k, v: attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes)
+    return lambda q, k, v: attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes,
+                                               score_mod=score_mod)
 
 
 __all__ = ["attention", "attention_reference", "BACKENDS"]

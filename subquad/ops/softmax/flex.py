@@ -102,15 +102,17 @@ def flex_block_mask(bm: "_masks.BlockMask"):
 _SCORE_MODS: dict = {}
 
 
-def _score_mod(softcap, alibi_slopes, q_offset):
-    """One function per (softcap, slopes tensor, offset), kept: compiled flex guards on the score_mod, so a
-    new closure on every call would compile again."""
-    if softcap is None and alibi_slopes is None:
+def _score_mod(softcap, alibi_slopes, q_offset, user=None):
+    """One function per (softcap, slopes tensor, offset, user's score_mod), kept: compiled flex guards on the
+    score_mod, so a new closure on every call would compile again. The user's gets query positions (flex's
+    index plus the offset), as subquad's masks and the reference do."""
+    if softcap is None and alibi_slopes is None and user is None:
         return None
     # (the version too: a closure holds a float copy of bf16 slopes, which an in-place update would not reach)
-    key = (softcap, None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version), q_offset)
+    key = (softcap, None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version), q_offset,
+           None if user is None else id(user))
     hit = _SCORE_MODS.get(key)
-    if hit is not None and hit[0] is alibi_slopes:
+    if hit is not None and hit[0] is alibi_slopes and hit[2] is user:
         return hit[1]
     if len(_SCORE_MODS) > 256:
         _SCORE_MODS.clear()
@@ -123,9 +125,11 @@ def _score_mod(softcap, alibi_slopes, q_offset):
         if slopes is not None:
             slope = slopes[b, h] if per_batch else slopes.view(-1)[h]
             score = score - slope * (q_idx + q_offset - kv_idx).abs()
+        if user is not None:
+            score = user(score, b, h, q_idx + q_offset, kv_idx)
         return score
 
-    _SCORE_MODS[key] = (alibi_slopes, score_mod)
+    _SCORE_MODS[key] = (alibi_slopes, score_mod, user)
     return score_mod
 
 
@@ -149,8 +153,8 @@ def _flex(device: torch.device):
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
                    scale: float | None = None, softcap: float | None = None,
-                   alibi_slopes: torch.Tensor | None = None,
-                   return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   alibi_slopes: torch.Tensor | None = None, return_lse: bool = True,
+                   score_mod=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, lse)`` of exact attention on ``(batch, seq, heads, dim)`` tensors through FlexAttention
     (differentiable; GQA through ``enable_gqa``); ``lse`` is None unless asked for, so that flex's backward
     need not take a gradient for it. Callers check ``unsupported_reason``."""
@@ -162,7 +166,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         warnings.simplefilter("ignore")
         result = _flex(q.device)(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            score_mod=_score_mod(softcap, alibi_slopes, k.shape[1] - q.shape[1]), block_mask=block_mask,
+            score_mod=_score_mod(softcap, alibi_slopes, k.shape[1] - q.shape[1], score_mod), block_mask=block_mask,
             scale=scale, enable_gqa=q.shape[2] != k.shape[2], return_lse=return_lse)
     out, lse = result if return_lse else (result, None)
     return out.transpose(1, 2), lse

@@ -8,7 +8,7 @@ recomputes its scores instead of keeping them, and takes its keys as separate bl
 block's gradient is accumulated in place: memory stays linear in N, work follows the kept pairs.
 
 Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)``, then the ALiBi bias
-``-slope * |q_pos - k_pos|``, then the mask. Accumulation is fp32 whatever the input dtype. A query with no
+``-slope * |q_pos - k_pos|``, then a user's ``score_mod``, then the mask. Accumulation is fp32 whatever the input dtype. A query with no
 visible key gets output 0 and LSE -inf.
 """
 
@@ -53,18 +53,20 @@ def _positions(index, kv_pos, device) -> torch.Tensor:
     return index
 
 
-def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi):
+def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod=None):
     """One query block against its key chunks, with an online softmax across chunks.
 
     q: (b, hkv, g, nq, d) fp32, already multiplied by the scale; k, v: (b, hkv, N, d*) fp32; groups from
-    ``_key_groups``; qpos and the keys' positions are what the mask and ALiBi see; alibi (b, hkv, g) or None.
+    ``_key_groups``; qpos and the keys' positions are what the mask, ALiBi and ``score_mod`` see; alibi
+    (b, hkv, g) or None; ``score_mod(score, b, h, q_pos, k_pos)`` on broadcastable ``(b, h, q, k)`` tensors.
     Returns o (b, nq, hkv, g, dv) fp32 and lse (b, hkv, g, nq) fp32.
     """
     bsz, hkv, g, nq, d = q.shape
     dv = v.shape[-1]
     # Without autograd the score tile is updated in place (fewer and same-sized allocations).
-    inplace = not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad
-                                                   or (alibi is not None and alibi.requires_grad))
+    # (not after a score_mod: its result may alias the scores or be broadcast, or feed a gradient it reads)
+    inplace = score_mod is None and (not torch.is_grad_enabled() or not (
+        q.requires_grad or k.requires_grad or v.requires_grad or (alibi is not None and alibi.requires_grad)))
     q2 = q.view(bsz, hkv, g * nq, d)
     m = torch.full((bsz, hkv, g, nq), float("-inf"), device=q.device)
     l = torch.zeros_like(m)
@@ -75,10 +77,14 @@ def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, a
         s = torch.matmul(q2, kc.transpose(-1, -2)).view(bsz, hkv, g, nq, nk)
         if softcap is not None:
             s = s.div_(softcap).tanh_().mul_(softcap) if inplace else softcap * torch.tanh(s / softcap)
-        kp = _positions(index, kv_pos, q.device) if (masked or alibi is not None) else None
+        kp = _positions(index, kv_pos, q.device) if (masked or alibi is not None or score_mod is not None) else None
         if alibi is not None:
             bias = alibi[..., None, None] * (qpos.view(-1, 1) - kp.view(1, -1)).abs().float()
             s = s.sub_(bias) if inplace else s - bias
+        if score_mod is not None:
+            s4 = s.view(bsz, hkv * g, nq, nk)
+            s = torch.as_tensor(score_mod(s4, b_index, h_index, qpos.view(1, 1, -1, 1), kp.view(1, 1, 1, -1)),
+                                dtype=torch.float32, device=s.device).expand_as(s4).reshape(s.shape)
         if masked:
             keep = pattern.predicate(b_index, h_index, qpos.view(1, 1, -1, 1), kp.view(1, 1, 1, -1))
             # keep: (b or 1, hq or 1, nq, nk) -> (b or 1, hkv or 1, g or 1, nq, nk)
@@ -100,7 +106,8 @@ def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, a
     return o.permute(0, 3, 1, 2, 4), lse
 
 
-def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, *kv_blocks):
+def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod,
+                   *kv_blocks):
     """``_attend`` over key blocks handed in as separate tensors (the autograd path).
 
     Concatenating the blocks here, inside the checkpoint, sends each block's gradient to that block alone:
@@ -113,10 +120,11 @@ def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, sof
     groups = [(slice(s, min(s + KV_CHUNK, n_full)), False) for s in range(0, n_full, KV_CHUNK)]
     groups += [(slice(s, min(s + KV_CHUNK, total)), True) for s in range(n_full, total, KV_CHUNK)]
     positions = kidx if kv_pos is None else kv_pos[kidx]
-    return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi)
+    return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi, score_mod)
 
 
-def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=None, q_pos=None, kv_pos=None):
+def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=None, q_pos=None, kv_pos=None,
+                     score_mod=None):
     """``attention_reference`` as a traced call (torch.compile) runs it, on a prepared ``pattern`` (None: full)
     rather than a BlockMask: every key chunk of every query block, masked by the pattern's predicate. A
     BlockMask's build and its block lists read values on the host, which broke the graph (``fullgraph``
@@ -137,7 +145,7 @@ def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=
         q1 = min(q0 + TRACED_BLOCK_Q, seq_q)
         qpos = torch.arange(q0, q1, device=q.device) + (seq_kv - seq_q) if q_pos is None else q_pos[q0:q1]
         qt = (q[:, q0:q1].float() * scale).view(bsz, q1 - q0, hkv, g, d).permute(0, 2, 3, 1, 4).contiguous()
-        o, lse = _attend(qt, k_t, v_t, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi)
+        o, lse = _attend(qt, k_t, v_t, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod)
         outs.append(o.reshape(bsz, q1 - q0, hq, dv))
         lses.append(lse.reshape(bsz, hq, q1 - q0))
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
@@ -150,18 +158,19 @@ TRACED_BLOCK_Q = 128
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                         scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                         q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
-                        block_q: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_q: int | None = None, score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``(batch, seq, heads, dim)`` tensors; returns ``(out, lse)`` with lse ``(B, H_q, N_q)``.
 
     ``q_pos`` (seq_q,) and ``kv_pos`` (seq_kv,) are the positions the mask predicate and ALiBi see, for
     sequences that were permuted or gathered (LSH buckets, gathered columns); by default query ``i`` sits at
     ``i + seq_kv - seq_q`` and key ``j`` at ``j``. The BlockMask must have been built for those positions.
+    ``score_mod(score, b, h, q_pos, k_pos)``: applied after softcap and ALiBi, on broadcastable tensors.
     Arguments are assumed checked (``subquad.attention`` checks them). Traced (torch.compile):
     ``attention_traced``.
     """
     if torch.compiler.is_compiling():
         return attention_traced(q, k, v, block_mask.pattern if block_mask is not None else None, scale, softcap,
-                                alibi_slopes, q_pos, kv_pos)
+                                alibi_slopes, q_pos, kv_pos, score_mod)
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -238,7 +247,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                     n_full = sum(min(block_kv, seq_kv - i * block_kv) for i in full)
                     pieces = [k_blocks[i] for i in blocks] + [v_blocks[i] for i in blocks]
                     o_blk, l_blk = checkpoint(_attend_blocks, qt, kidx, n_full, qpos, kv_pos, pattern, b_index,
-                                              h_index, softcap, al, *pieces, use_reentrant=False)
+                                              h_index, softcap, al, score_mod, *pieces, use_reentrant=False)
                 else:
                     if block_mask is None:
                         key_groups = _key_groups(list(range(n_kb)), [], block_kv, seq_kv, device)
@@ -246,7 +255,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                         key_groups = _key_groups(fidx[qb][:fnum[qb]], pidx[qb][:pnum[qb]], block_kv, seq_kv,
                                                  device)
                     o_blk, l_blk = _attend(qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index,
-                                           softcap, al)
+                                           softcap, al, score_mod)
                 o_blk = o_blk.reshape(o_blk.shape[0], q1 - q0, heads_kv * groups, dv)
                 l_blk = l_blk.reshape(l_blk.shape[0], heads_kv * groups, q1 - q0)
                 if need_grad:
