@@ -75,3 +75,37 @@ def test_double_backward_raises(mask):
         torch.autograd.grad(out.float().square().sum(), q, create_graph=True)
     (dq,) = torch.autograd.grad(out.float().square().sum(), q)      # the first-order gradient runs
     assert torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("causal, window_size, nq", [(False, (5, 2), 37), (True, (9, -1), 37), (False, (-1, 0), 29),
+                                                      (True, (4, 4), 29)])
+def test_window_size(causal, window_size, nq):
+    """FlashAttention's ``window_size=(left, right)``, bottom-right aligned: the kernels against the reference,
+    and the reference against the fp64 oracle's explicit mask (GQA)."""
+    import oracles
+
+    q, k, v = _qkv(1, nq, 37, 4, 2, 16, torch.float16)
+    results = []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, causal=causal, window_size=window_size, return_lse=True, backend=backend)
+        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, torch.float16)
+    _lse_close(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, torch.float16)
+    left, right = window_size
+    dist = (torch.arange(nq) + 37 - nq).view(-1, 1) - torch.arange(37).view(1, -1)
+    keep = (dist <= (left if left >= 0 else 10**9)) & (dist >= -(right if right >= 0 else 10**9))
+    oracle, _ = oracles.softmax_attention(q.cpu(), k.cpu(), v.cpu(), mask=keep, causal=causal)
+    _close("oracle", ref.cpu(), oracle, torch.float16)
+
+
+def test_window_size_refused():
+    q, k, v = _qkv(1, 16, 16, 2, 2, 16, torch.float16)
+    with pytest.raises(ValueError, match="window_size: expected \\(left, right\\)"):
+        subquad.attention(q, k, v, window_size=(3,))
+    with pytest.raises(ValueError, match="left: expected an integer >= 0, or -1"):
+        subquad.attention(q, k, v, window_size=(-3, 0))
+    with pytest.raises(ValueError, match="window_size: expected no prebuilt BlockMask"):
+        subquad.attention(q, k, v, mask=masks.causal.block_mask(16), window_size=(3, 0))

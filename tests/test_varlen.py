@@ -160,7 +160,7 @@ def test_kernels_deterministic():
     (dict(cu_seqlens_k=torch.tensor([0, 70])), "cu_seqlens_k: expected 4 offsets"),
     (dict(cu_seqlens_q=torch.tensor([0.0, 40.0])), "cu_seqlens_q: expected an integer tensor"),
     (dict(window_size=(3,)), "window_size: expected \\(left, right\\)"),
-    (dict(window_size=(-2, 0)), "window_size"),
+    (dict(window_size=(-2, 0)), "left: expected an integer >= 0, or -1"),
     (dict(max_seqlen_q=10), "max_seqlen_q: expected an integer at least the longest sequence \\(23\\)"),
     (dict(alibi_slopes=torch.ones(2, 4)), "alibi_slopes: expected shape \\(4,\\)"),
     (dict(backend="flex"), "backend: sequences whose query and key lengths differ"),

@@ -29,6 +29,7 @@ from .named import (
     prefix_lm,
     sliding_window,
     strided,
+    window,
 )
 from .patterns import Band, BuildContext, Pattern, Tensor
 
@@ -38,7 +39,7 @@ _CAUSAL_PATTERN = causal
 __all__ = [
     "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
     "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
-    "document", "padding", "prefix_lm", "from_tensor", "from_predicate", "resolve", "and_causal",
+    "document", "padding", "prefix_lm", "window", "from_tensor", "from_predicate", "resolve", "and_causal",
 ]
 
 

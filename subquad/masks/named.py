@@ -62,6 +62,17 @@ def sliding_window(window: int, causal: bool = True) -> Pattern:
     return Named("sliding_window", Band(-half, half), {"window": window, "causal": False})
 
 
+def window(left: int, right: int) -> Pattern:
+    """FlashAttention's ``window_size=(left, right)``: keys from ``left`` positions before the query's to
+    ``right`` after it (positions as everywhere: queries aligned to the end of the keys); -1 leaves a side
+    unbounded. ``window(w - 1, 0)`` is ``sliding_window(w)``."""
+    for name, value in (("left", left), ("right", right)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+            raise ValueError(f"{name}: expected an integer >= 0, or -1 for unbounded, got {value!r}")
+    return Named("window", Band(-INF if right < 0 else -right, INF if left < 0 else left),
+                 {"left": left, "right": right})
+
+
 def strided(stride: int, causal: bool = True) -> Pattern:
     """Sparse Transformer's strided pattern: the last ``stride`` keys, plus every ``stride``-th key
     (positions ``stride-1, 2*stride-1, ...``) — the local head and the strided head in one mask."""

@@ -51,7 +51,8 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               return_lse: bool = False, backend: str = "auto", deterministic: bool | None = None,
-              plan: bool | None = None, sinks: torch.Tensor | None = None, score_mod=None):
+              plan: bool | None = None, sinks: torch.Tensor | None = None, score_mod=None,
+              window_size: tuple[int, int] = (-1, -1)):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -98,7 +99,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             ``"flex"`` (``"auto"`` on CUDA, compiled: keep one function per model, a new one compiles again) or
             ``"reference"`` (``"auto"`` elsewhere), which call it on broadcastable ``(b, h, q, k)`` index tensors;
             the Triton, FA4 and cuDNN kernels refuse it.
+        window_size: FlashAttention's ``(left, right)``: keys from ``left`` positions before the query's to
+            ``right`` after it, -1 unbounded (``masks.window``), intersected with ``mask`` and ``causal``.
     """
+    if window_size != (-1, -1) and window_size != [-1, -1]:
+        mask = _with_window(mask, window_size)
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod: expected a callable (score, b, h, q_pos, k_pos) -> score, got "
                          f"{type(score_mod).__name__}")
@@ -202,6 +207,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         dispatch.remember(cache, facts, (mask, chosen, run), PREPARED_CALLS)
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
+
+
+_WINDOWS: dict = {}
+
+
+def _with_window(mask, window_size):
+    """``mask & masks.window(*window_size)``, one pattern object per (mask, window) so that what is kept on a
+    pattern (BlockMasks, prepared calls) is found again on the next call."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size: expected (left, right), got {window_size!r}")
+    key = tuple(window_size)
+    if isinstance(mask, _masks.BlockMask):
+        raise ValueError("window_size: expected no prebuilt BlockMask with it (build the BlockMask from "
+                         "pattern & masks.window(left, right))")
+    if mask is None:
+        if key not in _WINDOWS:
+            _WINDOWS[key] = _masks.window(*key)
+        return _WINDOWS[key]
+    if isinstance(mask, _masks.Pattern):
+        kept = mask.memo("_with_window")
+        if key not in kept:
+            kept[key] = mask & _masks.window(*key)
+        return kept[key]
+    return _masks.as_pattern(mask, False) & _masks.window(*key)
 
 
 def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic, plan):

@@ -42,14 +42,10 @@ def _check_cu(name: str, cu, total: int, device) -> torch.Tensor:
 def _band(causal: bool, window_size) -> tuple[int, int]:
     """``(lo, hi)`` of the kept ``q_pos - k_pos`` from FlashAttention's ``causal`` and ``window_size=(left,
     right)`` (-1: unbounded)."""
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size: expected (left, right), integers >= 0 or -1 for unbounded, got "
-                         f"{window_size!r}")
-    left, right = window_size
-    lo = -INF if right < 0 else -right
-    hi = INF if left < 0 else left
-    return (max(lo, 0), hi) if causal else (lo, hi)
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size: expected (left, right), got {window_size!r}")
+    band = _masks.window(*window_size).inner
+    return (max(band.lo, 0), band.hi) if causal else (band.lo, band.hi)
 
 
 def _spans(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int):
