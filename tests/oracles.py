@@ -126,6 +126,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     q_pos, ``window_size=(left, right)`` keeps q_pos - left <= k_pos <= q_pos + right (-1: unbounded). Returns
     (out (total_q, Hq, Dv), lse (Hq, total_q)); a query with no kept key: out 0, lse -inf."""
     hq, dv = q.shape[1], v.shape[2]
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
     outs, lses = [], []
     for i in range(len(cu_seqlens_q) - 1):
         q0, q1, k0, k1 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]), int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])

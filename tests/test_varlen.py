@@ -195,3 +195,15 @@ def test_fa4_route(causal, window):
     _lse_close(lse, ref_lse, atol=1e-2)
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         _close(name, a, b, torch.bfloat16)
+
+
+def test_offsets_are_prepared_once():
+    """A second call with the same offsets (a model's next layer) reuses the positions and BlockMask."""
+    from subquad.ops.softmax import varlen
+
+    (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float32)
+    with torch.no_grad():
+        subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+        kept = dict(varlen._PREPARED)
+        subquad.varlen_attention(q, k, v, cu_q.clone(), cu_k.clone(), causal=True)
+    assert all(varlen._PREPARED[key] is value for key, value in kept.items()) and len(varlen._PREPARED) == len(kept)
