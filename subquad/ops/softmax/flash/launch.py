@@ -589,10 +589,14 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 
 
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
-    """``(dq, dk, dv)``."""
+    """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
+    asked to be deterministic, and for bands (full, causal, windows) in any case: there that layout also ran
+    faster than the dK/dV programs' atomic sums, although its dQ programs compute the scores and dP again
+    (H200, fwd+bwd, ``2026-12-05-det-vs-atomic-ab-h200.json``: causal 32 x 1k 1.734 against 1.822 ms, window
+    4096 2 x 16k 8.539 against 8.627). BlockMask walks keep the atomic sums (not measured)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    if deterministic:
+    if deterministic or not m.use_list:
         dq = torch.empty_like(q)
         dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False)
         return dq, dk, dv
