@@ -97,8 +97,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             ALiBi (T5 / relative-position biases, a bias tensor indexed by position): tensors it reads may
             require gradients. Positions as the mask sees them (query ``i`` at ``i + seq_kv - seq_q``). Runs on
             ``"flex"`` (``"auto"`` on CUDA, compiled: keep one function per model, a new one compiles again) or
-            ``"reference"`` (``"auto"`` elsewhere), which call it on broadcastable ``(b, h, q, k)`` index tensors;
-            the Triton, FA4 and cuDNN kernels refuse it.
+            ``"reference"`` (``"auto"`` elsewhere and inside ``torch.compile``), which call it on broadcastable
+            ``(b, h, q, k)`` index tensors; the Triton, FA4 and cuDNN kernels refuse it.
         window_size: FlashAttention's ``(left, right)``: keys from ``left`` positions before the query's to
             ``right`` after it, -1 unbounded (``masks.window``), intersected with ``mask`` and ``causal``.
     """
@@ -262,7 +262,10 @@ def _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, determinist
                          "plan=True")
     if backend in ("triton", "fa4", "cudnn"):
         raise ValueError(f"backend: a score_mod runs on 'flex' or 'reference' (or 'auto'), got {backend!r}")
-    if backend == "reference":
+    if backend == "reference" or (backend == "auto" and torch.compiler.is_compiling()):
+        # (traced, flex's checks would build the BlockMask on the host: auto keeps to the traced reference)
+        return "reference"
+    if torch.compiler.is_compiling():
         return backend
     from . import flex
 
