@@ -47,7 +47,9 @@ def _kept(key, make):
     return hit
 
 
-def _check_cu(name: str, cu, total: int, device) -> torch.Tensor:
+def _check_cu(name: str, cu, total: int) -> torch.Tensor:
+    """The offsets, checked, as a host int64 tensor (read once: what is made from them is kept per their
+    values)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point \
             or cu.dtype == torch.bool:
         shape = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
@@ -56,7 +58,7 @@ def _check_cu(name: str, cu, total: int, device) -> torch.Tensor:
     if int(host[0]) != 0 or bool((host[1:] < host[:-1]).any()) or int(host[-1]) != total:
         raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got "
                          f"{host.tolist() if host.numel() <= 16 else tuple(host.shape)}")
-    return host.to(device)
+    return host
 
 
 def _band(causal: bool, window_size) -> tuple[int, int]:
@@ -117,8 +119,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected shape (total_tokens, heads, head_dim), got {shape}")
     check_backend(backend, BACKENDS)
-    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = cu_q if cu_seqlens_k is None else _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = cu_q if cu_seqlens_k is None else _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_k: expected {cu_q.numel()} offsets ({cu_q.numel() - 1} sequences, as "
                          f"cu_seqlens_q), got {cu_k.numel()}")
@@ -141,7 +143,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         band_causal = lo == 0 and hi == INF
 
         def make():
-            ids = torch.arange(cu_q.numel() - 1, device=q.device).repeat_interleave(cu_q.diff())
+            ids = torch.arange(cu_q.numel() - 1).repeat_interleave(cu_q.diff()).to(q.device)
             mask = _masks.document(ids)
             return mask & Band(lo, hi) if not band_causal and (lo, hi) != (-INF, INF) else mask
 
@@ -190,7 +192,7 @@ def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, b
         block = 128
 
     def make():
-        q_pos, kv_pos, ids = _spans(cu_q, cu_k, total_q, total_k)
+        q_pos, kv_pos, ids = _spans(cu_q.to(q.device), cu_k.to(q.device), total_q, total_k)
         pattern = Document(ids)
         if (lo, hi) != (-INF, INF):
             pattern = pattern & Band(lo, hi)
@@ -222,7 +224,7 @@ def _fa4_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, determi
     causal, window = fa4.band_window(lo, hi)
     _, flash_attn_varlen_func, _ = fa4._interface()
     out, lse = flash_attn_varlen_func(
-        q[0], k[0], v[0], cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32),
+        q[0], k[0], v[0], cu_seqlens_q=cu_q.to(q.device, torch.int32), cu_seqlens_k=cu_k.to(q.device, torch.int32),
         max_seqlen_q=int(cu_q.diff().max()), max_seqlen_k=int(cu_k.diff().max()), causal=causal,
         window_size=window, softmax_scale=scale, softcap=0.0 if softcap is None else float(softcap), return_lse=True)
     return out.unsqueeze(0), lse.unsqueeze(0)
