@@ -101,6 +101,22 @@ def test_window_size(causal, window_size, nq):
     _close("oracle", ref.cpu(), oracle, torch.float16)
 
 
+def test_window_size_more_queries_than_keys():
+    """Causal with more queries than keys and a window, with a bool mask too: the leading queries see nothing
+    (the split slices the mask), the rest as the oracle's explicit mask."""
+    import oracles
+
+    q, k, v = _qkv(1, 11, 6, 2, 2, 16, torch.float16)
+    user = torch.rand(11, 6, generator=torch.Generator().manual_seed(3)) < 0.8
+    out, lse = subquad.attention(q, k, v, causal=True, mask=user.to(DEV), window_size=(2, 0), return_lse=True)
+    dist = (torch.arange(11) - 5).view(-1, 1) - torch.arange(6).view(1, -1)
+    ref, ref_lse = oracles.softmax_attention(q.cpu(), k.cpu(), v.cpu(), mask=user & (dist >= 0) & (dist <= 2))
+    _close("out", out.cpu(), ref, torch.float16)
+    _lse_close(lse.cpu(), ref_lse.float())
+    with pytest.raises(ValueError, match="window_size: expected seq_q <= seq_kv=6 or causal=True"):
+        subquad.attention(q, k, v, window_size=(1, 1))
+
+
 def test_window_size_refused():
     q, k, v = _qkv(1, 16, 16, 2, 2, 16, torch.float16)
     with pytest.raises(ValueError, match="window_size: expected \\(left, right\\)"):

@@ -165,11 +165,13 @@ def test_kernels_deterministic():
     (dict(alibi_slopes=torch.ones(2, 4)), "alibi_slopes: expected shape \\(4,\\)"),
     (dict(backend="flex"), "backend: sequences whose query and key lengths differ"),
     (dict(backend="nope"), "backend: expected one of"),
+    (dict(cu_seqlens_k=None), "cu_seqlens_k: expected the keys' offsets \\(70 keys, 40 queries\\)"),
+    (dict(max_seqlen_q=torch.tensor(10)), "max_seqlen_q: expected an integer at least"),
 ])
 def test_bad_arguments(change, match):
     (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float32)
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu())
-    for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"):
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"):   # (a max_seqlen tensor stays on the CPU)
         if isinstance(change.get(name), torch.Tensor):
             change[name] = change[name].to(DEV)
     args.update(change)
@@ -205,5 +207,18 @@ def test_offsets_are_prepared_once():
     with torch.no_grad():
         subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
         kept = dict(varlen._PREPARED)
+        assert kept
         subquad.varlen_attention(q, k, v, cu_q.clone(), cu_k.clone(), causal=True)
     assert all(varlen._PREPARED[key] is value for key, value in kept.items()) and len(varlen._PREPARED) == len(kept)
+
+
+def test_flash_attention_conventions():
+    """What code ported from FlashAttention passes: softcap=0.0 (off) and max_seqlen as a tensor or NumPy
+    integer."""
+    import numpy as np
+
+    (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float32)
+    with torch.no_grad():
+        ref = subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+        got = subquad.varlen_attention(q, k, v, cu_q, cu_k, torch.tensor(23), np.int64(40), causal=True, softcap=0.0)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

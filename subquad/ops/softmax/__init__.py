@@ -102,7 +102,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         window_size: FlashAttention's ``(left, right)``: keys from ``left`` positions before the query's to
             ``right`` after it, -1 unbounded (``masks.window``), intersected with ``mask`` and ``causal``.
     """
-    if window_size != (-1, -1) and window_size != [-1, -1]:
+    windowed = window_size != (-1, -1) and window_size != [-1, -1]
+    if windowed:
         mask = _with_window(mask, window_size)
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod: expected a callable (score, b, h, q_pos, k_pos) -> score, got "
@@ -156,6 +157,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if not return_lse:
             return out
         return out, torch.cat([lse.new_full((bsz, hq, lead), float("-inf")), lse], 2)
+    if seq_q > seq_kv and windowed:
+        raise ValueError(f"window_size: expected seq_q <= seq_kv={seq_kv} or causal=True (a window's first queries "
+                         f"would sit before every key; varlen_attention runs this), got seq_q={seq_q}")
     if seq_q > seq_kv and mask is not None:
         raise ValueError(f"q: expected seq_q <= seq_kv={seq_kv} with a mask and causal=False (queries are aligned "
                          f"to the end of the keys: the first would sit before every key), got seq_q={seq_q}")
@@ -214,7 +218,8 @@ _WINDOWS: dict = {}
 
 def _with_window(mask, window_size):
     """``mask & masks.window(*window_size)``, one pattern object per (mask, window) so that what is kept on a
-    pattern (BlockMasks, prepared calls) is found again on the next call."""
+    pattern (BlockMasks, prepared calls) is found again on the next call. A bool tensor stays a tensor (the
+    bottom-right split of more queries than keys slices it)."""
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"window_size: expected (left, right), got {window_size!r}")
     key = tuple(window_size)
@@ -230,6 +235,11 @@ def _with_window(mask, window_size):
         if key not in kept:
             kept[key] = mask & _masks.window(*key)
         return kept[key]
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+        seq_q, seq_kv = mask.shape[-2:]
+        q_pos = torch.arange(seq_q, device=mask.device) + seq_kv - seq_q
+        band = _masks.window(*key).inner
+        return mask & band.predicate(None, None, q_pos.view(-1, 1), torch.arange(seq_kv, device=mask.device))
     return _masks.as_pattern(mask, False) & _masks.window(*key)
 
 

@@ -16,6 +16,7 @@ sees the same distance, and the document term (one id per span) keeps sequences 
 from __future__ import annotations
 
 import collections
+import operator
 
 import torch
 
@@ -61,6 +62,15 @@ def _check_cu(name: str, cu, total: int) -> torch.Tensor:
     return host
 
 
+def _integral(x) -> bool:
+    """A Python, NumPy or 0-d torch integer (FlashAttention's callers pass any of them as ``max_seqlen``)."""
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return not isinstance(x, bool)
+
+
 def _band(causal: bool, window_size) -> tuple[int, int]:
     """``(lo, hi)`` of the kept ``q_pos - k_pos`` from FlashAttention's ``causal`` and ``window_size=(left,
     right)`` (-1: unbounded)."""
@@ -104,7 +114,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             than keys: its first queries see none, output 0, LSE ``-inf``).
         window_size: ``(left, right)``: keys from ``left`` positions before the query's to ``right`` after; -1
             is unbounded. With ``causal`` the right side is 0.
-        scale, softcap, return_lse, deterministic, sinks: as ``subquad.attention``.
+        scale, return_lse, deterministic, sinks: as ``subquad.attention``.
+        softcap: as ``subquad.attention``; 0 is no softcap, as in FlashAttention.
         alibi_slopes: ``(heads_q,)``: ``-slope * |q_pos - k_pos|`` with the bottom-right aligned positions.
         backend: as ``subquad.attention`` when the query and key lengths are equal (packed documents). Unequal
             lengths run ``"triton"`` (fp16 / bf16 on a GPU), ``"reference"`` (``"auto"`` picks between these
@@ -120,15 +131,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise ValueError(f"{name}: expected shape (total_tokens, heads, head_dim), got {shape}")
     check_backend(backend, BACKENDS)
     cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"cu_seqlens_k: expected the keys' offsets ({k.shape[0]} keys, {q.shape[0]} queries), got "
+                         f"None (which takes cu_seqlens_q)")
     cu_k = cu_q if cu_seqlens_k is None else _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_k: expected {cu_q.numel()} offsets ({cu_q.numel() - 1} sequences, as "
                          f"cu_seqlens_q), got {cu_k.numel()}")
     for name, given, cu in (("max_seqlen_q", max_seqlen_q, cu_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
-        if given is not None and (not isinstance(given, int) or given < int(cu.diff().max())):
+        if given is not None and (not _integral(given) or int(given) < int(cu.diff().max())):
             raise ValueError(f"{name}: expected an integer at least the longest sequence ({int(cu.diff().max())}), "
                              f"got {given!r}")
     lo, hi = _band(causal, window_size)
+    if softcap == 0:
+        softcap = None          # FlashAttention's "no softcap"
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (q.shape[1],)):
         shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
         raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) (one slope per query head; per-sequence "
