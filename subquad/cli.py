@@ -210,6 +210,8 @@ def generate(
     """Sample a continuation of a prompt from a checkpoint (with each layer's cache)."""
     from .train import generate_text
 
+    if not 0 < top_p <= 1:
+        raise typer.BadParameter(f"expected a probability in (0, 1], got {top_p}", param_hint="--top-p")
     try:
         text = generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k or None, seed, device,
                              top_p=top_p)

@@ -82,22 +82,32 @@ def test_sampling_top_p():
     for top_p, kept in ((0.7, {1, 3}), (0.5, {1}), (0.95, {0, 1, 3}), (1.0, {0, 1, 2, 3})):
         picks = sample(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=top_p)
         assert set(picks.flatten().tolist()) == kept, top_p
+    # after top_k: the nucleus of the renormalised top 3 (0.5, 0.3, 0.15 -> 0.53, 0.32, 0.16) at 0.8 is two tokens
+    picks = sample(logits, 1.0, 3, torch.Generator().manual_seed(0), top_p=0.8)
+    assert set(picks.flatten().tolist()) == {1, 3}
 
 
-def test_generate_stops_at_eos():
-    """A row that emits eos_token_id emits it from then on, and generation ends when every row has."""
+def test_generate_stops_at_eos(monkeypatch):
+    """A row that emits eos_token_id emits it from then on, and generation ends when every row has: scripted
+    logits (row 0 says eos at step 1, row 1 at step 2), cached and uncached alike."""
     model = tiny("EA")
-    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    free = model.generate(prompt, 8, temperature=0)
-    eos = int(free[0, 4])                     # row 0's second new token
-    ids, logits = model.generate(prompt, 8, temperature=0, eos_token_id=eos, return_logits=True)
-    for row in range(2):
-        new = free[row, 3:].tolist()
-        end = new.index(eos) + 1 if eos in new else 8
-        assert ids[row, 3:3 + end].tolist() == new[:end]
-        assert (ids[row, 3 + end:] == eos).all()
-    ends = [free[r, 3:].tolist().index(eos) + 1 if eos in free[r, 3:].tolist() else 8 for r in range(2)]
-    assert ids.shape == (2, 3 + max(ends)) and logits.shape[1] == max(ends)
+    vocab = model.config["vocab_size"]
+    script = torch.tensor([[4, 9, 4, 4, 4, 4], [5, 5, 9, 5, 5, 5]])
+    for use_cache in (True, False):
+        steps = []
+
+        def forward(ids, caches=None):
+            logits = torch.zeros(ids.shape[0], ids.shape[1], vocab)
+            logits[:, -1].scatter_(1, script[:, len(steps)].view(-1, 1), 1.0)
+            steps.append(None)
+            return logits
+
+        monkeypatch.setattr(model, "forward", forward)
+        ids, logits = model.generate(torch.tensor([[1, 2, 3], [1, 2, 3]]), 6, temperature=0, eos_token_id=9,
+                                     use_cache=use_cache, return_logits=True)
+        assert ids[:, 3:].tolist() == [[4, 9, 9], [5, 5, 9]] and logits.shape == (2, 3, vocab) and len(steps) == 3
+    with pytest.raises(ValueError, match="top_p"):
+        sample(torch.zeros(1, 4), 1.0, None, top_p=0.0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

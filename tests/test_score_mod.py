@@ -53,22 +53,54 @@ def test_batch_and_head_and_more_queries_than_keys():
     """A score_mod that reads the batch and head indices; bottom-right causal with more queries than keys (the
     positions it sees are the masks' positions)."""
     q, k, v = _qkv(nq=N + 5)
-    mod = lambda s, b, h, qp, kp: s * (1.0 + 0.5 * b) - 0.1 * h * (qp - kp)    # noqa: E731
+    # (absolute positions too: a shifted position would change the result)
+    mod = lambda s, b, h, qp, kp: s * (1.0 + 0.5 * b) - 0.1 * h * (qp - kp) + 0.05 * qp    # noqa: E731
     out, lse = subquad.attention(q, k, v, causal=True, score_mod=mod, return_lse=True)
     ref, ref_lse = oracles.softmax_attention(q, k, v, causal=True, score_mod=mod)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[:, :, :5]).all() and torch.isneginf(ref_lse[:, :, :5]).all()
 
 
+@pytest.mark.parametrize("nq", [N, N - 13])
+def test_no_grad_sinks_alibi(nq):
+    """The no-grad path of the reference (in place where it can be), with ALiBi, sinks and fewer queries than
+    keys, against the oracle; the score_mod reads absolute positions."""
+    q, k, v = (t.detach() for t in _qkv(nq=nq))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    mod = lambda s, b, h, qp, kp: s + 0.03 * qp - 0.02 * kp    # noqa: E731
+    with torch.no_grad():
+        out, lse = subquad.attention(q, k, v, mask=masks.sliding_window(9), alibi_slopes=slopes, sinks=sinks,
+                                     score_mod=mod, return_lse=True)
+    ref, ref_lse = oracles.softmax_attention(q, k, v, mask=masks.sliding_window(9), alibi_slopes=slopes,
+                                             sinks=sinks, score_mod=mod)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_flex_forward_matches_reference():
     """Eager FlexAttention (the CPU, no backward there) with the same score_mod and pattern."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    q, k, v = (t.detach() for t in _qkv())
-    table, mod = _relative_bias()
+    q, k, v = (t.detach() for t in _qkv(nq=N - 13))       # fewer queries: flex's indices are offset to positions
+    table, _ = _relative_bias()
+    mod = lambda s, b, h, qp, kp: s + table[h, qp - kp + N - 1] + 0.05 * qp    # noqa: E731
     with torch.no_grad():
         got = subquad.attention(q, k, v, mask=masks.sliding_window(9), score_mod=mod, backend="flex")
         ref = subquad.attention(q, k, v, mask=masks.sliding_window(9), score_mod=mod, backend="reference")
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_capture_alone_keeps_memory_linear(monkeypatch):
+    """Only the captured table needs a gradient: the reference still takes its checkpointed path (autograd would
+    otherwise keep every score tile)."""
+    from subquad.ops.softmax import reference
+
+    calls = []
+    monkeypatch.setattr(reference, "checkpoint", lambda fn, *a, **kw: calls.append(1) or fn(*a))
+    q, k, v = (t.detach() for t in _qkv())
+    table, mod = _relative_bias()
+    out = subquad.attention(q, k, v, causal=True, score_mod=mod)
+    assert calls and out.requires_grad
 
 
 def test_compiles_whole():
@@ -86,10 +118,11 @@ def test_compiles_whole():
     (dict(score_mod=lambda s, b, h, q, k: s, backend="triton"), "backend: a score_mod runs on 'flex' or "
                                                                 "'reference'"),
     (dict(score_mod=lambda s, b, h, q, k: s, plan=True), "plan: a score_mod"),
+    (dict(score_mod=lambda s, b, h, q, k: s, backend="flex", deterministic=True), "use backend='reference'"),
 ])
 def test_refused(kwargs, match):
     q, k, v = _qkv(torch.float16)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match), torch.no_grad():    # (flex has no CPU backward to refuse first)
         subquad.attention(q, k, v, mask=masks.strided(8), **kwargs)
 
 

@@ -185,6 +185,8 @@ class HybridLM(nn.Module):
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None,
            top_p: float | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``."""
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature

@@ -176,7 +176,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         chosen = _pick_backend(backend, q)
     if deterministic and chosen in ("fa4", "cudnn", "flex"):
         why = (f"deterministic: only the Triton and reference backends offer a deterministic backward, got "
-               f"backend={backend!r} (use backend='auto' or 'triton')")
+               f"backend={backend!r} (use backend=" + ("'reference': a score_mod runs there or on flex)"
+                                                        if score_mod is not None else "'auto' or 'triton')"))
         if not (from_torch and torch.is_deterministic_algorithms_warn_only_enabled()):
             raise ValueError(why + (" (asked by torch.use_deterministic_algorithms)" if from_torch else ""))
         if not torch.compiler.is_compiling():

@@ -100,6 +100,8 @@ def flex_block_mask(bm: "_masks.BlockMask"):
 
 
 _SCORE_MODS: dict = {}
+#: score_mods made around a user's function: few, as each keeps the function and what it captures alive
+USER_SCORE_MODS = 8
 
 
 def _score_mod(softcap, alibi_slopes, q_offset, user=None):
@@ -116,6 +118,10 @@ def _score_mod(softcap, alibi_slopes, q_offset, user=None):
         return hit[1]
     if len(_SCORE_MODS) > 256:
         _SCORE_MODS.clear()
+    if user is not None:
+        users = [k for k, v in _SCORE_MODS.items() if v[2] is not None]
+        for stale in users[:max(0, len(users) - USER_SCORE_MODS + 1)]:
+            del _SCORE_MODS[stale]
     slopes = None if alibi_slopes is None else alibi_slopes.float()
     per_batch = slopes is not None and slopes.dim() == 2 and slopes.shape[0] > 1
 

@@ -187,7 +187,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
         slopes = alibi_slopes.float().view(-1 if alibi_slopes.dim() == 2 else 1, hq)
         slopes = slopes.expand(bsz, hq).reshape(bsz, hkv, g)
 
-    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # (a score_mod may read tensors that need gradients: without the checkpointed path autograd would keep every
+    # score tile, memory growing with N^2)
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or score_mod is not None)
     # K and V as (b, hkv, N, d) fp32 views of the (b, N, hkv, d) inputs: every key chunk is a strided view (or
     # a gather along N) whose rows are contiguous, which the CPU and GPU matmuls take as they are. A
     # contiguous transposed copy would be two more passes over K and V per call, out of cache at long N.
