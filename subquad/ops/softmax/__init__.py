@@ -96,7 +96,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         score_mod: FlexAttention's ``score_mod(score, b, h, q_pos, k_pos) -> score``, applied after softcap and
             ALiBi (T5 / relative-position biases, a bias tensor indexed by position): tensors it reads may
             require gradients. Positions as the mask sees them (query ``i`` at ``i + seq_kv - seq_q``). Runs on
-            ``"flex"`` (``"auto"`` on CUDA, compiled: keep one function per model, a new one compiles again) or
+            ``"flex"`` (``"auto"`` on CUDA, compiled: keep one function per model, a new one compiles again;
+            the last 8 are kept alive with what they capture) or
             ``"reference"`` (``"auto"`` elsewhere and inside ``torch.compile``), which call it on broadcastable
             ``(b, h, q, k)`` index tensors; the Triton, FA4 and cuDNN kernels refuse it.
         window_size: FlashAttention's ``(left, right)``: keys from ``left`` positions before the query's to
