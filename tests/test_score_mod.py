@@ -143,3 +143,16 @@ def test_flex_gpu_gradients():
     for name, a, b in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
         err, scale = (a.float() - b.float()).abs().max().item(), b.float().abs().max().item()
         assert err <= 1e-2 + 2e-2 * scale, (name, err, scale)
+
+
+def test_flex_compiles_whole():
+    """``backend="flex"`` inside ``torch.compile(fullgraph=True)`` (its warning filter was not traceable), with a
+    pattern and a score_mod; the CPU's compiled flex against eager."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = (t.detach() for t in _qkv())
+    mask = masks.sliding_window(9)
+    fn = lambda q, k, v: subquad.attention(q, k, v, mask=mask, backend="flex",    # noqa: E731
+                                           score_mod=lambda s, b, h, qp, kp: s + 0.01 * qp)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ every new shape or pattern is a new graph); on the CPU it runs eagerly, slowly (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import warnings
@@ -167,9 +168,11 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     block_mask = None
     if mask is not None or causal:
         block_mask = flex_block_mask(_block_mask(q, k, causal=causal, mask=mask))
-    with warnings.catch_warnings():
-        # eager flex on the CPU warns that it is unfused, and newer PyTorch prefers return_aux to return_lse
-        warnings.simplefilter("ignore")
+    # eager flex on the CPU warns that it is unfused, and newer PyTorch prefers return_aux to return_lse (dynamo
+    # cannot trace the filter's change: traced, the warnings are left alone)
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else warnings.catch_warnings():
+        if not torch.compiler.is_compiling():
+            warnings.simplefilter("ignore")
         result = _flex(q.device)(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             score_mod=_score_mod(softcap, alibi_slopes, k.shape[1] - q.shape[1], score_mod), block_mask=block_mask,
