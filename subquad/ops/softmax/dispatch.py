@@ -109,7 +109,7 @@ def pattern_kind(mask, causal: bool) -> str:
         if max(p.lo for p in parts) <= -fa4._UNBOUNDED and min(p.hi for p in parts) >= fa4._UNBOUNDED:
             return "causal" if causal or len(parts) < len(_parts(mask)) else "full"
         return "window"
-    if all(isinstance(p, (P.Band, P.Segments)) or (isinstance(p, P.Named) and p.name == "sliding_window")
+    if all(isinstance(p, (P.Band, P.Segments)) or (isinstance(p, P.Named) and p.name in ("sliding_window", "window"))
            for p in parts) and any(isinstance(p, P.Segments) for p in parts):
         return "document"
     if len(parts) == 1:
