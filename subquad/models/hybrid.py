@@ -151,8 +151,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
+        _check_top_p(top_p)
         if eos_token_id is not None and not (isinstance(eos_token_id, int)
                                              and 0 <= eos_token_id < self.config["vocab_size"]):
             raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
@@ -182,11 +181,15 @@ class HybridLM(nn.Module):
         return ids, torch.stack(chosen_logits, 1)
 
 
+def _check_top_p(top_p) -> None:
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None,
            top_p: float | None = None) -> torch.Tensor:
     """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``."""
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
+    _check_top_p(top_p)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature

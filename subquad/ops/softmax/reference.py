@@ -8,8 +8,8 @@ recomputes its scores instead of keeping them, and takes its keys as separate bl
 block's gradient is accumulated in place: memory stays linear in N, work follows the kept pairs.
 
 Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)``, then the ALiBi bias
-``-slope * |q_pos - k_pos|``, then a user's ``score_mod``, then the mask. Accumulation is fp32 whatever the input dtype. A query with no
-visible key gets output 0 and LSE -inf.
+``-slope * |q_pos - k_pos|``, then a user's ``score_mod``, then the mask. Accumulation is fp32 whatever the
+input dtype. A query with no visible key gets output 0 and LSE -inf.
 """
 
 from __future__ import annotations
