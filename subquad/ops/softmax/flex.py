@@ -19,7 +19,6 @@ every new shape or pattern is a new graph); on the CPU it runs eagerly, slowly (
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import warnings
 
@@ -29,9 +28,13 @@ from ... import masks as _masks
 from . import fa4
 
 
-@functools.lru_cache(maxsize=None)
+# found once at import: torch 2.11's dynamo refuses to trace importlib.util.find_spec (even behind an lru_cache)
+# inside a compiled call to backend="flex"
+_AVAILABLE = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def is_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return _AVAILABLE
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
