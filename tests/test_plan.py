@@ -40,10 +40,14 @@ PLANNED = [
     # causal: the global queries see keys <= themselves, all inside the band: no row component
     ("longformer-causal-rows-in-band", masks.longformer(100, [0, 1, 40, 70], causal=True), 200, 200,
      ["local", "columns"]),
+    # random blocks finer than the tiles: a component of their own, less the local pairs
     ("bigbird-spread", masks.bigbird(16, [0, 5, 100, 170], random_blocks=2, block=16, causal=True), 200, 200,
-     ["local", "columns", "rows"]),
+     ["local", "blocks", "columns", "rows"]),
     ("bigbird-rows-kept", masks.bigbird(24, [3, 7, 80, 150], random_blocks=2, block=16), 200, 200,
-     ["local", "columns", "rows"]),
+     ["local", "blocks", "columns", "rows"]),
+    ("bigbird-folded-globals", masks.bigbird(64, [0, 3], random_blocks=2, block=16, causal=True), 256, 256,
+     ["local", "blocks"]),
+    ("bigbird-no-globals", masks.bigbird(24, [], random_blocks=3, block=8), 150, 203, ["local", "blocks"]),
     ("window-and-columns", masks.sliding_window(8) | PeriodicColumns(10, [0, 3]), 120, 120, ["local", "columns"]),
 ]
 
@@ -63,11 +67,25 @@ def test_plan_none_without_scattered_parts():
     assert plan(masks.causal, 256) is None
     assert plan(masks.document(torch.tensor([0] * 100 + [1] * 156)), 256) is None
     # global tokens in the first key tiles fold into the BlockMask, their rows too when nothing is gathered
-    assert plan(masks.bigbird(64, [0, 3], random_blocks=2, block=16, causal=True), 256) is None
-    assert plan(masks.bigbird(24, [3, 7], random_blocks=2, block=16), 200, block_q=TILE, block_kv=TILE) is None
+    # (random blocks as large as the tiles stay in it too)
+    assert plan(masks.bigbird(64, [0, 3], random_blocks=2, block=TILE, causal=True), 256, block_q=TILE,
+                block_kv=TILE) is None
+    assert plan(masks.bigbird(24, [3, 7], random_blocks=2, block=TILE), 200, block_q=TILE, block_kv=TILE) is None
     assert plan(masks.longformer(16, [0, 1, 2], causal=True), 150, 203, block_q=TILE, block_kv=TILE) is None
     assert plan(masks.longformer(512, range(16)), 16384) is None
     assert plan(masks.longformer(16, [0, 40]), 200, block_q=TILE, block_kv=TILE) is None
+
+
+def test_fine_layouts_split_only_beside_other_local_terms(monkeypatch):
+    import subquad.masks.plan as plan_module
+
+    # a block layout alone is the BlockMask path already, whatever its block
+    assert plan(masks.block_sparse(torch.rand(8, 8) < 0.3, block=16), 128) is None
+    bigbird = masks.bigbird(64, [0, 3], random_blocks=2, block=16)
+    blocks = plan(bigbird, 256).components[1]
+    assert blocks.role == "blocks" and "16 positions" in blocks.note
+    monkeypatch.setattr(plan_module, "SPLIT_FINE_LAYOUTS", False)
+    assert plan(bigbird, 256) is None
 
 
 def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():

@@ -22,6 +22,9 @@ CASES = [
     ("fixed", masks.fixed(32, 4), 96, 96),
     ("dilated", masks.dilated(40, 2), 128, 128),
     ("longformer-spread", masks.longformer(16, [0, 1, 50, 90]), 80, 96),
+    # random blocks finer than the tiles: local and blocks components (the band of each is the engine's own)
+    ("bigbird-blocks", masks.bigbird(16, [0, 3], random_blocks=2, block=16, seed=1), 96, 96),
+    ("bigbird-blocks-causal", masks.bigbird(24, [0], random_blocks=3, block=8, causal=True), 90, 90),
 ]
 
 

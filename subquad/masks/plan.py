@@ -6,6 +6,8 @@ dilated window keeps one key in ``dilation`` of every tile it touches. The plann
 as a set of components, each an ordinary BlockMask over a (possibly gathered or re-indexed) sequence:
 
 * ``local``: the contiguous parts (bands, same-block, block layouts) on the original sequence;
+* ``blocks``: block layouts finer than the tiles (BigBird's random blocks) beside other local terms, less the
+  pairs ``local`` keeps: run at their own block size while ``local`` keeps the large tiles;
 * ``columns``: the scattered key columns, gathered into a compact K/V tensor with their original positions;
   its predicate removes the pairs that ``local`` already keeps, so no pair is counted twice. Global tokens
   within ``FOLD_COLUMN_TILES`` tiles (Longformer's and BigBird's first tokens) are not gathered: they stay in
@@ -48,6 +50,11 @@ from .patterns import (INF, Band, BlockLayout, BuildContext, Intersection, Named
 FOLD_COLUMN_TILES = 2
 #: keys per chunk when global rows are split over the keys (each chunk is one program's worth of work)
 ROW_CHUNK = 2048
+#: block layouts finer than the tiles (BigBird's random blocks of 64 keys) beside other local terms run as a
+#: ``blocks`` component of their own: in one BlockMask they bring the whole pattern down to their block size, or
+#: leave most of their 128-tiles partial. On the H200 (2 x 16k, 2026-12-05-bigbird-random-blocks-h200.json) one
+#: random block per 64-row block took BigBird's forward from 0.56 ms (Longformer's) to 1.19.
+SPLIT_FINE_LAYOUTS = True
 
 
 class Complement(Pattern):
@@ -298,6 +305,13 @@ def _excluding_local(clip: Band, local: list, exact_positions: bool, seq_kv: int
     return pat, None, f"{_band_str(clip)} and not local"
 
 
+def _fine_layouts(local: list, block_q: int, block_kv: int) -> list:
+    """The block layouts among the local terms whose blocks are finer than the tiles, when other local terms
+    are there to split them from (``SPLIT_FINE_LAYOUTS``)."""
+    fine = [p for p in local if isinstance(p, BlockLayout) and p.block < min(block_q, block_kv)]
+    return fine if SPLIT_FINE_LAYOUTS and len(fine) < len(local) else []
+
+
 def _tiles_spanned(pos: torch.Tensor, block: int) -> int:
     return int(torch.unique(torch.div(pos, block, rounding_mode="floor")).numel())
 
@@ -505,7 +519,8 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                        kv_index=ki,
                                        q_pos=qi, kv_pos=ki, note=f"residue {r}: {_band_str(clip)}"))
         return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv, exact_positions)
-    if not parts.columns and not parts.rows:
+    fine = _fine_layouts(parts.local, block_q, block_kv)
+    if not parts.columns and not parts.rows and not fine:
         return None
     local = list(parts.local)
     columns = []
@@ -527,17 +542,23 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
         notes.append(f"{rows.numel()} global queries span <= {FOLD_COLUMN_TILES} query tiles: kept in the local "
                      f"BlockMask")
         rows = None
-    if local:
+    # (the gathered columns below exclude every local pair, the fine layouts' too)
+    rest = [p for p in local if not any(p is f for f in fine)]
+    if rest:
         # SameBlock / layouts whose tiles are exact at the tile size: the tiles enforce them, and partial
         # tiles only need the clip band (a plain band in the kernel).
-        local_pat = _and(_union(local), clip if not _is_full(clip) else None)
+        local_pat = _and(_union(rest), clip if not _is_full(clip) else None)
         grid_only = (seq_kv - seq_q) % block_q == 0 and all(
-            isinstance(p, SameBlock) and p.size % block_kv == 0 and p.size % block_q == 0 for p in local)
+            isinstance(p, SameBlock) and p.size % block_kv == 0 and p.size % block_q == 0 for p in rest)
         pattern_in_tiles = (clip if not _is_full(clip) else None) if grid_only else local_pat
         if grid_only and pattern_in_tiles is None:
             pattern_in_tiles = Band(-INF, INF)
         comps.append(Component("local", pattern_in_tiles, seq_q, seq_kv, grid_pattern=local_pat,
                                note=_text(local_pat) + (" (tiles enforce the blocks)" if grid_only else "")))
+    if fine:
+        blocks_pat = _and(_and(_union(fine), Complement(_union(rest))), clip if not _is_full(clip) else None)
+        comps.append(Component("blocks", blocks_pat, seq_q, seq_kv,
+                               note=f"block layout at {min(f.block for f in fine)} positions, less the local pairs"))
     for col_pos in columns:
         pat, kv_pos, text = _excluding_local(clip, local, exact_positions, seq_kv, col_pos)
         if pat is None:

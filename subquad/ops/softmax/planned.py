@@ -59,9 +59,17 @@ def _plain_band(c: Component) -> bool:
         and c.q_pos is None and c.kv_pos is None
 
 
+def _natural(c: Component) -> bool:
+    """A component on the sequence as it is (no gather, fold, or positions) whose tiles follow its pattern."""
+    return c.pattern is not None and (c.grid_pattern is None or c.grid_pattern is c.pattern) \
+        and c.q_pos is None and c.kv_pos is None and c.fold == 1 and c.q_index is None and c.kv_index is None \
+        and c.kv_slice is None
+
+
 def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deterministic):
     bsz, seq_q, hq, d = q.shape
     hkv = k.shape[2]
+    tracing = torch.compiler.is_compiling()
     ctx = BuildContext(bsz, hq, plan.seq_q, plan.seq_kv, q.device)
     bm = c.block_mask(ctx, plan.block_q, plan.block_kv, q.device)
     if c.fold > 1:
@@ -86,7 +94,10 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deter
     else:
         kk, vv = k, v
     if c.split == 1:
-        if engine is not attention_reference and _plain_band(c):
+        if engine is not attention_reference and (_plain_band(c) or (_natural(c) and not tracing)):
+            # the engine's own walk of the pattern: a band without lists, a BlockMask at the block size each
+            # pass runs fastest (a ``blocks`` component's 64-key random blocks at 64, the local band at 128);
+            # traced calls keep the plan's BlockMasks, which an eager call has built
             from .flash import flash_attention
 
             return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi,
