@@ -65,7 +65,7 @@ def linear_attention_quadratic(fq, fk, v, weight=None, causal=True, normalize=Tr
 # ---------------------------------------------------------------------------------------------------------------
 
 def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=None, alibi_slopes=None,
-                      q_pos=None, kv_pos=None, sinks=None, score_mod=None):
+                      q_pos=None, kv_pos=None, sinks=None, score_mod=None, dropout_keep=None, dropout_p=0.0):
     """Dense attention in fp64, differentiable. q (B, Nq, Hq, D), k/v (B, Nkv, Hkv, D*); K/V repeated for
     GQA/MQA. ``mask``: a pattern (materialised with ``pattern.to_dense``) or a bool tensor broadcastable to
     (B, Hq, Nq, Nkv); ``causal`` keeps k_pos <= q_pos. Query i sits at i + Nkv - Nq unless ``q_pos`` /
@@ -73,7 +73,8 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     predicate is evaluated on them). ALiBi adds -slope * |q_pos - k_pos|. Returns (out (B, Nq, Hq, Dv),
     lse (B, Hq, Nq)) with out 0 and lse -inf on rows with no kept key. ``sinks`` (Hq,): one more key per head,
     seen by every query, with that logit and a zero value. ``score_mod(s, b, h, q_pos, k_pos)`` after ALiBi, on
-    broadcast (B, Hq, Nq, Nkv) index tensors."""
+    broadcast (B, Hq, Nq, Nkv) index tensors. ``dropout_keep`` (B, Hq, Nq, Nkv) bool: the probabilities it drops
+    leave the output (not the LSE), the rest scaled by ``1 / (1 - dropout_p)``."""
     b, nq, hq, d = q.shape
     nkv, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -114,6 +115,9 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     lse = torch.logsumexp(s, dim=-1)
     empty = ~keep.any(-1)
     p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    if dropout_keep is not None:
+        kept = dropout_keep.cpu().double() / (1 - dropout_p)
+        p = p * (torch.cat([kept, kept.new_ones(b, hq, nq, 1)], -1) if sinks is not None else kept)
     out = torch.einsum("bhqk,bkhd->bqhd", p, vd)
     lse = lse.masked_fill(empty, float("-inf"))
     return out, lse

@@ -197,7 +197,7 @@ def test_deterministic_follows_torch_flag(torch_flag, asked, want, monkeypatch):
 
     seen = []
     real = launch.backward
-    monkeypatch.setattr(launch, "backward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(launch, "backward", lambda *a, **kw: seen.append(a[-1]) or real(*a, **kw))
     q, k, v = _qkv(1, 40, 40, 2, 1, 32, torch.bfloat16)
     was = torch.are_deterministic_algorithms_enabled()
     try:
@@ -361,25 +361,31 @@ def test_custom_op_opcheck():
     import subquad.ops.softmax.flash.op  # noqa: F401 - registers torch.ops.subquad.flash_fwd / flash_bwd
 
     q, k, v = [t.detach().requires_grad_() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float16)]
-    # 30 optional tensors (two BlockMasks' 12, then doc_ids, q_pos, kv_pos, flags, layout, slopes), then scale,
-    # softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk, b_mbq, b_mbk, use_list,
-    # deterministic
-    args = (q, k, v) + (None,) * 30 + (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, 0, 0, False, False)
-    torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # 31 optional tensors (two BlockMasks' 12, then doc_ids, q_pos, kv_pos, flags, layout, slopes, rng), then
+    # scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk, b_mbq, b_mbk,
+    # use_list, deterministic, dropout_p
+    scalars = (0.25, 0.0, 0, 1 << 30, 0, 0, 1, False, 128, 128, 0, 0, False, False)
+    from subquad.ops.softmax.dropout import new_rng
+
+    for rng, p in ((None, 0.0), (new_rng(q.device, 0.3), 0.3)):
+        args = (q, k, v) + (None,) * 30 + (rng,) + scalars + (p,)
+        torch.library.opcheck(torch.ops.subquad.flash_fwd, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_eager_calls_match_the_custom_op(monkeypatch):
     """Eager calls run the two launches through a plain autograd.Function (the custom op's dispatch costs
     ~0.4 ms of host time per call with gradients); it gives the custom op's outputs and gradients exactly (where
-    no dK/dV walk is long enough to be cut into pieces, which only eager calls do)."""
+    no dK/dV walk is long enough to be cut into pieces, which only eager calls do), with dropout too."""
+    from subquad.ops.softmax.dropout import new_rng
     from subquad.ops.softmax.flash import _block_mask_args, op
 
     q, k, v = [t.detach().requires_grad_() for t in _qkv(2, 70, 70, 4, 2, 32, torch.bfloat16)]
     bm = subquad.masks.resolve(masks.sliding_window(40), causal=False, batch=2, heads=4, seq_q=70, seq_kv=70,
                                device=q.device, block_q=32, block_kv=32)
     m = _block_mask_args(bm, None, None)
-    out, lse = op.run(q, k, v, m, 0.2, 5.0, None, False)
+    rng = new_rng(q.device, 0.3)
+    out, lse = op.run(q, k, v, m, 0.2, 5.0, None, False, dropout=(0.3, rng))
     assert type(out.grad_fn).__name__ == "_FlashBackward"
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
     got = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
@@ -389,9 +395,9 @@ def test_eager_calls_match_the_custom_op(monkeypatch):
     from subquad.ops.softmax.flash import launch
     monkeypatch.setattr(launch, "walk_pieces", lambda *a: pytest.fail("the custom op read walk lengths back"))
     ops_out = torch.ops.subquad.flash_fwd(q, k, v, *op._block_tensors(m), *op._block_tensors(None), m.doc_ids,
-                                          None, None, m.flags, m.layout, None, 0.2, 5.0, m.band_lo, m.band_hi,
-                                          m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq, m.mbk, 0, 0,
-                                          True, False)
+                                          None, None, m.flags, m.layout, None, rng, 0.2, 5.0, m.band_lo,
+                                          m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq,
+                                          m.mbk, 0, 0, True, False, 0.3)
     want = torch.autograd.grad(ops_out, (q, k, v), (grad_out, grad_lse))
     for a, b in zip((out, lse, *got), (*ops_out, *want)):
         assert torch.equal(a, b)
@@ -415,9 +421,9 @@ def test_custom_op_takes_the_backward_block_mask(monkeypatch):
     out, _ = op.run(q, k, v, m, 0.2, None, None, False, m_backward)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     ops_out, _ = torch.ops.subquad.flash_fwd(q, k, v, *op._block_tensors(m), *op._block_tensors(m_backward),
-                                             None, None, None, m.flags, m.layout, None, 0.2, 0.0, m.band_lo,
+                                             None, None, None, m.flags, m.layout, None, None, 0.2, 0.0, m.band_lo,
                                              m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq,
-                                             m.mbk, m_backward.mbq, m_backward.mbk, True, False)
+                                             m.mbk, m_backward.mbq, m_backward.mbk, True, False, 0.0)
     want = torch.autograd.grad(ops_out, (q, k, v), grad_out)
     assert blocks == [64, 64]
     assert torch.equal(out, ops_out)

@@ -222,3 +222,42 @@ def test_flash_attention_conventions():
         ref = subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
         got = subquad.varlen_attention(q, k, v, cu_q, cu_k, torch.tensor(23), np.int64(40), causal=True, softcap=0.0)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dropout_reference_matches_oracle(case):
+    """Dropout at the sequences' positions: the reference drops the pairs that ``dropout.keep_mask`` gives for
+    the packed rows, against the oracle run per sequence with those pairs dropped."""
+    from subquad.ops.softmax import dropout as dr
+
+    (q, k, v), cu_q, cu_k = _inputs(case, torch.float32)
+    torch.manual_seed(7)
+    out = subquad.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="reference", dropout_p=0.3)
+    torch.manual_seed(7)
+    rng = dr.new_rng(q.device, 0.3)
+    keep = dr.keep_mask(rng, 1, q.shape[1], q.shape[0], k.shape[0])[0]      # (heads, total_q, total_k)
+    ref = torch.zeros_like(out, dtype=torch.float64)
+    for i in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if q1 == q0:
+            continue
+        o, _ = oracles.softmax_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=True,
+                                         dropout_keep=keep[None, :, q0:q1, k0:k1], dropout_p=0.3)
+        ref[q0:q1] = o[0]
+    _close("out", out, ref, torch.float32)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
+def test_dropout_kernels_match_reference():
+    (q, k, v), cu_q, cu_k = _inputs("ragged", torch.float16, d=32)
+    results = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(11)
+        results.append(_run(lambda q, k, v: subquad.varlen_attention(
+            q, k, v, cu_q, cu_k, causal=True, window_size=(9, -1), return_lse=True, backend=backend,
+            dropout_p=0.25), q, k, v))
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, torch.float16)
+    _lse_close(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, torch.float16)

@@ -10,8 +10,9 @@ import torch
 from ... import masks as _masks
 from ..._checks import check_backend, check_qkv, check_scale_softcap
 from . import dispatch
+from .dropout import check_dropout_p, new_rng
 from .planned import plan_for, planned_attention
-from .reference import attention_reference, attention_traced
+from .reference import Dropout, attention_reference, attention_traced
 from .sinks import check_sinks, with_sinks
 
 log = logging.getLogger("subquad")
@@ -52,7 +53,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               scale: float | None = None, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               return_lse: bool = False, backend: str = "auto", deterministic: bool | None = None,
               plan: bool | None = None, sinks: torch.Tensor | None = None, score_mod=None,
-              window_size: tuple[int, int] = (-1, -1)):
+              window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0):
     """Exact softmax attention, ``softmax(scale * q k^T [softcapped] + alibi, masked) v``.
 
     Args:
@@ -102,7 +103,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             ``(b, h, q, k)`` index tensors; the Triton, FA4 and cuDNN kernels refuse it.
         window_size: FlashAttention's ``(left, right)``: keys from ``left`` positions before the query's to
             ``right`` after it, -1 unbounded (``masks.window``), intersected with ``mask`` and ``causal``.
+        dropout_p: attention dropout, as FlashAttention's: each (query, key) probability dropped with this
+            probability and the rest scaled by ``1 / (1 - p)`` (the LSE is the undropped one). Pass 0 at
+            evaluation (``p if module.training else 0.0``). Each call draws a seed from PyTorch's generator of the
+            device (``torch.manual_seed`` repeats a run); the Triton kernels and the reference drop the same
+            pairs (``subquad.ops.softmax.dropout``). Runs on ``"triton"`` and ``"reference"`` (``"auto"`` picks
+            them), the plain BlockMask path (no plan: a gathered key's draw would move).
     """
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p:
+        if backend in ("fa4", "cudnn", "flex"):
+            raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "
+                             f"backend={backend!r}")
+        if plan is True:
+            raise ValueError("plan: dropout runs on the plain BlockMask path (a plan gathers keys, whose dropout "
+                             "draws would move); got plan=True with dropout_p > 0")
+        plan = False
     windowed = window_size != (-1, -1) and window_size != [-1, -1]
     if windowed:
         mask = _with_window(mask, window_size)
@@ -117,7 +133,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                              "backend='cudnn'")
         out, lse = attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
                              alibi_slopes=alibi_slopes, return_lse=True, backend=backend, deterministic=deterministic,
-                             plan=plan, score_mod=score_mod)
+                             plan=plan, score_mod=score_mod, dropout_p=dropout_p)
         out, lse = with_sinks(out, lse, sinks)
         return (out, lse) if return_lse else out
     from_torch = deterministic is None
@@ -125,7 +141,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         deterministic = torch.are_deterministic_algorithms_enabled()
     # (a score_mod's closure may hold tensors: a call with one is prepared again each time)
     facts = None if score_mod is not None else _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes,
-                                                           return_lse, backend, deterministic, plan)
+                                                           return_lse, backend, deterministic, plan, dropout_p)
     cache = None if facts is None else _prepared()
     prepared = None
     if cache is not None:
@@ -152,7 +168,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         lead = seq_q - seq_kv
         result = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
             mask, torch.Tensor) else mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan, score_mod=score_mod)
+            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan, score_mod=score_mod,
+            dropout_p=dropout_p)
         out, lse = result if return_lse else (result, None)
         out = torch.cat([out.new_zeros(bsz, lead, hq, out.shape[-1]), out], 1)
         if not return_lse:
@@ -169,8 +186,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     # with graph breaks at its host-side block walk): the measured choice reads files and asks FA4/cuDNN, which
     # dynamo cannot trace.
     if score_mod is not None:
-        chosen = _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan)
-    elif backend == "auto" and plan is not True and not deterministic and not torch.compiler.is_compiling():
+        chosen = _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan, dropout_p)
+    elif backend == "auto" and plan is not True and not deterministic and not dropout_p \
+            and not torch.compiler.is_compiling():
         chosen = dispatch.choose(q, k, v, causal=causal, mask=mask, softcap=softcap, alibi_slopes=alibi_slopes,
                                  return_lse=return_lse)
     else:
@@ -207,7 +225,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                          f"tokens), got {mask!r}")
     run = _prepare(chosen, planned, q, k, v, causal=causal, mask=mask, scale=scale_value, softcap=softcap,
                    alibi_slopes=alibi_slopes, return_lse=return_lse, deterministic=deterministic,
-                   score_mod=score_mod)
+                   score_mod=score_mod, dropout_p=dropout_p)
     if cache is not None:
         # the mask kept alive so that its id is not reused
         dispatch.remember(cache, facts, (mask, chosen, run), PREPARED_CALLS)
@@ -245,7 +263,8 @@ def _with_window(mask, window_size):
     return _masks.as_pattern(mask, False) & _masks.window(*key)
 
 
-def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic, plan):
+def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse, backend, deterministic, plan,
+                dropout_p):
     """What decides a call's backend and every argument made for it, or None where that includes tensor values
     (ALiBi slopes, mask tensors, predicates) or the call is being traced. Two calls with the same facts run the
     same prepared call: a model's repeated calls skip the checks, the choice and the pattern's lowering (tens
@@ -257,7 +276,7 @@ def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse,
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     # (torch's warn-only mode too: a backend that it lets run with a warning is refused in the strict mode)
     return (id(mask), causal, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            needs_grad, scale, softcap, return_lse, backend, deterministic, plan,
+            needs_grad, scale, softcap, return_lse, backend, deterministic, plan, dropout_p,
             torch.is_deterministic_algorithms_warn_only_enabled())
 
 
@@ -267,14 +286,15 @@ def _prepared() -> dict | None:
     return getattr(dispatch.table(), "prepared", None)
 
 
-def _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan) -> str:
-    """The backend of a call with a ``score_mod``: FlexAttention or the reference, the two that take one."""
+def _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, deterministic, plan, dropout_p) -> str:
+    """The backend of a call with a ``score_mod``: FlexAttention or the reference, the two that take one (the
+    reference alone with dropout)."""
     if plan is True:
         raise ValueError("plan: a score_mod runs on the 'flex' or 'reference' backend, which plan nothing; got "
                          "plan=True")
     if backend in ("triton", "fa4", "cudnn"):
         raise ValueError(f"backend: a score_mod runs on 'flex' or 'reference' (or 'auto'), got {backend!r}")
-    if backend == "reference" or (backend == "auto" and torch.compiler.is_compiling()):
+    if backend == "reference" or (backend == "auto" and (torch.compiler.is_compiling() or dropout_p)):
         # (traced, flex's checks would build the BlockMask on the host: auto keeps to the traced reference)
         return "reference"
     if torch.compiler.is_compiling():
@@ -290,9 +310,10 @@ def _score_mod_backend(backend, q, k, v, causal, mask, alibi_slopes, determinist
 
 
 def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_slopes, return_lse, deterministic,
-             score_mod=None):
+             score_mod=None, dropout_p=0.0):
     """``run(q, k, v) -> (out, lse)`` on the chosen backend, with what depends only on the call's facts made
-    here (the FA4 route and its arguments, the reference's BlockMask). Holds no tensor of the call."""
+    here (the FA4 route and its arguments, the reference's BlockMask). Holds no tensor of the call; with
+    dropout, each run draws its own seed."""
     if chosen == "cudnn":
         from .cudnn import cudnn_attention
 
@@ -314,18 +335,24 @@ def _prepare(chosen, planned, q, k, v, *, causal, mask, scale, softcap, alibi_sl
         from .flash import flash_attention
 
         return lambda q, k, v: flash_attention(q, k, v, causal=causal, mask=mask, scale=scale, softcap=softcap,
-                                               alibi_slopes=alibi_slopes, deterministic=deterministic)
+                                               alibi_slopes=alibi_slopes, deterministic=deterministic,
+                                               dropout=(dropout_p, new_rng(q.device, dropout_p)) if dropout_p
+                                               else None)
     bsz, seq_q, hq, _ = q.shape
+
+    def dropout(q, k):
+        return Dropout(dropout_p, new_rng(q.device, dropout_p), hq, seq_q, k.shape[1]) if dropout_p else None
+
     if torch.compiler.is_compiling() and not isinstance(mask, _masks.BlockMask):
         # (a BlockMask's build reads the pattern's values on the host: traced, the reference takes the pattern)
         pattern = None if mask is None and not causal else _masks.as_pattern(mask, causal).prepare(
             _masks.BuildContext(bsz, hq, seq_q, k.shape[1], q.device))
         return lambda q, k, v: attention_traced(q, k, v, pattern, scale, softcap, alibi_slopes,
-                                                score_mod=score_mod)
+                                                score_mod=score_mod, dropout=dropout(q, k))
     block_mask = _masks.resolve(mask, causal=causal, batch=bsz, heads=hq, seq_q=seq_q, seq_kv=k.shape[1],
                                 device=q.device)
     return lambda q, k, v: attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes,
-                                               score_mod=score_mod)
+                                               score_mod=score_mod, dropout=dropout(q, k))
 
 
 __all__ = ["attention", "attention_reference", "BACKENDS"]

@@ -9,15 +9,30 @@ block's gradient is accumulated in place: memory stays linear in N, work follows
 
 Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)``, then the ALiBi bias
 ``-slope * |q_pos - k_pos|``, then a user's ``score_mod``, then the mask. Accumulation is fp32 whatever the
-input dtype. A query with no visible key gets output 0 and LSE -inf.
+input dtype. A query with no visible key gets output 0 and LSE -inf. Dropout (``Dropout``) removes the pairs
+that the flash kernels remove (``subquad.ops.softmax.dropout``) from the output, not from the normaliser or LSE,
+and scales the output by ``1 / (1 - p)``.
 """
 
 from __future__ import annotations
 
 import torch
+from typing import NamedTuple
+
 from torch.utils.checkpoint import checkpoint
 
 from ...masks import BlockMask
+from . import dropout as _dropout
+
+
+class Dropout(NamedTuple):
+    """A call's attention dropout: probability ``p``, its ``rng`` (``dropout.new_rng``), and the call's query heads
+    and lengths, which number its pairs."""
+    p: float
+    rng: torch.Tensor
+    heads: int
+    seq_q: int
+    seq_kv: int
 
 #: keys processed at once for one query block (bounds the score tile: block_q x KV_CHUNK x heads)
 KV_CHUNK = 8192
@@ -53,13 +68,25 @@ def _positions(index, kv_pos, device) -> torch.Tensor:
     return index
 
 
-def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod=None):
+def _kept(dropout: Dropout, b_index, h_index, qrows, keys, hkv, g):
+    """The dropout decisions of a score tile (``(b, hkv, g, nq, nk)``), as float 0/1."""
+    rows = (b_index * dropout.heads + h_index) * dropout.seq_q + qrows.view(1, 1, -1, 1)
+    keep = _dropout.keep(dropout.rng, rows, keys.view(1, 1, 1, -1), dropout.seq_kv)
+    keep = keep.view(keep.shape[0], hkv, g, *keep.shape[2:]) if keep.shape[1] > 1 else \
+        keep.view(keep.shape[0], 1, 1, *keep.shape[2:])
+    return keep.float()
+
+
+def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod=None,
+            dropout: Dropout | None = None, qrows=None, key_index=None):
     """One query block against its key chunks, with an online softmax across chunks.
 
     q: (b, hkv, g, nq, d) fp32, already multiplied by the scale; k, v: (b, hkv, N, d*) fp32; groups from
     ``_key_groups``; qpos and the keys' positions are what the mask, ALiBi and ``score_mod`` see; alibi
     (b, hkv, g) or None; ``score_mod(score, b, h, q_pos, k_pos)`` on broadcastable ``(b, h, q, k)`` tensors.
-    Returns o (b, nq, hkv, g, dv) fp32 and lse (b, hkv, g, nq) fp32.
+    ``dropout``: its decisions need the block's query rows ``qrows`` and the keys' indices in the call
+    (``key_index[j]`` for the key at ``j`` of ``k``; None: ``j``). Returns o (b, nq, hkv, g, dv) fp32 and lse
+    (b, hkv, g, nq) fp32.
     """
     bsz, hkv, g, nq, d = q.shape
     dv = v.shape[-1]
@@ -96,18 +123,21 @@ def _attend(q, k, v, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, a
         p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
         l = l * alpha + p.sum(-1)
+        if dropout is not None:
+            p = p * _kept(dropout, b_index, h_index, qrows, _positions(index, key_index, q.device), hkv, g)
         pv = torch.matmul(p.view(bsz, hkv, g * nq, nk), vc).view(bsz, hkv, g, nq, dv)
         acc = acc.mul_(alpha[..., None]).add_(pv) if inplace else acc * alpha[..., None] + pv
         m = m_new
     empty = l == 0
-    o = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
+    norm = torch.where(empty, torch.ones_like(l), l)
+    o = acc / (norm if dropout is None else norm * (1 - dropout.p))[..., None]
     m_fin = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     lse = torch.where(empty, torch.full_like(l, float("-inf")), m_fin + torch.log(torch.where(empty, torch.ones_like(l), l)))
     return o.permute(0, 3, 1, 2, 4), lse
 
 
-def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod,
-                   *kv_blocks):
+def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod, dropout,
+                   qrows, *kv_blocks):
     """``_attend`` over key blocks handed in as separate tensors (the autograd path).
 
     Concatenating the blocks here, inside the checkpoint, sends each block's gradient to that block alone:
@@ -120,11 +150,12 @@ def _attend_blocks(q, kidx, n_full, qpos, kv_pos, pattern, b_index, h_index, sof
     groups = [(slice(s, min(s + KV_CHUNK, n_full)), False) for s in range(0, n_full, KV_CHUNK)]
     groups += [(slice(s, min(s + KV_CHUNK, total)), True) for s in range(n_full, total, KV_CHUNK)]
     positions = kidx if kv_pos is None else kv_pos[kidx]
-    return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi, score_mod)
+    return _attend(q, k, v, groups, qpos, positions, pattern, b_index, h_index, softcap, alibi, score_mod,
+                   dropout, qrows, kidx)
 
 
 def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=None, q_pos=None, kv_pos=None,
-                     score_mod=None):
+                     score_mod=None, dropout: Dropout | None = None):
     """``attention_reference`` as a traced call (torch.compile) runs it, on a prepared ``pattern`` (None: full)
     rather than a BlockMask: every key chunk of every query block, masked by the pattern's predicate. A
     BlockMask's build and its block lists read values on the host, which broke the graph (``fullgraph``
@@ -145,7 +176,8 @@ def attention_traced(q, k, v, pattern, scale: float, softcap=None, alibi_slopes=
         q1 = min(q0 + TRACED_BLOCK_Q, seq_q)
         qpos = torch.arange(q0, q1, device=q.device) + (seq_kv - seq_q) if q_pos is None else q_pos[q0:q1]
         qt = (q[:, q0:q1].float() * scale).view(bsz, q1 - q0, hkv, g, d).permute(0, 2, 3, 1, 4).contiguous()
-        o, lse = _attend(qt, k_t, v_t, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod)
+        o, lse = _attend(qt, k_t, v_t, groups, qpos, kv_pos, pattern, b_index, h_index, softcap, alibi, score_mod,
+                         dropout, torch.arange(q0, q1, device=q.device))
         outs.append(o.reshape(bsz, q1 - q0, hq, dv))
         lses.append(lse.reshape(bsz, hq, q1 - q0))
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
@@ -158,19 +190,20 @@ TRACED_BLOCK_Q = 128
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | None,
                         scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                         q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
-                        block_q: int | None = None, score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_q: int | None = None, score_mod=None,
+                        dropout: Dropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over ``(batch, seq, heads, dim)`` tensors; returns ``(out, lse)`` with lse ``(B, H_q, N_q)``.
 
     ``q_pos`` (seq_q,) and ``kv_pos`` (seq_kv,) are the positions the mask predicate and ALiBi see, for
     sequences that were permuted or gathered (LSH buckets, gathered columns); by default query ``i`` sits at
     ``i + seq_kv - seq_q`` and key ``j`` at ``j``. The BlockMask must have been built for those positions.
     ``score_mod(score, b, h, q_pos, k_pos)``: applied after softcap and ALiBi, on broadcastable tensors.
-    Arguments are assumed checked (``subquad.attention`` checks them). Traced (torch.compile):
+    ``dropout``: attention dropout, the flash kernels' pairs dropped. Arguments are assumed checked (``subquad.attention`` checks them). Traced (torch.compile):
     ``attention_traced``.
     """
     if torch.compiler.is_compiling():
         return attention_traced(q, k, v, block_mask.pattern if block_mask is not None else None, scale, softcap,
-                                alibi_slopes, q_pos, kv_pos, score_mod)
+                                alibi_slopes, q_pos, kv_pos, score_mod, dropout)
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -232,7 +265,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                 l_bh = q.new_empty(qh.shape[0], heads_kv * groups, seq_q, dtype=torch.float32)
             for qb in range(n_qb):
                 q0, q1 = qb * block_q, min((qb + 1) * block_q, seq_q)
-                qpos = torch.arange(q0, q1, device=device) + q_offset if q_pos is None else q_pos[q0:q1]
+                qrows = torch.arange(q0, q1, device=device)
+                qpos = qrows + q_offset if q_pos is None else q_pos[q0:q1]
                 # (b, nq, hq, d) -> (b, hkv, g, nq, d), scaled once here rather than on every score tile.
                 qt = (q_blocks[qb].float() * scale).view(qh.shape[0], q1 - q0, heads_kv, groups, d)
                 qt = qt.permute(0, 2, 3, 1, 4).contiguous()
@@ -250,7 +284,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                     n_full = sum(min(block_kv, seq_kv - i * block_kv) for i in full)
                     pieces = [k_blocks[i] for i in blocks] + [v_blocks[i] for i in blocks]
                     o_blk, l_blk = checkpoint(_attend_blocks, qt, kidx, n_full, qpos, kv_pos, pattern, b_index,
-                                              h_index, softcap, al, score_mod, *pieces, use_reentrant=False)
+                                              h_index, softcap, al, score_mod, dropout, qrows, *pieces,
+                                              use_reentrant=False)
                 else:
                     if block_mask is None:
                         key_groups = _key_groups(list(range(n_kb)), [], block_kv, seq_kv, device)
@@ -258,7 +293,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
                         key_groups = _key_groups(fidx[qb][:fnum[qb]], pidx[qb][:pnum[qb]], block_kv, seq_kv,
                                                  device)
                     o_blk, l_blk = _attend(qt, kh, vh, key_groups, qpos, kv_pos, pattern, b_index, h_index,
-                                           softcap, al, score_mod)
+                                           softcap, al, score_mod, dropout, qrows)
                 o_blk = o_blk.reshape(o_blk.shape[0], q1 - q0, heads_kv * groups, dv)
                 l_blk = l_blk.reshape(l_blk.shape[0], heads_kv * groups, q1 - q0)
                 if need_grad:

@@ -24,7 +24,8 @@ from ... import masks as _masks
 from ..._checks import check_backend, check_qkv, check_scale_softcap
 from ...masks.patterns import INF, Band, Document
 from ...masks.plan import _positional_block_mask
-from .reference import attention_reference
+from .dropout import check_dropout_p, new_rng
+from .reference import Dropout, attention_reference
 from .sinks import check_sinks, with_sinks
 
 BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn", "flex")
@@ -101,7 +102,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      max_seqlen_k: int | None = None, *, causal: bool = False, window_size=(-1, -1),
                      scale: float | None = None, softcap: float | None = None,
                      alibi_slopes: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-                     deterministic: bool | None = None, sinks: torch.Tensor | None = None):
+                     deterministic: bool | None = None, sinks: torch.Tensor | None = None,
+                     dropout_p: float = 0.0):
     """Attention over packed sequences, as FlashAttention's ``flash_attn_varlen_func``.
 
     Args:
@@ -114,7 +116,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             than keys: its first queries see none, output 0, LSE ``-inf``).
         window_size: ``(left, right)``: keys from ``left`` positions before the query's to ``right`` after; -1
             is unbounded. With ``causal`` the right side is 0.
-        scale, return_lse, deterministic, sinks: as ``subquad.attention``.
+        scale, return_lse, deterministic, sinks, dropout_p: as ``subquad.attention`` (dropout on ``"triton"``
+            and ``"reference"``; a pair's draw follows its row in the packed tensors).
         softcap: as ``subquad.attention``; 0 is no softcap, as in FlashAttention.
         alibi_slopes: ``(heads_q,)``: ``-slope * |q_pos - k_pos|`` with the bottom-right aligned positions.
         backend: as ``subquad.attention`` when the query and key lengths are equal (packed documents). Unequal
@@ -142,6 +145,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if given is not None and (not _integral(given) or int(given) < int(cu.diff().max())):
             raise ValueError(f"{name}: expected an integer at least the longest sequence ({int(cu.diff().max())}), "
                              f"got {given!r}")
+    dropout_p = check_dropout_p(dropout_p)
+    if dropout_p and backend in ("fa4", "cudnn", "flex"):
+        raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "
+                         f"backend={backend!r}")
     lo, hi = _band(causal, window_size)
     if softcap == 0:
         softcap = None          # FlashAttention's "no softcap"
@@ -166,16 +173,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         mask = _kept(("documents", *offsets), make)
         result = attention(q4, k4, v4, causal=band_causal, mask=mask, scale=scale, softcap=softcap,
                            alibi_slopes=alibi_slopes, return_lse=return_lse, backend=backend,
-                           deterministic=deterministic, sinks=sinks)
+                           deterministic=deterministic, sinks=sinks, dropout_p=dropout_p)
         out, lse = result if return_lse else (result, None)
     else:
         out, lse = _positions_call(q4, k4, v4, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, backend,
-                                   deterministic, sinks, offsets)
+                                   deterministic, sinks, offsets, dropout_p)
     return (out[0], lse[0]) if return_lse else out[0]
 
 
 def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, backend, deterministic, sinks,
-                    offsets):
+                    offsets, dropout_p=0.0):
     check_scale_softcap(scale, softcap)
     if sinks is not None:
         check_sinks(sinks, q.shape[2], q.device)
@@ -217,11 +224,14 @@ def _positions_call(q, k, v, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, b
                                                      block, 1, hq, q.device)
 
     q_pos, kv_pos, block_mask = _kept(("positions", *offsets, hq, block), make)
+    rng = new_rng(q.device, dropout_p) if dropout_p else None
     if kernels:
         out, lse = flash_attention_masked(q, k, v, block_mask, scale, softcap, alibi_slopes, q_pos=q_pos,
-                                          kv_pos=kv_pos, deterministic=deterministic)
+                                          kv_pos=kv_pos, deterministic=deterministic,
+                                          dropout=(dropout_p, rng) if dropout_p else None)
     else:
-        out, lse = attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes, q_pos, kv_pos)
+        out, lse = attention_reference(q, k, v, block_mask, scale, softcap, alibi_slopes, q_pos, kv_pos,
+                                       dropout=Dropout(dropout_p, rng, hq, total_q, total_k) if dropout_p else None)
     if sinks is not None:
         out, lse = with_sinks(out, lse, sinks)
     return out, lse

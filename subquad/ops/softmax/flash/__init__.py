@@ -146,13 +146,14 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            scale: float, softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                            q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
                            deterministic: bool = False,
-                           backward_block_mask: BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           backward_block_mask: BlockMask | None = None,
+                           dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention under a prebuilt BlockMask (None: every pair); returns ``(out, lse)``.
 
     ``q_pos`` (seq_q,) / ``kv_pos`` (seq_kv,) are the positions that the pattern's terms and ALiBi see; the
     BlockMask must have been built for them (as for ``attention_reference``). ``backward_block_mask``: the same
-    pattern at another block size for the eager backward pass (traced calls keep ``block_mask``). Arguments
-    are assumed checked.
+    pattern at another block size for the eager backward pass (traced calls keep ``block_mask``). ``dropout``:
+    ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None. Arguments are assumed checked.
     """
     _check_dtype(q)
     if block_mask is None and q_pos is None and kv_pos is None:
@@ -168,7 +169,7 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     m_backward = None
     if backward_block_mask is not None and backward_block_mask is not block_mask:
         m_backward = _block_mask_args(backward_block_mask.to(q.device), q_pos, kv_pos)
-    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward)
+    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward, dropout)
 
 
 def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, kv_index: torch.Tensor,
@@ -191,8 +192,9 @@ def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
                     scale: float | None = None, softcap: float | None = None,
                     alibi_slopes: torch.Tensor | None = None,
-                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``subquad.attention``'s Triton path (arguments checked by the caller); returns ``(out, lse)``."""
+                    deterministic: bool = False, dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``subquad.attention``'s Triton path (arguments checked by the caller); returns ``(out, lse)``.
+    ``dropout``: ``(p, rng)`` or None."""
     _check_dtype(q)
     bsz, seq_q, hq, d = q.shape
     seq_kv = k.shape[1]
@@ -203,10 +205,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             pattern = _masks.causal if mask is None else _masks.and_causal(mask)
         band = pure_band(pattern)
         if band is not None:
-            return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic)
+            return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic,
+                       dropout=dropout)
     forward_mask, backward_mask = _resolve_tiled(mask, causal, bsz, hq, seq_q, seq_kv, q.device)
     return flash_attention_masked(q, k, v, forward_mask, scale, softcap, alibi_slopes, deterministic=deterministic,
-                                  backward_block_mask=backward_mask)
+                                  backward_block_mask=backward_mask, dropout=dropout)
 
 
 def varlen_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> Pattern:

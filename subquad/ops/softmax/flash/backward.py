@@ -21,6 +21,10 @@
      its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
      transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks).
 
+``DROPOUT``: the forward's keep decisions again (``tile.dropout_keep``, by row and key index): ``dV`` takes the
+kept probabilities scaled by ``1 / (1 - p)``, and ``dP`` is masked and scaled the same way before
+``dS = P * (dP - delta)`` (``delta`` from the dropped output, as FlashAttention-2 does).
+
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
 
@@ -35,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained
-from .tile import (dot, dot_acc, heavy_first, keep_mask, kv_range,
+from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
                    list_block, list_edge, list_entry, list_part, list_row, q_range, scores)
 
 
@@ -71,7 +75,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False,
-               UNCHAIN: tl.constexpr = False):
+               UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -106,17 +110,23 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     else:
         do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :],
                      mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    p_out = pT     # the probabilities that reached the output
+    if DROPOUT:
+        keep_d = dropout_keep(rng, rng_base + offs_m[None, :], offs_n[:, None], seq_kv)
+        p_out = tl.where(keep_d, pT / (1.0 - dropout_p), 0.0)
     # UNCHAIN: key tiles of fewer rows than 16 a warp (see subquad.ops.chained)
     if UNCHAIN:
-        pT_op = unchained(pT, seq_kv > 0, do.dtype)
+        pT_op = unchained(p_out, seq_kv > 0, do.dtype)
     else:
-        pT_op = pT.to(do.dtype)
+        pT_op = p_out.to(do.dtype)
     dv = dot_acc(pT_op, do, dv)
     if EVEN_Q:
         delta = tl.load(delta_base + offs_m)
     else:
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
     dpT = dot(v, tl.trans(do))
+    if DROPOUT:
+        dpT = tl.where(keep_d, dpT / (1.0 - dropout_p), 0.0)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -145,7 +155,7 @@ def _dkdv_program(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots, RNG, dropout_p,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -154,7 +164,7 @@ def _dkdv_program(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, PIECES: tl.constexpr, DQ_TMA: tl.constexpr,
-    UNCHAIN: tl.constexpr,
+    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """The key tile at ``start_n`` of KV head ``hk``: its walk over the query tiles that see it (or its
     ``piece`` of that walk, or every ``n_split``-th tile from ``split``), then its dK and dV."""
@@ -229,7 +239,8 @@ def _dkdv_program(
                             n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
                             offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1, EVEN_Q,
                             not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                            HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
+                            HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
+                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -241,7 +252,8 @@ def _dkdv_program(
                     cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
                     lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                     BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
-                    SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN=UNCHAIN)
+                    SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG, bh.to(tl.int64) * seq_q,
+                    dropout_p, DROPOUT)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -275,7 +287,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-             MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False):
+             MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
+             rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
@@ -303,6 +316,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     elif not EVEN_KV:
         p = tl.where(in_kv[None, :], p, 0.0)
     dp = dot(do, tl.trans(v))
+    if DROPOUT:
+        keep_d = dropout_keep(rng, rng_rows[:, None], offs_n[None, :], seq_kv)
+        dp = tl.where(keep_d, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -323,7 +339,7 @@ def _dq_program(
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h, RNG, dropout_p,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -331,7 +347,7 @@ def _dq_program(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    UNCHAIN: tl.constexpr,
+    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists)."""
@@ -385,7 +401,7 @@ def _dq_program(
                                   IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
                                   offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
                                   EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN=UNCHAIN)
+                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -396,7 +412,7 @@ def _dq_program(
                           slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                           stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
                           True, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
-                          BLOCK_M, BLOCK_N, UNCHAIN=UNCHAIN)
+                          BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT)
 
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
@@ -413,7 +429,7 @@ def flash_bwd_kernel(
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
-    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER,
+    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -424,7 +440,7 @@ def flash_bwd_kernel(
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
     PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
     DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
-    DQ_UNCHAIN: tl.constexpr = False,
+    DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -459,9 +475,9 @@ def flash_bwd_kernel(
             stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
             stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q, seq_q, seq_kv, q_off, qk_scale, cap_scale,
             scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
-            mask_b, mask_h, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV,
-            USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS,
-            HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN)
+            mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
+            EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT)
     else:
         piece = 0
         if ORDERED:
@@ -481,6 +497,6 @@ def flash_bwd_kernel(
             stride_lay_b, stride_lay_h, stride_lay_q,
             seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags,
             lay_block, full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots,
-            HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
+            RNG, dropout_p, HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
             BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, HAS_KV_POS,
-            SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN)
+            SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN, DROPOUT)

@@ -25,6 +25,10 @@ every key block) runs as several programs, each over a stretch of ``piece_len`` 
 blocks in ``ORDER``; such a program writes its rows' output and LSE to ``O_PART`` / ``LSE_PART`` (fp32) at the
 block's ``SLOT``, and the launcher merges them by LSE (``launch.forward``).
 
+``DROPOUT``: attention dropout on the probabilities (not on the normaliser or the LSE), each pair kept or
+dropped by ``tile.dropout_keep`` as every pass and tiling decides it, the kept ones scaled by ``1 / (1 - p)``.
+Not with ``TWO_SOURCES`` (a gathered key's counter would be its place in the gathered set).
+
 GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
 Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
 output is 0).
@@ -36,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import (dot, dot_acc, heavy_first, keep_mask, kv_range,
+from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
                    list_block, list_edge, list_entry, list_part, list_row, scores)
 
 LOG2E = 1.4426950408889634
@@ -51,7 +55,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False):
+              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
+              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D:
@@ -83,6 +88,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:     # the normaliser keeps every probability; the output only the kept ones (rescaled at the end)
+        p = tl.where(dropout_keep(rng, rng_rows[:, None], offs_n[None, :], seq_kv), p, 0.0)
     if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
         p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, k.dtype)
     else:
@@ -107,7 +114,7 @@ def flash_fwd_kernel(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
-    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces,
+    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -117,6 +124,7 @@ def flash_fwd_kernel(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False,
 ):
     piece = 0
     if ORDERED:
@@ -156,6 +164,9 @@ def flash_fwd_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
 
+    rng_rows = offs_m
+    if DROPOUT:
+        rng_rows = pid_bh.to(tl.int64) * seq_q + offs_m
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -180,7 +191,7 @@ def flash_fwd_kernel(
                         n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D,
                         DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
                         HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
-                        UNCHAIN)
+                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
@@ -192,7 +203,7 @@ def flash_fwd_kernel(
                 (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
                 slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv,
                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False,
-                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
+                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -230,7 +241,10 @@ def flash_fwd_kernel(
                     False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
 
     empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    norm = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        norm = norm * (1.0 - dropout_p)
+    acc = acc / norm[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     o_ok = in_q[:, None] & (offs_dv[None, :] < DV)
     slot = -1

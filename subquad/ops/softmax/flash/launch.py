@@ -395,12 +395,24 @@ def _second_source_args(second, device) -> list:
             full_num.shape[0], full_num.shape[1]]
 
 
-def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
+def _dropout_args(dropout, meta: dict, device) -> list:
+    """The kernels' ``RNG, dropout_p`` for ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``)
+    or None; sets ``DROPOUT`` in ``meta`` when on."""
+    if dropout is None or dropout[0] == 0:
+        return [_dummy(device, torch.int64), 0.0]
+    meta["DROPOUT"] = True
+    return [dropout[1], float(dropout[0])]
+
+
+def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dropout=None):
     """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, m2, band2_lo,
     band2_hi)``, a second key set in the same launch with its BlockMask arguments ``m2`` (at its key positions,
     in blocks of the first source's size) (``forward.py``'s ``TWO_SOURCES``; its gradients:
     ``backward_two_sources``). A query block whose walk outlasts the pass (``MaskArgs.pieces``) runs as
-    pieces in the same launch, heaviest first, their partial results merged by LSE afterwards."""
+    pieces in the same launch, heaviest first, their partial results merged by LSE afterwards. ``dropout``:
+    ``(p, rng)``, attention dropout (not with ``second``)."""
+    if second is not None and dropout is not None:
+        raise ValueError("dropout: not with a second key set (a gathered key's dropout counter would move)")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
@@ -431,7 +443,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None):
         lse_part = torch.full((bsz, n_pieces, hq, cut_rows), float("-inf"), device=q.device)
         schedule = [order, order.shape[-1], piece_len, slot, o_part, lse_part, blocks.numel(), n_pieces]
         meta["PIECES"] = True
-    args += schedule
+    args += schedule + _dropout_args(dropout, meta, q.device)
     if second is not None:
         m2 = second[2]
         if not m.use_list:
@@ -502,7 +514,8 @@ def _query_splits(key_tiles: int, seq_q: int, device: torch.device) -> int:
     return splits
 
 
-def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool):
+def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
+                     dropout=None):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
     (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype), each row's
     sum in one fixed order."""
@@ -535,6 +548,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=not atomic,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    rng = _dropout_args(dropout, meta, q.device)
     if atomic and _dq_by_tma(q):
         _tma_allocator()
     if m.order_t is not None:
@@ -553,7 +567,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             return key_tiles(tiles["BLOCK_N"]) + dq_programs, bsz * hkv, splits
 
         walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q,
-                            q_order]
+                            q_order, *rng]
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
@@ -588,7 +602,8 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     return dk, dv
 
 
-def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
+             dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
     asked to be deterministic, and for bands (full, causal, windows) in any case: there that layout also ran
     faster than the dK/dV programs' atomic sums, although its dQ programs compute the scores and dP again
@@ -598,10 +613,10 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     delta = _preprocess(do, out, lse, dlse)
     if deterministic or not m.use_list:
         dq = torch.empty_like(q)
-        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False)
+        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout)
         return dq, dk, dv
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True, dropout)
     return dq.to(q.dtype), dk, dv
 
 

@@ -57,17 +57,18 @@ def flash_fwd(q: Tensor, k: Tensor, v: Tensor,
               b_t_part_num: Optional[Tensor], b_t_part_idx: Optional[Tensor], b_order: Optional[Tensor],
               b_order_t: Optional[Tensor], b_tile_of: Optional[Tensor], b_bits: Optional[Tensor],
               doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
-              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
-              softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
-              and_causal: bool, mbq: int, mbk: int, b_mbq: int, b_mbk: int, use_list: bool,
-              deterministic: bool) -> tuple[Tensor, Tensor]:
+              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], rng: Optional[Tensor],
+              scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int,
+              layout_block: int, and_causal: bool, mbq: int, mbk: int, b_mbq: int, b_mbk: int, use_list: bool,
+              deterministic: bool, dropout_p: float) -> tuple[Tensor, Tensor]:
     """The forward under the BlockMask of ``full_num .. bits``; the ``b_`` tensors (the same pattern at
     ``b_mbq`` x ``b_mbk`` blocks, ``run``'s ``m_backward``; None and 0 without one) are kept for the backward."""
     block = (full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx, order,
              order_t, tile_of, bits)
     m = _mask(use_list, block, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix,
               layout_block, and_causal, mbq, mbk)
-    return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes)
+    return launch.forward(q, k, v, m, scale, softcap if softcap > 0 else None, slopes,
+                          dropout=(dropout_p, rng) if dropout_p > 0 else None)
 
 
 @flash_fwd.register_fake
@@ -85,16 +86,16 @@ def flash_bwd(do: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tenso
               t_part_num: Optional[Tensor], t_part_idx: Optional[Tensor], order: Optional[Tensor],
               order_t: Optional[Tensor], tile_of: Optional[Tensor],
               bits: Optional[Tensor], doc_ids: Optional[Tensor], q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
-              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], scale: float,
-              softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int, layout_block: int,
-              and_causal: bool, mbq: int, mbk: int, use_list: bool,
-              deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+              flags: Optional[Tensor], layout: Optional[Tensor], slopes: Optional[Tensor], rng: Optional[Tensor],
+              scale: float, softcap: float, band_lo: int, band_hi: int, prefix: int, q_prefix: int,
+              layout_block: int, and_causal: bool, mbq: int, mbk: int, use_list: bool,
+              deterministic: bool, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     block = (full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx, order,
              order_t, tile_of, bits)
     m = _mask(use_list, block, doc_ids, q_pos, kv_pos, flags, layout, band_lo, band_hi, prefix, q_prefix,
               layout_block, and_causal, mbq, mbk)
     return launch.backward(do, q, k, v, out, lse, dlse, m, scale, softcap if softcap > 0 else None, slopes,
-                           deterministic)
+                           deterministic, dropout=(dropout_p, rng) if dropout_p > 0 else None)
 
 
 @flash_bwd.register_fake
@@ -102,7 +103,7 @@ def _flash_bwd_fake(do, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_ARGS = 33  # q, k, v, 2 x 12 block tensors, doc_ids, q_pos, kv_pos, flags, layout, slopes
+_N_TENSOR_ARGS = 34  # q, k, v, 2 x 12 block tensors, doc_ids, q_pos, kv_pos, flags, layout, slopes, seed
 
 
 def _setup_context(ctx, inputs, output):
@@ -118,7 +119,7 @@ def _backward(ctx, dout, dlse):
     shared = saved[3 + 2 * _BLOCK_TENSORS:_N_TENSOR_ARGS]
     out, lse = saved[_N_TENSOR_ARGS:]
     (scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal, mbq, mbk, b_mbq, b_mbk, use_list,
-     deterministic) = ctx.scalars
+     deterministic, dropout_p) = ctx.scalars
     block = forward_block
     if b_mbq:       # the pattern at the backward's own block size (``run``'s ``m_backward``)
         block, mbq, mbk = backward_block, b_mbq, b_mbk
@@ -126,7 +127,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dq, dk, dv = flash_bwd(dout.contiguous() if dout.stride(-1) != 1 else dout, dlse, q, k, v, out, lse, *block,
                            *shared, scale, softcap, band_lo, band_hi, prefix, q_prefix, layout_block, and_causal,
-                           mbq, mbk, use_list, deterministic)
+                           mbq, mbk, use_list, deterministic, dropout_p)
     return (dq, dk, dv) + (None,) * (_N_TENSOR_ARGS - 3 + len(ctx.scalars))
 
 
@@ -138,21 +139,22 @@ class _Flash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
-                m_backward: MaskArgs | None):
-        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes)
+                m_backward: MaskArgs | None, dropout):
+        out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, dropout=dropout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.launch_args = (m if m_backward is None else m_backward, scale, softcap, slopes, deterministic)
+        ctx.launch_args = (m if m_backward is None else m_backward, scale, softcap, slopes, deterministic, dropout)
         return out, lse
 
     @staticmethod
     @first_order
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        m, scale, softcap, slopes, deterministic = ctx.launch_args
+        m, scale, softcap, slopes, deterministic, dropout = ctx.launch_args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic,
+                                     dropout=dropout)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class FlashWithColumns(torch.autograd.Function):
@@ -185,14 +187,20 @@ class FlashWithColumns(torch.autograd.Function):
 
 
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
-        m_backward: MaskArgs | None = None):
+        m_backward: MaskArgs | None = None, dropout=None):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
-    another block size, for the backward (the custom op carries its tensors to its backward too)."""
+    another block size, for the backward (the custom op carries its tensors to its backward too).
+    ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None."""
+    if dropout is not None and dropout[0] == 0:
+        dropout = None
     if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
-        return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward)
+        return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward,
+                            dropout)
     backward = m_backward is not None and m_backward is not m
     return flash_fwd(q, k, v, *_block_tensors(m), *_block_tensors(m_backward if backward else None), m.doc_ids,
-                     m.q_pos, m.kv_pos, m.flags, m.layout, slopes, float(scale), float(softcap or 0.0),
+                     m.q_pos, m.kv_pos, m.flags, m.layout, slopes, None if dropout is None else dropout[1],
+                     float(scale), float(softcap or 0.0),
                      int(m.band_lo), int(m.band_hi), int(m.prefix), int(m.q_prefix), int(m.layout_block),
                      bool(m.and_causal), int(m.mbq), int(m.mbk), int(m_backward.mbq) if backward else 0,
-                     int(m_backward.mbk) if backward else 0, bool(m.use_list), bool(deterministic))
+                     int(m_backward.mbk) if backward else 0, bool(m.use_list), bool(deterministic),
+                     0.0 if dropout is None else float(dropout[0]))

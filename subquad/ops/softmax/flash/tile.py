@@ -92,6 +92,15 @@ def scores(qk, qp, kp, qk_scale, cap_scale, slope2, SOFTCAP: tl.constexpr, ALIBI
 
 
 @triton.jit
+def dropout_keep(rng, rows, cols, seq_kv):
+    """Attention dropout's keep decision for the pairs (``rows``: ``batch x head x query`` row index, int64;
+    ``cols``: key index), the same in every pass and tiling (``subquad.ops.softmax.dropout``): Philox's first
+    word at counter ``row * seq_kv + col`` under the seed ``rng[0]``, kept from the threshold ``rng[1]`` up."""
+    word = tl.randint(tl.load(rng), rows * seq_kv + cols).to(tl.uint32, bitcast=True).to(tl.int64)
+    return word >= tl.load(rng + 1)
+
+
+@triton.jit
 def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY,
               lay_block, stride_lay_q, DOC_IDS, BITS, tile, rq, ck,
               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
