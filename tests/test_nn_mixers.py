@@ -137,6 +137,7 @@ def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     (lambda: GLA(16, 2, gate_normalizer=0.0), "gate_normalizer"),
     (lambda: Mamba2(16, headdim=0), "headdim"),
     (lambda: Mamba2(16, headdim=8, ngroups=0), "ngroups"),
+    (lambda: Attention(16, 4, dropout=1.0), "dropout_p"),
 ])
 def test_bad_arguments(make_layer, match):
     """Refused by the constructor, not at the first forward (softcap, window) nor as NaN outputs
@@ -221,3 +222,17 @@ def test_mamba2_layer_matches_a_token_loop():
     y = torch.stack(ys).view(1, 6, di)
     y = F.rms_norm(y * F.silu(z), (di,), layer.norm.weight, eps=1e-5)
     torch.testing.assert_close(layer(u), layer.out_proj(y), atol=1e-10, rtol=1e-10)
+
+
+def test_attention_dropout_only_while_training():
+    torch.manual_seed(0)
+    layer = Attention(D, 4, dropout=0.4)
+    x = torch.randn(2, 9, D)
+    layer.eval()
+    quiet = layer(x)
+    layer.dropout = 0.0
+    torch.testing.assert_close(quiet, layer(x))
+    layer.dropout = 0.4
+    layer.train()
+    assert not torch.allclose(layer(x), quiet)
+    assert "dropout=0.4" in repr(layer)

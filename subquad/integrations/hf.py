@@ -60,8 +60,9 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
                               *, s_aux: torch.Tensor | None = None, pattern: masks.Pattern | None = None,
                               backend: str = "auto", **kwargs):
     """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
-    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. Dropout is not applied (inference). ``s_aux``:
-    GPT-OSS's per-head attention sinks (``attention``'s ``sinks``)."""
+    (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. ``dropout``: transformers passes the model's
+    attention dropout while training, 0 in eval (``attention``'s ``dropout_p``). ``s_aux``: GPT-OSS's per-head
+    attention sinks (``attention``'s ``sinks``)."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keep = keep_mask(attention_mask, k.shape[1])
     mask = pattern
@@ -74,7 +75,7 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     # (also with a static cache's unfilled tail), so intersecting with it changes nothing.
     causal = bool(getattr(module, "is_causal", False))
     out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend,
-                    sinks=s_aux)
+                    sinks=s_aux, dropout_p=dropout)
     return out, None
 
 

@@ -20,6 +20,7 @@ from .._checks import check_scale_softcap
 from ..cache import KVView, RollingKVCache, StaticKVCache
 from ..ops.decode import MAX_NEW_TOKENS, decode
 from ..ops.softmax import attention
+from ..ops.softmax.dropout import check_dropout_p
 from .positions import RopeScaling, RotaryEmbedding, alibi_slopes, rotary_dim
 
 POSITIONS = ("rope", "alibi", "none")
@@ -105,6 +106,8 @@ class Attention(nn.Module):
             ``RopeScaling`` or the dict of its fields).
         softcap: Gemma-2's ``softcap * tanh(score / softcap)``.
         sinks: a learnable attention-sink logit per head (GPT-OSS; ``subquad.attention``'s ``sinks``), from 0.
+        dropout: attention dropout on the probabilities while training (``subquad.attention``'s ``dropout_p``;
+            none in eval mode or with a cache).
         backend: passed to ``subquad.attention`` / ``subquad.decode``.
     """
 
@@ -112,7 +115,8 @@ class Attention(nn.Module):
                  causal: bool = True, window: int | None = None, mask: masks.Pattern | None = None,
                  position: str = "rope", rope_base: float = 10000.0, partial_rotary: float = 1.0,
                  rope_scaling: RopeScaling | dict | None = None, rope_interleaved: bool = False,
-                 softcap: float | None = None, sinks: bool = False, bias: bool = False, backend: str = "auto"):
+                 softcap: float | None = None, sinks: bool = False, bias: bool = False, dropout: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
         self.kv_heads, self.head_dim = check_heads(d_model, heads, kv_heads, head_dim)
         if window is not None and (not isinstance(window, int) or window <= 0):
@@ -124,6 +128,7 @@ class Attention(nn.Module):
         if position not in POSITIONS:
             raise ValueError(f"position: expected one of {POSITIONS}, got {position!r}")
         check_scale_softcap(None, softcap)
+        self.dropout = check_dropout_p(dropout)
         self.d_model, self.heads, self.causal, self.window = d_model, heads, causal, window
         self.pattern, self.position, self.softcap, self.backend = mask, position, softcap, backend
         self.q_proj = nn.Linear(d_model, heads * self.head_dim, bias=bias)
@@ -165,7 +170,7 @@ class Attention(nn.Module):
         alibi = self.alibi if self.alibi is None else self.alibi.to(x.device)
         if cache is None:
             o = attention(q, k, v, causal=self.causal, mask=self._mask(), softcap=self.softcap, alibi_slopes=alibi,
-                          backend=self.backend, sinks=self.sinks)
+                          backend=self.backend, sinks=self.sinks, dropout_p=self.dropout if self.training else 0.0)
         else:
             view = cache.update(k, v)
             o = attend_cached(q, view, window=self.window, pattern=self.pattern, scale=None, softcap=self.softcap,
@@ -183,4 +188,6 @@ class Attention(nn.Module):
             parts.append(f"softcap={self.softcap}")
         if self.sinks is not None:
             parts.append("sinks")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
         return ", ".join(parts)
