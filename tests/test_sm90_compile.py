@@ -19,7 +19,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
-EXPECTED = {"flash_fwd_kernel": 6, "flash_bwd_kernel": 7,
+EXPECTED = {"flash_fwd_kernel": 8, "flash_bwd_kernel": 9,
             "flash_bwd_preprocess_kernel": 2, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
             "dqk_bwd": 5, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
             "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 2}
@@ -69,6 +69,7 @@ def _run_ops() -> None:
     from subquad.ops.delta.chunk import chunk_delta_rule
     from subquad.ops.linear import chunk, chunk_split
     from subquad.ops.linear.chunk import chunk_gla
+    from subquad.ops.softmax.dropout import new_rng
     from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
     from subquad.masks.plan import plan
 
@@ -83,7 +84,10 @@ def _run_ops() -> None:
     longformer = masks.longformer(256, range(16))
     for out, lse in (flash_attention(q, k, v, causal=True),              # the band path
                      flash_attention(q, k, v, mask=longformer),          # BlockMask lists, heaviest first
-                     flash_attention(q, k, v, causal=True, deterministic=True)):    # dQ programs in the same launch
+                     flash_attention(q, k, v, causal=True, deterministic=True),     # dQ programs in the same launch
+                     # attention dropout: the band (dQ programs) and a BlockMask walk (atomic dQ, by TMA)
+                     flash_attention(q, k, v, causal=True, dropout=(0.1, new_rng("cpu", 0.1))),
+                     flash_attention(q, k, v, mask=longformer, dropout=(0.1, new_rng("cpu", 0.1)))):
         out.sum().backward()
     # key tiles too few for an H100's 132 SMs: dK/dV walks split over programs (band path, BlockMask lists)
     launch.num_sms = lambda device: 132
