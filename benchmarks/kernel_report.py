@@ -120,7 +120,7 @@ DQ_MODES = ("tma", "atomic", "programs")
 PREPROCESS = "flash_bwd_preprocess_kernel"      # D = rowsum(dO * O): launched with its own fixed meta
 
 
-def _flash(mask, n, configs, backward, dq):
+def _flash(mask, n, configs, backward, dq, dropout_p=0.0):
     """Forward (and backward) of ``subquad.attention`` at B 1, 16 heads, D 128, bf16, length ``n``; dQ in the
     backward as ``dq`` says (``DQ_MODES``; ``programs`` is the deterministic backward)."""
     from subquad.ops.softmax import flash
@@ -132,7 +132,8 @@ def _flash(mask, n, configs, backward, dq):
     for short, (name, tiles, default) in FLASH.items():
         setattr(launch, tiles, configs.get(short, default)[:2])
     calls = record_launches()
-    out = subquad.attention(q, k, v, mask=mask, backend="triton", deterministic=dq == "programs")
+    out = subquad.attention(q, k, v, mask=mask, backend="triton", deterministic=dq == "programs",
+                            dropout_p=dropout_p)
     if backward:
         out.backward(torch.ones_like(out))
     short_of = {name: short for short, (name, _, _) in FLASH.items()}
@@ -155,6 +156,12 @@ def _flash(mask, n, configs, backward, dq):
 def case_causal_1k(configs, dq):
     from subquad import masks
     return _flash(masks.causal, 1024, configs, True, dq)
+
+
+def case_causal_1k_dropout(configs, dq):
+    """Attention dropout's draws in the band's loops (``tile.dropout_keep``), against ``causal-1k``."""
+    from subquad import masks
+    return _flash(masks.causal, 1024, configs, True, dq, dropout_p=0.1)
 
 
 def case_window_16k(configs, dq):

@@ -34,23 +34,27 @@ if TRITON:
     from subquad.ops.softmax.flash.tile import dropout_keep
 
     @triton.jit
-    def _draw(RNG, OUT, seq_q, seq_kv, BLOCK: tl.constexpr):
+    def _draw(RNG, OUT, seq_q, seq_kv, BLOCK: tl.constexpr, TRANS: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        start_n = tl.program_id(1) * BLOCK
+        offs_n = start_n + tl.arange(0, BLOCK)
         rows = tl.program_id(2).to(tl.int64) * seq_q + offs_m
-        keep = dropout_keep(RNG, rows[:, None], offs_n[None, :], seq_kv)
+        keep = dropout_keep(RNG, rows, start_n, seq_kv, BLOCK, BLOCK, TRANS)
+        if TRANS:       # (keys, rows): stored back as (rows, keys)
+            keep = tl.trans(keep)
         tl.store(OUT + rows[:, None] * seq_kv + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_kv))
 
 
 @needs_triton
+@pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_philox_matches_the_kernels_draw(p):
+def test_philox_matches_the_kernels_draw(p, trans):
     b, h, nq, nk = 2, 3, 40, 70
     for seed in (0, 1, 2 ** 40 + 12345, 2 ** 62 - 1):
         rng = torch.tensor([seed, dr.threshold(p)], dtype=torch.int64, device=DEV)
         out = torch.zeros(b, h, nq, nk, dtype=torch.int8, device=DEV)
-        _draw[(triton.cdiv(nq, 32), triton.cdiv(nk, 32), b * h)](rng, out, nq, nk, BLOCK=32)
+        _draw[(triton.cdiv(nq, 32), triton.cdiv(nk, 32), b * h)](rng, out, nq, nk, BLOCK=32, TRANS=trans)
         assert torch.equal(out.bool(), dr.keep_mask(rng, b, h, nq, nk)), seed
 
 
@@ -67,9 +71,17 @@ def test_keep_rate_and_independence():
 
 
 def test_philox_known_answer():
-    """Philox-4x32-10's published test vector (Salmon et al., Random123: counter 0, key 0): its first word."""
-    word = dr.philox_word(torch.tensor(0), torch.tensor([0]))
-    assert word.item() == 0x6627E8D5
+    """Philox-4x32-10's published test vector (Salmon et al., Random123: counter 0, key 0)."""
+    words = dr.philox(torch.tensor(0), torch.tensor([0]))
+    assert [w.item() for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_probability_is_a_multiple_of_1_256():
+    assert dr.check_dropout_p(0.1) == 26 / 256 and dr.check_dropout_p(0.999) == 255 / 256
+    assert dr.check_dropout_p(0.001) == 0.0         # below 1/512: no dropout
+    torch.manual_seed(0)
+    keep = dr.keep_mask(dr.new_rng("cpu", 0.1), 2, 4, 64, 512).float()
+    assert abs(keep.mean().item() - (1 - 26 / 256)) < 0.005
 
 
 @pytest.mark.parametrize("pattern,causal,hq,hkv,nq,nk", [
@@ -144,9 +156,10 @@ def test_attention_contract():
     assert torch.equal(a, b) and not torch.allclose(a, plain)
     # the LSE is the undropped one
     torch.testing.assert_close(lse_a, subquad.attention(q, k, v, causal=True, return_lse=True)[1])
-    # the first query sees one key: kept (scaled by 2) or dropped (0)
-    first = a[0, 0] / plain[0, 0]
-    assert torch.allclose(first, torch.full_like(first, 2.0)) or torch.equal(a[0, 0], torch.zeros_like(a[0, 0]))
+    # the first query sees one key: in each head, kept (scaled by 2) or dropped (0)
+    for h in range(2):
+        first = a[0, 0, h]
+        assert torch.allclose(first, 2 * plain[0, 0, h]) or torch.equal(first, torch.zeros_like(first))
     for bad in (-0.1, 1.0, "0.1", True):
         with pytest.raises(ValueError, match="dropout_p"):
             subquad.attention(q, k, v, dropout_p=bad)

@@ -242,7 +242,7 @@ def test_dropout_reference_matches_oracle(case):
         if q1 == q0:
             continue
         o, _ = oracles.softmax_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=True,
-                                         dropout_keep=keep[None, :, q0:q1, k0:k1], dropout_p=0.3)
+                                         dropout_keep=keep[None, :, q0:q1, k0:k1], dropout_p=dr.quantized(0.3))
         ref[q0:q1] = o[0]
     _close("out", out, ref, torch.float32)
 

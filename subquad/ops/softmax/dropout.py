@@ -1,14 +1,17 @@
 """Attention dropout's random stream: one seed per call, and a keep decision per (query row, key) pair that
 every pass, tiling and backend derives from the seed alone.
 
-Pair ``(row, key)`` — ``row`` the ``batch x head x query`` index, ``key`` the key's index — is kept when the
-first word of Philox-4x32-10 at counter ``row * seq_kv + key`` under key ``seed`` is at least
-``threshold(p)``: what Triton's ``tl.randint`` draws in the flash kernels (``flash.tile.dropout_keep``) and
-``keep`` here computes with int64 tensor arithmetic, so the reference drops exactly the kernels' pairs, tile by
-tile, without materialising a mask. A call's ``rng`` (``new_rng``) is ``[seed, threshold]``, int64 on the device:
-the seed from PyTorch's generator of the device (``torch.manual_seed`` makes a run repeatable), drawn on the
-device, so that a compiled or graph-captured call draws a fresh one each time without reading it back; the
-threshold beside it, so that the kernels take it as data (an integer argument would be specialised on).
+As FlashAttention-2 draws them: pair ``(row, key)`` — ``row`` the ``batch x head x query`` index, ``key`` the key's
+index — takes one byte of Philox-4x32-10's output at counter ``row * cdiv(seq_kv, 16) + key // 16`` under the
+seed (16 keys per call: byte ``key % 4`` of word ``(key % 16) // 4``), and is kept when that byte is at least the
+threshold ``round(256 p)``. So ``p`` is used as a multiple of 1/256 (``quantized``; the kept probabilities are
+scaled by ``1 / (1 - quantized(p))``, which keeps the output unbiased). The flash kernels draw the words with
+Triton's ``tl.randint4x`` (``flash.tile.dropout_keep``), and ``keep`` here computes them with int64 tensor
+arithmetic, so the reference drops exactly the kernels' pairs, tile by tile, without materialising a mask. A
+call's ``rng`` (``new_rng``) is ``[seed, threshold]``, int64 on the device: the seed from PyTorch's generator of
+the device (``torch.manual_seed`` makes a run repeatable), drawn on the device, so that a compiled or
+graph-captured call draws a fresh one each time without reading it back; the threshold beside it, so that the
+kernels take it as data (an integer argument would be specialised on).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ def _mul(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t_hi + (t_lo >> 16)) >> 16, (((t_hi & 0xFFFF) << 16) + t_lo) & _M32
 
 
-def philox_word(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """The first 32-bit word (int64 in [0, 2**32)) of Philox-4x32-10 at counters ``counter`` (int64 >= 0, as
-    ``(lo, hi, 0, 0)``) under the 64-bit key ``seed``, as Triton's ``randint`` computes it."""
+def philox(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four 32-bit words (int64 in [0, 2**32)) of Philox-4x32-10 at counters ``counter`` (int64 >= 0, as
+    ``(lo, hi, 0, 0)``) under the 64-bit key ``seed``, as Triton's ``randint4x`` computes them."""
     c0, c1 = counter & _M32, counter >> 32
     c2 = c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
@@ -46,17 +49,26 @@ def philox_word(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def threshold(dropout_p: float) -> int:
-    """The words below which a pair is dropped: ``uint32(fp32(p) * 2**32)``, as the kernels compute it."""
-    return int(torch.tensor(dropout_p, dtype=torch.float32) * 4294967296.0)
+    """The bytes below which a pair is dropped: ``round(256 p)``, at most 255."""
+    return min(255, round(dropout_p * 256))
+
+
+def quantized(dropout_p: float) -> float:
+    """The dropout probability that the draws give: ``threshold(p) / 256``."""
+    return threshold(dropout_p) / 256
 
 
 def keep(rng: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seq_kv: int) -> torch.Tensor:
     """Whether the pairs (``rows``, ``keys``, broadcast; int64) survive under ``rng`` (``new_rng``)."""
-    return philox_word(rng[0], rows * seq_kv + keys) >= rng[1]
+    words = philox(rng[0], rows * -(-seq_kv // 16) + torch.div(keys, 16, rounding_mode="floor"))
+    lane = keys % 16
+    word = torch.where(lane < 8, torch.where(lane < 4, words[0], words[1]),
+                       torch.where(lane < 12, words[2], words[3]))
+    return ((word >> ((lane % 4) * 8)) & 0xFF) >= rng[1]
 
 
 def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int) -> torch.Tensor:
@@ -66,9 +78,10 @@ def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int
 
 
 def check_dropout_p(dropout_p) -> float:
+    """The probability that a call uses (``quantized``), or a ValueError naming ``dropout_p``."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
+    return quantized(float(dropout_p))
 
 
-__all__ = ["new_rng", "philox_word", "threshold", "keep", "keep_mask", "check_dropout_p"]
+__all__ = ["new_rng", "philox", "threshold", "quantized", "keep", "keep_mask", "check_dropout_p"]

@@ -75,7 +75,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False,
-               UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
+               UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False,
+               start_n=0):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -112,7 +113,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                      mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
     p_out = pT     # the probabilities that reached the output
     if DROPOUT:
-        keep_d = dropout_keep(rng, rng_base + offs_m[None, :], offs_n[:, None], seq_kv)
+        keep_d = dropout_keep(rng, rng_base + offs_m, start_n, seq_kv, BLOCK_M, offs_n.shape[0], TRANS=True)
         p_out = tl.where(keep_d, pT / (1.0 - dropout_p), 0.0)
     # UNCHAIN: key tiles of fewer rows than 16 a warp (see subquad.ops.chained)
     if UNCHAIN:
@@ -240,7 +241,7 @@ def _dkdv_program(
                             offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1, EVEN_Q,
                             not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                             HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
-                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT)
+                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -253,7 +254,7 @@ def _dkdv_program(
                     lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                     BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
                     SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG, bh.to(tl.int64) * seq_q,
-                    dropout_p, DROPOUT)
+                    dropout_p, DROPOUT, start_n)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -317,7 +318,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
         p = tl.where(in_kv[None, :], p, 0.0)
     dp = dot(do, tl.trans(v))
     if DROPOUT:
-        keep_d = dropout_keep(rng, rng_rows[:, None], offs_n[None, :], seq_kv)
+        keep_d = dropout_keep(rng, rng_rows, start_n, seq_kv, rng_rows.shape[0], BLOCK_N)
         dp = tl.where(keep_d, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:

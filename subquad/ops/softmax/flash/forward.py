@@ -89,7 +89,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:     # the normaliser keeps every probability; the output only the kept ones (rescaled at the end)
-        p = tl.where(dropout_keep(rng, rng_rows[:, None], offs_n[None, :], seq_kv), p, 0.0)
+        p = tl.where(dropout_keep(rng, rng_rows, start_n, seq_kv, rng_rows.shape[0], BLOCK_N), p, 0.0)
     if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
         p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, k.dtype)
     else:

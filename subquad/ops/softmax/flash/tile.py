@@ -92,12 +92,33 @@ def scores(qk, qp, kp, qk_scale, cap_scale, slope2, SOFTCAP: tl.constexpr, ALIBI
 
 
 @triton.jit
-def dropout_keep(rng, rows, cols, seq_kv):
-    """Attention dropout's keep decision for the pairs (``rows``: ``batch x head x query`` row index, int64;
-    ``cols``: key index), the same in every pass and tiling (``subquad.ops.softmax.dropout``): Philox's first
-    word at counter ``row * seq_kv + col`` under the seed ``rng[0]``, kept from the threshold ``rng[1]`` up."""
-    word = tl.randint(tl.load(rng), rows * seq_kv + cols).to(tl.uint32, bitcast=True).to(tl.int64)
-    return word >= tl.load(rng + 1)
+def _repeat16(word, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each of a tile's words 16 times in a row along the keys: ``(rows, keys / 16)`` -> ``(rows, keys)``."""
+    return tl.reshape(tl.broadcast_to(word[:, :, None], (BLOCK_ROWS, BLOCK_N // 16, 16)), (BLOCK_ROWS, BLOCK_N))
+
+
+@triton.jit
+def dropout_keep(rng, rows, start_n, seq_kv, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TRANS: tl.constexpr = False):
+    """Attention dropout's keep decisions for a tile: ``rows`` the ``batch x head x query`` row indices (int64,
+    ``BLOCK_ROWS``) and keys ``start_n .. start_n + BLOCK_N`` (``start_n`` a multiple of 16); ``(rows, keys)``, or
+    ``(keys, rows)`` with ``TRANS``. As FlashAttention-2 draws them, one Philox-4x32-10 call (``tl.randint4x``
+    under the seed ``rng[0]``, at counter ``row * cdiv(seq_kv, 16) + key // 16``) gives 16 keys their bytes:
+    key ``k`` takes byte ``k % 4`` of word ``(k % 16) // 4`` and is kept from the threshold ``rng[1]`` up
+    (``subquad.ops.softmax.dropout``). Each word is repeated over its 16 keys by a broadcast and a reshape; the
+    transposed tile is the same tile transposed (computed in that orientation, Triton 3.6 gave the same
+    instructions: sm90, ``benchmarks/kernel_report.py causal-1k-dropout``)."""
+    groups = start_n // 16 + tl.arange(0, BLOCK_N // 16)
+    lanes = (tl.arange(0, BLOCK_N) % 16)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(tl.load(rng), rows[:, None] * tl.cdiv(seq_kv, 16) + groups[None, :])
+    word = tl.where(lanes < 8, tl.where(lanes < 4, _repeat16(w0, BLOCK_ROWS, BLOCK_N),
+                                        _repeat16(w1, BLOCK_ROWS, BLOCK_N)),
+                    tl.where(lanes < 12, _repeat16(w2, BLOCK_ROWS, BLOCK_N), _repeat16(w3, BLOCK_ROWS, BLOCK_N)))
+    byte = (word.to(tl.uint32, bitcast=True) >> ((lanes % 4) * 8).to(tl.uint32)) & 0xFF
+    keep = byte.to(tl.int32) >= tl.load(rng + 1).to(tl.int32)
+    if TRANS:
+        keep = tl.trans(keep)
+    return keep
 
 
 @triton.jit
