@@ -299,3 +299,30 @@ def test_report_takes_no_ratio_across_runs(tmp_path):
     result = CliRunner().invoke(app, ["report", *map(str, paths), "--ours", "ours"])
     words = " ".join(result.output.replace("│", " ").split())       # (rich wraps the message in a box)
     assert result.exit_code == 2 and "in several files" in words, result.output
+
+
+def test_dropout_suite_cases():
+    """The dropout suite: causal and window rows at B*N = 32k, SDPA-flash beside the causal rows only, FLOPs of the
+    kept pairs; its subquad implementations run (under TRITON_INTERPRET=1 or on a GPU) on a small input, the
+    p = 0 one equal to plain attention."""
+    import os
+
+    from subquad import attention
+    from subquad.bench.suites import dropout
+
+    cases = list(dropout.dropout_cases(False))
+    assert {(c.case, c.batch, c.seqlen) for c in cases} == {
+        (name, b, n) for name in ("causal", "window4096") for b, n in ((8, 4096), (2, 16384))}
+    for c in cases:
+        assert ("sdpa-flash" in c.impls) == (c.case == "causal") and c.reference is None
+    window16k = next(c for c in cases if c.case == "window4096" and c.seqlen == 16384 and c.mode == "fwd")
+    pairs = 4096 * 4097 / 2 + (16384 - 4096) * 4096
+    assert window16k.flops == pytest.approx(4 * 2 * 16 * pairs * 128)
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        return
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    inputs = {x: torch.randn(1, 64, 2, 32, generator=gen).to(dev, torch.float16) for x in "qkv"}
+    plain = attention(inputs["q"], inputs["k"], inputs["v"], causal=True, window_size=(31, 0), backend="triton")
+    assert torch.equal(dropout._subquad(0.0, 32)(inputs), plain)
+    assert torch.isfinite(dropout._subquad(0.1, 32)(inputs)).all()
