@@ -167,6 +167,8 @@ def test_kernels_deterministic():
     (dict(backend="nope"), "backend: expected one of"),
     (dict(cu_seqlens_k=None), "cu_seqlens_k: expected the keys' offsets \\(70 keys, 40 queries\\)"),
     (dict(max_seqlen_q=torch.tensor(10)), "max_seqlen_q: expected an integer at least"),
+    (dict(dropout_p=0.1, backend="fa4"), "dropout_p: runs on the 'triton' and 'reference' backends"),
+    (dict(dropout_p=1.5), "dropout_p: expected a probability in \\[0, 1\\)"),
 ])
 def test_bad_arguments(change, match):
     (q, k, v), cu_q, cu_k = _inputs("prefill", torch.float32)

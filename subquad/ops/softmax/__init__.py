@@ -110,11 +110,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             pairs (``subquad.ops.softmax.dropout``). Runs on ``"triton"`` and ``"reference"`` (``"auto"`` picks
             them), the plain BlockMask path (no plan: a gathered key's draw would move).
     """
-    dropout_p = check_dropout_p(dropout_p)
+    dropout_p = check_dropout_p(dropout_p, backend)
     if dropout_p:
-        if backend in ("fa4", "cudnn", "flex"):
-            raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "
-                             f"backend={backend!r}")
         if plan is True:
             raise ValueError("plan: dropout runs on the plain BlockMask path (a plan gathers keys, whose dropout "
                              "draws would move); got plan=True with dropout_p > 0")

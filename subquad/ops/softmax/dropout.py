@@ -77,10 +77,14 @@ def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int
     return keep(rng, rows, torch.arange(seq_kv, device=rng.device).view(1, 1, 1, -1), seq_kv)
 
 
-def check_dropout_p(dropout_p) -> float:
-    """The probability that a call uses (``quantized``), or a ValueError naming ``dropout_p``."""
+def check_dropout_p(dropout_p, backend: str = "auto") -> float:
+    """The probability that a call uses (``quantized``), or a ValueError naming ``dropout_p`` (also for a backend
+    without dropout)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    if dropout_p and backend in ("fa4", "cudnn", "flex"):
+        raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "
+                         f"backend={backend!r}")
     return quantized(float(dropout_p))
 
 

@@ -145,10 +145,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if given is not None and (not _integral(given) or int(given) < int(cu.diff().max())):
             raise ValueError(f"{name}: expected an integer at least the longest sequence ({int(cu.diff().max())}), "
                              f"got {given!r}")
-    dropout_p = check_dropout_p(dropout_p)
-    if dropout_p and backend in ("fa4", "cudnn", "flex"):
-        raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "
-                         f"backend={backend!r}")
+    dropout_p = check_dropout_p(dropout_p, backend)
     lo, hi = _band(causal, window_size)
     if softcap == 0:
         softcap = None          # FlashAttention's "no softcap"
