@@ -83,7 +83,12 @@ def test_fine_layouts_split_only_beside_other_local_terms(monkeypatch):
     assert plan(masks.block_sparse(torch.rand(8, 8) < 0.3, block=16), 128) is None
     bigbird = masks.bigbird(64, [0, 3], random_blocks=2, block=16)
     blocks = plan(bigbird, 256).components[1]
-    assert blocks.role == "blocks" and "16 positions" in blocks.note
+    assert blocks.role == "blocks" and "16 positions" in blocks.note and blocks.block is None
+    # a layout the kernels can tile runs at its own blocks (traced calls and the reference take them too)
+    at64 = plan(masks.bigbird(512, list(range(16)), random_blocks=3, block=64), 4096)
+    assert [c.block for c in at64.components] == [None, 64]
+    assert sum(at64.kept_pairs()) == int(dense_mask(masks.bigbird(512, list(range(16)), random_blocks=3, block=64),
+                                                    4096, 4096).sum())
     monkeypatch.setattr(plan_module, "SPLIT_FINE_LAYOUTS", False)
     assert plan(bigbird, 256) is None
 
@@ -222,3 +227,13 @@ def test_attention_routes_patterns_to_the_planner(monkeypatch):
     torch.testing.assert_close(planned, plain, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="plan"):
         subquad.attention(q, k, v, mask=masks.sliding_window(8), plan=True)
+
+
+def test_blocks_component_at_its_own_block_matches_oracle():
+    """BigBird whose random blocks (32 wide) are finer than the plan's 64-tiles: the blocks component at 32."""
+    pattern = masks.bigbird(40, [0, 2], random_blocks=2, block=32, seed=3, causal=True)
+    pl = plan(pattern, 256, block_q=64, block_kv=64)
+    assert [(c.role, c.block) for c in pl.components] == [("local", None), ("blocks", 32)]
+    assert pl.components[1].block_mask(pl.context(1, 1, "cpu"), 64, 64, "cpu").block_q == 32
+    assert torch.equal(pl.coverage(), dense_mask(pattern, 256, 256).to(torch.int32))
+    _check_against_oracle(pattern, pl, *_qkv(256, 256, 2, 1))

@@ -136,6 +136,7 @@ class Component:
     kv_pos: torch.Tensor | None = None
     split: int = 1                           # rows: key chunks run as extra batch entries, merged by LSE
     fold: int = 1                            # classes: residue classes folded into the head axis
+    block: int | None = None                 # its own BlockMask block (blocks: the layout's), else the plan's
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -147,9 +148,12 @@ class Component:
         return self.seq_q, self.seq_kv // self.split
 
     def block_mask(self, ctx: BuildContext, block_q: int, block_kv: int, device) -> BlockMask | None:
-        """The BlockMask of this component's kernel call, built once per device and tile size."""
+        """The BlockMask of this component's kernel call (at its own ``block`` if it has one), built once per
+        device and tile size."""
         if self.pattern is None:
             return None
+        if self.block is not None:
+            block_q = block_kv = self.block
         key = (block_q, block_kv, str(torch.device(device)), ctx.batch, ctx.heads)
         if key not in self._masks:
             self._masks[key] = _positional_block_mask(
@@ -426,17 +430,18 @@ class Plan:
             if bm is None:
                 out.append(nq * nk * c.split - lost)
                 continue
-            rows_n = torch.full((bm.num_q_blocks,), block_q)
-            rows_n[-1] = nq - block_q * (bm.num_q_blocks - 1)
-            cols_n = torch.full((bm.num_kv_blocks,), block_kv)
-            cols_n[-1] = nk - block_kv * (bm.num_kv_blocks - 1)
+            bq, bk = bm.block_q, bm.block_kv        # (a component's own blocks, or the plan's)
+            rows_n = torch.full((bm.num_q_blocks,), bq)
+            rows_n[-1] = nq - bq * (bm.num_q_blocks - 1)
+            cols_n = torch.full((bm.num_kv_blocks,), bk)
+            cols_n[-1] = nk - bk * (bm.num_kv_blocks - 1)
             kind = bm.kind[0, 0]
             total = int(((kind == FULL) * rows_n.view(-1, 1) * cols_n.view(1, -1)).sum())
             for qb in torch.nonzero((kind == PARTIAL).any(1)).flatten().tolist():
-                q0, q1 = qb * block_q, min((qb + 1) * block_q, nq)
+                q0, q1 = qb * bq, min((qb + 1) * bq, nq)
                 qp = (torch.arange(q0, q1) + nk - nq) if c.q_pos is None else c.q_pos[q0:q1].cpu()
                 kbs = torch.nonzero(kind[qb] == PARTIAL).flatten()
-                ki = (kbs.view(-1, 1) * block_kv + torch.arange(block_kv)).flatten()
+                ki = (kbs.view(-1, 1) * bk + torch.arange(bk)).flatten()
                 ki = ki[ki < nk]
                 kp = ki if c.kv_pos is None else c.kv_pos.cpu()[ki]
                 zero = torch.zeros(1, 1, 1, 1, dtype=torch.long)
@@ -557,8 +562,10 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
                                note=_text(local_pat) + (" (tiles enforce the blocks)" if grid_only else "")))
     if fine:
         blocks_pat = _and(_and(_union(fine), Complement(_union(rest))), clip if not _is_full(clip) else None)
-        comps.append(Component("blocks", blocks_pat, seq_q, seq_kv,
-                               note=f"block layout at {min(f.block for f in fine)} positions, less the local pairs"))
+        size = min(f.block for f in fine)
+        # (the kernels take BlockMask blocks of multiples of 32; finer layouts take the plan's blocks)
+        comps.append(Component("blocks", blocks_pat, seq_q, seq_kv, block=size if size % 32 == 0 else None,
+                               note=f"block layout at {size} positions, less the local pairs"))
     for col_pos in columns:
         pat, kv_pos, text = _excluding_local(clip, local, exact_positions, seq_kv, col_pos)
         if pat is None:
