@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from subquad import masks
 from subquad.cache import RollingKVCache, StaticKVCache
 from subquad.nn import (GLA, Attention, DeltaNet, DiffAttention, GatedDeltaNet, LinearAttention, Mamba2,
-                        RecurrentState, RetNet)
+                        MLA, RecurrentState, RetNet)
 
 from oracles import softmax_attention
 
@@ -138,6 +138,8 @@ def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     (lambda: Mamba2(16, headdim=0), "headdim"),
     (lambda: Mamba2(16, headdim=8, ngroups=0), "ngroups"),
     (lambda: Attention(16, 4, dropout=1.0), "dropout_p"),
+    (lambda: DiffAttention(16, 2, dropout=-0.1), "dropout_p"),
+    (lambda: MLA(16, 2, 8, qk_nope_dim=4, rope_dim=4, v_dim=4, dropout=2.0), "dropout_p"),
 ])
 def test_bad_arguments(make_layer, match):
     """Refused by the constructor, not at the first forward (softcap, window) nor as NaN outputs
@@ -224,15 +226,19 @@ def test_mamba2_layer_matches_a_token_loop():
     torch.testing.assert_close(layer(u), layer.out_proj(y), atol=1e-10, rtol=1e-10)
 
 
-def test_attention_dropout_only_while_training():
+@pytest.mark.parametrize("make_layer", [lambda: Attention(D, 4, dropout=0.4), lambda: DiffAttention(D, 2, dropout=0.4),
+                                        lambda: MLA(D, 2, 8, qk_nope_dim=4, rope_dim=4, v_dim=4, dropout=0.4)],
+                         ids=["attention", "diff", "mla"])
+def test_attention_dropout_only_while_training(make_layer):
     torch.manual_seed(0)
-    layer = Attention(D, 4, dropout=0.4)
+    layer = make_layer()
     x = torch.randn(2, 9, D)
     layer.eval()
     quiet = layer(x)
     layer.dropout = 0.0
-    torch.testing.assert_close(quiet, layer(x))
-    layer.dropout = 0.4
     layer.train()
+    torch.testing.assert_close(quiet, layer(x))     # no dropout: training gives the eval output
+    layer.dropout = 0.4
     assert not torch.allclose(layer(x), quiet)
-    assert "dropout=0.4" in repr(layer)
+    if isinstance(layer, Attention):
+        assert "dropout=0.4" in repr(layer)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..cache import KVView, RollingKVCache, StaticKVCache
 from ..ops.softmax import attention
+from ..ops.softmax.dropout import check_dropout_p
 from .. import masks
 from .attention import attend_cached, cache_positions, check_heads, check_kv_cache
 from .norm import RMSNorm
@@ -40,10 +41,13 @@ class DiffAttention(nn.Module):
         layer_idx: depth of the layer (sets ``lambda_init``).
         window: sliding window (a rolling cache when decoding), as ``Attention``.
         rope_base: RoPE on both query/key halves.
+        dropout: attention dropout on each of the two maps while training, without a cache (``subquad.attention``'s
+            ``dropout_p``).
     """
 
     def __init__(self, d_model: int, heads: int, kv_heads: int | None = None, *, layer_idx: int = 0,
-                 window: int | None = None, rope_base: float = 10000.0, backend: str = "auto"):
+                 window: int | None = None, rope_base: float = 10000.0, dropout: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
         if not isinstance(heads, int) or heads <= 0 or d_model % (2 * heads):
             raise ValueError(f"d_model: expected a multiple of 2 * heads (two maps per head), got d_model={d_model}, "
@@ -52,6 +56,7 @@ class DiffAttention(nn.Module):
         if window is not None and (not isinstance(window, int) or window <= 0):
             raise ValueError(f"window: expected a positive int or None, got {window!r}")
         self.d_model, self.heads, self.window, self.backend = d_model, heads, window, backend
+        self.dropout = check_dropout_p(dropout)
         self.head_dim = d_model // heads // 2
         d = self.head_dim
         self.q_proj = nn.Linear(d_model, heads * 2 * d, bias=False)
@@ -91,8 +96,9 @@ class DiffAttention(nn.Module):
         k = self.rope(k.flatten(2, 3), positions).view(bsz, seq_len, self.kv_heads, 2, d)
         if cache is None:
             mask = masks.sliding_window(self.window) if self.window is not None else None
-            o1, o2 = (attention(q[..., i, :], k[..., i, :], v, causal=True, mask=mask, backend=self.backend)
-                      for i in range(2))
+            p = self.dropout if self.training else 0.0
+            o1, o2 = (attention(q[..., i, :], k[..., i, :], v, causal=True, mask=mask, backend=self.backend,
+                                dropout_p=p) for i in range(2))
         else:
             view = cache.update(k.flatten(3), v)
             o1, o2 = (attend_cached(q[..., i, :], self._half(view, i), window=self.window, pattern=None,

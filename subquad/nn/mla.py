@@ -22,6 +22,7 @@ from torch import nn
 from ..cache import LatentKVCache
 from ..ops.decode import MAX_NEW_TOKENS, decode
 from ..ops.softmax import attention
+from ..ops.softmax.dropout import check_dropout_p
 
 
 def _rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -49,12 +50,13 @@ class MLA(nn.Module):
     Without a cache the whole sequence is attended causally in the decompressed form. With a cache
     (``new_cache``), the new tokens' ``c_kv`` and rotated ``k_rope`` are appended; steps of up to 16 tokens
     use the absorbed form over the latent cache, longer ones (prefill) the decompressed form over it.
+    ``dropout``: attention dropout while training, on the uncached form (``subquad.attention``'s ``dropout_p``).
     ``backend`` (attribute) is passed to ``subquad.attention`` / ``subquad.decode``.
     """
 
     def __init__(self, d_model: int, n_heads: int, kv_lora_rank: int = 512, q_lora_rank: int | None = None,
                  qk_nope_dim: int = 128, rope_dim: int = 64, v_dim: int = 128, rope_base: float = 10000.0,
-                 backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_lora_rank", kv_lora_rank),
                           ("qk_nope_dim", qk_nope_dim), ("v_dim", v_dim)):
@@ -65,6 +67,7 @@ class MLA(nn.Module):
         self.d_model, self.n_heads, self.kv_lora_rank = d_model, n_heads, kv_lora_rank
         self.qk_nope_dim, self.rope_dim, self.v_dim = qk_nope_dim, rope_dim, v_dim
         self.rope_base, self.backend = rope_base, backend
+        self.dropout = check_dropout_p(dropout)
         self.scale = (qk_nope_dim + rope_dim) ** -0.5
         q_width = n_heads * (qk_nope_dim + rope_dim)
         if q_lora_rank is None:
@@ -107,7 +110,7 @@ class MLA(nn.Module):
         k_rope = _rotary(kv[..., r:], positions, self.rope_base)
 
         if cache is None:
-            o = self._decompressed(q_nope, q_rope, c_kv, k_rope)
+            o = self._decompressed(q_nope, q_rope, c_kv, k_rope, self.dropout if self.training else 0.0)
         else:
             view = cache.update(c_kv, k_rope)
             if t <= MAX_NEW_TOKENS:
@@ -117,14 +120,15 @@ class MLA(nn.Module):
                 o = self._decompressed(q_nope, q_rope, lat[:, :, 0, :r], lat[:, :, 0, r:])
         return self.wo(o.reshape(bsz, t, h * self.v_dim))
 
-    def _decompressed(self, q_nope, q_rope, c_kv, k_rope) -> torch.Tensor:
+    def _decompressed(self, q_nope, q_rope, c_kv, k_rope, dropout_p: float = 0.0) -> torch.Tensor:
         """Per-head K/V from the latent, then exact causal attention (queries aligned to the end)."""
         bsz, n = c_kv.shape[:2]
         h, nope = self.n_heads, self.qk_nope_dim
         kv = self.wkv_b(c_kv).view(bsz, n, h, nope + self.v_dim)
         k = torch.cat([kv[..., :nope], k_rope.unsqueeze(2).expand(bsz, n, h, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        return attention(q, k, kv[..., nope:], causal=True, scale=self.scale, backend=self.backend)
+        return attention(q, k, kv[..., nope:], causal=True, scale=self.scale, backend=self.backend,
+                         dropout_p=dropout_p)
 
     def _absorbed(self, q_nope, q_rope, view) -> torch.Tensor:
         """W_UK folded into the query, attention over the latent rows, W_UV applied to the result."""
