@@ -198,8 +198,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     sequences that were permuted or gathered (LSH buckets, gathered columns); by default query ``i`` sits at
     ``i + seq_kv - seq_q`` and key ``j`` at ``j``. The BlockMask must have been built for those positions.
     ``score_mod(score, b, h, q_pos, k_pos)``: applied after softcap and ALiBi, on broadcastable tensors.
-    ``dropout``: attention dropout, the flash kernels' pairs dropped. Arguments are assumed checked (``subquad.attention`` checks them). Traced (torch.compile):
-    ``attention_traced``.
+    ``dropout``: attention dropout, the flash kernels' pairs dropped. Arguments are assumed checked
+    (``subquad.attention`` checks them). Traced (torch.compile): ``attention_traced``.
     """
     if torch.compiler.is_compiling():
         return attention_traced(q, k, v, block_mask.pattern if block_mask is not None else None, scale, softcap,

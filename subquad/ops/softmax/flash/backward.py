@@ -114,7 +114,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     p_out = pT     # the probabilities that reached the output
     if DROPOUT:
         keep_d = dropout_keep(rng, rng_base + offs_m, start_n, seq_kv, BLOCK_M, offs_n.shape[0], TRANS=True)
-        p_out = tl.where(keep_d, pT / (1.0 - dropout_p), 0.0)
+        kept_scale = 1.0 / (1.0 - dropout_p)    # (one scalar division: per element it was a divide each)
+        p_out = tl.where(keep_d, pT * kept_scale, 0.0)
     # UNCHAIN: key tiles of fewer rows than 16 a warp (see subquad.ops.chained)
     if UNCHAIN:
         pT_op = unchained(p_out, seq_kv > 0, do.dtype)
@@ -127,7 +128,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
     dpT = dot(v, tl.trans(do))
     if DROPOUT:
-        dpT = tl.where(keep_d, dpT / (1.0 - dropout_p), 0.0)
+        dpT = tl.where(keep_d, dpT * kept_scale, 0.0)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -319,7 +320,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     dp = dot(do, tl.trans(v))
     if DROPOUT:
         keep_d = dropout_keep(rng, rng_rows, start_n, seq_kv, rng_rows.shape[0], BLOCK_N)
-        dp = tl.where(keep_d, dp / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)

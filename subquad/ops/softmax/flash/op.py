@@ -103,7 +103,7 @@ def _flash_bwd_fake(do, dlse, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_ARGS = 34  # q, k, v, 2 x 12 block tensors, doc_ids, q_pos, kv_pos, flags, layout, slopes, seed
+_N_TENSOR_ARGS = 34  # q, k, v, 2 x 12 block tensors, doc_ids, q_pos, kv_pos, flags, layout, slopes, rng
 
 
 def _setup_context(ctx, inputs, output):
