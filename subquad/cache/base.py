@@ -1,4 +1,10 @@
-"""The shared part of every KV cache: per-sequence lengths, argument checks, memory accounting."""
+"""The shared part of every KV cache: per-sequence lengths, argument checks, memory accounting.
+
+Eager updates keep a host copy of the lengths, so that checks and bookkeeping never wait on the device.
+Traced updates (``torch.compile``: a compiled decoding step) cannot: a host value read inside a compiled
+function is a constant that changes every step (a recompile per token). They append at the device lengths
+instead, unchecked, and leave the host copy stale; the next eager use reads it back once.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +24,41 @@ class KVCache:
 
     def _init_lengths(self, batch: int, device) -> None:
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-        # A host copy of the lengths, so that checks and bookkeeping never wait on the device.
-        self._lengths = [0] * batch
+        self._host_lengths = [0] * batch
+        self._host_stale = False
+
+    @property
+    def _lengths(self) -> list[int]:
+        """The lengths on the host, read back once after traced updates."""
+        if self._host_stale:
+            self._sync_host()
+        return self._host_lengths
+
+    def _sync_host(self) -> None:
+        self._host_lengths = [int(n) for n in self.seqlens.tolist()]
+        self._host_stale = False
 
     def _set_lengths(self, lengths: list[int]) -> None:
-        self._lengths = list(lengths)
+        self._host_lengths = list(lengths)
+        self._host_stale = False
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+
+    def _traced_rows(self, t: int, positions) -> torch.Tensor:
+        """A traced update's ``(batch, t)`` int64 positions (from ``positions``, else appended at the device
+        lengths); the lengths become their ends. Unchecked: no host read is possible."""
+        if positions is None:
+            start = self.seqlens.long()
+        elif isinstance(positions, int):
+            start = torch.full((self.batch,), positions, dtype=torch.long, device=self.seqlens.device)
+        elif isinstance(positions, torch.Tensor) and positions.shape == (self.batch,) \
+                and not positions.dtype.is_floating_point:
+            start = positions.to(device=self.seqlens.device, dtype=torch.long)
+        else:
+            raise self._bad_positions(positions)
+        rows = start.view(-1, 1) + torch.arange(t, device=start.device)
+        self.seqlens.copy_(rows[:, -1] + 1)
+        self._host_stale = True
+        return rows
 
     def reset(self) -> None:
         """Forget every sequence (storage is kept; lengths go back to 0)."""
@@ -38,8 +73,7 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.buffers()) + \
             self.seqlens.numel() * self.seqlens.element_size()
 
-    def _check_update(self, k: torch.Tensor, v: torch.Tensor, positions, device) -> list[int]:
-        """Validate ``update``'s arguments; return the start position of each sequence's new tokens."""
+    def _check_shapes(self, k: torch.Tensor, v: torch.Tensor, device) -> None:
         b = self.batch
         for name, t, dim in (("k", k, self.head_dim), ("v", v, self.head_dim_v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != b or t.shape[2] != self.heads_kv \
@@ -50,6 +84,10 @@ class KVCache:
             raise ValueError(f"k, v: expected the same non-zero number of new tokens, got {k.shape[1]} and {v.shape[1]}")
         if k.device != device or v.device != device:
             raise ValueError(f"k, v: expected device {device}, got {k.device} and {v.device}")
+
+    def _check_update(self, k: torch.Tensor, v: torch.Tensor, positions, device) -> list[int]:
+        """Validate ``update``'s arguments; return the start position of each sequence's new tokens."""
+        self._check_shapes(k, v, device)
         return self._start_positions(positions)
 
     def _start_positions(self, positions) -> list[int]:
@@ -61,12 +99,15 @@ class KVCache:
                 and not positions.dtype.is_floating_point:
             starts = [int(p) for p in positions.tolist()]
         else:
-            shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-            raise ValueError(f"positions: expected an int or an integer tensor of shape ({self.batch},), got {shape}")
+            raise self._bad_positions(positions)
         if any(p < 0 or p > n for p, n in zip(starts, self._lengths)):
             raise ValueError("positions: expected 0 <= positions <= seqlens (append, or rewrite the tail after "
                              f"rejected draft tokens), got {starts} with seqlens {self._lengths}")
         return starts
+
+    def _bad_positions(self, positions) -> ValueError:
+        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        return ValueError(f"positions: expected an int or an integer tensor of shape ({self.batch},), got {shape}")
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         raise NotImplementedError

@@ -44,11 +44,16 @@ class LatentKVCache(KVCache):
         if c_kv.shape[1] != k_rope.shape[1] or c_kv.shape[1] == 0:
             raise ValueError(f"c_kv, k_rope: expected the same non-zero number of new tokens, got "
                              f"{c_kv.shape[1]} and {k_rope.shape[1]}")
-        starts = self._start_positions(positions)
+        row = torch.cat([c_kv, k_rope], dim=-1).to(self.latent.dtype).unsqueeze(2)
         t = c_kv.shape[1]
+        if torch.compiler.is_compiling():
+            # unchecked against max_len (as the static cache's traced update)
+            rows = self._traced_rows(t, positions)
+            self.latent[torch.arange(b, device=rows.device).view(-1, 1).expand_as(rows), rows] = row
+            return self.view()
+        starts = self._start_positions(positions)
         if max(starts) + t > self.max_len:
             raise ValueError(f"c_kv: {t} new tokens after {max(starts)} overflow max_len={self.max_len}")
-        row = torch.cat([c_kv, k_rope], dim=-1).to(self.latent.dtype).unsqueeze(2)
         if len(set(starts)) == 1:
             self.latent[:, starts[0]:starts[0] + t] = row
         else:
@@ -59,5 +64,6 @@ class LatentKVCache(KVCache):
         return self.view()
 
     def view(self) -> KVView:
+        traced = torch.compiler.is_compiling()
         return KVView(self.latent, self.latent[..., :self.kv_lora_rank], self.seqlens, "dense",
-                      max_seqlen=max(self._lengths))
+                      max_seqlen=None if traced else max(self._lengths))

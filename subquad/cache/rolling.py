@@ -40,17 +40,38 @@ class RollingKVCache(KVCache):
         self.v = torch.zeros(batch, self.slots, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self._init_lengths(batch, self.k.device)
         # one past the last position written, per sequence: after a rewind the slots of the rejected drafts
-        # (positions from the new length on) no longer hold the older tokens that share them
-        self._written = [0] * batch
+        # (positions from the new length on) no longer hold the older tokens that share them. On the host for
+        # eager updates, on the device for traced ones (as the lengths)
+        self._host_written = [0] * batch
+        self.written = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
 
     def reset(self) -> None:
         super().reset()
-        self._written = [0] * self.batch
+        self._set_written([0] * self.batch)
+
+    @property
+    def _written(self) -> list[int]:
+        if self._host_stale:
+            self._sync_host()
+        return self._host_written
+
+    def _set_written(self, written: list[int]) -> None:
+        self._host_written = written
+        self.written.copy_(torch.tensor(written, dtype=torch.int32), non_blocking=True)
+
+    def _sync_host(self) -> None:
+        super()._sync_host()
+        self._host_written = [int(w) for w in self.written.tolist()]
 
     def buffers(self):
         return [self.k, self.v]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
+        """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``
+        (default: append; at most ``max_step - 1`` tokens back, rewriting rejected drafts). Traced
+        (``torch.compile``): decoding steps of at most ``max_step`` tokens, the rewind unchecked."""
+        if torch.compiler.is_compiling():
+            return self._traced_update(k, v, positions)
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
         for s, n in zip(starts, self._lengths):
@@ -67,9 +88,21 @@ class RollingKVCache(KVCache):
         bidx = torch.arange(self.batch, device=dev).view(-1, 1).expand_as(pos)
         self.k[bidx, pos % self.slots] = k[:, t - keep:].to(self.k.dtype)
         self.v[bidx, pos % self.slots] = v[:, t - keep:].to(self.v.dtype)
+        self._set_written([max(w, s + t) for w, s in zip(self._written, starts)])
         self._set_lengths([s + t for s in starts])
-        self._written = [max(w, s + t) for w, s in zip(self._written, starts)]
         return dense if dense is not None else self.view()
+
+    def _traced_update(self, k, v, positions) -> KVView:
+        self._check_shapes(k, v, self.k.device)
+        if k.shape[1] > self.max_step:
+            raise ValueError(f"k: a traced update of a ring takes at most max_step={self.max_step} new tokens, got "
+                             f"{k.shape[1]} (run the prefill eagerly)")
+        rows = self._traced_rows(k.shape[1], positions)
+        bidx = torch.arange(self.batch, device=rows.device).view(-1, 1).expand_as(rows)
+        self.k[bidx, rows % self.slots] = k.to(self.k.dtype)
+        self.v[bidx, rows % self.slots] = v.to(self.v.dtype)
+        torch.maximum(self.written, self.seqlens, out=self.written)
+        return self.view()
 
     def _prefill_view(self, k, v, starts) -> KVView:
         """Dense view for more new tokens than the ring serves: the ``window - 1`` most recent kept tokens,
@@ -91,6 +124,10 @@ class RollingKVCache(KVCache):
         return KVView(out_k, out_v, lengths, "dense", window=self.window, max_seqlen=n)
 
     def view(self) -> KVView:
+        if torch.compiler.is_compiling():
+            # (the default min(seqlens, slots) unless a rewind left rejected drafts in slots)
+            kept = torch.minimum(self.seqlens, self.slots - (self.written - self.seqlens))
+            return KVView(self.k, self.v, self.seqlens, "ring", window=self.window, kept=kept)
         kept = None
         if any(w > n for w, n in zip(self._written, self._lengths)):
             kept = torch.tensor([min(n, self.slots - (w - n)) for w, n in zip(self._written, self._lengths)],

@@ -8,10 +8,10 @@ from .base import KVCache
 from .view import KVView
 
 
-def _write_rows(buf: torch.Tensor, rows: torch.Tensor, starts: list[int], new: torch.Tensor) -> None:
-    """``buf[b, rows[b, t]] = new[b, t]``; a plain slice when every sequence starts at the same row."""
-    if len(set(starts)) == 1 and rows is None:
-        buf[:, starts[0]:starts[0] + new.shape[1]] = new
+def _write_rows(buf: torch.Tensor, rows: torch.Tensor | None, start: int, new: torch.Tensor) -> None:
+    """``buf[b, rows[b, t]] = new[b, t]``; without ``rows`` (every sequence starts at ``start``) a plain slice."""
+    if rows is None:
+        buf[:, start:start + new.shape[1]] = new
         return
     bidx = torch.arange(buf.shape[0], device=buf.device).view(-1, 1).expand_as(rows)
     buf[bidx, rows] = new
@@ -42,7 +42,14 @@ class StaticKVCache(KVCache):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``
-        (default: append); return the view of everything stored."""
+        (default: append); return the view of everything stored. Traced (``torch.compile``), unchecked
+        against ``max_len``: a write past it is an index error."""
+        if torch.compiler.is_compiling():
+            self._check_shapes(k, v, self.k.device)
+            rows = self._traced_rows(k.shape[1], positions)
+            _write_rows(self.k, rows, 0, k.to(self.k.dtype))
+            _write_rows(self.v, rows, 0, v.to(self.v.dtype))
+            return self.view()
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
         if max(starts) + t > self.max_len:
@@ -50,10 +57,11 @@ class StaticKVCache(KVCache):
         rows = None
         if len(set(starts)) > 1:
             rows = torch.tensor(starts, device=self.k.device).view(-1, 1) + torch.arange(t, device=self.k.device)
-        _write_rows(self.k, rows, starts, k.to(self.k.dtype))
-        _write_rows(self.v, rows, starts, v.to(self.v.dtype))
+        _write_rows(self.k, rows, starts[0], k.to(self.k.dtype))
+        _write_rows(self.v, rows, starts[0], v.to(self.v.dtype))
         self._set_lengths([s + t for s in starts])
         return self.view()
 
     def view(self) -> KVView:
-        return KVView(self.k, self.v, self.seqlens, "dense", max_seqlen=max(self._lengths))
+        traced = torch.compiler.is_compiling()
+        return KVView(self.k, self.v, self.seqlens, "dense", max_seqlen=None if traced else max(self._lengths))

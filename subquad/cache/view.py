@@ -52,6 +52,13 @@ class KVView:
     def heads_kv(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def capacity(self) -> int:
+        """The most tokens a sequence can have in storage."""
+        if self.layout == "paged":
+            return self.block_table.shape[1] * self.k.shape[1]
+        return self.k.shape[1]
+
     def kept_lengths(self) -> torch.Tensor:
         """Tokens each sequence still has in storage (``min(seqlens, slots)`` for a ring)."""
         if self.kept is not None:
@@ -64,9 +71,13 @@ class KVView:
         """Gather ``(k, v, lengths)``: ``k[b, j]`` is the ``j``-th kept token of sequence ``b`` in position
         order (absolute position ``seqlens[b] - lengths[b] + j``), valid for ``j < lengths[b]``; the rest
         of the padded length is zeros for the ring and paged layouts, and whatever the storage holds there for
-        the dense one (free: a slice of it)."""
+        the dense one (free: a slice of it). Traced (``torch.compile``), the padded length is the storage's
+        (the lengths are not read back)."""
         lengths = self.kept_lengths()
-        n = int(lengths.max()) if lengths.numel() else 0
+        if torch.compiler.is_compiling():
+            n = self.capacity
+        else:
+            n = int(lengths.max()) if lengths.numel() else 0
         if self.layout == "dense":
             return self.k[:, :n], self.v[:, :n], lengths
         j = torch.arange(n, device=self.k.device).view(1, -1)

@@ -37,5 +37,7 @@ class ShortConv(nn.Module):
         y = sum(padded[:, i:i + seq_len] * w[:, i] for i in range(self.kernel_size))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        new_state = padded[:, padded.shape[1] - (self.kernel_size - 1):]
+        # a copy, not a view: a view would keep a prefill's whole input alive in the cache, and its strides
+        # (the prefill's length) would differ from a step's, recompiling a compiled decoding step once
+        new_state = padded[:, padded.shape[1] - (self.kernel_size - 1):].clone(memory_format=torch.contiguous_format)
         return (F.silu(y) if self.activation else y), new_state

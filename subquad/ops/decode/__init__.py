@@ -44,14 +44,16 @@ def _as_view(kv, v, seqlens) -> KVView:
                             and isinstance(v, torch.Tensor) else ""))
     bsz, s = kv.shape[:2]
     max_seqlen = s
+    traced = torch.compiler.is_compiling()
     if seqlens is None:
-        seqlens = _full_lengths(bsz, s, kv.device)
+        seqlens = torch.full((bsz,), s, dtype=torch.int32, device=kv.device) if traced else \
+            _full_lengths(bsz, s, kv.device)
     else:
         if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (bsz,) or seqlens.dtype.is_floating_point:
             raise ValueError(f"seqlens: expected an integer tensor of shape ({bsz},), got "
                              f"{tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}")
         max_seqlen = None
-        if not seqlens.is_cuda and seqlens.numel() and not (0 <= int(seqlens.min()) and int(seqlens.max()) <= s):
+        if not traced and not seqlens.is_cuda and seqlens.numel() and not (0 <= int(seqlens.min()) and int(seqlens.max()) <= s):
             # (lengths on the device are not read back: the kernel reads at most the storage's ``seq`` keys)
             raise ValueError(f"seqlens: expected values in [0, {s}] (the keys stored), got {seqlens.tolist()}")
     return KVView(kv, v, seqlens.to(device=kv.device, dtype=torch.int32), "dense", max_seqlen=max_seqlen)
@@ -130,10 +132,18 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
         if q.shape[1] > MAX_NEW_TOKENS:
             raise ValueError(f"q: the Triton decode kernel takes at most {MAX_NEW_TOKENS} new tokens, got "
                              f"{q.shape[1]} (use subquad.attention for a prefill)")
-        from .splitkv import decode_splitkv
+        if torch.compiler.is_compiling():
+            if kernel_options:
+                raise ValueError(f"kernel_options: a traced call takes the default launch, got {kernel_options}")
+            from .op import decode_traced
 
-        out, lse = decode_splitkv(q.contiguous(), view, window=window, scale=scale, softcap=softcap,
-                                  alibi_slopes=alibi_slopes, **kernel_options)
+            out, lse = decode_traced(q.contiguous(), view, window=window, scale=scale, softcap=softcap,
+                                     alibi_slopes=alibi_slopes)
+        else:
+            from .splitkv import decode_splitkv
+
+            out, lse = decode_splitkv(q.contiguous(), view, window=window, scale=scale, softcap=softcap,
+                                      alibi_slopes=alibi_slopes, **kernel_options)
     else:
         out, lse = decode_reference(q, view, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes)
     if sinks is not None:

@@ -278,7 +278,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     if max_len is None:
         # lengths only on the device: the storage bounds them (reading their max back would stall the stream
         # on every step); splits past a sequence's end find no keys and cost a launch slot each
-        max_len = view.block_table.shape[1] * k.shape[1] if view.layout == "paged" else k.shape[1]
+        max_len = view.capacity
     if view.layout == "ring":
         max_len = min(max_len, k.shape[1])
     if window is not None:
@@ -329,7 +329,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         v.stride(0), v.stride(1), v.stride(2),
         table.stride(0) if view.layout == "paged" else 0, stride_sl,
         scale, softcap if softcap is not None else 1.0, window if window is not None else 0,
-        view.block_table.shape[1] * k.shape[1] if view.layout == "paged" else k.shape[1],
+        view.capacity,
         HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2),
         D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
         DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,

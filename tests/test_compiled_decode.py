@@ -1,0 +1,111 @@
+"""Compiled decoding steps (gpt-fast's recipe): a model's one-token forward over its caches compiled whole
+(``fullgraph``), once for every step, with the same outputs and cache contents as eager steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subquad.cache import RollingKVCache, StaticKVCache
+from subquad.models import HybridLM
+from subquad.ops.decode import decode
+
+
+def _counting_compile(fn):
+    """``torch.compile(fn, fullgraph=True)`` run eagerly (aot_eager), and the list of graphs it compiled."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, inputs)
+
+    return torch.compile(fn, backend=backend, fullgraph=True), graphs
+
+
+@pytest.mark.parametrize("layers", ["ALDK", "LM"])
+def test_compiled_steps_equal_eager_steps(layers):
+    """Static, rolling (past its window: the ring wraps) and latent caches, and a recurrent state: six
+    compiled steps after an eager prefill give the eager steps' logits, lengths and ring contents, from one
+    compilation (a host length read while tracing would be a constant: a recompile per token). A recurrent
+    state counts its tokens in a host int, which costs one more (dynamo then makes it symbolic)."""
+    torch.manual_seed(0)
+    model = HybridLM(64, 32, layers, heads=2, mixer_options={"L": {"window": 4}}).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    tokens = torch.randint(0, 64, (2, 6))
+    eager_caches, traced_caches = model.new_caches(2, 16), model.new_caches(2, 16)
+    step, graphs = _counting_compile(model)
+    with torch.no_grad():
+        model(prompt, eager_caches)
+        model(prompt, traced_caches)
+        for i in range(tokens.shape[1]):
+            want = model(tokens[:, i:i + 1], eager_caches)
+            got = step(tokens[:, i:i + 1], traced_caches)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == (2 if "M" in layers else 1)
+    for e, t in zip(eager_caches, traced_caches):
+        if hasattr(e, "seqlens"):
+            assert t._lengths == e._lengths == [11, 11]
+            torch.testing.assert_close(t.seqlens, e.seqlens)
+        if isinstance(e, RollingKVCache):
+            assert t._written == e._written
+            torch.testing.assert_close(t.k, e.k)
+
+
+def test_eager_updates_after_compiled_steps_see_the_device_lengths():
+    """After traced appends the host copy of the lengths is read back once: an eager rewind of one draft
+    token is accepted (it is checked against the lengths), and a rewind past ``max_step - 1`` refused."""
+    cache = RollingKVCache(1, window=3, heads_kv=1, head_dim=4, dtype=torch.float32, max_step=2)
+    kv = torch.randn(1, 1, 1, 4)
+    append, _ = _counting_compile(lambda k: cache.update(k, k).seqlens)
+    for _ in range(4):
+        append(kv)
+    assert cache.seqlens.tolist() == [4] and cache._host_stale
+    cache.update(kv, kv, positions=3)        # the last token rewritten
+    assert cache._lengths == [4] and cache._written == [4]
+    with pytest.raises(ValueError, match="positions: a ring of window 3 and max_step 2 can rewind at most 1"):
+        cache.update(kv, kv, positions=2)
+
+
+def test_traced_ring_update_refuses_a_prefill():
+    cache = RollingKVCache(1, window=3, heads_kv=1, head_dim=4, dtype=torch.float32)
+    step = torch.compile(lambda k: cache.update(k, k).seqlens, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="run the prefill eagerly"):
+        step(torch.randn(1, 3, 1, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_decode_over_uneven_lengths(backend):
+    """``decode`` traced over a static cache whose sequences have 0, fewer than ``T``, and more keys: the
+    reference masks every sequence at its own length in one call, the kernel runs as a custom op."""
+    torch.manual_seed(1)
+    cache = StaticKVCache(3, 24, heads_kv=2, head_dim=16, dtype=torch.float16)
+    for b, n in enumerate([0, 1, 9]):
+        if n:
+            kv = torch.randn(1, n, 2, 16, dtype=torch.float16)
+            cache.k[b, :n], cache.v[b, :n] = kv[0], -kv[0]
+    cache._set_lengths([0, 1, 9])
+    q = torch.randn(3, 2, 4, 16, dtype=torch.float16)
+    slopes = torch.rand(4)
+
+    def fn(q):
+        return decode(q, cache, window=5, softcap=20.0, alibi_slopes=slopes, return_lse=True, backend=backend)
+
+    compiled, graphs = _counting_compile(fn)
+    want, got = fn(q), compiled(q)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-3)
+    assert len(graphs) == 1
+    assert got[0][0].abs().max() == 0 and torch.isinf(got[1][0]).all()      # no key: zeros, LSE -inf
+    assert got[0][1, 0].abs().max() == 0 and got[0][1, 1].abs().max() > 0    # the token at position -1 sees none
+
+
+def test_decode_custom_op_passes_opcheck():
+    from subquad.ops.decode.op import decode_op
+
+    k = torch.randn(2, 8, 1, 16, dtype=torch.float16)
+    q = torch.randn(2, 1, 2, 16, dtype=torch.float16)
+    seqlens = torch.tensor([3, 8], dtype=torch.int32)
+    torch.library.opcheck(decode_op, (q, k, k.clone(), seqlens, None, None, "dense", 0, 0, 0.25, 0.0),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
