@@ -109,3 +109,29 @@ def test_decode_custom_op_passes_opcheck():
     seqlens = torch.tensor([3, 8], dtype=torch.int32)
     torch.library.opcheck(decode_op, (q, k, k.clone(), seqlens, None, None, "dense", 0, 0, 0.25, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compiled_step_equals_eager(mode):
+    """bf16 GQA on the GPU: cache update + split-KV decode compiled by inductor (and captured in a CUDA graph
+    with ``reduce-overhead``: the cache's storage is a static address, written in place) over eight steps."""
+    torch.manual_seed(0)
+    b, hq, hkv, d, prefill = 2, 8, 2, 64, 300
+    caches = [StaticKVCache(b, 512, hkv, d, device="cuda") for _ in range(2)]
+    kv = torch.randn(b, prefill, hkv, d, device="cuda", dtype=torch.bfloat16)
+    for c in caches:
+        c.update(kv, kv)
+
+    def step(cache, q, k, v):
+        return decode(q, cache.update(k, v), backend="triton")
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    for _ in range(8):
+        q, k, v = (torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        want = step(caches[0], q, k, v)
+        got = compiled(caches[1], q, k, v).clone()
+        assert (got.float() - want.float()).abs().max() < 2e-2
+    assert caches[1]._lengths == caches[0]._lengths == [prefill + 8] * b
+    torch.testing.assert_close(caches[1].k, caches[0].k)

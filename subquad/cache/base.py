@@ -60,6 +60,12 @@ class KVCache:
         self._host_stale = True
         return rows
 
+    def _pin_addresses(self) -> None:
+        """Tell ``torch.compile`` that the storage never moves: a compiled step captured in a CUDA graph
+        (``mode="reduce-overhead"``) then writes it in place rather than copying it in and out each call."""
+        for t in (*self.buffers(), self.seqlens):
+            torch._dynamo.mark_static_address(t)
+
     def reset(self) -> None:
         """Forget every sequence (storage is kept; lengths go back to 0)."""
         self._set_lengths([0] * self.batch)

@@ -30,6 +30,7 @@ class LatentKVCache(KVCache):
         self.head_dim, self.head_dim_v = kv_lora_rank + rope_dim, kv_lora_rank
         self.latent = torch.zeros(batch, max_len, 1, self.head_dim, dtype=dtype, device=device)
         self._init_lengths(batch, self.latent.device)
+        self._pin_addresses()
 
     def buffers(self):
         return [self.latent]

@@ -38,6 +38,7 @@ class PagedKVCache(KVCache):
         self.v = torch.zeros(num_pages, page_size, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self.block_table = torch.zeros(batch, max_pages_per_seq, dtype=torch.int32, device=self.k.device)
         self._init_lengths(batch, self.k.device)
+        self._pin_addresses()
         self._free = list(range(num_pages))
         self._pages: list[list[int]] = [[] for _ in range(batch)]
 

@@ -44,6 +44,7 @@ class RollingKVCache(KVCache):
         # eager updates, on the device for traced ones (as the lengths)
         self._host_written = [0] * batch
         self.written = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self._pin_addresses()
 
     def reset(self) -> None:
         super().reset()
@@ -64,7 +65,7 @@ class RollingKVCache(KVCache):
         self._host_written = [int(w) for w in self.written.tolist()]
 
     def buffers(self):
-        return [self.k, self.v]
+        return [self.k, self.v, self.written]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``

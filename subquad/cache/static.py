@@ -36,6 +36,7 @@ class StaticKVCache(KVCache):
         self.k = torch.zeros(batch, max_len, heads_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, max_len, heads_kv, self.head_dim_v, dtype=dtype, device=device)
         self._init_lengths(batch, self.k.device)
+        self._pin_addresses()
 
     def buffers(self):
         return [self.k, self.v]
