@@ -11,7 +11,7 @@ from subquad.models import HybridLM
 from subquad.ops.decode import decode
 
 
-def _counting_compile(fn):
+def _counting_compile(fn, compile=torch.compile):
     """``torch.compile(fn, fullgraph=True)`` run eagerly (aot_eager), and the list of graphs it compiled."""
     from torch._dynamo.backends.common import aot_autograd
 
@@ -21,7 +21,7 @@ def _counting_compile(fn):
         graphs.append(gm)
         return aot_autograd(fw_compiler=lambda g, _: g)(gm, inputs)
 
-    return torch.compile(fn, backend=backend, fullgraph=True), graphs
+    return compile(fn, backend=backend, fullgraph=True), graphs
 
 
 @pytest.mark.parametrize("layers", ["ALDK", "LM"])
@@ -135,3 +135,29 @@ def test_gpu_compiled_step_equals_eager(mode):
         assert (got.float() - want.float()).abs().max() < 2e-2
     assert caches[1]._lengths == caches[0]._lengths == [prefill + 8] * b
     torch.testing.assert_close(caches[1].k, caches[0].k)
+
+
+def test_generate_with_a_compiled_step(monkeypatch):
+    """``generate(compile_step=True)`` gives greedy generation's tokens, compiling the step once for two
+    calls of different lengths (the caches' storage is rounded up, so its shape repeats; inductor swapped for
+    aot_eager: a C++ build per test is minutes on the CI machine)."""
+    graphs = []
+    real_compile = torch.compile
+
+    def compile_counting(fn, **options):
+        compiled, made = _counting_compile(fn)
+        graphs.append(made)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    torch.manual_seed(0)
+    model = HybridLM(64, 32, "AL", heads=2, mixer_options={"L": {"window": 4}}).eval()
+    prompt = torch.randint(0, 64, (2, 3))
+    want = model.generate(prompt, 7, temperature=0)
+    assert torch.equal(model.generate(prompt, 7, temperature=0, compile_step=True), want)
+    assert torch.equal(model.generate(prompt[:, :2], 4, temperature=0, compile_step=True),
+                       model.generate(prompt[:, :2], 4, temperature=0))
+    assert len(graphs) == 1 and len(graphs[0]) == 1
+    assert real_compile is not torch.compile
+    with pytest.raises(ValueError, match="compile_step: expected use_cache=True"):
+        model.generate(prompt, 2, use_cache=False, compile_step=True)

@@ -14,6 +14,7 @@ one token at a time, so a recurrent layer costs O(1) per token and a sliding-win
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from ..nn.mlp import SwiGLU, swiglu_hidden
 from ..nn.norm import RMSNorm
 from ..nn.registry import build_mixer, lookup, parse_layers
 
+#: a compiled step's caches hold a multiple of this many tokens
+COMPILED_CACHE_ROUND = 256
 # the mixers' and the MLP's output projections, which write into the residual stream
 RESIDUAL_OUT = ("o_proj", "out_proj", "wo", "down")
 
@@ -125,7 +128,8 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, top_p: float | None = None, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None, return_logits: bool = False):
+                 use_cache: bool = True, generator: torch.Generator | None = None, return_logits: bool = False,
+                 compile_step: bool = False):
         """Sample ``max_new_tokens`` after ``prompt_ids`` ``(batch, prompt_len)``.
 
         ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set of most
@@ -135,6 +139,8 @@ class HybridLM(nn.Module):
         token (the slow specification the cached path must match).
         Returns ``(batch, prompt_len + steps)`` ids, ``steps`` being ``max_new_tokens`` unless every row ended
         earlier (and with ``return_logits`` the logits of each step, ``(batch, steps, vocab)``).
+        ``compile_step``: run the one-token steps through ``torch.compile(fullgraph=True)`` (compiled at the
+        first call, kept for later ones; the prompt runs eagerly).
         """
         if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
@@ -156,14 +162,21 @@ class HybridLM(nn.Module):
                                              and 0 <= eos_token_id < self.config["vocab_size"]):
             raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
                              f"{eos_token_id!r}")
+        if compile_step and not use_cache:
+            raise ValueError("compile_step: expected use_cache=True (the compiled step is the cached one-token forward)")
+        step = self.compiled_step() if compile_step else self
         ids = prompt_ids
         bsz = ids.shape[0]
-        caches = self.new_caches(bsz, ids.shape[1] + max_new_tokens) if use_cache else None
+        max_len = ids.shape[1] + max_new_tokens
+        if compile_step:
+            # storage of a repeating shape: another length would recompile the step
+            max_len = -(-max_len // COMPILED_CACHE_ROUND) * COMPILED_CACHE_ROUND
+        caches = self.new_caches(bsz, max_len) if use_cache else None
         step_input = ids
         chosen_logits = []
         finished = torch.zeros(bsz, 1, dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else ids, caches)[:, -1].float()
+        for i in range(max_new_tokens):
+            logits = (step if i else self)(step_input if use_cache else ids, caches)[:, -1].float()
             nxt = sample(logits, temperature, top_k, generator, top_p=top_p)
             chosen_logits.append(logits)
             if eos_token_id is not None:
@@ -179,6 +192,18 @@ class HybridLM(nn.Module):
         if not chosen_logits:
             return ids, torch.empty(bsz, 0, self.config["vocab_size"], device=ids.device)
         return ids, torch.stack(chosen_logits, 1)
+
+
+    def compiled_step(self):
+        """``torch.compile(self, fullgraph=True)``, made once per model: a decoding step over the caches (one
+        graph for every step; see the README's "Compiled decoding steps")."""
+        if self not in _COMPILED_STEPS:
+            _COMPILED_STEPS[self] = torch.compile(self.forward, fullgraph=True)
+        return _COMPILED_STEPS[self]
+
+
+# (outside the module: a compiled function held as an attribute would travel with the model's pickle)
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _check_top_p(top_p) -> None:
