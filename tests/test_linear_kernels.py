@@ -83,6 +83,31 @@ def test_chunk_kernel_decay_extremes(kind, low, forward_form):
     _assert_match(got, _run("reference", tensors, chunk_size=32))
 
 
+@pytest.mark.parametrize("decay_grad", [False, True])
+def test_strong_constant_decay_in_a_short_last_chunk(decay_grad, forward_form):
+    """A per-head decay of e^-10 a token (GATE 3) with the last chunk 8 of 32 rows long: the 24 rows past the
+    sequence's end once took exp(b_last - b_i) = e^240 = inf, times their zero values a NaN state (forward) and
+    NaN gradients (backward, which runs GATE 3 when the decay takes no gradient)."""
+    q, k, v, g, s0 = _inputs("head", 1, 40, low=-40.0)
+    assert float(g.min()) < -88 / 24      # e^(24 |g|) past fp32's range
+
+    def run(backend):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, s0)]
+        if not decay_grad:
+            leaves[3].requires_grad_(False)
+        o, s = subquad.gla(*leaves[:4], initial_state=leaves[4], output_state=True, chunk_size=32, backend=backend)
+        ((o * o.detach().sin()).sum() + s.sum()).backward()
+        return [o, s] + [x.grad for x in leaves]
+
+    got, want = run("triton"), run("reference")
+    assert all(torch.isfinite(x).all() for x in got if x is not None)
+    _assert_match(got[:5] + got[6:], want[:5] + want[6:])
+    if decay_grad:
+        # it sums q.dq - k.dk over the tokens, terms of ~10 cancelling to ~1e-3: fp32 leaves ~1e-5 a token in it
+        # (the reference differentiates the decayed products instead)
+        torch.testing.assert_close(got[5], want[5], atol=2e-3, rtol=2e-4)
+
+
 @pytest.mark.parametrize("safe_only", [False, True])
 def test_vector_decay_both_intra_chunk_forms(safe_only, monkeypatch):
     """chunk_intra takes one matmul per chunk where the chunk's decays spread little and sub-blocks elsewhere:

@@ -242,3 +242,15 @@ def test_attention_dropout_only_while_training(make_layer):
     assert not torch.allclose(layer(x), quiet)
     if isinstance(layer, Attention):
         assert "dropout=0.4" in repr(layer)
+
+
+def test_retnet_keeps_its_decays_in_bfloat16():
+    """A bf16 RetNet decays as the fp32 one: its slow heads' 1 - 2^-12 must not round to 1 (no decay) when the
+    model is cast; after 1024 tokens the slow heads' gamma^T (e^-2 .. e^-0.25) shape the late outputs."""
+    torch.manual_seed(0)
+    layer = RetNet(16, 8)
+    x = torch.randn(1, 1024, 16)
+    with torch.no_grad():
+        ref = layer(x)
+        out = layer.to(torch.bfloat16)(x.bfloat16()).float()
+    torch.testing.assert_close(out[:, -64:], ref[:, -64:], atol=0.05, rtol=0)   # 0.15 with the rounded decays

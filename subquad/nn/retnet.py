@@ -36,7 +36,6 @@ class RetNet(nn.Module):
         self.o_proj = nn.Linear(heads * self.value_dim, d_model, bias=False)
         self.head_norm = RMSNorm(self.value_dim)
         self.rope = RotaryEmbedding(self.head_dim, rope_base)
-        self.register_buffer("log_gamma", retnet_gammas(heads).log(), persistent=False)
 
     def new_cache(self, batch: int, max_len: int, **_) -> RecurrentState:
         return RecurrentState(batch, type(self).__name__)
@@ -49,12 +48,15 @@ class RetNet(nn.Module):
         start = cache.position if cache is not None else 0
         positions = torch.arange(start, start + seq_len, device=x.device)
         q, k = self.rope(q, positions), self.rope(k, positions)
+        # made here in fp32, not kept as a buffer: model.to(bfloat16) would round the slow heads' 1 - 2^-12 to 1
+        # (no decay at all) in the chunked form, while the step form decayed
+        gamma = retnet_gammas(self.heads, x.device)
         if cache is None:
-            o = retention(q, k, v, self.log_gamma.exp(), backend=self.backend)
+            o = retention(q, k, v, gamma, backend=self.backend)
         elif seq_len == 1:
-            o, cache.state = gla_step(q, k, v, cache.state, self.log_gamma, backend=self.backend)
+            o, cache.state = gla_step(q, k, v, cache.state, gamma.log(), backend=self.backend)
         else:
-            o, cache.state = retention(q, k, v, self.log_gamma.exp(), initial_state=cache.state, output_state=True,
+            o, cache.state = retention(q, k, v, gamma, initial_state=cache.state, output_state=True,
                                        backend=self.backend)
         if cache is not None:
             cache.position += seq_len

@@ -47,10 +47,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _decays(g, tok, first, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr):
     """The chunk rows' cumulative log-decays and the last row's: ``(C,)`` and a scalar for GATE 1 and 3, ``(C, BK)``
     and ``(BK,)`` (the key block ``o_k``) for GATE 2. GATE 3 (the constant ``g[i_h]``) reads nothing more: the
-    sums follow from the rows' places in the chunk that starts at token ``first``."""
+    sums follow from the rows' places in the chunk that starts at token ``first``. Rows past ``last`` (a short
+    chunk) get the last row's sum, so that ``b_last - b_i`` stays <= 0 as GATE 1's zeros keep it: counted on, it
+    overflows exp for a strong decay, and inf times their zero values is a NaN state."""
     if GATE == 3:
         lg = tl.load(g + i_h)
-        b_b = (tok - first + 1).to(tl.float32) * lg
+        b_b = (tl.minimum(tok, last) - first + 1).to(tl.float32) * lg
         b_last = (last - first + 1).to(tl.float32) * lg
     elif GATE == 1:
         b_b = tl.load(g + tok * H + i_h, mask=m_t, other=0.0)
@@ -218,7 +220,7 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
     if GATE == 3:
         # the same in every chunk (rows past a sequence's end included: never stored, and finite, as b_i - b_j
         # <= 0 for i >= j)
-        b_b, _ = _decays(g, bos + rows, bos, bos, None, o_k, m_k, i_h, H, K, GATE)
+        b_b, _ = _decays(g, bos + rows, bos, bos + C - 1, None, o_k, m_k, i_h, H, K, GATE)
         row_decays = tl.exp(b_b)
         score_decays = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], float("-inf")))
     if GATE == 1 or GATE == 2:
