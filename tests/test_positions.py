@@ -128,3 +128,26 @@ def test_bad_scaling_and_shapes():
         RotaryEmbedding(8)(torch.randn(1, 3, 1, 8), torch.arange(4))
     with pytest.raises(ValueError, match="heads"):
         alibi_slopes(0)
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model():
+    """``model.to(torch.bfloat16)`` cast the frequency buffer: at position 4000 the angles moved by up to
+    ~1.7 rad. They stay fp32 (and follow the module's device)."""
+    from torch import nn
+
+    rope = RotaryEmbedding(64)
+    model = nn.Sequential(nn.Linear(4, 4), rope).to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16 and rope.inv_freq.dtype == torch.float32
+    want = RotaryEmbedding(64).cos_sin(torch.tensor([4000]))
+    for got, ref in zip(rope.cos_sin(torch.tensor([4000])), want):
+        torch.testing.assert_close(got, ref)
+    model.float().half()
+    assert rope.inv_freq.dtype == torch.float32
+
+
+def test_attention_alibi_slopes_stay_fp32_in_a_bf16_model():
+    from subquad.nn import Attention
+
+    layer = Attention(48, 12, position="alibi").to(torch.bfloat16)
+    assert layer.o_proj.weight.dtype == torch.bfloat16 and layer.alibi.dtype == torch.float32
+    torch.testing.assert_close(layer.alibi, alibi_slopes(12))

@@ -91,6 +91,14 @@ class RotaryEmbedding(nn.Module):
             self.attention_factor = 1.0
         self.position_scale = 1.0 / scaling.factor if scaling is not None and scaling.kind == "linear" else 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._inv_freq_fp32 = self.inv_freq.clone()
+
+    def _apply(self, fn, recurse=True):
+        # the frequencies stay fp32 through model.to(bfloat16): rounded to bf16 they move the angle at position
+        # 4000 by ~1.7 rad (the device moves, the values do not)
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq_fp32.to(self.inv_freq.device)
+        return self
 
     def cos_sin(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``, ``sin`` of shape ``positions.shape + (dim / 2,)`` in ``dtype`` (fp32, or fp64 for fp64 x)."""
