@@ -300,3 +300,15 @@ def test_bad_inputs_named_as_passed(call, match):
 def test_retnet_gammas_follow_the_paper():
     """RetNet's decays 1 - 2^(-5 - h), h = 0..H-1 (the paper, torchscale, fla), not a spread over fixed bounds."""
     torch.testing.assert_close(-torch.log2(1 - retnet_gammas(4)), torch.tensor([5.0, 6.0, 7.0, 8.0]))
+
+
+def test_auto_backend_keeps_fp64_on_the_reference():
+    """On CUDA ``backend="auto"`` takes the Triton kernels, which compute in fp32: fp64 inputs (a gradcheck)
+    stay on the fp64 reference."""
+    from types import SimpleNamespace
+
+    from subquad.ops.linear.checks import pick_backend
+
+    cuda = {dtype: SimpleNamespace(is_cuda=True, dtype=dtype) for dtype in (torch.float64, torch.bfloat16)}
+    assert pick_backend("auto", cuda[torch.float64], "subquad.ops.linear.chunk") == "reference"
+    assert pick_backend("auto", cuda[torch.bfloat16], "subquad.ops.linear.chunk") == "triton"

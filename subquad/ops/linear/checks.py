@@ -115,13 +115,14 @@ def check_backend(backend: str) -> None:
 
 
 def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
-    """auto: the Triton kernels on CUDA (when they import), the reference otherwise."""
+    """auto: the Triton kernels on CUDA (when they import), the reference otherwise and for fp64 (the kernels
+    compute in fp32: fp64 inputs ask for more, e.g. a gradcheck)."""
     if backend != "auto":
         if backend == "triton" and not q.is_cuda and not _interpreting():
             raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
                              f"{q.device}")
         return backend
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float64:
         try:
             __import__(kernel_module)
         except ImportError:
