@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subquad.cache import RollingKVCache, StaticKVCache
+from subquad.cache import PagedKVCache, RollingKVCache, StaticKVCache
 from subquad.models import HybridLM
 from subquad.ops.decode import decode
 
@@ -161,3 +161,30 @@ def test_generate_with_a_compiled_step(monkeypatch):
     assert real_compile is not torch.compile
     with pytest.raises(ValueError, match="compile_step: expected use_cache=True"):
         model.generate(prompt, 2, use_cache=False, compile_step=True)
+
+
+def test_compiled_steps_over_reserved_pages_equal_static_ones():
+    """A paged cache's traced update writes through the block table into pages reserved beforehand
+    (``reserve``): compiled steps give what eager steps over a static cache give; reserving past the pool
+    or the table is refused."""
+    torch.manual_seed(2)
+    static = StaticKVCache(2, 32, heads_kv=1, head_dim=8, dtype=torch.float32)
+    paged = PagedKVCache(num_pages=11, page_size=4, heads_kv=1, head_dim=8, dtype=torch.float32, batch=2,
+                         max_pages_per_seq=6)
+    kv = torch.randn(2, 5, 1, 8)
+    for c in (static, paged):
+        c.update(kv, -kv)
+    paged.reserve([9, 13])
+
+    def step(cache, q, k):
+        return decode(q, cache.update(k, k), backend="reference")
+
+    compiled, graphs = _counting_compile(step)
+    for _ in range(4):
+        q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 1, 8)
+        torch.testing.assert_close(compiled(paged, q, k), step(static, q, k))
+    assert len(graphs) == 1 and paged._lengths == [9, 9] and paged.pages_in_use == 3 + 4
+    with pytest.raises(ValueError, match="tokens: sequence 1 would need 7 pages"):
+        paged.reserve([4, 28])
+    with pytest.raises(ValueError, match="tokens: the pool is out of pages"):
+        paged.reserve(24)

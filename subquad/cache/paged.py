@@ -63,16 +63,16 @@ class PagedKVCache(KVCache):
         for b in range(self.batch):
             self.free(b)
 
-    def _grow(self, lengths: list[int]) -> None:
+    def _grow(self, lengths: list[int], name: str = "k") -> None:
         """Give each sequence the pages ``lengths`` needs; all or nothing (a failed update changes nothing)."""
         need = [-(-n // self.page_size) for n in lengths]
         for seq, n in enumerate(need):
             if n > self.max_pages_per_seq:
-                raise ValueError(f"k: sequence {seq} would need {n} pages, more than max_pages_per_seq="
+                raise ValueError(f"{name}: sequence {seq} would need {n} pages, more than max_pages_per_seq="
                                  f"{self.max_pages_per_seq}")
         more = sum(max(0, n - len(p)) for n, p in zip(need, self._pages))
         if more > len(self._free):
-            raise ValueError(f"k: the pool is out of pages ({self.num_pages} of {self.page_size} tokens; "
+            raise ValueError(f"{name}: the pool is out of pages ({self.num_pages} of {self.page_size} tokens; "
                              f"{len(self._free)} free, this update needs {more})")
         for seq, n in enumerate(need):
             first = len(self._pages[seq])
@@ -81,7 +81,25 @@ class PagedKVCache(KVCache):
             if n > first:
                 self.block_table[seq, first:n] = torch.tensor(self._pages[seq][first:n], dtype=torch.int32)
 
+    def reserve(self, tokens) -> None:
+        """Give each sequence the pages for ``tokens`` tokens (an int, or one per sequence) now, on the host:
+        a traced update (a compiled decoding step) writes through the block table and cannot take pages."""
+        lengths = [tokens] * self.batch if isinstance(tokens, int) else list(tokens)
+        if len(lengths) != self.batch or not all(isinstance(n, int) and n >= 0 for n in lengths):
+            raise ValueError(f"tokens: expected an int >= 0 or {self.batch} of them, got {tokens!r}")
+        self._grow([max(n, m) for n, m in zip(lengths, self._lengths)], "tokens")
+
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
+        """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``
+        (default: append), taking pages from the pool as needed. Traced (``torch.compile``): the pages must
+        have been reserved (``reserve``); unchecked."""
+        if torch.compiler.is_compiling():
+            self._check_shapes(k, v, self.k.device)
+            rows = self._traced_rows(k.shape[1], positions)
+            page = torch.gather(self.block_table.long(), 1, rows // self.page_size)
+            self.k[page, rows % self.page_size] = k.to(self.k.dtype)
+            self.v[page, rows % self.page_size] = v.to(self.v.dtype)
+            return self.view()
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
         self._grow([s + t for s in starts])
@@ -94,5 +112,6 @@ class PagedKVCache(KVCache):
         return self.view()
 
     def view(self) -> KVView:
+        traced = torch.compiler.is_compiling()
         return KVView(self.k, self.v, self.seqlens, "paged", block_table=self.block_table,
-                      max_seqlen=max(self._lengths))
+                      max_seqlen=None if traced else max(self._lengths))
