@@ -207,3 +207,23 @@ def test_compiles_whole_with_dropout():
     want = fn(q, k, v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(compiled(q, k, v), got)      # a fresh seed each call
+
+
+def test_compiled_draws_match_eager_at_lengths_not_a_multiple_of_16():
+    """Traced whole with gradients, GQA, 20 keys (16 keys share a Philox call: the last call's 4 keys): inductor
+    fused the reference's int64 Philox into the attention's loops and left those 4 keys' words unwritten (CPU,
+    torch 2.13: the compiled call read uninitialised memory for them); the draws now run as one op of their own."""
+    q, k, v = _qkv(1, 20, 20, 4, 2, d=8)
+    fn = lambda q, k, v: subquad.attention(q, k, v, causal=True, dropout_p=0.3)   # noqa: E731
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(fn, fullgraph=True)
+        compiled(q, k, v)
+        torch.manual_seed(7)
+        got = compiled(q, k, v)
+    torch.manual_seed(7)
+    want = fn(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    for a, b_ in zip(torch.autograd.grad((got * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)

@@ -71,6 +71,19 @@ def keep(rng: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seq_kv: int)
     return ((word >> ((lane % 4) * 8)) & 0xFF) >= rng[1]
 
 
+@torch.library.custom_op("subquad::dropout_keep", mutates_args=())
+def keep_traced(rng: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seq_kv: int) -> torch.Tensor:
+    """``keep`` as one op of its own for traced calls (torch.compile): fused into the reference's score loops,
+    inductor (CPU, torch 2.13) left the words of a partial last group of 16 keys unwritten and read uninitialised
+    memory for them (20 keys: keys 16-19), so a compiled call dropped other pairs than the eager one."""
+    return keep(rng, rows, keys, seq_kv)
+
+
+@keep_traced.register_fake
+def _keep_traced_fake(rng, rows, keys, seq_kv):
+    return rows.new_empty(torch.broadcast_shapes(rows.shape, keys.shape), dtype=torch.bool)
+
+
 def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int) -> torch.Tensor:
     """Every pair's decision, bool ``(batch, heads, seq_q, seq_kv)`` (for tests and oracles: O(N^2) memory)."""
     rows = torch.arange(batch * heads * seq_q, device=rng.device).view(batch, heads, seq_q, 1)
@@ -88,4 +101,4 @@ def check_dropout_p(dropout_p, backend: str = "auto") -> float:
     return quantized(float(dropout_p))
 
 
-__all__ = ["new_rng", "philox", "threshold", "quantized", "keep", "keep_mask", "check_dropout_p"]
+__all__ = ["new_rng", "philox", "threshold", "quantized", "keep", "keep_traced", "keep_mask", "check_dropout_p"]

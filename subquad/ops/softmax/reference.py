@@ -71,7 +71,8 @@ def _positions(index, kv_pos, device) -> torch.Tensor:
 def _kept(dropout: Dropout, b_index, h_index, qrows, keys, hkv, g):
     """The dropout decisions of a score tile (``(b, hkv, g, nq, nk)``), as float 0/1."""
     rows = (b_index * dropout.heads + h_index) * dropout.seq_q + qrows.view(1, 1, -1, 1)
-    keep = _dropout.keep(dropout.rng, rows, keys.view(1, 1, 1, -1), dropout.seq_kv)
+    draw = _dropout.keep_traced if torch.compiler.is_compiling() else _dropout.keep
+    keep = draw(dropout.rng, rows, keys.view(1, 1, 1, -1), dropout.seq_kv)
     keep = keep.view(keep.shape[0], hkv, g, *keep.shape[2:]) if keep.shape[1] > 1 else \
         keep.view(keep.shape[0], 1, 1, *keep.shape[2:])
     return keep.float()
