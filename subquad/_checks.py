@@ -4,6 +4,7 @@ was expected."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -52,10 +53,20 @@ def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")
 
 
+def is_real(x) -> bool:
+    """A real number (NumPy's scalars included), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def softcap_or_none(softcap):
+    """FlashAttention's ``softcap=0.0`` means none."""
+    return None if is_real(softcap) and softcap == 0 else softcap
+
+
 def check_scale_softcap(scale, softcap) -> None:
     """``scale``: a finite number or None; ``softcap``: a positive finite number or None (``inf`` made every
     output NaN: ``inf * tanh(s / inf)``)."""
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if scale is not None and not (is_real(scale) and math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+    if softcap is not None and not (is_real(softcap) and 0 < softcap < math.inf):
         raise ValueError(f"softcap: expected a positive finite number or None, got {softcap!r}")

@@ -63,7 +63,7 @@ CASES = {
     "alibi rank": (dict(alibi_slopes=torch.ones(2, 4, 1)), r"alibi_slopes"),
     "alibi list": (dict(alibi_slopes=[1.0] * 4), r"alibi_slopes"),
     "alibi device": (dict(alibi_slopes=torch.ones(4, device="meta")), r"alibi_slopes: expected device cpu"),
-    "softcap 0": (dict(softcap=0.0), r"softcap: expected a positive finite number"),
+    "softcap < 0": (dict(softcap=-1.0), r"softcap: expected a positive finite number"),
     "scale nan": (dict(scale=float("nan")), r"scale: expected a finite number"),
     "backend": (dict(backend="cuda"), r"backend: expected one of"),
 }
@@ -85,3 +85,20 @@ def test_good_input_passes():
     assert out.shape == (2, 32, 4, 16)
     q, k, v = _qkv(hkv=1, dv=8)
     assert subquad.attention(q, k, v, causal=True, backend="reference").shape == (2, 32, 4, 8)
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    """``scale``, ``softcap`` and ``dropout_p`` take NumPy scalars (as FlashAttention and SDPA do) and refuse
+    bools; ``softcap=0`` is FlashAttention's "no softcap" in ``attention`` and ``decode`` as in ``varlen_attention``."""
+    import numpy as np
+
+    import subquad as sq
+
+    q = torch.randn(1, 8, 2, 16)
+    want = sq.attention(q, q, q, causal=True, scale=0.25)
+    torch.testing.assert_close(sq.attention(q, q, q, causal=True, scale=np.float32(0.25), softcap=0.0,
+                                            dropout_p=np.float32(0.0)), want)
+    torch.testing.assert_close(sq.decode(q[:, -1:], q, q, softcap=0, scale=0.25), want[:, -1:])
+    for name, bad in (("scale", {"scale": True}), ("softcap", {"softcap": True}), ("dropout_p", {"dropout_p": False})):
+        with pytest.raises(ValueError, match=name):
+            sq.attention(q, q, q, **bad)

@@ -254,3 +254,11 @@ def test_retnet_keeps_its_decays_in_bfloat16():
         ref = layer(x)
         out = layer.to(torch.bfloat16)(x.bfloat16()).float()
     torch.testing.assert_close(out[:, -64:], ref[:, -64:], atol=0.05, rtol=0)   # 0.15 with the rounded decays
+
+
+@pytest.mark.parametrize("layer", [Attention, DiffAttention, MLA])
+def test_dropout_on_a_backend_without_it_is_refused_at_construction(layer):
+    """It failed only at the first training forward."""
+    with pytest.raises(ValueError, match="dropout_p: runs on the 'triton' and 'reference' backends"):
+        layer(32, 2, dropout=0.1, backend="flex")
+    layer(32, 2, dropout=0.0, backend="flex")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._checks import check_backend, check_scale_softcap
+from ..._checks import check_backend, check_scale_softcap, softcap_or_none
 from ...cache import KVCache, KVView
 from ..softmax.sinks import check_sinks, with_sinks
 from .reference import decode_reference
@@ -118,6 +118,7 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
         ``out`` ``(batch, T, heads_q, head_dim_v)`` (and ``lse``).
     """
     check_backend(backend, BACKENDS)
+    softcap = softcap_or_none(softcap)
     view = _as_view(kv, v, seqlens)
     window = view.window if window is None else window
     _check(q, view, window, scale, softcap, alibi_slopes)

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ... import masks as _masks
-from ..._checks import check_backend, check_qkv, check_scale_softcap
+from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
 from . import dispatch
 from .dropout import check_dropout_p, new_rng
 from .planned import plan_for, planned_attention
@@ -68,7 +68,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             pass where that visits markedly fewer pairs (BigBird's 64-wide random blocks, narrow windows with
             global tokens), 64 x 64; a prebuilt BlockMask runs at its own block size.
         scale: defaults to ``head_dim ** -0.5``.
-        softcap: Gemma-2 style ``softcap * tanh(s / softcap)`` on the scaled scores.
+        softcap: Gemma-2 style ``softcap * tanh(s / softcap)`` on the scaled scores (0, FlashAttention's
+            default, or None: none).
         alibi_slopes: ``(heads_q,)`` or ``(batch, heads_q)``; adds ``-slope * |q_pos - k_pos|``.
         return_lse: also return the log-sum-exp of the scores, ``(batch, heads_q, seq_q)`` fp32
             (``-inf`` for a query that sees no key; its output is 0).
@@ -122,6 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if score_mod is not None and not callable(score_mod):
         raise ValueError(f"score_mod: expected a callable (score, b, h, q_pos, k_pos) -> score, got "
                          f"{type(score_mod).__name__}")
+    softcap = softcap_or_none(softcap)
     if sinks is not None:
         check_qkv(q, k, v)
         check_sinks(sinks, q.shape[2], q.device)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ..._checks import is_real
+
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -93,7 +95,7 @@ def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int
 def check_dropout_p(dropout_p, backend: str = "auto") -> float:
     """The probability that a call uses (``quantized``), or a ValueError naming ``dropout_p`` (also for a backend
     without dropout)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+    if not is_real(dropout_p) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if dropout_p and backend in ("fa4", "cudnn", "flex"):
         raise ValueError(f"dropout_p: runs on the 'triton' and 'reference' backends (or 'auto'), got "

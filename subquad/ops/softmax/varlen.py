@@ -21,7 +21,7 @@ import operator
 import torch
 
 from ... import masks as _masks
-from ..._checks import check_backend, check_qkv, check_scale_softcap
+from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
 from ...masks.patterns import INF, Band, Document
 from ...masks.plan import _positional_block_mask
 from .dropout import check_dropout_p, new_rng
@@ -147,8 +147,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              f"got {given!r}")
     dropout_p = check_dropout_p(dropout_p, backend)
     lo, hi = _band(causal, window_size)
-    if softcap == 0:
-        softcap = None          # FlashAttention's "no softcap"
+    softcap = softcap_or_none(softcap)
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (q.shape[1],)):
         shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
         raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) (one slope per query head; per-sequence "
