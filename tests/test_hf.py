@@ -158,3 +158,134 @@ def test_tiny_gpt_oss_with_sinks_matches_eager():
             logits[impl] = model(ids).logits
     eager, ours = logits.values()
     assert float((eager - ours).abs().max()) < 1e-5 * float(eager.abs().max()) + 1e-6
+
+
+def test_swapped_self_attention_keeps_the_attention_dropout():
+    """BERT applies ``attention_probs_dropout_prob`` to its attention probabilities while training; the swapped
+    module dropped it (fine-tuning lost that regularisation). Now ``attention``'s dropout, in train mode only;
+    the linear mechanism has no probabilities to drop."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    from subquad.integrations.hf import SubquadSelfAttention
+
+    torch.manual_seed(0)
+    original = BertSelfAttention(BertConfig(hidden_size=16, num_attention_heads=2, attention_probs_dropout_prob=0.5))
+    swapped = SubquadSelfAttention(original, "exact", backend="reference")
+    x = torch.randn(2, 7, 16)
+    q, k, v = (proj(x).view(2, 7, 2, 8) for proj in (original.query, original.key, original.value))
+    swapped.train()
+    torch.manual_seed(3)
+    got, _ = swapped(x)
+    torch.manual_seed(3)
+    want = subquad.attention(q, k, v, dropout_p=0.5, backend="reference").reshape(2, 7, 16)
+    torch.testing.assert_close(got, want)
+    plain = subquad.attention(q, k, v, backend="reference").reshape(2, 7, 16)
+    assert not torch.allclose(got, plain)
+    swapped.eval()
+    torch.testing.assert_close(swapped(x)[0], plain)
+    linear = SubquadSelfAttention(original, "linear").train()
+    torch.testing.assert_close(linear(x)[0], linear.eval()(x)[0])
+    # swapped into a model in eval mode (swap_attention after from_pretrained), it stays in eval mode
+    assert not SubquadSelfAttention(original.eval(), "exact").training
+
+
+def test_clip_text_encoder_stays_causal():
+    """CLIP's text layers say ``is_causal = False`` and the model passes ``is_causal=True`` to the attention
+    function, with no mask on an unpadded batch: the keyword was swallowed and the text encoder ran bidirectional."""
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1)
+    model = transformers.CLIPTextModel(cfg).eval()
+    ids = torch.randint(2, 50, (2, 9))
+    out = {}
+    for impl in ("eager", register_attention("subquad", backend="reference")):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids).last_hidden_state
+    eager, ours = out.values()
+    torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_llama_static_cache_generation_matches_eager():
+    """With an empty static cache the prefill gets no mask and keys past the queries (the cache's unfilled
+    slots): transformers aligns causality top-left there, and bottom-right causality read the empty slots."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 97, (2, 9))
+    out = {}
+    for impl in ("eager", register_attention("subquad", backend="reference")):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                                       output_logits=True, return_dict_in_generate=True)
+    eager, ours = out.values()
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(eager.logits), atol=1e-4, rtol=1e-4)
+    assert torch.equal(ours.sequences, eager.sequences)
+
+
+def test_a_mask_is_the_whole_truth_as_in_sdpa():
+    """transformers' SDPA function applies causality only without a mask, and takes no window of its own: a
+    mask that lets a prefix (Gemma 3's image tokens, a prefix-LM) see later keys was cut by causality and by
+    the layer's sliding window."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    keep = torch.ones(8, 8, dtype=torch.bool).tril()
+    keep[:5, :5] = True  # the first five positions see each other
+    module = torch.nn.Module()
+    module.is_causal = True
+    for window in (None, 3):
+        want, _ = sdpa_attention_forward(module, q, k, v, keep.view(1, 1, 8, 8), scaling=0.5, sliding_window=window)
+        got, _ = subquad_attention_forward(module, q, k, v, keep.view(1, 1, 8, 8), scaling=0.5, sliding_window=window,
+                                           backend="reference")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_registered_pattern_with_a_static_cache():
+    """A static cache hands every decoding step all its slots, the unfilled ones masked out; the pattern's
+    window, aligned to the keys' end, covered those slots instead of the tokens before the query."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from subquad import masks
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation(register_attention("subquad_w4", pattern=masks.sliding_window(4),
+                                                     backend="reference"))
+    ids = torch.randint(1, 97, (2, 9))
+    out = {}
+    for cache in ("dynamic", "static"):
+        with torch.no_grad():
+            out[cache] = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, cache_implementation=cache,
+                                        output_logits=True, return_dict_in_generate=True)
+    dynamic, static = out.values()
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_swap_refuses_a_decoder_and_register_runs_it():
+    """A BERT decoder (is_decoder=True) gets no mask on an unpadded batch and keeps its KV cache in the layer:
+    the swapped module ran it bidirectionally (position 0 saw later tokens). It is refused; the registered
+    attention function runs it as eager does."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, is_decoder=True)
+    model = transformers.BertLMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with pytest.raises(ValueError, match="decoder"):
+        swap_attention(model, "exact")
+    out = {}
+    for impl in ("eager", register_attention("subquad", backend="reference")):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids).logits
+    eager, ours = out.values()
+    torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ from ..masks.patterns import Tensor  # (a pattern per call: no copy, unlike mask
 from ..ops.linear import linear_attention
 from ..ops.linear.feature_maps import apply_feature_map, resolve_feature_map
 from ..ops.softmax import attention
+from ..ops.softmax.dropout import check_dropout_p
 
 MECHANISMS = ("exact", "sliding_window", "longformer", "bigbird", "linear")
 
@@ -58,22 +59,33 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, softcap: float | None = None, sliding_window: int | None = None,
                               *, s_aux: torch.Tensor | None = None, pattern: masks.Pattern | None = None,
-                              backend: str = "auto", **kwargs):
+                              backend: str = "auto", is_causal: bool | None = None, **kwargs):
     """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
     (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. ``dropout``: transformers passes the model's
     attention dropout while training, 0 in eval (``attention``'s ``dropout_p``). ``s_aux``: GPT-OSS's per-head
-    attention sinks (``attention``'s ``sinks``)."""
+    attention sinks (``attention``'s ``sinks``). Causality follows transformers' SDPA function: ``is_causal`` when
+    the model passes it, else the module's ``is_causal``, and only where no mask came (the mask then holds it)."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keep = keep_mask(attention_mask, k.shape[1])
+    # CLIP's text encoder passes is_causal=True to layers whose own attribute says False; and a mask, when present,
+    # is the whole truth: Gemma 3's image tokens and prefix-LMs see later keys that causality would drop
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal) and keep is None
+    if causal and 1 < q.shape[1] < k.shape[1]:
+        # transformers drops the mask with more keys than queries only for the prefill of an empty static cache:
+        # the keys past the queries are unfilled slots (SDPA's top-left causality; ours is bottom-right)
+        k, v = k[:, :q.shape[1]], v[:, :q.shape[1]]
+    if pattern is not None and keep is not None and k.shape[1] > q.shape[1]:
+        # a static cache's keys run to its full length, its unfilled slots masked out: a pattern's positions are
+        # aligned to the keys' end, so the keys stop at the last one any query keeps (one read of the mask)
+        kept = keep.flatten(0, 2).any(0).nonzero()
+        filled = max(int(kept.max()) + 1 if kept.numel() else k.shape[1], q.shape[1])
+        k, v, keep = k[:, :filled], v[:, :filled], keep[..., :filled]
     mask = pattern
-    if sliding_window:
+    if sliding_window and keep is None:  # (a mask holds the window too, with Gemma 3's image tokens past it)
         window = masks.sliding_window(int(sliding_window))
         mask = window if mask is None else mask & window
     if keep is not None:
         mask = Tensor(keep) if mask is None else mask & Tensor(keep)
-    # transformers' mask already holds causality when present; end-aligned causality is then a superset of it
-    # (also with a static cache's unfilled tail), so intersecting with it changes nothing.
-    causal = bool(getattr(module, "is_causal", False))
     out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend,
                     sinks=s_aux, dropout_p=dropout)
     return out, None
@@ -93,7 +105,9 @@ def register_attention(name: str = "subquad", pattern: masks.Pattern | None = No
 
 class SubquadSelfAttention(nn.Module):
     """A BERT-family self-attention with the original ``query``/``key``/``value`` projections, computed by a
-    subquad mechanism. Returns ``(context (B, N, hidden), None)`` as transformers' self-attention modules do."""
+    subquad mechanism. Returns ``(context (B, N, hidden), None)`` as transformers' self-attention modules do. The
+    original's attention dropout applies while training (``attention``'s ``dropout_p``: the "triton" and
+    "reference" backends, or "auto"), except in linear attention."""
 
     def __init__(self, original: nn.Module, mechanism: str = "exact", *, window: int = 128,
                  global_tokens=(0,), random_blocks: int = 3, block: int = 64, feature_map="elu1",
@@ -101,11 +115,20 @@ class SubquadSelfAttention(nn.Module):
         super().__init__()
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism: expected one of {MECHANISMS}, got {mechanism!r}")
+        if getattr(original, "is_causal", False):
+            # a decoder's layer (is_decoder=True): its mask is often None, causality left to the layer, and its
+            # KV cache lives in the layer; this module runs bidirectional and keeps no cache
+            raise ValueError("original: expected an encoder's self-attention, got a causal (decoder) one; use "
+                             "register_attention for decoders")
         self.query, self.key, self.value = original.query, original.key, original.value
         self.heads = original.num_attention_heads
         self.head_dim = original.attention_head_size
         self.scaling = getattr(original, "scaling", self.head_dim ** -0.5)
         self.mechanism, self.backend = mechanism, backend
+        # BERT's attention_probs_dropout_prob, which its attention applies while training (none in linear
+        # attention, which has no probabilities)
+        dropout = getattr(original, "dropout", None)
+        self.dropout = check_dropout_p(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
         self.phi = resolve_feature_map(feature_map) if mechanism == "linear" else None
         if isinstance(self.phi, nn.Module):
             self.add_module("feature_map", self.phi)
@@ -117,6 +140,8 @@ class SubquadSelfAttention(nn.Module):
                         "bigbird": masks.bigbird(window, list(global_tokens), random_blocks, block=block)
                         if mechanism == "bigbird" else None,
                         "linear": None}[mechanism]
+        # (swapped into a model in eval mode, it stays there: its dropout follows the mode)
+        self.train(original.training)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         bsz, n, _ = hidden_states.shape
@@ -134,11 +159,13 @@ class SubquadSelfAttention(nn.Module):
             mask = self.pattern
             if keep is not None:
                 mask = Tensor(keep) if mask is None else mask & Tensor(keep)
-            out = attention(q, k, v, mask=mask, scale=self.scaling, backend=self.backend)
+            out = attention(q, k, v, mask=mask, scale=self.scaling, backend=self.backend,
+                            dropout_p=self.dropout if self.training else 0.0)
         return out.reshape(bsz, n, self.heads * self.head_dim), None
 
     def extra_repr(self) -> str:
-        return f"mechanism={self.mechanism}, heads={self.heads}, head_dim={self.head_dim}"
+        return f"mechanism={self.mechanism}, heads={self.heads}, head_dim={self.head_dim}" + (
+            f", dropout={self.dropout}" if self.dropout else "")
 
 
 def _is_bert_self_attention(module: nn.Module) -> bool:
