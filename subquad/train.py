@@ -56,6 +56,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        # (0 was skipped as if unset, a negative count failed in torch.set_num_threads with a traceback)
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads <= 0):
+            raise ValueError(f"threads: expected a positive int or None, got {self.threads!r}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,6 +132,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, console=None, corpus=None)
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     corpus = corpus if corpus is not None else load_corpus(cfg.max_bytes)
+    # checked before the steps: a validation split shorter than a window failed at the first evaluation, after
+    # eval_every steps of training had run (and the run was lost)
+    for split in ("train", "val"):
+        available = getattr(corpus, split).numel()
+        if available <= cfg.seq_len + 1:
+            raise ValueError(f"seq_len: expected fewer than {available - 1} (the {split} split's {available} bytes "
+                             f"less one: raise max_bytes), got {cfg.seq_len}")
     model = build_model(cfg).to(device)
     params = model.num_params()
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"

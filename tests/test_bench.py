@@ -326,3 +326,16 @@ def test_dropout_suite_cases():
     plain = attention(inputs["q"], inputs["k"], inputs["v"], causal=True, window_size=(31, 0), backend="triton")
     assert torch.equal(dropout._subquad(0.0, 32)(inputs), plain)
     assert torch.isfinite(dropout._subquad(0.1, 32)(inputs)).all()
+
+
+def test_ratio_table_of_a_cpu_run_without_peers():
+    """``make bench`` then ``subquad report --ours subquad-reference``: one implementation gave an empty column
+    between TFLOP/s and max err, and the CPU's rates (below 1) printed as 0."""
+    from subquad.bench.summary import ratio_table
+
+    rows = [{"case": "causal", "batch": 1, "seqlen": 1024, "mode": "fwd", "impl": "subquad-reference", "ms": 160.7,
+             "tflops": 0.00334, "max_err": 3.4e-7}]
+    lines = ratio_table(rows, "subquad-reference").splitlines()
+    assert lines[0] == "| case | B×N | pass | subquad-reference ms | TFLOP/s | max err |"
+    assert lines[1] == "|---|---|---|---|---|---|"
+    assert lines[2] == "| causal | 1×1k | fwd | 160.700 | 0.0033 | 3.4e-07 |"

@@ -176,3 +176,31 @@ def test_a_small_corpus_still_has_train_and_validation_bytes():
 
     corpus = load_corpus(max_bytes=500)
     assert corpus.train.numel() > 0 and corpus.val.numel() > 0
+
+
+def test_bad_threads_and_too_long_windows_are_refused_before_training(tmp_path, corpus):
+    """``--threads -1`` failed in torch.set_num_threads with a traceback (0 was ignored); a ``seq_len`` longer than
+    the validation split trained ``eval_every`` steps, then failed at the first evaluation, losing the run."""
+    from typer.testing import CliRunner
+
+    from subquad.cli import app
+
+    for threads in (0, -1):
+        with pytest.raises(ValueError, match="threads"):
+            TrainConfig(threads=threads)
+    result = CliRunner().invoke(app, ["train", "--threads", "-1", "-o", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "threads" in result.output, result.output
+    small = load_corpus(max_bytes=1000)
+    cfg = TrainConfig(layers="M", d_model=32, seq_len=small.val.numel(), batch_size=1, steps=3, eval_every=2,
+                      out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"seq_len: .*val split"):
+        train(cfg, progress=False, corpus=small)
+    assert not (tmp_path / "run").exists()  # refused before the first step, not after
+
+
+def test_generate_refuses_a_nan_temperature():
+    from subquad.models import HybridLM
+
+    model = HybridLM(256, 32, "M", heads=1).eval()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=float("nan"))

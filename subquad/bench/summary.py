@@ -50,7 +50,8 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
     groups = _by_row(rows)
     if peers is None:
         peers = sorted({impl for g in groups.values() for impl in g if impl != ours})
-    head = f"| case | B×N | pass | {ours} ms | TFLOP/s | " + " | ".join(f"÷ {p}" for p in peers) + " | max err |"
+    # (no peers: no empty column between TFLOP/s and max err)
+    head = f"| case | B×N | pass | {ours} ms | TFLOP/s | " + "".join(f"÷ {p} | " for p in peers) + "max err |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (case, batch, n, mode), impls in groups.items():
         mine = impls.get(ours)
@@ -60,14 +61,16 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
         for p in peers:
             other = impls.get(p)
             cells.append(f"{other['ms'] / mine['ms']:.2f}" if other else "—")
-        tf = f"{mine['tflops']:.0f}" if mine.get("tflops") else ""
+        # (the CPU's rates are below 1: shown as 0 at .0f)
+        tf = mine.get("tflops") or ""
+        tf = f"{tf:.0f}" if tf and tf >= 1 else f"{tf:.2g}" if tf else ""
         err = f"{mine['max_err']:.1e}" if mine.get("max_err") is not None else ""
         if mine.get("max_rel_err") is not None:
             # outputs far from unit scale (unnormalised linear attention: hundreds) are judged relative to
             # the reference's largest entry
             err += f" ({mine['max_rel_err']:.1e} rel.)"
-        lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | {mine['ms']:.3f} | {tf} | " + " | ".join(cells)
-                     + f" | {err} |")
+        lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | {mine['ms']:.3f} | {tf} | "
+                     + "".join(f"{c} | " for c in cells) + f"{err} |")
     return "\n".join(lines) + f"\n\n_{_provenance(rows)}. Ratios are peer time ÷ {ours} time in one run._\n"
 
 

@@ -151,7 +151,7 @@ class HybridLM(nn.Module):
             if lo < 0 or hi >= self.config["vocab_size"]:
                 raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values "
                                  f"in [{lo}, {hi}]")
-        if temperature < 0:
+        if not temperature >= 0:  # (NaN too: it reached torch.multinomial as NaN probabilities)
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
