@@ -118,3 +118,25 @@ def test_bad_inputs():
         mha_to_gqa(nn.Module(), 2)
     with pytest.raises(ValueError, match="n_heads: expected the 2 key/value heads"):  # already GQA
         mha_to_gqa(Attention(32, 4, kv_heads=2), 1)
+
+
+def test_hybrid_model_to_gqa_round_trips_through_its_config():
+    """``HybridLM.to_gqa`` pools every softmax-attention layer's K/V heads and records the count in ``config``:
+    a model rebuilt from the config loads the converted weights (its ``kv_heads`` stayed None, so a checkpoint
+    of a converted model failed to load with a size mismatch) and gives the same logits."""
+    from subquad.models import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(64, 64, "ALDM", heads=4, mixer_options={"L": {"window": 8, "kv_heads": 4}}).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    attn = model.blocks[0].mixer
+    want_k = attn.kv_proj.weight.detach().chunk(2)[0].view(2, 2, 16, 64).mean(1).reshape(32, 64)
+    model.to_gqa(2)
+    assert [getattr(b.mixer, "kv_heads", None) for b in model.blocks] == [2, 2, 2, None]
+    torch.testing.assert_close(attn.kv_proj.weight.chunk(2)[0], want_k)
+    cfg = dict(model.config)
+    rebuilt = HybridLM(cfg.pop("vocab_size"), cfg.pop("d_model"), cfg.pop("layers"), **cfg).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(ids), model(ids))
+    with pytest.raises(ValueError, match=r"kv_heads: expected a positive divisor of every attention layer's key/value heads \(\[2\]\)"):
+        model.to_gqa(3)

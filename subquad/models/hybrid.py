@@ -101,6 +101,28 @@ class HybridLM(nn.Module):
                 residual = name.rpartition(".")[2] in RESIDUAL_OUT
                 nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
 
+    def to_gqa(self, kv_heads: int) -> "HybridLM":
+        """Convert every softmax-attention layer (letters ``A``, ``G``, ``L``, ``D``) to ``kv_heads`` key/value
+        heads in place, each the mean of its group's trained heads (``subquad.nn.convert.mha_to_gqa``; the GQA
+        paper then uptrains for ~5% of the original steps), and record it in ``config``, so that a checkpoint
+        rebuilds the converted model. Returns the model."""
+        from ..nn.convert import mha_to_gqa
+
+        converted = [blk.mixer for blk, letter in zip(self.blocks, self.layer_letters) if letter in "AGLD"]
+        held = sorted({m.kv_heads for m in converted})
+        # (checked before any layer changes: a failure halfway would leave a model its config cannot rebuild)
+        if not (isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads > 0
+                and all(n % kv_heads == 0 for n in held)):
+            raise ValueError(f"kv_heads: expected a positive divisor of every attention layer's key/value heads "
+                             f"({held}), got {kv_heads!r}")
+        for mixer in converted:
+            mha_to_gqa(mixer, kv_heads, n_heads=mixer.kv_heads)
+        self.config["kv_heads"] = kv_heads
+        for opts in self.config["mixer_options"].values():
+            if "kv_heads" in opts:
+                opts["kv_heads"] = kv_heads
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
