@@ -210,3 +210,13 @@ def test_models_compile_without_graph_breaks(layers):
     x = torch.randint(0, 64, (1, 24))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=True), dict(top_p=True), dict(eos_token_id=True),
+                                 dict(max_new_tokens=True)])
+def test_generate_refuses_bools_for_counts_and_ids(bad):
+    """``True`` passed as 1 (``top_p=True`` kept every token, ``eos_token_id=True`` stopped at token 1) or
+    failed inside ``torch.topk``."""
+    args = {"max_new_tokens": 2, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        tiny("MA").generate(torch.zeros(1, 2, dtype=torch.long), **args)

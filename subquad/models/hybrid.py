@@ -175,12 +175,12 @@ class HybridLM(nn.Module):
                                  f"in [{lo}, {hi}]")
         if not temperature >= 0:  # (NaN too: it reached torch.multinomial as NaN probabilities)
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        if top_k is not None and (not _is_int(top_k) or top_k <= 0):
             raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
         _check_top_p(top_p)
-        if eos_token_id is not None and not (isinstance(eos_token_id, int)
+        if eos_token_id is not None and not (_is_int(eos_token_id)
                                              and 0 <= eos_token_id < self.config["vocab_size"]):
             raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
                              f"{eos_token_id!r}")
@@ -228,8 +228,13 @@ class HybridLM(nn.Module):
 _COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _is_int(x) -> bool:
+    """An int, not a bool (``True`` would pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_top_p(top_p) -> None:
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
 
 
