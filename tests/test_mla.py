@@ -79,3 +79,33 @@ def test_bad_inputs():
         m(torch.randn(2, 5, 64), LatentKVCache(2, 8, 16, 8, torch.float32))
     with pytest.raises(ValueError, match="rope_dim"):
         MLA(64, 4, rope_dim=7)
+
+
+def test_prefill_over_a_cache_of_rows_of_different_lengths():
+    """A chunk of more than 16 tokens over a cache whose rows hold different lengths (a row rewound through
+    ``cache.update(positions=...)``, as after rejected draft tokens) attends, per row, over that row's own keys,
+    as the absorbed steps and the softmax layers' caches do: row 1 must not see row 0's longer tail."""
+    from subquad.nn.mla import _rotary
+    m = _layer()
+    torch.manual_seed(1)
+    x = torch.randn(2, 20, 64)
+    extra = torch.randn(2, 1, 64)
+    new = torch.randn(2, 17, 64)
+
+    def latent(tok, pos):
+        kv = m.wkv_a(tok)
+        return m.kv_norm(kv[..., :32]), _rotary(kv[..., 32:], torch.tensor([[pos[0]], [pos[1]]]), m.rope_base)
+
+    with torch.no_grad():
+        cache = m.new_cache(2, 48)
+        m(x, cache)
+        # row 0 appends a 21st token; row 1 is rewound to 12 tokens and writes its 13th
+        c0, r0 = latent(extra[:1], (20, 20))
+        c1, r1 = latent(extra[1:], (12, 12))
+        cache.update(torch.cat([c0, c1]), torch.cat([r0[:1], r1[1:]]), positions=torch.tensor([20, 12]))
+        assert cache.seqlens.tolist() == [21, 13]
+        out = m(new, cache)
+        want0 = m(torch.cat([x[:1], extra[:1], new[:1]], 1))[:, -17:]
+        want1 = m(torch.cat([x[1:, :12], extra[1:], new[1:]], 1))[:, -17:]
+    torch.testing.assert_close(out[:1], want0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:], want1, atol=1e-5, rtol=1e-5)

@@ -222,8 +222,26 @@ def test_mamba2_layer_matches_a_token_loop():
         hstate = torch.exp(dt[0, t] * a)[:, None, None] * hstate + dt[0, t][:, None, None] * bt[:, :, None] * xt[:, None]
         ys.append(torch.einsum("hn,hnp->hp", ct, hstate) + layer.D[:, None] * xt)
     y = torch.stack(ys).view(1, 6, di)
-    y = F.rms_norm(y * F.silu(z), (di,), layer.norm.weight, eps=1e-5)
+    # mamba_ssm's RMSNormGated(group_size=d_inner // ngroups): one RMS per group of heads
+    y = F.rms_norm((y * F.silu(z)).view(1, 6, 2, di // 2), (di // 2,), eps=1e-5).view(1, 6, di)
+    y = y * layer.norm.weight
     torch.testing.assert_close(layer(u), layer.out_proj(y), atol=1e-10, rtol=1e-10)
+
+
+def test_mamba2_gated_norm_is_per_group_of_heads():
+    """With ngroups > 1 each group's channels are normalised by their own RMS (mamba_ssm's Mamba2 builds its
+    RMSNormGated with group_size = d_inner // ngroups): scaling one group's output by 100 leaves the other
+    group's normalised values unchanged, where one RMS over all of d_inner would shrink them ~100-fold."""
+    torch.manual_seed(7)
+    layer = Mamba2(D, d_state=4, headdim=8, ngroups=2).double()
+    di = layer.d_inner
+    y = torch.randn(1, 3, di, dtype=torch.float64)
+    gate = torch.randn(1, 3, di, dtype=torch.float64)
+    scaled = y.clone()
+    scaled[..., : di // 2] *= 100.0
+    a, b = layer.norm(y * F.silu(gate)), layer.norm(scaled * F.silu(gate))
+    torch.testing.assert_close(b[..., di // 2:], a[..., di // 2:], atol=1e-12, rtol=1e-10)
+    assert layer.norm.weight.shape == (di,)
 
 
 @pytest.mark.parametrize("make_layer", [lambda: Attention(D, 4, dropout=0.4), lambda: DiffAttention(D, 2, dropout=0.4),

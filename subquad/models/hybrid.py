@@ -1,6 +1,6 @@
 """HybridLM: a decoder-only language model whose layers are named by a string of mixer letters.
 
-    model = HybridLM(vocab_size=256, d_model=512, layers="MMMAMMMA")        # Jamba-style
+    model = HybridLM(vocab_size=256, d_model=512, layers="MMMMAMMM")        # Jamba-style (1 attention : 7)
     model = HybridLM(256, 512, layers="LLLLLG", mixer_options={"L": {"window": 1024}})   # Gemma-3-style
     model = HybridLM(256, 512, layers="EEEE")                               # pure GLA
 

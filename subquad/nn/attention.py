@@ -61,6 +61,15 @@ def check_kv_cache(cache, layer, window: int | None, heads_kv: int, head_dim: in
                          f"{head_dim_v}; got {cache.batch}, {cache.heads_kv}, {cache.head_dim}, {cache.head_dim_v}")
 
 
+def rows_by_length(lengths: torch.Tensor):
+    """``(n, rows)`` for each length ``n`` among a cache's sequences, ``rows`` the batch indices (a tensor on
+    ``lengths``' device) of the sequences of that length: a prefill over a cache attends one group at a time,
+    its queries aligned to its own end."""
+    host = [int(n) for n in lengths.tolist()]
+    for n in sorted(set(host)):
+        yield n, torch.tensor([b for b, m in enumerate(host) if m == n], device=lengths.device)
+
+
 def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern, scale: float | None,
                   softcap: float | None, alibi: torch.Tensor | None, backend: str,
                   sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,11 +85,8 @@ def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern,
         return decode(q.to(kv_dtype), view, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi,
                       sinks=sinks, backend=backend).to(q.dtype)
     k, v, lengths = view.dense()
-    lengths = [int(n) for n in lengths.tolist()]
     out = q.new_empty(*q.shape[:3], v.shape[-1])
-    for n in sorted(set(lengths)):
-        rows = [b for b, m in enumerate(lengths) if m == n]
-        idx = torch.tensor(rows, device=q.device)
+    for n, idx in rows_by_length(lengths):
         if pattern is not None:
             mask = pattern.to_dense(t, n, batch=1, heads=1, device=q.device)[0, 0]
         else:

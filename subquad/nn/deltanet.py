@@ -7,6 +7,9 @@ The delta rule writes ``v_t`` under key ``k_t`` by first erasing what the state 
 with L2-normalised q, k (after a short causal convolution and SiLU), ``beta_t = sigmoid(W_b x_t)``, and for
 Gated DeltaNet a Mamba-2-style decay ``log a_t = -exp(A_log) softplus(W_a x_t + dt_bias)`` plus a swish output
 gate. Outputs get a per-head RMSNorm. O(1) state per decoded token.
+
+Keys and values have the same width here (``d_model / heads`` per head, fla's ``DeltaNet`` default); fla's and
+the paper's Gated DeltaNet widen the values (``expand_v = 2``), which this layer does not offer.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``o_t = phi(q_t) S_t / (phi(q_t) . z_t)`` with ``S_t = sum_j phi(k_j)^T v_j`` and ``z_t = sum_j phi(k_j)``: the
 state ``(S, z)`` has a fixed size, so decoding costs O(1) per token. Feature maps: ``"elu1"``, ``"relu"``,
 ``"identity"`` (parameter-free), ``"favor"`` (Performer's positive orthogonal random features), ``"cosformer"``
-(cos re-weighting by position; needs ``max_len``), ``"hedgehog"`` (learnable, softmax-mimicking).
+(cos re-weighting by position; needs ``max_len``), ``"hedgehog"`` (learnable, softmax-mimicking; one map shared
+by queries and keys, where Hedgehog's implementations learn a separate map for each).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ convolution, dt/A parametrisation, ``D`` skip and gated RMSNorm.
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t^T x_t;   y_t = C_t h_t + D x_t       (subquad.ssd)
     out = out_proj(RMSNorm(y * silu(z)))
 
-Heads of ``headdim`` channels share ``B``/``C`` within ``ngroups`` groups. The cache holds the SSD state
+Heads of ``headdim`` channels share ``B``/``C`` within ``ngroups`` groups; the gated RMSNorm normalises each
+group's ``d_inner / ngroups`` channels by their own RMS (as ``mamba_ssm``'s ``Mamba2``). The cache holds the SSD state
 ``(batch, heads, d_state, headdim)`` and the convolution's last ``d_conv - 1`` inputs: O(1) per decoded token.
 """
 
@@ -57,7 +58,9 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.A_log = nn.Parameter(torch.log(torch.empty(self.heads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = RMSNorm(self.d_inner, eps=1e-5)
+        # one RMS per group of heads sharing B/C, as mamba_ssm's Mamba2 (RMSNormGated, group_size=d_inner/ngroups):
+        # over all of d_inner, a loud group would shrink the others' outputs (same thing when ngroups == 1)
+        self.norm = RMSNorm(self.d_inner, eps=1e-5, group_size=self.d_inner // ngroups)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def new_cache(self, batch: int, max_len: int, **_) -> RecurrentState:

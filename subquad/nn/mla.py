@@ -11,7 +11,10 @@ heads (``rope_dim``, e.g. 64): ``LatentKVCache``. Two ways to compute the same a
   ``W_UV`` to the result. Since ``(q W_UK) c = q (W_UK c)``, both give the same scores and outputs.
 
 RoPE: a private rotary of the decoupled key's width (GPT-NeoX half rotation, the rotation
-``subquad.nn.positions.RotaryEmbedding`` computes; no scaling).
+``subquad.nn.positions.RotaryEmbedding`` computes; no YaRN scaling nor its softmax-scale correction).
+DeepSeek's own code rotates interleaved pairs ``(2i, 2i + 1)``: the same attention up to a fixed permutation of
+the rope channels, so a model trained here is unaffected, but DeepSeek checkpoints need the rope rows of ``wq``
+and ``wkv_a`` permuted (evens, then odds) before loading.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..cache import LatentKVCache
 from ..ops.decode import MAX_NEW_TOKENS, decode
 from ..ops.softmax import attention
 from ..ops.softmax.dropout import check_dropout_p
+from .attention import rows_by_length
 
 
 def _rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -116,8 +120,12 @@ class MLA(nn.Module):
             if t <= MAX_NEW_TOKENS:
                 o = self._absorbed(q_nope, q_rope, view)
             else:
-                lat, _, _ = view.dense()
-                o = self._decompressed(q_nope, q_rope, lat[:, :, 0, :r], lat[:, :, 0, r:])
+                # rows of different lengths (one rewound through cache.update(positions=...)) attend over their
+                # own keys, their queries aligned to their own end, not to the longest row's
+                lat, _, lengths = view.dense()
+                o = q_nope.new_empty(bsz, t, h, self.v_dim)
+                for n, idx in rows_by_length(lengths):
+                    o[idx] = self._decompressed(q_nope[idx], q_rope[idx], lat[idx, :n, 0, :r], lat[idx, :n, 0, r:])
         return self.wo(o.reshape(bsz, t, h * self.v_dim))
 
     def _decompressed(self, q_nope, q_rope, c_kv, k_rope, dropout_p: float = 0.0) -> torch.Tensor:
