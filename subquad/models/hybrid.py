@@ -185,7 +185,8 @@ class HybridLM(nn.Module):
             raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
                              f"{eos_token_id!r}")
         if compile_step and not use_cache:
-            raise ValueError("compile_step: expected use_cache=True (the compiled step is the cached one-token forward)")
+            raise ValueError("compile_step: expected use_cache=True (the compiled step is the cached one-token "
+                             "forward)")
         step = self.compiled_step() if compile_step else self
         ids = prompt_ids
         bsz = ids.shape[0]

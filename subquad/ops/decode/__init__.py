@@ -53,7 +53,8 @@ def _as_view(kv, v, seqlens) -> KVView:
             raise ValueError(f"seqlens: expected an integer tensor of shape ({bsz},), got "
                              f"{tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}")
         max_seqlen = None
-        if not traced and not seqlens.is_cuda and seqlens.numel() and not (0 <= int(seqlens.min()) and int(seqlens.max()) <= s):
+        if not traced and not seqlens.is_cuda and seqlens.numel() \
+                and not (0 <= int(seqlens.min()) and int(seqlens.max()) <= s):
             # (lengths on the device are not read back: the kernel reads at most the storage's ``seq`` keys)
             raise ValueError(f"seqlens: expected values in [0, {s}] (the keys stored), got {seqlens.tolist()}")
     return KVView(kv, v, seqlens.to(device=kv.device, dtype=torch.int32), "dense", max_seqlen=max_seqlen)
