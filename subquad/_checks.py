@@ -46,6 +46,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: 
     if min(nq, k.shape[1], d) == 0:
         raise ValueError(f"q, k: expected non-empty sequences and head_dim, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    if v.shape[3] == 0:
+        raise ValueError(f"v: expected a non-empty head_dim_v, got shape {tuple(v.shape)}")
 
 
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:

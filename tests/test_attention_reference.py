@@ -223,16 +223,19 @@ def test_mask_argument_forms(mask_kind):
     _close(out, ref, 1e-5)
 
 
-@pytest.mark.parametrize("mask", [None, masks.sliding_window(9), "tensor"])
+@pytest.mark.parametrize("mask", [None, masks.sliding_window(9), "tensor", "from_tensor", "window_and_tensor"])
 def test_causal_with_more_queries_than_keys(mask):
     """FlashAttention's bottom-right causal alignment with seq_q > seq_kv: the first seq_q - seq_kv queries sit
-    before every key (output 0, LSE -inf, no gradient); the rest as with seq_q = seq_kv. It was refused."""
+    before every key (output 0, LSE -inf, no gradient); the rest as with seq_q = seq_kv. It was refused. A
+    (seq_q, seq_kv) tensor inside a pattern (``masks.from_tensor``, ``pattern & tensor``) was refused as not of
+    shape (seq_kv, seq_kv), the shape of the queries that see keys."""
     q, k, v = _inputs(nq=SEQ + 12, grad=True)
-    if mask == "tensor":
-        mask = torch.rand(SEQ + 12, SEQ, generator=torch.Generator().manual_seed(2)) < 0.7
+    dense = torch.rand(SEQ + 12, SEQ, generator=torch.Generator().manual_seed(2)) < 0.7
+    window = (torch.arange(-12, SEQ).view(-1, 1) - torch.arange(SEQ)) < 9
+    mask, want = {"tensor": (dense, dense), "from_tensor": (masks.from_tensor(dense), dense),
+                  "window_and_tensor": (masks.sliding_window(9) & dense, window & dense)}.get(mask, (mask, mask))
     out, lse = subquad.attention(q, k, v, causal=True, mask=mask, return_lse=True, backend="reference")
-    if isinstance(mask, masks.Pattern):     # (the oracle evaluates it at the queries' positions, -12 up)
-        mask = (torch.arange(-12, SEQ).view(-1, 1) - torch.arange(SEQ)) < 9
+    mask = window if isinstance(want, masks.Pattern) else want   # (the oracle: at the queries' positions, -12 up)
     ref, ref_lse = softmax_attention(q, k, v, causal=True, mask=mask)
     _close(out, ref, 1e-5)
     assert torch.isneginf(lse[:, :, :12]).all() and (out[:, :12] == 0).all()

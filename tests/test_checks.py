@@ -37,6 +37,8 @@ CASES = {
     "v heads": (dict(v=torch.randn(2, 32, 1, 16)), r"v: expected shape"),
     "heads not a multiple": (dict(k=torch.randn(2, 32, 3, 16), v=torch.randn(2, 32, 3, 16)), r"H_kv dividing H_q=4"),
     "empty seq": (dict(q=Q[:, :0]), r"non-empty"),
+    # (the Triton kernels' tile of v's head_dim was empty: an error from inside the kernel)
+    "empty v head_dim": (dict(v=V[..., :0].half(), q=Q.half(), k=K.half(), backend="triton"), r"v: expected .*head_dim"),
     "more queries than keys with a mask": (dict(q=torch.randn(2, 40, 4, 16),
                                                 mask=masks.sliding_window(8, causal=False)), r"seq_q <= seq_kv=32"),
     # devices and dtypes

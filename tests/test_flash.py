@@ -573,6 +573,48 @@ def test_gpu_deterministic_backward_repeats_bitwise(name):
     assert all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_wide_row_offsets_give_the_same_attention(monkeypatch, deterministic):
+    """The kernels' int64 row offsets (``WIDE_ROWS``, taken where a row's offset reaches 2^31 elements) forced on
+    small tensors: the band path and a BlockMask (Longformer's terms), both dQ forms, against the reference."""
+    from subquad.ops.softmax.flash import launch
+
+    monkeypatch.setattr(launch, "_wide_rows", lambda *tensors: True)
+    q, k, v = _qkv(1, 70, 70, 4, 2, 32, torch.bfloat16, seed=5)
+    _check(q, k, v, causal=True, deterministic=deterministic)
+    _check(q, k, v, mask=masks.longformer(16, [0, 3]), deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mask", ["window", "document_window"])
+def test_gpu_rows_past_two_to_the_31_elements(mask):
+    """A row's offset (row x heads x head_dim) of 2^31 elements or more, 128 heads of 128 past 128k tokens, was
+    taken in int32 and wrapped: loads and stores outside the tensors (under the interpreter, q, k, v rows 2^20
+    elements apart segfaulted from row 2048 on; ~40 GB here). The last rows equal the same call on the sequence's
+    tail: the band path (dQ programs) and the BlockMask path (atomic dQ)."""
+    n, heads, d, w, tail = (1 << 17) + 128, 128, 128, 16, 256
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(1, n, heads, d, generator=g, device=DEV, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    ids = torch.arange(n) * 3 // n
+    results = []
+    for lo_q, lo_k in ((0, 0), (n - tail, n - tail - w + 1)):     # the whole sequence, then its tail
+        pattern = masks.sliding_window(w)
+        if mask == "document_window":
+            pattern = pattern & masks.document(ids[lo_k:])
+        qs, ks, vs = (t[:, lo:] for t, lo in ((q, lo_q), (k, lo_k), (v, lo_k)))
+        out, lse = subquad.attention(qs, ks, vs, mask=pattern, return_lse=True, backend="triton")
+        grad_out = torch.randn(1, tail, heads, d, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV,
+                               dtype=out.dtype)
+        grads = torch.autograd.grad(out[:, -tail:], (qs, ks, vs), grad_out)
+        # (the tail's last keys are seen by the tail's queries alone)
+        results.append([out[:, -tail:], lse[..., -tail:]] + [t[:, -tail:] for t in grads])
+        del out, lse, grads
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        _close(name, got, want, torch.bfloat16)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_compile_fullgraph():

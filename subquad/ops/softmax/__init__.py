@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from ... import masks as _masks
+from ...masks import patterns as _patterns
 from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
 from . import dispatch
 from .dropout import check_dropout_p, new_rng
@@ -165,10 +166,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # FlashAttention's bottom-right alignment: the first seq_q - seq_kv queries sit before every key and
         # see none (output 0, LSE -inf); the others are an ordinary call
         lead = seq_q - seq_kv
-        result = attention(q[:, lead:], k, v, causal=True, mask=mask[..., lead:, :] if isinstance(
-            mask, torch.Tensor) else mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-            return_lse=return_lse, backend=backend, deterministic=deterministic, plan=plan, score_mod=score_mod,
-            dropout_p=dropout_p)
+        result = attention(q[:, lead:], k, v, causal=True, mask=_rows_from(mask, lead), scale=scale,
+                           softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse, backend=backend,
+                           deterministic=deterministic, plan=plan, score_mod=score_mod, dropout_p=dropout_p)
         out, lse = result if return_lse else (result, None)
         out = torch.cat([out.new_zeros(bsz, lead, hq, out.shape[-1]), out], 1)
         if not return_lse:
@@ -230,6 +230,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         dispatch.remember(cache, facts, (mask, chosen, run), PREPARED_CALLS)
     out, lse = run(q, k, v)
     return (out, lse) if return_lse else out
+
+
+def _rows_from(mask, lead: int):
+    """``mask`` for the queries from ``lead`` on (the bottom-right split of more queries than keys): a bool
+    tensor's rows, also inside a pattern (``masks.from_tensor``, ``pattern & tensor``: its tensor has the whole
+    call's rows, and was refused for the split call's). Other patterns see positions, the same in both calls.
+    Kept on the pattern per ``lead``, so that what is derived from it (BlockMasks) is found on the next call."""
+    if isinstance(mask, torch.Tensor):
+        return mask[..., lead:, :]
+    if not isinstance(mask, _masks.Pattern):
+        return mask
+    kept = mask.memo("_rows_from")
+    if lead not in kept:
+        if len(kept) > 64:
+            kept.clear()
+        kept[lead] = _sliced_rows(mask, lead)
+    return kept[lead]
+
+
+def _sliced_rows(p, lead: int):
+    if isinstance(p, _masks.Tensor):
+        return _masks.Tensor(p.mask[..., lead:, :])
+    if isinstance(p, _patterns.Named):
+        inner = _sliced_rows(p.inner, lead)
+        return p if inner is p.inner else _patterns.Named(p.name, inner, p.params)
+    if isinstance(p, (_patterns.Union, _patterns.Intersection)):
+        parts = [_sliced_rows(part, lead) for part in p.parts]
+        return p if all(a is b for a, b in zip(parts, p.parts)) else type(p)(*parts)
+    return p
 
 
 _WINDOWS: dict = {}

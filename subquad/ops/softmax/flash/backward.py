@@ -25,6 +25,9 @@
 kept probabilities scaled by ``1 / (1 - p)``, and ``dP`` is masked and scaled the same way before
 ``dS = P * (dP - delta)`` (``delta`` from the dropped output, as FlashAttention-2 does).
 
+Row offsets (row x stride) are taken in int64, as in the forward: at 128k tokens of 128 heads of 128 they pass
+2^31 elements.
+
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
 
@@ -40,7 +43,7 @@ import triton.language as tl
 
 from ...chained import unchained
 from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores)
+                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores, tile_rows)
 
 
 @triton.jit
@@ -53,9 +56,10 @@ def flash_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_on, stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < DV)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    m_rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + m_rows * stride_on + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + m_rows * stride_don + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     rows = pid_bh.to(tl.int64) * seq_q + offs_m
@@ -76,13 +80,13 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False,
                UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False,
-               start_n=0):
+               start_n=0, WIDE_ROWS: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :])
+        q = tl.load(tile_rows(q_base, start_m, stride_qn, BLOCK_M, WIDE_ROWS) + offs_d[None, :])
     else:
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+        q = tl.load(tile_rows(q_base, start_m, stride_qn, BLOCK_M, WIDE_ROWS) + offs_d[None, :],
                     mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
     if EVEN_Q:
         lse2 = tl.load(lse_base + offs_m)
@@ -107,9 +111,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     elif KV_BOUNDS:
         pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
     if EVEN_Q and DV == BLOCK_DV:
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :])
+        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :])
     else:
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :],
+        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :],
                      mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
     p_out = pT     # the probabilities that reached the output
     if DROPOUT:
@@ -142,7 +146,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
         if DQ_TMA:
             dq_base.atomic_add([start_m, 0], dq)
         else:
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq,
+            tl.atomic_add(tile_rows(dq_base, start_m, stride_dqn, BLOCK_M, WIDE_ROWS) + offs_d[None, :], dq,
                           mask=in_q[:, None] & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
@@ -166,7 +170,7 @@ def _dkdv_program(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, PIECES: tl.constexpr, DQ_TMA: tl.constexpr,
-    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr,
+    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """The key tile at ``start_n`` of KV head ``hk``: its walk over the query tiles that see it (or its
     ``piece`` of that walk, or every ``n_split``-th tile from ``split``), then its dK and dV."""
@@ -178,8 +182,9 @@ def _dkdv_program(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_kv = offs_n < seq_kv
-    k_ptrs = K + b.to(tl.int64) * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    n_rows = offs_n.to(tl.int64)[:, None]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + hk * stride_kh + n_rows * stride_kn + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + hk * stride_vh + n_rows * stride_vn + offs_dv[None, :]
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
@@ -242,7 +247,7 @@ def _dkdv_program(
                             offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1, EVEN_Q,
                             not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                             HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
-                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n)
+                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n, WIDE_ROWS)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -255,12 +260,12 @@ def _dkdv_program(
                     lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
                     BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
                     SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG, bh.to(tl.int64) * seq_q,
-                    dropout_p, DROPOUT, start_n)
+                    dropout_p, DROPOUT, start_n, WIDE_ROWS)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
-    dk_ptrs = DK_OUT + b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    dk_ptrs = DK_OUT + b.to(tl.int64) * stride_dkb + hk * stride_dkh + n_rows * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh + n_rows * stride_dvn + offs_dv[None, :]
     dk_ok = in_kv[:, None] & (offs_d[None, :] < D)
     dv_ok = in_kv[:, None] & (offs_dv[None, :] < DV)
     slot = -1
@@ -290,16 +295,16 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
-             rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
+             rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+        k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :])
+        v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :])
     else:
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :],
                     mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :],
                     mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if HAS_KV_POS:
         kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
@@ -349,7 +354,7 @@ def _dq_program(
     BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr,
+    UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists)."""
@@ -358,8 +363,9 @@ def _dq_program(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_q = offs_m < seq_q
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :]
+    m_rows = offs_m.to(tl.int64)[:, None]
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + m_rows * stride_qn + offs_d[None, :]
+    do_ptrs = DO + b.to(tl.int64) * stride_dob + h * stride_doh + m_rows * stride_don + offs_dv[None, :]
     if EVEN_Q and D == BLOCK_D and DV == BLOCK_DV:
         q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
@@ -403,7 +409,8 @@ def _dq_program(
                                   IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
                                   offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
                                   EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT)
+                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT,
+                                  WIDE_ROWS)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -414,10 +421,10 @@ def _dq_program(
                           slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                           stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
                           True, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
-                          BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT)
+                          BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT, WIDE_ROWS)
 
     dq = dq * scale
-    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + m_rows * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))
 
 
@@ -442,7 +449,7 @@ def flash_bwd_kernel(
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
     PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
     DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
-    DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+    DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -479,7 +486,7 @@ def flash_bwd_kernel(
             scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
             mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT)
+            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS)
     else:
         piece = 0
         if ORDERED:
@@ -501,4 +508,4 @@ def flash_bwd_kernel(
             lay_block, full_width, part_width, n_qb, n_kb, mask_b, mask_h, piece_len, SLOT, ACC_K, ACC_V, n_slots,
             RNG, dropout_p, HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
             BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, HAS_KV_POS,
-            SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN, DROPOUT)
+            SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN, DROPOUT, WIDE_ROWS)

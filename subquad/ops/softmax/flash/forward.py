@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ...chained import unchained_rescaled
 from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, list_row, scores)
+                   list_block, list_edge, list_entry, list_part, list_row, scores, tile_rows)
 
 LOG2E = 1.4426950408889634
 
@@ -56,13 +56,13 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
-              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False):
+              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D:
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :])
+        k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :])
     else:
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :],
                     mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
     qk = dot(q, tl.trans(k))
     if HAS_KV_POS:
@@ -96,9 +96,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
         p_op = p.to(k.dtype)
         acc = acc * alpha[:, None]
     if EVEN_KV and DV == BLOCK_DV:
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :])
+        v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :])
     else:
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :],
                     mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = dot_acc(p_op, v, acc)
     return acc, l_i, m_new
@@ -124,7 +124,7 @@ def flash_fwd_kernel(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
-    DROPOUT: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
 ):
     piece = 0
     if ORDERED:
@@ -143,7 +143,9 @@ def flash_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_q = offs_m < seq_q
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    # rows in int64 here and at every load and store: a row's offset (row x heads x head_dim) passes 2^31
+    # elements at 128k tokens of 128 heads of 128, where int32 wrapped (reads and writes outside the tensors)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :]
     if EVEN_Q and D == BLOCK_D:
         q = tl.load(q_ptrs)
     else:
@@ -191,7 +193,7 @@ def flash_fwd_kernel(
                         n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D,
                         DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
                         HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
-                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT)
+                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
@@ -203,7 +205,7 @@ def flash_fwd_kernel(
                 (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
                 slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv,
                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False,
-                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT)
+                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -238,7 +240,8 @@ def flash_fwd_kernel(
                     list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,
                     qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
                     0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
-                    False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN)
+                    False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN,
+                    WIDE_ROWS=WIDE_ROWS)
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)
@@ -259,6 +262,7 @@ def flash_fwd_kernel(
         tl.store(O_PART + ((bp * n_rows + cut_row)[:, None] * HQ + h) * DV + offs_dv[None, :], acc, mask=o_ok)
         tl.store(LSE_PART + (bp * HQ + h) * n_rows + cut_row, lse, mask=in_q)
     else:
-        o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+        o_ptrs = (O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
+                  + offs_dv[None, :])
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_ok)
         tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)

@@ -326,9 +326,15 @@ def _mask_kernel_args(m: MaskArgs, lists, device):
     return args, ((full_idx.shape[-1], part_idx.shape[-1]) if lists is not None else (1, 1))
 
 
-def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes):
+def _wide_rows(*tensors) -> bool:
+    """Whether a row's offset inside a (batch, head) slice reaches 2^31 elements (``tile.tile_rows``)."""
+    return max(t.shape[1] * t.stride(1) for t in tensors if t is not None) >= 2 ** 31
+
+
+def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensors):
     even = 128 if not m.use_list else max(128, m.mbq), 128 if not m.use_list else max(128, m.mbk)
     return dict(
+        WIDE_ROWS=_wide_rows(*tensors),
         EVEN_Q=seq_q % even[0] == 0 and (not m.use_list or seq_q % m.mbq == 0),
         EVEN_KV=seq_kv % even[1] == 0 and (not m.use_list or seq_kv % m.mbk == 0),
         USE_LIST=m.use_list, BAND=m.band, PREFIX=m.prefix > 0, Q_PREFIX=m.q_prefix > 0,
@@ -428,7 +434,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
             m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
-                BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes))
+                BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, out))
     # (a second key set would be walked whole by every piece)
     pieces = m.pieces(bsz * hq, num_sms(q.device)) if second is None and m.order is not None and m.cut_walks \
         else None
@@ -536,7 +542,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     qk_scale, cap_scale = _score_scales(scale, softcap)
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
-    flags = _common_flags(m, seq_q, seq_kv, softcap, slopes)
+    flags = _common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, do, dq, dk, dv)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     mask_args_q, widths_q = _mask_kernel_args(m, m.lists if not atomic else None, q.device)
     args = [q, k, v, do, lse, delta, dq, dk, dv, *mask_args_t, sl,
