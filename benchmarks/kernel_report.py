@@ -213,6 +213,82 @@ def case_mla(configs, dq):
     return calls
 
 
+# the chunked engine's and the recurrent kernels (their modules are imported on a call's first use: made JIT
+# functions here, not under the interpreter that the cases' calls take)
+LINEAR_MODULES = ("subquad.ops.linear.chunk", "subquad.ops.linear.recurrent", "subquad.ops.delta.chunk",
+                  "subquad.ops.delta.recurrent")
+
+
+def _compiled_linear_modules():
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        for module in LINEAR_MODULES:
+            importlib.import_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _tuned(calls, configs):
+    """Recorded launches of autotuned kernels (``subquad.ops.autotuned``) as plain launches: each with its first
+    configuration (what ``SUBQUAD_LINEAR_AUTOTUNE=0`` takes) or the one at index ``--config NAME=I``."""
+    launches = []
+    for fn, args, kw in calls:
+        if isinstance(fn, triton.runtime.Autotuner):
+            tuned = fn.configs
+            if fn.early_config_prune:
+                tuned = fn.early_config_prune(tuned, dict(zip(fn.arg_names, args)), **kw)
+            c = tuned[configs.get(fn.fn.__name__, (0,))[0]]
+            fn, kw = fn.fn, {**kw, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        launches.append((fn, args, kw))
+    return launches
+
+
+def _linear(ops, configs, n=8192, b=4, h=16, d=128):
+    """Forward and backward of ``subquad.gla`` with a scalar decay per token (Mamba-2 / simple GLA: GATE 1) and
+    of gated DeltaNet, ``ops`` among them, at B ``b`` x ``n`` tokens, ``h`` heads of ``d``, bf16: the chunked
+    engine's kernels (the fused forward: sequences x heads fill the GPU), each with its first configuration
+    (``--config KERNEL=I``: the I-th)."""
+    import subquad
+    _compiled_linear_modules()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in _qkv(b, n, h, d))
+    log_decay = (-torch.rand(b, n, h, generator=g) / 16).requires_grad_()
+    calls = record_launches()
+    for op in ops:
+        if op == "gla":
+            out = subquad.gla(q, k, v, log_decay, backend="triton")
+        else:
+            beta = torch.rand(b, n, h, generator=g).to(torch.bfloat16).requires_grad_()
+            out = subquad.delta_rule(q, k, v, beta, log_decay, backend="triton")
+        out.backward(torch.ones_like(out))
+    return _tuned(calls, configs)
+
+
+def case_linear_8k(configs, dq):
+    return _linear(["gla"], configs)
+
+
+def case_delta_8k(configs, dq):
+    """Gated DeltaNet (WY kernels, the engine's DELTA walks)."""
+    return _linear(["delta"], configs)
+
+
+def case_linear_step(configs, dq):
+    """Decoding steps (``subquad.ops.linear.recurrent``): GLA's with a scalar decay and the gated delta rule's,
+    B 64, 4 tokens, 16 heads of 128."""
+    import subquad
+    _compiled_linear_modules()
+    b, t, h, d = 64, 4, 16, 128
+    q, k, v = _qkv(b, t, h, d)
+    state = torch.zeros(b, h, d, d)
+    calls = record_launches()
+    subquad.gla_step(q, k, v, state, torch.zeros(b, t, h), backend="triton")
+    subquad.delta_rule_step(q, k, v, torch.rand(b, t, h).to(torch.bfloat16), state, torch.zeros(b, t, h),
+                            backend="triton")
+    return calls
+
+
 CASES = {name[5:].replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -277,3 +277,87 @@ def test_no_tokens(op, with_state):
     from test_linear_reference import check_no_tokens
 
     check_no_tokens(op, "triton", with_state, DEV)
+
+
+def _state_rows_past_two_to_the_31(which):
+    """One segment (``chunk_split``'s SPLIT walks) of sequence 2^20 of (2^20 + 1, 1, 64, 64) fp32 states: its row's
+    offset, 2^20 x 64 x 64 = 2^32 elements, wrapped to 0 in int32 (the walks read and wrote sequence 0's state).
+    The states are address space only: two rows of each are touched (``torch.empty``'s pages are mapped lazily)."""
+    import types
+
+    from subquad.ops.linear.chunk import ChunkTables, launch_fused_fwd, launch_state_bwd, launch_state_fwd
+
+    heads, d, c, t, seq = 1, 64, 64, 64, 1 << 20
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(t, heads, d, generator=gen).to(DEV) for _ in range(3))
+    try:
+        h0 = torch.empty(seq + 1, heads, d, d, device=DEV)
+    except RuntimeError as e:        # an address-space limit (ulimit -v, no overcommit) or a small GPU
+        pytest.skip(f"16 GiB of states: {e}")
+    h0[0] = 0.0
+    h0[seq] = torch.randn(heads, d, d, generator=gen).to(DEV)
+    first = torch.zeros(seq + 2, dtype=torch.int32, device=DEV)
+    first[seq + 1] = 1
+    split = types.SimpleNamespace(tables=ChunkTables(torch.tensor([0, t]), 1, 0, c, DEV), n_seqs=seq + 1,
+                                  has_empty=False, seq=torch.tensor([seq], dtype=torch.int32, device=DEV),
+                                  first=first)
+    segments = (split, torch.zeros(1, heads, d, d, device=DEV), None)
+    if which == "state_bwd":         # no decay: d initial_state = dht + q^T do
+        do = torch.randn(t, heads, d, generator=gen).to(DEV)
+        want = h0[seq] + torch.einsum("thk,thv->hkv", q, do)
+        _, out, _ = launch_state_bwd(q, k, do, None, h0, split.tables, 1.0, c, store_dh=False, segments=segments)
+    else:                            # final state = h0 + k^T v
+        want = h0[seq] + torch.einsum("thk,thv->hkv", k, v)
+        if which == "state_fwd":
+            _, out, _ = launch_state_fwd(k, v, None, h0, split.tables, c, store_h=False, segments=segments)
+        else:
+            _, out = launch_fused_fwd(q, k, v, None, None, h0, split.tables, 1.0, c, segments=segments)
+    torch.testing.assert_close(out[seq], want, atol=1e-4, rtol=1e-4)
+    assert not out[0].any(), "the walk wrote sequence 0's state"
+
+
+@pytest.mark.parametrize("which", ["state_fwd", "fused_fwd", "state_bwd"])
+def test_state_rows_past_two_to_the_31_elements(which):
+    _state_rows_past_two_to_the_31(which)
+
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+def test_recurrent_kernel_wide_rows(kind, monkeypatch):
+    """The decode kernel's int64 rows (``WIDE_ROWS``, taken where q, k, v or o reach 2^31 elements) forced on small
+    tensors, GLA's step and the (gated) delta rule's, against the reference."""
+    from subquad.ops.linear import recurrent
+
+    monkeypatch.setattr(recurrent, "_wide_rows", lambda *sizes: True)
+    q, k, v, g, s0 = _inputs(kind, 2, 3)
+    with torch.no_grad():
+        o, s = subquad.gla_step(q, k, v, s0, g, backend="triton")
+        o_ref, s_ref = subquad.gla_step(q, k, v, s0, g, backend="reference")
+        torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+        if kind != "vector":
+            beta = torch.rand(q.shape[:3], generator=torch.Generator().manual_seed(2)).to(DEV)
+            o, s = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="triton")
+            o_ref, s_ref = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="reference")
+            torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16 GiB of q, k, v and o: on the GPU only")
+def test_gpu_recurrent_rows_past_two_to_the_31_elements():
+    """A decode call of 2^17 + 64 tokens of 64 heads of 256: from token 2^17 on, a row's offset (row x 256) was
+    2^31 elements or more and wrapped in int32. Zeros before the last 64 tokens leave the state at zero, so their
+    outputs equal the same call on them alone (a call small enough for int32)."""
+    n, heads, d, tail = (1 << 17) + 64, 64, 256, 64
+    q, k, v = (torch.zeros(1, n, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for x in (q, k, v):
+        x[:, -tail:] = torch.randn(1, tail, heads, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    g = -torch.rand(1, n, heads, generator=gen, device="cuda") * 0.1
+    s0 = torch.zeros(1, heads, d, d, device="cuda")
+    with torch.no_grad():
+        o, s = subquad.gla_step(q, k, v, s0, g, backend="triton")
+        o_tail, s_tail = subquad.gla_step(q[:, -tail:], k[:, -tail:], v[:, -tail:], s0, g[:, -tail:],
+                                          backend="triton")
+    torch.testing.assert_close(o[:, -tail:], o_tail)
+    torch.testing.assert_close(s, s_tail)

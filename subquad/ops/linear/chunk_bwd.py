@@ -40,10 +40,12 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, s
     initial_state."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    row = i_nh  # of dht and dh0: the sequence's
+    # the row of dht and dh0 (the sequence's) in int64, once: N x H states of K x V pass 2^31 elements (32k
+    # sequence-heads of 256 x 256); the tile's offsets inside a state stay int32
+    row = i_nh.to(tl.int64)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
-        row = i_seq * H + i_h
+        row = i_seq.to(tl.int64) * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)

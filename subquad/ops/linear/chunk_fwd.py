@@ -78,10 +78,12 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
     starts from the identity with zero values, so its final state is the sequence's transition matrix."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    row = i_nh  # of h0 and ht: the sequence's
+    # the row of h0 and ht (the sequence's) in int64, once: N x H states of K x V pass 2^31 elements (32k
+    # sequence-heads of 256 x 256); the tile's offsets inside a state stay int32
+    row = i_nh.to(tl.int64)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
-        row = i_seq * H + i_h
+        row = i_seq.to(tl.int64) * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)
@@ -195,10 +197,10 @@ def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_
     the corrected values are used, not stored: the backward recomputes them). SPLIT: as state_fwd's."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    row = i_nh
+    row = i_nh.to(tl.int64)     # (int64: as state_fwd's)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
-        row = i_seq * H + i_h
+        row = i_seq.to(tl.int64) * H + i_h
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)

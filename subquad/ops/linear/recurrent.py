@@ -18,7 +18,7 @@ from ..grid import cdiv, next_power_of_2
 @triton.jit
 def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   GATE: tl.constexpr, DELTA: tl.constexpr):
+                   GATE: tl.constexpr, DELTA: tl.constexpr, WIDE_ROWS: tl.constexpr = False):
     """q, k (B, T, H, K), v, o (B, T, H, V); g None | (B, T, H) | (B, T, H, K); beta (B, T, H); state (B, H, K, V)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -30,6 +30,11 @@ def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
     s = tl.load(state + p_state, mask=m_kv, other=0.0).to(tl.float32)
     for t in range(T):
         row = (i_b * T + t) * H + i_h
+        if WIDE_ROWS:
+            # a row's offset, row x K, reaches 2^31 elements (2^31 / (H K) tokens in all: 128k of 64 heads of
+            # 256): int64, where int32 wrapped; the rest keep int32 (an int64 base per program, stepped on by a
+            # token, cost 5-10 instructions and up to 8 registers a step: Triton 3.6, sm90)
+            row = (i_b.to(tl.int64) * T + t) * H + i_h
         b_q = tl.load(q + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + row * V + o_v, mask=m_v, other=0.0).to(tl.float32)
@@ -43,6 +48,11 @@ def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
         b_o = tl.sum(b_q[:, None] * s, axis=0) * scale
         tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     tl.store(new_state + p_state, s, mask=m_kv)
+
+
+def _wide_rows(bsz: int, seq_len: int, heads: int, dk: int, dv: int) -> bool:
+    """Whether a row's offset in q, k, v or o reaches 2^31 elements (``recurrent_step``'s WIDE_ROWS)."""
+    return bsz * seq_len * heads * max(dk, dv) >= 2 ** 31
 
 
 def launch_recurrent(q, k, v, g, beta, state, scale):
@@ -59,7 +69,8 @@ def launch_recurrent(q, k, v, g, beta, state, scale):
     grid = (cdiv(dv, bv), bsz * heads)
     recurrent_step[grid](q, k, v, g, None if beta is None else beta.contiguous(), state.contiguous(), new_state, o,
                          scale, seq_len, H=heads, K=dk, V=dv, BK=bk, BV=bv,
-                         GATE=0 if g is None else (1 if g.dim() == 3 else 2), DELTA=beta is not None, num_warps=4)
+                         GATE=0 if g is None else (1 if g.dim() == 3 else 2), DELTA=beta is not None,
+                         WIDE_ROWS=_wide_rows(bsz, seq_len, heads, dk, dv), num_warps=4)
     return o, new_state
 
 
