@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from subquad.cache import PagedKVCache, RollingKVCache, StaticKVCache
-from subquad.models import HybridLM
+from subquad.models import HybridLM, hybrid
 from subquad.ops.decode import decode
 
 
@@ -150,6 +150,7 @@ def test_generate_with_a_compiled_step(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_counting)
+    monkeypatch.setattr(hybrid, "_COMPILED_FORWARD", None)    # (compiled by an earlier test, if any)
     torch.manual_seed(0)
     model = HybridLM(64, 32, "AL", heads=2, mixer_options={"L": {"window": 4}}).eval()
     prompt = torch.randint(0, 64, (2, 3))
@@ -188,3 +189,17 @@ def test_compiled_steps_over_reserved_pages_equal_static_ones():
         paged.reserve([4, 28])
     with pytest.raises(ValueError, match="tokens: the pool is out of pages"):
         paged.reserve(24)
+
+
+def test_compiled_step_does_not_keep_its_model_alive():
+    """The compiled step was kept per model in a weak-keyed table whose value, the compiled bound
+    ``model.forward``, held its key: no model that compiled a step was ever freed (nor its parameters)."""
+    import gc
+    import weakref
+
+    model = HybridLM(64, 32, "A", heads=2).eval()
+    step = model.compiled_step()
+    ref = weakref.ref(model)
+    del model, step
+    gc.collect()
+    assert ref() is None

@@ -367,3 +367,24 @@ def test_split_count_fills_whole_waves():
         fill = programs * s / (waves * slots)
         best = max(programs * t / (-(-programs * t // slots) * slots) for t in range(1, most + 1))
         assert fill >= 0.95 or fill == best
+
+
+@needs_triton
+def test_ring_rewinds_are_measured_from_the_furthest_token_written():
+    """Window 4, drafts of up to 3 tokens (6 slots): drafts at 10-12, then rewinds to 11, 10 and 9, each at
+    most 2 behind the current length, were all accepted; but draft 12 overwrote the slot of position 6, which
+    the query at 9 sees (the reference dropped the key, the kernel read the draft as position 6). A rewind
+    reaching at most ``max_step`` behind the furthest token written stays exact; one further is refused."""
+    q, k, v = _inputs(1, 13, 2, 1, 8, 13)
+    cache = _cache("ring", 1, 1, 8, 0, window=4, max_step=3)
+    cache.update(k[:, :10], v[:, :10])
+    junk = torch.full_like(k[:, :2], 9.0)
+    cache.update(torch.cat([k[:, 10:11], junk], 1), torch.cat([v[:, 10:11], junk], 1))    # drafts at 10-12
+    for s in (11, 10):
+        view = cache.update(k[:, s:s + 1], v[:, s:s + 1], positions=s)
+        want = _oracle(q[:, s:s + 1], k, v, [s + 1], window=4)
+        _close(decode(q[:, s:s + 1], view, backend="reference"), want)
+        _close(decode(q[:, s:s + 1], view, backend="triton", **SMALL), want)
+    with pytest.raises(ValueError, match=r"positions: a ring of window 4 and max_step 3 keeps .* got 9"):
+        cache.update(k[:, 9:10], v[:, 9:10], positions=9)
+    assert cache._lengths == [11] and cache._written == [13]     # a refused update changes nothing

@@ -69,16 +69,23 @@ class RollingKVCache(KVCache):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         """Write ``k``/``v`` ``(batch, T, heads_kv, head_dim)`` at positions ``positions ... positions+T-1``
-        (default: append; at most ``max_step - 1`` tokens back, rewriting rejected drafts). Traced
+        (default: append; at most ``max_step - 1`` tokens back, rewriting rejected drafts, and at most
+        ``max_step`` behind the furthest token written). Traced
         (``torch.compile``): decoding steps of at most ``max_step`` tokens, the rewind unchecked."""
         if torch.compiler.is_compiling():
             return self._traced_update(k, v, positions)
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
-        for s, n in zip(starts, self._lengths):
+        for s, n, w in zip(starts, self._lengths, self._written):
             if n - s > self.max_step - 1:
                 raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} can "
                                  f"rewind at most {self.max_step - 1} tokens, got {n - s}")
+            if w - s > self.max_step:
+                # rewinds in a row: the rejected drafts from s + max_step on overwrote keys that the window of
+                # the token at s still sees
+                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} keeps "
+                                 f"the keys of at most {self.max_step} tokens behind the furthest one written "
+                                 f"({w}), got {s}")
         dense = None
         if t > self.max_step:
             dense = self._prefill_view(k, v, starts)

@@ -13,8 +13,8 @@ one token at a time, so a recurrent layer costs O(1) per token and a sliding-win
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,8 @@ from ..nn.mlp import SwiGLU, swiglu_hidden
 from ..nn.norm import RMSNorm
 from ..nn.registry import build_mixer, lookup, parse_layers
 
-#: a compiled step's caches hold a multiple of this many tokens
-COMPILED_CACHE_ROUND = 256
+#: a compiled step's caches hold a power of two of tokens, at least this many
+COMPILED_CACHE_MIN = 256
 # the mixers' and the MLP's output projections, which write into the residual stream
 RESIDUAL_OUT = ("o_proj", "out_proj", "wo", "down")
 
@@ -192,8 +192,10 @@ class HybridLM(nn.Module):
         bsz = ids.shape[0]
         max_len = ids.shape[1] + max_new_tokens
         if compile_step:
-            # storage of a repeating shape: another length would recompile the step
-            max_len = -(-max_len // COMPILED_CACHE_ROUND) * COMPILED_CACHE_ROUND
+            # storage of few shapes (at most twice the tokens): each new one compiles the step again, and on the
+            # CPU the reference's graph is per storage length, so torch.compile's limit of 8 graphs would soon
+            # be reached by lengths in multiples of a block
+            max_len = max(COMPILED_CACHE_MIN, 1 << (max_len - 1).bit_length())
         caches = self.new_caches(bsz, max_len) if use_cache else None
         step_input = ids
         chosen_logits = []
@@ -218,15 +220,16 @@ class HybridLM(nn.Module):
 
 
     def compiled_step(self):
-        """``torch.compile(self, fullgraph=True)``, made once per model: a decoding step over the caches (one
-        graph for every step; see the README's "Compiled decoding steps")."""
-        if self not in _COMPILED_STEPS:
-            _COMPILED_STEPS[self] = torch.compile(self.forward, fullgraph=True)
-        return _COMPILED_STEPS[self]
+        """``torch.compile(self, fullgraph=True)``: a decoding step over the caches (one graph for every step; see
+        the README's "Compiled decoding steps"). One compiled forward serves every model (their weights are the
+        graph's inputs); it holds no model, so none is kept alive by it."""
+        global _COMPILED_FORWARD
+        if _COMPILED_FORWARD is None:
+            _COMPILED_FORWARD = torch.compile(HybridLM.forward, fullgraph=True)
+        return functools.partial(_COMPILED_FORWARD, self)
 
 
-# (outside the module: a compiled function held as an attribute would travel with the model's pickle)
-_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED_FORWARD = None
 
 
 def _is_int(x) -> bool:
