@@ -225,6 +225,10 @@ class HybridLM(nn.Module):
         graph's inputs); it holds no model, so none is kept alive by it."""
         global _COMPILED_FORWARD
         if _COMPILED_FORWARD is None:
+            # a graph per layer layout, batch size and cache length, all on HybridLM.forward's code: dynamo's
+            # default of 8 graphs a code object fails a fullgraph compile past a few models (the flex backend
+            # raises it too)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             _COMPILED_FORWARD = torch.compile(HybridLM.forward, fullgraph=True)
         return functools.partial(_COMPILED_FORWARD, self)
 
