@@ -65,6 +65,8 @@ CASES = {
     "alibi rank": (dict(alibi_slopes=torch.ones(2, 4, 1)), r"alibi_slopes"),
     "alibi list": (dict(alibi_slopes=[1.0] * 4), r"alibi_slopes"),
     "alibi device": (dict(alibi_slopes=torch.ones(4, device="meta")), r"alibi_slopes: expected device cpu"),
+    "alibi bool": (dict(alibi_slopes=torch.ones(4, dtype=torch.bool)), r"alibi_slopes: expected a floating-point"),
+    "causal str": (dict(causal="yes"), r"causal: expected a bool, got 'yes'"),
     "softcap < 0": (dict(softcap=-1.0), r"softcap: expected a positive finite number"),
     "scale nan": (dict(scale=float("nan")), r"scale: expected a finite number"),
     "backend": (dict(backend="cuda"), r"backend: expected one of"),

@@ -23,14 +23,18 @@ BACKENDS = ("auto", "triton", "reference", "fa4", "cudnn", "flex")
 PREPARED_CALLS = 64
 
 
-def _check_options(q, scale, softcap, alibi_slopes):
+def _check_options(q, causal, scale, softcap, alibi_slopes):
     hq = q.shape[2]
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
     check_scale_softcap(scale, softcap)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() not in (1, 2) \
                 or alibi_slopes.shape[-1] != hq or (alibi_slopes.dim() == 2 and alibi_slopes.shape[0] not in (1, q.shape[0])):
             shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
             raise ValueError(f"alibi_slopes: expected a tensor of shape ({hq},) or ({q.shape[0]}, {hq}), got {shape}")
+        if not alibi_slopes.dtype.is_floating_point:
+            raise ValueError(f"alibi_slopes: expected a floating-point tensor, got {alibi_slopes.dtype}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes: expected device {q.device}, got {alibi_slopes.device}")
 
@@ -157,7 +161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return (out, lse) if return_lse else out
     check_backend(backend, BACKENDS)
     check_qkv(q, k, v)
-    _check_options(q, scale, softcap, alibi_slopes)
+    _check_options(q, causal, scale, softcap, alibi_slopes)
     bsz, seq_q, hq, d = q.shape
     seq_kv = k.shape[1]
     if isinstance(mask, _masks.BlockMask):
