@@ -218,7 +218,6 @@ class HybridLM(nn.Module):
             return ids, torch.empty(bsz, 0, self.config["vocab_size"], device=ids.device)
         return ids, torch.stack(chosen_logits, 1)
 
-
     def compiled_step(self):
         """``torch.compile(self, fullgraph=True)``: a decoding step over the caches (one graph for every step; see
         the README's "Compiled decoding steps"). One compiled forward serves every model (their weights are the
