@@ -55,3 +55,42 @@ def delta_forward_form(request, monkeypatch):
     """The delta rule's forms: its split composes segments through matrices, not decays, so the two-pass walk
     over segments is checked here too."""
     yield from _forward_form(request, monkeypatch)
+
+
+def small_grid_limit(monkeypatch, limit: int = 3) -> list:
+    """Lowers CUDA's 65,535-program limit on grid axes 1 and 2 (``subquad.ops.grid.MAX_GRID_YZ``) to ``limit``, so
+    that the tests' small shapes take the launchers' split path, and records each split launch as ``(kernel name,
+    programs on the split axis, [programs of each launch])`` (the delta rule's transition pass as
+    ``state_fwd[transition]``). Each launch's grid is checked against the limit (the interpreter itself runs
+    grids of any size)."""
+    from subquad.ops import grid
+    from subquad.ops.linear import chunk, recurrent
+
+    monkeypatch.setattr(grid, "MAX_GRID_YZ", limit)
+    seen = []
+
+    def spy(kernel, make_grid, count, *args, **kwargs):
+        pieces = []
+
+        def piece(n):
+            pieces.append(n)
+            launched = make_grid(n)
+            # (the tile meta-parameters matter only to axis 0 or to a value-tile count of 1 here)
+            axes = launched({"BV": 32, "BK": 64}) if callable(launched) else launched
+            assert all(a <= limit for a in axes[1:]), (axes, limit)
+            return launched
+
+        grid.launch_split(kernel, piece, count, *args, **kwargs)
+        name = getattr(kernel, "kernel", kernel).fn.__name__
+        seen.append((name + ("[transition]" if kwargs.get("TRANSITION") else ""), count, pieces))
+
+    for module in (chunk, recurrent):
+        monkeypatch.setattr(module, "launch_split", spy)
+    return seen
+
+
+def split_kernels(launches) -> set:
+    """The kernels of ``small_grid_limit``'s record that took more than one launch (their pieces summing to the
+    axis's programs)."""
+    assert all(sum(pieces) == count for _, count, pieces in launches), launches
+    return {name for name, _, pieces in launches if len(pieces) > 1}

@@ -57,6 +57,40 @@ def test_delta_kernel_varlen_and_decay_near_zero(delta_forward_form):
 
 
 @pytest.mark.parametrize("gated", [False, True])
+def test_delta_launches_split_past_the_grid_limit(gated, delta_forward_form, monkeypatch):
+    """CUDA's 65,535 programs on grid axes 1 and 2 lowered to 3: packed sequences x heads (8; segments x heads in
+    the split forms, the transition pass's too) in a launch per sequence (its 2 heads together) and chunks (5) in
+    two, with their program offsets, in every forward form; outputs, final states and gradients match the
+    reference."""
+    from conftest import small_grid_limit, split_kernels
+
+    launches = small_grid_limit(monkeypatch)
+    cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
+    tensors = _inputs(gated, 1, 60, n_states=4)
+    _assert_match(_run("triton", tensors, chunk_size=16, cu_seqlens=cu),
+                  _run("reference", tensors, chunk_size=16, cu_seqlens=cu))
+    two_pass = delta_forward_form in ("two-pass", "split-two-pass")
+    want = {"state_fwd", "state_bwd", "dv_bwd", "dqk_bwd", "output_fwd" if two_pass else "fused_fwd"}
+    want |= {"state_fwd[transition]"} if delta_forward_form.startswith("split") else set()
+    assert split_kernels(launches) == want | ({"decay_grad"} if gated else set())
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_recurrent_launches_split_past_the_grid_limit(gated, monkeypatch):
+    """The decode step's batch x heads programs (4) in launches of at most 3."""
+    from conftest import small_grid_limit, split_kernels
+
+    launches = small_grid_limit(monkeypatch)
+    q, k, v, beta, g, s0 = _inputs(gated, 2, 3)
+    with torch.no_grad():
+        o, s = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="triton")
+        o_ref, s_ref = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="reference")
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    assert split_kernels(launches) == {"recurrent_step"}
+
+
+@pytest.mark.parametrize("gated", [False, True])
 def test_delta_recurrent_kernel_matches_reference(gated):
     q, k, v, beta, g, s0 = _inputs(gated, 2, 3)
     with torch.no_grad():

@@ -269,6 +269,66 @@ def test_split_form_walks_segments_in_two_passes_too(kind, monkeypatch):
                      ("launch_state_bwd", False), ("launch_state_bwd", True)]
 
 
+@pytest.mark.parametrize("kind", ["none", "head", "scalar", "vector"])
+def test_launches_split_past_the_grid_limit(kind, forward_form, monkeypatch):
+    """CUDA takes at most 65,535 programs on grid axes 1 and 2 (2,048 packed sequences x 32 heads, or 1M tokens in
+    chunks of 16, are past it): the launchers then split the axis into launches with a program offset. With the
+    limit lowered to 3, packed sequences x heads (8; 10 segments x heads for the split walk) take a launch per
+    sequence (its 2 heads kept together) and chunks (5) two launches, in every forward form, an empty sequence
+    among the packed ones; outputs, final states and gradients match the reference."""
+    from conftest import small_grid_limit, split_kernels
+
+    launches = small_grid_limit(monkeypatch)
+    cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
+    tensors = _inputs(kind, 1, 60, n_states=4)
+    _assert_match(_run("triton", tensors, chunk_size=16, cu_seqlens=cu),
+                  _run("reference", tensors, chunk_size=16, cu_seqlens=cu))
+    want = {"state_fwd", "state_bwd", "dv_bwd", "dqk_bwd", "output_fwd" if forward_form == "two-pass" else "fused_fwd"}
+    assert split_kernels(launches) == want | ({"decay_grad"} if kind != "none" else set())
+
+
+def test_retention_launches_split_past_the_grid_limit(forward_form, monkeypatch):
+    """Retention's fixed decay (GATE 3 in the backward too, no decay gradient) with the grid limit lowered to 3."""
+    from conftest import small_grid_limit, split_kernels
+
+    launches = small_grid_limit(monkeypatch)
+    cu = torch.tensor([0, 13, 13, 47, 60], device=DEV)
+    q, k, v, _, s0 = _inputs("none", 1, 60, n_states=4)
+
+    def run(backend):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+        o, s = subquad.retention(*leaves[:3], initial_state=leaves[3], output_state=True, cu_seqlens=cu,
+                                 chunk_size=16, backend=backend)
+        ((o * o.detach().sin()).sum() + s.sum()).backward()
+        return [o, s] + [x.grad for x in leaves]
+
+    for got, want in zip(run("triton"), run("reference")):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert {"state_fwd", "state_bwd", "dv_bwd", "dqk_bwd"} <= split_kernels(launches)
+
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+def test_recurrent_launches_split_past_the_grid_limit(kind, monkeypatch):
+    """The decode step's batch x heads programs (4 here; 1,024 x 64 heads on a GPU) in launches of at most 3, GLA's
+    step and the (gated) delta rule's, against the reference."""
+    from conftest import small_grid_limit, split_kernels
+
+    launches = small_grid_limit(monkeypatch)
+    q, k, v, g, s0 = _inputs(kind, 2, 3)
+    beta = torch.rand(q.shape[:3], generator=torch.Generator().manual_seed(2)).to(DEV)
+    with torch.no_grad():
+        for step, extra in ((subquad.gla_step, ()), (subquad.delta_rule_step, (beta,))):
+            if step is subquad.delta_rule_step and kind == "vector":
+                continue
+            o, s = step(q, k, v, *extra, s0, g, backend="triton")
+            o_ref, s_ref = step(q, k, v, *extra, s0, g, backend="reference")
+            torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    assert split_kernels(launches) == {"recurrent_step"}
+    # (a launch keeps a batch row's heads together: 2 programs of the 3 allowed)
+    assert all(pieces == [2, 2] for _, _, pieces in launches)
+
+
 @pytest.mark.parametrize("op", ["gla", "retention", "linear_attention", "gla_step"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_no_tokens(op, with_state):

@@ -17,7 +17,7 @@ import torch
 
 from ..autotuned import Autotuned
 from ..first_order import first_order
-from ..grid import cdiv, next_power_of_2
+from ..grid import cdiv, launch_split, next_power_of_2
 from . import chunk_bwd, chunk_fwd, chunk_intra
 from .chunk_split import final_states, segment_split
 from .chunk_intra import chunk_cumsum, decay_grad
@@ -110,11 +110,11 @@ def launch_state_fwd(k, v, g, h0, tables, chunk_size, *, w=None, store_h=True, s
     h = k.new_empty(tables.n_chunks, heads, dk, dv) if store_h else None
     seg_args, ht = _segment_args(segments, tables, h0, k, heads, dk, dv)
     v_new = torch.empty_like(v) if w is not None and store_h else None
-    grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    state_fwd[grid](k, v, g, h, h0, ht, w, v_new, *seg_args, tables.cu, tables.chunk_offsets, H=heads, K=dk,
-                    V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=w is not None, **tables.tune_key,
-                    HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True, SPLIT=segments is not None,
-                    TRANSITION=False, IEEE=k.dtype == torch.float32)
+    grid = lambda n: lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), n)  # noqa: E731
+    launch_split(state_fwd, grid, tables.n_seqs * heads, k, v, g, h, h0, ht, w, v_new, *seg_args, tables.cu,
+                 tables.chunk_offsets, unit=heads, H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
+                 DELTA=w is not None, **tables.tune_key, HAS_H0=h0 is not None, STORE_H=store_h, STORE_HT=True,
+                 SPLIT=segments is not None, TRANSITION=False, IEEE=k.dtype == torch.float32)
     return h, ht, v_new
 
 
@@ -124,11 +124,11 @@ def launch_transition(k, w, g, tables, chunk_size):
     t_total, heads, dk = k.shape
     bk = max(16, next_power_of_2(dk))
     trans = k.new_empty(tables.n_seqs, heads, dk, dk, dtype=torch.float32)
-    grid = lambda meta: (1, cdiv(dk, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    state_fwd[grid](k, None, g, None, None, trans, w, None, None, None, None, None, tables.cu, tables.chunk_offsets,
-                    H=heads, K=dk, V=dk, C=chunk_size, BK=bk, GATE=gate_kind(g), DELTA=True, **tables.tune_key,
-                    HAS_H0=False, STORE_H=False, STORE_HT=True, SPLIT=False, TRANSITION=True,
-                    IEEE=k.dtype == torch.float32)
+    grid = lambda n: lambda meta: (1, cdiv(dk, meta["BV"]), n)  # noqa: E731
+    launch_split(state_fwd, grid, tables.n_seqs * heads, k, None, g, None, None, trans, w, None, None, None, None,
+                 None, tables.cu, tables.chunk_offsets, unit=heads, H=heads, K=dk, V=dk, C=chunk_size, BK=bk,
+                 GATE=gate_kind(g), DELTA=True, **tables.tune_key, HAS_H0=False, STORE_H=False, STORE_HT=True,
+                 SPLIT=False, TRANSITION=True, IEEE=k.dtype == torch.float32)
     return trans
 
 
@@ -176,9 +176,10 @@ def launch_output_fwd(q, k, v, g, h, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = v.shape[-1]
     o = torch.empty_like(v)
-    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
-    output_fwd[grid](q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                     C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32, **tables.tune_key)
+    grid = lambda n: lambda meta: (cdiv(dv, meta["BV"]), n, heads)  # noqa: E731
+    launch_split(output_fwd, grid, tables.n_chunks, q, k, v, g, h, scores, o, tables.cu, tables.chunk_indices, scale,
+                 H=heads, K=dk, V=dv, C=chunk_size, GATE=gate_kind(g), IEEE=q.dtype == torch.float32,
+                 **tables.tune_key)
     return o
 
 
@@ -203,11 +204,11 @@ def launch_fused_fwd(q, k, v, g, scores, h0, tables, scale, chunk_size, *, w=Non
     dv = v.shape[-1]
     o = torch.empty_like(v)
     seg_args, ht = _segment_args(segments, tables, h0, q, heads, dk, dv)
-    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    fused_fwd[grid](q, k, v, g, scores, w, o, h0, ht, *seg_args, tables.cu, tables.chunk_offsets, scale, H=heads,
-                    K=dk, V=dv, C=chunk_size, BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g),
-                    DELTA=w is not None, HAS_H0=h0 is not None, SPLIT=segments is not None,
-                    IEEE=q.dtype == torch.float32, **tables.tune_key)
+    grid = lambda n: lambda meta: (cdiv(dv, meta["BV"]), n)  # noqa: E731
+    launch_split(fused_fwd, grid, tables.n_seqs * heads, q, k, v, g, scores, w, o, h0, ht, *seg_args, tables.cu,
+                 tables.chunk_offsets, scale, unit=heads, H=heads, K=dk, V=dv, C=chunk_size,
+                 BK=max(16, next_power_of_2(dk)), GATE=gate_kind(g), DELTA=w is not None, HAS_H0=h0 is not None,
+                 SPLIT=segments is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     return o, ht
 
 
@@ -223,11 +224,11 @@ def launch_state_bwd(q, k, do, g, dht, tables, scale, chunk_size, *, w=None, dv_
     seg_args, dh0 = _segment_args(segments, tables, dht, q, heads, dk, dv)
     dh0 = dh0 if need_dh0 else None
     dv_new = torch.empty_like(do) if w is not None and store_dh else None
-    grid = lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), tables.n_seqs * heads)  # noqa: E731
-    state_bwd[grid](q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, *seg_args, tables.cu, tables.chunk_offsets,
-                    scale, H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate_kind(g),
-                    DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH=store_dh, STORE_DH0=need_dh0,
-                    SPLIT=segments is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
+    grid = lambda n: lambda meta: (cdiv(dk, bk), cdiv(dv, meta["BV"]), n)  # noqa: E731
+    launch_split(state_bwd, grid, tables.n_seqs * heads, q, k, w, do, dv_local, dv_new, g, dh, dh0, dht, *seg_args,
+                 tables.cu, tables.chunk_offsets, scale, unit=heads, H=heads, K=dk, V=dv, C=chunk_size, BK=bk,
+                 GATE=gate_kind(g), DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH=store_dh, STORE_DH0=need_dh0,
+                 SPLIT=segments is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     return dh, dh0, dv_new
 
 
@@ -236,10 +237,10 @@ def launch_dv_bwd(q, k, g, do, dh, tables, scale, chunk_size, scores=None):
     t_total, heads, dk = q.shape
     dv = do.shape[-1]
     out = torch.empty_like(do)
-    grid = lambda meta: (cdiv(dv, meta["BV"]), tables.n_chunks, heads)  # noqa: E731
-    dv_bwd[grid](q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv,
-                 C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None, IEEE=q.dtype == torch.float32,
-                 **tables.tune_key)
+    grid = lambda n: lambda meta: (cdiv(dv, meta["BV"]), n, heads)  # noqa: E731
+    launch_split(dv_bwd, grid, tables.n_chunks, q, k, g, scores, do, dh, out, tables.cu, tables.chunk_indices, scale,
+                 H=heads, K=dk, V=dv, C=chunk_size, GATE=gate_kind(g), USE_DH=dh is not None,
+                 IEEE=q.dtype == torch.float32, **tables.tune_key)
     return out
 
 
@@ -257,11 +258,9 @@ def launch_dqk_bwd(q, k, v, g, h, do, dh, tables, scale, chunk_size, *, dv_new=N
     db = q.new_empty(t_total, heads, n_kb, dtype=torch.float32) if gate == 1 else None
     d_scores = q.new_empty(tables.n_chunks, heads, chunk_size, chunk_size, dtype=torch.float32) if gate == 2 else None
     dvu = q.new_empty(t_total, heads, dtype=torch.float32) if dv_new is not None and gate == 1 else None
-    grid = (n_kb, tables.n_chunks, heads)
-    dqk_bwd[grid](q, k, v, g, h, do, dh, dv_new, u, dq, dk_, dw, db, d_scores, dvu, tables.cu, tables.chunk_indices,
-                  scale,
-                  H=heads, K=dk, V=dv, C=chunk_size, BK=bk, GATE=gate,
-                  DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
+    launch_split(dqk_bwd, lambda n: (n_kb, n, heads), tables.n_chunks, q, k, v, g, h, do, dh, dv_new, u, dq, dk_, dw,
+                 db, d_scores, dvu, tables.cu, tables.chunk_indices, scale, H=heads, K=dk, V=dv, C=chunk_size,
+                 BK=bk, GATE=gate, DELTA=dv_new is not None, IEEE=q.dtype == torch.float32, **tables.tune_key)
     if gate == 2:
         launch_intra_bwd(q, k, g, d_scores, dq, dk_, tables, chunk_size)
     return dq, dk_, dw, None if db is None else db.sum(-1), dvu
@@ -279,9 +278,9 @@ def log_decay_grad(q, k, dq, dk, db, ht, dht, tables, chunk_size):
     width = dk_ if vector else 1
     dg = q.new_empty(t_total, heads, width, dtype=torch.float32)
     bk = _tile(dk_) if vector else 1
-    decay_grad[(cdiv(width, bk), tables.n_seqs * heads)](
-        q, k, dq, dk, db, final, dg, tables.cu, tables.chunk_offsets, H=heads, K=width, C=chunk_size, BK=bk,
-        VECTOR=vector, HAS_FINAL=final is not None, num_warps=4)
+    launch_split(decay_grad, lambda n: (cdiv(width, bk), n), tables.n_seqs * heads, q, k, dq, dk, db, final, dg,
+                 tables.cu, tables.chunk_offsets, unit=heads, H=heads, K=width, C=chunk_size, BK=bk, VECTOR=vector,
+                 HAS_FINAL=final is not None, num_warps=4)
     return dg if vector else dg[..., 0]
 
 

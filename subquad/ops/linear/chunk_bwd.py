@@ -28,21 +28,22 @@ from .tuning import COLUMNS, STATE, TILES
 
 @triton.autotune(configs=STATE,
                  key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_DH", "SPLIT", "SEQS", "CHUNKS"])
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, seg_first, cu_seqlens,
-              chunk_offsets, scale, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
-              STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+              chunk_offsets, scale, pid_offset, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
+              HAS_DHT: tl.constexpr, STORE_DH: tl.constexpr, STORE_DH0: tl.constexpr, SPLIT: tl.constexpr,
+              IEEE: tl.constexpr):
     """DELTA (BK == K): ``dv`` holds the local (intra-chunk) value gradients; ``dv_new`` receives the full ones.
     Without STORE_DH only d initial_state is kept, no dh nor dv_new (a segment's own, ``local``, in chunk_split's
     terms). SPLIT: the sequences are segments, each starting from the gradient composed from the segments after
     it (through ``trans``, the delta rule's segment transitions); the first segment of a sequence stores its d
-    initial_state."""
+    initial_state. ``pid_offset``: the sequences of the launches before this one (``grid.launch_split``)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h = i_nh // H + pid_offset, i_nh % H        # (pid_offset: as state_fwd's)
     # the row of dht and dh0 (the sequence's) in int64, once: N x H states of K x V pass 2^31 elements (32k
     # sequence-heads of 256 x 256); the tile's offsets inside a state stay int32
-    row = i_nh.to(tl.int64)
+    row = (i_nh + pid_offset * H).to(tl.int64)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
         row = i_seq.to(tl.int64) * H + i_h
@@ -102,11 +103,13 @@ def state_bwd(q, k, w, do, dv, dv_new, g, dh, dh0, dht, local, trans, seg_seq, s
 
 
 @triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "USE_DH", "SEQS", "CHUNKS"])
-@triton.jit
-def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNKS,
+@triton.jit(do_not_specialize=["pid_offset"])
+def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, pid_offset, SEQS, CHUNKS,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            GATE: tl.constexpr, USE_DH: tl.constexpr, IEEE: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``pid_offset``: the chunks of the launches before this one (``grid.launch_split``)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1) + pid_offset, tl.program_id(2)
+    i_c = i_c.to(tl.uint32)     # (as output_fwd's)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -151,15 +154,17 @@ def dv_bwd(q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, SEQS, CHUNK
 
 
 @triton.autotune(configs=COLUMNS, key=["K", "V", "C", "BK", "GATE", "DELTA", "SEQS", "CHUNKS"])
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def dqk_bwd(q, k, v, g, h, do, dh, dv_new, u, dq, dk, dw, db, dA, dvu, cu_seqlens, chunk_indices, scale,
-            SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
+            pid_offset, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IEEE: tl.constexpr):
     """``db`` (T_total, H, n K blocks) fp32 receives ``sum_k q dq - k dk`` over this K block (GATE == 1).
     GATE == 2: only the inter-chunk parts of dq, dk; ``dA`` (n_chunks, H, C, C) fp32 gets the causal
     ``scale * do v^T`` (written by the K-block-0 programs) for chunk_intra.
-    DELTA: also ``dvu`` (T_total, H) fp32 = ``sum_v dv_new (v_new - u)`` per token (for the decay gradient)."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    DELTA: also ``dvu`` (T_total, H) fp32 = ``sum_v dv_new (v_new - u)`` per token (for the decay gradient).
+    ``pid_offset``: the chunks of the launches before this one (``grid.launch_split``)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1) + pid_offset, tl.program_id(2)
+    i_c = i_c.to(tl.uint32)     # (as output_fwd's)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)

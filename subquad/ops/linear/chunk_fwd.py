@@ -65,9 +65,9 @@ def _decays(g, tok, first, last, m_t, o_k, m_k, i_h, H: tl.constexpr, K: tl.cons
 
 @triton.autotune(configs=STATE,
                  key=["K", "V", "C", "BK", "GATE", "DELTA", "STORE_H", "SPLIT", "TRANSITION", "SEQS", "CHUNKS"])
-@triton.jit
-def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, SEQS,
-              CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+@triton.jit(do_not_specialize=["pid_offset"])
+def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, pid_offset,
+              SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
               STORE_H: tl.constexpr, STORE_HT: tl.constexpr, SPLIT: tl.constexpr, TRANSITION: tl.constexpr,
               IEEE: tl.constexpr):
@@ -75,12 +75,16 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
     Without STORE_H only the final state is kept, no h nor v_new (a segment's own, ``local``, in chunk_split's
     terms). SPLIT: the sequences are segments (``chunk_split``), each starting from the segments before it
     (through ``trans``, the delta rule's segment transitions). TRANSITION (DELTA, V == K, no v): the walk
-    starts from the identity with zero values, so its final state is the sequence's transition matrix."""
+    starts from the identity with zero values, so its final state is the sequence's transition matrix.
+    ``pid_offset``: the sequences of the launches before this one (``grid.launch_split``)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
+    # pid_offset counts sequences: the head, i_nh % H, in every address of the loop, stays the program id's
+    # alone, whose range the compiler knows (with the offset added to i_nh instead, fused_fwd's loop for GLA went
+    # from 1,254 to 1,275 instructions, 24 of them spill loads: Triton 3.6, sm90)
+    i_n, i_h = i_nh // H + pid_offset, i_nh % H
     # the row of h0 and ht (the sequence's) in int64, once: N x H states of K x V pass 2^31 elements (32k
     # sequence-heads of 256 x 256); the tile's offsets inside a state stay int32
-    row = i_nh.to(tl.int64)
+    row = (i_nh + pid_offset * H).to(tl.int64)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
         row = i_seq.to(tl.int64) * H + i_h
@@ -136,11 +140,15 @@ def state_fwd(k, v, g, h, h0, ht, w, v_new, local, trans, seg_seq, seg_first, cu
 
 
 @triton.autotune(configs=TILES, key=["K", "V", "C", "GATE", "SEQS", "CHUNKS"])
-@triton.jit
-def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUNKS,
+@triton.jit(do_not_specialize=["pid_offset"])
+def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, pid_offset, SEQS, CHUNKS,
                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                BV: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """``pid_offset``: the chunks of the launches before this one (``grid.launch_split``)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1) + pid_offset, tl.program_id(2)
+    # unsigned: the program id was known non-negative, so the chunk's offsets were widened unsigned; the sum with
+    # the offset, signed, would be sign-extended (the delta rule's dqk_bwd prologue and loop changed: Triton 3.6, sm90)
+    i_c = i_c.to(tl.uint32)
     i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -187,17 +195,17 @@ def output_fwd(q, k, v, g, h, A, o, cu_seqlens, chunk_indices, scale, SEQS, CHUN
 
 
 @triton.autotune(configs=FUSED, key=["K", "V", "C", "GATE", "DELTA", "SPLIT", "SEQS", "CHUNKS"])
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def fused_fwd(q, k, v, g, A, w, o, h0, ht, local, trans, seg_seq, seg_first, cu_seqlens, chunk_offsets, scale,
-              SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+              pid_offset, SEQS, CHUNKS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
               SPLIT: tl.constexpr, IEEE: tl.constexpr):
     """state_fwd and output_fwd in one walk over the chunks (needs BK >= K): the chunk's output takes the state
     before the chunk, then the chunk's keys and values are added to it. DELTA: as state_fwd's (``v`` holds u;
-    the corrected values are used, not stored: the backward recomputes them). SPLIT: as state_fwd's."""
+    the corrected values are used, not stored: the backward recomputes them). SPLIT, pid_offset: as state_fwd's."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    row = i_nh.to(tl.int64)     # (int64: as state_fwd's)
+    i_n, i_h = i_nh // H + pid_offset, i_nh % H        # (pid_offset: as state_fwd's)
+    row = (i_nh + pid_offset * H).to(tl.int64)         # (int64: as state_fwd's)
     if SPLIT:
         i_seq = tl.load(seg_seq + i_n)
         row = i_seq.to(tl.int64) * H + i_h

@@ -204,15 +204,17 @@ def intra_bwd(q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, max_spread,
                              BK, IEEE)
 
 
-@triton.jit
-def decay_grad(q, k, dq, dk, db, final, dg, cu_seqlens, chunk_offsets,
+@triton.jit(do_not_specialize=["pid_offset"])
+def decay_grad(q, k, dq, dk, db, final, dg, cu_seqlens, chunk_offsets, pid_offset,
                H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, VECTOR: tl.constexpr,
                HAS_FINAL: tl.constexpr):
     """dg = per-sequence reverse cumulative sum of dB (+ the final-state term at the last token), walking the
     chunks backwards with a running carry. VECTOR: dB = q dq - k dk per key dimension, computed here;
-    otherwise dB is given per token (``db`` (T_total, H)) and ``K``/``BK`` are 1."""
+    otherwise dB is given per token (``db`` (T_total, H)) and ``K``/``BK`` are 1. ``pid_offset``: the
+    sequences of the launches before this one (``grid.launch_split``)."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_n, i_h = i_nh // H + pid_offset, i_nh % H        # (pid_offset: as chunk_fwd.state_fwd's)
+    i_nh += pid_offset * H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, C)

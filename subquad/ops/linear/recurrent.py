@@ -12,16 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..grid import cdiv, next_power_of_2
+from ..grid import cdiv, launch_split, next_power_of_2
 
 
-@triton.jit
-def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T,
+@triton.jit(do_not_specialize=["pid_offset"])
+def recurrent_step(q, k, v, g, beta, state, new_state, o, scale, T, pid_offset,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    GATE: tl.constexpr, DELTA: tl.constexpr, WIDE_ROWS: tl.constexpr = False):
-    """q, k (B, T, H, K), v, o (B, T, H, V); g None | (B, T, H) | (B, T, H, K); beta (B, T, H); state (B, H, K, V)."""
+    """q, k (B, T, H, K), v, o (B, T, H, V); g None | (B, T, H) | (B, T, H, K); beta (B, T, H); state (B, H, K, V).
+    ``pid_offset``: the batch rows of the launches before this one (``grid.launch_split``)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    # (pid_offset counts batch rows, so that the head stays the program id's alone: as chunk_fwd.state_fwd's)
+    i_b, i_h = i_bh // H + pid_offset, i_bh % H
+    i_bh += pid_offset * H
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -66,11 +69,10 @@ def launch_recurrent(q, k, v, g, beta, state, scale):
     g = None if g is None else g.float().contiguous()
     o = torch.empty_like(v)
     new_state = torch.empty(bsz, heads, dk, dv, device=q.device, dtype=torch.float32)
-    grid = (cdiv(dv, bv), bsz * heads)
-    recurrent_step[grid](q, k, v, g, None if beta is None else beta.contiguous(), state.contiguous(), new_state, o,
-                         scale, seq_len, H=heads, K=dk, V=dv, BK=bk, BV=bv,
-                         GATE=0 if g is None else (1 if g.dim() == 3 else 2), DELTA=beta is not None,
-                         WIDE_ROWS=_wide_rows(bsz, seq_len, heads, dk, dv), num_warps=4)
+    launch_split(recurrent_step, lambda n: (cdiv(dv, bv), n), bsz * heads, q, k, v, g,
+                 None if beta is None else beta.contiguous(), state.contiguous(), new_state, o, scale, seq_len,
+                 unit=heads, H=heads, K=dk, V=dv, BK=bk, BV=bv, GATE=0 if g is None else (1 if g.dim() == 3 else 2),
+                 DELTA=beta is not None, WIDE_ROWS=_wide_rows(bsz, seq_len, heads, dk, dv), num_warps=4)
     return o, new_state
 
 
