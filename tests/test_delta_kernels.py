@@ -81,12 +81,7 @@ def test_delta_recurrent_launches_split_past_the_grid_limit(gated, monkeypatch):
     from conftest import small_grid_limit, split_kernels
 
     launches = small_grid_limit(monkeypatch)
-    q, k, v, beta, g, s0 = _inputs(gated, 2, 3)
-    with torch.no_grad():
-        o, s = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="triton")
-        o_ref, s_ref = subquad.delta_rule_step(q, k, v, beta, s0, g, backend="reference")
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    test_delta_recurrent_kernel_matches_reference(gated)
     assert split_kernels(launches) == {"recurrent_step"}
 
 
