@@ -137,6 +137,16 @@ def test_attention_sinks_reach_attention():
     assert not torch.allclose(out, plain)
 
 
+def _eager_and_subquad(model, run):
+    """``run(model)`` under transformers' eager attention, then under subquad's (reference backend)."""
+    out = []
+    for impl in ("eager", register_attention("subquad", backend="reference")):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out.append(run(model))
+    return out
+
+
 def test_tiny_gpt_oss_with_sinks_matches_eager():
     """GPT-OSS (sinks, alternating sliding and full layers): subquad's attention gives eager's logits."""
     config_cls = getattr(transformers, "GptOssConfig", None)
@@ -151,12 +161,7 @@ def test_tiny_gpt_oss_with_sinks_matches_eager():
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.sinks.copy_(torch.tensor([1.0, -0.5, 0.0, 2.0]) * (i + 1))
     ids = torch.randint(0, 64, (2, 10))
-    logits = {}
-    for impl in ("eager", register_attention("subquad", backend="reference")):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            logits[impl] = model(ids).logits
-    eager, ours = logits.values()
+    eager, ours = _eager_and_subquad(model, lambda m: m(ids).logits)
     assert float((eager - ours).abs().max()) < 1e-5 * float(eager.abs().max()) + 1e-6
 
 
@@ -199,12 +204,7 @@ def test_clip_text_encoder_stays_causal():
                                       eos_token_id=1, pad_token_id=1)
     model = transformers.CLIPTextModel(cfg).eval()
     ids = torch.randint(2, 50, (2, 9))
-    out = {}
-    for impl in ("eager", register_attention("subquad", backend="reference")):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            out[impl] = model(input_ids=ids).last_hidden_state
-    eager, ours = out.values()
+    eager, ours = _eager_and_subquad(model, lambda m: m(input_ids=ids).last_hidden_state)
     torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
 
 
@@ -218,13 +218,9 @@ def test_llama_static_cache_generation_matches_eager():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(1, 97, (2, 9))
-    out = {}
-    for impl in ("eager", register_attention("subquad", backend="reference")):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            out[impl] = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
-                                       output_logits=True, return_dict_in_generate=True)
-    eager, ours = out.values()
+    eager, ours = _eager_and_subquad(model, lambda m: m.generate(
+        input_ids=ids, max_new_tokens=4, do_sample=False, cache_implementation="static", output_logits=True,
+        return_dict_in_generate=True))
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(eager.logits), atol=1e-4, rtol=1e-4)
     assert torch.equal(ours.sequences, eager.sequences)
 
@@ -282,10 +278,5 @@ def test_swap_refuses_a_decoder_and_register_runs_it():
     ids = torch.randint(0, 50, (2, 7))
     with pytest.raises(ValueError, match="decoder"):
         swap_attention(model, "exact")
-    out = {}
-    for impl in ("eager", register_attention("subquad", backend="reference")):
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
-            out[impl] = model(input_ids=ids).logits
-    eager, ours = out.values()
+    eager, ours = _eager_and_subquad(model, lambda m: m(input_ids=ids).logits)
     torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
