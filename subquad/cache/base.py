@@ -13,6 +13,15 @@ import torch
 from .view import KVView
 
 
+def write_rows(buf: torch.Tensor, rows: torch.Tensor | None, start: int, new: torch.Tensor) -> None:
+    """``buf[b, rows[b, t]] = new[b, t]``; without ``rows`` (every sequence starts at ``start``) a plain slice."""
+    if rows is None:
+        buf[:, start:start + new.shape[1]] = new
+        return
+    bidx = torch.arange(buf.shape[0], device=buf.device).view(-1, 1).expand_as(rows)
+    buf[bidx, rows] = new
+
+
 class KVCache:
     """Base class: subclasses allocate storage in ``__init__`` and implement ``update``, ``view`` and
     ``buffers``."""
@@ -110,6 +119,13 @@ class KVCache:
             raise ValueError("positions: expected 0 <= positions <= seqlens (append, or rewrite the tail after "
                              f"rejected draft tokens), got {starts} with seqlens {self._lengths}")
         return starts
+
+    def _start_rows(self, starts: list[int], t: int, device) -> torch.Tensor | None:
+        """An eager update's ``(batch, t)`` positions for ``write_rows``: None when every sequence starts at
+        ``starts[0]`` (a plain slice)."""
+        if len(set(starts)) == 1:
+            return None
+        return torch.tensor(starts, device=device).view(-1, 1) + torch.arange(t, device=device)
 
     def _bad_positions(self, positions) -> ValueError:
         shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache
+from .base import KVCache, write_rows
 from .view import KVView
 
 
@@ -49,18 +49,12 @@ class LatentKVCache(KVCache):
         t = c_kv.shape[1]
         if torch.compiler.is_compiling():
             # unchecked against max_len (as the static cache's traced update)
-            rows = self._traced_rows(t, positions)
-            self.latent[torch.arange(b, device=rows.device).view(-1, 1).expand_as(rows), rows] = row
+            write_rows(self.latent, self._traced_rows(t, positions), 0, row)
             return self.view()
         starts = self._start_positions(positions)
         if max(starts) + t > self.max_len:
             raise ValueError(f"c_kv: {t} new tokens after {max(starts)} overflow max_len={self.max_len}")
-        if len(set(starts)) == 1:
-            self.latent[:, starts[0]:starts[0] + t] = row
-        else:
-            dev = self.latent.device
-            pos = torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(t, device=dev)
-            self.latent[torch.arange(b, device=dev).view(-1, 1).expand_as(pos), pos] = row
+        write_rows(self.latent, self._start_rows(starts, t, self.latent.device), starts[0], row)
         self._set_lengths([s + t for s in starts])
         return self.view()
 

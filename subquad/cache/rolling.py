@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache
+from .base import KVCache, write_rows
 from .view import KVView
 
 
@@ -93,9 +93,8 @@ class RollingKVCache(KVCache):
         keep = min(t, self.slots)
         dev = self.k.device
         pos = torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(t - keep, t, device=dev)
-        bidx = torch.arange(self.batch, device=dev).view(-1, 1).expand_as(pos)
-        self.k[bidx, pos % self.slots] = k[:, t - keep:].to(self.k.dtype)
-        self.v[bidx, pos % self.slots] = v[:, t - keep:].to(self.v.dtype)
+        write_rows(self.k, pos % self.slots, 0, k[:, t - keep:].to(self.k.dtype))
+        write_rows(self.v, pos % self.slots, 0, v[:, t - keep:].to(self.v.dtype))
         self._set_written([max(w, s + t) for w, s in zip(self._written, starts)])
         self._set_lengths([s + t for s in starts])
         return dense if dense is not None else self.view()
@@ -105,10 +104,9 @@ class RollingKVCache(KVCache):
         if k.shape[1] > self.max_step:
             raise ValueError(f"k: a traced update of a ring takes at most max_step={self.max_step} new tokens, got "
                              f"{k.shape[1]} (run the prefill eagerly)")
-        rows = self._traced_rows(k.shape[1], positions)
-        bidx = torch.arange(self.batch, device=rows.device).view(-1, 1).expand_as(rows)
-        self.k[bidx, rows % self.slots] = k.to(self.k.dtype)
-        self.v[bidx, rows % self.slots] = v.to(self.v.dtype)
+        slots = self._traced_rows(k.shape[1], positions) % self.slots
+        write_rows(self.k, slots, 0, k.to(self.k.dtype))
+        write_rows(self.v, slots, 0, v.to(self.v.dtype))
         torch.maximum(self.written, self.seqlens, out=self.written)
         return self.view()
 

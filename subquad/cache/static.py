@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache
+from .base import KVCache, write_rows
 from .view import KVView
-
-
-def _write_rows(buf: torch.Tensor, rows: torch.Tensor | None, start: int, new: torch.Tensor) -> None:
-    """``buf[b, rows[b, t]] = new[b, t]``; without ``rows`` (every sequence starts at ``start``) a plain slice."""
-    if rows is None:
-        buf[:, start:start + new.shape[1]] = new
-        return
-    bidx = torch.arange(buf.shape[0], device=buf.device).view(-1, 1).expand_as(rows)
-    buf[bidx, rows] = new
 
 
 class StaticKVCache(KVCache):
@@ -48,18 +39,16 @@ class StaticKVCache(KVCache):
         if torch.compiler.is_compiling():
             self._check_shapes(k, v, self.k.device)
             rows = self._traced_rows(k.shape[1], positions)
-            _write_rows(self.k, rows, 0, k.to(self.k.dtype))
-            _write_rows(self.v, rows, 0, v.to(self.v.dtype))
+            write_rows(self.k, rows, 0, k.to(self.k.dtype))
+            write_rows(self.v, rows, 0, v.to(self.v.dtype))
             return self.view()
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
         if max(starts) + t > self.max_len:
             raise ValueError(f"k: {t} new tokens after {max(starts)} overflow max_len={self.max_len}")
-        rows = None
-        if len(set(starts)) > 1:
-            rows = torch.tensor(starts, device=self.k.device).view(-1, 1) + torch.arange(t, device=self.k.device)
-        _write_rows(self.k, rows, starts[0], k.to(self.k.dtype))
-        _write_rows(self.v, rows, starts[0], v.to(self.v.dtype))
+        rows = self._start_rows(starts, t, self.k.device)
+        write_rows(self.k, rows, starts[0], k.to(self.k.dtype))
+        write_rows(self.v, rows, starts[0], v.to(self.v.dtype))
         self._set_lengths([s + t for s in starts])
         return self.view()
 
