@@ -95,6 +95,8 @@ def keep_mask(rng: torch.Tensor, batch: int, heads: int, seq_q: int, seq_kv: int
 def check_dropout_p(dropout_p, backend: str = "auto") -> float:
     """The probability that a call uses (``quantized``), or a ValueError naming ``dropout_p`` (also for a backend
     without dropout)."""
+    if type(dropout_p) in (float, int) and dropout_p == 0:     # (every call without dropout: 1 us less of host time)
+        return 0.0
     if not is_real(dropout_p) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     if dropout_p and backend in ("fa4", "cudnn", "flex"):
