@@ -61,10 +61,16 @@ def small_grid_limit(monkeypatch, limit: int = 3) -> list:
     """Lowers CUDA's 65,535-program limit on grid axes 1 and 2 (``subquad.ops.grid.MAX_GRID_YZ``) to ``limit``, so
     that the tests' small shapes take the launchers' split path, and records each split launch as ``(kernel name,
     programs on the split axis, [programs of each launch])`` (the delta rule's transition pass as
-    ``state_fwd[transition]``). Each launch's grid is checked against the limit (the interpreter itself runs
-    grids of any size)."""
+    ``state_fwd[transition]``): the linear and delta engines', the flash kernels', the LSE merge's and the
+    decode kernel's. Each launch's grid is checked against the limit (the interpreter itself runs grids of any
+    size)."""
+    import collections
+
     from subquad.ops import grid
+    from subquad.ops.decode import splitkv
     from subquad.ops.linear import chunk, recurrent
+    from subquad.ops.softmax import lse_merge
+    from subquad.ops.softmax.flash import launch
 
     monkeypatch.setattr(grid, "MAX_GRID_YZ", limit)
     seen = []
@@ -76,7 +82,8 @@ def small_grid_limit(monkeypatch, limit: int = 3) -> list:
             pieces.append(n)
             launched = make_grid(n)
             # (the tile meta-parameters matter only to axis 0 or to a value-tile count of 1 here)
-            axes = launched({"BV": 32, "BK": 64}) if callable(launched) else launched
+            meta = collections.defaultdict(lambda: 16, BV=32, BK=64)
+            axes = launched(meta) if callable(launched) else launched
             assert all(a <= limit for a in axes[1:]), (axes, limit)
             return launched
 
@@ -84,7 +91,7 @@ def small_grid_limit(monkeypatch, limit: int = 3) -> list:
         name = getattr(kernel, "kernel", kernel).fn.__name__
         seen.append((name + ("[transition]" if kwargs.get("TRANSITION") else ""), count, pieces))
 
-    for module in (chunk, recurrent):
+    for module in (chunk, recurrent, launch, lse_merge, splitkv):
         monkeypatch.setattr(module, "launch_split", spy)
     return seen
 

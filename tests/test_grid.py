@@ -18,13 +18,17 @@ def test_grid_arithmetic_matches_triton():
 
 
 class _Kernel:
-    """Records each ``kernel[grid](*args, **kwargs)``: the grid and the program offset."""
+    """Records each ``kernel[grid](*args, **kwargs)``: the grid and the program offset (and the keywords)."""
 
     def __init__(self):
         self.launches = []
+        self.kwargs = []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, kwargs["pid_offset"], args))
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs["pid_offset"], args))
+            self.kwargs.append(kwargs)
+        return launch
 
 
 def test_launch_split_keeps_one_launch_up_to_the_limit():
@@ -56,3 +60,15 @@ def test_launch_split_keeps_a_unit_in_one_launch():
         kernel = _Kernel()
         grid.launch_split(kernel, lambda n: (1, n), count, unit=16)
         assert [(g, off) for g, off, _ in kernel.launches] == [((1, n), off) for n, off in pieces]
+
+
+def test_launch_split_flags_the_launches_of_a_split_grid():
+    """``flag``: a constexpr that the launches of a split grid get True, the one launch below the limit False (the
+    softmax and decode kernels add the offset under it only, so that their ordinary variants compile as before)."""
+    from subquad.ops import grid
+
+    for count, flags in ((0, [False]), (65535, [False]), (65536, [True, True]), (2 * 65535 + 1, [True] * 3)):
+        kernel = _Kernel()
+        grid.launch_split(kernel, lambda n: (1, n), count, "a", flag="SPLIT", H=2)
+        assert [(kw["SPLIT"], kw["H"]) for kw in kernel.kwargs] == [(f, 2) for f in flags]
+        assert all(set(kw) == {"pid_offset", "SPLIT", "H"} for kw in kernel.kwargs)

@@ -34,18 +34,26 @@ MAX_GRID_YZ = 65535
 """CUDA's limit on a grid's axes 1 and 2 (axis 0 takes 2^31 - 1): a launch past it fails ("invalid argument")."""
 
 
-def launch_split(kernel, grid, count: int, *args, unit: int = 1, **kwargs) -> None:
+def launch_split(kernel, grid, count: int, *args, unit: int = 1, flag: str | None = None, **kwargs) -> None:
     """``kernel[grid(count)](*args, **kwargs)`` for a grid of ``count`` programs on axis 1 or 2, in launches of
     at most ``MAX_GRID_YZ`` programs along it, each passing the kernel the programs before it, in ``unit``s, as
     ``pid_offset``. Up to the limit it is that one launch with offset 0: the programs that share the GPU, and
     their L2 reuse, are as they were. ``grid(n)``: the grid with ``n`` programs on that axis, a tuple or a
     function of the meta-parameters as Triton takes it. ``unit``: programs that a launch keeps together (a
     sequence's heads: the kernels take the head from the program id alone, and the sequence plus the offset).
+    ``flag``: a constexpr of the kernel, passed True to the launches of a split grid and False to the one
+    launch below the limit, for a kernel that reads ``pid_offset`` only under it: its ordinary variant then
+    compiles exactly as it did without the offset (added in every variant, the offset moved the registers of the
+    flash backward and of the decode kernel), and a split grid compiles one variant more.
 
     The launches run one after another on the stream: a kernel split this way must not have a program wait
-    for another on that axis (none of the linear and delta kernels does: no atomics, no flags)."""
+    for another on that axis. None of the kernels launched so does: the linear and delta kernels share nothing,
+    the flash backward's programs only add into sums (atomics), and the decode kernel's last split to reach a
+    tile's arrival counter merges the tile, waiting for none (and a tile's splits share its axis-2 program)."""
     # read at each call, so that tests can lower the limit and have small shapes split
     step = max(MAX_GRID_YZ // unit, 1) * unit
+    if flag is not None:
+        kwargs[flag] = count > step
     # count 0 keeps its one (empty) launch, as before
     for start in range(0, max(count, 1), step):
         kernel[grid(min(step, count - start))](*args, pid_offset=start // unit, **kwargs)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..chained import chains_replicate, unchained_rescaled
-from ..grid import cdiv, next_power_of_2, num_sms
+from ..grid import cdiv, launch_split, next_power_of_2, num_sms
 from ..softmax.flash.tile import UPCAST_DOT
 
 # storage layouts (kernel constexprs; Triton only reads globals that are constexpr)
@@ -40,7 +40,7 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def _decode_kernel(
     Q, K, V, O_part, LSE_part, COUNTERS, OUT, LSE, SEQLENS, BLOCK_TABLE, SLOPES,
     stride_qb, stride_qt, stride_qh,
@@ -48,18 +48,28 @@ def _decode_kernel(
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_bt, stride_sl,
-    scale, softcap, window, capacity,
+    scale, softcap, window, capacity, pid_offset,
     HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DR: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     LAYOUT: tl.constexpr, V_IS_K: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_SCORE_TILE: tl.constexpr,
+    SPLIT_GRID: tl.constexpr,
 ):
+    """Grid ``(row blocks x V column blocks, splits, batch x KV heads)``; ``pid_offset``: the batch x KV heads of
+    the launches before this one, read under ``SPLIT_GRID`` only (``grid.launch_split``). The programs that meet
+    at an arrival counter, a tile's splits, share its batch x KV head, so a split grid keeps them in one launch."""
     # axis 0: (row block, V column block) of one (sequence, KV head, split): neighbours share K/V in L2
     pid_mv = tl.program_id(0)
     split = tl.program_id(1)
     pid_bh = tl.program_id(2)
+    if SPLIT_GRID:
+        # only there (as flash.tile.grid_row): added in every variant, the offset took the dense GQA kernel (B 8,
+        # 32 / 8 heads of 128) from 96 to 106 registers, 5 -> 4 programs per SM, and the MLA kernel's spills from
+        # 404 to 464 B (Triton 3.6, sm90: the program id alone is known to be below 65,536, which lets the
+        # compiler widen and divide it unsigned)
+        pid_bh += pid_offset
     m_blk = pid_mv // N_DV_BLOCKS
     dv_blk = pid_mv % N_DV_BLOCKS
     b = pid_bh // HKV
@@ -320,8 +330,8 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else q
     stride_sl = (hq if alibi_slopes.dim() == 2 and alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0
 
-    grid = (m_blocks * n_dv_blocks, num_splits, bsz * hkv)
-    _decode_kernel[grid](
+    launch_split(
+        _decode_kernel, lambda n: (m_blocks * n_dv_blocks, num_splits, n), bsz * hkv,
         q, k, v, o_part, lse_part, counters, out, lse, seqlens, table, slopes,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -338,6 +348,6 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         HAS_ALIBI=alibi_slopes is not None,
         # fp32 caches get full-precision products (no tf32), as the reference computes them
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_SCORE_TILE=split_score_tile,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, flag="SPLIT_GRID",
     )
     return out, lse

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..first_order import first_order
-from ..grid import cdiv, next_power_of_2
+from ..grid import cdiv, launch_split, next_power_of_2
 
 
 def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype):
@@ -57,11 +57,15 @@ def _weights(L1, L2, lse_off, row_ok):
     return w1 / safe, w2 / safe, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def _merge_fwd_kernel(O1, O2, L1, L2, OUT, LSE, N, H,
-                      s1b, s1n, s1h, s2b, s2n, s2h, sob, son, soh,
-                      DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+                      s1b, s1n, s1h, s2b, s2n, s2h, sob, son, soh, pid_offset,
+                      DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT_GRID: tl.constexpr):
+    """``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit on its batch x head rows, the offset added in that
+    grid's variant only (as ``flash.tile.grid_row``)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    if SPLIT_GRID:
+        pid_bh += pid_offset
     b, h = pid_bh // H, pid_bh % H
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_DV)
@@ -77,11 +81,15 @@ def _merge_fwd_kernel(O1, O2, L1, L2, OUT, LSE, N, H,
     tl.store(LSE + lse_off, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def _merge_bwd_kernel(O1, O2, L1, L2, DOUT, DLSE, DO1, DO2, DL1, DL2, N, H,
-                      s1b, s1n, s1h, s2b, s2n, s2h, sdb, sdn, sdh,
-                      HAS_DLSE: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
+                      s1b, s1n, s1h, s2b, s2n, s2h, sdb, sdn, sdh, pid_offset,
+                      HAS_DLSE: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      SPLIT_GRID: tl.constexpr):
+    """``pid_offset``, ``SPLIT_GRID``: as ``_merge_fwd_kernel``'s."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    if SPLIT_GRID:
+        pid_bh += pid_offset
     b, h = pid_bh // H, pid_bh % H
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_DV)
@@ -120,10 +128,11 @@ class _Merge2(torch.autograd.Function):
         out = torch.empty(bsz, n, h, dv, device=o1.device, dtype=dtype)
         lse = torch.empty(bsz, h, n, device=o1.device, dtype=torch.float32)
         bn, bdv = _block_n(dv), next_power_of_2(dv)
-        _merge_fwd_kernel[(cdiv(n, bn), bsz * h)](
+        launch_split(
+            _merge_fwd_kernel, lambda rows: (cdiv(n, bn), rows), bsz * h,
             o1, o2, l1, l2, out, lse, n, h, o1.stride(0), o1.stride(1), o1.stride(2),
             o2.stride(0), o2.stride(1), o2.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            DV=dv, BLOCK_N=bn, BLOCK_DV=bdv)
+            DV=dv, BLOCK_N=bn, BLOCK_DV=bdv, flag="SPLIT_GRID")
         ctx.save_for_backward(o1, l1, o2, l2)
         return out, lse
 
@@ -139,10 +148,11 @@ class _Merge2(torch.autograd.Function):
         has_dlse = dlse is not None
         dlse = dlse.float().contiguous() if has_dlse else l1
         bn, bdv = _block_n(dv), next_power_of_2(dv)
-        _merge_bwd_kernel[(cdiv(n, bn), bsz * h)](
+        launch_split(
+            _merge_bwd_kernel, lambda rows: (cdiv(n, bn), rows), bsz * h,
             o1, o2, l1, l2, dout, dlse, do1, do2, dl1, dl2, n, h, o1.stride(0), o1.stride(1), o1.stride(2),
             o2.stride(0), o2.stride(1), o2.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            HAS_DLSE=has_dlse, DV=dv, BLOCK_N=bn, BLOCK_DV=bdv)
+            HAS_DLSE=has_dlse, DV=dv, BLOCK_N=bn, BLOCK_DV=bdv, flag="SPLIT_GRID")
         return do1, dl1, do2, dl2, None
 
 

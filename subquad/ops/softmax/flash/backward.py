@@ -42,15 +42,17 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained
-from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
+from .tile import (dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
                    list_block, list_edge, list_entry, list_part, list_row, q_range, scores, tile_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pid_offset"])
 def flash_bwd_preprocess_kernel(O, DO, DLSE, DELTA, stride_ob, stride_on, stride_oh, stride_dob, stride_don,
-                                stride_doh, seq_q, HQ: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    pid_bh = tl.program_id(1)
+                                stride_doh, seq_q, pid_offset, HQ: tl.constexpr, DV: tl.constexpr,
+                                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                                SPLIT_GRID: tl.constexpr = False):
+    """``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit (``tile.grid_row``)."""
+    pid_bh = grid_row(pid_offset, SPLIT_GRID)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -428,7 +430,7 @@ def _dq_program(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "pid_offset"])
 def flash_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -438,7 +440,7 @@ def flash_bwd_kernel(
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
-    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
+    QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p, n_rows, pid_offset,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -450,12 +452,14 @@ def flash_bwd_kernel(
     PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
     DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
+    SPLIT_GRID: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
     ``_dq_program`` on ``DQ_BLOCK_M``-row query tiles (the query blocks' lists are ``QFULL_NUM``..., their
     heaviest-first order ``QORDER``), so that dQ needs no atomics and no fp32 buffer, and the two kinds of
-    program fill the GPU together."""
+    program fill the GPU together. ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit
+    (``tile.grid_row``)."""
     pid = tl.program_id(0)
     n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
     if ORDERED:
@@ -467,7 +471,8 @@ def flash_bwd_kernel(
         i = pid - n_kv_tiles
         if ORDERED:
             tile, bh, _ = heavy_first(QORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // DQ_BLOCK_M, 1, i,
-                                      tl.num_programs(0) - n_kv_tiles, tl.num_programs(1) * G)
+                                      tl.num_programs(0) - n_kv_tiles, grid_rows(n_rows, SPLIT_GRID) * G,
+                                      pid_offset, SPLIT_GRID)
             start_m = tile * DQ_BLOCK_M
             b = bh // HQ
             h = bh % HQ
@@ -475,8 +480,9 @@ def flash_bwd_kernel(
             # the latest query tiles first (the longest under a causal band); a GQA group's heads side by side,
             # so that they read their K/V tiles from L2
             start_m = (tl.cdiv(seq_q, DQ_BLOCK_M) - 1 - i // G) * DQ_BLOCK_M
-            b = tl.program_id(1) // HKV
-            h = (tl.program_id(1) % HKV) * G + i % G
+            row = grid_row(pid_offset, SPLIT_GRID)
+            b = row // HKV
+            h = (row % HKV) * G + i % G
         _dq_program(
             start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ,
             QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT,
@@ -491,11 +497,11 @@ def flash_bwd_kernel(
         piece = 0
         if ORDERED:
             tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G, pid,
-                                              n_kv_tiles, tl.num_programs(1))
+                                              n_kv_tiles, grid_rows(n_rows, SPLIT_GRID), pid_offset, SPLIT_GRID)
             start_n = tile * BLOCK_N
         else:
             start_n = pid * BLOCK_N
-            pid_bh = tl.program_id(1)
+            pid_bh = grid_row(pid_offset, SPLIT_GRID)
         _dkdv_program(
             start_n, pid_bh // HKV, pid_bh % HKV, piece, tl.program_id(2), tl.num_programs(2),
             Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import (dot, dot_acc, dropout_keep, heavy_first, keep_mask, kv_range,
+from .tile import (dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
                    list_block, list_edge, list_entry, list_part, list_row, scores, tile_rows)
 
 LOG2E = 1.4426950408889634
@@ -104,7 +104,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "pid_offset"])
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -114,7 +114,7 @@ def flash_fwd_kernel(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
-    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
+    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p, n_rows, pid_offset,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -124,17 +124,20 @@ def flash_fwd_kernel(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
-    DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
 ):
+    """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
+    limit (``tile.grid_row``)."""
     piece = 0
     if ORDERED:
         tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
-                                          tl.program_id(0), tl.num_programs(0), tl.num_programs(1))
+                                          tl.program_id(0), tl.num_programs(0), grid_rows(n_rows, SPLIT_GRID),
+                                          pid_offset, SPLIT_GRID)
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-        pid_bh = tl.program_id(1)
+        pid_bh = grid_row(pid_offset, SPLIT_GRID)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // G

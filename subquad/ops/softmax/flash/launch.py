@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ...autotuned import Autotuned
-from ...grid import cdiv, next_power_of_2, num_sms
+from ...grid import cdiv, launch_split, next_power_of_2, num_sms
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from ...chained import chains_replicate
 from ..lse_merge import merge_lse_stacked
@@ -463,14 +463,16 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
         meta["ORDERED"] = True
+    args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
-        flash_fwd_kernel[(tiles(bm_), bsz * hq)](*args, BLOCK_M=bm_, BLOCK_N=bn_,
-                                                 UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), **meta)
+        launch_split(flash_fwd_kernel, lambda n: (tiles(bm_), n), bsz * hq, *args, BLOCK_M=bm_, BLOCK_N=bn_,
+                     UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), flag="SPLIT_GRID", **meta)
     else:
-        kern[lambda c: (tiles(c["BLOCK_M"]), bsz * hq)](*args, **meta)
+        launch_split(kern, lambda n: lambda c: (tiles(c["BLOCK_M"]), n), bsz * hq, *args, flag="SPLIT_GRID",
+                     **meta)
     if pieces is not None:
         _merge_pieces(out, lse, o_part, lse_part, *m.piece_rows(blocks, seq_q, meta["MBQ"]))
     return out, lse
@@ -495,10 +497,10 @@ def _preprocess(do, out, lse, dlse):
     pre_rows = 64 if interpreting() else 128
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    flash_bwd_preprocess_kernel[(cdiv(seq_q, pre_rows), bsz * hq)](
-        out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=next_power_of_2(dv_dim),
-        BLOCK_M=pre_rows, HAS_DLSE=dlse is not None)
+    launch_split(flash_bwd_preprocess_kernel, lambda n: (cdiv(seq_q, pre_rows), n), bsz * hq,
+                 out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
+                 do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=next_power_of_2(dv_dim),
+                 BLOCK_M=pre_rows, HAS_DLSE=dlse is not None, flag="SPLIT_GRID")
     return delta
 
 
@@ -568,19 +570,23 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
         key_tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
 
-        def grid(tiles: dict):
-            dq_programs = 0 if atomic else query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv)
-            return key_tiles(tiles["BLOCK_N"]) + dq_programs, bsz * hkv, splits
+        def grid(rows: int):
+            def axes(tiles: dict):
+                dq_programs = 0 if atomic else query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv)
+                return key_tiles(tiles["BLOCK_N"]) + dq_programs, rows, splits
+            return axes
 
+        # (n_rows: the grid's rows, over all the launches of a split grid)
         walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q,
-                            q_order, *rng]
+                            q_order, *rng, bsz * hkv]
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
                          **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS))
-            flash_bwd_kernel[grid(tiles)](*walk_args, **tiles, **meta, **switch)
+            launch_split(flash_bwd_kernel, lambda n: grid(n)(tiles), bsz * hkv, *walk_args, **tiles, **meta,
+                         flag="SPLIT_GRID", **switch)
         else:
-            kern[grid](*walk_args, **meta, **switch)
+            launch_split(kern, grid, bsz * hkv, *walk_args, flag="SPLIT_GRID", **meta, **switch)
 
     if pieces is None:
         order = m.order_t if m.order_t is not None else _dummy(q.device)
