@@ -1,12 +1,15 @@
 """Attention patterns and their block summaries.
 
 A pattern is a small predicate on (batch, head, query position, key position) that compiles into a
-``BlockMask``; patterns compose with ``|`` and ``&``::
+``BlockMask``; patterns compose with ``|`` and ``&`` and negate with ``~``::
 
     from subquad import masks
     m = masks.longformer(window=512, global_tokens=[0]) & masks.document(seq_ids)
     bm = m.block_mask(seq_q=4096)          # BlockMask: full / partial key blocks per query block
     bm.density(), bm.plot("mask.png")
+    far = masks.causal & ~masks.sliding_window(256)   # only the keys 256 or more positions back
+
+A query that a pattern leaves no key (``far``'s first 256) gets a zero output and an LSE of -inf.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from .named import (
     strided,
     window,
 )
-from .patterns import Band, BuildContext, Pattern, Tensor
+from .patterns import Band, BuildContext, Complement, Pattern, Tensor
 
 #: ``resolve``'s ``causal`` argument shadows the pattern's name there (and dynamo cannot trace ``globals()``)
 _CAUSAL_PATTERN = causal
 
 __all__ = [
-    "BlockMask", "Pattern", "Band", "BuildContext", "EMPTY", "PARTIAL", "FULL",
+    "BlockMask", "Pattern", "Band", "Complement", "BuildContext", "EMPTY", "PARTIAL", "FULL",
     "causal", "full", "sliding_window", "strided", "fixed", "dilated", "block_sparse", "longformer", "bigbird",
     "document", "padding", "prefix_lm", "window", "from_tensor", "from_predicate", "resolve", "and_causal",
 ]

@@ -14,6 +14,8 @@ block summary composes with them (OR: any|any, all|all; AND: any&any, all&all), 
 over/under-approximation guarantees, and the few blocks where two parts overlap partly are then decided by
 evaluating the predicate on them, so compositions of exact patterns stay exact. (Document ids are exact
 when non-decreasing along the sequence, as packing makes them; user predicates are evaluated per block.)
+``~pattern`` keeps the pairs the pattern drops; its summary swaps the two bounds (any = not all, all = not
+any), which keeps them safe, and exact where the pattern's are.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class Pattern:
 
     def __rand__(self, other):
         return Intersection(_coerce(other), self)
+
+    def __invert__(self) -> "Pattern":
+        return Complement(self)
 
     # Convenience for users: build the block summary directly.
     def block_mask(self, seq_q: int, seq_kv: int | None = None, *, batch: int = 1, heads: int = 1,
@@ -213,6 +218,34 @@ class Intersection(Pattern):
 
     def __repr__(self):
         return " & ".join(_paren(p) for p in self.parts)
+
+
+class Complement(Pattern):
+    """The pairs that ``inner`` does not keep (``~inner``)."""
+
+    def __init__(self, inner: Pattern):
+        self.inner = inner
+        self.varies_with_batch = inner.varies_with_batch
+        self.varies_with_heads = inner.varies_with_heads
+
+    def prepare(self, ctx):
+        return Complement(self.inner.prepare(ctx))
+
+    def predicate(self, b, h, q, k):
+        # logical, not bitwise: a predicate that answers 0/1 integers would give -1/-2 (both kept) under ``~``
+        return torch.logical_not(self.inner.predicate(b, h, q, k))
+
+    def block_bounds(self, ctx, q0, q1, k0, k1):
+        # a block the inner pattern keeps whole is empty here and one it drops whole is full; the inner's
+        # over-approximated ``any`` becomes an under-approximated ``all`` and vice versa, so they stay safe
+        any_, all_ = self.inner.block_bounds(ctx, q0, q1, k0, k1)
+        return ~all_, ~any_
+
+    def __invert__(self) -> Pattern:
+        return self.inner
+
+    def __repr__(self):
+        return f"~{_paren(self.inner)}"
 
 
 def _reduce(op, xs):

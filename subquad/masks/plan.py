@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
-from .patterns import (INF, Band, BlockLayout, BuildContext, Intersection, Named, Pattern, PeriodicColumns,
-                       Positions, Residue, SameBlock, Union)
+from .patterns import (INF, Band, BlockLayout, BuildContext, Complement, Intersection, Named, Pattern,
+                       PeriodicColumns, Positions, Residue, SameBlock, Union)
 
 #: global columns (rows) spread over at most this many key (query) tiles stay in the local BlockMask as
 #: in-kernel terms: one more partial tile per query tile beats a second launch and a merge. On the H100 at
@@ -55,28 +55,6 @@ ROW_CHUNK = 2048
 #: leave most of their 128-tiles partial. On the H200 (2 x 16k, 2026-12-05-bigbird-random-blocks-h200.json) one
 #: random block per 64-row block took BigBird's forward from 0.56 ms (Longformer's) to 1.19.
 SPLIT_FINE_LAYOUTS = True
-
-
-class Complement(Pattern):
-    """Pairs that ``inner`` does not keep. Block bounds swap roles: any = not all, all = not any."""
-
-    def __init__(self, inner: Pattern):
-        self.inner = inner
-        self.varies_with_batch = inner.varies_with_batch
-        self.varies_with_heads = inner.varies_with_heads
-
-    def prepare(self, ctx):
-        return Complement(self.inner.prepare(ctx))
-
-    def predicate(self, b, h, q, k):
-        return ~self.inner.predicate(b, h, q, k)
-
-    def block_bounds(self, ctx, q0, q1, k0, k1):
-        any_, all_ = self.inner.block_bounds(ctx, q0, q1, k0, k1)
-        return ~all_, ~any_
-
-    def __repr__(self):
-        return f"not({self.inner!r})"
 
 
 def _band(lo: int, hi: int) -> Band | None:
@@ -237,7 +215,9 @@ def _terms(p: Pattern, kind: type) -> list[Pattern]:
 
 
 def _read(pattern: Pattern) -> _Parts | None:
-    """Normal form ``clip & (U1 | ... | Un)`` of the structured building blocks, or None."""
+    """Normal form ``clip & (U1 | ... | Un)`` of the structured building blocks, or None. A complement is no
+    building block, whatever it holds (``~strided``'s columns are the pairs it drops): a pattern with one runs
+    as its BlockMask."""
     terms = _terms(pattern, Intersection)
     lo, hi, dilation, union = -INF, INF, 1, None
     for t in terms:
@@ -600,4 +580,4 @@ def plan(pattern: Pattern, seq_q: int, seq_kv: int | None = None, *, block_q: in
     return Plan(pattern, prepared, seq_q, seq_kv, comps, notes, block_q, block_kv, exact_positions)
 
 
-__all__ = ["Plan", "Component", "Complement", "plan"]
+__all__ = ["Plan", "Component", "plan"]

@@ -259,6 +259,9 @@ def _sliced_rows(p, lead: int):
     if isinstance(p, _patterns.Named):
         inner = _sliced_rows(p.inner, lead)
         return p if inner is p.inner else _patterns.Named(p.name, inner, p.params)
+    if isinstance(p, _patterns.Complement):
+        inner = _sliced_rows(p.inner, lead)
+        return p if inner is p.inner else _patterns.Complement(inner)
     if isinstance(p, (_patterns.Union, _patterns.Intersection)):
         parts = [_sliced_rows(part, lead) for part in p.parts]
         return p if all(a is b for a, b in zip(parts, p.parts)) else type(p)(*parts)

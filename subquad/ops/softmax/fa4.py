@@ -212,6 +212,8 @@ def _spec_of(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dt
     if isinstance(p, (P.Union, P.Intersection)):
         tag = "or" if isinstance(p, P.Union) else "and"
         return (tag, tuple(_spec_of(part, seq_kv, aux, flag_dtype) for part in p.parts))
+    if isinstance(p, P.Complement):
+        return ("not", _spec_of(p.inner, seq_kv, aux, flag_dtype))
     if isinstance(p, P.Band):
         return ("band", None if p.lo <= -_UNBOUNDED else p.lo, None if p.hi >= _UNBOUNDED else p.hi)
     if isinstance(p, P._Prefix):
@@ -250,9 +252,10 @@ def _spec_of(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dt
 
 def emit(spec: tuple, ops, b, h, q, k, aux):
     """Evaluate ``spec`` at (batch ``b``, head ``h``, absolute query ``q``, key ``k``) with ``ops``:
-    ``ops.const(int)``, ``ops.true(k)``, ``ops.load(tensor, *indices)`` and ``ops.flag(tensor, *indices)`` (an
-    entry of a 0/1 tensor as a boolean). Comparisons, ``&``, ``|``, ``//`` and ``%`` are the operands' own
-    (all operands are non-negative where ``//``/``%`` meet them)."""
+    ``ops.const(int)``, ``ops.true(k)``, ``ops.load(tensor, *indices)``, ``ops.flag(tensor, *indices)`` (an
+    entry of a 0/1 tensor as a boolean) and ``ops.negate(x)`` (complements; torch ops only, see ``_expressible``).
+    Comparisons, ``&``, ``|``, ``//`` and ``%`` are the operands' own (all operands are non-negative where
+    ``//``/``%`` meet them)."""
     tag = spec[0]
     c = ops.const
     if tag in ("or", "and"):
@@ -261,6 +264,8 @@ def emit(spec: tuple, ops, b, h, q, k, aux):
             nxt = emit(part, ops, b, h, q, k, aux)
             out = (out | nxt) if tag == "or" else (out & nxt)
         return out
+    if tag == "not":
+        return ops.negate(emit(spec[1], ops, b, h, q, k, aux))
     if tag == "band":
         _, lo, hi = spec
         d = q - k
@@ -319,6 +324,10 @@ class TorchOps:
     def flag(tensor, *idx):
         entry = tensor[idx]
         return entry if entry.dtype == torch.bool else entry != 0
+
+    @staticmethod
+    def negate(x):
+        return torch.logical_not(x)
 
 
 def _in_runs(x, runs, c):
@@ -431,6 +440,8 @@ def _expressible(pattern) -> bool:
         return _expressible(p.inner)
     if isinstance(p, (P.Union, P.Intersection)):
         return all(_expressible(x) for x in p.parts)
+    # a complement's mask_mod negates, which the CuTe ops (``_CuteOps``) do not offer: no FA4 install to test one
+    # on, so FA4 leaves complements to the other backends (flex evaluates the same spec with torch ops)
     return isinstance(p, (P.Band, P._Prefix, P.SameBlock, P.Residue, P.PeriodicColumns, P.Positions, P.Segments,
                           P.BlockLayout, P.RandomBlocks, P.Tensor))
 

@@ -2,8 +2,9 @@
 
 ``kernel_terms`` recognises the patterns whose element predicate the kernels evaluate themselves: a band,
 OR-ed with leading key columns (prefix-LM), global keys and global queries (Longformer, BigBird) and a block
-layout (BigBird's random blocks, block-sparse), optionally AND-ed with causal, AND-ed with documents. Any
-other pattern — strided, fixed, dilated, user tensors and predicates — gets a *bitmask*: for each PARTIAL
+layout (BigBird's random blocks, block-sparse), optionally AND-ed with causal, AND-ed with documents; a
+complemented band AND-ed with bands that leave it one side is a band too. Any other pattern — strided, fixed,
+dilated, other complements, user tensors and predicates — gets a *bitmask*: for each PARTIAL
 block of the BlockMask, one bit per (query, key) pair evaluated once from the element predicate and packed
 into int32 words; full blocks need no bits and empty blocks are never visited. So every pattern runs
 through the same two kernels.
@@ -16,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ....masks import PARTIAL, BlockMask
-from ....masks.patterns import (INF, Band, BlockLayout, Document, Intersection, Named, Pattern, Positions, Union,
-                                _Prefix)
+from ....masks.patterns import (INF, Band, BlockLayout, Complement, Document, Intersection, Named, Pattern, Positions,
+                                Union, _Prefix)
 
 #: band limits are clamped to this in the kernels (int32 arithmetic on positions stays exact)
 BAND_INF = 1 << 30
@@ -145,8 +146,12 @@ def _kernel_terms(p: Pattern) -> Terms | None:
             flat.extend(part.parts if isinstance(part, Union) else (part,))
         return _union_terms(flat)
     if isinstance(p, Intersection):
-        lo, hi, doc, union = -INF, INF, None, None
+        lo, hi, doc, union, cut = -INF, INF, None, None, []
         for part in p.parts:
+            band = _complemented_band(part)
+            if band is not None:
+                cut.append(band)
+                continue
             t = _kernel_terms(part)
             if t is None:
                 return None
@@ -160,6 +165,15 @@ def _kernel_terms(p: Pattern) -> Terms | None:
                 union = t
             else:
                 lo, hi = max(lo, t.lo), min(hi, t.hi)
+        for band in cut:
+            # [lo, hi] less [band.lo, band.hi] is one band where it leaves one side (``causal & ~window``: the
+            # distant keys), else two, which the kernels' single band cannot hold
+            if lo >= band.lo:
+                lo = max(lo, band.hi + 1)
+            elif hi <= band.hi:
+                hi = min(hi, band.lo - 1)
+            else:
+                return None
         if union is None:
             return Terms(lo=lo, hi=hi, doc_ids=doc)
         if lo == 0 and hi >= BAND_INF:
@@ -170,6 +184,15 @@ def _kernel_terms(p: Pattern) -> Terms | None:
             return None
         return replace(union, doc_ids=doc)
     return None
+
+
+def _complemented_band(p: Pattern) -> Band | None:
+    """The band of ``~band`` (names unwrapped), else None: any other complement gets a bitmask."""
+    p = _unwrap(p)
+    if not isinstance(p, Complement):
+        return None
+    inner = _unwrap(p.inner)
+    return inner if isinstance(inner, Band) else None
 
 
 def pure_band(p: Pattern | None) -> tuple[int, int] | None:
