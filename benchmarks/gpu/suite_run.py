@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -30,6 +31,7 @@ def main():
     if resume:
         with open(resume) as f:
             rows = json.load(f)
+    start = time.time()
     done = {(r["case"], r["mode"], r.get("batch"), r.get("seqlen")) for r in rows}
     for name in names:
         # case by case, the JSON rewritten after each: a call that runs out of time keeps what it measured
@@ -48,7 +50,10 @@ def main():
                 # checked against (the decode steps' torch-eager)
                 keep = impls.split(",") + ([case.reference] if isinstance(case.reference, str) else [])
                 case.impls = {k: f for k, f in case.impls.items() if k in keep}
-            rows += harness.run_cases([case], torch.device("cuda"))
+            # each implementation's start, with the seconds so far: a case cut off by the call's limit writes no
+            # row, and this says which implementation (a compile, a first autotuning) took the time
+            rows += harness.run_cases([case], torch.device("cuda"),
+                                      progress=lambda what: print(f"  {time.time() - start:6.0f} s  {what}", flush=True))
             with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
                 json.dump(rows, f, indent=1)
             print(f"done {case.case} {case.mode} {case.batch}x{case.seqlen}", flush=True)
