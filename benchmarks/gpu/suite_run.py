@@ -52,8 +52,8 @@ def main():
                 case.impls = {k: f for k, f in case.impls.items() if k in keep}
             # each implementation's start, with the seconds so far: a case cut off by the call's limit writes no
             # row, and this says which implementation (a compile, a first autotuning) took the time
-            rows += harness.run_cases([case], torch.device("cuda"),
-                                      progress=lambda what: print(f"  {time.time() - start:6.0f} s  {what}", flush=True))
+            rows += harness.run_cases([case], torch.device("cuda"), progress=lambda what: print(
+                f"  {time.time() - start:6.0f} s  {what}", flush=True))
             with open(os.path.join(os.environ.get("OUT", "."), f"{out_name}.json"), "w") as f:
                 json.dump(rows, f, indent=1)
             print(f"done {case.case} {case.mode} {case.batch}x{case.seqlen}", flush=True)
