@@ -67,7 +67,6 @@ def small_grid_limit(monkeypatch, limit: int = 3) -> list:
     import collections
 
     from subquad.ops import grid
-    from subquad.ops.autotuned import Autotuned
     from subquad.ops.decode import splitkv
     from subquad.ops.linear import chunk, recurrent
     from subquad.ops.softmax import lse_merge
@@ -92,14 +91,21 @@ def small_grid_limit(monkeypatch, limit: int = 3) -> list:
             return launched
 
         grid.launch_split(kernel, piece, count, *args, **kwargs)
-        # an ``Autotuned`` wrapper holds its JIT function as ``kernel``; a JIT function has a ``kernel`` too, None
-        # on a GPU (Triton 3.6's compiled-kernel slot), so the wrapper is asked for by type
-        name = (kernel.kernel if isinstance(kernel, Autotuned) else kernel).fn.__name__
+        name = kernel_name(kernel)
         seen.append((name + ("[transition]" if kwargs.get("TRANSITION") else ""), count, pieces))
 
     for module in (chunk, recurrent, launch, lse_merge, splitkv):
         monkeypatch.setattr(module, "launch_split", spy)
     return seen
+
+
+def kernel_name(kernel) -> str:
+    """The name of a launched kernel: a JIT function, Triton's autotuner over one, or subquad's ``Autotuned``."""
+    from subquad.ops.autotuned import Autotuned
+
+    # ``Autotuned`` holds its JIT function as ``kernel``; a JIT function has a ``kernel`` attribute too, None
+    # outside the interpreter (Triton's compiled-kernel slot), so the wrapper is asked for by type
+    return (kernel.kernel if isinstance(kernel, Autotuned) else kernel).fn.__name__
 
 
 def split_kernels(launches) -> set:

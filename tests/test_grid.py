@@ -72,3 +72,22 @@ def test_launch_split_flags_the_launches_of_a_split_grid():
         grid.launch_split(kernel, lambda n: (1, n), count, "a", flag="SPLIT", H=2)
         assert [(kw["SPLIT"], kw["H"]) for kw in kernel.kwargs] == [(f, 2) for f in flags]
         assert all(set(kw) == {"pid_offset", "SPLIT", "H"} for kw in kernel.kwargs)
+
+
+def test_the_spy_names_every_kind_of_launched_kernel():
+    """``conftest.kernel_name`` on the three kinds of kernel the launchers pass: a JIT function outside the
+    interpreter (as on a GPU, where its ``kernel`` attribute is None: the grid-limit tests' spy once read that
+    and failed there), Triton's autotuner over one, and subquad's ``Autotuned``."""
+    import triton
+    from conftest import kernel_name
+    from triton.runtime.jit import JITFunction
+
+    from subquad.ops.autotuned import Autotuned
+
+    def copy_rows(X):
+        pass
+
+    jit = JITFunction(copy_rows)
+    assert jit.kernel is None
+    tuner = triton.autotune(configs=[triton.Config({})], key=[])(jit)
+    assert [kernel_name(k) for k in (jit, tuner, Autotuned(tuner))] == ["copy_rows"] * 3
