@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from subquad import masks
 from subquad.cache import PagedKVCache, RollingKVCache, StaticKVCache
 from subquad.models import HybridLM, hybrid
+from subquad.nn import Attention
 from subquad.ops.decode import decode
 
 
@@ -51,6 +53,33 @@ def test_compiled_steps_equal_eager_steps(layers):
         if isinstance(e, RollingKVCache):
             assert t._written == e._written
             torch.testing.assert_close(t.k, e.k)
+
+
+@pytest.mark.parametrize("mask, position", [
+    (masks.longformer(3, global_tokens=[0], causal=True), "rope"),
+    (masks.strided(3), "alibi"),
+    (masks.causal & ~masks.sliding_window(2), "rope"),
+])
+def test_compiled_pattern_steps_equal_eager_steps(mask, position):
+    """A layer with a general pattern decodes sequences of 0 and 5 tokens (then 1 and 6, ...) in one graph:
+    the pattern is evaluated at every sequence's own positions over the padded cache, as the eager steps'
+    per-length groups evaluate it; the complement's first token sees no key (zeros, not NaN)."""
+    torch.manual_seed(3)
+    layer = Attention(16, 2, kv_heads=1, mask=mask, position=position, softcap=30.0).eval()
+    eager_cache, traced_cache = layer.new_cache(2, 12), layer.new_cache(2, 12)
+    prompt = torch.randn(2, 5, 16)
+    step, graphs = _counting_compile(layer)
+    with torch.no_grad():
+        for cache in (eager_cache, traced_cache):
+            layer(prompt, cache)
+            cache._set_lengths([0, 5])
+        for i in range(4):
+            x = torch.randn(2, 1, 16)
+            want, got = layer(x, eager_cache), step(x, traced_cache)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not got.isnan().any()
+    assert len(graphs) == 1
+    assert traced_cache.seqlens.tolist() == eager_cache._lengths == [4, 9]
 
 
 def test_eager_updates_after_compiled_steps_see_the_device_lengths():

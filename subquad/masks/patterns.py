@@ -370,17 +370,20 @@ class Positions(Pattern):
         if pos.numel() and int(pos.min()) < 0:
             raise ValueError(f"global_tokens: positions must be >= 0, got min {int(pos.min())}")
         self.positions = torch.unique(pos)
+        # kept on the host: the check in ``prepare`` then reads no tensor, so a traced decoding step prepares
+        # the pattern without a graph break
+        self.last = int(self.positions.max()) if self.positions.numel() else -1
         self.axis = axis
         self.name = name
 
     def prepare(self, ctx):
         limit = ctx.seq_kv
-        if self.positions.numel() and int(self.positions.max()) >= limit:
-            raise ValueError(f"global_tokens: position {int(self.positions.max())} is outside a sequence of "
-                             f"{limit} keys")
+        if self.last >= limit:
+            raise ValueError(f"global_tokens: position {self.last} is outside a sequence of {limit} keys")
         if self.positions.device != ctx.device:
             out = Positions.__new__(Positions)
-            out.positions, out.axis, out.name = self.positions.to(ctx.device), self.axis, self.name
+            out.positions, out.last, out.axis, out.name = self.positions.to(ctx.device), self.last, self.axis, \
+                self.name
             return out
         return self
 

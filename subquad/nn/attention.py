@@ -77,13 +77,15 @@ def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern,
 
     Decoding steps (``T <= 16``) without a general pattern run ``subquad.decode`` (split-KV on the GPU,
     reading ring slots in place); prefills and general patterns gather the keys in position order and run
-    ``subquad.attention`` per group of sequences of one length.
+    ``subquad.attention`` per group of sequences of one length (traced: ``attend_pattern_traced``).
     """
     t = q.shape[1]
     kv_dtype = view.k.dtype
     if pattern is None and t <= MAX_NEW_TOKENS:
         return decode(q.to(kv_dtype), view, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi,
                       sinks=sinks, backend=backend).to(q.dtype)
+    if pattern is not None and torch.compiler.is_compiling():
+        return attend_pattern_traced(q, view, pattern, scale=scale, softcap=softcap, alibi=alibi, sinks=sinks)
     k, v, lengths = view.dense()
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for n, idx in rows_by_length(lengths):
@@ -94,6 +96,37 @@ def attend_cached(q: torch.Tensor, view: KVView, *, window: int | None, pattern,
         out[idx] = attention(q[idx], k[idx, :n].to(q.dtype), v[idx, :n].to(q.dtype), causal=True, mask=mask,
                              scale=scale, softcap=softcap, alibi_slopes=alibi, backend=backend, sinks=sinks)
     return out
+
+
+def attend_pattern_traced(q: torch.Tensor, view: KVView, pattern: masks.Pattern, *, scale: float | None,
+                          softcap: float | None, alibi: torch.Tensor | None,
+                          sinks: torch.Tensor | None) -> torch.Tensor:
+    """``attend_cached``'s pattern path as a traced step runs it: the groups by length read the lengths on the
+    host (a graph break), so every sequence attends at once over the view padded to the storage, the
+    pattern's predicate evaluated on the device at each sequence's own positions, as ``subquad.decode``'s
+    reference places them. The traced reference runs it (a ``score_mod``, which the kernels refuse); a query
+    that sees no key gives zeros."""
+    k, v, kept = view.dense()
+    t, n, kept = q.shape[1], k.shape[1], kept.long()
+    end = view.seqlens.long()
+    first = end - kept
+    # (a ``prepare`` that read a tensor's values on the host would break the graph: ``Positions`` keeps its
+    # last position as an int for this)
+    prepared = pattern.prepare(masks.BuildContext(q.shape[0], q.shape[2], t, n, q.device))
+    slopes = None
+    if alibi is not None:
+        slopes = alibi.float().view(-1 if alibi.dim() == 2 else 1, q.shape[2])
+
+    def place(score, b, h, q_idx, k_idx):
+        # the reference puts query i at n - t + i and key j at j; move both to the sequence's own positions
+        q_pos, k_pos = q_idx - n + end[b], k_idx + first[b]
+        keep = (k_idx < kept[b]) & (k_pos <= q_pos) & prepared.predicate(b, h, q_pos, k_pos)
+        if slopes is not None:
+            score = score - slopes[b if slopes.shape[0] > 1 else 0, h] * (q_pos - k_pos).abs()
+        return torch.where(keep, score, float("-inf"))
+
+    return attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale, softcap=softcap, sinks=sinks, score_mod=place,
+                     backend="reference")
 
 
 class Attention(nn.Module):
