@@ -250,6 +250,7 @@ def test_mamba2_gated_norm_is_per_group_of_heads():
 def test_attention_dropout_only_while_training(make_layer):
     torch.manual_seed(0)
     layer = make_layer()
+    assert layer.dropout == 0.4     # as given, as nn.Dropout keeps p (calls use it as a multiple of 1/256)
     x = torch.randn(2, 9, D)
     layer.eval()
     quiet = layer(x)
@@ -259,7 +260,7 @@ def test_attention_dropout_only_while_training(make_layer):
     layer.dropout = 0.4
     assert not torch.allclose(layer(x), quiet)
     if isinstance(layer, Attention):
-        assert "dropout=0.4" in repr(layer)
+        assert "dropout=0.4\n" in repr(layer)
 
 
 def test_retnet_keeps_its_decays_in_bfloat16():

@@ -128,7 +128,8 @@ class SubquadSelfAttention(nn.Module):
         # BERT's attention_probs_dropout_prob, which its attention applies while training (none in linear
         # attention, which has no probabilities)
         dropout = getattr(original, "dropout", None)
-        self.dropout = check_dropout_p(dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        self.dropout = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+        check_dropout_p(self.dropout)
         self.phi = resolve_feature_map(feature_map) if mechanism == "linear" else None
         if isinstance(self.phi, nn.Module):
             self.add_module("feature_map", self.phi)

@@ -167,7 +167,9 @@ class Attention(nn.Module):
         if position not in POSITIONS:
             raise ValueError(f"position: expected one of {POSITIONS}, got {position!r}")
         check_scale_softcap(None, softcap)
-        self.dropout = check_dropout_p(dropout, backend)
+        # the probability as given, as nn.Dropout keeps it (each call uses it as a multiple of 1/256)
+        check_dropout_p(dropout, backend)
+        self.dropout = float(dropout)
         self.d_model, self.heads, self.causal, self.window = d_model, heads, causal, window
         self.pattern, self.position, self.softcap, self.backend = mask, position, softcap, backend
         self.q_proj = nn.Linear(d_model, heads * self.head_dim, bias=bias)

@@ -56,7 +56,9 @@ class DiffAttention(nn.Module):
         if window is not None and (not isinstance(window, int) or window <= 0):
             raise ValueError(f"window: expected a positive int or None, got {window!r}")
         self.d_model, self.heads, self.window, self.backend = d_model, heads, window, backend
-        self.dropout = check_dropout_p(dropout, backend)
+        # the probability as given, as nn.Dropout keeps it (each call uses it as a multiple of 1/256)
+        check_dropout_p(dropout, backend)
+        self.dropout = float(dropout)
         self.head_dim = d_model // heads // 2
         d = self.head_dim
         self.q_proj = nn.Linear(d_model, heads * 2 * d, bias=False)

@@ -71,7 +71,9 @@ class MLA(nn.Module):
         self.d_model, self.n_heads, self.kv_lora_rank = d_model, n_heads, kv_lora_rank
         self.qk_nope_dim, self.rope_dim, self.v_dim = qk_nope_dim, rope_dim, v_dim
         self.rope_base, self.backend = rope_base, backend
-        self.dropout = check_dropout_p(dropout, backend)
+        # the probability as given, as nn.Dropout keeps it (each call uses it as a multiple of 1/256)
+        check_dropout_p(dropout, backend)
+        self.dropout = float(dropout)
         self.scale = (qk_nope_dim + rope_dim) ** -0.5
         q_width = n_heads * (qk_nope_dim + rope_dim)
         if q_lora_rank is None:
