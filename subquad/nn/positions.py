@@ -116,18 +116,26 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, acc)
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, dim/2): broadcast over heads
-        rot, rest = x[..., :self.dim].to(acc), x[..., self.dim:]
-        if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot[..., :self.dim // 2], rot[..., self.dim // 2:]
-            out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-        return torch.cat([out.to(x.dtype), rest], dim=-1) if rest.shape[-1] else out.to(x.dtype)
+        return apply_rotary(x, cos, sin, self.interleaved)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base:g}, scaling={self.scaling}, interleaved={self.interleaved}"
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first ``2 * cos.shape[-1]`` channels of ``x`` ``(B, T, H, D)`` by ``cos``, ``sin`` ``(B | 1, T,
+    rotated / 2)``: channel pairs ``(i, i + rotated / 2)`` (GPT-NeoX) or ``(2i, 2i + 1)`` (``interleaved``, GPT-J).
+    Computed in ``cos``'s dtype, returned in x's; the other channels pass through."""
+    half = cos.shape[-1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rot, rest = x[..., :2 * half].to(cos.dtype), x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([out.to(x.dtype), rest], dim=-1) if rest.shape[-1] else out.to(x.dtype)
 
 
 def rotary_dim(head_dim: int, partial_rotary: float = 1.0) -> int:
@@ -155,4 +163,4 @@ def alibi_slopes(heads: int, device=None) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
-__all__ = ["RotaryEmbedding", "RopeScaling", "SCALINGS", "rotary_dim", "alibi_slopes"]
+__all__ = ["RotaryEmbedding", "RopeScaling", "SCALINGS", "apply_rotary", "rotary_dim", "alibi_slopes"]
