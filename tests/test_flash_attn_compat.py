@@ -11,7 +11,8 @@ import torch
 from oracles import softmax_attention
 from oracles import varlen_attention as varlen_oracle
 from subquad.integrations.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
-                                              flash_attn_varlen_func, flash_attn_with_kvcache)
+                                              flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                              flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -125,6 +126,24 @@ def test_packed_forms_name_the_bad_argument():
         flash_attn_qkvpacked_func(rand(2, 6, 2, 4, 8))
     with pytest.raises(ValueError, match=r"kv: expected shape \(batch, seqlen_k, 2, nheads_k, headdim\)"):
         flash_attn_kvpacked_func(rand(2, 6, 4, 8), rand(2, 6, 3, 4, 8))
+
+
+def test_varlen_packed_forms_equal_unpacked():
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    qkv = rand(10, 3, 4, 8)
+    torch.testing.assert_close(flash_attn_varlen_qkvpacked_func(qkv, cu, 5, causal=True, window_size=(2, 0)),
+                               flash_attn_varlen_func(*qkv.unbind(1), cu, cu, 5, 5, causal=True, window_size=(2, 0)))
+    cu_k = torch.tensor([0, 4, 9, 16], dtype=torch.int32)
+    q, kv = rand(10, 4, 8), rand(16, 2, 2, 8, seed=1)
+    got = flash_attn_varlen_kvpacked_func(q, kv, cu, cu_k, 5, 7, causal=True, softcap=1.5, return_attn_probs=True)
+    want = flash_attn_varlen_func(q, *kv.unbind(1), cu, cu_k, 5, 7, causal=True, softcap=1.5,
+                                  return_attn_probs=True)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    with pytest.raises(ValueError, match=r"qkv: expected shape \(total, 3, nheads, headdim\)"):
+        flash_attn_varlen_qkvpacked_func(rand(10, 2, 4, 8), cu, 5)
+    with pytest.raises(ValueError, match=r"kv: expected shape \(total_k, 2, nheads_k, headdim\)"):
+        flash_attn_varlen_kvpacked_func(q, rand(16, 3, 2, 8), cu, cu_k, 5, 7)
 
 
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (2, 1)), (True, (3, 0))])

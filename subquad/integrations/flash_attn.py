@@ -23,7 +23,7 @@ from ..ops.softmax import attention
 from ..ops.softmax.varlen import varlen_attention
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_with_kvcache"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
 
 
 def _deterministic(deterministic: bool) -> bool | None:
@@ -87,6 +87,33 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                               alibi_slopes=alibi_slopes, return_lse=return_attn_probs, backend=backend,
                               deterministic=_deterministic(deterministic), dropout_p=dropout_p)
     return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, backend="auto"):
+    """``flash_attn.flash_attn_varlen_qkvpacked_func``: qkv ``(total, 3, nheads, headdim)``, one ``cu_seqlens``
+    for queries and keys; as ``flash_attn_varlen_func``."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected shape (total, 3, nheads, headdim), got {_shape(qkv)}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    backend="auto"):
+    """``flash_attn.flash_attn_varlen_kvpacked_func``: kv ``(total_k, 2, nheads_k, headdim)``; as
+    ``flash_attn_varlen_func``."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv: expected shape (total_k, 2, nheads_k, headdim), got {_shape(kv)}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
 
 
 def _check_cache(q, k_cache, v_cache, block_table):
