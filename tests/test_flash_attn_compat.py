@@ -42,6 +42,8 @@ CASES = {
     "window-both": dict(nq=8, nk=8, window=(2, 1)),
     "window-left": dict(nq=5, nk=8, window=(3, -1)),
     "window-right": dict(nq=8, nk=8, window=(-1, 2)),
+    # (``attention`` refuses this one: it runs as packed sequences, its first three rows see no key)
+    "window-more-queries": dict(nq=9, nk=5, window=(2, 1), hkv=2),
     "window-causal": dict(nq=6, nk=9, window=(2, 5), causal=True),
     "softcap": dict(nq=6, nk=6, softcap=2.0, causal=True),
     "alibi": dict(nq=5, nk=7, alibi=(4,), causal=True),

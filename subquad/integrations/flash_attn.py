@@ -42,10 +42,30 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     nheads_k, headdim)`` (GQA/MQA: ``nheads`` a multiple of ``nheads_k``). Returns ``out``, or with
     ``return_attn_probs`` ``(out, softmax_lse (batch, nheads, seqlen_q) fp32, None)``: the attention
     probabilities are not returned (FlashAttention returns them only for testing, with dropout)."""
+    if (not causal and tuple(window_size) != (-1, -1) and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and q.dim() == k.dim() == 4 and q.shape[1] > k.shape[1]):
+        return _windowed_more_queries(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                                      deterministic, return_attn_probs, backend)
     result = attention(q, k, v, causal=causal, scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes,
                        window_size=window_size, dropout_p=dropout_p, deterministic=_deterministic(deterministic),
                        return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result
+
+
+def _windowed_more_queries(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
+                           return_attn_probs, backend):
+    """A window without causality over fewer keys than queries, which ``attention`` refuses (its first queries
+    sit before every key) and FlashAttention runs: the batch as packed sequences of equal lengths through
+    ``varlen_attention``, which places each sequence's queries bottom-right as FlashAttention does."""
+    bsz, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    steps = torch.arange(bsz + 1, dtype=torch.int32, device=q.device)
+    result = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), steps * nq, steps * nk, nq,
+                                    nk, dropout_p, softmax_scale, False, window_size, softcap, alibi_slopes,
+                                    deterministic, return_attn_probs, backend=backend)
+    if not return_attn_probs:
+        return result.unflatten(0, (bsz, nq))
+    out, lse, _ = result
+    return out.unflatten(0, (bsz, nq)), lse.unflatten(1, (bsz, nq)).transpose(0, 1), None
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
