@@ -1,0 +1,156 @@
+"""FlexAttention's API over subquad: ``from subquad.integrations.flex_attention import flex_attention,
+create_block_mask, and_masks, or_masks, noop_mask``.
+
+The functions keep ``torch.nn.attention.flex_attention``'s names, signatures and conventions (``(batch, heads,
+seq, head_dim)`` layouts, ``mask_mod(b, h, q_idx, kv_idx)`` and ``score_mod(score, b, h, q_idx, kv_idx)`` on
+flex's indices, ``q_idx`` counted from 0 whatever the lengths, B/H None broadcast, GQA only with
+``enable_gqa=True``, a query that sees no key giving zeros and an LSE of -inf) and run ``subquad.attention``.
+``flex_attention`` takes one more keyword, ``backend`` (subquad's: ``"auto"``, ``"triton"``, ``"reference"``,
+...; a ``score_mod`` runs on ``"flex"`` or ``"reference"``).
+
+What differs: ``create_block_mask`` returns this module's ``BlockMask``, a subquad pattern for the call's lengths
+(subquad builds its own block map, at its own block size, when the call runs: ``BLOCK_SIZE``, ``device`` and
+``_compile`` are accepted and unused, as is ``kernel_options``); it refuses ``Q_LEN > KV_LEN`` (subquad's queries
+are aligned to the end of the keys, so a query before the first key has no position), and ``flex_attention``
+refuses PyTorch's own ``BlockMask`` (its mask_mod may not say which blocks it holds). The LSE comes back with
+``return_lse=True``; flex's ``return_aux`` is not taken.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..masks.patterns import Predicate
+from ..ops.softmax import attention
+
+__all__ = ["BlockMask", "create_block_mask", "flex_attention", "and_masks", "or_masks", "noop_mask"]
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """Every key for every query (flex's ``noop_mask``)."""
+    return b.new_ones(size=(), dtype=torch.bool, device=b.device)
+
+
+def _no_mask(b, h, q_idx, kv_idx):
+    return b.new_zeros(size=(), dtype=torch.bool, device=b.device)
+
+
+def _check_mods(mods):
+    for mod in mods:
+        if not callable(mod):
+            raise ValueError(f"mask_mods: expected callables mask_mod(b, h, q_idx, kv_idx), got {mod!r}")
+
+
+def and_masks(*mask_mods):
+    """The pairs every ``mask_mod`` keeps (none given: all)."""
+    _check_mods(mask_mods)
+
+    def and_mask(b, h, q_idx, kv_idx):
+        return functools.reduce(lambda acc, mod: acc & mod(b, h, q_idx, kv_idx), mask_mods,
+                                noop_mask(b, h, q_idx, kv_idx))
+    return and_mask
+
+
+def or_masks(*mask_mods):
+    """The pairs any ``mask_mod`` keeps (none given: none)."""
+    _check_mods(mask_mods)
+
+    def or_mask(b, h, q_idx, kv_idx):
+        return functools.reduce(lambda acc, mod: acc | mod(b, h, q_idx, kv_idx), mask_mods,
+                                _no_mask(b, h, q_idx, kv_idx))
+    return or_mask
+
+
+class BlockMask:
+    """``create_block_mask``'s result (not ``subquad.masks.BlockMask``, which subquad builds from ``pattern`` per
+    call): ``mask_mod`` as a subquad pattern for ``Q_LEN`` queries against ``KV_LEN`` keys."""
+
+    def __init__(self, mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE):
+        self.mask_mod, self.B, self.H, self.BLOCK_SIZE = mask_mod, B, H, BLOCK_SIZE
+        self.seq_lengths = (Q_LEN, KV_LEN)
+        # subquad hands the predicate absolute positions, query i at i + KV_LEN - Q_LEN; flex's q_idx is i
+        offset = KV_LEN - Q_LEN
+        # B or H of None (or 1, as flex's BlockMask stores None) broadcast: flex then calls mask_mod with index 0
+        by_batch, by_head = B not in (None, 1), H not in (None, 1)
+
+        def on_flex_indices(b, h, q, k):
+            return mask_mod(b if by_batch else torch.zeros_like(b), h if by_head else torch.zeros_like(h),
+                            q - offset, k)
+
+        self.pattern = Predicate(on_flex_indices, name=getattr(mask_mod, "__name__", "mask_mod"),
+                                 varies_with_batch=by_batch, varies_with_heads=by_head)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.B or 1, self.H or 1, *self.seq_lengths)
+
+    def to_dense(self) -> torch.Tensor:
+        """The kept pairs, ``shape`` bool (small lengths only: it is Q_LEN x KV_LEN)."""
+        b, h, q_len, kv_len = self.shape
+        return self.pattern.to_dense(q_len, kv_len, batch=b, heads=h)
+
+    def check(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        if self.seq_lengths != (q_len, kv_len) or self.shape[0] not in (1, batch) or self.shape[1] not in (1, heads):
+            raise ValueError(f"block_mask: expected one made for B in (None, 1, {batch}), H in (None, 1, {heads}), "
+                             f"Q_LEN={q_len}, KV_LEN={kv_len}; got shape {self.shape}")
+
+    def __repr__(self):
+        return f"BlockMask(shape={self.shape}, mask_mod={self.pattern.name})"
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=128, _compile=False) -> BlockMask:
+    """``torch.nn.attention.flex_attention.create_block_mask``: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, called
+    with broadcastable int64 index tensors, ``q_idx`` in ``[0, Q_LEN)`` and ``kv_idx`` in ``[0, KV_LEN)``. B or H
+    None: the same mask for every sequence / head. ``Q_LEN <= KV_LEN`` (ValueError otherwise)."""
+    if not callable(mask_mod):
+        raise ValueError(f"mask_mod: expected a callable mask_mod(b, h, q_idx, kv_idx), got {mask_mod!r}")
+    for name, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    for name, value in (("B", B), ("H", H)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name}: expected None or a positive integer, got {value!r}")
+    if Q_LEN > KV_LEN:
+        raise ValueError(f"Q_LEN: expected at most KV_LEN={KV_LEN} (subquad aligns queries to the end of the keys: "
+                         f"more queries than keys have no position to sit at), got {Q_LEN}")
+    return BlockMask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE)
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   return_lse=False, kernel_options=None, *, backend="auto"):
+    """``torch.nn.attention.flex_attention.flex_attention``: query ``(B, Hq, L, E)``, key ``(B, Hkv, S, E)``, value
+    ``(B, Hkv, S, Ev)``; ``Hq != Hkv`` only with ``enable_gqa``. Returns ``(B, Hq, L, Ev)``, or with
+    ``return_lse`` ``(out, lse (B, Hq, L) fp32)``. ``kernel_options`` (flex's kernel tuning) is accepted and
+    unused; ``backend`` is subquad's."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a tensor (batch, heads, seq, head_dim), got {shape}")
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise ValueError(f"kernel_options: expected None or a dict, got {type(kernel_options).__name__}")
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if key.shape[1] != heads and not enable_gqa:
+        raise ValueError(f"enable_gqa: expected True for {heads} query heads over {key.shape[1]} key/value heads "
+                         f"(as FlexAttention asks), got {enable_gqa!r}")
+    mask = None
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise ValueError(f"block_mask: expected one from subquad.integrations.flex_attention.create_block_mask, "
+                             f"got {type(block_mask).__module__}.{type(block_mask).__name__}")
+        block_mask.check(batch, heads, q_len, kv_len)
+        mask = block_mask.pattern
+    if score_mod is not None and q_len != kv_len:
+        # as for mask_mod: subquad's query positions start at KV_LEN - Q_LEN, flex's q_idx at 0
+        offset, flex_score_mod = kv_len - q_len, score_mod
+
+        def score_mod(score, b, h, q, k):
+            return flex_score_mod(score, b, h, q - offset, k)
+    result = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask=mask,
+                       score_mod=score_mod, scale=scale, return_lse=return_lse, backend=backend)
+    if return_lse:
+        out, lse = result
+        return out.transpose(1, 2), lse.float()
+    return result.transpose(1, 2)
