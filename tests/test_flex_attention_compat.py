@@ -57,7 +57,8 @@ def sliding(window):
     return mod
 
 
-DOC_IDS = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+# ids for up to 23 queries; the keys (10) take the first ten
+DOC_IDS = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4])
 
 
 def document(b, h, q_idx, kv_idx):
@@ -74,13 +75,13 @@ def prefix_lm(prefix):
 MASKS = {
     "causal": (causal, masks.causal),
     "sliding-window": (sliding(4), masks.sliding_window(4)),
-    "document": (document, masks.document(DOC_IDS) & masks.causal),
+    "document": (document, masks.document(DOC_IDS[:10]) & masks.causal),
     "prefix-lm": (prefix_lm(3), masks.prefix_lm(3)),
 }
 
 
 @pytest.mark.parametrize("name", list(MASKS))
-@pytest.mark.parametrize("nq", [10, 6])
+@pytest.mark.parametrize("nq", [10, 6, 23])
 def test_mask_mods_match_oracle(name, nq):
     mask_mod, pattern = MASKS[name]
     q, k, v = qkv(nq=nq, nk=10)
@@ -108,11 +109,23 @@ def test_fewer_queries_than_keys_start_at_position_zero():
     torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
 
 
-def test_more_queries_than_keys_refused():
-    with pytest.raises(ValueError, match="Q_LEN"):
-        create_block_mask(causal, None, None, 9, 4, device="cpu")
-    # without a block mask every query sees every key: no alignment to get wrong
-    q, k, v = qkv(nq=9, nk=4)
+def test_more_queries_than_keys_run_in_chunks():
+    """Cross-attention of 9 queries over 4 keys under a mask: three chunks of at most 4 queries, each placed at
+    the end of the keys and shifted back to flex's q_idx; outputs, LSE and gradients as the oracle's."""
+    bm = create_block_mask(causal, None, None, 9, 4, device="cpu")
+    assert [(start, stop) for start, stop, _ in bm.chunks] == [(0, 4), (4, 8), (8, 9)]
+    assert torch.equal(bm.to_dense()[0, 0], torch.ones(9, 4, dtype=torch.bool).tril())
+    q, k, v = qkv(nq=9, nk=4, grad=True)
+    out, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, backend="reference")
+    ref, ref_lse = oracle(q, k, v, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    g = rand(*out.shape, seed=7)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # without a block mask every query sees every key in one call
     torch.testing.assert_close(flex_attention(q, k, v, backend="reference"), oracle(q, k, v)[0],
                                rtol=1e-5, atol=1e-5)
 
@@ -154,10 +167,13 @@ def test_score_mod_on_flex_indices(nq):
     rel = lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx - kv_idx + 10]   # noqa: E731
     softcap = lambda s, b, h, q_idx, kv_idx: 2.0 * torch.tanh(s / 2.0)        # noqa: E731
     q, k, v = qkv(nq=nq, nk=10)
-    bm = None if nq > 10 else create_block_mask(document, None, None, nq, 10, device="cpu")
+    bm = create_block_mask(document, None, None, nq, 10, device="cpu")
     for mod in (rel, softcap):
         out = flex_attention(q, k, v, score_mod=mod, block_mask=bm, scale=0.3, backend="reference")
-        ref = oracle(q, k, v, None if bm is None else document, score_mod=mod, scale=0.3)[0]
+        ref = oracle(q, k, v, document, score_mod=mod, scale=0.3)[0]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out = flex_attention(q, k, v, score_mod=mod, scale=0.3, backend="reference")
+        ref = oracle(q, k, v, score_mod=mod, scale=0.3)[0]
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -219,21 +235,23 @@ def test_refusals():
         flex_attention(q, k, v, kernel_options=3)
 
 
-def test_matches_torch_flex_attention():
-    """PyTorch's own FlexAttention, eager on the CPU (unfused, with a warning), on the same arguments."""
+@pytest.mark.parametrize("nq", [6, 17])
+def test_matches_torch_flex_attention(nq):
+    """PyTorch's own FlexAttention, eager on the CPU (unfused, with a warning), on the same arguments; 17 queries
+    over 10 keys run in two chunks."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    q, k, v = qkv(hq=4, hkv=2, nq=6, nk=10, dtype=torch.float32)
-    bias = rand(4, 20, dtype=torch.float32, seed=9)
+    q, k, v = qkv(hq=4, hkv=2, nq=nq, nk=10, dtype=torch.float32)
+    bias = rand(4, 30, dtype=torch.float32, seed=9)
     mod = lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx - kv_idx + 10]   # noqa: E731
     mask_mod = and_masks(document, lambda b, h, q_idx, kv_idx: q_idx >= 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs_bm = flex.create_block_mask(mask_mod, None, None, 6, 10, device="cpu")
+        theirs_bm = flex.create_block_mask(mask_mod, None, None, nq, 10, device="cpu")
         want, want_lse = flex.flex_attention(q, k, v, score_mod=mod, block_mask=theirs_bm, enable_gqa=True,
                                              return_lse=True)
-    got, lse = flex_attention(q, k, v, score_mod=mod, block_mask=create_block_mask(mask_mod, None, None, 6, 10,
+    got, lse = flex_attention(q, k, v, score_mod=mod, block_mask=create_block_mask(mask_mod, None, None, nq, 10,
                                                                                   device="cpu"),
                               enable_gqa=True, return_lse=True)
-    assert got.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (2, 4, 6)
+    assert got.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (2, 4, nq)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)

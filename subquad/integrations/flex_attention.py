@@ -8,11 +8,12 @@ flex's indices, ``q_idx`` counted from 0 whatever the lengths, B/H None broadcas
 ``flex_attention`` takes one more keyword, ``backend`` (subquad's: ``"auto"``, ``"triton"``, ``"reference"``,
 ...; a ``score_mod`` runs on ``"flex"`` or ``"reference"``).
 
-What differs: ``create_block_mask`` returns this module's ``BlockMask``, a subquad pattern for the call's lengths
+What differs: ``create_block_mask`` returns this module's ``BlockMask``, subquad patterns for the call's lengths
 (subquad builds its own block map, at its own block size, when the call runs: ``BLOCK_SIZE``, ``device`` and
-``_compile`` are accepted and unused, as is ``kernel_options``); it refuses ``Q_LEN > KV_LEN`` (subquad's queries
-are aligned to the end of the keys, so a query before the first key has no position), and ``flex_attention``
-refuses PyTorch's own ``BlockMask`` (its mask_mod may not say which blocks it holds). The LSE comes back with
+``_compile`` are accepted and unused, as is ``kernel_options``); with ``Q_LEN > KV_LEN`` the queries run in chunks
+of ``KV_LEN``, a call each (subquad aligns queries to the end of the keys, so under a mask it places no more
+queries than keys); ``flex_attention`` refuses PyTorch's own ``BlockMask`` (its mask_mod may not say which blocks
+it holds). The LSE comes back with
 ``return_lse=True``; flex's ``return_aux`` is not taken.
 """
 
@@ -64,23 +65,32 @@ def or_masks(*mask_mods):
 
 
 class BlockMask:
-    """``create_block_mask``'s result (not ``subquad.masks.BlockMask``, which subquad builds from ``pattern`` per
-    call): ``mask_mod`` as a subquad pattern for ``Q_LEN`` queries against ``KV_LEN`` keys."""
+    """``create_block_mask``'s result (not ``subquad.masks.BlockMask``, which subquad builds from a pattern per
+    call): ``mask_mod`` as subquad patterns for ``Q_LEN`` queries against ``KV_LEN`` keys, one per chunk of at
+    most ``KV_LEN`` queries (``chunks``: ``(start, stop, pattern)``; a single chunk unless ``Q_LEN > KV_LEN``)."""
 
     def __init__(self, mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE):
         self.mask_mod, self.B, self.H, self.BLOCK_SIZE = mask_mod, B, H, BLOCK_SIZE
         self.seq_lengths = (Q_LEN, KV_LEN)
-        # subquad hands the predicate absolute positions, query i at i + KV_LEN - Q_LEN; flex's q_idx is i
-        offset = KV_LEN - Q_LEN
+        # subquad places no more queries than keys under a mask, at the end of the keys: more queries run as
+        # chunks of KV_LEN, each its own call
+        self.chunks = [(start, min(start + KV_LEN, Q_LEN), self._pattern(start, min(start + KV_LEN, Q_LEN)))
+                       for start in range(0, Q_LEN, KV_LEN)]
+
+    def _pattern(self, start: int, stop: int) -> Predicate:
+        mask_mod, kv_len = self.mask_mod, self.seq_lengths[1]
+        # subquad hands the predicate absolute positions, the chunk's query i at i + KV_LEN - (stop - start);
+        # flex's q_idx is start + i
+        offset = query_offset(kv_len, start, stop)
         # B or H of None (or 1, as flex's BlockMask stores None) broadcast: flex then calls mask_mod with index 0
-        by_batch, by_head = B not in (None, 1), H not in (None, 1)
+        by_batch, by_head = self.B not in (None, 1), self.H not in (None, 1)
 
         def on_flex_indices(b, h, q, k):
             return mask_mod(b if by_batch else torch.zeros_like(b), h if by_head else torch.zeros_like(h),
                             q - offset, k)
 
-        self.pattern = Predicate(on_flex_indices, name=getattr(mask_mod, "__name__", "mask_mod"),
-                                 varies_with_batch=by_batch, varies_with_heads=by_head)
+        return Predicate(on_flex_indices, name=getattr(mask_mod, "__name__", "mask_mod"),
+                         varies_with_batch=by_batch, varies_with_heads=by_head)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -88,8 +98,9 @@ class BlockMask:
 
     def to_dense(self) -> torch.Tensor:
         """The kept pairs, ``shape`` bool (small lengths only: it is Q_LEN x KV_LEN)."""
-        b, h, q_len, kv_len = self.shape
-        return self.pattern.to_dense(q_len, kv_len, batch=b, heads=h)
+        b, h, _, kv_len = self.shape
+        return torch.cat([pattern.to_dense(stop - start, kv_len, batch=b, heads=h)
+                          for start, stop, pattern in self.chunks], dim=2)
 
     def check(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
         if self.seq_lengths != (q_len, kv_len) or self.shape[0] not in (1, batch) or self.shape[1] not in (1, heads):
@@ -97,13 +108,18 @@ class BlockMask:
                              f"Q_LEN={q_len}, KV_LEN={kv_len}; got shape {self.shape}")
 
     def __repr__(self):
-        return f"BlockMask(shape={self.shape}, mask_mod={self.pattern.name})"
+        return f"BlockMask(shape={self.shape}, mask_mod={getattr(self.mask_mod, '__name__', 'mask_mod')})"
+
+
+def query_offset(kv_len: int, start: int, stop: int) -> int:
+    """subquad's position of queries ``start..stop`` (aligned to the end of ``kv_len`` keys) less flex's q_idx."""
+    return kv_len - (stop - start) - start
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=128, _compile=False) -> BlockMask:
     """``torch.nn.attention.flex_attention.create_block_mask``: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, called
     with broadcastable int64 index tensors, ``q_idx`` in ``[0, Q_LEN)`` and ``kv_idx`` in ``[0, KV_LEN)``. B or H
-    None: the same mask for every sequence / head. ``Q_LEN <= KV_LEN`` (ValueError otherwise)."""
+    None: the same mask for every sequence / head. More queries than keys run in chunks of ``KV_LEN`` queries."""
     if not callable(mask_mod):
         raise ValueError(f"mask_mod: expected a callable mask_mod(b, h, q_idx, kv_idx), got {mask_mod!r}")
     for name, value in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
@@ -112,9 +128,6 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=1
     for name, value in (("B", B), ("H", H)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"{name}: expected None or a positive integer, got {value!r}")
-    if Q_LEN > KV_LEN:
-        raise ValueError(f"Q_LEN: expected at most KV_LEN={KV_LEN} (subquad aligns queries to the end of the keys: "
-                         f"more queries than keys have no position to sit at), got {Q_LEN}")
     return BlockMask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE)
 
 
@@ -135,22 +148,35 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if key.shape[1] != heads and not enable_gqa:
         raise ValueError(f"enable_gqa: expected True for {heads} query heads over {key.shape[1]} key/value heads "
                          f"(as FlexAttention asks), got {enable_gqa!r}")
-    mask = None
+    chunks = [(0, q_len, None)]
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
             raise ValueError(f"block_mask: expected one from subquad.integrations.flex_attention.create_block_mask, "
                              f"got {type(block_mask).__module__}.{type(block_mask).__name__}")
         block_mask.check(batch, heads, q_len, kv_len)
-        mask = block_mask.pattern
-    if score_mod is not None and q_len != kv_len:
-        # as for mask_mod: subquad's query positions start at KV_LEN - Q_LEN, flex's q_idx at 0
-        offset, flex_score_mod = kv_len - q_len, score_mod
-
-        def score_mod(score, b, h, q, k):
-            return flex_score_mod(score, b, h, q - offset, k)
-    result = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask=mask,
-                       score_mod=score_mod, scale=scale, return_lse=return_lse, backend=backend)
+        chunks = block_mask.chunks
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    results = [attention(q[:, start:stop], k, v, mask=pattern, scale=scale, return_lse=return_lse, backend=backend,
+                         score_mod=_on_flex_indices(score_mod, kv_len, start, stop))
+               for start, stop, pattern in chunks]
+    if len(results) == 1:
+        result = results[0]
+    elif return_lse:
+        result = torch.cat([out for out, _ in results], dim=1), torch.cat([lse for _, lse in results], dim=2)
+    else:
+        result = torch.cat(results, dim=1)
     if return_lse:
         out, lse = result
         return out.transpose(1, 2), lse.float()
     return result.transpose(1, 2)
+
+
+def _on_flex_indices(score_mod, kv_len: int, start: int, stop: int):
+    """``score_mod`` on flex's q_idx for queries ``start..stop`` (as the block mask's patterns shift theirs)."""
+    offset = query_offset(kv_len, start, stop)
+    if score_mod is None or offset == 0:
+        return score_mod
+
+    def shifted(score, b, h, q, k):
+        return score_mod(score, b, h, q - offset, k)
+    return shifted
