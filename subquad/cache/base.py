@@ -22,6 +22,13 @@ def write_rows(buf: torch.Tensor, rows: torch.Tensor | None, start: int, new: to
     buf[bidx, rows] = new
 
 
+def write_pages(pool: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """``new[b, t]`` to position ``rows[b, t]`` of sequence ``b`` in a paged ``pool`` ``(pages, page_size, ...)``:
+    page ``block_table[b, row // page_size]``, offset ``row % page_size``."""
+    page_size = pool.shape[1]
+    pool[block_table.long().gather(1, rows // page_size), rows % page_size] = new
+
+
 class KVCache:
     """Base class: subclasses allocate storage in ``__init__`` and implement ``update``, ``view`` and
     ``buffers``."""

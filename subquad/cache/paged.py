@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache
+from .base import KVCache, write_pages
 from .view import KVView
 
 
@@ -96,18 +96,16 @@ class PagedKVCache(KVCache):
         if torch.compiler.is_compiling():
             self._check_shapes(k, v, self.k.device)
             rows = self._traced_rows(k.shape[1], positions)
-            page = torch.gather(self.block_table.long(), 1, rows // self.page_size)
-            self.k[page, rows % self.page_size] = k.to(self.k.dtype)
-            self.v[page, rows % self.page_size] = v.to(self.v.dtype)
+            write_pages(self.k, self.block_table, rows, k.to(self.k.dtype))
+            write_pages(self.v, self.block_table, rows, v.to(self.v.dtype))
             return self.view()
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
         self._grow([s + t for s in starts])
         dev = self.k.device
         pos = torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(t, device=dev)
-        page = torch.gather(self.block_table.long(), 1, pos // self.page_size)
-        self.k[page, pos % self.page_size] = k.to(self.k.dtype)
-        self.v[page, pos % self.page_size] = v.to(self.v.dtype)
+        write_pages(self.k, self.block_table, pos, k.to(self.k.dtype))
+        write_pages(self.v, self.block_table, pos, v.to(self.v.dtype))
         self._set_lengths([s + t for s in starts])
         return self.view()
 

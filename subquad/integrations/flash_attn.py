@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import KVView
+from ..cache.base import write_pages, write_rows
 from ..nn.positions import apply_rotary
 from ..ops.decode import MAX_NEW_TOKENS, decode
 from ..ops.softmax import attention
@@ -179,10 +180,9 @@ def _append(cache: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, block_tab
     """Write ``new`` ``(batch, seqlen_new, ...)`` into ``cache`` in place at positions ``pos`` ``(batch,
     seqlen_new)``."""
     if block_table is None:
-        cache[torch.arange(pos.shape[0], device=pos.device)[:, None], pos] = new
+        write_rows(cache, pos, 0, new)
     else:
-        page = cache.shape[1]
-        cache[block_table.long().gather(1, pos // page), pos % page] = new
+        write_pages(cache, block_table, pos, new)
 
 
 def _attend_gathered(q, view: KVView, causal, window_size, scale, softcap, alibi_slopes, backend):

@@ -18,9 +18,10 @@ from torch import nn
 from .. import masks
 from .._checks import check_scale_softcap
 from ..cache import KVView, RollingKVCache, StaticKVCache
-from ..ops.decode import MAX_NEW_TOKENS, decode
+from ..ops.decode import MAX_NEW_TOKENS, decode, decode_reference
 from ..ops.softmax import attention
 from ..ops.softmax.dropout import check_dropout_p
+from ..ops.softmax.sinks import with_sinks
 from .positions import RopeScaling, RotaryEmbedding, alibi_slopes, rotary_dim
 
 POSITIONS = ("rope", "alibi", "none")
@@ -102,31 +103,19 @@ def attend_pattern_traced(q: torch.Tensor, view: KVView, pattern: masks.Pattern,
                           softcap: float | None, alibi: torch.Tensor | None,
                           sinks: torch.Tensor | None) -> torch.Tensor:
     """``attend_cached``'s pattern path as a traced step runs it: the groups by length read the lengths on the
-    host (a graph break), so every sequence attends at once over the view padded to the storage, the
-    pattern's predicate evaluated on the device at each sequence's own positions, as ``subquad.decode``'s
-    reference places them. The traced reference runs it (a ``score_mod``, which the kernels refuse); a query
-    that sees no key gives zeros."""
-    k, v, kept = view.dense()
-    t, n, kept = q.shape[1], k.shape[1], kept.long()
-    end = view.seqlens.long()
-    first = end - kept
+    host (a graph break), so every sequence attends at once over the view padded to the storage, as
+    ``subquad.decode``'s reference places them, the pattern's predicate evaluated on the device at each
+    sequence's own positions (a ``score_mod``, which the kernels refuse); a query that sees no key gives
+    zeros."""
     # (a ``prepare`` that read a tensor's values on the host would break the graph: ``Positions`` keeps its
     # last position as an int for this)
-    prepared = pattern.prepare(masks.BuildContext(q.shape[0], q.shape[2], t, n, q.device))
-    slopes = None
-    if alibi is not None:
-        slopes = alibi.float().view(-1 if alibi.dim() == 2 else 1, q.shape[2])
-
-    def place(score, b, h, q_idx, k_idx):
-        # the reference puts query i at n - t + i and key j at j; move both to the sequence's own positions
-        q_pos, k_pos = q_idx - n + end[b], k_idx + first[b]
-        keep = (k_idx < kept[b]) & (k_pos <= q_pos) & prepared.predicate(b, h, q_pos, k_pos)
-        if slopes is not None:
-            score = score - slopes[b if slopes.shape[0] > 1 else 0, h] * (q_pos - k_pos).abs()
-        return torch.where(keep, score, float("-inf"))
-
-    return attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale, softcap=softcap, sinks=sinks, score_mod=place,
-                     backend="reference")
+    prepared = pattern.prepare(masks.BuildContext(q.shape[0], q.shape[2], q.shape[1], view.capacity, q.device))
+    kv_dtype = view.k.dtype
+    out, lse = decode_reference(q.to(kv_dtype), view, window=None, scale=q.shape[-1] ** -0.5 if scale is None
+                                else scale, softcap=softcap, alibi_slopes=alibi, pattern=prepared)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
+    return out.to(q.dtype)
 
 
 class Attention(nn.Module):

@@ -16,10 +16,11 @@ from ..softmax import attention
 
 
 def decode_reference(q: torch.Tensor, view, *, window: int | None, scale: float, softcap: float | None,
-                     alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     alibi_slopes: torch.Tensor | None, pattern=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, T, H_q, D_v)``, ``lse (B, H_q, T)``. A new token at a position below 0 (a sequence with
     fewer tokens than ``T``, e.g. a freed slot of a batch) sees no key: zeros, LSE ``-inf``, as in the
-    kernel."""
+    kernel. ``pattern``: a prepared ``subquad.masks`` pattern that also decides each pair, its predicate
+    evaluated at the sequence's absolute positions (the new tokens end at ``view.seqlens``)."""
     k, v, lengths = view.dense()
     t, n = q.shape[1], k.shape[1]
     if n == 0:
@@ -27,6 +28,7 @@ def decode_reference(q: torch.Tensor, view, *, window: int | None, scale: float,
         return (q.new_zeros(bsz, t, hq, v.shape[3]),
                 torch.full((bsz, hq, t), float("-inf"), dtype=torch.float32, device=q.device))
     kept = lengths.long()
+    total = view.seqlens.long()
     slopes = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.float().view(-1 if alibi_slopes.dim() == 2 else 1, q.shape[2])
@@ -38,6 +40,8 @@ def decode_reference(q: torch.Tensor, view, *, window: int | None, scale: float,
         keep = (k_idx < end) & (q_pos + end >= 0) & (k_pos <= q_pos)
         if window is not None:
             keep = keep & (q_pos - k_pos < window)
+        if pattern is not None:
+            keep = keep & pattern.predicate(b, h, q_pos + total[b], k_pos + total[b])
         if slopes is not None:
             score = score - slopes[b if slopes.shape[0] > 1 else 0, h] * (q_pos - k_pos).abs()
         return torch.where(keep, score, float("-inf"))
