@@ -255,3 +255,40 @@ def test_matches_torch_flex_attention(nq):
     assert got.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (2, 4, nq)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nq", [6, 17])
+def test_takes_torch_block_mask(nq):
+    """A BlockMask from PyTorch's own create_block_mask runs as flex runs it (partial blocks through its mask_mod),
+    per head, and at 17 queries over 10 keys in chunks."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = qkv(hq=2, hkv=2, nq=nq, nk=10, dtype=torch.float32)
+    mask_mod = or_masks(document, lambda b, h, q_idx, kv_idx: (h == 1) & (kv_idx == 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_bm = flex.create_block_mask(mask_mod, None, 2, nq, 10, device="cpu", BLOCK_SIZE=4)
+        want, want_lse = flex.flex_attention(q, k, v, block_mask=theirs_bm, return_lse=True)
+    got, lse = flex_attention(q, k, v, block_mask=theirs_bm, return_lse=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_block_mask_full_blocks_skip_mask_mod():
+    """flex applies mask_mod to partial blocks only: a full block listed with a mask_mod that would drop its pairs
+    keeps them all, and unlisted blocks are dropped whatever mask_mod says."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = qkv(b=1, hq=1, hkv=1, nq=8, nk=8)
+    # query block 0 sees key block 0 in part (causal, even keys); query block 1 sees key block 0 whole, odd keys
+    # too, and key block 1 nowhere, though the mask_mod would keep some of it
+    even_causal = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (kv_idx % 2 == 0)   # noqa: E731
+    bm = flex.BlockMask.from_kv_blocks(torch.tensor([[[1, 0]]]), torch.tensor([[[[0, 1], [1, 0]]]]),
+                                       full_kv_num_blocks=torch.tensor([[[0, 1]]]),
+                                       full_kv_indices=torch.tensor([[[[1, 0], [0, 1]]]]), BLOCK_SIZE=4,
+                                       mask_mod=even_causal, seq_lengths=(8, 8))
+    keep = torch.zeros(8, 8, dtype=torch.bool)
+    keep[:4, :4] = torch.ones(4, 4, dtype=torch.bool).tril() & (torch.arange(4) % 2 == 0)
+    keep[4:, :4] = True
+    want, want_lse = oracle(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: keep[q_idx, kv_idx])
+    got, lse = flex_attention(q, k, v, block_mask=bm, return_lse=True, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse.to(lse.dtype).view_as(lse), rtol=1e-5, atol=1e-5)

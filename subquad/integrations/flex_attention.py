@@ -12,8 +12,9 @@ What differs: ``create_block_mask`` returns this module's ``BlockMask``, subquad
 (subquad builds its own block map, at its own block size, when the call runs: ``BLOCK_SIZE``, ``device`` and
 ``_compile`` are accepted and unused, as is ``kernel_options``); with ``Q_LEN > KV_LEN`` the queries run in chunks
 of ``KV_LEN``, a call each (subquad aligns queries to the end of the keys, so under a mask it places no more
-queries than keys); ``flex_attention`` refuses PyTorch's own ``BlockMask`` (its mask_mod may not say which blocks
-it holds). The LSE comes back with
+queries than keys). PyTorch's own ``BlockMask`` is taken too, kept exactly as flex reads it: a pair is kept where
+its block is one of the mask's full blocks, or one of its partial blocks and ``mask_mod`` holds (so masks from
+``BlockMask.from_kv_blocks``, whose mask_mod keeps everything, keep their blocks whole). The LSE comes back with
 ``return_lse=True``; flex's ``return_aux`` is not taken.
 """
 
@@ -131,6 +132,44 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=1
     return BlockMask(mask_mod, B, H, Q_LEN, KV_LEN, BLOCK_SIZE)
 
 
+def _is_torch_block_mask(block_mask) -> bool:
+    kind = type(block_mask)
+    return kind.__name__ == "BlockMask" and kind.__module__ == "torch.nn.attention.flex_attention"
+
+
+def _block_map(num_blocks: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """flex's (num_blocks (B, H, nq), indices (B, H, nq, nk)) lists as a dense (B, H, nq, nk) bool map."""
+    listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
+    dense = torch.zeros(*indices.shape[:-1], indices.shape[-1] + 1, dtype=torch.bool, device=indices.device)
+    # entries past a row's count may repeat listed blocks or hold anything: send them to a spare column
+    dense.scatter_(-1, torch.where(listed, indices.long(), indices.shape[-1]), True)
+    return dense[..., :-1]
+
+
+def from_torch_block_mask(block_mask) -> BlockMask:
+    """PyTorch's ``BlockMask`` as this module's: its partial blocks with its ``mask_mod``, its full blocks whole,
+    every other block dropped, as flex runs it."""
+    q_len, kv_len = block_mask.seq_lengths
+    block_q, block_kv = block_mask.BLOCK_SIZE
+    partial = _block_map(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full = (_block_map(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+            if block_mask.full_kv_num_blocks is not None else torch.zeros_like(partial))
+    mask_mod = block_mask.mask_mod
+    batch, heads = partial.shape[:2]
+
+    def torch_block_mask(b, h, q, k):
+        # a tile's padding past the lengths may be asked about too: its answer is never used
+        blocks = (b % batch, h % heads, q.clamp(0, q_len - 1) // block_q, k.clamp(0, kv_len - 1) // block_kv)
+        on_device = partial.device != q.device
+        kept_whole = (full.to(q.device) if on_device else full)[blocks]
+        kept_partly = (partial.to(q.device) if on_device else partial)[blocks]
+        return kept_whole | (kept_partly & torch.as_tensor(mask_mod(b, h, q, k), dtype=torch.bool))
+
+    torch_block_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
+    return BlockMask(torch_block_mask, batch if batch > 1 else None, heads if heads > 1 else None,
+                     q_len, kv_len, (block_q, block_kv))
+
+
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                    return_lse=False, kernel_options=None, *, backend="auto"):
     """``torch.nn.attention.flex_attention.flex_attention``: query ``(B, Hq, L, E)``, key ``(B, Hkv, S, E)``, value
@@ -150,8 +189,10 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
                          f"(as FlexAttention asks), got {enable_gqa!r}")
     chunks = [(0, q_len, None)]
     if block_mask is not None:
+        if _is_torch_block_mask(block_mask):
+            block_mask = from_torch_block_mask(block_mask)
         if not isinstance(block_mask, BlockMask):
-            raise ValueError(f"block_mask: expected one from subquad.integrations.flex_attention.create_block_mask, "
+            raise ValueError(f"block_mask: expected a BlockMask (this module's create_block_mask, or PyTorch's), "
                              f"got {type(block_mask).__module__}.{type(block_mask).__name__}")
         block_mask.check(batch, heads, q_len, kv_len)
         chunks = block_mask.chunks
