@@ -275,11 +275,33 @@ def test_kvcache_paged_equals_dense(causal, t):
     torch.testing.assert_close(pool_v[table.long()].reshape(dense_v.shape), dense_v, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("causal,t", [(True, 1), (True, 3), (False, 2)])
+def test_kvcache_batch_idx_reads_and_writes_the_named_rows(causal, t):
+    """cache_batch_idx: sequence i reads and writes cache row idx[i] of a cache with more rows than sequences,
+    in place, as the same call on the cache's rows gathered; the other rows untouched."""
+    k_cache, v_cache = rand(4, 16, 2, 8, seed=5), rand(4, 16, 2, 8, seed=6)
+    q, k, v = rand(2, t, 4, 8), rand(2, t, 2, 8, seed=3), rand(2, t, 2, 8, seed=4)
+    idx, seqlens = torch.tensor([3, 1], dtype=torch.int32), torch.tensor([9, 4], dtype=torch.int32)
+    rows_k, rows_v = k_cache[idx.long()].clone(), v_cache[idx.long()].clone()
+    before_k = k_cache.clone()
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                  causal=causal, softcap=3.0, return_softmax_lse=True)
+    want = flash_attn_with_kvcache(q, rows_k, rows_v, k, v, cache_seqlens=seqlens, causal=causal, softcap=3.0,
+                                   return_softmax_lse=True)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k_cache[idx.long()], rows_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache[idx.long()], rows_v, atol=0, rtol=0)
+    torch.testing.assert_close(k_cache[[0, 2]], before_k[[0, 2]], atol=0, rtol=0)
+
+
 def test_kvcache_refusals_name_the_argument():
     k_cache, v_cache, q = rand(2, 8, 2, 8), rand(2, 8, 2, 8), rand(2, 1, 2, 8)
     idx = torch.tensor([1, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match="cache_batch_idx"):
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx)
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx[:1])
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_batch_idx=idx, block_table=idx[:, None])
     with pytest.raises(ValueError, match="cache_leftpad"):
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_leftpad=idx)
     with pytest.raises(ValueError, match="cache_seqlens"):
@@ -323,6 +345,19 @@ def test_kvcache_on_triton_fp16():
     out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True, num_splits=2,
                                   backend="triton")
     ref, _ = expected_kvcache(q.cpu(), k_cache.cpu(), v_cache.cpu(), [5, 11], causal=True)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+def test_kvcache_batch_idx_on_triton_fp16():
+    """cache_batch_idx on the decode kernel: the dense cache read as one-row pages (a page of 16 keys)."""
+    dev = _device()
+    k_cache, v_cache = (rand(3, 16, 1, 16, seed=s).half().to(dev) for s in (1, 2))
+    q = rand(2, 1, 2, 16).half().to(dev)
+    idx, seqlens = torch.tensor([2, 0], dtype=torch.int32, device=dev), torch.tensor([5, 16], dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens.to(dev), cache_batch_idx=idx,
+                                  num_splits=2, backend="triton")
+    ref, _ = expected_kvcache(q.cpu(), k_cache[idx.long()].cpu(), v_cache[idx.long()].cpu(), [5, 16], causal=True)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
 
 

@@ -7,8 +7,8 @@ for none, causal masks aligned bottom-right, ``return_attn_probs`` giving ``(out
 ``backend`` (subquad's: ``"auto"``, ``"triton"``, ``"reference"``, ...).
 
 Refused with a ValueError naming the argument, as they have no exact mapping: ``block_table`` of
-``flash_attn_varlen_func`` (paged prefill), ``cache_batch_idx`` and ``cache_leftpad`` of
-``flash_attn_with_kvcache``. Attention probabilities are never returned.
+``flash_attn_varlen_func`` (paged prefill) and ``cache_leftpad`` of ``flash_attn_with_kvcache``. Attention
+probabilities are never returned.
 """
 
 from __future__ import annotations
@@ -137,6 +137,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs, backend=backend)
 
 
+def _batch(q) -> int | str:
+    return q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else "batch"
+
+
 def _check_cache(q, k_cache, v_cache, block_table):
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q: expected shape (batch, seqlen, nheads, headdim), got {_shape(q)}")
@@ -223,10 +227,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     int32. ``num_splits > 0`` is passed to subquad's split-KV decode kernel (ignored elsewhere). Returns ``out``,
     and ``softmax_lse`` ``(batch, nheads, seqlen)`` fp32 with ``return_softmax_lse``.
 
-    ``cache_batch_idx`` and ``cache_leftpad`` are refused (ValueError).
+    ``cache_batch_idx`` ``(batch,)`` int32 (dense caches only): sequence i reads and writes row
+    ``cache_batch_idx[i]`` of a cache of any batch size. ``cache_leftpad`` is refused (ValueError).
     """
     if cache_batch_idx is not None:
-        raise ValueError("cache_batch_idx: not supported (index the cache: k_cache[cache_batch_idx]); expected None")
+        if block_table is not None:
+            raise ValueError("cache_batch_idx: expected None with a block_table (as FlashAttention asks)")
+        if not isinstance(cache_batch_idx, torch.Tensor) or cache_batch_idx.shape != (_batch(q),) \
+                or cache_batch_idx.dtype.is_floating_point or cache_batch_idx.dtype == torch.bool:
+            raise ValueError(f"cache_batch_idx: expected an int32 tensor of shape ({_batch(q)},), got "
+                             f"{_shape(cache_batch_idx)}")
+        # a dense cache is a paged one whose pages are its rows: sequence i's one page is row cache_batch_idx[i],
+        # read in place
+        block_table = cache_batch_idx.to(device=k_cache.device, dtype=torch.int32)[:, None]
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad: not supported (left-padded caches); expected None")
     _check_cache(q, k_cache, v_cache, block_table)
