@@ -213,6 +213,29 @@ def case_mla(configs, dq):
     return calls
 
 
+def _nsa_selected(group, configs):
+    """NSA's selected-blocks kernels (``subquad.ops.nsa.selected``), forward and backward: B 1, 8k tokens, 4 KV
+    heads of 128 with ``group`` query heads each, blocks of 64, 16 of them a token, bf16."""
+    from subquad.ops.nsa import selected
+    b, n, hkv, d, block, top_k = 1, 8192, 4, 128, 64, 16
+    q, k, v = (t.requires_grad_() for t in _qkv(b, n, hkv * group, d, hkv))
+    g = torch.Generator().manual_seed(1)
+    own = torch.arange(n).view(1, -1, 1, 1) // block
+    indices = torch.minimum(torch.randint(0, n // block, (b, n, hkv, top_k), generator=g), own)
+    calls = record_launches()
+    out = selected.selected_attention(q, k, v, indices, block=block, scale=d ** -0.5, causal=True)
+    out.backward(torch.ones_like(out))
+    return calls
+
+
+def case_nsa_selected_g16(configs, dq):
+    return _nsa_selected(16, configs)
+
+
+def case_nsa_selected_g4(configs, dq):
+    return _nsa_selected(4, configs)
+
+
 # the chunked engine's and the recurrent kernels (their modules are imported on a call's first use: made JIT
 # functions here, not under the interpreter that the cases' calls take)
 LINEAR_MODULES = ("subquad.ops.linear.chunk", "subquad.ops.linear.recurrent", "subquad.ops.delta.chunk",
@@ -304,7 +327,8 @@ def main(argv=None):
     a = parser.parse_args(argv)
     # the kernels are made JIT functions at import, and the launch code then takes its interpreter path (its
     # small-tile choices are overridden by the cases) to reach the recorder
-    for module in ("subquad", "subquad.ops.decode.splitkv", "subquad.ops.softmax.flash.launch"):
+    for module in ("subquad", "subquad.ops.decode.splitkv", "subquad.ops.softmax.flash.launch",
+                   "subquad.ops.nsa.selected"):
         importlib.import_module(module)
     os.environ["TRITON_INTERPRET"] = "1"
 

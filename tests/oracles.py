@@ -186,3 +186,112 @@ def decode_attention(q, k_stream, v_stream, seqlens, *, window=None, scale=None,
                                  scale=scale, softcap=softcap, alibi_slopes=slopes, sinks=sinks)
         outs.append(o)
     return torch.cat(outs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Top-k block selection and Native Sparse Attention: selections by Python loops over tokens and blocks, each
+# branch as dense fp64 attention under a materialised mask.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _top_blocks(importance, candidates, forced, top_k):
+    """The forced blocks in their order, then candidates by importance (ties: lower index), the first top_k,
+    increasing, padded with -1."""
+    ranked = [j for i, j in enumerate(forced) if j in candidates and j not in forced[:i]]
+    ranked += sorted((j for j in candidates if j not in ranked), key=lambda j: (-importance[j], j))
+    kept = sorted(ranked[:top_k])
+    return kept + [-1] * (top_k - len(kept))
+
+
+def nsa_selection(q, k_cmp, seq_kv, *, block, compress_block, compress_stride, top_k, scale=None):
+    """NSA's choice per (batch, query token, KV head): each query head's softmax over the compressed keys whose
+    block [i*stride, i*stride + compress_block) has ended, summed over the GQA group; a selection block's
+    importance is the sum over compression blocks of p_i * (tokens shared with the block) / stride; candidates
+    start at or before the query; forced: own block, block 0, the block before the own. (B, Nq, Hkv, top_k)."""
+    b_, nq, hq, d = q.shape
+    m, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    n_blocks = -(-seq_kv // block)
+    out = torch.full((b_, nq, hkv, top_k), -1, dtype=torch.long)
+    for b in range(b_):
+        for i in range(nq):
+            t = seq_kv - nq + i
+            seen = [c for c in range(m) if c * compress_stride + compress_block - 1 <= t]
+            for h in range(hkv):
+                p = [0.0] * m
+                for head in range(h * g, (h + 1) * g):
+                    if seen:
+                        s = torch.stack([q[b, i, head].double() @ k_cmp[b, c, h].double() * scale for c in seen])
+                        for c, pc in zip(seen, torch.softmax(s, 0).tolist()):
+                            p[c] += pc
+                importance = []
+                for j in range(n_blocks):
+                    lo, hi = j * block, (j + 1) * block
+                    importance.append(sum(p[c] * max(0, min(hi, c * compress_stride + compress_block)
+                                                     - max(lo, c * compress_stride)) / compress_stride
+                                          for c in range(m)))
+                own = t // block
+                candidates = [j for j in range(n_blocks) if j * block <= t]
+                out[b, i, h] = torch.tensor(_top_blocks(importance, candidates, [own, 0, own - 1], top_k))
+    return out
+
+
+def topk_block_selection(q, k, *, block, top_k, causal, scale=None):
+    """topk_block_attention's choice: each query head's softmax over the blocks' mean keys (causal: the blocks
+    complete at the query), summed over the GQA group; causal: candidates start at or before the query and its
+    own block is forced. (B, Nq, Hkv, top_k)."""
+    b_, nq, hq, d = q.shape
+    nkv, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    n_blocks = -(-nkv // block)
+    means = torch.stack([k[:, j * block:(j + 1) * block].double().mean(1) for j in range(n_blocks)], 1)
+    out = torch.full((b_, nq, hkv, top_k), -1, dtype=torch.long)
+    for b in range(b_):
+        for i in range(nq):
+            t = nkv - nq + i
+            seen = [j for j in range(n_blocks) if not causal or min((j + 1) * block, nkv) - 1 <= t]
+            candidates = [j for j in range(n_blocks) if not causal or j * block <= t]
+            for h in range(hkv):
+                importance = [0.0] * n_blocks
+                for head in range(h * g, (h + 1) * g):
+                    if seen:
+                        s = torch.stack([q[b, i, head].double() @ means[b, j, h] * scale for j in seen])
+                        for j, pj in zip(seen, torch.softmax(s, 0).tolist()):
+                            importance[j] += pj
+                forced = [t // block] if causal else []
+                out[b, i, h] = torch.tensor(_top_blocks(importance, candidates, forced, top_k))
+    return out
+
+
+def selected_blocks_mask(indices, heads_q, seq_kv, block, causal):
+    """(B, Hq, Nq, Nkv) bool: key j kept for query i when its block is among indices[b, i, h // G] (causal: and
+    j <= the query's position)."""
+    b_, nq, hkv, _ = indices.shape
+    blocks = torch.arange(seq_kv) // block
+    keep = (indices.unsqueeze(-1) == blocks).any(3)                      # (B, Nq, Hkv, Nkv)
+    keep = keep.repeat_interleave(heads_q // hkv, dim=2).permute(0, 2, 1, 3)
+    if causal:
+        keep = keep & (torch.arange(seq_kv).view(1, -1) <= torch.arange(nq).view(-1, 1) + seq_kv - nq)
+    return keep
+
+
+def nsa_attention(q, k, v, gates, k_cmp, v_cmp, indices, *, block, compress_block, compress_stride, window,
+                  scale=None):
+    """NSA's output in fp64 given its selection: gates[..., 0] * compressed + gates[..., 1] * selected +
+    gates[..., 2] * window, each branch dense softmax attention under its mask (a row with no key gives 0)."""
+    nq, hq, nkv = q.shape[1], q.shape[2], k.shape[1]
+    q_pos = torch.arange(nkv - nq, nkv)
+    ends = torch.arange(k_cmp.shape[1]) * compress_stride + compress_block - 1
+    o_cmp, _ = softmax_attention(q, k_cmp, v_cmp, mask=ends.view(1, -1) <= q_pos.view(-1, 1), scale=scale,
+                                 q_pos=q_pos, kv_pos=ends)
+    o_slc, _ = softmax_attention(q, k, v, mask=selected_blocks_mask(indices, hq, nkv, block, True), scale=scale)
+    o_win, _ = softmax_attention(q, k, v, mask=window_mask(nq, nkv, window), scale=scale)
+    w = gates.double()
+    return w[..., 0:1] * o_cmp + w[..., 1:2] * o_slc + w[..., 2:3] * o_win
+
+
+def window_mask(nq, nkv, window):
+    """(Nq, Nkv) bool: the window most recent keys of each query, itself included."""
+    dist = (torch.arange(nq) + nkv - nq).view(-1, 1) - torch.arange(nkv).view(1, -1)
+    return (dist >= 0) & (dist < window)

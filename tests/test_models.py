@@ -11,7 +11,8 @@ from subquad.cache import RollingKVCache, StaticKVCache
 from subquad.models import HybridLM, sample
 from subquad.nn import REGISTRY, RecurrentState
 
-OPTIONS = {"L": {"window": 4}, "M": {"d_state": 8}, "K": {"kv_lora_rank": 8, "rope_dim": 4}}
+OPTIONS = {"L": {"window": 4}, "M": {"d_state": 8}, "K": {"kv_lora_rank": 8, "rope_dim": 4},
+           "S": {"block": 2, "compress_block": 2, "compress_stride": 1, "top_k": 3, "window": 3}}
 
 
 def tiny(layers, **kw):

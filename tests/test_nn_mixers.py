@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from subquad import masks
 from subquad.cache import RollingKVCache, StaticKVCache
-from subquad.nn import (GLA, Attention, DeltaNet, DiffAttention, GatedDeltaNet, LinearAttention, Mamba2,
+from subquad.nn import (GLA, NSA, Attention, DeltaNet, DiffAttention, GatedDeltaNet, LinearAttention, Mamba2,
                         MLA, RecurrentState, RetNet)
 
 from oracles import softmax_attention
@@ -43,6 +43,8 @@ MIXERS = {
     "mamba2": (lambda: Mamba2(D, d_state=8, headdim=8), False),
     "deltanet": (lambda: DeltaNet(D, 2), False),
     "gated-deltanet": (lambda: GatedDeltaNet(D, 2), False),
+    # blocks of 2 over 11 tokens: the fourth block of top_k=4 is chosen by importance, beside the three forced
+    "nsa": (lambda: NSA(D, 4, kv_heads=2, block=2, compress_block=2, compress_stride=1, top_k=4, window=3), False),
 }
 
 
@@ -117,6 +119,7 @@ def test_recurrent_state_has_a_fixed_size():
     (lambda: Mamba2(D, d_state=8, headdim=8), lambda: StaticKVCache(1, 8, 2, 8), "RecurrentState of a Mamba2"),
     (lambda: RetNet(D, 2), lambda: RecurrentState(1, "GLA"), "RetNet"),
     (lambda: GLA(D, 2), lambda: RecurrentState(3, "GLA"), "batch 1"),
+    (lambda: NSA(D, 2, block=2, compress_block=2, compress_stride=2), lambda: StaticKVCache(1, 8, 2, 8), "NSACache"),
 ])
 def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     with pytest.raises(ValueError, match=match):
@@ -140,6 +143,8 @@ def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     (lambda: Attention(16, 4, dropout=1.0), "dropout_p"),
     (lambda: DiffAttention(16, 2, dropout=-0.1), "dropout_p"),
     (lambda: MLA(16, 2, 8, qk_nope_dim=4, rope_dim=4, v_dim=4, dropout=2.0), "dropout_p"),
+    (lambda: NSA(16, 2, compress_stride=5), "compress_stride"),
+    (lambda: NSA(16, 2, position="alibi"), "position"),
 ])
 def test_bad_arguments(make_layer, match):
     """Refused by the constructor, not at the first forward (softcap, window) nor as NaN outputs

@@ -14,6 +14,7 @@ from .linear_attention import FEATURE_MAPS, LinearAttention
 from .mamba2 import Mamba2
 from .mlp import SwiGLU
 from .norm import RMSNorm
+from .nsa import NSA, NSACache
 from .positions import RopeScaling, RotaryEmbedding, alibi_slopes, rotary_dim
 from .registry import REGISTRY, MixerSpec, build_mixer, lookup, parse_layers, register
 from .retnet import RetNet
@@ -29,6 +30,6 @@ def __getattr__(name):
 
 
 __all__ = ["Attention", "DiffAttention", "LinearAttention", "RetNet", "GLA", "Mamba2", "DeltaNet", "GatedDeltaNet",
-           "MLA", "FEATURE_MAPS", "RMSNorm", "SwiGLU", "ShortConv", "RecurrentState", "RotaryEmbedding",
-           "RopeScaling", "alibi_slopes", "rotary_dim", "REGISTRY", "MixerSpec", "build_mixer", "lookup",
-           "parse_layers", "register"]
+           "MLA", "NSA", "NSACache", "FEATURE_MAPS", "RMSNorm", "SwiGLU", "ShortConv", "RecurrentState",
+           "RotaryEmbedding", "RopeScaling", "alibi_slopes", "rotary_dim", "REGISTRY", "MixerSpec", "build_mixer",
+           "lookup", "parse_layers", "register"]

@@ -18,6 +18,7 @@ from .diff_attention import DiffAttention
 from .gla import GLA
 from .linear_attention import LinearAttention
 from .mamba2 import Mamba2
+from .nsa import NSA
 from .retnet import RetNet
 
 DEFAULT_WINDOW = 128
@@ -82,6 +83,8 @@ register("E", "gla", lambda d, h, i, **o: GLA(d, h, **o), "gated linear attentio
 register("M", "mamba2", _mamba2, "Mamba-2 (SSD; headdim 64)")
 register("N", "deltanet", lambda d, h, i, **o: DeltaNet(d, h, **o), "DeltaNet (delta rule)")
 register("Y", "gated_deltanet", lambda d, h, i, **o: GatedDeltaNet(d, h, **o), "Gated DeltaNet")
+register("S", "nsa", lambda d, h, i, **o: NSA(d, h, **o),
+         "Native Sparse Attention (compressed + selected + sliding-window branches, gated)")
 
 
 def lookup(key: str) -> MixerSpec:
