@@ -69,7 +69,8 @@ def select_nsa(p: torch.Tensor, q_pos: torch.Tensor, *, compress_block: int, com
     ``p`` ``(B, C, H_kv, G, M)``: every query-side rule of the module, with the initial and local blocks forced.
     Returns ``(B, C, H_kv, top_k)`` int64."""
     importance = block_importance(p.sum(3), compress_block, compress_stride, block, n_blocks)
-    # each head's probabilities sum to at most 1, and a compression block counts at most block / stride times
+    # each head's probabilities sum to at most 1, and a compression block counts at most compress_block / stride
+    # times
     bound = float(p.shape[3] * (compress_block // compress_stride) + 1)
     return select_blocks(importance, q_pos, block, top_k, causal=True, initial_and_local=True, bound=bound)
 
