@@ -330,7 +330,7 @@ def _device():
 def test_func_on_triton_fp16():
     q, k, v = (rand(1, 16, 2, 16, seed=s).half().to(_device()) for s in range(3))
     out, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(5, 0), return_attn_probs=True, backend="triton")
-    ref, ref_lse = softmax_attention(q, k, v, mask=window_keep(16, 16, 5, 0), causal=True)
+    ref, ref_lse = softmax_attention(q.cpu(), k.cpu(), v.cpu(), mask=window_keep(16, 16, 5, 0), causal=True)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=2e-2, rtol=2e-2)
 

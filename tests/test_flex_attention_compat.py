@@ -62,7 +62,8 @@ DOC_IDS = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 4,
 
 
 def document(b, h, q_idx, kv_idx):
-    return (DOC_IDS[q_idx] == DOC_IDS[kv_idx]) & (q_idx >= kv_idx)
+    ids = DOC_IDS.to(q_idx.device)
+    return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
 
 
 def prefix_lm(prefix):

@@ -179,7 +179,8 @@ def _half(tensors, dtype):
 
 
 def _fp32(tensors):
-    return [x.detach().float().requires_grad_() for x in tensors]
+    """The kernels' inputs for the reference, in fp32 on the CPU (where the comparisons are made)."""
+    return [x.detach().float().cpu().requires_grad_() for x in tensors]
 
 
 @needs_triton
