@@ -123,17 +123,24 @@ PREPROCESS = "flash_bwd_preprocess_kernel"      # D = rowsum(dO * O): launched w
 def _flash(mask, n, configs, backward, dq, dropout_p=0.0):
     """Forward (and backward) of ``subquad.attention`` at B 1, 16 heads, D 128, bf16, length ``n``; dQ in the
     backward as ``dq`` says (``DQ_MODES``; ``programs`` is the deterministic backward)."""
+    import subquad
+    return _flash_launches(lambda q, k, v: subquad.attention(q, k, v, mask=mask, backend="triton",
+                                                             deterministic=dq == "programs", dropout_p=dropout_p),
+                           n, configs, backward, dq)
+
+
+def _flash_launches(call, n, configs, backward, dq):
+    """The flash kernels' launches of ``call(q, k, v)`` (and its backward) at B 1, 16 heads, D 128, bf16,
+    length ``n``."""
     from subquad.ops.softmax import flash
     from subquad.ops.softmax.flash import launch
-    import subquad
     flash.MASK_BLOCK_INTERPRET = flash.MASK_BLOCK        # BlockMasks at the GPU's block size
     launch.num_sms = lambda device: 132                 # and the H100's schedules (walks cut into pieces)
     q, k, v = (t.requires_grad_(backward) for t in _qkv(1, n, 16, 128))
     for short, (name, tiles, default) in FLASH.items():
         setattr(launch, tiles, configs.get(short, default)[:2])
     calls = record_launches()
-    out = subquad.attention(q, k, v, mask=mask, backend="triton", deterministic=dq == "programs",
-                            dropout_p=dropout_p)
+    out = call(q, k, v)
     if backward:
         out.backward(torch.ones_like(out))
     short_of = {name: short for short, (name, _, _) in FLASH.items()}
@@ -198,6 +205,14 @@ def case_fixed_16k(configs, dq):
 def case_strided_16k(configs, dq):
     from subquad import masks
     return _flash(masks.strided(256), 16384, configs, True, dq)
+
+
+def case_lsh_4k(configs, dq):
+    """Reformer LSH attention (causal, shared QK, 4 rounds of 64 buckets, chunks of 128): the kernels' LSH term."""
+    import subquad
+    return _flash_launches(lambda q, k, v: subquad.lsh_attention(q, k, v, n_buckets=64, n_hashes=4, chunk_size=128,
+                                                                 causal=True, shared_qk=True, seed=0,
+                                                                 backend="triton"), 4096, configs, True, dq)
 
 
 def case_mla(configs, dq):

@@ -5,7 +5,9 @@
   BlockMask whose full blocks run unmasked and whose partial blocks apply in-kernel terms (documents,
   prefix-LM, Longformer / BigBird global tokens, block layouts) or a precomputed bitmask (everything else).
 * ``flash_attention_masked(q, k, v, block_mask, scale, ...)``: the same on a prebuilt BlockMask, with optional
-  ``q_pos`` / ``kv_pos`` (gathered or permuted tokens); used by planned patterns, LSH and NSA.
+  ``q_pos`` / ``kv_pos`` (gathered or permuted tokens); used by planned patterns and NSA.
+* ``flash_attention_lsh(q, k, v, block_mask, scale, q_pos, kv_pos, windows)``: Reformer's hash rounds folded into
+  the batch, each element sorted its own way (``subquad.ops.lsh``).
 
 Both return ``(out, lse)``; ``lse`` (``(B, H_q, N_q)`` fp32, natural log) is differentiable.
 fp16 and bf16 only: ``subquad.attention`` sends fp32 inputs to the reference.
@@ -19,7 +21,7 @@ import torch
 
 from .... import masks as _masks
 from ....masks import BlockMask, Pattern
-from .launch import MaskArgs, interpreting
+from .launch import LshWindows, MaskArgs, interpreting
 from .masking import BAND_INF, Terms, bitmask_tiles, kernel_terms, pure_band
 from .op import FlashWithColumns, run
 
@@ -172,6 +174,19 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward, dropout)
 
 
+def flash_attention_lsh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
+                        q_pos: torch.Tensor, kv_pos: torch.Tensor, windows: LshWindows,
+                        deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over LSH's sorted rounds (``subquad.ops.lsh.flash``); returns ``(out, lse)``, differentiable in
+    q, k, v. The batch elements are (sequence, head, round) triples, each sorted by bucket: ``q_pos`` / ``kv_pos``
+    ``(batch, seq)`` their tokens' original positions (which ``block_mask``'s pattern, causal or full, sees),
+    ``block_mask`` the blocks of every element's chunks (the same for all), ``windows`` the chunks of each round.
+    Made per call, the positions are not kept on the BlockMask."""
+    _check_dtype(q)
+    m = replace(_make_block_mask_args(block_mask.to(q.device), q_pos, kv_pos), lsh=windows)
+    return run(_prep(q), _prep(k), _prep(v), m, scale, None, None, deterministic)
+
+
 def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, kv_index: torch.Tensor,
                                  columns: BlockMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
                                  band2: tuple[int, int], scale: float, softcap: float | None = None,
@@ -224,4 +239,5 @@ def varlen_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> Pattern:
     return _masks.document(ids)
 
 
-__all__ = ["flash_attention", "flash_attention_masked", "flash_attention_with_columns", "varlen_mask"]
+__all__ = ["flash_attention", "flash_attention_masked", "flash_attention_lsh", "flash_attention_with_columns",
+           "varlen_mask", "LshWindows"]

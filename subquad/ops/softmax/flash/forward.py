@@ -29,6 +29,10 @@ block's ``SLOT``, and the launcher merges them by LSE (``launch.forward``).
 dropped by ``tile.dropout_keep`` as every pass and tiling decides it, the kept ones scaled by ``1 / (1 - p)``.
 Not with ``TWO_SOURCES`` (a gathered key's counter would be its place in the gathered set).
 
+``BATCH_POS`` / ``LSH``: Reformer's LSH attention folds its (sequence, head, hash round) triples into the batch,
+each sorted by bucket its own way, with a row of original positions per batch element and the ``LSH`` term of
+``tile.keep_mask`` (``subquad.ops.lsh.flash``).
+
 GQA/MQA: query head ``h`` reads KV head ``h // G`` in place; K/V are never repeated in memory.
 Output: ``o`` in the input dtype and ``lse`` (natural log, fp32, ``-inf`` for a row that sees no key; its
 output is 0).
@@ -40,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import (dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
+from .tile import (batch_rows, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
                    list_block, list_edge, list_entry, list_part, list_row, scores, tile_rows)
 
 LOG2E = 1.4426950408889634
@@ -56,7 +60,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
-              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False):
+              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
+              lsh_q_chunk=0, lsh_k_chunk=0, lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+              LSH_NOT_SELF: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D:
@@ -75,7 +81,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
             keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo,
                              band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
                              tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX,
-                             HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV)
+                             HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV, lsh_q_chunk,
+                             lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
             s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
@@ -114,7 +121,8 @@ def flash_fwd_kernel(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
-    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p, n_rows, pid_offset,
+    ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
+    LSH_Q_CHUNK, LSH_K_CHUNK, lsh_rounds, n_rows, pid_offset,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -125,9 +133,11 @@ def flash_fwd_kernel(
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
+    BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
+    LSH_NOT_SELF: tl.constexpr = False,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
-    limit (``tile.grid_row``)."""
+    limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
     piece = 0
     if ORDERED:
         tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
@@ -141,6 +151,8 @@ def flash_fwd_kernel(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // G
+    q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b,
+                                                                    seq_q, seq_kv, lsh_rounds, BATCH_POS, LSH)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -154,7 +166,7 @@ def flash_fwd_kernel(
     else:
         q = tl.load(q_ptrs, mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
     if HAS_Q_POS:
-        qp = tl.load(Q_POS + offs_m, mask=in_q, other=0)
+        qp = tl.load(q_pos + offs_m, mask=in_q, other=0)
     else:
         qp = offs_m + q_off
     slope2 = 0.0
@@ -176,7 +188,7 @@ def flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS
+    MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS or LSH
     if USE_LIST:
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
@@ -193,10 +205,11 @@ def flash_fwd_kernel(
                     acc, l_i, m_i = _fwd_tile(
                         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m,
                         seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
-                        n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS, offs_d, offs_dv, D,
+                        n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, kv_pos, offs_d, offs_dv, D,
                         DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
                         HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
-                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
+                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, lsh_round,
+                        LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile

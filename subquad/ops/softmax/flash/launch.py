@@ -148,7 +148,7 @@ class _FirstThatFits:
 
 
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
-_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK"]
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
 _TUNED: dict = {}
 
 
@@ -233,6 +233,21 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
             int(counts.max()))
 
 
+@dataclass(frozen=True)
+class LshWindows:
+    """Reformer's hash rounds as the kernels' ``LSH`` term reads them (``tile.keep_mask``, built by
+    ``subquad.ops.lsh.flash``): the batch elements are (sequence, head, round) triples, the round fastest, each
+    sorted by bucket its own way; ``q_chunk`` / ``k_chunk`` ``(batch, seq)`` int32 give each original position's
+    chunk in its element's round (queries' and keys' sorted orders); ``chunk`` tokens a chunk; ``not_self``
+    drops the self pair (shared QK). Eager launches only: the custom op does not carry it."""
+
+    q_chunk: torch.Tensor
+    k_chunk: torch.Tensor
+    rounds: int
+    chunk: int
+    not_self: bool
+
+
 @dataclass
 class MaskArgs:
     """Everything the kernels read about the pattern, as tensors and numbers (see ``tile.py``)."""
@@ -262,12 +277,21 @@ class MaskArgs:
     #: cut the longest walks into pieces (``pieces``, ``pieces_t``): the schedule is made once per MaskArgs and
     #: reads walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
     cut_walks: bool = True
+    #: Reformer's hash rounds folded into the batch (positions then ``(batch, seq)``), or None
+    lsh: LshWindows | None = None
     _pieces: dict = field(default_factory=dict)
     _piece_rows: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.order is None) != (self.order_t is None):
             raise ValueError("order, order_t: expected both or neither (the backward's programs take one schedule)")
+        if len({p.dim() for p in (self.q_pos, self.kv_pos) if p is not None}) > 1:
+            raise ValueError("q_pos, kv_pos: expected both (seq,) or both (batch, seq)")
+
+    @property
+    def batch_pos(self) -> bool:
+        """A row of positions per batch element (``tile.batch_rows``)."""
+        return any(p is not None and p.dim() == 2 for p in (self.q_pos, self.kv_pos))
 
     def pieces_t(self, programs: int, sms: int):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
@@ -333,7 +357,7 @@ def _wide_rows(*tensors) -> bool:
 
 def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensors):
     even = 128 if not m.use_list else max(128, m.mbq), 128 if not m.use_list else max(128, m.mbk)
-    return dict(
+    flags = dict(
         WIDE_ROWS=_wide_rows(*tensors),
         EVEN_Q=seq_q % even[0] == 0 and (not m.use_list or seq_q % m.mbq == 0),
         EVEN_KV=seq_kv % even[1] == 0 and (not m.use_list or seq_kv % m.mbk == 0),
@@ -344,6 +368,9 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensor
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
     )
+    if m.batch_pos:     # (only when on: ordinary launches keep their arguments as they were)
+        flags["BATCH_POS"] = True
+    return flags
 
 
 def _score_scales(scale: float, softcap):
@@ -375,6 +402,20 @@ def _layout_strides(m: MaskArgs):
         return [0, 0, 0]
     lay = m.layout
     return [lay.stride(0) if lay.shape[0] > 1 else 0, lay.stride(1) if lay.shape[1] > 1 else 0, lay.stride(2)]
+
+
+def _lsh_args(m: MaskArgs, meta: dict, device) -> list:
+    """The kernels' ``LSH_Q_CHUNK, LSH_K_CHUNK, lsh_rounds``; sets ``LSH`` in ``meta`` (a tuning key: LSH's masked
+    tiles are no other pattern's), and where ``m`` has hash rounds ``LSH_CHUNK`` (0 where the BlockMask's blocks
+    are whole chunks) and ``LSH_NOT_SELF``."""
+    meta["LSH"] = m.lsh is not None
+    if m.lsh is None:
+        return [_dummy(device), _dummy(device), 1]
+    if m.lsh.chunk % m.mbq or m.lsh.chunk % m.mbk:
+        meta["LSH_CHUNK"] = m.lsh.chunk
+    if m.lsh.not_self:
+        meta["LSH_NOT_SELF"] = True
+    return [m.lsh.q_chunk, m.lsh.k_chunk, m.lsh.rounds]
 
 
 def _term_scalars(m: MaskArgs):
@@ -449,7 +490,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         lse_part = torch.full((bsz, n_pieces, hq, cut_rows), float("-inf"), device=q.device)
         schedule = [order, order.shape[-1], piece_len, slot, o_part, lse_part, blocks.numel(), n_pieces]
         meta["PIECES"] = True
-    args += schedule + _dropout_args(dropout, meta, q.device)
+    args += schedule + _dropout_args(dropout, meta, q.device) + _lsh_args(m, meta, q.device)
     if second is not None:
         m2 = second[2]
         if not m.use_list:
@@ -557,6 +598,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=not atomic,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     rng = _dropout_args(dropout, meta, q.device)
+    lsh = _lsh_args(m, meta, q.device)
     if atomic and _dq_by_tma(q):
         _tma_allocator()
     if m.order_t is not None:
@@ -578,7 +620,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 
         # (n_rows: the grid's rows, over all the launches of a split grid)
         walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q,
-                            q_order, *rng, bsz * hkv]
+                            q_order, *rng, *lsh, bsz * hkv]
         if kern is None:
             bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),

@@ -190,10 +190,11 @@ def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool
         m_backward: MaskArgs | None = None, dropout=None):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
     another block size, for the backward (the custom op carries its tensors to its backward too).
-    ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None."""
+    ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None. LSH's hash rounds (``m.lsh``)
+    take the Function in any case: the custom op does not carry them."""
     if dropout is not None and dropout[0] == 0:
         dropout = None
-    if not torch.compiler.is_compiling() and type(q) is torch.Tensor:
+    if m.lsh is not None or not torch.compiler.is_compiling() and type(q) is torch.Tensor:
         return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward,
                             dropout)
     backward = m_backward is not None and m_backward is not m

@@ -13,11 +13,13 @@ Every pattern reaches the kernels as a few terms, each a ``tl.constexpr`` switch
 
   and the whole AND-ed with ``q_pos >= k_pos`` under ``AND_CAUSAL`` (causal Longformer / BigBird);
 * ``DOC``: AND-ed, ``seq_ids[q_pos] == seq_ids[k_pos]`` (packed documents, varlen);
-* ``BITS``: AND-ed, a precomputed bit per pair of a partial tile (any other pattern).
+* ``BITS``: AND-ed, a precomputed bit per pair of a partial tile (any other pattern);
+* ``LSH``: AND-ed, Reformer's chunks of a hash round's sorted order, less the pairs of earlier rounds, and
+  (``LSH_NOT_SELF``) less the self pair (``subquad.ops.lsh``).
 
 Positions are ``i + seq_kv - seq_q`` for query ``i`` and ``j`` for key ``j`` unless ``q_pos`` / ``kv_pos``
-tensors give them (gathered or permuted tokens). Scores are kept in base-2 units (``log2(e)`` folded into
-the scale) so that the softmax uses ``exp2``.
+tensors give them (gathered or permuted tokens; ``BATCH_POS``: a row of them per batch element). Scores are kept
+in base-2 units (``log2(e)`` folded into the scale) so that the softmax uses ``exp2``.
 """
 
 from __future__ import annotations
@@ -161,11 +163,13 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
               lay_block, stride_lay_q, DOC_IDS, BITS, tile, rq, ck,
               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
-              MBQ: tl.constexpr, MBK: tl.constexpr, KV_BOUNDS: tl.constexpr):
+              MBQ: tl.constexpr, MBK: tl.constexpr, KV_BOUNDS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
+              lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+              LSH_NOT_SELF: tl.constexpr = False):
     """The kept pairs of a tile, from 2-D broadcastable operands (row/column vectors in either orientation):
     ``qi``/``ki`` query and key indices (bounds), ``qp``/``kp`` positions, ``rq``/``ck`` offsets inside the
     BlockMask block (bit lookup), ``tile`` the bitmask tile of this block, ``LAY`` the layout grid of this
-    (batch, head) with rows ``stride_lay_q`` apart.
+    (batch, head) with rows ``stride_lay_q`` apart; ``lsh_*``: the ``LSH`` term's operands (``batch_rows``).
 
     Every term costs instructions on each element of a masked tile (a masked tile cost 1.5-1.7x an unmasked
     one in the dK/dV pass when every term was tested), so terms that cannot fail are left out: query rows past
@@ -204,7 +208,47 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
         WORDS: tl.constexpr = MBK // 32
         word = tl.load(BITS + tile.to(tl.int64) * (MBQ * WORDS) + rq * WORDS + ck // 32)
         keep = keep & (((word >> (ck % 32)) & 1) != 0)
+    if LSH:
+        # Reformer's hash rounds (subquad.ops.lsh): rows and columns are tokens sorted by bucket, at original
+        # positions qp / kp. A round keeps the keys of the query's chunk of the sorted order and of the chunk
+        # before (LSH_CHUNK tokens; 0 where the BlockMask's blocks are whole chunks, so that its listed blocks
+        # hold no other key), less the pairs an earlier round kept (so that the rounds merge by LSE into one
+        # softmax over their union), read from each position's chunk in those rounds
+        if LSH_CHUNK:
+            gap = qi // LSH_CHUNK - ki // LSH_CHUNK
+            keep = keep & (gap >= 0) & (gap <= 1)
+        if LSH_NOT_SELF:
+            keep = keep & (qp != kp)
+        for earlier in range(lsh_round):
+            gap = tl.load(lsh_q_chunk + earlier * seq_q + qp) - tl.load(lsh_k_chunk + earlier * seq_kv + kp)
+            keep = keep & ((gap < 0) | (gap > 1))
     return keep
+
+
+@triton.jit
+def batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q, seq_kv, lsh_rounds, BATCH_POS: tl.constexpr,
+               LSH: tl.constexpr):
+    """Batch element ``b``'s rows of the per-token tensors: ``(q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk,
+    lsh_round)``. ``BATCH_POS``: positions ``(batch, seq)``, a row per batch element (LSH's rounds, each sorted
+    its own way), else one vector for all. ``LSH``: the batch elements are (sequence, head, round) with the
+    round fastest, of ``lsh_rounds``; ``LSH_*_CHUNK`` ``(batch, seq)`` give each original position's chunk in
+    the element's round, and the rows returned are those of the element's first round (``keep_mask``'s ``LSH``
+    reads the earlier rounds from there). Without the switches the arguments come back as they are, so that
+    ordinary launches compile as before."""
+    q_pos = Q_POS
+    kv_pos = KV_POS
+    if BATCH_POS:
+        q_pos = Q_POS + b.to(tl.int64) * seq_q
+        kv_pos = KV_POS + b.to(tl.int64) * seq_kv
+    lsh_q_chunk = LSH_Q_CHUNK
+    lsh_k_chunk = LSH_K_CHUNK
+    lsh_round = 0
+    if LSH:
+        lsh_round = b % lsh_rounds
+        first = (b - lsh_round).to(tl.int64)
+        lsh_q_chunk = LSH_Q_CHUNK + first * seq_q
+        lsh_k_chunk = LSH_K_CHUNK + first * seq_kv
+    return q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round
 
 
 @triton.jit
