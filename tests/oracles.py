@@ -295,3 +295,30 @@ def window_mask(nq, nkv, window):
     """(Nq, Nkv) bool: the window most recent keys of each query, itself included."""
     dist = (torch.arange(nq) + nkv - nq).view(-1, 1) - torch.arange(nkv).view(1, -1)
     return (dist >= 0) & (dist < window)
+# Reformer LSH attention: each round's pairs as a dense (N, N) mask from the same sorts, their union attended
+# densely in fp64.
+# ---------------------------------------------------------------------------------------------------------------
+
+def lsh_round_masks(q_rank, k_rank, chunk):
+    """(B, H, rounds, N, N) bool: round r pairs query position i with key position j when j's chunk in the keys'
+    sorted order is i's chunk in the queries' sorted order or the one before. Ranks (B, H, rounds, N): the sorted
+    index of each position, per query head."""
+    q_chunk = (q_rank // chunk).unsqueeze(-1)
+    k_chunk = (k_rank // chunk).unsqueeze(-2)
+    return (k_chunk <= q_chunk) & (k_chunk >= q_chunk - 1)
+
+
+def lsh_attention(q, k, v, q_rank, k_rank, chunk, *, causal=False, shared_qk=False, scale=None):
+    """Softmax over the union of the rounds' pairs, each pair once, in fp64. ``k`` is the keys as attended
+    (length-normalised for shared QK); ranks per query head. Shared QK: the self pair is dropped, unless the
+    query has no other key, then it is the only one. Returns (out (B, N, Hq, Dv), lse (B, Hq, N))."""
+    n = q.shape[1]
+    pairs = lsh_round_masks(q_rank.cpu(), k_rank.cpu(), chunk).any(2)
+    position = torch.arange(n)
+    if causal:
+        pairs = pairs & (position.view(-1, 1) >= position.view(1, -1))
+    if shared_qk:
+        own = position.view(-1, 1) == position.view(1, -1)
+        pairs = pairs & ~own
+        pairs = pairs | (own & ~pairs.any(-1, keepdim=True))
+    return softmax_attention(q, k, v, mask=pairs, scale=scale)

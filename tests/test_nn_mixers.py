@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from subquad import masks
 from subquad.cache import RollingKVCache, StaticKVCache
-from subquad.nn import (GLA, NSA, Attention, DeltaNet, DiffAttention, GatedDeltaNet, LinearAttention, Mamba2,
-                        MLA, RecurrentState, RetNet)
+from subquad.nn import (GLA, NSA, Attention, DeltaNet, DiffAttention, GatedDeltaNet, LinearAttention, LSHAttention,
+                        Mamba2, MLA, RecurrentState, RetNet)
 
 from oracles import softmax_attention
 
@@ -45,6 +45,9 @@ MIXERS = {
     "gated-deltanet": (lambda: GatedDeltaNet(D, 2), False),
     # blocks of 2 over 11 tokens: the fourth block of top_k=4 is chosen by importance, beside the three forced
     "nsa": (lambda: NSA(D, 4, kv_heads=2, block=2, compress_block=2, compress_stride=1, top_k=4, window=3), False),
+    # (sequences within one chunk, the default's 64 tokens: exact attention, so cached decoding is the whole
+    # sequence's; tests/test_lsh.py checks shorter chunks, where a step is the forward over its prefix)
+    "lsh": (lambda: LSHAttention(D, 2, n_buckets=4, n_hashes=2), True),
 }
 
 
@@ -120,6 +123,7 @@ def test_recurrent_state_has_a_fixed_size():
     (lambda: RetNet(D, 2), lambda: RecurrentState(1, "GLA"), "RetNet"),
     (lambda: GLA(D, 2), lambda: RecurrentState(3, "GLA"), "batch 1"),
     (lambda: NSA(D, 2, block=2, compress_block=2, compress_stride=2), lambda: StaticKVCache(1, 8, 2, 8), "NSACache"),
+    (lambda: LSHAttention(D, 2), lambda: RollingKVCache(1, 4, 2, 8, dtype=torch.float32), "StaticKVCache"),
 ])
 def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     with pytest.raises(ValueError, match=match):
@@ -145,6 +149,9 @@ def test_a_cache_of_the_wrong_kind_is_refused(layer, cache, match):
     (lambda: MLA(16, 2, 8, qk_nope_dim=4, rope_dim=4, v_dim=4, dropout=2.0), "dropout_p"),
     (lambda: NSA(16, 2, compress_stride=5), "compress_stride"),
     (lambda: NSA(16, 2, position="alibi"), "position"),
+    (lambda: LSHAttention(16, 2, n_buckets=3), "n_buckets"),
+    (lambda: LSHAttention(16, 2, position="alibi"), "position"),
+    (lambda: LSHAttention(16, 2, seed="x"), "seed"),
 ])
 def test_bad_arguments(make_layer, match):
     """Refused by the constructor, not at the first forward (softcap, window) nor as NaN outputs

@@ -11,6 +11,7 @@ from .deltanet import DeltaNet, GatedDeltaNet
 from .diff_attention import DiffAttention
 from .gla import GLA
 from .linear_attention import FEATURE_MAPS, LinearAttention
+from .lsh_attention import LSHAttention
 from .mamba2 import Mamba2
 from .mlp import SwiGLU
 from .norm import RMSNorm
@@ -30,6 +31,6 @@ def __getattr__(name):
 
 
 __all__ = ["Attention", "DiffAttention", "LinearAttention", "RetNet", "GLA", "Mamba2", "DeltaNet", "GatedDeltaNet",
-           "MLA", "NSA", "NSACache", "FEATURE_MAPS", "RMSNorm", "SwiGLU", "ShortConv", "RecurrentState",
-           "RotaryEmbedding", "RopeScaling", "alibi_slopes", "rotary_dim", "REGISTRY", "MixerSpec", "build_mixer",
-           "lookup", "parse_layers", "register"]
+           "LSHAttention", "MLA", "NSA", "NSACache", "FEATURE_MAPS", "RMSNorm", "SwiGLU", "ShortConv",
+           "RecurrentState", "RotaryEmbedding", "RopeScaling", "alibi_slopes", "rotary_dim", "REGISTRY", "MixerSpec",
+           "build_mixer", "lookup", "parse_layers", "register"]

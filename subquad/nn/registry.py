@@ -17,6 +17,7 @@ from .deltanet import DeltaNet, GatedDeltaNet
 from .diff_attention import DiffAttention
 from .gla import GLA
 from .linear_attention import LinearAttention
+from .lsh_attention import LSHAttention
 from .mamba2 import Mamba2
 from .nsa import NSA
 from .retnet import RetNet
@@ -85,6 +86,7 @@ register("N", "deltanet", lambda d, h, i, **o: DeltaNet(d, h, **o), "DeltaNet (d
 register("Y", "gated_deltanet", lambda d, h, i, **o: GatedDeltaNet(d, h, **o), "Gated DeltaNet")
 register("S", "nsa", lambda d, h, i, **o: NSA(d, h, **o),
          "Native Sparse Attention (compressed + selected + sliding-window branches, gated)")
+register("H", "lsh", lambda d, h, i, **o: LSHAttention(d, h, **o), "Reformer LSH attention (shared QK, hashed chunks)")
 
 
 def lookup(key: str) -> MixerSpec:
