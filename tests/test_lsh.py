@@ -243,6 +243,21 @@ def test_triton_matches_the_reference(dtype, causal, shared_qk, heads, seq, chun
 
 
 @needs_triton
+def test_triton_deterministic_backward_matches_the_atomic_one():
+    """Under torch.use_deterministic_algorithms the backward's dQ programs walk the rounds as the forward does."""
+    q, k, v = _qkv(1, 45, 4, 2, 16, torch.float16, DEV)
+    kw = dict(n_buckets=4, n_hashes=2, chunk_size=12, causal=True, shared_qk=True, seed=3, backend="triton")
+    atomic = torch.autograd.grad(subquad.lsh_attention(q, k, v, **kw).float().square().sum(), (q, k, v))
+    torch.use_deterministic_algorithms(True)
+    try:
+        programs = torch.autograd.grad(subquad.lsh_attention(q, k, v, **kw).float().square().sum(), (q, k, v))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, got, want in zip("qkv", programs, atomic):
+        _close(f"d{name}", got, want, *TOL[torch.float16])
+
+
+@needs_triton
 def test_triton_one_bucket_is_exact_attention():
     q, k, v = _qkv(1, 40, 2, 1, 16, torch.float16, DEV)
     out, lse = subquad.lsh_attention(q, k, v, n_buckets=1, n_hashes=2, chunk_size=40, causal=True,
