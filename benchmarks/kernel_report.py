@@ -197,6 +197,13 @@ def case_bigbird_16k(configs, dq):
                   dq)
 
 
+def case_block_sparse_16k(configs, dq):
+    """The flash suite's block-sparse layout at density 0.1 (cells of 128): a list walk with the layout term."""
+    from subquad import masks
+    from subquad.bench.suites.flash import _layout
+    return _flash(masks.block_sparse(_layout(16384, 0.1), 128), 16384, configs, True, dq)
+
+
 def case_fixed_16k(configs, dq):
     from subquad import masks
     return _flash(masks.fixed(128, 8), 16384, configs, True, dq)
