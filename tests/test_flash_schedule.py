@@ -14,12 +14,15 @@ from test_flash import BLOCK, DEV, _check, _close, _lse_close, _qkv, gpu, pytest
 
 
 @pytest.mark.parametrize("kind", ["full", "window", "block_sparse"])
-def test_key_tiles_too_few_split_the_query_walk(kind):
+def test_key_tiles_too_few_split_the_query_walk(kind, monkeypatch):
     # key tiles too few for the GPU (a few keys against many queries; one batch and KV head): each key tile's
     # dK/dV walk is shared by several programs (fp32 atomics); the window runs the list-free band walk, the
     # block layout the BlockMask lists
+    from subquad.ops.softmax.flash import launch
     from subquad.ops.softmax.flash.launch import _query_splits
 
+    # (the atomic backward, whose walks split; a BlockMask walk takes it where a piece schedule cuts walks)
+    monkeypatch.setattr(launch, "_walks_whole", lambda m, q, k: False)
     long = 4096 if DEV == "cuda" else 256
     nq, nkv = (long - 56, 64) if kind == "full" else (long, long)
     cells = -(-nkv // 32)
@@ -182,3 +185,17 @@ def test_gpu_global_rows_walk_in_pieces():
     forward_mask, _ = _resolve_tiled(mask, False, 1, 2, 8192, 8192, q.device)
     assert _block_mask_args(forward_mask, None, None).pieces(2, launch.num_sms(q.device)) is not None
     _check(q, k, v, mask=mask, grad_lse=True, plan=False)
+
+
+def test_backward_sums_dq_by_programs_unless_walks_are_cut(monkeypatch):
+    """The default backward of a BlockMask walk: dQ programs beside the dK/dV programs where no walk is cut into
+    pieces, the atomic dK/dV walk (which the pieces need) where global columns walk every query block (16
+    global tokens over 4096 positions, blocks of 32, an H100's 132 SMs)."""
+    from subquad.ops.softmax.flash import _block_mask_args, launch
+
+    monkeypatch.setattr(launch, "num_sms", lambda device: 132)
+    for n, global_tokens, whole in ((256, [0, 1], True), (4096, list(range(16)), False)):
+        bm = masks.resolve(masks.longformer(64, global_tokens), causal=False, batch=1, heads=4, seq_q=n, seq_kv=n,
+                           device="cpu", block_q=32, block_kv=32)
+        m = _block_mask_args(bm, None, None)
+        assert launch._walks_whole(m, torch.empty(1, n, 4, 16), torch.empty(1, n, 2, 16)) == whole

@@ -47,8 +47,10 @@ def _same(split, whole, exact: bool):
 FLASH = [
     # the band path: one program per (query tile, batch x head), its dQ by dQ programs
     ("causal", dict(causal=True), True),
-    # a BlockMask (global tokens): the heaviest-first schedule over the grid's rows, dQ by atomics
-    ("longformer", dict(mask=masks.longformer(12, [0, 5]), plan=False), False),
+    # a BlockMask (global tokens): the heaviest-first schedule over the grid's rows, dQ by atomics (as where its
+    # walks are cut into pieces) or by dQ programs (the default otherwise)
+    ("longformer-atomic", dict(mask=masks.longformer(12, [0, 5]), plan=False), False),
+    ("longformer", dict(mask=masks.longformer(12, [0, 5]), plan=False), True),
     # the deterministic backward: the dQ programs' heaviest-first schedule over query heads
     ("longformer-deterministic", dict(mask=masks.longformer(12, [0, 5]), plan=False, deterministic=True), True),
 ]
@@ -60,7 +62,10 @@ def test_flash_launches_split_past_the_grid_limit(name, kw, exact, monkeypatch):
     forward, the preprocess and the backward are split; outputs, LSE and gradients equal the one launch's and
     the reference's."""
     from conftest import small_grid_limit, split_kernels
+    from subquad.ops.softmax.flash import launch
 
+    if name.endswith("-atomic"):
+        monkeypatch.setattr(launch, "_walks_whole", lambda m, q, k: False)
     q, k, v = _inputs([(2, 70, 4, 32), (2, 70, 2, 32), (2, 70, 2, 32)], seed=1)
     whole = _attention_and_grads(q, k, v, "triton", return_lse=True, **kw)
     launches = small_grid_limit(monkeypatch)

@@ -19,7 +19,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
-EXPECTED = {"flash_fwd_kernel": 10, "flash_bwd_kernel": 11,
+EXPECTED = {"flash_fwd_kernel": 10, "flash_bwd_kernel": 12,
             "flash_bwd_preprocess_kernel": 3, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
             "dqk_bwd": 5, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
             "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 3, "_merge_fwd_kernel": 1, "_merge_bwd_kernel": 1}
@@ -75,6 +75,9 @@ def _run_ops() -> None:
 
     launch._hopper = lambda: True
     launch.interpreting = lambda: False
+    # BlockMask walks with their atomic dQ (the default only where walks are cut into pieces); the dQ programs'
+    # walk (the default elsewhere) is the deterministic call below
+    launch._walks_whole = lambda m, q, k: False
 
     def leaf(*shape, dtype=torch.bfloat16):
         return torch.zeros(*shape, dtype=dtype, requires_grad=True)
@@ -85,6 +88,7 @@ def _run_ops() -> None:
     for out, lse in (flash_attention(q, k, v, causal=True),              # the band path
                      flash_attention(q, k, v, mask=longformer),          # BlockMask lists, heaviest first
                      flash_attention(q, k, v, causal=True, deterministic=True),     # dQ programs in the same launch
+                     flash_attention(q, k, v, mask=longformer, deterministic=True),    # and beside a BlockMask walk
                      # attention dropout: the band (dQ programs) and a BlockMask walk (atomic dQ, by TMA)
                      flash_attention(q, k, v, causal=True, dropout=(0.1, new_rng("cpu", 0.1))),
                      flash_attention(q, k, v, mask=longformer, dropout=(0.1, new_rng("cpu", 0.1)))):

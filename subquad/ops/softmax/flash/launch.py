@@ -656,16 +656,25 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     return dk, dv
 
 
+def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the atomic backward would walk this BlockMask with no piece schedule: always where walks are
+    never cut (the custom op's calls, which cannot read walk lengths back), else as the schedule decides."""
+    return not m.cut_walks or m.order_t is None or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device)) is None
+
+
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
              dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
-    asked to be deterministic, and for bands (full, causal, windows) in any case: there that layout also ran
-    faster than the dK/dV programs' atomic sums, although its dQ programs compute the scores and dP again
-    (H200, fwd+bwd, ``2026-12-05-det-vs-atomic-ab-h200.json``: causal 32 x 1k 1.734 against 1.822 ms, window
-    4096 2 x 16k 8.539 against 8.627). BlockMask walks keep the atomic sums (not measured)."""
+    asked to be deterministic, and otherwise wherever that measured faster than the dK/dV programs' atomic sums,
+    although its dQ programs compute the scores and dP again: bands (full, causal, windows; H200, fwd+bwd,
+    ``2026-12-05-det-vs-atomic-ab-h200.json``: causal 32 x 1k 1.734 against 1.822 ms, window 4096 2 x 16k 8.539
+    against 8.627) and BlockMask walks that no piece schedule cuts (H100, fwd+bwd, ``2026-12-05-flash-h100.json``'s
+    ``subquad-triton-det`` rows: Longformer 2 x 16k 2.601 against 2.766 ms, BigBird 4.636 against 5.085,
+    block-sparse 5.16 / 11.84 / 22.63 against 6.28 / 13.93 / 26.39 at densities 0.1 / 0.25 / 0.5). Walks cut
+    into pieces (Longformer's global columns at 64k) keep the atomic sums, which the pieces need."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    if deterministic or not m.use_list:
+    if deterministic or not m.use_list or _walks_whole(m, q, k):
         dq = torch.empty_like(q)
         dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout)
         return dq, dk, dv
