@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -138,6 +140,29 @@ def test_decode_custom_op_passes_opcheck():
     seqlens = torch.tensor([3, 8], dtype=torch.int32)
     torch.library.opcheck(decode_op, (q, k, k.clone(), seqlens, None, None, "dense", 0, 0, 0.25, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+def test_decode_custom_op_keeps_no_buffer_across_calls(monkeypatch):
+    """The custom op (a compiled step's decode) zeroes its own arrival counters instead of keeping a buffer per
+    stream across calls: run inside a CUDA graph's memory pool (``mode="reduce-overhead"``), a kept buffer is a
+    live allocation the graph does not own, and cudagraph trees refused the step (H100, 2026-12-05). Its outputs
+    equal the eager kernel's."""
+    from subquad.ops.decode import splitkv
+    from subquad.ops.decode.op import decode_op
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(splitkv, "_COUNTERS", {})
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 40, 1, 16, generator=g).to(dev, torch.float16) for _ in range(2))
+    q = torch.randn(2, 1, 4, 16, generator=g).to(dev, torch.float16)
+    seqlens = torch.tensor([17, 40], dtype=torch.int32, device=dev)
+    out, lse = decode_op(q, k, v, seqlens, None, None, "dense", 0, 0, 0.25, 0.0)
+    assert splitkv._COUNTERS == {}
+    want, want_lse = decode(q, k, v, seqlens=seqlens, scale=0.25, return_lse=True, backend="triton")
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
 
 
 @pytest.mark.gpu

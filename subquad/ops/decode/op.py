@@ -25,7 +25,7 @@ def decode_op(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, block_table: Opt
     """``window``, ``cache_window``: 0 for none; ``softcap`` 0 for none."""
     view = KVView(k, v, seqlens, layout, block_table=block_table, window=cache_window or None)
     return decode_splitkv(q, view, window=window or None, scale=scale, softcap=softcap or None,
-                          alibi_slopes=alibi_slopes)
+                          alibi_slopes=alibi_slopes, own_counters=True)
 
 
 @decode_op.register_fake

@@ -250,11 +250,14 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
                    alibi_slopes: torch.Tensor | None, num_splits: int | None = None, block_n: int | None = None,
                    block_m: int | None = None, block_dv: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, split_score_tile: bool | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   own_counters: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on checked arguments; returns ``out (B, T, H_q, D_v)`` and ``lse (B, H_q, T)``.
 
     The block sizes and split count have defaults picked for the H100 (memory bound: enough programs in
     flight to keep every SM loading); they are arguments so that the benchmark can sweep them.
+    ``own_counters``: zero this call's arrival counters (one more fill) rather than reuse the stream's buffer:
+    the custom op's, whose calls may run inside a CUDA graph's memory pool, where a buffer kept for later
+    calls is a live allocation that the graph does not own (``mode="reduce-overhead"`` refused to run).
     """
     # (the kernel reads rows of K and V with unit stride: a cache's storage has it, a strided view is copied)
     k = view.k if view.k.stride(-1) == 1 else view.k.contiguous()
@@ -322,7 +325,9 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
     n_part = bsz * hkv * num_splits * rows if num_splits > 1 else 1
     work = torch.empty(n_part * (dv + 1), dtype=torch.float32, device=q.device)
     o_part, lse_part = work[:n_part * dv], work[n_part * dv:]
-    counters = _arrival_counters(q.device, bsz * hkv * m_blocks * n_dv_blocks)
+    n_counters = bsz * hkv * m_blocks * n_dv_blocks
+    counters = torch.zeros(n_counters, dtype=torch.int32, device=q.device) if own_counters \
+        else _arrival_counters(q.device, n_counters)
     out = torch.empty(bsz, t, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device)
     seqlens = view.seqlens.to(torch.int32)
