@@ -63,6 +63,17 @@ def _pick_backend(backend: str, q: torch.Tensor, block: int) -> str:
     return "reference"
 
 
+def _implementation(op: str, backend: str, q: torch.Tensor, block: int) -> Callable:
+    """``op``'s implementation (``"nsa"`` or ``"topk_block_attention"``) on the backend that runs the call."""
+    chosen = _pick_backend(backend, q, block)
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+        log.debug("subquad.%s: backend=%s, q=%s %s", op, chosen, tuple(q.shape), q.dtype)
+    if chosen == "triton":
+        from . import engine
+        return getattr(engine, f"{op}_triton")
+    return {"nsa": nsa_reference, "topk_block_attention": topk_block_attention_reference}[op]
+
+
 def topk_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int = 64, top_k: int = 16,
                          causal: bool = True, scale: float | None = None, return_indices: bool = False,
                          backend: str = "auto"):
@@ -92,13 +103,7 @@ def topk_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, b
         raise ValueError(f"causal: expected a bool, got {causal!r}")
     check_scale_softcap(scale, None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = _pick_backend(backend, q, block)
-    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
-        log.debug("subquad.topk_block_attention: backend=%s, q=%s %s", chosen, tuple(q.shape), q.dtype)
-    if chosen == "triton":
-        from .engine import topk_block_attention_triton as run
-    else:
-        run = topk_block_attention_reference
+    run = _implementation("topk_block_attention", backend, q, block)
     out, indices = run(q, k, v, block=block, top_k=top_k, causal=causal, scale=scale)
     return (out, indices) if return_indices else out
 
@@ -173,13 +178,7 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, 
     check_scale_softcap(scale, None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     k_cmp, v_cmp = _compressed(compress, k, v, compress_block, compress_stride)
-    chosen = _pick_backend(backend, q, block)
-    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
-        log.debug("subquad.nsa: backend=%s, q=%s %s", chosen, tuple(q.shape), q.dtype)
-    if chosen == "triton":
-        from .engine import nsa_triton as run
-    else:
-        run = nsa_reference
+    run = _implementation("nsa", backend, q, block)
     out, indices = run(q, k, v, gates, k_cmp, v_cmp, block=block, compress_block=compress_block,
                        compress_stride=compress_stride, top_k=top_k, window=window, scale=scale)
     return (out, indices) if return_indices else out

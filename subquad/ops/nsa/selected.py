@@ -51,6 +51,41 @@ def _keys_of(blk, n0, q_pos, seq_kv, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _token_program(Q, stride_qb, stride_qt, stride_qh, q_offset, HKV: tl.constexpr, G: tl.constexpr,
+                   ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A walk's program of grid ``(N_q, B x H_kv)``: its token ``t``, batch ``b`` and KV head, the group's query
+    heads as tile rows (``row_ok``: the rows that are heads), the token's position and its queries."""
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hkv = pid_bh % HKV
+    g = tl.arange(0, ROWS)
+    row_ok = g < G
+    head = hkv * G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + t * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return t, b, hkv, head, row_ok, q_offset + t, offs_d, offs_dv, q
+
+
+@triton.jit
+def _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn, stride_kh, stride_vb,
+                   stride_vn, stride_vh, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Rows ``n0 .. n0 + BLOCK_N`` of selected block ``blk``: its K and V tiles and the group's scores over them
+    (``qk_scale``-scaled, ``-inf`` where the query does not keep the key), as the forward and dQ walks read them."""
+    kv_pos, keep = _keys_of(blk, n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
+    rows = kv_pos.to(tl.int64)
+    k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :],
+                mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * stride_vb + rows[:, None] * stride_vn + hkv * stride_vh + offs_dv[None, :],
+                mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    scores = tl.where(keep[None, :], dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    return k, v, scores
+
+
+@triton.jit
 def _selected_fwd(
     Q, K, V, IDX, O, LSE,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -62,18 +97,9 @@ def _selected_fwd(
 ):
     """Grid ``(N_q, B x H_kv)``. ``O`` in q's dtype; ``LSE`` ``(B, H_q, N_q)`` base 2 (of ``qk_scale``-scaled
     scores: ``scale * log2(e)``)."""
-    t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    hkv = pid_bh % HKV
-    g = tl.arange(0, ROWS)
-    row_ok = g < G
-    head = hkv * G + g
-    q_pos = q_offset + t
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + t * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    t, b, hkv, head, row_ok, q_pos, offs_d, offs_dv, q = _token_program(Q, stride_qb, stride_qt, stride_qh,
+                                                                          q_offset, HKV, G, ROWS, D, BLOCK_D,
+                                                                          BLOCK_DV)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
@@ -82,13 +108,9 @@ def _selected_fwd(
         blk = tl.load(idx_row + s)
         if blk >= 0:
             for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-                kv_pos, keep = _keys_of(blk, n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
-                rows = kv_pos.to(tl.int64)
-                k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :],
-                            mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(V + b * stride_vb + rows[:, None] * stride_vn + hkv * stride_vh + offs_dv[None, :],
-                            mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                scores = tl.where(keep[None, :], dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+                k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
+                                              stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
+                                              BLOCK, BLOCK_N, CAUSAL)
                 m_new = tl.maximum(m_i, tl.max(scores, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(scores - m_use[:, None])
@@ -115,18 +137,9 @@ def _selected_bwd_dq(
     CAUSAL: tl.constexpr,
 ):
     """Grid ``(N_q, B x H_kv)``; ``DELTA`` = rowsum(dO * O) ``(B, H_q, N_q)``."""
-    t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64)
-    hkv = pid_bh % HKV
-    g = tl.arange(0, ROWS)
-    row_ok = g < G
-    head = hkv * G + g
-    q_pos = q_offset + t
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + t * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    t, b, hkv, head, row_ok, q_pos, offs_d, offs_dv, q = _token_program(Q, stride_qb, stride_qt, stride_qh,
+                                                                          q_offset, HKV, G, ROWS, D, BLOCK_D,
+                                                                          BLOCK_DV)
     do = tl.load(DO + b * stride_dob + t * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     stat = (b * (HKV * G) + head) * seq_q + t
@@ -139,13 +152,9 @@ def _selected_bwd_dq(
         blk = tl.load(idx_row + s)
         if blk >= 0:
             for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-                kv_pos, keep = _keys_of(blk, n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
-                rows = kv_pos.to(tl.int64)
-                k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :],
-                            mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(V + b * stride_vb + rows[:, None] * stride_vn + hkv * stride_vh + offs_dv[None, :],
-                            mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                scores = tl.where(keep[None, :], dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+                k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
+                                              stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
+                                              BLOCK, BLOCK_N, CAUSAL)
                 p = tl.exp2(scores - lse[:, None])
                 dp = dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
