@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 import subquad
 from oracles import softmax_attention
 from subquad import masks
-from subquad.masks.patterns import INF, BuildContext, Complement
+from subquad.masks.composition import Complement
+from subquad.masks.patterns import INF, BuildContext
 from subquad.masks.plan import plan
 from subquad.ops.softmax import dispatch, fa4, flex
 from subquad.ops.softmax.flash.masking import BAND_INF, kernel_terms, pure_band

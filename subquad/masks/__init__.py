@@ -34,7 +34,8 @@ from .named import (
     strided,
     window,
 )
-from .patterns import Band, BuildContext, Complement, Pattern, Tensor
+from .composition import Complement
+from .patterns import Band, BuildContext, Pattern, Tensor
 
 #: ``resolve``'s ``causal`` argument shadows the pattern's name there (and dynamo cannot trace ``globals()``)
 _CAUSAL_PATTERN = causal

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .block_mask import EMPTY, FULL, PARTIAL, BlockMask
-from .patterns import (INF, Band, BlockLayout, BuildContext, Complement, Intersection, Named, Pattern,
-                       PeriodicColumns, Positions, Residue, SameBlock, Union)
+from .composition import Complement, Intersection, Union
+from .patterns import (INF, Band, BlockLayout, BuildContext, Named, Pattern, PeriodicColumns, Positions, Residue,
+                       SameBlock)
 
 #: global columns (rows) spread over at most this many key (query) tiles stay in the local BlockMask as
 #: in-kernel terms: one more partial tile per query tile beats a second launch and a merge. On the H100 at

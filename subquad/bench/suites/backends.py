@@ -60,7 +60,8 @@ def _doc_ids(n: int, docs: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def _terms_of(pattern, kind):
-    from ...masks.patterns import Intersection, Named, Union
+    from ...masks.composition import Intersection, Union
+    from ...masks.patterns import Named
 
     p = pattern
     while isinstance(p, Named):

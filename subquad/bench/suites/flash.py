@@ -39,7 +39,8 @@ def _subquad(pattern, causal=False, deterministic=False):
 
 
 def _bigbird_layout(pattern, n, device):
-    from ...masks.patterns import BlockLayout, BuildContext, Union
+    from ...masks.composition import Union
+    from ...masks.patterns import BlockLayout, BuildContext
     from ...masks.plan import _terms
 
     prepared = pattern.prepare(BuildContext(1, 1, n, n, torch.device(device)))

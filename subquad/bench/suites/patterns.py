@@ -57,7 +57,8 @@ def _patterns():
 
 def _bigbird_mask_mod(pattern, n, device):
     """BigBird's random layout, read from the prepared pattern, as a FlexAttention mask_mod."""
-    from ...masks.patterns import BlockLayout, BuildContext, Union
+    from ...masks.composition import Union
+    from ...masks.patterns import BlockLayout, BuildContext
     from ...masks.plan import _terms
 
     prepared = pattern.prepare(BuildContext(1, 1, n, n, torch.device(device)))

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ... import masks as _masks
-from ...masks import patterns as _patterns
+from ...masks import composition, patterns as _patterns
 from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
 from . import dispatch
 from .dropout import check_dropout_p, new_rng
@@ -259,10 +259,10 @@ def _sliced_rows(p, lead: int):
     if isinstance(p, _patterns.Named):
         inner = _sliced_rows(p.inner, lead)
         return p if inner is p.inner else _patterns.Named(p.name, inner, p.params)
-    if isinstance(p, _patterns.Complement):
+    if isinstance(p, composition.Complement):
         inner = _sliced_rows(p.inner, lead)
-        return p if inner is p.inner else _patterns.Complement(inner)
-    if isinstance(p, (_patterns.Union, _patterns.Intersection)):
+        return p if inner is p.inner else composition.Complement(inner)
+    if isinstance(p, (composition.Union, composition.Intersection)):
         parts = [_sliced_rows(part, lead) for part in p.parts]
         return p if all(a is b for a, b in zip(parts, p.parts)) else type(p)(*parts)
     return p

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ... import masks as _masks
-from ...masks import patterns as P
+from ...masks import composition, patterns as P
 from . import cudnn, fa4, flex
 
 log = logging.getLogger("subquad")
@@ -80,7 +80,7 @@ _NAMED_KINDS = ("sliding_window", "strided", "fixed", "dilated", "longformer", "
 
 def _parts(p) -> list:
     """The parts of an intersection (nested ones flattened), named patterns kept whole."""
-    if isinstance(p, P.Intersection):
+    if isinstance(p, composition.Intersection):
         return [x for part in p.parts for x in _parts(part)]
     return [p]
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ... import masks as _masks
-from ...masks import patterns as P
+from ...masks import composition, patterns as P
 
 #: positions are int32 inside the kernel; bands wider than this are unbounded
 _UNBOUNDED = P.INF // 2
@@ -100,7 +100,7 @@ def _strip(p):
 def _conjuncts(p) -> list:
     """The parts of an intersection (Named wrappers removed), or the pattern itself."""
     p = _strip(p)
-    if isinstance(p, P.Intersection):
+    if isinstance(p, composition.Intersection):
         out = []
         for part in p.parts:
             out.extend(_conjuncts(part))
@@ -209,10 +209,10 @@ def _spec_of(pattern, seq_kv: int, aux: list[torch.Tensor], flag_dtype: torch.dt
     p = pattern
     if isinstance(p, P.Named):
         return _spec_of(p.inner, seq_kv, aux, flag_dtype)
-    if isinstance(p, (P.Union, P.Intersection)):
-        tag = "or" if isinstance(p, P.Union) else "and"
+    if isinstance(p, (composition.Union, composition.Intersection)):
+        tag = "or" if isinstance(p, composition.Union) else "and"
         return (tag, tuple(_spec_of(part, seq_kv, aux, flag_dtype) for part in p.parts))
-    if isinstance(p, P.Complement):
+    if isinstance(p, composition.Complement):
         return ("not", _spec_of(p.inner, seq_kv, aux, flag_dtype))
     if isinstance(p, P.Band):
         return ("band", None if p.lo <= -_UNBOUNDED else p.lo, None if p.hi >= _UNBOUNDED else p.hi)
@@ -438,7 +438,7 @@ def _expressible(pattern) -> bool:
     p = pattern
     if isinstance(p, P.Named):
         return _expressible(p.inner)
-    if isinstance(p, (P.Union, P.Intersection)):
+    if isinstance(p, (composition.Union, composition.Intersection)):
         return all(_expressible(x) for x in p.parts)
     # a complement's mask_mod negates, which the CuTe ops (``_CuteOps``) do not offer: no FA4 install to test one
     # on, so FA4 leaves complements to the other backends (flex evaluates the same spec with torch ops)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ....masks import PARTIAL, BlockMask
-from ....masks.patterns import (INF, Band, BlockLayout, Complement, Document, Intersection, Named, Pattern, Positions,
-                                Union, _Prefix)
+from ....masks.composition import Complement, Intersection, Union
+from ....masks.patterns import INF, Band, BlockLayout, Document, Named, Pattern, Positions, _Prefix
 
 #: band limits are clamped to this in the kernels (int32 arithmetic on positions stays exact)
 BAND_INF = 1 << 30
