@@ -157,12 +157,15 @@ def from_torch_block_mask(block_mask) -> BlockMask:
     mask_mod = block_mask.mask_mod
     batch, heads = partial.shape[:2]
 
+    # the maps on each device the predicate is evaluated on (a BlockMask build calls it once per query block)
+    maps = {partial.device: (full, partial)}
+
     def torch_block_mask(b, h, q, k):
         # a tile's padding past the lengths may be asked about too: its answer is never used
         blocks = (b % batch, h % heads, q.clamp(0, q_len - 1) // block_q, k.clamp(0, kv_len - 1) // block_kv)
-        on_device = partial.device != q.device
-        kept_whole = (full.to(q.device) if on_device else full)[blocks]
-        kept_partly = (partial.to(q.device) if on_device else partial)[blocks]
+        if q.device not in maps:
+            maps[q.device] = (full.to(q.device), partial.to(q.device))
+        kept_whole, kept_partly = (m[blocks] for m in maps[q.device])
         return kept_whole | (kept_partly & torch.as_tensor(mask_mod(b, h, q, k), dtype=torch.bool))
 
     torch_block_mask.__name__ = getattr(mask_mod, "__name__", "mask_mod")
