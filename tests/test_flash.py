@@ -501,6 +501,26 @@ def test_wide_head_tiles_only_for_wide_heads():
     assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
 
 
+def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
+    """A tuning round of the backward (Triton's own hooks, run as its autotuner runs them: around each timed run,
+    then before the chosen configuration's run) leaves its sums as they came: the two-source backward's second
+    launch adds dQ onto the first's, and zeroing them had lost that dQ on the first call of a new tuning key."""
+    from subquad.ops.softmax.flash import launch
+
+    monkeypatch.setattr(launch, "_TUNED", {})
+    monkeypatch.setattr(launch, "interpreting", lambda: False)     # build the GPU's autotuned wrapper
+    tuner = launch._kernel("bwd", launch.flash_bwd_kernel).tuner
+    summed = {name: torch.full((4,), 2.0) for name in ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")}
+    for _ in range(2):
+        tuner.pre_hook(summed)
+        for t in summed.values():
+            t.add_(1.0)                 # a timed run's atomic sums
+        tuner.post_hook(summed, None)
+    tuner.pre_hook(summed, reset_only=True)
+    for name, t in summed.items():
+        assert torch.equal(t, torch.full((4,), 2.0)), name
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU only: larger shapes, every head dim, compile without graph breaks
 

@@ -150,6 +150,12 @@ class _FirstThatFits:
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
 _TUNED: dict = {}
+#: the backward's outputs that its programs add into: a tuning round restores them after each timed run instead of
+#: zeroing them, so that a launch adding to what an earlier one summed (the two-source backward's second key set,
+#: a grid cut into launches) keeps it. ``reset_to_zero`` had wiped the first launch's dQ when the second launch
+#: was the first of its tuning key (H100: strided 1,200 tokens, dQ off by 2.2-3.3 on the first call of a process
+#: with an empty autotuning cache, right on every later call)
+_BWD_SUMS = ["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"]
 
 
 def _kernel(name: str, jit_fn):
@@ -167,7 +173,7 @@ def _kernel(name: str, jit_fn):
         prune = functools.partial(_prune, unchain=unchain)
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
-            reset_to_zero=["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"] if name == "bwd" else None,
+            restore_value=_BWD_SUMS if name == "bwd" else None,
             do_bench=first)(jit_fn))
     return _TUNED[name, tune]
 
