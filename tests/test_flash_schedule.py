@@ -37,11 +37,14 @@ def test_key_tiles_too_few_split_the_query_walk(kind, monkeypatch):
 @pytest.mark.parametrize("pattern", [masks.longformer(16, [0, 1, 2]), masks.bigbird(16, [0, 3], random_blocks=1,
                                                                                       block=16)],
                          ids=["longformer", "bigbird"])
-def test_heaviest_blocks_first_with_several_tiles_per_block(pattern):
+def test_heaviest_blocks_first_with_several_tiles_per_block(pattern, monkeypatch):
     """BlockMask blocks of four kernel tiles (two on the interpreter), lengths not a multiple of the block: the
-    heavy-first schedule (the global rows' query block and the global columns' key block first) covers every
-    tile once, in the forward and in the dK/dV pass."""
+    heavy-first schedule (the global rows' query block and the global columns' key block first; taken here
+    whatever the blocks' walks) covers every tile once, in the forward and in the dK/dV pass."""
+    from subquad.ops.softmax import flash
     from subquad.ops.softmax.flash import flash_attention_masked
+
+    monkeypatch.setattr(flash, "HEAVY_WALK", 0.0)
 
     n = 2 * BLOCK + 37
     q, k, v = _qkv(1, n, n, 4, 2, 32, torch.float16)
@@ -165,11 +168,32 @@ def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
 def test_heaviest_first_order_puts_global_tokens_first():
     from subquad.ops.softmax.flash import _block_mask_args
 
-    bm = masks.resolve(masks.longformer(8, [163]), causal=False, batch=1, heads=1, seq_q=320, seq_kv=320,
+    # 40 blocks: the global token's row and column walk all 40, the others ~3 (a band and that column)
+    bm = masks.resolve(masks.longformer(8, [163]), causal=False, batch=1, heads=1, seq_q=1280, seq_kv=1280,
                        device="cpu", block_q=32, block_kv=32)
     args = _block_mask_args(bm, None, None)
     assert args.order[0, 0, 0] == 5 and args.order_t[0, 0, 0] == 5          # 163 // 32: its row and its column
-    assert sorted(args.order[0, 0].tolist()) == list(range(10))
+    assert sorted(args.order[0, 0].tolist()) == list(range(40))
+
+
+def test_rows_of_like_length_keep_the_grid_order():
+    """A block layout whose rows and columns walk about as many blocks as each other runs in the grid's order
+    (one head's blocks side by side, which share its keys in L2); one block three times the mean takes the
+    heavy-first schedule."""
+    from subquad.ops.softmax.flash import _block_mask_args
+
+    layout = torch.rand(40, 40, generator=torch.Generator().manual_seed(0)) < 0.1
+    layout |= torch.eye(40, dtype=torch.bool)
+    for heavy in (False, True):
+        cells = layout.clone()
+        if heavy:
+            cells[7] = True
+        bm = masks.resolve(masks.block_sparse(cells, 32), causal=False, batch=1, heads=2, seq_q=1280, seq_kv=1280,
+                           device="cpu", block_q=32, block_kv=32)
+        args = _block_mask_args(bm, None, None)
+        assert (args.order is None and args.order_t is None) == (not heavy)
+        if heavy:
+            assert args.order[0, 0, 0] == 7
 
 
 @pytest.mark.gpu

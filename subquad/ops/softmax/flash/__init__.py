@@ -108,11 +108,30 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     return args
 
 
+#: the kernels take the heavy-first schedule only where some block walks more than this many times the mean
+#: block's tiles (the query block of global rows, the key block of global columns). Its grid walks the heads
+#: fastest, so neighbouring programs read different heads' keys: rows of like length lose the L2 reuse of the
+#: grid's order (one head's query blocks side by side). Block-sparse at density 0.1, 2 x 16k on the H100 (no
+#: heavy block: the longest row ~2x the mean): 1.12 ms forward in the grid's order (2026-11-23), 1.39 ms heavy
+#: first (2026-12-05), ~3.5 GB of K/V tiles read from memory at ~3 TB/s
+HEAVY_WALK = 3.0
+
+
 def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Tensor:
     """Blocks by the number of tiles they visit, most first (ties in block order), per mask (batch, head):
     the kernels' ``heavy_first`` schedule."""
     work = full_num.long() + part_num.long()
     return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+
+
+def _schedule(bm: BlockMask) -> tuple:
+    """``(order, order_t)``: the forward's query blocks and the dK/dV pass's key blocks heaviest first where a
+    block's walk is ``HEAVY_WALK`` times the mean, else ``(None, None)`` (the grid's order)."""
+    work = bm.full_kv[0].long() + bm.partial_kv[0].long()
+    work_t = bm.full_q[0].long() + bm.partial_q[0].long()
+    if all(int(w.max()) <= HEAVY_WALK * w.double().mean().item() for w in (work, work_t) if w.numel()):
+        return None, None
+    return (_heaviest_first(bm.full_kv[0], bm.partial_kv[0]), _heaviest_first(bm.full_q[0], bm.partial_q[0]))
 
 
 def _layout_decided_by_blocks(terms: Terms, bm: BlockMask, q_pos, kv_pos) -> bool:
@@ -150,9 +169,9 @@ def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
         tile_of, bits = bitmask_tiles(bm, q_pos, kv_pos)
         terms = Terms(lo=-BAND_INF, hi=BAND_INF)
     lo, hi = terms.band
+    order, order_t = _schedule(bm)
     return MaskArgs(use_list=True, lists=(*bm.full_kv, *bm.partial_kv), lists_t=(*bm.full_q, *bm.partial_q),
-                    order=_heaviest_first(bm.full_kv[0], bm.partial_kv[0]),
-                    order_t=_heaviest_first(bm.full_q[0], bm.partial_q[0]),
+                    order=order, order_t=order_t,
                     tile_of=tile_of, bits=bits, doc_ids=terms.doc_ids,
                     q_pos=None if q_pos is None else q_pos.to(torch.int32).contiguous(),
                     kv_pos=None if kv_pos is None else kv_pos.to(torch.int32).contiguous(),
