@@ -168,9 +168,11 @@ def test_causal_block_calls_cover_exactly_the_causal_pairs(world, zigzag):
     shard = n_chunks // world * chunk
     seen = torch.zeros(n_chunks * chunk, n_chunks * chunk, dtype=torch.int64)
     work = []
+
+    def positions(rank):
+        return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in shard_chunks(rank, world, zigzag)])
+
     for rank in range(world):
-        positions = lambda r: torch.cat([torch.arange(c * chunk, (c + 1) * chunk)
-                                         for c in shard_chunks(r, world, zigzag)])
         pairs = 0
         for owner in range(world):
             for call in block_calls(shard_chunks(rank, world, zigzag), shard_chunks(owner, world, zigzag), shard,
