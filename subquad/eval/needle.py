@@ -74,7 +74,8 @@ def needle_grid(model, lengths, depths, *, vocab_size: int | None = None, trials
         if vocab_size is None:
             raise ValueError("vocab_size: the model has no config['vocab_size']; pass vocab_size=")
     if device is None:
-        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
+        weight = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        device = weight.device if weight is not None else "cpu"
     accuracy = []
     for i, depth in enumerate(depths):
         row = []
