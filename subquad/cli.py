@@ -220,5 +220,167 @@ def generate(
     typer.echo(text)
 
 
+eval_app = typer.Typer(help="Evaluations that show where each mechanism fails: recall, needle, fidelity.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _split(text: str, cast, hint: str) -> list:
+    """``"16,32,64"`` -> ``[16, 32, 64]`` (each item through ``cast``)."""
+    try:
+        items = [cast(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        items = []
+    if not items:
+        raise typer.BadParameter(f"expected a comma-separated list, got {text!r}", param_hint=hint)
+    return items
+
+
+def _eval_options(option: Optional[List[str]], window: int) -> dict:
+    """``-O`` mixer options, the sliding-window layers' ``window`` from ``--window`` unless ``-O`` sets it."""
+    options = _mixer_options(option)
+    options.setdefault("L", {}).setdefault("window", window)
+    return options
+
+
+@eval_app.command("recall")
+def eval_recall(
+    patterns: str = typer.Option("AA,LL,FF", "--patterns", "-p", help="Comma-separated layer patterns, one model "
+                                 "each (A softmax, L sliding window, F linear, E GLA, M Mamba-2, ...)."),
+    steps: int = typer.Option(200, "--steps"),
+    seq_len: int = typer.Option(16, "--seq-len"),
+    num_pairs: int = typer.Option(4, "--num-pairs", help="Key-value pairs listed, then queried, per sequence."),
+    vocab_size: int = typer.Option(16, "--vocab-size"),
+    d_model: int = typer.Option(64, "--d-model"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    window: int = typer.Option(4, "--window", help="Window of the sliding-window layers (L)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Mixer option, e.g. F.feature_map=relu."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(1, "--threads", help="CPU threads for torch (1 is far faster on a CPU "
+                                          "shared with other jobs)."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Train one small model per pattern on MQAR (multi-query associative recall), then print the fraction of
+    queried keys whose value each recalls on held-out sequences. The defaults take about half a minute on a
+    CPU: softmax attention recalls nearly all, a window shorter than the distance to the pairs and linear
+    attention's fixed-size state far fewer."""
+    from rich.table import Table
+
+    from .eval import train_and_eval_mqar
+
+    rows = []
+    with console.status("training") as status:
+        for pattern in _split(patterns, str, "--patterns"):
+            status.update(f"[bold]{pattern}[/bold]: {steps} steps of MQAR")
+            try:
+                rows.append(train_and_eval_mqar(pattern, seq_len=seq_len, num_pairs=num_pairs, vocab_size=vocab_size,
+                                                d_model=d_model, mixer_options=_eval_options(option, window),
+                                                steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                                threads=threads, device=device))
+            except (ValueError, TypeError) as exc:
+                raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"MQAR recall: {num_pairs} pairs, {seq_len} tokens, vocab {vocab_size}, {steps} steps "
+                        f"(chance {1 / num_pairs:.2f})")
+    for name in ("pattern", "params", "loss first -> last", "recall", "seconds"):
+        table.add_column(name, justify="left" if name == "pattern" else "right")
+    for r in rows:
+        table.add_row(r.pattern, f"{r.params:,}", f"{r.losses[0]:.3f} -> {r.losses[-1]:.3f}", f"{r.accuracy:.3f}",
+                      f"{r.seconds:.1f}")
+    console.print(table)
+
+
+@eval_app.command("needle")
+def eval_needle(
+    pattern: str = typer.Option("AA", "--pattern", "-p", help="The layer pattern of the model trained."),
+    train_len: int = typer.Option(16, "--train-len", help="Context length the model is trained at."),
+    lengths: str = typer.Option("16,32,64", "--lengths", help="Context lengths evaluated (comma-separated)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths evaluated, fractions."),
+    steps: int = typer.Option(300, "--steps"),
+    batch_size: int = typer.Option(128, "--batch-size", "-b"),
+    vocab_size: int = typer.Option(16, "--vocab-size"),
+    d_model: int = typer.Option(64, "--d-model"),
+    window: int = typer.Option(8, "--window", help="Window of the sliding-window layers (L)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Mixer option, e.g. F.feature_map=relu."),
+    trials: int = typer.Option(64, "--trials", help="Needles per cell of the grid."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(1, "--threads", help="CPU threads for torch."),
+    device: str = typer.Option("cpu", "--device"),
+    out: Path = typer.Option(Path("needle.png"), "--out", "-o", help="The heat map PNG."),
+) -> None:
+    """Train a small model to retrieve a needle at random depths, then print its retrieval accuracy over
+    context lengths x needle depths (lengths past --train-len test extrapolation) and draw the heat map."""
+    from rich.table import Table
+
+    from .eval import needle_grid, train_needle_model
+
+    length_list, depth_list = _split(lengths, int, "--lengths"), _split(depths, float, "--depths")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    with console.status(f"[bold]{pattern}[/bold]: {steps} steps of needle retrieval at {train_len} tokens"):
+        try:
+            model = train_needle_model(pattern, seq_len=train_len, vocab_size=vocab_size, d_model=d_model,
+                                       mixer_options=_eval_options(option, window), steps=steps,
+                                       batch_size=batch_size, seed=seed, device=device)
+            grid = needle_grid(model, length_list, depth_list, trials=trials, seed=seed)
+        except (ValueError, TypeError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"needle retrieval, {pattern} trained at {train_len} tokens ({trials} needles a cell)")
+    table.add_column("depth / length")
+    for n in grid.lengths:
+        table.add_column(str(n), justify="right")
+    for depth, row in zip(grid.depths, grid.accuracy):
+        table.add_row(f"{depth:.0%}", *(f"{a:.2f}" for a in row))
+    console.print(table)
+    console.print(f"wrote {grid.plot(out, title=f'needle in a haystack: {pattern} (trained at {train_len})')}")
+
+
+@eval_app.command("fidelity")
+def eval_fidelity(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="checkpoint.pt from `subquad train`."),
+    mechanism: str = typer.Option("window", "--to", help="What replaces the exact attention layers: window, "
+                                  "linear or gqa."),
+    window: int = typer.Option(32, "--window", help="--to window: the window."),
+    feature_map: str = typer.Option("elu1", "--feature-map", help="--to linear: the feature map."),
+    kv_heads: int = typer.Option(1, "--kv-heads", help="--to gqa: key/value heads."),
+    batches: int = typer.Option(4, "--batches"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    max_bytes: int = typer.Option(1_000_000, "--max-bytes", help="Corpus bytes read (the validation windows)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Swap a trained model's exact softmax attention layers (A, G) for a cheaper mechanism with the same
+    weights, then compare both on the same validation windows: logits' relative L2 error, KL divergence of the
+    next-token distributions, bits per byte and perplexity."""
+    import torch
+    from rich.table import Table
+
+    from .data import load_corpus, random_windows
+    from .eval import fidelity, replace_attention
+    from .train import load_checkpoint, pick_device
+
+    try:
+        dev = pick_device(device)
+        model, _ = load_checkpoint(checkpoint, dev)
+        swapped = replace_attention(model, mechanism, window=window, feature_map=feature_map, kv_heads=kv_heads)
+        corpus = load_corpus(max_bytes)
+        gen = torch.Generator().manual_seed(seed)
+        windows = [random_windows(corpus.val, batch_size, seq_len + 1, gen, dev) for _ in range(batches)]
+        result = fidelity(model, swapped, windows)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"{model.layer_letters} -> {swapped.layer_letters} ({mechanism}), {result.tokens:,} tokens")
+    for name in ("", "exact", "swapped"):
+        table.add_column(name, justify="left" if not name else "right")
+    table.add_row("bits per byte", f"{result.exact_bits:.4f}", f"{result.swapped_bits:.4f}")
+    table.add_row("perplexity", f"{result.exact_perplexity:.3f}", f"{result.swapped_perplexity:.3f}")
+    table.add_row("logits relative L2", "", f"{result.logits_rel_l2:.4f}")
+    table.add_row("KL(exact || swapped), nats", "", f"{result.kl:.5f}")
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()
