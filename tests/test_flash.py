@@ -452,6 +452,20 @@ def test_compiled_global_token_pattern_after_an_eager_call():
     _compiled_like_eager(f, q, k, v)
 
 
+def test_compiled_block_layout_without_an_eager_call():
+    """A block layout compiles with fullgraph on its first call: choosing between the heavy-first schedule and the
+    grid's order reads the blocks' walk lengths back from the device, which the traced call leaves alone."""
+    q, k, v = _qkv(1, 128, 128, 2, 1, 32, torch.bfloat16, seed=5)
+    layout = (torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.5) | torch.eye(4, dtype=torch.bool)
+    pattern = masks.block_sparse(layout, 32)
+
+    def f(q, k, v):
+        return subquad.attention(q, k, v, mask=pattern, backend="triton")
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    _close("out", got, f(q, k, v), torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", ["strided", "fixed"])
 def test_compiled_planned_pattern_after_an_eager_call(name):
     """A planned pattern (gathered columns) compiles with fullgraph after one eager call: the traced call runs

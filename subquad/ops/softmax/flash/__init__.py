@@ -126,11 +126,14 @@ def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Ten
 
 def _schedule(bm: BlockMask) -> tuple:
     """``(order, order_t)``: the forward's query blocks and the dK/dV pass's key blocks heaviest first where a
-    block's walk is ``HEAVY_WALK`` times the mean, else ``(None, None)`` (the grid's order)."""
-    work = bm.full_kv[0].long() + bm.partial_kv[0].long()
-    work_t = bm.full_q[0].long() + bm.partial_q[0].long()
-    if all(int(w.max()) <= HEAVY_WALK * w.double().mean().item() for w in (work, work_t) if w.numel()):
-        return None, None
+    block's walk is ``HEAVY_WALK`` times the mean, else ``(None, None)`` (the grid's order). Deciding reads one
+    flag back from the device, which a traced call cannot: it takes heavy-first (a BlockMask made by an eager call
+    keeps the eager decision)."""
+    if not torch.compiler.is_compiling():
+        walks = [full[0].long() + part[0].long() for full, part in ((bm.full_kv, bm.partial_kv),
+                                                                     (bm.full_q, bm.partial_q)) if full[0].numel()]
+        if walks and not bool(torch.stack([w.amax() > HEAVY_WALK * w.double().mean() for w in walks]).any()):
+            return None, None
     return (_heaviest_first(bm.full_kv[0], bm.partial_kv[0]), _heaviest_first(bm.full_q[0], bm.partial_q[0]))
 
 
