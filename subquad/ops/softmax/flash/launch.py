@@ -150,11 +150,8 @@ class _FirstThatFits:
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
 _TUNED: dict = {}
-#: the backward's outputs that its programs add into: a tuning round restores them after each timed run instead of
-#: zeroing them, so that a launch adding to what an earlier one summed (the two-source backward's second key set,
-#: a grid cut into launches) keeps it. ``reset_to_zero`` had wiped the first launch's dQ when the second launch
-#: was the first of its tuning key (H100: strided 1,200 tokens, dQ off by 2.2-3.3 on the first call of a process
-#: with an empty autotuning cache, right on every later call)
+#: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
+#: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
 _BWD_SUMS = ["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"]
 
 
