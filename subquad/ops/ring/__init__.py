@@ -4,7 +4,8 @@ Each rank of a process group holds one shard of one long sequence: its queries a
 shards travel once around the ring while every rank attends its queries to each visiting shard (``passes``),
 so no rank ever holds more than two K/V shards, and the result equals attention over the whole sequence.
 ``layout`` says which tokens each rank holds (zig-zag by default, which balances causal work) and which
-blocks a causal mask keeps; ``comm`` moves the shards.
+blocks a causal mask keeps; ``comm`` moves the shards. The decayed linear family needs no ring: ``state_passing``
+combines the shards' final states (``sharded_gla``, ``sharded_retention``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..softmax import BACKENDS as ATTENTION_BACKENDS
 from .checks import check_across_ranks, ring_of
 from .layout import zigzag_shard, zigzag_unshard
 from .passes import ring_backward, ring_forward
+from .state_passing import sharded_gla, sharded_retention
 
 #: every exact-attention backend that returns the LSE the shards are merged by (cuDNN's does not)
 BACKENDS = tuple(b for b in ATTENTION_BACKENDS if b != "cudnn")
@@ -96,4 +98,4 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     return (out, lse) if return_lse else out
 
 
-__all__ = ["ring_attention", "zigzag_shard", "zigzag_unshard", "BACKENDS"]
+__all__ = ["ring_attention", "sharded_gla", "sharded_retention", "zigzag_shard", "zigzag_unshard", "BACKENDS"]
