@@ -14,7 +14,7 @@ from .ops.delta import delta_rule, delta_rule_step
 from .ops.nsa import nsa, topk_block_attention
 from . import cache
 from .ops.decode import decode
-from .ops.ring import ring_attention, zigzag_shard, zigzag_unshard
+from .ops.ring import ring_attention, sharded_gla, sharded_retention, zigzag_shard, zigzag_unshard
 from . import nn, models
 from .models import HybridLM
 
@@ -23,4 +23,4 @@ __version__ = "0.1.0"
 __all__ = ["masks", "attention", "varlen_attention", "available_backends", "__version__", "lsh_attention",
            "gla", "gla_step", "linear_attention", "linear_attention_step", "retention", "ssd", "ssd_step",
            "delta_rule", "delta_rule_step", "nsa", "topk_block_attention", "cache", "decode", "nn", "models",
-           "HybridLM", "ring_attention", "zigzag_shard", "zigzag_unshard"]
+           "HybridLM", "ring_attention", "sharded_gla", "sharded_retention", "zigzag_shard", "zigzag_unshard"]

@@ -78,6 +78,12 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Te
     ``gamma``: ``(H,)`` in (0, 1); defaults to RetNet's ``1 - 2^(-5 - h)``, h = 0..H-1. Other arguments as ``gla``. The
     layer-level parts of RetNet (xPos, group norm, swish gate) belong to the nn layer.
     """
+    return gla(q, k, v, retention_log_decay(q, gamma), scale=scale, initial_state=initial_state,
+               output_state=output_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+
+
+def retention_log_decay(q: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """``retention``'s log decay ``(H,)`` for q's heads: ``log(gamma)``, RetNet's decays when ``gamma`` is None."""
     heads = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     if gamma is None:
         if heads is None:
@@ -86,8 +92,7 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Te
     if not isinstance(gamma, torch.Tensor) or gamma.dim() != 1 or gamma.shape[0] != heads:
         raise ValueError(f"gamma: expected a tensor of shape ({heads},) with values in (0, 1), got "
                          f"{getattr(gamma, 'shape', gamma)}")
-    return gla(q, k, v, gamma.float().log(), scale=scale, initial_state=initial_state, output_state=output_state,
-               cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+    return gamma.float().log()
 
 
 def retnet_gammas(heads: int, device=None) -> torch.Tensor:
