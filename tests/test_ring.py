@@ -5,17 +5,13 @@ every case; the tests below check what its ranks saved."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import subquad
 from subquad.ops.ring.layout import block_calls, shard_chunks
 
+from distributed import run_ranks, value_errors
 from oracles import softmax_attention
 
 # shard lengths 7 x 2 (zig-zag: two chunks of 7) and 13 (contiguous): multiples of nothing the kernels tile by
@@ -50,27 +46,19 @@ def _unshard(shards, zigzag, dim=1):
 
 def _bad_inputs(rank: int) -> dict:
     """The ValueError message of each bad call on this rank."""
-    messages = {}
-    calls = {
+    def ring(q, k, v):
+        return subquad.ring_attention(q, k, v, causal=True)
+
+    return value_errors({
         # rank 1's shard is longer than rank 0's
-        "unequal-shards": lambda: [torch.randn(1, 6 + 2 * rank, 2, 8) for _ in range(3)],
-        "heads": lambda: [torch.randn(1, 6, 3, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)],
+        "unequal-shards": lambda: ring(*[torch.randn(1, 6 + 2 * rank, 2, 8) for _ in range(3)]),
+        "heads": lambda: ring(torch.randn(1, 6, 3, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)),
         # only rank 1's k has the wrong heads: rank 0 must raise too rather than wait on the ring
-        "heads-on-one-rank": lambda: [torch.randn(1, 6, 3, 8)] + [torch.randn(1, 6, 2 if rank else 1, 8)] * 2,
-    }
-    for name, make in calls.items():
-        try:
-            subquad.ring_attention(*make(), causal=True)
-        except ValueError as error:
-            messages[name] = str(error)
-    return messages
+        "heads-on-one-rank": lambda: ring(torch.randn(1, 6, 3, 8), *[torch.randn(1, 6, 2 if rank else 1, 8)] * 2),
+    })
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    # a collective one rank never joins fails after the timeout instead of hanging the suite
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def _rank_cases(rank: int, world: int) -> dict:
     saved = {}
     for name, case in CASES.items():
         whole = _whole(name, world)
@@ -82,20 +70,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         saved[name] = dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
     if world == 2:
         saved["bad"] = _bad_inputs(rank)
-    torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-_RUNS: dict[int, list[dict]] = {}
-
-
-def _ranks(world: int, tmp_path_factory) -> list[dict]:
-    """What each rank of a ring of ``world`` saved (spawned once per world size)."""
-    if world not in _RUNS:
-        d = tmp_path_factory.mktemp(f"ring{world}")
-        mp.spawn(_rank_main, args=(world, str(d / "init"), str(d)), nprocs=world, join=True)
-        _RUNS[world] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
-    return _RUNS[world]
+    return saved
 
 
 def _gathered(ranks, name, key):
@@ -121,7 +96,7 @@ def _whole_sequence(name, world, oracle=False):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_ring_equals_whole_sequence_attention(name, world, tmp_path_factory):
-    ranks = _ranks(world, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, world, tmp_path_factory)
     expected = _whole_sequence(name, world)
     for key, want in expected.items():
         got = _gathered(ranks, name, key)
@@ -133,14 +108,14 @@ def test_ring_equals_whole_sequence_attention(name, world, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["causal-zigzag-gqa", "causal-contiguous", "full-zigzag-mqa"])
 def test_ring_equals_fp64_oracle(name, tmp_path_factory):
-    ranks = _ranks(4, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
     for key, want in _whole_sequence(name, 4, oracle=True).items():
         torch.testing.assert_close(_gathered(ranks, name, key).double(), want, atol=5e-5, rtol=5e-5,
                                    msg=lambda m: f"{name}, {key}: {m}")
 
 
 def test_bad_input_raises_on_every_rank(tmp_path_factory):
-    ranks = _ranks(2, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, 2, tmp_path_factory)
     for rank, saved in enumerate(ranks):
         bad = saved["bad"]
         assert set(bad) == {"unequal-shards", "heads", "heads-on-one-rank"}, f"rank {rank} did not raise: {bad}"

@@ -6,17 +6,13 @@ the tests below check what its ranks saved."""
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import subquad
 
+from distributed import run_ranks, value_errors
 from oracles import gla_recurrence
 
 # shard length 13: not a multiple of the engine's chunks; `state_on`: the rank whose loss holds the final state
@@ -95,20 +91,10 @@ def _bad_inputs(rank: int) -> dict:
         "initial-state-on-one-rank": lambda: subquad.sharded_gla(
             *qkv(), initial_state=None if rank else torch.zeros(1, 2, 8, 8)),
     }
-    messages = {}
-    for name, call in calls.items():
-        try:
-            call()
-        except ValueError as error:
-            messages[name] = str(error)
-    return messages
+    return value_errors(calls)
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    # a collective one rank never joins fails after the timeout instead of hanging the suite
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def _rank_cases(rank: int, world: int) -> dict:
     saved = {}
     for name, case in CASES.items():
         x = _whole(name, world)
@@ -126,20 +112,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
                            d_initial=None if initial is None else initial.grad)
     if world == 2:
         saved["bad"] = _bad_inputs(rank)
-    torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-_RUNS: dict[int, list[dict]] = {}
-
-
-def _ranks(world: int, tmp_path_factory) -> list[dict]:
-    """What each rank of a group of ``world`` saved (spawned once per world size)."""
-    if world not in _RUNS:
-        d = tmp_path_factory.mktemp(f"state_passing{world}")
-        mp.spawn(_rank_main, args=(world, str(d / "init"), str(d)), nprocs=world, join=True)
-        _RUNS[world] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
-    return _RUNS[world]
+    return saved
 
 
 def _whole_sequence(name: str, world: int, oracle: bool = False) -> dict:
@@ -177,7 +150,7 @@ def _gathered(ranks: list[dict], name: str, key: str):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_equals_whole_sequence(name, world, tmp_path_factory):
-    ranks = _ranks(world, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, world, tmp_path_factory)
     expected = _whole_sequence(name, world)
     for key, want in expected.items():
         got = _gathered(ranks, name, key)
@@ -196,7 +169,7 @@ def test_sharded_equals_whole_sequence(name, world, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["gla-per-key", "retention", "linear-no-decay"])
 def test_sharded_equals_fp64_recurrence(name, tmp_path_factory):
-    ranks = _ranks(4, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
     for key, want in _whole_sequence(name, 4, oracle=True).items():
         if want is not None:
             torch.testing.assert_close(_gathered(ranks, name, key).double(), want, atol=5e-5, rtol=5e-5,
@@ -204,7 +177,7 @@ def test_sharded_equals_fp64_recurrence(name, tmp_path_factory):
 
 
 def test_bad_input_raises_on_every_rank(tmp_path_factory):
-    ranks = _ranks(2, tmp_path_factory)
+    ranks = run_ranks(_rank_cases, 2, tmp_path_factory)
     for rank, saved in enumerate(ranks):
         bad = saved["bad"]
         assert set(bad) == {"unequal-shards", "decay-forms-differ", "decay-on-one-rank", "gamma-on-one-rank",
