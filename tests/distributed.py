@@ -13,9 +13,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_entry(rank: int, world: int, init_file: str, out_dir: str, body: Callable[[int, int], dict]) -> None:
+def _rank_entry(rank: int, world: int, init_file: str, out_dir: str, body: Callable[[int, int], dict],
+                backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     # a collective one rank never joins fails after the timeout instead of hanging the suite
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     torch.save(body(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
@@ -25,13 +28,14 @@ def _rank_entry(rank: int, world: int, init_file: str, out_dir: str, body: Calla
 _RUNS: dict[tuple, list[dict]] = {}
 
 
-def run_ranks(body: Callable[[int, int], dict], world: int, tmp_path_factory) -> list[dict]:
+def run_ranks(body: Callable[[int, int], dict], world: int, tmp_path_factory, backend: str = "gloo") -> list[dict]:
     """What ``body(rank, world)`` returned on each of ``world`` spawned ranks (``body``: a module-level function,
-    which the spawned processes import by name)."""
-    key = (body.__module__, body.__qualname__, world)
+    which the spawned processes import by name; it returns CPU tensors). ``backend="nccl"``: rank ``r`` on GPU
+    ``r``."""
+    key = (body.__module__, body.__qualname__, world, backend)
     if key not in _RUNS:
         d = tmp_path_factory.mktemp(f"{body.__name__.strip('_')}{world}")
-        mp.spawn(_rank_entry, args=(world, str(d / "init"), str(d), body), nprocs=world, join=True)
+        mp.spawn(_rank_entry, args=(world, str(d / "init"), str(d), body, backend), nprocs=world, join=True)
         _RUNS[key] = [torch.load(d / f"rank{r}.pt") for r in range(world)]
     return _RUNS[key]
 
