@@ -328,6 +328,100 @@ def test_dropout_suite_cases():
     assert torch.isfinite(dropout._subquad(0.1, 32)(inputs)).all()
 
 
+def test_dynamic_suite_cases():
+    """The dynamic suite, as ``benchmarks/gpu/suite_run.py dynamic`` loads it: NSA (both compressions), top-k and
+    the dense GQA baseline at B*N = 32k and 1 x 64k, LSH and its dense baseline at 2 x 16k and 1 x 64k; fla beside
+    the compression it shares; a reference on every fwd case; FLOPs of the attended pairs (dense: causal)."""
+    from subquad.bench.harness import load_suites
+
+    dynamic = load_suites()["dynamic"]
+    assert dynamic.device == "cuda"
+    cases = list(dynamic.cases(False))
+    gqa_shapes, lsh_shapes = {(4, 8192), (2, 16384), (1, 65536)}, {(2, 16384), (1, 65536)}
+    expected = {(name, b, n, mode) for name in ("causal-gqa", "nsa", "nsa-cmp64", "topk-block")
+                for b, n in gqa_shapes for mode in ("fwd", "fwdbwd")}
+    expected |= {(name, b, n, mode) for name in ("causal", "lsh") for b, n in lsh_shapes for mode in ("fwd", "fwdbwd")}
+    assert {(c.case, c.batch, c.seqlen, c.mode) for c in cases} == expected and len(cases) == len(expected)
+    impls = {"causal-gqa": {"subquad-triton", "sdpa-flash"}, "causal": {"subquad-triton", "sdpa-flash"},
+             "nsa": {"subquad-triton"}, "nsa-cmp64": {"subquad-triton", "fla", "fla+subquad-window"},
+             "topk-block": {"subquad-triton"}, "lsh": {"subquad-triton"}}
+    for c in cases:
+        assert set(c.impls) == impls[c.case], c.case
+        assert (c.heads_q, c.heads_kv) == ((16, 16) if c.case in ("lsh", "causal") else (64, 4))
+        assert c.flops > 0 and 0 < c.extra["density"] <= 0.5 + 1e-3
+        assert (c.reference is not None) == (c.mode == "fwd" or c.case.startswith("causal")), c.case
+    by = {(c.case, c.batch, c.seqlen, c.mode): c for c in cases}
+    nsa64k, dense64k = by[("nsa", 1, 65536, "fwd")], by[("causal-gqa", 1, 65536, "fwd")]
+    assert dense64k.flops == pytest.approx(attention_flops(1, 64, 65536 * 65537 / 2, 128, "fwd"))
+    assert 0.03 < nsa64k.flops / dense64k.flops < 0.2
+    assert by[("nsa", 1, 65536, "fwdbwd")].flops == pytest.approx(3.5 * nsa64k.flops)
+    assert {(c.case, c.batch, c.seqlen) for c in dynamic.cases(True)} >= {("nsa", 1, 4096), ("lsh", 1, 4096)}
+
+
+def test_dynamic_suite_pairs_are_what_the_ops_attend(monkeypatch):
+    """The FLOP counts' pairs equal those counted from the blocks the references select (top-k and NSA, at a
+    size where selection leaves blocks out), with the compressed and window branches' keys added for NSA."""
+    from subquad import nsa, topk_block_attention
+    from subquad.bench.suites import dynamic
+
+    monkeypatch.setattr(dynamic, "TOP_K", 3)
+    monkeypatch.setattr(dynamic, "WINDOW", 80)
+    n, block = 520, dynamic.BLOCK
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, h, 16, generator=gen) for h in (4, 2, 2))
+    t = torch.arange(n).view(1, n, 1, 1)
+
+    def selected_keys(indices):
+        """Keys up to each query in its selected blocks, per (batch, KV head) slice."""
+        keys = torch.clamp(t - indices * block + 1, min=0, max=block)
+        return torch.where(indices >= 0, keys, 0).sum().item() / indices.shape[2]
+
+    _, picked = topk_block_attention(q, k, v, block=block, top_k=3, return_indices=True, backend="reference")
+    assert dynamic.topk_pairs(n) == selected_keys(picked)
+    gates = torch.rand(1, n, 4, 3, generator=gen)
+    for compress_block, stride in (dynamic.PAPER_COMPRESSION, dynamic.FLA_COMPRESSION):
+        _, picked = nsa(q, k, v, gates, block=block, compress_block=compress_block, compress_stride=stride, top_k=3,
+                        window=80, return_indices=True, backend="reference")
+        ends = torch.arange((n - compress_block) // stride + 1) * stride + compress_block - 1
+        summaries = (ends.view(1, -1) <= torch.arange(n).view(-1, 1)).sum().item()
+        window = torch.clamp(torch.arange(n) + 1, max=80).sum().item()
+        assert dynamic.nsa_pairs(n, compress_block, stride) == summaries + selected_keys(picked) + window
+
+
+def test_dynamic_suite_runs_its_cases_small(monkeypatch):
+    """Each op's case at a small size in fp32 on the CPU (the impls' ``backend="triton"`` runs the reference
+    there): the sampled-row references (each row's query cut off at its block's end) and LSH's whole-sequence one
+    agree with the full call; without fla the fla rows are error rows."""
+    import importlib.util
+
+    from subquad.bench.suites import dynamic
+
+    for name, value in (("DTYPE", torch.float32), ("HEADS_Q", 4), ("HEADS_KV", 2), ("LSH_HEADS", 2), ("DIM", 16),
+                        ("TOP_K", 3), ("WINDOW", 80), ("LSH_CHUNK", 64)):
+        monkeypatch.setattr(dynamic, name, value)
+    n = 520
+    cases = [dynamic._nsa_case("nsa-cmp64", dynamic.FLA_COMPRESSION,
+                               {"subquad-triton": dynamic._nsa(dynamic.FLA_COMPRESSION), "fla": dynamic._fla,
+                                "fla+subquad-window": dynamic._fla_subquad_window}, 2, n, "fwd"),
+             dynamic._nsa_case("nsa", dynamic.PAPER_COMPRESSION,
+                               {"subquad-triton": dynamic._nsa(dynamic.PAPER_COMPRESSION)}, 2, n, "fwd"),
+             dynamic._topk_case(2, n, "fwd"), dynamic._topk_case(1, n, "fwdbwd"), dynamic._lsh_case(1, 512, "fwd"),
+             dynamic._dense("causal-gqa", 1, n, 4, 2, "fwd")]
+    rows = run_cases(cases, torch.device("cpu"), cpu_reps=1, cpu_rounds=1)
+    for r in rows:
+        if r["impl"].startswith("fla"):
+            if importlib.util.find_spec("fla") is None:
+                assert r["error"].startswith("ModuleNotFoundError"), r
+            continue
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["tflops"] > 0
+        assert (r["max_err"] is None) == (r["mode"] == "fwdbwd"), r
+        if r["max_err"] is not None:
+            assert r["max_err"] < 1e-5, r
+    assert {(r["case"], r["impl"]) for r in rows} >= {("nsa", "subquad-triton"), ("lsh", "subquad-triton"),
+                                                      ("causal-gqa", "sdpa-flash")}
+
+
 def test_ratio_table_of_a_cpu_run_without_peers():
     """``make bench`` then ``subquad report --ours subquad-reference``: one implementation gave an empty column
     between TFLOP/s and max err, and the CPU's rates (below 1) printed as 0."""
