@@ -12,7 +12,8 @@ import subquad as sq
 from subquad.ops.nsa import reference, selected
 from subquad.ops.nsa.compression import mean_pool
 
-from oracles import nsa_attention, nsa_selection, selected_blocks_mask, softmax_attention, topk_block_selection
+from oracles import (nsa_attention, nsa_selection, selected_blocks_mask, softmax_attention, topk_block_selection,
+                     window_mask)
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,6 +117,73 @@ def test_first_tokens_have_a_zero_compressed_branch_and_no_nan():
     out = sq.nsa(q, k, v, compressed_only, block=4, compress_block=8, compress_stride=4, top_k=2, window=4)
     assert torch.equal(out[:, :7], torch.zeros_like(out[:, :7])) and out[:, 7:].abs().min() > 0
     assert all(torch.isfinite(g).all() for g in _grads(out, (q, k, v)))
+
+
+# name -> (seq_q, seq_kv, options): fewer keys than compress_block, so no compressed key at all (M = 0)
+SHORT_CASES = {
+    "defaults": (10, 10, dict()),
+    "ties-by-index": (19, 19, dict(block=4, compress_block=32, compress_stride=4, top_k=4, window=3)),
+    "decode-rows": (3, 21, dict(block=8, compress_block=24, compress_stride=4, top_k=2, window=5)),
+}
+
+
+@pytest.mark.parametrize("case", list(SHORT_CASES))
+def test_fewer_keys_than_a_compression_block(case):
+    """No complete compression block (M = 0): the reference matches the oracle (selection, output, gradients),
+    the compressed branch is 0 (out = gates[..., 1] * o_slc + gates[..., 2] * o_win), the selection is the forced
+    blocks then the lowest indices (every importance 0), and nothing is NaN."""
+    nq, nkv, opts = SHORT_CASES[case]
+    sizes = dict(dict(block=64, compress_block=32, compress_stride=16, top_k=16, window=512), **opts)
+    q, k, v, gates = (x.requires_grad_() for x in _inputs(1, nq, 4, 2, 16, nkv, seed=17))
+    out, idx = sq.nsa(q, k, v, gates, return_indices=True, backend="reference", **opts)
+    k_cmp, v_cmp = (mean_pool(x, sizes["compress_block"], sizes["compress_stride"]) for x in (k, v))
+    assert k_cmp.shape[1] == 0
+    rule = {n: sizes[n] for n in ("block", "compress_block", "compress_stride", "top_k")}
+    assert torch.equal(idx, nsa_selection(q.detach(), k_cmp.detach(), nkv, **rule))
+    block, top_k = sizes["block"], sizes["top_k"]
+    for i in range(nq):
+        t = nkv - nq + i
+        own = t // block
+        ranked = list(dict.fromkeys([own, 0, own - 1] if own else [0]))
+        ranked += [j for j in range(own + 1) if j not in ranked]
+        kept = sorted(ranked[:top_k])
+        assert idx[0, i, 0].tolist() == idx[0, i, 1].tolist() == kept + [-1] * (top_k - len(kept))
+    want = nsa_attention(q, k, v, gates, k_cmp, v_cmp, idx, window=sizes["window"],
+                         **{n: sizes[n] for n in ("block", "compress_block", "compress_stride")})
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    o_slc, _ = softmax_attention(q, k, v, mask=selected_blocks_mask(idx, 4, nkv, block, True))
+    o_win, _ = softmax_attention(q, k, v, mask=window_mask(nq, nkv, sizes["window"]))
+    torch.testing.assert_close(out, gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win, atol=1e-10, rtol=1e-10)
+    got, exp = _grads(out, (q, k, v, gates)), _grads(want, (q, k, v, gates))
+    assert all(torch.isfinite(g).all() for g in got)
+    assert torch.equal(got[3][..., 0], torch.zeros_like(got[3][..., 0]))
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
+def test_fewer_keys_than_a_compression_block_in_fp32():
+    """The reported case: fp32, (1, 10, 2, 16), the default sizes."""
+    q, k, v, gates = (x.requires_grad_() for x in _inputs(1, 10, 2, 2, 16, dtype=torch.float32, seed=18))
+    out = sq.nsa(q, k, v, gates, backend="reference")
+    selected_and_window = gates.detach().clone()
+    selected_and_window[..., 0] = 0.0
+    torch.testing.assert_close(out, sq.nsa(q, k, v, selected_and_window, backend="reference"), atol=0, rtol=0)
+    want, _ = softmax_attention(q, k, v, causal=True)    # 10 keys: one selection block and the whole window
+    torch.testing.assert_close(out, ((gates[..., 1:2] + gates[..., 2:3]) * want).float(), atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(g).all() for g in _grads(out, (q, k, v, gates)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_topk_with_fewer_keys_than_a_block(causal):
+    """10 keys in blocks of 64: one short block, kept by every query; exact attention over all the keys."""
+    q, k, v, _ = (x.requires_grad_() for x in _inputs(1, 10, 4, 2, 16, seed=19))
+    out, idx = sq.topk_block_attention(q, k, v, causal=causal, return_indices=True, backend="reference")
+    assert torch.equal(idx, topk_block_selection(q.detach(), k.detach(), block=64, top_k=16, causal=causal))
+    assert idx[..., 0].eq(0).all() and idx[..., 1:].eq(-1).all()
+    want, _ = softmax_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    for got, exp in zip(_grads(out, (q, k, v)), _grads(want, (q, k, v))):
+        torch.testing.assert_close(got, exp, atol=1e-10, rtol=1e-10)
 
 
 def test_a_learnable_compression_gets_gradients_and_a_given_pair_is_used_as_is():
@@ -235,6 +303,23 @@ def test_nsa_triton_first_tokens_and_decoding_rows():
     assert all(torch.isfinite(g).all() for g in _grads(whole, (q, k, v, gates)))
     tail = sq.nsa(q[:, -5:], k, v, gates[:, -5:], backend="triton", **opts)
     torch.testing.assert_close(tail, whole[:, -5:], atol=1e-3, rtol=1e-3)
+
+
+@needs_triton
+def test_nsa_triton_matches_the_reference_with_fewer_keys_than_a_compression_block():
+    """20 tokens, compression blocks of 32: no compressed key (M = 0) on either path; same selection, output and
+    gradients."""
+    tensors = _inputs(1, 20, 4, 2, 16, dtype=torch.float32, seed=20)
+    opts = dict(block=16, compress_block=32, compress_stride=16, top_k=2, window=8)
+    leaves = _half(tensors, torch.float16)
+    out, idx = sq.nsa(*leaves, return_indices=True, backend="triton", **opts)
+    ref32 = _fp32(leaves)
+    want, idx_want = sq.nsa(*ref32, return_indices=True, backend="reference", **opts)
+    assert torch.equal(idx.cpu(), idx_want)
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[torch.float16])
+    for got, exp in zip(_grads(out, leaves), _grads(want, ref32)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float().cpu(), exp, **GRAD_TOL[torch.float16])
 
 
 @needs_triton

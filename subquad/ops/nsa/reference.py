@@ -30,8 +30,11 @@ def _chunk_rows(seq_q: int, heads_q: int, heads_kv: int, keys_per_query: int, he
 
 
 def _masked_softmax(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of the kept scores; a row with no kept score is all 0 (not NaN)."""
+    """Softmax over the last dim of the kept scores; a row with no kept score is all 0 (not NaN), and so is a
+    last dim of size 0 (no compressed key yet: ``amax`` has nothing to reduce, the product with V gives 0)."""
     s = s.masked_fill(~keep, float("-inf"))
+    if s.shape[-1] == 0:
+        return s
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))
     total = p.sum(-1, keepdim=True)
