@@ -372,3 +372,78 @@ def test_the_nn_layer_decodes_from_its_cache_on_the_kernels():
     steps = [layer(x[:, :33], cache)] + [layer(x[:, t:t + 1], cache) for t in range(33, 41)]
     assert cache.compressed == [4]
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=2e-3, rtol=2e-3)
+
+
+def _nsa_selection_in_torch(q, k_cmp, seq_kv, *, block, compress_block, compress_stride, top_k):
+    """``selection.select_nsa`` on fp32 probabilities of the summary keys (the reference's rule, whole)."""
+    from subquad.ops.nsa.compression import block_ends
+    from subquad.ops.nsa.selection import select_nsa
+
+    b, nq, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    q_pos = torch.arange(seq_kv - nq, seq_kv)
+    s = torch.einsum("bchgd,bmhd->bchgm", q.float().view(b, nq, hkv, hq // hkv, d), k_cmp.float()) * d ** -0.5
+    seen = (block_ends(k_cmp.shape[1], compress_block, compress_stride, "cpu").view(1, -1) <= q_pos.view(-1, 1))
+    s = s.masked_fill(~seen.view(1, nq, 1, 1, -1), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return select_nsa(p, q_pos, compress_block=compress_block, compress_stride=compress_stride, block=block,
+                      top_k=top_k, n_blocks=-(-seq_kv // block))
+
+
+# name -> (heads_q, heads_kv, seq_q, seq_kv, block, compress_block, compress_stride, top_k): groups of 1, 3 and 16
+# (rows padded to a power of two), segments spanning 1, 2 and 4 stride steps, selection blocks of 1, 2 and 4
+# segments, more blocks than one tile of the kernel (15 a tile at span 2, 4 segments a block), decoding rows
+SELECTION_CASES = {
+    "nsa-defaults-shape": (16, 1, 300, 300, 16, 8, 4, 5),
+    "group-3-span-4": (3, 1, 200, 200, 16, 32, 8, 4),
+    "mha-long": (2, 2, 20, 700, 16, 8, 8, 6),
+    "span-1-two-segments": (4, 2, 130, 130, 32, 16, 16, 3),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(SELECTION_CASES))
+def test_selection_kernel_ranks_blocks_as_the_torch_rule(case):
+    """The kernel's keys and ``torch.topk`` pick what ``select_nsa`` picks from fp32 probabilities, for every
+    token, KV head and batch element."""
+    from subquad.ops.nsa.selection_keys import selection_keys, top_blocks
+
+    hq, hkv, nq, nkv, block, cb, cs, top_k = SELECTION_CASES[case]
+    gen = torch.Generator().manual_seed(31)
+    q = torch.randn(2, nq, hq, 32, generator=gen).half()
+    k_cmp = mean_pool(torch.randn(2, nkv, hkv, 32, generator=gen), cb, cs)
+    keys = selection_keys(q.to(DEV), k_cmp.to(DEV), q_pos0=nkv - nq, seq_kv=nkv, compress_block=cb,
+                          compress_stride=cs, block=block, n_blocks=-(-nkv // block), causal=True, forced=True,
+                          bound=float((hq // hkv) * (cb // cs) + 1), scale=32 ** -0.5)
+    want = _nsa_selection_in_torch(q, k_cmp, nkv, block=block, compress_block=cb, compress_stride=cs, top_k=top_k)
+    assert torch.equal(top_blocks(keys, top_k).cpu(), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False])
+def test_selection_kernel_breaks_ties_by_the_lower_block(causal):
+    """Equal keys give equal importances: the forced block first, then the lowest blocks (the sort's rule)."""
+    from subquad.ops.nsa.selection_keys import selection_keys, top_blocks
+
+    q = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(3)).half()
+    k_pool = torch.ones(1, 5, 1, 16)                            # 70 keys in blocks of 16: 5 summaries, all equal
+    keys = selection_keys(q.to(DEV), k_pool.to(DEV), q_pos0=0, seq_kv=70, compress_block=16, compress_stride=16,
+                          block=16, n_blocks=5, causal=causal, forced=False, bound=3.0, scale=0.25)
+    got = top_blocks(keys, 3).cpu()
+    if causal:
+        assert got[0, 20, 0].tolist() == [0, 1, -1] and got[0, 40, 0].tolist() == [0, 1, 2]
+        assert got[0, 69, 0].tolist() == [0, 1, 4]               # own block forced, then the lowest
+    else:
+        assert got[0, :, 0].eq(torch.tensor([0, 1, 2])).all()
+
+
+@needs_triton
+def test_selection_in_chunks_equals_one_chunk(monkeypatch):
+    from subquad.ops.nsa import engine
+
+    q, k, v, gates = _half(_inputs(1, 50, 4, 2, 16, seed=13), torch.float16)
+    opts = dict(block=16, compress_block=16, compress_stride=8, top_k=3, window=4)
+    _, whole = sq.nsa(q, k, v, gates, return_indices=True, backend="triton", **opts)
+    monkeypatch.setattr(engine, "SELECTION_ELEMENTS", 2 * 4 * 3)   # 3 tokens a chunk (2 KV heads, 4 blocks)
+    _, chunked = sq.nsa(q, k, v, gates, return_indices=True, backend="triton", **opts)
+    assert torch.equal(chunked, whole)

@@ -1,0 +1,208 @@
+"""The selection's ranking on a Triton kernel: ``selection``'s rule without an ``N x M`` tensor in memory.
+
+For a chunk of queries the kernel computes, per query token, KV head and selection block, one int64 sort key:
+
+* the block's importance (``selection``: each query head's softmax probability of the summary keys, summed over
+  the heads of the group, carried from compression blocks to selection blocks by shared ``stride`` segments),
+  plus ``tier * bound`` for the forced blocks (own, initial, previous);
+* its float bits (non-negative floats order as their bits do) shifted left, the block's index counted down from
+  ``2^20`` in the low bits: equal importances then rank the lower block first, the sort's tie rule;
+* ``-1`` for a block that is not a candidate (causal: starts after the query).
+
+``torch.topk`` of the keys then gives the selection exactly as the stable sort of ``selection.select_blocks``
+would. The softmax runs over the summary keys twice per program, a pass for each row's maximum and sum and a
+pass for the probabilities, with scores of near-fp32 accuracy: fp32 summary keys enter the tensor cores as two
+half-precision parts (high and residual, ~2^-16 relative), so that rankings follow the fp32 reference, not the
+rounding of a bf16 score (the PyTorch selection materialised fp32 scores chunk by chunk: 60 of NSA's 84 ms at
+2 x 16k, 64 / 4 heads, on the H100).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..grid import cdiv, next_power_of_2
+from ..softmax.flash.tile import UPCAST_DOT
+from . import selection
+
+#: the low bits of a key: the block's index counted down (blocks per row at most 2^20)
+INDEX_BITS = 20
+INDEX_MASK = (1 << INDEX_BITS) - 1
+LOG2E = 1.4426950408889634
+# for the kernel (Triton reads only globals that are constexpr): the index bits and ``selection``'s tiers
+_INDEX_BITS, _INDEX_MASK = tl.constexpr(INDEX_BITS), tl.constexpr(INDEX_MASK)
+OWN, INITIAL, PREVIOUS = (tl.constexpr(t) for t in (selection.OWN, selection.INITIAL, selection.PREVIOUS))
+
+
+@triton.jit
+def _scores(q, KC, kc_base, c, c_ok, stride_km, offs_d, D: tl.constexpr, scale_log2):
+    """Base-2 scaled scores of the tile's rows against summary keys ``c`` (``-inf`` outside ``c_ok``)."""
+    kc = tl.load(KC + kc_base + c.to(tl.int64)[:, None] * stride_km + offs_d[None, :],
+                 mask=c_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    if UPCAST_DOT:
+        s = tl.dot(q.to(tl.float32), tl.trans(kc))
+    else:
+        high = kc.to(q.dtype)
+        residual = (kc - high.to(tl.float32)).to(q.dtype)
+        s = tl.dot(q, tl.trans(high))
+        s = tl.dot(q, tl.trans(residual), s)
+    return s * scale_log2
+
+
+@triton.jit
+def _ends(c, seq_kv, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """The position of summary ``c``'s last token (a short last block of pooled keys ends at the sequence's end)."""
+    return tl.minimum(c * CMP_STRIDE + CMP_BLOCK, seq_kv) - 1
+
+
+@triton.jit
+def _selection_keys_kernel(
+    Q, KC, KEY,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_km, stride_kh, stride_ob, stride_ot, stride_oh,
+    n_tokens, q_pos0, n_cmp, seq_kv, n_sel, scale_log2, bound,
+    HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, J_STEP: tl.constexpr,
+    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+    FORCED: tl.constexpr,
+):
+    """Grid ``(cdiv(n_tokens, BLOCK_T), B x H_kv)``: ``BLOCK_T`` tokens of one KV head, their group's query heads
+    as the rows ``t * G_P2 + g`` of the tile. ``KEY`` ``(B, n_tokens, H_kv, n_sel)`` int64. A selection block
+    ``j`` gathers compression blocks ``j * PER_BLOCK - SPAN + 1 .. (j + 1) * PER_BLOCK - 1``, so that a tile of
+    ``BLOCK_C`` of them serves ``J_STEP`` blocks."""
+    SPAN: tl.constexpr = CMP_BLOCK // CMP_STRIDE
+    PER_BLOCK: tl.constexpr = SEL_BLOCK // CMP_STRIDE
+    IDENTITY: tl.constexpr = SPAN == 1 and PER_BLOCK == 1
+    ROWS: tl.constexpr = BLOCK_T * G_P2
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BLOCK_T + rows // G_P2
+    g = rows % G_P2
+    row_ok = (t < n_tokens) & (g < G)
+    q_pos = q_pos0 + t
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + t.to(tl.int64)[:, None] * stride_qt
+                + (hkv * G + g)[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    kc_base = b.to(tl.int64) * stride_kb + hkv * stride_kh
+    last = tl.minimum(q_pos0 + pid_t * BLOCK_T + BLOCK_T, q_pos0 + n_tokens) - 1
+    if CAUSAL:
+        # summaries the tile's last query sees, and the blocks it may select
+        seen_cmp = tl.where(last >= seq_kv - 1, n_cmp,
+                            tl.minimum(n_cmp, tl.where(last + 1 >= CMP_BLOCK, (last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)))
+        candidates = tl.minimum(n_sel, last // SEL_BLOCK + 1)
+    else:
+        seen_cmp = n_cmp
+        candidates = n_sel
+
+    # each row's softmax over the summaries it sees: maximum and sum
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    for c0 in range(0, seen_cmp, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < n_cmp
+        s = _scores(q, KC, kc_base, c, c_ok, stride_km, offs_d, D, scale_log2)
+        keep = c_ok[None, :]
+        if CAUSAL:
+            keep = keep & (_ends(c, seq_kv, CMP_BLOCK, CMP_STRIDE)[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m_i = m_new
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+
+    tq = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_pos = q_pos0 + tq
+    own = t_pos // SEL_BLOCK
+    jj = tl.arange(0, BLOCK_J)
+    key_rows = KEY + b.to(tl.int64) * stride_ob + tq.to(tl.int64)[:, None] * stride_ot + hkv * stride_oh
+    computed = tl.cdiv(candidates, J_STEP) * J_STEP
+    for j0 in range(0, computed, J_STEP):
+        j = j0 + jj
+        c = j0 * PER_BLOCK - (SPAN - 1) + tl.arange(0, BLOCK_C)
+        c_ok = (c >= 0) & (c < n_cmp)
+        s = _scores(q, KC, kc_base, c, c_ok, stride_km, offs_d, D, scale_log2)
+        keep = c_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (_ends(c, seq_kv, CMP_BLOCK, CMP_STRIDE)[None, :] <= q_pos[:, None])
+        p = tl.where(keep, tl.exp2(s - m_use[:, None]) * inv[:, None], 0.0)
+        if IDENTITY:
+            per_block = p
+        else:
+            # weight of summary c in block j: the stride segments they share
+            lo = tl.maximum(c[:, None], j[None, :] * PER_BLOCK)
+            hi = tl.minimum(c[:, None] + SPAN - 1, j[None, :] * PER_BLOCK + PER_BLOCK - 1)
+            weight = tl.maximum(hi - lo + 1, 0).to(tl.float32)
+            per_block = tl.dot(p, weight, input_precision="ieee")
+        importance = tl.sum(tl.reshape(per_block, (BLOCK_T, G_P2, BLOCK_J)), 1)
+        if CAUSAL:
+            tier = tl.where(j[None, :] == own[:, None], OWN, 0)
+            if FORCED:
+                tier = tl.where(j[None, :] == own[:, None], OWN,
+                                tl.where(j[None, :] == 0, INITIAL, tl.where(j[None, :] == own[:, None] - 1, PREVIOUS, 0)))
+            candidate = j[None, :] * SEL_BLOCK <= t_pos[:, None]
+        else:
+            tier = tl.zeros([BLOCK_T, BLOCK_J], tl.int32)
+            candidate = tl.full([BLOCK_T, BLOCK_J], True, tl.int1)
+        value = importance + tier.to(tl.float32) * bound
+        bits = value.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(candidate, (bits << _INDEX_BITS) | (_INDEX_MASK - j[None, :]), -1)
+        tl.store(key_rows + j[None, :], key,
+                 mask=(tq < n_tokens)[:, None] & (jj < J_STEP)[None, :] & (j < n_sel)[None, :])
+    # blocks after the tile's last query: no candidate of any row
+    for j0 in range(computed, n_sel, J_STEP):
+        j = j0 + jj
+        tl.store(key_rows + j[None, :], tl.full([BLOCK_T, BLOCK_J], -1, tl.int64),
+                 mask=(tq < n_tokens)[:, None] & (jj < J_STEP)[None, :] & (j < n_sel)[None, :])
+
+
+def selection_keys(q: torch.Tensor, k_cmp: torch.Tensor, *, q_pos0: int, seq_kv: int, compress_block: int,
+                   compress_stride: int, block: int, n_blocks: int, causal: bool, forced: bool, bound: float,
+                   scale: float) -> torch.Tensor:
+    """The sort keys ``(B, N_q, H_kv, n_blocks)`` int64 of queries ``q`` ``(B, N_q, H_q, D)`` at positions
+    ``q_pos0, q_pos0 + 1, ...`` over summary keys ``k_cmp`` ``(B, M, H_kv, D)`` (compression block ``i``:
+    tokens ``[i * compress_stride, i * compress_stride + compress_block)``, the last one cut at ``seq_kv``)."""
+    if n_blocks > INDEX_MASK:
+        raise ValueError(f"block: at most {INDEX_MASK} selection blocks per sequence, got {n_blocks}")
+    bsz, n_tokens, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    g = hq // hkv
+    g_p2 = next_power_of_2(g)
+    block_t = max(1, 128 // g_p2)
+    span, per_block = compress_block // compress_stride, block // compress_stride
+    if span == 1 and per_block == 1:
+        block_c = block_j = j_step = 64
+    else:
+        block_c = max(64, next_power_of_2(per_block + span - 1))
+        j_step = (block_c - span + 1) // per_block
+        block_j = max(16, next_power_of_2(j_step))
+    keys = torch.empty(bsz, n_tokens, hkv, n_blocks, dtype=torch.int64, device=q.device)
+    kc = k_cmp if k_cmp.shape[1] else q      # no summary yet: a valid pointer, never read
+    _selection_keys_kernel[(cdiv(n_tokens, block_t), bsz * hkv)](
+        q, kc, keys,
+        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        n_tokens, q_pos0, k_cmp.shape[1], seq_kv, n_blocks, scale * LOG2E, bound,
+        HKV=hkv, G=g, G_P2=g_p2, BLOCK_T=block_t, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_C=block_c,
+        BLOCK_J=block_j, J_STEP=j_step, CMP_BLOCK=compress_block, CMP_STRIDE=compress_stride, SEL_BLOCK=block,
+        CAUSAL=causal, FORCED=forced, num_warps=8 if block_t * g_p2 >= 128 else 4, num_stages=2,
+    )
+    return keys
+
+
+def top_blocks(keys: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` blocks of the highest keys, in increasing order, ``-1`` after them (where fewer blocks are
+    candidates): ``(..., n_blocks)`` int64 keys -> ``(..., top_k)`` int64 indices."""
+    n_blocks = keys.shape[-1]
+    kept = min(top_k, n_blocks)
+    top = torch.topk(keys, kept, dim=-1, sorted=False).values
+    chosen = torch.where(top >= 0, INDEX_MASK - (top & INDEX_MASK), n_blocks)
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == n_blocks, -1, chosen)
+    return torch.nn.functional.pad(chosen, (0, top_k - kept), value=-1)
