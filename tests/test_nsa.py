@@ -447,3 +447,23 @@ def test_selection_in_chunks_equals_one_chunk(monkeypatch):
     monkeypatch.setattr(engine, "SELECTION_ELEMENTS", 2 * 4 * 3)   # 3 tokens a chunk (2 KV heads, 4 blocks)
     _, chunked = sq.nsa(q, k, v, gates, return_indices=True, backend="triton", **opts)
     assert torch.equal(chunked, whole)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, gate_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_gate_mix_kernel_matches_the_fp32_sum(dtype, gate_dtype):
+    """37 rows (not a multiple of the program's 16) of 24 columns (not a power of two): output and all four
+    gradients against the fp32 sum."""
+    from subquad.ops.nsa.gate_mix import gate_mix
+
+    gen = torch.Generator().manual_seed(41)
+    branches = [torch.randn(1, 37, 1, 24, generator=gen).to(dtype) for _ in range(3)]
+    gates = torch.rand(1, 37, 1, 3, generator=gen).to(gate_dtype)
+    leaves = [x.to(DEV).requires_grad_() for x in (*branches, gates)]
+    out = gate_mix(*leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (*branches, gates)]
+    want = sum(ref_leaves[3][..., i:i + 1] * ref_leaves[i] for i in range(3))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), want, **TOL[dtype])
+    for got, exp in zip(_grads(out, leaves), _grads(want, ref_leaves)):
+        torch.testing.assert_close(got.double().cpu(), exp, **TOL[got.dtype if got.dtype in TOL else dtype])

@@ -5,7 +5,8 @@
 * selection: each block's sort key from the summary keys' probabilities (``selection_keys``, in near-fp32: the
   ranking follows the reference), ``torch.topk`` over them a chunk of queries at a time: no ``N x M`` tensor;
 * selected branch: the head-packed kernels of ``selected``;
-* sliding window: ``subquad.attention`` with ``window_size=(window - 1, 0)`` on the flash kernels.
+* sliding window: ``subquad.attention`` with ``window_size=(window - 1, 0)`` on the flash kernels;
+* the gated sum of the three: ``gate_mix``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..softmax import attention
 from ..softmax.flash import flash_attention_masked
 from ..softmax.flash.launch import interpreting
 from .compression import block_ends, causal_block_mask, pool_blocks
+from .gate_mix import gate_mix
 from .selected import selected_attention
 from .selection_keys import selection_keys, top_blocks
 
@@ -48,9 +50,7 @@ def nsa_triton(q, k, v, gates, k_cmp, v_cmp, *, block: int, compress_block: int,
                       bound=float((hq // hkv) * (compress_block // compress_stride) + 1))
     o_slc = selected_attention(q, k, v, indices, block=block, scale=scale, causal=True)
     o_win = attention(q, k, v, causal=True, window_size=(window - 1, 0), scale=scale, backend="triton")
-    w = gates.float()
-    out = w[..., 0:1] * o_cmp.float() + w[..., 1:2] * o_slc.float() + w[..., 2:3] * o_win.float()
-    return out.to(q.dtype), indices
+    return gate_mix(o_cmp, o_slc, o_win, gates), indices
 
 
 def _select(q, k_cmp, seq_kv: int, scale: float, *, top_k: int, block: int, **rule) -> torch.Tensor:
