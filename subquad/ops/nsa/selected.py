@@ -74,8 +74,11 @@ def _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb,
                    stride_vn, stride_vh, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Rows ``n0 .. n0 + BLOCK_N`` of selected block ``blk``: its K and V tiles and the group's scores over them
-    (``qk_scale``-scaled, ``-inf`` where the query does not keep the key), as the forward and dQ walks read them."""
-    kv_pos, keep = _keys_of(blk, n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
+    (``qk_scale``-scaled, ``-inf`` where the query does not keep the key), as the forward and dQ walks read them.
+    An unused slot (``blk`` -1) is a tile of no key, masked rather than branched around: a branch in the walk kept
+    Triton from pipelining its loads (Triton 3.6, sm90: no asynchronous copies in the loop)."""
+    kv_pos, keep = _keys_of(tl.maximum(blk, 0), n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
+    keep = keep & (blk >= 0)
     rows = kv_pos.to(tl.int64)
     k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :],
                 mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -106,18 +109,17 @@ def _selected_fwd(
     idx_row = IDX + b * stride_ib + t * stride_it + hkv * stride_ih
     for s in range(TOP_K):
         blk = tl.load(idx_row + s)
-        if blk >= 0:
-            for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-                k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
-                                              stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
-                                              BLOCK, BLOCK_N, CAUSAL)
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(scores - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-                m_i = m_new
+        for n0 in tl.static_range(0, BLOCK, BLOCK_N):
+            k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
+                                          stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
+                                          BLOCK, BLOCK_N, CAUSAL)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(scores - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+            m_i = m_new
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(O + b * stride_ob + t * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -150,15 +152,14 @@ def _selected_bwd_dq(
     idx_row = IDX + b * stride_ib + t * stride_it + hkv * stride_ih
     for s in range(TOP_K):
         blk = tl.load(idx_row + s)
-        if blk >= 0:
-            for n0 in tl.static_range(0, BLOCK, BLOCK_N):
-                k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
-                                              stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
-                                              BLOCK, BLOCK_N, CAUSAL)
-                p = tl.exp2(scores - lse[:, None])
-                dp = dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += dot(ds.to(k.dtype), k)
+        for n0 in tl.static_range(0, BLOCK, BLOCK_N):
+            k, v, scores = _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb, stride_kn,
+                                          stride_kh, stride_vb, stride_vn, stride_vh, offs_d, offs_dv, D, DV,
+                                          BLOCK, BLOCK_N, CAUSAL)
+            p = tl.exp2(scores - lse[:, None])
+            dp = dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += dot(ds.to(k.dtype), k)
     tl.store(DQ + b * stride_dqb + t * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
