@@ -77,8 +77,7 @@ def _selected_tile(q, K, V, b, hkv, blk, n0, q_pos, seq_kv, qk_scale, stride_kb,
     (``qk_scale``-scaled, ``-inf`` where the query does not keep the key), as the forward and dQ walks read them.
     An unused slot (``blk`` -1) is a tile of no key, masked rather than branched around: a branch in the walk kept
     Triton from pipelining its loads (Triton 3.6, sm90: no asynchronous copies in the loop)."""
-    kv_pos, keep = _keys_of(tl.maximum(blk, 0), n0, q_pos, seq_kv, BLOCK, BLOCK_N, CAUSAL)
-    keep = keep & (blk >= 0)
+    kv_pos, keep = _keys_of(tl.maximum(blk, 0), n0, q_pos, tl.where(blk >= 0, seq_kv, 0), BLOCK, BLOCK_N, CAUSAL)
     rows = kv_pos.to(tl.int64)
     k = tl.load(K + b * stride_kb + rows[:, None] * stride_kn + hkv * stride_kh + offs_d[None, :],
                 mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
