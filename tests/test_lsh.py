@@ -82,6 +82,18 @@ def test_hashes_are_angular_and_reproducible():
     assert not torch.equal(buckets(x, draw_rotations(3, 4, 8, 6, "cpu", torch.Generator().manual_seed(6)), 6), b)
 
 
+def test_buckets_are_the_argmax_over_the_rotations_and_their_negation_to_the_last_tie():
+    """``buckets`` takes the argmax of ``[xR; -xR]`` without concatenating: the same index wherever extremes tie
+    (integer rotations of integer vectors tie often, between + and - too), with zero rows and NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (2, 64, 2, 4), generator=g).double()
+    x[0, :8] = 0.0
+    x[1, 3, 1, 2] = float("nan")
+    rot = torch.randint(-1, 2, (2, 3, 4, 5), generator=g).float()
+    rotated = torch.einsum("bnhd,hrdk->bhrnk", x.float(), rot)
+    assert torch.equal(buckets(x, rot, 10), torch.cat([rotated, -rotated], -1).argmax(-1))
+
+
 def test_rounds_sort_by_bucket_then_position():
     bucket = torch.randint(0, 4, (2, 3, 2, 40))
     rounds = sort_rounds(bucket)
