@@ -222,6 +222,14 @@ def case_lsh_4k(configs, dq):
                                                                  backend="triton"), 4096, configs, True, dq)
 
 
+def case_lsh_16k(configs, dq):
+    """LSH attention as the dynamic suite runs it (causal, separate QK, 4 rounds of 64 buckets, the default
+    chunk: 512 at 16k)."""
+    import subquad
+    return _flash_launches(lambda q, k, v: subquad.lsh_attention(q, k, v, n_buckets=64, n_hashes=4, causal=True,
+                                                                 seed=0, backend="triton"), 16384, configs, True, dq)
+
+
 def case_mla(configs, dq):
     """The suite's MLA decode (B 64, 128 heads, latent 512 + 64), 3 splits as on the H100/H200; the context is
     1k here (the kernel's code does not depend on it); ``config``: block_m, block_n, num_warps, num_stages."""

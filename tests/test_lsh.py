@@ -14,7 +14,7 @@ import subquad
 from subquad.masks import PARTIAL
 from subquad.nn import LSHAttention
 from subquad.ops.lsh import default_chunk
-from subquad.ops.lsh.flash import chunk_block_mask
+from subquad.ops.lsh.flash import chunk_block_mask, earlier_chunks
 from subquad.ops.lsh.hashing import buckets, draw_rotations, length_normalized, sort_rounds
 from subquad.ops.lsh.reference import by_query_head
 
@@ -80,6 +80,18 @@ def test_hashes_are_angular_and_reproducible():
     assert torch.equal(buckets(-x, rot, 6), (b + 3) % 6)              # antipodes: the other half of [xR; -xR]
     assert torch.equal(draw_rotations(3, 4, 8, 6, "cpu", torch.Generator().manual_seed(5)), rot)
     assert not torch.equal(buckets(x, draw_rotations(3, 4, 8, 6, "cpu", torch.Generator().manual_seed(6)), 6), b)
+
+
+def test_buckets_are_the_argmax_over_the_rotations_and_their_negation_to_the_last_tie():
+    """``buckets`` takes the argmax of ``[xR; -xR]`` without concatenating: the same index wherever extremes tie
+    (integer rotations of integer vectors tie often, between + and - too), with zero rows and NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (2, 64, 2, 4), generator=g).double()
+    x[0, :8] = 0.0
+    x[1, 3, 1, 2] = float("nan")
+    rot = torch.randint(-1, 2, (2, 3, 4, 5), generator=g).float()
+    rotated = torch.einsum("bnhd,hrdk->bhrnk", x.float(), rot)
+    assert torch.equal(buckets(x, rot, 10), torch.cat([rotated, -rotated], -1).argmax(-1))
 
 
 def test_rounds_sort_by_bucket_then_position():
@@ -215,12 +227,34 @@ def test_the_chunk_block_mask_visits_exactly_the_blocks_with_pairs():
     assert torch.equal(kind == PARTIAL, blocks) and not blocks.all()
 
 
+def test_the_earlier_chunk_tables_hold_each_sorted_tokens_chunk_in_the_rounds_before():
+    """The kernels' tables (``earlier_chunks``): row ``s`` of round ``r``'s element at sorted index ``i`` is the
+    chunk in round ``s`` of the token that round ``r`` sorts to ``i``; the queries' rows of rounds not before
+    ``r`` find no pair (``0 <= q - k <= 1`` fails against any chunk)."""
+    rounds = sort_rounds(torch.randint(0, 4, (2, 3, 4, 40)))
+    chunk = 6
+    q_table = earlier_chunks(rounds.rank, rounds.order, chunk, True).view(2, 3, 4, 3, 40)
+    k_table = earlier_chunks(rounds.rank, rounds.order, chunk, False).view(2, 3, 4, 3, 40)
+    assert q_table.dtype == k_table.dtype == torch.int32
+    for r in range(4):
+        for s in range(3):
+            want = (rounds.rank[:, :, s] // chunk).gather(-1, rounds.order[:, :, r])
+            assert torch.equal(k_table[:, :, r, s].long(), want)
+            if s < r:
+                assert torch.equal(q_table[:, :, r, s].long(), want)
+            else:
+                gap = q_table[:, :, r, s].reshape(-1, 1) - k_table.reshape(1, -1)
+                assert ((gap < 0) | (gap > 1)).all()
+
+
 CASES = [  # (dtype, causal, shared_qk, (heads_q, heads_kv), seq, chunk, n_hashes)
     (torch.float16, True, True, (4, 2), 45, 12, 2),
     (torch.bfloat16, False, False, (4, 2), 45, 12, 2),
     (torch.float16, True, False, (2, 1), 100, 8, 3),
     (torch.bfloat16, False, True, (2, 2), 40, 16, 2),
     (torch.float16, False, False, (2, 2), 80, 32, 3),     # chunks of whole 32-blocks: the window from the blocks
+    (torch.bfloat16, True, False, (2, 2), 64, 16, 4),     # three earlier rounds in the chunk tables
+    (torch.float16, True, True, (2, 1), 40, 8, 1),        # one round: no tables
 ]
 
 

@@ -2,10 +2,10 @@
 
 Each element's queries, keys and values are gathered in its round's sorted order; one BlockMask, the same for
 every element, lists per query block the key blocks of its chunks and of the chunks before (all partial). Inside
-them the kernels' ``LSH`` term keeps a round's window, drops the pairs of earlier rounds (read from each original
-position's chunk in those rounds) and, for shared QK, the self pair; causality is the ``causal`` band on the
-original positions, a row of them per element (``BATCH_POS``). Outputs and LSEs go back to position order and the
-rounds merge by LSE, as in the reference.
+them the kernels' ``LSH`` term keeps a round's window, drops the pairs of earlier rounds (read from tables of each
+token's chunk in those rounds, laid out in the element's sorted order: ``earlier_chunks``) and, for shared QK, the
+self pair; causality is the ``causal`` band on the original positions, a row of them per element (``BATCH_POS``).
+Outputs and LSEs go back to position order and the rounds merge by LSE, as in the reference.
 
 Shared QK sorts per KV head, and the group's query heads ride along (GQA stays in the kernel); otherwise each
 query head has its own order, and its KV head's keys and values are gathered for it (``heads_q / heads_kv``
@@ -58,6 +58,27 @@ def _gather(x: torch.Tensor, head: torch.Tensor, order: torch.Tensor) -> torch.T
     return x.reshape(bsz, seq * heads, width).gather(1, index).view(-1, seq, width)
 
 
+#: an earlier-round row of the queries' chunk table for a round that is not earlier: 2 or more below any key's
+#: chunk, so that the kernels' test ``0 <= q - k <= 1`` finds no pair there
+NOT_EARLIER = -2
+
+
+def earlier_chunks(rank: torch.Tensor, order: torch.Tensor, chunk: int, queries: bool) -> torch.Tensor:
+    """The kernels' chunk table of one side (``LshWindows``): for each (batch, head, round) of ``order`` ``(B, F,
+    R, N)`` and each round ``s < R - 1``, the chunk in round ``s`` (``rank // chunk``) of the token at each sorted
+    index of the round, as ``(B * F * R, R - 1, N)`` int32; ``queries``: ``NOT_EARLIER`` where ``s`` is not
+    before the round (the keys' table need not say: the queries' decides)."""
+    bsz, heads, rounds, seq = order.shape
+    chunk_of = (rank[:, :, :rounds - 1] // chunk).to(torch.int32)
+    table = chunk_of.unsqueeze(2).expand(-1, -1, rounds, -1, -1).gather(
+        -1, order.unsqueeze(3).expand(-1, -1, -1, rounds - 1, -1))
+    if queries:
+        slot = torch.arange(rounds - 1, device=order.device)
+        later = slot.view(1, -1) >= torch.arange(rounds, device=order.device).view(-1, 1)
+        table = table.masked_fill(later.view(1, 1, rounds, rounds - 1, 1), NOT_EARLIER)
+    return table.view(bsz * heads * rounds, rounds - 1, seq)
+
+
 def lsh_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rounds: SortedRounds,
                         k_rounds: SortedRounds, chunk: int, causal: bool, exclude_self: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +103,8 @@ def lsh_attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rou
     kf = _gather(k, kv_head, k_order).view(elements, seq, 1, head_dim)
     vf = _gather(v, kv_head, k_order).view(elements, seq, 1, dv)
     flat = lambda t: t.reshape(elements, seq)  # noqa: E731
-    q_chunk = flat(q_rank // chunk).to(torch.int32)
-    k_chunk = q_chunk if k_rank is q_rank else flat(k_rank // chunk).to(torch.int32)
-    windows = LshWindows(q_chunk, k_chunk, n_rounds, chunk, exclude_self)
+    windows = LshWindows(earlier_chunks(q_rank, q_order, chunk, True), earlier_chunks(k_rank, k_order, chunk, False),
+                         n_rounds, chunk, exclude_self)
     block_mask = chunk_block_mask(seq, chunk, _block(chunk, q.device), causal, masks.canonical_device(q.device))
     out, lse = flash_attention_lsh(qf, kf, vf, block_mask, scale, flat(q_order), flat(k_order), windows,
                                    deterministic=torch.are_deterministic_algorithms_enabled())

@@ -33,7 +33,18 @@ def buckets(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int) -> torch.T
         return torch.zeros(bsz, heads, n_hashes, seq, dtype=torch.long, device=x.device)
     per_head = rotations.repeat_interleave(heads // rotations.shape[0], dim=0)
     rotated = torch.einsum("bnhd,hrdk->bhrnk", x.detach().float(), per_head)
-    return torch.cat([rotated, -rotated], -1).argmax(-1)
+    return _argmax_with_negation(rotated)
+
+
+def _argmax_with_negation(rotated: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([rotated, -rotated], -1).argmax(-1)`` without the concatenation: the largest entry if it is at
+    least the negated smallest (the first half wins ties, as the first index does), else the smallest's index in
+    the second half. Each reduction returns its first extreme index, as argmax does, so the buckets are the same
+    to the last tie; the concatenated copy and its negation were 3x the rotations' size in writes and reads (at
+    2 x 16k tokens, 16 heads, 4 rounds of 64 buckets: 1.6 GB less traffic per hashed tensor)."""
+    top, top_index = rotated.max(-1)
+    bottom, bottom_index = rotated.min(-1)
+    return torch.where(top < -bottom, bottom_index + rotated.shape[-1], top_index)
 
 
 class SortedRounds(NamedTuple):

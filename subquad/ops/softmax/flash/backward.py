@@ -82,8 +82,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                HAS_Q_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                MBQ: tl.constexpr, MBK: tl.constexpr, DQ_ATOMIC: tl.constexpr, DQ_TMA: tl.constexpr = False,
                UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False,
-               start_n=0, WIDE_ROWS: tl.constexpr = False, lsh_q_chunk=0, lsh_k_chunk=0, lsh_round=0,
-               LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
+               start_n=0, WIDE_ROWS: tl.constexpr = False, lsh_q_chunk=0, lsh_k_chunk=0,
+               LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+               LSH_NOT_SELF: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -110,7 +111,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                              band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
                              tile, (offs_m - row0)[None, :], (offs_n % MBK)[:, None], BAND, PREFIX, Q_PREFIX,
                              HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, KV_BOUNDS, lsh_q_chunk,
-                             lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                             lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
             pT = tl.where(keep, pT, 0.0)
     elif KV_BOUNDS:
         pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
@@ -175,7 +176,8 @@ def _dkdv_program(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, PIECES: tl.constexpr, DQ_TMA: tl.constexpr,
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
-    lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False,
+    LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False,
 ):
     """The key tile at ``start_n`` of KV head ``hk``: its walk over the query tiles that see it (or its
     ``piece`` of that walk, or every ``n_split``-th tile from ``split``), then its dK and dV. ``Q_POS``,
@@ -254,7 +256,7 @@ def _dkdv_program(
                             not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                             HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
                             bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n, WIDE_ROWS, lsh_q_chunk,
-                            lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                            lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -303,8 +305,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
-             lsh_q_chunk=0, lsh_k_chunk=0, lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-             LSH_NOT_SELF: tl.constexpr = False):
+             lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
+             LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
@@ -328,7 +330,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
                              band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
                              tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX,
                              HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV, lsh_q_chunk,
-                             lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                             lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
             p = tl.where(keep, p, 0.0)
     elif not EVEN_KV:
         p = tl.where(in_kv[None, :], p, 0.0)
@@ -365,7 +367,8 @@ def _dq_program(
     HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
-    lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False,
+    LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists; ``Q_POS``, ``KV_POS``,
@@ -422,7 +425,7 @@ def _dq_program(
                                   offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
                                   EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                                   HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT,
-                                  WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                                  WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -451,7 +454,7 @@ def flash_bwd_kernel(
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, lsh_rounds, n_rows, pid_offset,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -464,7 +467,7 @@ def flash_bwd_kernel(
     DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
-    LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False,
+    LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -495,8 +498,8 @@ def flash_bwd_kernel(
             row = grid_row(pid_offset, SPLIT_GRID)
             b = row // HKV
             h = (row % HKV) * G + i % G
-        q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b,
-                                                                        seq_q, seq_kv, lsh_rounds, BATCH_POS, LSH)
+        q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q,
+                                                             seq_kv, BATCH_POS, LSH_EARLIER)
         _dq_program(
             start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ,
             QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, q_pos, kv_pos, IS_GLOBAL, LAYOUT,
@@ -506,8 +509,8 @@ def flash_bwd_kernel(
             scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
             mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, lsh_round,
-            LSH_CHUNK, LSH, LSH_NOT_SELF)
+            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         piece = 0
         if ORDERED:
@@ -517,9 +520,9 @@ def flash_bwd_kernel(
         else:
             start_n = pid * BLOCK_N
             pid_bh = grid_row(pid_offset, SPLIT_GRID)
-        q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK,
-                                                                        pid_bh // HKV, seq_q, seq_kv, lsh_rounds,
-                                                                        BATCH_POS, LSH)
+        q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK,
+                                                             pid_bh // HKV, seq_q, seq_kv, BATCH_POS,
+                                                             LSH_EARLIER)
         _dkdv_program(
             start_n, pid_bh // HKV, pid_bh % HKV, piece, tl.program_id(2), tl.num_programs(2),
             Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
@@ -533,4 +536,4 @@ def flash_bwd_kernel(
             RNG, dropout_p, HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
             BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, HAS_KV_POS,
             SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk,
-            lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+            lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)

@@ -61,8 +61,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
               HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
               rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
-              lsh_q_chunk=0, lsh_k_chunk=0, lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-              LSH_NOT_SELF: tl.constexpr = False):
+              lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
+              LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D:
@@ -82,7 +82,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
                              band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS,
                              tile, (offs_m - row0)[:, None], (offs_n % MBK)[None, :], BAND, PREFIX, Q_PREFIX,
                              HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, MBQ, MBK, not EVEN_KV, lsh_q_chunk,
-                             lsh_k_chunk, lsh_round, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                             lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
             s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
@@ -122,7 +122,7 @@ def flash_fwd_kernel(
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
     ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, lsh_rounds, n_rows, pid_offset,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -134,7 +134,7 @@ def flash_fwd_kernel(
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
-    LSH_NOT_SELF: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
     limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
@@ -151,8 +151,8 @@ def flash_fwd_kernel(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // G
-    q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b,
-                                                                    seq_q, seq_kv, lsh_rounds, BATCH_POS, LSH)
+    q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q, seq_kv,
+                                                         BATCH_POS, LSH_EARLIER)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -208,7 +208,7 @@ def flash_fwd_kernel(
                         n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, kv_pos, offs_d, offs_dv, D,
                         DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
                         HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
-                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, lsh_round,
+                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER,
                         LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)

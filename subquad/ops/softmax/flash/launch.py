@@ -148,7 +148,8 @@ class _FirstThatFits:
 
 
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
-_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
+        "LSH_EARLIER"]
 _TUNED: dict = {}
 #: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
 #: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
@@ -240,9 +241,11 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
 class LshWindows:
     """Reformer's hash rounds as the kernels' ``LSH`` term reads them (``tile.keep_mask``, built by
     ``subquad.ops.lsh.flash``): the batch elements are (sequence, head, round) triples, the round fastest, each
-    sorted by bucket its own way; ``q_chunk`` / ``k_chunk`` ``(batch, seq)`` int32 give each original position's
-    chunk in its element's round (queries' and keys' sorted orders); ``chunk`` tokens a chunk; ``not_self``
-    drops the self pair (shared QK). Eager launches only: the custom op does not carry it."""
+    sorted by bucket its own way, of ``rounds``; ``q_chunk`` / ``k_chunk`` ``(batch, rounds - 1, seq)`` int32
+    give, at each sorted index of the element's round, that token's chunk in each earlier round (queries' and
+    keys' sorts; ``q_chunk`` holds -2 in the rows of rounds not before the element's, which then find no pair);
+    ``chunk`` tokens a chunk; ``not_self`` drops the self pair (shared QK). Eager launches only: the custom op
+    does not carry it."""
 
     q_chunk: torch.Tensor
     k_chunk: torch.Tensor
@@ -408,17 +411,21 @@ def _layout_strides(m: MaskArgs):
 
 
 def _lsh_args(m: MaskArgs, meta: dict, device) -> list:
-    """The kernels' ``LSH_Q_CHUNK, LSH_K_CHUNK, lsh_rounds``; sets ``LSH`` in ``meta`` (a tuning key: LSH's masked
-    tiles are no other pattern's), and where ``m`` has hash rounds ``LSH_CHUNK`` (0 where the BlockMask's blocks
-    are whole chunks) and ``LSH_NOT_SELF``."""
+    """The kernels' ``LSH_Q_CHUNK, LSH_K_CHUNK``; sets ``LSH`` in ``meta`` (a tuning key: LSH's masked tiles are
+    no other pattern's), and where ``m`` has hash rounds ``LSH_EARLIER`` (the rounds before the last, each a
+    row of the chunk tables), ``LSH_CHUNK`` (0 where the BlockMask's blocks are whole chunks) and
+    ``LSH_NOT_SELF``."""
     meta["LSH"] = m.lsh is not None
     if m.lsh is None:
-        return [_dummy(device), _dummy(device), 1]
+        return [_dummy(device), _dummy(device)]
     if m.lsh.chunk % m.mbq or m.lsh.chunk % m.mbk:
         meta["LSH_CHUNK"] = m.lsh.chunk
     if m.lsh.not_self:
         meta["LSH_NOT_SELF"] = True
-    return [m.lsh.q_chunk, m.lsh.k_chunk, m.lsh.rounds]
+    if m.lsh.rounds == 1:       # (its tables are empty: never read)
+        return [_dummy(device), _dummy(device)]
+    meta["LSH_EARLIER"] = m.lsh.rounds - 1
+    return [m.lsh.q_chunk, m.lsh.k_chunk]
 
 
 def _term_scalars(m: MaskArgs):

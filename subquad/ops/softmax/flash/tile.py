@@ -164,7 +164,7 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
               BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
               HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
               MBQ: tl.constexpr, MBK: tl.constexpr, KV_BOUNDS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
-              lsh_round=0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
+              LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
               LSH_NOT_SELF: tl.constexpr = False):
     """The kept pairs of a tile, from 2-D broadcastable operands (row/column vectors in either orientation):
     ``qi``/``ki`` query and key indices (bounds), ``qp``/``kp`` positions, ``rq``/``ck`` offsets inside the
@@ -213,28 +213,32 @@ def keep_mask(qi, ki, qp, kp, seq_q, seq_kv, band_lo, band_hi, prefix, q_prefix,
         # positions qp / kp. A round keeps the keys of the query's chunk of the sorted order and of the chunk
         # before (LSH_CHUNK tokens; 0 where the BlockMask's blocks are whole chunks, so that its listed blocks
         # hold no other key), less the pairs an earlier round kept (so that the rounds merge by LSE into one
-        # softmax over their union), read from each position's chunk in those rounds
+        # softmax over their union), read from the tokens' chunks in those rounds. Those come in this round's
+        # sorted order, one row per earlier round (LSH_EARLIER rows, a round with fewer fills the rest so that
+        # no pair matches): contiguous loads in a loop unrolled at compile time. Read through the positions in a
+        # loop over the element's rounds, they were two dependent gathers a round, and the inner loop kept the
+        # tile loop from being software-pipelined (sm90, Triton 3.6: K and V loaded synchronously, no LDGSTS)
         if LSH_CHUNK:
             gap = qi // LSH_CHUNK - ki // LSH_CHUNK
             keep = keep & (gap >= 0) & (gap <= 1)
         if LSH_NOT_SELF:
             keep = keep & (qp != kp)
-        for earlier in range(lsh_round):
-            gap = tl.load(lsh_q_chunk + earlier * seq_q + qp) - tl.load(lsh_k_chunk + earlier * seq_kv + kp)
+        for earlier in tl.static_range(LSH_EARLIER):
+            gap = (tl.load(lsh_q_chunk + earlier * seq_q + qi, mask=in_q, other=0)
+                   - tl.load(lsh_k_chunk + earlier * seq_kv + ki, mask=in_kv, other=0))
             keep = keep & ((gap < 0) | (gap > 1))
     return keep
 
 
 @triton.jit
-def batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q, seq_kv, lsh_rounds, BATCH_POS: tl.constexpr,
-               LSH: tl.constexpr):
-    """Batch element ``b``'s rows of the per-token tensors: ``(q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk,
-    lsh_round)``. ``BATCH_POS``: positions ``(batch, seq)``, a row per batch element (LSH's rounds, each sorted
-    its own way), else one vector for all. ``LSH``: the batch elements are (sequence, head, round) with the
-    round fastest, of ``lsh_rounds``; ``LSH_*_CHUNK`` ``(batch, seq)`` give each original position's chunk in
-    the element's round, and the rows returned are those of the element's first round (``keep_mask``'s ``LSH``
-    reads the earlier rounds from there). Without the switches the arguments come back as they are, so that
-    ordinary launches compile as before."""
+def batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q, seq_kv, BATCH_POS: tl.constexpr,
+               LSH_EARLIER: tl.constexpr):
+    """Batch element ``b``'s rows of the per-token tensors: ``(q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk)``.
+    ``BATCH_POS``: positions ``(batch, seq)``, a row per batch element (LSH's rounds, each sorted its own way),
+    else one vector for all. ``LSH_EARLIER``: the batch elements are LSH's (sequence, head, round) triples and
+    ``LSH_*_CHUNK`` ``(batch, LSH_EARLIER, seq)`` give, in the element's sorted order, each token's chunk in
+    the rounds before (``keep_mask``'s ``LSH``). Without the switches the arguments come back as they are, so
+    that ordinary launches compile as before."""
     q_pos = Q_POS
     kv_pos = KV_POS
     if BATCH_POS:
@@ -242,13 +246,10 @@ def batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q, seq_kv, lsh_ro
         kv_pos = KV_POS + b.to(tl.int64) * seq_kv
     lsh_q_chunk = LSH_Q_CHUNK
     lsh_k_chunk = LSH_K_CHUNK
-    lsh_round = 0
-    if LSH:
-        lsh_round = b % lsh_rounds
-        first = (b - lsh_round).to(tl.int64)
-        lsh_q_chunk = LSH_Q_CHUNK + first * seq_q
-        lsh_k_chunk = LSH_K_CHUNK + first * seq_kv
-    return q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk, lsh_round
+    if LSH_EARLIER:
+        lsh_q_chunk = LSH_Q_CHUNK + b.to(tl.int64) * (LSH_EARLIER * seq_q)
+        lsh_k_chunk = LSH_K_CHUNK + b.to(tl.int64) * (LSH_EARLIER * seq_kv)
+    return q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk
 
 
 @triton.jit
