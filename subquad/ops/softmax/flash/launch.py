@@ -148,8 +148,7 @@ class _FirstThatFits:
 
 
 # tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
-_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
-        "LSH_EARLIER"]
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
 _TUNED: dict = {}
 #: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
 #: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
