@@ -18,14 +18,15 @@ def num_blocks(seq_len: int, block: int, stride: int) -> int:
     return (seq_len - block) // stride + 1 if seq_len >= block else 0
 
 
-def mean_pool(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+def mean_pool(x: torch.Tensor, block: int, stride: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(B, N, H, D)`` -> ``(B, M, H, D)``: the mean of each complete compression block (NSA's default
-    compression without its learnable MLP; ``subquad.nn.NSA`` owns that one)."""
+    compression without its learnable MLP; ``subquad.nn.NSA`` owns that one), in ``dtype`` (default x's)."""
+    dtype = x.dtype if dtype is None else dtype
     if x.shape[1] < block:
-        return x.new_zeros(x.shape[0], 0, *x.shape[2:])
+        return x.new_zeros(x.shape[0], 0, *x.shape[2:], dtype=dtype)
     # unfold: (B, M, H, D, block); the mean in fp32 at least, so that fp16 blocks of 64 do not round per add
     pooled = x.unfold(1, block, stride).to(torch.promote_types(x.dtype, torch.float32)).mean(-1)
-    return pooled.to(x.dtype)
+    return pooled.to(dtype)
 
 
 def block_ends(count: int, block: int, stride: int, device) -> torch.Tensor:
