@@ -28,7 +28,7 @@ FLOPs (effective TFLOP/s, ``attention_flops``: 4 D per pair forward, 3.5x that f
 * top-k: the query's own block up to ``t`` (``t % 64 + 1`` keys) and ``min(top_k - 1, t // 64)`` complete
   blocks of 64 (all selected blocks before the own one are complete): exact;
 * NSA: that selected count, plus the compressed summaries whose block has ended (``(t - l + 1) // d + 1``, at
-  least 0, for blocks of ``l`` every ``d``), plus ``min(t + 1, window)`` window keys; the selection's second pass
+  least 0, for blocks of ``l`` every ``d``), plus ``min(t + 1, window)`` window keys; the selection's two passes
   over the summaries (scores only, no values) and the gates are not counted;
 * LSH: nominal, ``n_hashes x N x chunk`` per head: a round offers each query its chunk and the one before
   (2 chunks), of which causality keeps about half; pairs found by two rounds are counted in each (an upper
