@@ -274,8 +274,9 @@ def case_nsa_selection_g16(configs, dq):
     n, hkv = 2048, 4
     q, k, _ = _qkv(1, n, 16 * hkv, 128, hkv)
     calls = record_launches()
-    selection_keys(q, mean_pool(k, 32, 16), q_pos0=0, seq_kv=n, compress_block=32, compress_stride=16, block=64,
-                   n_blocks=n // 64, causal=True, forced=True, bound=33.0, scale=128 ** -0.5)
+    selection_keys(q, mean_pool(k, 32, 16, torch.float32), q_pos0=0, seq_kv=n, compress_block=32,
+                   compress_stride=16, block=64, n_blocks=n // 64, causal=True, forced=True, bound=33.0,
+                   scale=128 ** -0.5)
     return calls
 
 
