@@ -16,6 +16,7 @@ from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from ...chained import chains_replicate
 from ..lse_merge import merge_lse_stacked
 from .forward import flash_fwd_kernel
+from .lsh_windows import LshWindows
 
 LOG2E = 1.4426950408889634
 
@@ -234,23 +235,6 @@ def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, s
     items = (block + n * index).to(torch.int32).view(1, 1, -1)
     return (whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device),
             int(counts.max()))
-
-
-@dataclass(frozen=True)
-class LshWindows:
-    """Reformer's hash rounds as the kernels' ``LSH`` term reads them (``tile.keep_mask``, built by
-    ``subquad.ops.lsh.flash``): the batch elements are (sequence, head, round) triples, the round fastest, each
-    sorted by bucket its own way, of ``rounds``; ``q_chunk`` / ``k_chunk`` ``(batch, rounds - 1, seq)`` int32
-    give, at each sorted index of the element's round, that token's chunk in each earlier round (queries' and
-    keys' sorts; ``q_chunk`` holds -2 in the rows of rounds not before the element's, which then find no pair);
-    ``chunk`` tokens a chunk; ``not_self`` drops the self pair (shared QK). Eager launches only: the custom op
-    does not carry it."""
-
-    q_chunk: torch.Tensor
-    k_chunk: torch.Tensor
-    rounds: int
-    chunk: int
-    not_self: bool
 
 
 @dataclass
