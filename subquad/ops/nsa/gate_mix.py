@@ -27,14 +27,20 @@ def _rows(n_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _gated(O, GATE, offs, ok, row_ok):
+    """One branch's rows times their gate, in fp32."""
+    gate = tl.load(GATE, mask=row_ok, other=0.0).to(tl.float32)
+    return gate[:, None] * tl.load(O + offs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gate_mix_fwd(O_CMP, O_SLC, O_WIN, GATES, OUT, n_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
                   ROWS: tl.constexpr):
     rows, offs, ok = _rows(n_rows, DV, BLOCK_DV, ROWS)
     row_ok = rows < n_rows
     g = GATES + rows.to(tl.int64) * 3
-    out = tl.load(g, mask=row_ok, other=0.0).to(tl.float32)[:, None] * tl.load(O_CMP + offs, mask=ok).to(tl.float32)
-    out += tl.load(g + 1, mask=row_ok, other=0.0).to(tl.float32)[:, None] * tl.load(O_SLC + offs, mask=ok).to(tl.float32)
-    out += tl.load(g + 2, mask=row_ok, other=0.0).to(tl.float32)[:, None] * tl.load(O_WIN + offs, mask=ok).to(tl.float32)
+    out = _gated(O_CMP, g, offs, ok, row_ok) + _gated(O_SLC, g + 1, offs, ok, row_ok)
+    out += _gated(O_WIN, g + 2, offs, ok, row_ok)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
 
 

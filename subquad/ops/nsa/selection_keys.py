@@ -92,8 +92,8 @@ def _selection_keys_kernel(
     last = tl.minimum(q_pos0 + pid_t * BLOCK_T + BLOCK_T, q_pos0 + n_tokens) - 1
     if CAUSAL:
         # summaries the tile's last query sees, and the blocks it may select
-        seen_cmp = tl.where(last >= seq_kv - 1, n_cmp,
-                            tl.minimum(n_cmp, tl.where(last + 1 >= CMP_BLOCK, (last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)))
+        complete = tl.where(last + 1 >= CMP_BLOCK, (last + 1 - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+        seen_cmp = tl.where(last >= seq_kv - 1, n_cmp, tl.minimum(n_cmp, complete))
         candidates = tl.minimum(n_sel, last // SEL_BLOCK + 1)
     else:
         seen_cmp = n_cmp
@@ -144,8 +144,8 @@ def _selection_keys_kernel(
         if CAUSAL:
             tier = tl.where(j[None, :] == own[:, None], OWN, 0)
             if FORCED:
-                tier = tl.where(j[None, :] == own[:, None], OWN,
-                                tl.where(j[None, :] == 0, INITIAL, tl.where(j[None, :] == own[:, None] - 1, PREVIOUS, 0)))
+                others = tl.where(j[None, :] == 0, INITIAL, tl.where(j[None, :] == own[:, None] - 1, PREVIOUS, 0))
+                tier = tl.where(j[None, :] == own[:, None], OWN, others)
             candidate = j[None, :] * SEL_BLOCK <= t_pos[:, None]
         else:
             tier = tl.zeros([BLOCK_T, BLOCK_J], tl.int32)
