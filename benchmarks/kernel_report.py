@@ -267,16 +267,16 @@ def case_nsa_selected_g4(configs, dq):
 
 
 def case_nsa_selection_g16(configs, dq):
-    """NSA's selection keys (``subquad.ops.nsa.selection_keys``): 2k tokens, 4 KV heads of 128 with 16 query heads
-    each, summaries of 32 every 16, blocks of 64, bf16."""
+    """NSA's selection (``subquad.ops.nsa.selection_kernel``): 2k tokens, 4 KV heads of 128 with 16 query heads
+    each, summaries of 32 every 16, top 16 blocks of 64, bf16."""
     from subquad.ops.nsa.compression import mean_pool
-    from subquad.ops.nsa.selection_keys import selection_keys
+    from subquad.ops.nsa.selection_kernel import select_top_blocks
     n, hkv = 2048, 4
     q, k, _ = _qkv(1, n, 16 * hkv, 128, hkv)
     calls = record_launches()
-    selection_keys(q, mean_pool(k, 32, 16, torch.float32), q_pos0=0, seq_kv=n, compress_block=32,
-                   compress_stride=16, block=64, n_blocks=n // 64, causal=True, forced=True, bound=33.0,
-                   scale=128 ** -0.5)
+    select_top_blocks(q, mean_pool(k, 32, 16, torch.float32), q_pos0=0, seq_kv=n, compress_block=32,
+                      compress_stride=16, block=64, n_blocks=n // 64, top_k=16, causal=True, forced=True,
+                      bound=33.0, scale=128 ** -0.5)
     return calls
 
 
@@ -372,7 +372,7 @@ def main(argv=None):
     # the kernels are made JIT functions at import, and the launch code then takes its interpreter path (its
     # small-tile choices are overridden by the cases) to reach the recorder
     for module in ("subquad", "subquad.ops.decode.splitkv", "subquad.ops.softmax.flash.launch",
-                   "subquad.ops.nsa.selected", "subquad.ops.nsa.selection_keys"):
+                   "subquad.ops.nsa.selected", "subquad.ops.nsa.selection_kernel"):
         importlib.import_module(module)
     os.environ["TRITON_INTERPRET"] = "1"
 

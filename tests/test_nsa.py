@@ -392,44 +392,54 @@ def _nsa_selection_in_torch(q, k_cmp, seq_kv, *, block, compress_block, compress
 
 # name -> (heads_q, heads_kv, seq_q, seq_kv, block, compress_block, compress_stride, top_k): groups of 1, 3 and 16
 # (rows padded to a power of two), segments spanning 1, 2 and 4 stride steps, selection blocks of 1, 2 and 4
-# segments, more blocks than one tile of the kernel (15 a tile at span 2, 4 segments a block), decoding rows
+# segments, more blocks than one tile of the kernel (15 a tile at span 2, 4 segments a block), decoding rows, more
+# blocks kept than a tile holds (20: the kept keys are a tile of 32)
 SELECTION_CASES = {
     "nsa-defaults-shape": (16, 1, 300, 300, 16, 8, 4, 5),
     "group-3-span-4": (3, 1, 200, 200, 16, 32, 8, 4),
     "mha-long": (2, 2, 20, 700, 16, 8, 8, 6),
     "span-1-two-segments": (4, 2, 130, 130, 32, 16, 16, 3),
+    "top-20-of-44": (2, 2, 20, 700, 16, 8, 8, 20),
 }
 
 
 @needs_triton
+@pytest.mark.parametrize("keep_top", [False, True], ids=["torch-topk", "top-in-kernel"])
 @pytest.mark.parametrize("case", list(SELECTION_CASES))
-def test_selection_kernel_ranks_blocks_as_the_torch_rule(case):
-    """The kernel's keys and ``torch.topk`` pick what ``select_nsa`` picks from fp32 probabilities, for every
-    token, KV head and batch element."""
-    from subquad.ops.nsa.selection_keys import selection_keys, top_blocks
+def test_selection_kernel_ranks_blocks_as_the_torch_rule(monkeypatch, case, keep_top):
+    """The kernel picks what ``select_nsa`` picks from fp32 probabilities, for every token, KV head and batch
+    element, whether it keeps the top-k itself or writes every block's key for ``torch.topk``."""
+    from subquad.ops.nsa import selection_kernel
+    from subquad.ops.nsa.selection_kernel import select_top_blocks
+
+    monkeypatch.setattr(selection_kernel, "KEEP_TOP_IN_KERNEL", keep_top)
 
     hq, hkv, nq, nkv, block, cb, cs, top_k = SELECTION_CASES[case]
     gen = torch.Generator().manual_seed(31)
     q = torch.randn(2, nq, hq, 32, generator=gen).half()
     k_cmp = mean_pool(torch.randn(2, nkv, hkv, 32, generator=gen), cb, cs)
-    keys = selection_keys(q.to(DEV), k_cmp.to(DEV), q_pos0=nkv - nq, seq_kv=nkv, compress_block=cb,
-                          compress_stride=cs, block=block, n_blocks=-(-nkv // block), causal=True, forced=True,
-                          bound=float((hq // hkv) * (cb // cs) + 1), scale=32 ** -0.5)
+    got = select_top_blocks(q.to(DEV), k_cmp.to(DEV), q_pos0=nkv - nq, seq_kv=nkv, compress_block=cb,
+                            compress_stride=cs, block=block, n_blocks=-(-nkv // block), top_k=top_k, causal=True,
+                            forced=True, bound=float((hq // hkv) * (cb // cs) + 1), scale=32 ** -0.5)
     want = _nsa_selection_in_torch(q, k_cmp, nkv, block=block, compress_block=cb, compress_stride=cs, top_k=top_k)
-    assert torch.equal(top_blocks(keys, top_k).cpu(), want)
+    assert torch.equal(got.cpu(), want)
 
 
 @needs_triton
+@pytest.mark.parametrize("keep_top", [False, True], ids=["torch-topk", "top-in-kernel"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_selection_kernel_breaks_ties_by_the_lower_block(causal):
+def test_selection_kernel_breaks_ties_by_the_lower_block(monkeypatch, causal, keep_top):
     """Equal keys give equal importances: the forced block first, then the lowest blocks (the sort's rule)."""
-    from subquad.ops.nsa.selection_keys import selection_keys, top_blocks
+    from subquad.ops.nsa import selection_kernel
+    from subquad.ops.nsa.selection_kernel import select_top_blocks
+
+    monkeypatch.setattr(selection_kernel, "KEEP_TOP_IN_KERNEL", keep_top)
 
     q = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(3)).half()
     k_pool = torch.ones(1, 5, 1, 16)                            # 70 keys in blocks of 16: 5 summaries, all equal
-    keys = selection_keys(q.to(DEV), k_pool.to(DEV), q_pos0=0, seq_kv=70, compress_block=16, compress_stride=16,
-                          block=16, n_blocks=5, causal=causal, forced=False, bound=3.0, scale=0.25)
-    got = top_blocks(keys, 3).cpu()
+    got = select_top_blocks(q.to(DEV), k_pool.to(DEV), q_pos0=0, seq_kv=70, compress_block=16, compress_stride=16,
+                            block=16, n_blocks=5, top_k=3, causal=causal, forced=False, bound=3.0,
+                            scale=0.25).cpu()
     if causal:
         assert got[0, 20, 0].tolist() == [0, 1, -1] and got[0, 40, 0].tolist() == [0, 1, 2]
         assert got[0, 69, 0].tolist() == [0, 1, 4]               # own block forced, then the lowest
@@ -439,12 +449,12 @@ def test_selection_kernel_breaks_ties_by_the_lower_block(causal):
 
 @needs_triton
 def test_selection_in_chunks_equals_one_chunk(monkeypatch):
-    from subquad.ops.nsa import engine
+    from subquad.ops.nsa import selection_kernel
 
     q, k, v, gates = _half(_inputs(1, 50, 4, 2, 16, seed=13), torch.float16)
     opts = dict(block=16, compress_block=16, compress_stride=8, top_k=3, window=4)
     _, whole = sq.nsa(q, k, v, gates, return_indices=True, backend="triton", **opts)
-    monkeypatch.setattr(engine, "SELECTION_ELEMENTS", 2 * 4 * 3)   # 3 tokens a chunk (2 KV heads, 4 blocks)
+    monkeypatch.setattr(selection_kernel, "SELECTION_ELEMENTS", 2 * 4 * 3)   # 3 tokens a chunk (2 KV heads, 4 blocks)
     _, chunked = sq.nsa(q, k, v, gates, return_indices=True, backend="triton", **opts)
     assert torch.equal(chunked, whole)
 

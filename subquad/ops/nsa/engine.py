@@ -2,8 +2,8 @@
 
 * compressed branch: the flash engine (``flash_attention_masked``) over the compressed keys at the positions of
   their blocks' last tokens, causal on those positions;
-* selection: each block's sort key from the summary keys' probabilities (``selection_keys``, in near-fp32: the
-  ranking follows the reference), ``torch.topk`` over them a chunk of queries at a time: no ``N x M`` tensor;
+* selection: the blocks ranked by the summary keys' probabilities and the top-k kept, on one kernel
+  (``selection_kernel``, in near-fp32: the ranking follows the reference's): no ``N x M`` tensor;
 * selected branch: the head-packed kernels of ``selected``;
 * sliding window: ``subquad.attention`` with ``window_size=(window - 1, 0)`` on the flash kernels;
 * the gated sum of the three: ``gate_mix``.
@@ -19,10 +19,7 @@ from ..softmax.flash.launch import interpreting
 from .compression import block_ends, causal_block_mask, pool_blocks
 from .gate_mix import gate_mix
 from .selected import selected_attention
-from .selection_keys import selection_keys, top_blocks
-
-#: sort keys (int64) that one chunk of queries of the selection may hold
-SELECTION_ELEMENTS = 1 << 25
+from .selection_kernel import select_top_blocks
 
 
 def _mask_block(device) -> int:
@@ -53,18 +50,11 @@ def nsa_triton(q, k, v, gates, k_cmp, v_cmp, *, block: int, compress_block: int,
     return gate_mix(o_cmp, o_slc, o_win, gates), indices
 
 
-def _select(q, k_cmp, seq_kv: int, scale: float, *, top_k: int, block: int, **rule) -> torch.Tensor:
-    """The selection (``selection``'s rule) of every query, ranked on the kernel of ``selection_keys`` a chunk of
-    queries at a time (its int64 keys: ``SELECTION_ELEMENTS`` per chunk), ``(B, N_q, H_kv, top_k)`` int64."""
-    bsz, seq_q, hq, d = q.shape
-    hkv = k_cmp.shape[2]
-    n_blocks = -(-seq_kv // block)
-    rows = max(1, min(seq_q, SELECTION_ELEMENTS // max(bsz * hkv * n_blocks, 1)))
+def _select(q, k_cmp, seq_kv: int, scale: float, *, block: int, **rule) -> torch.Tensor:
+    """Every query's selection (``selection``'s rule) on ``selection_kernel``, ``(B, N_q, H_kv, top_k)`` int64."""
     with torch.no_grad():
-        return torch.cat([
-            top_blocks(selection_keys(q[:, t0:t0 + rows], k_cmp, q_pos0=seq_kv - seq_q + t0, seq_kv=seq_kv,
-                                      block=block, n_blocks=n_blocks, scale=scale, **rule), top_k)
-            for t0 in range(0, seq_q, rows)], 1)
+        return select_top_blocks(q, k_cmp, q_pos0=seq_kv - q.shape[1], seq_kv=seq_kv, block=block,
+                                 n_blocks=-(-seq_kv // block), scale=scale, **rule)
 
 
 def topk_block_attention_triton(q, k, v, *, block: int, top_k: int, causal: bool,

@@ -1,6 +1,6 @@
-"""The selection's ranking on a Triton kernel: ``selection``'s rule without an ``N x M`` tensor in memory.
+"""The selection on a Triton kernel: ``selection``'s rule without an ``N x M`` tensor in memory.
 
-For a chunk of queries the kernel computes, per query token, KV head and selection block, one int64 sort key:
+For a chunk of queries the kernel ranks, per query token and KV head, every selection block by one int64 key:
 
 * the block's importance (``selection``: each query head's softmax probability of the summary keys, summed over
   the heads of the group, carried from compression blocks to selection blocks by shared ``stride`` segments),
@@ -9,12 +9,13 @@ For a chunk of queries the kernel computes, per query token, KV head and selecti
   ``2^20`` in the low bits: equal importances then rank the lower block first, the sort's tie rule;
 * ``-1`` for a block that is not a candidate (causal: starts after the query).
 
-``torch.topk`` of the keys then gives the selection exactly as the stable sort of ``selection.select_blocks``
-would. The softmax runs over the summary keys twice per program, a pass for each row's maximum and sum and a
-pass for the probabilities, with scores of near-fp32 accuracy: fp32 summary keys enter the tensor cores as two
-half-precision parts (high and residual, ~2^-16 relative), so that rankings follow the fp32 reference, not the
-rounding of a bf16 score (the PyTorch selection materialised fp32 scores chunk by chunk: 60 of NSA's 84 ms at
-2 x 16k, 64 / 4 heads, on the H100).
+and keeps the ``top_k`` highest as it walks the blocks (a sort of the kept keys and a tile's new ones), so that
+the selection leaves the kernel as indices: the same as the stable sort of ``selection.select_blocks``. The
+softmax runs over the summary keys twice per program, a pass for each row's maximum and sum and a pass for the
+probabilities, with scores of near-fp32 accuracy: fp32 summary keys enter the tensor cores as two half-precision
+parts (high and residual, ~2^-16 relative), so that rankings follow the fp32 reference, not the rounding of a
+bf16 score (the PyTorch selection materialised fp32 scores chunk by chunk: 60 of NSA's 84 ms at 2 x 16k, 64 / 4
+heads, on the H100; keys written out and ranked by ``torch.topk`` took 16 of its 93 ms at 1 x 64k).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from . import selection
 #: the low bits of a key: the block's index counted down (blocks per row at most 2^20)
 INDEX_BITS = 20
 INDEX_MASK = (1 << INDEX_BITS) - 1
+#: keys (int64) of one launch when they go to ``torch.topk``
+SELECTION_ELEMENTS = 1 << 25
+#: keep each row's top-k in the kernel (a sort of the kept keys and each tile's) instead of writing every block's key
+#: for ``torch.topk``. NOT MEASURED: the H100 profile of NSA at 1 x 64k (64 / 4 heads) had ``torch.topk`` at 15.6 of
+#: 92.6 ms and the kernel at 39.0; Triton 3.6 (sm90) compiles the kernel's second loop to 2,198 instructions a
+#: tile with the sort against 1,412 without (137 registers, no spill)
+KEEP_TOP_IN_KERNEL = False
 LOG2E = 1.4426950408889634
 # for the kernel (Triton reads only globals that are constexpr): the index bits and ``selection``'s tiers
 _INDEX_BITS, _INDEX_MASK = tl.constexpr(INDEX_BITS), tl.constexpr(INDEX_MASK)
@@ -58,19 +66,21 @@ def _ends(c, seq_kv, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _selection_keys_kernel(
-    Q, KC, KEY,
+def _selection_kernel(
+    Q, KC, OUT,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_km, stride_kh, stride_ob, stride_ot, stride_oh,
     n_tokens, q_pos0, n_cmp, seq_kv, n_sel, scale_log2, bound,
     HKV: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, J_STEP: tl.constexpr,
     CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-    FORCED: tl.constexpr,
+    FORCED: tl.constexpr, TOP_K: tl.constexpr, KEEP_TOP: tl.constexpr,
 ):
     """Grid ``(cdiv(n_tokens, BLOCK_T), B x H_kv)``: ``BLOCK_T`` tokens of one KV head, their group's query heads
-    as the rows ``t * G_P2 + g`` of the tile. ``KEY`` ``(B, n_tokens, H_kv, n_sel)`` int64. A selection block
-    ``j`` gathers compression blocks ``j * PER_BLOCK - SPAN + 1 .. (j + 1) * PER_BLOCK - 1``, so that a tile of
-    ``BLOCK_C`` of them serves ``J_STEP`` blocks."""
+    as the rows ``t * G_P2 + g`` of the tile. A selection block ``j`` gathers compression blocks
+    ``j * PER_BLOCK - SPAN + 1 .. (j + 1) * PER_BLOCK - 1``, so that a tile of ``BLOCK_C`` of them serves
+    ``J_STEP`` blocks. ``KEEP_TOP``: the ``BLOCK_J >= TOP_K`` best keys of a row are kept as the walk goes and
+    ``OUT`` is the selection ``(B, n_tokens, H_kv, TOP_K)`` int64; else ``OUT`` is every block's key
+    ``(B, n_tokens, H_kv, n_sel)`` int64, for ``torch.topk``."""
     SPAN: tl.constexpr = CMP_BLOCK // CMP_STRIDE
     PER_BLOCK: tl.constexpr = SEL_BLOCK // CMP_STRIDE
     IDENTITY: tl.constexpr = SPAN == 1 and PER_BLOCK == 1
@@ -121,7 +131,9 @@ def _selection_keys_kernel(
     t_pos = q_pos0 + tq
     own = t_pos // SEL_BLOCK
     jj = tl.arange(0, BLOCK_J)
-    key_rows = KEY + b.to(tl.int64) * stride_ob + tq.to(tl.int64)[:, None] * stride_ot + hkv * stride_oh
+    out_rows = OUT + b.to(tl.int64) * stride_ob + tq.to(tl.int64)[:, None] * stride_ot + hkv * stride_oh
+    lanes = (tq < n_tokens)[:, None] & (jj < J_STEP)[None, :]
+    best = tl.full([BLOCK_T, BLOCK_J], -1, tl.int64)
     computed = tl.cdiv(candidates, J_STEP) * J_STEP
     for j0 in range(0, computed, J_STEP):
         j = j0 + jj
@@ -141,33 +153,47 @@ def _selection_keys_kernel(
             weight = tl.maximum(hi - lo + 1, 0).to(tl.float32)
             per_block = tl.dot(p, weight, input_precision="ieee")
         importance = tl.sum(tl.reshape(per_block, (BLOCK_T, G_P2, BLOCK_J)), 1)
+        candidate = ((jj < J_STEP) & (j < n_sel))[None, :]
         if CAUSAL:
             tier = tl.where(j[None, :] == own[:, None], OWN, 0)
             if FORCED:
                 others = tl.where(j[None, :] == 0, INITIAL, tl.where(j[None, :] == own[:, None] - 1, PREVIOUS, 0))
                 tier = tl.where(j[None, :] == own[:, None], OWN, others)
-            candidate = j[None, :] * SEL_BLOCK <= t_pos[:, None]
+            candidate = candidate & (j[None, :] * SEL_BLOCK <= t_pos[:, None])
         else:
             tier = tl.zeros([BLOCK_T, BLOCK_J], tl.int32)
-            candidate = tl.full([BLOCK_T, BLOCK_J], True, tl.int1)
         value = importance + tier.to(tl.float32) * bound
         bits = value.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(candidate, (bits << _INDEX_BITS) | (_INDEX_MASK - j[None, :]), -1)
-        tl.store(key_rows + j[None, :], key,
-                 mask=(tq < n_tokens)[:, None] & (jj < J_STEP)[None, :] & (j < n_sel)[None, :])
-    # blocks after the tile's last query: no candidate of any row
-    for j0 in range(computed, n_sel, J_STEP):
-        j = j0 + jj
-        tl.store(key_rows + j[None, :], tl.full([BLOCK_T, BLOCK_J], -1, tl.int64),
-                 mask=(tq < n_tokens)[:, None] & (jj < J_STEP)[None, :] & (j < n_sel)[None, :])
+        if KEEP_TOP:
+            # the kept keys and the tile's, sorted: the first half is the new best (keys are distinct but the -1s)
+            merged = tl.sort(tl.reshape(tl.join(best, key), (BLOCK_T, 2 * BLOCK_J)), dim=1, descending=True)
+            best, _ = tl.split(tl.permute(tl.reshape(merged, (BLOCK_T, 2, BLOCK_J)), (0, 2, 1)))
+        else:
+            tl.store(out_rows + j[None, :], key, mask=lanes & (j < n_sel)[None, :])
+    if KEEP_TOP:
+        # the best TOP_K by index, a missing one (key -1) after them as -1
+        none = _INDEX_MASK + 1
+        index = tl.where((best >= 0) & (jj < TOP_K)[None, :], _INDEX_MASK - (best & _INDEX_MASK), none)
+        index = tl.sort(index, dim=1)
+        tl.store(out_rows + jj[None, :], tl.where(index == none, -1, index),
+                 mask=(tq < n_tokens)[:, None] & (jj < TOP_K)[None, :])
+    else:
+        # blocks after the tile's last query: no candidate of any row
+        for j0 in range(computed, n_sel, J_STEP):
+            j = j0 + jj
+            tl.store(out_rows + j[None, :], tl.full([BLOCK_T, BLOCK_J], -1, tl.int64),
+                     mask=lanes & (j < n_sel)[None, :])
 
 
-def selection_keys(q: torch.Tensor, k_cmp: torch.Tensor, *, q_pos0: int, seq_kv: int, compress_block: int,
-                   compress_stride: int, block: int, n_blocks: int, causal: bool, forced: bool, bound: float,
-                   scale: float) -> torch.Tensor:
-    """The sort keys ``(B, N_q, H_kv, n_blocks)`` int64 of queries ``q`` ``(B, N_q, H_q, D)`` at positions
-    ``q_pos0, q_pos0 + 1, ...`` over summary keys ``k_cmp`` ``(B, M, H_kv, D)`` (compression block ``i``:
-    tokens ``[i * compress_stride, i * compress_stride + compress_block)``, the last one cut at ``seq_kv``)."""
+def select_top_blocks(q: torch.Tensor, k_cmp: torch.Tensor, *, q_pos0: int, seq_kv: int, compress_block: int,
+                      compress_stride: int, block: int, n_blocks: int, top_k: int, causal: bool, forced: bool,
+                      bound: float, scale: float) -> torch.Tensor:
+    """The selection ``(B, N_q, H_kv, top_k)`` int64 (increasing, ``-1`` after them where fewer blocks are
+    candidates) of queries ``q`` ``(B, N_q, H_q, D)`` at positions ``q_pos0, q_pos0 + 1, ...`` over summary
+    keys ``k_cmp`` ``(B, M, H_kv, D)`` (compression block ``i``: tokens ``[i * compress_stride, i *
+    compress_stride + compress_block)``, the last one cut at ``seq_kv``), among ``n_blocks`` blocks of ``block``.
+    Without ``KEEP_TOP_IN_KERNEL`` the keys go through ``torch.topk``, ``SELECTION_ELEMENTS`` keys at a time."""
     if n_blocks > INDEX_MASK:
         raise ValueError(f"block: at most {INDEX_MASK} selection blocks per sequence, got {n_blocks}")
     bsz, n_tokens, hq, d = q.shape
@@ -176,27 +202,43 @@ def selection_keys(q: torch.Tensor, k_cmp: torch.Tensor, *, q_pos0: int, seq_kv:
     g_p2 = next_power_of_2(g)
     block_t = max(1, 128 // g_p2)
     span, per_block = compress_block // compress_stride, block // compress_stride
-    if span == 1 and per_block == 1:
-        block_c = block_j = j_step = 64
+    identity = span == 1 and per_block == 1
+    if identity:
+        block_c = j_step = 64
     else:
         block_c = max(64, next_power_of_2(per_block + span - 1))
         j_step = (block_c - span + 1) // per_block
-        block_j = max(16, next_power_of_2(j_step))
-    keys = torch.empty(bsz, n_tokens, hkv, n_blocks, dtype=torch.int64, device=q.device)
+    block_j = max(16, next_power_of_2(j_step))
+    if KEEP_TOP_IN_KERNEL:
+        # the tile of blocks is also the width of the kept keys: at least top_k
+        block_j = max(block_j, next_power_of_2(top_k))
+        if identity:
+            block_c = j_step = block_j
     kc = k_cmp if k_cmp.shape[1] else q      # no summary yet: a valid pointer, never read
-    _selection_keys_kernel[(cdiv(n_tokens, block_t), bsz * hkv)](
-        q, kc, keys,
-        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        n_tokens, q_pos0, k_cmp.shape[1], seq_kv, n_blocks, scale * LOG2E, bound,
-        HKV=hkv, G=g, G_P2=g_p2, BLOCK_T=block_t, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_C=block_c,
-        BLOCK_J=block_j, J_STEP=j_step, CMP_BLOCK=compress_block, CMP_STRIDE=compress_stride, SEL_BLOCK=block,
-        CAUSAL=causal, FORCED=forced, num_warps=8 if block_t * g_p2 >= 128 else 4, num_stages=2,
-    )
-    return keys
+
+    def launch(q_chunk, out, pos0):
+        _selection_kernel[(cdiv(q_chunk.shape[1], block_t), bsz * hkv)](
+            q_chunk, kc, out,
+            q_chunk.stride(0), q_chunk.stride(1), q_chunk.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            q_chunk.shape[1], pos0, k_cmp.shape[1], seq_kv, n_blocks, scale * LOG2E, bound,
+            HKV=hkv, G=g, G_P2=g_p2, BLOCK_T=block_t, D=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_C=block_c,
+            BLOCK_J=block_j, J_STEP=j_step, CMP_BLOCK=compress_block, CMP_STRIDE=compress_stride,
+            SEL_BLOCK=block, CAUSAL=causal, FORCED=forced, TOP_K=top_k, KEEP_TOP=KEEP_TOP_IN_KERNEL,
+            num_warps=8 if block_t * g_p2 >= 128 else 4, num_stages=2,
+        )
+        return out
+
+    if KEEP_TOP_IN_KERNEL:
+        return launch(q, torch.empty(bsz, n_tokens, hkv, top_k, dtype=torch.int64, device=q.device), q_pos0)
+    rows = max(1, min(n_tokens, SELECTION_ELEMENTS // max(bsz * hkv * n_blocks, 1)))
+    return torch.cat([
+        _top_blocks(launch(q[:, t0:t0 + rows], torch.empty(bsz, min(rows, n_tokens - t0), hkv, n_blocks,
+                                                           dtype=torch.int64, device=q.device), q_pos0 + t0), top_k)
+        for t0 in range(0, n_tokens, rows)], 1)
 
 
-def top_blocks(keys: torch.Tensor, top_k: int) -> torch.Tensor:
+def _top_blocks(keys: torch.Tensor, top_k: int) -> torch.Tensor:
     """The ``top_k`` blocks of the highest keys, in increasing order, ``-1`` after them (where fewer blocks are
     candidates): ``(..., n_blocks)`` int64 keys -> ``(..., top_k)`` int64 indices."""
     n_blocks = keys.shape[-1]
