@@ -22,7 +22,11 @@ def _rank_entry(rank: int, world: int, init_file: str, out_dir: str, body: Calla
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     torch.save(body(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # every rank has saved: leave without tearing the group down. A CI run (two busy cores) once lost a rank to
+    # SIGABRT, "terminate called without an active exception", a gloo thread destroyed while joinable at exit,
+    # after the work was done; the process's exit closes its sockets all the same
+    dist.barrier()
+    os._exit(0)
 
 
 _RUNS: dict[tuple, list[dict]] = {}
