@@ -374,6 +374,21 @@ def test_the_nn_layer_decodes_from_its_cache_on_the_kernels():
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=2e-3, rtol=2e-3)
 
 
+def test_the_nn_layer_before_its_first_compression_block():
+    """10 tokens with the default sizes (compression blocks of 32): no summary yet, the layer runs, and cached
+    steps equal the whole sequence (the reference raised on an empty compressed branch before 4665434)."""
+    from subquad.nn import NSA
+
+    torch.manual_seed(17)
+    layer = NSA(32, 2, kv_heads=1).double()
+    x = torch.randn(1, 10, 32, dtype=torch.float64)
+    whole = layer(x)
+    cache = layer.new_cache(1, 16)
+    steps = [layer(x[:, :6], cache)] + [layer(x[:, t:t + 1], cache) for t in range(6, 10)]
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-10, rtol=1e-10)
+
+
 def _nsa_selection_in_torch(q, k_cmp, seq_kv, *, block, compress_block, compress_stride, top_k):
     """``selection.select_nsa`` on fp32 probabilities of the summary keys (the reference's rule, whole)."""
     from subquad.ops.nsa.compression import block_ends
