@@ -35,8 +35,8 @@ INDEX_MASK = (1 << INDEX_BITS) - 1
 SELECTION_ELEMENTS = 1 << 25
 #: keep each row's top-k in the kernel (a sort of the kept keys and each tile's) instead of writing every block's key
 #: for ``torch.topk``. NOT MEASURED: the H100 profile of NSA at 1 x 64k (64 / 4 heads) had ``torch.topk`` at 15.6 of
-#: 92.6 ms and the kernel at 39.0; Triton 3.6 (sm90) compiles the kernel's second loop to 2,198 instructions a
-#: tile with the sort against 1,412 without (137 registers, no spill)
+#: 92.6 ms and the kernel at 39.0; Triton 3.6 (sm90) compiles the kernel's second loop to 1,125 instructions a
+#: tile with the sort against 927 without (144 / 116 registers, no spill)
 KEEP_TOP_IN_KERNEL = False
 LOG2E = 1.4426950408889634
 # for the kernel (Triton reads only globals that are constexpr): the index bits and ``selection``'s tiers
@@ -144,15 +144,16 @@ def _selection_kernel(
         if CAUSAL:
             keep = keep & (_ends(c, seq_kv, CMP_BLOCK, CMP_STRIDE)[None, :] <= q_pos[:, None])
         p = tl.where(keep, tl.exp2(s - m_use[:, None]) * inv[:, None], 0.0)
+        # summed over the group's heads first (BLOCK_T rows, not BLOCK_T * G_P2), then carried to the blocks
+        per_summary = tl.sum(tl.reshape(p, (BLOCK_T, G_P2, BLOCK_C)), 1)
         if IDENTITY:
-            per_block = p
+            importance = per_summary
         else:
             # weight of summary c in block j: the stride segments they share
             lo = tl.maximum(c[:, None], j[None, :] * PER_BLOCK)
             hi = tl.minimum(c[:, None] + SPAN - 1, j[None, :] * PER_BLOCK + PER_BLOCK - 1)
             weight = tl.maximum(hi - lo + 1, 0).to(tl.float32)
-            per_block = tl.dot(p, weight, input_precision="ieee")
-        importance = tl.sum(tl.reshape(per_block, (BLOCK_T, G_P2, BLOCK_J)), 1)
+            importance = tl.sum(per_summary[:, :, None] * weight[None, :, :], 1)
         candidate = ((jj < J_STEP) & (j < n_sel))[None, :]
         if CAUSAL:
             tier = tl.where(j[None, :] == own[:, None], OWN, 0)
