@@ -153,7 +153,11 @@ def _selection_kernel(
             lo = tl.maximum(c[:, None], j[None, :] * PER_BLOCK)
             hi = tl.minimum(c[:, None] + SPAN - 1, j[None, :] * PER_BLOCK + PER_BLOCK - 1)
             weight = tl.maximum(hi - lo + 1, 0).to(tl.float32)
-            importance = tl.sum(per_summary[:, :, None] * weight[None, :, :], 1)
+            if BLOCK_T >= 16:
+                # (small groups: BLOCK_T x BLOCK_C x BLOCK_J products would not fit in registers)
+                importance = tl.dot(per_summary, weight, input_precision="ieee")
+            else:
+                importance = tl.sum(per_summary[:, :, None] * weight[None, :, :], 1)
         candidate = ((jj < J_STEP) & (j < n_sel))[None, :]
         if CAUSAL:
             tier = tl.where(j[None, :] == own[:, None], OWN, 0)
