@@ -53,3 +53,15 @@ def value_errors(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
         except ValueError as error:
             messages[name] = str(error)
     return messages
+
+
+def assert_gathered(expected: dict, gather: Callable[[str], torch.Tensor | None], tol: float, label: str) -> None:
+    """Each ``expected[key]`` (None: the op gives no gradient there) against ``gather(key)``, the ranks' values put
+    together for the whole sequence, compared in the expected value's dtype."""
+    for key, want in expected.items():
+        got = gather(key)
+        if want is None:
+            assert got is None, f"{label}, {key}: a gradient where the op has none"
+            continue
+        torch.testing.assert_close(got.to(want.dtype), want, atol=tol, rtol=tol,
+                                   msg=lambda m: f"{label}, {key}: {m}")

@@ -11,7 +11,7 @@ import torch
 import subquad
 from subquad.ops.ring.layout import block_calls, shard_chunks
 
-from distributed import run_ranks, value_errors
+from distributed import assert_gathered, run_ranks, value_errors
 from oracles import softmax_attention
 
 # shard lengths 7 x 2 (zig-zag: two chunks of 7) and 13 (contiguous): multiples of nothing the kernels tile by
@@ -97,21 +97,16 @@ def _whole_sequence(name, world, oracle=False):
 @pytest.mark.parametrize("name", list(CASES))
 def test_ring_equals_whole_sequence_attention(name, world, tmp_path_factory):
     ranks = run_ranks(_rank_cases, world, tmp_path_factory)
-    expected = _whole_sequence(name, world)
-    for key, want in expected.items():
-        got = _gathered(ranks, name, key)
-        # world 1 is one block merged with nothing: the plain call's values (its backward goes through the LSE
-        # weights, which are exactly 1)
-        tol = 1e-6 if world == 1 else 2e-5
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{name}, world {world}, {key}: {m}")
+    # world 1 is one block merged with nothing: the plain call's values (its backward goes through the LSE
+    # weights, which are exactly 1)
+    assert_gathered(_whole_sequence(name, world), lambda key: _gathered(ranks, name, key),
+                    1e-6 if world == 1 else 2e-5, f"{name}, world {world}")
 
 
 @pytest.mark.parametrize("name", ["causal-zigzag-gqa", "causal-contiguous", "full-zigzag-mqa"])
 def test_ring_equals_fp64_oracle(name, tmp_path_factory):
     ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
-    for key, want in _whole_sequence(name, 4, oracle=True).items():
-        torch.testing.assert_close(_gathered(ranks, name, key).double(), want, atol=5e-5, rtol=5e-5,
-                                   msg=lambda m: f"{name}, {key}: {m}")
+    assert_gathered(_whole_sequence(name, 4, oracle=True), lambda key: _gathered(ranks, name, key), 5e-5, name)
 
 
 def test_bad_input_raises_on_every_rank(tmp_path_factory):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import subquad
 
-from distributed import run_ranks, value_errors
+from distributed import assert_gathered, run_ranks, value_errors
 from oracles import gla_recurrence
 
 # shard length 13: not a multiple of the engine's chunks; `state_on`: the rank whose loss holds the final state
@@ -151,15 +151,9 @@ def _gathered(ranks: list[dict], name: str, key: str):
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_equals_whole_sequence(name, world, tmp_path_factory):
     ranks = run_ranks(_rank_cases, world, tmp_path_factory)
-    expected = _whole_sequence(name, world)
-    for key, want in expected.items():
-        got = _gathered(ranks, name, key)
-        if want is None:
-            assert got is None, f"{name}, world {world}, {key}: a gradient where the op has none"
-            continue
-        # world 1 adds what a zero entering state adds: nothing
-        tol = 1e-6 if world == 1 else 2e-5
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{name}, world {world}, {key}: {m}")
+    # world 1 adds what a zero entering state adds: nothing
+    assert_gathered(_whole_sequence(name, world), lambda key: _gathered(ranks, name, key),
+                    1e-6 if world == 1 else 2e-5, f"{name}, world {world}")
     for rank, saved in enumerate(ranks):
         torch.testing.assert_close(saved[name]["state"], ranks[0][name]["state"], atol=0, rtol=0,
                                    msg=lambda m: f"{name}, world {world}: rank {rank}'s final state: {m}")
@@ -170,10 +164,7 @@ def test_sharded_equals_whole_sequence(name, world, tmp_path_factory):
 @pytest.mark.parametrize("name", ["gla-per-key", "retention", "linear-no-decay"])
 def test_sharded_equals_fp64_recurrence(name, tmp_path_factory):
     ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
-    for key, want in _whole_sequence(name, 4, oracle=True).items():
-        if want is not None:
-            torch.testing.assert_close(_gathered(ranks, name, key).double(), want, atol=5e-5, rtol=5e-5,
-                                       msg=lambda m: f"{name}, {key}: {m}")
+    assert_gathered(_whole_sequence(name, 4, oracle=True), lambda key: _gathered(ranks, name, key), 5e-5, name)
 
 
 def test_bad_input_raises_on_every_rank(tmp_path_factory):
