@@ -117,7 +117,6 @@ FLASH = {"fwd": ("flash_fwd_kernel", "INTERPRET_FWD", (128, 64, 8, 3)),
          "bwd": ("flash_bwd_kernel", "INTERPRET_BWD", (64, 128, 8, 2))}
 #: how the backward sums dQ: TMA reduce-adds (Hopper's default), atomics by threads, or dQ programs
 DQ_MODES = ("tma", "atomic", "programs")
-PREPROCESS = "flash_bwd_preprocess_kernel"      # D = rowsum(dO * O): launched with its own fixed meta
 
 
 def _flash(mask, n, configs, backward, dq, dropout_p=0.0):
@@ -146,16 +145,18 @@ def _flash_launches(call, n, configs, backward, dq):
     short_of = {name: short for short, (name, _, _) in FLASH.items()}
     launches = []
     for fn, args, kw in calls:
-        if fn.__name__ == PREPROCESS:
+        if fn.__name__ not in short_of:     # the preprocess, the pieces' merge: launched with their own meta
             launches.append((fn, args, kw))
             continue
         short = short_of[fn.__name__]
-        _, _, warps, stages = configs.get(short, FLASH[short][2])
+        _, _, warps, stages, *maxnreg = configs.get(short, FLASH[short][2])
         extra = {"DQ_TMA": True} if short == "bwd" and kw.get("DQ_ATOMIC") and dq == "tma" else {}
         # as the launcher's pruning sets them for these warps (the interpreter's took INTERPRET_WARPS)
         extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N" if short == "bwd" else "BLOCK_M"], warps)
         if kw.get("DQ_PROGRAMS"):
             extra["DQ_UNCHAIN"] = chains_replicate(kw["DQ_BLOCK_M"], warps)
+        if maxnreg:     # a fifth number: a register cap (Triton's ``maxnreg``), e.g. to fit two programs an SM
+            extra["maxnreg"] = maxnreg[0]
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
     return launches
 
@@ -362,9 +363,10 @@ CASES = {name[5:].replace("_", "-"): fn for name, fn in globals().items() if nam
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("case", choices=sorted(CASES))
-    parser.add_argument("--config", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES",
+    parser.add_argument("--config", action="append", default=[], metavar="KERNEL=BM,BN,WARPS,STAGES[,MAXNREG]",
                         help="a kernel's configuration (fwd, bwd: the dK/dV tile, its dQ programs' transposed; "
-                             "mla: heads per program, keys, warps, stages); repeatable")
+                             "mla: heads per program, keys, warps, stages); a flash kernel's may add a register "
+                             "cap; repeatable")
     parser.add_argument("--dq", choices=DQ_MODES, default="tma",
                         help="the backward's dQ: TMA reduce-adds, atomics by threads, or dQ programs (deterministic)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the TTGIR, PTX and SASS")

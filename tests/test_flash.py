@@ -517,6 +517,18 @@ def test_wide_head_tiles_only_for_wide_heads():
     assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
 
 
+def test_register_capped_tile_only_for_block_mask_walks():
+    """The forward's 128 x 64 tile at 128 registers (two programs an SM) is tried on BlockMask walks, where it won,
+    and not on bands (dense, windows), where it lost; it keeps its cap through the pruning."""
+    from subquad.ops.softmax.flash.launch import FWD_CONFIGS_SM90, FWD_LIST, _prune
+
+    configs = FWD_CONFIGS_SM90 + FWD_LIST
+    caps = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.maxnreg) for c in cs]  # noqa: E731
+    band = caps(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128, USE_LIST=False))
+    walk = caps(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128, USE_LIST=True))
+    assert all(cap is None for _, _, cap in band) and walk == band + [(128, 64, 128)]
+
+
 def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
     """A tuning round of the backward (Triton's own hooks, run as its autotuner runs them: around each timed run,
     then before the chosen configuration's run) leaves its sums as they came: the two-source backward's second

@@ -228,6 +228,7 @@ def _dkdv_program(
         if HAS_LAYOUT:
             lay = LAYOUT + b * stride_lay_b + h * stride_lay_h
         if USE_LIST:
+            SUBS: tl.constexpr = MBQ // BLOCK_M
             kb = start_n // MBK
             base = (((b % mask_b) * mask_h + h % mask_h) * n_kb + kb).to(tl.int64)
             n_full = tl.load(FULL_NUM + base)
@@ -240,23 +241,25 @@ def _dkdv_program(
                 if part == 1:
                     j_lo = tl.maximum(first, n_full)
                     j_hi = tl.minimum(n_all, last)
-                for j in range(j_lo + split, j_hi, n_split):
+                # an iteration a query tile, not a block (see the forward's list walk): entries j_lo + split,
+                # + n_split, ... below j_hi, SUBS tiles each
+                for t in range(0, tl.cdiv(j_hi - j_lo - split, n_split) * SUBS):
+                    j = j_lo + split + (t // SUBS) * n_split
                     qb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
                     tile = 0
                     if USE_BITS:
                         tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
                         tile = tl.load(TILE_OF + tile_base * n_kb + kb, mask=partial, other=0)
-                    for sub in tl.static_range(MBQ // BLOCK_M):
-                        dk, dv = _dkdv_tile(
-                            dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                            stride_dqn, qb * MBQ + sub * BLOCK_M, True, offs_n, kp, seq_q, seq_kv, q_off,
-                            qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
-                            n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
-                            offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1, EVEN_Q,
-                            not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                            HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
-                            bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n, WIDE_ROWS, lsh_q_chunk,
-                            lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                        stride_dqn, qb * MBQ + (t % SUBS) * BLOCK_M, True, offs_n, kp, seq_q, seq_kv, q_off,
+                        qk_scale, cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                        n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, qb * MBQ, Q_POS, offs_d,
+                        offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, part == 1, EVEN_Q,
+                        not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+                        HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
+                        bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n, WIDE_ROWS, lsh_q_chunk,
+                        lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -410,22 +413,22 @@ def _dq_program(
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS or LSH
     if USE_LIST:
+        SUBS: tl.constexpr = MBK // BLOCK_N
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
-            for j in range(lo, hi):
-                kb, partial, tile = list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF,
-                                               n_kb, USE_BITS)
-                for sub in tl.static_range(MBK // BLOCK_N):
-                    start_n = kb * MBK + sub * BLOCK_N
-                    dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
-                                  list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV), offs_m,
-                                  qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix,
-                                  IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
-                                  offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
-                                  EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                                  HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT,
-                                  WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+            for t in range(lo * SUBS, hi * SUBS):      # an iteration a key tile (the forward's list walk)
+                kb, partial, tile = list_block(t // SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width,
+                                               TILE_OF, n_kb, USE_BITS)
+                start_n = kb * MBK + (t % SUBS) * BLOCK_N
+                dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
+                              list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV), offs_m,
+                              qp, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix,
+                              IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, KV_POS,
+                              offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
+                              EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+                              HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT,
+                              WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)

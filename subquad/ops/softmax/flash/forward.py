@@ -190,26 +190,28 @@ def flash_fwd_kernel(
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS or LSH
     if USE_LIST:
+        SUBS: tl.constexpr = MBK // BLOCK_N
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
             if PIECES:      # a walk cut into pieces: this program's stretch of the row's entries
                 lo = tl.maximum(lo, piece * piece_len)
                 hi = tl.minimum(hi, (piece + 1) * piece_len)
-            for j in range(lo, hi):
-                kb, partial, tile = list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF,
-                                               n_kb, USE_BITS)
-                for sub in tl.static_range(MBK // BLOCK_N):
-                    start_n = kb * MBK + sub * BLOCK_N
-                    edge = list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV)
-                    acc, l_i, m_i = _fwd_tile(
-                        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m,
-                        seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
-                        n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, kv_pos, offs_d, offs_dv, D,
-                        DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
-                        HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
-                        UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER,
-                        LSH_CHUNK, LSH, LSH_NOT_SELF)
+            # an iteration a key tile, not a block: a block's tiles unrolled in the body took pipeline buffers
+            # of their own (at 64-key tiles in 128-blocks, twice the shared memory: one program an SM)
+            for t in range(lo * SUBS, hi * SUBS):
+                kb, partial, tile = list_block(t // SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width,
+                                               TILE_OF, n_kb, USE_BITS)
+                start_n = kb * MBK + (t % SUBS) * BLOCK_N
+                edge = list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV)
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, offs_m,
+                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL,
+                    n_flags, lay, lay_block, stride_lay_q, doc_ids, BITS, tile, row0, kv_pos, offs_d, offs_dv, D,
+                    DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
+                    HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
+                    UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER,
+                    LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile

@@ -38,9 +38,10 @@ def _fit(block: int, mask_block: int) -> int:
     return block
 
 
-def _cfg(bm, bn, warps, stages, dq_tma=False):
+def _cfg(bm, bn, warps, stages, dq_tma=False, maxnreg=None):
     extra = {"DQ_TMA": True} if dq_tma else {}
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
 def _hopper() -> bool:
@@ -83,6 +84,13 @@ BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128
 # K/V at that width; these smaller ones are added for wide heads only
 FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
 _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
+# BlockMask walks (USE_LIST) only: 128 x 64 tiles capped at 128 registers, so that two programs share an SM (96 KB
+# of shared memory each), one loading its Q tile and first key tiles while the other computes. H100, forced one
+# by one (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density 0.1 /
+# 0.25 / 0.5 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages; on band
+# walks (dense full 16k, window 4096) it was 4.5% and 3.5% slower than their tuned choice, so they do not try it
+FWD_LIST = [_cfg(128, 64, 8, 2, maxnreg=128)]
+_LIST_ONLY = {id(c) for c in FWD_LIST}
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
 BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
@@ -109,13 +117,14 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     mbk = kwargs.get("MBK", named_args.get("MBK"))
     wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
     out, seen = [], set()
+    walks_list = kwargs.get("USE_LIST", named_args.get("USE_LIST", False))
     for c in configs:
-        if id(c) in _WIDE_ONLY and not wide:
+        if id(c) in _WIDE_ONLY and not wide or id(c) in _LIST_ONLY and not walks_list:
             continue
         if c.kwargs.get("DQ_TMA") and not tma:
             continue
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
-        key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False))
+        key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False), c.maxnreg)
         if key not in seen:
             seen.add(key)
             out.append(_cfg(*key))
@@ -163,7 +172,7 @@ def _kernel(name: str, jit_fn):
     tune = autotuning()
     if (name, tune) not in _TUNED:
         hopper = _hopper()
-        configs = {"fwd": (FWD_CONFIGS_SM90 if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
+        configs = {"fwd": (FWD_CONFIGS_SM90 + FWD_LIST if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
                    "bwd": (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"] if name == "bwd" else [])
         unchain = {"fwd": "BLOCK_M", "bwd": "BLOCK_N"}[name]
