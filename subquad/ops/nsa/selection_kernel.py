@@ -34,10 +34,11 @@ INDEX_MASK = (1 << INDEX_BITS) - 1
 #: keys (int64) of one launch when they go to ``torch.topk``
 SELECTION_ELEMENTS = 1 << 25
 #: keep each row's top-k in the kernel (a sort of the kept keys and each tile's) instead of writing every block's key
-#: for ``torch.topk``. NOT MEASURED: the H100 profile of NSA at 1 x 64k (64 / 4 heads) had ``torch.topk`` at 15.6 of
-#: 92.6 ms and the kernel at 39.0; Triton 3.6 (sm90) compiles the kernel's second loop to 1,125 instructions a
-#: tile with the sort against 927 without (144 / 116 registers, no spill)
-KEEP_TOP_IN_KERNEL = False
+#: for ``torch.topk``. H100, NSA forward (64 / 4 heads, the dynamic suite's shapes) alternated in one process
+#: (``benchmarks/gpu/nsa_topk_ab.py``, benchmarks/results/2026-12-05-nsa-topk-ab-h100.json): 23.03 against 23.95
+#: ms at 2 x 16k, 89.09 against 93.41 at 1 x 64k, the same selections; Triton 3.6 (sm90) compiles the kernel's
+#: second loop to 1,125 instructions a tile with the sort against 927 without (144 / 116 registers, no spill)
+KEEP_TOP_IN_KERNEL = True
 LOG2E = 1.4426950408889634
 # for the kernel (Triton reads only globals that are constexpr): the index bits and ``selection``'s tiers
 _INDEX_BITS, _INDEX_MASK = tl.constexpr(INDEX_BITS), tl.constexpr(INDEX_MASK)
