@@ -176,10 +176,10 @@ def test_heaviest_first_order_puts_global_tokens_first():
     assert sorted(args.order[0, 0].tolist()) == list(range(40))
 
 
-def test_rows_of_like_length_keep_the_grid_order():
-    """A block layout whose rows and columns walk about as many blocks as each other runs in the grid's order
-    (one head's blocks side by side, which share its keys in L2); one block three times the mean takes the
-    heavy-first schedule."""
+def test_rows_of_like_length_go_head_by_head():
+    """A block layout whose rows and columns walk about as many blocks as each other runs head by head (one
+    head's blocks side by side, which share its keys in L2), heaviest first within the head; one block three times
+    the mean takes the heads-fastest schedule, where it starts first."""
     from subquad.ops.softmax.flash import _block_mask_args
 
     layout = torch.rand(40, 40, generator=torch.Generator().manual_seed(0)) < 0.1
@@ -191,7 +191,9 @@ def test_rows_of_like_length_keep_the_grid_order():
         bm = masks.resolve(masks.block_sparse(cells, 32), causal=False, batch=1, heads=2, seq_q=1280, seq_kv=1280,
                            device="cpu", block_q=32, block_kv=32)
         args = _block_mask_args(bm, None, None)
-        assert (args.order is None and args.order_t is None) == (not heavy)
+        assert args.head_major == (not heavy)
+        work = layout.sum(1) if not heavy else cells.sum(1)
+        assert torch.equal(work[args.order[0, 0].long()], work.sort(descending=True).values)
         if heavy:
             assert args.order[0, 0, 0] == 7
 

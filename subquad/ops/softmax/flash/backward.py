@@ -471,6 +471,7 @@ def flash_bwd_kernel(
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
+    HEAD_MAJOR: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -490,7 +491,7 @@ def flash_bwd_kernel(
         if ORDERED:
             tile, bh, _ = heavy_first(QORDER, n_qb, n_qb, mask_b, mask_h, HQ, MBQ // DQ_BLOCK_M, 1, i,
                                       tl.num_programs(0) - n_kv_tiles, grid_rows(n_rows, SPLIT_GRID) * G,
-                                      pid_offset, SPLIT_GRID)
+                                      pid_offset, SPLIT_GRID, HEAD_MAJOR)
             start_m = tile * DQ_BLOCK_M
             b = bh // HQ
             h = bh % HQ
@@ -518,7 +519,8 @@ def flash_bwd_kernel(
         piece = 0
         if ORDERED:
             tile, pid_bh, piece = heavy_first(ORDER, n_kb, n_items, mask_b, mask_h, HKV, MBK // BLOCK_N, G, pid,
-                                              n_kv_tiles, grid_rows(n_rows, SPLIT_GRID), pid_offset, SPLIT_GRID)
+                                              n_kv_tiles, grid_rows(n_rows, SPLIT_GRID), pid_offset, SPLIT_GRID,
+                                              HEAD_MAJOR)
             start_n = tile * BLOCK_N
         else:
             start_n = pid * BLOCK_N

@@ -134,7 +134,7 @@ def flash_fwd_kernel(
     ORDERED: tl.constexpr = False, UNCHAIN: tl.constexpr = False, PIECES: tl.constexpr = False,
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
-    LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
+    LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0, HEAD_MAJOR: tl.constexpr = False,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
     limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
@@ -142,7 +142,7 @@ def flash_fwd_kernel(
     if ORDERED:
         tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
                                           tl.program_id(0), tl.num_programs(0), grid_rows(n_rows, SPLIT_GRID),
-                                          pid_offset, SPLIT_GRID)
+                                          pid_offset, SPLIT_GRID, HEAD_MAJOR)
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first

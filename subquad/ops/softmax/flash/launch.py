@@ -272,6 +272,9 @@ class MaskArgs:
     #: ``order_t`` the key blocks (dK/dV); both or neither; None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
+    #: the orders taken head by head (``tile.heavy_first``'s ``HEAD_MAJOR``): where no block is far heavier than
+    #: the rest, only the pass's tail is to gain, and no walk is cut
+    head_major: bool = False
     #: cut the longest walks into pieces (``pieces``, ``pieces_t``): the schedule is made once per MaskArgs and
     #: reads walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
     cut_walks: bool = True
@@ -480,7 +483,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, out))
     # (a second key set would be walked whole by every piece)
     pieces = m.pieces(bsz * hq, num_sms(q.device)) if second is None and m.order is not None and m.cut_walks \
-        else None
+        and not m.head_major else None
     no_float = _dummy(q.device, torch.float32)
     order = m.order if m.order is not None else _dummy(q.device)
     schedule = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
@@ -505,7 +508,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
         meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
-        meta["ORDERED"] = True
+        meta["ORDERED"], meta["HEAD_MAJOR"] = True, m.head_major
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
@@ -575,7 +578,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
     pieces = None
-    if atomic and splits == 1 and m.order_t is not None and m.cut_walks:
+    if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not m.head_major:
         pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
     if splits > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -604,7 +607,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     if atomic and _dq_by_tma(q):
         _tma_allocator()
     if m.order_t is not None:
-        meta["ORDERED"] = True
+        meta["ORDERED"], meta["HEAD_MAJOR"] = True, m.head_major
     kern = _kernel("bwd", flash_bwd_kernel)
     no_float = _dummy(q.device, torch.float32)
 
@@ -661,7 +664,8 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the atomic backward would walk this BlockMask with no piece schedule: always where walks are
     never cut (the custom op's calls, which cannot read walk lengths back), else as the schedule decides."""
-    return not m.cut_walks or m.order_t is None or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device)) is None
+    return (not m.cut_walks or m.order_t is None or m.head_major
+            or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device)) is None)
 
 
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
