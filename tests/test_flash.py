@@ -517,16 +517,19 @@ def test_wide_head_tiles_only_for_wide_heads():
     assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
 
 
-def test_register_capped_tile_only_for_block_mask_walks():
+def test_register_capped_tile_only_for_short_walks():
     """The forward's 128 x 64 tile at 128 registers (two programs an SM) is tried on BlockMask walks, where it won,
-    and not on bands (dense, windows), where it lost; it keeps its cap through the pruning."""
+    and on a band with gathered columns, not on bands alone (dense, windows), where it lost; it keeps its cap
+    through the pruning."""
     from subquad.ops.softmax.flash.launch import FWD_CONFIGS_SM90, FWD_LIST, _prune
 
     configs = FWD_CONFIGS_SM90 + FWD_LIST
     caps = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.maxnreg) for c in cs]  # noqa: E731
-    band = caps(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128, USE_LIST=False))
-    walk = caps(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128, USE_LIST=True))
-    assert all(cap is None for _, _, cap in band) and walk == band + [(128, 64, 128)]
+    shape = dict(MBQ=128, MBK=128, D=128, DV=128)
+    band = caps(_prune(configs, {}, USE_LIST=False, **shape))
+    walk = caps(_prune(configs, {}, USE_LIST=True, **shape))
+    columns = caps(_prune(configs, {}, USE_LIST=False, TWO_SOURCES=True, **shape))
+    assert all(cap is None for _, _, cap in band) and walk == columns == band + [(128, 64, 128)]
 
 
 def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):

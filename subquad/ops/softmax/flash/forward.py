@@ -234,9 +234,10 @@ def flash_fwd_kernel(
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
-        # every listed block in one loop, full blocks first, their tiles unrolled (a loop per block paid a
+        # every listed block's tiles in one loop, full blocks first, a tile an iteration (a loop per block paid a
         # pipeline prologue per block: the fixed pattern's query tiles list up to one column block per 16 query
-        # tiles before them). A ragged last block's tiles wholly past the keys run masked to nothing; where all
+        # tiles before them; a block's tiles unrolled in the body had buffers of their own, as in the first
+        # source's walk). A ragged last block's tiles wholly past the keys run masked to nothing; where all
         # the columns are one block (ONE_BLOCK2: the strided pattern's 64 at 16k, half a 128-block, whose empty
         # tile cost 5% of its forward on the H200) the loop goes over that block's tiles up to the keys' end
         # instead: a branch around the empty tiles would stop the software pipeliner for the whole loop
@@ -244,22 +245,21 @@ def flash_fwd_kernel(
         n_steps = n_listed2
         if ONE_BLOCK2:
             n_steps = n_listed2 * tl.cdiv(n2, BLOCK_N)     # (the one block listed or not)
-        for j in range(n_steps):
+        for t in range(n_steps * SUBS2):
             if ONE_BLOCK2:
-                block_start = j * BLOCK_N
+                block_start = t * BLOCK_N
                 partial = n_full2 == 0
             else:
-                kb, partial = list_entry(j, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
+                kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
                 block_start = kb * MBK
-            for sub in tl.static_range(SUBS2):
-                start_n = block_start + sub * BLOCK_N
-                acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
-                    list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,
-                    qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
-                    0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
-                    False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN,
-                    WIDE_ROWS=WIDE_ROWS)
+            start_n = block_start + (t % SUBS2) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
+                list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,
+                qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
+                0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
+                False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN,
+                WIDE_ROWS=WIDE_ROWS)
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)

@@ -84,11 +84,14 @@ BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128
 # K/V at that width; these smaller ones are added for wide heads only
 FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
 _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
-# BlockMask walks (USE_LIST) only: 128 x 64 tiles capped at 128 registers, so that two programs share an SM (96 KB
-# of shared memory each), one loading its Q tile and first key tiles while the other computes. H100, forced one
-# by one (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density 0.1 /
-# 0.25 / 0.5 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages; on band
-# walks (dense full 16k, window 4096) it was 4.5% and 3.5% slower than their tuned choice, so they do not try it
+# BlockMask walks (USE_LIST) and a band with gathered columns (TWO_SOURCES: the planned patterns, whose walks are
+# a few tiles) only: 128 x 64 tiles capped at 128 registers, so that two programs share an SM (96 KB of shared
+# memory each), one loading its Q tile and first key tiles while the other computes. H100, forced one by one
+# (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density 0.1 / 0.25 / 0.5
+# 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages; on band walks alone
+# (dense full 16k, window 4096) it was 4.5% and 3.5% slower than their tuned choice, so they do not try it. On
+# TWO_SOURCES NOT MEASURED (sm90: the fixed pattern's loops do not spill under the cap, the strided one's band
+# loop spills ~30 B an iteration)
 FWD_LIST = [_cfg(128, 64, 8, 2, maxnreg=128)]
 _LIST_ONLY = {id(c) for c in FWD_LIST}
 # other GPUs: conservative shared-memory use
@@ -117,9 +120,9 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     mbk = kwargs.get("MBK", named_args.get("MBK"))
     wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
     out, seen = [], set()
-    walks_list = kwargs.get("USE_LIST", named_args.get("USE_LIST", False))
+    short_walks = any(kwargs.get(flag, named_args.get(flag, False)) for flag in ("USE_LIST", "TWO_SOURCES"))
     for c in configs:
-        if id(c) in _WIDE_ONLY and not wide or id(c) in _LIST_ONLY and not walks_list:
+        if id(c) in _WIDE_ONLY and not wide or id(c) in _LIST_ONLY and not short_walks:
             continue
         if c.kwargs.get("DQ_TMA") and not tma:
             continue
