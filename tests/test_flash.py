@@ -485,7 +485,7 @@ def test_untuned_launch_takes_the_first_config_that_fits():
     and each tuning round (a new key) starts over."""
     from triton.runtime.errors import OutOfResources
 
-    from subquad.ops.softmax.flash.launch import _FirstThatFits, _cfg
+    from subquad.ops.softmax.flash.tuning import _FirstThatFits, _cfg
 
     first = _FirstThatFits()
     calls = []
@@ -508,7 +508,7 @@ def test_untuned_launch_takes_the_first_config_that_fits():
 
 
 def test_wide_head_tiles_only_for_wide_heads():
-    from subquad.ops.softmax.flash.launch import BWD_CONFIGS_SM90, BWD_WIDE, _prune
+    from subquad.ops.softmax.flash.tuning import BWD_CONFIGS_SM90, BWD_WIDE, _prune
 
     configs = BWD_CONFIGS_SM90 + BWD_WIDE
     sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in cs]  # noqa: E731
@@ -521,7 +521,7 @@ def test_register_capped_tile_only_for_short_walks():
     """The forward's 128 x 64 tile at 128 registers (two programs an SM) is tried on BlockMask walks, where it won,
     and on a band with gathered columns, not on bands alone (dense, windows), where it lost; it keeps its cap
     through the pruning."""
-    from subquad.ops.softmax.flash.launch import FWD_CONFIGS_SM90, FWD_LIST, _prune
+    from subquad.ops.softmax.flash.tuning import FWD_CONFIGS_SM90, FWD_LIST, _prune
 
     configs = FWD_CONFIGS_SM90 + FWD_LIST
     caps = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.maxnreg) for c in cs]  # noqa: E731
@@ -536,11 +536,11 @@ def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
     """A tuning round of the backward (Triton's own hooks, run as its autotuner runs them: around each timed run,
     then before the chosen configuration's run) leaves its sums as they came: the two-source backward's second
     launch adds dQ onto the first's, and zeroing them had lost that dQ on the first call of a new tuning key."""
-    from subquad.ops.softmax.flash import launch
+    from subquad.ops.softmax.flash import launch, tuning
 
-    monkeypatch.setattr(launch, "_TUNED", {})
-    monkeypatch.setattr(launch, "interpreting", lambda: False)     # build the GPU's autotuned wrapper
-    tuner = launch._kernel("bwd", launch.flash_bwd_kernel).tuner
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)     # build the GPU's autotuned wrapper
+    tuner = tuning._kernel("bwd", launch.flash_bwd_kernel).tuner
     summed = {name: torch.full((4,), 2.0) for name in ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")}
     for _ in range(2):
         tuner.pre_hook(summed)

@@ -70,11 +70,11 @@ def _run_ops() -> None:
     from subquad.ops.linear import chunk, chunk_split
     from subquad.ops.linear.chunk import chunk_gla
     from subquad.ops.softmax.dropout import new_rng
-    from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch
+    from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch, tuning
     from subquad.masks.plan import plan
 
-    launch._hopper = lambda: True
-    launch.interpreting = lambda: False
+    tuning._hopper = lambda: True
+    launch.interpreting = tuning.interpreting = lambda: False
     # BlockMask walks with their atomic dQ (the default only where walks are cut into pieces); the dQ programs'
     # walk (the default elsewhere) is the deterministic call below
     launch._walks_whole = lambda m, q, k: False

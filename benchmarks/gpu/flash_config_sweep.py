@@ -28,9 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from subquad import attention
 from subquad.bench.harness import versions
-from subquad.ops.softmax.flash import launch
+from subquad.ops.softmax.flash import tuning
 
-cfg = launch._cfg
+cfg = tuning._cfg
 FWD = [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 128, 8, 2), cfg(128, 64, 4, 2),
        cfg(128, 32, 4, 2), cfg(64, 64, 4, 2), cfg(64, 64, 4, 3), cfg(64, 128, 4, 2), cfg(128, 128, 4, 2)]
 DKDV = [cfg(64, 128, 8, 2), cfg(32, 128, 4, 3), cfg(64, 128, 8, 3), cfg(64, 64, 4, 3), cfg(32, 64, 4, 2),
@@ -46,8 +46,8 @@ def bench(fn):
 def forced(name: str, configs: list):
     """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one)."""
     attr = {"fwd": "FWD_CONFIGS_SM90", "dkdv": "BWD_CONFIGS_SM90"}[name]
-    setattr(launch, attr, configs)
-    launch._TUNED.clear()
+    setattr(tuning, attr, configs)
+    tuning._TUNED.clear()
 
 
 def _configs(env: str, default: list) -> list:
@@ -82,7 +82,7 @@ def main():
     cases = [(f"{'causal' if causal else 'full'}", batch, n, causal) for batch, n in shapes for causal in (True, False)]
     if os.environ.get("SWEEP_CASES"):
         cases += _pattern_cases(os.environ["SWEEP_CASES"])
-    defaults = {"fwd": list(launch.FWD_CONFIGS_SM90), "dkdv": list(launch.BWD_CONFIGS_SM90)}
+    defaults = {"fwd": list(tuning.FWD_CONFIGS_SM90), "dkdv": list(tuning.BWD_CONFIGS_SM90)}
     rows = []
 
     def row(**kw):

@@ -1,9 +1,9 @@
-"""One of the flash launch's module switches off and on, alternately in one process: fwd and fwd+bwd medians.
+"""One of the flash kernels' module switches off and on, alternately in one process: fwd and fwd+bwd medians.
 
     PYTHONPATH=. python3 benchmarks/gpu/switch_ab.py --switch DQ_TMA [--cases causal-1k,window4096-16k]
         # $OUT/switch_ab_DQ_TMA.json
 
-Switches (``subquad.ops.softmax.flash.launch``): ``DQ_TMA`` (dQ's sums in the dK/dV pass by TMA bulk reduce-adds
+Switches (``subquad.ops.softmax.flash.tuning``): ``DQ_TMA`` (dQ's sums in the dK/dV pass by TMA bulk reduce-adds
 against vector atomics). Session 17 measured the forward's K/V tiles by TMA descriptors made in the kernel (a
 ``KV_DESC`` switch, since removed: 2-16% slower forward, ``benchmarks/results/2026-12-04-kv-desc-ab-h200.json``). Both
 variants run alternately (A B A B, each a ``do_bench`` median; the faster of a variant's two rounds is kept, its
@@ -25,7 +25,7 @@ import triton.testing
 
 from subquad import attention, masks
 from subquad.bench.harness import versions
-from subquad.ops.softmax.flash import launch
+from subquad.ops.softmax.flash import tuning
 
 # (batch, length, pattern); B x N = 32k tokens, 16 heads, D 128 as in issue 4's table
 CASES = {
@@ -69,8 +69,8 @@ def _case(name, switch):
     got, tuned = {}, {False: {}, True: {}}
 
     def variant(on):
-        setattr(launch, switch, on)
-        launch._TUNED = tuned[on]
+        setattr(tuning, switch, on)
+        tuning._TUNED = tuned[on]
 
     for on in (False, True):
         variant(on)

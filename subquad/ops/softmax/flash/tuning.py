@@ -1,0 +1,174 @@
+"""Autotuning of the flash kernels: the tile configurations per GPU (Hopper's timed, a safe set elsewhere), their
+pruning to the BlockMask's blocks and the call's kind, and the autotuned wrapper of each kernel."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from ...autotuned import Autotuned
+from ...chained import chains_replicate
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    """``SUBQUAD_FLASH_AUTOTUNE=0`` takes the first configuration of each list that fits instead of timing
+    them all (the GPU tests use it: many small shapes, each a new tuning key)."""
+    return os.environ.get("SUBQUAD_FLASH_AUTOTUNE", "1") != "0"
+
+
+def _fit(block: int, mask_block: int) -> int:
+    """The largest power of two <= ``block`` dividing ``mask_block`` (a kernel tile inside a BlockMask block)."""
+    while block > 16 and mask_block % block:
+        block //= 2
+    return block
+
+
+def _cfg(bm, bn, warps, stages, dq_tma=False, maxnreg=None):
+    extra = {"DQ_TMA": True} if dq_tma else {}
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+# dQ's atomic sums in the dK/dV pass as TMA reductions where the GPU has them: each tile's dQ goes to shared memory
+# and one bulk reduce-add sends it to the fp32 dQ, as FlashAttention-3 does, in place of ~24 vector atomics per
+# thread per tile. H200, fwd+bwd, atomics -> TMA (benchmarks/results/2026-12-04-dq-tma-ab-h200.json): dense
+# causal 32 x 1k 1.966 -> 1.918 ms, full 2.994 -> 2.829, causal 2 x 16k 19.62 -> 18.47, window 4096 9.00 -> 8.70.
+# Its 32 KB of staging do not fit beside every tile (Longformer's dK/dV at 64 x 128: 230 KB without, 247 with),
+# so the dK/dV configurations come with and without it and the autotuner (or the first that fits) decides.
+# False drops the TMA configurations (before a process's first tuning).
+DQ_TMA = True
+
+
+def _dq_by_tma(q: torch.Tensor) -> bool:
+    """Hopper or later, not the interpreter (it has no TMA), and rows of dQ at 16-byte multiples."""
+    return (DQ_TMA and q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and q.shape[2] * q.shape[3] % 4 == 0)
+
+
+def _tma_allocator() -> None:
+    """In-kernel TMA descriptors take a small global scratch per launch from Triton's allocator, which is unset by
+    default and per thread (autograd runs the backward on its own thread): set one here unless the caller has.
+    It allocates on the current device, where Triton launches (not on the device of the call that set it)."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+# Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
+FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)]
+# The backward: BLOCK_N key rows per dK/dV program (accumulators), BLOCK_M query rows per step; its dQ programs
+# (the deterministic backward) take the tile transposed: BLOCK_N query rows, BLOCK_M key rows per step, as
+# FlexAttention pairs them (64 x 128 and 128 x 64 on sm90).
+BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3, True), _cfg(32, 128, 4, 3),
+                    _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3, True), _cfg(64, 64, 4, 3)]
+# head_dim above 128 (up to 256): the tiles above overflow shared memory (Hopper's 227 KB) with two stages of
+# K/V at that width; these smaller ones are added for wide heads only
+FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
+_WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
+# BlockMask walks (USE_LIST) and a band with gathered columns (TWO_SOURCES: the planned patterns, whose walks are
+# a few tiles) only: 128 x 64 tiles capped at 128 registers, so that two programs share an SM (96 KB of shared
+# memory each), one loading its Q tile and first key tiles while the other computes. H100, forced one by one
+# (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density 0.1 / 0.25 / 0.5
+# 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages; on band walks alone
+# (dense full 16k, window 4096) it was 4.5% and 3.5% slower than their tuned choice, so they do not try it. On
+# TWO_SOURCES NOT MEASURED (sm90: the fixed pattern's loops do not spill under the cap, the strided one's band
+# loop spills ~30 B an iteration)
+FWD_LIST = [_cfg(128, 64, 8, 2, maxnreg=128)]
+_LIST_ONLY = {id(c) for c in FWD_LIST}
+# other GPUs: conservative shared-memory use
+FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
+BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
+def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
+    """The backward's dQ programs' tile (the dK/dV tile ``bm`` x ``bn`` transposed, fitted to the BlockMask
+    blocks) and its ``UNCHAIN``."""
+    dq_bm, dq_bn = _fit(bn, mbq), _fit(bm, mbk)
+    return dict(DQ_BLOCK_M=dq_bm, DQ_BLOCK_N=dq_bn, DQ_UNCHAIN=chains_replicate(dq_bm, warps))
+
+
+def _prune(configs, named_args, unchain=None, **kwargs):
+    """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
+    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA; the dQ programs'
+    tiles where the backward has them. ``unchain``: the tile dimension that is the chained products' M
+    (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV); tiles too short for their warps take the kernel's ``UNCHAIN``."""
+    tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
+    mbq = kwargs.get("MBQ", named_args.get("MBQ"))
+    mbk = kwargs.get("MBK", named_args.get("MBK"))
+    wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
+    out, seen = [], set()
+    short_walks = any(kwargs.get(flag, named_args.get(flag, False)) for flag in ("USE_LIST", "TWO_SOURCES"))
+    for c in configs:
+        if id(c) in _WIDE_ONLY and not wide or id(c) in _LIST_ONLY and not short_walks:
+            continue
+        if c.kwargs.get("DQ_TMA") and not tma:
+            continue
+        bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
+        key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False), c.maxnreg)
+        if key not in seen:
+            seen.add(key)
+            out.append(_cfg(*key))
+            if unchain:
+                out[-1].kwargs["UNCHAIN"] = chains_replicate(bn if unchain == "BLOCK_N" else bm, c.num_warps)
+            if kwargs.get("DQ_PROGRAMS", False):
+                out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
+    return out
+
+
+class _FirstThatFits:
+    """``SUBQUAD_FLASH_AUTOTUNE=0``: instead of timing, the configurations run in list order and the first that
+    compiles and fits the GPU's shared memory wins (the autotuner scores an ``OutOfResources`` as infinite);
+    the ones after it are never compiled. A variant with more in-kernel terms may need a smaller tile than the
+    list's first."""
+
+    def __init__(self, unchain=None):
+        self.found = False
+        self.unchain = unchain
+
+    def prune(self, configs, named_args, **kwargs):     # called once at the start of each tuning round
+        self.found = False
+        return _prune(configs, named_args, unchain=self.unchain, **kwargs)
+
+    def __call__(self, kernel_call, quantiles):
+        if self.found:
+            return [float("inf")] * len(quantiles)
+        kernel_call()
+        self.found = True
+        return [0.0] * len(quantiles)
+
+
+# tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
+_TUNED: dict = {}
+#: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
+#: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
+_BWD_SUMS = ["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"]
+
+
+def _kernel(name: str, jit_fn):
+    """The autotuned wrapper of ``jit_fn`` on this GPU (built once), or None in the interpreter."""
+    if interpreting():
+        return None
+    tune = autotuning()
+    if (name, tune) not in _TUNED:
+        hopper = _hopper()
+        configs = {"fwd": (FWD_CONFIGS_SM90 + FWD_LIST if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
+                   "bwd": (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE}[name]
+        key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"] if name == "bwd" else [])
+        unchain = {"fwd": "BLOCK_M", "bwd": "BLOCK_N"}[name]
+        first = None if tune else _FirstThatFits(unchain=unchain)
+        prune = functools.partial(_prune, unchain=unchain)
+        _TUNED[name, tune] = Autotuned(triton.autotune(
+            configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
+            restore_value=_BWD_SUMS if name == "bwd" else None,
+            do_bench=first)(jit_fn))
+    return _TUNED[name, tune]
