@@ -1,0 +1,79 @@
+"""The flash kernels' autotuning (``subquad.ops.softmax.flash.tuning``): which configurations each kind of call
+tries, the untuned path's first fit, and what a tuning round leaves in the backward's sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_untuned_launch_takes_the_first_config_that_fits():
+    """``SUBQUAD_FLASH_AUTOTUNE=0``: configurations run in order until one launches; later ones never compile,
+    and each tuning round (a new key) starts over."""
+    from triton.runtime.errors import OutOfResources
+
+    from subquad.ops.softmax.flash.tuning import _FirstThatFits, _cfg
+
+    first = _FirstThatFits()
+    calls = []
+
+    def call(fits):
+        def run():
+            calls.append(fits)
+            if not fits:
+                raise OutOfResources(300000, 232448, "shared memory")
+        return run
+
+    configs = [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 2)]
+    for _ in range(2):
+        assert len(first.prune(configs, {"MBQ": 128, "MBK": 128})) == 2
+        with pytest.raises(OutOfResources):      # the autotuner scores this one as infinite
+            first(call(False), (0.5, 0.2, 0.8))
+        assert first(call(True), (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+        assert first(call(True), (0.5, 0.2, 0.8)) == [float("inf")] * 3
+    assert calls == [False, True, False, True]
+
+
+def test_wide_head_tiles_only_for_wide_heads():
+    from subquad.ops.softmax.flash.tuning import BWD_CONFIGS_SM90, BWD_WIDE, _prune
+
+    configs = BWD_CONFIGS_SM90 + BWD_WIDE
+    sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in cs]  # noqa: E731
+    narrow = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=128, DV=128))
+    wide = sizes(_prune(configs, {}, MBQ=128, MBK=128, D=256, DV=256))
+    assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
+
+
+def test_register_capped_tile_only_for_short_walks():
+    """The forward's 128 x 64 tile at 128 registers (two programs an SM) is tried on BlockMask walks, where it won,
+    and on a band with gathered columns, not on bands alone (dense, windows), where it lost; it keeps its cap
+    through the pruning."""
+    from subquad.ops.softmax.flash.tuning import FWD_CONFIGS_SM90, FWD_LIST, _prune
+
+    configs = FWD_CONFIGS_SM90 + FWD_LIST
+    caps = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.maxnreg) for c in cs]  # noqa: E731
+    shape = dict(MBQ=128, MBK=128, D=128, DV=128)
+    band = caps(_prune(configs, {}, USE_LIST=False, **shape))
+    walk = caps(_prune(configs, {}, USE_LIST=True, **shape))
+    columns = caps(_prune(configs, {}, USE_LIST=False, TWO_SOURCES=True, **shape))
+    assert all(cap is None for _, _, cap in band) and walk == columns == band + [(128, 64, 128)]
+
+
+def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
+    """A tuning round of the backward (Triton's own hooks, run as its autotuner runs them: around each timed run,
+    then before the chosen configuration's run) leaves its sums as they came: the two-source backward's second
+    launch adds dQ onto the first's, and zeroing them had lost that dQ on the first call of a new tuning key."""
+    from subquad.ops.softmax.flash import launch, tuning
+
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)     # build the GPU's autotuned wrapper
+    tuner = tuning._kernel("bwd", launch.flash_bwd_kernel).tuner
+    summed = {name: torch.full((4,), 2.0) for name in ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")}
+    for _ in range(2):
+        tuner.pre_hook(summed)
+        for t in summed.values():
+            t.add_(1.0)                 # a timed run's atomic sums
+        tuner.post_hook(summed, None)
+    tuner.pre_hook(summed, reset_only=True)
+    for name, t in summed.items():
+        assert torch.equal(t, torch.full((4,), 2.0)), name
