@@ -44,19 +44,22 @@ def test_wide_head_tiles_only_for_wide_heads():
     assert (32, 64, 2) not in narrow and wide == narrow + [(32, 64, 2)]
 
 
-def test_register_capped_tile_only_for_short_walks():
-    """The forward's 128 x 64 tile at 128 registers (two programs an SM) is tried on BlockMask walks, where it won,
-    and on a band with gathered columns, not on bands alone (dense, windows), where it lost; it keeps its cap
-    through the pruning."""
-    from subquad.ops.softmax.flash.tuning import FWD_CONFIGS_SM90, FWD_LIST, _prune
+def test_short_walk_tiles_only_where_named():
+    """The forward's two-programs-an-SM tiles: the 128 x 64 tile at 128 registers on BlockMask walks, where it won,
+    it and 64 x 64 x 4 warps on a band with gathered columns, neither on bands alone (dense, windows), where the
+    capped one lost; the cap survives the pruning."""
+    from subquad.ops.softmax.flash.tuning import FWD_CONFIGS_SM90, _prune, _short_walk_tiles
 
-    configs = FWD_CONFIGS_SM90 + FWD_LIST
-    caps = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.maxnreg) for c in cs]  # noqa: E731
+    configs = FWD_CONFIGS_SM90 + _short_walk_tiles()
+    tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)  # noqa: E731
+                        for c in cs]
     shape = dict(MBQ=128, MBK=128, D=128, DV=128)
-    band = caps(_prune(configs, {}, USE_LIST=False, **shape))
-    walk = caps(_prune(configs, {}, USE_LIST=True, **shape))
-    columns = caps(_prune(configs, {}, USE_LIST=False, TWO_SOURCES=True, **shape))
-    assert all(cap is None for _, _, cap in band) and walk == columns == band + [(128, 64, 128)]
+    band = tiles(_prune(configs, {}, USE_LIST=False, **shape))
+    walk = tiles(_prune(configs, {}, USE_LIST=True, **shape))
+    columns = tiles(_prune(configs, {}, USE_LIST=False, TWO_SOURCES=True, **shape))
+    assert band == tiles(FWD_CONFIGS_SM90)
+    assert walk == band + [(128, 64, 8, 2, 128)]
+    assert columns == band + [(128, 64, 8, 2, 128), (64, 64, 4, 3, None)]
 
 
 def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):

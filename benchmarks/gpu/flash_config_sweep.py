@@ -43,10 +43,13 @@ def bench(fn):
     return round(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"), 4)
 
 
-def forced(name: str, configs: list):
-    """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one)."""
+def forced(name: str, configs: list, short_walks: dict | None = None):
+    """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one): the short-walk
+    tiles off while forcing, ``short_walks`` back after."""
     attr = {"fwd": "FWD_CONFIGS_SM90", "dkdv": "BWD_CONFIGS_SM90"}[name]
     setattr(tuning, attr, configs)
+    if name == "fwd":
+        tuning.FWD_SHORT_WALKS = short_walks or {}
     tuning._TUNED.clear()
 
 
@@ -83,6 +86,7 @@ def main():
     if os.environ.get("SWEEP_CASES"):
         cases += _pattern_cases(os.environ["SWEEP_CASES"])
     defaults = {"fwd": list(tuning.FWD_CONFIGS_SM90), "dkdv": list(tuning.BWD_CONFIGS_SM90)}
+    short_walks = dict(tuning.FWD_SHORT_WALKS)
     rows = []
 
     def row(**kw):
@@ -120,7 +124,7 @@ def main():
                     row(**case, impl=impl, **{timed: bench(fn)})
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row
                     row(**case, impl=impl, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            forced(kind, defaults[kind])
+            forced(kind, defaults[kind], short_walks)
     with open(os.path.join(os.environ.get("OUT", "."), "flash_config_sweep.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                    "versions": versions(), "triton": triton.__version__, "rows": rows}, f, indent=1)

@@ -76,19 +76,23 @@ BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128
 # K/V at that width; these smaller ones are added for wide heads only
 FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
 _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
-# BlockMask walks (USE_LIST) and a band with gathered columns (TWO_SOURCES: the planned patterns, whose walks are
-# a few tiles) only: 128 x 64 tiles capped at 128 registers, so that two programs share an SM (96 KB of shared
-# memory each), one loading its Q tile and first key tiles while the other computes. H100, forced one by one
-# (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density 0.1 / 0.25 / 0.5
-# 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages; on band walks alone
-# (dense full 16k, window 4096) it was 4.5% and 3.5% slower than their tuned choice, so they do not try it. On
-# TWO_SOURCES NOT MEASURED (sm90: the fixed pattern's loops do not spill under the cap, the strided one's band
-# loop spills ~30 B an iteration)
-FWD_LIST = [_cfg(128, 64, 8, 2, maxnreg=128)]
-_LIST_ONLY = {id(c) for c in FWD_LIST}
+# Short walks, two programs an SM, one loading its Q tile and first key tiles while the other computes; tried only
+# by the calls named (a flag of the launch).
+# - BlockMask walks (USE_LIST): 128 x 64 tiles capped at 128 registers (96 KB of shared memory each). H100, forced
+#   one by one (benchmarks/results/2026-12-05-flash-config-sweep-h100.json): block-sparse 2 x 16k at density
+#   0.1 / 0.25 / 0.5 0.999 / 2.205 / 4.177 ms against 1.077 / 2.472 / 4.653 for 128 x 128 x 8 warps x 3 stages,
+#   and 1.19 / 2.75 / 4.96 for 64 x 64 x 4 x 3 (twice the K/V traffic a FLOP). On band walks alone (dense full
+#   16k, window 4096) the capped tile was 4.5% and 3.5% slower than their tuned choice, so they try neither.
+# - A band with gathered columns (TWO_SOURCES: the planned patterns, a few tiles a query tile): both. NOT
+#   MEASURED there. sm90: under the cap the fixed pattern's loops do not spill, the strided one's band loop
+#   spills ~30 B an iteration; 64 x 64 x 4 x 3 keeps it unspilled (196 registers, 115 KB).
+_CAPPED = _cfg(128, 64, 8, 2, maxnreg=128)
+FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED], "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3)]}
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
 BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
+
+
 def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
     """The backward's dQ programs' tile (the dK/dV tile ``bm`` x ``bn`` transposed, fitted to the BlockMask
     blocks) and its ``UNCHAIN``."""
@@ -98,17 +102,20 @@ def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
 
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128; dQ by TMA only for an atomic dQ where the GPU has TMA; the dQ programs'
-    tiles where the backward has them. ``unchain``: the tile dimension that is the chained products' M
-    (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV); tiles too short for their warps take the kernel's ``UNCHAIN``."""
+    where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` names; dQ by TMA
+    only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them.
+    ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
+    tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
     mbq = kwargs.get("MBQ", named_args.get("MBQ"))
     mbk = kwargs.get("MBK", named_args.get("MBK"))
     wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
     out, seen = [], set()
-    short_walks = any(kwargs.get(flag, named_args.get(flag, False)) for flag in ("USE_LIST", "TWO_SOURCES"))
+    short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
+    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if kwargs.get(flag, named_args.get(flag, False))
+             for c in tiles}
     for c in configs:
-        if id(c) in _WIDE_ONLY and not wide or id(c) in _LIST_ONLY and not short_walks:
+        if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
         if c.kwargs.get("DQ_TMA") and not tma:
             continue
@@ -122,6 +129,11 @@ def _prune(configs, named_args, unchain=None, **kwargs):
             if kwargs.get("DQ_PROGRAMS", False):
                 out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
     return out
+
+
+def _short_walk_tiles() -> list:
+    """Every tile of ``FWD_SHORT_WALKS``, once."""
+    return list({id(c): c for tiles in FWD_SHORT_WALKS.values() for c in tiles}.values())
 
 
 class _FirstThatFits:
@@ -161,7 +173,7 @@ def _kernel(name: str, jit_fn):
     tune = autotuning()
     if (name, tune) not in _TUNED:
         hopper = _hopper()
-        configs = {"fwd": (FWD_CONFIGS_SM90 + FWD_LIST if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
+        configs = {"fwd": (FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
                    "bwd": (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE}[name]
         key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"] if name == "bwd" else [])
         unchain = {"fwd": "BLOCK_M", "bwd": "BLOCK_N"}[name]
