@@ -41,12 +41,9 @@ CASES = {
     "fixed-16k": (2, 16384, "masks.fixed(128, 8)"),
     "dilated-16k": (2, 16384, "masks.dilated(4096, 4)"),
     "full-16k": (2, 16384, "None"),
-    "blocksparse0.1-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
-                                     ".manual_seed(0)) < 0.1, 128)"),
-    "blocksparse0.25-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
-                                      ".manual_seed(0)) < 0.25, 128)"),
-    "blocksparse0.5-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
-                                     ".manual_seed(0)) < 0.5, 128)"),
+    # the flash suite's layouts (one random 128 x 128 cell layout, seed 0, at each density)
+    **{f"blocksparse{rho}-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
+                                           f".manual_seed(0)) < {rho}, 128)") for rho in (0.1, 0.25, 0.5)},
     "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),
 }
 
