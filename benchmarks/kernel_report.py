@@ -244,6 +244,22 @@ def case_mla(configs, dq):
     return calls
 
 
+def case_gqa_decode(configs, dq):
+    """The suite's GQA decode of a static cache at 32k (B 8, 32 query heads on 8 KV heads of 128, 6 splits, as on
+    the H100); the context is 1k here (the kernel's code does not depend on it); ``config``: block_m, block_n,
+    num_warps, num_stages."""
+    from subquad.bench.suites.decode import _gqa_inputs
+    from subquad.cache.view import KVView
+    from subquad.ops.decode import splitkv
+    inp = _gqa_inputs(8, 1024, 32, 8, 128, torch.bfloat16)("cpu")
+    view = KVView(inp["k"], inp["v"], torch.full((8,), 1024, dtype=torch.int32), max_seqlen=1024)
+    bm, bn, warps, stages = configs.get("decode", (16, 64, 4, 2))
+    calls = record_launches()
+    splitkv.decode_splitkv(inp["q"], view, window=None, scale=128 ** -0.5, softcap=None, alibi_slopes=None,
+                           num_splits=6, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    return calls
+
+
 def _nsa_selected(group, configs):
     """NSA's selected-blocks kernels (``subquad.ops.nsa.selected``), forward and backward: B 1, 8k tokens, 4 KV
     heads of 128 with ``group`` query heads each, blocks of 64, 16 of them a token, bf16."""

@@ -9,7 +9,7 @@ that compares the two backwards of one tree.
 
 A kernel change shows up only as a change of the kernel's source, which a process compiles once: so the versions
 cannot alternate inside one process (as ``switch_ab.py`` does with a module switch). Each round runs one child process per
-version; a child times every case (fwd, then fwd+bwd; ``do_bench`` medians) on the same seeded inputs and reports
+version; a child times every case (fwd, then fwd+bwd, or a decode case's one pass; ``do_bench`` medians) on the same seeded inputs and reports
 its outputs' checksum. The faster of a version's rounds is kept, the spread printed. The autotuner runs in every
 child (its results persist with ``TRITON_CACHE_AUTOTUNING``), so each version runs with its own choice.
 """
@@ -46,6 +46,25 @@ CASES = {
                                            f".manual_seed(0)) < {rho}, 128)") for rho in (0.1, 0.25, 0.5)},
     "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),
 }
+# the decode suite's cases (one pass, ``decode``): (batch, context, the suite's input maker and its arguments)
+DECODE_CASES = {
+    **{f"gqa-decode-{n // 1024}k": (8, n, "_gqa_inputs", (8, n, 32, 8, 128)) for n in (8192, 32768, 131072)},
+    **{f"mla-decode-{n // 1024}k": (64, n, "_mla_inputs", (64, n, 128, 512, 64)) for n in (4096, 16384)},
+}
+
+
+def _decode_case(name: str) -> tuple:
+    """``(inputs, call)`` of a decode case: the static (or latent) cache, as the suite's ``subquad-static``."""
+    import torch
+
+    from subquad import decode
+    from subquad.bench.suites import decode as suite
+
+    _, _, maker, args = DECODE_CASES[name]
+    inputs = getattr(suite, maker)(*args, torch.bfloat16)("cuda")
+    if "view" in inputs:
+        return lambda: decode(inputs["q"], inputs["view"])
+    return lambda: decode(inputs["q"], inputs["k"], inputs["v"])
 
 
 def child(cases: list[str], deterministic: bool) -> dict:
@@ -57,6 +76,12 @@ def child(cases: list[str], deterministic: bool) -> dict:
 
     out = {"subquad": str(Path(subquad.__file__).parent)}
     for name in cases:
+        if name in DECODE_CASES:
+            call = _decode_case(name)
+            out[name] = {"decode": triton.testing.do_bench(call, warmup=50, rep=300),
+                         "checksum": [float(call().float().abs().sum())]}
+            print(name, out[name], flush=True)
+            continue
         b, n, expr = CASES[name]
         mask = eval(expr)  # noqa: S307  (the table above)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -84,7 +109,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="the older tree (a directory holding subquad/)")
     ap.add_argument("--head", default=".", help="the newer tree (default: this one)")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(CASES), help="names of CASES and DECODE_CASES")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out")
     ap.add_argument("--deterministic", choices=("none", "base", "head", "both"), default="none",
@@ -121,8 +146,9 @@ def summarize(args, cases, trees, runs):
     """Print one row per (case, pass) from the rounds so far and write them to ``--out``."""
     rows = []
     for case in cases:
-        for mode in ("fwd", "fwdbwd"):
-            row = {"case": case, "batch": CASES[case][0], "seqlen": CASES[case][1], "mode": mode}
+        batch, seqlen = (DECODE_CASES if case in DECODE_CASES else CASES)[case][:2]
+        for mode in ("decode",) if case in DECODE_CASES else ("fwd", "fwdbwd"):
+            row = {"case": case, "batch": batch, "seqlen": seqlen, "mode": mode}
             for name in trees:
                 times = [r[case][mode] for r in runs[name] if case in r]
                 if times:

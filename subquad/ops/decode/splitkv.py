@@ -49,7 +49,7 @@ def _decode_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_bt, stride_sl,
     scale, softcap, window, capacity, pid_offset,
-    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HKV: tl.constexpr, T: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_DR: tl.constexpr,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, N_DV_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -182,22 +182,26 @@ def _decode_kernel(
         arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
             tl.store(COUNTERS + tile, 0)                    # ready for the next call
-            splits = tl.arange(0, SPLITS_P2)
-            base = (pid_bh * NUM_SPLITS + splits).to(tl.int64) * (T * G)
-            # .cg: read the other programs' partials from L2, not from a stale L1 line
-            lse_all = tl.load(LSE_part + base[:, None] + rows[None, :],
-                              mask=(splits[:, None] < NUM_SPLITS) & row_ok[None, :], other=float("-inf"),
-                              cache_modifier=".cg")
-            lse_max = tl.max(lse_all, 0)
+            # row vectors only, split by split: a split's weight taken out of a (splits x rows) tile was a
+            # reduction across warps, five barriers a split between its loads (sm90 SASS, GQA at 6 splits)
+            first = (pid_bh * NUM_SPLITS).to(tl.int64) * (T * G)
+            lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for i in range(NUM_SPLITS):
+                # .cg: read the other programs' partials from L2, not from a stale L1 line
+                lse_i = tl.load(LSE_part + first + i * (T * G) + rows, mask=row_ok, other=float("-inf"),
+                                cache_modifier=".cg")
+                lse_max = tl.maximum(lse_max, lse_i)
             lse_use = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-            w = tl.exp2(lse_all - lse_use[None, :])
-            total = tl.sum(w, 0)
+            total = tl.zeros([BLOCK_M], tl.float32)
             merged = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            for s in range(NUM_SPLITS):
-                w_s = tl.sum(tl.where(splits[:, None] == s, w, 0.0), 0)
-                o_s = tl.load(O_part + ((pid_bh * NUM_SPLITS + s).to(tl.int64) * (T * G) + rows[:, None]) * DV
-                              + offs_dv[None, :], mask=out_ok, other=0.0, cache_modifier=".cg")
-                merged += o_s * w_s[:, None]
+            for i in range(NUM_SPLITS):
+                part_i = first + i * (T * G)
+                w_i = tl.exp2(tl.load(LSE_part + part_i + rows, mask=row_ok, other=float("-inf"),
+                                      cache_modifier=".cg") - lse_use)
+                o_i = tl.load(O_part + (part_i + rows[:, None]) * DV + offs_dv[None, :], mask=out_ok, other=0.0,
+                              cache_modifier=".cg")
+                merged += o_i * w_i[:, None]
+                total += w_i
             none = total == 0.0
             tl.store(out_ptrs, (merged / tl.where(none, 1.0, total)[:, None]).to(OUT.dtype.element_ty), mask=out_ok)
             if dv_blk == 0:
@@ -345,7 +349,7 @@ def decode_splitkv(q: torch.Tensor, view, *, window: int | None, scale: float, s
         table.stride(0) if view.layout == "paged" else 0, stride_sl,
         scale, softcap if softcap is not None else 1.0, window if window is not None else 0,
         view.capacity,
-        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits, 2),
+        HKV=hkv, T=t, G=g, NUM_SPLITS=num_splits,
         D=d_main, BLOCK_D=_pow2(d_main), D_ROPE=d_rope, BLOCK_DR=_pow2(d_rope) if d_rope else 16,
         DV=dv, BLOCK_DV=block_dv, N_DV_BLOCKS=n_dv_blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k.shape[1] if view.layout == "paged" else 1,
