@@ -80,3 +80,24 @@ def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
     tuner.pre_hook(summed, reset_only=True)
     for name, t in summed.items():
         assert torch.equal(t, torch.full((4,), 2.0)), name
+
+
+def test_tuning_key_buckets_the_key_length(monkeypatch):
+    """Each power of two of the key length (from 1024) is tuned on its own: the best tile of a 16k walk is not
+    a 1k walk's. The launches pass the bucket of their key length, forward and backward."""
+    from triton.runtime.jit import KernelInterface
+
+    import subquad as sq
+    from subquad.ops.softmax.flash.tuning import _KEY, tune_bucket
+
+    assert [tune_bucket(n) for n in (1, 1000, 1024, 1025, 16384, 16385)] == [1024, 1024, 1024, 2048, 16384, 32768]
+    assert "tune_kv" in _KEY
+    recorded = []
+    monkeypatch.setattr(KernelInterface, "__getitem__",
+                        lambda self, grid: (lambda *args, **kwargs: recorded.append((self.__name__, kwargs))))
+    q = torch.randn(1, 100, 2, 16, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(1, 3000, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    sq.attention(q, k, v, causal=True, backend="triton").float().sum().backward()
+    buckets = {name: kwargs["tune_kv"] for name, kwargs in recorded if name.startswith("flash_")
+               and "tune_kv" in kwargs}
+    assert buckets == {"flash_fwd_kernel": 4096, "flash_bwd_kernel": 4096}

@@ -446,7 +446,7 @@ def _dq_program(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit(do_not_specialize=["n_rows", "pid_offset"])
+@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv"])
 def flash_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -457,7 +457,7 @@ def flash_bwd_kernel(
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,

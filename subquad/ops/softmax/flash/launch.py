@@ -13,7 +13,7 @@ from ..lse_merge import merge_lse_stacked
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 from .lsh_windows import LshWindows
-from .tuning import _dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting
+from .tuning import _dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket
 
 LOG2E = 1.4426950408889634
 
@@ -206,6 +206,7 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensor
         USE_BITS=m.bits is not None, HAS_Q_POS=m.q_pos is not None, HAS_KV_POS=m.kv_pos is not None,
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
+        tune_kv=tune_bucket(seq_kv),
     )
     if m.batch_pos:     # (only when on: ordinary launches keep their arguments as they were)
         flags["BATCH_POS"] = True

@@ -158,8 +158,19 @@ class _FirstThatFits:
         return [0.0] * len(quantiles)
 
 
-# tuned once per kind of call, not per sequence length (a new length would otherwise re-time every config)
-_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH"]
+# tuned per kind of call and power-of-two bucket of the key length (``tune_bucket``), not per length (a new length
+# would re-time every config): the best tile moves with the walk's length. H100, forced one by one
+# (2026-12-05-flash-config-sweep-h100.json): dense full 2 x 16k ran 8.48 ms on its own tuned tile and 10.01 on
+# 128 x 128 x 8 x 3, the sliding window's choice at the same length; a key without the length kept whichever tile
+# the first shape of a process (or of the carried tuning cache) had timed, as the linear kernels' did (0.99 ms
+# against 0.49 at 4 x 8k after a warm-up at 32 x 1k, before their SEQS / CHUNKS buckets)
+_KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
+        "tune_kv"]
+
+
+def tune_bucket(seq_kv: int) -> int:
+    """The kernels' ``tune_kv`` (read by the tuner alone): the key length's power of two, at least 1024."""
+    return max(1024, 1 << max(seq_kv - 1, 0).bit_length())
 _TUNED: dict = {}
 #: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
 #: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
