@@ -159,11 +159,12 @@ class _FirstThatFits:
 
 
 # tuned per kind of call and power-of-two bucket of the key length (``tune_bucket``), not per length (a new length
-# would re-time every config): the best tile moves with the walk's length. H100, forced one by one
-# (2026-12-05-flash-config-sweep-h100.json): dense full 2 x 16k ran 8.48 ms on its own tuned tile and 10.01 on
-# 128 x 128 x 8 x 3, the sliding window's choice at the same length; a key without the length kept whichever tile
-# the first shape of a process (or of the carried tuning cache) had timed, as the linear kernels' did (0.99 ms
-# against 0.49 at 4 x 8k after a warm-up at 32 x 1k, before their SEQS / CHUNKS buckets)
+# would re-time every config). Without the length, causal 1k to 64k and the windows shared one key, full 1k to 64k
+# another, each kept whichever tile the first shape of a process (or of the carried tuning cache) had timed; and
+# the best tile differs by walk: H100, forced one by one (2026-12-05-flash-config-sweep-h100.json), dense full
+# 2 x 16k ran 8.48 ms on its own tuned tile and 10.01 on 128 x 128 x 8 x 3, the window's choice at that length.
+# The linear kernels' keys had the same flaw (0.99 ms against 0.49 at 4 x 8k after a warm-up at 32 x 1k, before
+# their SEQS / CHUNKS buckets).
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
         "tune_kv"]
 
