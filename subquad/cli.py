@@ -312,9 +312,13 @@ def eval_needle(
     context lengths x needle depths (lengths past --train-len test extrapolation) and draw the heat map."""
     from rich.table import Table
 
-    from .eval import needle_grid, train_needle_model
+    from .eval.needle import check_grid, needle_grid, train_needle_model
 
     length_list, depth_list = _split(lengths, int, "--lengths"), _split(depths, float, "--depths")
+    try:
+        check_grid(length_list, depth_list, trials)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if threads:
         import torch
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import subquad.eval
 from subquad.cli import app
 from subquad.data import IGNORE, needle
 from subquad.eval import (answer_hits, fidelity, needle_grid, recall_accuracy, replace_attention,
@@ -68,6 +69,21 @@ def test_needle_grid_shape_and_depth_placement():
     assert expected[2] == [1.0, 1.0, 1.0] and expected[0] == [1.0, 0.0, 0.0]
 
 
+def test_a_needle_grid_cell_keeps_its_needles_when_the_grid_around_it_changes():
+    """A cell's haystacks come from its own length and depth, not its place in the grid."""
+    seen = []
+
+    def record(ids):
+        seen.append(ids.clone())
+        return torch.zeros(*ids.shape, 16)
+
+    needle_grid(record, [16, 32], [0.0, 0.5], vocab_size=16, trials=4)
+    cell = seen[-1]  # depth 0.5, 32 tokens
+    seen.clear()
+    needle_grid(record, [32], [0.5], vocab_size=16, trials=4)
+    assert torch.equal(seen[0], cell)
+
+
 def test_needle_grid_plot(tmp_path):
     grid = needle_grid(WindowOracle(12, 16), [8, 16], [0.0, 1.0], vocab_size=16, trials=2)
     path = grid.plot(tmp_path / "needle.png")
@@ -119,6 +135,21 @@ def test_linear_swap_fuses_the_attention_projections_with_kv_heads_repeated(mode
     torch.testing.assert_close(linear.o_proj.weight, exact.o_proj.weight)
 
 
+def test_gqa_swap_pools_the_exact_layers_only_and_its_config_rebuilds_it():
+    """The sliding-window layers are not what is swapped: their key/value heads stay as trained."""
+    torch.manual_seed(0)
+    lm = HybridLM(64, 32, "LA", heads=2, mixer_options={"L": {"window": 4}})
+    swapped = replace_attention(lm, "gqa", kv_heads=1)
+    assert swapped.blocks[1].mixer.kv_heads == 1
+    assert swapped.blocks[0].mixer.kv_heads == 2
+    torch.testing.assert_close(swapped.blocks[0].mixer.kv_proj.weight, lm.blocks[0].mixer.kv_proj.weight)
+    config = dict(swapped.config)
+    rebuilt = HybridLM(config.pop("vocab_size"), config.pop("d_model"), config.pop("layers"), **config)
+    rebuilt.load_state_dict(swapped.state_dict())
+    ids = torch.randint(0, 64, (1, 9))
+    torch.testing.assert_close(rebuilt.eval()(ids), swapped(ids))
+
+
 def test_replace_attention_refuses_what_it_cannot_convert(model):
     with pytest.raises(ValueError, match="mechanism"):
         replace_attention(model, "lsh")
@@ -126,6 +157,10 @@ def test_replace_attention_refuses_what_it_cannot_convert(model):
         replace_attention(HybridLM(64, 32, "MF"), "window")
     with pytest.raises(ValueError, match="mechanism"):  # its own L layers have another window
         replace_attention(HybridLM(64, 32, "AL", mixer_options={"L": {"window": 8}}), "window", window=4)
+    # the swapped layers are all L, one set of options: A and G layers with different key/value heads cannot
+    # both become them (their weights failed to load, a RuntimeError)
+    with pytest.raises(ValueError, match="model: expected its exact attention layers to share their options"):
+        replace_attention(HybridLM(64, 32, "AG", heads=2, mixer_options={"G": {"kv_heads": 1}}), "window")
 
 
 def test_cli_eval_recall_prints_a_table():
@@ -148,3 +183,16 @@ def test_cli_eval_needle_and_fidelity(tmp_path):
                                       "--max-bytes", "200000"])
     assert result.exit_code == 0, result.output
     assert "AA -> LL" in result.output and "bits per byte" in result.output and "KL" in result.output
+
+
+def test_cli_eval_needle_checks_the_grid_before_it_trains(monkeypatch):
+    """A bad --depths or --lengths is refused at once, not after the model's training."""
+    def train(*args, **kwargs):
+        raise AssertionError("the model was trained before the grid was checked")
+
+    monkeypatch.setattr(subquad.eval, "train_needle_model", train)
+    monkeypatch.setattr(subquad.eval.needle, "train_needle_model", train)
+    result = CliRunner().invoke(app, ["eval", "needle", "--depths", "0,50"])
+    assert result.exit_code == 2 and "depths: expected fractions in [0, 1]" in result.output, result.output
+    result = CliRunner().invoke(app, ["eval", "needle", "--lengths", "4,16"])
+    assert result.exit_code == 2 and "lengths: expected context lengths" in result.output, result.output

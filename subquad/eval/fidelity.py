@@ -10,8 +10,8 @@ a mask) of a ``HybridLM`` into a new model; every other weight is copied unchang
   (GQA/MQA key/value heads repeated for their query heads) and its output projection. Softmax's exponential is
   replaced by ``feature_map`` and RoPE is dropped (linear attention has no positions); a learnable map
   (``"hedgehog"``) starts from its fresh initialisation, untrained.
-* ``"gqa"``: ``kv_heads`` key/value heads, each the mean of its group (``HybridLM.to_gqa``, the GQA paper's
-  conversion).
+* ``"gqa"``: ``kv_heads`` key/value heads, each the mean of its group (the GQA paper's conversion, as
+  ``HybridLM.to_gqa`` makes it, but of the exact layers only).
 
 ``fidelity`` then runs both models on the same token windows: the relative L2 error of the logits, the KL
 divergence of the next-token distributions (exact || swapped), and each model's bits per token and perplexity.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..models import HybridLM
 from ..nn import Attention, LinearAttention
+from ..nn.convert import mha_to_gqa
 from ..nn.registry import DEFAULT_WINDOW, lookup
 
 MECHANISMS = ("window", "linear", "gqa")
@@ -56,7 +57,7 @@ def replace_attention(model: HybridLM, mechanism: str, *, window: int = 128, fea
         raise ValueError(f"model: expected exact softmax attention layers (A or G), got layers "
                          f"{model.layer_letters!r}")
     if mechanism == "gqa":
-        return copy.deepcopy(model).to_gqa(kv_heads).eval()
+        return _exact_to_gqa(copy.deepcopy(model), exact, kv_heads).eval()
     letter = SWAPPED_LETTER[mechanism]
     config = copy.deepcopy(model.config)
     options = {lookup(key).letter: opts for key, opts in config.pop("mixer_options").items()}
@@ -67,6 +68,14 @@ def replace_attention(model: HybridLM, mechanism: str, *, window: int = 128, fea
     if mechanism == "window":
         if not isinstance(window, int) or window <= 0:
             raise ValueError(f"window: expected a positive int, got {window!r}")
+        # every swapped layer is an L, built from L's one set of options: the exact layers must have been built
+        # alike (the model's kv_heads stands in where their options name none, as HybridLM builds them)
+        kv_heads_of_model = {} if model.config.get("kv_heads") is None else {"kv_heads": model.config["kv_heads"]}
+        letters = sorted({model.layer_letters[i] for i in exact})
+        built = {c: {**kv_heads_of_model, **options.get(c, {})} for c in letters}
+        if any(_effective("L", built[c]) != _effective("L", built[letters[0]]) for c in letters[1:]):
+            raise ValueError(f"model: expected its exact attention layers to share their options for "
+                             f"mechanism='window', got {built}")
         new_options = {**options.get(model.layer_letters[exact[0]], {}), "window": window}
     else:
         new_options = {"feature_map": feature_map, **({"heads": heads} if heads is not None else {})}
@@ -90,6 +99,23 @@ def replace_attention(model: HybridLM, mechanism: str, *, window: int = 128, fea
         raise ValueError(f"model: its attention layers hold weights the {mechanism} layers cannot take "
                          f"(unexpected {sorted(unexpected)}, missing {sorted(missing)})")
     return swapped.to(next(model.parameters()).device).eval()
+
+
+def _exact_to_gqa(model: HybridLM, exact: list[int], kv_heads: int) -> HybridLM:
+    """``HybridLM.to_gqa`` (in place) of the ``exact`` layers alone: the sliding-window and differential layers
+    it would convert too keep their key/value heads. Their letters' options record ``kv_heads``."""
+    held = sorted({model.blocks[i].mixer.kv_heads for i in exact})
+    if not (isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads > 0
+            and all(n % kv_heads == 0 for n in held)):
+        raise ValueError(f"kv_heads: expected a positive divisor of every exact attention layer's key/value heads "
+                         f"({held}), got {kv_heads!r}")
+    for i in exact:
+        mha_to_gqa(model.blocks[i].mixer, kv_heads, n_heads=model.blocks[i].mixer.kv_heads)
+    options = model.config["mixer_options"]
+    for letter in {model.layer_letters[i] for i in exact}:
+        key = next((key for key in options if lookup(key).letter == letter), letter)
+        options[key] = {**options.get(key, {}), "kv_heads": kv_heads}
+    return model
 
 
 def _effective(letter: str, options: dict) -> dict:

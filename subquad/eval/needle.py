@@ -57,11 +57,9 @@ class NeedleGrid:
         return path
 
 
-def needle_grid(model, lengths, depths, *, vocab_size: int | None = None, trials: int = 64, seed: int = 0,
-                device: torch.device | str | None = None) -> NeedleGrid:
-    """Retrieval accuracy of ``model`` (``ids (batch, seq)`` -> logits ``(batch, seq, vocab)``) for every length
-    and depth, ``trials`` needles each. ``vocab_size`` defaults to the model's (a HybridLM's ``config``). Each cell
-    draws its haystacks from its own generator, so a cell does not change when the grid around it does."""
+def check_grid(lengths, depths, trials: int) -> tuple[list[int], list[float]]:
+    """``needle_grid``'s lengths and depths as lists, checked with ``trials`` (``subquad eval needle`` checks them
+    before it trains the model)."""
     lengths, depths = list(lengths), list(depths)
     if not lengths or not all(isinstance(n, int) and n >= 6 for n in lengths):
         raise ValueError(f"lengths: expected context lengths (ints >= 6), got {lengths!r}")
@@ -69,6 +67,15 @@ def needle_grid(model, lengths, depths, *, vocab_size: int | None = None, trials
         raise ValueError(f"depths: expected fractions in [0, 1], got {depths!r}")
     if not isinstance(trials, int) or trials <= 0:
         raise ValueError(f"trials: expected a positive int, got {trials!r}")
+    return lengths, depths
+
+
+def needle_grid(model, lengths, depths, *, vocab_size: int | None = None, trials: int = 64, seed: int = 0,
+                device: torch.device | str | None = None) -> NeedleGrid:
+    """Retrieval accuracy of ``model`` (``ids (batch, seq)`` -> logits ``(batch, seq, vocab)``) for every length
+    and depth, ``trials`` needles each. ``vocab_size`` defaults to the model's (a HybridLM's ``config``). Each cell
+    draws its haystacks from its own generator, so a cell does not change when the grid around it does."""
+    lengths, depths = check_grid(lengths, depths, trials)
     if vocab_size is None:
         vocab_size = getattr(model, "config", {}).get("vocab_size")
         if vocab_size is None:
@@ -77,14 +84,20 @@ def needle_grid(model, lengths, depths, *, vocab_size: int | None = None, trials
         weight = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = weight.device if weight is not None else "cpu"
     accuracy = []
-    for i, depth in enumerate(depths):
+    for depth in depths:
         row = []
-        for j, length in enumerate(lengths):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + j)
+        for length in lengths:
+            gen = torch.Generator().manual_seed(_cell_seed(seed, length, depth))
             ids, targets = needle(trials, length, vocab_size, depth, gen)
             row.append(recall_accuracy(model, [(ids.to(device), targets.to(device))]))
         accuracy.append(row)
     return NeedleGrid(lengths, depths, accuracy, trials)
+
+
+def _cell_seed(seed: int, length: int, depth: float) -> int:
+    """A cell's generator seed from its own length and depth (to a millionth), not its place in the grid, so
+    that adding or removing lengths or depths leaves the other cells' needles as they were."""
+    return ((seed * 1_000_003 + length) * 1_000_003 + round(depth * 1_000_000)) % (1 << 63)
 
 
 def train_needle_model(pattern: str, *, seq_len: int = 16, vocab_size: int = 16, d_model: int = 64,
