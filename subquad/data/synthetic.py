@@ -38,8 +38,9 @@ def mqar(batch: int, num_pairs: int, seq_len: int, vocab_size: int, generator: t
 
 def needle(batch: int, seq_len: int, vocab_size: int, depth: float | None = None,
            generator: torch.Generator | None = None):
-    """A random haystack with ``[marker, value]`` hidden at relative ``depth`` (random if None); the last two
-    tokens are ``marker`` and the target is ``value``. Token 1 is the marker, 0 never appears."""
+    """A random haystack with ``[marker, value]`` hidden at relative ``depth`` (random if None) among its first
+    ``seq_len - 2`` tokens, one haystack token between it and the end; the last token is the marker again and its
+    target is ``value``. Token 1 is the marker, 0 never appears."""
     if seq_len < 6 or vocab_size < 4:
         raise ValueError(f"seq_len, vocab_size: expected >= 6 and >= 4, got {seq_len}, {vocab_size}")
     if depth is not None and not 0 <= depth <= 1:

@@ -25,7 +25,8 @@ from .recall import fit_recall, recall_accuracy
 @dataclass
 class NeedleGrid:
     """``accuracy[i][j]``: the fraction of ``trials`` needles retrieved at ``depths[i]`` in contexts of
-    ``lengths[j]`` tokens (depth 0: the needle opens the context; 1: it sits just before the final marker)."""
+    ``lengths[j]`` tokens (depth 0: the needle opens the context; 1: one haystack token separates it from the
+    final marker)."""
 
     lengths: list[int]
     depths: list[float]
