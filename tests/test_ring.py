@@ -129,6 +129,12 @@ def test_zigzag_shard_round_trip_and_order():
     assert torch.equal(subquad.zigzag_unshard(shards), x)
     with pytest.raises(ValueError, match="x: expected a length along dim 1 divisible by 2 \\* world = 6"):
         subquad.zigzag_shard(x[:, :20], 0, 3)
+    with pytest.raises(ValueError, match="x: expected a torch.Tensor, got list"):
+        subquad.zigzag_shard(x.flatten().tolist(), 0, 3, 0)
+    with pytest.raises(ValueError, match="dim: expected a dimension of x, got '1'"):
+        subquad.zigzag_shard(x, 0, 3, "1")
+    with pytest.raises(ValueError, match="dim: expected a dimension of the shards, got 1.0"):
+        subquad.zigzag_unshard(shards, 1.0)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import subquad
@@ -50,13 +51,13 @@ def _elu1(x):
     return F.elu(x) + 1
 
 
-def _sharded_call(name, q, k, v, decay, initial):
+def _sharded_call(name, q, k, v, decay, initial, group):
     op = CASES[name]["op"]
     if op == "retention":
-        return subquad.sharded_retention(q, k, v, decay, initial_state=initial, output_state=True)
+        return subquad.sharded_retention(q, k, v, decay, group, initial_state=initial, output_state=True)
     if op == "linear":
-        return subquad.sharded_gla(_elu1(q), _elu1(k), v, initial_state=initial, output_state=True)
-    return subquad.sharded_gla(q, k, v, decay, initial_state=initial, output_state=True)
+        return subquad.sharded_gla(_elu1(q), _elu1(k), v, None, group, initial_state=initial, output_state=True)
+    return subquad.sharded_gla(q, k, v, decay, group, initial_state=initial, output_state=True)
 
 
 def _whole_call(name, q, k, v, decay, initial):
@@ -94,24 +95,33 @@ def _bad_inputs(rank: int) -> dict:
     return value_errors(calls)
 
 
+def _rank_case(name: str, rank: int, world: int, group=None) -> dict:
+    """What the case's call on ``rank`` of ``world`` (its rank in ``group``) saves."""
+    x = _whole(name, world)
+    q, k, v, w_out = (x[key].chunk(world, 1)[rank].requires_grad_(key != "w_out") for key in ("q", "k", "v", "w_out"))
+    decay = _sharded_decay(x.get("decay"), rank, world)
+    initial = x["initial"].clone().requires_grad_() if "initial" in x else None
+    out, state = _sharded_call(name, q, k, v, decay, initial, group)
+    loss = (out * w_out).sum()
+    if rank == CASES[name]["state_on"] % world:
+        loss = loss + (state * x["w_state"]).sum()
+    loss.backward()
+    return dict(out=out.detach(), state=state.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
+                d_decay=None if decay is None else decay.grad, d_initial=None if initial is None else initial.grad)
+
+
 def _rank_cases(rank: int, world: int) -> dict:
-    saved = {}
-    for name, case in CASES.items():
-        x = _whole(name, world)
-        q, k, v, w_out = (x[key].chunk(world, 1)[rank].requires_grad_(key != "w_out")
-                          for key in ("q", "k", "v", "w_out"))
-        decay = _sharded_decay(x.get("decay"), rank, world)
-        initial = x["initial"].clone().requires_grad_() if "initial" in x else None
-        out, state = _sharded_call(name, q, k, v, decay, initial)
-        loss = (out * w_out).sum()
-        if rank == case["state_on"] % world:
-            loss = loss + (state * x["w_state"]).sum()
-        loss.backward()
-        saved[name] = dict(out=out.detach(), state=state.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
-                           d_decay=None if decay is None else decay.grad,
-                           d_initial=None if initial is None else initial.grad)
+    saved = {name: _rank_case(name, rank, world) for name in CASES}
     if world == 2:
         saved["bad"] = _bad_inputs(rank)
+    if world == 4:
+        # every rank makes the group; ranks 1 and 3 hold the two shards of world 2's sequence
+        group = dist.new_group([1, 3])
+        if rank in (1, 3):
+            saved["group-of-ranks-1-3"] = _rank_case("gla-per-key", rank // 2, 2, group)
+        else:
+            q = torch.randn(1, 4, 2, 8)
+            saved["not-in-group"] = value_errors({"call": lambda: subquad.sharded_gla(q, q, q, group=group)})
     return saved
 
 
@@ -165,6 +175,17 @@ def test_sharded_equals_whole_sequence(name, world, tmp_path_factory):
 def test_sharded_equals_fp64_recurrence(name, tmp_path_factory):
     ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
     assert_gathered(_whole_sequence(name, 4, oracle=True), lambda key: _gathered(ranks, name, key), 5e-5, name)
+
+
+def test_sharded_in_a_group_of_some_ranks(tmp_path_factory):
+    """A group other than the default group's first ranks (gloo's differentiable all-gather failed there)."""
+    ranks = run_ranks(_rank_cases, 4, tmp_path_factory)
+    members = [{"gla-per-key": ranks[r]["group-of-ranks-1-3"]} for r in (1, 3)]
+    assert_gathered(_whole_sequence("gla-per-key", 2), lambda key: _gathered(members, "gla-per-key", key), 2e-5,
+                    "ranks 1 and 3 of 4")
+    for rank in (0, 2):
+        assert ranks[rank]["not-in-group"]["call"].startswith(
+            "group: expected a process group that this rank belongs to"), ranks[rank]["not-in-group"]
 
 
 def test_bad_input_raises_on_every_rank(tmp_path_factory):

@@ -19,11 +19,12 @@ def ring_of(group) -> Ring:
         raise ValueError("group: expected an initialized torch.distributed process group "
                          "(torch.distributed.init_process_group first), got none")
     if group is not None and not isinstance(group, dist.ProcessGroup):
+        # new_group returns this marker, not a group, on the ranks it leaves out
+        if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("group: expected a process group that this rank belongs to, got "
+                             "GroupMember.NON_GROUP_MEMBER (new_group's value on the ranks it leaves out)")
         raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
-    group = dist.group.WORLD if group is None else group
-    if dist.get_rank(group) < 0:
-        raise ValueError("group: expected a process group that this rank belongs to")
-    return Ring(group)
+    return Ring(dist.group.WORLD if group is None else group)
 
 
 def _shape_facts(t) -> list[int]:

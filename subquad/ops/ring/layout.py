@@ -21,14 +21,19 @@ def shard_chunks(rank: int, world: int, zigzag: bool) -> tuple[int, ...]:
     return (rank, 2 * world - 1 - rank) if zigzag else (rank,)
 
 
+def _is_dim(dim, ndim: int) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and -ndim <= dim < ndim
+
+
 def _check_split(x: torch.Tensor, rank: int, world: int, dim: int) -> None:
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world: expected a positive int, got {world!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world:
         raise ValueError(f"rank: expected an int in [0, {world}), got {rank!r}")
-    if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim: expected a dimension of x, got {dim!r} for "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not _is_dim(dim, x.dim()):
+        raise ValueError(f"dim: expected a dimension of x, got {dim!r} for {tuple(x.shape)}")
     if x.shape[dim] % (2 * world):
         raise ValueError(f"x: expected a length along dim {dim} divisible by 2 * world = {2 * world} (zig-zag "
                          f"chunks of equal length), got shape {tuple(x.shape)}")
@@ -50,7 +55,9 @@ def zigzag_unshard(shards: list[torch.Tensor] | tuple[torch.Tensor, ...], dim: i
         raise ValueError(f"shards: expected a non-empty list of tensors, one per rank, got {type(shards).__name__}")
     world = len(shards)
     shape = shards[0].shape
-    if any(s.shape != shape for s in shards) or not -len(shape) <= dim < len(shape) or shape[dim] % 2:
+    if not _is_dim(dim, len(shape)):
+        raise ValueError(f"dim: expected a dimension of the shards, got {dim!r} for {tuple(shape)}")
+    if any(s.shape != shape for s in shards) or shape[dim] % 2:
         raise ValueError(f"shards: expected {world} tensors of one shape with an even length along dim {dim}, got "
                          f"shapes {[tuple(s.shape) for s in shards]}")
     halves = [s.chunk(2, dim) for s in shards]

@@ -16,11 +16,10 @@ gradients of the entering states back to the ranks whose shards made them.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
-import torch.distributed.nn.functional
+import torch.distributed as dist
 
 from ..linear import gla, retention_log_decay
 from ..linear.checks import check_qkv_same_heads, check_scale, check_state, expand_log_decay
@@ -28,12 +27,24 @@ from .checks import check_across_ranks, ring_of
 from .comm import Ring
 
 
-def _all_gather(ring: Ring, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    with warnings.catch_warnings():
-        # deprecated for torch.distributed._functional_collectives, which is private: the public differentiable
-        # collective is used until that one is public, without a warning on every call
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.distributed.nn.functional.all_gather(t, group=ring.group)
+class _AllGather(torch.autograd.Function):
+    """Every rank's ``t``; the backward sums the ranks' gradients of the gathered tensors and keeps this rank's.
+
+    Not ``torch.distributed.nn.functional.all_gather``: on gloo its backward scatters from each group rank named as
+    a global rank, which fails in any group but the default group's first ranks (e.g. ranks 1 and 3 of four)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, ring: Ring):
+        ctx.ring = ring
+        gathered = [torch.empty_like(t) for _ in range(ring.world)]
+        dist.all_gather(gathered, t.contiguous(), group=ring.group)
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        summed = torch.stack(grads)
+        dist.all_reduce(summed, group=ctx.ring.group)
+        return summed[ctx.ring.rank], None
 
 
 def _state_before(shard: int, states: tuple[torch.Tensor, ...], log_decays: tuple[torch.Tensor, ...]):
@@ -85,7 +96,7 @@ def _state_passing(group, q, k, v, log_decay_of: Callable[[], torch.Tensor | Non
     first = initial_state.to(acc) if ring.rank == 0 and initial_state is not None else None
     if first is not None:
         own_state = own_state + log_total.exp() * first
-    states, log_totals = _all_gather(ring, own_state), _all_gather(ring, log_total)
+    states, log_totals = _AllGather.apply(own_state, ring), _AllGather.apply(log_total, ring)
     entering = _state_before(ring.rank, states, log_totals)
     if first is not None:
         entering = entering + first
