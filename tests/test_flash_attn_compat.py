@@ -112,6 +112,12 @@ def test_func_deterministic_and_dropout_pass_through():
     assert not torch.allclose(a, softmax_attention(q, k, v)[0])
 
 
+def test_func_window_size_not_a_pair_is_refused_by_name():
+    q, k, v = (rand(1, 6, 2, 8, seed=s) for s in range(3))
+    with pytest.raises(ValueError, match=r"window_size: expected \(left, right\)"):
+        flash_attn_func(q[:, :5], k[:, :3], v[:, :3], window_size=3)
+
+
 def test_packed_forms_equal_unpacked():
     qkv = rand(2, 6, 3, 4, 8)
     torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, causal=True, window_size=(2, 0)),
@@ -316,6 +322,40 @@ def test_kvcache_refusals_name_the_argument():
         flash_attn_with_kvcache(q, k_cache, v_cache, block_table=torch.zeros(3, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="rotary_cos"):
         flash_attn_with_kvcache(q, k_cache, v_cache, rotary_cos=torch.ones(8, 4), rotary_sin=torch.ones(8, 4))
+
+
+@pytest.mark.parametrize("causal,t", [(False, 3), (True, 20)])
+def test_kvcache_empty_caches_give_zeros(causal, t):
+    """Every cache empty and no new keys: zeros and LSE -inf on every path (the decode kernel's steps gave them;
+    the packed path refused the call)."""
+    k_cache, v_cache, q = rand(2, 24, 2, 8), rand(2, 24, 2, 8), rand(2, t, 4, 8)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=0, causal=causal, return_softmax_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and lse.shape == (2, 4, t) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("seqlens,new_keys", [(-1, True), (9, False), ([3, -2], False)])
+def test_kvcache_lengths_outside_the_cache_are_refused(seqlens, new_keys):
+    """A negative length wrote the new keys at the cache's end (Python's negative index) and a length past the
+    cache read beyond it; the cache is left untouched."""
+    k_cache, v_cache, q = rand(2, 8, 2, 8), rand(2, 8, 2, 8), rand(2, 1, 2, 8)
+    before = k_cache.clone()
+    if not isinstance(seqlens, int):
+        seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    k, v = (rand(2, 1, 2, 8, seed=1), rand(2, 1, 2, 8, seed=2)) if new_keys else (None, None)
+    with pytest.raises(ValueError, match=r"cache_seqlens: expected lengths in \[0, \d\]"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True)
+    torch.testing.assert_close(k_cache, before, atol=0, rtol=0)
+
+
+def test_kvcache_batch_idx_and_rotary_out_of_range_are_refused_by_name():
+    k_cache, v_cache, q = rand(2, 8, 2, 8), rand(2, 8, 2, 8), rand(2, 1, 2, 8)
+    with pytest.raises(ValueError, match=r"cache_batch_idx: expected rows of k_cache in \[0, 2\)"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=3,
+                                cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32))
+    k, v = rand(2, 1, 2, 8, seed=1), rand(2, 1, 2, 8, seed=2)
+    with pytest.raises(ValueError, match="rotary_cos: .*seqlen_ro >= 8"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=5, rotary_cos=torch.ones(4, 2),
+                                rotary_sin=torch.zeros(4, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -236,6 +236,13 @@ def test_refusals():
         flex_attention(q, k, v, kernel_options=3)
 
 
+def test_score_mod_not_callable_is_refused_by_name():
+    q, k, v = qkv(nq=6, nk=10)
+    for bm in (None, create_block_mask(causal, None, None, 6, 10, device="cpu")):
+        with pytest.raises(ValueError, match="score_mod: expected a callable"):
+            flex_attention(q, k, v, score_mod=2.0, block_mask=bm)
+
+
 @pytest.mark.parametrize("nq", [6, 17])
 def test_matches_torch_flex_attention(nq):
     """PyTorch's own FlexAttention, eager on the CPU (unfused, with a warning), on the same arguments; 17 queries

@@ -91,6 +91,23 @@ def test_rows_without_keys_are_zero():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("cu_q, cu_k", [([0, 3, 5], [0, 0, 0]), ([0, 0, 0], [0, 4, 6])])
+def test_no_sequence_with_both_queries_and_keys(cu_q, cu_k):
+    """Every sequence without keys (or without queries), as a batch over empty KV caches makes: zeros and LSE
+    -inf (with sinks, the sink's logit), not a refusal; the arguments still checked."""
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEV) for c in (cu_q, cu_k))
+    q = torch.randn(int(cu_q[-1]), 4, 8, device=DEV)
+    k, v = torch.randn(2, int(cu_k[-1]), 2, 8, device=DEV).unbind(0)
+    out, lse = subquad.varlen_attention(q, k, v[..., :6], cu_q, cu_k, causal=True, return_lse=True)
+    assert out.shape == (q.shape[0], 4, 6) and lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEV)
+    out, lse = subquad.varlen_attention(q, k, v, cu_q, cu_k, sinks=sinks, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, sinks[:, None].expand_as(lse))
+    with pytest.raises(ValueError, match="k: expected H_kv dividing H_q=4"):
+        subquad.varlen_attention(q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu_q, cu_k)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_equal_lengths_are_packed_documents(causal):
     """Equal query and key offsets: the ``document`` pattern through ``subquad.attention`` (any backend), and

@@ -43,8 +43,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     nheads_k, headdim)`` (GQA/MQA: ``nheads`` a multiple of ``nheads_k``). Returns ``out``, or with
     ``return_attn_probs`` ``(out, softmax_lse (batch, nheads, seqlen_q) fp32, None)``: the attention
     probabilities are not returned (FlashAttention returns them only for testing, with dropout)."""
-    if (not causal and tuple(window_size) != (-1, -1) and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
-            and q.dim() == k.dim() == 4 and q.shape[1] > k.shape[1]):
+    # (a window_size that is not a pair is left to attention, which names it)
+    if (not causal and isinstance(window_size, (tuple, list)) and tuple(window_size) != (-1, -1)
+            and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4
+            and q.shape[1] > k.shape[1]):
         return _windowed_more_queries(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                                       deterministic, return_attn_probs, backend)
     result = attention(q, k, v, causal=causal, scale=softmax_scale, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -169,12 +171,14 @@ def _cache_seqlens(cache_seqlens, bsz: int, capacity: int, device) -> torch.Tens
     return cache_seqlens.to(device=device, dtype=torch.int32)
 
 
-def _rotary_tables(rotary_cos, rotary_sin, head_dim: int, dtype):
+def _rotary_tables(rotary_cos, rotary_sin, head_dim: int, capacity: int, dtype):
     for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        # (a row for every position of the cache, as FlashAttention asks: a shorter table would be indexed past
+        # its end)
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != rotary_cos.shape \
-                or not 0 < 2 * t.shape[1] <= head_dim:
-            raise ValueError(f"{name}: expected shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= {head_dim}, "
-                             f"both tables alike, got {_shape(t)}")
+                or not 0 < 2 * t.shape[1] <= head_dim or t.shape[0] < capacity:
+            raise ValueError(f"{name}: expected shape (seqlen_ro, rotary_dim / 2) with seqlen_ro >= {capacity} (the "
+                             f"cache's length) and rotary_dim <= {head_dim}, both tables alike, got {_shape(t)}")
     # (rotated in fp32 at least, as FlashAttention's kernel does for fp16/bf16)
     acc = torch.promote_types(dtype, torch.float32)
     return rotary_cos.to(acc), rotary_sin.to(acc)
@@ -243,6 +247,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad: not supported (left-padded caches); expected None")
     _check_cache(q, k_cache, v_cache, block_table)
+    # (as cache_seqlens, indices on the device are not read back)
+    if cache_batch_idx is not None and not block_table.is_cuda and block_table.numel() \
+            and (int(block_table.min()) < 0 or int(block_table.max()) >= k_cache.shape[0]):
+        raise ValueError(f"cache_batch_idx: expected rows of k_cache in [0, {k_cache.shape[0]}), got "
+                         f"{cache_batch_idx.tolist()}")
     bsz, t, _, d = q.shape
     capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     lengths = _cache_seqlens(cache_seqlens, bsz, capacity, k_cache.device)
@@ -265,13 +274,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 raise ValueError(f"{name}: expected dtype {k_cache.dtype} on {k_cache.device} (the cache's), got "
                                  f"{t_new.dtype} on {t_new.device}")
         n_new = k.shape[1]
-        if not lengths.is_cuda and lengths.numel() and int(lengths.max()) + n_new > capacity:
-            # (lengths on the device are not read back, as in subquad.decode)
-            raise ValueError(f"cache_seqlens: expected room for {n_new} new tokens in a cache of {capacity}, got "
-                             f"{lengths.tolist()}")
+    if not lengths.is_cuda and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) + n_new > capacity):
+        # (lengths on the device are not read back, as in subquad.decode.) A negative length would write the new
+        # keys at the end of the cache and one past the cache would read beyond it
+        raise ValueError(f"cache_seqlens: expected lengths in [0, {capacity - n_new}] (room for {n_new} new tokens "
+                         f"in a cache of {capacity}), got {lengths.tolist()}")
+    if k is not None:
         pos = lengths.long()[:, None] + torch.arange(n_new, device=lengths.device)
         if rotary_cos is not None:
-            cos, sin = _rotary_tables(rotary_cos, rotary_sin, d, q.dtype)
+            cos, sin = _rotary_tables(rotary_cos, rotary_sin, d, capacity, q.dtype)
             k = apply_rotary(k, cos[pos], sin[pos], rotary_interleaved)
             q_pos = lengths.long()[:, None] + torch.arange(t, device=lengths.device) \
                 if causal or tuple(window_size) != (-1, -1) else lengths.long()[:, None].expand(bsz, t)

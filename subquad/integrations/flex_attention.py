@@ -183,6 +183,9 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a tensor (batch, heads, seq, head_dim), got {shape}")
+    if score_mod is not None and not callable(score_mod):
+        # (checked here: the shift to flex's q_idx wraps it in a callable before attention sees it)
+        raise ValueError(f"score_mod: expected a callable score_mod(score, b, h, q_idx, kv_idx), got {score_mod!r}")
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise ValueError(f"kernel_options: expected None or a dict, got {type(kernel_options).__name__}")
     batch, heads, q_len, _ = query.shape

@@ -152,6 +152,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
         raise ValueError(f"alibi_slopes: expected shape ({q.shape[1]},) (one slope per query head; per-sequence "
                          f"slopes are not supported), got {shape}")
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return _without_pairs(q, k, v, scale, softcap, sinks, return_lse)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     check_qkv(q4, k4, v4)
     offsets = (tuple(cu_q.tolist()), tuple(cu_k.tolist()), lo, hi, str(q.device))
@@ -174,6 +176,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:
         out, lse = _positions_call(q4, k4, v4, cu_q, cu_k, lo, hi, scale, softcap, alibi_slopes, backend,
                                    deterministic, sinks, offsets, dropout_p)
+    return (out[0], lse[0]) if return_lse else out[0]
+
+
+def _without_pairs(q, k, v, scale, softcap, sinks, return_lse):
+    """No query or no key in the whole batch (every KV cache empty, say), which the kernels do not take: every
+    query's output 0 and LSE -inf, as for any query that sees no key (with sinks, the sink's logit), once the
+    arguments are checked as a call with pairs checks them."""
+    check_qkv(*(t.new_empty(1, 1, *t.shape[1:]) for t in (q, k, v)))
+    check_scale_softcap(scale, softcap)
+    out = q.new_zeros(1, q.shape[0], q.shape[1], v.shape[2])
+    lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    if sinks is not None:
+        check_sinks(sinks, q.shape[1], q.device)
+        out, lse = with_sinks(out, lse, sinks)
     return (out[0], lse[0]) if return_lse else out[0]
 
 
