@@ -55,6 +55,11 @@ def _bad_inputs(rank: int) -> dict:
         "heads": lambda: ring(torch.randn(1, 6, 3, 8), torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)),
         # only rank 1's k has the wrong heads: rank 0 must raise too rather than wait on the ring
         "heads-on-one-rank": lambda: ring(torch.randn(1, 6, 3, 8), *[torch.randn(1, 6, 2 if rank else 1, 8)] * 2),
+        # only rank 0 wants gradients: rank 1 would not join the backward's passes, and rank 0 would wait there
+        "grad-on-one-rank": lambda: ring(torch.randn(1, 6, 2, 8, requires_grad=rank == 0),
+                                         *[torch.randn(1, 6, 2, 8)] * 2),
+        # each rank's call is valid alone, but rank 1 masks causally and rank 0 does not: a wrong result
+        "causal-on-one-rank": lambda: subquad.ring_attention(*[torch.randn(1, 6, 2, 8)] * 3, causal=bool(rank)),
     })
 
 
@@ -113,7 +118,12 @@ def test_bad_input_raises_on_every_rank(tmp_path_factory):
     ranks = run_ranks(_rank_cases, 2, tmp_path_factory)
     for rank, saved in enumerate(ranks):
         bad = saved["bad"]
-        assert set(bad) == {"unequal-shards", "heads", "heads-on-one-rank"}, f"rank {rank} did not raise: {bad}"
+        assert set(bad) == {"unequal-shards", "heads", "heads-on-one-rank", "grad-on-one-rank",
+                            "causal-on-one-rank"}, f"rank {rank} did not raise: {bad}"
+        assert bad["grad-on-one-rank"].startswith("q, k, v: expected gradients wanted on every rank or on none"), \
+            bad["grad-on-one-rank"]
+        assert bad["causal-on-one-rank"].startswith("causal, scale, softcap, zigzag: expected the same on every "
+                                                    "rank"), bad["causal-on-one-rank"]
         assert bad["unequal-shards"].startswith("q: expected the same shape on every rank"), bad["unequal-shards"]
         assert bad["heads"].startswith("k: expected H_kv dividing H_q=3"), bad["heads"]
     assert ranks[1]["bad"]["heads-on-one-rank"].startswith("k: expected H_kv dividing H_q=3")

@@ -91,6 +91,9 @@ def _bad_inputs(rank: int) -> dict:
         "gamma-on-one-rank": lambda: subquad.sharded_retention(*qkv(), torch.full((2 + rank,), 0.9)),
         "initial-state-on-one-rank": lambda: subquad.sharded_gla(
             *qkv(), initial_state=None if rank else torch.zeros(1, 2, 8, 8)),
+        # only rank 0 wants gradients: rank 1 would not join the backward's collective
+        "grad-on-one-rank": lambda: subquad.sharded_gla(*[t.requires_grad_(rank == 0) for t in qkv()]),
+        "scale-differs": lambda: subquad.sharded_gla(*qkv(), scale=0.5 + rank),
     }
     return value_errors(calls)
 
@@ -114,6 +117,14 @@ def _rank_cases(rank: int, world: int) -> dict:
     saved = {name: _rank_case(name, rank, world) for name in CASES}
     if world == 2:
         saved["bad"] = _bad_inputs(rank)
+        # q, k, v frozen, the initial state learnt: rank 1's output must want its gradient too, or it skips the
+        # backward's collective and rank 0 waits there
+        x = _whole("gla-per-key", 2)
+        initial = x["initial"].clone().requires_grad_()
+        out = subquad.sharded_gla(*(x[key].chunk(2, 1)[rank] for key in ("q", "k", "v", "decay")),
+                                  initial_state=initial)
+        (out * x["w_out"].chunk(2, 1)[rank]).sum().backward()
+        saved["frozen-qkv-initial-grad"] = initial.grad
     if world == 4:
         # every rank makes the group; ranks 1 and 3 hold the two shards of world 2's sequence
         group = dist.new_group([1, 3])
@@ -188,12 +199,28 @@ def test_sharded_in_a_group_of_some_ranks(tmp_path_factory):
             "group: expected a process group that this rank belongs to"), ranks[rank]["not-in-group"]
 
 
+def test_initial_state_learnt_with_qkv_frozen(tmp_path_factory):
+    """Rank 0's initial state gets the whole sequence's gradient; rank 1's copy enters nowhere (zero)."""
+    ranks = run_ranks(_rank_cases, 2, tmp_path_factory)
+    x = _whole("gla-per-key", 2)
+    initial = x["initial"].clone().requires_grad_()
+    out = subquad.gla(x["q"], x["k"], x["v"], x["decay"], initial_state=initial)
+    (out * x["w_out"]).sum().backward()
+    torch.testing.assert_close(ranks[0]["frozen-qkv-initial-grad"], initial.grad, atol=2e-5, rtol=2e-5)
+    assert torch.equal(ranks[1]["frozen-qkv-initial-grad"], torch.zeros_like(initial.grad))
+
+
 def test_bad_input_raises_on_every_rank(tmp_path_factory):
     ranks = run_ranks(_rank_cases, 2, tmp_path_factory)
     for rank, saved in enumerate(ranks):
         bad = saved["bad"]
         assert set(bad) == {"unequal-shards", "decay-forms-differ", "decay-on-one-rank", "gamma-on-one-rank",
-                            "initial-state-on-one-rank"}, f"rank {rank} did not raise: {bad}"
+                            "initial-state-on-one-rank", "grad-on-one-rank", "scale-differs"}, \
+            f"rank {rank} did not raise: {bad}"
+        assert bad["grad-on-one-rank"].startswith("q, k, v, log_decay, initial_state: expected gradients wanted"), \
+            bad["grad-on-one-rank"]
+        assert bad["scale-differs"].startswith("scale, output_state: expected the same on every rank"), \
+            bad["scale-differs"]
         assert bad["unequal-shards"].startswith("q: expected the same shape on every rank"), bad["unequal-shards"]
         assert bad["decay-forms-differ"].startswith("log_decay: expected the same shape on every rank"), \
             bad["decay-forms-differ"]

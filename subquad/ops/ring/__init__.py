@@ -93,7 +93,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
         _check_local(q, k, v, causal, zigzag, scale, softcap, backend, return_lse)
     except ValueError as error:
         problem = error
-    check_across_ranks(ring, problem, q=q, k=k, v=v)
+    check_across_ranks(ring, problem, dict(causal=causal, scale=scale, softcap=softcap, zigzag=zigzag), q=q, k=k,
+                       v=v)
     out, lse = _RingAttention.apply(q, k, v, ring, causal, zigzag, scale, softcap, backend)
     return (out, lse) if return_lse else out
 

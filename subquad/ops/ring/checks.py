@@ -3,6 +3,8 @@ every rank raise the same ValueError (a rank that went on alone would wait forev
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -38,11 +40,18 @@ def _shown(facts: list[int]):
     return None if facts[0] < 0 else tuple(facts[1:1 + facts[0]])
 
 
-def check_across_ranks(ring: Ring, problem: ValueError | None, **tensors) -> None:
+def check_across_ranks(ring: Ring, problem: ValueError | None, options: dict | None = None, **tensors) -> None:
     """Every rank raises when any rank's input is wrong, and the named tensors (None allowed) must be alike on
-    every rank: one shape each (equal shards of one sequence), and the first one's dtype."""
+    every rank: one shape each (equal shards of one sequence), the first one's dtype, and whether any of them
+    wants a gradient (the backward is a collective: a rank that had none to run left the others waiting in it).
+    ``options``: the call's other arguments by name, equal on every rank (a rank with another ``causal`` or
+    ``scale`` gave a silently wrong result)."""
     first = next(iter(tensors.values()))
-    facts = [int(problem is not None), _DTYPE_CODES.get(getattr(first, "dtype", None), 0)]
+    wants_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                 for t in tensors.values())
+    options = options or {}
+    facts = [int(problem is not None), _DTYPE_CODES.get(getattr(first, "dtype", None), 0), int(wants_grad),
+             zlib.crc32(repr(sorted(options.items())).encode())]
     facts += sum((_shape_facts(t) for t in tensors.values()), [])
     facts = torch.tensor(facts, dtype=torch.int64, device=first.device if isinstance(first, torch.Tensor) else "cpu")
     gathered = [torch.empty_like(facts) for _ in range(ring.world)]
@@ -57,8 +66,15 @@ def check_across_ranks(ring: Ring, problem: ValueError | None, **tensors) -> Non
                              f"ValueError says why)")
     mine = gathered[ring.rank]
     for rank, other in enumerate(gathered):
+        if other[2] != mine[2]:
+            raise ValueError(f"{', '.join(names)}: expected gradients wanted on every rank or on none (its backward "
+                             f"is a collective), got requires_grad {bool(mine[2])} on rank {ring.rank} and "
+                             f"{bool(other[2])} on rank {rank}")
+        if other[3] != mine[3]:
+            raise ValueError(f"{', '.join(options)}: expected the same on every rank, got {options} on rank "
+                             f"{ring.rank} and others on rank {rank}")
         for i, name in enumerate(names):
-            at = slice(2 + i * (1 + _DIMS), 2 + (i + 1) * (1 + _DIMS))
+            at = slice(4 + i * (1 + _DIMS), 4 + (i + 1) * (1 + _DIMS))
             if other[at] != mine[at]:
                 raise ValueError(f"{name}: expected the same shape on every rank (equal shards of one sequence), "
                                  f"got {_shown(mine[at])} on rank {ring.rank} and {_shown(other[at])} on rank "

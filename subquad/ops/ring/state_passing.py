@@ -85,7 +85,8 @@ def _state_passing(group, q, k, v, log_decay_of: Callable[[], torch.Tensor | Non
                              backend=backend)
     except ValueError as error:
         problem = error
-    check_across_ranks(ring, problem, q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state)
+    check_across_ranks(ring, problem, dict(scale=scale, output_state=output_state), q=q, k=k, v=v,
+                       log_decay=log_decay, initial_state=initial_state)
     acc = own_state.dtype
     bsz, _, heads, _ = q.shape
     g = expand_log_decay(log_decay, q)
@@ -96,6 +97,11 @@ def _state_passing(group, q, k, v, log_decay_of: Callable[[], torch.Tensor | Non
     first = initial_state.to(acc) if ring.rank == 0 and initial_state is not None else None
     if first is not None:
         own_state = own_state + log_total.exp() * first
+    elif initial_state is not None and initial_state.requires_grad and torch.is_grad_enabled() \
+            and not own_state.requires_grad:
+        # this rank's copy enters nowhere, but its output must want a gradient when rank 0's does, so that it
+        # joins the backward's collective (with q, k, v and the decay frozen it would not: rank 0 waited there)
+        own_state = own_state + 0 * initial_state.to(acc)
     states, log_totals = _AllGather.apply(own_state, ring), _AllGather.apply(log_total, ring)
     entering = _state_before(ring.rank, states, log_totals)
     if first is not None:
