@@ -372,3 +372,18 @@ def test_build_at_one_million():
 def test_bad_arguments(build, arg):
     with pytest.raises(ValueError, match=arg):
         build()
+
+
+def test_integer_arguments_take_numpy_and_tensor_integers():
+    """Lengths read off an array or a config come as NumPy or 0-d tensor integers (FlashAttention's callers pass
+    ``window_size`` so): the same pattern as from Python ints; floats and bools stay refused."""
+    import numpy as np
+
+    assert masks.window(np.int64(7), np.int32(0)).to_dense(40).equal(masks.window(7, 0).to_dense(40))
+    assert masks.sliding_window(torch.tensor(5)).to_dense(40).equal(masks.sliding_window(5).to_dense(40))
+    assert masks.bigbird(8, [0], random_blocks=np.int64(1), block=np.int64(8), seed=np.int64(3)).to_dense(64).equal(
+        masks.bigbird(8, [0], random_blocks=1, block=8, seed=3).to_dense(64))
+    assert masks.prefix_lm(np.int16(4)).to_dense(16).equal(masks.prefix_lm(4).to_dense(16))
+    for bad in (np.float64(3.0), torch.tensor(3.0), np.bool_(True)):
+        with pytest.raises(ValueError, match="left"):
+            masks.window(bad, 0)
