@@ -92,6 +92,13 @@ def test_retention_is_gla_with_constant_decay():
     torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_retention_keeps_fp64_decays():
+    """An fp64 gamma's log is taken in fp64 (it was rounded to fp32): a gradcheck through retention holds."""
+    q, k, v, _ = _inputs("none", t=6)
+    gamma = torch.tensor([0.9, 0.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: subquad.retention(q, k, v, g, backend="reference"), (gamma,))
+
+
 def test_ssd_matches_mamba2_recurrence():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(B, T, 4, 5, generator=gen, dtype=torch.float64)
@@ -289,12 +296,32 @@ def test_no_tokens(op, with_state):
     pytest.param(lambda: subquad.ssd(torch.randn(B, T, H, 4).half(), torch.rand(B, T, H), -torch.ones(H),
                                      *(torch.randn(B, T, 1, 3),) * 2),
                  r"B: expected dtype torch.float16 \(as x\), got torch.float32", id="ssd_dtype"),
+    pytest.param(lambda: subquad.ssd_step(torch.randn(B, H, 4), torch.rand(B, 1), -torch.ones(H),
+                                          *(torch.randn(B, 1, 3),) * 2, None),
+                 rf"dt_t: expected shape \({B}, {H}\), got \({B}, 1\)", id="ssd_step_dt"),
+    pytest.param(lambda: subquad.ssd_step(torch.randn(B, H, 4), torch.rand(B, H), -torch.ones(H),
+                                          torch.randn(B, 1, 3), torch.randn(B, 1, 2), None),
+                 rf"C_t: expected shape \({B}, 1, 3\) \(as B_t\), got \({B}, 1, 2\)", id="ssd_step_c"),
+    pytest.param(lambda: subquad.linear_attention(*(torch.randn(B, T, H, DK),) * 2, torch.randn(B, T, H, DV),
+                                                  lambda x: x.sum(-1)),
+                 rf"feature_map: expected phi\(q\), phi\(k\) of one shape \(B, T, H, D'\), got \({B}, {T}, {H}\)",
+                 id="feature_map_3d"),
 ])
 def test_bad_inputs_named_as_passed(call, match):
     """Errors name the argument and its shape as the caller passed them: not after a step's token axis is added,
     nor as the engine's q, k, v that a wrapper makes of them."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), "1e-6"])
+@pytest.mark.parametrize("op", ["linear_attention", "linear_attention_step"])
+def test_normaliser_eps_must_be_positive(op, eps):
+    """With ReLU features a row's denominator is 0 until some phi(k) shares its support: eps 0 made the output
+    0 / 0 (NaN), a negative one divided by it, a string raised a TypeError deep inside."""
+    q, k, v = -torch.rand(1, 4, H, DK), -torch.rand(1, 4, H, DK), torch.randn(1, 4, H, DV)
+    with pytest.raises(ValueError, match="eps: expected a positive finite number"):
+        getattr(subquad, op)(q, k, v, feature_map="relu", eps=eps, backend="reference")
 
 
 def test_retnet_gammas_follow_the_paper():

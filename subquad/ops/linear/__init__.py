@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .checks import (check_backend, check_chunk_size, check_cu_seqlens, check_qkv_same_heads, check_scale,
+from .checks import (check_backend, check_chunk_size, check_cu_seqlens, check_eps, check_qkv_same_heads, check_scale,
                      check_state, describe, expand_log_decay, one_token, pick_backend, step_inputs)
 from .feature_maps import CosFormer, Elu1, FeatureMap, Favor, Hedgehog, Identity, ReLU, apply_feature_map, \
     resolve_feature_map
@@ -92,7 +92,8 @@ def retention_log_decay(q: torch.Tensor, gamma: torch.Tensor | None) -> torch.Te
     if not isinstance(gamma, torch.Tensor) or gamma.dim() != 1 or gamma.shape[0] != heads:
         raise ValueError(f"gamma: expected a tensor of shape ({heads},) with values in (0, 1), got "
                          f"{getattr(gamma, 'shape', gamma)}")
-    return gamma.float().log()
+    # fp64 gamma with fp64 inputs keeps its digits (a gradcheck); otherwise fp32, as the kernels and the steps take
+    return gamma.to(torch.float64 if gamma.dtype == q.dtype == torch.float64 else torch.float32).log()
 
 
 def retnet_gammas(heads: int, device=None) -> torch.Tensor:
@@ -223,10 +224,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
     phi = resolve_feature_map(feature_map)
     fq = apply_feature_map(phi, q, is_query=True, offset=offset)
     fk = apply_feature_map(phi, k, is_query=False, offset=offset)
-    if fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
+    if fq.dim() != 4 or fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
         raise ValueError(f"feature_map: expected phi(q), phi(k) of one shape (B, T, H, D'), got {tuple(fq.shape)} "
                          f"and {tuple(fk.shape)}")
     scale = check_scale(scale, q.shape[-1])
+    if normalize:
+        check_eps(eps)
     n_seqs = check_cu_seqlens(cu_seqlens, q)
     s0, z0 = initial_state, None
     if normalize and initial_state is not None:
@@ -300,6 +303,15 @@ def ssd_step(x_t: torch.Tensor, dt_t: torch.Tensor, A: torch.Tensor, B_t: torch.
     for name, t, dims in (("x_t", x_t, 3), ("dt_t", dt_t, 2), ("B_t", B_t, 3), ("C_t", C_t, 3)):
         if not isinstance(t, torch.Tensor) or t.dim() != dims:
             raise ValueError(f"{name}: expected a {dims}-D tensor (one token), got {getattr(t, 'shape', t)}")
+    # shapes checked as passed: _ssd_args would name them with the token axis added
+    bsz, heads = x_t.shape[:2]
+    if tuple(dt_t.shape) != (bsz, heads):
+        raise ValueError(f"dt_t: expected shape {(bsz, heads)}, got {tuple(dt_t.shape)}")
+    if B_t.shape[0] != bsz or B_t.shape[1] == 0 or heads % B_t.shape[1] != 0:
+        raise ValueError(f"B_t: expected shape ({bsz}, groups, d_state) with groups dividing {heads}, got "
+                         f"{tuple(B_t.shape)}")
+    if C_t.shape != B_t.shape:
+        raise ValueError(f"C_t: expected shape {tuple(B_t.shape)} (as B_t), got {tuple(C_t.shape)}")
     q, k, v, g = _ssd_args(x_t.unsqueeze(1), dt_t.unsqueeze(1), A, B_t.unsqueeze(1), C_t.unsqueeze(1))
     y, state = gla_step(q, k, v, state, g, scale=1.0, backend=backend)
     return y[:, 0], state
@@ -318,6 +330,7 @@ def linear_attention_step(q_t, k_t, v_t, state=None, feature_map="elu1", *, norm
     if not normalize:
         o, s = gla_step(fq, fk, v4, state, None, scale=scale, backend=backend)
         return (o[:, 0] if one else o), s
+    check_eps(eps)
     s, z = (None, None) if state is None else \
         _state_pair(state, "state", q4.shape[0], q4.shape[2], fk.shape[-1], v4.shape[-1])
     den, z = _feature_normaliser(fq, fk, z, None)

@@ -78,6 +78,13 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def check_eps(eps) -> None:
+    """The normaliser's floor, positive: with features >= 0 a row meets a zero denominator until some phi(k) shares
+    its support (ReLU), and eps 0 made that 0 / 0 (NaN)."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a positive finite number (added to the denominator), got {eps!r}")
+
+
 def check_chunk_size(chunk_size, largest: int = 128) -> int:
     if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size > largest or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size: expected a power of two in [16, {largest}], got {chunk_size!r}")

@@ -49,8 +49,11 @@ def orthogonal_gaussian(num_features: int, dim: int, generator: torch.Generator)
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
         g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        qmat, _ = torch.linalg.qr(g)
-        blocks.append(qmat.T)
+        qmat, r = torch.linalg.qr(g)
+        # QR leaves each column's sign to the algorithm (Householder's makes the first column's first entry always
+        # negative), so the directions are not uniform and the kernel estimate is biased; diag(R) > 0 makes Q
+        # Haar-distributed (Mezzadri, 2007)
+        blocks.append((qmat * torch.diagonal(r).sign()).T)
     directions = torch.cat(blocks, dim=0)[:num_features]
     norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (directions * norms).float()
@@ -87,8 +90,9 @@ class Favor(FeatureMap):
     def forward(self, x, *, is_query=False, offset=0):
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"x: expected head_dim {self.head_dim}, got shape {tuple(x.shape)}")
-        xf = x.float() * self.head_dim ** -0.25
-        logits = xf @ self.projection.float().T - 0.5 * xf.square().sum(-1, keepdim=True)
+        acc = torch.promote_types(x.dtype, torch.float32)                # fp64 inputs (a gradcheck) stay fp64
+        xf = x.to(acc) * self.head_dim ** -0.25
+        logits = xf @ self.projection.to(acc).T - 0.5 * xf.square().sum(-1, keepdim=True)
         if is_query and self.stabilize_queries:
             logits = logits - logits.amax(dim=-1, keepdim=True).detach()
         return (logits.exp() * self.num_features ** -0.5).to(x.dtype)
