@@ -433,3 +433,40 @@ def test_ratio_table_of_a_cpu_run_without_peers():
     assert lines[0] == "| case | B×N | pass | subquad-reference ms | TFLOP/s | max err |"
     assert lines[1] == "|---|---|---|---|---|---|"
     assert lines[2] == "| causal | 1×1k | fwd | 160.700 | 0.0033 | 3.4e-07 |"
+
+
+def test_report_tells_two_bench_json_apart_by_their_path(tmp_path):
+    """Two runs' files are both ``bench.json`` (``bench -o run1``, ``-o run2``): rows were told apart by the file's
+    name, so a ratio was taken across the runs (an H100 time over an H200 one) and the H200 left the footnote."""
+    row = {"case": "c", "mode": "fwd", "seqlen": 1024, "batch": 1, "ms": 1.0}
+    for run, impl, device in (("run1", "ours", "GPU X"), ("run2", "peer", "GPU Y")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "bench.json").write_text(json.dumps([dict(row, impl=impl, device=device)]))
+    paths = [str(tmp_path / run / "bench.json") for run in ("run1", "run2")]
+    result = CliRunner().invoke(app, ["report", *paths, "--ours", "ours"])
+    words = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "in several files" in words, result.output
+    (tmp_path / "run2" / "bench.json").write_text(json.dumps([dict(row, impl="ours", seqlen=2048, device="GPU Y")]))
+    result = CliRunner().invoke(app, ["report", *paths, "--ours", "ours"])
+    assert result.exit_code == 0 and "GPU X" in result.output and "GPU Y" in result.output, result.output
+
+
+def test_report_names_a_malformed_file_and_shows_where_ours_failed(tmp_path):
+    """Invalid JSON was refused without the file's name; a string or zero time gave a traceback (or a division by
+    zero); a row where ours failed was left out of the table without a word."""
+    base = {"case": "c", "mode": "fwd", "seqlen": 1024, "batch": 1}
+    files = {"broken.json": "[{", "text.json": json.dumps([dict(base, impl="ours", ms="1.0")]),
+             "zero.json": json.dumps([dict(base, impl="ours", ms=0.0)])}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        result = CliRunner().invoke(app, ["report", str(tmp_path / name), "--ours", "ours"])
+        words = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and name in words, result.output
+    (tmp_path / "failed.json").write_text(json.dumps(
+        [dict(base, impl="peer", ms=2.0), dict(base, impl="ours", error="OutOfMemoryError: CUDA out of memory"),
+         dict(base, seqlen=2048, impl="peer", ms=4.0), dict(base, seqlen=2048, impl="ours", ms=1.0)]))
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "failed.json"), "--ours", "ours"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[2] == "| c | 1×1k | fwd | failed (OutOfMemoryError) |  | — |  |"
+    assert lines[3] == "| c | 1×2k | fwd | 1.000 |  | 4.00 |  |"

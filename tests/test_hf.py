@@ -280,3 +280,19 @@ def test_swap_refuses_a_decoder_and_register_runs_it():
         swap_attention(model, "exact")
     eager, ours = _eager_and_subquad(model, lambda m: m(input_ids=ids).logits)
     torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_relative_position_bias_reaches_attention():
+    """T5 passes its relative position bias as ``position_bias``: it was swallowed with the other keywords, and T5
+    ran without positions (logits off by 0.1). It is added to the scores, as transformers' SDPA function does."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(2, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    eager, ours = _eager_and_subquad(model, lambda m: m.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+        return_dict_in_generate=True))
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(eager.logits), atol=1e-4, rtol=1e-4)

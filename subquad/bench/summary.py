@@ -19,13 +19,17 @@ def _by_row(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         if "error" not in r and r.get("ms") is not None:
-            key = (r["case"], r.get("batch"), r["seqlen"], r["mode"])
+            key = _key(r)
             sources = {other.get("source") for other in groups[key].values()} | {r.get("source")}
             if len(sources) > 1:
                 raise ValueError(f"results: {key[0]} at B={key[1]}, N={key[2]} ({key[3]}) is in several files "
                                  f"({', '.join(sorted(map(str, sources)))}): a ratio is taken within one run")
             groups[key][r["impl"]] = r
     return groups
+
+
+def _key(row: dict) -> tuple:
+    return row["case"], row.get("batch"), row["seqlen"], row["mode"]
 
 
 def _length(n: int) -> str:
@@ -53,9 +57,16 @@ def ratio_table(rows: list[dict], ours: str, peers: list[str] | None = None) -> 
     # (no peers: no empty column between TFLOP/s and max err)
     head = f"| case | B×N | pass | {ours} ms | TFLOP/s | " + "".join(f"÷ {p} | " for p in peers) + "max err |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for (case, batch, n, mode), impls in groups.items():
+    # (a row where ours failed was left out without a word: the table read as if it had not been run)
+    failed = {_key(r): str(r["error"]).split(":", 1)[0] for r in rows if r["impl"] == ours and "error" in r}
+    for key in dict.fromkeys(map(_key, rows)):
+        case, batch, n, mode = key
+        impls = groups.get(key, {})
         mine = impls.get(ours)
         if mine is None:
+            if key in failed:
+                lines.append(f"| {case} | {batch}×{_length(n)} | {mode} | failed ({failed[key]}) |  | "
+                             + "— | " * len(peers) + " |")
             continue
         cells = []
         for p in peers:
@@ -114,14 +125,40 @@ def rewrite_block(readme: Path, name: str, text: str) -> None:
 ROW_KEYS = ("case", "impl", "mode", "seqlen")
 
 
+#: fields the tables print as numbers (``ms`` is divided by, so a row that ran has ms > 0)
+NUMBER_KEYS = ("ms", "tflops", "max_err", "max_rel_err")
+
+
+def _bad_field(row: dict) -> str | None:
+    """The first field of ``row`` that the tables cannot print, or None."""
+    for k in ("seqlen", "batch"):
+        if k in row and (not isinstance(row[k], int) or isinstance(row[k], bool)):
+            return k
+    for k in NUMBER_KEYS:
+        if row.get(k) is not None and (not isinstance(row[k], (int, float)) or isinstance(row[k], bool)):
+            return k
+    if row.get("ms") is not None and not row["ms"] > 0:
+        return "ms"
+    return None
+
+
 def load(path: Path) -> list[dict]:
     """The rows of a ``subquad bench`` results file (other JSONs under ``benchmarks/results/``, from the profiling
-    and A/B scripts, have their own layouts: refused by name)."""
-    rows = json.loads(Path(path).read_text())
+    and A/B scripts, have their own layouts: refused by name). Each row's ``source`` is the path as given: two
+    runs' files are often both ``bench.json``."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except ValueError as exc:  # (invalid JSON, or not text: the message named neither the file nor the cause)
+        raise ValueError(f"results: expected a `subquad bench` JSON, got unreadable JSON in {path}: {exc}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows):
         raise ValueError(f"results: expected a `subquad bench` JSON (a list of rows with {', '.join(ROW_KEYS)}), "
                          f"got another layout in {path}")
-    return [dict(r, source=Path(path).name) for r in rows]
+    for r in rows:
+        bad = _bad_field(r)
+        if bad is not None:
+            raise ValueError(f"results: expected numbers (ms > 0) in {path}, got {bad}={r[bad]!r} in the row "
+                             f"{r['case']} / {r['impl']}")
+    return [dict(r, source=str(path)) for r in rows]
 
 
 def implementations(rows: list[dict]) -> list[str]:

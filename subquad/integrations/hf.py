@@ -58,13 +58,16 @@ def keep_mask(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor 
 def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
                               dropout: float = 0.0, softcap: float | None = None, sliding_window: int | None = None,
-                              *, s_aux: torch.Tensor | None = None, pattern: masks.Pattern | None = None,
-                              backend: str = "auto", is_causal: bool | None = None, **kwargs):
+                              *, s_aux: torch.Tensor | None = None, position_bias: torch.Tensor | None = None,
+                              pattern: masks.Pattern | None = None, backend: str = "auto",
+                              is_causal: bool | None = None, **kwargs):
     """An ``AttentionInterface`` function: ``query`` ``(B, H_q, N_q, D)``, ``key``/``value`` ``(B, H_kv, N_kv, D)``
     (transformers' layout) -> ``(out (B, N_q, H_q, D), None)``. ``dropout``: transformers passes the model's
     attention dropout while training, 0 in eval (``attention``'s ``dropout_p``). ``s_aux``: GPT-OSS's per-head
-    attention sinks (``attention``'s ``sinks``). Causality follows transformers' SDPA function: ``is_causal`` when
-    the model passes it, else the module's ``is_causal``, and only where no mask came (the mask then holds it)."""
+    attention sinks (``attention``'s ``sinks``). ``position_bias``: T5's relative bias ``(B or 1, H_q, N_q, N_kv)``,
+    added to the scores (``attention``'s ``score_mod``: the reference backend unless one is named). Causality
+    follows transformers' SDPA function: ``is_causal`` when the model passes it, else the module's ``is_causal``,
+    and only where no mask came (the mask then holds it)."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keep = keep_mask(attention_mask, k.shape[1])
     # CLIP's text encoder passes is_causal=True to layers whose own attribute says False; and a mask, when present,
@@ -86,8 +89,19 @@ def subquad_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         mask = window if mask is None else mask & window
     if keep is not None:
         mask = Tensor(keep) if mask is None else mask & Tensor(keep)
+    score_mod = None
+    if position_bias is not None:
+        # (T5's bias was swallowed with the other keywords: T5 ran without its relative positions)
+        bias = position_bias[..., :k.shape[1]].expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        offset = k.shape[1] - q.shape[1]  # score_mod's query positions are aligned to the keys' end
+
+        def score_mod(score, b, h, q_pos, k_pos):
+            return score + bias[b, h, q_pos - offset, k_pos]
+
+        # flex compiles again for each new score_mod, and the bias is new at every call
+        backend = "reference" if backend == "auto" else backend
     out = attention(q, k, v, causal=causal, mask=mask, scale=scaling, softcap=softcap, backend=backend,
-                    sinks=s_aux, dropout_p=dropout)
+                    sinks=s_aux, dropout_p=dropout, score_mod=score_mod)
     return out, None
 
 
