@@ -154,7 +154,7 @@ def _mixer_options(items: Optional[List[str]]) -> dict:
 
 @app.command()
 def train(
-    layers: str = typer.Option("MAMA", "--layers", "-l", help="One mixer letter per layer (A, L, G, D, K, F, R, E, M, N, Y)."),
+    layers: str = typer.Option("MAMA", "--layers", "-l", help="One mixer letter per layer (A, L, G, D, K, F, R, E, M, N, Y, S, H)."),
     d_model: int = typer.Option(64, "--d-model"),
     heads: Optional[int] = typer.Option(None, "--heads", help="Heads per mixer (default d_model / 64, at least 1)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", help="Mixer option, e.g. L.window=64."),

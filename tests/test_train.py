@@ -1,6 +1,7 @@
 """Training on the standard-library corpus, checkpoints, sampling, the CLI; the corpus and synthetic tasks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -204,3 +205,15 @@ def test_generate_refuses_a_nan_temperature():
     model = HybridLM(256, 32, "M", heads=1).eval()
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=float("nan"))
+
+
+def test_train_help_lists_every_mixer_letter():
+    """``--layers``'s help names each letter the model builds (NSA's S and LSH's H were missing)."""
+    from typer.testing import CliRunner
+
+    from subquad.cli import app
+    from subquad.nn.registry import REGISTRY
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    listed = re.search(r"One mixer letter per layer \(([A-Z, ]+)\)", result.output)
+    assert listed and set(listed.group(1).split(", ")) == set(REGISTRY), result.output
