@@ -275,6 +275,30 @@ def test_selected_kernel_matches_the_reference_on_given_indices(monkeypatch, dty
         torch.testing.assert_close(got.float().cpu(), exp, **GRAD_TOL[dtype])
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="a CPU buffer of 2^32 elements (8 GiB reserved, a few pages written)")
+def test_selected_kernel_addresses_queries_past_2_to_the_31_elements():
+    """q's tokens 2^30 elements apart in a larger buffer (a token's offset passes 2^31 from the third on, as at
+    128k tokens of 128 heads of 128): the output and dQ of each token are those of the same queries packed. In
+    int32 the third token's offset wrapped to 2^31 elements before q (q starts that far into the buffer, so the
+    wrapped read stays inside it)."""
+    n, d, token_stride = 3, 16, 1 << 30
+    try:
+        buffer = torch.empty((1 << 32) + 2 * d, dtype=torch.float16)    # untouched pages are not backed by memory
+    except RuntimeError:     # (a machine that refuses to reserve 8 GiB of address space)
+        pytest.skip("8 GiB of address space not granted")
+    q = buffer.as_strided((1, n, 2, d), (n * token_stride, token_stride, d, 1), storage_offset=1 << 31)
+    q.copy_(torch.randn(1, n, 2, d, generator=torch.Generator().manual_seed(22)))
+    packed = q.detach().clone().requires_grad_()
+    q.requires_grad_()
+    k, v, _, _ = _inputs(1, n, 1, 1, d, dtype=torch.float16, seed=23)
+    idx = torch.zeros(1, n, 1, 1, dtype=torch.long)
+    out = selected.selected_attention(q, k, v, idx, block=16, scale=0.25, causal=True)
+    want = selected.selected_attention(packed, k, v, idx, block=16, scale=0.25, causal=True)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(_grads(out, (q,))[0], _grads(want, (packed,))[0], atol=0, rtol=0)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_nsa_triton_matches_the_reference(dtype):
@@ -338,6 +362,21 @@ def test_topk_triton_matches_the_reference(causal):
         torch.testing.assert_close(got.float().cpu(), exp, **GRAD_TOL[torch.float16])
 
 
+@needs_triton
+def test_triton_selection_reads_a_transposed_head_dim():
+    """q a transposed view (head_dim not of unit stride): the selection kernel ranks the blocks by q's numbers,
+    as the reference does (it read the head dim as contiguous and picked other blocks)."""
+    q, k, v, _ = _inputs(1, 48, 2, 1, 16, dtype=torch.float16, seed=21)
+    q = q.transpose(2, 3).contiguous().transpose(2, 3).to(DEV)
+    assert q.stride(-1) != 1
+    out, idx = sq.topk_block_attention(q, k.to(DEV), v.to(DEV), block=16, top_k=2, return_indices=True,
+                                       backend="triton")
+    want, idx_want = sq.topk_block_attention(*_fp32((q, k, v)), block=16, top_k=2, return_indices=True,
+                                             backend="reference")
+    assert torch.equal(idx.cpu(), idx_want)
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[torch.float16])
+
+
 def test_the_nn_layer_is_nsa_on_its_projections_gates_and_compression():
     """sigmoid gates from the gate projection, keys compressed by the layer's MLPs, RoPE on q and k: the oracle's
     NSA on those, through the output projection."""
@@ -387,6 +426,16 @@ def test_the_nn_layer_before_its_first_compression_block():
     steps = [layer(x[:, :6], cache)] + [layer(x[:, t:t + 1], cache) for t in range(6, 10)]
     assert torch.isfinite(whole).all()
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("batch, max_len, match", [(-1, 16, "batch: expected a positive int, got -1"),
+                                                   (1, None, "max_len: expected a positive int, got None")])
+def test_the_nn_layer_s_cache_rejects_bad_sizes(batch, max_len, match):
+    """A ValueError naming the size, not torch.zeros' RuntimeError (batch -1) or a TypeError (max_len None)."""
+    from subquad.nn import NSA
+
+    with pytest.raises(ValueError, match=match):
+        NSA(32, 2).new_cache(batch, max_len)
 
 
 def _nsa_selection_in_torch(q, k_cmp, seq_kv, *, block, compress_block, compress_stride, top_k):

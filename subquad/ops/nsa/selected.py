@@ -54,8 +54,11 @@ def _keys_of(blk, n0, q_pos, seq_kv, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 def _token_program(Q, stride_qb, stride_qt, stride_qh, q_offset, HKV: tl.constexpr, G: tl.constexpr,
                    ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """A walk's program of grid ``(N_q, B x H_kv)``: its token ``t``, batch ``b`` and KV head, the group's query
-    heads as tile rows (``row_ok``: the rows that are heads), the token's position and its queries."""
-    t = tl.program_id(0)
+    heads as tile rows (``row_ok``: the rows that are heads), the token's position and its queries. ``t`` is
+    int64, as the dK/dV pass's tokens are: ``t * stride_qt`` passes 2^31 at 128k tokens of 128 heads of 128, and
+    in int32 wrapped to an address before the tensor."""
+    pid_t = tl.program_id(0)
+    t = pid_t.to(tl.int64)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
     hkv = pid_bh % HKV
@@ -66,7 +69,7 @@ def _token_program(Q, stride_qb, stride_qt, stride_qh, q_offset, HKV: tl.constex
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * stride_qb + t * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    return t, b, hkv, head, row_ok, q_offset + t, offs_d, offs_dv, q
+    return t, b, hkv, head, row_ok, q_offset + pid_t, offs_d, offs_dv, q
 
 
 @triton.jit

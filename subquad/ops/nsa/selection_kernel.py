@@ -202,6 +202,9 @@ def select_top_blocks(q: torch.Tensor, k_cmp: torch.Tensor, *, q_pos0: int, seq_
     Without ``KEEP_TOP_IN_KERNEL`` the keys go through ``torch.topk``, ``SELECTION_ELEMENTS`` keys at a time."""
     if n_blocks > INDEX_MASK:
         raise ValueError(f"block: at most {INDEX_MASK} selection blocks per sequence, got {n_blocks}")
+    # the kernel steps through the head dim one element at a time (a transposed view of the caller's would be
+    # read as other numbers)
+    q, k_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_cmp))
     bsz, n_tokens, hq, d = q.shape
     hkv = k_cmp.shape[2]
     g = hq // hkv
