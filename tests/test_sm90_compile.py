@@ -19,10 +19,13 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
-EXPECTED = {"flash_fwd_kernel": 10, "flash_bwd_kernel": 12,
-            "flash_bwd_preprocess_kernel": 3, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
+EXPECTED = {"flash_fwd_kernel": 12, "flash_bwd_kernel": 14,
+            "flash_bwd_preprocess_kernel": 4, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
             "dqk_bwd": 5, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
-            "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 3, "_merge_fwd_kernel": 1, "_merge_bwd_kernel": 1}
+            "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 3, "_merge_fwd_kernel": 1, "_merge_bwd_kernel": 1,
+            # NSA's (its compressed and window branches are two of the flash variants above)
+            "_selection_kernel": 1, "_selected_fwd": 1, "_selected_bwd_dq": 1, "_selected_bwd_dkdv": 1,
+            "_gate_mix_fwd": 1, "_gate_mix_bwd": 1}
 
 
 def test_kernels_compile_for_sm90():
@@ -65,7 +68,7 @@ def test_short_tiles_split_their_chained_dots_between_warpgroups():
 def _run_ops() -> None:
     """A forward and backward of each kernel family, and decoding steps (GQA, MLA's latent layout), on zeros
     (the values are never computed)."""
-    from subquad import decode, masks
+    from subquad import decode, masks, nsa
     from subquad.ops.delta.chunk import chunk_delta_rule
     from subquad.ops.linear import chunk, chunk_split
     from subquad.ops.linear.chunk import chunk_gla
@@ -126,6 +129,11 @@ def _run_ops() -> None:
         out, state = chunk_delta_rule(lq, lk, lv, beta, torch.zeros(b, t, h, requires_grad=True), 0.125, None,
                                       None, 64)
         out.sum().backward()
+
+    # NSA: the selection (top-k in the kernel), the selected blocks' walks forward and backward, the gates' mix
+    nq, nk = leaf(b, n, 16, d), leaf(b, n, 1, d)
+    out = nsa(nq, nk, leaf(b, n, 1, d), leaf(b, n, 16, 3), block=64, top_k=16, window=512, backend="triton")
+    out.sum().backward()
 
     cache = torch.zeros(2, 4096, 2, 128, dtype=torch.bfloat16)
     decode(torch.zeros(2, 1, 8, 128, dtype=torch.bfloat16), cache, cache, backend="triton")     # GQA
