@@ -293,3 +293,16 @@ def test_dropout_on_a_backend_without_it_is_refused_at_construction(layer):
     with pytest.raises(ValueError, match="dropout_p: runs on the 'triton' and 'reference' backends"):
         layer(32, 2, dropout=0.1, backend="flex")
     layer(32, 2, dropout=0.0, backend="flex")
+
+
+def test_favor_layers_draw_their_own_features_reproducibly():
+    """Each FAVOR+ layer its own random features (a fixed seed gave every layer the same), drawn from torch's
+    generator as the weights are: one torch.manual_seed builds the same model."""
+    def build():
+        torch.manual_seed(3)
+        return [LinearAttention(D, 2, feature_map="favor", num_features=16) for _ in range(2)]
+
+    first, second = build(), build()
+    assert not torch.equal(first[0].phi.projection, first[1].phi.projection)
+    for a, b in zip(first, second):
+        assert torch.equal(a.phi.projection, b.phi.projection)

@@ -25,7 +25,10 @@ def make_feature_map(name: str, heads: int, head_dim: int, max_len: int, num_fea
     if name in BUILTIN:
         return BUILTIN[name]()
     if name == "favor":  # its per-query-row stabiliser cancels only under normalisation
-        return Favor(head_dim, num_features, stabilize_queries=normalize)
+        # features drawn from torch's generator, as weights are initialised: each layer its own (the fixed
+        # default seed gave every layer of a model the same ones), the same under one torch.manual_seed
+        seed = int(torch.randint(0, 2 ** 62, ()))
+        return Favor(head_dim, num_features, seed, stabilize_queries=normalize)
     if name == "cosformer":
         return CosFormer(max_len)
     if name == "hedgehog":
