@@ -91,6 +91,23 @@ def test_cosformer_offset_continues_positions():
         phi(q, offset=10)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_cosformer_packed_sequences_each_from_their_own_start(causal):
+    """Packed sequences (cu_seqlens) each at positions from 0: a pack longer than max_len whose sequences are not
+    is each sequence alone (it was refused as positions past max_len); a sequence past max_len still is."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 20, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    phi = CosFormer(16)
+    cu = torch.tensor([0, 12, 20])
+    packed = subquad.linear_attention(q, k, v, phi, causal=causal, cu_seqlens=cu, backend="reference")
+    alone = [subquad.linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], phi, causal=causal, backend="reference")
+             for a, b in ((0, 12), (12, 20))]
+    torch.testing.assert_close(packed, torch.cat(alone, 1))
+    with pytest.raises(ValueError, match="max_len"):
+        subquad.linear_attention(q, k, v, phi, causal=causal, cu_seqlens=torch.tensor([0, 3, 20]),
+                                 backend="reference")
+
+
 def test_hedgehog_map_is_trainable():
     torch.manual_seed(0)
     heads, d = 2, 8

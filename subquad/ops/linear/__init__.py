@@ -214,7 +214,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
         feature_map: ``"elu1"``, ``"relu"``, ``"identity"``, a ``FeatureMap`` (``Favor``, ``CosFormer``,
             ``Hedgehog``) or any callable ``(B, T, H, D) -> (B, T, H, D')``.
         normalize: divide by the denominator (+ ``eps``); ``False`` gives the unnormalised form.
-        offset: absolute position of the first token (for position-dependent maps such as cosFormer).
+        offset: absolute position of the first token (for position-dependent maps such as cosFormer; with
+            ``cu_seqlens``, of each sequence's first token).
         initial_state: causal only: ``S`` ``(N, H, D', V)``, or with ``normalize`` the pair ``(S, z)`` with
             ``z`` ``(N, H, D')`` the running sum of ``phi(k)``. The final state has the same form.
         Others as ``gla``.
@@ -222,15 +223,16 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_
     check_backend(backend)
     check_qkv_same_heads(q, k, v)
     phi = resolve_feature_map(feature_map)
-    fq = apply_feature_map(phi, q, is_query=True, offset=offset)
-    fk = apply_feature_map(phi, k, is_query=False, offset=offset)
+    n_seqs = check_cu_seqlens(cu_seqlens, q)
+    lengths = None if cu_seqlens is None else [end - start for start, end in split_varlen(cu_seqlens, q.shape[1])]
+    fq = apply_feature_map(phi, q, is_query=True, offset=offset, lengths=lengths)
+    fk = apply_feature_map(phi, k, is_query=False, offset=offset, lengths=lengths)
     if fq.dim() != 4 or fq.shape != fk.shape or fq.shape[:3] != q.shape[:3]:
         raise ValueError(f"feature_map: expected phi(q), phi(k) of one shape (B, T, H, D'), got {tuple(fq.shape)} "
                          f"and {tuple(fk.shape)}")
     scale = check_scale(scale, q.shape[-1])
     if normalize:
         check_eps(eps)
-    n_seqs = check_cu_seqlens(cu_seqlens, q)
     s0, z0 = initial_state, None
     if normalize and initial_state is not None:
         s0, z0 = _state_pair(initial_state, "initial_state", n_seqs, q.shape[2], fq.shape[-1], v.shape[-1])

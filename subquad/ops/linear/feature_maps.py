@@ -15,7 +15,10 @@ from torch import nn
 
 
 class FeatureMap(nn.Module):
-    """phi: (B, T, H, D) -> (B, T, H, D'); ``out_dim(D)`` says D'."""
+    """phi: (B, T, H, D) -> (B, T, H, D'); ``out_dim(D)`` says D'. ``positional``: phi depends on the tokens'
+    positions (``offset`` is the first one's), so packed sequences take theirs from their own starts."""
+
+    positional = False
 
     def out_dim(self, head_dim: int) -> int:
         return head_dim
@@ -104,6 +107,8 @@ class CosFormer(FeatureMap):
     with ``theta_i = pi/2 * i / M`` (D' = 2D), so it stays linear. ``max_len`` is M: positions must stay below it.
     """
 
+    positional = True
+
     def __init__(self, max_len: int):
         super().__init__()
         if max_len <= 0:
@@ -163,7 +168,12 @@ def resolve_feature_map(feature_map) -> FeatureMap | object:
     return feature_map
 
 
-def apply_feature_map(phi, x: torch.Tensor, *, is_query: bool, offset: int = 0) -> torch.Tensor:
-    if isinstance(phi, FeatureMap):
+def apply_feature_map(phi, x: torch.Tensor, *, is_query: bool, offset: int = 0,
+                      lengths: list[int] | None = None) -> torch.Tensor:
+    """``phi(x)``; ``lengths``: x's packed sequences, each at positions from ``offset`` for a positional map (from
+    the pack's start, cosFormer's ``max_len`` was checked against the whole pack's length)."""
+    if not isinstance(phi, FeatureMap):
+        return phi(x)
+    if lengths is None or len(lengths) < 2 or not phi.positional:
         return phi(x, is_query=is_query, offset=offset)
-    return phi(x)
+    return torch.cat([phi(part, is_query=is_query, offset=offset) for part in x.split(lengths, dim=1)], dim=1)
