@@ -118,3 +118,24 @@ def test_rolling_dense_after_rewound_drafts():
     assert n.tolist() == [5] and torch.equal(kd[0, :5], k[0, 5:10])
     kd, _, n = r.update(k[:, 10:11], k[:, 10:11]).dense()
     assert n.tolist() == [6] and torch.equal(kd[0], k[0, 5:11])
+
+
+@pytest.mark.parametrize("make", [lambda: StaticKVCache(2, 16, 2, 8, torch.float32),
+                                  lambda: RollingKVCache(2, 4, 2, 8, torch.float32, max_step=3),
+                                  lambda: PagedKVCache(8, 4, 2, 8, torch.float32, batch=2)])
+def test_integer_tensors_and_bool_positions_are_refused(make):
+    """Integer (or complex) K/V were cast into the cache silently, and a bool ``positions`` (a mask of accepted
+    drafts passed by mistake) passed as an integer tensor: ``[False, False]`` rewound every sequence to 0."""
+    k, v = _stream(n=3)
+    c = make()
+    c.update(k, v)
+    with pytest.raises(ValueError, match="k: expected a floating-point dtype"):
+        c.update(k.long(), v)
+    with pytest.raises(ValueError, match="v: expected a floating-point dtype"):
+        c.update(k, v.to(torch.complex64))
+    for bad in (torch.tensor([False, False]), True):
+        with pytest.raises(ValueError, match=r"positions: expected an int or an integer \(not bool\) tensor"):
+            c.update(k[:, :1], v[:, :1], positions=bad)
+    assert c.seqlens.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="k_rope: expected a floating-point dtype"):
+        LatentKVCache(2, 8, 4, 2).update(torch.randn(2, 1, 4), torch.ones(2, 1, 2, dtype=torch.long))

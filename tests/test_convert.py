@@ -140,3 +140,17 @@ def test_hybrid_model_to_gqa_round_trips_through_its_config():
     torch.testing.assert_close(rebuilt(ids), model(ids))
     with pytest.raises(ValueError, match=r"kv_heads: expected a positive divisor of every attention layer's key/value heads \(\[2\]\)"):
         model.to_gqa(3)
+
+
+def test_hybrid_model_to_gqa_leaves_other_layers_options_and_the_callers_dict():
+    """``to_gqa`` rewrote the ``kv_heads`` of every letter's options, NSA's (not converted) too, so the config
+    rebuilt an NSA layer of the wrong width; and it rewrote them in the caller's own ``mixer_options`` dict."""
+    from subquad.models import HybridLM
+
+    torch.manual_seed(0)
+    options = {"S": {"block": 2, "compress_block": 2, "compress_stride": 1, "top_k": 3, "window": 3, "kv_heads": 2},
+               "L": {"window": 4, "kv_heads": 4}}
+    model = HybridLM(64, 32, "ASL", heads=4, mixer_options=options).to_gqa(1)
+    assert options["S"]["kv_heads"] == 2 and options["L"]["kv_heads"] == 4
+    assert model.config["mixer_options"]["S"]["kv_heads"] == 2 and model.config["mixer_options"]["L"]["kv_heads"] == 1
+    HybridLM(**model.config).load_state_dict(model.state_dict())

@@ -109,3 +109,17 @@ def test_prefill_over_a_cache_of_rows_of_different_lengths():
         want1 = m(torch.cat([x[1:, :12], extra[1:], new[1:]], 1))[:, -17:]
     torch.testing.assert_close(out[:1], want0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1:], want1, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_over_a_cache_of_another_dtype():
+    """A bf16 latent cache under an fp32 layer (``new_cache(dtype=...)``, as the softmax layers take): a
+    chunk of more than 16 tokens decompresses the cached rows through ``wkv_b``, which failed on the dtype."""
+    m = _layer()
+    x = torch.randn(2, 21, 64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 24, dtype=torch.bfloat16)
+        assert cache.latent.dtype == torch.bfloat16
+        out = torch.cat([m(x[:, :3], cache), m(x[:, 3:20], cache), m(x[:, 20:], cache)], 1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, full, atol=2e-2, rtol=0)

@@ -64,10 +64,10 @@ class KVCache:
         lengths); the lengths become their ends. Unchecked: no host read is possible."""
         if positions is None:
             start = self.seqlens.long()
-        elif isinstance(positions, int):
+        elif isinstance(positions, int) and not isinstance(positions, bool):
             start = torch.full((self.batch,), positions, dtype=torch.long, device=self.seqlens.device)
         elif isinstance(positions, torch.Tensor) and positions.shape == (self.batch,) \
-                and not positions.dtype.is_floating_point:
+                and not positions.dtype.is_floating_point and positions.dtype != torch.bool:
             start = positions.to(device=self.seqlens.device, dtype=torch.long)
         else:
             raise self._bad_positions(positions)
@@ -102,6 +102,8 @@ class KVCache:
                     or t.shape[3] != dim:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected shape ({b}, new_tokens, {self.heads_kv}, {dim}), got {shape}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{name}: expected a floating-point dtype (cast to the cache's), got {t.dtype}")
         if k.shape[1] != v.shape[1] or k.shape[1] == 0:
             raise ValueError(f"k, v: expected the same non-zero number of new tokens, got {k.shape[1]} and {v.shape[1]}")
         if k.device != device or v.device != device:
@@ -115,10 +117,10 @@ class KVCache:
     def _start_positions(self, positions) -> list[int]:
         if positions is None:
             return list(self._lengths)
-        if isinstance(positions, int):
+        if isinstance(positions, int) and not isinstance(positions, bool):
             starts = [positions] * self.batch
         elif isinstance(positions, torch.Tensor) and positions.shape == (self.batch,) \
-                and not positions.dtype.is_floating_point:
+                and not positions.dtype.is_floating_point and positions.dtype != torch.bool:
             starts = [int(p) for p in positions.tolist()]
         else:
             raise self._bad_positions(positions)
@@ -135,8 +137,10 @@ class KVCache:
         return torch.tensor(starts, device=device).view(-1, 1) + torch.arange(t, device=device)
 
     def _bad_positions(self, positions) -> ValueError:
-        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-        return ValueError(f"positions: expected an int or an integer tensor of shape ({self.batch},), got {shape}")
+        got = f"{tuple(positions.shape)} {positions.dtype}" if isinstance(positions, torch.Tensor) \
+            else type(positions).__name__
+        return ValueError(f"positions: expected an int or an integer (not bool) tensor of shape ({self.batch},), got "
+                          f"{got}")
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions=None) -> KVView:
         raise NotImplementedError

@@ -42,6 +42,8 @@ class LatentKVCache(KVCache):
             if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[0] != b or t.shape[2] != dim:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected shape ({b}, new_tokens, {dim}), got {shape}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{name}: expected a floating-point dtype (cast to the cache's), got {t.dtype}")
         if c_kv.shape[1] != k_rope.shape[1] or c_kv.shape[1] == 0:
             raise ValueError(f"c_kv, k_rope: expected the same non-zero number of new tokens, got "
                              f"{c_kv.shape[1]} and {k_rope.shape[1]}")

@@ -73,10 +73,12 @@ class HybridLM(nn.Module):
             raise ValueError(f"heads: expected a positive int or None, got {heads!r}")
         specs = parse_layers(layers)
         options = {lookup(key).letter: dict(opts) for key, opts in (mixer_options or {}).items()}
+        # (mixer_options copied: to_gqa rewrites it, and the caller's dict may build other models)
         self.config = dict(vocab_size=vocab_size, d_model=d_model,
                            layers=layers if isinstance(layers, str) else list(layers), heads=heads,
-                           kv_heads=kv_heads, mixer_options=mixer_options or {}, mlp_ratio=mlp_ratio,
-                           tie_embeddings=tie_embeddings, norm_eps=norm_eps)
+                           kv_heads=kv_heads,
+                           mixer_options={key: dict(opts) for key, opts in (mixer_options or {}).items()},
+                           mlp_ratio=mlp_ratio, tie_embeddings=tie_embeddings, norm_eps=norm_eps)
         self.layer_letters = "".join(s.letter for s in specs)
         self.embed = nn.Embedding(vocab_size, d_model)
         hidden = swiglu_hidden(d_model, mlp_ratio)
@@ -118,8 +120,9 @@ class HybridLM(nn.Module):
         for mixer in converted:
             mha_to_gqa(mixer, kv_heads, n_heads=mixer.kv_heads)
         self.config["kv_heads"] = kv_heads
-        for opts in self.config["mixer_options"].values():
-            if "kv_heads" in opts:
+        for key, opts in self.config["mixer_options"].items():
+            # (only the layers converted: NSA's own kv_heads, say, still builds its unconverted projections)
+            if "kv_heads" in opts and lookup(key).letter in "AGLD":
                 opts["kv_heads"] = kv_heads
         return self
 

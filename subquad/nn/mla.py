@@ -86,9 +86,10 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_dim + v_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_dim, d_model, bias=False)
 
-    def new_cache(self, batch: int, max_len: int) -> LatentKVCache:
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> LatentKVCache:
         p = self.wkv_a.weight
-        return LatentKVCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype=p.dtype, device=p.device)
+        return LatentKVCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype=dtype or p.dtype,
+                             device=device or p.device)
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK`` ``(H, nope, R)`` and ``W_UV`` ``(H, v_dim, R)``, views of ``wkv_b``'s weight."""
@@ -125,6 +126,8 @@ class MLA(nn.Module):
                 # rows of different lengths (one rewound through cache.update(positions=...)) attend over their
                 # own keys, their queries aligned to their own end, not to the longest row's
                 lat, _, lengths = view.dense()
+                # (a cache of another dtype than the model's, e.g. bf16 under an fp32 model: wkv_b needs its own)
+                lat = lat.to(c_kv.dtype)
                 o = q_nope.new_empty(bsz, t, h, self.v_dim)
                 for n, idx in rows_by_length(lengths):
                     o[idx] = self._decompressed(q_nope[idx], q_rope[idx], lat[idx, :n, 0, :r], lat[idx, :n, 0, r:])
