@@ -428,6 +428,23 @@ def test_the_nn_layer_before_its_first_compression_block():
     torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-10, rtol=1e-10)
 
 
+def test_the_nn_layer_after_rewound_drafts():
+    """Two rejected draft tokens rewound by writing token 9's K/V back at position 9: the compressed blocks that
+    held a draft are compressed again, and the next step equals the whole sequence's (it reused the drafts')."""
+    from subquad.nn import NSA
+
+    torch.manual_seed(23)
+    layer = NSA(16, 2, block=2, compress_block=2, compress_stride=1, top_k=3, window=3).double()
+    x = torch.randn(1, 11, 16, dtype=torch.float64)
+    clean = layer.new_cache(1, 16)
+    layer(x[:, :10], clean)
+    cache = layer.new_cache(1, 16)
+    layer(x[:, :9], cache)
+    layer(torch.randn(1, 2, 16, dtype=torch.float64), cache)          # the drafts, at positions 9 and 10
+    cache.update(clean.k[:, 9:10], clean.v[:, 9:10], positions=9)     # token 9 accepted in their place
+    torch.testing.assert_close(layer(x[:, 10:11], cache), layer(x)[:, 10:11], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("batch, max_len, match", [(-1, 16, "batch: expected a positive int, got -1"),
                                                    (1, None, "max_len: expected a positive int, got None")])
 def test_the_nn_layer_s_cache_rejects_bad_sizes(batch, max_len, match):

@@ -69,6 +69,16 @@ class NSACache(StaticKVCache):
     def buffers(self):
         return [self.k, self.v, self.k_cmp, self.v_cmp]
 
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions=None):
+        """``StaticKVCache.update``; a write at earlier positions (rejected drafts rewound) also drops the compressed
+        blocks that held a rewritten position, so that ``NSA`` compresses them again from the new keys."""
+        view = super().update(k, v, positions)
+        if not torch.compiler.is_compiling():
+            for b, end in enumerate(self._lengths):
+                self.compressed[b] = min(self.compressed[b],
+                                         num_blocks(end - k.shape[1], self.compress_block, self.compress_stride))
+        return view
+
     def reset(self) -> None:
         super().reset()
         self.compressed = [0] * self.batch
