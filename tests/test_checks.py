@@ -106,3 +106,24 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
     for name, bad in (("scale", {"scale": True}), ("softcap", {"softcap": True}), ("dropout_p", {"dropout_p": False})):
         with pytest.raises(ValueError, match=name):
             sq.attention(q, q, q, **bad)
+
+
+def test_triton_backend_on_cpu_tensors_names_the_backend(monkeypatch):
+    """``backend="triton"`` with fp16 CPU tensors outside the interpreter: Triton's own "0 active drivers"
+    RuntimeError named no argument (fp32 runs the reference, as documented)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _qkv(dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"backend: 'triton' runs on CUDA tensors"):
+        subquad.attention(q, k, v, causal=True, backend="triton")
+    q, k, v = _qkv()
+    assert subquad.attention(q, k, v, causal=True, backend="triton").dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, value, refused", [("scale", 1, True), ("softcap", 1, True), ("causal", True, 1)])
+def test_refused_types_after_a_call_prepared_for_an_equal_value(name, value, refused):
+    """A call prepared for ``scale=1`` (or ``softcap=1``, ``causal=True``) was found again for ``True`` (``1``):
+    equal, with the same hash, it then ran without the check that refuses its type."""
+    q = torch.randn(1, 8, 2, 16)
+    subquad.attention(q, q, q, **{"causal": True, name: value})
+    with pytest.raises(ValueError, match=name):
+        subquad.attention(q, q, q, **{"causal": True, name: refused})

@@ -43,6 +43,13 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16):
         # the flash kernels take fp16/bf16; fp32 (and fp64) run the fp32-accumulating reference
         return "reference"
+    if backend == "triton" and not q.is_cuda:
+        from .flash.tuning import interpreting
+
+        if not interpreting():
+            # (Triton itself failed with "0 active drivers", naming no argument)
+            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
+                             f"{q.device} (backend='auto' or 'reference' runs there)")
     if backend != "auto":
         return backend
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -309,10 +316,11 @@ def _call_facts(q, k, v, causal, mask, scale, softcap, alibi_slopes, return_lse,
             or torch.compiler.is_compiling():
         return None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # (torch's warn-only mode too: a backend that it lets run with a warning is refused in the strict mode)
+    # (torch's warn-only mode too: a backend that it lets run with a warning is refused in the strict mode; the
+    # checked options' types too: True == 1, and a call prepared for one let the other skip the check refusing it)
     return (id(mask), causal, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            needs_grad, scale, softcap, return_lse, backend, deterministic, plan, dropout_p,
-            torch.is_deterministic_algorithms_warn_only_enabled())
+            needs_grad, scale, softcap, type(causal), type(scale), type(softcap), return_lse, backend, deterministic,
+            plan, dropout_p, torch.is_deterministic_algorithms_warn_only_enabled())
 
 
 def _prepared() -> dict | None:
