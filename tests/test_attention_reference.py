@@ -207,6 +207,22 @@ def test_sinks_match_the_oracle(mask):
         subquad.attention(q, k, v, causal=True, sinks=torch.zeros(4), backend="cudnn")
 
 
+def test_a_minus_inf_sink_is_no_sink():
+    """A head whose sink is -inf is that head without a sink, its rows that see no key included: output 0, LSE
+    -inf, finite gradients (logaddexp(-inf, -inf) made them NaN)."""
+    q, k, v = _inputs(grad=True)
+    sinks = torch.tensor([float("-inf"), 0.5, float("-inf"), 0.0], requires_grad=True)
+    mask = masks.Band(4, SEQ)      # the first 4 rows see no key
+    out, lse = subquad.attention(q, k, v, mask=mask, return_lse=True, backend="reference", sinks=sinks)
+    plain, plain_lse = subquad.attention(q, k, v, mask=mask, return_lse=True, backend="reference")
+    for head in (0, 2):
+        assert torch.equal(out[:, :, head], plain[:, :, head]) and torch.equal(lse[:, head], plain_lse[:, head])
+    (out.sum() + lse.masked_fill(lse == float("-inf"), 0).sum()).backward()
+    for t in (q, k, v, sinks):
+        assert bool(torch.isfinite(t.grad).all())
+    assert float(sinks.grad[0]) == 0 and float(sinks.grad[1]) != 0
+
+
 @pytest.mark.parametrize("mask_kind", ["tensor", "predicate", "pattern_with_causal"])
 def test_mask_argument_forms(mask_kind):
     q, k, v = _inputs(nq=40)

@@ -24,7 +24,13 @@ def check_sinks(sinks, heads: int, device) -> None:
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``out (B, N, H, Dv)`` and ``lse (B, H, N)`` (fp32, ``-inf`` where a query saw no key) of attention
-    without sinks -> with the finite per-head logits ``sinks (H,)``. A query that saw no key keeps output 0."""
-    merged = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
-    weight = torch.exp(lse - merged).transpose(1, 2).unsqueeze(-1)     # (B, N, H, 1); 0 where lse is -inf
-    return (out * weight).to(out.dtype), merged
+    without sinks -> with the per-head logits ``sinks (H,)`` (``-inf``: that head has none). A query that saw no
+    key keeps output 0."""
+    sink = sinks.float().view(1, -1, 1).expand_as(lse)
+    # a row with no key and no sink: logaddexp(-inf, -inf) is -inf, and exp(lse - merged) and logaddexp's
+    # gradient NaN there, so such rows go through finite stand-ins and are set after
+    empty = (lse == float("-inf")) & (sink == float("-inf"))
+    lse_, sink_ = lse.masked_fill(empty, 0.0), sink.masked_fill(empty, 0.0)
+    merged = torch.logaddexp(lse_, sink_)
+    weight = torch.exp(lse_ - merged).masked_fill(empty, 0.0).transpose(1, 2).unsqueeze(-1)    # (B, N, H, 1)
+    return (out * weight).to(out.dtype), merged.masked_fill(empty, float("-inf"))
