@@ -40,7 +40,7 @@ def record_launches() -> list:
 
 
 def recorded_variants(run, pruned=False):
-    """Run ``run()`` with its launches recorded, make the sm90 driver active, and yield each distinct kernel
+    """Make the sm90 driver active, run ``run()`` with its launches recorded, and yield each distinct kernel
     variant once (its constexpr and integer arguments and its tensors' dtypes) as ``(jit_fn, args, kwargs,
     configs)``: an autotuned kernel's configurations as keyword dicts, ``[{}]`` for a plain one; ``pruned``:
     those its autotuner's early prune keeps for this launch, with what the prune sets."""
@@ -49,8 +49,9 @@ def recorded_variants(run, pruned=False):
     from triton.runtime import driver
 
     recorded = record_launches()
-    run()
+    # (active while the launches are recorded too: the library asks whether Triton has a driver to launch through)
     driver.set_active(Sm90Driver())
+    run()
     seen = set()
     for kernel, args, kwargs in recorded:
         configs = [{}]
