@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -53,6 +54,18 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_v_dim: 
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:
     if backend not in allowed:
         raise ValueError(f"backend: expected one of {allowed}, got {backend!r}")
+
+
+def integer_or_none(value, least: int | None = None) -> int | None:
+    """``value`` as an int if it is an integer (Python, NumPy or a 0-d integer tensor: a length read off an array
+    or a config is often one of those; not a bool) of at least ``least``; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = operator.index(value)
+    except TypeError:
+        return None
+    return value if least is None or value >= least else None
 
 
 def is_real(x) -> bool:

@@ -3,11 +3,11 @@ what the user asked for, and the kernels and the planner recognise their parts).
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, Sequence
 
 import torch
 
+from .._checks import integer_or_none
 from .patterns import (
     INF,
     Band,
@@ -27,20 +27,8 @@ from .patterns import (
 )
 
 
-def _integer(value, least: int | None = None) -> int | None:
-    """``value`` as an int if it is an integer (Python, NumPy or a 0-d integer tensor: a length read off an array
-    or a config is often one of those) of at least ``least``; else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        value = operator.index(value)
-    except TypeError:
-        return None
-    return value if least is None or value >= least else None
-
-
 def _positive(name: str, value) -> int:
-    if _integer(value, 1) is None:
+    if integer_or_none(value, 1) is None:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return int(value)
 
@@ -80,7 +68,7 @@ def window(left: int, right: int) -> Pattern:
     ``right`` after it (positions as everywhere: queries aligned to the end of the keys); -1 leaves a side
     unbounded. ``window(w - 1, 0)`` is ``sliding_window(w)``."""
     for name, value in (("left", left), ("right", right)):
-        if _integer(value, -1) is None:
+        if integer_or_none(value, -1) is None:
             raise ValueError(f"{name}: expected an integer >= 0, or -1 for unbounded, got {value!r}")
     left, right = int(left), int(right)
     return Named("window", Band(-INF if right < 0 else -right, INF if left < 0 else left),
@@ -152,9 +140,9 @@ def bigbird(window: int, global_tokens: Sequence[int] | torch.Tensor = (), rando
     The window is ``longformer``'s (causal: the ``window`` most recent keys)."""
     window = _positive("window", window)
     block = _positive("block", block)
-    if _integer(random_blocks, 0) is None:
+    if integer_or_none(random_blocks, 0) is None:
         raise ValueError(f"random_blocks: expected an integer >= 0, got {random_blocks!r}")
-    if _integer(seed) is None:
+    if integer_or_none(seed) is None:
         raise ValueError(f"seed: expected an integer, got {seed!r}")
     random_blocks, seed = int(random_blocks), int(seed)
     tokens = _global_positions(global_tokens)
@@ -211,7 +199,7 @@ def padding(lengths) -> Pattern:
 def prefix_lm(prefix_len: int) -> Pattern:
     """Prefix-LM: the first ``prefix_len`` positions are seen by everyone (bidirectional prefix), the rest
     is causal."""
-    if _integer(prefix_len, 0) is None:
+    if integer_or_none(prefix_len, 0) is None:
         raise ValueError(f"prefix_len: expected an integer >= 0, got {prefix_len!r}")
     prefix_len = int(prefix_len)
     inner = Band(0, INF, name="causal") | _Prefix(prefix_len)

@@ -16,12 +16,11 @@ sees the same distance, and the document term (one id per span) keeps sequences 
 from __future__ import annotations
 
 import collections
-import operator
 
 import torch
 
 from ... import masks as _masks
-from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
+from ..._checks import check_backend, check_qkv, check_scale_softcap, integer_or_none, softcap_or_none
 from ...masks.patterns import INF, Band, Document
 from ...masks.plan import _positional_block_mask
 from .dropout import check_dropout_p, new_rng
@@ -61,15 +60,6 @@ def _check_cu(name: str, cu, total: int) -> torch.Tensor:
         raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), got "
                          f"{host.tolist() if host.numel() <= 16 else tuple(host.shape)}")
     return host
-
-
-def _integral(x) -> bool:
-    """A Python, NumPy or 0-d torch integer (FlashAttention's callers pass any of them as ``max_seqlen``)."""
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return not isinstance(x, bool)
 
 
 def _band(causal: bool, window_size) -> tuple[int, int]:
@@ -142,7 +132,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"cu_seqlens_k: expected {cu_q.numel()} offsets ({cu_q.numel() - 1} sequences, as "
                          f"cu_seqlens_q), got {cu_k.numel()}")
     for name, given, cu in (("max_seqlen_q", max_seqlen_q, cu_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
-        if given is not None and (not _integral(given) or int(given) < int(cu.diff().max())):
+        # (FlashAttention's callers pass Python, NumPy or 0-d tensor integers)
+        if given is not None and (integer_or_none(given) is None or int(given) < int(cu.diff().max())):
             raise ValueError(f"{name}: expected an integer at least the longest sequence ({int(cu.diff().max())}), "
                              f"got {given!r}")
     dropout_p = check_dropout_p(dropout_p, backend)
