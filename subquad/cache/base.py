@@ -13,6 +13,13 @@ import torch
 from .view import KVView
 
 
+def check_sizes(**sizes) -> None:
+    """Each size a positive int, named in the ValueError."""
+    for name, val in sizes.items():
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+
+
 def write_rows(buf: torch.Tensor, rows: torch.Tensor | None, start: int, new: torch.Tensor) -> None:
     """``buf[b, rows[b, t]] = new[b, t]``; without ``rows`` (every sequence starts at ``start``) a plain slice."""
     if rows is None:

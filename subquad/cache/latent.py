@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache, write_rows
+from .base import KVCache, check_sizes, write_rows
 from .view import KVView
 
 
@@ -21,9 +21,7 @@ class LatentKVCache(KVCache):
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype=torch.bfloat16,
                  device=None):
-        for name, val in (("batch", batch), ("max_len", max_len), ("kv_lora_rank", kv_lora_rank)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_sizes(batch=batch, max_len=max_len, kv_lora_rank=kv_lora_rank)
         if not isinstance(rope_dim, int) or rope_dim < 0:
             raise ValueError(f"rope_dim: expected a non-negative int, got {rope_dim!r}")
         self.batch, self.max_len, self.kv_lora_rank, self.rope_dim = batch, max_len, kv_lora_rank, rope_dim

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache, write_pages
+from .base import KVCache, check_sizes, write_pages
 from .view import KVView
 
 
@@ -26,11 +26,8 @@ class PagedKVCache(KVCache):
                  device=None, batch: int = 1, max_pages_per_seq: int | None = None, head_dim_v: int | None = None):
         max_pages_per_seq = num_pages if max_pages_per_seq is None else max_pages_per_seq
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        for name, val in (("num_pages", num_pages), ("page_size", page_size), ("heads_kv", heads_kv),
-                          ("head_dim", head_dim), ("batch", batch), ("max_pages_per_seq", max_pages_per_seq),
-                          ("head_dim_v", head_dim_v)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_sizes(num_pages=num_pages, page_size=page_size, heads_kv=heads_kv, head_dim=head_dim, batch=batch,
+                    max_pages_per_seq=max_pages_per_seq, head_dim_v=head_dim_v)
         self.num_pages, self.page_size, self.heads_kv, self.head_dim = num_pages, page_size, heads_kv, head_dim
         self.batch, self.max_pages_per_seq = batch, max_pages_per_seq
         self.head_dim_v = head_dim_v

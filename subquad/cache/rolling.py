@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache, write_rows
+from .base import KVCache, check_sizes, write_rows
 from .view import KVView
 
 
@@ -28,10 +28,8 @@ class RollingKVCache(KVCache):
     def __init__(self, batch: int, window: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16, device=None,
                  max_step: int = 1, head_dim_v: int | None = None):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        for name, val in (("batch", batch), ("window", window), ("heads_kv", heads_kv), ("head_dim", head_dim),
-                          ("max_step", max_step), ("head_dim_v", head_dim_v)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_sizes(batch=batch, window=window, heads_kv=heads_kv, head_dim=head_dim, max_step=max_step,
+                    head_dim_v=head_dim_v)
         self.batch, self.window, self.heads_kv, self.head_dim = batch, window, heads_kv, head_dim
         self.max_step = max_step
         self.slots = window + max_step - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVCache, write_rows
+from .base import KVCache, check_sizes, write_rows
 from .view import KVView
 
 
@@ -18,10 +18,7 @@ class StaticKVCache(KVCache):
     def __init__(self, batch: int, max_len: int, heads_kv: int, head_dim: int, dtype=torch.bfloat16,
                  device=None, head_dim_v: int | None = None):
         head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        for name, val in (("batch", batch), ("max_len", max_len), ("heads_kv", heads_kv), ("head_dim", head_dim),
-                          ("head_dim_v", head_dim_v)):
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        check_sizes(batch=batch, max_len=max_len, heads_kv=heads_kv, head_dim=head_dim, head_dim_v=head_dim_v)
         self.batch, self.max_len, self.heads_kv, self.head_dim = batch, max_len, heads_kv, head_dim
         self.head_dim_v = head_dim_v
         self.k = torch.zeros(batch, max_len, heads_kv, head_dim, dtype=dtype, device=device)

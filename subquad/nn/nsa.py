@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cache import StaticKVCache
+from ..cache.base import check_sizes as check_cache_sizes
 from ..ops.nsa import check_sizes, nsa
 from ..ops.nsa.compression import num_blocks
 from .attention import cache_positions, check_heads, rows_by_length
@@ -54,10 +55,8 @@ class NSACache(StaticKVCache):
 
     def __init__(self, batch: int, max_len: int, heads_kv: int, head_dim: int, compress_block: int,
                  compress_stride: int, dtype=torch.bfloat16, device=None):
-        # the base class checks them too, but only after the compressed buffers are made from them
-        for name, value in (("batch", batch), ("max_len", max_len)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        # (before the compressed buffers are made from them; the base class's init checks the rest)
+        check_cache_sizes(batch=batch, max_len=max_len)
         blocks = num_blocks(max_len, compress_block, compress_stride)
         # (before the base class's init, which pins every buffer's address)
         self.k_cmp = torch.zeros(batch, blocks, heads_kv, head_dim, dtype=dtype, device=device)
