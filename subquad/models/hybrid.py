@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,8 @@ class HybridLM(nn.Module):
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, *, top_p: float | None = None, eos_token_id: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None, return_logits: bool = False,
-                 compile_step: bool = False):
+                 compile_step: bool = False, prompt_lengths: torch.Tensor | Sequence[int] | None = None,
+                 pad_token_id: int = 0):
         """Sample ``max_new_tokens`` after ``prompt_ids`` ``(batch, prompt_len)``.
 
         ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest set of most
@@ -166,13 +168,32 @@ class HybridLM(nn.Module):
         earlier (and with ``return_logits`` the logits of each step, ``(batch, steps, vocab)``).
         ``compile_step``: run the one-token steps through ``torch.compile(fullgraph=True)`` (compiled at the
         first call, kept for later ones; the prompt runs eagerly).
+
+        ``prompt_lengths`` (``(batch,)`` ints, each in ``[1, prompt_len]``): prompts of different lengths, row
+        ``b`` being ``prompt_ids[b, :prompt_lengths[b]]`` and the rest of it right padding, never read. Each row
+        generates what it would alone (the same greedy tokens and logits): the shortest prompt is prefilled, then
+        every row steps at once, a row still inside its prompt being fed its own next prompt token, and each row
+        generates ``max_new_tokens`` after its own prompt. Returns ``(ids, lengths)``: ``ids``
+        ``(batch, max(lengths))``, each row its prompt and generated tokens (through its first eos, where it emits
+        one) right-padded with ``pad_token_id``, and ``lengths`` ``(batch,)`` those rows' lengths; with
+        ``return_logits`` ``(ids, lengths, logits)``, ``logits[b, j]`` having chosen row ``b``'s ``j``-th generated
+        token, ``(batch, steps, vocab)`` with ``steps`` the most tokens a row generated, zeros past a row's own.
         """
         if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
             raise ValueError(f"prompt_ids: expected (batch, prompt_len >= 1), got {tuple(prompt_ids.shape)}")
+        bsz, prompt_len = prompt_ids.shape
+        if prompt_lengths is None:
+            lengths = torch.full((bsz, 1), prompt_len, device=prompt_ids.device)
+            shortest = longest = prompt_len
+        else:
+            lengths, shortest, longest = _check_prompt_lengths(prompt_lengths, bsz, prompt_len, prompt_ids.device)
         # (checked here, where one read of the prompt costs nothing beside the decoding loop: out of range, the
         # embedding fails with an IndexError on the CPU and a device-side assert on CUDA)
         if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel():
-            lo, hi = (int(x) for x in torch.aminmax(prompt_ids))
+            real = prompt_ids
+            if prompt_lengths is not None:      # (the padding may hold any value: it is never read)
+                real = prompt_ids[torch.arange(prompt_len, device=prompt_ids.device) < lengths]
+            lo, hi = (int(x) for x in torch.aminmax(real))
             if lo < 0 or hi >= self.config["vocab_size"]:
                 raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values "
                                  f"in [{lo}, {hi}]")
@@ -190,10 +211,13 @@ class HybridLM(nn.Module):
         if compile_step and not use_cache:
             raise ValueError("compile_step: expected use_cache=True (the compiled step is the cached one-token "
                              "forward)")
+        if not _is_int(pad_token_id):
+            raise ValueError(f"pad_token_id: expected an int, got {pad_token_id!r}")
         step = self.compiled_step() if compile_step else self
-        ids = prompt_ids
-        bsz = ids.shape[0]
-        max_len = ids.shape[1] + max_new_tokens
+        if not max_new_tokens:
+            shortest = longest     # (no step to run: the prompts come back whole)
+        ids = prompt_ids[:, :shortest]
+        max_len = longest + max_new_tokens
         if compile_step:
             # storage of few shapes (at most twice the tokens): each new one compiles the step again, and on the
             # CPU the reference's graph is per storage length, so torch.compile's limit of 8 graphs would soon
@@ -203,18 +227,26 @@ class HybridLM(nn.Module):
         step_input = ids
         chosen_logits = []
         finished = torch.zeros(bsz, 1, dtype=torch.bool, device=ids.device)
-        for i in range(max_new_tokens):
-            logits = (step if i else self)(step_input if use_cache else ids, caches)[:, -1].float()
+        # pos: the position of the token each step chooses. A row still inside its prompt takes its own next prompt
+        # token instead, so that every row's caches and states see its tokens alone, in order, and never padding
+        for pos in range(shortest, longest + max_new_tokens):
+            logits = (step if pos > shortest else self)(step_input if use_cache else ids, caches)[:, -1].float()
             nxt = sample(logits, temperature, top_k, generator, top_p=top_p)
             chosen_logits.append(logits)
+            if pos < longest:
+                nxt = torch.where(lengths > pos, prompt_ids[:, pos:pos + 1], nxt)
             if eos_token_id is not None:
                 nxt = nxt.masked_fill(finished, eos_token_id)
-                finished = finished | (nxt == eos_token_id)
+                finished = finished | ((nxt == eos_token_id) & (lengths <= pos))
             ids = torch.cat([ids, nxt], dim=1)
             step_input = nxt
-            # (one read per step: what stopping early saves is a whole forward)
-            if eos_token_id is not None and bool(finished.all()):
+            # (one read per step: what stopping early saves is a whole forward; a row past its max_new_tokens is
+            # done too, what it samples now being dropped)
+            if eos_token_id is not None and bool((finished | (lengths + max_new_tokens <= pos + 1)).all()):
                 break
+        if prompt_lengths is not None:
+            return _each_rows_own(ids, chosen_logits, lengths, shortest, max_new_tokens, eos_token_id, pad_token_id,
+                                  return_logits, self.config["vocab_size"])
         if not return_logits:
             return ids
         if not chosen_logits:
@@ -241,6 +273,52 @@ _COMPILED_FORWARD = None
 def _is_int(x) -> bool:
     """An int, not a bool (``True`` would pass as 1)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_prompt_lengths(prompt_lengths, batch: int, prompt_len: int, device) -> tuple[torch.Tensor, int, int]:
+    """``generate``'s ``prompt_lengths`` -> ``(batch, 1)`` longs on ``device``, their least and their greatest."""
+    expected = f"prompt_lengths: expected ({batch},) ints (one a row of prompt_ids) in [1, {prompt_len}]"
+    if isinstance(prompt_lengths, torch.Tensor):
+        if prompt_lengths.shape != (batch,) or prompt_lengths.dtype not in _INT_DTYPES:
+            raise ValueError(f"{expected}, got a {prompt_lengths.dtype} tensor {tuple(prompt_lengths.shape)}")
+        lengths = prompt_lengths.to(device, torch.long)
+    elif isinstance(prompt_lengths, Sequence) and len(prompt_lengths) == batch and all(map(_is_int, prompt_lengths)):
+        lengths = torch.tensor(prompt_lengths, dtype=torch.long, device=device)
+    else:
+        raise ValueError(f"{expected}, got {prompt_lengths!r}")
+    shortest, longest = (int(x) for x in torch.aminmax(lengths))
+    if shortest < 1 or longest > prompt_len:
+        raise ValueError(f"{expected}, got values in [{shortest}, {longest}]")
+    return lengths[:, None], shortest, longest
+
+
+def _each_rows_own(ids, chosen_logits, lengths, shortest, max_new_tokens, eos_token_id, pad_token_id, return_logits,
+                   vocab):
+    """``generate``'s result for ``prompt_lengths``, out of the rows stepped together: ``ids`` holds each row's
+    own tokens from position 0, its generated ones from its ``lengths``, and the logits of step ``s`` chose
+    position ``shortest + s`` of every row."""
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    generated = (pos >= lengths) & (pos < lengths + max_new_tokens)
+    if eos_token_id is not None:
+        eos = generated & (ids == eos_token_id)
+        generated &= eos.cumsum(1) <= eos       # a row ends at its first eos, as it would alone
+    counts = generated.sum(1)
+    totals = lengths[:, 0] + counts
+    width = int(totals.max())
+    out = ids[:, :width].masked_fill(pos[:width] >= totals[:, None], pad_token_id)
+    if not return_logits:
+        return out, totals
+    if not chosen_logits:
+        return out, totals, torch.empty(ids.shape[0], 0, vocab, device=ids.device)
+    steps = torch.stack(chosen_logits, 1)
+    j = torch.arange(int(counts.max()), device=ids.device)
+    # (clamped: past its own tokens a row's index may point past the last step run; those rows are zeroed)
+    index = (lengths - shortest + j).clamp(max=steps.shape[1] - 1)
+    logits = steps.gather(1, index[..., None].expand(-1, -1, vocab))
+    return out, totals, logits.masked_fill((j >= counts[:, None])[..., None], 0)
 
 
 def _check_top_p(top_p) -> None:
