@@ -154,3 +154,21 @@ def test_hybrid_model_to_gqa_leaves_other_layers_options_and_the_callers_dict():
     assert options["S"]["kv_heads"] == 2 and options["L"]["kv_heads"] == 4
     assert model.config["mixer_options"]["S"]["kv_heads"] == 2 and model.config["mixer_options"]["L"]["kv_heads"] == 1
     HybridLM(**model.config).load_state_dict(model.state_dict())
+
+
+def test_hybrid_model_to_gqa_of_some_letters_records_them_alone():
+    """``to_gqa(letters=...)`` converts those letters' layers only and records ``kv_heads`` in their options (the
+    model's own ``kv_heads`` still builds the others), so the config rebuilds the converted model."""
+    from subquad.models import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(64, 32, "ALG", heads=4).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    model.to_gqa(2, letters="AG")
+    assert [b.mixer.kv_heads for b in model.blocks] == [2, 4, 2]
+    assert model.config["kv_heads"] is None
+    rebuilt = HybridLM(**model.config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(ids), model(ids))
+    with pytest.raises(ValueError, match="letters: expected"):
+        model.to_gqa(1, letters="AM")

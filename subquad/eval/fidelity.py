@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from ..models import HybridLM
 from ..nn import Attention, LinearAttention
-from ..nn.convert import mha_to_gqa
 from ..nn.registry import DEFAULT_WINDOW, lookup
 
 MECHANISMS = ("window", "linear", "gqa")
@@ -57,7 +56,8 @@ def replace_attention(model: HybridLM, mechanism: str, *, window: int = 128, fea
         raise ValueError(f"model: expected exact softmax attention layers (A or G), got layers "
                          f"{model.layer_letters!r}")
     if mechanism == "gqa":
-        return _exact_to_gqa(copy.deepcopy(model), exact, kv_heads).eval()
+        # the exact layers' letters alone: the sliding-window and differential layers keep their key/value heads
+        return copy.deepcopy(model).to_gqa(kv_heads, letters="".join({model.layer_letters[i] for i in exact})).eval()
     letter = SWAPPED_LETTER[mechanism]
     config = copy.deepcopy(model.config)
     options = {lookup(key).letter: opts for key, opts in config.pop("mixer_options").items()}
@@ -99,23 +99,6 @@ def replace_attention(model: HybridLM, mechanism: str, *, window: int = 128, fea
         raise ValueError(f"model: its attention layers hold weights the {mechanism} layers cannot take "
                          f"(unexpected {sorted(unexpected)}, missing {sorted(missing)})")
     return swapped.to(next(model.parameters()).device).eval()
-
-
-def _exact_to_gqa(model: HybridLM, exact: list[int], kv_heads: int) -> HybridLM:
-    """``HybridLM.to_gqa`` (in place) of the ``exact`` layers alone: the sliding-window and differential layers
-    it would convert too keep their key/value heads. Their letters' options record ``kv_heads``."""
-    held = sorted({model.blocks[i].mixer.kv_heads for i in exact})
-    if not (isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads > 0
-            and all(n % kv_heads == 0 for n in held)):
-        raise ValueError(f"kv_heads: expected a positive divisor of every exact attention layer's key/value heads "
-                         f"({held}), got {kv_heads!r}")
-    for i in exact:
-        mha_to_gqa(model.blocks[i].mixer, kv_heads, n_heads=model.blocks[i].mixer.kv_heads)
-    options = model.config["mixer_options"]
-    for letter in {model.layer_letters[i] for i in exact}:
-        key = next((key for key in options if lookup(key).letter == letter), letter)
-        options[key] = {**options.get(key, {}), "kv_heads": kv_heads}
-    return model
 
 
 def _effective(letter: str, options: dict) -> dict:

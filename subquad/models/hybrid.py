@@ -104,14 +104,17 @@ class HybridLM(nn.Module):
                 residual = name.rpartition(".")[2] in RESIDUAL_OUT
                 nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
 
-    def to_gqa(self, kv_heads: int) -> "HybridLM":
-        """Convert every softmax-attention layer (letters ``A``, ``G``, ``L``, ``D``) to ``kv_heads`` key/value
-        heads in place, each the mean of its group's trained heads (``subquad.nn.convert.mha_to_gqa``; the GQA
-        paper then uptrains for ~5% of the original steps), and record it in ``config``, so that a checkpoint
-        rebuilds the converted model. Returns the model."""
+    def to_gqa(self, kv_heads: int, letters: str = "AGLD") -> "HybridLM":
+        """Convert every softmax-attention layer (letters ``A``, ``G``, ``L``, ``D``, or those of ``letters``) to
+        ``kv_heads`` key/value heads in place, each the mean of its group's trained heads
+        (``subquad.nn.convert.mha_to_gqa``; the GQA paper then uptrains for ~5% of the original steps), and record
+        it in ``config`` (the converted letters' options; the model's ``kv_heads`` too when every attention letter
+        is converted), so that a checkpoint rebuilds the converted model. Returns the model."""
         from ..nn.convert import mha_to_gqa
 
-        converted = [blk.mixer for blk, letter in zip(self.blocks, self.layer_letters) if letter in "AGLD"]
+        if not isinstance(letters, str) or not letters or any(c not in "AGLD" for c in letters):
+            raise ValueError(f"letters: expected a non-empty string of the attention letters 'AGLD', got {letters!r}")
+        converted = [blk.mixer for blk, letter in zip(self.blocks, self.layer_letters) if letter in letters]
         held = sorted({m.kv_heads for m in converted})
         # (checked before any layer changes: a failure halfway would leave a model its config cannot rebuild)
         if not (isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads > 0
@@ -120,11 +123,13 @@ class HybridLM(nn.Module):
                              f"({held}), got {kv_heads!r}")
         for mixer in converted:
             mha_to_gqa(mixer, kv_heads, n_heads=mixer.kv_heads)
-        self.config["kv_heads"] = kv_heads
-        for key, opts in self.config["mixer_options"].items():
-            # (only the layers converted: NSA's own kv_heads, say, still builds its unconverted projections)
-            if "kv_heads" in opts and lookup(key).letter in "AGLD":
-                opts["kv_heads"] = kv_heads
+        if set("AGLD") <= set(letters):
+            self.config["kv_heads"] = kv_heads
+        options = self.config["mixer_options"]
+        for letter in sorted({c for c in self.layer_letters if c in letters}):
+            # (only the letters converted: NSA's own kv_heads, say, still builds its unconverted projections)
+            key = next((key for key in options if lookup(key).letter == letter), letter)
+            options[key] = {**options.get(key, {}), "kv_heads": kv_heads}
         return self
 
     def num_params(self) -> int:
