@@ -13,6 +13,8 @@ Every cache holds per-sequence lengths and is used the same way at each step::
 * ``.seqlens``: ``(batch,)`` int32 on the cache's device, tokens per sequence including the new ones.
   The ``T`` new queries sit at positions ``seqlens - T .. seqlens - 1``.
 * ``reset()``: every length back to 0 (paged: every page back to the pool).
+* ``rewind(positions)``: the lengths back to ``positions`` (as far as ``update`` could write), so that the next
+  update appends over the tokens dropped: how a model, whose layers append, drops rejected draft tokens.
 * ``.nbytes``: device memory held.
 
 Layouts (``KVView.layout``):

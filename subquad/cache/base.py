@@ -93,6 +93,15 @@ class KVCache:
         """Forget every sequence (storage is kept; lengths go back to 0)."""
         self._set_lengths([0] * self.batch)
 
+    def rewind(self, positions) -> None:
+        """Forget each sequence's tokens from ``positions`` on (an int, or ``(batch,)`` ints, each at most its
+        length): the lengths go back to ``positions`` and the next update appends there, over the forgotten
+        tokens, as ``update(positions=...)`` would. For a model, whose layers append at their caches' lengths:
+        speculative decoding drops its rejected draft tokens this way. Eager only."""
+        if positions is None:     # (``_start_positions`` reads None as "append": no rewind at all)
+            raise self._bad_positions(positions)
+        self._set_lengths(self._start_positions(positions))
+
     def buffers(self) -> list[torch.Tensor]:
         raise NotImplementedError
 

@@ -74,16 +74,7 @@ class RollingKVCache(KVCache):
             return self._traced_update(k, v, positions)
         starts = self._check_update(k, v, positions, self.k.device)
         t = k.shape[1]
-        for s, n, w in zip(starts, self._lengths, self._written):
-            if n - s > self.max_step - 1:
-                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} can "
-                                 f"rewind at most {self.max_step - 1} tokens, got {n - s}")
-            if w - s > self.max_step:
-                # rewinds in a row: the rejected drafts from s + max_step on overwrote keys that the window of
-                # the token at s still sees
-                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} keeps "
-                                 f"the keys of at most {self.max_step} tokens behind the furthest one written "
-                                 f"({w}), got {s}")
+        self._check_ring_reach(starts)
         dense = None
         if t > self.max_step:
             dense = self._prefill_view(k, v, starts)
@@ -96,6 +87,26 @@ class RollingKVCache(KVCache):
         self._set_written([max(w, s + t) for w, s in zip(self._written, starts)])
         self._set_lengths([s + t for s in starts])
         return dense if dense is not None else self.view()
+
+    def rewind(self, positions) -> None:
+        """``KVCache.rewind``, as far back as ``update`` can write: at most ``max_step - 1`` tokens, and at most
+        ``max_step`` behind the furthest token written."""
+        if positions is not None:
+            self._check_ring_reach(self._start_positions(positions))
+        super().rewind(positions)
+
+    def _check_ring_reach(self, starts: list[int]) -> None:
+        """Refuse writes at ``starts`` whose window the ring no longer holds."""
+        for s, n, w in zip(starts, self._lengths, self._written):
+            if n - s > self.max_step - 1:
+                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} can "
+                                 f"rewind at most {self.max_step - 1} tokens, got {n - s}")
+            if w - s > self.max_step:
+                # rewinds in a row: the rejected drafts from s + max_step on overwrote keys that the window of
+                # the token at s still sees
+                raise ValueError(f"positions: a ring of window {self.window} and max_step {self.max_step} keeps "
+                                 f"the keys of at most {self.max_step} tokens behind the furthest one written "
+                                 f"({w}), got {s}")
 
     def _traced_update(self, k, v, positions) -> KVView:
         self._check_shapes(k, v, self.k.device)

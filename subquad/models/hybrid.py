@@ -135,9 +135,13 @@ class HybridLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_caches(self, batch: int, max_len: int) -> list:
-        """One cache per layer, each of the kind its mixer decodes with."""
-        return [blk.mixer.new_cache(batch, max_len) for blk in self.blocks]
+    def new_caches(self, batch: int, max_len: int, *, max_step: int = 1) -> list:
+        """One cache per layer, each of the kind its mixer decodes with, for decoding steps of up to ``max_step``
+        tokens (speculative decoding verifies several drafts a step): a sliding-window layer's ring holds
+        ``max_step - 1`` more slots than its window, the other caches take steps of any length."""
+        if not _is_int(max_step) or max_step < 1:
+            raise ValueError(f"max_step: expected a positive int, got {max_step!r}")
+        return [blk.mixer.new_cache(batch, max_len, max_step=max_step) for blk in self.blocks]
 
     def forward(self, ids: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         """``ids`` ``(batch, seq)`` -> logits ``(batch, seq, vocab)``; with ``caches`` the tokens continue them."""
@@ -192,27 +196,11 @@ class HybridLM(nn.Module):
             shortest = longest = prompt_len
         else:
             lengths, shortest, longest = _check_prompt_lengths(prompt_lengths, bsz, prompt_len, prompt_ids.device)
-        # (checked here, where one read of the prompt costs nothing beside the decoding loop: out of range, the
-        # embedding fails with an IndexError on the CPU and a device-side assert on CUDA)
-        if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel():
-            real = prompt_ids
-            if prompt_lengths is not None:      # (the padding may hold any value: it is never read)
-                real = prompt_ids[torch.arange(prompt_len, device=prompt_ids.device) < lengths]
-            lo, hi = (int(x) for x in torch.aminmax(real))
-            if lo < 0 or hi >= self.config["vocab_size"]:
-                raise ValueError(f"prompt_ids: expected token ids in [0, {self.config['vocab_size']}), got values "
-                                 f"in [{lo}, {hi}]")
-        if not temperature >= 0:  # (NaN too: it reached torch.multinomial as NaN probabilities)
-            raise ValueError(f"temperature: expected >= 0, got {temperature}")
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if top_k is not None and (not _is_int(top_k) or top_k <= 0):
-            raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
-        _check_top_p(top_p)
-        if eos_token_id is not None and not (_is_int(eos_token_id)
-                                             and 0 <= eos_token_id < self.config["vocab_size"]):
-            raise ValueError(f"eos_token_id: expected a token id in [0, {self.config['vocab_size']}) or None, got "
-                             f"{eos_token_id!r}")
+        real = prompt_ids
+        if prompt_lengths is not None:      # (the padding may hold any value: it is never read)
+            real = prompt_ids[torch.arange(prompt_len, device=prompt_ids.device) < lengths]
+        check_token_ids(real, self.config["vocab_size"])
+        check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, self.config["vocab_size"])
         if compile_step and not use_cache:
             raise ValueError("compile_step: expected use_cache=True (the compiled step is the cached one-token "
                              "forward)")
@@ -326,6 +314,29 @@ def _each_rows_own(ids, chosen_logits, lengths, shortest, max_new_tokens, eos_to
     return out, totals, logits.masked_fill((j >= counts[:, None])[..., None], 0)
 
 
+def check_token_ids(prompt_ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id of an integer ``prompt_ids`` in ``[0, vocab_size)`` (another dtype is the forward's to refuse).
+    Checked before decoding, where one read of the prompt costs nothing beside the loop: out of range, the
+    embedding fails with an IndexError on the CPU and a device-side assert on CUDA."""
+    if prompt_ids.dtype in (torch.long, torch.int32) and prompt_ids.numel():
+        lo, hi = (int(x) for x in torch.aminmax(prompt_ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"prompt_ids: expected token ids in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, vocab_size: int) -> None:
+    """``generate``'s arguments of what and how many tokens to sample."""
+    if not temperature >= 0:  # (NaN too: it reached torch.multinomial as NaN probabilities)
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k <= 0):
+        raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
+    _check_top_p(top_p)
+    if eos_token_id is not None and not (_is_int(eos_token_id) and 0 <= eos_token_id < vocab_size):
+        raise ValueError(f"eos_token_id: expected a token id in [0, {vocab_size}) or None, got {eos_token_id!r}")
+
+
 def _check_top_p(top_p) -> None:
     if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected a probability in (0, 1] or None, got {top_p!r}")
@@ -333,13 +344,24 @@ def _check_top_p(top_p) -> None:
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None,
            top_p: float | None = None) -> torch.Tensor:
-    """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``."""
+    """One token per row of ``logits`` ``(batch, vocab)`` -> ``(batch, 1)``, drawn from ``probabilities``."""
     _check_top_p(top_p)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The distribution ``sample`` draws from, ``(..., vocab)`` like ``logits``: their softmax at
+    ``temperature``, restricted to the ``top_k`` most likely tokens, then to the nucleus of ``top_p``; for
+    ``temperature=0``, one-hot at the argmax (greedy decoding's choice)."""
+    _check_top_p(top_p)
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     logits = logits / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         ordered, order = logits.sort(-1, descending=True)
@@ -347,4 +369,4 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
         # a token is dropped when the more likely ones already reach top_p (the most likely is always kept)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return logits.softmax(-1)

@@ -1,9 +1,10 @@
 """Token mixers and building blocks.
 
 Every mixer has one contract: ``forward(x, cache=None) -> y`` with ``x`` ``(batch, seq, d_model)``, and
-``new_cache(batch, max_len)`` giving the cache it decodes with (static or rolling KV for softmax attention,
-latent KV for MLA, a ``RecurrentState`` for the linear/recurrent family). ``REGISTRY`` maps one-letter names
-to mixers for ``subquad.models.HybridLM``.
+``new_cache(batch, max_len, *, max_step=1)`` giving the cache it decodes with (static or rolling KV for softmax
+attention, latent KV for MLA, a ``RecurrentState`` for the linear/recurrent family), for decoding steps of up to
+``max_step`` tokens (a rolling cache's ring holds ``max_step - 1`` more slots; the others take any step).
+``REGISTRY`` maps one-letter names to mixers for ``subquad.models.HybridLM``.
 """
 
 from .attention import Attention

@@ -182,14 +182,16 @@ class Attention(nn.Module):
     def _mask(self):
         return masks.sliding_window(self.window, causal=self.causal) if self.window is not None else self.pattern
 
-    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None):
-        """A ``RollingKVCache`` of ``window`` slots for a windowed layer, else a ``StaticKVCache``."""
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, max_step: int = 1):
+        """A ``RollingKVCache`` of ``window + max_step - 1`` slots for a windowed layer (steps of up to ``max_step``
+        tokens), else a ``StaticKVCache`` (steps of any length)."""
         if not self.causal:
             raise ValueError("cache: a non-causal (encoder) attention layer has no generation cache")
         w = self.q_proj.weight
         dtype, device = dtype or w.dtype, device or w.device
         if self.window is not None:
-            return RollingKVCache(batch, self.window, self.kv_heads, self.head_dim, dtype=dtype, device=device)
+            return RollingKVCache(batch, self.window, self.kv_heads, self.head_dim, dtype=dtype, device=device,
+                                  max_step=max_step)
         return StaticKVCache(batch, max_len, self.kv_heads, self.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:

@@ -75,11 +75,13 @@ class DiffAttention(nn.Module):
         return (torch.exp((self.lambda_q1 * self.lambda_k1).sum())
                 - torch.exp((self.lambda_q2 * self.lambda_k2).sum()) + self.lambda_init)
 
-    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None):
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, max_step: int = 1):
+        """As ``Attention.new_cache``: a ring for steps of up to ``max_step`` tokens with a window."""
         w = self.q_proj.weight
         dtype, device = dtype or w.dtype, device or w.device
         if self.window is not None:
-            return RollingKVCache(batch, self.window, self.kv_heads, 2 * self.head_dim, dtype=dtype, device=device)
+            return RollingKVCache(batch, self.window, self.kv_heads, 2 * self.head_dim, dtype=dtype, device=device,
+                                  max_step=max_step)
         return StaticKVCache(batch, max_len, self.kv_heads, 2 * self.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:

@@ -57,8 +57,9 @@ class LSHAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, d_model, bias=bias)
         self.rope = RotaryEmbedding(self.head_dim) if position == "rope" else None
 
-    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> StaticKVCache:
-        """A ``StaticKVCache`` of the shared query-key vectors and the values."""
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, max_step: int = 1) -> StaticKVCache:
+        """A ``StaticKVCache`` of the shared query-key vectors and the values (steps of any length: ``max_step``,
+        the mixers' common argument, sizes rings only)."""
         if not self.causal:
             raise ValueError("cache: a non-causal (encoder) LSH attention layer has no generation cache")
         w = self.qk_proj.weight

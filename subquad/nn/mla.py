@@ -86,7 +86,9 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_dim + v_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_dim, d_model, bias=False)
 
-    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> LatentKVCache:
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, max_step: int = 1) -> LatentKVCache:
+        """A ``LatentKVCache`` of ``max_len`` tokens (steps of any length: ``max_step``, the mixers' common
+        argument, sizes rings only)."""
         p = self.wkv_a.weight
         return LatentKVCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype=dtype or p.dtype,
                              device=device or p.device)

@@ -120,7 +120,9 @@ class NSA(nn.Module):
         """The compressed keys and values of ``(B, N, H_kv, D)`` K/V: ``subquad.nsa``'s ``compress``."""
         return self.k_compress(k), self.v_compress(v)
 
-    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None) -> NSACache:
+    def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, max_step: int = 1) -> NSACache:
+        """An ``NSACache`` of ``max_len`` tokens (steps of any length: ``max_step``, the mixers' common argument,
+        sizes rings only)."""
         w = self.q_proj.weight
         return NSACache(batch, max_len, self.kv_heads, self.head_dim, self.sizes["compress_block"],
                         self.sizes["compress_stride"], dtype=dtype or w.dtype, device=device or w.device)
