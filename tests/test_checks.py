@@ -119,6 +119,27 @@ def test_triton_backend_on_cpu_tensors_names_the_backend(monkeypatch):
     assert subquad.attention(q, k, v, causal=True, backend="triton").dtype == torch.float32
 
 
+def test_triton_decode_and_linear_on_cpu_tensors_name_the_backend(monkeypatch):
+    """The decode kernel took CPU tensors to a GPU's driver (Triton's "Pointer argument (at 0) cannot be accessed
+    from Triton" on the H100) or to none ("0 active drivers"): now a ValueError names the backend, as
+    ``attention``'s does. The sm90 stand-in driver, which records launches, still takes them."""
+    from subquad.bench.sm90 import Sm90Driver
+    from subquad.ops import grid
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 2, 16, dtype=torch.float16)
+    k = torch.randn(1, 8, 1, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"backend: 'triton' runs on CUDA tensors"):
+        subquad.decode(q, k, k, backend="triton")
+    x = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"backend: 'triton' runs on CUDA tensors"):
+        subquad.linear_attention(x, x, x, backend="triton")
+    import triton
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Sm90Driver())
+    assert grid.triton_takes_cpu_tensors()
+
+
 @pytest.mark.parametrize("name, value, refused", [("scale", 1, True), ("softcap", 1, True), ("causal", True, 1)])
 def test_refused_types_after_a_call_prepared_for_an_equal_value(name, value, refused):
     """A call prepared for ``scale=1`` (or ``softcap=1``, ``causal=True``) was found again for ``True`` (``1``):

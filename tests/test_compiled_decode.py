@@ -106,19 +106,26 @@ def test_traced_ring_update_refuses_a_prefill():
         step(torch.randn(1, 3, 1, 4))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+# the Triton kernels take CUDA tensors, or CPU ones under the interpreter (a GPU machine's tests without it use CUDA)
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                                   reason="needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_kernels)])
 def test_compiled_decode_over_uneven_lengths(backend):
     """``decode`` traced over a static cache whose sequences have 0, fewer than ``T``, and more keys: the
     reference masks every sequence at its own length in one call, the kernel runs as a custom op."""
     torch.manual_seed(1)
-    cache = StaticKVCache(3, 24, heads_kv=2, head_dim=16, dtype=torch.float16)
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    cache = StaticKVCache(3, 24, heads_kv=2, head_dim=16, dtype=torch.float16, device=dev)
     for b, n in enumerate([0, 1, 9]):
         if n:
-            kv = torch.randn(1, n, 2, 16, dtype=torch.float16)
+            kv = torch.randn(1, n, 2, 16, dtype=torch.float16).to(dev)
             cache.k[b, :n], cache.v[b, :n] = kv[0], -kv[0]
     cache._set_lengths([0, 1, 9])
-    q = torch.randn(3, 2, 4, 16, dtype=torch.float16)
-    slopes = torch.rand(4)
+    q = torch.randn(3, 2, 4, 16, dtype=torch.float16).to(dev)
+    slopes = torch.rand(4).to(dev)
 
     def fn(q):
         return decode(q, cache, window=5, softcap=20.0, alibi_slopes=slopes, return_lse=True, backend=backend)
@@ -132,18 +139,18 @@ def test_compiled_decode_over_uneven_lengths(backend):
     assert got[0][1, 0].abs().max() == 0 and got[0][1, 1].abs().max() > 0    # the token at position -1 sees none
 
 
+@needs_kernels
 def test_decode_custom_op_passes_opcheck():
     from subquad.ops.decode.op import decode_op
 
-    k = torch.randn(2, 8, 1, 16, dtype=torch.float16)
-    q = torch.randn(2, 1, 2, 16, dtype=torch.float16)
-    seqlens = torch.tensor([3, 8], dtype=torch.int32)
+    k = torch.randn(2, 8, 1, 16, dtype=torch.float16).to(KERNEL_DEVICE)
+    q = torch.randn(2, 1, 2, 16, dtype=torch.float16).to(KERNEL_DEVICE)
+    seqlens = torch.tensor([3, 8], dtype=torch.int32).to(KERNEL_DEVICE)
     torch.library.opcheck(decode_op, (q, k, k.clone(), seqlens, None, None, "dense", 0, 0, 0.25, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                    reason="needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+@needs_kernels
 def test_decode_custom_op_keeps_no_buffer_across_calls(monkeypatch):
     """The custom op (a compiled step's decode) zeroes its own arrival counters instead of keeping a buffer per
     stream across calls: run inside a CUDA graph's memory pool (``mode="reduce-overhead"``), a kept buffer is a
@@ -152,7 +159,7 @@ def test_decode_custom_op_keeps_no_buffer_across_calls(monkeypatch):
     from subquad.ops.decode import splitkv
     from subquad.ops.decode.op import decode_op
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = KERNEL_DEVICE
     monkeypatch.setattr(splitkv, "_COUNTERS", {})
     g = torch.Generator().manual_seed(3)
     k, v = (torch.randn(2, 40, 1, 16, generator=g).to(dev, torch.float16) for _ in range(2))

@@ -17,6 +17,9 @@ class Sm90Driver:
     """A stand-in for Triton's CUDA driver: just enough for ``warmup`` to pick the target and compile
     (``triton.runtime.driver.set_active(Sm90Driver())``)."""
 
+    #: launches through it are recorded, not run: CPU tensors may stand for the device's
+    records_launches = True
+
     def get_current_device(self):
         return 0
 

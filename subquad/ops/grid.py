@@ -8,6 +8,7 @@ per call); the launchers use these plain ones.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -57,3 +58,18 @@ def launch_split(kernel, grid, count: int, *args, unit: int = 1, flag: str | Non
     # count 0 keeps its one (empty) launch, as before
     for start in range(0, max(count, 1), step):
         kernel[grid(min(step, count - start))](*args, pid_offset=start // unit, **kwargs)
+
+
+def triton_takes_cpu_tensors() -> bool:
+    """Whether a Triton launch here takes CPU tensors: under the interpreter (``TRITON_INTERPRET=1``), or through a
+    stand-in driver that records launches to compile them (``subquad.bench.sm90.Sm90Driver``). A GPU's driver takes
+    CUDA tensors only: a CPU tensor failed there with Triton's "Pointer argument (at 0) cannot be accessed from
+    Triton", and with no driver at all with "0 active drivers", neither naming an argument."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    import triton
+
+    try:
+        return bool(getattr(triton.runtime.driver.active, "records_launches", False))
+    except RuntimeError:        # "0 active drivers": no GPU here
+        return False

@@ -8,6 +8,7 @@ import torch
 
 from ..._checks import check_backend as _check_backend
 from ..._checks import check_bshd, check_same_device_and_dtype
+from ..grid import triton_takes_cpu_tensors
 
 
 def check_qkv_same_heads(q, k, v) -> None:
@@ -125,8 +126,8 @@ def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
     """auto: the Triton kernels on CUDA (when they import), the reference otherwise and for fp64 (the kernels
     compute in fp32: fp64 inputs ask for more, e.g. a gradcheck)."""
     if backend != "auto":
-        if backend == "triton" and not q.is_cuda and not _interpreting():
-            raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device "
+        if backend == "triton" and not q.is_cuda and not triton_takes_cpu_tensors():
+            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
                              f"{q.device}")
         return backend
     if q.is_cuda and q.dtype != torch.float64:
@@ -136,8 +137,3 @@ def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
             return "reference"
         return "triton"
     return "reference"
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

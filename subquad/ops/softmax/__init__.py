@@ -10,6 +10,7 @@ import torch
 from ... import masks as _masks
 from ...masks import composition, patterns as _patterns
 from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
+from ..grid import triton_takes_cpu_tensors
 from . import dispatch
 from .dropout import check_dropout_p, new_rng
 from .planned import plan_for, planned_attention
@@ -39,27 +40,11 @@ def _check_options(q, causal, scale, softcap, alibi_slopes):
             raise ValueError(f"alibi_slopes: expected device {q.device}, got {alibi_slopes.device}")
 
 
-def _triton_runs_here() -> bool:
-    """The interpreter, or a driver that Triton can launch through (a GPU's, or the stand-in with which
-    ``subquad.bench.sm90`` records launches to compile them)."""
-    from .flash.tuning import interpreting
-
-    if interpreting():
-        return True
-    import triton
-
-    try:
-        triton.runtime.driver.active.get_current_target()
-    except RuntimeError:        # "0 active drivers": no GPU here
-        return False
-    return True
-
-
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16):
         # the flash kernels take fp16/bf16; fp32 (and fp64) run the fp32-accumulating reference
         return "reference"
-    if backend == "triton" and not q.is_cuda and not _triton_runs_here():
+    if backend == "triton" and not q.is_cuda and not triton_takes_cpu_tensors():
         # (Triton itself failed with "0 active drivers", naming no argument)
         raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
                          f"{q.device} (backend='auto' or 'reference' runs there)")
