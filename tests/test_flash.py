@@ -354,9 +354,9 @@ def test_eager_calls_match_the_custom_op(monkeypatch):
     no dK/dV walk is long enough to be cut into pieces, which only eager calls do), with dropout too."""
     from subquad.ops.softmax import flash
     from subquad.ops.softmax.dropout import new_rng
-    from subquad.ops.softmax.flash import _block_mask_args, op
+    from subquad.ops.softmax.flash import _block_mask_args, launch, op
 
-    monkeypatch.setattr(flash, "HEAVY_WALK", 0.0)      # the heaviest-first schedules whatever the walks
+    monkeypatch.setattr(launch, "HEAVY_WALK", 0.0)     # the heaviest-first schedules whatever the walks
     q, k, v = [t.detach().requires_grad_() for t in _qkv(2, 70, 70, 4, 2, 32, torch.bfloat16)]
     bm = subquad.masks.resolve(masks.sliding_window(40), causal=False, batch=2, heads=4, seq_q=70, seq_kv=70,
                                device=q.device, block_q=32, block_kv=32)

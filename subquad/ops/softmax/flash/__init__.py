@@ -108,15 +108,6 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
     return args
 
 
-#: the kernels take the heavy-first schedule with the heads fastest only where some block walks more than this
-#: many times the mean block's tiles (the query block of global rows, the key block of global columns), so that
-#: those walks start first. Neighbouring programs then read different heads' keys: rows of like length lose the
-#: L2 reuse of one head's blocks side by side. Block-sparse at density 0.1, 2 x 16k on the H100 (no heavy block:
-#: the longest row ~2x the mean): 1.12 ms forward in the grid's order (2026-11-23), 1.39 ms heavy first
-#: (2026-12-05), ~3.5 GB of K/V tiles read from memory at ~3 TB/s. Other walks go head by head, heaviest first
-#: within each head (``HEAD_MAJOR``): the shortest walks last, in the pass's tail
-HEAVY_WALK = 3.0
-
 
 def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Tensor:
     """Blocks by the number of tiles they visit, most first (ties in block order), per mask (batch, head):
@@ -126,18 +117,16 @@ def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Ten
 
 
 def _schedule(bm: BlockMask) -> tuple:
-    """``(order, order_t, head_major)``: the forward's query blocks and the dK/dV pass's key blocks heaviest first,
-    the heads fastest where a block's walk is ``HEAVY_WALK`` times the mean, else head by head. Deciding reads
-    one flag back from the device, which a traced call cannot: it takes heads fastest (a BlockMask made by an
-    eager call keeps the eager decision)."""
-    head_major = False
-    if not torch.compiler.is_compiling():
-        walks = [full[0].long() + part[0].long() for full, part in ((bm.full_kv, bm.partial_kv),
-                                                                     (bm.full_q, bm.partial_q)) if full[0].numel()]
-        head_major = bool(walks) and not bool(torch.stack([w.amax() > HEAVY_WALK * w.double().mean()
-                                                           for w in walks]).any())
-    return (_heaviest_first(bm.full_kv[0], bm.partial_kv[0]), _heaviest_first(bm.full_q[0], bm.partial_q[0]),
-            head_major)
+    """``(order, order_t, walks)``: the forward's query blocks and the dK/dV pass's key blocks heaviest first, and
+    the walks' lengths from which each launch decides its order (``MaskArgs.head_major``). Reading them back to the
+    host is what a traced call cannot do: its ``walks`` are None (a BlockMask made by an eager call keeps the eager
+    lengths)."""
+    walks = None
+    counts = [full[0].long() + part[0].long() for full, part in ((bm.full_kv, bm.partial_kv),
+                                                                  (bm.full_q, bm.partial_q))]
+    if not torch.compiler.is_compiling() and all(c.numel() for c in counts):
+        walks = tuple(torch.stack([x for c in counts for x in (c.amax().double(), c.double().mean())]).tolist())
+    return _heaviest_first(bm.full_kv[0], bm.partial_kv[0]), _heaviest_first(bm.full_q[0], bm.partial_q[0]), walks
 
 
 def _layout_decided_by_blocks(terms: Terms, bm: BlockMask, q_pos, kv_pos) -> bool:
@@ -175,9 +164,9 @@ def _make_block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
         tile_of, bits = bitmask_tiles(bm, q_pos, kv_pos)
         terms = Terms(lo=-BAND_INF, hi=BAND_INF)
     lo, hi = terms.band
-    order, order_t, head_major = _schedule(bm)
+    order, order_t, walks = _schedule(bm)
     return MaskArgs(use_list=True, lists=(*bm.full_kv, *bm.partial_kv), lists_t=(*bm.full_q, *bm.partial_q),
-                    order=order, order_t=order_t, head_major=head_major,
+                    order=order, order_t=order_t, walks=walks,
                     tile_of=tile_of, bits=bits, doc_ids=terms.doc_ids,
                     q_pos=None if q_pos is None else q_pos.to(torch.int32).contiguous(),
                     kv_pos=None if kv_pos is None else kv_pos.to(torch.int32).contiguous(),

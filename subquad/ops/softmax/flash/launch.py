@@ -40,6 +40,19 @@ FWD_PIECE_LOAD = 0.5
 #: the forward cuts such a walk into this many pieces at most (longer than the dK/dV pass's, 2x the median walk:
 #: each piece's rows go to an fp32 buffer merged after the launch, 27 MB at 1 x 64k with 52 pieces a head)
 FWD_MOST_PIECES = 8
+#: a pass's BlockMask walks go heads fastest, heaviest first (``tile.heavy_first``), where some block walks more
+#: than this many times the mean block's tiles (the query block of global rows, the key block of global columns),
+#: so that those walks start first. Neighbouring programs then read different heads' keys: rows of like length lose
+#: the L2 reuse of one head's blocks side by side. Block-sparse at density 0.1, 2 x 16k on the H100 (no heavy
+#: block: the longest row ~2x the mean): 1.12 ms forward in the grid's order (2026-11-23), 1.39 ms heavy first
+#: (2026-12-05), ~3.5 GB of K/V tiles read from memory at ~3 TB/s
+HEAVY_WALK = 3.0
+#: ... and also where head by head the longest walk, which the last head starts near the pass's end, would be more
+#: than this share of the mean work an SM gets. Fixed's gathered summary columns (2 x 16k, 16 heads: 8 key blocks a
+#: head walking 16-128 query blocks, 256 walks on 132 SMs; longest 0.92 of the mean work an SM) ran their dK/dV
+#: pass 1.26-1.6x the ideal in a schedule simulation head by head, 1.03x heads fastest; the H100 measured its
+#: fwd+bwd 3.10 ms heads fastest (57934e6) and 3.48 head by head (737cf30). Block-sparse 0.1 at 2 x 16k: 0.06
+TAIL_SHARE = 0.25
 
 
 def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int,
@@ -110,9 +123,9 @@ class MaskArgs:
     #: ``order_t`` the key blocks (dK/dV); both or neither; None runs them in the grid's order (``tile.heavy_first``)
     order: torch.Tensor | None = None
     order_t: torch.Tensor | None = None
-    #: the orders taken head by head (``tile.heavy_first``'s ``HEAD_MAJOR``): where no block is far heavier than
-    #: the rest, only the pass's tail is to gain, and no walk is cut
-    head_major: bool = False
+    #: the walks' lengths in blocks, ``(forward longest, forward mean, dK/dV longest, dK/dV mean)``, read back once
+    #: per MaskArgs; None (a traced call's, which cannot read them) takes the heads-fastest order: ``head_major``
+    walks: tuple | None = None
     #: cut the longest walks into pieces (``pieces``, ``pieces_t``): the schedule is made once per MaskArgs and
     #: reads walk lengths back to the host, so the custom op, whose MaskArgs are new on every call, does not
     cut_walks: bool = True
@@ -131,6 +144,17 @@ class MaskArgs:
     def batch_pos(self) -> bool:
         """A row of positions per batch element (``tile.batch_rows``)."""
         return any(p is not None and p.dim() == 2 for p in (self.q_pos, self.kv_pos))
+
+    def head_major(self, backward: bool, rows: int, sms: int) -> bool:
+        """Whether a pass over ``rows`` (batch, head) pairs on ``sms`` SMs takes its order head by head
+        (``tile.heavy_first``'s ``HEAD_MAJOR``: neighbouring programs read one head's keys, which stay in L2, and
+        no walk is cut): where no block walks ``HEAVY_WALK`` times the mean, and the longest walk is at most
+        ``TAIL_SHARE`` of the mean work an SM gets. ``backward``: the dK/dV pass's key-block walks."""
+        if self.walks is None or self.order is None:
+            return False
+        longest, mean = self.walks[2:] if backward else self.walks[:2]
+        per_sm = mean * rows * (self.order_t if backward else self.order).shape[-1] / sms
+        return longest <= HEAVY_WALK * mean and longest <= TAIL_SHARE * per_sm
 
     def pieces_t(self, programs: int, sms: int):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
@@ -321,8 +345,9 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
                 BLOCK_DV=next_power_of_2(dv), **_common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, out))
     # (a second key set would be walked whole by every piece)
+    head_major = m.head_major(False, bsz * hq, num_sms(q.device))
     pieces = m.pieces(bsz * hq, num_sms(q.device)) if second is None and m.order is not None and m.cut_walks \
-        and not m.head_major else None
+        and not head_major else None
     no_float = _dummy(q.device, torch.float32)
     order = m.order if m.order is not None else _dummy(q.device)
     schedule = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
@@ -347,7 +372,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
         meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
-        meta["ORDERED"], meta["HEAD_MAJOR"] = True, m.head_major
+        meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd", flash_fwd_kernel)
@@ -407,6 +432,13 @@ def _query_splits(key_tiles: int, seq_q: int, device: torch.device) -> int:
     return splits
 
 
+def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool, device) -> bool:
+    """The backward's ``HEAD_MAJOR`` (one for its dK/dV programs and, without ``atomic``, its dQ programs, which
+    walk the forward's query blocks)."""
+    sms = num_sms(device)
+    return m.head_major(True, bsz * hkv, sms) and (atomic or m.head_major(False, bsz * hq, sms))
+
+
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
                      dropout=None):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
@@ -416,8 +448,9 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
+    head_major = _backward_head_major(m, bsz, hq, hkv, atomic, q.device)
     pieces = None
-    if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not m.head_major:
+    if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not head_major:
         pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
     if splits > 1:
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -446,7 +479,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     if atomic and _dq_by_tma(q):
         _tma_allocator()
     if m.order_t is not None:
-        meta["ORDERED"], meta["HEAD_MAJOR"] = True, m.head_major
+        meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
     kern = _kernel("bwd", flash_bwd_kernel)
     no_float = _dummy(q.device, torch.float32)
 
@@ -503,7 +536,8 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the atomic backward would walk this BlockMask with no piece schedule: always where walks are
     never cut (the custom op's calls, which cannot read walk lengths back), else as the schedule decides."""
-    return (not m.cut_walks or m.order_t is None or m.head_major
+    return (not m.cut_walks or m.order_t is None or _backward_head_major(m, q.shape[0], q.shape[2], k.shape[2], True,
+                                                                          q.device)
             or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device)) is None)
 
 
