@@ -140,6 +140,18 @@ def test_triton_decode_and_linear_on_cpu_tensors_name_the_backend(monkeypatch):
     assert grid.triton_takes_cpu_tensors()
 
 
+def test_triton_backend_on_cpu_tensors_names_the_backend_when_compiled(monkeypatch):
+    """Traced (a compiled decoding step), the check itself failed: dynamo refused to trace Triton's driver lookup
+    ("Attempted to call function marked as skipped"), so the error named neither the backend nor the device."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.randn(1, 1, 2, 16, dtype=torch.float16)
+    k = torch.randn(1, 8, 1, 16, dtype=torch.float16)
+    for fn in (lambda q: subquad.decode(q, k, k, backend="triton"),
+               lambda q: subquad.attention(q, k, k, backend="triton")):
+        with pytest.raises(Exception, match=r"backend: 'triton' runs on CUDA tensors"):
+            torch.compile(fn, fullgraph=True, backend="eager")(q)
+
+
 @pytest.mark.parametrize("name, value, refused", [("scale", 1, True), ("softcap", 1, True), ("causal", True, 1)])
 def test_refused_types_after_a_call_prepared_for_an_equal_value(name, value, refused):
     """A call prepared for ``scale=1`` (or ``softcap=1``, ``causal=True``) was found again for ``True`` (``1``):
@@ -148,3 +160,18 @@ def test_refused_types_after_a_call_prepared_for_an_equal_value(name, value, ref
     subquad.attention(q, q, q, **{"causal": True, name: value})
     with pytest.raises(ValueError, match=name):
         subquad.attention(q, q, q, **{"causal": True, name: refused})
+
+
+@pytest.mark.parametrize("bad", [None, "0.7", True])
+def test_generate_refuses_a_temperature_that_is_not_a_number(bad):
+    """``temperature=None`` (Hugging Face's "the default") or a string reached ``temperature >= 0`` and failed with
+    a TypeError naming no argument; ``True`` passed as 1, as the other sampling arguments' bools did."""
+    from subquad.models import HybridLM, speculative_generate
+
+    torch.manual_seed(0)
+    model = HybridLM(16, 8, "A", heads=1)
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, 2, temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(model, model, ids, 2, temperature=bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -326,8 +327,9 @@ def check_token_ids(prompt_ids: torch.Tensor, vocab_size: int) -> None:
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, vocab_size: int) -> None:
     """``generate``'s arguments of what and how many tokens to sample."""
-    if not temperature >= 0:  # (NaN too: it reached torch.multinomial as NaN probabilities)
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    # (NaN too: it reached torch.multinomial as NaN probabilities; None or a str failed the comparison, a TypeError)
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     if top_k is not None and (not _is_int(top_k) or top_k <= 0):

@@ -60,6 +60,9 @@ def launch_split(kernel, grid, count: int, *args, unit: int = 1, flag: str | Non
         kernel[grid(min(step, count - start))](*args, pid_offset=start // unit, **kwargs)
 
 
+# traced (a compiled step), dynamo cannot follow Triton's driver lookup: it would fail there instead of at the
+# caller's ValueError
+@torch.compiler.assume_constant_result
 def triton_takes_cpu_tensors() -> bool:
     """Whether a Triton launch here takes CPU tensors: under the interpreter (``TRITON_INTERPRET=1``), or through a
     stand-in driver that records launches to compile them (``subquad.bench.sm90.Sm90Driver``). A GPU's driver takes
