@@ -195,10 +195,10 @@ class HybridLM(nn.Module):
         if prompt_lengths is None:
             lengths = torch.full((bsz, 1), prompt_len, device=prompt_ids.device)
             shortest = longest = prompt_len
+            real = prompt_ids
         else:
             lengths, shortest, longest = _check_prompt_lengths(prompt_lengths, bsz, prompt_len, prompt_ids.device)
-        real = prompt_ids
-        if prompt_lengths is not None:      # (the padding may hold any value: it is never read)
+            # (the padding may hold any value: it is never read)
             real = prompt_ids[torch.arange(prompt_len, device=prompt_ids.device) < lengths]
         check_token_ids(real, self.config["vocab_size"])
         check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, self.config["vocab_size"])
