@@ -175,3 +175,15 @@ def test_generate_refuses_a_temperature_that_is_not_a_number(bad):
         model.generate(ids, 2, temperature=bad)
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(model, model, ids, 2, temperature=bad)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("on", True), ("0", False), ("false", False)])
+def test_interpreter_setting_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """``TRITON_INTERPRET=true`` made Triton interpret while subquad read it as off (only "1" counted): a
+    ``backend="triton"`` call on CPU tensors was then refused."""
+    from subquad.ops import grid
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert grid.interpreting() == on
+    if on:
+        assert grid.triton_takes_cpu_tensors()

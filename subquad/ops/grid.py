@@ -8,7 +8,6 @@ per call); the launchers use these plain ones.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -60,6 +59,14 @@ def launch_split(kernel, grid, count: int, *args, unit: int = 1, flag: str | Non
         kernel[grid(min(step, count - start))](*args, pid_offset=start // unit, **kwargs)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs the kernels in its interpreter: ``TRITON_INTERPRET`` as Triton itself reads it (1, true,
+    on, yes; "true" had been taken for off here while Triton interpreted)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
 # traced (a compiled step), dynamo cannot follow Triton's driver lookup: it would fail there instead of at the
 # caller's ValueError
 @torch.compiler.assume_constant_result
@@ -68,7 +75,7 @@ def triton_takes_cpu_tensors() -> bool:
     stand-in driver that records launches to compile them (``subquad.bench.sm90.Sm90Driver``). A GPU's driver takes
     CUDA tensors only: a CPU tensor failed there with Triton's "Pointer argument (at 0) cannot be accessed from
     Triton", and with no driver at all with "0 active drivers", neither naming an argument."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return True
     import triton
 

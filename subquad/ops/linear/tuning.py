@@ -8,11 +8,13 @@ import os
 
 import triton
 
+from ..grid import interpreting
+
 
 def configs(space: list[tuple[dict, int, int]]) -> list[triton.Config]:
     """space: (meta-parameters, num_warps, num_stages) triples."""
     cfgs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in space]
-    first_only = os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("SUBQUAD_LINEAR_AUTOTUNE") == "0"
+    first_only = interpreting() or os.environ.get("SUBQUAD_LINEAR_AUTOTUNE") == "0"
     return cfgs[:1] if first_only else cfgs
 
 

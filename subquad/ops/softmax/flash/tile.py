@@ -24,13 +24,13 @@ in base-2 units (``log2(e)`` folded into the scale) so that the softmax uses ``e
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from ...grid import interpreting
+
 #: the interpreter of Triton 3.9 computes bf16 ``tl.dot`` wrongly: under it, products are taken in fp32
-UPCAST_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+UPCAST_DOT = tl.constexpr(interpreting())
 
 
 @triton.jit

@@ -11,10 +11,7 @@ import triton
 
 from ...autotuned import Autotuned
 from ...chained import chains_replicate
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ...grid import interpreting
 
 
 def autotuning() -> bool:
