@@ -177,7 +177,7 @@ def test_generate_refuses_a_temperature_that_is_not_a_number(bad):
         speculative_generate(model, model, ids, 2, temperature=bad)
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("on", True), ("0", False), ("false", False)])
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("yes", True), ("0", False), ("false", False)])
 def test_interpreter_setting_is_read_as_triton_reads_it(monkeypatch, value, on):
     """``TRITON_INTERPRET=true`` made Triton interpret while subquad read it as off (only "1" counted): a
     ``backend="triton"`` call on CPU tensors was then refused."""
@@ -187,3 +187,6 @@ def test_interpreter_setting_is_read_as_triton_reads_it(monkeypatch, value, on):
     assert grid.interpreting() == on
     if on:
         assert grid.triton_takes_cpu_tensors()
+    import triton
+
+    assert bool(triton.knobs.runtime.interpret) == on       # as Triton itself reads it

@@ -8,6 +8,7 @@ per call); the launchers use these plain ones.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -60,11 +61,10 @@ def launch_split(kernel, grid, count: int, *args, unit: int = 1, flag: str | Non
 
 
 def interpreting() -> bool:
-    """Whether Triton runs the kernels in its interpreter: ``TRITON_INTERPRET`` as Triton itself reads it (1, true,
-    on, yes; "true" had been taken for off here while Triton interpreted)."""
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton runs the kernels in its interpreter: ``TRITON_INTERPRET`` taken as Triton takes it (1, true,
+    on, yes, y, in any case; "true" had been taken for off here while Triton interpreted). Read from ``os.environ``,
+    which ``torch.compile`` traces; Triton's own reader is a C function it cannot trace."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 # traced (a compiled step), dynamo cannot follow Triton's driver lookup: it would fail there instead of at the
