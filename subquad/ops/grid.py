@@ -83,3 +83,11 @@ def triton_takes_cpu_tensors() -> bool:
         return bool(getattr(triton.runtime.driver.active, "records_launches", False))
     except RuntimeError:        # "0 active drivers": no GPU here
         return False
+
+
+def check_triton_device(q: torch.Tensor, hint: str = "") -> None:
+    """A ``ValueError`` naming ``backend`` where Triton cannot take ``q``'s device (Triton's own errors name no
+    argument); ``hint`` ends the message."""
+    if not q.is_cuda and not triton_takes_cpu_tensors():
+        raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
+                         f"{q.device}{hint}")

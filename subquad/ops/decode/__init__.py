@@ -6,7 +6,7 @@ import torch
 
 from ..._checks import check_backend, check_scale_softcap, softcap_or_none
 from ...cache import KVCache, KVView
-from ..grid import triton_takes_cpu_tensors
+from ..grid import check_triton_device
 from ..softmax.sinks import check_sinks, with_sinks
 from .reference import decode_reference
 
@@ -132,9 +132,7 @@ def decode(q: torch.Tensor, kv, v: torch.Tensor | None = None, *, seqlens: torch
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else "reference"
     if backend == "triton":
-        if not q.is_cuda and not triton_takes_cpu_tensors():
-            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
-                             f"{q.device}")
+        check_triton_device(q)
         if q.shape[1] > MAX_NEW_TOKENS:
             raise ValueError(f"q: the Triton decode kernel takes at most {MAX_NEW_TOKENS} new tokens, got "
                              f"{q.shape[1]} (use subquad.attention for a prefill)")

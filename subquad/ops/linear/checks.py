@@ -8,7 +8,7 @@ import torch
 
 from ..._checks import check_backend as _check_backend
 from ..._checks import check_bshd, check_same_device_and_dtype
-from ..grid import triton_takes_cpu_tensors
+from ..grid import check_triton_device
 
 
 def check_qkv_same_heads(q, k, v) -> None:
@@ -126,9 +126,8 @@ def pick_backend(backend: str, q: torch.Tensor, kernel_module: str) -> str:
     """auto: the Triton kernels on CUDA (when they import), the reference otherwise and for fp64 (the kernels
     compute in fp32: fp64 inputs ask for more, e.g. a gradcheck)."""
     if backend != "auto":
-        if backend == "triton" and not q.is_cuda and not triton_takes_cpu_tensors():
-            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
-                             f"{q.device}")
+        if backend == "triton":
+            check_triton_device(q)
         return backend
     if q.is_cuda and q.dtype != torch.float64:
         try:

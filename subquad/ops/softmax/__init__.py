@@ -10,7 +10,7 @@ import torch
 from ... import masks as _masks
 from ...masks import composition, patterns as _patterns
 from ..._checks import check_backend, check_qkv, check_scale_softcap, softcap_or_none
-from ..grid import triton_takes_cpu_tensors
+from ..grid import check_triton_device
 from . import dispatch
 from .dropout import check_dropout_p, new_rng
 from .planned import plan_for, planned_attention
@@ -44,10 +44,8 @@ def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16):
         # the flash kernels take fp16/bf16; fp32 (and fp64) run the fp32-accumulating reference
         return "reference"
-    if backend == "triton" and not q.is_cuda and not triton_takes_cpu_tensors():
-        # (Triton itself failed with "0 active drivers", naming no argument)
-        raise ValueError(f"backend: 'triton' runs on CUDA tensors (or under TRITON_INTERPRET=1), got device "
-                         f"{q.device} (backend='auto' or 'reference' runs there)")
+    if backend == "triton":
+        check_triton_device(q, " (backend='auto' or 'reference' runs there)")
     if backend != "auto":
         return backend
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
