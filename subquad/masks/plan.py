@@ -122,6 +122,13 @@ class Component:
     def overrides_rows(self) -> bool:
         return self.q_index is not None
 
+    @property
+    def natural(self) -> bool:
+        """On the sequence as it is (no gather, fold, split or positions) with tiles that follow its pattern."""
+        return self.pattern is not None and (self.grid_pattern is None or self.grid_pattern is self.pattern) \
+            and self.q_pos is None and self.kv_pos is None and self.fold == 1 and self.split == 1 \
+            and self.q_index is None and self.kv_index is None and self.kv_slice is None
+
     def kernel_shape(self) -> tuple[int, int]:
         """(queries, keys) of one launch of this component (per batch entry and head)."""
         return self.seq_q, self.seq_kv // self.split
@@ -318,6 +325,13 @@ class Plan:
     def fold(self) -> int:
         return max(c.fold for c in self.components)
 
+    @property
+    def natural(self) -> bool:
+        """Every component on the sequence as it is: the merged output is then differentiable as one pass of
+        the whole pattern (the gradients depend on the pairs kept, O, LSE and dO only), with no merge to undo
+        and no gradients to sum."""
+        return all(c.natural for c in self.components)
+
     def context(self, batch: int, heads: int, device) -> BuildContext:
         return BuildContext(batch, heads, self.seq_q, self.seq_kv, torch.device(device))
 
@@ -456,6 +470,8 @@ class Plan:
         merge = [c.role for c in self.components if not c.overrides_rows]
         if len(merge) > 1:
             lines.append(f"  merge: {' + '.join(merge)} by log-sum-exp")
+        if len(self.components) > 1 and self.natural:
+            lines.append("  backward (Triton): the whole pattern in one pass over the merged output and LSE")
         over = [c.role for c in self.components if c.overrides_rows]
         if over:
             lines.append(f"  rows: {', '.join(over)} replace their rows")

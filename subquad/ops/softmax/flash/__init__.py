@@ -23,7 +23,7 @@ from .... import masks as _masks
 from ....masks import BlockMask, Pattern
 from .launch import LshWindows, MaskArgs, interpreting
 from .masking import BAND_INF, Terms, bitmask_tiles, kernel_terms, pure_band
-from .op import FlashWithColumns, run
+from .op import FlashWithColumns, GivenForward, run
 
 #: BlockMask block size the engine builds (kernel tiles divide it); smaller in the interpreter so that small
 #: test shapes cross several blocks
@@ -233,6 +233,20 @@ def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     band2 = (max(band2[0], -BAND_INF), min(band2[1], BAND_INF))
     return FlashWithColumns.apply(_prep(q), _prep(k), _prep(v), kv_index.to(q.device), m, m2, band2, float(scale),
                                   softcap or None, alibi_slopes)
+
+
+def flash_attention_given_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward, mask: Pattern,
+                                  scale: float, softcap: float | None = None,
+                                  alibi_slopes: torch.Tensor | None = None,
+                                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward(q, k, v) -> (out, lse)``, computed by another route over exactly the pairs of ``mask`` (on
+    natural positions), differentiated as one flash backward pass of ``mask`` at the backward's block size."""
+    _check_dtype(q)
+    bsz, seq_q, hq, _ = q.shape
+    _, backward_mask = _resolve_tiled(mask, False, bsz, hq, seq_q, k.shape[1], q.device)
+    m = _block_mask_args(backward_mask.to(q.device), None, None)
+    return GivenForward.apply(_prep(q), _prep(k), _prep(v), forward, m, float(scale), softcap or None, alibi_slopes,
+                              bool(deterministic))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,

@@ -186,6 +186,29 @@ class FlashWithColumns(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+class GivenForward(torch.autograd.Function):
+    """An output and LSE that another route computed (a plan's components merged by LSE), differentiated by one
+    backward launch over the whole pattern ``m``: the gradients depend only on the pairs kept, O, LSE and dO
+    (through D = rowsum(dO * O)), not on how the forward was split."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, forward, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
+        out, lse = forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.launch_args = (m, scale, softcap, slopes, deterministic)
+        return out, lse
+
+    @staticmethod
+    @first_order
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        m, scale, softcap, slopes, deterministic = ctx.launch_args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
         m_backward: MaskArgs | None = None, dropout=None):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
