@@ -80,15 +80,15 @@ def profile(name, pattern, causal, n, batch, device, backend):
                            else torch.float32) for _ in range(3))
     scale = 128 ** -0.5
     plan = plan_for(pattern, causal, n, n, device, False)
-    engine = _engine(backend)
+    engine = _engine(backend, False)
     ms_of = timer(device)
     rows = []
     outputs = []
     components = [] if plan is None else zip(plan.components, plan.kept_pairs())   # None: the BlockMask path
     for c, pairs in components:
-        call = lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine)  # noqa: E731
+        call = lambda c=c: _run(c, plan, q, k, v, scale, None, None, engine, False)  # noqa: E731
         ms = ms_of(call)
-        outputs.append((c, *_run(c, plan, q, k, v, scale, None, None, engine)))
+        outputs.append((c, *_run(c, plan, q, k, v, scale, None, None, engine, False)))
         nq, nk = c.kernel_shape()
         rows.append({"pattern": name, "part": c.role, "queries": nq, "keys": nk, "split": c.split, "ms": ms,
                      "call": call, "tflops": 4 * 128 * pairs * 16 * batch / (ms * 1e-3) / 1e12})
