@@ -128,7 +128,8 @@ def test_deterministic_plan_has_no_atomic_backward(name, pattern, nq, nk, monkey
 def test_natural_plan_backward_is_one_launch(name, pattern, nq, nk, deterministic, monkeypatch):
     """BigBird's plan (its band and its random blocks, both on the sequence as it is) runs its forward as two
     launches merged by LSE but its backward as one launch of the whole pattern on the merged output and LSE;
-    outputs, LSE and gradients (through the LSE too) equal the reference plan's, in fp16 and with ALiBi."""
+    outputs, LSE and gradients (through the LSE too) equal the reference plan's, in fp16 with ALiBi and a
+    softcap."""
     from subquad.ops.softmax.flash import launch
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV, exact_positions=True)
@@ -145,7 +146,7 @@ def test_natural_plan_backward_is_one_launch(name, pattern, nq, nk, deterministi
     results = []
     for backend, dtype in (("triton", torch.float16), ("reference", torch.float32)):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in base]
-        out, lse = planned_attention(*leaves, pl, 0.25, alibi_slopes=slopes, backend=backend,
+        out, lse = planned_attention(*leaves, pl, 0.25, softcap=4.0, alibi_slopes=slopes, backend=backend,
                                      deterministic=deterministic)
         (out.float() * g_out).sum().add(lse.sum() * 0.5).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
