@@ -1,16 +1,15 @@
 """Autotuned kernels launched through ``subquad.ops.autotuned.Autotuned``: the autotuner decides once per key,
 later launches run the kernel directly with its choice (under the interpreter or on a GPU)."""
 
-import os
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from subquad.ops.autotuned import Autotuned
+from subquad.ops.grid import interpreting
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

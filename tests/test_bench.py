@@ -10,6 +10,7 @@ from subquad import masks
 from subquad.bench import Case, attention_flops, run_cases
 from subquad.bench.attention_cases import attention_case, exact_rows, sample_rows
 from subquad.cli import app
+from subquad.ops.grid import interpreting
 
 REQUIRED = {"case", "impl", "mode", "batch", "seqlen", "heads_q", "heads_kv", "head_dim", "dtype", "ms", "tflops",
             "gbps", "peak_mem_mb", "max_err", "device", "versions", "date"}
@@ -305,8 +306,6 @@ def test_dropout_suite_cases():
     """The dropout suite: causal and window rows at B*N = 32k, SDPA-flash beside the causal rows only, FLOPs of the
     kept pairs; its subquad implementations run (under TRITON_INTERPRET=1 or on a GPU) on a small input, the
     p = 0 one equal to plain attention."""
-    import os
-
     from subquad import attention
     from subquad.bench.suites import dropout
 
@@ -318,7 +317,7 @@ def test_dropout_suite_cases():
     window16k = next(c for c in cases if c.case == "window4096" and c.seqlen == 16384 and c.mode == "fwd")
     pairs = 4096 * 4097 / 2 + (16384 - 4096) * 4096
     assert window16k.flops == pytest.approx(4 * 2 * 16 * pairs * 128)
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    if not interpreting() and not torch.cuda.is_available():
         return
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)

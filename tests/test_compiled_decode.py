@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from subquad.cache import PagedKVCache, RollingKVCache, StaticKVCache
 from subquad.models import HybridLM, hybrid
 from subquad.nn import Attention
 from subquad.ops.decode import decode
+from subquad.ops.grid import interpreting
 
 
 def _counting_compile(fn, compile=torch.compile):
@@ -107,8 +106,8 @@ def test_traced_ring_update_refuses_a_prefill():
 
 
 # the Triton kernels take CUDA tensors, or CPU ones under the interpreter (a GPU machine's tests without it use CUDA)
-KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
-needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+KERNEL_DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+needs_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                    reason="needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
 
 

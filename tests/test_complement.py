@@ -5,8 +5,6 @@ treating it as what it is."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given
@@ -18,11 +16,12 @@ from subquad import masks
 from subquad.masks.composition import Complement
 from subquad.masks.patterns import INF, BuildContext
 from subquad.masks.plan import plan
+from subquad.ops.grid import interpreting
 from subquad.ops.softmax import dispatch, fa4, flex
 from subquad.ops.softmax.flash.masking import BAND_INF, kernel_terms, pure_band
 from test_masks import SETTINGS, assert_agrees, blocks, packed_ids, sizes
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N = 96
 IDS = torch.tensor([0] * 30 + [1] * 41 + [2] * 25)

@@ -3,16 +3,15 @@ reference against the fp64 oracle over the whole stream of tokens, for every cac
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from oracles import decode_attention
 from subquad.cache import LatentKVCache, PagedKVCache, RollingKVCache, StaticKVCache
 from subquad.ops.decode import decode
+from subquad.ops.grid import interpreting
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # small tiles, several splits: the merge, empty splits and partial tiles all run

@@ -1,14 +1,13 @@
 """Triton delta-rule path (WY transform + engine kernels with the DELTA switch; interpreter on CPU) against
 the chunked reference: outputs and gradients of q, k, v, beta, log_decay, initial_state."""
 
-import os
-
 import pytest
 import torch
 
 import subquad
+from subquad.ops.grid import interpreting
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 H, DK, DV = 2, 16, 32

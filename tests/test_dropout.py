@@ -4,19 +4,18 @@ LSE, gradients), and ``attention(dropout_p=)``'s contract."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import subquad
 from subquad import masks
+from subquad.ops.grid import interpreting
 from subquad.ops.softmax import dropout as dr
 from subquad.ops.softmax.reference import Dropout, attention_reference
 
 import oracles
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 

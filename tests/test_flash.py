@@ -12,11 +12,12 @@ import torch
 import subquad
 from subquad import masks
 from subquad.masks import PARTIAL, BlockMask
+from subquad.ops.grid import interpreting
 from subquad.ops.softmax.reference import attention_reference
 
 # many small shapes: take each kernel's first Hopper configuration instead of autotuning every new key
 os.environ.setdefault("SUBQUAD_FLASH_AUTOTUNE", "0")
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 128 if DEV == "cuda" else 32  # the BlockMask block the engine builds on this device

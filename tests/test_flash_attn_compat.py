@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from oracles import varlen_attention as varlen_oracle
 from subquad.integrations.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                               flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                               flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
+from subquad.ops.grid import interpreting
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 needs_flash_attn = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available(),
                                       reason="needs flash-attn and a GPU")

@@ -4,7 +4,6 @@ PyTorch's FlexAttention itself."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -15,8 +14,9 @@ from oracles import softmax_attention
 from subquad import masks
 from subquad.integrations.flex_attention import (and_masks, create_block_mask, flex_attention, noop_mask,
                                                  or_masks)
+from subquad.ops.grid import interpreting
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 
 
@@ -215,7 +215,7 @@ def test_gradients_match_oracle():
 @needs_triton
 def test_fp16_on_triton_kernels():
     q, k, v = qkv(b=1, hq=2, hkv=1, nq=6, nk=10, d=16, dtype=torch.float16)
-    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    dev = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
     q, k, v = q.to(dev), k.to(dev), v.to(dev)
     bm = create_block_mask(document, None, None, 6, 10, device=dev)
     out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, backend="triton")

@@ -12,10 +12,11 @@ import torch
 
 import subquad
 from subquad import masks
+from subquad.ops.grid import interpreting
 
 # many small shapes: take each kernel's first Hopper configuration instead of autotuning every new key
 os.environ.setdefault("SUBQUAD_FLASH_AUTOTUNE", "0")
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,14 +2,13 @@
 outputs and gradients of q, k, v, log_decay and initial_state, for every decay kind, chunk sizes 16/32/64,
 lengths not a multiple of the chunk, packed sequences, decays near 0 and 1, and the recurrent decode kernel."""
 
-import os
-
 import pytest
 import torch
 
 import subquad
+from subquad.ops.grid import interpreting
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 H, DK, DV = 2, 16, 32

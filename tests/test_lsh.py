@@ -13,6 +13,7 @@ import torch
 import subquad
 from subquad.masks import PARTIAL
 from subquad.nn import LSHAttention
+from subquad.ops.grid import interpreting
 from subquad.ops.lsh import default_chunk
 from subquad.ops.lsh.flash import chunk_block_mask, earlier_chunks
 from subquad.ops.lsh.hashing import buckets, draw_rotations, length_normalized, sort_rounds
@@ -21,7 +22,7 @@ from subquad.ops.lsh.reference import by_query_head
 import oracles
 
 os.environ.setdefault("SUBQUAD_FLASH_AUTOTUNE", "0")
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from subquad.cache import LatentKVCache
 from subquad.nn.mla import MLA
+from subquad.ops.grid import interpreting
 
 
 def _layer(q_lora_rank=24, seed=0):
@@ -45,12 +44,12 @@ def test_absorbed_form_is_not_trivially_equal():
     assert not torch.allclose(step, full[:, 10:11], atol=1e-4)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+@pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                     reason="needs TRITON_INTERPRET=1 or a GPU")
 def test_absorbed_with_the_decode_kernel():
     """The absorbed steps through the split-KV kernel's latent layout (K = [c_kv, k_rope], V = c_kv): under
     the interpreter on the CPU, else compiled on the GPU (fp32: full-precision products there too)."""
-    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    dev = "cpu" if interpreting() else "cuda"
     m = _layer().to(dev)
     x = torch.randn(2, 14, 64, device=dev)
     with torch.no_grad():

@@ -3,19 +3,18 @@ of q, k, v and gates, the selection itself), the Triton path against the referen
 bf16, gradients; the dK/dV pass's segments), GQA / MQA, lengths off the blocks, more blocks asked than exist,
 the first tokens (a branch with no key), queries aligned to the end of the keys (decoding), bad input."""
 
-import os
-
 import pytest
 import torch
 
 import subquad as sq
+from subquad.ops.grid import interpreting
 from subquad.ops.nsa import reference, selected
 from subquad.ops.nsa.compression import mean_pool
 
 from oracles import (nsa_attention, nsa_selection, selected_blocks_mask, softmax_attention, topk_block_selection,
                      window_mask)
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
@@ -275,7 +274,7 @@ def test_selected_kernel_matches_the_reference_on_given_indices(monkeypatch, dty
         torch.testing.assert_close(got.float().cpu(), exp, **GRAD_TOL[dtype])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not interpreting(),
                     reason="a CPU buffer of 2^32 elements (8 GiB reserved, a few pages written)")
 def test_selected_kernel_addresses_queries_past_2_to_the_31_elements():
     """q's tokens 2^30 elements apart in a larger buffer (a token's offset passes 2^31 from the third on, as at

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from subquad.ops.grid import interpreting
 from subquad.ops.softmax.lse_merge import merge_lse, merge_lse_fused
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -3,17 +3,16 @@ reference: outputs, LSE and gradients, fp16."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from subquad import masks
 from subquad.masks.patterns import INF, Band
 from subquad.masks.plan import plan
+from subquad.ops.grid import interpreting
 from subquad.ops.softmax.planned import planned_attention
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 

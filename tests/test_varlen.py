@@ -5,16 +5,15 @@ TRITON_INTERPRET=1 on CPU, natively on a GPU)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import oracles
 import subquad
 from subquad import masks
+from subquad.ops.grid import interpreting
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON = interpreting() or torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1e-2, 2e-2)}
 
