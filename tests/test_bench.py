@@ -469,3 +469,32 @@ def test_report_names_a_malformed_file_and_shows_where_ours_failed(tmp_path):
     lines = result.output.splitlines()
     assert lines[2] == "| c | 1×1k | fwd | failed (OutOfMemoryError) |  | — |  |"
     assert lines[3] == "| c | 1×2k | fwd | 1.000 |  | 4.00 |  |"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the script's CPU check (on a GPU it profiles 16k)")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_plan_profile_script_runs_on_the_cpu(tmp_path, mode):
+    """``benchmarks/gpu/plan_profile.py`` without CUDA runs its steps on the reference engine at N = 1024 (its
+    forward mode had called the planner's internals with their old signatures, found only on the device): one
+    row per component, the merge and the whole call (fwd), or per pattern (fwd+bwd)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PLAN_PROFILE_PATTERNS="strided256,bigbird512+16+3x64",
+               PYTHONPATH=str(root))
+    args = [] if mode == "fwd" else ["1024", "1", "fwdbwd"]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu" / "plan_profile.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "plan_profile.json").read_text())["rows"]
+    parts = [(r["pattern"], r["part"]) for r in rows]
+    if mode == "fwd":
+        assert parts == [(p, part) for p, roles in (("strided256", ("local", "columns")),
+                                                    ("bigbird512+16+3x64", ("local", "blocks")))
+                         for part in (*roles, "merge", "attention()")]
+    else:
+        assert [p for p, _ in parts] == ["strided256", "bigbird512+16+3x64"]
+    assert all(r["ms"] > 0 for r in rows)
