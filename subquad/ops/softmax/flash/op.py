@@ -134,6 +134,16 @@ def _backward(ctx, dout, dlse):
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _saved_backward(ctx, dout, dlse):
+    """``(dq, dk, dv)`` of a Function that saved ``(q, k, v, out, lse)`` and set ``ctx.launch_args`` to ``(m,
+    scale, softcap, slopes, deterministic, dropout)``."""
+    q, k, v, out, lse = ctx.saved_tensors
+    m, scale, softcap, slopes, deterministic, dropout = ctx.launch_args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    return launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic, dropout=dropout)
+
+
 class _Flash(torch.autograd.Function):
     """The custom ops' forward and backward launches for eager calls (see the module docstring)."""
 
@@ -148,13 +158,7 @@ class _Flash(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        m, scale, softcap, slopes, deterministic, dropout = ctx.launch_args
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic,
-                                     dropout=dropout)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return (*_saved_backward(ctx, dout, dlse), None, None, None, None, None, None, None)
 
 
 class FlashWithColumns(torch.autograd.Function):
@@ -195,18 +199,13 @@ class GivenForward(torch.autograd.Function):
     def forward(ctx, q, k, v, forward, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool):
         out, lse = forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.launch_args = (m, scale, softcap, slopes, deterministic)
+        ctx.launch_args = (m, scale, softcap, slopes, deterministic, None)
         return out, lse
 
     @staticmethod
     @first_order
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        m, scale, softcap, slopes, deterministic = ctx.launch_args
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = launch.backward(dout, q, k, v, out, lse, dlse, m, scale, softcap, slopes, deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        return (*_saved_backward(ctx, dout, dlse), None, None, None, None, None, None)
 
 
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
