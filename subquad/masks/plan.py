@@ -332,6 +332,21 @@ class Plan:
         and no gradients to sum."""
         return all(c.natural for c in self.components)
 
+    @property
+    def local_and_columns(self) -> tuple[Component, Component] | None:
+        """The local and columns components when one flash launch can run both as two key sources (the strided
+        and fixed patterns): the local part on natural positions, the columns kept by a band on their positions,
+        nothing else merged."""
+        base = [c for c in self.components if not c.overrides_rows]
+        if [c.role for c in base] != ["local", "columns"]:
+            return None
+        local, columns = base
+        if local.q_pos is not None or local.kv_pos is not None or local.fold != 1 or local.pattern is None:
+            return None
+        if not isinstance(columns.pattern, Band) or columns.kv_pos is None or columns.q_pos is None:
+            return None
+        return local, columns
+
     def context(self, batch: int, heads: int, device) -> BuildContext:
         return BuildContext(batch, heads, self.seq_q, self.seq_kv, torch.device(device))
 
@@ -469,7 +484,9 @@ class Plan:
             lines.append(f"  {c.role:8s} {size}: {n:,} pairs; {tiles}; {c.note}")
         merge = [c.role for c in self.components if not c.overrides_rows]
         if len(merge) > 1:
-            lines.append(f"  merge: {' + '.join(merge)} by log-sum-exp")
+            lines.append(f"  merge: {' + '.join(merge)} by log-sum-exp"
+                         + (" (Triton, unless deterministic: one launch with two key sources, no merge)"
+                            if self.local_and_columns else ""))
         if len(self.components) > 1 and self.natural:
             lines.append("  backward (Triton): the whole pattern in one pass over the merged output and LSE")
         over = [c.role for c in self.components if c.overrides_rows]

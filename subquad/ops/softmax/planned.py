@@ -110,20 +110,6 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deter
     return merge_lse_stacked(o.view(bsz, s, nr, hq, -1), lse.view(bsz, s, hq, nr), o.dtype)
 
 
-def _local_and_columns(plan: Plan) -> tuple[Component, Component] | None:
-    """The plan's local and columns components when one flash launch can run both (``TWO_SOURCES``): the
-    local part on natural positions, the columns kept by a band on their positions, nothing else merged."""
-    base = [c for c in plan.components if not c.overrides_rows]
-    if [c.role for c in base] != ["local", "columns"]:
-        return None
-    local, columns = base
-    if local.q_pos is not None or local.kv_pos is not None or local.fold != 1 or local.pattern is None:
-        return None
-    if not isinstance(columns.pattern, Band) or columns.kv_pos is None or columns.q_pos is None:
-        return None
-    return local, columns
-
-
 def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, scale, softcap, alibi):
     """The local component and the gathered columns in one forward launch (no merge); their backward passes
     share the merged LSE and one dQ."""
@@ -184,7 +170,7 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
     # the two-source launch has no custom op: traced calls (torch.compile) keep the components and the merge
     together = None
     if backend == "triton" and not deterministic and not torch.compiler.is_compiling():
-        together = _local_and_columns(plan)
+        together = plan.local_and_columns
     base, rows = [], []
     for c in plan.components:
         if together is not None and any(c is t for t in together):
