@@ -159,7 +159,8 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
     if needs_grad and backend == "triton" and plan.natural and len(plan.components) > 1 \
             and not torch.compiler.is_compiling():
         # BigBird's band and random blocks: one backward launch of the whole pattern instead of one per
-        # component, their merge's backward and the sums of their gradients (H100, 2 x 16k: 3.8 -> 2.7 ms)
+        # component, their merge's backward and the sums of their gradients (H100, fwd+bwd: 4.92 -> 3.79 ms at
+        # 2 x 16k, 10.39 -> 7.52 at 1 x 64k; 2026-12-06-natural-backward-ab-h100.json)
         from .flash import flash_attention_given_forward
 
         def forward(q, k, v):
