@@ -250,3 +250,36 @@ def test_backward_sums_dq_by_programs_unless_walks_are_cut(monkeypatch):
                            device="cpu", block_q=32, block_kv=32)
         m = _block_mask_args(bm, None, None)
         assert launch._walks_whole(m, torch.empty(1, n, 4, 16), torch.empty(1, n, 2, 16)) == whole
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
+def test_seeded_forward_goes_on_from_an_earlier_result(monkeypatch, cut):
+    """``into``: a launch over the pairs of B goes on, in place, from a result over the disjoint pairs of A (the
+    causal pairs outside B: the global rows see none of them, so their seed is empty, LSE -inf) and gives the
+    union's output and LSE; with B's global rows cut into pieces only the first piece starts from the seed. Not
+    differentiable: with inputs that need grad it is a ValueError, as is a seed of the wrong shape."""
+    from subquad.ops.softmax.flash import flash_attention_masked, launch
+
+    if cut:
+        monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
+        monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    merges = []
+    real_merge = launch._merge_pieces
+    monkeypatch.setattr(launch, "_merge_pieces", lambda *a: merges.append(1) or real_merge(*a))
+    n = 20 * BLOCK + 13
+    b_pattern = masks.longformer(BLOCK // 2, [0, 1, 2])
+    resolve = lambda p: masks.resolve(p, causal=False, batch=1, heads=4, seq_q=n, seq_kv=n, device=DEV,
+                                      block_q=BLOCK, block_kv=BLOCK)
+    q, k, v = _qkv(1, n, n, 4, 2, 32, torch.bfloat16, seed=4)
+    with torch.no_grad():
+        o, lse_a = flash_attention_masked(q, k, v, resolve(masks.causal & ~b_pattern), 32 ** -0.5)
+        assert torch.isinf(lse_a[:, :, :3]).all() and torch.isfinite(lse_a[:, :, -BLOCK:]).all()
+        out, lse = flash_attention_masked(q, k, v, resolve(b_pattern), 32 ** -0.5, into=(o, lse_a))
+    assert out is o and lse is lse_a and len(merges) == int(cut)
+    ref, ref_lse = attention_reference(q, k, v, resolve(b_pattern | masks.causal), 32 ** -0.5, None, None)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    with pytest.raises(ValueError, match="into: .*not differentiable"):
+        flash_attention_masked(q, k, v, resolve(b_pattern), 32 ** -0.5, into=(o, lse_a))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"into: expected a contiguous float32 LSE"):
+        flash_attention_masked(q, k, v, resolve(b_pattern), 32 ** -0.5, into=(o, lse_a[:, :2]))

@@ -107,10 +107,11 @@ def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():
 def test_describe_names_components_and_counts():
     text = plan(masks.strided(256), 4096).describe()
     assert "local" in text and "columns" in text and "16 gathered keys" in text and "log-sum-exp" in text
-    # the band and its gathered columns run as one launch on the Triton backend; BigBird's two parts do not
-    assert "two key sources" in text and "one pass over the merged output" not in text
+    # the band and its gathered columns run as one launch on the Triton backend; BigBird's two parts run one after
+    # the other, the second going on from the first's result, and backward as one pass
+    assert "two key sources" in text and "one pass over the output" not in text and "goes on from" not in text
     text = plan(masks.bigbird(64, [0], random_blocks=2, block=32, seed=0), 1024).describe()
-    assert "two key sources" not in text and "one pass over the merged output" in text
+    assert "two key sources" not in text and "one pass over the output" in text and "goes on from" in text
     text = plan(masks.dilated(1024, 4), 4096).describe()
     assert "4 classes" in text and "two key sources" not in text
     kept = int(dense_mask(masks.strided(64), 1024, 1024).sum())

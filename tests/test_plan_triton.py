@@ -126,17 +126,18 @@ def test_deterministic_plan_has_no_atomic_backward(name, pattern, nq, nk, monkey
 @pytest.mark.parametrize("name,pattern,nq,nk", CASES[4:], ids=[c[0] for c in CASES[4:]])
 def test_natural_plan_backward_is_one_launch(name, pattern, nq, nk, deterministic, monkeypatch):
     """BigBird's plan (its band and its random blocks, both on the sequence as it is) runs its forward as two
-    launches merged by LSE but its backward as one launch of the whole pattern on the merged output and LSE;
-    outputs, LSE and gradients (through the LSE too) equal the reference plan's, in fp16 with ALiBi and a
-    softcap."""
+    launches, the second going on from the first one's output and LSE in place (no merge), and its backward as
+    one launch of the whole pattern on that output and LSE; outputs, LSE and gradients (through the LSE too)
+    equal the reference plan's, in fp16 with ALiBi and a softcap. Without grad, the same two forward launches."""
     from subquad.ops.softmax.flash import launch
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV, exact_positions=True)
     assert pl.natural and len(pl.components) == 2
-    assert "one pass over the merged output" in pl.describe()
+    assert "one pass over the output and LSE" in pl.describe() and "goes on from" in pl.describe()
     forwards, backwards = [], []
     forward, backward = launch.forward, launch.backward
-    monkeypatch.setattr(launch, "forward", lambda *a, **kw: forwards.append(1) or forward(*a, **kw))
+    monkeypatch.setattr(launch, "forward",
+                        lambda *a, **kw: forwards.append(kw.get("into") is not None) or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward", lambda *a, **kw: backwards.append(a[-1]) or backward(*a, **kw))
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
@@ -149,6 +150,11 @@ def test_natural_plan_backward_is_one_launch(name, pattern, nq, nk, deterministi
                                      deterministic=deterministic)
         (out.float() * g_out).sum().add(lse.sum() * 0.5).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
-    assert len(forwards) == 2 and backwards == [deterministic]
+    assert forwards == [False, True] and backwards == [deterministic]
     for what, got, want in zip(["out", "lse", "dq", "dk", "dv"], *results):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{what}: {m}")
+    with torch.no_grad():
+        out, lse = planned_attention(*base, pl, 0.25, softcap=4.0, alibi_slopes=slopes, backend="triton")
+    assert forwards == [False, True] * 2
+    torch.testing.assert_close(out.float(), results[1][0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, results[1][1], atol=2e-2, rtol=2e-2)

@@ -484,11 +484,14 @@ class Plan:
             lines.append(f"  {c.role:8s} {size}: {n:,} pairs; {tiles}; {c.note}")
         merge = [c.role for c in self.components if not c.overrides_rows]
         if len(merge) > 1:
-            lines.append(f"  merge: {' + '.join(merge)} by log-sum-exp"
-                         + (" (Triton, unless deterministic: one launch with two key sources, no merge)"
-                            if self.local_and_columns else ""))
+            triton = ""
+            if self.local_and_columns:
+                triton = " (Triton, unless deterministic: one launch with two key sources, no merge)"
+            elif self.natural:
+                triton = " (Triton, eager: each launch goes on from the output and LSE so far, no merge)"
+            lines.append(f"  merge: {' + '.join(merge)} by log-sum-exp{triton}")
         if len(self.components) > 1 and self.natural:
-            lines.append("  backward (Triton): the whole pattern in one pass over the merged output and LSE")
+            lines.append("  backward (Triton): the whole pattern in one pass over the output and LSE")
         over = [c.role for c in self.components if c.overrides_rows]
         if over:
             lines.append(f"  rows: {', '.join(over)} replace their rows")

@@ -21,7 +21,9 @@ backward adds each gradient row once, their indices being unique, and the merges
 A plan whose components all lie on the sequence as it is (``Plan.natural``: BigBird's band and random blocks) is
 differentiated on the Triton backend as one backward launch of the whole pattern over the merged output and
 LSE (``flash_attention_given_forward``): the gradients depend only on the pairs kept, O, LSE and dO, so the
-components' own backward passes, the merge's backward and the sums of their gradients are not needed.
+components' own backward passes, the merge's backward and the sums of their gradients are not needed. Its
+forward merges nothing: each launch after the first goes on from the output and LSE so far, in place
+(``flash_attention``'s ``into``).
 
 Results without gathered rows merge as ``out = sum_i exp(lse_i - lse) out_i``, ``lse = logsumexp_i lse_i``
 (``lse_merge``: one fused Triton pass each way on the Triton backend); a row that no component reaches
@@ -64,7 +66,9 @@ def _plain_band(c: Component) -> bool:
         and c.q_pos is None and c.kv_pos is None
 
 
-def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deterministic):
+def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deterministic, into=None):
+    """``(out, lse)`` of component ``c``; ``into``: an earlier natural component's, which a natural component
+    on the Triton engine goes on from in place (``flash_attention``'s ``into``)."""
     bsz, seq_q, hq, d = q.shape
     hkv = k.shape[2]
     tracing = torch.compiler.is_compiling()
@@ -99,7 +103,8 @@ def _run(c: Component, plan: Plan, q, k, v, scale, softcap, alibi, engine, deter
             from .flash import flash_attention
 
             return flash_attention(qq, kk, vv, mask=c.pattern, scale=scale, softcap=softcap, alibi_slopes=alibi,
-                                   deterministic=deterministic)
+                                   deterministic=deterministic, into=into)
+        assert into is None, "into: a natural component on the Triton engine only"
         return engine(qq, kk, vv, bm, scale, softcap, alibi, c.q_pos, c.kv_pos)
     # Key chunks as extra batch entries (the pattern is position-free here: every pair).
     s, nr = c.split, qq.shape[1]
@@ -168,6 +173,14 @@ def planned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: P
 
         return flash_attention_given_forward(q, k, v, forward, plan.pattern, scale, softcap, alibi_slopes,
                                              deterministic)
+    if backend == "triton" and plan.natural and len(plan.components) > 1 and not needs_grad \
+            and not torch.compiler.is_compiling():
+        # (also the forward of the one-launch backward above, which runs without grad) each launch after the
+        # first goes on from the result so far, in place: no output per component and no merge
+        into = None
+        for c in plan.components:
+            into = _run(c, plan, q, k, v, scale, softcap, alibi_slopes, engine, deterministic, into=into)
+        return into
     # the two-source launch has no custom op: traced calls (torch.compile) keep the components and the merge
     together = None
     if backend == "triton" and not deterministic and not torch.compiler.is_compiling():

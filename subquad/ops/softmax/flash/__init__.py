@@ -180,13 +180,15 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            q_pos: torch.Tensor | None = None, kv_pos: torch.Tensor | None = None,
                            deterministic: bool = False,
                            backward_block_mask: BlockMask | None = None,
-                           dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
+                           dropout=None, into=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention under a prebuilt BlockMask (None: every pair); returns ``(out, lse)``.
 
     ``q_pos`` (seq_q,) / ``kv_pos`` (seq_kv,) are the positions that the pattern's terms and ALiBi see; the
     BlockMask must have been built for them (as for ``attention_reference``). ``backward_block_mask``: the same
     pattern at another block size for the eager backward pass (traced calls keep ``block_mask``). ``dropout``:
-    ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None. Arguments are assumed checked.
+    ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None. ``into``: ``(out, lse)`` of these queries
+    over pairs that ``block_mask`` does not keep, which the call goes on from and returns, updated in place:
+    the union's result without a second output and a merge; not differentiable. Arguments are assumed checked.
     """
     _check_dtype(q)
     if block_mask is None and q_pos is None and kv_pos is None:
@@ -202,7 +204,8 @@ def flash_attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     m_backward = None
     if backward_block_mask is not None and backward_block_mask is not block_mask:
         m_backward = _block_mask_args(backward_block_mask.to(q.device), q_pos, kv_pos)
-    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward, dropout)
+    return run(_prep(q), _prep(k), _prep(v), m, scale, softcap, alibi_slopes, deterministic, m_backward, dropout,
+               into)
 
 
 def flash_attention_lsh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float,
@@ -252,9 +255,9 @@ def flash_attention_given_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
                     scale: float | None = None, softcap: float | None = None,
                     alibi_slopes: torch.Tensor | None = None,
-                    deterministic: bool = False, dropout=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    deterministic: bool = False, dropout=None, into=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``subquad.attention``'s Triton path (arguments checked by the caller); returns ``(out, lse)``.
-    ``dropout``: ``(p, rng)`` or None."""
+    ``dropout``: ``(p, rng)`` or None; ``into``: as ``flash_attention_masked``'s."""
     _check_dtype(q)
     bsz, seq_q, hq, d = q.shape
     seq_kv = k.shape[1]
@@ -266,10 +269,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         band = pure_band(pattern)
         if band is not None:
             return run(_prep(q), _prep(k), _prep(v), _band_args(*band), scale, softcap, alibi_slopes, deterministic,
-                       dropout=dropout)
+                       dropout=dropout, into=into)
     forward_mask, backward_mask = _resolve_tiled(mask, causal, bsz, hq, seq_q, seq_kv, q.device)
     return flash_attention_masked(q, k, v, forward_mask, scale, softcap, alibi_slopes, deterministic=deterministic,
-                                  backward_block_mask=backward_mask, dropout=dropout)
+                                  backward_block_mask=backward_mask, dropout=dropout, into=into)
 
 
 def varlen_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> Pattern:

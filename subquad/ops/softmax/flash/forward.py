@@ -25,6 +25,9 @@ every key block) runs as several programs, each over a stretch of ``piece_len`` 
 blocks in ``ORDER``; such a program writes its rows' output and LSE to ``O_PART`` / ``LSE_PART`` (fp32) at the
 block's ``SLOT``, and the launcher merges them by LSE (``launch.forward``).
 
+``SEEDED``: ``O`` and ``LSE`` come in holding a result over other pairs of the same rows, which this launch
+goes on from and overwrites (a natural plan's second component, ``launch.forward``'s ``into``).
+
 ``DROPOUT``: attention dropout on the probabilities (not on the normaliser or the LSE), each pair kept or
 dropped by ``tile.dropout_keep`` as every pass and tiling decides it, the kept ones scaled by ``1 / (1 - p)``.
 Not with ``TWO_SOURCES`` (a gathered key's counter would be its place in the gathered set).
@@ -135,6 +138,7 @@ def flash_fwd_kernel(
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
     LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0, HEAD_MAJOR: tl.constexpr = False,
+    SEEDED: tl.constexpr = False,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
     limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
@@ -187,6 +191,20 @@ def flash_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    o_ok = in_q[:, None] & (offs_dv[None, :] < DV)
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
+              + offs_dv[None, :])
+    if SEEDED:
+        # O and LSE hold a result over other pairs of these rows (a plan's first component): the online softmax
+        # goes on from it (m = lse, l = 1, acc = o) and overwrites it, where a second output and a merge read
+        # and wrote three outputs' worth of memory. Only a cut walk's first piece starts from it
+        seed_lse = tl.load(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, mask=in_q, other=float("-inf"))
+        if PIECES:
+            seed_lse = tl.where(piece == 0, seed_lse, float("-inf"))
+        seeded = seed_lse > float("-inf")
+        m_i = tl.where(seeded, seed_lse * 1.4426950408889634, m_i)
+        l_i = tl.where(seeded, 1.0, l_i)
+        acc = tl.load(o_ptrs, mask=o_ok & seeded[:, None], other=0.0).to(tl.float32)
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS or LSH
     if USE_LIST:
@@ -267,7 +285,6 @@ def flash_fwd_kernel(
         norm = norm * (1.0 - dropout_p)
     acc = acc / norm[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    o_ok = in_q[:, None] & (offs_dv[None, :] < DV)
     slot = -1
     if PIECES:
         slot = tl.load(SLOT + start_m // MBQ)
@@ -280,7 +297,5 @@ def flash_fwd_kernel(
         tl.store(O_PART + ((bp * n_rows + cut_row)[:, None] * HQ + h) * DV + offs_dv[None, :], acc, mask=o_ok)
         tl.store(LSE_PART + (bp * HQ + h) * n_rows + cut_row, lse, mask=in_q)
     else:
-        o_ptrs = (O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
-                  + offs_dv[None, :])
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=o_ok)
         tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=in_q)

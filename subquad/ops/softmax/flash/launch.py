@@ -319,19 +319,31 @@ def _dropout_args(dropout, meta: dict, device) -> list:
     return [dropout[1], float(dropout[0])]
 
 
-def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dropout=None):
+def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dropout=None, into=None):
     """``(out, lse)`` for contiguous-last-dim (B, N, H, D) tensors. ``second``: ``(k2, v2, m2, band2_lo,
     band2_hi)``, a second key set in the same launch with its BlockMask arguments ``m2`` (at its key positions,
     in blocks of the first source's size) (``forward.py``'s ``TWO_SOURCES``; its gradients:
     ``backward_two_sources``). A query block whose walk outlasts the pass (``MaskArgs.pieces``) runs as
     pieces in the same launch, heaviest first, their partial results merged by LSE afterwards. ``dropout``:
-    ``(p, rng)``, attention dropout (not with ``second``)."""
+    ``(p, rng)``, attention dropout (not with ``second``). ``into``: ``(out, lse)`` of these rows over other
+    pairs, which the launch goes on from and returns, updated in place (``SEEDED``; not with dropout)."""
     if second is not None and dropout is not None:
         raise ValueError("dropout: not with a second key set (a gathered key's dropout counter would move)")
+    if into is not None and dropout is not None:
+        raise ValueError("dropout: not with into (the seed's probabilities were not dropped by this launch)")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(bsz, hq, seq_q, dtype=torch.float32, device=q.device)
+    if into is None:
+        out = torch.empty(bsz, seq_q, hq, dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(bsz, hq, seq_q, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = into
+        if out.shape != (bsz, seq_q, hq, dv) or out.dtype != q.dtype or out.stride(-1) != 1:
+            raise ValueError(f"into: expected an output of shape {(bsz, seq_q, hq, dv)}, {q.dtype}, contiguous "
+                             f"in its last dim, got {tuple(out.shape)}, {out.dtype}")
+        if lse.shape != (bsz, hq, seq_q) or lse.dtype != torch.float32 or not lse.is_contiguous():
+            raise ValueError(f"into: expected a contiguous float32 LSE of shape {(bsz, hq, seq_q)}, got "
+                             f"{tuple(lse.shape)}, {lse.dtype}")
     mask_args, widths = _mask_kernel_args(m, m.lists, q.device)
     n_qb, n_kb = _block_counts(m, seq_q, seq_kv)
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
@@ -373,9 +385,11 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
     if m.order is not None:
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
+    if into is not None:
+        meta["SEEDED"] = True
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
-    kern = _kernel("fwd", flash_fwd_kernel)
+    kern = _kernel("fwd" if into is None else "fwd_seeded", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
         launch_split(flash_fwd_kernel, lambda n: (tiles(bm_), n), bsz * hq, *args, BLOCK_M=bm_, BLOCK_N=bn_,

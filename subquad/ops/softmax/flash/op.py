@@ -209,13 +209,20 @@ class GivenForward(torch.autograd.Function):
 
 
 def run(q, k, v, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
-        m_backward: MaskArgs | None = None, dropout=None):
+        m_backward: MaskArgs | None = None, dropout=None, into=None):
     """Call the forward with a MaskArgs bundle; returns ``(out, lse)``. ``m_backward``: the same pattern at
     another block size, for the backward (the custom op carries its tensors to its backward too).
     ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``) or None. LSH's hash rounds (``m.lsh``)
-    take the Function in any case: the custom op does not carry them."""
+    take the Function in any case: the custom op does not carry them. ``into``: ``(out, lse)`` over other pairs
+    of these rows, which the launch goes on from in place (``launch.forward``); not differentiable."""
     if dropout is not None and dropout[0] == 0:
         dropout = None
+    if into is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("into: a forward that goes on from an earlier result in place is not differentiable; "
+                             "call it under torch.no_grad() (or differentiate the whole pattern: "
+                             "flash_attention_given_forward)")
+        return launch.forward(q, k, v, m, float(scale), softcap or None, slopes, dropout=dropout, into=into)
     if m.lsh is not None or not torch.compiler.is_compiling() and type(q) is torch.Tensor:
         return _Flash.apply(q, k, v, m, float(scale), softcap or None, slopes, bool(deterministic), m_backward,
                             dropout)

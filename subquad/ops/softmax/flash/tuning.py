@@ -170,9 +170,11 @@ def tune_bucket(seq_kv: int) -> int:
     """The kernels' ``tune_kv`` (read by the tuner alone): the key length's power of two, at least 1024."""
     return max(1024, 1 << max(seq_kv - 1, 0).bit_length())
 _TUNED: dict = {}
-#: the backward's sums: a tuning round restores them after each timed run, so that a launch adding onto an earlier
-#: one's (the two-source backward's second key set) keeps it; zeroing them lost that dQ on a key's first call
-_BWD_SUMS = ["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"]
+#: what a launch adds onto, per kernel: a tuning round restores them after each timed run, so that a launch going
+#: on from an earlier one's result keeps it (the two-source backward's second key set into the first's dQ; a seeded
+#: forward, ``SEEDED``, from the first component's output and LSE); zeroing them lost that dQ on a key's first
+#: call. The seeded forward is a wrapper of its own: the restoring copies are timed with each run
+_RESTORED = {"fwd": None, "fwd_seeded": ["O", "LSE"], "bwd": ["DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V"]}
 
 
 def _kernel(name: str, jit_fn):
@@ -182,14 +184,15 @@ def _kernel(name: str, jit_fn):
     tune = autotuning()
     if (name, tune) not in _TUNED:
         hopper = _hopper()
-        configs = {"fwd": (FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE,
-                   "bwd": (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE}[name]
-        key = _KEY + (["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"] if name == "bwd" else [])
-        unchain = {"fwd": "BLOCK_M", "bwd": "BLOCK_N"}[name]
+        forward = name != "bwd"
+        configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
+                   else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
+        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"])
+        unchain = "BLOCK_M" if forward else "BLOCK_N"
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
         _TUNED[name, tune] = Autotuned(triton.autotune(
             configs, key=key, prune_configs_by={"early_config_prune": prune if tune else first.prune},
-            restore_value=_BWD_SUMS if name == "bwd" else None,
+            restore_value=_RESTORED[name],
             do_bench=first)(jit_fn))
     return _TUNED[name, tune]
