@@ -62,16 +62,22 @@ def test_short_walk_tiles_only_where_named():
     assert columns == band + [(128, 64, 8, 2, 128), (64, 64, 4, 3, None)]
 
 
-def test_backward_tuning_keeps_what_an_earlier_launch_summed(monkeypatch):
-    """A tuning round of the backward (Triton's own hooks, run as its autotuner runs them: around each timed run,
-    then before the chosen configuration's run) leaves its sums as they came: the two-source backward's second
-    launch adds dQ onto the first's, and zeroing them had lost that dQ on the first call of a new tuning key."""
+@pytest.mark.parametrize("name,names", [("bwd", ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")),
+                                        ("fwd_seeded", ("O", "LSE"))])
+def test_tuning_keeps_what_an_earlier_launch_left(monkeypatch, name, names):
+    """A tuning round (Triton's own hooks, run as its autotuner runs them: around each timed run, then before the
+    chosen configuration's run) leaves what a launch goes on from as it came: the backward's sums (the two-source
+    backward's second launch adds dQ onto the first's, and zeroing them had lost that dQ on the first call of a
+    new tuning key) and a seeded forward's output and LSE (each timed run would have gone on from the last).
+    The plain forward copies nothing (its copies would be timed with each run)."""
     from subquad.ops.softmax.flash import launch, tuning
 
     monkeypatch.setattr(tuning, "_TUNED", {})
     monkeypatch.setattr(tuning, "interpreting", lambda: False)     # build the GPU's autotuned wrapper
-    tuner = tuning._kernel("bwd", launch.flash_bwd_kernel).tuner
-    summed = {name: torch.full((4,), 2.0) for name in ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")}
+    kernel = launch.flash_bwd_kernel if name == "bwd" else launch.flash_fwd_kernel
+    tuner = tuning._kernel(name, kernel).tuner
+    assert not tuning._kernel("fwd", launch.flash_fwd_kernel).tuner.restore_value
+    summed = {name: torch.full((4,), 2.0) for name in names}
     for _ in range(2):
         tuner.pre_hook(summed)
         for t in summed.values():
