@@ -241,15 +241,19 @@ def test_gpu_global_rows_walk_in_pieces():
 def test_backward_sums_dq_by_programs_unless_walks_are_cut(monkeypatch):
     """The default backward of a BlockMask walk: dQ programs beside the dK/dV programs where no walk is cut into
     pieces, the atomic dK/dV walk (which the pieces need) where global columns walk every query block (16
-    global tokens over 4096 positions, blocks of 32, an H100's 132 SMs)."""
+    global tokens over 4096 positions, blocks of 32, an H100's 132 SMs) for so few KV heads that their walk
+    outlasts even the grid with the dQ programs in it (13x the dK/dV pass's mean work per SM at 2 KV heads, 3.3x
+    at 8); at 16 KV heads (1.7x: cut for the atomic walk, not past DQ_PROGRAMS_LOAD) the dQ programs."""
     from subquad.ops.softmax.flash import _block_mask_args, launch
 
     monkeypatch.setattr(launch, "num_sms", lambda device: 132)
-    for n, global_tokens, whole in ((256, [0, 1], True), (4096, list(range(16)), False)):
-        bm = masks.resolve(masks.longformer(64, global_tokens), causal=False, batch=1, heads=4, seq_q=n, seq_kv=n,
-                           device="cpu", block_q=32, block_kv=32)
+    for n, global_tokens, hkv, whole in ((256, [0, 1], 2, True), (4096, list(range(16)), 2, False),
+                                         (4096, list(range(16)), 8, False), (4096, list(range(16)), 16, True)):
+        bm = masks.resolve(masks.longformer(64, global_tokens), causal=False, batch=1, heads=2 * hkv, seq_q=n,
+                           seq_kv=n, device="cpu", block_q=32, block_kv=32)
         m = _block_mask_args(bm, None, None)
-        assert launch._walks_whole(m, torch.empty(1, n, 4, 16), torch.empty(1, n, 2, 16)) == whole
+        assert launch._walks_whole(m, torch.empty(1, n, 2 * hkv, 16), torch.empty(1, n, hkv, 16)) == whole
+        assert (m.pieces_t(hkv, 132) is not None) == (n == 4096)
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
@@ -260,9 +264,9 @@ def test_seeded_forward_goes_on_from_an_earlier_result(monkeypatch, cut):
     differentiable: with inputs that need grad it is a ValueError, as is a seed of the wrong shape."""
     from subquad.ops.softmax.flash import flash_attention_masked, launch
 
-    if cut:
-        monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
-        monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    # (a GPU cuts B's global rows anyway: few programs, long walks)
+    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1 if cut else 1 << 30)
+    monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
     merges = []
     real_merge = launch._merge_pieces
     monkeypatch.setattr(launch, "_merge_pieces", lambda *a: merges.append(1) or real_merge(*a))

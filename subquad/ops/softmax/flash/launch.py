@@ -30,6 +30,12 @@ INTERPRET_WARPS = 4     # the interpreter's launches leave num_warps at Triton's
 #: 0.6 (Longformer 2 x 16k, BigBird 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
 WALK_PIECE_MIN = 8
 PIECE_LOAD = 1.0
+#: a backward with dQ programs beside its dK/dV programs (no atomics, no fp32 dQ) runs both passes' walks in one
+#: grid, about twice the dK/dV pass's work: its walks are whole unless one is longer than this times the dK/dV
+#: pass's mean work per SM. Longformer 1 x 64k (1.18) had been cut and so atomic, whose fp32 dQ's zeroing and
+#: conversion took 0.44 of its 5.75 ms fwd+bwd on the H100 (2026-12-06-plan-profile-longformer-h100.json);
+#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json)
+DQ_PROGRAMS_LOAD = 2.0
 #: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
 #: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
 #: estimate, NOT MEASURED: at 1 x 64k those rows' walk (1,024 tiles at 64-blocks, 0.75 (Longformer) and 0.59
@@ -156,10 +162,10 @@ class MaskArgs:
         per_sm = mean * rows * (self.order_t if backward else self.order).shape[-1] / sms
         return longest <= HEAVY_WALK * mean and longest <= TAIL_SHARE * per_sm
 
-    def pieces_t(self, programs: int, sms: int):
+    def pieces_t(self, programs: int, sms: int, load: float = PIECE_LOAD):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
         on the first backward of a grid (it reads the walk lengths back to the host) and kept."""
-        return self._walk_pieces("dkdv", self.lists_t, programs, sms, PIECE_LOAD, None)
+        return self._walk_pieces(f"dkdv{load}", self.lists_t, programs, sms, load, None)
 
     def pieces(self, programs: int, sms: int):
         """The forward's schedule with its longest query-block walks cut into pieces, or None (as ``pieces_t``)."""
@@ -548,11 +554,12 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 
 
 def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the atomic backward would walk this BlockMask with no piece schedule: always where walks are
-    never cut (the custom op's calls, which cannot read walk lengths back), else as the schedule decides."""
+    """Whether a backward with dQ programs walks this BlockMask with no piece schedule: always where walks are
+    never cut (the custom op's calls, which cannot read walk lengths back), else as the schedule decides for a
+    grid that holds the dQ programs too (``DQ_PROGRAMS_LOAD``)."""
     return (not m.cut_walks or m.order_t is None or _backward_head_major(m, q.shape[0], q.shape[2], k.shape[2], True,
                                                                           q.device)
-            or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device)) is None)
+            or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device), DQ_PROGRAMS_LOAD) is None)
 
 
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
