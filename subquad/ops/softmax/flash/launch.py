@@ -34,7 +34,9 @@ PIECE_LOAD = 1.0
 #: grid, about twice the dK/dV pass's work: its walks are whole unless one is longer than this times the dK/dV
 #: pass's mean work per SM. Longformer 1 x 64k (1.18) had been cut and so atomic, whose fp32 dQ's zeroing and
 #: conversion took 0.44 of its 5.75 ms fwd+bwd on the H100 (2026-12-06-plan-profile-longformer-h100.json);
-#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json)
+#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json). NOT
+#: MEASURED at 1 x 64k (the device budget ran out; benchmarks/gpu/calls/dq_programs_load.sh is the A/B): its walks
+#: start heaviest first, and the global columns' (512 query blocks) is 0.59 of the mean work an SM then gets
 DQ_PROGRAMS_LOAD = 2.0
 #: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
 #: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
