@@ -287,3 +287,19 @@ def test_seeded_forward_goes_on_from_an_earlier_result(monkeypatch, cut):
         flash_attention_masked(q, k, v, resolve(b_pattern), 32 ** -0.5, into=(o, lse_a))
     with torch.no_grad(), pytest.raises(ValueError, match=r"into: expected a contiguous float32 LSE"):
         flash_attention_masked(q, k, v, resolve(b_pattern), 32 ** -0.5, into=(o, lse_a[:, :2]))
+
+
+def test_seeded_band_launch_goes_on_from_a_blockmask_result():
+    """``into`` on the list-free band walk: a sliding window going on from the result over every other pair (a
+    BlockMask walk of its complement) gives full attention's output and LSE, with a softcap and GQA."""
+    from subquad.ops.softmax.flash import flash_attention
+
+    n = 3 * BLOCK + 5
+    window = masks.sliding_window(BLOCK // 2, causal=False)
+    q, k, v = _qkv(1, n, n, 4, 2, 32, torch.float16, seed=2)
+    with torch.no_grad():
+        o, lse = flash_attention(q, k, v, mask=masks.full & ~window, softcap=5.0)
+        out, lse = flash_attention(q, k, v, mask=window, softcap=5.0, into=(o, lse))
+    ref, ref_lse = attention_reference(q, k, v, None, 32 ** -0.5, 5.0, None)
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
