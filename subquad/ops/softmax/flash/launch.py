@@ -164,9 +164,11 @@ class MaskArgs:
         per_sm = mean * rows * (self.order_t if backward else self.order).shape[-1] / sms
         return longest <= HEAVY_WALK * mean and longest <= TAIL_SHARE * per_sm
 
-    def pieces_t(self, programs: int, sms: int, load: float = PIECE_LOAD):
+    def pieces_t(self, programs: int, sms: int, load: float | None = None):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
-        on the first backward of a grid (it reads the walk lengths back to the host) and kept."""
+        on the first backward of a grid (it reads the walk lengths back to the host) and kept. ``load``:
+        ``PIECE_LOAD`` unless given."""
+        load = PIECE_LOAD if load is None else load
         return self._walk_pieces(f"dkdv{load}", self.lists_t, programs, sms, load, None)
 
     def pieces(self, programs: int, sms: int):
