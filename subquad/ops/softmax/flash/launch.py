@@ -590,11 +590,16 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
 def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, lse, dlse, scale: float, softcap,
                          slopes):
     """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's backward
-    launch reads the merged LSE and delta and adds into one dQ (atomics). ``m2`` is the second set's BlockMask
-    arguments at its positions."""
+    launch reads the merged LSE and delta, and the second adds its dQ into the first's (fp32, atomics). ``m2``
+    is the second set's BlockMask arguments at its positions.
+
+    The first set (the band) writes its dQ from dQ programs where ``backward`` would (a band, a walk not cut
+    into pieces): its fp32 sums then need no zero fill and no atomics; the second set's columns keep the atomic
+    sums (a handful of key tiles against every query tile)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True)
+    first_programs = not m.use_list or _walks_whole(m, q, k)
+    dq = (torch.empty if first_programs else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, not first_programs)
     dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, True)
     return dq.to(q.dtype), dk, dv, dk2, dv2
