@@ -56,13 +56,17 @@ ONE_LAUNCH = [
 ]
 
 
+@pytest.mark.parametrize("columns_dq", ["atomic", "programs"])
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
-def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monkeypatch):
+def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
-    on the merged LSE, whose band writes its dQ from dQ programs and whose columns add theirs by atomics;
-    outputs, LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE
-    -inf."""
+    on the merged LSE: the band writes its dQ sums from dQ programs, and the columns add theirs by atomics
+    where their few key tiles split their walks, else by dQ programs that start from the band's sums; outputs,
+    LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
+
+    if columns_dq == "programs":    # key tiles enough to fill the GPU, as the fixed pattern's at 16k and 64k
+        monkeypatch.setattr(launch, "_query_splits", lambda *a: 1)
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
     if "full" in name:
@@ -77,7 +81,8 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
                         or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
     atomic, backward_launch = [], launch._backward_launch
-    monkeypatch.setattr(launch, "_backward_launch", lambda *a: atomic.append(a[-1]) or backward_launch(*a))
+    monkeypatch.setattr(launch, "_backward_launch",
+                        lambda *a, **kw: atomic.append(a[11]) or backward_launch(*a, **kw))
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
     g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
@@ -87,7 +92,8 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, monk
         out, lse = planned_attention(*leaves, pl, 0.25, softcap=softcap, backend=backend)
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
-    assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1 and atomic == [False, True]
+    assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
+    assert atomic == [False, columns_dq == "atomic"]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")

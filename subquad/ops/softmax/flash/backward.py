@@ -355,7 +355,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
 @triton.jit
 def _dq_program(
     start_m, b, h,
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_IN,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b, stride_doc_b,
@@ -371,11 +371,12 @@ def _dq_program(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
     LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-    LSH_NOT_SELF: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False, DQ_SEED: tl.constexpr = False,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists; ``Q_POS``, ``KV_POS``,
-    ``lsh_*``: batch element ``b``'s, as ``tile.batch_rows`` gives them)."""
+    ``lsh_*``: batch element ``b``'s, as ``tile.batch_rows`` gives them). ``DQ_SEED``: the sum starts from
+    ``DQ_IN`` (fp32, ``DQ``'s strides), another key set's dQ of these rows."""
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -442,13 +443,16 @@ def _dq_program(
                           BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT, WIDE_ROWS)
 
     dq = dq * scale
-    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + m_rows * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=in_q[:, None] & (offs_d[None, :] < D))
+    dq_offs = b.to(tl.int64) * stride_dqb + h * stride_dqh + m_rows * stride_dqn + offs_d[None, :]
+    dq_ok = in_q[:, None] & (offs_d[None, :] < D)
+    if DQ_SEED:
+        dq += tl.load(DQ_IN + dq_offs, mask=dq_ok, other=0.0)
+    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=dq_ok)
 
 
 @triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv"])
 def flash_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK_OUT, DV_OUT,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, DK_OUT, DV_OUT,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
@@ -471,14 +475,15 @@ def flash_bwd_kernel(
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
-    HEAD_MAJOR: tl.constexpr = False,
+    HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
     ``_dq_program`` on ``DQ_BLOCK_M``-row query tiles (the query blocks' lists are ``QFULL_NUM``..., their
     heaviest-first order ``QORDER``), so that dQ needs no atomics and no fp32 buffer, and the two kinds of
     program fill the GPU together. ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit
-    (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
+    (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``; ``DQ_SEED``: the dQ programs add their
+    sums to ``DQ_IN``'s (``_dq_program``)."""
     pid = tl.program_id(0)
     n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
     if ORDERED:
@@ -505,7 +510,7 @@ def flash_bwd_kernel(
         q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q,
                                                              seq_kv, BATCH_POS, LSH_EARLIER)
         _dq_program(
-            start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ,
+            start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ, DQ_IN,
             QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, q_pos, kv_pos, IS_GLOBAL, LAYOUT,
             SLOPES, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
             stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
@@ -514,7 +519,7 @@ def flash_bwd_kernel(
             mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
             HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
-            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED)
     else:
         piece = 0
         if ORDERED:

@@ -464,10 +464,13 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
 
 
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
-                     dropout=None):
+                     dropout=None, dq_in=None):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
-    (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype), each row's
-    sum in one fixed order."""
+    (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype, or fp32),
+    each row's sum in one fixed order, starting from ``dq_in``'s where given (fp32, ``dq``'s strides: another
+    key set's dQ)."""
+    if dq_in is not None and (atomic or dq_in.stride() != dq.stride()):
+        raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
@@ -489,7 +492,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, do, dq, dk, dv)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     mask_args_q, widths_q = _mask_kernel_args(m, m.lists if not atomic else None, q.device)
-    args = [q, k, v, do, lse, delta, dq, dk, dv, *mask_args_t, sl,
+    args = [q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
@@ -497,6 +500,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=not atomic,
+                DQ_SEED=dq_in is not None,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     rng = _dropout_args(dropout, meta, q.device)
     lsh = _lsh_args(m, meta, q.device)
@@ -590,16 +594,25 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
 def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, lse, dlse, scale: float, softcap,
                          slopes):
     """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's backward
-    launch reads the merged LSE and delta, and the second adds its dQ into the first's (fp32, atomics). ``m2``
-    is the second set's BlockMask arguments at its positions.
+    launch reads the merged LSE and delta; the first writes its dQ sums in fp32, and the second adds its own.
+    ``m2`` is the second set's BlockMask arguments at its positions.
 
-    The first set (the band) writes its dQ from dQ programs where ``backward`` would (a band, a walk not cut
-    into pieces): its fp32 sums then need no zero fill and no atomics; the second set's columns keep the atomic
-    sums (a handful of key tiles against every query tile)."""
+    Each set takes dQ programs where ``backward`` would (a band, or a walk that no piece schedule cuts), the
+    second's starting from the first's sums and writing dQ itself (no fp32 buffer to zero, no atomics, no
+    conversion), unless the second set's key tiles are too few to fill the GPU without splitting their walks
+    (the strided pattern's 64 columns at 2 x 16k: ``_query_splits``), where its dK/dV programs add dQ by
+    atomics and the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
     first_programs = not m.use_list or _walks_whole(m, q, k)
-    dq = (torch.empty if first_programs else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, not first_programs)
-    dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, True)
-    return dq.to(q.dtype), dk, dv, dk2, dv2
+    second_programs = ((not m2.use_list or _walks_whole(m2, q, k2))
+                       and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1], q.device) == 1)
+    partial = (torch.empty_like if first_programs else torch.zeros_like)(q, dtype=torch.float32)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_programs)
+    if second_programs:
+        dq = torch.empty_like(q)
+        dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, False,
+                                    dq_in=partial)
+        return dq, dk, dv, dk2, dv2
+    dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, partial, m2, scale, softcap, slopes, True)
+    return partial.to(q.dtype), dk, dv, dk2, dv2
