@@ -39,6 +39,7 @@ CASES = {
     "strided-16k": (2, 16384, "masks.strided(256)"),
     "strided-64k": (1, 65536, "masks.strided(256)"),
     "fixed-16k": (2, 16384, "masks.fixed(128, 8)"),
+    "fixed-64k": (1, 65536, "masks.fixed(128, 8)"),
     "dilated-16k": (2, 16384, "masks.dilated(4096, 4)"),
     "full-16k": (2, 16384, "None"),
     # the flash suite's layouts (one random 128 x 128 cell layout, seed 0, at each density)
