@@ -34,9 +34,9 @@ PIECE_LOAD = 1.0
 #: grid, about twice the dK/dV pass's work: its walks are whole unless one is longer than this times the dK/dV
 #: pass's mean work per SM. Longformer 1 x 64k (1.18) had been cut and so atomic, whose fp32 dQ's zeroing and
 #: conversion took 0.44 of its 5.75 ms fwd+bwd on the H100 (2026-12-06-plan-profile-longformer-h100.json);
-#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json). NOT
-#: MEASURED at 1 x 64k (the device budget ran out; benchmarks/gpu/calls/dq_programs_load.sh is the A/B): its walks
-#: start heaviest first, and the global columns' (512 query blocks) is 0.59 of the mean work an SM then gets
+#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json). With
+#: this rule 1 x 64k takes the dQ programs (its walks start heaviest first, the global columns' at 0.59 of the
+#: mean work an SM then gets): fwd+bwd 5.76 -> 5.26 ms on the H100 (2026-12-06-dq-programs-two-source-ab-h100.json)
 DQ_PROGRAMS_LOAD = 2.0
 #: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
 #: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
@@ -578,8 +578,9 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     ``2026-12-05-det-vs-atomic-ab-h200.json``: causal 32 x 1k 1.734 against 1.822 ms, window 4096 2 x 16k 8.539
     against 8.627) and BlockMask walks that no piece schedule cuts (H100, fwd+bwd, ``2026-12-05-flash-h100.json``'s
     ``subquad-triton-det`` rows: Longformer 2 x 16k 2.601 against 2.766 ms, BigBird 4.636 against 5.085,
-    block-sparse 5.16 / 11.84 / 22.63 against 6.28 / 13.93 / 26.39 at densities 0.1 / 0.25 / 0.5). Walks cut
-    into pieces (Longformer's global columns at 64k) keep the atomic sums, which the pieces need."""
+    block-sparse 5.16 / 11.84 / 22.63 against 6.28 / 13.93 / 26.39 at densities 0.1 / 0.25 / 0.5). Walks that
+    outlast even the grid with dQ programs (``DQ_PROGRAMS_LOAD``) are cut into pieces and keep the atomic sums,
+    which the pieces need."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
     if deterministic or not m.use_list or _walks_whole(m, q, k):
