@@ -78,7 +78,8 @@ def softmax_attention(q, k, v, *, mask=None, causal=False, scale=None, softcap=N
     b, nq, hq, d = q.shape
     nkv, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    qd, kd, vd = q.double(), k.double(), v.double()
+    # on the CPU whatever the inputs' device (the masks below are built there), differentiable back to them
+    qd, kd, vd = q.double().cpu(), k.double().cpu(), v.double().cpu()
     kd = kd.repeat_interleave(hq // hkv, dim=2)
     vd = vd.repeat_interleave(hq // hkv, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale

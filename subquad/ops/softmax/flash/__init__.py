@@ -62,6 +62,11 @@ def _resolve_tiled(mask, causal: bool, bsz: int, hq: int, seq_q: int, seq_kv: in
         return bm, bm
     chosen = mask.memo("_mask_block_chosen")
     key = (causal, bsz, hq, seq_q, seq_kv, str(_masks.canonical_device(device)))
+    if key not in chosen and torch.compiler.is_compiling():
+        # the choice reads block counts back from the device, which a traced call cannot: the 128 block for
+        # both passes, not remembered (the next eager call chooses)
+        bm = resolve(MASK_BLOCK)
+        return bm, bm
     if key not in chosen:
         if len(chosen) > 64:
             chosen.clear()
