@@ -1,0 +1,13 @@
+# The whole test suite on the GPU, eight workers (compiles run in parallel on the host's cores), every test's
+# outcome kept: `$OUT/tests.log` (short tracebacks) and `$OUT/tests.xml` (JUnit), the failures printed last.
+# Session 35's run of 24 files: 782 passed, 3 failed, ~210 s warm, ~400 s with the compiles (a call's limit cut
+# the first). Flash autotuning off (each test shape would be tuned anew); the linear kernels' on, as users run
+# them (SUBQUAD_LINEAR_AUTOTUNE=0 turns it off). Run twice to tell a failure from a first call's autotuning.
+#   run(command="bash benchmarks/gpu/calls/tests_all.sh", carry=[".calls", ".tuning-cache"])
+export DEVICE_BUDGET=${DEVICE_BUDGET:-560}
+source benchmarks/gpu/prelude.sh
+SUBQUAD_FLASH_AUTOTUNE=0 timeout $(( $(left) - 40 )) python3 -m pytest -n 8 -q -o addopts= --tb=short -rfE \
+    -p no:cacheprovider --timeout 240 --junitxml=$OUT/tests.xml ${TESTS:-tests} > $OUT/tests.log 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" $OUT/tests.log | tail -40
+elapsed
+tuning_cache_save
