@@ -570,6 +570,12 @@ def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
             or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device), DQ_PROGRAMS_LOAD) is None)
 
 
+def _dq_by_programs(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a backward over these keys takes dQ programs where no determinism is asked (``backward``): a
+    band, or a BlockMask walk that no piece schedule cuts."""
+    return not m.use_list or _walks_whole(m, q, k)
+
+
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
              dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
@@ -583,7 +589,7 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     which the pieces need."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    if deterministic or not m.use_list or _walks_whole(m, q, k):
+    if deterministic or _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
         dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout)
         return dq, dk, dv
@@ -605,8 +611,7 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     (dK and dV then add by atomics, as the atomic backward's do)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    first_programs = not m.use_list or _walks_whole(m, q, k)
-    second_programs = not m2.use_list or _walks_whole(m2, q, k2)
+    first_programs, second_programs = _dq_by_programs(m, q, k), _dq_by_programs(m2, q, k2)
     partial = (torch.empty_like if first_programs else torch.zeros_like)(q, dtype=torch.float32)
     dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_programs)
     if second_programs:
