@@ -56,17 +56,17 @@ ONE_LAUNCH = [
 ]
 
 
-@pytest.mark.parametrize("column_walks", ["whole", "split"])
+@pytest.mark.parametrize("columns_dq", ["atomic", "programs"])
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
-def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, column_walks, monkeypatch):
+def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
-    on the merged LSE: the band writes its dQ sums from dQ programs, and the columns' dQ programs start from
-    them, beside the columns' dK/dV walks whole or split over programs; outputs, LSE and gradients equal the
-    reference plan's, and queries that see no key give zeros and LSE -inf."""
+    on the merged LSE: the band writes its dQ sums from dQ programs, and the columns add theirs by atomics
+    where their few key tiles split their walks, else by dQ programs that start from the band's sums; outputs,
+    LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
-    monkeypatch.setattr(launch, "_query_splits", lambda *a: 1 if column_walks == "whole" else 2)
+    monkeypatch.setattr(launch, "_query_splits", lambda *a: 1 if columns_dq == "programs" else 2)
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
     if "full" in name:
@@ -93,7 +93,7 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
-    assert atomic == [False, False]
+    assert atomic == [False, columns_dq == "atomic"]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")

@@ -114,6 +114,10 @@ def _score_mod(softcap, alibi_slopes, q_offset, user=None):
     index plus the offset), as subquad's masks and the reference do."""
     if softcap is None and alibi_slopes is None and user is None:
         return None
+    if torch.compiler.is_compiling():
+        # traced, the closure is inlined into the graph (nothing to keep), and dynamo cannot take id() of a
+        # score_mod defined inside the compiled region (torch 2.11)
+        return _make_score_mod(softcap, alibi_slopes, q_offset, user)
     # (the version too: a closure holds a float copy of bf16 slopes, which an in-place update would not reach)
     key = (softcap, None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version), q_offset,
            None if user is None else id(user))
@@ -126,6 +130,12 @@ def _score_mod(softcap, alibi_slopes, q_offset, user=None):
         users = [k for k, v in _SCORE_MODS.items() if v[2] is not None]
         for stale in users[:max(0, len(users) - USER_SCORE_MODS + 1)]:
             del _SCORE_MODS[stale]
+    score_mod = _make_score_mod(softcap, alibi_slopes, q_offset, user)
+    _SCORE_MODS[key] = (alibi_slopes, score_mod, user)
+    return score_mod
+
+
+def _make_score_mod(softcap, alibi_slopes, q_offset, user):
     slopes = None if alibi_slopes is None else alibi_slopes.float()
     per_batch = slopes is not None and slopes.dim() == 2 and slopes.shape[0] > 1
 
@@ -139,7 +149,6 @@ def _score_mod(softcap, alibi_slopes, q_offset, user=None):
             score = user(score, b, h, q_idx + q_offset, kv_idx)
         return score
 
-    _SCORE_MODS[key] = (alibi_slopes, score_mod, user)
     return score_mod
 
 

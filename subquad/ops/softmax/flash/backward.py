@@ -19,8 +19,7 @@
    * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
      query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing
      its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
-     transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks). Beside split dK/dV walks
-     (``SPLIT_ATOMIC``: a planner's few gathered columns) they run at the third axis' first place only.
+     transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks).
 
 ``DROPOUT``: the forward's keep decisions again (``tile.dropout_keep``, by row and key index): ``dV`` takes the
 kept probabilities scaled by ``1 / (1 - p)``, and ``dP`` is masked and scaled the same way before
@@ -510,22 +509,17 @@ def flash_bwd_kernel(
             h = (row % HKV) * G + i % G
         q_pos, kv_pos, lsh_q_chunk, lsh_k_chunk = batch_rows(Q_POS, KV_POS, LSH_Q_CHUNK, LSH_K_CHUNK, b, seq_q,
                                                              seq_kv, BATCH_POS, LSH_EARLIER)
-        # where the dK/dV walks are split over the grid's third axis, the dQ programs run at its first place only
-        first_split = True
-        if SPLIT_ATOMIC:
-            first_split = tl.program_id(2) == 0
-        if first_split:
-            _dq_program(
-                start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ, DQ_IN,
-                QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, q_pos, kv_pos, IS_GLOBAL, LAYOUT,
-                SLOPES, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
-                stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
-                stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q, seq_q, seq_kv, q_off, qk_scale, cap_scale,
-                scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
-                mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
-                EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
-                HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
-                LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED)
+        _dq_program(
+            start_m, b, h, Q, K, V, DO, LSE, DELTA, DQ, DQ_IN,
+            QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, TILE_OF, BITS, DOC_IDS, q_pos, kv_pos, IS_GLOBAL, LAYOUT,
+            SLOPES, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn,
+            stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
+            stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q, seq_q, seq_kv, q_off, qk_scale, cap_scale,
+            scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
+            mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
+            EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
+            HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED)
     else:
         piece = 0
         if ORDERED:

@@ -464,17 +464,17 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
 
 
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
-                     dropout=None, dq_in=None, split_walks: bool = False):
+                     dropout=None, dq_in=None):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
     (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype, or fp32),
     each row's sum in one fixed order, starting from ``dq_in``'s where given (fp32, ``dq``'s strides: another
-    key set's dQ). The dK/dV walks of too few key tiles are split over programs (``_query_splits``) with
-    ``atomic`` or ``split_walks``; without either they stay whole, so that dK and dV are deterministic."""
+    key set's dQ)."""
     if dq_in is not None and (atomic or dq_in.stride() != dq.stride()):
         raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic or split_walks else 1
+    # a deterministic backward keeps one program per key tile (its sums in one fixed order)
+    splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
     head_major = _backward_head_major(m, bsz, hq, hkv, atomic, q.device)
     pieces = None
     if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not head_major:
@@ -605,19 +605,21 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     ``m2`` is the second set's BlockMask arguments at its positions.
 
     Each set takes dQ programs where ``backward`` would (a band, or a walk that no piece schedule cuts), the
-    second's starting from the first's sums and writing dQ itself: no fp32 buffer to zero, no atomics for dQ,
-    no conversion. Where the second set's key tiles are too few to fill the GPU (the strided pattern's 64
-    columns at 2 x 16k, ``_query_splits``), its dK/dV walks are split over programs beside those dQ programs
-    (dK and dV then add by atomics, as the atomic backward's do)."""
+    second's starting from the first's sums and writing dQ itself (no fp32 buffer to zero, no atomics, no
+    conversion), unless the second set's key tiles are too few to fill the GPU without splitting their walks
+    (the strided pattern's 64 columns at 2 x 16k: ``_query_splits``), where its dK/dV programs add dQ by
+    atomics and the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    first_programs, second_programs = _dq_by_programs(m, q, k), _dq_by_programs(m2, q, k2)
+    first_programs = _dq_by_programs(m, q, k)
+    second_programs = (_dq_by_programs(m2, q, k2)
+                       and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1], q.device) == 1)
     partial = (torch.empty_like if first_programs else torch.zeros_like)(q, dtype=torch.float32)
     dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_programs)
     if second_programs:
         dq = torch.empty_like(q)
         dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, False,
-                                    dq_in=partial, split_walks=True)
+                                    dq_in=partial)
         return dq, dk, dv, dk2, dv2
     dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, partial, m2, scale, softcap, slopes, True)
     return partial.to(q.dtype), dk, dv, dk2, dv2
