@@ -101,8 +101,10 @@ def test_tuning_key_buckets_the_key_length(monkeypatch):
     recorded = []
     monkeypatch.setattr(KernelInterface, "__getitem__",
                         lambda self, grid: (lambda *args, **kwargs: recorded.append((self.__name__, kwargs))))
-    q = torch.randn(1, 100, 2, 16, dtype=torch.float16, requires_grad=True)
-    k, v = (torch.randn(1, 3000, 2, 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    # (on the GPU too: the launches are recorded, not run)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(1, 100, 2, 16, dtype=torch.float16, device=dev, requires_grad=True)
+    k, v = (torch.randn(1, 3000, 2, 16, dtype=torch.float16, device=dev, requires_grad=True) for _ in range(2))
     sq.attention(q, k, v, causal=True, backend="triton").float().sum().backward()
     buckets = {name: kwargs["tune_kv"] for name, kwargs in recorded if name.startswith("flash_")
                and "tune_kv" in kwargs}
