@@ -63,6 +63,13 @@ def errors(form, gated, chunk, t):
             for n, a, b in zip(NAMES, got, want) if a is not None}
 
 
+def save(rows):
+    """Written after every row: session 36's run was cut by its time limit and left nothing."""
+    with open(os.path.join(os.environ.get("OUT", "."), "delta_config_check.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
 def main():
     all_tuners = tuners()
     full = {id(t): list(t.configs) for _, t, _ in all_tuners}
@@ -73,6 +80,7 @@ def main():
     for form in ("fused", "two-pass"):
         rows.append(dict(kernel="(every first config)", config="", form=form, errors=errors(form, True, 64, 70)))
         print(rows[-1], flush=True)
+        save(rows)
     for name, tuner, _ in all_tuners:
         for config in full[id(tuner)][1:]:
             tuner.configs = [config]
@@ -84,9 +92,9 @@ def main():
                     rows.append(dict(kernel=name, config=str(config), form=form, error=str(exc)[:200]))
                 bad = {k: v for k, v in rows[-1].get("errors", {}).items() if v > 1}
                 print(name, config, form, bad or rows[-1].get("error", "ok"), flush=True)
+                save(rows)
         tuner.configs = full[id(tuner)][:1]
-    with open(os.path.join(os.environ.get("OUT", "."), "delta_config_check.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "triton": triton.__version__, "rows": rows}, f, indent=1)
+    save(rows)
 
 
 if __name__ == "__main__":
