@@ -256,6 +256,31 @@ def test_backward_sums_dq_by_programs_unless_walks_are_cut(monkeypatch):
         assert (m.pieces_t(hkv, 132) is not None) == (n == 4096)
 
 
+@pytest.mark.parametrize("causal,deterministic", [(False, False), (True, False), (True, True)],
+                         ids=["full-blocks", "causal", "causal-deterministic"])
+def test_block_diagonal_backward_stores_dq_from_the_dkdv_programs(causal, deterministic, monkeypatch):
+    """A BlockMask whose every query block lists one key block (block-diagonal) has no dQ programs and no
+    atomics: the dK/dV program of that key block is the only one to walk those query tiles and stores their dQ
+    (``DQ_STORE``), deterministic or not; with GQA, ALiBi, a ragged last block (outputs, LSE and gradients
+    against the reference). A second key block in one row (a block off the diagonal) takes the usual backward."""
+    from subquad.ops.softmax.flash import launch
+
+    stored = []
+    real = launch._backward_launch
+    monkeypatch.setattr(launch, "_backward_launch",
+                        lambda *a, **kw: stored.append(kw.get("dq_store", False)) or real(*a, **kw))
+    n = 5 * BLOCK - 7
+    diagonal = torch.eye(5, dtype=torch.bool)
+    mask = masks.block_sparse(diagonal, BLOCK)
+    q, k, v = _qkv(2, n, n, 4, 2, 32, torch.float16, seed=5)
+    alibi = torch.rand(4, generator=torch.Generator().manual_seed(5)).to(DEV)
+    _check(q, k, v, causal=causal, mask=mask, alibi=alibi, grad_lse=True, deterministic=deterministic, plan=False)
+    assert stored == [True]
+    diagonal[3, 1] = True
+    _check(q, k, v, causal=causal, mask=masks.block_sparse(diagonal, BLOCK), plan=False)
+    assert stored == [True, False]
+
+
 @pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut"])
 def test_seeded_forward_goes_on_from_an_earlier_result(monkeypatch, cut):
     """``into``: a launch over the pairs of B goes on, in place, from a result over the disjoint pairs of A (the

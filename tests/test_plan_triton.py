@@ -60,9 +60,11 @@ ONE_LAUNCH = [
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
 def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
-    on the merged LSE: the band writes its dQ sums from dQ programs, and the columns add theirs by atomics
-    where their few key tiles split their walks, else by dQ programs that start from the band's sums; outputs,
-    LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
+    on the merged LSE: the band writes its dQ sums from dQ programs (the fixed pattern's local blocks, one key
+    block a query block at these tiles: from its dK/dV programs, ``DQ_STORE``), and the columns add theirs by
+    atomics where their few key tiles split their walks, else by dQ programs that start from the band's sums;
+    outputs, LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE
+    -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
@@ -80,9 +82,9 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append((a[3].use_list, kw.get("second")))
                         or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
-    atomic, backward_launch = [], launch._backward_launch
-    monkeypatch.setattr(launch, "_backward_launch",
-                        lambda *a, **kw: atomic.append(a[11]) or backward_launch(*a, **kw))
+    atomic, stored, backward_launch = [], [], launch._backward_launch
+    monkeypatch.setattr(launch, "_backward_launch", lambda *a, **kw: atomic.append(a[11])
+                        or stored.append(kw.get("dq_store", False)) or backward_launch(*a, **kw))
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
     g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
@@ -94,6 +96,8 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
     assert atomic == [False, columns_dq == "atomic"]
+    # fixed(16, *)'s local blocks are half a 32-block: two of them share a query block's one key block
+    assert stored == [name.startswith("fixed"), False]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")
@@ -115,7 +119,7 @@ def test_deterministic_plan_has_no_atomic_backward(name, pattern, nq, nk, monkey
 
     atomic = []
     real = launch._backward_launch
-    monkeypatch.setattr(launch, "_backward_launch", lambda *a: atomic.append(a[-1]) or real(*a))
+    monkeypatch.setattr(launch, "_backward_launch", lambda *a, **kw: atomic.append(a[11]) or real(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: pytest.fail("the two-source backward ran"))
     gen = torch.Generator().manual_seed(2)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]

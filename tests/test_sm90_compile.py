@@ -19,7 +19,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
-EXPECTED = {"flash_fwd_kernel": 12, "flash_bwd_kernel": 14,
+EXPECTED = {"flash_fwd_kernel": 14, "flash_bwd_kernel": 16,
             "flash_bwd_preprocess_kernel": 4, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
             "dqk_bwd": 5, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
             "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 3, "_merge_fwd_kernel": 1, "_merge_bwd_kernel": 1,
@@ -75,6 +75,7 @@ def _run_ops() -> None:
     from subquad.ops.softmax.dropout import new_rng
     from subquad.ops.softmax.flash import flash_attention, flash_attention_with_columns, launch, tuning
     from subquad.masks.plan import plan
+    from subquad.ops.softmax.planned import _plain_band
 
     tuning._hopper = lambda: True
     launch.interpreting = tuning.interpreting = lambda: False
@@ -106,13 +107,20 @@ def _run_ops() -> None:
     qp = leaf(b, 4096, h, d)
     out, lse = flash_attention(qp, qp, qp, mask=masks.longformer(256, range(16)))
     out.sum().backward()
-    pl = plan(masks.strided(256), n)                                     # a band + gathered columns in one launch
-    local, columns = pl.components
-    out, lse = flash_attention_with_columns(
-        q, k, v, (local.pattern.lo, local.pattern.hi), columns.kv_index,
-        columns.block_mask(pl.context(b, h, "cpu"), 128, 128, "cpu"), columns.q_pos, columns.kv_pos,
-        (columns.pattern.lo, columns.pattern.hi), d ** -0.5)
+    # a block-diagonal BlockMask: its dK/dV programs store dQ (DQ_STORE), in the query's dtype alone and in fp32
+    # under the fixed pattern's gathered columns (whose dQ programs start from it)
+    out, lse = flash_attention(q, k, v, mask=masks.block_sparse(torch.eye(n // 128, dtype=torch.bool), 128))
     out.sum().backward()
+    for pattern in (masks.strided(256), masks.fixed(128, 8)):            # a band + gathered columns in one launch
+        pl = plan(pattern, n)
+        local, columns = pl.components
+        ctx = pl.context(b, h, "cpu")
+        first = ((local.pattern.lo, local.pattern.hi) if _plain_band(local)
+                 else local.block_mask(ctx, 128, 128, "cpu"))
+        out, lse = flash_attention_with_columns(
+            q, k, v, first, columns.kv_index, columns.block_mask(ctx, 128, 128, "cpu"), columns.q_pos,
+            columns.kv_pos, (columns.pattern.lo, columns.pattern.hi), d ** -0.5)
+        out.sum().backward()
 
     t = 256
     for form in ("two-pass", "fused", "split"):    # the forward in two passes, in one kernel, on segments

@@ -46,6 +46,8 @@ CASES = {
     **{f"blocksparse{rho}-16k": (2, 16384, "masks.block_sparse(torch.rand(128, 128, generator=torch.Generator()"
                                            f".manual_seed(0)) < {rho}, 128)") for rho in (0.1, 0.25, 0.5)},
     "document-4k": (8, 4096, "masks.document(torch.tensor([0] * 1000 + [1] * 1500 + [2] * 1596))"),
+    # block-local attention: 128-key blocks on the diagonal, one key block a query block (DQ_STORE)
+    "blockdiag-16k": (2, 16384, "masks.block_sparse(torch.eye(128, dtype=torch.bool), 128)"),
 }
 # the decode suite's cases (one pass, ``decode``): (batch, context, the suite's input maker and its arguments)
 DECODE_CASES = {

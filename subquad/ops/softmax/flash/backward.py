@@ -16,6 +16,9 @@
      are cut into pieces of ``piece_len`` list entries (``heavy_first``'s items, ranked with the other blocks),
      each adding into a small fp32 buffer per such block (``SLOT``: its place there, -1 for the other blocks,
      which store as usual).
+   * ``DQ_STORE``: where every query block of the BlockMask lists one key block (a block-diagonal pattern:
+     the fixed pattern's local blocks) and a dK/dV program holds a whole key block, that program is the only one
+     to walk each of those query tiles: it stores their dQ as it goes (no dQ programs, no atomics, no zeroing).
    * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
      query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing
      its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
@@ -84,7 +87,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
                UNCHAIN: tl.constexpr = False, rng=0, rng_base=0, dropout_p=0.0, DROPOUT: tl.constexpr = False,
                start_n=0, WIDE_ROWS: tl.constexpr = False, lsh_q_chunk=0, lsh_k_chunk=0,
                LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-               LSH_NOT_SELF: tl.constexpr = False):
+               LSH_NOT_SELF: tl.constexpr = False, DQ_STORE: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_q = offs_m < seq_q
     if EVEN_Q and D == BLOCK_D:
@@ -146,13 +149,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
     else:
         dsT_op = dsT.to(q.dtype)
     dk = dot_acc(dsT_op, q, dk)
-    if DQ_ATOMIC:
+    if DQ_ATOMIC or DQ_STORE:
         dq = dot(tl.trans(dsT_op), k) * dq_scale
-        if DQ_TMA:
+        if DQ_TMA and not DQ_STORE:
             dq_base.atomic_add([start_m, 0], dq)
         else:
-            tl.atomic_add(tile_rows(dq_base, start_m, stride_dqn, BLOCK_M, WIDE_ROWS) + offs_d[None, :], dq,
-                          mask=in_q[:, None] & (offs_d[None, :] < D), sem="relaxed")
+            dq_ptrs = tile_rows(dq_base, start_m, stride_dqn, BLOCK_M, WIDE_ROWS) + offs_d[None, :]
+            dq_ok = in_q[:, None] & (offs_d[None, :] < D)
+            if DQ_STORE:
+                tl.store(dq_ptrs, dq.to(dq_base.dtype.element_ty), mask=dq_ok)
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=dq_ok, sem="relaxed")
     return dk, dv
 
 
@@ -177,11 +184,12 @@ def _dkdv_program(
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, PIECES: tl.constexpr, DQ_TMA: tl.constexpr,
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
     LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-    LSH_NOT_SELF: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False, DQ_STORE: tl.constexpr = False,
 ):
     """The key tile at ``start_n`` of KV head ``hk``: its walk over the query tiles that see it (or its
     ``piece`` of that walk, or every ``n_split``-th tile from ``split``), then its dK and dV. ``Q_POS``,
-    ``KV_POS``, ``lsh_*``: batch element ``b``'s (``tile.batch_rows``)."""
+    ``KV_POS``, ``lsh_*``: batch element ``b``'s (``tile.batch_rows``). ``DQ_STORE`` (a BlockMask walk): each
+    query tile's dQ is stored as it is walked, every query block listing this key block alone."""
     # this program's stretch of the key block's list (full entries first, then partial): all of it unless the
     # walk is cut into pieces (piece_len is then the pieces' length, else larger than any list)
     first = piece * piece_len
@@ -259,7 +267,7 @@ def _dkdv_program(
                         not EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                         HAS_Q_POS, SOFTCAP, ALIBI, MBQ, MBK, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG,
                         bh.to(tl.int64) * seq_q, dropout_p, DROPOUT, start_n, WIDE_ROWS, lsh_q_chunk,
-                        lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                        lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_STORE)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
             # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -475,7 +483,7 @@ def flash_bwd_kernel(
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
-    HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False,
+    HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False, DQ_STORE: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -546,4 +554,4 @@ def flash_bwd_kernel(
             RNG, dropout_p, HQ, HKV, G, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MBQ, MBK, EVEN_Q, EVEN_KV, USE_LIST,
             BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_Q_POS, HAS_KV_POS,
             SOFTCAP, ALIBI, DQ_ATOMIC, SPLIT_ATOMIC, PIECES, DQ_TMA, UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk,
-            lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+            lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_STORE)

@@ -13,7 +13,8 @@ from ..lse_merge import merge_lse_stacked
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 from .lsh_windows import LshWindows
-from .tuning import _dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket
+from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket,
+                     widest_key_tile)
 
 LOG2E = 1.4426950408889634
 
@@ -464,18 +465,19 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
 
 
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
-                     dropout=None, dq_in=None):
+                     dropout=None, dq_in=None, dq_store: bool = False):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
-    (fp32, zeroed); otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype, or fp32),
-    each row's sum in one fixed order, starting from ``dq_in``'s where given (fp32, ``dq``'s strides: another
-    key set's dQ)."""
-    if dq_in is not None and (atomic or dq_in.stride() != dq.stride()):
+    (fp32, zeroed); with ``dq_store`` (``_dq_stored``) they store it into ``dq``; otherwise dQ programs in the
+    same grid write it into ``dq`` (the query's dtype, or fp32), each row's sum in one fixed order, starting from
+    ``dq_in``'s where given (fp32, ``dq``'s strides: another key set's dQ)."""
+    dq_programs = not atomic and not dq_store
+    if dq_in is not None and (not dq_programs or dq_in.stride() != dq.stride()):
         raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
     splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
-    head_major = _backward_head_major(m, bsz, hq, hkv, atomic, q.device)
+    head_major = _backward_head_major(m, bsz, hq, hkv, not dq_programs, q.device)
     pieces = None
     if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not head_major:
         pieces = m.pieces_t(bsz * hkv, num_sms(q.device))
@@ -491,7 +493,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     mb, mh = (m.lists[0].shape[0], m.lists[0].shape[1]) if m.lists is not None else (1, 1)
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, do, dq, dk, dv)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
-    mask_args_q, widths_q = _mask_kernel_args(m, m.lists if not atomic else None, q.device)
+    mask_args_q, widths_q = _mask_kernel_args(m, m.lists if dq_programs else None, q.device)
     args = [q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -499,8 +501,8 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
-    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=not atomic,
-                DQ_SEED=dq_in is not None,
+    meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=dq_programs,
+                DQ_STORE=dq_store, DQ_SEED=dq_in is not None,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     rng = _dropout_args(dropout, meta, q.device)
     lsh = _lsh_args(m, meta, q.device)
@@ -512,22 +514,23 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     no_float = _dummy(q.device, torch.float32)
 
     query_tiles = _tiles(seq_q, n_qb, flags["MBQ"], m.order is not None)
-    q_order = m.order if m.order is not None and not atomic else _dummy(q.device)
+    q_order = m.order if m.order is not None and dq_programs else _dummy(q.device)
 
     def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
         key_tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
 
         def grid(rows: int):
             def axes(tiles: dict):
-                dq_programs = 0 if atomic else query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv)
-                return key_tiles(tiles["BLOCK_N"]) + dq_programs, rows, splits
+                programs = query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv) if dq_programs else 0
+                return key_tiles(tiles["BLOCK_N"]) + programs, rows, splits
             return axes
 
         # (n_rows: the grid's rows, over all the launches of a split grid)
         walk_args = args + [order, n_items, piece_len, slot, acc_k, acc_v, n_slots, *mask_args_q[:4], *widths_q,
                             q_order, *rng, *lsh, bsz * hkv]
         if kern is None:
-            bm_, bn_ = (_fit(INTERPRET_BWD[0], flags["MBQ"]), _fit(INTERPRET_BWD[1], flags["MBK"]))
+            bm_ = _fit(INTERPRET_BWD[0], flags["MBQ"])
+            bn_ = flags["MBK"] if dq_store else _fit(INTERPRET_BWD[1], flags["MBK"])
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
                          **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS))
             launch_split(flash_bwd_kernel, lambda n: grid(n)(tiles), bsz * hkv, *walk_args, **tiles, **meta,
@@ -576,6 +579,15 @@ def _dq_by_programs(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
     return not m.use_list or _walks_whole(m, q, k)
 
 
+def _dq_stored(m: MaskArgs, q: torch.Tensor) -> bool:
+    """Whether a backward over this BlockMask has its dK/dV programs store dQ (``DQ_STORE``): every query block
+    lists one key block (block-diagonal: the fixed pattern's local blocks), read from the walks' lengths (a
+    traced call has none), and a dK/dV tile holds a whole key block, so that one program alone walks each query
+    tile. Neither dQ programs (which compute the scores and dP again) nor atomics then; deterministic too."""
+    return (m.use_list and m.walks is not None and m.walks[0] == 1 and m.walks[1] == 1
+            and m.mbk <= widest_key_tile(q.shape[3]))
+
+
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
              dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
@@ -589,9 +601,11 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     which the pieces need."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    if deterministic or _dq_by_programs(m, q, k):
+    dq_store = _dq_stored(m, q)
+    if deterministic or dq_store or _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
-        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout)
+        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout,
+                                  dq_store=dq_store)
         return dq, dk, dv
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True, dropout)
@@ -604,18 +618,22 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     launch reads the merged LSE and delta; the first writes its dQ sums in fp32, and the second adds its own.
     ``m2`` is the second set's BlockMask arguments at its positions.
 
-    Each set takes dQ programs where ``backward`` would (a band, or a walk that no piece schedule cuts), the
+    Each set takes dQ programs where ``backward`` would (a band, or a walk that no piece schedule cuts), or, a
+    block-diagonal first set (the fixed pattern's local blocks), dK/dV programs that store its dQ sums
+    (``_dq_stored``: half the programs of that launch, and no second pass over its scores); the
     second's starting from the first's sums and writing dQ itself (no fp32 buffer to zero, no atomics, no
     conversion), unless the second set's key tiles are too few to fill the GPU without splitting their walks
     (the strided pattern's 64 columns at 2 x 16k: ``_query_splits``), where its dK/dV programs add dQ by
     atomics and the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    first_programs = _dq_by_programs(m, q, k)
+    first_store = _dq_stored(m, q)
+    first_whole = first_store or _dq_by_programs(m, q, k)
     second_programs = (_dq_by_programs(m2, q, k2)
                        and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1], q.device) == 1)
-    partial = (torch.empty_like if first_programs else torch.zeros_like)(q, dtype=torch.float32)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_programs)
+    partial = (torch.empty_like if first_whole else torch.zeros_like)(q, dtype=torch.float32)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_whole,
+                              dq_store=first_store)
     if second_programs:
         dq = torch.empty_like(q)
         dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, False,

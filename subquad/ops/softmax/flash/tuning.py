@@ -90,6 +90,16 @@ FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
 BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
 
 
+def widest_key_tile(d: int) -> int:
+    """The widest dK/dV key tile (``BLOCK_N``) the backward's configurations offer for heads of width ``d``
+    (a ``DQ_STORE`` launch keeps only the tiles that hold a whole key block); the interpreter takes the block."""
+    if interpreting():
+        return 1 << 30
+    if d > 128:
+        return max(c.kwargs["BLOCK_N"] for c in BWD_WIDE)
+    return max(c.kwargs["BLOCK_N"] for c in (BWD_CONFIGS_SM90 if _hopper() else BWD_CONFIGS_OTHER))
+
+
 def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
     """The backward's dQ programs' tile (the dK/dV tile ``bm`` x ``bn`` transposed, fitted to the BlockMask
     blocks) and its ``UNCHAIN``."""
@@ -100,7 +110,8 @@ def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
     where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` names; dQ by TMA
-    only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them.
+    only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them; with
+    ``DQ_STORE`` only key tiles of a whole key block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
     tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
@@ -117,6 +128,8 @@ def _prune(configs, named_args, unchain=None, **kwargs):
         if c.kwargs.get("DQ_TMA") and not tma:
             continue
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
+        if kwargs.get("DQ_STORE", False) and bn != mbk:
+            continue    # (a key block over two programs: each would store half of a query tile's dQ)
         key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False), c.maxnreg)
         if key not in seen:
             seen.add(key)
@@ -187,7 +200,7 @@ def _kernel(name: str, jit_fn):
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
                    else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
-        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS"])
+        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
