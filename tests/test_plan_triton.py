@@ -48,6 +48,7 @@ ONE_LAUNCH = [
     ("strided", masks.strided(16), 96, 96, None),
     ("strided-odd-length", masks.strided(24), 90, 90, 5.0),
     ("fixed", masks.fixed(32, 4), 96, 96, None),
+    ("fixed-odd-length", masks.fixed(32, 4), 90, 90, 5.0),
     ("strided-first-rows-empty", masks.strided(16) & Band(5, INF), 100, 100, None),
     # columns spanning several blocks, most of them full (unmasked in the forward); the second with a ragged
     # last column block
