@@ -598,7 +598,8 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     ``subquad-triton-det`` rows: Longformer 2 x 16k 2.601 against 2.766 ms, BigBird 4.636 against 5.085,
     block-sparse 5.16 / 11.84 / 22.63 against 6.28 / 13.93 / 26.39 at densities 0.1 / 0.25 / 0.5). Walks that
     outlast even the grid with dQ programs (``DQ_PROGRAMS_LOAD``) are cut into pieces and keep the atomic sums,
-    which the pieces need."""
+    which the pieces need. A block-diagonal BlockMask needs neither: its dK/dV programs store dQ
+    (``_dq_stored``)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
     dq_store = _dq_stored(m, q)
