@@ -104,6 +104,36 @@ def test_plan_uses_band_predicates_for_the_sparse_transformer_patterns():
     assert (fixed.components[1].pattern.lo, fixed.components[1].pattern.hi) == (1, INF)
 
 
+@pytest.mark.parametrize("pattern,n,stride", [
+    (masks.strided(16), 200, (15, 1, 16)),
+    (masks.strided(24, causal=False), 203, (23, 1, 24)),
+    (masks.fixed(32, 4), 200, (28, 4, 32)),
+    (masks.fixed(20, 3), 203, (17, 3, 20)),
+    # the last period cut: 93 columns, not whole periods of 6
+    (masks.fixed(16, 6), 253, None),
+    # residues apart, and explicit columns: index kernels
+    (masks.sliding_window(8) | PeriodicColumns(16, [3, 9]), 200, None),
+    (masks.longformer(16, [0, 1, 50, 130]), 200, None),
+], ids=["strided", "strided-noncausal", "fixed", "fixed-unaligned", "fixed-cut-period", "residues-apart",
+        "explicit"])
+def test_periodic_columns_are_a_stride(pattern, n, stride):
+    """Whole periods of consecutive columns (the strided and fixed patterns) carry ``kv_stride``, which gathers
+    exactly ``kv_index``'s keys as a strided view (and adds their gradients back the same way)."""
+    from subquad.ops.softmax.flash.op import _periodic_keys
+
+    columns = next(c for c in plan(pattern, n, n, block_q=TILE, block_kv=TILE).components if c.role == "columns")
+    assert columns.kv_stride == stride
+    if stride is not None:
+        k = torch.arange(2 * n * 3, dtype=torch.float32).view(2, n, 3, 1)
+        count = columns.kv_index.numel()
+        gathered = _periodic_keys(k, stride, count).reshape(2, count, 3, 1)
+        assert torch.equal(gathered, k.index_select(1, columns.kv_index))
+        grad, grad2 = torch.zeros_like(k), torch.randn(2, count, 3, 1)
+        rows = _periodic_keys(grad, stride, count)
+        rows.add_(grad2.reshape(rows.shape))
+        assert torch.equal(grad, torch.zeros_like(k).index_add_(1, columns.kv_index, grad2))
+
+
 def test_describe_names_components_and_counts():
     text = plan(masks.strided(256), 4096).describe()
     assert "local" in text and "columns" in text and "16 gathered keys" in text and "log-sum-exp" in text

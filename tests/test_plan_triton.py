@@ -54,6 +54,8 @@ ONE_LAUNCH = [
     # last column block
     ("fixed-full-column-blocks", masks.fixed(16, 8), 256, 256, None),
     ("fixed-full-column-blocks-ragged", masks.fixed(16, 6), 250, 250, None),
+    # the last period's columns cut by the sequence's end: gathered by index, not as a strided view
+    ("fixed-cut-period", masks.fixed(16, 6), 253, 253, None),
 ]
 
 
@@ -72,10 +74,12 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
     monkeypatch.setattr(launch, "_query_splits", lambda *a: 1 if columns_dq == "programs" else 2)
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
+    columns = next(c for c in pl.components if c.role == "columns")
+    # whole periods of columns are gathered and their gradients added back through strided views
+    assert (columns.kv_stride is None) == name.endswith("cut-period")
     if "full" in name:
         from subquad.masks.patterns import BuildContext
 
-        columns = next(c for c in pl.components if c.role == "columns")
         bm = columns.block_mask(BuildContext(1, 4, nq, nk, DEV), 32, 32, DEV)
         assert bm.full_kv[0].sum() > 0 and bm.partial_kv[0].sum() > 0
     launches, backwards = [], []

@@ -15,6 +15,8 @@ otherwise) on a BlockMask built for the positions that component sees:
 On the Triton backend a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run
 as one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second
 output, no merge; in the backward both key sets' dK/dV passes read the one LSE and add into one dQ (atomics).
+Columns in whole periods (``Component.kv_stride``: the strided and fixed patterns) are gathered, and their key
+gradients added back, through strided views of K and V, with no index kernels.
 A deterministic call keeps them apart (each component's backward then sums its dQ in a fixed order; the gathers'
 backward adds each gradient row once, their indices being unique, and the merges are elementwise).
 
@@ -128,7 +130,7 @@ def _run_together(local: Component, columns: Component, plan: Plan, q, k, v, sca
     return flash_attention_with_columns(q, k, v, first, columns.kv_index,
                                         columns.block_mask(ctx, plan.block_q, plan.block_kv, q.device),
                                         columns.q_pos, columns.kv_pos, (columns.pattern.lo, columns.pattern.hi),
-                                        scale, softcap, alibi)
+                                        scale, softcap, alibi, columns.kv_stride)
 
 
 def plan_for(mask, causal: bool, seq_q: int, seq_kv: int, device, exact_positions: bool,

@@ -229,18 +229,20 @@ def flash_attention_lsh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
 def flash_attention_with_columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first, kv_index: torch.Tensor,
                                  columns: BlockMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
                                  band2: tuple[int, int], scale: float, softcap: float | None = None,
-                                 alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 alibi_slopes: torch.Tensor | None = None,
+                                 kv_stride: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the keys that ``first`` keeps (a BlockMask, or a band ``(lo, hi)`` on natural positions)
     together with the key columns ``kv_index`` (gathered into a compact second key set at positions ``kv_pos``,
     kept where ``lo2 <= q_pos - k_pos <= hi2``; ``columns``: its BlockMask at ``q_pos``/``kv_pos``, which the
     backward walks), in one forward launch; returns ``(out, lse)``, differentiable in q, k, v. The two key sets
-    must not share a pair (a plan's local and columns components do not)."""
+    must not share a pair (a plan's local and columns components do not). ``kv_stride``: ``(first, width,
+    period)`` where ``kv_index`` is whole periods of consecutive keys (``Component.kv_stride``)."""
     _check_dtype(q)
     m = _band_args(*first) if isinstance(first, tuple) else _block_mask_args(first.to(q.device), None, None)
     m2 = _block_mask_args(columns.to(q.device), q_pos, kv_pos)
     band2 = (max(band2[0], -BAND_INF), min(band2[1], BAND_INF))
-    return FlashWithColumns.apply(_prep(q), _prep(k), _prep(v), kv_index.to(q.device), m, m2, band2, float(scale),
-                                  softcap or None, alibi_slopes)
+    return FlashWithColumns.apply(_prep(q), _prep(k), _prep(v), kv_index.to(q.device), kv_stride, m, m2, band2,
+                                  float(scale), softcap or None, alibi_slopes)
 
 
 def flash_attention_given_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward, mask: Pattern,

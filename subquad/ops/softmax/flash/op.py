@@ -161,33 +161,52 @@ class _Flash(torch.autograd.Function):
         return (*_saved_backward(ctx, dout, dlse), None, None, None, None, None, None, None)
 
 
+def _periodic_keys(x: torch.Tensor, kv_stride: tuple[int, int, int], count: int) -> torch.Tensor:
+    """The ``count`` keys ``first + p * period + j`` (``j < width``) of ``x`` (B, N, H, D) as a strided view
+    (B, count // width, width, H, D), for ``kv_stride = (first, width, period)`` (``plan._periodic_stride``)."""
+    first, width, period = kv_stride
+    sb, sn, sh, sd = x.stride()
+    return x.as_strided((x.shape[0], count // width, width, x.shape[2], x.shape[3]), (sb, period * sn, sn, sh, sd),
+                        x.storage_offset() + first * sn)
+
+
 class FlashWithColumns(torch.autograd.Function):
     """Two key sets in one forward launch (``launch.forward``'s ``second``): the keys of ``m``, and the columns
     ``kv_index`` gathered into a compact set at the positions of ``m2``, kept where ``band2`` holds; the backward
     runs each set's dK/dV pass on the merged LSE, into one dQ, and adds the columns' dK/dV into dK/dV at their
     positions in place (through autograd, the gather's backward was a zeroed copy of K and V and a sum: four
-    full passes over K/V-sized memory). Eager only: a plan's local part and its gathered columns."""
+    full passes over K/V-sized memory). ``kv_stride``: ``kv_index`` as whole periods (``_periodic_keys``), which
+    are gathered and added back through strided views instead of index kernels. Eager only: a plan's local part
+    and its gathered columns."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_index, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
-        k2, v2 = k.index_select(1, kv_index), v.index_select(1, kv_index)
+    def forward(ctx, q, k, v, kv_index, kv_stride, m: MaskArgs, m2: MaskArgs, band2, scale: float, softcap, slopes):
+        n = kv_index.numel()
+        if kv_stride is None:
+            k2, v2 = k.index_select(1, kv_index), v.index_select(1, kv_index)
+        else:
+            k2, v2 = (_periodic_keys(t, kv_stride, n).reshape(t.shape[0], n, *t.shape[2:]) for t in (k, v))
         out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2, *band2))
         ctx.save_for_backward(q, k, v, k2, v2, kv_index, out, lse)
-        ctx.launch_args = (m, m2, scale, softcap, slopes)
+        ctx.launch_args = (m, m2, scale, softcap, slopes, kv_stride)
         return out, lse
 
     @staticmethod
     @first_order
     def backward(ctx, dout, dlse):
         q, k, v, k2, v2, kv_index, out, lse = ctx.saved_tensors
-        m, m2, scale, softcap, slopes = ctx.launch_args
+        m, m2, scale, softcap, slopes, kv_stride = ctx.launch_args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dk2, dv2 = launch.backward_two_sources(dout, q, k, v, m, k2, v2, m2, out, lse, dlse, scale,
                                                            softcap, slopes)
-        dk.index_add_(1, kv_index, dk2)
-        dv.index_add_(1, kv_index, dv2)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        for grad, grad2 in ((dk, dk2), (dv, dv2)):
+            if kv_stride is None:
+                grad.index_add_(1, kv_index, grad2)
+            else:
+                rows = _periodic_keys(grad, kv_stride, kv_index.numel())
+                rows.add_(grad2.reshape(rows.shape))
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class GivenForward(torch.autograd.Function):
