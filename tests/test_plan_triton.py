@@ -53,6 +53,7 @@ ONE_LAUNCH = [
     # columns spanning several blocks, most of them full (unmasked in the forward); the second with a ragged
     # last column block
     ("fixed-full-column-blocks", masks.fixed(16, 8), 256, 256, None),
+    ("strided-full-column-blocks", masks.strided(4), 250, 250, 5.0),
     ("fixed-full-column-blocks-ragged", masks.fixed(16, 6), 250, 250, None),
     # the last period's columns cut by the sequence's end: gathered by index, not as a strided view
     ("fixed-cut-period", masks.fixed(16, 6), 253, 253, None),
@@ -63,11 +64,12 @@ ONE_LAUNCH = [
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
 def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
-    on the merged LSE: the band writes its dQ sums from dQ programs (the fixed pattern's local blocks, one key
-    block a query block at these tiles: from its dK/dV programs, ``DQ_STORE``), and the columns add theirs by
-    atomics where their few key tiles split their walks, else by dQ programs that start from the band's sums;
-    outputs, LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE
-    -inf."""
+    on the merged LSE. The strided pattern's band has dQ programs, which walk the columns too (the columns'
+    launch computes dK/dV alone, its walks split or not); the fixed pattern's local blocks (one key block a
+    query block at these tiles) store their dQ sums from their dK/dV programs (``DQ_STORE``), and the columns
+    add theirs by atomics where their few key tiles split their walks, else by dQ programs that start from
+    those sums. Outputs, LSE and gradients equal the reference plan's, and queries that see no key give zeros
+    and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
@@ -87,9 +89,10 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append((a[3].use_list, kw.get("second")))
                         or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
-    atomic, stored, backward_launch = [], [], launch._backward_launch
-    monkeypatch.setattr(launch, "_backward_launch", lambda *a, **kw: atomic.append(a[11])
-                        or stored.append(kw.get("dq_store", False)) or backward_launch(*a, **kw))
+    # per backward launch: (atomic dQ, dQ stored by dK/dV programs, no dQ at all, a second key set walked)
+    calls, backward_launch = [], launch._backward_launch
+    monkeypatch.setattr(launch, "_backward_launch", lambda *a, **kw: calls.append(
+        (a[11], kw.get("dq_store", False), a[6] is None, kw.get("second") is not None)) or backward_launch(*a, **kw))
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
     g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
@@ -100,9 +103,11 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
-    assert atomic == [False, columns_dq == "atomic"]
-    # fixed(16, *)'s local blocks are half a 32-block: two of them share a query block's one key block
-    assert stored == [name.startswith("fixed"), False]
+    if name.startswith("fixed"):
+        # fixed(16, *)'s local blocks are half a 32-block: two of them share a query block's one key block
+        assert calls == [(False, True, False, False), (columns_dq == "atomic", False, False, False)]
+    else:
+        assert calls == [(False, False, False, True), (False, False, True, False)]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")

@@ -22,7 +22,9 @@
    * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
      query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing
      its rows' dQ in one fixed order, as FlexAttention's backward does. Their tiles are the dK/dV tiles
-     transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks).
+     transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks). With ``TWO_SOURCES`` they walk a
+     second, gathered key set after the first, as the forward does (a plan's band and its columns: one dQ
+     sum over both, and the columns' launch, neither dQ kind on, computes dK/dV alone).
 
 ``DROPOUT``: the forward's keep decisions again (``tile.dropout_keep``, by row and key index): ``dV`` takes the
 kept probabilities scaled by ``1 / (1 - p)``, and ``dP`` is masked and scaled the same way before
@@ -370,6 +372,8 @@ def _dq_program(
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, RNG, dropout_p,
+    K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
+    FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -379,12 +383,14 @@ def _dq_program(
     HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
     LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
-    LSH_NOT_SELF: tl.constexpr = False, DQ_SEED: tl.constexpr = False,
+    LSH_NOT_SELF: tl.constexpr = False, DQ_SEED: tl.constexpr = False, TWO_SOURCES: tl.constexpr = False,
+    EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists; ``Q_POS``, ``KV_POS``,
     ``lsh_*``: batch element ``b``'s, as ``tile.batch_rows`` gives them). ``DQ_SEED``: the sum starts from
-    ``DQ_IN`` (fp32, ``DQ``'s strides), another key set's dQ of these rows."""
+    ``DQ_IN`` (fp32, ``DQ``'s strides), another key set's dQ of these rows. ``TWO_SOURCES``: the walk goes on
+    over a second, gathered key set (``K2``..., as the forward's ``TWO_SOURCES`` walks it)."""
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -450,6 +456,33 @@ def _dq_program(
                           True, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
                           BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT, WIDE_ROWS)
 
+    if TWO_SOURCES:
+        # a plan's gathered columns after its band (forward.py's TWO_SOURCES walk, the same tiles): the rows' dQ
+        # over both key sets is one sum, stored once in the query's dtype, and the columns' own launch computes
+        # dK/dV alone. Before, the columns' few key tiles split their walks and added dQ by fp32 atomics into
+        # this pass's fp32 sums, converted after: ~7% of the strided pattern's kernel time at 2 x 16k (H100)
+        k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
+        v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
+        _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
+        SUBS2: tl.constexpr = 1 if ONE_BLOCK2 else MBK // BLOCK_N
+        n_steps = n_listed2
+        if ONE_BLOCK2:
+            n_steps = n_listed2 * tl.cdiv(n2, BLOCK_N)
+        for t in range(n_steps * SUBS2):
+            if ONE_BLOCK2:
+                block_start = t * BLOCK_N
+                partial = n_full2 == 0
+            else:
+                kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
+                block_start = kb * MBK
+            start_n = block_start + (t % SUBS2) * BLOCK_N
+            dq = _dq_tile(dq, q, do, lse2, delta, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
+                          list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, seq_q, n2,
+                          qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS,
+                          KV2_POS, 0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2,
+                          True, False, False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M,
+                          BLOCK_N, UNCHAIN, WIDE_ROWS=WIDE_ROWS)
+
     dq = dq * scale
     dq_offs = b.to(tl.int64) * stride_dqb + h * stride_dqh + m_rows * stride_dqn + offs_d[None, :]
     dq_ok = in_q[:, None] & (offs_d[None, :] < D)
@@ -467,7 +500,10 @@ def flash_bwd_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh, stride_slope_b, stride_doc_b,
     stride_lay_b, stride_lay_h, stride_lay_q,
     seq_q, seq_kv, q_off, qk_scale, cap_scale, scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block,
-    full_width, part_width, n_qb, n_kb, mask_b, mask_h, ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
+    full_width, part_width, n_qb, n_kb, mask_b, mask_h,
+    K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
+    FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
+    ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
     LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
@@ -484,6 +520,7 @@ def flash_bwd_kernel(
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
     HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False, DQ_STORE: tl.constexpr = False,
+    TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -524,10 +561,12 @@ def flash_bwd_kernel(
             stride_vh, stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh, stride_slope_b,
             stride_doc_b, stride_lay_b, stride_lay_h, stride_lay_q, seq_q, seq_kv, q_off, qk_scale, cap_scale,
             scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
-            mask_b, mask_h, RNG, dropout_p, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
+            mask_b, mask_h, RNG, dropout_p, K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b,
+            stride_v2n, stride_v2h, n2, band2_lo, band2_hi, FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width,
+            part2_width, mask2_b, mask2_h, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
             HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
-            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED)
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED, TWO_SOURCES, EVEN_KV2, ONE_BLOCK2)
     else:
         piece = 0
         if ORDERED:

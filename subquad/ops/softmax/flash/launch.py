@@ -321,6 +321,20 @@ def _second_source_args(second, device) -> list:
             full_num.shape[0], full_num.shape[1]]
 
 
+def _second_source_meta(meta: dict, m: MaskArgs, second) -> None:
+    """The switches of a launch whose query tiles walk ``second``'s keys after ``m``'s (``TWO_SOURCES``)."""
+    m2 = second[2]
+    if not m.use_list:
+        # a band first source has no blocks of its own: the block sizes are the second source's lists'
+        meta["MBQ"], meta["MBK"] = m2.mbq, m2.mbk
+    if (m2.mbq, m2.mbk) != (meta["MBQ"], meta["MBK"]):
+        raise ValueError(f"columns: expected BlockMask blocks of {meta['MBQ']}x{meta['MBK']} (the first key "
+                         f"set's), got {m2.mbq}x{m2.mbk}")
+    meta["TWO_SOURCES"] = True
+    meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
+    meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
+
+
 def _dropout_args(dropout, meta: dict, device) -> list:
     """The kernels' ``RNG, dropout_p`` for ``dropout``: ``(p, rng)`` (``subquad.ops.softmax.dropout.new_rng``)
     or None; sets ``DROPOUT`` in ``meta`` when on."""
@@ -384,16 +398,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["PIECES"] = True
     args += schedule + _dropout_args(dropout, meta, q.device) + _lsh_args(m, meta, q.device)
     if second is not None:
-        m2 = second[2]
-        if not m.use_list:
-            # a band first source has no blocks of its own: the block sizes are the second source's lists'
-            meta["MBQ"], meta["MBK"] = m2.mbq, m2.mbk
-        if (m2.mbq, m2.mbk) != (meta["MBQ"], meta["MBK"]):
-            raise ValueError(f"columns: expected BlockMask blocks of {meta['MBQ']}x{meta['MBK']} (the first key "
-                             f"set's), got {m2.mbq}x{m2.mbk}")
-        meta["TWO_SOURCES"] = True
-        meta["EVEN_KV2"] = second[0].shape[1] % m2.mbk == 0
-        meta["ONE_BLOCK2"] = second[0].shape[1] <= m2.mbk
+        _second_source_meta(meta, m, second)
     if m.order is not None:
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
     if into is not None:
@@ -465,18 +470,22 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
 
 
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
-                     dropout=None, dq_in=None, dq_store: bool = False):
+                     dropout=None, dq_in=None, dq_store: bool = False, second=None):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
     (fp32, zeroed); with ``dq_store`` (``_dq_stored``) they store it into ``dq``; otherwise dQ programs in the
     same grid write it into ``dq`` (the query's dtype, or fp32), each row's sum in one fixed order, starting from
-    ``dq_in``'s where given (fp32, ``dq``'s strides: another key set's dQ)."""
-    dq_programs = not atomic and not dq_store
+    ``dq_in``'s where given (fp32, ``dq``'s strides: another key set's dQ), and going on over ``second``'s keys
+    where given (``forward``'s ``second``: backward.py's ``TWO_SOURCES``). ``dq`` None: no dQ at all (another
+    launch's dQ programs walked these keys as its ``second``)."""
+    dq_programs = dq is not None and not atomic and not dq_store
     if dq_in is not None and (not dq_programs or dq_in.stride() != dq.stride()):
         raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
+    if second is not None and not dq_programs:
+        raise ValueError("second: a second key set is walked by dQ programs only")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
-    splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic else 1
+    splits = _query_splits(bsz * hkv * cdiv(seq_kv, 128), seq_q, q.device) if atomic or dq is None else 1
     head_major = _backward_head_major(m, bsz, hq, hkv, not dq_programs, q.device)
     pieces = None
     if atomic and splits == 1 and m.order_t is not None and m.cut_walks and not head_major:
@@ -494,16 +503,21 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, do, dq, dk, dv)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     mask_args_q, widths_q = _mask_kernel_args(m, m.lists if dq_programs else None, q.device)
+    if dq is None:
+        dq = _dummy(q.device, torch.float32).view(1, 1, 1)
     args = [q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2), sl_stride, _doc_stride(m), *_layout_strides(m),
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
-            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh]
+            *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=dq_programs,
                 DQ_STORE=dq_store, DQ_SEED=dq_in is not None,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
+    if second is not None:
+        _second_source_meta(meta, m, second)
+        flags["MBQ"], flags["MBK"] = meta["MBQ"], meta["MBK"]
     rng = _dropout_args(dropout, meta, q.device)
     lsh = _lsh_args(m, meta, q.device)
     if atomic and _dq_by_tma(q):
@@ -614,26 +628,35 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
 
 
 def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, lse, dlse, scale: float, softcap,
-                         slopes):
-    """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``): each key set's backward
-    launch reads the merged LSE and delta; the first writes its dQ sums in fp32, and the second adds its own.
-    ``m2`` is the second set's BlockMask arguments at its positions.
+                         slopes, band2: tuple[int, int]):
+    """``(dq, dk, dv, dk2, dv2)`` of a two-source forward (``forward``'s ``second``: ``(k2, v2, m2, *band2)``):
+    each key set's backward launch reads the merged LSE and delta. ``m2`` is the second set's BlockMask
+    arguments at its positions.
 
-    Each set takes dQ programs where ``backward`` would (a band, or a walk that no piece schedule cuts), or, a
-    block-diagonal first set (the fixed pattern's local blocks), dK/dV programs that store its dQ sums
-    (``_dq_stored``: half the programs of that launch, and no second pass over its scores); the
-    second's starting from the first's sums and writing dQ itself (no fp32 buffer to zero, no atomics, no
-    conversion), unless the second set's key tiles are too few to fill the GPU without splitting their walks
-    (the strided pattern's 64 columns at 2 x 16k: ``_query_splits``), where its dK/dV programs add dQ by
-    atomics and the sums are converted after."""
+    Where the first set takes dQ programs (``backward``'s choice: a band, or a walk that no piece schedule
+    cuts), they walk the second set's keys too, as the forward does, and store dQ once in the query's dtype;
+    the second set's launch computes dK/dV alone (its few key tiles split over programs where they cannot fill
+    the GPU: the strided pattern's 64 columns at 2 x 16k). Before, those split walks added dQ by fp32 atomics
+    into the first launch's fp32 sums, converted after.
+
+    Otherwise the first set's dQ comes in fp32: from dK/dV programs that store it where the first set is
+    block-diagonal (the fixed pattern's local blocks: ``_dq_stored``, half the programs of that launch and no
+    second pass over its scores), else by atomics; the second's dQ programs start from those sums and write dQ
+    (no atomics, no conversion), unless its key tiles are too few to fill the GPU unsplit (``_query_splits``),
+    where its dK/dV programs add dQ by atomics and the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
     first_store = _dq_stored(m, q)
-    first_whole = first_store or _dq_by_programs(m, q, k)
+    if not first_store and _dq_by_programs(m, q, k):
+        dq = torch.empty_like(q)
+        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False,
+                                  second=(k2, v2, m2, *band2))
+        dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, None, m2, scale, softcap, slopes, False)
+        return dq, dk, dv, dk2, dv2
     second_programs = (_dq_by_programs(m2, q, k2)
                        and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1], q.device) == 1)
-    partial = (torch.empty_like if first_whole else torch.zeros_like)(q, dtype=torch.float32)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_whole,
+    partial = (torch.empty_like if first_store else torch.zeros_like)(q, dtype=torch.float32)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_store,
                               dq_store=first_store)
     if second_programs:
         dq = torch.empty_like(q)

@@ -188,18 +188,18 @@ class FlashWithColumns(torch.autograd.Function):
             k2, v2 = (_periodic_keys(t, kv_stride, n).reshape(t.shape[0], n, *t.shape[2:]) for t in (k, v))
         out, lse = launch.forward(q, k, v, m, scale, softcap, slopes, second=(k2, v2, m2, *band2))
         ctx.save_for_backward(q, k, v, k2, v2, kv_index, out, lse)
-        ctx.launch_args = (m, m2, scale, softcap, slopes, kv_stride)
+        ctx.launch_args = (m, m2, band2, scale, softcap, slopes, kv_stride)
         return out, lse
 
     @staticmethod
     @first_order
     def backward(ctx, dout, dlse):
         q, k, v, k2, v2, kv_index, out, lse = ctx.saved_tensors
-        m, m2, scale, softcap, slopes, kv_stride = ctx.launch_args
+        m, m2, band2, scale, softcap, slopes, kv_stride = ctx.launch_args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dk2, dv2 = launch.backward_two_sources(dout, q, k, v, m, k2, v2, m2, out, lse, dlse, scale,
-                                                           softcap, slopes)
+                                                           softcap, slopes, band2)
         for grad, grad2 in ((dk, dk2), (dv, dv2)):
             if kv_stride is None:
                 grad.index_add_(1, kv_index, grad2)
