@@ -48,7 +48,8 @@ import triton.language as tl
 
 from ...chained import unchained
 from .tile import (batch_rows, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores, tile_rows)
+                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores, second_tile,
+                   second_walk, tile_rows)
 
 
 @triton.jit(do_not_specialize=["pid_offset"])
@@ -463,19 +464,11 @@ def _dq_program(
         # this pass's fp32 sums, converted after: ~7% of the strided pattern's kernel time at 2 x 16k (H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
-        SUBS2: tl.constexpr = 1 if ONE_BLOCK2 else MBK // BLOCK_N
-        n_steps = n_listed2
-        if ONE_BLOCK2:
-            n_steps = n_listed2 * tl.cdiv(n2, BLOCK_N)
-        for t in range(n_steps * SUBS2):
-            if ONE_BLOCK2:
-                block_start = t * BLOCK_N
-                partial = n_full2 == 0
-            else:
-                kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
-                block_start = kb * MBK
-            start_n = block_start + (t % SUBS2) * BLOCK_N
+        n_tiles2, base2, n_full2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ,
+                                               MBK, BLOCK_N, ONE_BLOCK2)
+        for t in range(n_tiles2):
+            start_n, partial = second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                                           BLOCK_N, ONE_BLOCK2)
             dq = _dq_tile(dq, q, do, lse2, delta, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
                           list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, seq_q, n2,
                           qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS,

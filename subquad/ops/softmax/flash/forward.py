@@ -48,7 +48,8 @@ import triton.language as tl
 
 from ...chained import unchained_rescaled
 from .tile import (batch_rows, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, list_row, scores, tile_rows)
+                   list_block, list_edge, list_part, list_row, scores, second_tile, second_walk,
+                   tile_rows)
 
 LOG2E = 1.4426950408889634
 
@@ -251,26 +252,11 @@ def flash_fwd_kernel(
         # 150 effective TFLOP/s on the H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
-        # every listed block's tiles in one loop, full blocks first, a tile an iteration (a loop per block paid a
-        # pipeline prologue per block: the fixed pattern's query tiles list up to one column block per 16 query
-        # tiles before them; a block's tiles unrolled in the body had buffers of their own, as in the first
-        # source's walk). A ragged last block's tiles wholly past the keys run masked to nothing; where all
-        # the columns are one block (ONE_BLOCK2: the strided pattern's 64 at 16k, half a 128-block, whose empty
-        # tile cost 5% of its forward on the H200) the loop goes over that block's tiles up to the keys' end
-        # instead: a branch around the empty tiles would stop the software pipeliner for the whole loop
-        SUBS2: tl.constexpr = 1 if ONE_BLOCK2 else MBK // BLOCK_N
-        n_steps = n_listed2
-        if ONE_BLOCK2:
-            n_steps = n_listed2 * tl.cdiv(n2, BLOCK_N)     # (the one block listed or not)
-        for t in range(n_steps * SUBS2):
-            if ONE_BLOCK2:
-                block_start = t * BLOCK_N
-                partial = n_full2 == 0
-            else:
-                kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
-                block_start = kb * MBK
-            start_n = block_start + (t % SUBS2) * BLOCK_N
+        n_tiles2, base2, n_full2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ,
+                                               MBK, BLOCK_N, ONE_BLOCK2)
+        for t in range(n_tiles2):
+            start_n, partial = second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                                           BLOCK_N, ONE_BLOCK2)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
                 list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,

@@ -296,6 +296,39 @@ def list_part(part: tl.constexpr, n_full, n_all, MASK_READS: tl.constexpr):
 
 
 @triton.jit
+def second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ: tl.constexpr,
+                MBK: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK2: tl.constexpr):
+    """A query tile's walk over a second, gathered key set (``TWO_SOURCES``: a plan's columns, in the forward and
+    the dQ programs): its number of key tiles, its list row's offset and its full entries. Every listed block's
+    tiles go in one loop, full blocks first, a tile an iteration (a loop per block paid a pipeline prologue per
+    block: the fixed pattern's query tiles list up to one column block per 16 query tiles before them). A ragged
+    last block's tiles wholly past the keys run masked to nothing; where all the columns are one block
+    (``ONE_BLOCK2``: the strided pattern's 64 at 16k, half a 128-block, whose empty tile cost 5% of its forward
+    on the H200) the loop goes over that block's tiles up to the keys' end instead: a branch around the empty
+    tiles would stop the software pipeliner for the whole loop."""
+    _, base2, n_full2, n_listed2 = list_row(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, MBQ)
+    if ONE_BLOCK2:
+        n_tiles = n_listed2 * tl.cdiv(n2, BLOCK_N)     # (the one block listed or not)
+    else:
+        n_tiles = n_listed2 * (MBK // BLOCK_N)
+    return n_tiles, base2, n_full2
+
+
+@triton.jit
+def second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK: tl.constexpr,
+                BLOCK_N: tl.constexpr, ONE_BLOCK2: tl.constexpr):
+    """Tile ``t`` of ``second_walk``: its first key and whether its block is partial."""
+    if ONE_BLOCK2:
+        start_n = t * BLOCK_N
+        partial = n_full2 == 0
+    else:
+        SUBS2: tl.constexpr = MBK // BLOCK_N
+        kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
+        start_n = kb * MBK + (t % SUBS2) * BLOCK_N
+    return start_n, partial
+
+
+@triton.jit
 def list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF, n_kb, USE_BITS: tl.constexpr):
     """A query block's list entry ``j``: its key block, whether that is partial, and its bitmask tile."""
     kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
