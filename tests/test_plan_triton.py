@@ -64,12 +64,10 @@ ONE_LAUNCH = [
 @pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
 def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
-    on the merged LSE. The strided pattern's band has dQ programs, which walk the columns too (the columns'
-    launch computes dK/dV alone, its walks split or not); the fixed pattern's local blocks (one key block a
-    query block at these tiles) store their dQ sums from their dK/dV programs (``DQ_STORE``), and the columns
-    add theirs by atomics where their few key tiles split their walks, else by dQ programs that start from
-    those sums. Outputs, LSE and gradients equal the reference plan's, and queries that see no key give zeros
-    and LSE -inf."""
+    on the merged LSE: the local part's dQ programs (the strided pattern's band; the fixed pattern's local
+    blocks, which a query block's one key block would otherwise have had store dQ, ``DQ_STORE``) walk the
+    columns too, and the columns' launch computes dK/dV alone, its walks split over programs or not. Outputs,
+    LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
@@ -103,11 +101,7 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
-    if name.startswith("fixed"):
-        # fixed(16, *)'s local blocks are half a 32-block: two of them share a query block's one key block
-        assert calls == [(False, True, False, False), (columns_dq == "atomic", False, False, False)]
-    else:
-        assert calls == [(False, False, False, True), (False, False, True, False)]
+    assert calls == [(False, False, False, True), (False, False, True, False)]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")

@@ -107,11 +107,12 @@ def _run_ops() -> None:
     qp = leaf(b, 4096, h, d)
     out, lse = flash_attention(qp, qp, qp, mask=masks.longformer(256, range(16)))
     out.sum().backward()
-    # a block-diagonal BlockMask: its dK/dV programs store dQ (DQ_STORE), in the query's dtype alone and in fp32
-    # under the fixed pattern's gathered columns (whose dQ programs start from it)
+    # a block-diagonal BlockMask: its dK/dV programs store dQ (DQ_STORE)
     out, lse = flash_attention(q, k, v, mask=masks.block_sparse(torch.eye(n // 128, dtype=torch.bool), 128))
     out.sum().backward()
-    for pattern in (masks.strided(256), masks.fixed(128, 8)):            # a band + gathered columns in one launch
+    # a band (strided) or BlockMask (fixed) + gathered columns in one launch; the first's dQ programs walk both
+    # key sets, the columns' backward computes dK/dV alone
+    for pattern in (masks.strided(256), masks.fixed(128, 8)):
         pl = plan(pattern, n)
         local, columns = pl.components
         ctx = pl.context(b, h, "cpu")

@@ -17,7 +17,7 @@
      each adding into a small fp32 buffer per such block (``SLOT``: its place there, -1 for the other blocks,
      which store as usual).
    * ``DQ_STORE``: where every query block of the BlockMask lists one key block (a block-diagonal pattern:
-     the fixed pattern's local blocks) and a dK/dV program holds a whole key block, that program is the only one
+     block-local attention) and a dK/dV program holds a whole key block, that program is the only one
      to walk each of those query tiles: it stores their dQ as it goes (no dQ programs, no atomics, no zeroing).
    * ``DQ_PROGRAMS`` (the deterministic backward): dQ programs (``_dq_program``), one per (query tile, batch,
      query head), after the dK/dV programs in the same grid: the forward's walk over key tiles, each summing

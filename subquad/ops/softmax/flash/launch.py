@@ -513,7 +513,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=dq_programs,
-                DQ_STORE=dq_store, DQ_SEED=dq_in is not None,
+                DQ_STORE=dq_store, DQ_SEED=dq_in is not None, TWO_SOURCES=False,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if second is not None:
         _second_source_meta(meta, m, second)
@@ -595,7 +595,7 @@ def _dq_by_programs(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def _dq_stored(m: MaskArgs, q: torch.Tensor) -> bool:
     """Whether a backward over this BlockMask has its dK/dV programs store dQ (``DQ_STORE``): every query block
-    lists one key block (block-diagonal: the fixed pattern's local blocks), read from the walks' lengths (a
+    lists one key block (block-diagonal: block-local attention), read from the walks' lengths (a
     traced call has none), and a dK/dV tile holds a whole key block, so that one program alone walks each query
     tile. Neither dQ programs (which compute the scores and dP again) nor atomics then; deterministic too."""
     return (m.use_list and m.walks is not None and m.walks[0] == 1 and m.walks[1] == 1
@@ -634,31 +634,32 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     arguments at its positions.
 
     Where the first set takes dQ programs (``backward``'s choice: a band, or a walk that no piece schedule
-    cuts), they walk the second set's keys too, as the forward does, and store dQ once in the query's dtype;
-    the second set's launch computes dK/dV alone (its few key tiles split over programs where they cannot fill
-    the GPU: the strided pattern's 64 columns at 2 x 16k). Before, those split walks added dQ by fp32 atomics
-    into the first launch's fp32 sums, converted after.
+    cuts; the strided pattern's band, the fixed pattern's local blocks), they walk the second set's keys too, as
+    the forward does, and store dQ once in the query's dtype; the second set's launch computes dK/dV alone (its
+    few key tiles split over programs where they cannot fill the GPU: the strided pattern's 64 columns at 2 x
+    16k). H100, fwd+bwd, against the code before (``2026-12-06-dq-walks-columns-ab-h100.json``): strided 1.935
+    -> 1.661 ms at 2 x 16k and 4.527 -> 3.972 at 1 x 64k, where the columns' split walks had added dQ by fp32
+    atomics into the first launch's fp32 sums, converted after; fixed 2.678 -> 2.424 ms at 2 x 16k and 13.01 ->
+    12.64 at 1 x 64k, where the local blocks' dK/dV programs had stored fp32 dQ sums (``DQ_STORE``) that the
+    columns' dQ programs went on from: those programs' second read of Q and dO and the fp32 round trip cost
+    more than the dQ programs' second pass over the diagonal blocks' scores.
 
-    Otherwise the first set's dQ comes in fp32: from dK/dV programs that store it where the first set is
-    block-diagonal (the fixed pattern's local blocks: ``_dq_stored``, half the programs of that launch and no
-    second pass over its scores), else by atomics; the second's dQ programs start from those sums and write dQ
-    (no atomics, no conversion), unless its key tiles are too few to fill the GPU unsplit (``_query_splits``),
-    where its dK/dV programs add dQ by atomics and the sums are converted after."""
+    Otherwise (a first set whose walks are cut into pieces) the first set adds its dQ by atomics into fp32 sums;
+    the second's dQ programs start from those and write dQ (no atomics, no conversion), unless its key tiles
+    are too few to fill the GPU unsplit (``_query_splits``), where its dK/dV programs add dQ by atomics too and
+    the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _preprocess(do, out, lse, dlse)
-    first_store = _dq_stored(m, q)
-    if not first_store and _dq_by_programs(m, q, k):
+    if _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
         dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False,
                                   second=(k2, v2, m2, *band2))
         dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, None, m2, scale, softcap, slopes, False)
         return dq, dk, dv, dk2, dv2
-    second_programs = (_dq_by_programs(m2, q, k2)
-                       and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1], q.device) == 1)
-    partial = (torch.empty_like if first_store else torch.zeros_like)(q, dtype=torch.float32)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, not first_store,
-                              dq_store=first_store)
-    if second_programs:
+    partial = torch.zeros_like(q, dtype=torch.float32)
+    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, True)
+    if _dq_by_programs(m2, q, k2) and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1],
+                                                    q.device) == 1:
         dq = torch.empty_like(q)
         dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, False,
                                     dq_in=partial)
