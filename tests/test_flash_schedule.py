@@ -328,25 +328,3 @@ def test_seeded_band_launch_goes_on_from_a_blockmask_result():
     ref, ref_lse = attention_reference(q, k, v, None, 32 ** -0.5, 5.0, None)
     _close("out", out, ref, q.dtype)
     _lse_close(lse, ref_lse)
-
-
-def test_two_source_launch_orders_query_blocks_by_both_walks():
-    """A launch whose query tiles walk a plan's local blocks and then its gathered columns orders them by both
-    walks: the fixed pattern's local blocks are one key block a query block (by them alone, block order), its
-    columns more the later the row, so the last query blocks start first and the first (no columns) last."""
-    from subquad.masks.patterns import BuildContext
-    from subquad.masks.plan import plan
-    from subquad.ops.softmax.flash import _block_mask_args
-
-    pl = plan(masks.fixed(16, 8), 256, 256, block_q=32, block_kv=32, device="cpu")
-    local, columns = pl.components
-    ctx = BuildContext(1, 1, 256, 256, "cpu")
-    m = _block_mask_args(local.block_mask(ctx, 32, 32, "cpu"), None, None)
-    m2 = _block_mask_args(columns.block_mask(ctx, 32, 32, "cpu"), columns.q_pos, columns.kv_pos)
-    assert m.order[0, 0].tolist() == list(range(8))
-    order = m.order_with(m2)
-    work = sum(lists[i][0, 0].long() for lists in (m.lists, m2.lists) for i in (0, 2))
-    # query blocks 2j and 2j + 1 list j + 1 column blocks (j full, one partial), ties in block order
-    assert order[0, 0].tolist() == [6, 7, 4, 5, 2, 3, 0, 1]
-    assert (work[order[0, 0].long()].diff() <= 0).all()
-    assert m.order_with(m2) is order

@@ -21,7 +21,7 @@ import torch
 
 from .... import masks as _masks
 from ....masks import BlockMask, Pattern
-from .launch import LshWindows, MaskArgs, heaviest_first, interpreting
+from .launch import LshWindows, MaskArgs, interpreting
 from .masking import BAND_INF, Terms, bitmask_tiles, kernel_terms, pure_band
 from .op import FlashWithColumns, GivenForward, run
 
@@ -114,6 +114,13 @@ def _block_mask_args(bm: BlockMask, q_pos, kv_pos) -> MaskArgs:
 
 
 
+def _heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Tensor:
+    """Blocks by the number of tiles they visit, most first (ties in block order), per mask (batch, head):
+    the kernels' ``heavy_first`` schedule."""
+    work = full_num.long() + part_num.long()
+    return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+
+
 def _schedule(bm: BlockMask) -> tuple:
     """``(order, order_t, walks)``: the forward's query blocks and the dK/dV pass's key blocks heaviest first, and
     the walks' lengths from which each launch decides its order (``MaskArgs.head_major``). Reading them back to the
@@ -124,7 +131,7 @@ def _schedule(bm: BlockMask) -> tuple:
                                                                   (bm.full_q, bm.partial_q))]
     if not torch.compiler.is_compiling() and all(c.numel() for c in counts):
         walks = tuple(torch.stack([x for c in counts for x in (c.amax().double(), c.double().mean())]).tolist())
-    return heaviest_first(bm.full_kv[0], bm.partial_kv[0]), heaviest_first(bm.full_q[0], bm.partial_q[0]), walks
+    return _heaviest_first(bm.full_kv[0], bm.partial_kv[0]), _heaviest_first(bm.full_q[0], bm.partial_q[0]), walks
 
 
 def _layout_decided_by_blocks(terms: Terms, bm: BlockMask, q_pos, kv_pos) -> bool:

@@ -64,13 +64,6 @@ HEAVY_WALK = 3.0
 TAIL_SHARE = 0.25
 
 
-def heaviest_first(full_num: torch.Tensor, part_num: torch.Tensor) -> torch.Tensor:
-    """Blocks by the number of tiles they visit, most first (ties in block order), per mask (batch, head):
-    the kernels' ``heavy_first`` schedule."""
-    work = full_num.long() + part_num.long()
-    return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
-
-
 def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int,
                 load: float | None = None, most: int | None = None) -> tuple:
     """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()`` (the
@@ -149,7 +142,6 @@ class MaskArgs:
     lsh: LshWindows | None = None
     _pieces: dict = field(default_factory=dict)
     _piece_rows: dict = field(default_factory=dict)
-    _orders: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.order is None) != (self.order_t is None):
@@ -172,22 +164,6 @@ class MaskArgs:
         longest, mean = self.walks[2:] if backward else self.walks[:2]
         per_sm = mean * rows * (self.order_t if backward else self.order).shape[-1] / sms
         return longest <= HEAVY_WALK * mean and longest <= TAIL_SHARE * per_sm
-
-    def order_with(self, second: MaskArgs) -> torch.Tensor:
-        """``order`` with each query block weighed by its walk over ``second``'s keys too (a launch whose query
-        tiles walk both key sets, ``TWO_SOURCES``: the fixed pattern's local blocks walk one key block each, its
-        gathered columns grow with the row, and by the local lists alone the longest walks ran last); kept per
-        ``second``. Where the two lists do not share their query blocks and (batch, head) layout, ``order``."""
-        hit = self._orders.get(id(second))
-        if hit is not None and hit[0] is second:
-            return hit[1]
-        full, part = self.lists[0], self.lists[2]
-        full2, part2 = second.lists[0], second.lists[2]
-        order = self.order
-        if full2.shape[-1] == full.shape[-1] and all(n2 in (1, n) for n2, n in zip(full2.shape[:2], full.shape[:2])):
-            order = heaviest_first(full + part, (full2 + part2).expand_as(full))
-        self._orders[id(second)] = (second, order)
-        return order
 
     def pieces_t(self, programs: int, sms: int, load: float | None = None):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
@@ -411,8 +387,6 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         and not head_major else None
     no_float = _dummy(q.device, torch.float32)
     order = m.order if m.order is not None else _dummy(q.device)
-    if second is not None and m.order is not None:
-        order = m.order_with(second[2])
     schedule = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
     if pieces is not None:
         whole, cut_items, piece_len, blocks, slot, n_pieces = pieces
@@ -555,8 +529,6 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
 
     query_tiles = _tiles(seq_q, n_qb, flags["MBQ"], m.order is not None)
     q_order = m.order if m.order is not None and dq_programs else _dummy(q.device)
-    if second is not None and m.order is not None:
-        q_order = m.order_with(second[2])
 
     def launch_walks(order, n_items, piece_len, slot, acc_k, acc_v, n_slots, **switch):
         key_tiles = _tiles(seq_kv, n_items, flags["MBK"], m.order_t is not None)
