@@ -60,18 +60,30 @@ ONE_LAUNCH = [
 ]
 
 
-@pytest.mark.parametrize("columns_dq", ["atomic", "programs"])
-@pytest.mark.parametrize("name,pattern,nq,nk,softcap", ONE_LAUNCH, ids=[c[0] for c in ONE_LAUNCH])
-def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, columns_dq, monkeypatch):
+# (case, the columns' key tiles too few to fill the GPU unsplit or not, the local part's dQ by dQ programs or by
+# atomics, as where its walks are cut into pieces)
+ONE_LAUNCH_RUNS = ([(*case, walks, "programs") for case in ONE_LAUNCH for walks in ("split", "whole")]
+                   + [(*case, walks, "atomic") for case in ONE_LAUNCH[:1] + ONE_LAUNCH[2:4] + ONE_LAUNCH[7:8]
+                      for walks in ("split", "whole")])
+
+
+@pytest.mark.parametrize("name,pattern,nq,nk,softcap,column_walks,first_dq", ONE_LAUNCH_RUNS,
+                         ids=["-".join((c[0], *c[5:])) for c in ONE_LAUNCH_RUNS])
+def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, column_walks, first_dq, monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
     on the merged LSE: the local part's dQ programs (the strided pattern's band; the fixed pattern's local
     blocks, which a query block's one key block would otherwise have had store dQ, ``DQ_STORE``) walk the
-    columns too, and the columns' launch computes dK/dV alone, its walks split over programs or not. Outputs,
-    LSE and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
+    columns too, and the columns' launch computes dK/dV alone, its walks split over programs or not. Where the
+    local part adds dQ by atomics into fp32 sums, the columns' launch adds its own by atomics where its walks
+    are split, else by dQ programs that start from those sums. Outputs, LSE and gradients equal the reference
+    plan's, and queries that see no key give zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
-    monkeypatch.setattr(launch, "_query_splits", lambda *a: 1 if columns_dq == "programs" else 2)
+    monkeypatch.setattr(launch, "_query_splits", lambda *a: 2 if column_walks == "split" else 1)
+    if first_dq == "atomic":
+        # (only the columns' MaskArgs carry key positions)
+        monkeypatch.setattr(launch, "_dq_by_programs", lambda m, q, k: m.kv_pos is not None)
 
     pl = plan(pattern, nq, nk, block_q=32, block_kv=32, device=DEV)
     columns = next(c for c in pl.components if c.role == "columns")
@@ -101,7 +113,10 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         (out.float() * g_out).sum().add(torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
-    assert calls == [(False, False, False, True), (False, False, True, False)]
+    if first_dq == "programs":
+        assert calls == [(False, False, False, True), (False, False, True, False)]
+    else:
+        assert calls == [(True, False, False, False), (column_walks == "split", False, False, False)]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")
