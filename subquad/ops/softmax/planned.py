@@ -14,7 +14,8 @@ otherwise) on a BlockMask built for the positions that component sees:
 
 On the Triton backend a ``local`` component and ``columns`` kept by a band (the strided and fixed patterns) run
 as one flash launch with two key sources (``flash_attention_with_columns``): no second read of Q, no second
-output, no merge; in the backward both key sets' dK/dV passes read the one LSE and add into one dQ (atomics).
+output, no merge; in the backward both key sets' dK/dV passes read the one LSE, and the local part's dQ programs
+walk the columns too, storing one dQ (``launch.backward_two_sources``).
 Columns in whole periods (``Component.kv_stride``: the strided and fixed patterns) are gathered, and their key
 gradients added back, through strided views of K and V, with no index kernels.
 A deterministic call keeps them apart (each component's backward then sums its dQ in a fixed order; the gathers'
