@@ -61,22 +61,25 @@ ONE_LAUNCH = [
 
 
 # (case, the columns' key tiles too few to fill the GPU unsplit or not, the local part's dQ by dQ programs or by
-# atomics, as where its walks are cut into pieces)
-ONE_LAUNCH_RUNS = ([(*case, walks, "programs") for case in ONE_LAUNCH for walks in ("split", "whole")]
-                   + [(*case, walks, "atomic") for case in ONE_LAUNCH[:1] + ONE_LAUNCH[2:4] + ONE_LAUNCH[7:8]
-                      for walks in ("split", "whole")])
+# atomics, as where its walks are cut into pieces, query heads per KV head)
+ONE_LAUNCH_RUNS = ([(*case, walks, "programs", 2) for case in ONE_LAUNCH for walks in ("split", "whole")]
+                   + [(*case, walks, "atomic", 2) for case in ONE_LAUNCH[:1] + ONE_LAUNCH[2:4] + ONE_LAUNCH[7:8]
+                      for walks in ("split", "whole")]
+                   + [(*case, "whole", "programs", 1) for case in ONE_LAUNCH[:4] + ONE_LAUNCH[7:]])
 
 
-@pytest.mark.parametrize("name,pattern,nq,nk,softcap,column_walks,first_dq", ONE_LAUNCH_RUNS,
-                         ids=["-".join((c[0], *c[5:])) for c in ONE_LAUNCH_RUNS])
-def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, column_walks, first_dq, monkeypatch):
+@pytest.mark.parametrize("name,pattern,nq,nk,softcap,column_walks,first_dq,group", ONE_LAUNCH_RUNS,
+                         ids=["-".join((c[0], *c[5:7], f"g{c[7]}")) for c in ONE_LAUNCH_RUNS])
+def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, column_walks, first_dq, group,
+                                            monkeypatch):
     """A band and its gathered columns are one flash forward launch (TWO_SOURCES), no merge, and one backward
     on the merged LSE: the local part's dQ programs (the strided pattern's band; the fixed pattern's local
     blocks, which a query block's one key block would otherwise have had store dQ, ``DQ_STORE``) walk the
-    columns too, and the columns' launch computes dK/dV alone, its walks split over programs or not. Where the
-    local part adds dQ by atomics into fp32 sums, the columns' launch adds its own by atomics where its walks
-    are split, else by dQ programs that start from those sums. Outputs, LSE and gradients equal the reference
-    plan's, and queries that see no key give zeros and LSE -inf."""
+    columns too, and the columns' launch computes dK/dV alone, its walks split over programs or not. Without
+    grouped heads the fixed pattern's dQ programs store its local blocks' dK/dV too (``DQ_DKDV``: no dK/dV
+    programs in that launch). Where the local part adds dQ by atomics into fp32 sums, the columns' launch adds
+    its own by atomics where its walks are split, else by dQ programs that start from those sums. Outputs, LSE
+    and gradients equal the reference plan's, and queries that see no key give zeros and LSE -inf."""
     from subquad.ops.softmax.flash import launch
 
     # key tiles enough to fill the GPU unsplit (the fixed pattern's at 16k and 64k), or too few (strided's)
@@ -99,12 +102,15 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: launches.append((a[3].use_list, kw.get("second")))
                         or forward(*a, **kw))
     monkeypatch.setattr(launch, "backward_two_sources", lambda *a: backwards.append(1) or backward(*a))
-    # per backward launch: (atomic dQ, dQ stored by dK/dV programs, no dQ at all, a second key set walked)
+    # per backward launch: (atomic dQ, dQ stored by dK/dV programs, no dQ at all, a second key set walked, dK/dV
+    # stored by the dQ programs)
     calls, backward_launch = [], launch._backward_launch
     monkeypatch.setattr(launch, "_backward_launch", lambda *a, **kw: calls.append(
-        (a[11], kw.get("dq_store", False), a[6] is None, kw.get("second") is not None)) or backward_launch(*a, **kw))
+        (a[11], kw.get("dq_store", False), a[6] is None, kw.get("second") is not None, kw.get("dq_dkdv", False)))
+        or backward_launch(*a, **kw))
     gen = torch.Generator().manual_seed(1)
-    base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16) for n, h in ((nq, 4), (nk, 2), (nk, 2))]
+    base = [torch.randn(1, n, h, 16, generator=gen).to(DEV, torch.float16)
+            for n, h in ((nq, 4), (nk, 4 // group), (nk, 4 // group))]
     g_out = torch.randn(1, nq, 4, 16, generator=gen).to(DEV)
     results = []
     for backend, dtype in (("triton", torch.float16), ("reference", torch.float32)):
@@ -114,9 +120,10 @@ def test_band_and_columns_run_in_one_launch(name, pattern, nq, nk, softcap, colu
         results.append([out.float(), lse] + [t.grad.float() for t in leaves])
     assert len(launches) == 1 and launches[0][1] is not None and len(backwards) == 1
     if first_dq == "programs":
-        assert calls == [(False, False, False, True), (False, False, True, False)]
+        dkdv = group == 1 and name.startswith("fixed")
+        assert calls == [(False, False, False, True, dkdv), (False, False, True, False, False)]
     else:
-        assert calls == [(True, False, False, False), (column_walks == "split", False, False, False)]
+        assert calls == [(True, False, False, False, False), (column_walks == "split", False, False, False, False)]
     # the strided pattern's local part is a plain band: the kernel's list-free band path (the fixed pattern's
     # blocks are enforced by the tiles: its BlockMask)
     assert launches[0][0] == name.startswith("fixed")

@@ -19,7 +19,7 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the device compiles its own kernels")
 
 #: kernel variants the child compiles (each printed on a ``compiled`` line)
-EXPECTED = {"flash_fwd_kernel": 14, "flash_bwd_kernel": 17,
+EXPECTED = {"flash_fwd_kernel": 15, "flash_bwd_kernel": 19,
             "flash_bwd_preprocess_kernel": 4, "state_fwd": 16, "output_fwd": 4, "state_bwd": 15, "dv_bwd": 5,
             "dqk_bwd": 5, "chunk_cumsum": 2, "intra_fwd": 1, "intra_bwd": 1, "decay_grad": 2, "wy_fwd": 1,
             "wy_bwd": 1, "fused_fwd": 10, "_decode_kernel": 3, "_merge_fwd_kernel": 1, "_merge_bwd_kernel": 1,
@@ -111,15 +111,18 @@ def _run_ops() -> None:
     out, lse = flash_attention(q, k, v, mask=masks.block_sparse(torch.eye(n // 128, dtype=torch.bool), 128))
     out.sum().backward()
     # a band (strided) or BlockMask (fixed) + gathered columns in one launch; the first's dQ programs walk both
-    # key sets, the columns' backward computes dK/dV alone
-    for pattern in (masks.strided(256), masks.fixed(128, 8)):
+    # key sets, the columns' backward computes dK/dV alone; the fixed pattern's dQ programs store its local
+    # blocks' dK/dV too where heads are not grouped (DQ_DKDV), and beside dK/dV programs where they are
+    kg, vg = leaf(b, n, h // 2, d), leaf(b, n, h // 2, d)
+    for pattern, keys, values in ((masks.strided(256), k, v), (masks.fixed(128, 8), k, v),
+                                  (masks.fixed(128, 8), kg, vg)):
         pl = plan(pattern, n)
         local, columns = pl.components
         ctx = pl.context(b, h, "cpu")
         first = ((local.pattern.lo, local.pattern.hi) if _plain_band(local)
                  else local.block_mask(ctx, 128, 128, "cpu"))
         out, lse = flash_attention_with_columns(
-            q, k, v, first, columns.kv_index, columns.block_mask(ctx, 128, 128, "cpu"), columns.q_pos,
+            q, keys, values, first, columns.kv_index, columns.block_mask(ctx, 128, 128, "cpu"), columns.q_pos,
             columns.kv_pos, (columns.pattern.lo, columns.pattern.hi), d ** -0.5)
         out.sum().backward()
 

@@ -25,6 +25,10 @@
      transposed (``DQ_BLOCK_M = BLOCK_N``, fitted to the BlockMask blocks). With ``TWO_SOURCES`` they walk a
      second, gathered key set after the first, as the forward does (a plan's band and its columns: one dQ
      sum over both, and the columns' launch, neither dQ kind on, computes dK/dV alone).
+   * ``DQ_DKDV``: where every key block is listed by one query block alone (the fixed pattern's local blocks),
+     a dQ program's tile holds that whole query block and the heads are not grouped, the dQ programs alone
+     run: each stores the dK/dV of the key tiles it walks, from the scores and dS it has already made, and goes
+     on over the second key set (no dK/dV programs, no second pass over those blocks' scores).
 
 ``DROPOUT``: the forward's keep decisions again (``tile.dropout_keep``, by row and key index): ``dV`` takes the
 kept probabilities scaled by ``1 / (1 - p)``, and ``dP`` is masked and scaled the same way before
@@ -320,7 +324,10 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
              lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
-             LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
+             LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False, dk_base=0, dv_base=0, stride_dkn=0,
+             stride_dvn=0, scale=1.0, DKDV: tl.constexpr = False):
+    """One key tile of a dQ program's walk: its term of dQ. ``DKDV``: these keys are seen by this query tile
+    alone (``_dq_program``'s ``DKDV``), whose dK and dV rows this tile stores whole."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if EVEN_KV and D == BLOCK_D and DV == BLOCK_DV:
@@ -360,6 +367,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     else:
         ds_op = ds.to(k.dtype)
     dq = dot_acc(ds_op, k, dq)
+    if DKDV:
+        kv_ok = in_kv[:, None]
+        dv = dot(tl.trans(p.to(do.dtype)), do)
+        tl.store(tile_rows(dv_base, start_n, stride_dvn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :],
+                 dv.to(dv_base.dtype.element_ty), mask=kv_ok & (offs_dv[None, :] < DV))
+        dk = dot(tl.trans(ds_op), q) * scale
+        tl.store(tile_rows(dk_base, start_n, stride_dkn, BLOCK_N, WIDE_ROWS) + offs_d[None, :],
+                 dk.to(dk_base.dtype.element_ty), mask=kv_ok & (offs_d[None, :] < D))
     return dq
 
 
@@ -375,6 +390,7 @@ def _dq_program(
     full_width, part_width, n_qb, n_kb, mask_b, mask_h, RNG, dropout_p,
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
+    DK_OUT, DV_OUT, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -385,13 +401,15 @@ def _dq_program(
     UNCHAIN: tl.constexpr, DROPOUT: tl.constexpr, WIDE_ROWS: tl.constexpr, lsh_q_chunk=0, lsh_k_chunk=0,
     LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
     LSH_NOT_SELF: tl.constexpr = False, DQ_SEED: tl.constexpr = False, TWO_SOURCES: tl.constexpr = False,
-    EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
+    EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False, DKDV: tl.constexpr = False,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists; ``Q_POS``, ``KV_POS``,
     ``lsh_*``: batch element ``b``'s, as ``tile.batch_rows`` gives them). ``DQ_SEED``: the sum starts from
     ``DQ_IN`` (fp32, ``DQ``'s strides), another key set's dQ of these rows. ``TWO_SOURCES``: the walk goes on
-    over a second, gathered key set (``K2``..., as the forward's ``TWO_SOURCES`` walks it)."""
+    over a second, gathered key set (``K2``..., as the forward's ``TWO_SOURCES`` walks it). ``DKDV``: every key
+    block of the lists is listed by one query block alone, this tile holds that whole block and its head alone
+    reads its KV head (``flash_bwd_kernel``'s ``DQ_DKDV``): each key tile of the walk stores its dK and dV."""
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -425,6 +443,8 @@ def _dq_program(
         lay = LAYOUT + b * stride_lay_b + h * stride_lay_h
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    dk_base = DK_OUT + b.to(tl.int64) * stride_dkb + hk * stride_dkh
+    dv_base = DV_OUT + b.to(tl.int64) * stride_dvb + hk * stride_dvh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     MASK_READS: tl.constexpr = HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS or LSH
@@ -444,7 +464,8 @@ def _dq_program(
                               offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS,
                               EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
                               HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, UNCHAIN, RNG, rows, dropout_p, DROPOUT,
-                              WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                              WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF,
+                              dk_base, dv_base, stride_dkn, stride_dvn, scale, DKDV)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
@@ -514,6 +535,7 @@ def flash_bwd_kernel(
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
     HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False, DQ_STORE: tl.constexpr = False,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
+    DQ_DKDV: tl.constexpr = False,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -521,11 +543,14 @@ def flash_bwd_kernel(
     heaviest-first order ``QORDER``), so that dQ needs no atomics and no fp32 buffer, and the two kinds of
     program fill the GPU together. ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit
     (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``; ``DQ_SEED``: the dQ programs add their
-    sums to ``DQ_IN``'s (``_dq_program``)."""
+    sums to ``DQ_IN``'s (``_dq_program``); ``DQ_DKDV``: the dQ programs alone, storing dK/dV too
+    (``_dq_program``'s ``DKDV``)."""
     pid = tl.program_id(0)
     n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
     if ORDERED:
         n_kv_tiles = n_items * (MBK // BLOCK_N)
+    if DQ_DKDV:
+        n_kv_tiles = 0
     dq_role = False
     if DQ_PROGRAMS:
         dq_role = pid >= n_kv_tiles
@@ -556,10 +581,11 @@ def flash_bwd_kernel(
             scale, band_lo, band_hi, prefix, q_prefix, n_flags, lay_block, qfull_width, qpart_width, n_qb, n_kb,
             mask_b, mask_h, RNG, dropout_p, K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b,
             stride_v2n, stride_v2h, n2, band2_lo, band2_hi, FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width,
-            part2_width, mask2_b, mask2_h, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
+            part2_width, mask2_b, mask2_h, DK_OUT, DV_OUT, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
+            stride_dvn, stride_dvh, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
             HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
-            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED, TWO_SOURCES, EVEN_KV2, ONE_BLOCK2)
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED, TWO_SOURCES, EVEN_KV2, ONE_BLOCK2, DQ_DKDV)
     else:
         piece = 0
         if ORDERED:

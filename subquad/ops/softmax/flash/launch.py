@@ -470,18 +470,22 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
 
 
 def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
-                     dropout=None, dq_in=None, dq_store: bool = False, second=None):
+                     dropout=None, dq_in=None, dq_store: bool = False, second=None, dq_dkdv: bool = False):
     """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
     (fp32, zeroed); with ``dq_store`` (``_dq_stored``) they store it into ``dq``; otherwise dQ programs in the
     same grid write it into ``dq`` (the query's dtype, or fp32), each row's sum in one fixed order, starting from
     ``dq_in``'s where given (fp32, ``dq``'s strides: another key set's dQ), and going on over ``second``'s keys
     where given (``forward``'s ``second``: backward.py's ``TWO_SOURCES``). ``dq`` None: no dQ at all (another
-    launch's dQ programs walked these keys as its ``second``)."""
+    launch's dQ programs walked these keys as its ``second``). ``dq_dkdv`` (``_dkdv_by_dq_programs``): the dQ
+    programs alone, storing dK/dV too (backward.py's ``DQ_DKDV``)."""
     dq_programs = dq is not None and not atomic and not dq_store
     if dq_in is not None and (not dq_programs or dq_in.stride() != dq.stride()):
         raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
     if second is not None and not dq_programs:
         raise ValueError("second: a second key set is walked by dQ programs only")
+    if dq_dkdv and not (dq_programs and dropout is None and _dkdv_by_dq_programs(m, q, k)):
+        raise ValueError("dq_dkdv: a launch with dQ programs, no dropout, over a BlockMask whose key blocks are "
+                         "each listed once, heads not grouped")
     bsz, seq_q, hq, d = q.shape
     seq_kv, hkv, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     # a deterministic backward keeps one program per key tile (its sums in one fixed order)
@@ -513,7 +517,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, scale, m.band_lo, m.band_hi, m.prefix,
             *_term_scalars(m), *widths_t, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=dq_programs,
-                DQ_STORE=dq_store, DQ_SEED=dq_in is not None, TWO_SOURCES=False,
+                DQ_STORE=dq_store, DQ_SEED=dq_in is not None, TWO_SOURCES=False, DQ_DKDV=dq_dkdv,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim), **flags)
     if second is not None:
         _second_source_meta(meta, m, second)
@@ -536,7 +540,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
         def grid(rows: int):
             def axes(tiles: dict):
                 programs = query_tiles(tiles["DQ_BLOCK_M"]) * (hq // hkv) if dq_programs else 0
-                return key_tiles(tiles["BLOCK_N"]) + programs, rows, splits
+                return (0 if dq_dkdv else key_tiles(tiles["BLOCK_N"])) + programs, rows, splits
             return axes
 
         # (n_rows: the grid's rows, over all the launches of a split grid)
@@ -544,7 +548,8 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
                             q_order, *rng, *lsh, bsz * hkv]
         if kern is None:
             bm_ = _fit(INTERPRET_BWD[0], flags["MBQ"])
-            bn_ = flags["MBK"] if dq_store else _fit(INTERPRET_BWD[1], flags["MBK"])
+            # (DQ_DKDV: the dQ tile, BLOCK_N rows, a whole query block)
+            bn_ = flags["MBK"] if dq_store else flags["MBQ"] if dq_dkdv else _fit(INTERPRET_BWD[1], flags["MBK"])
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
                          **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS))
             launch_split(flash_bwd_kernel, lambda n: grid(n)(tiles), bsz * hkv, *walk_args, **tiles, **meta,
@@ -602,6 +607,15 @@ def _dq_stored(m: MaskArgs, q: torch.Tensor) -> bool:
             and m.mbk <= widest_key_tile(q.shape[3]))
 
 
+def _dkdv_by_dq_programs(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a launch with dQ programs over this BlockMask can have them store dK/dV too (``DQ_DKDV``): every
+    query block lists one key block and every key block is listed once (the walks' lengths: the fixed pattern's
+    local blocks), a dQ tile can hold a whole query block, and each KV head has one query head; then the dQ
+    program of a query block is the only one to see its key block."""
+    return (m.use_list and m.walks is not None and tuple(m.walks) == (1, 1, 1, 1) and q.shape[2] == k.shape[2]
+            and m.mbq <= widest_key_tile(q.shape[3]))
+
+
 def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, slopes, deterministic: bool,
              dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
@@ -653,7 +667,7 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     if _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
         dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False,
-                                  second=(k2, v2, m2, *band2))
+                                  second=(k2, v2, m2, *band2), dq_dkdv=_dkdv_by_dq_programs(m, q, k))
         dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, None, m2, scale, softcap, slopes, False)
         return dq, dk, dv, dk2, dv2
     partial = torch.zeros_like(q, dtype=torch.float32)

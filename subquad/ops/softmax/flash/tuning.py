@@ -111,7 +111,7 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
     where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` names; dQ by TMA
     only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them; with
-    ``DQ_STORE`` only key tiles of a whole key block.
+    ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
     tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
@@ -130,6 +130,8 @@ def _prune(configs, named_args, unchain=None, **kwargs):
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
         if kwargs.get("DQ_STORE", False) and bn != mbk:
             continue    # (a key block over two programs: each would store half of a query tile's dQ)
+        if kwargs.get("DQ_DKDV", False) and _fit(bn, mbq) != mbq:
+            continue    # (the dQ tile, BLOCK_N rows, must hold the query block that alone sees its key block)
         key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False), c.maxnreg)
         if key not in seen:
             seen.add(key)
@@ -200,7 +202,8 @@ def _kernel(name: str, jit_fn):
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
                    else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
-        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES"])
+        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES",
+                                          "DQ_DKDV"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
