@@ -656,7 +656,10 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     atomics into the first launch's fp32 sums, converted after; fixed 2.678 -> 2.424 ms at 2 x 16k and 13.01 ->
     12.64 at 1 x 64k, where the local blocks' dK/dV programs had stored fp32 dQ sums (``DQ_STORE``) that the
     columns' dQ programs went on from: those programs' second read of Q and dO and the fp32 round trip cost
-    more than the dQ programs' second pass over the diagonal blocks' scores.
+    more than the dQ programs' second pass over the diagonal blocks' scores. Where each key block of the first
+    set is seen by one query block alone and heads are not grouped (``_dkdv_by_dq_programs``: the fixed pattern's
+    local blocks), the dQ programs store that set's dK/dV too and no dK/dV program runs (``DQ_DKDV``; H100,
+    fwd+bwd, ``2026-12-06-dq-dkdv-ab-h100.json``: fixed 2.414 -> 2.211 ms at 2 x 16k, 12.63 -> 12.32 at 1 x 64k).
 
     Otherwise (a first set whose walks are cut into pieces) the first set adds its dQ by atomics into fp32 sums;
     the second's dQ programs start from those and write dQ (no atomics, no conversion), unless its key tiles
