@@ -34,7 +34,6 @@ import triton
 
 from subquad.bench.sm90 import SHARED, record_launches
 from subquad.ops.chained import chains_replicate
-from subquad.ops.softmax.flash.tuning import _dq_tiles
 
 def compile_for_sm90(fn, args, kwargs):
     """``fn`` (a JIT function) compiled for sm90 on these arguments, as the device would specialise it."""
@@ -116,9 +115,8 @@ def _qkv(b, n, h, d, hkv=None):
 # (the H200's autotuned choices for dense causal attention: 2026-12-04-flash-config-sweep-h200.json)
 FLASH = {"fwd": ("flash_fwd_kernel", "INTERPRET_FWD", (128, 64, 8, 3)),
          "bwd": ("flash_bwd_kernel", "INTERPRET_BWD", (64, 128, 8, 2))}
-#: how the backward sums dQ: TMA reduce-adds (Hopper's default), atomics by threads, or dQ programs (``wide``: with
-#: the wide dQ tile, ``tuning.BWD_DQ_WIDE``)
-DQ_MODES = ("tma", "atomic", "programs", "wide")
+#: how the backward sums dQ: TMA reduce-adds (Hopper's default), atomics by threads, or dQ programs
+DQ_MODES = ("tma", "atomic", "programs")
 
 
 def _flash(mask, n, configs, backward, dq, dropout_p=0.0):
@@ -126,8 +124,7 @@ def _flash(mask, n, configs, backward, dq, dropout_p=0.0):
     backward as ``dq`` says (``DQ_MODES``; ``programs`` is the deterministic backward)."""
     import subquad
     return _flash_launches(lambda q, k, v: subquad.attention(q, k, v, mask=mask, backend="triton",
-                                                             deterministic=dq in ("programs", "wide"),
-                                                             dropout_p=dropout_p),
+                                                             deterministic=dq == "programs", dropout_p=dropout_p),
                            n, configs, backward, dq)
 
 
@@ -157,7 +154,7 @@ def _flash_launches(call, n, configs, backward, dq):
         # as the launcher's pruning sets them for these warps (the interpreter's took INTERPRET_WARPS)
         extra["UNCHAIN"] = chains_replicate(kw["BLOCK_N" if short == "bwd" else "BLOCK_M"], warps)
         if kw.get("DQ_PROGRAMS"):
-            extra.update(_dq_tiles(kw["BLOCK_M"], kw["BLOCK_N"], kw["MBQ"], kw["MBK"], warps, stages, dq == "wide"))
+            extra["DQ_UNCHAIN"] = chains_replicate(kw["DQ_BLOCK_M"], warps)
         if maxnreg:     # a fifth number: a register cap (Triton's ``maxnreg``), e.g. to fit two programs an SM
             extra["maxnreg"] = maxnreg[0]
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))

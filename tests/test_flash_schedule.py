@@ -328,29 +328,3 @@ def test_seeded_band_launch_goes_on_from_a_blockmask_result():
     ref, ref_lse = attention_reference(q, k, v, None, 32 ** -0.5, 5.0, None)
     _close("out", out, ref, q.dtype)
     _lse_close(lse, ref_lse)
-
-
-@pytest.mark.parametrize("kind", ["full", "causal_gqa", "window", "block_sparse"])
-def test_wide_dq_tiles(kind, monkeypatch):
-    """The dQ programs' wide tile (``tuning.BWD_DQ_WIDE``: as many keys a step as the dK/dV tile's rows, on its own
-    pipeline depth) gives the reference's outputs and gradients over bands and BlockMask walks, GQA and a length not
-    a multiple of the tile: on the GPU it is the only backward configuration; on the interpreter its tile shape."""
-    from subquad.ops.softmax.flash import launch, tuning
-
-    if DEV == "cuda":
-        monkeypatch.setattr(tuning, "BWD_CONFIGS_SM90", [])
-        monkeypatch.setattr(tuning, "_TUNED", {})
-    else:
-        monkeypatch.setattr(launch, "INTERPRET_DQ_WIDE", True)
-    tiles = []     # the dQ tiles the launches took (the tuner's pruning on the GPU, the launch on the interpreter)
-    real = tuning._dq_tiles
-    for module in (tuning, launch):
-        monkeypatch.setattr(module, "_dq_tiles", lambda *a: tiles.append(real(*a)) or tiles[-1])
-    n = 3 * BLOCK + 37
-    cells = -(-n // BLOCK)
-    layout = torch.rand(cells, cells, generator=torch.Generator().manual_seed(0)) < 0.5
-    mask = {"full": None, "causal_gqa": masks.causal, "window": masks.sliding_window(BLOCK + 8),
-            "block_sparse": masks.block_sparse(layout, block=BLOCK)}[kind]
-    q, k, v = _qkv(1, n, n, 4, 2 if kind == "causal_gqa" else 4, 64, torch.bfloat16)
-    _check(q, k, v, mask=mask, deterministic=True)
-    assert tiles and all(t["DQ_BLOCK_N"] == t["DQ_BLOCK_M"] for t in tiles), tiles

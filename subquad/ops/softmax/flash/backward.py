@@ -402,7 +402,6 @@ def _dq_program(
     LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0, LSH: tl.constexpr = False,
     LSH_NOT_SELF: tl.constexpr = False, DQ_SEED: tl.constexpr = False, TWO_SOURCES: tl.constexpr = False,
     EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False, DKDV: tl.constexpr = False,
-    STAGES: tl.constexpr = 2,
 ):
     """The query tile at ``start_m`` of query head ``h``: the forward's walk over key tiles, summing its dQ in
     one fixed order, then its store (``FULL_NUM``... are the query blocks' lists; ``Q_POS``, ``KV_POS``,
@@ -454,8 +453,7 @@ def _dq_program(
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
-            # an iteration a key tile (the forward's list walk)
-            for t in tl.range(lo * SUBS, hi * SUBS, num_stages=STAGES):
+            for t in range(lo * SUBS, hi * SUBS):      # an iteration a key tile (the forward's list walk)
                 kb, partial, tile = list_block(t // SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width,
                                                TILE_OF, n_kb, USE_BITS)
                 start_n = kb * MBK + (t % SUBS) * BLOCK_N
@@ -471,7 +469,7 @@ def _dq_program(
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
-        for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
                           (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale,
@@ -489,7 +487,7 @@ def _dq_program(
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
         n_tiles2, base2, n_full2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ,
                                                MBK, BLOCK_N, ONE_BLOCK2)
-        for t in tl.range(n_tiles2, num_stages=STAGES):
+        for t in range(n_tiles2):
             start_n, partial = second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
                                            BLOCK_N, ONE_BLOCK2)
             dq = _dq_tile(dq, q, do, lse2, delta, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
@@ -532,7 +530,6 @@ def flash_bwd_kernel(
     DQ_ATOMIC: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, ORDERED: tl.constexpr = False,
     PIECES: tl.constexpr = False, DQ_TMA: tl.constexpr = False, UNCHAIN: tl.constexpr = False,
     DQ_PROGRAMS: tl.constexpr = False, DQ_BLOCK_M: tl.constexpr = 16, DQ_BLOCK_N: tl.constexpr = 16,
-    DQ_STAGES: tl.constexpr = 2,
     DQ_UNCHAIN: tl.constexpr = False, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
     SPLIT_GRID: tl.constexpr = False, BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False,
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
@@ -588,7 +585,7 @@ def flash_bwd_kernel(
             stride_dvn, stride_dvh, HQ, G, D, DV, BLOCK_D, BLOCK_DV, DQ_BLOCK_M, DQ_BLOCK_N, MBQ, MBK,
             EVEN_Q, EVEN_KV, USE_LIST, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS,
             HAS_Q_POS, HAS_KV_POS, SOFTCAP, ALIBI, DQ_UNCHAIN, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk,
-            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED, TWO_SOURCES, EVEN_KV2, ONE_BLOCK2, DQ_DKDV, DQ_STAGES)
+            LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_SEED, TWO_SOURCES, EVEN_KV2, ONE_BLOCK2, DQ_DKDV)
     else:
         piece = 0
         if ORDERED:

@@ -21,8 +21,6 @@ LOG2E = 1.4426950408889634
 # the interpreter: small tiles, so that small test shapes still cross several tiles
 INTERPRET_FWD = (32, 16)
 INTERPRET_BWD = (16, 32)
-#: the interpreter's dQ programs take the wide tile (``tuning.BWD_DQ_WIDE``), as tests set it
-INTERPRET_DQ_WIDE = False
 INTERPRET_WARPS = 4     # the interpreter's launches leave num_warps at Triton's default: UNCHAIN's rule takes it
 
 
@@ -553,8 +551,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
             # (DQ_DKDV: the dQ tile, BLOCK_N rows, a whole query block)
             bn_ = flags["MBK"] if dq_store else flags["MBQ"] if dq_dkdv else _fit(INTERPRET_BWD[1], flags["MBK"])
             tiles = dict(BLOCK_M=bm_, BLOCK_N=bn_, UNCHAIN=chains_replicate(bn_, INTERPRET_WARPS),
-                         **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS, 1,
-                                     INTERPRET_DQ_WIDE and dq_programs and not dq_dkdv and second is None))
+                         **_dq_tiles(bm_, bn_, flags["MBQ"], flags["MBK"], INTERPRET_WARPS))
             launch_split(flash_bwd_kernel, lambda n: grid(n)(tiles), bsz * hkv, *walk_args, **tiles, **meta,
                          flag="SPLIT_GRID", **switch)
         else:

@@ -73,14 +73,6 @@ BWD_CONFIGS_SM90 = [_cfg(64, 128, 8, 2, True), _cfg(64, 128, 8, 2), _cfg(32, 128
 # K/V at that width; these smaller ones are added for wide heads only
 FWD_WIDE, BWD_WIDE = [_cfg(64, 32, 4, 2)], [_cfg(32, 64, 4, 2)]
 _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
-# The dQ programs' key tiles as wide as the dK/dV programs' (128 x 128 where the dK/dV tile is 64 x 128), their loop
-# on DQ_WIDE_STAGES stages (Q and dO stay resident: 64 KB, and 64 KB of K and V a stage) while the dK/dV loop keeps
-# the configuration's: half the steps, each S and dP wgmma n128 instead of n64, so the resident Q and dO are read
-# from shared memory half as often a key. Triton 3.6, sm90, dense 64 x 128 x 8 warps x 3 stages: no spills, 192 KB.
-# Tried by plain dQ-program launches (not DQ_DKDV or TWO_SOURCES, whose dQ tiles also store dK/dV or walk columns).
-BWD_DQ_WIDE = [_cfg(64, 128, 8, 3)]
-DQ_WIDE_STAGES = 2
-_DQ_WIDE = {id(c) for c in BWD_DQ_WIDE}
 # Short walks, two programs an SM, one loading its Q tile and first key tiles while the other computes; tried only
 # by the calls named (a flag of the launch).
 # - BlockMask walks (USE_LIST): 128 x 64 tiles capped at 128 registers (96 KB of shared memory each). H100, forced
@@ -108,20 +100,18 @@ def widest_key_tile(d: int) -> int:
     return max(c.kwargs["BLOCK_N"] for c in (BWD_CONFIGS_SM90 if _hopper() else BWD_CONFIGS_OTHER))
 
 
-def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int, stages: int, wide: bool = False) -> dict:
+def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
     """The backward's dQ programs' tile (the dK/dV tile ``bm`` x ``bn`` transposed, fitted to the BlockMask
-    blocks; ``wide``: ``bn`` x ``bn``, see ``BWD_DQ_WIDE``), its ``UNCHAIN`` and its loop's pipeline stages."""
-    dq_bm, dq_bn = _fit(bn, mbq), _fit(bn if wide else bm, mbk)
-    return dict(DQ_BLOCK_M=dq_bm, DQ_BLOCK_N=dq_bn, DQ_UNCHAIN=chains_replicate(dq_bm, warps),
-                DQ_STAGES=min(stages, DQ_WIDE_STAGES) if wide else stages)
+    blocks) and its ``UNCHAIN``."""
+    dq_bm, dq_bn = _fit(bn, mbq), _fit(bm, mbk)
+    return dict(DQ_BLOCK_M=dq_bm, DQ_BLOCK_N=dq_bn, DQ_UNCHAIN=chains_replicate(dq_bm, warps))
 
 
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
     where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` names; dQ by TMA
     only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them; with
-    ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block; the
-    wide dQ tiles (``BWD_DQ_WIDE``) only for plain dQ-program launches, where they differ from the narrow ones.
+    ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
     tiles too short for their warps take the kernel's ``UNCHAIN``."""
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
@@ -132,29 +122,24 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
     tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if kwargs.get(flag, named_args.get(flag, False))
              for c in tiles}
-    plain_dq = (kwargs.get("DQ_PROGRAMS", False) and not kwargs.get("DQ_DKDV", False)
-                and not kwargs.get("TWO_SOURCES", False))
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
-        wide_dq = id(c) in _DQ_WIDE
         if c.kwargs.get("DQ_TMA") and not tma:
             continue
         bm, bn = _fit(c.kwargs["BLOCK_M"], mbq), _fit(c.kwargs["BLOCK_N"], mbk)
-        if wide_dq and (not plain_dq or _fit(bn, mbk) == _fit(bm, mbk)):
-            continue
         if kwargs.get("DQ_STORE", False) and bn != mbk:
             continue    # (a key block over two programs: each would store half of a query tile's dQ)
         if kwargs.get("DQ_DKDV", False) and _fit(bn, mbq) != mbq:
             continue    # (the dQ tile, BLOCK_N rows, must hold the query block that alone sees its key block)
         key = (bm, bn, c.num_warps, c.num_stages, c.kwargs.get("DQ_TMA", False), c.maxnreg)
-        if key + (wide_dq,) not in seen:
-            seen.add(key + (wide_dq,))
+        if key not in seen:
+            seen.add(key)
             out.append(_cfg(*key))
             if unchain:
                 out[-1].kwargs["UNCHAIN"] = chains_replicate(bn if unchain == "BLOCK_N" else bm, c.num_warps)
             if kwargs.get("DQ_PROGRAMS", False):
-                out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps, c.num_stages, wide_dq))
+                out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
     return out
 
 
@@ -216,7 +201,7 @@ def _kernel(name: str, jit_fn):
         hopper = _hopper()
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
-                   else (BWD_CONFIGS_SM90 + BWD_DQ_WIDE if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
+                   else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
         key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES",
                                           "DQ_DKDV"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
