@@ -620,9 +620,10 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
              dropout=None):
     """``(dq, dk, dv)``. dQ comes from dQ programs beside the dK/dV programs (no fp32 buffer, no atomics) when
     asked to be deterministic, and otherwise wherever that measured faster than the dK/dV programs' atomic sums,
-    although its dQ programs compute the scores and dP again: bands (full, causal, windows; H200, fwd+bwd,
-    ``2026-12-05-det-vs-atomic-ab-h200.json``: causal 32 x 1k 1.734 against 1.822 ms, window 4096 2 x 16k 8.539
-    against 8.627) and BlockMask walks that no piece schedule cuts (H100, fwd+bwd, ``2026-12-05-flash-h100.json``'s
+    although its dQ programs compute the scores and dP again: bands (full, causal, windows; H100, fwd+bwd, against
+    the atomics by TMA, ``2026-12-06-band-atomic-ab-h100.json``: full 2 x 16k 36.69 against 38.88 ms, causal
+    18.12 against 18.75, window 4096 8.21 against 8.58, causal 32 x 1k 1.73 against 1.94, full 2.62 against 2.91)
+    and BlockMask walks that no piece schedule cuts (H100, fwd+bwd, ``2026-12-05-flash-h100.json``'s
     ``subquad-triton-det`` rows: Longformer 2 x 16k 2.601 against 2.766 ms, BigBird 4.636 against 5.085,
     block-sparse 5.16 / 11.84 / 22.63 against 6.28 / 13.93 / 26.39 at densities 0.1 / 0.25 / 0.5). Walks that
     outlast even the grid with dQ programs (``DQ_PROGRAMS_LOAD``) are cut into pieces and keep the atomic sums,
