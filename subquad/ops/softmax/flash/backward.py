@@ -285,7 +285,7 @@ def _dkdv_program(
                     start_m, (start_m < full_lo) | (start_m >= full_hi), offs_n, kp, seq_q, seq_kv, q_off, qk_scale,
                     cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
                     lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                    BLOCK_M, True, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
+                    BLOCK_M, BAND, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
                     SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG, bh.to(tl.int64) * seq_q,
                     dropout_p, DROPOUT, start_n, WIDE_ROWS)
 
@@ -475,7 +475,7 @@ def _dq_program(
                           (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale,
                           slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
                           stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                          True, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
+                          BAND, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
                           BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT, WIDE_ROWS)
 
     if TWO_SOURCES:
