@@ -1,4 +1,5 @@
-# Full attention's band walks without the band's masked branch (MASKED = BAND) against the tree before
+# Session 40: full attention's band walks without the band's masked branch (MASKED = BAND; the backward's kept, the
+# forward's reverted: its tile ran slower, 2026-12-06-full-unmasked-ab*-h100.json) against the tree before
 # (.calls/base: `git archive <base> subquad | tar -x -C .calls/base`): full 2 x 16k and 32 x 1k, causal 2 x 16k as
 # the control (its code path is unchanged), then the head's flex_vs_ours.py (per-kernel times against flex).
 export DEVICE_BUDGET=${DEVICE_BUDGET:-420}

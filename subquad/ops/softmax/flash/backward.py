@@ -277,7 +277,13 @@ def _dkdv_program(
                         lsh_k_chunk, LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, DQ_STORE)
         else:
             lo, full_lo, full_hi, hi = q_range(start_n, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-            # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
+            # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk). Full
+            # attention (no BAND term) has no edges: its tiles skip the masked branch at compile time (MASKED =
+            # BAND), which held 201 of this loop's 658 instructions and 174 of the dQ loop's 467 at sm90 (Triton
+            # 3.6, 64 x 128 x 8 x 3; the unmasked path itself about as long); H100, full 2 x 16k, the tuned
+            # backward kernel 26.68 -> 25.66 ms, 32 x 1k
+            # 2.415 -> 2.330 (2026-12-06-full-unmasked-ab*-h100.json). The forward's band walk keeps the branch:
+            # without it the same tile ran 8.57 -> 8.83 ms
             for start_m in range(lo + split * BLOCK_M, hi, BLOCK_M * n_split):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
@@ -468,7 +474,8 @@ def _dq_program(
                               dk_base, dv_base, stride_dkn, stride_dvn, scale, DKDV)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk)
+        # one loop for the band's masked edges and unmasked middle (see the forward kernel's band walk); full
+        # attention's without the masked branch (MASKED = BAND, as in the dK/dV programs' band walk)
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,

@@ -241,7 +241,7 @@ def flash_fwd_kernel(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
                 (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
                 slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, BAND, EVEN_KV, True, False, False, False, False, False, False,
+                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False,
                 False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
 
     if TWO_SOURCES:
