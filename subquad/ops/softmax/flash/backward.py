@@ -40,9 +40,9 @@ Row offsets (row x stride) are taken in int64, as in the forward: at 128k tokens
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears.
 
-As in the forward, a band's walk is one loop (its masked edges take the mask's branch); the dK/dV programs walk
-a BlockMask row's full blocks and partial blocks in two loops, the dQ programs as the forward does
-(``tile.list_entry``).
+As in the forward, a band's walk is one loop (its masked edges take the mask's branch; full attention's
+loops have none); the dK/dV programs walk a BlockMask row's full blocks and partial blocks in two loops, the dQ
+programs as the forward does (``tile.list_entry``).
 """
 
 from __future__ import annotations
@@ -281,9 +281,8 @@ def _dkdv_program(
             # attention (no BAND term) has no edges: its tiles skip the masked branch at compile time (MASKED =
             # BAND), which held 201 of this loop's 658 instructions and 174 of the dQ loop's 467 at sm90 (Triton
             # 3.6, 64 x 128 x 8 x 3; the unmasked path itself about as long); H100, full 2 x 16k, the tuned
-            # backward kernel 26.68 -> 25.66 ms, 32 x 1k
-            # 2.415 -> 2.330 (2026-12-06-full-unmasked-ab*-h100.json). The forward's band walk keeps the branch:
-            # without it the same tile ran 8.57 -> 8.83 ms
+            # backward kernel 26.68 -> 25.66 ms, 32 x 1k 2.415 -> 2.330 (2026-12-06-full-unmasked-ab*-h100.json).
+            # The forward's band walk keeps the branch: without it the same tile ran 8.57 -> 8.83 ms
             for start_m in range(lo + split * BLOCK_M, hi, BLOCK_M * n_split):
                 start_m = tl.multiple_of(start_m, BLOCK_M)
                 dk, dv = _dkdv_tile(
