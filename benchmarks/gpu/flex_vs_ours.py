@@ -18,22 +18,17 @@ import torch
 import triton
 import triton.testing
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from torch.profiler import ProfilerActivity, profile
 
 from subquad import attention
 from subquad.bench.harness import versions
+from subquad.bench.profiling import kernel_times
 
 torch._dynamo.config.cache_size_limit = 64
 
 
 def kernels(fn, calls: int = 5) -> dict:
     """Milliseconds per call of each CUDA kernel of ``fn``, the six longest."""
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    events = sorted(p.key_averages(), key=lambda e: -e.device_time_total)[:6]
-    return {e.key[:80]: round(e.device_time_total / calls / 1000, 3) for e in events if e.device_time_total}
+    return {name[:80]: round(t.us / 1000, 3) for name, t in list(kernel_times(fn, calls).items())[:6]}
 
 
 def main():
