@@ -166,6 +166,17 @@ def case_causal_1k(configs, dq):
     return _flash(masks.causal, 1024, configs, True, dq)
 
 
+def case_full_16k(configs, dq):
+    """Full attention (no band term: the band walks' unmasked loops), the dense suite's 2 x 16k per head."""
+    from subquad import masks
+    return _flash(masks.full, 16384, configs, True, dq)
+
+
+def case_causal_16k(configs, dq):
+    from subquad import masks
+    return _flash(masks.causal, 16384, configs, True, dq)
+
+
 def case_causal_1k_dropout(configs, dq):
     """Attention dropout's draws in the band's loops (``tile.dropout_keep``), against ``causal-1k``."""
     from subquad import masks

@@ -4,7 +4,8 @@
         # $OUT/switch_ab_DQ_TMA.json
 
 Switches (``subquad.ops.softmax.flash.tuning``): ``DQ_TMA`` (dQ's sums in the dK/dV pass by TMA bulk reduce-adds
-against vector atomics). Session 17 measured the forward's K/V tiles by TMA descriptors made in the kernel (a
+against vector atomics); ``FWD_OVERLAP`` (the band walks' forward with each P.V product beside the next tile's
+softmax). Session 17 measured the forward's K/V tiles by TMA descriptors made in the kernel (a
 ``KV_DESC`` switch, since removed: 2-16% slower forward, ``benchmarks/results/2026-12-04-kv-desc-ab-h200.json``). Both
 variants run alternately (A B A B, each a ``do_bench`` median; the faster of a variant's two rounds is kept, its
 spread printed), on the same inputs; each variant has its own autotuners, and the configurations each chose are
@@ -34,6 +35,7 @@ CASES = {
     "causal-16k": (2, 16384, lambda: masks.causal),
     "full-1k": (32, 1024, lambda: None),
     "full-4k": (8, 4096, lambda: None),
+    "full-16k": (2, 16384, lambda: None),
     "window4096-16k": (2, 16384, lambda: masks.sliding_window(4096)),
     "longformer-16k": (2, 16384, lambda: masks.longformer(512, list(range(16)))),
     "bigbird-16k": (2, 16384, lambda: masks.bigbird(512, list(range(16)), random_blocks=3, block=64, seed=0)),
@@ -114,7 +116,7 @@ def _case(name, switch):
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--switch", required=True, choices=("DQ_TMA",))
+    parser.add_argument("--switch", required=True, choices=("DQ_TMA", "FWD_OVERLAP"))
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args(argv)
     rows = []

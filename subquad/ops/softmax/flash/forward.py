@@ -55,26 +55,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, qi_row,
-              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
-              LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
-              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
-              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
-              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
-              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
-              lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
-              LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    in_kv = offs_n < seq_kv
+def _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, EVEN_KV: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """``q . K^T`` over a key tile."""
     if EVEN_KV and D == BLOCK_D:
         k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :])
     else:
+        in_kv = start_n + tl.arange(0, BLOCK_N) < seq_kv
         k = tl.load(tile_rows(k_base, start_n, stride_kn, BLOCK_N, WIDE_ROWS) + offs_d[None, :],
                     mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
-    qk = dot(q, tl.trans(k))
+    return dot(q, tl.trans(k))
+
+
+@triton.jit
+def _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi,
+                prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr, BAND: tl.constexpr,
+                PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr, HAS_LAYOUT: tl.constexpr,
+                AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr, HAS_KV_POS: tl.constexpr,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
+                lsh_q_chunk, lsh_k_chunk, LSH_EARLIER: tl.constexpr, LSH_CHUNK: tl.constexpr, LSH: tl.constexpr,
+                LSH_NOT_SELF: tl.constexpr):
+    """A key tile's scores (base 2) from its ``q . K^T``, -inf where the pattern drops a pair."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_kv = offs_n < seq_kv
     if HAS_KV_POS:
         kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
     else:
@@ -90,8 +94,16 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
             s = tl.where(keep, s, float("-inf"))
     elif not EVEN_KV:
         s = tl.where(in_kv[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    """The online softmax's step over a tile's scores: its probabilities (relative to the new running maximum),
+    the factor ``alpha`` that rescales what was summed before, and the new normaliser and maximum."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or not EVEN_KV:
+    if MAY_BE_EMPTY:
         # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -101,17 +113,63 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:     # the normaliser keeps every probability; the output only the kept ones (rescaled at the end)
         p = tl.where(dropout_keep(rng, rng_rows, start_n, seq_kv, rng_rows.shape[0], BLOCK_N), p, 0.0)
-    if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
-        p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, k.dtype)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def _rescaled(p, acc, alpha, seq_kv, DTYPE: tl.constexpr, UNCHAIN: tl.constexpr):
+    """The accumulator rescaled after a softmax step, and the probabilities for the P.V product: as they are
+    (converted at the product, so that they stay in registers) or, under ``UNCHAIN`` (query tiles shorter than 16
+    rows a warp, ``subquad.ops.chained``), converted in the branch that keeps the scores' product unchained."""
+    if UNCHAIN:
+        p, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, DTYPE)
     else:
-        p_op = p.to(k.dtype)
         acc = acc * alpha[:, None]
+    return p, acc
+
+
+@triton.jit
+def _fwd_values(acc, p_op, v_base, stride_vn, start_n, seq_kv, offs_dv, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_N: tl.constexpr, EVEN_KV: tl.constexpr, WIDE_ROWS: tl.constexpr):
+    """``acc + p_op . V`` over a key tile."""
     if EVEN_KV and DV == BLOCK_DV:
         v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :])
     else:
+        in_kv = start_n + tl.arange(0, BLOCK_N) < seq_kv
         v = tl.load(tile_rows(v_base, start_n, stride_vn, BLOCK_N, WIDE_ROWS) + offs_dv[None, :],
                     mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = dot_acc(p_op, v, acc)
+    return dot_acc(p_op, v, acc)
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, qi_row,
+              seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
+              LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_KV: tl.constexpr,
+              BAND: tl.constexpr, PREFIX: tl.constexpr, Q_PREFIX: tl.constexpr, HAS_FLAGS: tl.constexpr,
+              HAS_LAYOUT: tl.constexpr, AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr,
+              HAS_KV_POS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
+              rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
+              lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
+              LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
+    """One key tile of the online softmax: scores, probabilities, the accumulator rescaled, then P.V."""
+    qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, EVEN_KV, WIDE_ROWS)
+    s = _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo,
+                    band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
+                    row0, KV_POS, BLOCK_N, MASKED, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
+                    AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, lsh_q_chunk, lsh_k_chunk,
+                    LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+    p, alpha, l_i, m_new = _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N, MASKED or not EVEN_KV,
+                                      DROPOUT)
+    if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
+        p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, q.dtype)
+    else:
+        p_op = p.to(q.dtype)
+        acc = acc * alpha[:, None]
+    acc = _fwd_values(acc, p_op, v_base, stride_vn, start_n, seq_kv, offs_dv, DV, BLOCK_DV, BLOCK_N, EVEN_KV,
+                      WIDE_ROWS)
     return acc, l_i, m_new
 
 
@@ -139,7 +197,7 @@ def flash_fwd_kernel(
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
     LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0, HEAD_MAJOR: tl.constexpr = False,
-    SEEDED: tl.constexpr = False,
+    SEEDED: tl.constexpr = False, OVERLAP: tl.constexpr = False,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
     limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
@@ -233,16 +291,58 @@ def flash_fwd_kernel(
                     LSH_CHUNK, LSH, LSH_NOT_SELF)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
-        # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
-        # during the one before it, where a loop per part waited for its first tile's keys at every boundary
-        for start_n in range(lo, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
-                (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
-                slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv,
-                D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False, False, False, False,
-                False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
+        if OVERLAP:
+            # FlashAttention-3's order within a warpgroup: the scores of tile j + 1 are issued before the P.V
+            # product of tile j, which then runs on the tensor cores beside the softmax of tile j + 1. Triton
+            # waits for an asynchronous product where its result is first used, but at once where the loop has a
+            # branch: the unmasked middle (whole key tiles: no bounds) runs in a loop of its own, without the masked
+            # branch, the edges after it
+            if full_lo < full_hi:
+                qk = _fwd_qk(q, k_base, stride_kn, full_lo, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
+                s = _fwd_scores(qk, full_lo, False, offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2,
+                                band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, BLOCK_N,
+                                False, True, True, False, False, False, False, False, False, False, False, SOFTCAP,
+                                ALIBI, BLOCK_M, BLOCK_N, 0, 0, 0, 0, False, False)
+                p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, full_lo, seq_kv, RNG, rng_rows, BLOCK_N, False,
+                                                DROPOUT)
+                p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
+                for start_n in range(full_lo + BLOCK_N, full_hi, BLOCK_N):
+                    start_n = tl.multiple_of(start_n, BLOCK_N)
+                    qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True,
+                                 WIDE_ROWS)
+                    acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, start_n - BLOCK_N, seq_kv, offs_dv, DV,
+                                      BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
+                    s = _fwd_scores(qk, start_n, False, offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
+                                    slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0,
+                                    KV_POS, BLOCK_N, False, True, True, False, False, False, False, False, False,
+                                    False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, 0, 0, 0, 0, False, False)
+                    p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, RNG, rng_rows, BLOCK_N, False,
+                                                    DROPOUT)
+                    p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
+                acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, full_hi - BLOCK_N, seq_kv, offs_dv, DV,
+                                  BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
+            n_lead = tl.cdiv(full_lo - lo, BLOCK_N)     # (full_lo is hi where no tile is unmasked)
+            for t in range(0, n_lead + tl.cdiv(hi - full_hi, BLOCK_N)):
+                start_n = tl.where(t < n_lead, lo + t * BLOCK_N, full_hi + (t - n_lead) * BLOCK_N)
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, True, offs_m, qp, offs_m,
+                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0,
+                    KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV,
+                    True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N,
+                    UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
+        else:
+            # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
+            # during the one before it, where a loop per part waited for its first tile's keys at every boundary
+            for start_n in range(lo, hi, BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
+                    (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale,
+                    cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
+                    offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False,
+                    False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows,
+                    dropout_p, DROPOUT, WIDE_ROWS)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where

@@ -12,6 +12,7 @@ from ...grid import cdiv, launch_split, next_power_of_2, num_sms
 from ..lse_merge import merge_lse_stacked
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
+from . import tuning
 from .lsh_windows import LshWindows
 from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket,
                      widest_key_tile)
@@ -403,6 +404,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
     if into is not None:
         meta["SEEDED"] = True
+    meta["OVERLAP"] = tuning.FWD_OVERLAP and not m.use_list
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd" if into is None else "fwd_seeded", flash_fwd_kernel)

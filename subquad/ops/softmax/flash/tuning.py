@@ -62,6 +62,11 @@ def _tma_allocator() -> None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
+# The band walks' forward with FlashAttention-3's order in a warpgroup (``forward.py``'s ``OVERLAP``): each tile's
+# P.V product runs beside the next tile's softmax. NOT MEASURED yet.
+FWD_OVERLAP = False
+
+
 # Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
 FWD_CONFIGS_SM90 = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2)]
 # The backward: BLOCK_N key rows per dK/dV program (accumulators), BLOCK_M query rows per step; its dQ programs
@@ -202,8 +207,8 @@ def _kernel(name: str, jit_fn):
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
                    else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
-        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES",
-                                          "DQ_DKDV"])
+        key = _KEY + (["OVERLAP"] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE",
+                                                    "TWO_SOURCES", "DQ_DKDV"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)
