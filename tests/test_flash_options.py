@@ -125,3 +125,28 @@ def test_window_size_refused():
         subquad.attention(q, k, v, window_size=(-3, 0))
     with pytest.raises(ValueError, match="window_size: expected no prebuilt BlockMask"):
         subquad.attention(q, k, v, mask=masks.causal.block_mask(16), window_size=(3, 0))
+
+
+@pytest.mark.parametrize("unchained", [True, False])
+def test_overlapped_forward(monkeypatch, unchained):
+    """The band walks' forward with each tile's P.V product beside the next tile's softmax (``OVERLAP``): the
+    unmasked middle's loop, its first and last tiles, and the masked edges after it, against the reference on
+    full, causal, window and bottom-right causal walks, ragged lengths, softcap, ALiBi and GQA. On CPU with and
+    without the unchained products (query tiles of 32 and 64 rows under 4 warps); on a GPU its own tiles."""
+    from subquad.ops.softmax.flash import launch, tuning
+    if not unchained and DEV == "cuda":
+        pytest.skip("the GPU's tiles decide")
+    monkeypatch.setattr(tuning, "FWD_OVERLAP", True)
+    if not unchained:
+        monkeypatch.setattr(launch, "INTERPRET_FWD", (64, 16))
+    flags = []
+    split = launch.launch_split
+    monkeypatch.setattr(launch, "launch_split",     # (the forward's launches: the backward's have no OVERLAP)
+                        lambda *a, **kw: ("OVERLAP" in kw and flags.append(kw["OVERLAP"])) or split(*a, **kw))
+    _check(*_qkv(2, 67, 67, 2, 2, 32, torch.bfloat16), causal=True)
+    _check(*_qkv(1, 100, 100, 4, 2, 32, torch.float16))
+    _check(*_qkv(1, 90, 90, 2, 2, 32, torch.bfloat16), mask=masks.sliding_window(40), softcap=5.0)
+    _check(*_qkv(2, 45, 45, 2, 2, 32, torch.bfloat16), mask=masks.sliding_window(16, causal=False),
+           alibi=torch.tensor([[0.3, 0.1], [0.2, 0.05]], device=DEV))
+    _check(*_qkv(1, 37, 90, 2, 1, 32, torch.bfloat16), causal=True)
+    assert flags and all(flags), flags
