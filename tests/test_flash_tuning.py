@@ -113,3 +113,22 @@ def test_tuning_key_buckets_the_key_length(monkeypatch):
     buckets = {name: kwargs["tune_kv"] for name, kwargs in recorded if name.startswith("flash_")
                and "tune_kv" in kwargs}
     assert buckets == {"flash_fwd_kernel": 4096, "flash_bwd_kernel": 4096}
+
+
+def test_overlap_forms_are_tried_on_band_walks(monkeypatch):
+    """The forward's ``OVERLAP`` form is a tuning configuration's: tried beside the plain form on band walks with
+    8 warps, never on BlockMask walks; ``FWD_OVERLAP`` forces one form everywhere."""
+    from subquad.ops.softmax.flash import tuning
+
+    named = {"MBQ": 128, "MBK": 128, "D": 128, "DV": 128}
+
+    def forms(use_list):
+        pruned = tuning._prune(tuning.FWD_CONFIGS_SM90, named, unchain="BLOCK_M", USE_LIST=use_list)
+        return sorted((c.num_warps, c.kwargs["OVERLAP"]) for c in pruned)
+
+    assert set(forms(False)) == {(4, False), (8, False), (8, True)}
+    assert forms(False).count((8, True)) == forms(False).count((8, False))
+    assert {overlap for _, overlap in forms(True)} == {False}
+    monkeypatch.setattr(tuning, "FWD_OVERLAP", True)
+    assert {overlap for _, overlap in forms(False)} == {True}
+    assert len(forms(False)) == len(tuning.FWD_CONFIGS_SM90)

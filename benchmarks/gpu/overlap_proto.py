@@ -1,4 +1,4 @@
-"""Session 41 prototype: the dense forward's loop with its products overlapped with the softmax, three ways.
+"""Session 41's prototype: the dense forward's loop with its products overlapped with the softmax, three ways.
 MODE 0: as the library (QK, softmax, PV); 1: QK of the next tile issued beside this tile's softmax;
 3: PV of this tile issued beside the next tile's softmax (FlashAttention-3's intra-warpgroup order)."""
 import json, os, sys, torch, triton, triton.language as tl
@@ -74,7 +74,11 @@ def fwd(Q, K, V, O, N, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D
 
 def main():
     from triton.testing import do_bench
-    res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": []}
+    import datetime as _dt
+
+    from subquad.bench.harness import versions
+    res = {"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+           "versions": versions(), "rows": []}
     for (B, H, N) in [(2, 16, 16384), (8, 16, 4096), (32, 16, 1024)]:
         D = 128
         q, k, v = (torch.randn(B * H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -89,7 +93,6 @@ def main():
                     run()
                     err = (o.float() - ref.float()).abs().max().item()
                     ms = min(do_bench(run, warmup=100, rep=400) for _ in range(3))
-                    n_regs = fwd.device_caches[0][0] if False else None
                 except Exception as e:  # noqa: BLE001
                     print(B, N, stages, mode, "failed", str(e)[:200], flush=True)
                     continue

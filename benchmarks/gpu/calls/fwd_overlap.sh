@@ -5,8 +5,8 @@
 export DEVICE_BUDGET=${DEVICE_BUDGET:-540}
 source benchmarks/gpu/prelude.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-SUBQUAD_FLASH_AUTOTUNE=0 timeout 120 python3 -m pytest tests/test_flash_options.py -k overlapped -q -p no:cacheprovider \
-    2>&1 | tail -2
+SUBQUAD_FLASH_AUTOTUNE=0 timeout 120 python3 -m pytest tests/test_flash_options.py -k overlapped -q \
+    -p no:cacheprovider 2>&1 | tail -2
 timeout 150 python3 benchmarks/gpu/overlap_proto.py 2>&1 | grep -v -i warn | tail -24
 elapsed
 timeout $(( $(left) - 30 )) python3 benchmarks/gpu/switch_ab.py --switch FWD_OVERLAP \

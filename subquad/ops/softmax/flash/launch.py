@@ -404,14 +404,14 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
     if into is not None:
         meta["SEEDED"] = True
-    meta["OVERLAP"] = tuning.FWD_OVERLAP and not m.use_list
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
     tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd" if into is None else "fwd_seeded", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
         launch_split(flash_fwd_kernel, lambda n: (tiles(bm_), n), bsz * hq, *args, BLOCK_M=bm_, BLOCK_N=bn_,
-                     UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), flag="SPLIT_GRID", **meta)
+                     UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), OVERLAP=bool(tuning.FWD_OVERLAP),
+                     flag="SPLIT_GRID", **meta)
     else:
         launch_split(kern, lambda n: lambda c: (tiles(c["BLOCK_M"]), n), bsz * hq, *args, flag="SPLIT_GRID",
                      **meta)

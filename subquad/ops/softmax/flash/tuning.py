@@ -63,8 +63,12 @@ def _tma_allocator() -> None:
 
 
 # The band walks' forward with FlashAttention-3's order in a warpgroup (``forward.py``'s ``OVERLAP``): each tile's
-# P.V product runs beside the next tile's softmax. NOT MEASURED yet.
-FWD_OVERLAP = False
+# P.V product runs beside the next tile's softmax. The autotuner tries it beside the plain form (None); True or
+# False forces one (the interpreter takes the plain form unless forced). H200, in one process, the same 128 x 128
+# x 8 warps x 3 stages tile (benchmarks/results/2026-12-06-fwd-overlap-ab-h200.json): forward 1.037x at full
+# 2 x 16k, 1.066x causal 2 x 16k, 1.024x window 4096, but 0.89x causal 32 x 1k and 0.99x full 8 x 4k, whose walks
+# are short (a prologue, an epilogue and the edges' own loop a query tile).
+FWD_OVERLAP = None
 
 
 # Hopper: 128-row query tiles (one warpgroup pair), key tiles of 64/128, 2-4 pipeline stages.
@@ -145,7 +149,23 @@ def _prune(configs, named_args, unchain=None, **kwargs):
                 out[-1].kwargs["UNCHAIN"] = chains_replicate(bn if unchain == "BLOCK_N" else bm, c.num_warps)
             if kwargs.get("DQ_PROGRAMS", False):
                 out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
+            if unchain == "BLOCK_M":
+                for i, overlap in enumerate(_overlaps(kwargs.get("USE_LIST", named_args.get("USE_LIST")),
+                                                      c.num_warps)):
+                    if i:
+                        out.append(_cfg(*key))
+                        out[-1].kwargs.update(out[-2].kwargs)
+                    out[-1].kwargs["OVERLAP"] = overlap
     return out
+
+
+def _overlaps(use_list: bool, warps: int) -> tuple:
+    """The forward's ``OVERLAP`` forms a configuration is tried in: as ``FWD_OVERLAP`` forces; else the plain
+    form, and on band walks with 8 warps the overlapped one too (at 4 warps a 128-row tile's accumulator alone is
+    128 registers a thread, and the overlap holds a second tile of scores)."""
+    if FWD_OVERLAP is not None:
+        return (FWD_OVERLAP,)
+    return (False,) if use_list or warps < 8 else (False, True)
 
 
 def _short_walk_tiles() -> list:
@@ -207,8 +227,8 @@ def _kernel(name: str, jit_fn):
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
                    else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
-        key = _KEY + (["OVERLAP"] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE",
-                                                    "TWO_SOURCES", "DQ_DKDV"])
+        key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES",
+                                          "DQ_DKDV"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
         first = None if tune else _FirstThatFits(unchain=unchain)
         prune = functools.partial(_prune, unchain=unchain)

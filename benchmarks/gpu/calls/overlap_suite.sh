@@ -1,0 +1,27 @@
+# Session 41, after the A/B (fwd_overlap.sh): OVERLAP as a tuning configuration of the band walks' forward. The GPU
+# tests of the overlapped walk (forced) and of the tuning forms, then the flash suite's dense causal and full rows
+# from 1k to 16k and the 4096 window at 16k, every peer in the run, the autotuner choosing the form per length.
+export DEVICE_BUDGET=${DEVICE_BUDGET:-545}
+source benchmarks/gpu/prelude.sh
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+SUBQUAD_FLASH_AUTOTUNE=0 timeout 100 python3 -m pytest tests/test_flash_options.py tests/test_flash_tuning.py \
+    -k "overlap" -q -p no:cacheprovider 2>&1 | tail -2
+elapsed
+SUITE_CASES=full,causal,window4096 SUITE_MAX_N=${MAX_N:-16384} \
+    timeout $(( $(left) - 30 )) python3 benchmarks/gpu/suite_run.py flash dense_overlap 2>&1 | grep -v -i warn \
+    | grep -E "subquad-triton |flex|sdpa-flash|cudnn|done" | tail -48
+elapsed
+python3 - <<'PY'     # the forward's tuning rounds that timed both forms: each form's best (D, band, ..., key bucket)
+import glob, json, os
+for f in glob.glob(os.environ["TRITON_CACHE_DIR"] + "/*/flash_fwd_kernel.autotune.json"):
+    d = json.load(open(f))
+    best = {}
+    for cfg, t in d["configs_timings"]:
+        form = cfg["kwargs"].get("OVERLAP")
+        if form is not None and t[0] > 0 and t[0] < best.get(form, (1e9,))[0]:
+            best[form] = (round(t[0], 4), cfg["kwargs"]["BLOCK_M"], cfg["kwargs"]["BLOCK_N"], cfg["num_warps"],
+                          cfg["num_stages"])
+    if len(best) == 2:
+        print(d["key"][:14], "plain", best[False], "overlap", best[True])
+PY
+tuning_cache_save
