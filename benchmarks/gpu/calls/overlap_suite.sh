@@ -1,7 +1,7 @@
 # Session 41, after the A/B (fwd_overlap.sh): OVERLAP as a tuning configuration of the band walks' forward. The GPU
 # tests of the overlapped walk (forced) and of the tuning forms, then the flash suite's dense causal and full rows
 # from 1k to 16k and the 4096 window at 16k, every peer in the run, the autotuner choosing the form per length.
-export DEVICE_BUDGET=${DEVICE_BUDGET:-545}
+export DEVICE_BUDGET=${DEVICE_BUDGET:-470}
 source benchmarks/gpu/prelude.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 SUBQUAD_FLASH_AUTOTUNE=0 timeout 100 python3 -m pytest tests/test_flash_options.py tests/test_flash_tuning.py \
