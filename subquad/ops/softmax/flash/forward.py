@@ -300,15 +300,12 @@ def flash_fwd_kernel(
         if OVERLAP:
             # FlashAttention-3's order within a warpgroup: the scores of tile j + 1 are issued before the P.V
             # product of tile j, which then runs on the tensor cores beside the softmax of tile j + 1. Triton
-            # waits for an asynchronous product where its result is first used, but at once where the loop has a
-            # branch: the unmasked middle (whole key tiles: no bounds) runs in a loop of its own, without the masked
-            # branch, the edges after it
+            # waits for an asynchronous product where its result is first used, but at once in a loop with a
+            # branch: the unmasked middle (whole key tiles, no mask) has a loop of its own, the edges come after it
             if full_lo < full_hi:
                 qk = _fwd_qk(q, k_base, stride_kn, full_lo, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
-                s = _fwd_scores(qk, full_lo, False, offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale, slope2,
-                                band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, BLOCK_N,
-                                False, True, True, False, False, False, False, False, False, False, False, SOFTCAP,
-                                ALIBI, BLOCK_M, BLOCK_N, 0, 0, 0, 0, False, False)
+                s, _ = scores(qk, qp[:, None], (full_lo + tl.arange(0, BLOCK_N))[None, :], qk_scale, cap_scale,
+                              slope2, SOFTCAP, ALIBI)
                 p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, full_lo, seq_kv, RNG, rng_rows, BLOCK_N, False,
                                                 DROPOUT)
                 p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
@@ -318,10 +315,8 @@ def flash_fwd_kernel(
                                  WIDE_ROWS)
                     acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, start_n - BLOCK_N, seq_kv, offs_dv, DV,
                                       BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
-                    s = _fwd_scores(qk, start_n, False, offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
-                                    slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0,
-                                    KV_POS, BLOCK_N, False, True, True, False, False, False, False, False, False,
-                                    False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, 0, 0, 0, 0, False, False)
+                    s, _ = scores(qk, qp[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
+                                  cap_scale, slope2, SOFTCAP, ALIBI)
                     p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, RNG, rng_rows, BLOCK_N, False,
                                                     DROPOUT)
                     p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
