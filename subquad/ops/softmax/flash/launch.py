@@ -10,9 +10,9 @@ import torch
 from ...chained import chains_replicate
 from ...grid import cdiv, launch_split, next_power_of_2, num_sms
 from ..lse_merge import merge_lse_stacked
+from . import tuning
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
-from . import tuning
 from .lsh_windows import LshWindows
 from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket,
                      widest_key_tile)
