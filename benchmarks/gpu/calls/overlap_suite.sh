@@ -11,17 +11,5 @@ SUITE_CASES=full,causal,window4096 SUITE_MAX_N=${MAX_N:-16384} \
     timeout $(( $(left) - 30 )) python3 benchmarks/gpu/suite_run.py flash dense_overlap 2>&1 | grep -v -i warn \
     | grep -E "subquad-triton |flex|sdpa-flash|cudnn|done" | tail -48
 elapsed
-python3 - <<'PY'     # the forward's tuning rounds that timed both forms: each form's best (D, band, ..., key bucket)
-import glob, json, os
-for f in glob.glob(os.environ["TRITON_CACHE_DIR"] + "/*/flash_fwd_kernel.autotune.json"):
-    d = json.load(open(f))
-    best = {}
-    for cfg, t in d["configs_timings"]:
-        form = cfg["kwargs"].get("OVERLAP")
-        if form is not None and t[0] > 0 and t[0] < best.get(form, (1e9,))[0]:
-            best[form] = (round(t[0], 4), cfg["kwargs"]["BLOCK_M"], cfg["kwargs"]["BLOCK_N"], cfg["num_warps"],
-                          cfg["num_stages"])
-    if len(best) == 2:
-        print(d["key"][:14], "plain", best[False], "overlap", best[True])
-PY
+python3 benchmarks/gpu/overlap_forms.py   # the forward's tuning rounds that timed both forms
 tuning_cache_save
