@@ -110,8 +110,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
         qp = tl.load(Q_POS + offs_m, mask=in_q, other=0)
     else:
         qp = offs_m + q_off
-    # scores transposed: rows are keys, columns are queries
+    # scores transposed: rows are keys, columns are queries. dP is issued before the exponentials, so that its
+    # products run on the tensor cores beside them (and dV's beside dS), as FlashAttention-3 orders its
+    # backward: issued after dV's product (which needs P), dP waited with it and both phases ran alone (sm90,
+    # Triton 3.6: the dK/dV loop's MUFU.EX2s now interleave with dP's HGMMAs)
     qkT = dot(k, tl.trans(q))
+    if EVEN_Q and DV == BLOCK_DV:
+        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :])
+    else:
+        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :],
+                     mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dpT = dot(v, tl.trans(do))
     sT, tT = scores(qkT, qp[None, :], kp[:, None], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     pT = tl.math.exp2(sT - lse2[None, :])
@@ -125,11 +134,6 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
             pT = tl.where(keep, pT, 0.0)
     elif KV_BOUNDS:
         pT = tl.where(offs_n[:, None] < seq_kv, pT, 0.0)
-    if EVEN_Q and DV == BLOCK_DV:
-        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :])
-    else:
-        do = tl.load(tile_rows(do_base, start_m, stride_don, BLOCK_M, WIDE_ROWS) + offs_dv[None, :],
-                     mask=in_q[:, None] & (offs_dv[None, :] < DV), other=0.0)
     p_out = pT     # the probabilities that reached the output
     if DROPOUT:
         keep_d = dropout_keep(rng, rng_base + offs_m, start_n, seq_kv, BLOCK_M, offs_n.shape[0], TRANS=True)
@@ -145,7 +149,6 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, str
         delta = tl.load(delta_base + offs_m)
     else:
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
-    dpT = dot(v, tl.trans(do))
     if DROPOUT:
         dpT = tl.where(keep_d, dpT * kept_scale, 0.0)
     dsT = pT * (dpT - delta[None, :])
@@ -348,6 +351,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     else:
         kp = offs_n
     qk = dot(q, tl.trans(k))
+    dp = dot(do, tl.trans(v))     # issued before the exponentials, to run beside them (see _dkdv_tile)
     s, t = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
@@ -360,7 +364,6 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
             p = tl.where(keep, p, 0.0)
     elif not EVEN_KV:
         p = tl.where(in_kv[None, :], p, 0.0)
-    dp = dot(do, tl.trans(v))
     if DROPOUT:
         keep_d = dropout_keep(rng, rng_rows, start_n, seq_kv, rng_rows.shape[0], BLOCK_N)
         dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
