@@ -6,7 +6,7 @@
 export DEVICE_BUDGET=${DEVICE_BUDGET:-480}
 source benchmarks/gpu/prelude.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-SUBQUAD_FLASH_AUTOTUNE=0 timeout -s INT -k 20 130 python3 -m pytest -n 8 -o addopts= -q -p no:cacheprovider \
+SUBQUAD_FLASH_AUTOTUNE=0 timeout -s INT -k 20 ${TESTS_S:-130} python3 -m pytest -n 8 -o addopts= -q -p no:cacheprovider \
     tests/test_flash_options.py tests/test_flash_tuning.py tests/test_flash.py tests/test_dropout.py \
     tests/test_varlen.py tests/test_plan_triton.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -12
 elapsed
