@@ -54,9 +54,29 @@ def _opcode(line: str) -> str | None:
     return m.group(1) if m else None
 
 
-def loops(sass: list[str], least: int = 64) -> list[tuple[int, collections.Counter]]:
+#: what ``issue_order`` shows: the tensor cores' work, its waits, and the exponentials that should run beside it
+_ORDER_OPS = {"HGMMA": "mma", "WARPGROUP.ARRIVE": "arrive", "WARPGROUP.DEPBAR": "wait", "MUFU.EX2": "ex2"}
+
+
+def issue_order(body: list[str]) -> str:
+    """The order of a loop's asynchronous products, their waits and its exponentials, runs collapsed
+    (``arrive mma x16 wait ex2 x32 ...``): whether the exponentials interleave with a product's HGMMAs or wait
+    for it, as FlashAttention-3's order wants."""
+    seq = []
+    for line in body:
+        name = next((short for op, short in _ORDER_OPS.items() if re.search(rf"\b{re.escape(op)}\b", line)), None)
+        if name is None:
+            continue
+        if seq and seq[-1][0] == name:
+            seq[-1][1] += 1
+        else:
+            seq.append([name, 1])
+    return " ".join(name if n == 1 else f"{name} x{n}" for name, n in seq)
+
+
+def loops(sass: list[str], least: int = 64) -> list[tuple[int, collections.Counter, str]]:
     """The loops of the SASS (a branch back to an earlier address) with at least ``least`` instructions, longest
-    first: each one's length and instruction mix."""
+    first: each one's length, instruction mix and ``issue_order``."""
     addr = {}
     for i, line in enumerate(sass):
         m = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
@@ -66,9 +86,10 @@ def loops(sass: list[str], least: int = 64) -> list[tuple[int, collections.Count
     for i, line in enumerate(sass):
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*|0x)([0-9a-f]+)", line)
         if m and int(m.group(1), 16) in addr and addr[int(m.group(1), 16)] < i:
-            body = [op for op in map(_opcode, sass[addr[int(m.group(1), 16)]:i + 1]) if op]
+            lines = sass[addr[int(m.group(1), 16)]:i + 1]
+            body = [op for op in map(_opcode, lines) if op]
             if len(body) >= least:
-                found.append((len(body), collections.Counter(body)))
+                found.append((len(body), collections.Counter(body), issue_order(lines)))
     return sorted(found, key=lambda x: -x[0])
 
 
@@ -94,7 +115,8 @@ def report(kernel, out: Path | None = None) -> dict:
                 stack=int(spill.group(1)) if spill else None, spill_stores=int(spill.group(2)) if spill else None,
                 spill_loads=int(spill.group(3)) if spill else None, shared=kernel.metadata.shared,
                 mma=dict(mma), loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
-                                      for n, mix in found])
+                                      + (f"\n      order: {order}" if "mma" in order else "")
+                                      for n, mix, order in found])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for ext in ("ttgir", "ptx"):
