@@ -220,9 +220,10 @@ def _selected_bwd_dkdv(
             if CAUSAL:
                 keep = keep & (kv_pos[None, :] <= q_offset + tok[:, None])
             scores = tl.where(keep, dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+            # dP issued before the exponentials: its products then run beside them (the flash backward's order).
+            dp = dot(do, tl.trans(v))
             p = tl.exp2(scores - lse[:, None])
             dv += dot(tl.trans(p.to(do.dtype)), do)
-            dp = dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += dot(tl.trans(ds.to(q.dtype)), q)
         tl.atomic_add(DK + b * stride_dkb + rows_kv[:, None] * stride_dkn + hkv * stride_dkh + offs_d[None, :],
