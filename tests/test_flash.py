@@ -156,6 +156,24 @@ def test_head_dims(d, dv):
     _check(*_qkv(1, 40, 40, 2, 2, d, torch.bfloat16, dv=dv), causal=True)
 
 
+@pytest.mark.parametrize("layout", ["heads-major", "packed-kv", "k-packed-v-not"])
+def test_inputs_whose_rows_are_not_heads_times_head_dim_apart(layout):
+    """Views as models pass them: (B, H, N, D) tensors transposed (rows head_dim apart), K and V from one packed
+    tensor (rows 2 x heads x head_dim apart), and K's row stride unlike V's. The kernels take a row stride that
+    the tensors share as a constant and the others at run time (``launch._row_stride``): both must read the
+    right rows, in the forward and the backward."""
+    g = torch.Generator().manual_seed(3)
+    b, n, hq, hkv, d = 1, 45, 4, 2, 32
+    make = lambda *shape: torch.randn(*shape, generator=g).to(DEV, torch.bfloat16).requires_grad_()  # noqa: E731
+    if layout == "heads-major":
+        q, k, v = (make(b, h, n, d).transpose(1, 2) for h in (hq, hkv, hkv))
+    else:
+        q = make(b, n, hq, d)
+        kv = make(b, n, 2, hkv, d)
+        k, v = kv.unbind(2) if layout == "packed-kv" else (kv[:, :, 0], make(b, n, hkv, d))
+    _check(q, k, v, causal=True)
+
+
 def test_fully_masked_rows():
     n = 50
     m = torch.rand(n, n, generator=torch.Generator().manual_seed(4)) < 0.4

@@ -544,7 +544,7 @@ def flash_bwd_kernel(
     LSH_CHUNK: tl.constexpr = 0, LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0,
     HEAD_MAJOR: tl.constexpr = False, DQ_SEED: tl.constexpr = False, DQ_STORE: tl.constexpr = False,
     TWO_SOURCES: tl.constexpr = False, EVEN_KV2: tl.constexpr = False, ONE_BLOCK2: tl.constexpr = False,
-    DQ_DKDV: tl.constexpr = False,
+    DQ_DKDV: tl.constexpr = False, Q_ROWS: tl.constexpr = 0, KV_ROWS: tl.constexpr = 0,
 ):
     """The backward's one launch. Grid ``(key tiles [+ query tiles x G], batch x KV heads, splits)``: a program
     below the key tiles runs ``_dkdv_program``; with ``DQ_PROGRAMS`` the programs after them run
@@ -553,7 +553,15 @@ def flash_bwd_kernel(
     program fill the GPU together. ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's limit
     (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``; ``DQ_SEED``: the dQ programs add their
     sums to ``DQ_IN``'s (``_dq_program``); ``DQ_DKDV``: the dQ programs alone, storing dK/dV too
-    (``_dq_program``'s ``DKDV``)."""
+    (``_dq_program``'s ``DKDV``); ``Q_ROWS`` / ``KV_ROWS``: the row stride of Q, dO and dQ / of K and V as a
+    constant (``launch._row_stride``; 0: read at run time)."""
+    if Q_ROWS != 0:
+        stride_qn = Q_ROWS
+        stride_don = Q_ROWS
+        stride_dqn = Q_ROWS
+    if KV_ROWS != 0:
+        stride_kn = KV_ROWS
+        stride_vn = KV_ROWS
     pid = tl.program_id(0)
     n_kv_tiles = tl.cdiv(seq_kv, BLOCK_N)
     if ORDERED:

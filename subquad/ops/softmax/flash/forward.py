@@ -203,10 +203,14 @@ def flash_fwd_kernel(
     DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False, SPLIT_GRID: tl.constexpr = False,
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
     LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0, HEAD_MAJOR: tl.constexpr = False,
-    SEEDED: tl.constexpr = False, OVERLAP: tl.constexpr = False,
+    SEEDED: tl.constexpr = False, OVERLAP: tl.constexpr = False, KV_ROWS: tl.constexpr = 0,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
-    limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``."""
+    limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``; ``KV_ROWS``: K's and V's row stride as
+    a constant (``launch._row_stride``; 0: read at run time)."""
+    if KV_ROWS != 0:
+        stride_kn = KV_ROWS
+        stride_vn = KV_ROWS
     piece = 0
     if ORDERED:
         tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
