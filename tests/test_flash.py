@@ -159,9 +159,9 @@ def test_head_dims(d, dv):
 @pytest.mark.parametrize("layout", ["heads-major", "packed-kv", "k-packed-v-not"])
 def test_inputs_whose_rows_are_not_heads_times_head_dim_apart(layout):
     """Views as models pass them: (B, H, N, D) tensors transposed (rows head_dim apart), K and V from one packed
-    tensor (rows 2 x heads x head_dim apart), and K's row stride unlike V's. The kernels take a row stride that
-    the tensors share as a constant and the others at run time (``launch._row_stride``): both must read the
-    right rows, in the forward and the backward."""
+    tensor (rows 2 x heads x head_dim apart), and K's row stride unlike V's. A band walk's kernels take a row
+    stride that the tensors share as a constant and the others at run time (``launch._row_stride``): both must
+    read the right rows, in the forward and the backward."""
     g = torch.Generator().manual_seed(3)
     b, n, hq, hkv, d = 1, 45, 4, 2, 32
     make = lambda *shape: torch.randn(*shape, generator=g).to(DEV, torch.bfloat16).requires_grad_()  # noqa: E731

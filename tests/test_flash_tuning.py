@@ -34,6 +34,27 @@ def test_untuned_launch_takes_the_first_config_that_fits():
     assert calls == [False, True, False, True]
 
 
+@pytest.mark.parametrize("name", ["fwd", "bwd"])
+def test_untuned_first_fit_stays_out_of_the_disk_cache(monkeypatch, name):
+    """With ``TRITON_CACHE_AUTOTUNING=1`` the autotuner writes its scores to disk under the kernel, key and pruned
+    list, which tuned and untuned runs share: the first fit's 0 / infinite scores, written there by the GPU
+    tests, were read back by a later tuned run as timings (dense causal 32 x 1k ran the untuned tile)."""
+    from subquad.ops.softmax.flash import tuning
+    from subquad.ops.softmax.flash.backward import flash_bwd_kernel
+    from subquad.ops.softmax.flash.forward import flash_fwd_kernel
+
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_TUNED", {})
+    kernel = flash_fwd_kernel if name == "fwd" else flash_bwd_kernel
+    cached = {}
+    for tune in ("1", "0"):
+        monkeypatch.setenv("SUBQUAD_FLASH_AUTOTUNE", tune)
+        cached[tune] = tuning._kernel(name, kernel).tuner.cache_results
+    assert cached == {"1": True, "0": False}
+
+
 def test_wide_head_tiles_only_for_wide_heads():
     from subquad.ops.softmax.flash.tuning import BWD_CONFIGS_SM90, BWD_WIDE, _prune
 

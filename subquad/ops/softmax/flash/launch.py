@@ -230,13 +230,16 @@ def _wide_rows(*tensors) -> bool:
     return max(t.shape[1] * t.stride(1) for t in tensors if t is not None) >= 2 ** 31
 
 
-def _row_stride(*tensors) -> int:
-    """The row stride (``stride(1)``) that ``tensors`` share, which the kernels take as a constant (``KV_ROWS``,
-    ``Q_ROWS``; one compile per layout): their loops then address a tile's rows with immediates where a runtime
-    stride took an IMAD a load (sm90, full 16k: the overlapped forward's middle loop 593 -> 576 instructions, dK/dV
-    457 -> 443, dQ 286 -> 273). 0 where they differ: the strides are read at run time."""
+def _row_stride(m: MaskArgs, *tensors) -> int:
+    """The row stride (``stride(1)``) that ``tensors`` share, which a band walk's kernels take as a constant
+    (``KV_ROWS``, ``Q_ROWS``; one compile per layout): their loops then address a tile's rows with immediates where
+    a runtime stride took an IMAD a load (sm90, full 16k: the overlapped forward's middle loop 593 -> 576
+    instructions, dK/dV 457 -> 443, dQ 286 -> 273). H100, 2 x 16k, against runtime strides
+    (``2026-12-07-row-strides-ab*-h100.json``): forward full 1.017x, window 4096 1.044-1.074x, causal 0.99-1.03x,
+    fwd+bwd 0.97-1.03x; BlockMask walks lost (block-sparse 0.25 0.94-0.95x forward and fwd+bwd, Longformer
+    0.98-0.99x), so theirs stay runtime strides, as do tensors whose strides differ (0)."""
     strides = {t.stride(1) for t in tensors}
-    return strides.pop() if len(strides) == 1 else 0
+    return strides.pop() if len(strides) == 1 and not m.use_list else 0
 
 
 def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensors):
@@ -390,7 +393,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
             _doc_stride(m), *_layout_strides(m), seq_q, seq_kv, seq_kv - seq_q, qk_scale, cap_scale, m.band_lo,
             m.band_hi, m.prefix, *_term_scalars(m), *widths, n_qb, n_kb, mb, mh, *_second_source_args(second, q.device)]
     meta = dict(HQ=hq, G=hq // hkv, D=d, DV=dv, BLOCK_D=next_power_of_2(d),
-                BLOCK_DV=next_power_of_2(dv), KV_ROWS=_row_stride(k, v),
+                BLOCK_DV=next_power_of_2(dv), KV_ROWS=_row_stride(m, k, v),
                 **_common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, out))
     # (a second key set would be walked whole by every piece)
     head_major = m.head_major(False, bsz * hq, num_sms(q.device))
@@ -519,7 +522,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     flags = _common_flags(m, seq_q, seq_kv, softcap, slopes, q, k, v, do, dq, dk, dv)
     mask_args_t, widths_t = _mask_kernel_args(m, m.lists_t, q.device)
     mask_args_q, widths_q = _mask_kernel_args(m, m.lists if dq_programs else None, q.device)
-    q_rows = _row_stride(q, do, *([] if dq is None else [dq]))
+    q_rows = _row_stride(m, q, do, *([] if dq is None else [dq]))
     if dq is None:
         dq = _dummy(q.device, torch.float32).view(1, 1, 1)
     args = [q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
@@ -532,7 +535,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     meta = dict(HQ=hq, HKV=hkv, G=hq // hkv, DQ_ATOMIC=atomic, SPLIT_ATOMIC=splits > 1, DQ_PROGRAMS=dq_programs,
                 DQ_STORE=dq_store, DQ_SEED=dq_in is not None, TWO_SOURCES=False, DQ_DKDV=dq_dkdv,
                 D=d, DV=dv_dim, BLOCK_D=next_power_of_2(d), BLOCK_DV=next_power_of_2(dv_dim),
-                Q_ROWS=q_rows, KV_ROWS=_row_stride(k, v), **flags)
+                Q_ROWS=q_rows, KV_ROWS=_row_stride(m, k, v), **flags)
     if second is not None:
         _second_source_meta(meta, m, second)
         flags["MBQ"], flags["MBK"] = meta["MBQ"], meta["MBK"]
