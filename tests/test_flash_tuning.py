@@ -130,10 +130,26 @@ def test_tuning_key_buckets_the_key_length(monkeypatch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(1, 100, 2, 16, dtype=torch.float16, device=dev, requires_grad=True)
     k, v = (torch.randn(1, 3000, 2, 16, dtype=torch.float16, device=dev, requires_grad=True) for _ in range(2))
-    sq.attention(q, k, v, causal=True, backend="triton").float().sum().backward()
-    buckets = {name: kwargs["tune_kv"] for name, kwargs in recorded if name.startswith("flash_")
-               and "tune_kv" in kwargs}
-    assert buckets == {"flash_fwd_kernel": 4096, "flash_bwd_kernel": 4096}
+    walks = {}
+    for mask, walk in ((None, 0), (sq.masks.sliding_window(512), 512), (sq.masks.sliding_window(4000), 0)):
+        recorded.clear()
+        sq.attention(q, k, v, causal=mask is None, mask=mask, backend="triton").float().sum().backward()
+        flash = [kwargs for name, kwargs in recorded if name.startswith("flash_") and "tune_kv" in kwargs]
+        assert len(flash) == 2 and {kwargs["tune_kv"] for kwargs in flash} == {4096}
+        walks[walk] = {kwargs["tune_walk"] for kwargs in flash}
+    assert walks == {0: {0}, 512: {512}}
+
+
+def test_a_band_narrower_than_the_keys_is_tuned_by_its_width():
+    """A window walks its width at every length (4096 of 64k: 33 key tiles a query tile, where causal 64k's walks
+    average 256): its tuning key holds the width's power of two where that is below the length's bucket."""
+    from subquad.ops.softmax.flash.masking import BAND_INF
+    from subquad.ops.softmax.flash.tuning import tune_walk
+
+    walk = lambda lo, hi, n: tune_walk(lo, hi, n, BAND_INF)  # noqa: E731
+    assert [walk(-4095, 0, n) for n in (4096, 16384, 65536)] == [0, 4096, 4096]
+    assert walk(-BAND_INF, 0, 65536) == walk(-BAND_INF, BAND_INF, 65536) == 0   # causal, dense
+    assert walk(-4096, 4095, 65536) == 8192 and walk(-10, 0, 65536) == 128     # both sides; at least 128
 
 
 def test_overlap_forms_are_tried_on_band_walks(monkeypatch):

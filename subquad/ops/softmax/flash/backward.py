@@ -514,7 +514,7 @@ def _dq_program(
     tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=dq_ok)
 
 
-@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv"])
+@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv", "tune_walk"])
 def flash_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DQ_IN, DK_OUT, DV_OUT,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -528,7 +528,7 @@ def flash_bwd_kernel(
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
     ORDER, n_items, piece_len, SLOT, ACC_K, ACC_V, n_slots,
     QFULL_NUM, QFULL_IDX, QPART_NUM, QPART_IDX, qfull_width, qpart_width, QORDER, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv, tune_walk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,

@@ -179,7 +179,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv"])
+@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv", "tune_walk"])
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -190,7 +190,7 @@ def flash_fwd_kernel(
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
     ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv, tune_walk,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,

@@ -14,7 +14,8 @@ from . import tuning
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 from .lsh_windows import LshWindows
-from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket,
+from .masking import BAND_INF
+from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket, tune_walk,
                      widest_key_tile)
 
 LOG2E = 1.4426950408889634
@@ -195,8 +196,6 @@ class MaskArgs:
 
     @property
     def band(self) -> bool:
-        from .masking import BAND_INF
-
         return (self.band_lo > -BAND_INF or self.band_hi < BAND_INF or self.prefix > 0 or self.q_prefix > 0
                 or self.flags is not None or self.layout is not None or self.and_causal)
 
@@ -255,6 +254,7 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensor
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
         tune_kv=tune_bucket(seq_kv),
+        tune_walk=0 if m.use_list else tune_walk(m.band_lo, m.band_hi, seq_kv, BAND_INF),
     )
     if m.batch_pos:     # (only when on: ordinary launches keep their arguments as they were)
         flags["BATCH_POS"] = True

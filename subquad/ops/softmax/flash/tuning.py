@@ -204,13 +204,28 @@ class _FirstThatFits:
 # 2 x 16k ran 8.48 ms on its own tuned tile and 10.01 on 128 x 128 x 8 x 3, the window's choice at that length.
 # The linear kernels' keys had the same flaw (0.99 ms against 0.49 at 4 x 8k after a warm-up at 32 x 1k, before
 # their SEQS / CHUNKS buckets).
+# A window's walk is its width at any length, and causal's half the length: keyed by length alone, the 4096
+# window at 64k took causal 64k's tile (H100, 2026-12-07: 4.71 ms forward, 4.50 on 2026-12-05), so a band narrower
+# than the keys is keyed by its width too (``tune_walk``).
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
-        "tune_kv"]
+        "tune_kv", "tune_walk"]
 
 
 def tune_bucket(seq_kv: int) -> int:
     """The kernels' ``tune_kv`` (read by the tuner alone): the key length's power of two, at least 1024."""
     return max(1024, 1 << max(seq_kv - 1, 0).bit_length())
+
+
+def tune_walk(band_lo: int, band_hi: int, seq_kv: int, band_inf: int) -> int:
+    """The kernels' ``tune_walk`` (read by the tuner alone): the power of two at or above a band's width (keys
+    ``band_lo`` to ``band_hi`` from the diagonal, +-``band_inf`` unbounded) where that is bounded and below the
+    keys' bucket, at least 128; 0 otherwise (dense, causal: the key length says it)."""
+    if band_lo <= -band_inf or band_hi >= band_inf:
+        return 0
+    width = max(128, 1 << max(band_hi - band_lo, 0).bit_length())
+    return width if width < tune_bucket(seq_kv) else 0
+
+
 _TUNED: dict = {}
 #: what a launch adds onto, per kernel: a tuning round restores them after each timed run, so that a launch going
 #: on from an earlier one's result keeps it (the two-source backward's second key set into the first's dQ; a seeded
