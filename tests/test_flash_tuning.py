@@ -146,10 +146,9 @@ def test_a_band_narrower_than_the_keys_is_tuned_by_its_width():
     from subquad.ops.softmax.flash.masking import BAND_INF
     from subquad.ops.softmax.flash.tuning import tune_walk
 
-    walk = lambda lo, hi, n: tune_walk(lo, hi, n, BAND_INF)  # noqa: E731
-    assert [walk(-4095, 0, n) for n in (4096, 16384, 65536)] == [0, 4096, 4096]
-    assert walk(-BAND_INF, 0, 65536) == walk(-BAND_INF, BAND_INF, 65536) == 0   # causal, dense
-    assert walk(-4096, 4095, 65536) == 8192 and walk(-10, 0, 65536) == 128     # both sides; at least 128
+    assert [tune_walk(-4095, 0, n) for n in (4096, 16384, 65536)] == [0, 4096, 4096]
+    assert tune_walk(-BAND_INF, 0, 65536) == tune_walk(-BAND_INF, BAND_INF, 65536) == 0    # causal, dense
+    assert tune_walk(-4096, 4095, 65536) == 8192 and tune_walk(-10, 0, 65536) == 128     # both sides; at least 128
 
 
 def test_overlap_forms_are_tried_on_band_walks(monkeypatch):

@@ -254,7 +254,7 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensor
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
         tune_kv=tune_bucket(seq_kv),
-        tune_walk=0 if m.use_list else tune_walk(m.band_lo, m.band_hi, seq_kv, BAND_INF),
+        tune_walk=0 if m.use_list else tune_walk(m.band_lo, m.band_hi, seq_kv),
     )
     if m.batch_pos:     # (only when on: ordinary launches keep their arguments as they were)
         flags["BATCH_POS"] = True

@@ -12,6 +12,7 @@ import triton
 from ...autotuned import Autotuned
 from ...chained import chains_replicate
 from ...grid import interpreting
+from .masking import BAND_INF
 
 
 def autotuning() -> bool:
@@ -216,11 +217,11 @@ def tune_bucket(seq_kv: int) -> int:
     return max(1024, 1 << max(seq_kv - 1, 0).bit_length())
 
 
-def tune_walk(band_lo: int, band_hi: int, seq_kv: int, band_inf: int) -> int:
+def tune_walk(band_lo: int, band_hi: int, seq_kv: int) -> int:
     """The kernels' ``tune_walk`` (read by the tuner alone): the power of two at or above a band's width (keys
-    ``band_lo`` to ``band_hi`` from the diagonal, +-``band_inf`` unbounded) where that is bounded and below the
-    keys' bucket, at least 128; 0 otherwise (dense, causal: the key length says it)."""
-    if band_lo <= -band_inf or band_hi >= band_inf:
+    ``band_lo`` to ``band_hi`` from the diagonal) where that is bounded and below the keys' bucket, at least 128;
+    0 otherwise (dense, causal: the key length says it)."""
+    if band_lo <= -BAND_INF or band_hi >= BAND_INF:
         return 0
     width = max(128, 1 << max(band_hi - band_lo, 0).bit_length())
     return width if width < tune_bucket(seq_kv) else 0
