@@ -231,12 +231,9 @@ def _wide_rows(*tensors) -> bool:
 
 def _row_stride(m: MaskArgs, *tensors) -> int:
     """The row stride (``stride(1)``) that ``tensors`` share, which a band walk's kernels take as a constant
-    (``KV_ROWS``, ``Q_ROWS``; one compile per layout): their loops then address a tile's rows with immediates where
-    a runtime stride took an IMAD a load (sm90, full 16k: the overlapped forward's middle loop 593 -> 576
-    instructions, dK/dV 457 -> 443, dQ 286 -> 273). H100, 2 x 16k, against runtime strides
-    (``2026-12-07-row-strides-ab*-h100.json``): forward full 1.017x, window 4096 1.044-1.074x, causal 0.99-1.03x,
-    fwd+bwd 0.97-1.03x; BlockMask walks lost (block-sparse 0.25 0.94-0.95x forward and fwd+bwd, Longformer
-    0.98-0.99x), so theirs stay runtime strides, as do tensors whose strides differ (0)."""
+    (``KV_ROWS``, ``Q_ROWS``; one compile per layout) to address a tile's rows by immediates (H100, 2 x 16k
+    forward: window 1.04-1.07x, full 1.02x). 0, read at run time, where the strides differ and on BlockMask walks,
+    which lost with it (block-sparse 0.94x; ``2026-12-07-row-strides-ab*-h100.json``)."""
     strides = {t.stride(1) for t in tensors}
     return strides.pop() if len(strides) == 1 and not m.use_list else 0
 
