@@ -2,9 +2,9 @@
 #   rm -rf .calls/base && mkdir -p .calls/base && git archive <before> subquad | tar -x -C .calls/base).
 # First the GPU tests (TEST_FILES; gradients on the GPU: DESIGN.md's known traps), then the A/B, fwd and fwd+bwd,
 # on dense, band and BlockMask walks (CASES), into $OUT/$AB_NAME.json. speedup > 1: this tree is faster.
-# Session 42-43: the backward's dP before the exponentials (AB_NAME=bwd-order-ab, base 1eebb83); session 43's
-# plan: the row strides as constants (TEST_FILES with tests/test_nsa.py first, AB_NAME=row-strides-ab, base
-# bbe3e2f; a first call compiles every kernel anew).
+# Session 43: the backward's dP before the exponentials (AB_NAME=bwd-order-ab, base 1eebb83); session 44: the row
+# strides as constants (TEST_FILES with tests/test_nsa.py first, AB_NAME=row-strides-ab, base bbe3e2f; a first
+# call compiles every kernel anew). The untuned tests no longer write the autotuning cache (aa98907).
 export DEVICE_BUDGET=${DEVICE_BUDGET:-480}
 source benchmarks/gpu/prelude.sh
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
