@@ -70,6 +70,24 @@ def _decode_case(name: str) -> tuple:
     return lambda: decode(inputs["q"], inputs["k"], inputs["v"])
 
 
+def _tiles_chosen(seen: set) -> list[str]:
+    """The flash kernels' tuned configurations chosen since the last call (``Autotuned.chosen``): two trees that
+    time apart on the same kernel code may only have tuned to different tiles (the causal 1k forward's two best
+    tiles were 1.6% apart on the H100, session 45). Empty for a tree whose tuning lives elsewhere."""
+    try:
+        from subquad.ops.softmax.flash import tuning
+    except ImportError:
+        return []
+    new = []
+    for (kernel, _), wrapper in tuning._TUNED.items():
+        for key, config in wrapper.chosen.items():
+            if (kernel, key) not in seen:
+                seen.add((kernel, key))
+                tile = {k: v for k, v in config.items() if k.isupper() or k in ("num_warps", "num_stages")}
+                new.append(f"{kernel} {tile}")
+    return new
+
+
 def child(cases: list[str], deterministic: bool) -> dict:
     import torch
     import triton.testing
@@ -78,6 +96,7 @@ def child(cases: list[str], deterministic: bool) -> dict:
     from subquad import attention, masks  # noqa: F401  (the patterns' names)
 
     out = {"subquad": str(Path(subquad.__file__).parent)}
+    seen: set = set()
     for name in cases:
         if name in DECODE_CASES:
             call = _decode_case(name)
@@ -103,7 +122,8 @@ def child(cases: list[str], deterministic: bool) -> dict:
         dq, dk, dv = fwdbwd()
         out[name] = {"fwd": triton.testing.do_bench(lambda: fwd().sum(), warmup=50, rep=300),
                      "fwdbwd": triton.testing.do_bench(fwdbwd, warmup=50, rep=300),
-                     "checksum": [float(t.float().abs().sum()) for t in (o, dq, dk, dv)]}
+                     "checksum": [float(t.float().abs().sum()) for t in (o, dq, dk, dv)],
+                     "tiles": _tiles_chosen(seen)}
         print(name, {k: (round(x, 4) if isinstance(x, float) else x) for k, x in out[name].items()}, flush=True)
     return out
 
@@ -156,6 +176,10 @@ def summarize(args, cases, trees, runs):
                 times = [r[case][mode] for r in runs[name] if case in r]
                 if times:
                     row[f"{name}_ms"], row[f"{name}_spread"] = min(times), max(times) - min(times)
+            for name in trees:      # the first round tunes: its choice holds for the rounds after it
+                tiles = [t for r in runs[name][:1] for t in r.get(case, {}).get("tiles", [])]
+                if tiles and mode != "decode":
+                    row[f"{name}_tiles"] = tiles
             if "base_ms" in row and "head_ms" in row:
                 row["speedup"] = row["base_ms"] / row["head_ms"]
             sums = {name: runs[name][0][case]["checksum"] for name in trees if runs[name] and case in runs[name][0]}
