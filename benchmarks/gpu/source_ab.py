@@ -178,7 +178,7 @@ def summarize(args, cases, trees, runs):
                     row[f"{name}_ms"], row[f"{name}_spread"] = min(times), max(times) - min(times)
             for name in trees:      # the first round tunes: its choice holds for the rounds after it
                 tiles = [t for r in runs[name][:1] for t in r.get(case, {}).get("tiles", [])]
-                if tiles and mode != "decode":
+                if tiles:
                     row[f"{name}_tiles"] = tiles
             if "base_ms" in row and "head_ms" in row:
                 row["speedup"] = row["base_ms"] / row["head_ms"]
