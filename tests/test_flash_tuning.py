@@ -130,14 +130,12 @@ def test_tuning_key_buckets_the_key_length(monkeypatch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(1, 100, 2, 16, dtype=torch.float16, device=dev, requires_grad=True)
     k, v = (torch.randn(1, 3000, 2, 16, dtype=torch.float16, device=dev, requires_grad=True) for _ in range(2))
-    walks = {}
     for mask, walk in ((None, 0), (sq.masks.sliding_window(512), 512), (sq.masks.sliding_window(4000), 0)):
         recorded.clear()
         sq.attention(q, k, v, causal=mask is None, mask=mask, backend="triton").float().sum().backward()
         flash = [kwargs for name, kwargs in recorded if name.startswith("flash_") and "tune_kv" in kwargs]
         assert len(flash) == 2 and {kwargs["tune_kv"] for kwargs in flash} == {4096}
-        walks[walk] = {kwargs["tune_walk"] for kwargs in flash}
-    assert walks == {0: {0}, 512: {512}}
+        assert {kwargs["tune_walk"] for kwargs in flash} == {walk}, mask
 
 
 def test_a_band_narrower_than_the_keys_is_tuned_by_its_width():
