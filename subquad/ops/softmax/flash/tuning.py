@@ -95,8 +95,11 @@ _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
 # - A band with gathered columns (TWO_SOURCES: the planned patterns, a few tiles a query tile): both. NOT
 #   MEASURED there. sm90: under the cap the fixed pattern's loops do not spill, the strided one's band loop
 #   spills ~30 B an iteration; 64 x 64 x 4 x 3 keeps it unspilled (196 registers, 115 KB).
+# - A band whose walk spans at most ``SHORT_BAND`` keys (dense 1k-2k, narrow windows): the capped tile, which
+#   sm90 compiles for causal 1k without spills (128 registers, 96 KB). NOT MEASURED.
 _CAPPED = _cfg(128, 64, 8, 2, maxnreg=128)
-FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED], "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3)]}
+FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED], "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3)], "SHORT_BAND": [_CAPPED]}
+SHORT_BAND = 2048
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
 BWD_CONFIGS_OTHER = [_cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2)]
@@ -132,8 +135,7 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
     out, seen = [], set()
     short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
-    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if kwargs.get(flag, named_args.get(flag, False))
-             for c in tiles}
+    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if _launch_is(flag, kwargs, named_args) for c in tiles}
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
@@ -160,6 +162,16 @@ def _prune(configs, named_args, unchain=None, **kwargs):
                         out[-1].kwargs.update(out[-2].kwargs)
                     out[-1].kwargs["OVERLAP"] = overlap
     return out
+
+
+def _launch_is(flag: str, kwargs: dict, named_args: dict) -> bool:
+    """Whether a launch has ``flag`` on, or for ``SHORT_BAND`` whether it walks a band (no BlockMask list) over
+    at most ``SHORT_BAND`` keys a query tile (the band's width, else the keys' bucket)."""
+    get = lambda name, default=None: kwargs.get(name, named_args.get(name, default))  # noqa: E731
+    if flag != "SHORT_BAND":
+        return bool(get(flag, False))
+    walk = get("tune_walk") or get("tune_kv")
+    return not get("USE_LIST", True) and walk is not None and walk <= SHORT_BAND
 
 
 def _overlaps(use_list: bool, warps: int) -> tuple:
