@@ -95,8 +95,10 @@ _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
 # - A band with gathered columns (TWO_SOURCES: the planned patterns, a few tiles a query tile): both. NOT
 #   MEASURED there. sm90: under the cap the fixed pattern's loops do not spill, the strided one's band loop
 #   spills ~30 B an iteration; 64 x 64 x 4 x 3 keeps it unspilled (196 registers, 115 KB).
-# - A band whose walk spans at most ``SHORT_BAND`` keys (dense 1k-2k, narrow windows): the capped tile, which
-#   sm90 compiles for causal 1k without spills (128 registers, 96 KB). NOT MEASURED.
+# - A band whose walk spans at most ``SHORT_BAND`` keys (dense 1k-2k, narrow windows): the capped tile (sm90:
+#   causal 1k without spills). H100, forced one by one in one process (2026-12-07-short-band-config-sweep-h100.json):
+#   32 x 1k forward, causal 0.412 ms against 0.449 for 128 x 64 x 8 x 3 and 128 x 128 x 8 x 3, full 0.641 against
+#   0.676 / 0.719; the tuner took it for both (SDPA-flash 0.522 / 0.838).
 _CAPPED = _cfg(128, 64, 8, 2, maxnreg=128)
 FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED], "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3)], "SHORT_BAND": [_CAPPED]}
 SHORT_BAND = 2048
