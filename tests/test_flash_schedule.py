@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from subquad import masks
+from subquad.ops.softmax.flash.tile import heavy_first
 from subquad.ops.softmax.reference import attention_reference
 from test_flash import BLOCK, DEV, _check, _close, _lse_close, _qkv, gpu, pytestmark  # noqa: F401  (the same skip)
+
+
+@triton.jit
+def _schedule(ORDER, OUT, n_items, n_bh, tail_heads, HEADS: tl.constexpr):
+    """Each program's ``(tile, head)`` under ``heavy_first``'s head-by-head order, at its place in the grid's
+    linear order (one row of programs a head, as the forward's grid)."""
+    tile, pid_bh, piece = heavy_first(ORDER, n_items, n_items, 1, HEADS, HEADS, 1, 1, tl.program_id(0),
+                                      tl.num_programs(0), n_bh, tl.program_id(1), False, True, tail_heads)
+    linear = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(OUT + 2 * linear, tile)
+    tl.store(OUT + 2 * linear + 1, pid_bh)
 
 
 @pytest.mark.parametrize("kind", ["full", "window", "block_sparse"])
@@ -221,6 +235,45 @@ def test_walks_few_for_the_sms_go_heads_fastest():
     m.walks = (40.0, 4.5, 8.0, 4.5)
     assert launch._backward_head_major(m, 64, 16, 16, True, torch.device("cpu"))
     assert not launch._backward_head_major(m, 64, 16, 16, False, torch.device("cpu"))
+
+
+def test_head_by_head_order_ends_on_the_last_heads_side_by_side():
+    """``heavy_first``'s head-by-head order with ``tail_heads``: every (tile, head) once; before the tail each
+    head's ranks in a row; in it the last heads alternate rank by rank, so that the pass ends on the lightest
+    block of every one of them. ``launch._tail_heads`` takes about ``TAIL_WAVES`` waves of two programs an SM."""
+    from subquad.ops.softmax.flash import launch
+
+    n_items, heads = 5, 7
+    order = torch.stack([torch.randperm(n_items, generator=torch.Generator().manual_seed(h)) for h in range(heads)])
+    order = order.to(torch.int32).reshape(1, heads, n_items).to(DEV)
+    for tail in (1, 3, heads):
+        out = torch.empty(heads * n_items, 2, dtype=torch.int32, device=DEV)
+        _schedule[(n_items, heads)](order, out, n_items, heads, tail, HEADS=heads)
+        tile, head = out[:, 0].cpu(), out[:, 1].cpu()
+        assert sorted(zip(tile.tolist(), head.tolist())) == [(t, h) for t in range(n_items) for h in range(heads)]
+        rank = torch.tensor([order[0, h].tolist().index(t) for t, h in zip(tile.tolist(), head.tolist())])
+        lead = (heads - tail) * n_items
+        assert torch.equal(head[:lead], torch.arange(lead) // n_items)
+        assert torch.equal(rank[:lead], torch.arange(lead) % n_items)
+        assert torch.equal(head[lead:], heads - tail + torch.arange(tail * n_items) % tail)
+        assert torch.equal(rank[lead:], torch.arange(tail * n_items) // tail)
+    assert launch._tail_heads(128, 32, 132) == 4 and launch._tail_heads(512, 16, 132) == 1
+    assert launch._tail_heads(32, 8, 132) == 8 and launch._tail_heads(0, 8, 132) == 8
+
+
+def test_tail_heads_forward_matches_the_reference(monkeypatch):
+    """A head-by-head block layout whose last three (batch, head) pairs go side by side (``tail_heads`` 3 of 6):
+    outputs, LSE and gradients as the reference's."""
+    from subquad.ops.softmax.flash import launch
+
+    seen = []
+    tail_heads = launch._tail_heads
+    monkeypatch.setattr(launch, "_tail_heads", lambda *a: seen.append(3) or 3)
+    layout = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) < 0.4
+    layout |= torch.eye(6, dtype=torch.bool)
+    q, k, v = _qkv(2, 6 * BLOCK - 5, 6 * BLOCK - 5, 3, 3, 32, torch.float16)
+    _check(q, k, v, mask=masks.block_sparse(layout, BLOCK))
+    assert seen and tail_heads(6, 6, 132) == 6
 
 
 @pytest.mark.gpu

@@ -179,7 +179,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv", "tune_walk"])
+@triton.jit(do_not_specialize=["n_rows", "pid_offset", "tune_kv", "tune_walk", "tail_heads"])
 def flash_fwd_kernel(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, TILE_OF, BITS, DOC_IDS, Q_POS, KV_POS, IS_GLOBAL, LAYOUT, SLOPES,
@@ -190,7 +190,7 @@ def flash_fwd_kernel(
     K2, V2, KV2_POS, stride_k2b, stride_k2n, stride_k2h, stride_v2b, stride_v2n, stride_v2h, n2, band2_lo, band2_hi,
     FULL2_NUM, FULL2_IDX, PART2_NUM, PART2_IDX, full2_width, part2_width, mask2_b, mask2_h,
     ORDER, n_items, piece_len, SLOT, O_PART, LSE_PART, n_slots, n_pieces, RNG, dropout_p,
-    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv, tune_walk,
+    LSH_Q_CHUNK, LSH_K_CHUNK, n_rows, pid_offset, tune_kv, tune_walk, tail_heads,
     HQ: tl.constexpr, G: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
@@ -215,7 +215,7 @@ def flash_fwd_kernel(
     if ORDERED:
         tile, pid_bh, piece = heavy_first(ORDER, n_qb, n_items, mask_b, mask_h, HQ, MBQ // BLOCK_M, 1,
                                           tl.program_id(0), tl.num_programs(0), grid_rows(n_rows, SPLIT_GRID),
-                                          pid_offset, SPLIT_GRID, HEAD_MAJOR)
+                                          pid_offset, SPLIT_GRID, HEAD_MAJOR, tail_heads)
         start_m = tile * BLOCK_M
     else:
         # the longest query tiles (late rows under a causal band) start first

@@ -64,6 +64,17 @@ HEAVY_WALK = 3.0
 #: pass 1.26-1.6x the ideal in a schedule simulation head by head, 1.03x heads fastest; the H100 measured its
 #: fwd+bwd 3.10 ms heads fastest (57934e6) and 3.48 head by head (737cf30). Block-sparse 0.1 at 2 x 16k: 0.06
 TAIL_SHARE = 0.25
+#: the forward's head-by-head order ends on the last heads side by side (``tile.heavy_first``'s ``tail_heads``),
+#: as many as hold about this many waves of its programs (two an SM, the BlockMask walks' tile). A schedule
+#: simulation of block-sparse 2 x 16k (32 heads of 128 query blocks, 264 slots): the pass ends 4.2% after the
+#: ideal at density 0.1 head by head, 0.5% with the last 4 heads side by side (0.25: 2.0 -> 1.2%; 1 x 64k and
+#: its 512 blocks a head: no change, one head). NOT MEASURED.
+TAIL_WAVES = 2
+
+
+def _tail_heads(items: int, rows: int, sms: int) -> int:
+    """The forward's ``tail_heads`` (``TAIL_WAVES``) for ``rows`` (batch, head) pairs of ``items`` query blocks."""
+    return max(1, min(rows, round(TAIL_WAVES * 2 * sms / max(items, 1))))
 
 
 def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int,
@@ -412,6 +423,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         _second_source_meta(meta, m, second)
     if m.order is not None:
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
+    meta["tail_heads"] = _tail_heads(schedule[1], bsz * hq, num_sms(q.device)) if head_major else 1
     if into is not None:
         meta["SEEDED"] = True
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid

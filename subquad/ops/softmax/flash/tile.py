@@ -71,7 +71,7 @@ def grid_rows(n_rows, SPLIT_GRID: tl.constexpr):
 @triton.jit
 def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, SUBS: tl.constexpr,
                 HEAD_STEP: tl.constexpr, pid, n_pid, n_bh, pid_offset, SPLIT_GRID: tl.constexpr,
-                HEAD_MAJOR: tl.constexpr = False):
+                HEAD_MAJOR: tl.constexpr = False, tail_heads=1):
     """``(tile, pid_bh, piece)`` of this program when every (batch, head) runs its BlockMask blocks heaviest
     first: the grid's linear id walks the heads fastest and ``ORDER``'s ``n_items`` entries in rank (``SUBS``
     kernel tiles per block). A block that walks far more tiles than the rest (the query block of global rows,
@@ -88,11 +88,17 @@ def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, S
     ``HEAD_MAJOR``: the heads slowest instead, each (batch, head)'s blocks side by side heaviest first, for walks
     with no block far heavier than the rest: neighbouring programs then read one head's keys, which stay in L2
     (the heads-fastest walk read block-sparse's from memory: 1.28x slower at density 0.1), and the shortest walks
-    of the last heads, not whichever came last in the grid, fill the pass's tail."""
+    of the last heads, not whichever came last in the grid, fill the pass's tail. ``tail_heads``: the last that
+    many (batch, head) pairs go side by side, rank by rank, so that the pass ends on the shortest walks of all of
+    them, not on one head's longest ones still running while the others have finished (``launch._tail_heads``)."""
     linear = grid_row(pid_offset, SPLIT_GRID) * n_pid + pid
     if HEAD_MAJOR:
-        rank = linear % (n_items * SUBS)
-        pid_bh = linear // (n_items * SUBS)
+        per_head = n_items * SUBS
+        tail_start = (n_bh - tail_heads) * per_head
+        in_tail = linear >= tail_start
+        into_tail = linear - tail_start
+        rank = tl.where(in_tail, into_tail // tail_heads, linear % per_head)
+        pid_bh = tl.where(in_tail, n_bh - tail_heads + into_tail % tail_heads, linear // per_head)
     else:
         rank = linear // n_bh
         pid_bh = linear % n_bh
