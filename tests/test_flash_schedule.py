@@ -21,7 +21,7 @@ def _schedule(ORDER, OUT, n_items, n_bh, tail_heads, HEADS: tl.constexpr):
     """Each program's ``(tile, head)`` under ``heavy_first``'s head-by-head order, at its place in the grid's
     linear order (one row of programs a head, as the forward's grid)."""
     tile, pid_bh, piece = heavy_first(ORDER, n_items, n_items, 1, HEADS, HEADS, 1, 1, tl.program_id(0),
-                                      tl.num_programs(0), n_bh, tl.program_id(1), False, True, tail_heads)
+                                      tl.num_programs(0), n_bh, 0, False, True, tail_heads)
     linear = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tl.store(OUT + 2 * linear, tile)
     tl.store(OUT + 2 * linear + 1, pid_bh)
