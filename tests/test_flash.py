@@ -373,9 +373,9 @@ def test_eager_calls_match_the_custom_op(monkeypatch):
     no dK/dV walk is long enough to be cut into pieces, which only eager calls do), with dropout too."""
     from subquad.ops.softmax import flash
     from subquad.ops.softmax.dropout import new_rng
-    from subquad.ops.softmax.flash import _block_mask_args, launch, op
+    from subquad.ops.softmax.flash import _block_mask_args, op, schedule
 
-    monkeypatch.setattr(launch, "HEAVY_WALK", 0.0)     # the heaviest-first schedules whatever the walks
+    monkeypatch.setattr(schedule, "HEAVY_WALK", 0.0)     # the heaviest-first schedules whatever the walks
     q, k, v = [t.detach().requires_grad_() for t in _qkv(2, 70, 70, 4, 2, 32, torch.bfloat16)]
     bm = subquad.masks.resolve(masks.sliding_window(40), causal=False, batch=2, heads=4, seq_q=70, seq_kv=70,
                                device=q.device, block_q=32, block_kv=32)
@@ -388,8 +388,7 @@ def test_eager_calls_match_the_custom_op(monkeypatch):
     # the custom op gets the heaviest-first schedules too: without them its dQ sums ran in another order; it
     # never cuts walks into pieces (that reads walk lengths back to the host, on every call of a compiled graph)
     assert m.order is not None and m.order_t is not None
-    from subquad.ops.softmax.flash import launch
-    monkeypatch.setattr(launch, "walk_pieces", lambda *a: pytest.fail("the custom op read walk lengths back"))
+    monkeypatch.setattr(schedule, "walk_pieces", lambda *a: pytest.fail("the custom op read walk lengths back"))
     ops_out = torch.ops.subquad.flash_fwd(q, k, v, *op._block_tensors(m), *op._block_tensors(None), m.doc_ids,
                                           None, None, m.flags, m.layout, None, rng, 0.2, 5.0, m.band_lo,
                                           m.band_hi, m.prefix, m.q_prefix, m.layout_block, m.and_causal, m.mbq,

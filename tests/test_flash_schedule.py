@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from subquad import masks
+from subquad.ops.softmax.flash import schedule
 from subquad.ops.softmax.flash.tile import heavy_first
 from subquad.ops.softmax.reference import attention_reference
 from test_flash import BLOCK, DEV, _check, _close, _lse_close, _qkv, gpu, pytestmark  # noqa: F401  (the same skip)
@@ -55,9 +56,9 @@ def test_heaviest_blocks_first_with_several_tiles_per_block(pattern, monkeypatch
     """BlockMask blocks of four kernel tiles (two on the interpreter), lengths not a multiple of the block: the
     heavy-first schedule (the global rows' query block and the global columns' key block first; taken here
     whatever the blocks' walks) covers every tile once, in the forward and in the dK/dV pass."""
-    from subquad.ops.softmax.flash import flash_attention_masked, launch
+    from subquad.ops.softmax.flash import flash_attention_masked
 
-    monkeypatch.setattr(launch, "HEAVY_WALK", 0.0)
+    monkeypatch.setattr(schedule, "HEAVY_WALK", 0.0)
 
     n = 2 * BLOCK + 37
     q, k, v = _qkv(1, n, n, 4, 2, 32, torch.float16)
@@ -84,8 +85,8 @@ def test_long_key_walks_are_cut_into_pieces(monkeypatch, causal, sub_tiles):
     per block: the interpreter takes minutes at two)."""
     from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
 
-    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
-    monkeypatch.setattr(launch, "PIECE_LOAD", 0.0)
+    monkeypatch.setattr(schedule, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(schedule, "PIECE_LOAD", 0.0)
     block = sub_tiles * BLOCK
     n = 20 * block + 13
     pattern = masks.longformer(block // 2, [0, 1, 2], causal=causal)
@@ -136,8 +137,8 @@ def test_long_query_walks_are_cut_into_pieces(monkeypatch, sub_tiles, scattered)
     gradients at one tile per block: the interpreter takes minutes at two)."""
     from subquad.ops.softmax.flash import _block_mask_args, flash_attention_masked, launch
 
-    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1)
-    monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    monkeypatch.setattr(schedule, "WALK_PIECE_MIN", 1)
+    monkeypatch.setattr(schedule, "FWD_PIECE_LOAD", 0.0)
     block = sub_tiles * BLOCK
     n = 20 * block + 13
     rows = [0, 1, 2] + ([5 * block + 3] if scattered else [])
@@ -168,14 +169,13 @@ def test_long_query_walks_are_cut_into_pieces(monkeypatch, sub_tiles, scattered)
 def test_walks_are_cut_only_when_the_longest_outlasts_the_pass():
     """A walk is cut when it is longer than the pass's mean work per SM (PIECE_LOAD = 1): one long walk among
     short ones on few programs (Longformer 1 x 64k: 1.18 on the H200) is cut, the same on more programs is not."""
-    from subquad.ops.softmax.flash import launch
 
     work = torch.full((1, 1, 64), 3, dtype=torch.int32)
     work[0, 0, 0] = 64
     none = torch.zeros_like(work)
     mean_per_sm = lambda programs, sms: programs * int(work.sum()) / sms
-    assert 64 > mean_per_sm(16, 132) and launch.walk_pieces(work, none, 16, 132)[3].tolist() == [0]
-    assert 64 < mean_per_sm(64, 132) and launch.walk_pieces(work, none, 64, 132) == ()
+    assert 64 > mean_per_sm(16, 132) and schedule.walk_pieces(work, none, 16, 132)[3].tolist() == [0]
+    assert 64 < mean_per_sm(64, 132) and schedule.walk_pieces(work, none, 64, 132) == ()
 
 
 def test_heaviest_first_order_puts_global_tokens_first():
@@ -227,8 +227,8 @@ def test_walks_few_for_the_sms_go_heads_fastest():
     m = _block_mask_args(bm, None, None)
     assert m.walks == (8.0, 4.5, 8.0, 4.5)
     per_sm = lambda rows, sms: 4.5 * rows * 8 / sms
-    assert 8 > launch.TAIL_SHARE * per_sm(32, 132) and not m.head_major(True, 32, 132)
-    assert 8 <= launch.TAIL_SHARE * per_sm(32 * 16, 132) and m.head_major(True, 32 * 16, 132)
+    assert 8 > schedule.TAIL_SHARE * per_sm(32, 132) and not m.head_major(True, 32, 132)
+    assert 8 <= schedule.TAIL_SHARE * per_sm(32 * 16, 132) and m.head_major(True, 32 * 16, 132)
     assert launch._backward_head_major(m, 2, 16, 16, True, torch.device("cpu"))     # off the GPU 4 SMs: 72 blocks each
     # the backward's dQ programs walk the forward's query blocks under the same HEAD_MAJOR: with them (not
     # atomic) both passes' walks decide
@@ -240,8 +240,7 @@ def test_walks_few_for_the_sms_go_heads_fastest():
 def test_head_by_head_order_ends_on_the_last_heads_side_by_side():
     """``heavy_first``'s head-by-head order with ``tail_heads``: every (tile, head) once; before the tail each
     head's ranks in a row; in it the last heads alternate rank by rank, so that the pass ends on the lightest
-    block of every one of them. ``launch._tail_heads`` takes about ``TAIL_WAVES`` waves of two programs an SM."""
-    from subquad.ops.softmax.flash import launch
+    block of every one of them. ``schedule.tail_heads`` takes about ``TAIL_WAVES`` waves of two programs an SM."""
 
     n_items, heads = 5, 7
     order = torch.stack([torch.randperm(n_items, generator=torch.Generator().manual_seed(h)) for h in range(heads)])
@@ -257,8 +256,8 @@ def test_head_by_head_order_ends_on_the_last_heads_side_by_side():
         assert torch.equal(rank[:lead], torch.arange(lead) % n_items)
         assert torch.equal(head[lead:], heads - tail + torch.arange(tail * n_items) % tail)
         assert torch.equal(rank[lead:], torch.arange(tail * n_items) // tail)
-    assert launch._tail_heads(128, 32, 132) == 4 and launch._tail_heads(512, 16, 132) == 1
-    assert launch._tail_heads(32, 8, 132) == 8 and launch._tail_heads(0, 8, 132) == 8
+    assert schedule.tail_heads(128, 32, 132) == 4 and schedule.tail_heads(512, 16, 132) == 1
+    assert schedule.tail_heads(32, 8, 132) == 8 and schedule.tail_heads(0, 8, 132) == 8
 
 
 def test_tail_heads_forward_matches_the_reference(monkeypatch):
@@ -267,8 +266,8 @@ def test_tail_heads_forward_matches_the_reference(monkeypatch):
     from subquad.ops.softmax.flash import launch
 
     seen = []
-    tail_heads = launch._tail_heads
-    monkeypatch.setattr(launch, "_tail_heads", lambda *a: seen.append(3) or 3)
+    tail_heads = schedule.tail_heads
+    monkeypatch.setattr(schedule, "tail_heads", lambda *a: seen.append(3) or 3)
     monkeypatch.setattr(launch, "num_sms", lambda device: 4)   # (on a GPU's SMs six short rows go heads fastest)
     layout = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) < 0.4
     layout |= torch.eye(6, dtype=torch.bool)
@@ -344,8 +343,8 @@ def test_seeded_forward_goes_on_from_an_earlier_result(monkeypatch, cut):
     from subquad.ops.softmax.flash import flash_attention_masked, launch
 
     # (a GPU cuts B's global rows anyway: few programs, long walks)
-    monkeypatch.setattr(launch, "WALK_PIECE_MIN", 1 if cut else 1 << 30)
-    monkeypatch.setattr(launch, "FWD_PIECE_LOAD", 0.0)
+    monkeypatch.setattr(schedule, "WALK_PIECE_MIN", 1 if cut else 1 << 30)
+    monkeypatch.setattr(schedule, "FWD_PIECE_LOAD", 0.0)
     merges = []
     real_merge = launch._merge_pieces
     monkeypatch.setattr(launch, "_merge_pieces", lambda *a: merges.append(1) or real_merge(*a))

@@ -10,7 +10,7 @@ import torch
 from ...chained import chains_replicate
 from ...grid import cdiv, launch_split, next_power_of_2, num_sms
 from ..lse_merge import merge_lse_stacked
-from . import tuning
+from . import schedule, tuning
 from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 from .lsh_windows import LshWindows
@@ -24,101 +24,6 @@ LOG2E = 1.4426950408889634
 INTERPRET_FWD = (32, 16)
 INTERPRET_BWD = (16, 32)
 INTERPRET_WARPS = 4     # the interpreter's launches leave num_warps at Triton's default: UNCHAIN's rule takes it
-
-
-#: a key block's dK/dV walk longer than four times the median walk is cut into pieces of twice the median (at
-#: least WALK_PIECE_MIN query blocks each), when it is also longer than PIECE_LOAD times the pass's mean work per
-#: SM: only then does that one program outlast the pass. H200 (benchmarks/results/2026-12-04-longformer-walk-
-#: pieces-stall-fixed-h200.json): at 1.18 (Longformer 1 x 64k) cutting took fwd+bwd from 6.50 to 5.81 ms; at
-#: 0.6 (Longformer 2 x 16k, BigBird 1 x 64k) and 0.3 (BigBird 2 x 16k) it cost 1-5%
-WALK_PIECE_MIN = 8
-PIECE_LOAD = 1.0
-#: a backward with dQ programs beside its dK/dV programs (no atomics, no fp32 dQ) runs both passes' walks in one
-#: grid, about twice the dK/dV pass's work: its walks are whole unless one is longer than this times the dK/dV
-#: pass's mean work per SM. Longformer 1 x 64k (1.18) had been cut and so atomic, whose fp32 dQ's zeroing and
-#: conversion took 0.44 of its 5.75 ms fwd+bwd on the H100 (2026-12-06-plan-profile-longformer-h100.json);
-#: at 2 x 16k (0.6) the dQ programs ran 1.06x faster than the atomic sums (2026-12-05-flash-h100.json). With
-#: this rule 1 x 64k takes the dQ programs (its walks start heaviest first, the global columns' at 0.59 of the
-#: mean work an SM then gets): fwd+bwd 5.76 -> 5.26 ms on the H100 (2026-12-06-dq-programs-two-source-ab-h100.json)
-DQ_PROGRAMS_LOAD = 2.0
-#: the forward's PIECE_LOAD: a query block's walk (the global rows of Longformer / BigBird, every key block)
-#: is cut into pieces in the same launch when longer than this times the pass's mean work per SM. Offline
-#: estimate, NOT MEASURED: at 1 x 64k those rows' walk (1,024 tiles at 64-blocks, 0.75 (Longformer) and 0.59
-#: (BigBird) of the mean on 132 SMs; 0.38 / 0.30 at 2 x 16k) matches the whole forward's time if a masked global
-#: tile costs ~1.2 / ~2.9 us, which would make it the pass's critical path (16k -> 64k growth 4.62x / 5.42x,
-#: the other blocks' work grows 4x)
-FWD_PIECE_LOAD = 0.5
-#: the forward cuts such a walk into this many pieces at most (longer than the dK/dV pass's, 2x the median walk:
-#: each piece's rows go to an fp32 buffer merged after the launch, 27 MB at 1 x 64k with 52 pieces a head)
-FWD_MOST_PIECES = 8
-#: a pass's BlockMask walks go heads fastest, heaviest first (``tile.heavy_first``), where some block walks more
-#: than this many times the mean block's tiles (the query block of global rows, the key block of global columns),
-#: so that those walks start first. Neighbouring programs then read different heads' keys: rows of like length lose
-#: the L2 reuse of one head's blocks side by side. Block-sparse at density 0.1, 2 x 16k on the H100 (no heavy
-#: block: the longest row ~2x the mean): 1.12 ms forward in the grid's order (2026-11-23), 1.39 ms heavy first
-#: (2026-12-05), ~3.5 GB of K/V tiles read from memory at ~3 TB/s
-HEAVY_WALK = 3.0
-#: ... and also where head by head the longest walk, which the last head starts near the pass's end, would be more
-#: than this share of the mean work an SM gets. Fixed's gathered summary columns (2 x 16k, 16 heads: 8 key blocks a
-#: head walking 16-128 query blocks, 256 walks on 132 SMs; longest 0.92 of the mean work an SM) ran their dK/dV
-#: pass 1.26-1.6x the ideal in a schedule simulation head by head, 1.03x heads fastest; the H100 measured its
-#: fwd+bwd 3.10 ms heads fastest (57934e6) and 3.48 head by head (737cf30). Block-sparse 0.1 at 2 x 16k: 0.06
-TAIL_SHARE = 0.25
-#: the forward's head-by-head order ends on the last heads side by side (``tile.heavy_first``'s ``tail_heads``),
-#: as many as hold about this many waves of its programs (two an SM, the BlockMask walks' tile). A schedule
-#: simulation of block-sparse 2 x 16k (32 heads of 128 query blocks, 264 slots): the pass ends 4.2% after the
-#: ideal at density 0.1 head by head, 0.5% with the last 4 heads side by side (0.25: 2.0 -> 1.2%; 1 x 64k and
-#: its 512 blocks a head: no change, one head). H100, two A/B runs of 3 and 4 rounds against the head-by-head
-#: order (2026-12-07-tail-heads-ab-h100.json), forward: density 0.1 1.005x / 1.019x, 0.25 1.042x / 0.996x, 0.5
-#: 1.028x; fwd+bwd 0.998-1.010x.
-TAIL_WAVES = 2
-
-
-def _tail_heads(items: int, rows: int, sms: int) -> int:
-    """The forward's ``tail_heads`` (``TAIL_WAVES``) for ``rows`` (batch, head) pairs of ``items`` query blocks."""
-    return max(1, min(rows, round(TAIL_WAVES * 2 * sms / max(items, 1))))
-
-
-def walk_pieces(full_num: torch.Tensor, part_num: torch.Tensor, programs: int, sms: int,
-                load: float | None = None, most: int | None = None) -> tuple:
-    """The dK/dV schedule when a few key blocks walk far more query blocks than the rest, else ``()`` (the
-    forward's likewise, on the query blocks' lists; ``load``: ``PIECE_LOAD`` unless given; ``most``: pieces
-    a walk is cut into at most).
-
-    Global columns (Longformer's, BigBird's first tokens, attention sinks) make their key block walk every
-    query block: at 1 x 64k, 512 of them in one program while the band's blocks walk ~6, so that one program
-    outlasts the pass (Longformer fwd+bwd grew 4.6x from 16k to 64k per sequence, a window alone 4.0x). Such a
-    walk is cut into pieces, programs of the same launch adding into a small fp32 buffer. ``programs``:
-    the (batch, KV head) pairs that each walk every block; ``sms``: the GPU's. Returns
-    ``(whole, pieces, piece_len, blocks, slot, n_pieces)``: ``whole`` (1, 1, n) int32, the other blocks heaviest
-    first, and ``pieces`` (1, 1, m) int32, ``block + n_blocks * piece`` for the cut ones (the kernels'
-    ``heavy_first`` items); ``blocks`` the cut blocks; ``slot`` (n_blocks,) int32, each block's place in the
-    buffer or -1; ``n_pieces`` the most pieces of a cut block. Only for BlockMasks that are the same for every
-    batch and head."""
-    if full_num.shape[0] != 1 or full_num.shape[1] != 1:
-        return ()
-    work = (full_num[0, 0].long() + part_num[0, 0].long()).cpu()
-    busy = work[work > 0]
-    if busy.numel() == 0:
-        return ()
-    longest = int(work.max())
-    piece = max(WALK_PIECE_MIN, 2 * int(busy.median()), -(-longest // most) if most else 0)
-    if longest <= 2 * piece or longest * sms <= (PIECE_LOAD if load is None else load) * programs * int(work.sum()):
-        return ()
-    n = work.numel()
-    counts = -(-work // piece)
-    cut = torch.nonzero(counts > 1).flatten()
-    rest = torch.nonzero(counts <= 1).flatten()
-    whole = rest[torch.argsort(work[rest], descending=True, stable=True)]
-    block = torch.repeat_interleave(cut, counts[cut])
-    index = torch.arange(block.numel()) - torch.repeat_interleave(torch.cumsum(counts[cut], 0) - counts[cut],
-                                                                  counts[cut])
-    slot = torch.full((n,), -1, dtype=torch.int32)
-    slot[cut] = torch.arange(cut.numel(), dtype=torch.int32)
-    device = full_num.device
-    items = (block + n * index).to(torch.int32).view(1, 1, -1)
-    return (whole.to(torch.int32).view(1, 1, -1).to(device), items.to(device), piece, cut.to(device), slot.to(device),
-            int(counts.max()))
 
 
 @dataclass
@@ -178,23 +83,25 @@ class MaskArgs:
             return False
         longest, mean = self.walks[2:] if backward else self.walks[:2]
         per_sm = mean * rows * (self.order_t if backward else self.order).shape[-1] / sms
-        return longest <= HEAVY_WALK * mean and longest <= TAIL_SHARE * per_sm
+        return longest <= schedule.HEAVY_WALK * mean and longest <= schedule.TAIL_SHARE * per_sm
 
     def pieces_t(self, programs: int, sms: int, load: float | None = None):
         """The dK/dV pass's schedule with its longest walks cut into pieces (``walk_pieces``), or None; made
         on the first backward of a grid (it reads the walk lengths back to the host) and kept. ``load``:
         ``PIECE_LOAD`` unless given."""
-        load = PIECE_LOAD if load is None else load
+        load = schedule.PIECE_LOAD if load is None else load
         return self._walk_pieces(f"dkdv{load}", self.lists_t, programs, sms, load, None)
 
     def pieces(self, programs: int, sms: int):
         """The forward's schedule with its longest query-block walks cut into pieces, or None (as ``pieces_t``)."""
-        return self._walk_pieces("fwd", self.lists, programs, sms, FWD_PIECE_LOAD, FWD_MOST_PIECES)
+        return self._walk_pieces("fwd", self.lists, programs, sms, schedule.FWD_PIECE_LOAD,
+                                 schedule.FWD_MOST_PIECES)
 
     def _walk_pieces(self, kind: str, lists, programs: int, sms: int, load: float, most: int | None):
         key = (kind, programs, sms)
         if key not in self._pieces:
-            self._pieces[key] = () if lists is None else walk_pieces(lists[0], lists[2], programs, sms, load, most)
+            self._pieces[key] = () if lists is None else schedule.walk_pieces(lists[0], lists[2], programs, sms,
+                                                                               load, most)
         return self._pieces[key] or None
 
     def piece_rows(self, blocks: torch.Tensor, seq: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,25 +318,25 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         and not head_major else None
     no_float = _dummy(q.device, torch.float32)
     order = m.order if m.order is not None else _dummy(q.device)
-    schedule = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
+    walk_args = [order, n_qb, 1 << 30, _dummy(q.device), no_float, no_float, 0, 1]
     if pieces is not None:
         whole, cut_items, piece_len, blocks, slot, n_pieces = pieces
         order = torch.cat([cut_items, whole], -1)       # every piece weighs piece_len, every whole walk at most that
         cut_rows = blocks.numel() * meta["MBQ"]
         o_part = torch.zeros(bsz, n_pieces, cut_rows, hq, dv, dtype=torch.float32, device=q.device)
         lse_part = torch.full((bsz, n_pieces, hq, cut_rows), float("-inf"), device=q.device)
-        schedule = [order, order.shape[-1], piece_len, slot, o_part, lse_part, blocks.numel(), n_pieces]
+        walk_args = [order, order.shape[-1], piece_len, slot, o_part, lse_part, blocks.numel(), n_pieces]
         meta["PIECES"] = True
-    args += schedule + _dropout_args(dropout, meta, q.device) + _lsh_args(m, meta, q.device)
+    args += walk_args + _dropout_args(dropout, meta, q.device) + _lsh_args(m, meta, q.device)
     if second is not None:
         _second_source_meta(meta, m, second)
     if m.order is not None:
         meta["ORDERED"], meta["HEAD_MAJOR"] = True, head_major
-    meta["tail_heads"] = _tail_heads(schedule[1], bsz * hq, num_sms(q.device)) if head_major else 1
+    meta["tail_heads"] = schedule.tail_heads(walk_args[1], bsz * hq, num_sms(q.device)) if head_major else 1
     if into is not None:
         meta["SEEDED"] = True
     args.append(bsz * hq)       # n_rows: the grid's rows, over all the launches of a split grid
-    tiles = _tiles(seq_q, schedule[1], meta["MBQ"], m.order is not None)
+    tiles = _tiles(seq_q, walk_args[1], meta["MBQ"], m.order is not None)
     kern = _kernel("fwd" if into is None else "fwd_seeded", flash_fwd_kernel)
     if kern is None:
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
@@ -617,7 +524,7 @@ def _walks_whole(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:
     grid that holds the dQ programs too (``DQ_PROGRAMS_LOAD``)."""
     return (not m.cut_walks or m.order_t is None or _backward_head_major(m, q.shape[0], q.shape[2], k.shape[2], True,
                                                                           q.device)
-            or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device), DQ_PROGRAMS_LOAD) is None)
+            or m.pieces_t(q.shape[0] * k.shape[2], num_sms(q.device), schedule.DQ_PROGRAMS_LOAD) is None)
 
 
 def _dq_by_programs(m: MaskArgs, q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -90,7 +90,7 @@ def heavy_first(ORDER, n_blocks, n_items, mask_b, mask_h, HEADS: tl.constexpr, S
     (the heads-fastest walk read block-sparse's from memory: 1.28x slower at density 0.1), and the shortest walks
     of the last heads, not whichever came last in the grid, fill the pass's tail. ``tail_heads``: the last that
     many (batch, head) pairs go side by side, rank by rank, so that the pass ends on the shortest walks of all of
-    them, not on one head's longest ones still running while the others have finished (``launch._tail_heads``)."""
+    them, not on one head's longest ones still running while the others have finished (``schedule.tail_heads``)."""
     linear = grid_row(pid_offset, SPLIT_GRID) * n_pid + pid
     if HEAD_MAJOR:
         per_head = n_items * SUBS
