@@ -47,10 +47,10 @@ HEAVY_WALK = 3.0
 #: fwd+bwd 3.10 ms heads fastest (57934e6) and 3.48 head by head (737cf30). Block-sparse 0.1 at 2 x 16k: 0.06
 TAIL_SHARE = 0.25
 #: the forward's head-by-head order ends on the last heads side by side (``tile.heavy_first``'s ``tail_heads``),
-#: as many as hold about this many waves of its programs (two an SM, the BlockMask walks' tile). A schedule
-#: simulation of block-sparse 2 x 16k (32 heads of 128 query blocks, 264 slots): the pass ends 4.2% after the
-#: ideal at density 0.1 head by head, 0.5% with the last 4 heads side by side (0.25: 2.0 -> 1.2%; 1 x 64k and
-#: its 512 blocks a head: no change, one head). H100, two A/B runs of 3 and 4 rounds against the head-by-head
+#: as many as hold about this many waves of its programs (two an SM, the BlockMask walks' tile). Simulated
+#: (benchmarks/schedule_sim.py), block-sparse 2 x 16k (32 heads of 128 query blocks, 264 slots) ends 4.2% after
+#: the ideal at density 0.1 head by head, 0.5% with the last 4 heads side by side (0.25: 2.0 -> 1.2%; 1 x 64k
+#: and its 512 blocks a head: no change, one head). H100, two A/B runs of 3 and 4 rounds against the head-by-head
 #: order (2026-12-07-tail-heads-ab-h100.json), forward: density 0.1 1.005x / 1.019x, 0.25 1.042x / 0.996x, 0.5
 #: 1.028x; fwd+bwd 0.998-1.010x.
 TAIL_WAVES = 2
