@@ -563,6 +563,7 @@ def test_wide_row_offsets_give_the_same_attention(monkeypatch, deterministic):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_alone
 @gpu
 def test_gpu_rows_past_two_to_the_31_elements():
     """A row's offset (row x heads x head_dim) of 2^31 elements or more, 128 heads of 128 past 128k tokens, was

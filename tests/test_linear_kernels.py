@@ -379,6 +379,7 @@ def _state_rows_past_two_to_the_31(which):
     assert not out[0].any(), "the walk wrote sequence 0's state"
 
 
+@pytest.mark.gpu_alone      # (16 GiB of states where the device is a GPU)
 @pytest.mark.parametrize("which", ["state_fwd", "fused_fwd", "state_bwd"])
 def test_state_rows_past_two_to_the_31_elements(which):
     _state_rows_past_two_to_the_31(which)
@@ -406,6 +407,7 @@ def test_recurrent_kernel_wide_rows(kind, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_alone
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16 GiB of q, k, v and o: on the GPU only")
 def test_gpu_recurrent_rows_past_two_to_the_31_elements():
     """A decode call of 2^17 + 64 tokens of 64 heads of 256: from token 2^17 on, a row's offset (row x 256) was
