@@ -154,7 +154,7 @@ def _flash_launches(call, n, configs, backward, dq):
     """The flash kernels' launches of ``call(q, k, v)`` (and its backward) at B 1, 16 heads, D 128, bf16,
     length ``n``."""
     from subquad.ops.softmax import flash
-    from subquad.ops.softmax.flash import launch
+    from subquad.ops.softmax.flash import launch, tuning
     flash.MASK_BLOCK_INTERPRET = flash.MASK_BLOCK        # BlockMasks at the GPU's block size
     launch.num_sms = lambda device: 132                 # and the H100's schedules (walks cut into pieces)
     q, k, v = (t.requires_grad_(backward) for t in _qkv(1, n, 16, 128))
@@ -179,6 +179,9 @@ def _flash_launches(call, n, configs, backward, dq):
             extra["DQ_UNCHAIN"] = chains_replicate(kw["DQ_BLOCK_M"], warps)
         if maxnreg:     # a fifth number: a register cap (Triton's ``maxnreg``), e.g. to fit two programs an SM
             extra["maxnreg"] = maxnreg[0]
+        if short == "fwd":
+            named = {**kw, "qk_scale": args[fn.arg_names.index("qk_scale")]}
+            extra["RAW_MAX"] = tuning.raw_max(named, extra.get("maxnreg"))
         launches.append((fn, args, {**kw, **extra, "num_warps": warps, "num_stages": stages}))
     return launches
 

@@ -30,6 +30,23 @@ def test_causal_more_queries_than_keys():
         _close(name, a, b, torch.float16)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.3])
+def test_scale_sign(scale):
+    """A negative scale flips which product is a row's largest score: the forward's maximum over the raw products
+    (``RAW_MAX``, taken for positive scales) must not be taken there. Output, LSE and gradients against the
+    reference, causal (its first rows see one key) with a ragged length, bf16."""
+    q, k, v = _qkv(1, 70, 70, 2, 2, 32, torch.bfloat16, seed=3)
+    results = []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, causal=True, scale=scale, return_lse=True, backend=backend)
+        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, torch.bfloat16)
+    _lse_close(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, torch.bfloat16)
+
+
 def test_sinks():
     """Attention sinks on the kernels' output and LSE (``attention``'s ``sinks``): against the reference, the
     sinks' gradient included; GQA, a window, bf16."""

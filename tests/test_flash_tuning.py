@@ -154,12 +154,30 @@ def test_a_band_narrower_than_the_keys_is_tuned_by_its_width():
     assert tune_walk(-4096, 4095, 65536) == 8192 and tune_walk(-10, 0, 65536) == 128     # both sides; at least 128
 
 
+@pytest.mark.parametrize("use_list", [False, True])
+@pytest.mark.parametrize("flags,scale,raw", [({}, 0.1, True), ({}, -0.1, False), ({"SOFTCAP": True}, 0.1, False),
+                                             ({"ALIBI": True}, 0.1, False)])
+def test_raw_max_per_configuration(use_list, flags, scale, raw):
+    """The forward's ``RAW_MAX`` (the row maximum over the raw products) as the pruning sets it per configuration:
+    only without softcap or ALiBi and with a positive scale, and never for the register-capped tile on a BlockMask
+    walk (spills there); the capped tile is tried on band walks of at most ``SHORT_BAND`` keys."""
+    from subquad.ops.softmax.flash import tuning
+
+    named = {"MBQ": 128, "MBK": 128, "D": 128, "DV": 128, "qk_scale": scale, "tune_kv": 1024, "tune_walk": 0}
+    pruned = tuning._prune(tuning.FWD_CONFIGS_SM90 + tuning._short_walk_tiles(), named, unchain="BLOCK_M",
+                           USE_LIST=use_list, **flags)
+    capped = [c for c in pruned if c.maxnreg]
+    assert capped and len(capped) < len(pruned)
+    for c in pruned:
+        assert c.kwargs["RAW_MAX"] is (raw and not (use_list and c.maxnreg is not None)), c
+
+
 def test_overlap_forms_are_tried_on_band_walks(monkeypatch):
     """The forward's ``OVERLAP`` form is a tuning configuration's: tried beside the plain form on band walks with
     8 warps, never on BlockMask walks; ``FWD_OVERLAP`` forces one form everywhere."""
     from subquad.ops.softmax.flash import tuning
 
-    named = {"MBQ": 128, "MBK": 128, "D": 128, "DV": 128}
+    named = {"MBQ": 128, "MBK": 128, "D": 128, "DV": 128, "qk_scale": 0.1}
 
     def forms(use_list):
         pruned = tuning._prune(tuning.FWD_CONFIGS_SM90, named, unchain="BLOCK_M", USE_LIST=use_list)

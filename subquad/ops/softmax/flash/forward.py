@@ -81,15 +81,19 @@ def _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, 
                 AND_CAUSAL: tl.constexpr, DOC: tl.constexpr, USE_BITS: tl.constexpr, HAS_KV_POS: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MBQ: tl.constexpr, MBK: tl.constexpr,
                 lsh_q_chunk, lsh_k_chunk, LSH_EARLIER: tl.constexpr, LSH_CHUNK: tl.constexpr, LSH: tl.constexpr,
-                LSH_NOT_SELF: tl.constexpr):
-    """A key tile's scores (base 2) from its ``q . K^T``, -inf where the pattern drops a pair."""
+                LSH_NOT_SELF: tl.constexpr, RAW_MAX: tl.constexpr = False):
+    """A key tile's scores (base 2) from its ``q . K^T``, -inf where the pattern drops a pair; under ``RAW_MAX``
+    the products themselves, scaled by ``_fwd_probs``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < seq_kv
     if HAS_KV_POS:
         kp = tl.load(KV_POS + offs_n, mask=in_kv, other=0)
     else:
         kp = offs_n
-    s, _ = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
+    if RAW_MAX:
+        s = qk
+    else:
+        s, _ = scores(qk, qp[:, None], kp[None, :], qk_scale, cap_scale, slope2, SOFTCAP, ALIBI)
     if MASKED:
         if edge:
             keep = keep_mask(qi_row[:, None], offs_n[None, :], qp[:, None], kp[None, :], seq_q, seq_kv, band_lo,
@@ -105,16 +109,27 @@ def _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, 
 
 @triton.jit
 def _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
-               DROPOUT: tl.constexpr):
+               DROPOUT: tl.constexpr, qk_scale=1.0, RAW_MAX: tl.constexpr = False):
     """The online softmax's step over a tile's scores: its probabilities (relative to the new running maximum),
-    the factor ``alpha`` that rescales what was summed before, and the new normaliser and maximum."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    the factor ``alpha`` that rescales what was summed before, and the new normaliser and maximum.
+
+    ``RAW_MAX`` (no softcap, no ALiBi, a positive scale: ``launch.forward``): ``s`` holds the raw products, whose
+    row maximum is scaled once instead of every product before it (rounding is monotone, so the maximum is the
+    same number), and each probability's exponent is one ``FFMA``; the scaled products had cost a tile 32 (64 x 64
+    a warpgroup) or 64 (64 x 128) ``FMUL`` a thread for the maximum alone (sm90, Triton 3.6)."""
+    if RAW_MAX:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     if MAY_BE_EMPTY:
         # a row that has seen no key yet keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
+    if RAW_MAX:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:     # the normaliser keeps every probability; the output only the kept ones (rescaled at the end)
@@ -159,16 +174,16 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, e
               MBQ: tl.constexpr, MBK: tl.constexpr, UNCHAIN: tl.constexpr = False,
               rng=0, rng_rows=0, dropout_p=0.0, DROPOUT: tl.constexpr = False, WIDE_ROWS: tl.constexpr = False,
               lsh_q_chunk=0, lsh_k_chunk=0, LSH_EARLIER: tl.constexpr = 0, LSH_CHUNK: tl.constexpr = 0,
-              LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False):
+              LSH: tl.constexpr = False, LSH_NOT_SELF: tl.constexpr = False, RAW_MAX: tl.constexpr = False):
     """One key tile of the online softmax: scores, probabilities, the accumulator rescaled, then P.V."""
     qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, EVEN_KV, WIDE_ROWS)
     s = _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo,
                     band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile,
                     row0, KV_POS, BLOCK_N, MASKED, EVEN_KV, BAND, PREFIX, Q_PREFIX, HAS_FLAGS, HAS_LAYOUT,
                     AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK, lsh_q_chunk, lsh_k_chunk,
-                    LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF)
+                    LSH_EARLIER, LSH_CHUNK, LSH, LSH_NOT_SELF, RAW_MAX)
     p, alpha, l_i, m_new = _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N, MASKED or not EVEN_KV,
-                                      DROPOUT)
+                                      DROPOUT, qk_scale, RAW_MAX)
     if UNCHAIN:     # query tiles shorter than 16 rows a warp (subquad.ops.chained)
         p_op, acc = unchained_rescaled(p, acc, alpha, seq_kv > 0, q.dtype)
     else:
@@ -204,10 +219,12 @@ def flash_fwd_kernel(
     BATCH_POS: tl.constexpr = False, LSH: tl.constexpr = False, LSH_CHUNK: tl.constexpr = 0,
     LSH_NOT_SELF: tl.constexpr = False, LSH_EARLIER: tl.constexpr = 0, HEAD_MAJOR: tl.constexpr = False,
     SEEDED: tl.constexpr = False, OVERLAP: tl.constexpr = False, KV_ROWS: tl.constexpr = 0,
+    RAW_MAX: tl.constexpr = False,
 ):
     """Grid ``(query tiles, batch x query heads)``; ``n_rows``, ``pid_offset``, ``SPLIT_GRID``: a grid past CUDA's
     limit (``tile.grid_row``); ``BATCH_POS``, ``LSH``: ``tile.batch_rows``; ``KV_ROWS``: K's and V's row stride as
-    a constant (``launch._row_stride``; 0: read at run time)."""
+    a constant (``launch._row_stride``; 0: read at run time); ``RAW_MAX``: the row maximum over the raw products
+    (``_fwd_probs``)."""
     if KV_ROWS != 0:
         stride_kn = KV_ROWS
         stride_vn = KV_ROWS
@@ -298,7 +315,7 @@ def flash_fwd_kernel(
                     DV, BLOCK_D, BLOCK_DV, BLOCK_N, part == 1 or not MASK_READS, EVEN_KV, BAND, PREFIX, Q_PREFIX,
                     HAS_FLAGS, HAS_LAYOUT, AND_CAUSAL, DOC, USE_BITS, HAS_KV_POS, SOFTCAP, ALIBI, MBQ, MBK,
                     UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, lsh_q_chunk, lsh_k_chunk, LSH_EARLIER,
-                    LSH_CHUNK, LSH, LSH_NOT_SELF)
+                    LSH_CHUNK, LSH, LSH_NOT_SELF, RAW_MAX)
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         if OVERLAP:
@@ -308,10 +325,12 @@ def flash_fwd_kernel(
             # branch: the unmasked middle (whole key tiles, no mask) has a loop of its own, the edges come after it
             if full_lo < full_hi:
                 qk = _fwd_qk(q, k_base, stride_kn, full_lo, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
-                s, _ = scores(qk, qp[:, None], (full_lo + tl.arange(0, BLOCK_N))[None, :], qk_scale, cap_scale,
-                              slope2, SOFTCAP, ALIBI)
+                s = qk
+                if not RAW_MAX:
+                    s, _ = scores(qk, qp[:, None], (full_lo + tl.arange(0, BLOCK_N))[None, :], qk_scale, cap_scale,
+                                  slope2, SOFTCAP, ALIBI)
                 p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, full_lo, seq_kv, RNG, rng_rows, BLOCK_N, False,
-                                                DROPOUT)
+                                                DROPOUT, qk_scale, RAW_MAX)
                 p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
                 for start_n in range(full_lo + BLOCK_N, full_hi, BLOCK_N):
                     start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -319,10 +338,12 @@ def flash_fwd_kernel(
                                  WIDE_ROWS)
                     acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, start_n - BLOCK_N, seq_kv, offs_dv, DV,
                                       BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
-                    s, _ = scores(qk, qp[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
-                                  cap_scale, slope2, SOFTCAP, ALIBI)
+                    s = qk
+                    if not RAW_MAX:
+                        s, _ = scores(qk, qp[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
+                                      cap_scale, slope2, SOFTCAP, ALIBI)
                     p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, RNG, rng_rows, BLOCK_N, False,
-                                                    DROPOUT)
+                                                    DROPOUT, qk_scale, RAW_MAX)
                     p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
                 acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, full_hi - BLOCK_N, seq_kv, offs_dv, DV,
                                   BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
@@ -335,7 +356,7 @@ def flash_fwd_kernel(
                     seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0,
                     KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV,
                     True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N,
-                    UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS)
+                    UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, RAW_MAX=RAW_MAX)
         else:
             # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
             # during the one before it, where a loop per part waited for its first tile's keys at every boundary
@@ -347,7 +368,7 @@ def flash_fwd_kernel(
                     cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
                     offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False,
                     False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows,
-                    dropout_p, DROPOUT, WIDE_ROWS)
+                    dropout_p, DROPOUT, WIDE_ROWS, RAW_MAX=RAW_MAX)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -368,7 +389,7 @@ def flash_fwd_kernel(
                 qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
                 0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
                 False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN,
-                WIDE_ROWS=WIDE_ROWS)
+                WIDE_ROWS=WIDE_ROWS, RAW_MAX=RAW_MAX)
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)

@@ -342,7 +342,7 @@ def forward(q, k, v, m: MaskArgs, scale: float, softcap, slopes, second=None, dr
         bm_, bn_ = (_fit(INTERPRET_FWD[0], meta["MBQ"]), _fit(INTERPRET_FWD[1], meta["MBK"]))
         launch_split(flash_fwd_kernel, lambda n: (tiles(bm_), n), bsz * hq, *args, BLOCK_M=bm_, BLOCK_N=bn_,
                      UNCHAIN=chains_replicate(bm_, INTERPRET_WARPS), OVERLAP=bool(tuning.FWD_OVERLAP),
-                     flag="SPLIT_GRID", **meta)
+                     RAW_MAX=tuning.raw_max({**meta, "qk_scale": qk_scale}), flag="SPLIT_GRID", **meta)
     else:
         launch_split(kern, lambda n: lambda c: (tiles(c["BLOCK_M"]), n), bsz * hq, *args, flag="SPLIT_GRID",
                      **meta)

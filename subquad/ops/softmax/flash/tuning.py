@@ -157,6 +157,7 @@ def _prune(configs, named_args, unchain=None, **kwargs):
             if kwargs.get("DQ_PROGRAMS", False):
                 out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
             if unchain == "BLOCK_M":
+                out[-1].kwargs["RAW_MAX"] = raw_max({**named_args, **kwargs}, c.maxnreg)
                 for i, overlap in enumerate(_overlaps(kwargs.get("USE_LIST", named_args.get("USE_LIST")),
                                                       c.num_warps)):
                     if i:
@@ -164,6 +165,17 @@ def _prune(configs, named_args, unchain=None, **kwargs):
                         out[-1].kwargs.update(out[-2].kwargs)
                     out[-1].kwargs["OVERLAP"] = overlap
     return out
+
+
+def raw_max(launch: dict, maxnreg=None) -> bool:
+    """The forward's ``RAW_MAX`` for a launch (its arguments by name, ``qk_scale`` among them) in a configuration
+    capped at ``maxnreg`` registers: where no softcap or ALiBi transforms the products and the scale is positive
+    (a negative one would make the smallest product the row's maximum); not under a register cap on a BlockMask
+    walk, where ptxas then spilled (sm90, Triton 3.6: block-sparse 16k's capped loop 32 B, two local loads an
+    iteration) and the H100 ran block-sparse 0.1 / 0.25 forward at 0.984x / 0.968x, against 1.009-1.015x on the
+    dense and window rows (2026-12-07-raw-max-ab-h100.json)."""
+    plain = not launch.get("SOFTCAP") and not launch.get("ALIBI") and launch["qk_scale"] > 0
+    return plain and not (maxnreg and launch.get("USE_LIST"))
 
 
 def _launch_is(flag: str, kwargs: dict, named_args: dict) -> bool:
