@@ -14,20 +14,26 @@ from test_flash import DEV, TRITON, _check, _close, _lse_close, _qkv
 pytestmark = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 or a GPU")
 
 
+def _against_reference(q, k, v, **kwargs):
+    """``subquad.attention(q, k, v, **kwargs)`` on the kernels against the reference: the output, the LSE and
+    the gradients of a weighted sum of the output. Returns the kernels' LSE and the reference's output."""
+    results = []
+    for backend in ("triton", "reference"):
+        out, lse = subquad.attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
+    (out, lse, grads), (ref, ref_lse, ref_grads) = results
+    _close("out", out, ref, q.dtype)
+    _lse_close(lse, ref_lse)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _close(name, a, b, q.dtype)
+    return lse, ref
+
+
 def test_causal_more_queries_than_keys():
     """Bottom-right causal with seq_q > seq_kv (the first queries see no key) through the kernels."""
     q, k, v = _qkv(1, 45, 30, 4, 2, 16, torch.float16)
-    results = []
-    for backend in ("triton", "reference"):
-        out, lse = subquad.attention(q, k, v, causal=True, mask=masks.sliding_window(8), return_lse=True,
-                                     backend=backend)
-        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
-    (out, lse, grads), (ref, ref_lse, ref_grads) = results
-    _close("out", out, ref, torch.float16)
-    _lse_close(lse, ref_lse)
+    lse, _ = _against_reference(q, k, v, causal=True, mask=masks.sliding_window(8))
     assert torch.isneginf(lse[:, :, :15]).all()
-    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _close(name, a, b, torch.float16)
 
 
 @pytest.mark.parametrize("scale", [-0.3, 0.3])
@@ -36,15 +42,7 @@ def test_scale_sign(scale):
     (``RAW_MAX``, taken for positive scales) must not be taken there. Output, LSE and gradients against the
     reference, causal (its first rows see one key) with a ragged length, bf16."""
     q, k, v = _qkv(1, 70, 70, 2, 2, 32, torch.bfloat16, seed=3)
-    results = []
-    for backend in ("triton", "reference"):
-        out, lse = subquad.attention(q, k, v, causal=True, scale=scale, return_lse=True, backend=backend)
-        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
-    (out, lse, grads), (ref, ref_lse, ref_grads) = results
-    _close("out", out, ref, torch.bfloat16)
-    _lse_close(lse, ref_lse)
-    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _close(name, a, b, torch.bfloat16)
+    _against_reference(q, k, v, causal=True, scale=scale)
 
 
 def test_sinks():
@@ -102,15 +100,7 @@ def test_window_size(causal, window_size, nq):
     import oracles
 
     q, k, v = _qkv(1, nq, 37, 4, 2, 16, torch.float16)
-    results = []
-    for backend in ("triton", "reference"):
-        out, lse = subquad.attention(q, k, v, causal=causal, window_size=window_size, return_lse=True, backend=backend)
-        results.append((out, lse, torch.autograd.grad((out.float() * out.detach().float()).sum(), (q, k, v))))
-    (out, lse, grads), (ref, ref_lse, ref_grads) = results
-    _close("out", out, ref, torch.float16)
-    _lse_close(lse, ref_lse)
-    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _close(name, a, b, torch.float16)
+    _, ref = _against_reference(q, k, v, causal=causal, window_size=window_size)
     left, right = window_size
     dist = (torch.arange(nq) + 37 - nq).view(-1, 1) - torch.arange(37).view(1, -1)
     keep = (dist <= (left if left >= 0 else 10**9)) & (dist >= -(right if right >= 0 else 10**9))
