@@ -364,17 +364,19 @@ def _merge_pieces(out, lse, o_part, lse_part, rows, kept):
 
 
 def _preprocess(do, out, lse, dlse):
-    """``delta = rowsum(dO * O) - dlse`` per query row (fp32, the shape of ``lse``)."""
+    """``(delta, lse2)`` per query row (fp32, the shape of ``lse``): ``delta = rowsum(dO * O) - dlse`` and the LSE
+    as the backward's exponentials take it (base 2, ``+inf`` for a row that saw no key)."""
     bsz, seq_q, hq, dv_dim = out.shape
     delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
     pre_rows = 64 if interpreting() else 128
     if dlse is not None:
         dlse = dlse.float().contiguous()
     launch_split(flash_bwd_preprocess_kernel, lambda n: (cdiv(seq_q, pre_rows), n), bsz * hq,
-                 out, do, dlse if dlse is not None else delta, delta, out.stride(0), out.stride(1), out.stride(2),
-                 do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim, BLOCK_DV=next_power_of_2(dv_dim),
-                 BLOCK_M=pre_rows, HAS_DLSE=dlse is not None, flag="SPLIT_GRID")
-    return delta
+                 out, do, dlse if dlse is not None else delta, delta, lse, lse2, out.stride(0), out.stride(1),
+                 out.stride(2), do.stride(0), do.stride(1), do.stride(2), seq_q, HQ=hq, DV=dv_dim,
+                 BLOCK_DV=next_power_of_2(dv_dim), BLOCK_M=pre_rows, HAS_DLSE=dlse is not None, flag="SPLIT_GRID")
+    return delta, lse2
 
 
 #: query rows that a split of the dK/dV walk holds at least (``_query_splits``); 32 in the interpreter, whose
@@ -402,15 +404,15 @@ def _backward_head_major(m: MaskArgs, bsz: int, hq: int, hkv: int, atomic: bool,
     return m.head_major(True, bsz * hkv, sms) and (atomic or m.head_major(False, bsz * hq, sms))
 
 
-def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
+def _backward_launch(q, k, v, do, lse2, delta, dq, m: MaskArgs, scale: float, softcap, slopes, atomic: bool,
                      dropout=None, dq_in=None, dq_store: bool = False, second=None, dq_dkdv: bool = False):
-    """One key set's backward launch; returns dk, dv. dQ: with ``atomic`` its dK/dV programs add it into ``dq``
-    (fp32, zeroed); with ``dq_store`` (``_dq_stored``) they store it into ``dq``; otherwise dQ programs in the
-    same grid write it into ``dq`` (the query's dtype, or fp32), each row's sum in one fixed order, starting from
-    ``dq_in``'s where given (fp32, ``dq``'s strides: another key set's dQ), and going on over ``second``'s keys
-    where given (``forward``'s ``second``: backward.py's ``TWO_SOURCES``). ``dq`` None: no dQ at all (another
-    launch's dQ programs walked these keys as its ``second``). ``dq_dkdv`` (``_dkdv_by_dq_programs``): the dQ
-    programs alone, storing dK/dV too (backward.py's ``DQ_DKDV``)."""
+    """One key set's backward launch; returns dk, dv. ``lse2``: the forward's LSE in base 2 (``_preprocess``). dQ:
+    with ``atomic`` its dK/dV programs add it into ``dq`` (fp32, zeroed); with ``dq_store`` (``_dq_stored``) they
+    store it into ``dq``; otherwise dQ programs in the same grid write it into ``dq`` (the query's dtype, or fp32),
+    each row's sum in one fixed order, starting from ``dq_in``'s where given (fp32, ``dq``'s strides: another key
+    set's dQ), and going on over ``second``'s keys where given (``forward``'s ``second``: backward.py's
+    ``TWO_SOURCES``). ``dq`` None: no dQ at all (another launch's dQ programs walked these keys as its ``second``).
+    ``dq_dkdv`` (``_dkdv_by_dq_programs``): the dQ programs alone, storing dK/dV too (backward.py's ``DQ_DKDV``)."""
     dq_programs = dq is not None and not atomic and not dq_store
     if dq_in is not None and (not dq_programs or dq_in.stride() != dq.stride()):
         raise ValueError("dq_in: an fp32 tensor with dq's strides, for a launch with dQ programs")
@@ -443,7 +445,7 @@ def _backward_launch(q, k, v, do, lse, delta, dq, m: MaskArgs, scale: float, sof
     q_rows = _row_stride(m, q, do, *([] if dq is None else [dq]))
     if dq is None:
         dq = _dummy(q.device, torch.float32).view(1, 1, 1)
-    args = [q, k, v, do, lse, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
+    args = [q, k, v, do, lse2, delta, dq, dq if dq_in is None else dq_in, dk, dv, *mask_args_t, sl,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
@@ -565,15 +567,15 @@ def backward(do, q, k, v, out, lse, dlse, m: MaskArgs, scale: float, softcap, sl
     which the pieces need. A block-diagonal BlockMask needs neither: its dK/dV programs store dQ
     (``_dq_stored``)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = _preprocess(do, out, lse, dlse)
+    delta, lse2 = _preprocess(do, out, lse, dlse)
     dq_store = _dq_stored(m, q)
     if deterministic or dq_store or _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
-        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False, dropout,
+        dk, dv = _backward_launch(q, k, v, do, lse2, delta, dq, m, scale, softcap, slopes, False, dropout,
                                   dq_store=dq_store)
         return dq, dk, dv
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, True, dropout)
+    dk, dv = _backward_launch(q, k, v, do, lse2, delta, dq, m, scale, softcap, slopes, True, dropout)
     return dq.to(q.dtype), dk, dv
 
 
@@ -602,20 +604,20 @@ def backward_two_sources(do, q, k, v, m: MaskArgs, k2, v2, m2: MaskArgs, out, ls
     are too few to fill the GPU unsplit (``_query_splits``), where its dK/dV programs add dQ by atomics too and
     the sums are converted after."""
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = _preprocess(do, out, lse, dlse)
+    delta, lse2 = _preprocess(do, out, lse, dlse)
     if _dq_by_programs(m, q, k):
         dq = torch.empty_like(q)
-        dk, dv = _backward_launch(q, k, v, do, lse, delta, dq, m, scale, softcap, slopes, False,
+        dk, dv = _backward_launch(q, k, v, do, lse2, delta, dq, m, scale, softcap, slopes, False,
                                   second=(k2, v2, m2, *band2), dq_dkdv=_dkdv_by_dq_programs(m, q, k))
-        dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, None, m2, scale, softcap, slopes, False)
+        dk2, dv2 = _backward_launch(q, k2, v2, do, lse2, delta, None, m2, scale, softcap, slopes, False)
         return dq, dk, dv, dk2, dv2
     partial = torch.zeros_like(q, dtype=torch.float32)
-    dk, dv = _backward_launch(q, k, v, do, lse, delta, partial, m, scale, softcap, slopes, True)
+    dk, dv = _backward_launch(q, k, v, do, lse2, delta, partial, m, scale, softcap, slopes, True)
     if _dq_by_programs(m2, q, k2) and _query_splits(q.shape[0] * k2.shape[2] * cdiv(k2.shape[1], 128), q.shape[1],
                                                     q.device) == 1:
         dq = torch.empty_like(q)
-        dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, dq, m2, scale, softcap, slopes, False,
+        dk2, dv2 = _backward_launch(q, k2, v2, do, lse2, delta, dq, m2, scale, softcap, slopes, False,
                                     dq_in=partial)
         return dq, dk, dv, dk2, dv2
-    dk2, dv2 = _backward_launch(q, k2, v2, do, lse, delta, partial, m2, scale, softcap, slopes, True)
+    dk2, dv2 = _backward_launch(q, k2, v2, do, lse2, delta, partial, m2, scale, softcap, slopes, True)
     return partial.to(q.dtype), dk, dv, dk2, dv2
