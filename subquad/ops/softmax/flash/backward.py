@@ -41,8 +41,8 @@ Row offsets (row x stride) are taken in int64, as in the forward: at 128k tokens
 The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e))``; a row that saw no key
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears. The preprocess writes that
 operand once per row (``LSE2``), which the dK/dV programs had made again at every query tile of their walks:
-a compare, a select and a multiply for each of a thread's 16 query columns, 48 of the full-attention loop's
-443 instructions (sm90, Triton 3.6; the same numbers, computed once).
+a compare, a select and a multiply for each of a thread's 16 query columns and the predicates' moves: 75 of the
+full-attention loop's 443 instructions (sm90, Triton 3.6; the same numbers, computed once).
 
 As in the forward, a band's walk is one loop (its masked edges take the mask's branch; full attention's
 loops have none); the dK/dV programs walk a BlockMask row's full blocks and partial blocks in two loops, the dQ

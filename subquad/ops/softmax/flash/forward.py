@@ -108,6 +108,17 @@ def _fwd_scores(qk, start_n, edge, offs_m, qp, qi_row, seq_q, seq_kv, qk_scale, 
 
 
 @triton.jit
+def _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                     ALIBI: tl.constexpr, RAW_MAX: tl.constexpr):
+    """``_fwd_scores`` of a key tile that every row keeps whole (the overlapped loop's)."""
+    if RAW_MAX:
+        return qk
+    s, _ = scores(qk, qp[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale, cap_scale, slope2,
+                  SOFTCAP, ALIBI)
+    return s
+
+
+@triton.jit
 def _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
                DROPOUT: tl.constexpr, qk_scale=1.0, RAW_MAX: tl.constexpr = False):
     """The online softmax's step over a tile's scores: its probabilities (relative to the new running maximum),
@@ -325,10 +336,7 @@ def flash_fwd_kernel(
             # branch: the unmasked middle (whole key tiles, no mask) has a loop of its own, the edges come after it
             if full_lo < full_hi:
                 qk = _fwd_qk(q, k_base, stride_kn, full_lo, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
-                s = qk
-                if not RAW_MAX:
-                    s, _ = scores(qk, qp[:, None], (full_lo + tl.arange(0, BLOCK_N))[None, :], qk_scale, cap_scale,
-                                  slope2, SOFTCAP, ALIBI)
+                s = _unmasked_scores(qk, qp, full_lo, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI, RAW_MAX)
                 p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, full_lo, seq_kv, RNG, rng_rows, BLOCK_N, False,
                                                 DROPOUT, qk_scale, RAW_MAX)
                 p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
@@ -338,10 +346,8 @@ def flash_fwd_kernel(
                                  WIDE_ROWS)
                     acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, start_n - BLOCK_N, seq_kv, offs_dv, DV,
                                       BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
-                    s = qk
-                    if not RAW_MAX:
-                        s, _ = scores(qk, qp[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :], qk_scale,
-                                      cap_scale, slope2, SOFTCAP, ALIBI)
+                    s = _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI,
+                                         RAW_MAX)
                     p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, RNG, rng_rows, BLOCK_N, False,
                                                     DROPOUT, qk_scale, RAW_MAX)
                     p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
