@@ -42,7 +42,8 @@ The probabilities are recomputed from the saved LSE: ``P = exp2(s - lse * log2(e
 (``lse = -inf``) is given ``+inf`` so that its probabilities are 0 and no NaN appears. The preprocess writes that
 operand once per row (``LSE2``), which the dK/dV programs had made again at every query tile of their walks:
 a compare, a select and a multiply for each of a thread's 16 query columns and the predicates' moves: 75 of the
-full-attention loop's 443 instructions (sm90, Triton 3.6; the same numbers, computed once).
+full-attention loop's 443 instructions (sm90, Triton 3.6; the same numbers, computed once). On the H100, fwd+bwd
+1.017x at full 2 x 16k, 0.993-1.012x on the other rows (``benchmarks/results/2026-12-07-lse2-ab-h100.json``).
 
 As in the forward, a band's walk is one loop (its masked edges take the mask's branch; full attention's
 loops have none); the dK/dV programs walk a BlockMask row's full blocks and partial blocks in two loops, the dQ
