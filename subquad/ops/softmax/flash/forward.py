@@ -176,20 +176,21 @@ def _fwd_values(acc, p_op, v_base, stride_vn, start_n, seq_kv, offs_dv, DV: tl.c
 
 
 @triton.jit
-def _overlap_start(t, base, FULL_IDX, full_width, MBK: tl.constexpr, BLOCK_N: tl.constexpr, LISTED: tl.constexpr):
-    """The start of an overlapped walk's key tile ``t``: a band's ``t * BLOCK_N``, or (``LISTED``) tile ``t`` of a
-    BlockMask row's full blocks."""
+def _overlap_start(t, lo, base, FULL_IDX, full_width, MBK: tl.constexpr, BLOCK_N: tl.constexpr,
+                   LISTED: tl.constexpr):
+    """The start of an overlapped walk's key tile ``t``: a band's ``lo + t * BLOCK_N``, or (``LISTED``) tile ``t``
+    of a BlockMask row's full blocks."""
     if LISTED:
         SUBS: tl.constexpr = MBK // BLOCK_N
         start = tl.load(FULL_IDX + base * full_width + t // SUBS) * MBK + (t % SUBS) * BLOCK_N
     else:
-        start = t * BLOCK_N
+        start = lo + t * BLOCK_N
     return tl.multiple_of(start, BLOCK_N)
 
 
 @triton.jit
-def _overlapped_walk(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, t_lo, t_hi, base, FULL_IDX, full_width,
-                     qp, seq_kv, qk_scale, cap_scale, slope2, rng, rng_rows, offs_d, offs_dv,
+def _overlapped_walk(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, t_lo, t_hi, lo, base, FULL_IDX,
+                     full_width, qp, seq_kv, qk_scale, cap_scale, slope2, rng, rng_rows, offs_d, offs_dv,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_N: tl.constexpr, MBK: tl.constexpr, LISTED: tl.constexpr, SOFTCAP: tl.constexpr,
                      ALIBI: tl.constexpr, DROPOUT: tl.constexpr, UNCHAIN: tl.constexpr, WIDE_ROWS: tl.constexpr,
@@ -199,17 +200,17 @@ def _overlapped_walk(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, t_l
     the tensor cores beside the softmax of tile t + 1. Triton waits for an asynchronous product where its result is
     first used, but at once in a loop with a branch: so these tiles have a loop of their own, without the mask."""
     if t_lo < t_hi:
-        start_n = _overlap_start(t_lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
+        start_n = _overlap_start(t_lo, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
         qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
         s = _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI, RAW_MAX)
         p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N, False, DROPOUT,
                                         qk_scale, RAW_MAX)
         p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
         for t in range(t_lo + 1, t_hi):
-            start_n = _overlap_start(t, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
+            start_n = _overlap_start(t, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
             qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
             if LISTED:
-                prev_n = _overlap_start(t - 1, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
+                prev_n = _overlap_start(t - 1, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
             else:
                 prev_n = start_n - BLOCK_N
             acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, prev_n, seq_kv, offs_dv, DV, BLOCK_DV, BLOCK_N,
@@ -219,7 +220,7 @@ def _overlapped_walk(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, t_l
                                             qk_scale, RAW_MAX)
             p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
         acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn,
-                          _overlap_start(t_hi - 1, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED), seq_kv,
+                          _overlap_start(t_hi - 1, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED), seq_kv,
                           offs_dv, DV, BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
     return acc, l_i, m_i
 
@@ -367,7 +368,7 @@ def flash_fwd_kernel(
                 full_lo = piece * piece_len
                 full_hi = tl.minimum(full_hi, (piece + 1) * piece_len)
             acc, l_i, m_i = _overlapped_walk(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo * SUBS, full_hi * SUBS, base,
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo * SUBS, full_hi * SUBS, 0, base,
                 FULL_IDX, full_width, qp, seq_kv, qk_scale, cap_scale, slope2, RNG, rng_rows, offs_d, offs_dv, D, DV,
                 BLOCK_D, BLOCK_DV, BLOCK_N, MBK, True, SOFTCAP, ALIBI, DROPOUT, UNCHAIN, WIDE_ROWS, RAW_MAX)
         for part in tl.static_range(LIST_OVERLAP and MASK_READS, 1 + MASK_READS):    # (tile.list_entry)
@@ -398,7 +399,7 @@ def flash_fwd_kernel(
             # the unmasked middle overlapped, the masked edges after it
             acc, l_i, m_i = _overlapped_walk(
                 acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo // BLOCK_N, full_hi // BLOCK_N, 0,
-                FULL_IDX, 0, qp, seq_kv, qk_scale, cap_scale, slope2, RNG, rng_rows, offs_d, offs_dv, D, DV,
+                0, FULL_IDX, 0, qp, seq_kv, qk_scale, cap_scale, slope2, RNG, rng_rows, offs_d, offs_dv, D, DV,
                 BLOCK_D, BLOCK_DV, BLOCK_N, MBK, False, SOFTCAP, ALIBI, DROPOUT, UNCHAIN, WIDE_ROWS, RAW_MAX)
             n_lead = tl.cdiv(full_lo - lo, BLOCK_N)     # (full_lo is hi where no tile is unmasked)
             for t in range(0, n_lead + tl.cdiv(hi - full_hi, BLOCK_N)):
