@@ -172,29 +172,20 @@ def test_raw_max_per_configuration(use_list, flags, scale, raw):
         assert c.kwargs["RAW_MAX"] is (raw and not (use_list and c.maxnreg is not None)), c
 
 
-def test_overlap_forms_are_tried_with_eight_warps(monkeypatch):
-    """The forward's ``OVERLAP`` form is a tuning configuration's: tried beside the plain form with 8 warps, on
-    band walks and on BlockMask walks whose key blocks are whole and on their own positions, under no register
-    cap and without UNCHAIN; ``FWD_OVERLAP`` forces one form everywhere."""
+def test_overlap_forms_are_tried_on_band_walks(monkeypatch):
+    """The forward's ``OVERLAP`` form is a tuning configuration's: tried beside the plain form on band walks with
+    8 warps, never on BlockMask walks; ``FWD_OVERLAP`` forces one form everywhere."""
     from subquad.ops.softmax.flash import tuning
 
     named = {"MBQ": 128, "MBK": 128, "D": 128, "DV": 128, "qk_scale": 0.1}
-    capped = tuning.FWD_SHORT_WALKS["USE_LIST"]
 
-    def forms(use_list, configs=tuning.FWD_CONFIGS_SM90, block=128, **flags):
-        pruned = tuning._prune(configs, {**named, "MBQ": block, "MBK": block}, unchain="BLOCK_M", USE_LIST=use_list,
-                               **flags)
+    def forms(use_list):
+        pruned = tuning._prune(tuning.FWD_CONFIGS_SM90, named, unchain="BLOCK_M", USE_LIST=use_list)
         return sorted((c.num_warps, c.kwargs["OVERLAP"]) for c in pruned)
 
     assert set(forms(False)) == {(4, False), (8, False), (8, True)}
     assert forms(False).count((8, True)) == forms(False).count((8, False))
-    assert forms(True, EVEN_KV=True) == forms(False)
-    for flags in ({"EVEN_KV": False}, {"EVEN_KV": True, "HAS_KV_POS": True}):
-        assert {overlap for _, overlap in forms(True, **flags)} == {False}, flags
-    assert all(c.maxnreg for c in capped)
-    assert {overlap for _, overlap in forms(True, capped, EVEN_KV=True)} == {False}
-    # 64-row tiles on 8 warps: UNCHAIN, whose branch allows no overlap
-    assert set(forms(True, block=64, EVEN_KV=True)) == {(4, False), (8, False)}
+    assert {overlap for _, overlap in forms(True)} == {False}
     monkeypatch.setattr(tuning, "FWD_OVERLAP", True)
     assert {overlap for _, overlap in forms(False)} == {True}
     assert len(forms(False)) == len(tuning.FWD_CONFIGS_SM90)

@@ -15,13 +15,11 @@ pipeliner loads each tile during the one before it (a loop per part waited for i
 boundary: 1.02-1.10x on the H200, ``2026-12-04-one-loop-walks-ab-h200.json``); where the mask reads memory the
 full blocks keep a loop of their own (``tile.list_entry``).
 
-``OVERLAP`` (a tuning configuration, ``tuning._overlaps``): FlashAttention-3's order within a warpgroup, each
-tile's P.V product issued before the next tile's softmax and run beside it (``_overlapped_walk``). Triton waits
-for an asynchronous product at once in a loop with a branch, so the tiles that take no mask get a loop of their
-own: a band's unmasked middle, its masked edges after it (H100: forward 1.055x at full 2 x 16k, 1.042x causal;
-slower on short walks, where the tuner keeps the one loop); a BlockMask row's full blocks, its partial blocks after
-them (``LIST_OVERLAP``: where the key blocks are whole and on their own positions; sm90, block-sparse 16k at
-128 x 128 x 8 warps: 534 instructions a tile, 246 registers, no spills; NOT MEASURED on a GPU).
+``OVERLAP`` (a tuning configuration of band walks, ``tuning._overlaps``): FlashAttention-3's order within a
+warpgroup, each tile's P.V product issued before the next tile's softmax and run beside it. Triton waits for an
+asynchronous product at once in a loop with a branch, so the unmasked middle then has a loop of its own and the
+masked edges come after it (H100: forward 1.055x at full 2 x 16k, 1.042x causal; slower on short walks, where the
+tuner keeps the one loop).
 
 ``TWO_SOURCES`` adds a second key set after the first (a plan's gathered columns, kept by a band on their
 original positions), so that a band and its global columns are one launch with one output. Its key tiles follow
@@ -176,56 +174,6 @@ def _fwd_values(acc, p_op, v_base, stride_vn, start_n, seq_kv, offs_dv, DV: tl.c
 
 
 @triton.jit
-def _overlap_start(t, lo, base, FULL_IDX, full_width, MBK: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LISTED: tl.constexpr):
-    """The start of an overlapped walk's key tile ``t``: a band's ``lo + t * BLOCK_N``, or (``LISTED``) tile ``t``
-    of a BlockMask row's full blocks."""
-    if LISTED:
-        SUBS: tl.constexpr = MBK // BLOCK_N
-        start = tl.load(FULL_IDX + base * full_width + t // SUBS) * MBK + (t % SUBS) * BLOCK_N
-    else:
-        start = lo + t * BLOCK_N
-    return tl.multiple_of(start, BLOCK_N)
-
-
-@triton.jit
-def _overlapped_walk(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, t_lo, t_hi, lo, base, FULL_IDX,
-                     full_width, qp, seq_kv, qk_scale, cap_scale, slope2, rng, rng_rows, offs_d, offs_dv,
-                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     BLOCK_N: tl.constexpr, MBK: tl.constexpr, LISTED: tl.constexpr, SOFTCAP: tl.constexpr,
-                     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, UNCHAIN: tl.constexpr, WIDE_ROWS: tl.constexpr,
-                     RAW_MAX: tl.constexpr):
-    """Key tiles ``[t_lo, t_hi)`` that every row keeps whole (``_overlap_start``) in FlashAttention-3's order
-    within a warpgroup: the scores of tile t + 1 are issued before the P.V product of tile t, which then runs on
-    the tensor cores beside the softmax of tile t + 1. Triton waits for an asynchronous product where its result is
-    first used, but at once in a loop with a branch: so these tiles have a loop of their own, without the mask."""
-    if t_lo < t_hi:
-        start_n = _overlap_start(t_lo, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
-        qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
-        s = _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI, RAW_MAX)
-        p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N, False, DROPOUT,
-                                        qk_scale, RAW_MAX)
-        p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
-        for t in range(t_lo + 1, t_hi):
-            start_n = _overlap_start(t, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
-            qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
-            if LISTED:
-                prev_n = _overlap_start(t - 1, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED)
-            else:
-                prev_n = start_n - BLOCK_N
-            acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, prev_n, seq_kv, offs_dv, DV, BLOCK_DV, BLOCK_N,
-                              True, WIDE_ROWS)
-            s = _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI, RAW_MAX)
-            p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, rng, rng_rows, BLOCK_N, False, DROPOUT,
-                                            qk_scale, RAW_MAX)
-            p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
-        acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn,
-                          _overlap_start(t_hi - 1, lo, base, FULL_IDX, full_width, MBK, BLOCK_N, LISTED), seq_kv,
-                          offs_dv, DV, BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, edge, offs_m, qp, qi_row,
               seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags,
               LAY, lay_block, stride_lay_q, DOC_IDS, BITS, tile, row0, KV_POS, offs_d, offs_dv,
@@ -359,22 +307,8 @@ def flash_fwd_kernel(
     if USE_LIST:
         SUBS: tl.constexpr = MBK // BLOCK_N
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
-        # the full blocks' tiles overlapped (no mask: whole key tiles, on their own positions), the partial after
-        LIST_OVERLAP: tl.constexpr = OVERLAP and EVEN_KV and not HAS_KV_POS
-        if LIST_OVERLAP:
-            full_lo = 0
-            full_hi = n_full
-            if PIECES:
-                full_lo = piece * piece_len
-                full_hi = tl.minimum(full_hi, (piece + 1) * piece_len)
-            acc, l_i, m_i = _overlapped_walk(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo * SUBS, full_hi * SUBS, 0, base,
-                FULL_IDX, full_width, qp, seq_kv, qk_scale, cap_scale, slope2, RNG, rng_rows, offs_d, offs_dv, D, DV,
-                BLOCK_D, BLOCK_DV, BLOCK_N, MBK, True, SOFTCAP, ALIBI, DROPOUT, UNCHAIN, WIDE_ROWS, RAW_MAX)
-        for part in tl.static_range(LIST_OVERLAP and MASK_READS, 1 + MASK_READS):    # (tile.list_entry)
+        for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
-            if LIST_OVERLAP:
-                lo = n_full
             if PIECES:      # a walk cut into pieces: this program's stretch of the row's entries
                 lo = tl.maximum(lo, piece * piece_len)
                 hi = tl.minimum(hi, (piece + 1) * piece_len)
@@ -396,11 +330,29 @@ def flash_fwd_kernel(
     else:
         lo, full_lo, full_hi, hi = kv_range(start_m, seq_q, seq_kv, q_off, band_lo, band_hi, BLOCK_M, BLOCK_N)
         if OVERLAP:
-            # the unmasked middle overlapped, the masked edges after it
-            acc, l_i, m_i = _overlapped_walk(
-                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo // BLOCK_N, full_hi // BLOCK_N, 0,
-                0, FULL_IDX, 0, qp, seq_kv, qk_scale, cap_scale, slope2, RNG, rng_rows, offs_d, offs_dv, D, DV,
-                BLOCK_D, BLOCK_DV, BLOCK_N, MBK, False, SOFTCAP, ALIBI, DROPOUT, UNCHAIN, WIDE_ROWS, RAW_MAX)
+            # FlashAttention-3's order within a warpgroup: the scores of tile j + 1 are issued before the P.V
+            # product of tile j, which then runs on the tensor cores beside the softmax of tile j + 1. Triton
+            # waits for an asynchronous product where its result is first used, but at once in a loop with a
+            # branch: the unmasked middle (whole key tiles, no mask) has a loop of its own, the edges come after it
+            if full_lo < full_hi:
+                qk = _fwd_qk(q, k_base, stride_kn, full_lo, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True, WIDE_ROWS)
+                s = _unmasked_scores(qk, qp, full_lo, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI, RAW_MAX)
+                p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, full_lo, seq_kv, RNG, rng_rows, BLOCK_N, False,
+                                                DROPOUT, qk_scale, RAW_MAX)
+                p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
+                for start_n in range(full_lo + BLOCK_N, full_hi, BLOCK_N):
+                    start_n = tl.multiple_of(start_n, BLOCK_N)
+                    qk = _fwd_qk(q, k_base, stride_kn, start_n, seq_kv, offs_d, D, BLOCK_D, BLOCK_N, True,
+                                 WIDE_ROWS)
+                    acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, start_n - BLOCK_N, seq_kv, offs_dv, DV,
+                                      BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
+                    s = _unmasked_scores(qk, qp, start_n, qk_scale, cap_scale, slope2, BLOCK_N, SOFTCAP, ALIBI,
+                                         RAW_MAX)
+                    p, alpha, l_i, m_i = _fwd_probs(s, l_i, m_i, start_n, seq_kv, RNG, rng_rows, BLOCK_N, False,
+                                                    DROPOUT, qk_scale, RAW_MAX)
+                    p, acc = _rescaled(p, acc, alpha, seq_kv, q.dtype, UNCHAIN)
+                acc = _fwd_values(acc, p.to(q.dtype), v_base, stride_vn, full_hi - BLOCK_N, seq_kv, offs_dv, DV,
+                                  BLOCK_DV, BLOCK_N, True, WIDE_ROWS)
             n_lead = tl.cdiv(full_lo - lo, BLOCK_N)     # (full_lo is hi where no tile is unmasked)
             for t in range(0, n_lead + tl.cdiv(hi - full_hi, BLOCK_N)):
                 start_n = tl.where(t < n_lead, lo + t * BLOCK_N, full_hi + (t - n_lead) * BLOCK_N)

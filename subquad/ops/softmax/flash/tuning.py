@@ -63,10 +63,9 @@ def _tma_allocator() -> None:
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-# The forward with FlashAttention-3's order in a warpgroup (``forward.py``'s ``OVERLAP``; band walks, and BlockMask
-# walks since session 48): each tile's P.V product runs beside the next tile's softmax. The autotuner tries it
-# beside the plain form (None, ``_overlaps``); True or False forces one (the interpreter takes the plain form
-# unless forced). Band walks, H200, in one process, the same 128 x 128
+# The band walks' forward with FlashAttention-3's order in a warpgroup (``forward.py``'s ``OVERLAP``): each tile's
+# P.V product runs beside the next tile's softmax. The autotuner tries it beside the plain form (None); True or
+# False forces one (the interpreter takes the plain form unless forced). H200, in one process, the same 128 x 128
 # x 8 warps x 3 stages tile (benchmarks/results/2026-12-06-fwd-overlap-ab-h200.json): forward 1.037x at full
 # 2 x 16k, 1.066x causal 2 x 16k, 1.024x window 4096, but 0.89x causal 32 x 1k and 0.99x full 8 x 4k, whose walks
 # are short (a prologue, an epilogue and the edges' own loop a query tile). The H100's tuning rounds of the suite
@@ -159,8 +158,8 @@ def _prune(configs, named_args, unchain=None, **kwargs):
                 out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
             if unchain == "BLOCK_M":
                 out[-1].kwargs["RAW_MAX"] = raw_max({**named_args, **kwargs}, c.maxnreg)
-                for i, overlap in enumerate(_overlaps({**named_args, **kwargs}, c.num_warps, c.maxnreg,
-                                                      out[-1].kwargs["UNCHAIN"])):
+                for i, overlap in enumerate(_overlaps(kwargs.get("USE_LIST", named_args.get("USE_LIST")),
+                                                      c.num_warps)):
                     if i:
                         out.append(_cfg(*key))
                         out[-1].kwargs.update(out[-2].kwargs)
@@ -189,21 +188,13 @@ def _launch_is(flag: str, kwargs: dict, named_args: dict) -> bool:
     return not get("USE_LIST", True) and walk is not None and walk <= SHORT_BAND
 
 
-def _overlaps(launch: dict, warps: int, maxnreg=None, unchained=False) -> tuple:
+def _overlaps(use_list: bool, warps: int) -> tuple:
     """The forward's ``OVERLAP`` forms a configuration is tried in: as ``FWD_OVERLAP`` forces; else the plain
-    form, and with 8 warps the overlapped one too (at 4 warps a 128-row tile's accumulator alone is 128 registers
-    a thread, and the overlap holds a second tile of scores): on band walks, and on BlockMask walks whose key
-    blocks are whole and on their own positions (``EVEN_KV``, no ``HAS_KV_POS``: the kernel's ``LIST_OVERLAP``)
-    in a configuration under no register cap (the capped list tile spilled with a smaller change, ``raw_max``)
-    and without ``UNCHAIN`` (its branch makes Triton wait for each product at once: no overlap, sm90)."""
+    form, and on band walks with 8 warps the overlapped one too (at 4 warps a 128-row tile's accumulator alone is
+    128 registers a thread, and the overlap holds a second tile of scores)."""
     if FWD_OVERLAP is not None:
         return (FWD_OVERLAP,)
-    if warps < 8:
-        return (False,)
-    if launch.get("USE_LIST"):
-        listed = launch.get("EVEN_KV") and not launch.get("HAS_KV_POS") and not maxnreg and not unchained
-        return (False, True) if listed else (False,)
-    return (False, True)
+    return (False,) if use_list or warps < 8 else (False, True)
 
 
 def _short_walk_tiles() -> list:
