@@ -138,6 +138,7 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     out, seen = [], set()
     short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
     tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if _launch_is(flag, kwargs, named_args) for c in tiles}
+    launch = {**named_args, **kwargs}
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
@@ -157,9 +158,8 @@ def _prune(configs, named_args, unchain=None, **kwargs):
             if kwargs.get("DQ_PROGRAMS", False):
                 out[-1].kwargs.update(_dq_tiles(bm, bn, mbq, mbk, c.num_warps))
             if unchain == "BLOCK_M":
-                out[-1].kwargs["RAW_MAX"] = raw_max({**named_args, **kwargs}, c.maxnreg)
-                for i, overlap in enumerate(_overlaps(kwargs.get("USE_LIST", named_args.get("USE_LIST")),
-                                                      c.num_warps)):
+                out[-1].kwargs["RAW_MAX"] = raw_max(launch, c.maxnreg)
+                for i, overlap in enumerate(_overlaps(launch.get("USE_LIST"), c.num_warps)):
                     if i:
                         out.append(_cfg(*key))
                         out[-1].kwargs.update(out[-2].kwargs)
