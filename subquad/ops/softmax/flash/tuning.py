@@ -131,14 +131,13 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
     tiles too short for their warps take the kernel's ``UNCHAIN``."""
+    launch = {**named_args, **kwargs}
     tma = kwargs.get("DQ_ATOMIC", False) and "Q" in named_args and _dq_by_tma(named_args["Q"])
-    mbq = kwargs.get("MBQ", named_args.get("MBQ"))
-    mbk = kwargs.get("MBK", named_args.get("MBK"))
-    wide = max(kwargs.get("D", named_args.get("D", 0)), kwargs.get("DV", named_args.get("DV", 0))) > 128
+    mbq, mbk = launch.get("MBQ"), launch.get("MBK")
+    wide = max(launch.get("D", 0), launch.get("DV", 0)) > 128
     out, seen = [], set()
     short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
-    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if _launch_is(flag, kwargs, named_args) for c in tiles}
-    launch = {**named_args, **kwargs}
+    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if _launch_is(flag, launch) for c in tiles}
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
@@ -178,14 +177,13 @@ def raw_max(launch: dict, maxnreg=None) -> bool:
     return plain and not (maxnreg and launch.get("USE_LIST"))
 
 
-def _launch_is(flag: str, kwargs: dict, named_args: dict) -> bool:
-    """Whether a launch has ``flag`` on, or for ``SHORT_BAND`` whether it walks a band (no BlockMask list) over
-    at most ``SHORT_BAND`` keys a query tile (the band's width, else the keys' bucket)."""
-    get = lambda name, default=None: kwargs.get(name, named_args.get(name, default))  # noqa: E731
+def _launch_is(flag: str, launch: dict) -> bool:
+    """Whether a launch (its arguments by name) has ``flag`` on, or for ``SHORT_BAND`` whether it walks a band
+    (no BlockMask list) over at most ``SHORT_BAND`` keys a query tile (the band's width, else the keys' bucket)."""
     if flag != "SHORT_BAND":
-        return bool(get(flag, False))
-    walk = get("tune_walk") or get("tune_kv")
-    return not get("USE_LIST", True) and walk is not None and walk <= SHORT_BAND
+        return bool(launch.get(flag, False))
+    walk = launch.get("tune_walk") or launch.get("tune_kv")
+    return not launch.get("USE_LIST", True) and walk is not None and walk <= SHORT_BAND
 
 
 def _overlaps(use_list: bool, warps: int) -> tuple:
