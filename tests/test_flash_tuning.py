@@ -154,34 +154,6 @@ def test_a_band_narrower_than_the_keys_is_tuned_by_its_width():
     assert tune_walk(-4096, 4095, 65536) == 8192 and tune_walk(-10, 0, 65536) == 128     # both sides; at least 128
 
 
-def test_a_blockmask_walk_is_tuned_by_its_mean_length(monkeypatch):
-    """Block-sparse layouts of one length but different densities walk different numbers of key tiles, and are
-    tuned apart: their launches pass the power of two of the query blocks' mean walk in keys, forward and backward
-    (0 where that reaches the keys' bucket, as for a band)."""
-    from triton.runtime.jit import KernelInterface
-
-    import subquad as sq
-    from subquad.ops.softmax.flash.tuning import tune_list_walk
-
-    assert tune_list_walk(None, 128, 16384) == 0                          # a traced call has no walks
-    assert [tune_list_walk((20, m, 20, m), 128, 16384) for m in (0.5, 13.1, 31.5, 63.5, 128)] == \
-        [128, 2048, 4096, 8192, 0]
-    recorded = []
-    monkeypatch.setattr(KernelInterface, "__getitem__",
-                        lambda self, grid: (lambda *args, **kwargs: recorded.append(kwargs)))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = (torch.randn(1, 2048, 2, 16, dtype=torch.float16, device=dev, requires_grad=True) for _ in range(3))
-    for per_row, walk in ((2, 256), (5, 1024), (16, 0)):
-        layout = torch.zeros(16, 16, dtype=torch.bool)
-        for i in range(16):
-            layout[i, [(i + j) % 16 for j in range(per_row)]] = True
-        recorded.clear()
-        sq.attention(q, k, v, mask=sq.masks.block_sparse(layout, 128), backend="triton",
-                     plan=False).float().sum().backward()
-        flash = [kwargs for kwargs in recorded if "tune_walk" in kwargs]
-        assert len(flash) >= 2 and {kwargs["tune_walk"] for kwargs in flash} == {walk}, per_row
-
-
 @pytest.mark.parametrize("use_list", [False, True])
 @pytest.mark.parametrize("flags,scale,raw", [({}, 0.1, True), ({}, -0.1, False), ({"SOFTCAP": True}, 0.1, False),
                                              ({"ALIBI": True}, 0.1, False)])

@@ -15,8 +15,8 @@ from .backward import flash_bwd_kernel, flash_bwd_preprocess_kernel
 from .forward import flash_fwd_kernel
 from .lsh_windows import LshWindows
 from .masking import BAND_INF
-from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket, tune_list_walk,
-                     tune_walk, widest_key_tile)
+from .tuning import (_dq_by_tma, _dq_tiles, _fit, _kernel, _tma_allocator, interpreting, tune_bucket, tune_walk,
+                     widest_key_tile)
 
 LOG2E = 1.4426950408889634
 
@@ -171,7 +171,7 @@ def _common_flags(m: MaskArgs, seq_q: int, seq_kv: int, softcap, slopes, *tensor
         SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         MBQ=m.mbq if m.use_list else 128, MBK=m.mbk if m.use_list else 128,
         tune_kv=tune_bucket(seq_kv),
-        tune_walk=tune_list_walk(m.walks, m.mbk, seq_kv) if m.use_list else tune_walk(m.band_lo, m.band_hi, seq_kv),
+        tune_walk=0 if m.use_list else tune_walk(m.band_lo, m.band_hi, seq_kv),
     )
     if m.batch_pos:     # (only when on: ordinary launches keep their arguments as they were)
         flags["BATCH_POS"] = True

@@ -231,10 +231,7 @@ class _FirstThatFits:
 # their SEQS / CHUNKS buckets).
 # A window's walk is its width at any length, and causal's half the length: keyed by length alone, the 4096
 # window at 64k took causal 64k's tile (H100, 2026-12-07: 4.71 ms forward, 4.50 on 2026-12-05), so a band narrower
-# than the keys is keyed by its width too (``tune_walk``). A BlockMask walk likewise by its mean length
-# (``tune_list_walk``): keyed by length alone, block-sparse 0.25 and 0.5 and every other list walk of 16k ran on
-# the tile that density 0.1 (the first timed) had won, and with every block listed that tile ran 1.065x the
-# dense walk's time (H100, ``2026-12-07-block-sparse-cost-h100.json``).
+# than the keys is keyed by its width too (``tune_walk``).
 _KEY = ["D", "DV", "G", "USE_LIST", "BAND", "DOC", "USE_BITS", "HAS_LAYOUT", "SOFTCAP", "ALIBI", "MBQ", "MBK", "LSH",
         "tune_kv", "tune_walk"]
 
@@ -250,18 +247,7 @@ def tune_walk(band_lo: int, band_hi: int, seq_kv: int) -> int:
     0 otherwise (dense, causal: the key length says it)."""
     if band_lo <= -BAND_INF or band_hi >= BAND_INF:
         return 0
-    return _walk_bucket(band_hi - band_lo + 1, seq_kv)
-
-
-def tune_list_walk(walks: tuple | None, block_kv: int, seq_kv: int) -> int:
-    """``tune_walk`` of a BlockMask walk: the power of two at or above its query blocks' mean walk in keys
-    (``walks``: ``MaskArgs.walks``, whose second entry is that mean in key blocks of ``block_kv``) where that is
-    below the keys' bucket, at least 128; 0 otherwise, and for a traced call, which has no walks."""
-    return 0 if walks is None else _walk_bucket(round(walks[1] * block_kv), seq_kv)
-
-
-def _walk_bucket(keys: int, seq_kv: int) -> int:
-    width = max(128, 1 << max(keys - 1, 0).bit_length())
+    width = max(128, 1 << max(band_hi - band_lo, 0).bit_length())
     return width if width < tune_bucket(seq_kv) else 0
 
 
