@@ -5,9 +5,9 @@ D 128, bf16) beside dense full, timed three ways.
 
 Per case and pass: ``do_bench``'s median (as the suite times it: the L2 flushed before each call), the kernels'
 device time per call (torch.profiler, back to back), and the host time of a call (no synchronisation in the timed
-loop). Issue 4 asks block-sparse time <= 1.1 rho x dense; a fit of the device times over the random layouts
-splits a walk's time into a cost per listed block and a cost per launch, and the other layouts test the fixed
-part's causes: ``balanced`` (every query block lists the same number of blocks: no load imbalance),
+loop). Issue 4 asks block-sparse time <= 1.1 rho x dense: each case is printed over dense full (device and
+do_bench) and over rho, so that ``all`` gives the list walk's rate per block and the random layouts, against it,
+a walk's fixed cost; the other layouts test that cost's causes: ``balanced`` (every query block lists the same number of blocks: no load imbalance),
 ``banded`` (the same count, contiguous key blocks: K/V reuse in L2), ``all`` (every block listed: the list
 walk's rate against the band walk's).
 """
