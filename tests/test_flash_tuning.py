@@ -66,10 +66,13 @@ def test_wide_head_tiles_only_for_wide_heads():
 
 
 def test_short_walk_tiles_only_where_named():
-    """The forward's two-programs-an-SM tiles: the 128 x 64 tile at 128 registers on BlockMask walks, where it won,
-    it and 64 x 64 x 4 warps on a band with gathered columns, the capped one on bands alone only where their walk
-    is short (dense 1k-2k, a window of at most 2048 keys; at 16k it lost); the cap survives the pruning."""
-    from subquad.ops.softmax.flash.tuning import FWD_CONFIGS_SM90, _prune, _short_walk_tiles
+    """The forward's two-programs-an-SM tiles: on BlockMask walks the 128 x 64 tile at 128 registers, where it won,
+    and 128 x 64 x 4 warps at 2 stages (their entries read ahead, ``tile.list_ahead``, leave every stage to K/V);
+    the capped tile and 64 x 64 x 4 warps (3 and 2 stages) on a band with gathered columns, the capped one on bands alone only
+    where their walk is short (dense 1k-2k, a window of at most 2048 keys; at 16k it lost); the cap survives the
+    pruning. The backward's 2-stage 64 x 64 x 4 warps tiles on BlockMask walks alone."""
+    from subquad.ops.softmax.flash.tuning import (BWD_CONFIGS_SM90, BWD_SHORT_WALKS, FWD_CONFIGS_SM90, _prune,
+                                                  _short_walk_tiles)
 
     configs = FWD_CONFIGS_SM90 + _short_walk_tiles()
     tiles = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg)  # noqa: E731
@@ -79,13 +82,18 @@ def test_short_walk_tiles_only_where_named():
     walk_tiles = tiles(_prune(configs, {}, USE_LIST=True, **shape))
     columns = tiles(_prune(configs, {}, USE_LIST=False, TWO_SOURCES=True, **shape))
     assert band == tiles(FWD_CONFIGS_SM90)
-    assert walk_tiles == band + [(128, 64, 8, 2, 128)]
-    assert columns == band + [(128, 64, 8, 2, 128), (64, 64, 4, 3, None)]
+    assert walk_tiles == band + [(128, 64, 8, 2, 128), (128, 64, 4, 2, None)]
+    assert columns == band + [(128, 64, 8, 2, 128), (64, 64, 4, 3, None), (64, 64, 4, 2, None)]
     for kv, walk, short in [(1024, 0, True), (2048, 0, True), (4096, 0, False), (16384, 2048, True),
                             (16384, 4096, False), (65536, 0, False)]:
         named = {"tune_kv": kv, "tune_walk": walk}
         assert tiles(_prune(configs, named, USE_LIST=False, **shape)) == band + [(128, 64, 8, 2, 128)] * short
         assert tiles(_prune(configs, named, USE_LIST=True, **shape)) == walk_tiles
+
+    backward = BWD_CONFIGS_SM90 + _short_walk_tiles(BWD_SHORT_WALKS)
+    assert tiles(_prune(backward, {}, USE_LIST=False, **shape)) == tiles(_prune(BWD_CONFIGS_SM90, {}, **shape))
+    assert (tiles(_prune(backward, {}, USE_LIST=True, **shape))
+            == tiles(_prune(BWD_CONFIGS_SM90, {}, **shape)) + [(64, 64, 4, 2, None)])
 
 
 @pytest.mark.parametrize("name,names", [("bwd", ("DQ", "DK_OUT", "DV_OUT", "ACC_K", "ACC_V")),

@@ -56,9 +56,9 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained
-from .tile import (batch_rows, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_entry, list_part, list_row, q_range, scores, second_tile,
-                   second_walk, tile_rows)
+from .tile import (batch_rows, bitmask_tile, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first,
+                   keep_mask, kv_range, list_ahead, list_edge, list_part, list_row, q_range, scores, second_ahead,
+                   second_tile, second_walk, tile_rows)
 
 
 @triton.jit(do_not_specialize=["pid_offset"])
@@ -269,13 +269,14 @@ def _dkdv_program(
                     j_hi = tl.minimum(n_all, last)
                 # an iteration a query tile, not a block (see the forward's list walk): entries j_lo + split,
                 # + n_split, ... below j_hi, SUBS tiles each
+                ahead = list_ahead(-1, j_lo + split, n_split, j_hi, SUBS, n_full, base, FULL_IDX, full_width,
+                                   PART_IDX, part_width)
                 for t in range(0, tl.cdiv(j_hi - j_lo - split, n_split) * SUBS):
-                    j = j_lo + split + (t // SUBS) * n_split
-                    qb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
-                    tile = 0
-                    if USE_BITS:
-                        tile_base = (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64)
-                        tile = tl.load(TILE_OF + tile_base * n_kb + kb, mask=partial, other=0)
+                    qb, partial = ahead
+                    ahead = list_ahead(t, j_lo + split, n_split, j_hi, SUBS, n_full, base, FULL_IDX, full_width,
+                                       PART_IDX, part_width)
+                    tile = bitmask_tile(TILE_OF, (((b % mask_b) * mask_h + h % mask_h) * n_qb + qb).to(tl.int64),
+                                        n_kb, kb, partial, USE_BITS)
                     dk, dv = _dkdv_tile(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
                         stride_dqn, qb * MBQ + (t % SUBS) * BLOCK_M, True, offs_n, kp, seq_q, seq_kv, q_off,
@@ -468,9 +469,11 @@ def _dq_program(
         row0, base, n_full, n_all = list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ)
         for part in tl.static_range(1 + MASK_READS):    # (tile.list_entry)
             lo, hi = list_part(part, n_full, n_all, MASK_READS)
-            for t in range(lo * SUBS, hi * SUBS):      # an iteration a key tile (the forward's list walk)
-                kb, partial, tile = list_block(t // SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width,
-                                               TILE_OF, n_kb, USE_BITS)
+            ahead = list_ahead(-1, lo, 1, hi, SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+            for t in range(0, (hi - lo) * SUBS):      # an iteration a key tile (the forward's list walk)
+                kb, partial = ahead
+                ahead = list_ahead(t, lo, 1, hi, SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+                tile = bitmask_tile(TILE_OF, base, n_kb, kb, partial, USE_BITS)
                 start_n = kb * MBK + (t % SUBS) * BLOCK_N
                 dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
                               list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV), offs_m,
@@ -501,11 +504,14 @@ def _dq_program(
         # fwd+bwd 1.14-1.17x, fixed 1.03-1.10x on the H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        n_tiles2, base2, n_full2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ,
-                                               MBK, BLOCK_N, ONE_BLOCK2)
+        n_tiles2, base2, n_full2, n_listed2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM,
+                                                          PART2_NUM, n2, MBQ, MBK, BLOCK_N, ONE_BLOCK2)
+        ahead = second_ahead(-1, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                             BLOCK_N, ONE_BLOCK2)
         for t in range(n_tiles2):
-            start_n, partial = second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
-                                           BLOCK_N, ONE_BLOCK2)
+            start_n, partial = second_tile(t, ahead, MBK, BLOCK_N, ONE_BLOCK2)
+            ahead = second_ahead(t, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                                 BLOCK_N, ONE_BLOCK2)
             dq = _dq_tile(dq, q, do, lse2, delta, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
                           list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, seq_q, n2,
                           qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS,

@@ -53,9 +53,9 @@ import triton
 import triton.language as tl
 
 from ...chained import unchained_rescaled
-from .tile import (batch_rows, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first, keep_mask, kv_range,
-                   list_block, list_edge, list_part, list_row, scores, second_tile, second_walk,
-                   tile_rows)
+from .tile import (batch_rows, bitmask_tile, dot, dot_acc, dropout_keep, grid_row, grid_rows, heavy_first,
+                   keep_mask, kv_range, list_ahead, list_edge, list_part, list_row, scores, second_ahead, second_tile,
+                   second_walk, tile_rows)
 
 LOG2E = 1.4426950408889634
 
@@ -314,9 +314,11 @@ def flash_fwd_kernel(
                 hi = tl.minimum(hi, (piece + 1) * piece_len)
             # an iteration a key tile, not a block: a block's tiles unrolled in the body took pipeline buffers
             # of their own (at 64-key tiles in 128-blocks, twice the shared memory: one program an SM)
-            for t in range(lo * SUBS, hi * SUBS):
-                kb, partial, tile = list_block(t // SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width,
-                                               TILE_OF, n_kb, USE_BITS)
+            ahead = list_ahead(-1, lo, 1, hi, SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+            for t in range(0, (hi - lo) * SUBS):
+                kb, partial = ahead
+                ahead = list_ahead(t, lo, 1, hi, SUBS, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+                tile = bitmask_tile(TILE_OF, base, n_kb, kb, partial, USE_BITS)
                 start_n = kb * MBK + (t % SUBS) * BLOCK_N
                 edge = list_edge(partial, start_n, seq_kv, BLOCK_N, MASK_READS, EVEN_KV)
                 acc, l_i, m_i = _fwd_tile(
@@ -384,11 +386,14 @@ def flash_fwd_kernel(
         # 150 effective TFLOP/s on the H100)
         k2_base = K2 + b.to(tl.int64) * stride_k2b + hk * stride_k2h
         v2_base = V2 + b.to(tl.int64) * stride_v2b + hk * stride_v2h
-        n_tiles2, base2, n_full2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2, MBQ,
-                                               MBK, BLOCK_N, ONE_BLOCK2)
+        n_tiles2, base2, n_full2, n_listed2 = second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM,
+                                                          PART2_NUM, n2, MBQ, MBK, BLOCK_N, ONE_BLOCK2)
+        ahead = second_ahead(-1, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                             BLOCK_N, ONE_BLOCK2)
         for t in range(n_tiles2):
-            start_n, partial = second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
-                                           BLOCK_N, ONE_BLOCK2)
+            start_n, partial = second_tile(t, ahead, MBK, BLOCK_N, ONE_BLOCK2)
+            ahead = second_ahead(t, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
+                                 BLOCK_N, ONE_BLOCK2)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
                 list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,

@@ -279,16 +279,31 @@ def list_row(start_m, b, h, mask_b, mask_h, n_qb, FULL_NUM, PART_NUM, MBQ: tl.co
 
 
 @triton.jit
-def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
+def list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, ok=True):
     """Entry ``j`` of a BlockMask row's blocks, its full ones first, then its partial ones: the block's index and
-    whether it is partial. One loop walks both lists, so that the pipeliner loads the first partial block during
-    the last full one; except where the mask reads memory (global-token flags, a block layout, document ids, a
-    bitmask: ``HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS``, the kernels' MASK_READS): loads inside the loop's
-    branch stop Triton 3.6's software pipeliner (BigBird's forward ran 0.79x in one loop, H200), so there the
-    full blocks keep a loop of their own, without the branch (``list_part``)."""
+    whether it is partial (where ``ok`` is false: block 0, nothing read). One loop walks both lists, so that the
+    pipeliner loads the first partial block during the last full one; except where the mask reads memory
+    (global-token flags, a block layout, document ids, a bitmask: ``HAS_FLAGS or HAS_LAYOUT or DOC or USE_BITS``,
+    the kernels' MASK_READS): loads inside the loop's branch stop Triton 3.6's software pipeliner (BigBird's
+    forward ran 0.79x in one loop, H200), so there the full blocks keep a loop of their own, without the branch
+    (``list_part``)."""
     partial = j >= n_full
-    idx = tl.load(tl.where(partial, PART_IDX + base * part_width + (j - n_full), FULL_IDX + base * full_width + j))
+    idx = tl.load(tl.where(partial, PART_IDX + base * part_width + (j - n_full), FULL_IDX + base * full_width + j),
+                  mask=ok, other=0)
     return idx, partial
+
+
+@triton.jit
+def list_ahead(t, first, step, hi, SUBS: tl.constexpr, n_full, base, FULL_IDX, full_width, PART_IDX, part_width):
+    """``list_entry`` of key tile ``t + 1`` of a walk over the entries ``first, first + step, ...`` below ``hi``
+    (``SUBS`` tiles an entry; clamped into the row). The walks read each tile's entry an iteration ahead, into
+    registers (before the loop with ``t = -1``). Read in the iteration that used it, the software pipeliner
+    copied the entry through shared memory a stage ahead of the K/V copies, and a walk's first K/V copies waited
+    for that round trip after Q's arrival (sm90, block-sparse 16k forward: a 4-byte ``LDGSTS``, ``DEPBAR``, a
+    barrier, ``LDS``). Read ahead, they leave once Q is stored, and in the loop an entry arrives an iteration
+    before its copies."""
+    j = tl.minimum(first + ((t + 1) // SUBS) * step, hi - 1)
+    return list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, first < hi)
 
 
 @triton.jit
@@ -317,31 +332,41 @@ def second_walk(start_m, b, h, mask2_b, mask2_h, n_qb, FULL2_NUM, PART2_NUM, n2,
         n_tiles = n_listed2 * tl.cdiv(n2, BLOCK_N)     # (the one block listed or not)
     else:
         n_tiles = n_listed2 * (MBK // BLOCK_N)
-    return n_tiles, base2, n_full2
+    return n_tiles, base2, n_full2, n_listed2
 
 
 @triton.jit
-def second_tile(t, base2, n_full2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK: tl.constexpr,
-                BLOCK_N: tl.constexpr, ONE_BLOCK2: tl.constexpr):
-    """Tile ``t`` of ``second_walk``: its first key and whether its block is partial."""
+def second_ahead(t, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK: tl.constexpr,
+                 BLOCK_N: tl.constexpr, ONE_BLOCK2: tl.constexpr):
+    """``list_ahead`` of ``second_walk``'s tile ``t + 1`` (``ONE_BLOCK2``: no list to read, block 0)."""
     if ONE_BLOCK2:
-        start_n = t * BLOCK_N
+        kb = 0
         partial = n_full2 == 0
     else:
-        SUBS2: tl.constexpr = MBK // BLOCK_N
-        kb, partial = list_entry(t // SUBS2, n_full2, base2, FULL2_IDX, full2_width, PART2_IDX, part2_width)
-        start_n = kb * MBK + (t % SUBS2) * BLOCK_N
+        kb, partial = list_ahead(t, 0, 1, n_listed2, MBK // BLOCK_N, n_full2, base2, FULL2_IDX, full2_width,
+                                 PART2_IDX, part2_width)
+    return kb, partial
+
+
+@triton.jit
+def second_tile(t, entry, MBK: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK2: tl.constexpr):
+    """Tile ``t`` of ``second_walk`` from its entry read ahead (``second_ahead``): its first key and whether its
+    block is partial."""
+    kb, partial = entry
+    if ONE_BLOCK2:
+        start_n = t * BLOCK_N
+    else:
+        start_n = kb * MBK + (t % (MBK // BLOCK_N)) * BLOCK_N
     return start_n, partial
 
 
 @triton.jit
-def list_block(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width, TILE_OF, n_kb, USE_BITS: tl.constexpr):
-    """A query block's list entry ``j``: its key block, whether that is partial, and its bitmask tile."""
-    kb, partial = list_entry(j, n_full, base, FULL_IDX, full_width, PART_IDX, part_width)
+def bitmask_tile(TILE_OF, row, n_kb, kb, partial, USE_BITS: tl.constexpr):
+    """The bitmask tile of block ``kb`` in BlockMask row ``row`` where it is partial and the mask has bits, else 0."""
     tile = 0
     if USE_BITS:
-        tile = tl.load(TILE_OF + base * n_kb + kb, mask=partial, other=0)
-    return kb, partial, tile
+        tile = tl.load(TILE_OF + row * n_kb + kb, mask=partial, other=0)
+    return tile
 
 
 @triton.jit

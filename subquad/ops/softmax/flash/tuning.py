@@ -99,8 +99,15 @@ _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
 #   causal 1k without spills). H100, forced one by one in one process (2026-12-07-short-band-config-sweep-h100.json):
 #   32 x 1k forward, causal 0.412 ms against 0.449 for 128 x 64 x 8 x 3 and 128 x 128 x 8 x 3, full 0.641 against
 #   0.676 / 0.719; the tuner took it for both (SDPA-flash 0.522 / 0.838).
+# - BlockMask walks (the gathered columns' too) read their entries an iteration ahead into registers
+#   (``tile.list_ahead``): their loops' stages are all K/V copies, where the copy of the entry had taken one. So
+#   the tiles they ran at 3 stages are tried at 2 as well (forward 128 x 64 x 4 warps and the columns' 64 x 64 x 4
+#   warps, backward 64 x 64 x 4 warps): at 3 a BlockMask walk's now holds a third K/V buffer (sm90, block-sparse
+#   16k: forward 98 -> 131 KB, backward 99 -> 132 KB; at 2 they take the 98 and 99 KB they had at 3). NOT MEASURED
 _CAPPED = _cfg(128, 64, 8, 2, maxnreg=128)
-FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED], "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3)], "SHORT_BAND": [_CAPPED]}
+FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED, _cfg(128, 64, 4, 2)],
+                   "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 2)], "SHORT_BAND": [_CAPPED]}
+BWD_SHORT_WALKS = {"USE_LIST": [_cfg(64, 64, 4, 2, True), _cfg(64, 64, 4, 2)]}
 SHORT_BAND = 2048
 # other GPUs: conservative shared-memory use
 FWD_CONFIGS_OTHER = [_cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)]
@@ -126,7 +133,8 @@ def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
 
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
-    where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` names; dQ by TMA
+    where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` and
+    ``BWD_SHORT_WALKS`` name; dQ by TMA
     only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them; with
     ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
@@ -136,8 +144,9 @@ def _prune(configs, named_args, unchain=None, **kwargs):
     mbq, mbk = launch.get("MBQ"), launch.get("MBK")
     wide = max(launch.get("D", 0), launch.get("DV", 0)) > 128
     out, seen = [], set()
-    short = {id(c) for tiles in FWD_SHORT_WALKS.values() for c in tiles}
-    tried = {id(c) for flag, tiles in FWD_SHORT_WALKS.items() if _launch_is(flag, launch) for c in tiles}
+    walks = [*FWD_SHORT_WALKS.items(), *BWD_SHORT_WALKS.items()]
+    short = {id(c) for _, tiles in walks for c in tiles}
+    tried = {id(c) for flag, tiles in walks if _launch_is(flag, launch) for c in tiles}
     for c in configs:
         if id(c) in _WIDE_ONLY and not wide or id(c) in short and id(c) not in tried:
             continue
@@ -195,9 +204,9 @@ def _overlaps(use_list: bool, warps: int) -> tuple:
     return (False,) if use_list or warps < 8 else (False, True)
 
 
-def _short_walk_tiles() -> list:
-    """Every tile of ``FWD_SHORT_WALKS``, once."""
-    return list({id(c): c for tiles in FWD_SHORT_WALKS.values() for c in tiles}.values())
+def _short_walk_tiles(walks: dict | None = None) -> list:
+    """Every tile of ``walks`` (``FWD_SHORT_WALKS``), once."""
+    return list({id(c): c for tiles in (walks or FWD_SHORT_WALKS).values() for c in tiles}.values())
 
 
 class _FirstThatFits:
@@ -268,7 +277,8 @@ def _kernel(name: str, jit_fn):
         hopper = _hopper()
         forward = name != "bwd"
         configs = ((FWD_CONFIGS_SM90 + _short_walk_tiles() if hopper else FWD_CONFIGS_OTHER) + FWD_WIDE if forward
-                   else (BWD_CONFIGS_SM90 if hopper else BWD_CONFIGS_OTHER) + BWD_WIDE)
+                   else (BWD_CONFIGS_SM90 + _short_walk_tiles(BWD_SHORT_WALKS) if hopper else BWD_CONFIGS_OTHER)
+                   + BWD_WIDE)
         key = _KEY + ([] if forward else ["DQ_ATOMIC", "SPLIT_ATOMIC", "DQ_PROGRAMS", "DQ_STORE", "TWO_SOURCES",
                                           "DQ_DKDV"])
         unchain = "BLOCK_M" if forward else "BLOCK_N"
