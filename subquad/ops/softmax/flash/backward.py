@@ -300,11 +300,13 @@ def _dkdv_program(
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_dqn,
                     start_m, (start_m < full_lo) | (start_m >= full_hi), offs_n, kp, seq_q, seq_kv, q_off, qk_scale,
-                    cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay,
-                    lay_block, stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                    BLOCK_M, BAND, EVEN_Q, not EVEN_KV, True, False, False, False, False, False, False, False, False,
-                    SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, DQ_ATOMIC, DQ_TMA, UNCHAIN, RNG, bh.to(tl.int64) * seq_q,
-                    dropout_p, DROPOUT, start_n, WIDE_ROWS)
+                    cap_scale, dq_scale, slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
+                    stride_lay_q, doc_ids, BITS, 0, 0, Q_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    MASKED=BAND, EVEN_Q=EVEN_Q, KV_BOUNDS=not EVEN_KV, BAND=True, PREFIX=False, Q_PREFIX=False,
+                    HAS_FLAGS=False, HAS_LAYOUT=False, AND_CAUSAL=False, DOC=False, USE_BITS=False, HAS_Q_POS=False,
+                    SOFTCAP=SOFTCAP, ALIBI=ALIBI, MBQ=BLOCK_M, MBK=BLOCK_N, DQ_ATOMIC=DQ_ATOMIC, DQ_TMA=DQ_TMA,
+                    UNCHAIN=UNCHAIN, rng=RNG, rng_base=bh.to(tl.int64) * seq_q, dropout_p=dropout_p, DROPOUT=DROPOUT,
+                    start_n=start_n, WIDE_ROWS=WIDE_ROWS)
 
     # dS was taken with respect to the scaled (and capped) score: chain back to q.k
     dk = dk * scale
@@ -492,10 +494,12 @@ def _dq_program(
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n,
                           (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, seq_q, seq_kv, qk_scale, cap_scale,
-                          slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block,
-                          stride_lay_q, doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                          BAND, EVEN_KV, True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI,
-                          BLOCK_M, BLOCK_N, UNCHAIN, RNG, rows, dropout_p, DROPOUT, WIDE_ROWS)
+                          slope2, band_lo, band_hi, prefix, q_prefix, IS_GLOBAL, n_flags, lay, lay_block, stride_lay_q,
+                          doc_ids, BITS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED=BAND,
+                          EVEN_KV=EVEN_KV, BAND=True, PREFIX=False, Q_PREFIX=False, HAS_FLAGS=False, HAS_LAYOUT=False,
+                          AND_CAUSAL=False, DOC=False, USE_BITS=False, HAS_KV_POS=False, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
+                          MBQ=BLOCK_M, MBK=BLOCK_N, UNCHAIN=UNCHAIN, rng=RNG, rng_rows=rows, dropout_p=dropout_p,
+                          DROPOUT=DROPOUT, WIDE_ROWS=WIDE_ROWS)
 
     if TWO_SOURCES:
         # a plan's gathered columns after its local part (forward.py's TWO_SOURCES walk, the same tiles): the
@@ -513,11 +517,12 @@ def _dq_program(
             ahead = second_ahead(t, base2, n_full2, n_listed2, FULL2_IDX, full2_width, PART2_IDX, part2_width, MBK,
                                  BLOCK_N, ONE_BLOCK2)
             dq = _dq_tile(dq, q, do, lse2, delta, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
-                          list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, seq_q, n2,
-                          qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS,
-                          KV2_POS, 0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2,
-                          True, False, False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M,
-                          BLOCK_N, UNCHAIN, WIDE_ROWS=WIDE_ROWS)
+                          list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, seq_q, n2, qk_scale,
+                          cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS, 0,
+                          0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED=True, EVEN_KV=EVEN_KV2,
+                          BAND=True, PREFIX=False, Q_PREFIX=False, HAS_FLAGS=False, HAS_LAYOUT=False, AND_CAUSAL=False,
+                          DOC=False, USE_BITS=False, HAS_KV_POS=True, SOFTCAP=SOFTCAP, ALIBI=ALIBI, MBQ=BLOCK_M,
+                          MBK=BLOCK_N, UNCHAIN=UNCHAIN, WIDE_ROWS=WIDE_ROWS)
 
     dq = dq * scale
     dq_offs = b.to(tl.int64) * stride_dqb + h * stride_dqh + m_rows * stride_dqn + offs_d[None, :]

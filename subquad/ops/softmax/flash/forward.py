@@ -360,11 +360,13 @@ def flash_fwd_kernel(
                 start_n = tl.where(t < n_lead, lo + t * BLOCK_N, full_hi + (t - n_lead) * BLOCK_N)
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 acc, l_i, m_i = _fwd_tile(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, True, offs_m, qp, offs_m,
-                    seq_q, seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0,
-                    KV_POS, KV_POS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV,
-                    True, False, False, False, False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N,
-                    UNCHAIN, RNG, rng_rows, dropout_p, DROPOUT, WIDE_ROWS, RAW_MAX=RAW_MAX)
+                    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, True, offs_m, qp, offs_m, seq_q,
+                    seq_kv, qk_scale, cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS,
+                    KV_POS, 0, 0, KV_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED=True,
+                    EVEN_KV=EVEN_KV, BAND=True, PREFIX=False, Q_PREFIX=False, HAS_FLAGS=False, HAS_LAYOUT=False,
+                    AND_CAUSAL=False, DOC=False, USE_BITS=False, HAS_KV_POS=False, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
+                    MBQ=BLOCK_M, MBK=BLOCK_N, UNCHAIN=UNCHAIN, rng=RNG, rng_rows=rng_rows, dropout_p=dropout_p,
+                    DROPOUT=DROPOUT, WIDE_ROWS=WIDE_ROWS, RAW_MAX=RAW_MAX)
         else:
             # one loop for the band's masked edges and unmasked middle: the software pipeliner then loads each tile
             # during the one before it, where a loop per part waited for its first tile's keys at every boundary
@@ -372,11 +374,12 @@ def flash_fwd_kernel(
                 start_n = tl.multiple_of(start_n, BLOCK_N)
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n,
-                    (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale,
-                    cap_scale, slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS,
-                    offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV, True, False, False, False,
-                    False, False, False, False, False, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN, RNG, rng_rows,
-                    dropout_p, DROPOUT, WIDE_ROWS, RAW_MAX=RAW_MAX)
+                    (start_n < full_lo) | (start_n >= full_hi), offs_m, qp, offs_m, seq_q, seq_kv, qk_scale, cap_scale,
+                    slope2, band_lo, band_hi, 0, 0, KV_POS, 0, KV_POS, 0, 0, KV_POS, KV_POS, 0, 0, KV_POS, offs_d,
+                    offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED=True, EVEN_KV=EVEN_KV, BAND=True, PREFIX=False,
+                    Q_PREFIX=False, HAS_FLAGS=False, HAS_LAYOUT=False, AND_CAUSAL=False, DOC=False, USE_BITS=False,
+                    HAS_KV_POS=False, SOFTCAP=SOFTCAP, ALIBI=ALIBI, MBQ=BLOCK_M, MBK=BLOCK_N, UNCHAIN=UNCHAIN, rng=RNG,
+                    rng_rows=rng_rows, dropout_p=dropout_p, DROPOUT=DROPOUT, WIDE_ROWS=WIDE_ROWS, RAW_MAX=RAW_MAX)
 
     if TWO_SOURCES:
         # a second, gathered key set (a plan's global columns: ``n2`` keys at positions ``KV2_POS``, kept where
@@ -396,11 +399,12 @@ def flash_fwd_kernel(
                                  BLOCK_N, ONE_BLOCK2)
             acc, l_i, m_i = _fwd_tile(
                 acc, l_i, m_i, q, k2_base, v2_base, stride_k2n, stride_v2n, start_n,
-                list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2,
-                qk_scale, cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS,
-                0, 0, KV2_POS, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, True, EVEN_KV2, True, False,
-                False, False, False, False, False, False, True, SOFTCAP, ALIBI, BLOCK_M, BLOCK_N, UNCHAIN,
-                WIDE_ROWS=WIDE_ROWS, RAW_MAX=RAW_MAX)
+                list_edge(partial, start_n, n2, BLOCK_N, False, EVEN_KV2), offs_m, qp, offs_m, seq_q, n2, qk_scale,
+                cap_scale, slope2, band2_lo, band2_hi, 0, 0, KV2_POS, 0, KV2_POS, 0, 0, KV2_POS, KV2_POS, 0, 0, KV2_POS,
+                offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASKED=True, EVEN_KV=EVEN_KV2, BAND=True,
+                PREFIX=False, Q_PREFIX=False, HAS_FLAGS=False, HAS_LAYOUT=False, AND_CAUSAL=False, DOC=False,
+                USE_BITS=False, HAS_KV_POS=True, SOFTCAP=SOFTCAP, ALIBI=ALIBI, MBQ=BLOCK_M, MBK=BLOCK_N,
+                UNCHAIN=UNCHAIN, WIDE_ROWS=WIDE_ROWS, RAW_MAX=RAW_MAX)
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)
