@@ -4,8 +4,9 @@ The launch is recorded where the library makes it (``subquad.bench.sm90``: the C
 Python as on the GPU, the interpreter's path with the tile sizes given here), specialised as Triton would
 specialise it on the device (16-byte alignment of pointers and integers, integers equal to 1), and compiled for
 sm90. Printed: registers, spills and stack frame (from ptxas), shared memory, the tensor-core instruction shapes
-and how many of each, and the instruction mix of each loop. This answers, with no device time, whether a tile
-spills, whether a dot runs on ``HGMMA`` and at what shape, and how many instructions a tile costs.
+and how many of each, the order of the loads, stores and waits before the first loop, and the instruction mix of
+each loop. This answers, with no device time, whether a tile spills, whether a dot runs on ``HGMMA`` and at what
+shape, how many instructions a tile costs, and what a program's first key tile waits for.
 
 Use the Triton the GPU has (its PTX and layouts differ between versions): e.g. ``pip install triton==3.6.0`` into
 a separate virtual environment and put it first on ``PYTHONPATH``::
@@ -62,16 +63,46 @@ def issue_order(body: list[str]) -> str:
     """The order of a loop's asynchronous products, their waits and its exponentials, runs collapsed
     (``arrive mma x16 wait ex2 x32 ...``): whether the exponentials interleave with a product's HGMMAs or wait
     for it, as FlashAttention-3's order wants."""
+    names = [next((short for op, short in _ORDER_OPS.items() if re.search(rf"\b{re.escape(op)}\b", line)), None)
+             for line in body]
+    return _collapsed([name for name in names if name])
+
+
+#: what ``prologue`` shows: a program's memory traffic before its first loop, and what it waits on
+_PROLOGUE_OPS = {"LDG": "ldg", "STS": "sts", "LDS": "lds", "LDGSTS": "cp.async", "LDGDEPBAR": "commit",
+                 "DEPBAR": "wait", "BAR": "bar", "UTMALDG": "tma", "SYNCS": "tma-wait", "HGMMA": "mma"}
+
+
+def _collapsed(names: list[str]) -> str:
     seq = []
-    for line in body:
-        name = next((short for op, short in _ORDER_OPS.items() if re.search(rf"\b{re.escape(op)}\b", line)), None)
-        if name is None:
-            continue
+    for name in names:
         if seq and seq[-1][0] == name:
             seq[-1][1] += 1
         else:
             seq.append([name, 1])
     return " ".join(name if n == 1 else f"{name} x{n}" for name, n in seq)
+
+
+def prologue(sass: list[str]) -> str:
+    """The order of a kernel's loads, stores, copies and waits before its first loop (the earliest target of a
+    branch back; the whole kernel where it has none), runs collapsed (``ldg x19 sts x16 cp.async x16 commit ...``): what a program's first key tile
+    waits for (session 49 read block-sparse's by hand: Q's loads and stores, then its list entry's round trip)."""
+    addr, first = {}, len(sass)
+    for i, line in enumerate(sass):
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
+        if m:
+            addr[int(m.group(1), 16)] = i
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*|0x)([0-9a-f]+)", line)
+        if m and int(m.group(1), 16) in addr and addr[int(m.group(1), 16)] < i:
+            first = min(first, addr[int(m.group(1), 16)])
+    names = []
+    for line in sass[:first]:
+        op = _opcode(line)
+        if op and not re.search(r"@!PT\b", line):
+            name = _PROLOGUE_OPS.get(op.split(".")[0])
+            if name:
+                names.append(name)
+    return _collapsed(names)
 
 
 def loops(sass: list[str], least: int = 64) -> list[tuple[int, collections.Counter, str]]:
@@ -114,7 +145,7 @@ def report(kernel, out: Path | None = None) -> dict:
     info = dict(registers=int(regs.group(1)) if regs else None,
                 stack=int(spill.group(1)) if spill else None, spill_stores=int(spill.group(2)) if spill else None,
                 spill_loads=int(spill.group(3)) if spill else None, shared=kernel.metadata.shared,
-                mma=dict(mma), loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
+                mma=dict(mma), prologue=prologue(sass), loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
                                       + (f"\n      order: {order}" if "mma" in order else "")
                                       for n, mix, order in found])
     if out is not None:

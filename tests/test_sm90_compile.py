@@ -10,6 +10,7 @@ makes interpreted functions, which do not compile."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -36,20 +37,25 @@ def test_kernels_compile_for_sm90():
     assert {name: compiled.count(name) for name in set(compiled)} == EXPECTED, done.stdout
 
 
-def _tensor_instructions(*args: str) -> dict:
-    """``benchmarks/kernel_report.py ARGS``'s tensor-core instruction counts, per kernel."""
+def _report(field: str, *args: str) -> dict:
+    """``benchmarks/kernel_report.py ARGS``'s line ``field`` (``mma``, ``prologue``, ...) per kernel, as text."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_report.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    counts, kernel = {}, None
+    found, kernel = {}, None
     for line in done.stdout.splitlines():
         if "(triton" in line:
             kernel = line.split()[0]
-        elif line.strip().startswith("mma:"):
-            counts[kernel] = eval(line.split(":", 1)[1])  # noqa: S307  (the report's own dict)
-    return counts
+        elif line.strip().startswith(field + ":"):
+            found[kernel] = line.split(":", 1)[1].strip()
+    return found
+
+
+def _tensor_instructions(*args: str) -> dict:
+    """``benchmarks/kernel_report.py ARGS``'s tensor-core instruction counts, per kernel."""
+    return {kernel: eval(mma) for kernel, mma in _report("mma", *args).items()}  # noqa: S307  (the report's dict)
 
 
 def test_short_tiles_split_their_chained_dots_between_warpgroups():
@@ -63,6 +69,27 @@ def test_short_tiles_split_their_chained_dots_between_warpgroups():
     flash = _tensor_instructions("causal-1k", "--config", "fwd=64,128,8,3", "--config", "bwd=64,64,8,2")
     assert flash["flash_fwd_kernel"] == {"m64n64k16": 16}
     assert flash["flash_bwd_kernel"] == {"m64n32k16": 32, "m64n64k16": 12}
+
+
+def _copies_before_a_wait(prologue: str) -> int:
+    """How many ``cp.async`` a ``kernel_report`` prologue line (``ldg x20 sts x16 cp.async x8 commit ...``)
+    issues before its first wait or barrier."""
+    copies = 0
+    for name, count in re.findall(r"(\S+)(?: x(\d+))?", prologue):
+        if name in ("wait", "tma-wait", "bar"):
+            break
+        copies += int(count or 1) if name == "cp.async" else 0
+    return copies
+
+
+def test_list_walks_copy_their_first_keys_without_waiting():
+    """BlockMask walks read each list entry an iteration ahead, the first beside Q's loads (``tile.list_ahead``):
+    in the forward's and the backward's prologue the first K/V tile's copies (8 a thread at these tiles) leave
+    before any wait or barrier. Read in the loop that used it, the entry went through shared memory a stage
+    ahead (at 3 stages): its copy, a wait, a barrier and a shared load stood before the first K/V copies."""
+    prologues = _report("prologue", "block-sparse-16k", "--config", "fwd=128,64,4,3", "--config", "bwd=64,64,4,3")
+    for kernel in ("flash_fwd_kernel", "flash_bwd_kernel"):
+        assert _copies_before_a_wait(prologues[kernel]) >= 8, prologues
 
 
 def _run_ops() -> None:
