@@ -85,8 +85,9 @@ def _collapsed(names: list[str]) -> str:
 
 def prologue(sass: list[str]) -> str:
     """The order of a kernel's loads, stores, copies and waits before its first loop (the earliest target of a
-    branch back; the whole kernel where it has none), runs collapsed (``ldg x19 sts x16 cp.async x16 commit ...``): what a program's first key tile
-    waits for (session 49 read block-sparse's by hand: Q's loads and stores, then its list entry's round trip)."""
+    branch back; the whole kernel where it has none), runs collapsed (``ldg x19 sts x16 cp.async x16 commit
+    ...``): what a program's first key tile waits for (session 49 read block-sparse's by hand: Q's loads and
+    stores, then its list entry's round trip)."""
     addr, first = {}, len(sass)
     for i, line in enumerate(sass):
         m = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
@@ -145,9 +146,9 @@ def report(kernel, out: Path | None = None) -> dict:
     info = dict(registers=int(regs.group(1)) if regs else None,
                 stack=int(spill.group(1)) if spill else None, spill_stores=int(spill.group(2)) if spill else None,
                 spill_loads=int(spill.group(3)) if spill else None, shared=kernel.metadata.shared,
-                mma=dict(mma), prologue=prologue(sass), loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
-                                      + (f"\n      order: {order}" if "mma" in order else "")
-                                      for n, mix, order in found])
+                mma=dict(mma), prologue=prologue(sass),
+                loops=[f"{n} instructions: " + ", ".join(f"{op} {c}" for op, c in mix.most_common(16))
+                       + (f"\n      order: {order}" if "mma" in order else "") for n, mix, order in found])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for ext in ("ttgir", "ptx"):

@@ -68,9 +68,9 @@ def test_wide_head_tiles_only_for_wide_heads():
 def test_short_walk_tiles_only_where_named():
     """The forward's two-programs-an-SM tiles: on BlockMask walks the 128 x 64 tile at 128 registers, where it won,
     and 128 x 64 x 4 warps at 2 stages (their entries read ahead, ``tile.list_ahead``, leave every stage to K/V);
-    the capped tile and 64 x 64 x 4 warps (3 and 2 stages) on a band with gathered columns, the capped one on bands alone only
-    where their walk is short (dense 1k-2k, a window of at most 2048 keys; at 16k it lost); the cap survives the
-    pruning. The backward's 2-stage 64 x 64 x 4 warps tiles on BlockMask walks alone."""
+    the capped tile and 64 x 64 x 4 warps (3 and 2 stages) on a band with gathered columns, the capped one on
+    bands alone only where their walk is short (dense 1k-2k, a window of at most 2048 keys; at 16k it lost); the
+    cap survives the pruning. The backward's 2-stage 64 x 64 x 4 warps tiles on BlockMask walks alone."""
     from subquad.ops.softmax.flash.tuning import (BWD_CONFIGS_SM90, BWD_SHORT_WALKS, FWD_CONFIGS_SM90, _prune,
                                                   _short_walk_tiles)
 

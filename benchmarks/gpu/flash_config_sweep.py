@@ -44,12 +44,12 @@ def bench(fn):
 
 
 def forced(name: str, configs: list, short_walks: dict | None = None):
-    """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one): the short-walk
-    tiles off while forcing, ``short_walks`` back after."""
-    attr = {"fwd": "FWD_CONFIGS_SM90", "dkdv": "BWD_CONFIGS_SM90"}[name]
+    """Only ``configs`` for kernel list ``name`` (the autotuner then times none when there is one): that kernel's
+    short-walk tiles off while forcing, ``short_walks`` back after."""
+    attr, walks = {"fwd": ("FWD_CONFIGS_SM90", "FWD_SHORT_WALKS"),
+                   "dkdv": ("BWD_CONFIGS_SM90", "BWD_SHORT_WALKS")}[name]
     setattr(tuning, attr, configs)
-    if name == "fwd":
-        tuning.FWD_SHORT_WALKS = short_walks or {}
+    setattr(tuning, walks, short_walks or {})
     tuning._TUNED.clear()
 
 
@@ -86,7 +86,7 @@ def main():
     if os.environ.get("SWEEP_CASES"):
         cases += _pattern_cases(os.environ["SWEEP_CASES"])
     defaults = {"fwd": list(tuning.FWD_CONFIGS_SM90), "dkdv": list(tuning.BWD_CONFIGS_SM90)}
-    short_walks = dict(tuning.FWD_SHORT_WALKS)
+    short_walks = {"fwd": dict(tuning.FWD_SHORT_WALKS), "dkdv": dict(tuning.BWD_SHORT_WALKS)}
     rows = []
 
     def row(**kw):
@@ -124,7 +124,7 @@ def main():
                     row(**case, impl=impl, **{timed: bench(fn)})
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row
                     row(**case, impl=impl, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            forced(kind, defaults[kind], short_walks)
+            forced(kind, defaults[kind], short_walks[kind])
     with open(os.path.join(os.environ.get("OUT", "."), "flash_config_sweep.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                    "versions": versions(), "triton": triton.__version__, "rows": rows}, f, indent=1)

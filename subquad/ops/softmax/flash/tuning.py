@@ -134,9 +134,9 @@ def _dq_tiles(bm: int, bn: int, mbq: int, mbk: int, warps: int) -> dict:
 def _prune(configs, named_args, unchain=None, **kwargs):
     """Shrink tiles to divide the BlockMask blocks (MBQ, MBK), dropping duplicates; the wide-head tiles only
     where a head is wider than 128, the short-walk tiles only for the calls ``FWD_SHORT_WALKS`` and
-    ``BWD_SHORT_WALKS`` name; dQ by TMA
-    only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where the backward has them; with
-    ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles of a whole query block.
+    ``BWD_SHORT_WALKS`` name; dQ by TMA only for an atomic dQ where the GPU has TMA; the dQ programs' tiles where
+    the backward has them; with ``DQ_STORE`` only key tiles of a whole key block, with ``DQ_DKDV`` only dQ tiles
+    of a whole query block.
     ``unchain``: the tile dimension that is the chained products' M (``BLOCK_M`` forward, ``BLOCK_N`` dK/dV);
     tiles too short for their warps take the kernel's ``UNCHAIN``."""
     launch = {**named_args, **kwargs}
@@ -205,8 +205,9 @@ def _overlaps(use_list: bool, warps: int) -> tuple:
 
 
 def _short_walk_tiles(walks: dict | None = None) -> list:
-    """Every tile of ``walks`` (``FWD_SHORT_WALKS``), once."""
-    return list({id(c): c for tiles in (walks or FWD_SHORT_WALKS).values() for c in tiles}.values())
+    """Every tile of ``walks`` (by default ``FWD_SHORT_WALKS``), once."""
+    walks = FWD_SHORT_WALKS if walks is None else walks
+    return list({id(c): c for tiles in walks.values() for c in tiles}.values())
 
 
 class _FirstThatFits:
