@@ -103,7 +103,10 @@ _WIDE_ONLY = {id(c) for c in FWD_WIDE + BWD_WIDE}
 #   (``tile.list_ahead``): their loops' stages are all K/V copies, where the copy of the entry had taken one. So
 #   the tiles they ran at 3 stages are tried at 2 as well (forward 128 x 64 x 4 warps and the columns' 64 x 64 x 4
 #   warps, backward 64 x 64 x 4 warps): at 3 a BlockMask walk's now holds a third K/V buffer (sm90, block-sparse
-#   16k: forward 98 -> 131 KB, backward 99 -> 132 KB; at 2 they take the 98 and 99 KB they had at 3). NOT MEASURED
+#   16k: forward 98 -> 131 KB, backward 99 -> 132 KB; at 2 they take the 98 and 99 KB they had at 3). H100, each
+#   tree tuned, one process (2026-12-07-list-ahead-ab-h100.json), fwd+bwd at 2 x 16k: BigBird 1.08x, Longformer
+#   1.03x, fixed 1.06x (its columns' dK/dV took 64 x 128 x 8 warps there), block-sparse 0.99-1.00x; forwards
+#   0.98-1.02x. The tuner took the 2-stage tiles for block-sparse 0.1's backward and BigBird's forward.
 _CAPPED = _cfg(128, 64, 8, 2, maxnreg=128)
 FWD_SHORT_WALKS = {"USE_LIST": [_CAPPED, _cfg(128, 64, 4, 2)],
                    "TWO_SOURCES": [_CAPPED, _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 2)], "SHORT_BAND": [_CAPPED]}
