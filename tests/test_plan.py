@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from oracles import softmax_attention
 from subquad import masks
 from subquad.masks import plan as plan_mod
-from subquad.masks.patterns import INF, Band, BuildContext, PeriodicColumns
+from subquad.masks.patterns import INF, Band, BuildContext, PeriodicColumns, Pattern
 from subquad.masks.plan import plan
 from subquad.ops.softmax.planned import merge_lse, planned_attention
 
@@ -60,6 +62,62 @@ def test_plan_covers_every_kept_pair_once(name, pattern, nq, nk, roles):
     assert int(coverage.max()) <= 1, "a pair is counted by two components"
     assert torch.equal(coverage, dense_mask(pattern, nq, nk).to(torch.int32))
     assert sum(pl.kept_pairs()) == int(dense_mask(pattern, nq, nk).sum())
+
+
+@st.composite
+def plannable(draw) -> Pattern:
+    """A named scattered pattern, or a composition the planner reads, with its parameters drawn."""
+    kind = draw(st.sampled_from(["strided", "fixed", "dilated", "longformer", "bigbird", "window|columns",
+                                 "strided&band", "fixed|window"]))
+    causal = draw(st.booleans())
+    small = st.integers(1, 40)
+    if kind == "strided":
+        return masks.strided(draw(small), causal=causal)
+    if kind == "fixed":
+        block = draw(small)
+        return masks.fixed(block, draw(st.integers(1, block)), causal=causal)
+    if kind == "dilated":
+        return masks.dilated(draw(st.integers(1, 60)), draw(st.integers(1, 8)), causal=causal)
+    if kind in ("longformer", "bigbird"):
+        tokens = draw(st.lists(st.integers(0, 150), max_size=8, unique=True))
+        if kind == "longformer":
+            return masks.longformer(draw(small), tokens, causal=causal)
+        return masks.bigbird(draw(small), tokens, random_blocks=draw(st.integers(0, 3)),
+                             block=draw(st.sampled_from([4, 8, 16, 32])), seed=draw(st.integers(0, 5)), causal=causal)
+    if kind == "window|columns":
+        period = draw(st.integers(2, 30))
+        residues = draw(st.lists(st.integers(0, period - 1), min_size=1, max_size=3, unique=True))
+        return masks.sliding_window(draw(st.integers(1, 30)), causal=causal) | PeriodicColumns(period, residues)
+    if kind == "strided&band":
+        return masks.strided(draw(st.integers(1, 30))) & Band(draw(st.integers(0, 10)), INF)
+    return masks.fixed(draw(st.integers(2, 30)), 1, causal=causal) | masks.sliding_window(draw(st.integers(1, 20)))
+
+
+def _fits(pattern, nq, nk) -> bool:
+    """Whether the pattern's global tokens lie inside ``nk`` keys (outside, building it raises, as it should)."""
+    try:
+        pattern.prepare(BuildContext(1, 1, nq, nk, torch.device("cpu")))
+    except ValueError as e:
+        if "outside a sequence" in str(e):
+            return False
+        raise
+    return True
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(plannable(), st.integers(1, 160), st.integers(0, 40), st.sampled_from([16, 32]), st.sampled_from([16, 32]),
+       st.booleans())
+def test_plan_of_any_drawn_pattern_covers_every_kept_pair_once(pattern, nq, extra, block_q, block_kv, exact):
+    nk = nq + extra
+    assume(_fits(pattern, nq, nk))
+    pl = plan(pattern, nq, nk, block_q=block_q, block_kv=block_kv, exact_positions=exact)
+    if pl is None:
+        return
+    want = dense_mask(pattern, nq, nk).to(torch.int32)
+    coverage = pl.coverage()
+    assert int(coverage.max()) <= 1, f"a pair counted twice: {pl.describe()}"
+    assert torch.equal(coverage, want), f"{pl.describe()}: pairs differ at {(coverage != want).nonzero()[:4].tolist()}"
+    assert sum(pl.kept_pairs()) == int(want.sum())
 
 
 def test_plan_none_without_scattered_parts():
@@ -191,6 +249,18 @@ def _check_against_oracle(pattern, pl, q, k, v, alibi=None, softcap=None):
 def test_planned_attention_matches_oracle(name, pattern, nq, nk, roles):
     q, k, v = _qkv(nq, nk, 4, 2)  # GQA
     _check_against_oracle(pattern, plan(pattern, nq, nk, block_q=TILE, block_kv=TILE), q, k, v)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(plannable(), st.integers(1, 120), st.integers(0, 30), st.sampled_from([16, 32]),
+       st.sampled_from([(4, 2), (2, 2), (3, 1)]), st.booleans())
+def test_planned_attention_of_any_drawn_pattern_matches_oracle(pattern, nq, extra, block, heads, alibi):
+    nk = nq + extra
+    assume(_fits(pattern, nq, nk))
+    pl = plan(pattern, nq, nk, block_q=block, block_kv=block, exact_positions=alibi)
+    assume(pl is not None)
+    q, k, v = _qkv(nq, nk, *heads)
+    _check_against_oracle(pattern, pl, q, k, v, alibi=torch.rand(heads[0]) if alibi else None)
 
 
 def test_global_rows_split_over_keys(monkeypatch):
