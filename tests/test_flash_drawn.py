@@ -21,7 +21,6 @@ def _drawn_call(draw):
     kind = draw(st.sampled_from(["none", "window", "block_sparse", "document", "longformer", "bigbird", "strided",
                                  "fixed", "prefix_lm"])) if nq <= nkv else "none"
     causal = draw(st.booleans()) and nq <= nkv
-    n = nkv
     if kind == "none":
         mask = None
     elif kind == "window":
@@ -31,10 +30,10 @@ def _drawn_call(draw):
         mask = masks.block_sparse(torch.rand(-(-nq // 32), -(-nkv // 32), generator=g) < 0.4, 32)
     elif kind == "document":
         cuts = draw(st.lists(st.integers(1, max(nkv - 1, 1)), max_size=3))
-        mask = masks.document(sum((torch.arange(nkv) >= c).long() for c in cuts) if cuts else torch.zeros(nkv).long())
+        mask = masks.document(sum(((torch.arange(nkv) >= c).long() for c in cuts), torch.zeros(nkv, dtype=torch.long)))
     elif kind == "longformer":
-        mask = masks.longformer(draw(st.integers(1, 40)), draw(st.lists(st.integers(0, min(nkv, nq) - 1), max_size=2,
-                                                                         unique=True)))
+        tokens = draw(st.lists(st.integers(0, nq - 1), max_size=2, unique=True))
+        mask = masks.longformer(draw(st.integers(1, 40)), tokens)
     elif kind == "bigbird":
         mask = masks.bigbird(draw(st.integers(1, 30)), [0], random_blocks=draw(st.integers(0, 2)), block=32,
                              seed=draw(st.integers(0, 3)))
@@ -44,7 +43,7 @@ def _drawn_call(draw):
         block = draw(st.integers(2, 24))
         mask = masks.fixed(block, draw(st.integers(1, block)))
     else:
-        mask = masks.prefix_lm(draw(st.integers(0, n)))
+        mask = masks.prefix_lm(draw(st.integers(0, nkv)))
     return dict(b=draw(st.integers(1, 2)), nq=nq, nkv=nkv, hq=hq, hkv=hkv, d=draw(st.sampled_from([16, 32, 40, 64])),
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), causal=causal, mask=mask,
                 softcap=draw(st.sampled_from([None, 5.0])), alibi=draw(st.booleans()),
