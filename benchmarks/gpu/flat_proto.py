@@ -114,20 +114,22 @@ def band_fwd(Q, K, V, O, N, qk_scale, W: tl.constexpr, BLOCK_M: tl.constexpr, BL
             tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-FORMS = [  # (name, BLOCK_M, BLOCK_N, warps, stages, ROWS, Q_FORM, END_FORM)
-    ("plain 64x64 w4 s3", 64, 64, 4, 3, 1, 0, 0),
-    ("plain 64x64 w4 s2", 64, 64, 4, 2, 1, 0, 0),
-    ("flat4 64x64 w4 s3 q-branch end-branch", 64, 64, 4, 3, 4, 0, 0),
-    ("flat4 64x64 w4 s2 q-reload end-store", 64, 64, 4, 2, 4, 1, 1),
-    ("flat4 64x64 w4 s2 q-reload end-mask", 64, 64, 4, 2, 4, 1, 2),
-    ("flat4 64x64 w4 s2 q-reload deferred", 64, 64, 4, 2, 4, 1, 3),
-    ("flat8 64x64 w4 s2 q-reload deferred", 64, 64, 4, 2, 8, 1, 3),
-    ("flat4 64x64 w4 s3 q-reload deferred", 64, 64, 4, 3, 4, 1, 3),
-    ("plain 128x64 w8 s2", 128, 64, 8, 2, 1, 0, 0),
-    ("flat4 128x64 w8 s2 q-reload end-store", 128, 64, 8, 2, 4, 1, 1),
-    ("flat4 128x64 w8 s2 q-reload end-mask", 128, 64, 8, 2, 4, 1, 2),
-    ("flat4 128x64 w8 s2 q-reload deferred", 128, 64, 8, 2, 4, 1, 3),
-]
+_Q_FORMS = ("q-branch", "q-reload")
+_END_FORMS = ("end-branch", "end-store", "end-mask", "deferred")
+
+
+def _form(bm, bn, warps, stages, rows=1, q_form=0, end_form=0):
+    """(name, BLOCK_M, BLOCK_N, warps, stages, ROWS, Q_FORM, END_FORM), the name saying the form."""
+    name = f"{'plain' if rows == 1 else f'flat{rows}'} {bm}x{bn} w{warps} s{stages}"
+    if rows > 1:
+        name += f" {_Q_FORMS[q_form]} {_END_FORMS[end_form]}"
+    return name, bm, bn, warps, stages, rows, q_form, end_form
+
+
+FORMS = [_form(64, 64, 4, 3), _form(64, 64, 4, 2), _form(64, 64, 4, 3, 4, 0, 0)]
+FORMS += [_form(64, 64, 4, 2, 4, 1, end) for end in (1, 2, 3)]
+FORMS += [_form(64, 64, 4, 2, 8, 1, 3), _form(64, 64, 4, 3, 4, 1, 3), _form(128, 64, 8, 2)]
+FORMS += [_form(128, 64, 8, 2, 4, 1, end) for end in (1, 2, 3)]
 
 
 def launch(q, k, v, o, window, form):
