@@ -94,12 +94,10 @@ def band_fwd(Q, K, V, O, N, qk_scale, W: tl.constexpr, BLOCK_M: tl.constexpr, BL
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, K, V, base, offs_m, start_m - W + j * BLOCK_N, cols, offs_d,
                                   qk_scale, W, D, j == 0, END_FORM != 0, o_ptrs - BLOCK_M * D,
                                   ((rows * 0 + j == 0) & (rows * 0 + r > 0))[:, None], END_FORM == 3)
-            if END_FORM == 3:
-                pass
-            elif END_FORM == 2:
+            if END_FORM == 2:
                 last = ((rows * 0 + j) == N_T - 1)[:, None] & (offs_d[None, :] >= 0)     # (a tensor under the interpreter)
                 tl.store(o_ptrs, (acc * (1.0 / l_i)[:, None]).to(O.dtype.element_ty), mask=last)
-            else:
+            elif END_FORM < 2:
                 if j == N_T - 1:
                     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty))
                     if END_FORM == 0:
@@ -181,15 +179,21 @@ def gpu():
     ref = torch.nn.functional.scaled_dot_product_attention(q[:4].float(), k[:4].float(), v[:4].float(),
                                                            attn_mask=allowed)
     pairs = bh * (n * window - window * (window - 1) // 2)
-    rows = []
+    o = torch.empty_like(q)
+    errors = {}
     for form in FORMS:
-        o = torch.full_like(q, float("nan"))
+        o.fill_(float("nan"))
         launch(q, k, v, o, window, form)
-        err = (o[:4].float() - ref).abs().max().item()
-        ms = [do_bench(lambda: launch(q, k, v, o, window, form), warmup=50, rep=300) for _ in range(3)]
-        rows.append(dict(form=form[0], max_err=err, ms=sorted(ms)[1], ms_rounds=ms,
+        errors[form[0]] = (o[:4].float() - ref).abs().max().item()
+    # three rounds, the forms interleaved in each (METHOD.md: a difference under the rounds' spread is noise)
+    rounds = [[do_bench(lambda: launch(q, k, v, o, window, form), warmup=50, rep=300) for form in FORMS]
+              for _ in range(3)]
+    rows = []
+    for i, form in enumerate(FORMS):
+        ms = [r[i] for r in rounds]
+        rows.append(dict(form=form[0], max_err=errors[form[0]], ms=sorted(ms)[1], ms_rounds=ms,
                          tflops=4 * 128 * pairs / (sorted(ms)[1] * 1e-3) / 1e12))
-        print(f"{form[0]:24s} {rows[-1]['ms']:.4f} ms {rows[-1]['tflops']:.0f} TFLOP/s  err {err:.1e}")
+        print(f"{form[0]:40s} {rows[-1]['ms']:.4f} ms {rows[-1]['tflops']:.0f} TFLOP/s  err {errors[form[0]]:.1e}")
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "flat_proto.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
