@@ -99,7 +99,11 @@ def report(
     ours: str = typer.Option("subquad-triton", "--ours", help="The implementation the ratios are taken for."),
     peer: Optional[List[str]] = typer.Option(None, "--peer", help="Peers to compare with (default: all)."),
     readme_block: Optional[str] = typer.Option(None, "--readme-block",
-                                               help="Rewrite README.md's block <!-- bench:NAME:begin/end -->."),
+                                               help="Rewrite the block <!-- bench:NAME:begin/end --> of README.md "
+                                                    "(or of --into)."),
+    into: Path = typer.Option(Path("README.md"), "--into", dir_okay=False,
+                              help="The Markdown file whose block --readme-block rewrites (e.g. "
+                                   "benchmarks/HISTORY.md, where superseded runs keep their blocks)."),
     backends: bool = typer.Option(False, "--backends",
                                   help="The backends suite's table (every backend and peer, auto's choice)."),
 ) -> None:
@@ -124,11 +128,11 @@ def report(
     if readme_block:
         sources = ", ".join(f"`{path}`" for path in results)
         try:
-            rewrite_block(Path("README.md"), readme_block, f"From {sources}:\n\n{text}")
+            rewrite_block(into, readme_block, f"From {sources}:\n\n{text}")
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(f"{exc} (run it from the repository's root)", param_hint="--readme-block") \
                 from None
-        console.print(f"rewrote README.md block {readme_block}")
+        console.print(f"rewrote {into} block {readme_block}")
     else:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 

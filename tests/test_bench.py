@@ -173,6 +173,14 @@ def test_report_puts_several_runs_in_one_table(tmp_path, monkeypatch):
     body = (tmp_path / "README.md").read_text()
     assert "| gla | 4×8k | fwd | 1.000 |  | 2.00 |" in body and "| gla | 16×2k | fwd | 1.000 |  | 3.00 |" in body
     assert "run0.json" in body and "run1.json" in body
+    # a block kept in another file (benchmarks/HISTORY.md's superseded runs) is rewritten there, README untouched
+    (tmp_path / "HISTORY.md").write_text("<!-- bench:t:begin -->\n<!-- bench:t:end -->\n")
+    result = CliRunner().invoke(app, ["report", str(paths[0]), "--ours", "ours", "--readme-block", "t",
+                                      "--into", "HISTORY.md"])
+    assert result.exit_code == 0, result.output
+    history = (tmp_path / "HISTORY.md").read_text()
+    assert "run0.json" in history and "run1.json" not in history
+    assert (tmp_path / "README.md").read_text() == body
 
 
 def test_mamba_peer_inputs_are_the_ssd_case():
