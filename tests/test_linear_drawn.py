@@ -10,9 +10,9 @@ import torch
 from conftest import set_forward_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_delta_kernels import _run as run_delta
 from test_linear_kernels import DEV, pytestmark  # noqa: F401  (pytestmark: the same skip off Triton)
-
-import subquad
+from test_linear_kernels import _run as run_gla
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dbeta", "dlog_decay", "dinitial_state"]
 
@@ -50,19 +50,14 @@ def _leaves(call):
 
 
 def _run(call, backend):
-    dtype = torch.float64 if backend == "reference" else None    # (test_linear_kernels._run: the fp64 reference)
-    leaves = [None if x is None else x.to(dtype or x.dtype).clone().requires_grad_() for x in _leaves(call)]
-    q, k, v, beta, decay, s0 = leaves
-    kw = dict(initial_state=s0, output_state=True, chunk_size=call["chunk"], backend=backend,
-              cu_seqlens=None if call["cu"] is None else torch.tensor(call["cu"], device=DEV))
+    """``test_delta_kernels``' or ``test_linear_kernels``' run (the fp64 reference, the same output seeds): outputs
+    and gradients in ``NAMES``' order (GLA has no beta)."""
+    q, k, v, beta, decay, s0 = _leaves(call)
+    kw = dict(chunk_size=call["chunk"], cu_seqlens=None if call["cu"] is None else torch.tensor(call["cu"], device=DEV))
     if call["op"] == "delta":
-        o, s = subquad.delta_rule(q, k, v, beta, decay, **kw)
-    else:
-        o, s = subquad.gla(q, k, v, decay, **kw)
-    g = torch.Generator().manual_seed(1)
-    do, ds = torch.randn(o.shape, generator=g).to(DEV), torch.randn(s.shape, generator=g).to(DEV)
-    ((o * do).sum() + (s * ds).sum()).backward()
-    return [o, s] + [None if x is None else x.grad for x in leaves]
+        return run_delta(backend, [q, k, v, beta, decay, s0], **kw)
+    o, s, dq, dk, dv, ddecay, ds0 = run_gla(backend, [q, k, v, decay, s0], **kw)
+    return [o, s, dq, dk, dv, None, ddecay, ds0]
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)

@@ -95,7 +95,8 @@ def band_fwd(Q, K, V, O, N, qk_scale, W: tl.constexpr, BLOCK_M: tl.constexpr, BL
                                   qk_scale, W, D, j == 0, END_FORM != 0, o_ptrs - BLOCK_M * D,
                                   ((rows * 0 + j == 0) & (rows * 0 + r > 0))[:, None], END_FORM == 3)
             if END_FORM == 2:
-                last = ((rows * 0 + j) == N_T - 1)[:, None] & (offs_d[None, :] >= 0)     # (a tensor under the interpreter)
+                # (``rows * 0 + j``: a tensor under the interpreter too, where ``j`` is a Python int)
+                last = ((rows * 0 + j) == N_T - 1)[:, None] & (offs_d[None, :] >= 0)
                 tl.store(o_ptrs, (acc * (1.0 / l_i)[:, None]).to(O.dtype.element_ty), mask=last)
             elif END_FORM < 2:
                 if j == N_T - 1:
